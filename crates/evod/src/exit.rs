@@ -1,0 +1,61 @@
+//! Process exit codes, in one place so `docs/operations.md` can list them.
+//!
+//! Every command returns `anyhow::Result`; [`code_for`] turns an error into
+//! the documented code by looking at what caused it.
+
+use std::process::ExitCode;
+
+/// Success.
+pub const OK: u8 = 0;
+/// Generic failure, or `evod status --check` found the daemon unhealthy.
+pub const FAILURE: u8 = 1;
+/// Bad command-line arguments (clap's own code).
+pub const USAGE: u8 = 2;
+/// A model or data file is malformed or does not match what was asked.
+pub const BAD_INPUT: u8 = 3;
+/// No daemon answers on the control socket.
+pub const NO_DAEMON: u8 = 4;
+/// The supervisor gave up: restarts exceeded the configured intensity.
+pub const GAVE_UP: u8 = 5;
+/// An I/O error while writing (disk full, read-only, EIO).
+pub const IO: u8 = 6;
+
+/// An error that carries the exit code the process should end with.
+#[derive(Debug)]
+pub struct Coded {
+    /// The exit code.
+    pub code: u8,
+    /// What went wrong.
+    pub error: anyhow::Error,
+}
+
+impl std::fmt::Display for Coded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl std::error::Error for Coded {}
+
+/// Wraps `error` so that the process exits with `code`.
+pub fn with_code(code: u8, error: impl Into<anyhow::Error>) -> anyhow::Error {
+    anyhow::Error::new(Coded { code, error: error.into() })
+}
+
+/// The exit code for an error that reached `main`.
+pub fn code_for(error: &anyhow::Error) -> u8 {
+    for cause in error.chain() {
+        if let Some(coded) = cause.downcast_ref::<Coded>() {
+            return coded.code;
+        }
+        if cause.downcast_ref::<evod_gguf::GgufError>().is_some() {
+            return BAD_INPUT;
+        }
+    }
+    FAILURE
+}
+
+/// Converts a raw code into an [`ExitCode`].
+pub fn exit(code: u8) -> ExitCode {
+    ExitCode::from(code)
+}

@@ -1,0 +1,89 @@
+//! `evod`: the evolution daemon's single binary.
+//!
+//! User-facing subcommands (`run`, `status`, `exec`, `inspect`, `init`, `eval`,
+//! `rollback`, `stop`, `report`) and the hidden role subcommands that the
+//! supervisor spawns from its own executable (`worker`, `evolver`). Each
+//! subcommand lives in its own module with its own clap `Args`.
+
+mod exit;
+mod inspect;
+mod init;
+mod eval;
+mod report;
+mod run;
+mod status;
+mod worker;
+mod evolver;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Evolution daemon: keeps a neural network in a GGUF file and improves it
+/// with evolution strategies, evaluating candidates in isolated workers.
+#[derive(Debug, Parser)]
+#[command(name = "evod", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground (supervisor; container entrypoint).
+    Run(run::Args),
+    /// Show the running daemon's children, model and stats.
+    Status(status::StatusArgs),
+    /// Run the live model on one input through the daemon's runtime.
+    Exec(status::ExecArgs),
+    /// Ask the running daemon to stop gracefully.
+    Stop(status::StopArgs),
+    /// Restore an earlier generation of the model.
+    Rollback(status::RollbackArgs),
+    /// Print a GGUF file's header, metadata and tensors.
+    Inspect(inspect::Args),
+    /// Create a new seeded model file for a task.
+    Init(init::Args),
+    /// Evaluate a model on its task in this process.
+    Eval(eval::Args),
+    /// Plot fitness over generations from a run's history.
+    Report(report::Args),
+    /// Runtime worker role (spawned by `evod run`).
+    #[command(hide = true)]
+    Worker(worker::Args),
+    /// Evolver role (spawned by `evod run`).
+    #[command(hide = true)]
+    Evolver(evolver::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Status(args) => status::status(args),
+        Command::Exec(args) => status::exec(args),
+        Command::Stop(args) => status::stop(args),
+        Command::Rollback(args) => status::rollback(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Init(args) => init::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Report(args) => report::run(args),
+        Command::Worker(args) => worker::run(args),
+        Command::Evolver(args) => evolver::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            // A closed stdout (`evod inspect f | head`) is not a failure.
+            if error.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            let _ = writeln!(std::io::stderr(), "evod: error: {error:#}");
+            exit::exit(exit::code_for(&error))
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Project automation, run as `cargo xtask <task>`.
+//!
+//! - `ci`: exactly what `.ci/run` runs: the Python venv the tests read our
+//!   files with, `cargo fmt --check`, clippy with warnings denied, all tests.
+//! - `venv`: create `.venv` with the pinned Python peers (gguf, gymnasium, …).
+//! - `bench <name>`: run a benchmark in release mode; each writes
+//!   `target/bench/<name>.json`.
+//! - `fault`: the fault-injection storm against a real daemon.
+
+mod bench;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(task) = args.first() else {
+        bail!("usage: cargo xtask <ci|venv|bench NAME|fault> [ARGS]");
+    };
+    match task.as_str() {
+        "ci" => ci(),
+        "venv" => venv().map(|_| ()),
+        "bench" => bench::run(&args[1..]),
+        other => bail!("unknown xtask {other:?}: expected ci, venv, bench or fault"),
+    }
+}
+
+/// The workspace root (the folder holding `xtask/`).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Runs `cmd`, failing with its rendering if it does not exit 0.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Creates (or updates) `.venv` with `tests/requirements.txt` and returns its
+/// Python interpreter.
+pub fn venv() -> Result<PathBuf> {
+    let root = root();
+    let venv = root.join(".venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    let stamp = venv.join(".requirements");
+    let wanted = std::fs::read_to_string(root.join("tests/requirements.txt"))?;
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        run(Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(root.join("tests/requirements.txt")))?;
+        std::fs::write(&stamp, wanted)?;
+    }
+    Ok(python)
+}
+
+fn ci() -> Result<()> {
+    let root = root();
+    let python = venv()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(&cargo).current_dir(&root).args(["fmt", "--all", "--check"]))?;
+    run(Command::new(&cargo).current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(Command::new(&cargo)
+        .current_dir(&root)
+        .env("EVOD_PYTHON", &python)
+        .args(["test", "--workspace"]))?;
+    Ok(())
+}
