@@ -39,7 +39,10 @@ impl std::error::Error for Coded {}
 
 /// Wraps `error` so that the process exits with `code`.
 pub fn with_code(code: u8, error: impl Into<anyhow::Error>) -> anyhow::Error {
-    anyhow::Error::new(Coded { code, error: error.into() })
+    anyhow::Error::new(Coded {
+        code,
+        error: error.into(),
+    })
 }
 
 /// The exit code for an error that reached `main`.

@@ -5,15 +5,16 @@
 //! supervisor spawns from its own executable (`worker`, `evolver`). Each
 //! subcommand lives in its own module with its own clap `Args`.
 
-mod exit;
-mod inspect;
-mod init;
 mod eval;
+mod evolver;
+mod exit;
+mod init;
+mod inspect;
+mod protocol;
 mod report;
 mod run;
 mod status;
 mod worker;
-mod evolver;
 
 use std::io::Write;
 use std::process::ExitCode;

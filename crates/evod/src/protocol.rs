@@ -1,0 +1,395 @@
+//! The worker protocol: opcodes, status codes and payload formats carried
+//! over `evod_ring` channels.
+//!
+//! The ring moves bytes; this module says what they mean. Every decoder here
+//! treats its input as untrusted (it came out of shared memory written by a
+//! worker that may be broken or hostile): lengths are checked before use and
+//! a bad payload is an error, never a panic.
+//!
+//! Payload formats (all little-endian):
+//! - `PING`: empty request; reply is empty.
+//! - `STATS`: empty request; reply is a bincode [`WorkerInfo`].
+//! - `LOAD`: bincode [`LoadRequest`]; reply is a bincode [`WorkerInfo`].
+//! - `NEURAL_EXEC`: [`ExecHeader`] (16 bytes) then `batch * inputs` f32; reply
+//!   is `batch * outputs` f32.
+//! - `EVAL`: [`EvalHeader`] (32 bytes) then `candidates * params` f32; reply
+//!   is `candidates` f64 fitness values.
+//! - `SHUTDOWN`: empty; the worker replies then exits 0.
+//! - Fault opcodes: refused with [`status::FAULT_REFUSED`] unless the worker
+//!   runs with `--allow-fault-injection`. `FAULT_EXIT` carries a u32 code.
+//!
+//! A reply with a non-zero status carries a UTF-8 error message as payload.
+
+#![allow(dead_code)] // Used by the worker, evolver and supervisor roles as they land.
+
+use serde::{Deserialize, Serialize};
+
+/// Opcodes.
+pub mod op {
+    /// Liveness round trip.
+    pub const PING: u32 = 1;
+    /// Worker-side information (model generation, checksum, pid, uptime).
+    pub const STATS: u32 = 2;
+    /// Map and validate a model file, then serve it.
+    pub const LOAD: u32 = 3;
+    /// Run the live model on a batch of inputs.
+    pub const NEURAL_EXEC: u32 = 4;
+    /// Fitness of a batch of candidate parameter vectors on the model's task.
+    pub const EVAL: u32 = 5;
+    /// Reply, then exit 0.
+    pub const SHUTDOWN: u32 = 6;
+    /// Fault injection: a real invalid-memory write (SIGSEGV).
+    pub const FAULT_SEGV: u32 = 100;
+    /// Fault injection: `abort()` (SIGABRT).
+    pub const FAULT_ABORT: u32 = 101;
+    /// Fault injection: stop serving and stop the heartbeat, forever.
+    pub const FAULT_HANG: u32 = 102;
+    /// Fault injection: write garbage over the shared segment.
+    pub const FAULT_SCRIBBLE: u32 = 103;
+    /// Fault injection: `exit(n)`, n in the payload as u32.
+    pub const FAULT_EXIT: u32 = 104;
+
+    /// The opcode's name, for logs and stats.
+    pub fn name(op: u32) -> &'static str {
+        match op {
+            PING => "PING",
+            STATS => "STATS",
+            LOAD => "LOAD",
+            NEURAL_EXEC => "NEURAL_EXEC",
+            EVAL => "EVAL",
+            SHUTDOWN => "SHUTDOWN",
+            FAULT_SEGV => "FAULT_SEGV",
+            FAULT_ABORT => "FAULT_ABORT",
+            FAULT_HANG => "FAULT_HANG",
+            FAULT_SCRIBBLE => "FAULT_SCRIBBLE",
+            FAULT_EXIT => "FAULT_EXIT",
+            _ => "UNKNOWN",
+        }
+    }
+
+    /// Whether `op` is a fault-injection opcode.
+    pub fn is_fault(op: u32) -> bool {
+        (FAULT_SEGV..=FAULT_EXIT).contains(&op)
+    }
+}
+
+/// Reply status codes.
+pub mod status {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// The request payload was malformed.
+    pub const BAD_REQUEST: i32 = 1;
+    /// `LOAD` failed; the worker keeps serving its previous model.
+    pub const LOAD_FAILED: i32 = 2;
+    /// No model is loaded yet.
+    pub const NO_MODEL: i32 = 3;
+    /// A fault opcode without `--allow-fault-injection`.
+    pub const FAULT_REFUSED: i32 = 4;
+    /// Evaluation failed (e.g. candidate size does not match the model).
+    pub const EVAL_FAILED: i32 = 5;
+    /// Unknown opcode.
+    pub const UNKNOWN_OPCODE: i32 = 6;
+}
+
+/// `LOAD` request body (bincode).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadRequest {
+    /// Model file to map.
+    pub path: String,
+    /// Generation the sender expects the file to hold (`evod.generation`).
+    pub generation: u64,
+    /// Checksum the sender expects (`GgufFile::checksum`); 0 accepts any.
+    pub checksum: u64,
+}
+
+/// What a worker reports about itself (`STATS` and `LOAD` replies, bincode).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// The worker's pid.
+    pub pid: u32,
+    /// Generation of the loaded model, if any.
+    pub generation: Option<u64>,
+    /// Checksum of the loaded model.
+    pub checksum: u64,
+    /// Parameter count of the loaded model.
+    pub n_params: u64,
+    /// Network input size.
+    pub inputs: u32,
+    /// Network output size.
+    pub outputs: u32,
+    /// Task name of the loaded model.
+    pub task: String,
+    /// Seconds since the worker started.
+    pub uptime_s: f64,
+}
+
+/// Errors decoding a payload.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The payload is shorter or longer than its header says.
+    #[error("payload of {got} bytes, expected {want}")]
+    Length {
+        /// Bytes present.
+        got: usize,
+        /// Bytes the header implies.
+        want: usize,
+    },
+    /// A field is out of range.
+    #[error("bad field {field}: {value}")]
+    Field {
+        /// Field name.
+        field: &'static str,
+        /// Offending value.
+        value: u64,
+    },
+    /// bincode failed.
+    #[error("bad bincode body: {0}")]
+    Bincode(String),
+}
+
+/// Largest batch or candidate count accepted in one request.
+pub const MAX_BATCH: u32 = 1 << 16;
+
+/// `NEURAL_EXEC` request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecHeader {
+    /// Number of input rows.
+    pub batch: u32,
+    /// Values per input row (must equal the network's input size).
+    pub inputs: u32,
+}
+
+/// `EVAL` request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvalHeader {
+    /// Number of candidate vectors that follow.
+    pub candidates: u32,
+    /// Parameters per candidate (must equal the model's parameter count).
+    pub params: u32,
+    /// Task seed: episode `i` of CartPole starts from `seed + i`.
+    pub seed: u64,
+    /// Episodes (CartPole) per candidate; 0 means the task's default.
+    pub episodes: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+    /// Reserved, zero.
+    pub reserved: u64,
+}
+
+impl ExecHeader {
+    /// Encoded size.
+    pub const SIZE: usize = 16;
+
+    /// Writes the header followed by `inputs` into `out` (exactly `SIZE + 4 * inputs.len()` bytes).
+    pub fn encode(&self, inputs: &[f32], out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.batch.to_le_bytes());
+        out[4..8].copy_from_slice(&self.inputs.to_le_bytes());
+        out[8..16].fill(0);
+        write_f32s(inputs, &mut out[Self::SIZE..]);
+    }
+
+    /// Parses an untrusted request; returns the header and its f32 body.
+    pub fn decode(bytes: &[u8]) -> Result<(ExecHeader, Vec<f32>), DecodeError> {
+        let head = bytes.get(..Self::SIZE).ok_or(DecodeError::Length {
+            got: bytes.len(),
+            want: Self::SIZE,
+        })?;
+        let h = ExecHeader {
+            batch: u32_at(head, 0),
+            inputs: u32_at(head, 4),
+        };
+        if h.batch == 0 || h.batch > MAX_BATCH {
+            return Err(DecodeError::Field {
+                field: "batch",
+                value: h.batch.into(),
+            });
+        }
+        let want = Self::SIZE + 4 * h.batch as usize * h.inputs as usize;
+        if bytes.len() != want {
+            return Err(DecodeError::Length {
+                got: bytes.len(),
+                want,
+            });
+        }
+        Ok((h, read_f32s(&bytes[Self::SIZE..])))
+    }
+}
+
+impl EvalHeader {
+    /// Encoded size.
+    pub const SIZE: usize = 32;
+
+    /// Total request size for this header.
+    pub fn request_len(&self) -> usize {
+        Self::SIZE + 4 * self.candidates as usize * self.params as usize
+    }
+
+    /// Writes the header into the first [`Self::SIZE`] bytes of `out`.
+    pub fn encode(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.candidates.to_le_bytes());
+        out[4..8].copy_from_slice(&self.params.to_le_bytes());
+        out[8..16].copy_from_slice(&self.seed.to_le_bytes());
+        out[16..20].copy_from_slice(&self.episodes.to_le_bytes());
+        out[20..24].copy_from_slice(&self.flags.to_le_bytes());
+        out[24..32].copy_from_slice(&self.reserved.to_le_bytes());
+    }
+
+    /// Parses an untrusted request header and checks the body length.
+    pub fn decode(bytes: &[u8]) -> Result<EvalHeader, DecodeError> {
+        let head = bytes.get(..Self::SIZE).ok_or(DecodeError::Length {
+            got: bytes.len(),
+            want: Self::SIZE,
+        })?;
+        let h = EvalHeader {
+            candidates: u32_at(head, 0),
+            params: u32_at(head, 4),
+            seed: u64_at(head, 8),
+            episodes: u32_at(head, 16),
+            flags: u32_at(head, 20),
+            reserved: u64_at(head, 24),
+        };
+        if h.candidates == 0 || h.candidates > MAX_BATCH {
+            return Err(DecodeError::Field {
+                field: "candidates",
+                value: h.candidates.into(),
+            });
+        }
+        let want = h.request_len();
+        if bytes.len() != want {
+            return Err(DecodeError::Length {
+                got: bytes.len(),
+                want,
+            });
+        }
+        Ok(h)
+    }
+}
+
+/// Writes `values` as little-endian f32 into `out` (which must be `4 * values.len()` long).
+pub fn write_f32s(values: &[f32], out: &mut [u8]) {
+    for (chunk, v) in out.chunks_exact_mut(4).zip(values) {
+        chunk.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Reads little-endian f32 values; a trailing partial value is ignored.
+pub fn read_f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Writes `values` as little-endian f64 into `out`.
+pub fn write_f64s(values: &[f64], out: &mut [u8]) {
+    for (chunk, v) in out.chunks_exact_mut(8).zip(values) {
+        chunk.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Reads exactly `n` little-endian f64 values from an untrusted reply.
+pub fn read_f64s(bytes: &[u8], n: usize) -> Result<Vec<f64>, DecodeError> {
+    if bytes.len() != 8 * n {
+        return Err(DecodeError::Length {
+            got: bytes.len(),
+            want: 8 * n,
+        });
+    }
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("chunks_exact(8)")))
+        .collect())
+}
+
+/// Encodes a small structured body with bincode's standard configuration.
+pub fn to_bincode<T: Serialize>(value: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .expect("bincode encoding of an in-memory value cannot fail")
+}
+
+/// Decodes an untrusted bincode body; trailing bytes are an error.
+pub fn from_bincode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let config = bincode::config::standard().with_limit::<{ 1 << 20 }>();
+    let (value, used) = bincode::serde::decode_from_slice(bytes, config)
+        .map_err(|e| DecodeError::Bincode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(DecodeError::Length {
+            got: bytes.len(),
+            want: used,
+        });
+    }
+    Ok(value)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eval_header_round_trips_and_rejects_bad_lengths() {
+        let h = EvalHeader {
+            candidates: 2,
+            params: 3,
+            seed: 7,
+            episodes: 5,
+            flags: 0,
+            reserved: 0,
+        };
+        let mut buf = vec![0u8; h.request_len()];
+        h.encode(&mut buf);
+        assert_eq!(EvalHeader::decode(&buf).unwrap(), h);
+        assert!(matches!(
+            EvalHeader::decode(&buf[..buf.len() - 1]),
+            Err(DecodeError::Length { .. })
+        ));
+        buf[0..4].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(
+            EvalHeader::decode(&buf),
+            Err(DecodeError::Field {
+                field: "candidates",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn exec_header_round_trips() {
+        let h = ExecHeader {
+            batch: 2,
+            inputs: 2,
+        };
+        let xs = [0.5f32, -1.0, 2.0, 3.5];
+        let mut buf = vec![0u8; ExecHeader::SIZE + 16];
+        h.encode(&xs, &mut buf);
+        let (got, values) = ExecHeader::decode(&buf).unwrap();
+        assert_eq!(got, h);
+        assert_eq!(values, xs);
+        // A hostile batch size that would overflow is refused, not allocated.
+        buf[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(ExecHeader::decode(&buf).is_err());
+    }
+
+    #[test]
+    fn bincode_bodies_reject_garbage() {
+        let info = WorkerInfo {
+            pid: 7,
+            generation: Some(3),
+            task: "cartpole".into(),
+            ..Default::default()
+        };
+        let bytes = to_bincode(&info);
+        assert_eq!(from_bincode::<WorkerInfo>(&bytes).unwrap(), info);
+        assert!(from_bincode::<WorkerInfo>(&bytes[..bytes.len() - 1]).is_err());
+        assert!(from_bincode::<LoadRequest>(&[0xff; 64]).is_err());
+    }
+}
