@@ -1,10 +1,30 @@
-//! GGUF v3 reader and atomic writer (being built).
+//! GGUF v3 for evod: a validating reader over a read-only memory map and a
+//! streaming writer that publishes atomically.
+//!
+//! - [`GgufFile::open`] maps a file and validates every field (counts,
+//!   lengths, types, dims, sizes, alignment, tensor placement) before anything
+//!   is used; every failure is a [`GgufError::Parse`] naming the file, the
+//!   byte offset and the problem ([`ParseErrorKind`]). The parser never
+//!   panics and allocates at most a small multiple of the file's size.
+//! - [`publish`] streams tensors from a callback into a temporary file beside
+//!   the target, then fsync, rename, folder fsync: the target is always the
+//!   old or the new complete file.
+//! - [`rewrite`] copies a file keeping every key, type, order and tensor byte.
 #![deny(missing_docs)]
 
-/// Errors from reading or writing GGUF files.
-#[derive(Debug, thiserror::Error)]
-pub enum GgufError {
-    /// Placeholder.
-    #[error("{0}")]
-    Other(String),
-}
+mod convert;
+mod error;
+mod read;
+mod types;
+mod write;
+
+pub use convert::{quantize_q8_0, to_f32};
+pub use error::{GgufError, IoStep, ParseErrorKind};
+pub use read::{
+    ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GgufFile, GgufHeader, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS,
+};
+pub use types::{Array, TensorInfo, TensorType, TypeIdError, Value, ValueType};
+pub use write::{
+    IoFault, PublishOptions, PublishReport, TensorSpec, WRITE_VERSION, publish, rewrite,
+    temp_prefix,
+};
