@@ -1,0 +1,412 @@
+//! The client end of a channel: sends requests (payload written in place)
+//! and receives the server's replies. Trusted side: it keeps its own indices
+//! locally and checks everything the worker publishes.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::lane::{Producer, check_tail};
+use crate::layout::MsgHeader;
+use crate::segment::Segment;
+use crate::sync::Ordering;
+use crate::wait::{self, WaitPolicy};
+use crate::{Channel, DEFAULT_PEER_TIMEOUT, RingError, Role};
+
+const REQ: usize = 0;
+const RESP: usize = 1;
+
+/// Timeouts and waiting of a [`Client`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// A worker heartbeat older than this while waiting is `PeerLost`.
+    pub peer_timeout: Duration,
+    /// Spin, then park.
+    pub wait: WaitPolicy,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
+            wait: WaitPolicy::default(),
+        }
+    }
+}
+
+/// A reply, borrowed from the segment until dropped (then its slot and
+/// payload are released to the server).
+#[derive(Debug)]
+pub struct Reply<'c> {
+    /// The validated header (copied out of the segment).
+    pub header: MsgHeader,
+    /// The payload, inside the response payload area (bounds checked).
+    pub payload: &'c [u8],
+    _release: Release<'c>,
+}
+
+#[derive(Debug)]
+struct Release<'c> {
+    seg: &'c Segment,
+    ch: Channel,
+    head: &'c mut u64,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        *self.head += 1;
+        let c = self.seg.chan(self.ch);
+        // Release pairs with the server's `resp.head.load(Acquire)` before it
+        // reuses this slot and payload: our reads of them happen before.
+        c.resp.head.v.store(*self.head, Ordering::Release);
+        wait::notify(&c.resp_space);
+    }
+}
+
+impl Reply<'_> {
+    /// The request this answers.
+    pub fn request_id(&self) -> u64 {
+        self.header.request_id
+    }
+
+    /// The server's status (0 = ok by convention).
+    pub fn status(&self) -> i32 {
+        self.header.status
+    }
+
+    /// Releases the reply now (same as dropping it).
+    pub fn release(self) {}
+}
+
+/// The client end of one channel (at most one per channel per process).
+#[derive(Debug)]
+pub struct Client<'a> {
+    seg: &'a Segment,
+    ch: Channel,
+    cfg: ClientConfig,
+    /// The epoch this client last synced the channel for (0 = never).
+    epoch: u64,
+    req: Producer,
+    resp_head: u64,
+    in_flight: Vec<u64>,
+    /// Ids given up on (peer lost); their late replies are dropped.
+    abandoned: VecDeque<u64>,
+    id_prefix: u64,
+    next_id: u64,
+}
+
+impl Drop for Client<'_> {
+    fn drop(&mut self) {
+        self.seg.release_claim(self.ch as usize);
+    }
+}
+
+impl<'a> Client<'a> {
+    pub(crate) fn new(seg: &'a Segment, ch: Channel, cfg: ClientConfig) -> Client<'a> {
+        let c = seg.chan(ch);
+        let l = seg.layout();
+        // Relaxed: only a client writes it; uniqueness of the prefix among
+        // successive client incarnations is all that is needed.
+        let id_prefix = c.id_base.v.fetch_add(1, Ordering::Relaxed).wrapping_add(1) & 0xff_ffff;
+        // Acquire pairs with the Release stores of a previous client of this
+        // channel (same or earlier process) and with `bump_epoch`.
+        let client_epoch = c.client_epoch.v.load(Ordering::Acquire);
+        let tail = c.req.tail.v.load(Ordering::Acquire);
+        let head = c.req.head.v.load(Ordering::Acquire);
+        let resp_head = c.resp.head.v.load(Ordering::Acquire);
+        let mut client = Client {
+            seg,
+            ch,
+            cfg,
+            epoch: 0,
+            req: Producer::new(tail, head.min(tail), l.queue_depth, l.payload_bytes),
+            resp_head,
+            in_flight: Vec::new(),
+            abandoned: VecDeque::new(),
+            id_prefix: id_prefix.max(1) << 40,
+            next_id: 0,
+        };
+        let epoch = seg.epoch();
+        let sane = head <= tail && tail - head <= u64::from(l.queue_depth);
+        if client_epoch == epoch && sane {
+            // Take over a channel a previous client incarnation synced for
+            // this epoch: the worker keeps serving it; replies to the old
+            // ids are dropped as foreign.
+            client.epoch = epoch;
+        } else {
+            client.resync(epoch);
+        }
+        client
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> Channel {
+        self.ch
+    }
+
+    /// Ids of the requests sent and not yet answered.
+    pub fn in_flight(&self) -> Vec<u64> {
+        self.in_flight.clone()
+    }
+
+    /// The epoch this client's requests are stamped with.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The largest payload a request may carry.
+    pub fn max_payload(&self) -> usize {
+        self.seg.layout().payload_bytes
+    }
+
+    /// Resets the channel to empty for `epoch` and tells the server it may
+    /// serve it. Safe only because the previous worker has exited (the
+    /// `bump_epoch` contract) and the new one does not touch the channel
+    /// until it sees `client_epoch == epoch`.
+    fn resync(&mut self, epoch: u64) {
+        let c = self.seg.chan(self.ch);
+        // Continue at our own (trusted) positions, whatever the dead worker
+        // or a scribbler left in the segment.
+        let at = self.req.tail;
+        self.req.reset(at);
+        // Relaxed: published by the Release store of `client_epoch` below,
+        // which the server loads with Acquire before reading these.
+        c.req.tail.v.store(at, Ordering::Relaxed);
+        c.req.head.v.store(at, Ordering::Relaxed);
+        c.resp.head.v.store(self.resp_head, Ordering::Relaxed);
+        c.resp.tail.v.store(self.resp_head, Ordering::Relaxed);
+        // Release pairs with the server's Acquire load in `Server::sync`.
+        c.client_epoch.v.store(epoch, Ordering::Release);
+        self.epoch = epoch;
+        wait::wake_all(self.seg.inbox());
+    }
+
+    /// Notices an epoch change: resyncs, and reports what was in flight.
+    fn check_epoch(&mut self) -> Result<(), RingError> {
+        let now = self.seg.epoch();
+        if now == self.epoch {
+            return Ok(());
+        }
+        let old = self.epoch;
+        self.resync(now);
+        if self.in_flight.is_empty() {
+            return Ok(());
+        }
+        Err(self.lose(format!("worker epoch changed from {old} to {now}")))
+    }
+
+    fn lose(&mut self, reason: String) -> RingError {
+        let ids = std::mem::take(&mut self.in_flight);
+        for &id in &ids {
+            if self.abandoned.len() >= 4096 {
+                self.abandoned.pop_front();
+            }
+            self.abandoned.push_back(id);
+        }
+        RingError::PeerLost {
+            in_flight: ids,
+            reason,
+        }
+    }
+
+    /// Sends a request: reserves `payload_len` bytes in the request payload
+    /// area, lets `fill` write them in place, then publishes the header.
+    /// Never blocks: `Full` if the queue or payload area has no room (receive
+    /// replies, then retry). Returns the request id.
+    pub fn send(
+        &mut self,
+        opcode: u32,
+        flags: u32,
+        payload_len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<u64, RingError> {
+        self.check_epoch()?;
+        let l = *self.seg.layout();
+        if payload_len > l.payload_bytes {
+            return Err(RingError::PayloadTooLarge {
+                len: payload_len,
+                max: l.payload_bytes,
+            });
+        }
+        if self.in_flight.len() >= l.queue_depth as usize {
+            return Err(RingError::Full);
+        }
+        let c = self.seg.chan(self.ch);
+        // Acquire pairs with the server's `req.head.store(Release)` when it
+        // released a request: its reads of that slot and payload happen
+        // before we overwrite them.
+        let head = c.req.head.v.load(Ordering::Acquire);
+        self.req
+            .check_head(head, &format!("{:?} request queue", self.ch))?;
+        let Some(start) = self.req.reserve(payload_len) else {
+            return Err(RingError::Full);
+        };
+        let pos = self.req.tail;
+        let off = start % l.payload_bytes as u64;
+        // SAFETY: this client is the request lane's only producer in this
+        // process (endpoint claim) and holds `&mut self`; the range was just
+        // reserved as free by the allocator.
+        let buf = unsafe {
+            self.seg
+                .payload_mut(self.ch, REQ, off, payload_len as u64)?
+        };
+        fill(buf);
+        let off = self.req.commit(start, payload_len);
+        self.next_id += 1;
+        let id = self.id_prefix | (self.next_id & ((1 << 40) - 1));
+        let h = MsgHeader {
+            opcode,
+            flags,
+            request_id: id,
+            epoch: self.epoch,
+            payload_off: off,
+            payload_len: payload_len as u64,
+            seq: pos,
+            ..MsgHeader::default()
+        };
+        self.seg.write_slot(self.ch, REQ, pos, h);
+        // Release pairs with the server's `req.tail.load(Acquire)`: the slot
+        // and payload written above are visible once it sees the new tail.
+        c.req.tail.v.store(self.req.tail, Ordering::Release);
+        wait::notify(self.seg.inbox());
+        self.in_flight.push(id);
+        Ok(id)
+    }
+
+    /// Waits until `deadline` for the next reply to one of this client's
+    /// requests. Replies of older epochs or earlier client incarnations are
+    /// dropped. `PeerLost` if the epoch changes or the worker heartbeat goes
+    /// stale meanwhile; `Timeout` at the deadline.
+    pub fn recv(&mut self, deadline: Instant) -> Result<Reply<'_>, RingError> {
+        self.check_epoch()?;
+        if self.in_flight.is_empty() {
+            return Err(RingError::NothingInFlight);
+        }
+        let seg = self.seg;
+        let c = seg.chan(self.ch);
+        let policy = self.cfg.wait;
+        let peer_timeout = self.cfg.peer_timeout;
+        let ch = self.ch;
+        let got = {
+            // Split borrows: the poll closure needs the indices, the
+            // liveness closure needs the epoch.
+            let epoch = self.epoch;
+            let resp_head = &mut self.resp_head;
+            let in_flight = &mut self.in_flight;
+            let abandoned = &self.abandoned;
+            let prefix = self.id_prefix;
+            let depth = seg.layout().queue_depth;
+            wait::wait_for(
+                &c.resp_ready,
+                &policy,
+                deadline,
+                || loop {
+                    // Acquire pairs with the server's `resp.tail.store(Release)`
+                    // after it wrote the slot and payload.
+                    let tail = c.resp.tail.v.load(Ordering::Acquire);
+                    check_tail(*resp_head, tail, depth, &format!("{ch:?} response queue"))?;
+                    if tail == *resp_head {
+                        return Ok(None);
+                    }
+                    let h = seg.read_slot(ch, RESP, *resp_head);
+                    if h.seq != *resp_head {
+                        return Err(RingError::PeerCorrupt {
+                            what: format!(
+                                "{ch:?} response slot holds position {}, expected {}",
+                                h.seq, *resp_head
+                            ),
+                        });
+                    }
+                    seg.payload(ch, RESP, h.payload_off, h.payload_len)?;
+                    let known = in_flight.iter().position(|&id| id == h.request_id);
+                    let foreign = h.request_id & !((1 << 40) - 1) != prefix
+                        || abandoned.contains(&h.request_id);
+                    if h.epoch == epoch && known.is_none() && !foreign {
+                        return Err(RingError::PeerCorrupt {
+                            what: format!(
+                                "{ch:?} reply to request id {:#x} that is not in flight",
+                                h.request_id
+                            ),
+                        });
+                    }
+                    match known {
+                        Some(i) if h.epoch == epoch => {
+                            in_flight.swap_remove(i);
+                            return Ok(Some(h));
+                        }
+                        _ => {
+                            // Stale or foreign: drop it and look further.
+                            *resp_head += 1;
+                            // Release: as in `Release::drop`.
+                            c.resp.head.v.store(*resp_head, Ordering::Release);
+                            wait::notify(&c.resp_space);
+                        }
+                    }
+                },
+                || {
+                    let now = seg.epoch();
+                    if now != epoch {
+                        return Err(RingError::Protocol {
+                            what: "epoch changed".into(),
+                        });
+                    }
+                    let age = seg.beat_age(Role::Worker);
+                    if age > peer_timeout {
+                        return Err(RingError::Timeout);
+                    }
+                    Ok(())
+                },
+            )
+        };
+        let h = match got {
+            Ok(Some(h)) => h,
+            Ok(None) => return Err(RingError::Timeout),
+            // The liveness closure's markers, turned into PeerLost here
+            // where `self` is free again.
+            Err(RingError::Protocol { .. }) => {
+                self.check_epoch()?;
+                return Err(self.lose("worker epoch changed".into()));
+            }
+            Err(RingError::Timeout) => {
+                let age = self.seg.beat_age(Role::Worker);
+                return Err(self.lose(format!(
+                    "worker heartbeat is {} ms old (timeout {} ms)",
+                    age.as_millis(),
+                    peer_timeout.as_millis()
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        let payload = seg.payload(ch, RESP, h.payload_off, h.payload_len)?;
+        Ok(Reply {
+            header: h,
+            payload,
+            _release: Release {
+                seg,
+                ch,
+                head: &mut self.resp_head,
+            },
+        })
+    }
+
+    /// `send` then `recv` of the one reply, by `deadline`.
+    pub fn call(
+        &mut self,
+        opcode: u32,
+        flags: u32,
+        payload_len: usize,
+        fill: impl FnOnce(&mut [u8]),
+        deadline: Instant,
+    ) -> Result<Reply<'_>, RingError> {
+        let id = self.send(opcode, flags, payload_len, fill)?;
+        let reply = self.recv(deadline)?;
+        if reply.header.request_id != id {
+            let other = reply.header.request_id;
+            return Err(RingError::Protocol {
+                what: format!(
+                    "call got the reply to {other:#x} while waiting for {id:#x}: other requests in flight"
+                ),
+            });
+        }
+        Ok(reply)
+    }
+}

@@ -1,0 +1,562 @@
+//! The shared segment: creation (owner), attachment (child), the header
+//! check, epoch, heartbeats, stats, and bounds-checked access to slots and
+//! payload areas. Every raw pointer into the mapping is made here.
+
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::addr_of;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use crate::layout::{
+    BeatCtl, CHANNELS, ChannelCtl, LAYOUT_VERSION, Layout, MAGIC, MsgHeader, SegmentHeader,
+    StatsCtl, WaitWord,
+};
+use crate::sync::Ordering;
+use crate::sys::{self, Mapping};
+use crate::{Channel, Client, ClientConfig, RingError, Role, Server, ServerConfig, wait};
+
+/// Sizes of a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayoutConfig {
+    /// Message slots per queue (each direction of each channel).
+    pub queue_depth: u32,
+    /// Payload bytes per channel per direction; a multiple of 64. The
+    /// largest single payload is this size.
+    pub payload_bytes: usize,
+}
+
+impl Default for LayoutConfig {
+    fn default() -> Self {
+        LayoutConfig {
+            queue_depth: 64,
+            payload_bytes: 8 << 20,
+        }
+    }
+}
+
+/// A heartbeat as seen now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Beat {
+    /// Beats so far (for the worker: since the last epoch bump).
+    pub count: u64,
+    /// Time since the last beat (coarse clock, a few ms resolution).
+    pub age: Duration,
+}
+
+/// A copy of the worker's statistics. Only numbers: nothing in it is used
+/// as an index or a size, so a lying worker can only lie about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Requests served per opcode, for opcodes `0..STATS_OPCODES`.
+    pub requests_per_opcode: Vec<u64>,
+    /// Requests with larger opcodes.
+    pub requests_other_opcodes: u64,
+    /// Requests answered with a non-zero status.
+    pub errors: u64,
+    /// Service time of the last request.
+    pub last_service: Duration,
+    /// Largest service time seen.
+    pub max_service: Duration,
+    /// Generation of the model the worker has loaded.
+    pub model_generation: u64,
+    /// Time since the worker started, if it said it did and the clock
+    /// value it wrote is not in the future.
+    pub uptime: Option<Duration>,
+}
+
+/// A mapping of one shared segment, as its owner or as an attached child.
+#[derive(Debug)]
+pub struct Segment {
+    map: Mapping,
+    fd: OwnedFd,
+    layout: Layout,
+    owner: bool,
+    /// Endpoints claimed in this process: clients per channel, then server.
+    claimed: [AtomicBool; CHANNELS + 1],
+}
+
+impl Segment {
+    /// Creates a segment (the owner's side): an anonymous memfd, sized,
+    /// sealed against resizing, mode 0600, close-on-exec, and initialised
+    /// with epoch 1. Nothing appears in `/dev/shm`.
+    pub fn create(cfg: &LayoutConfig) -> Result<Segment, RingError> {
+        let layout = Layout::new(cfg.queue_depth, cfg.payload_bytes)
+            .map_err(|what| RingError::LayoutMismatch { what })?;
+        let fd = sys::memfd_create(c"evod-ring")?;
+        sys::ftruncate(fd.as_fd(), layout.total_size as u64)?;
+        sys::add_seals(fd.as_fd(), sys::SIZE_SEALS)?;
+        sys::fchmod_owner_only(fd.as_fd())?;
+        let map = Mapping::new(fd.as_fd(), layout.total_size)?;
+        let seg = Segment {
+            map,
+            fd,
+            layout,
+            owner: true,
+            claimed: Default::default(),
+        };
+        let h = seg.map.base().cast::<SegmentHeader>();
+        // SAFETY: the mapping is at least `size_of::<SegmentHeader>()` bytes
+        // (Layout::new adds it), page-aligned, and freshly zeroed by the
+        // kernel; no other process has the descriptor yet, so these plain
+        // writes race with nothing. Raw field pointers avoid making a
+        // reference to the non-atomic fields.
+        unsafe {
+            std::ptr::addr_of_mut!((*h).magic).write_volatile(MAGIC);
+            std::ptr::addr_of_mut!((*h).layout_version).write_volatile(LAYOUT_VERSION);
+            std::ptr::addr_of_mut!((*h).header_size)
+                .write_volatile(std::mem::size_of::<SegmentHeader>() as u32);
+            std::ptr::addr_of_mut!((*h).queue_depth).write_volatile(layout.queue_depth);
+            std::ptr::addr_of_mut!((*h).payload_bytes).write_volatile(layout.payload_bytes as u64);
+            std::ptr::addr_of_mut!((*h).total_size).write_volatile(layout.total_size as u64);
+        }
+        // Relaxed: nobody else maps the segment yet; passing the descriptor
+        // to a child (fork/exec) orders these stores before its reads.
+        seg.epoch_word().store(1, Ordering::Relaxed);
+        let now = sys::coarse_now_ns();
+        for b in seg.beats() {
+            b.at_ns.store(now, Ordering::Relaxed);
+        }
+        Ok(seg)
+    }
+
+    /// Maps a segment whose descriptor this process inherited, after checking
+    /// it is a sealed memfd whose header has our magic, layout version and
+    /// sizes consistent with the file size.
+    pub fn attach(fd: OwnedFd) -> Result<Segment, RingError> {
+        let seals = sys::get_seals(fd.as_fd()).map_err(|e| RingError::LayoutMismatch {
+            what: format!("descriptor is not a sealed memfd ({e})"),
+        })?;
+        if seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)
+            != libc::F_SEAL_SHRINK | libc::F_SEAL_GROW
+        {
+            return Err(RingError::LayoutMismatch {
+                what: format!("memfd is not sealed against resizing (seals {seals:#x})"),
+            });
+        }
+        let size = sys::file_size(fd.as_fd())?;
+        let hdr_size = std::mem::size_of::<SegmentHeader>();
+        if size < hdr_size as u64 {
+            return Err(RingError::LayoutMismatch {
+                what: format!("segment of {size} bytes is smaller than the {hdr_size}-byte header"),
+            });
+        }
+        let size_usize = usize::try_from(size).map_err(|_| RingError::LayoutMismatch {
+            what: format!("segment of {size} bytes is too large"),
+        })?;
+        let map = Mapping::new(fd.as_fd(), size_usize)?;
+        let h = map.base().cast::<SegmentHeader>();
+        // SAFETY: the mapping covers the header (checked above) and is
+        // page-aligned. The fields are plain integers (any bit pattern is
+        // valid) copied out with volatile reads, since a peer may be writing
+        // them; they are validated below and never re-read.
+        let (magic, version, header_size, depth, payload, total) = unsafe {
+            (
+                addr_of!((*h).magic).read_volatile(),
+                addr_of!((*h).layout_version).read_volatile(),
+                addr_of!((*h).header_size).read_volatile(),
+                addr_of!((*h).queue_depth).read_volatile(),
+                addr_of!((*h).payload_bytes).read_volatile(),
+                addr_of!((*h).total_size).read_volatile(),
+            )
+        };
+        let mismatch = |what: String| Err(RingError::LayoutMismatch { what });
+        if magic != MAGIC {
+            return mismatch(format!(
+                "bad magic {magic:02x?}, expected {MAGIC:02x?} (\"EVODRING\")"
+            ));
+        }
+        if version != LAYOUT_VERSION {
+            return mismatch(format!(
+                "segment has layout version {version}, this build speaks version {LAYOUT_VERSION}"
+            ));
+        }
+        if header_size as usize != hdr_size {
+            return mismatch(format!(
+                "segment header is {header_size} bytes, this build expects {hdr_size}"
+            ));
+        }
+        let payload = usize::try_from(payload).unwrap_or(usize::MAX);
+        let layout = match Layout::new(depth, payload) {
+            Ok(l) => l,
+            Err(e) => return mismatch(e),
+        };
+        if layout.total_size as u64 != total || total != size {
+            return mismatch(format!(
+                "sizes disagree: depth {depth} and payload {payload} need {} bytes, header says {total}, file is {size}",
+                layout.total_size
+            ));
+        }
+        Ok(Segment {
+            map,
+            fd,
+            layout,
+            owner: false,
+            claimed: Default::default(),
+        })
+    }
+
+    /// Attaches to a segment inherited as descriptor number `fd` (given on
+    /// the command line). Takes ownership of that descriptor: it must not be
+    /// owned by anything else in this process (it is checked to be open and
+    /// to be a sealed memfd).
+    pub fn attach_inherited(fd: RawFd) -> Result<Segment, RingError> {
+        if fd < 0 {
+            return Err(RingError::LayoutMismatch {
+                what: format!("descriptor number {fd} is negative"),
+            });
+        }
+        sys::fd_is_open(fd)?;
+        // SAFETY: the descriptor is open (checked just above) and, per this
+        // function's contract, owned by nothing else in the process: it was
+        // inherited for exactly this purpose.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Segment::attach(owned)
+    }
+
+    /// Arranges for the segment's descriptor to survive `exec` in the child
+    /// spawned by `cmd` (clears close-on-exec in the child only) and returns
+    /// the descriptor number to pass to the child, e.g. on its command line.
+    pub fn pass_to(&self, cmd: &mut std::process::Command) -> RawFd {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: the hook runs between fork and exec and only makes one
+        // async-signal-safe fcntl call on a descriptor the child inherited.
+        unsafe {
+            cmd.pre_exec(move || sys::clear_cloexec(fd));
+        }
+        fd
+    }
+
+    /// The segment's descriptor (to hand to a child).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Whether this mapping created the segment.
+    pub fn is_owner(&self) -> bool {
+        self.owner
+    }
+
+    /// The sizes this mapping was created or validated with.
+    pub fn config(&self) -> LayoutConfig {
+        LayoutConfig {
+            queue_depth: self.layout.queue_depth,
+            payload_bytes: self.layout.payload_bytes,
+        }
+    }
+
+    /// Size of the whole segment in bytes.
+    pub fn size(&self) -> usize {
+        self.layout.total_size
+    }
+
+    /// The current worker epoch.
+    pub fn epoch(&self) -> u64 {
+        // Acquire pairs with the Release of `bump_epoch`: whoever sees the
+        // new epoch also sees the heartbeat and stats reset made before it.
+        self.epoch_word().load(Ordering::Acquire)
+    }
+
+    /// Starts a new worker incarnation: resets the worker heartbeat (a grace
+    /// period of one peer timeout starts now) and the stats, bumps the epoch
+    /// and wakes every parked waiter. Each client then reports its in-flight
+    /// requests as `PeerLost` and resets its channel to empty; the new worker
+    /// serves a channel only once its client has done so. Call only after the
+    /// previous worker has exited. Returns the new epoch.
+    pub fn bump_epoch(&self) -> u64 {
+        let beat = &self.beats()[Role::Worker as usize];
+        // Relaxed: published by the Release epoch store below.
+        beat.count.store(0, Ordering::Relaxed);
+        beat.at_ns.store(sys::coarse_now_ns(), Ordering::Relaxed);
+        let s = self.stats_ctl();
+        for c in &s.per_opcode {
+            c.store(0, Ordering::Relaxed);
+        }
+        for c in [
+            &s.other_opcodes,
+            &s.errors,
+            &s.last_service_ns,
+            &s.max_service_ns,
+            &s.started_at_ns,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+        // AcqRel: Release pairs with the Acquire loads of the epoch by
+        // clients and servers (`epoch()`), publishing the resets above.
+        let new = self
+            .epoch_word()
+            .fetch_add(1, Ordering::AcqRel)
+            .wrapping_add(1);
+        wait::wake_all(self.inbox());
+        for ch in Channel::ALL {
+            let c = self.chan(ch);
+            wait::wake_all(&c.resp_ready);
+            wait::wake_all(&c.resp_space);
+        }
+        new
+    }
+
+    /// Records a heartbeat of `role` (a counter and the coarse time).
+    pub fn beat(&self, role: Role) {
+        let b = &self.beats()[role as usize];
+        // Relaxed: a heartbeat is a standalone value; readers only compare
+        // its time with theirs, nothing else is published through it.
+        b.at_ns.store(sys::coarse_now_ns(), Ordering::Relaxed);
+        b.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The last heartbeat of `role`, or `None` if it never beat. A timestamp
+    /// in the future (a lying peer) reads as age zero.
+    pub fn last_beat(&self, role: Role) -> Option<Beat> {
+        let b = &self.beats()[role as usize];
+        // Relaxed: see `beat`.
+        let count = b.count.load(Ordering::Relaxed);
+        if count == 0 {
+            return None;
+        }
+        Some(Beat {
+            count,
+            age: self.beat_age(role),
+        })
+    }
+
+    /// Time since `role` last beat, or since the segment was created / the
+    /// epoch was bumped if it never did (that is the start-up grace period).
+    pub fn beat_age(&self, role: Role) -> Duration {
+        // Relaxed: see `beat`.
+        let at = self.beats()[role as usize].at_ns.load(Ordering::Relaxed);
+        Duration::from_nanos(sys::coarse_now_ns().saturating_sub(at))
+    }
+
+    /// Worker side: counts one served request.
+    pub fn record_request(&self, opcode: u32, service_time: Duration, ok: bool) {
+        let s = self.stats_ctl();
+        let ns = u64::try_from(service_time.as_nanos()).unwrap_or(u64::MAX);
+        // Relaxed everywhere: stats are independent counters, read as
+        // a best-effort snapshot.
+        match s.per_opcode.get(opcode as usize) {
+            Some(c) => c.fetch_add(1, Ordering::Relaxed),
+            None => s.other_opcodes.fetch_add(1, Ordering::Relaxed),
+        };
+        if !ok {
+            s.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        s.last_service_ns.store(ns, Ordering::Relaxed);
+        s.max_service_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    /// Worker side: records the generation of the model it loaded.
+    pub fn set_model_generation(&self, generation: u64) {
+        // Relaxed: standalone value.
+        self.stats_ctl()
+            .model_generation
+            .store(generation, Ordering::Relaxed);
+    }
+
+    /// Worker side: records that the worker started now (for uptime).
+    pub fn mark_started(&self) {
+        // Relaxed: standalone value.
+        self.stats_ctl()
+            .started_at_ns
+            .store(sys::coarse_now_ns().max(1), Ordering::Relaxed);
+    }
+
+    /// A copy of the worker's statistics.
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = self.stats_ctl();
+        // Relaxed everywhere: see `record_request`.
+        let started = s.started_at_ns.load(Ordering::Relaxed);
+        let now = sys::coarse_now_ns();
+        StatsSnapshot {
+            requests_per_opcode: s
+                .per_opcode
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+            requests_other_opcodes: s.other_opcodes.load(Ordering::Relaxed),
+            errors: s.errors.load(Ordering::Relaxed),
+            last_service: Duration::from_nanos(s.last_service_ns.load(Ordering::Relaxed)),
+            max_service: Duration::from_nanos(s.max_service_ns.load(Ordering::Relaxed)),
+            model_generation: s.model_generation.load(Ordering::Relaxed),
+            uptime: (started != 0 && started <= now).then(|| Duration::from_nanos(now - started)),
+        }
+    }
+
+    /// A client of `ch` (at most one per channel per process).
+    pub fn client(&self, ch: Channel) -> Result<Client<'_>, RingError> {
+        self.client_with(ch, ClientConfig::default())
+    }
+
+    /// A client of `ch` with explicit timeouts and wait policy.
+    pub fn client_with(&self, ch: Channel, cfg: ClientConfig) -> Result<Client<'_>, RingError> {
+        self.claim(ch as usize, || format!("{ch:?} channel client"))?;
+        Ok(Client::new(self, ch, cfg))
+    }
+
+    /// The server of both channels (at most one per process).
+    pub fn server(&self) -> Result<Server<'_>, RingError> {
+        self.server_with(ServerConfig::default())
+    }
+
+    /// The server with explicit intervals and wait policy.
+    pub fn server_with(&self, cfg: ServerConfig) -> Result<Server<'_>, RingError> {
+        self.claim(CHANNELS, || "ring server".to_string())?;
+        Ok(Server::new(self, cfg))
+    }
+
+    fn claim(&self, i: usize, what: impl FnOnce() -> String) -> Result<(), RingError> {
+        // AcqRel: pairs with the Release in `release`, so a new endpoint sees
+        // the local state its predecessor left.
+        if self.claimed[i].swap(true, Ordering::AcqRel) {
+            return Err(RingError::InUse { what: what() });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn release_claim(&self, i: usize) {
+        // Release: pairs with the AcqRel swap in `claim`.
+        self.claimed[i].store(false, Ordering::Release);
+    }
+
+    // ---- typed views into the mapping (crate-internal) ----
+
+    pub(crate) fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn header_ptr(&self) -> *const SegmentHeader {
+        self.map.base().cast::<SegmentHeader>()
+    }
+
+    fn epoch_word(&self) -> &crate::sync::AtomicU64 {
+        // SAFETY: the header lies inside the mapping (checked at create/attach),
+        // the mapping is page-aligned, and the field is an atomic (any bytes
+        // are a valid value; concurrent access from other processes is what
+        // atomics are for). The reference lives as long as `self`'s mapping.
+        unsafe { &(*addr_of!((*self.header_ptr()).epoch)).v }
+    }
+
+    fn beats(&self) -> &[BeatCtl; 3] {
+        // SAFETY: as in `epoch_word`: in bounds, aligned, atomics only.
+        unsafe { &*addr_of!((*self.header_ptr()).beats) }
+    }
+
+    fn stats_ctl(&self) -> &StatsCtl {
+        // SAFETY: as in `epoch_word`: in bounds, aligned, atomics only.
+        unsafe { &*addr_of!((*self.header_ptr()).stats) }
+    }
+
+    pub(crate) fn inbox(&self) -> &WaitWord {
+        // SAFETY: as in `epoch_word`: in bounds, aligned, atomics only.
+        unsafe { &*addr_of!((*self.header_ptr()).inbox) }
+    }
+
+    pub(crate) fn chan(&self, ch: Channel) -> &ChannelCtl {
+        // SAFETY: as in `epoch_word`: in bounds (`ch as usize < CHANNELS`),
+        // aligned, atomics only.
+        unsafe { &*addr_of!((*self.header_ptr()).channels[ch as usize]) }
+    }
+
+    /// Copies the header in slot `pos % depth` of lane `(ch, dir)`.
+    pub(crate) fn read_slot(&self, ch: Channel, dir: usize, pos: u64) -> MsgHeader {
+        let p = self.slot_ptr(ch, dir, pos);
+        // SAFETY: `slot_ptr` returns an in-bounds, 64-aligned slot. The copy
+        // is volatile because a peer may write it concurrently; MsgHeader is
+        // ZeroCopy (any bytes are a valid value) and every field is
+        // validated by the caller before use.
+        unsafe { p.read_volatile() }
+    }
+
+    /// Writes `h` into slot `pos % depth` of lane `(ch, dir)`.
+    pub(crate) fn write_slot(&self, ch: Channel, dir: usize, pos: u64, h: MsgHeader) {
+        let p = self.slot_ptr(ch, dir, pos);
+        // SAFETY: in bounds and aligned (see `slot_ptr`); this process is the
+        // lane's only producer (endpoint claims) and the slot is free (the
+        // consumer's head passed it), so an honest peer is not reading it.
+        unsafe { p.write_volatile(h) }
+    }
+
+    fn slot_ptr(&self, ch: Channel, dir: usize, pos: u64) -> *mut MsgHeader {
+        debug_assert!(dir < 2);
+        let idx = (pos % u64::from(self.layout.queue_depth)) as usize;
+        let off =
+            self.layout.slots_off(ch as usize, dir & 1) + idx * std::mem::size_of::<MsgHeader>();
+        debug_assert!(off + 64 <= self.map.len());
+        // SAFETY: `idx < queue_depth`, so `off` plus one header lies inside
+        // the lane's slot array, which lies inside the mapping (Layout).
+        unsafe { self.map.base().add(off).cast::<MsgHeader>() }
+    }
+
+    /// The payload bytes `[off, off + len)` of lane `(ch, dir)`, or
+    /// `PeerCorrupt` if they do not lie inside its payload area.
+    pub(crate) fn payload(
+        &self,
+        ch: Channel,
+        dir: usize,
+        off: u64,
+        len: u64,
+    ) -> Result<&[u8], RingError> {
+        let (start, len) = self.payload_range(ch, dir, off, len)?;
+        // SAFETY: `payload_range` checked that the range lies inside the
+        // lane's payload area, inside the mapping. u8 has no invalid values;
+        // by protocol the producer does not write this range until we
+        // release the message (a lying producer can only change the bytes we
+        // read, which the caller treats as untrusted data anyway).
+        Ok(unsafe { std::slice::from_raw_parts(self.map.base().add(start), len) })
+    }
+
+    /// Mutable payload bytes for the lane's producer.
+    ///
+    /// # Safety
+    ///
+    /// The caller is the lane's only producer in this process (an endpoint
+    /// claim) holding `&mut` to that endpoint for the returned lifetime, and
+    /// the range is free (not holding an unreleased message).
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn payload_mut(
+        &self,
+        ch: Channel,
+        dir: usize,
+        off: u64,
+        len: u64,
+    ) -> Result<&mut [u8], RingError> {
+        let (start, len) = self.payload_range(ch, dir, off, len)?;
+        // SAFETY: in bounds (checked); exclusivity in this process is the
+        // caller's promise above. Another process writing it concurrently is
+        // only possible for a lying peer and can only change byte values.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.map.base().add(start), len) })
+    }
+
+    fn payload_range(
+        &self,
+        ch: Channel,
+        dir: usize,
+        off: u64,
+        len: u64,
+    ) -> Result<(usize, usize), RingError> {
+        let cap = self.layout.payload_bytes as u64;
+        match off.checked_add(len) {
+            Some(end) if end <= cap => Ok((
+                self.layout.payload_off(ch as usize, dir & 1) + off as usize,
+                len as usize,
+            )),
+            _ => Err(RingError::PeerCorrupt {
+                what: format!(
+                    "{ch:?} {} payload at offset {off} length {len} exceeds the {cap}-byte area",
+                    if dir == 0 { "request" } else { "response" }
+                ),
+            }),
+        }
+    }
+
+    /// The raw mapping, for fault-injection tests that scribble over it.
+    ///
+    /// # Safety
+    ///
+    /// Writing through the pointer races with every peer; only a test that
+    /// plays a corrupt peer may do so.
+    pub unsafe fn raw_mapping(&self) -> (*mut u8, usize) {
+        (self.map.base(), self.map.len())
+    }
+}

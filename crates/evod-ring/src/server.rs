@@ -1,0 +1,402 @@
+//! The server end (the worker): receives requests from both channels and
+//! writes replies in place. It trusts nothing either: a client's indices
+//! and lengths are checked like the worker's are on the client side.
+
+use std::time::{Duration, Instant};
+
+use crate::lane::{Producer, check_tail};
+use crate::layout::{CHANNELS, MsgHeader};
+use crate::segment::Segment;
+use crate::sync::Ordering;
+use crate::wait::{self, WaitPolicy};
+use crate::{Channel, DEFAULT_BEAT_INTERVAL, RingError, Role, sys};
+
+const REQ: usize = 0;
+const RESP: usize = 1;
+
+/// Intervals and waiting of a [`Server`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// The server refreshes the worker heartbeat at least this often while
+    /// in `recv` (a request that computes longer must beat on its own).
+    pub beat_interval: Duration,
+    /// How long `reply` waits for room in the response lane before `Full`.
+    pub reply_wait: Duration,
+    /// Spin, then park.
+    pub wait: WaitPolicy,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            beat_interval: DEFAULT_BEAT_INTERVAL,
+            reply_wait: Duration::from_secs(5),
+            wait: WaitPolicy::default(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ChanState {
+    /// The client has reset the channel for our epoch.
+    synced: bool,
+    req_head: u64,
+    resp: Producer,
+}
+
+/// The server end of both channels (at most one per process).
+#[derive(Debug)]
+pub struct Server<'a> {
+    seg: &'a Segment,
+    cfg: ServerConfig,
+    epoch: u64,
+    chans: [ChanState; CHANNELS],
+    next: usize,
+    last_beat_ns: u64,
+}
+
+/// A received request, borrowed from the segment until dropped or replied
+/// to (then its slot and payload go back to the client).
+#[derive(Debug)]
+pub struct Request<'s> {
+    /// The validated header (copied out of the segment).
+    pub header: MsgHeader,
+    /// The payload, inside the request payload area (bounds checked).
+    pub payload: &'s [u8],
+    ch: Channel,
+    seg: &'s Segment,
+    cfg: ServerConfig,
+    epoch: u64,
+    st: &'s mut ChanState,
+}
+
+impl Drop for Request<'_> {
+    fn drop(&mut self) {
+        self.st.req_head += 1;
+        // Release pairs with the client's `req.head.load(Acquire)` before it
+        // reuses this slot and payload: our reads happen before.
+        self.seg
+            .chan(self.ch)
+            .req
+            .head
+            .v
+            .store(self.st.req_head, Ordering::Release);
+    }
+}
+
+impl Request<'_> {
+    /// The channel it came on.
+    pub fn channel(&self) -> Channel {
+        self.ch
+    }
+}
+
+impl Drop for Server<'_> {
+    fn drop(&mut self) {
+        self.seg.release_claim(CHANNELS);
+    }
+}
+
+impl<'a> Server<'a> {
+    pub(crate) fn new(seg: &'a Segment, cfg: ServerConfig) -> Server<'a> {
+        let l = seg.layout();
+        let chan = || ChanState {
+            synced: false,
+            req_head: 0,
+            resp: Producer::new(0, 0, l.queue_depth, l.payload_bytes),
+        };
+        seg.mark_started();
+        seg.beat(Role::Worker);
+        Server {
+            seg,
+            cfg,
+            epoch: seg.epoch(),
+            chans: [chan(), chan()],
+            next: 0,
+            last_beat_ns: sys::coarse_now_ns(),
+        }
+    }
+
+    /// The epoch this server serves (the segment's epoch at creation).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Waits up to `timeout` for a request on either channel. `Ok(None)` on
+    /// timeout. `EpochChanged` if this worker has been superseded. Beats the
+    /// worker heartbeat while waiting.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Option<(Channel, Request<'_>)>, RingError> {
+        let deadline = Instant::now() + timeout;
+        self.maybe_beat();
+        let seg = self.seg;
+        let epoch = self.epoch;
+        let beat_every = u64::try_from(self.cfg.beat_interval.as_nanos()).unwrap_or(u64::MAX);
+        let depth = seg.layout().queue_depth;
+        let mut policy = self.cfg.wait;
+        policy.slice = policy.slice.min(self.cfg.beat_interval);
+        let chans = &mut self.chans;
+        let next = &mut self.next;
+        let last_beat = &mut self.last_beat_ns;
+        let got = wait::wait_for(
+            seg.inbox(),
+            &policy,
+            deadline,
+            || {
+                let now = seg.epoch();
+                if now != epoch {
+                    return Err(RingError::EpochChanged { mine: epoch, now });
+                }
+                for k in 0..CHANNELS {
+                    let i = (*next + k) % CHANNELS;
+                    if let Some(h) =
+                        poll_channel(seg, Channel::ALL[i], epoch, depth, &mut chans[i])?
+                    {
+                        *next = (i + 1) % CHANNELS;
+                        return Ok(Some((i, h)));
+                    }
+                }
+                Ok(None)
+            },
+            || {
+                let now = sys::coarse_now_ns();
+                if now.saturating_sub(*last_beat) >= beat_every {
+                    seg.beat(Role::Worker);
+                    *last_beat = now;
+                }
+                Ok(())
+            },
+        )?;
+        let Some((i, h)) = got else { return Ok(None) };
+        let ch = Channel::ALL[i];
+        let payload = seg.payload(ch, REQ, h.payload_off, h.payload_len)?;
+        let req = Request {
+            header: h,
+            payload,
+            ch,
+            seg,
+            cfg: self.cfg,
+            epoch,
+            st: &mut self.chans[i],
+        };
+        Ok(Some((ch, req)))
+    }
+
+    fn maybe_beat(&mut self) {
+        let now = sys::coarse_now_ns();
+        let every = u64::try_from(self.cfg.beat_interval.as_nanos()).unwrap_or(u64::MAX);
+        if now.saturating_sub(self.last_beat_ns) >= every {
+            self.seg.beat(Role::Worker);
+            self.last_beat_ns = now;
+        }
+    }
+
+    /// Replies to `request_id` on `ch` (opcode field 0): reserves
+    /// `payload_len` bytes in the response area, lets `fill` write them in
+    /// place, then publishes the header. Waits up to
+    /// `ServerConfig::reply_wait` for room (`Full` after).
+    pub fn reply(
+        &mut self,
+        ch: Channel,
+        request_id: u64,
+        status: i32,
+        payload_len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<(), RingError> {
+        let head = Head {
+            opcode: 0,
+            request_id,
+            status,
+        };
+        reply_on(
+            self.seg,
+            &self.cfg,
+            self.epoch,
+            ch,
+            &mut self.chans[ch as usize],
+            head,
+            payload_len,
+            fill,
+        )
+    }
+}
+
+impl Request<'_> {
+    /// Replies to this request (echoing its opcode and id) while its payload
+    /// is still readable by `fill` (first argument), then releases it.
+    pub fn reply(
+        self,
+        status: i32,
+        payload_len: usize,
+        fill: impl FnOnce(&[u8], &mut [u8]),
+    ) -> Result<(), RingError> {
+        let head = Head {
+            opcode: self.header.opcode,
+            request_id: self.header.request_id,
+            status,
+        };
+        let payload = self.payload;
+        reply_on(
+            self.seg,
+            &self.cfg,
+            self.epoch,
+            self.ch,
+            self.st,
+            head,
+            payload_len,
+            |out| fill(payload, out),
+        )
+        // `self` drops here: the request is released after the reply is out.
+    }
+}
+
+/// The fields of a reply header chosen by the caller.
+struct Head {
+    opcode: u32,
+    request_id: u64,
+    status: i32,
+}
+
+/// Takes the next request of one channel, if any: syncs the channel first
+/// if needed, drops requests of earlier epochs, validates the rest.
+fn poll_channel(
+    seg: &Segment,
+    ch: Channel,
+    epoch: u64,
+    depth: u32,
+    st: &mut ChanState,
+) -> Result<Option<MsgHeader>, RingError> {
+    if !st.synced && !sync(seg, ch, epoch, st)? {
+        return Ok(None);
+    }
+    let c = seg.chan(ch);
+    loop {
+        // Acquire pairs with the client's `req.tail.store(Release)` after it
+        // wrote the slot and payload.
+        let tail = c.req.tail.v.load(Ordering::Acquire);
+        check_tail(st.req_head, tail, depth, &format!("{ch:?} request queue"))?;
+        if tail == st.req_head {
+            return Ok(None);
+        }
+        let h = seg.read_slot(ch, REQ, st.req_head);
+        if h.seq != st.req_head {
+            return Err(RingError::PeerCorrupt {
+                what: format!(
+                    "{ch:?} request slot holds position {}, expected {}",
+                    h.seq, st.req_head
+                ),
+            });
+        }
+        if h.epoch == epoch {
+            seg.payload(ch, REQ, h.payload_off, h.payload_len)?;
+            return Ok(Some(h));
+        }
+        // Sent for an earlier worker: nobody waits for it any more.
+        st.req_head += 1;
+        // Release: as in `Request::drop`.
+        c.req.head.v.store(st.req_head, Ordering::Release);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reply_on(
+    seg: &Segment,
+    cfg: &ServerConfig,
+    epoch: u64,
+    ch: Channel,
+    st: &mut ChanState,
+    head: Head,
+    payload_len: usize,
+    fill: impl FnOnce(&mut [u8]),
+) -> Result<(), RingError> {
+    if !st.synced {
+        return Err(RingError::Protocol {
+            what: format!("reply on the {ch:?} channel before any request on it"),
+        });
+    }
+    let l = *seg.layout();
+    if payload_len > l.payload_bytes {
+        return Err(RingError::PayloadTooLarge {
+            len: payload_len,
+            max: l.payload_bytes,
+        });
+    }
+    let c = seg.chan(ch);
+    let what = format!("{ch:?} response queue");
+    let resp = &mut st.resp;
+    let start = wait::wait_for(
+        &c.resp_space,
+        &cfg.wait,
+        Instant::now() + cfg.reply_wait,
+        || {
+            // Acquire pairs with the client's `resp.head.store(Release)` when
+            // it released a reply: its reads happen before our overwrite.
+            let h = c.resp.head.v.load(Ordering::Acquire);
+            resp.check_head(h, &what)?;
+            Ok(resp.reserve(payload_len))
+        },
+        || {
+            let now = seg.epoch();
+            if now != epoch {
+                return Err(RingError::EpochChanged { mine: epoch, now });
+            }
+            Ok(())
+        },
+    )?
+    .ok_or(RingError::Full)?;
+    let off = start % l.payload_bytes as u64;
+    // SAFETY: this server is the response lane's only producer in this
+    // process (endpoint claim) and holds `&mut` to its state; the range was
+    // just reserved as free by the allocator.
+    let buf = unsafe { seg.payload_mut(ch, RESP, off, payload_len as u64)? };
+    fill(buf);
+    let pos = st.resp.tail;
+    let off = st.resp.commit(start, payload_len);
+    let h = MsgHeader {
+        opcode: head.opcode,
+        request_id: head.request_id,
+        epoch,
+        payload_off: off,
+        payload_len: payload_len as u64,
+        status: head.status,
+        seq: pos,
+        ..MsgHeader::default()
+    };
+    seg.write_slot(ch, RESP, pos, h);
+    // Release pairs with the client's `resp.tail.load(Acquire)`: slot and
+    // payload are visible once it sees the new tail.
+    c.resp.tail.v.store(st.resp.tail, Ordering::Release);
+    wait::notify(&c.resp_ready);
+    Ok(())
+}
+
+/// Makes the channel servable once the client has reset it for `epoch`.
+fn sync(seg: &Segment, ch: Channel, epoch: u64, st: &mut ChanState) -> Result<bool, RingError> {
+    let c = seg.chan(ch);
+    // Acquire pairs with the client's Release store in `Client::resync`,
+    // making its index resets visible.
+    if c.client_epoch.v.load(Ordering::Acquire) != epoch {
+        return Ok(false);
+    }
+    let l = seg.layout();
+    // Relaxed: ordered by the Acquire above (the client wrote them before).
+    let head = c.req.head.v.load(Ordering::Relaxed);
+    let tail = c.req.tail.v.load(Ordering::Relaxed);
+    check_tail(
+        head,
+        tail,
+        l.queue_depth,
+        &format!("{ch:?} request queue after reset"),
+    )?;
+    let resp_head = c.resp.head.v.load(Ordering::Relaxed);
+    let resp_tail = c.resp.tail.v.load(Ordering::Relaxed);
+    if resp_head != resp_tail {
+        return Err(RingError::PeerCorrupt {
+            what: format!("{ch:?} response queue not empty after reset ({resp_head}..{resp_tail})"),
+        });
+    }
+    st.req_head = head;
+    st.resp = Producer::new(resp_tail, resp_head, l.queue_depth, l.payload_bytes);
+    st.resp.reset(resp_tail);
+    st.synced = true;
+    Ok(true)
+}

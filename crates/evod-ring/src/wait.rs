@@ -1,0 +1,129 @@
+//! The waiting protocol: spin a little, then park on a futex word in the
+//! shared mapping, and wake only a side that announced it is parked.
+//!
+//! Waiter (one per [`WaitWord`]):
+//! 1. poll the condition while spinning for [`WaitPolicy::spin`];
+//! 2. read `seq`, store `parked = 1`, full fence, poll again;
+//! 3. if still nothing: `FUTEX_WAIT(seq, old seq, min(slice, deadline))`;
+//!    on return clear `parked`, run the liveness check, go to 2.
+//!
+//! Notifier (after publishing with a `Release` store): full fence, load
+//! `parked`; only if set, bump `seq` and `FUTEX_WAKE`.
+//!
+//! The two full fences make this Dekker-style handshake safe: either the
+//! waiter's second poll sees the published index, or the notifier sees
+//! `parked = 1` (both cannot miss each other). If the notifier bumps `seq`
+//! between the waiter's read of `seq` and its `FUTEX_WAIT`, the kernel sees a
+//! changed word and returns at once. A lost wake-up therefore never happens
+//! between honest peers; a lying peer can at worst cost us one `slice`.
+
+use std::time::{Duration, Instant};
+
+use crate::RingError;
+use crate::layout::WaitWord;
+use crate::sync::{Ordering, fence};
+use crate::sys;
+
+/// How a side waits for its peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaitPolicy {
+    /// How long to busy-poll before parking (0 = park at once). Spinning is
+    /// what makes a hot round trip cost ~100 ns instead of a futex wake-up's
+    /// tens of µs.
+    pub spin: Duration,
+    /// Longest single futex sleep; after each the peer's liveness is checked
+    /// (heartbeat, epoch), so this bounds how late `PeerLost` can be noticed.
+    pub slice: Duration,
+}
+
+impl Default for WaitPolicy {
+    fn default() -> Self {
+        WaitPolicy {
+            spin: Duration::from_micros(5),
+            slice: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Polls `poll` until it yields a value, `deadline` passes (`Ok(None)`) or
+/// `poll`/`alive` fails. `alive` is checked before each park and after each
+/// wake-up, never on the spinning fast path.
+pub(crate) fn wait_for<T>(
+    word: &WaitWord,
+    policy: &WaitPolicy,
+    deadline: Instant,
+    mut poll: impl FnMut() -> Result<Option<T>, RingError>,
+    mut alive: impl FnMut() -> Result<(), RingError>,
+) -> Result<Option<T>, RingError> {
+    if let Some(v) = poll()? {
+        return Ok(Some(v));
+    }
+    if !policy.spin.is_zero() {
+        let start = Instant::now();
+        let mut i: u32 = 0;
+        loop {
+            std::hint::spin_loop();
+            if let Some(v) = poll()? {
+                return Ok(Some(v));
+            }
+            i = i.wrapping_add(1);
+            if i.is_multiple_of(64) {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Ok(None);
+                }
+                if now.duration_since(start) >= policy.spin {
+                    break;
+                }
+            }
+        }
+    }
+    loop {
+        alive()?;
+        // Acquire pairs with the notifier's `seq.fetch_add(Release)` in
+        // `notify`: a bump we read here is one made after its publication.
+        let seen = word.seq.load(Ordering::Acquire);
+        // Relaxed: ordered against the poll below by the SeqCst fence.
+        word.parked.store(1, Ordering::Relaxed);
+        // SYNC POINT: pairs with the fence in `notify` (Dekker): either our
+        // poll below sees the peer's published index or the peer's load of
+        // `parked` sees our 1.
+        fence(Ordering::SeqCst);
+        let got = poll();
+        let now = Instant::now();
+        let ready = !matches!(got, Ok(None));
+        if ready || now >= deadline {
+            // Relaxed: a stale 1 only costs the peer one needless wake.
+            word.parked.store(0, Ordering::Relaxed);
+            return got;
+        }
+        let sleep = policy.slice.min(deadline - now);
+        let res = sys::futex_wait(&word.seq, seen, Some(sleep));
+        // Relaxed: as above.
+        word.parked.store(0, Ordering::Relaxed);
+        res.map_err(RingError::Io)?;
+        if let Some(v) = poll()? {
+            return Ok(Some(v));
+        }
+    }
+}
+
+/// Wakes the side parked on `word`, if it said it is parked. Call after the
+/// `Release` store that published what it waits for.
+pub(crate) fn notify(word: &WaitWord) {
+    // SYNC POINT: pairs with the fence in `wait_for` after `parked = 1`.
+    fence(Ordering::SeqCst);
+    // Relaxed: ordered by the fence above.
+    if word.parked.load(Ordering::Relaxed) != 0 {
+        wake_all(word);
+    }
+}
+
+/// Bumps the futex word and wakes everyone parked on it, unconditionally.
+pub(crate) fn wake_all(word: &WaitWord) {
+    // Release pairs with the waiter's `seq.load(Acquire)`.
+    word.seq.fetch_add(1, Ordering::Release);
+    // A failing wake (EFAULT cannot happen on our own mapping) only delays
+    // the waiter until its slice ends, which it tolerates by design.
+    let _ = sys::futex_wake(&word.seq, i32::MAX);
+}
