@@ -1,0 +1,292 @@
+//! CartPole-v1 exactly as gymnasium 1.x runs it, and MLP policies on it.
+//!
+//! Physics (`gymnasium/envs/classic_control/cartpole.py`): gravity 9.8, cart
+//! mass 1.0, pole mass 0.1, pole half-length 0.5, force ±10.0, tau 0.02 s,
+//! explicit Euler; the state is `f64` `[x, x_dot, theta, theta_dot]`, the
+//! observation is that state rounded to `f32`. An episode ends when
+//! `|x| > 2.4` or `|theta| > 12°` (`12 * 2 * pi / 360`), or is truncated
+//! after 500 steps (the `TimeLimit` of `gymnasium.make("CartPole-v1")`);
+//! every step, including the terminating one, earns +1, so a return is the
+//! number of steps taken (1 to 500).
+//!
+//! `reset(seed)` draws the state as gymnasium's `reset(seed=seed)` does:
+//! `Generator(PCG64(SeedSequence(seed))).uniform(-0.05, 0.05, 4)`
+//! ([`crate::numpy_rng`]). Episode `i` of an evaluation with seed `S` uses
+//! seed `S + i` (wrapping at 2^64).
+//!
+//! Policies: the observation goes through the network ([`crate::mlp`]); with
+//! two outputs the action is numpy's `argmax` (ties and a leading NaN pick
+//! action 0, a NaN in output 1 alone picks 1), with one output the action
+//! is 1 when the output is `> 0`.
+
+use crate::RuntimeError;
+use crate::arch::Architecture;
+use crate::mlp::Mlp;
+use crate::numpy_rng::Pcg64;
+
+const GRAVITY: f64 = 9.8;
+const MASS_CART: f64 = 1.0;
+const MASS_POLE: f64 = 0.1;
+const TOTAL_MASS: f64 = MASS_POLE + MASS_CART;
+const LENGTH: f64 = 0.5;
+const POLEMASS_LENGTH: f64 = MASS_POLE * LENGTH;
+const FORCE_MAG: f64 = 10.0;
+const TAU: f64 = 0.02;
+/// `|x|` beyond which an episode terminates.
+pub const X_THRESHOLD: f64 = 2.4;
+/// `|theta|` (radians) beyond which an episode terminates: 12 degrees.
+pub const THETA_THRESHOLD: f64 = 12.0 * 2.0 * std::f64::consts::PI / 360.0;
+/// Steps after which an episode is truncated (CartPole-v1's time limit).
+pub const MAX_STEPS: u32 = 500;
+/// gymnasium's reward threshold for CartPole-v1: a policy solves the task
+/// when its mean return over 100 episodes reaches it.
+pub const SOLVED_MEAN_RETURN: f64 = 475.0;
+
+/// One CartPole-v1 environment, including its time limit.
+#[derive(Debug, Clone, Default)]
+pub struct CartPole {
+    state: [f64; 4],
+    steps: u32,
+}
+
+/// The `f32` observation of an `f64` state.
+#[inline(always)]
+fn observe(state: &[f64; 4]) -> [f32; 4] {
+    [
+        state[0] as f32,
+        state[1] as f32,
+        state[2] as f32,
+        state[3] as f32,
+    ]
+}
+
+impl CartPole {
+    /// A fresh environment; call [`CartPole::reset`] before stepping.
+    pub fn new() -> CartPole {
+        CartPole::default()
+    }
+
+    /// gymnasium's `reset(seed=seed)`: draws the initial state and returns its
+    /// observation.
+    pub fn reset(&mut self, seed: u64) -> [f32; 4] {
+        Pcg64::from_seed(seed).uniform(-0.05, 0.05, &mut self.state);
+        self.steps = 0;
+        observe(&self.state)
+    }
+
+    /// The full-precision state `[x, x_dot, theta, theta_dot]`.
+    pub fn state(&self) -> [f64; 4] {
+        self.state
+    }
+
+    /// Steps taken since the last reset.
+    pub fn steps(&self) -> u32 {
+        self.steps
+    }
+
+    /// gymnasium's `step(action)`; `action` is 1 (push right) when `true`.
+    /// Returns `(observation, reward, terminated, truncated)`; the reward is
+    /// always 1.0 (callers stop at the end of an episode).
+    #[inline(always)]
+    pub fn step(&mut self, action: bool) -> ([f32; 4], f64, bool, bool) {
+        let [x, x_dot, theta, theta_dot] = self.state;
+        let force = if action { FORCE_MAG } else { -FORCE_MAG };
+        let costheta = theta.cos();
+        let sintheta = theta.sin();
+        // Same operations, in the same order, as gymnasium's float64 code.
+        let temp = (force + POLEMASS_LENGTH * (theta_dot * theta_dot) * sintheta) / TOTAL_MASS;
+        let thetaacc = (GRAVITY * sintheta - costheta * temp)
+            / (LENGTH * (4.0 / 3.0 - MASS_POLE * (costheta * costheta) / TOTAL_MASS));
+        let xacc = temp - POLEMASS_LENGTH * thetaacc * costheta / TOTAL_MASS;
+        let x = x + TAU * x_dot;
+        let x_dot = x_dot + TAU * xacc;
+        let theta = theta + TAU * theta_dot;
+        let theta_dot = theta_dot + TAU * thetaacc;
+        self.state = [x, x_dot, theta, theta_dot];
+        self.steps += 1;
+        // gymnasium's comparisons, kept literally (a NaN state does not end
+        // the episode there either).
+        #[allow(clippy::manual_range_contains)]
+        let terminated = x < -X_THRESHOLD
+            || x > X_THRESHOLD
+            || theta < -THETA_THRESHOLD
+            || theta > THETA_THRESHOLD;
+        let truncated = self.steps >= MAX_STEPS;
+        (observe(&self.state), 1.0, terminated, truncated)
+    }
+}
+
+/// The action a network's outputs select (see the module documentation).
+#[inline(always)]
+pub fn action(outputs: &[f32]) -> bool {
+    match *outputs {
+        [only] => only > 0.0,
+        [a, b, ..] => {
+            // numpy argmax over two values: NaN counts as the maximum, and
+            // the first maximum wins.
+            if a.is_nan() {
+                false
+            } else {
+                b.is_nan() || b > a
+            }
+        }
+        [] => false,
+    }
+}
+
+/// Runs one episode from `reset(seed)` with `policy`, calling `on_step` with
+/// each observation the policy sees and the action it took; returns the
+/// number of steps (the return).
+#[inline]
+pub fn run_episode_with(
+    policy: &mut Mlp,
+    seed: u64,
+    mut on_step: impl FnMut(&[f32; 4], bool),
+) -> u32 {
+    let mut env = CartPole::new();
+    let mut obs = env.reset(seed);
+    loop {
+        let act = action(policy.forward(&obs));
+        on_step(&obs, act);
+        let (next, _, terminated, truncated) = env.step(act);
+        obs = next;
+        if terminated || truncated {
+            return env.steps();
+        }
+    }
+}
+
+/// Runs one episode from `reset(seed)`; returns the number of steps.
+#[inline]
+pub fn run_episode(policy: &mut Mlp, seed: u64) -> u32 {
+    run_episode_with(policy, seed, |_, _| {})
+}
+
+/// Checks that `arch` fits CartPole: 4 inputs, 1 or 2 outputs.
+pub fn check_arch(arch: &Architecture) -> Result<(), RuntimeError> {
+    arch.validate()?;
+    if arch.inputs() != 4 || !(1..=2).contains(&arch.outputs()) {
+        return Err(RuntimeError::TaskMismatch {
+            task: "cartpole".into(),
+            expected: "4 inputs and 1 or 2 outputs".into(),
+            layers: arch.layers_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The return of one episode started by `reset(seed)`.
+pub fn episode_return(arch: &Architecture, params: &[f32], seed: u64) -> Result<f64, RuntimeError> {
+    check_arch(arch)?;
+    let mut policy = Mlp::new(arch, params)?;
+    Ok(f64::from(run_episode(&mut policy, seed)))
+}
+
+/// The returns of `episodes` episodes, episode `i` seeded `seed + i`.
+pub fn returns(
+    arch: &Architecture,
+    params: &[f32],
+    seed: u64,
+    episodes: u32,
+) -> Result<Vec<f64>, RuntimeError> {
+    check_arch(arch)?;
+    let mut policy = Mlp::new(arch, params)?;
+    Ok((0..episodes)
+        .map(|i| f64::from(run_episode(&mut policy, seed.wrapping_add(u64::from(i)))))
+        .collect())
+}
+
+/// The mean return over `episodes` episodes (0 when `episodes` is 0).
+pub fn mean_return(
+    arch: &Architecture,
+    params: &[f32],
+    seed: u64,
+    episodes: u32,
+) -> Result<f64, RuntimeError> {
+    check_arch(arch)?;
+    let mut policy = Mlp::new(arch, params)?;
+    if episodes == 0 {
+        return Ok(0.0);
+    }
+    let total: u64 = (0..episodes)
+        .map(|i| u64::from(run_episode(&mut policy, seed.wrapping_add(u64::from(i)))))
+        .sum();
+    Ok(total as f64 / f64::from(episodes))
+}
+
+/// A hand-made 4-16-2 tanh policy that balances the pole for the full 500
+/// steps from every initial state gymnasium draws: hidden unit 0 computes
+/// `tanh(x + 2 x_dot + 30 theta + 5 theta_dot)`-style feedback, output 1
+/// minus output 0 is that unit. Used by benchmarks and tests.
+pub fn balancing_policy() -> (Architecture, Vec<f32>) {
+    let arch = Architecture {
+        layers: vec![4, 16, 2],
+        activation: crate::arch::Activation::Tanh,
+    };
+    let mut params = vec![0.0f32; arch.n_params()];
+    // blk.0.weight row 0 (hidden unit 0) over [x, x_dot, theta, theta_dot].
+    params[..4].copy_from_slice(&BALANCE_GAINS);
+    // blk.1.weight: [out][in] = 2 x 16, starting at 64 + 16.
+    params[80] = -1.0; // output 0 <- -h0
+    params[80 + 16] = 1.0; // output 1 <- +h0
+    (arch, params)
+}
+
+/// State-feedback gains of [`balancing_policy`].
+const BALANCE_GAINS: [f32; 4] = [0.1, 0.5, 10.0, 2.0];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_matches_gymnasium_seed_0() {
+        // gymnasium.make("CartPole-v1").reset(seed=0)[0]
+        let obs = CartPole::new().reset(0);
+        assert_eq!(
+            obs,
+            [
+                0.013_696_169,
+                -0.023_021_329,
+                -0.045_902_647,
+                -0.048_347_235
+            ]
+        );
+    }
+
+    #[test]
+    fn actions_follow_numpy_argmax() {
+        assert!(!action(&[1.0, 1.0]));
+        assert!(action(&[0.0, 1.0]));
+        assert!(!action(&[f32::NAN, 1.0]));
+        assert!(action(&[1.0, f32::NAN]));
+        assert!(action(&[0.5]));
+        assert!(!action(&[0.0]));
+    }
+
+    #[test]
+    fn an_untrained_policy_falls_and_balancing_policy_survives() {
+        let (arch, params) = balancing_policy();
+        let zero = vec![0.0; arch.n_params()];
+        // All-zero outputs tie, so the cart is always pushed left: it falls fast.
+        let r = returns(&arch, &zero, 0, 10).unwrap();
+        assert!(r.iter().all(|&r| r > 1.0 && r < 50.0), "{r:?}");
+        let mean = mean_return(&arch, &params, 0, 100).unwrap();
+        assert_eq!(mean, 500.0);
+    }
+
+    #[test]
+    fn mismatched_networks_are_rejected() {
+        let arch = Architecture::new(vec![3, 4, 2], crate::arch::Activation::Tanh).unwrap();
+        let params = vec![0.0; arch.n_params()];
+        assert!(matches!(
+            mean_return(&arch, &params, 0, 1),
+            Err(RuntimeError::TaskMismatch { .. })
+        ));
+        let (arch, params) = balancing_policy();
+        assert!(matches!(
+            episode_return(&arch, &params[1..], 0),
+            Err(RuntimeError::ParamCount { .. })
+        ));
+    }
+}

@@ -1,0 +1,65 @@
+//! [`RuntimeError`]: everything the runtime can refuse, each naming the
+//! thing it is about.
+
+use std::path::PathBuf;
+
+use crate::csv::CsvError;
+
+/// An error of the neural runtime, its tasks or its model files.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Layer sizes that cannot form a network.
+    #[error("invalid architecture: {reason}")]
+    InvalidArchitecture {
+        /// What is wrong.
+        reason: String,
+    },
+    /// An activation name that is not one of tanh, relu, sigmoid, identity.
+    #[error("unknown activation {0:?} (expected tanh, relu, sigmoid or identity)")]
+    UnknownActivation(String),
+    /// A parameter vector of the wrong length.
+    #[error("parameter vector has {found} values, the architecture needs {expected}")]
+    ParamCount {
+        /// What the architecture needs.
+        expected: usize,
+        /// What was given.
+        found: usize,
+    },
+    /// An input or output buffer of the wrong length.
+    #[error("{what} buffer has {found} values, expected {expected}")]
+    BufferSize {
+        /// Which buffer.
+        what: &'static str,
+        /// The length needed (`usize::MAX` when it overflows).
+        expected: usize,
+        /// The length given.
+        found: usize,
+    },
+    /// A task name or task string that is not understood.
+    #[error("unknown task {0:?} (expected cartpole, xor, sine or csv:<path>:<target>)")]
+    UnknownTask(String),
+    /// A network whose input or output size does not fit the task.
+    #[error("task {task} needs {expected}, the network has layers {layers}")]
+    TaskMismatch {
+        /// The task.
+        task: String,
+        /// What the task needs.
+        expected: String,
+        /// The network's layer sizes.
+        layers: String,
+    },
+    /// A CSV data set that cannot be used.
+    #[error(transparent)]
+    Csv(#[from] CsvError),
+    /// A GGUF file that cannot be read or written.
+    #[error(transparent)]
+    Gguf(#[from] evod_gguf::GgufError),
+    /// A model file that is valid GGUF but not a valid evod model.
+    #[error("{path}: {problem}", path = path.display())]
+    Model {
+        /// The model file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+}

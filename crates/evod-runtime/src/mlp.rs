@@ -1,0 +1,334 @@
+//! The MLP forward pass: single precision, no allocation per call.
+//!
+//! Arithmetic is defined exactly so that other implementations (the numpy
+//! reference in `tests/py/`) can reproduce it bit for bit: every output `j`
+//! of a layer starts from its bias and adds `w[j][i] * x[i]` for
+//! `i = 0, 1, …` in order, each product and sum rounded to `f32` (no fused
+//! multiply-add); then the hidden activation ([`activate`]) is applied; the
+//! output layer has no activation.
+
+use crate::RuntimeError;
+use crate::arch::{Activation, Architecture};
+
+/// Clamp bound of [`tanh`]: beyond it the rational form would exceed 1.
+// The constants are written as the f64 literals of Eigen's `ptanh_float`
+// rounded once to f32, exactly as `np.float32(literal)` does in the reference.
+/// Clamp bound of [`tanh`]: beyond it the rational form would exceed 1.
+const TANH_CLAMP: f32 = 7.905_311_107_635_498_f64 as f32;
+// Numerator (odd powers) and denominator (even powers) of the approximation.
+const TANH_A: [f32; 7] = [
+    4.893_524_558_917_86e-3_f64 as f32,
+    6.372_619_288_754_36e-4_f64 as f32,
+    1.485_722_357_179_79e-5_f64 as f32,
+    5.122_297_090_371_14e-8_f64 as f32,
+    -8.604_671_522_137_35e-11_f64 as f32,
+    2.000_187_904_824_77e-13_f64 as f32,
+    -2.760_768_477_423_55e-16_f64 as f32,
+];
+const TANH_B: [f32; 4] = [
+    4.893_525_185_543_85e-3_f64 as f32,
+    2.268_434_632_439_00e-3_f64 as f32,
+    1.185_347_056_866_54e-4_f64 as f32,
+    1.198_258_394_667_02e-6_f64 as f32,
+];
+
+/// evod's `tanh`: a rational approximation in `f32` (relative error below
+/// 4e-7, a few ULP, for normal results; the result is within `[-1, 1]`).
+///
+/// Exactly: clamp `x` to `±7.905311`, `x2 = x*x`, numerator
+/// `p = x * (((((((a6*x2 + a5)*x2 + a4)*x2 + a3)*x2 + a2)*x2 + a1)*x2 + a0)`,
+/// denominator `q = ((b3*x2 + b2)*x2 + b1)*x2 + b0`, result `p / q`, every
+/// operation rounded to `f32`. NaN stays NaN.
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    let x = x.clamp(-TANH_CLAMP, TANH_CLAMP);
+    let x2 = x * x;
+    let mut p = x2 * TANH_A[6] + TANH_A[5];
+    p = x2 * p + TANH_A[4];
+    p = x2 * p + TANH_A[3];
+    p = x2 * p + TANH_A[2];
+    p = x2 * p + TANH_A[1];
+    p = x2 * p + TANH_A[0];
+    p *= x;
+    let mut q = x2 * TANH_B[3] + TANH_B[2];
+    q = x2 * q + TANH_B[1];
+    q = x2 * q + TANH_B[0];
+    p / q
+}
+
+/// Applies `activation` to one value (see [`Activation`] for definitions).
+#[inline(always)]
+pub fn activate(activation: Activation, x: f32) -> f32 {
+    match activation {
+        Activation::Tanh => tanh(x),
+        Activation::Relu => {
+            if x > 0.0 {
+                x
+            } else {
+                0.0
+            }
+        }
+        Activation::Sigmoid => 0.5 * tanh(0.5 * x) + 0.5,
+        Activation::Identity => x,
+    }
+}
+
+#[inline(always)]
+fn activate_all(activation: Activation, xs: &mut [f32]) {
+    // One loop per activation so that each one vectorises.
+    match activation {
+        Activation::Tanh => xs.iter_mut().for_each(|x| *x = tanh(*x)),
+        Activation::Relu => xs
+            .iter_mut()
+            .for_each(|x| *x = activate(Activation::Relu, *x)),
+        Activation::Sigmoid => xs
+            .iter_mut()
+            .for_each(|x| *x = activate(Activation::Sigmoid, *x)),
+        Activation::Identity => {}
+    }
+}
+
+/// Reusable buffers for [`forward_batch`]; grows on first use only.
+#[derive(Debug, Default, Clone)]
+pub struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl Scratch {
+    /// Empty scratch space.
+    pub fn new() -> Scratch {
+        Scratch::default()
+    }
+}
+
+/// Runs the network on `batch` inputs.
+///
+/// `inputs` is row-major `[batch][arch.inputs()]`, `out` row-major
+/// `[batch][arch.outputs()]`; `params` is the flat vector described in
+/// [`crate::arch`]. Every length is checked; nothing is allocated once
+/// `scratch` has grown to the widest layer.
+pub fn forward_batch(
+    arch: &Architecture,
+    params: &[f32],
+    inputs: &[f32],
+    batch: usize,
+    out: &mut [f32],
+    scratch: &mut Scratch,
+) -> Result<(), RuntimeError> {
+    arch.validate()?;
+    arch.check_params(params)?;
+    let (n_in, n_out) = (arch.inputs(), arch.outputs());
+    let check = |what: &'static str, expected: Option<usize>, found: usize| match expected {
+        Some(e) if e == found => Ok(()),
+        _ => Err(RuntimeError::BufferSize {
+            what,
+            expected: expected.unwrap_or(usize::MAX),
+            found,
+        }),
+    };
+    check("input", batch.checked_mul(n_in), inputs.len())?;
+    check("output", batch.checked_mul(n_out), out.len())?;
+    let widest = arch.layers.iter().copied().max().unwrap_or(0);
+    scratch.a.resize(widest.max(scratch.a.len()), 0.0);
+    scratch.b.resize(widest.max(scratch.b.len()), 0.0);
+    let last = arch.n_blocks() - 1;
+    for (x, y) in inputs.chunks_exact(n_in).zip(out.chunks_exact_mut(n_out)) {
+        scratch.a[..n_in].copy_from_slice(x);
+        let mut at = 0;
+        for (n, w) in arch.layers.windows(2).enumerate() {
+            let (li, lo) = (w[0], w[1]);
+            let weights = &params[at..at + li * lo];
+            let bias = &params[at + li * lo..at + li * lo + lo];
+            at += li * lo + lo;
+            let (src, dst) = (&scratch.a[..li], &mut scratch.b[..lo]);
+            for ((d, row), &b) in dst.iter_mut().zip(weights.chunks_exact(li)).zip(bias) {
+                let mut acc = b;
+                for (&wv, &xv) in row.iter().zip(src) {
+                    acc += wv * xv;
+                }
+                *d = acc;
+            }
+            if n != last {
+                activate_all(arch.activation, dst);
+            }
+            std::mem::swap(&mut scratch.a, &mut scratch.b);
+        }
+        y.copy_from_slice(&scratch.a[..n_out]);
+    }
+    Ok(())
+}
+
+/// A network prepared for many single-input forward passes (a policy):
+/// weights transposed once to `[in][out]` so that each layer's update runs
+/// over contiguous memory and vectorises. Same arithmetic, bit for bit, as
+/// [`forward_batch`].
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    arch: Architecture,
+    /// Per block: transposed weights `[in][out]` followed by the bias.
+    blocks: Vec<(usize, usize, Vec<f32>, Vec<f32>)>,
+    /// Activations of every layer, concatenated, input layer first.
+    acts: Vec<f32>,
+    offsets: Vec<usize>,
+}
+
+impl Mlp {
+    /// Prepares `params` for `arch`; checks the parameter count.
+    pub fn new(arch: &Architecture, params: &[f32]) -> Result<Mlp, RuntimeError> {
+        arch.validate()?;
+        arch.check_params(params)?;
+        let mut blocks = Vec::with_capacity(arch.n_blocks());
+        let mut at = 0;
+        for w in arch.layers.windows(2) {
+            let (li, lo) = (w[0], w[1]);
+            let weights = &params[at..at + li * lo];
+            let mut wt = vec![0.0f32; li * lo];
+            for j in 0..lo {
+                for i in 0..li {
+                    wt[i * lo + j] = weights[j * li + i];
+                }
+            }
+            let bias = params[at + li * lo..at + li * lo + lo].to_vec();
+            at += li * lo + lo;
+            blocks.push((li, lo, wt, bias));
+        }
+        let mut offsets = Vec::with_capacity(arch.layers.len() + 1);
+        let mut total = 0;
+        for &w in &arch.layers {
+            offsets.push(total);
+            total += w;
+        }
+        offsets.push(total);
+        Ok(Mlp {
+            arch: arch.clone(),
+            blocks,
+            acts: vec![0.0; total],
+            offsets,
+        })
+    }
+
+    /// The architecture this network was built for.
+    pub fn arch(&self) -> &Architecture {
+        &self.arch
+    }
+
+    /// Runs one input; returns the output layer. Panics if `input` is not
+    /// exactly `arch.inputs()` long (callers own that size).
+    #[inline]
+    pub fn forward(&mut self, input: &[f32]) -> &[f32] {
+        let n_in = self.arch.inputs();
+        self.acts[..n_in].copy_from_slice(input);
+        let last = self.blocks.len() - 1;
+        for (n, (li, lo, wt, bias)) in self.blocks.iter().enumerate() {
+            let (head, tail) = self.acts.split_at_mut(self.offsets[n + 1]);
+            let src = &head[self.offsets[n]..];
+            let dst = &mut tail[..*lo];
+            dst.copy_from_slice(bias);
+            for (&xv, col) in src.iter().zip(wt.chunks_exact(*lo)) {
+                for (d, &wv) in dst.iter_mut().zip(col) {
+                    *d += wv * xv;
+                }
+            }
+            debug_assert_eq!(src.len(), *li);
+            if n != last {
+                activate_all(self.arch.activation, dst);
+            }
+        }
+        let end = self.offsets.len() - 1;
+        &self.acts[self.offsets[end - 1]..self.offsets[end]]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tanh_is_close_and_bounded() {
+        let mut x = -20.0f32;
+        while x < 20.0 {
+            let got = f64::from(tanh(x));
+            let want = f64::from(x).tanh();
+            assert!(got.abs() <= 1.0, "tanh({x}) = {got}");
+            let tol = 4e-7 * want.abs() + 1e-30;
+            assert!((got - want).abs() <= tol, "tanh({x}) = {got}, want {want}");
+            x += 0.000_731;
+        }
+        assert!(tanh(f32::NAN).is_nan());
+        assert_eq!(tanh(f32::INFINITY), tanh(TANH_CLAMP));
+        assert_eq!(tanh(0.0), 0.0);
+    }
+
+    #[test]
+    fn activations() {
+        assert_eq!(activate(Activation::Relu, -1.5), 0.0);
+        assert_eq!(activate(Activation::Relu, 2.5), 2.5);
+        assert_eq!(activate(Activation::Identity, -3.0), -3.0);
+        assert!((activate(Activation::Sigmoid, 0.0) - 0.5).abs() < 1e-7);
+        assert!((activate(Activation::Sigmoid, 3.0) - 0.952_574_1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn forward_matches_hand_computation() {
+        // 2-2-1 identity: y = w1 . (W0 x + b0) + b1
+        let arch = Architecture::new(vec![2, 2, 1], Activation::Identity).unwrap();
+        let params = [1.0, 2.0, 3.0, 4.0, 0.5, -0.5, 1.0, -1.0, 0.25];
+        let mut out = [0.0; 2];
+        forward_batch(
+            &arch,
+            &params,
+            &[1.0, 1.0, 0.0, 2.0],
+            2,
+            &mut out,
+            &mut Scratch::new(),
+        )
+        .unwrap();
+        // sample 0: h = [3.5, 6.5], y = 3.5 - 6.5 + 0.25
+        // sample 1: h = [4.5, 7.5], y = 4.5 - 7.5 + 0.25
+        assert_eq!(out, [-2.75, -2.75]);
+    }
+
+    #[test]
+    fn mlp_equals_forward_batch_bit_for_bit() {
+        for act in Activation::ALL {
+            let arch = Architecture::new(vec![3, 7, 5, 2], act).unwrap();
+            let params: Vec<f32> = (0..arch.n_params())
+                .map(|i| ((i * 7919 % 113) as f32 - 56.0) / 17.0)
+                .collect();
+            let inputs: Vec<f32> = (0..30).map(|i| (i as f32 - 15.0) / 3.3).collect();
+            let mut out = vec![0.0; 20];
+            forward_batch(&arch, &params, &inputs, 10, &mut out, &mut Scratch::new()).unwrap();
+            let mut mlp = Mlp::new(&arch, &params).unwrap();
+            for (x, y) in inputs.chunks(3).zip(out.chunks(2)) {
+                let got = mlp.forward(x);
+                assert_eq!(got[0].to_bits(), y[0].to_bits());
+                assert_eq!(got[1].to_bits(), y[1].to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_sizes_are_errors() {
+        let arch = Architecture::new(vec![2, 3, 1], Activation::Tanh).unwrap();
+        let params = vec![0.0; arch.n_params()];
+        let mut s = Scratch::new();
+        let mut out = [0.0; 2];
+        assert!(matches!(
+            forward_batch(&arch, &params[1..], &[0.0; 4], 2, &mut out, &mut s),
+            Err(RuntimeError::ParamCount {
+                expected: 13,
+                found: 12
+            })
+        ));
+        assert!(matches!(
+            forward_batch(&arch, &params, &[0.0; 3], 2, &mut out, &mut s),
+            Err(RuntimeError::BufferSize { what: "input", .. })
+        ));
+        assert!(matches!(
+            forward_batch(&arch, &params, &[0.0; 4], 2, &mut out[..1], &mut s),
+            Err(RuntimeError::BufferSize { what: "output", .. })
+        ));
+        assert!(Mlp::new(&arch, &params[..5]).is_err());
+    }
+}
