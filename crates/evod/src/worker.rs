@@ -1,12 +1,377 @@
-//! `evod worker` (not built yet).
+//! `evod worker` (hidden role): the untrusted runtime process.
+//!
+//! Spawned by the supervisor with its shared segment inherited as a
+//! descriptor. It maps the published model, builds the network and serves
+//! the opcodes of [`crate::protocol`] on both channels of the ring (`Eval`
+//! from the evolver, `Control` from the supervisor), keeping its heartbeat
+//! and stats current. It may crash at any instruction: the supervisor
+//! respawns it and the clients re-send what was in flight.
+//!
+//! Fault opcodes (and the `evod.fault` model key) are honoured only with
+//! `--allow-fault-injection`; without it they are refused with an error reply.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use evod_ring::{Request, RingError, Role, Scribble, Segment};
+use evod_runtime::{Architecture, Model, Task};
+
+use crate::protocol::{self, EvalHeader, ExecHeader, LoadRequest, WorkerInfo, op, status};
 
 /// Arguments of `evod worker`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Descriptor number of the inherited shared-memory segment.
+    #[arg(long)]
+    pub ring_fd: i32,
+    /// Model file to load at start.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Honour fault-injection opcodes and the `evod.fault` model key.
+    #[arg(long)]
+    pub allow_fault_injection: bool,
+    /// This worker's index (for logs).
+    #[arg(long, default_value_t = 0)]
+    pub index: u32,
+}
 
-/// Runs `evod worker`.
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("evod worker is not built yet")
+/// The model a worker serves: its network and task, with the parameters
+/// copied out of the map once (a worker never writes the file).
+struct Loaded {
+    arch: Architecture,
+    task: Task,
+    params: Vec<f32>,
+    generation: u64,
+    checksum: u64,
+}
+
+/// Runs `evod worker` until `SHUTDOWN`, until its epoch is superseded, or
+/// until it crashes.
+pub fn run(args: Args) -> Result<ExitCode> {
+    let started = Instant::now();
+    set_process_name(c"evod-worker");
+    let seg = Segment::attach_inherited(args.ring_fd).with_context(|| {
+        format!(
+            "attaching the shared segment on descriptor {}",
+            args.ring_fd
+        )
+    })?;
+    let mut worker = Worker {
+        seg: &seg,
+        allow_faults: args.allow_fault_injection,
+        model: None,
+        started,
+    };
+    if let Some(path) = &args.model {
+        match worker.load(path, None, 0) {
+            Ok(()) => {}
+            Err(e) => eprintln!(
+                "evod worker {}: cannot load {}: {e:#}",
+                args.index,
+                path.display()
+            ),
+        }
+    }
+    let mut server = seg
+        .server()
+        .context("claiming the server end of the ring")?;
+    loop {
+        let request = match server.recv(Duration::from_millis(500)) {
+            Ok(Some((_, request))) => request,
+            Ok(None) => continue,
+            // Replaced by a newer incarnation: the supervisor no longer
+            // wants us; leave quietly.
+            Err(RingError::EpochChanged { .. }) => return Ok(ExitCode::SUCCESS),
+            Err(e) => return Err(e).context("serving the ring"),
+        };
+        if worker.serve(request)? == Flow::Shutdown {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+#[derive(PartialEq)]
+enum Flow {
+    Continue,
+    Shutdown,
+}
+
+struct Worker<'s> {
+    seg: &'s Segment,
+    allow_faults: bool,
+    model: Option<Loaded>,
+    started: Instant,
+}
+
+/// A reply: status and payload bytes.
+type Answer = (i32, Vec<u8>);
+
+fn error(status: i32, message: impl std::fmt::Display) -> Answer {
+    (status, message.to_string().into_bytes())
+}
+
+impl Worker<'_> {
+    fn serve(&mut self, request: Request<'_>) -> Result<Flow> {
+        let begun = Instant::now();
+        let opcode = request.header.opcode;
+        if op::is_fault(opcode) {
+            if !self.allow_faults {
+                let answer = error(
+                    status::FAULT_REFUSED,
+                    format!(
+                        "fault opcode {} refused: the worker runs without --allow-fault-injection",
+                        op::name(opcode)
+                    ),
+                );
+                return self.finish(request, opcode, begun, answer);
+            }
+            let code = request
+                .payload
+                .get(..4)
+                .map_or(1, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            drop(request);
+            inject_fault(self.seg, opcode, code);
+        }
+        let answer = match opcode {
+            op::PING => (status::OK, Vec::new()),
+            op::STATS => (status::OK, protocol::to_bincode(&self.info())),
+            op::LOAD => match protocol::from_bincode::<LoadRequest>(request.payload) {
+                Err(e) => error(status::BAD_REQUEST, format!("bad LOAD body: {e}")),
+                Ok(load) => {
+                    let expect = Some(load.generation).filter(|_| load.checksum != 0);
+                    match self.load(Path::new(&load.path), expect, load.checksum) {
+                        Ok(()) => (status::OK, protocol::to_bincode(&self.info())),
+                        Err(e) => error(status::LOAD_FAILED, format!("{e:#}")),
+                    }
+                }
+            },
+            op::NEURAL_EXEC => self.exec(request.payload),
+            op::EVAL => self.eval(request.payload),
+            op::SHUTDOWN => {
+                self.finish(request, opcode, begun, (status::OK, Vec::new()))?;
+                return Ok(Flow::Shutdown);
+            }
+            other => error(status::UNKNOWN_OPCODE, format!("unknown opcode {other}")),
+        };
+        self.finish(request, opcode, begun, answer)
+    }
+
+    fn finish(
+        &self,
+        request: Request<'_>,
+        opcode: u32,
+        begun: Instant,
+        answer: Answer,
+    ) -> Result<Flow> {
+        let (st, body) = answer;
+        match request.reply(st, body.len(), |_, out| out.copy_from_slice(&body)) {
+            Ok(()) => {}
+            // The client went away or a new epoch began: nobody waits for
+            // this reply any more.
+            Err(RingError::EpochChanged { .. }) => return Ok(Flow::Shutdown),
+            Err(e) => return Err(e).context("replying on the ring"),
+        }
+        self.seg
+            .record_request(opcode, begun.elapsed(), st == status::OK);
+        Ok(Flow::Continue)
+    }
+
+    fn info(&self) -> WorkerInfo {
+        let mut info = WorkerInfo {
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            ..WorkerInfo::default()
+        };
+        if let Some(m) = &self.model {
+            info.generation = Some(m.generation);
+            info.checksum = m.checksum;
+            info.n_params = m.params.len() as u64;
+            info.inputs = m.arch.inputs() as u32;
+            info.outputs = m.arch.outputs() as u32;
+            info.task = m.task.name();
+        }
+        info
+    }
+
+    /// Maps and checks `path`; on success it replaces the served model, on
+    /// failure the old one keeps being served.
+    fn load(&mut self, path: &Path, generation: Option<u64>, checksum: u64) -> Result<()> {
+        let model = Model::open(path)?;
+        let file_checksum = model.file.checksum();
+        if checksum != 0 && checksum != file_checksum {
+            anyhow::bail!(
+                "{}: checksum {file_checksum:016x}, expected {checksum:016x}",
+                path.display()
+            );
+        }
+        if let Some(g) = generation
+            && g != model.spec.generation
+        {
+            anyhow::bail!(
+                "{}: generation {}, expected {g}",
+                path.display(),
+                model.spec.generation
+            );
+        }
+        if self.allow_faults
+            && let Some(fault) = model.file.get("evod.fault").and_then(|v| v.as_str())
+        {
+            // A generation made to crash the runtime (fallback tests).
+            match fault {
+                "segv" => inject_fault(self.seg, op::FAULT_SEGV, 0),
+                "abort" => inject_fault(self.seg, op::FAULT_ABORT, 0),
+                other => anyhow::bail!("{}: unknown evod.fault {other:?}", path.display()),
+            }
+        }
+        let task: Task = model
+            .spec
+            .task
+            .parse()
+            .with_context(|| format!("{}: task {:?}", path.display(), model.spec.task))?;
+        task.check_arch(&model.spec.arch)?;
+        let params = model.params()?.into_owned();
+        self.seg.set_model_generation(model.spec.generation);
+        self.model = Some(Loaded {
+            arch: model.spec.arch.clone(),
+            task,
+            params,
+            generation: model.spec.generation,
+            checksum: file_checksum,
+        });
+        Ok(())
+    }
+
+    fn exec(&self, payload: &[u8]) -> Answer {
+        let Some(m) = &self.model else {
+            return error(status::NO_MODEL, "no model loaded");
+        };
+        let (h, inputs) = match ExecHeader::decode(payload) {
+            Ok(x) => x,
+            Err(e) => return error(status::BAD_REQUEST, format!("bad NEURAL_EXEC body: {e}")),
+        };
+        if h.inputs as usize != m.arch.inputs() {
+            return error(
+                status::BAD_REQUEST,
+                format!(
+                    "{} inputs per row, the network takes {}",
+                    h.inputs,
+                    m.arch.inputs()
+                ),
+            );
+        }
+        let batch = h.batch as usize;
+        let mut out = vec![0f32; batch * m.arch.outputs()];
+        let mut scratch = evod_runtime::Scratch::new();
+        if let Err(e) =
+            evod_runtime::forward_batch(&m.arch, &m.params, &inputs, batch, &mut out, &mut scratch)
+        {
+            return error(status::BAD_REQUEST, e);
+        }
+        let mut body = vec![0u8; out.len() * 4];
+        protocol::write_f32s(&out, &mut body);
+        (status::OK, body)
+    }
+
+    fn eval(&self, payload: &[u8]) -> Answer {
+        let Some(m) = &self.model else {
+            return error(status::NO_MODEL, "no model loaded");
+        };
+        let h = match EvalHeader::decode(payload) {
+            Ok(h) => h,
+            Err(e) => return error(status::BAD_REQUEST, format!("bad EVAL body: {e}")),
+        };
+        if h.params as usize != m.params.len() {
+            return error(
+                status::EVAL_FAILED,
+                format!(
+                    "candidates have {} parameters, the model has {}",
+                    h.params,
+                    m.params.len()
+                ),
+            );
+        }
+        let task = match (&m.task, h.episodes) {
+            (Task::CartPole { .. }, e) if e > 0 => Task::CartPole { episodes: e },
+            (t, _) => t.clone(),
+        };
+        let body = &payload[EvalHeader::SIZE..];
+        let n = h.params as usize;
+        let mut params = vec![0f32; n];
+        let mut fitness = Vec::with_capacity(h.candidates as usize);
+        for chunk in body.chunks_exact(4 * n) {
+            for (p, b) in params.iter_mut().zip(chunk.chunks_exact(4)) {
+                *p = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+            match task.evaluate(&m.arch, &params, h.seed) {
+                Ok(f) => fitness.push(f),
+                Err(e) => return error(status::EVAL_FAILED, format!("{e}")),
+            }
+            // A long batch must not look like a hang to the watchdog.
+            self.seg.beat(Role::Worker);
+        }
+        let mut out = vec![0u8; 8 * fitness.len()];
+        protocol::write_f64s(&fitness, &mut out);
+        (status::OK, out)
+    }
+}
+
+/// Carries out a fault opcode; never returns.
+fn inject_fault(seg: &Segment, opcode: u32, code: u32) -> ! {
+    match opcode {
+        op::FAULT_SEGV => segfault(),
+        op::FAULT_ABORT => std::process::abort(),
+        op::FAULT_EXIT => std::process::exit(code as i32),
+        op::FAULT_HANG => loop {
+            // Stop serving and stop beating: the watchdog must notice.
+            std::thread::park();
+        },
+        op::FAULT_SCRIBBLE => {
+            seg.scribble(Scribble::RandomBytes {
+                seed: u64::from(code) | 0x5eed,
+            });
+            // Then die, as a scribbling runtime would: the supervisor must
+            // rebuild the segment state for the next incarnation.
+            std::process::exit(70);
+        }
+        // `op::is_fault` admits only the opcodes above.
+        _ => std::process::abort(),
+    }
+}
+
+/// A real invalid-memory write: maps one page with no access and stores to
+/// it, so the kernel delivers SIGSEGV exactly as for a runtime bug.
+fn segfault() -> ! {
+    // SAFETY: mmap with a null hint, a length of one page and
+    // MAP_PRIVATE|MAP_ANONYMOUS has no preconditions; the result is checked.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        // Could not even map a page: die with SIGSEGV by raising it.
+        // SAFETY: raise has no memory-safety preconditions.
+        unsafe { libc::raise(libc::SIGSEGV) };
+    } else {
+        // SAFETY: deliberately not sound to complete: the page is mapped
+        // PROT_NONE, so this store faults before any memory is changed and
+        // the default SIGSEGV action ends the process. Nothing observes a
+        // written value; that is the point of the fault opcode.
+        unsafe { std::ptr::write_volatile(page.cast::<u64>(), 0xdead) };
+    }
+    std::process::abort()
+}
+
+/// Names this thread (and so the process, in `top`) for operators.
+fn set_process_name(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes
+    // from the pointer, which `CStr` guarantees to be valid and terminated.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }

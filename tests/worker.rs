@@ -1,0 +1,277 @@
+//! The worker role as a real process over the real ring: every opcode,
+//! `LOAD` of missing and malformed files, fault opcodes refused without
+//! `--allow-fault-injection` and a real SIGSEGV with it.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use evod_ring::{Channel, Client, LayoutConfig, Segment};
+use evod_runtime::{Architecture, ModelSpec, Task, init_params, write_model};
+
+const OK: i32 = 0;
+const BAD_REQUEST: i32 = 1;
+const LOAD_FAILED: i32 = 2;
+const FAULT_REFUSED: i32 = 4;
+const EVAL_FAILED: i32 = 5;
+const UNKNOWN_OPCODE: i32 = 6;
+
+const PING: u32 = 1;
+const STATS: u32 = 2;
+const LOAD: u32 = 3;
+const NEURAL_EXEC: u32 = 4;
+const EVAL: u32 = 5;
+const SHUTDOWN: u32 = 6;
+const FAULT_SEGV: u32 = 100;
+const FAULT_EXIT: u32 = 104;
+
+fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(20)
+}
+
+fn cartpole_model(
+    dir: &Path,
+    name: &str,
+    seed: u64,
+    generation: u64,
+) -> (std::path::PathBuf, Vec<f32>) {
+    let arch = Architecture::new(vec![4, 16, 2], "tanh".parse().unwrap()).unwrap();
+    let params = init_params(&arch, seed);
+    let mut spec = ModelSpec::new(arch, "cartpole".into(), seed);
+    spec.generation = generation;
+    let path = dir.join(name);
+    write_model(&path, &spec, &params, None).unwrap();
+    (path, params)
+}
+
+fn spawn_worker(seg: &Segment, model: &Path, faults: bool) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_evod"));
+    let fd = seg.pass_to(&mut cmd);
+    cmd.args(["worker", "--ring-fd", &fd.to_string(), "--model"])
+        .arg(model);
+    if faults {
+        cmd.arg("--allow-fault-injection");
+    }
+    cmd.stdin(Stdio::null())
+        .spawn()
+        .expect("spawning evod worker")
+}
+
+/// Sends one request and returns (status, payload).
+fn call(client: &mut Client<'_>, opcode: u32, body: &[u8]) -> (i32, Vec<u8>) {
+    let reply = client
+        .call(
+            opcode,
+            0,
+            body.len(),
+            |out| out.copy_from_slice(body),
+            deadline(),
+        )
+        .unwrap_or_else(|e| panic!("opcode {opcode}: {e}"));
+    (reply.status(), reply.payload.to_vec())
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let end = deadline();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < end,
+            "worker did not exit before the deadline"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn eval_body(candidates: &[&[f32]], seed: u64, episodes: u32) -> Vec<u8> {
+    let n = candidates[0].len();
+    let mut body = vec![0u8; 32 + 4 * n * candidates.len()];
+    body[0..4].copy_from_slice(&(candidates.len() as u32).to_le_bytes());
+    body[4..8].copy_from_slice(&(n as u32).to_le_bytes());
+    body[8..16].copy_from_slice(&seed.to_le_bytes());
+    body[16..20].copy_from_slice(&episodes.to_le_bytes());
+    let mut at = 32;
+    for c in candidates {
+        for v in *c {
+            body[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            at += 4;
+        }
+    }
+    body
+}
+
+fn load_body(path: &str, generation: u64, checksum: u64) -> Vec<u8> {
+    // bincode 2 standard config: varint string length, then varints.
+    #[derive(serde::Serialize)]
+    struct LoadRequest<'a> {
+        path: &'a str,
+        generation: u64,
+        checksum: u64,
+    }
+    bincode::serde::encode_to_vec(
+        LoadRequest {
+            path,
+            generation,
+            checksum,
+        },
+        bincode::config::standard(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn every_opcode_over_the_real_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, params) = cartpole_model(dir.path(), "m.gguf", 7, 3);
+    let seg = Segment::create(&LayoutConfig::default()).unwrap();
+    let mut child = spawn_worker(&seg, &model, false);
+    let mut client = seg.client(Channel::Eval).unwrap();
+
+    assert_eq!(call(&mut client, PING, &[]), (OK, vec![]));
+
+    let (st, body) = call(&mut client, STATS, &[]);
+    assert_eq!(st, OK, "{}", String::from_utf8_lossy(&body));
+    assert!(!body.is_empty());
+
+    // NEURAL_EXEC: two rows of 4 inputs → two rows of 2 outputs, equal to
+    // the in-process forward pass.
+    let inputs = [0.01f32, -0.02, 0.03, 0.04, 0.5, 0.1, -0.2, 0.3];
+    let mut body = vec![0u8; 16 + 32];
+    body[0..4].copy_from_slice(&2u32.to_le_bytes());
+    body[4..8].copy_from_slice(&4u32.to_le_bytes());
+    for (i, v) in inputs.iter().enumerate() {
+        body[16 + 4 * i..20 + 4 * i].copy_from_slice(&v.to_le_bytes());
+    }
+    let (st, out) = call(&mut client, NEURAL_EXEC, &body);
+    assert_eq!(st, OK, "{}", String::from_utf8_lossy(&out));
+    let got: Vec<f32> = out
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let arch = Architecture::new(vec![4, 16, 2], "tanh".parse().unwrap()).unwrap();
+    let mut want = vec![0f32; 4];
+    evod_runtime::forward_batch(
+        &arch,
+        &params,
+        &inputs,
+        2,
+        &mut want,
+        &mut evod_runtime::Scratch::new(),
+    )
+    .unwrap();
+    assert_eq!(got, want);
+
+    // A malformed NEURAL_EXEC is an error reply, not a crash.
+    let (st, msg) = call(&mut client, NEURAL_EXEC, &[1, 2, 3]);
+    assert_eq!(st, BAD_REQUEST, "{}", String::from_utf8_lossy(&msg));
+
+    // EVAL: fitness equals the in-process task's, per candidate.
+    let other = init_params(&arch, 8);
+    let (st, out) = call(&mut client, EVAL, &eval_body(&[&params, &other], 11, 3));
+    assert_eq!(st, OK, "{}", String::from_utf8_lossy(&out));
+    let got: Vec<f64> = out
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let task = Task::CartPole { episodes: 3 };
+    let want = vec![
+        task.evaluate(&arch, &params, 11).unwrap(),
+        task.evaluate(&arch, &other, 11).unwrap(),
+    ];
+    assert_eq!(got, want);
+
+    // EVAL with the wrong parameter count is refused.
+    let (st, msg) = call(&mut client, EVAL, &eval_body(&[&params[..10]], 1, 1));
+    assert_eq!(st, EVAL_FAILED);
+    assert!(String::from_utf8_lossy(&msg).contains("parameters"));
+
+    // LOAD of a missing file: error reply, the old model keeps serving.
+    let (st, msg) = call(
+        &mut client,
+        LOAD,
+        &load_body("/nonexistent/evod.gguf", 0, 0),
+    );
+    assert_eq!(st, LOAD_FAILED);
+    assert!(
+        String::from_utf8_lossy(&msg).contains("/nonexistent/evod.gguf"),
+        "{}",
+        String::from_utf8_lossy(&msg)
+    );
+    // LOAD of a malformed file: same.
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+    let (st, msg) = call(&mut client, LOAD, &load_body(bad.to_str().unwrap(), 0, 0));
+    assert_eq!(st, LOAD_FAILED);
+    assert!(String::from_utf8_lossy(&msg).contains("bad.gguf"));
+    let (st, _) = call(&mut client, EVAL, &eval_body(&[&params], 11, 3));
+    assert_eq!(st, OK, "old model no longer served after a failed LOAD");
+
+    // LOAD of a good new generation switches the model.
+    let (next, _) = cartpole_model(dir.path(), "next.gguf", 9, 4);
+    let (st, msg) = call(&mut client, LOAD, &load_body(next.to_str().unwrap(), 4, 0));
+    assert_eq!(st, OK, "{}", String::from_utf8_lossy(&msg));
+    assert_eq!(seg.stats().model_generation, 4);
+    // A LOAD whose expected checksum differs is refused.
+    let (st, _) = call(
+        &mut client,
+        LOAD,
+        &load_body(next.to_str().unwrap(), 4, 0x1234),
+    );
+    assert_eq!(st, LOAD_FAILED);
+
+    // Unknown opcodes and fault opcodes without the flag are refused.
+    assert_eq!(call(&mut client, 77, &[]).0, UNKNOWN_OPCODE);
+    let (st, msg) = call(&mut client, FAULT_SEGV, &[]);
+    assert_eq!(st, FAULT_REFUSED);
+    assert!(String::from_utf8_lossy(&msg).contains("--allow-fault-injection"));
+    assert_eq!(
+        call(&mut client, FAULT_EXIT, &3u32.to_le_bytes()).0,
+        FAULT_REFUSED
+    );
+    assert_eq!(
+        call(&mut client, PING, &[]).0,
+        OK,
+        "worker died after a refused fault"
+    );
+
+    // The control channel is served too.
+    let mut control = seg.client(Channel::Control).unwrap();
+    assert_eq!(call(&mut control, PING, &[]), (OK, vec![]));
+
+    let stats = seg.stats();
+    assert!(
+        stats.requests_per_opcode.iter().sum::<u64>() >= 10,
+        "{stats:?}"
+    );
+
+    assert_eq!(call(&mut client, SHUTDOWN, &[]).0, OK);
+    let status = wait_exit(&mut child);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
+fn fault_opcodes_kill_the_worker_only_when_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = cartpole_model(dir.path(), "m.gguf", 1, 0);
+
+    let seg = Segment::create(&LayoutConfig::default()).unwrap();
+    let mut child = spawn_worker(&seg, &model, true);
+    let mut client = seg.client(Channel::Eval).unwrap();
+    assert_eq!(call(&mut client, PING, &[]).0, OK);
+    client.send(FAULT_SEGV, 0, 0, |_| {}).unwrap();
+    let status = wait_exit(&mut child);
+    assert_eq!(status.signal(), Some(libc::SIGSEGV), "{status:?}");
+
+    let seg = Segment::create(&LayoutConfig::default()).unwrap();
+    let mut child = spawn_worker(&seg, &model, true);
+    let mut client = seg.client(Channel::Eval).unwrap();
+    client
+        .send(FAULT_EXIT, 0, 4, |out| {
+            out.copy_from_slice(&42u32.to_le_bytes())
+        })
+        .unwrap();
+    assert_eq!(wait_exit(&mut child).code(), Some(42));
+}
