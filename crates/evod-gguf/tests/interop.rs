@@ -31,8 +31,11 @@ fn py(script: &str, args: &[&Path]) -> Vec<u8> {
     out.stdout
 }
 
+/// A tensor as evod reads it: name, type name, dims, values.
+type Tensor = (String, String, Vec<u64>, Vec<f32>);
+
 /// evod's view of a file in the scripts' JSON form.
-fn evod_json(f: &GgufFile) -> (Json, Vec<(String, String, Vec<u64>, Vec<f32>)>) {
+fn evod_json(f: &GgufFile) -> (Json, Vec<Tensor>) {
     let tensors = f
         .tensors()
         .iter()
@@ -44,7 +47,7 @@ fn evod_json(f: &GgufFile) -> (Json, Vec<(String, String, Vec<u64>, Vec<f32>)>) 
     (common::metadata_json(f.metadata()), tensors)
 }
 
-fn assert_tensors_match(evod: &[(String, String, Vec<u64>, Vec<f32>)], py: &Json) {
+fn assert_tensors_match(evod: &[Tensor], py: &Json) {
     let py = py.as_array().unwrap();
     assert_eq!(evod.len(), py.len());
     for ((name, ttype, dims, values), p) in evod.iter().zip(py) {
