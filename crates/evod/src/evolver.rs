@@ -1,12 +1,628 @@
-//! `evod evolver` (not built yet).
+//! `evod evolver` (hidden role): the metabolism loop as a process.
+//!
+//! Spawned by the supervisor with every worker's shared segment inherited.
+//! Each cycle it asks the [`evod_evolve::Evolver`] for a generation, which
+//! validates candidates and has them evaluated through [`RingEvaluator`]
+//! (batched `EVAL` across all workers in parallel); when a generation passes
+//! the gate it publishes the model atomically, links it into the history,
+//! `LOAD`s it into every worker and runs a `NEURAL_EXEC` canary. It
+//! checkpoints the whole strategy state so that a killed evolver resumes
+//! where it was, and appends one row per generation to the progress log
+//! that `evod report` draws.
+//!
+//! Files under the run folder `DIR`:
+//! - `vectorland.gguf`: the published model (only this process writes it
+//!   while it runs; rollbacks stop it first).
+//! - `history/gen-NNNNNNNN.gguf`: hard links of the last K published files.
+//! - `state/checkpoint.bin`: the strategy state (atomic writes).
+//! - `state/progress.csv`: one row per generation.
 
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use evod_evolve::{
+    EvalError, Evaluator, EvolveError, Evolver, EvolverConfig, GenerationReport, StrategyKind,
+    load_checkpoint, save_checkpoint,
+};
+use evod_ring::{Channel, Client, RingError, Segment};
+use evod_runtime::{Model, ModelSpec, Task, write_model};
+
+use crate::protocol::{self, EvalHeader, ExecHeader, LoadRequest, op, status};
+use crate::report::{PROGRESS_FILE, PROGRESS_HEADER, Row};
+use crate::run::{EvolveArgs, Strategy};
+
+/// The model's file name inside the run folder.
+pub const MODEL_FILE: &str = "vectorland.gguf";
 
 /// Arguments of `evod evolver`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The run folder (holds the model, history and state).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Descriptor numbers of the workers' inherited segments, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ring_fds: Vec<i32>,
+    /// Evolution options.
+    #[command(flatten)]
+    pub evolve: EvolveArgs,
+}
 
-/// Runs `evod evolver`.
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("evod evolver is not built yet")
+/// Runs `evod evolver` until its bound is reached (exit 0) or forever.
+pub fn run(args: Args) -> Result<ExitCode> {
+    set_process_name(c"evod-evolver");
+    let segments = args
+        .ring_fds
+        .iter()
+        .map(|&fd| {
+            Segment::attach_inherited(fd)
+                .with_context(|| format!("attaching the worker segment on descriptor {fd}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let clients = segments
+        .iter()
+        .map(|s| {
+            s.client(Channel::Eval)
+                .context("claiming the evaluation channel")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut ring = RingEvaluator::new(&segments, clients);
+    Loop::start(&args.dir, &args.evolve)?.run(&args.evolve, &mut ring)
+}
+
+/// The evolver configuration for `evolve` on `task`.
+pub fn evolver_config(evolve: &EvolveArgs, task: &Task) -> EvolverConfig {
+    let strategy = match evolve.strategy() {
+        Strategy::Ga => StrategyKind::Ga,
+        Strategy::Es => StrategyKind::Es,
+    };
+    let mut config = EvolverConfig {
+        strategy,
+        population: evolve.population() as usize,
+        seed: evolve.seed(),
+        episodes: evolve.episodes(),
+        ..EvolverConfig::default()
+    };
+    if strategy == StrategyKind::Es && config.population % 2 == 1 {
+        config.population += 1;
+    }
+    config.solve_threshold = task.solve_threshold().map(|_| evolve.solve_threshold());
+    config
+}
+
+struct Loop {
+    dir: PathBuf,
+    model_path: PathBuf,
+    spec: ModelSpec,
+    checksum: u64,
+    evolver: Evolver,
+    started: Instant,
+    progress: std::fs::File,
+    tty: bool,
+}
+
+impl Loop {
+    fn start(dir: &Path, evolve: &EvolveArgs) -> Result<Loop> {
+        let model_path = dir.join(MODEL_FILE);
+        let model = Model::open(&model_path)?;
+        let task: Task = model
+            .spec
+            .task
+            .parse()
+            .with_context(|| format!("{}: task {:?}", model_path.display(), model.spec.task))?;
+        let config = evolver_config(evolve, &task);
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+        std::fs::create_dir_all(dir.join("history"))?;
+        let checkpoint_path = state.join("checkpoint.bin");
+        let mut evolver = None;
+        if checkpoint_path.exists() {
+            match load_checkpoint(&checkpoint_path)
+                .and_then(|c| Evolver::from_checkpoint(c, &model.spec.arch))
+            {
+                Ok(e) if *e.config() == config => {
+                    tracing::info!(
+                        generation = e.generation(),
+                        "resuming from {}",
+                        checkpoint_path.display()
+                    );
+                    evolver = Some(e);
+                }
+                Ok(_) => tracing::warn!(
+                    "{}: made with other evolution options; starting afresh from the model",
+                    checkpoint_path.display()
+                ),
+                Err(e) => tracing::warn!("ignoring checkpoint: {e}"),
+            }
+        }
+        let evolver = match evolver {
+            Some(e) => e,
+            None => {
+                let params = model.params()?.into_owned();
+                Evolver::new(config, &model.spec.arch, params, model.spec.fitness)?
+            }
+        };
+        let progress_path = state.join(PROGRESS_FILE);
+        let fresh = !progress_path.exists();
+        let mut progress = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&progress_path)
+            .with_context(|| format!("opening {}", progress_path.display()))?;
+        if fresh {
+            writeln!(progress, "{PROGRESS_HEADER}")?;
+        }
+        Ok(Loop {
+            dir: dir.to_owned(),
+            model_path,
+            checksum: model.file.checksum(),
+            spec: model.spec,
+            evolver,
+            started: Instant::now(),
+            progress,
+            tty: std::io::stderr().is_terminal(),
+        })
+    }
+
+    fn run(mut self, evolve: &EvolveArgs, ring: &mut RingEvaluator<'_>) -> Result<ExitCode> {
+        let checkpoint_path = self.dir.join("state/checkpoint.bin");
+        let pulse_every = evolve.pulse_every().max(1);
+        let checkpoint_every = evolve.checkpoint_every().max(1);
+        let mut last_evals = (Instant::now(), self.evolver.stats().evaluations);
+        loop {
+            if let Some(limit) = evolve.generations
+                && self.evolver.generation() >= limit
+            {
+                self.finish(&format!("reached {limit} generations"));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let report = match self.evolver.step(ring) {
+                Ok(r) => r,
+                Err(EvolveError::Eval { generation, source }) => {
+                    tracing::warn!(generation, "evaluation failed, retrying: {source}");
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let published = match &report.publish {
+                Some(candidate) => match self.publish(&report, candidate, evolve, ring) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        // Old file intact (atomic publish); the evolver
+                        // will offer a better one again.
+                        tracing::error!(
+                            "publishing generation {} failed: {e:#}",
+                            report.generation
+                        );
+                        false
+                    }
+                },
+                None => false,
+            };
+            let row = Row {
+                generation: report.generation,
+                best: report.best_fitness,
+                mean: report.mean_fitness,
+                evaluations: self.evolver.stats().evaluations,
+                published,
+                wall_s: self.started.elapsed().as_secs_f64(),
+            };
+            writeln!(self.progress, "{}", row.to_csv())?;
+            let g = self.evolver.generation();
+            if published || g % checkpoint_every == 0 {
+                save_checkpoint(&checkpoint_path, &self.evolver.checkpoint())?;
+            }
+            let now = Instant::now();
+            let evals = self.evolver.stats().evaluations;
+            let rate = (evals - last_evals.1) as f64
+                / now.duration_since(last_evals.0).as_secs_f64().max(1e-9);
+            last_evals = (now, evals);
+            if self.tty {
+                eprint!(
+                    "\r\x1b[2Kgeneration {:>5}  best {:>9.2}  mean {:>9.2}  evals/s {:>9.0}  restarts {}  published gen {}",
+                    report.generation,
+                    report.best_fitness,
+                    report.mean_fitness,
+                    rate,
+                    ring.restarts,
+                    self.spec.generation
+                );
+            }
+            if g % pulse_every == 0 {
+                self.pulse(ring, &report, rate);
+            }
+            if evolve.until_solved && report.solved && published {
+                self.finish("solved");
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+
+    fn pulse(&self, ring: &mut RingEvaluator<'_>, report: &GenerationReport, rate: f64) {
+        let alive = ring.ping_all();
+        let stats = self.evolver.stats();
+        if self.tty {
+            eprintln!();
+        }
+        tracing::info!(
+            generation = report.generation,
+            best = report.best_fitness,
+            mean = report.mean_fitness,
+            evals_per_s = rate as u64,
+            workers_alive = alive,
+            workers = ring.segments.len(),
+            restarts = ring.restarts,
+            rejected = stats.rejected,
+            quarantined = stats.quarantined,
+            publishes = stats.publishes,
+            model_generation = self.spec.generation,
+            "pulse"
+        );
+    }
+
+    fn finish(&self, why: &str) {
+        if self.tty {
+            eprintln!();
+        }
+        let stats = self.evolver.stats();
+        let (_, best) = self.evolver.best();
+        println!(
+            "evod: {why}: {} generations, {} evaluations, best fitness {best:.2}, published generation {} (fitness {}) in {:.2}s",
+            self.evolver.generation(),
+            stats.evaluations,
+            self.spec.generation,
+            self.spec
+                .fitness
+                .map_or("none".to_owned(), |f| format!("{f:.2}")),
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+
+    fn publish(
+        &mut self,
+        report: &GenerationReport,
+        candidate: &evod_evolve::PublishCandidate,
+        evolve: &EvolveArgs,
+        ring: &mut RingEvaluator<'_>,
+    ) -> Result<()> {
+        let old = evod_gguf::GgufFile::open(&self.model_path)?;
+        let mut spec = self.spec.clone();
+        // Generations are numbered by metabolism cycle, so they only grow.
+        spec.generation = report.generation.max(self.spec.generation + 1);
+        spec.parent_checksum = Some(old.checksum());
+        spec.fitness = Some(candidate.gate_fitness.unwrap_or(candidate.fitness));
+        spec.seed = evolve.seed();
+        spec.strategy = match evolve.strategy() {
+            Strategy::Ga => "ga".into(),
+            Strategy::Es => "openai-es".into(),
+        };
+        spec.created_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let written = write_model(&self.model_path, &spec, &candidate.params, Some(&old))?;
+        drop(old);
+        tracing::info!(
+            generation = spec.generation,
+            fitness = spec.fitness,
+            checksum = format!("{:016x}", written.checksum),
+            "published {}",
+            self.model_path.display()
+        );
+        self.spec = spec;
+        self.checksum = written.checksum;
+        self.keep_history(evolve.history() as usize)?;
+        ring.load_all(
+            &self.model_path,
+            self.spec.generation,
+            self.checksum,
+            self.spec.arch.inputs(),
+        );
+        Ok(())
+    }
+
+    /// Links the live file into `history/` and keeps the newest `keep`.
+    fn keep_history(&self, keep: usize) -> Result<()> {
+        let history = self.dir.join("history");
+        let link = history.join(format!("gen-{:08}.gguf", self.spec.generation));
+        let _ = std::fs::remove_file(&link);
+        std::fs::hard_link(&self.model_path, &link).with_context(|| {
+            format!(
+                "linking {} into {}",
+                self.model_path.display(),
+                history.display()
+            )
+        })?;
+        let mut generations: Vec<PathBuf> = std::fs::read_dir(&history)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("gen-") && n.ends_with(".gguf"))
+            })
+            .collect();
+        generations.sort();
+        let excess = generations.len().saturating_sub(keep.max(1));
+        for old in &generations[..excess] {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(())
+    }
+}
+
+/// Evaluates candidates on the workers through their `Eval` channels: one
+/// batched `EVAL` per worker in flight at once, re-sent after a worker is
+/// lost; a candidate that kills a worker twice is quarantined.
+pub struct RingEvaluator<'s> {
+    segments: &'s [Segment],
+    clients: Vec<Client<'s>>,
+    /// Worker replacements noticed (epoch changes).
+    pub restarts: u64,
+    epochs: Vec<u64>,
+    /// Deadline for one worker to answer one request.
+    pub request_timeout: Duration,
+}
+
+/// What became of one request.
+enum Outcome {
+    Done(Vec<f64>),
+    /// The worker died or was replaced while it held the request.
+    Lost,
+}
+
+impl<'s> RingEvaluator<'s> {
+    /// An evaluator over `clients` (one per segment, same order).
+    pub fn new(segments: &'s [Segment], clients: Vec<Client<'s>>) -> Self {
+        RingEvaluator {
+            epochs: segments.iter().map(Segment::epoch).collect(),
+            segments,
+            clients,
+            restarts: 0,
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+
+    fn note_epochs(&mut self) {
+        for (i, seg) in self.segments.iter().enumerate() {
+            let e = seg.epoch();
+            if e != self.epochs[i] {
+                self.restarts += 1;
+                self.epochs[i] = e;
+            }
+        }
+    }
+
+    /// Sends `EVAL` for `group` (indices into `candidates`) to worker `w`.
+    fn send(
+        &mut self,
+        w: usize,
+        candidates: &[&[f32]],
+        group: &[usize],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<u64, RingError> {
+        let n = candidates[0].len();
+        let header = EvalHeader {
+            candidates: group.len() as u32,
+            params: n as u32,
+            seed,
+            episodes,
+            flags: 0,
+            reserved: 0,
+        };
+        let len = header.request_len();
+        self.clients[w].send(op::EVAL, 0, len, |out| {
+            header.encode(out);
+            let mut at = EvalHeader::SIZE;
+            for &i in group {
+                protocol::write_f32s(candidates[i], &mut out[at..at + 4 * n]);
+                at += 4 * n;
+            }
+        })
+    }
+
+    /// Waits for worker `w`'s reply to its one request in flight.
+    fn receive(&mut self, w: usize, expect: usize) -> Result<Outcome, EvalError> {
+        let deadline = Instant::now() + self.request_timeout;
+        let reply = match self.clients[w].recv(deadline) {
+            Ok(r) => r,
+            Err(RingError::PeerLost { reason, .. }) => {
+                tracing::warn!(worker = w, "worker lost mid-request ({reason}); re-sending");
+                return Ok(Outcome::Lost);
+            }
+            Err(RingError::PeerCorrupt { what }) => {
+                tracing::error!(worker = w, "worker wrote garbage into its segment: {what}");
+                return Ok(Outcome::Lost);
+            }
+            Err(RingError::Timeout) => {
+                return Err(EvalError::Unavailable(format!(
+                    "worker {w} did not answer within {:?}",
+                    self.request_timeout
+                )));
+            }
+            Err(e) => return Err(EvalError::Other(Box::new(e))),
+        };
+        if reply.status() != status::OK {
+            return Err(EvalError::Failed(format!(
+                "worker {w}: {}",
+                String::from_utf8_lossy(reply.payload)
+            )));
+        }
+        match protocol::read_f64s(reply.payload, expect) {
+            Ok(values) => Ok(Outcome::Done(values)),
+            Err(e) => {
+                tracing::error!(worker = w, "bad EVAL reply: {e}");
+                Ok(Outcome::Lost)
+            }
+        }
+    }
+
+    /// Waits until worker `w` can take requests again (a replacement was
+    /// spawned, or the heartbeat came back).
+    fn settle(&mut self, w: usize, deadline: Instant) -> Result<(), EvalError> {
+        let before = self.epochs[w];
+        while Instant::now() < deadline {
+            self.note_epochs();
+            let seg = &self.segments[w];
+            if self.epochs[w] != before
+                || seg.beat_age(evod_ring::Role::Worker) < Duration::from_secs(1)
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Err(EvalError::Unavailable(format!(
+            "worker {w} did not come back"
+        )))
+    }
+
+    /// Sends `PING` to every worker; returns how many answered.
+    pub fn ping_all(&mut self) -> usize {
+        let mut alive = 0;
+        for c in &mut self.clients {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            if let Ok(r) = c.call(op::PING, 0, 0, |_| {}, deadline)
+                && r.status() == status::OK
+            {
+                alive += 1;
+            }
+        }
+        alive
+    }
+
+    /// `LOAD`s a newly published model into every worker and checks with a
+    /// `NEURAL_EXEC` canary that the runtime serves it with finite outputs.
+    pub fn load_all(&mut self, path: &Path, generation: u64, checksum: u64, inputs: usize) {
+        let body = protocol::to_bincode(&LoadRequest {
+            path: path.display().to_string(),
+            generation,
+            checksum,
+        });
+        for (w, c) in self.clients.iter_mut().enumerate() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            match c.call(
+                op::LOAD,
+                0,
+                body.len(),
+                |o| o.copy_from_slice(&body),
+                deadline,
+            ) {
+                Ok(r) if r.status() == status::OK => {}
+                Ok(r) => {
+                    tracing::error!(
+                        worker = w,
+                        "LOAD of generation {generation} refused: {}",
+                        String::from_utf8_lossy(r.payload)
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    // A replacement worker loads the live file at start.
+                    tracing::warn!(worker = w, "LOAD of generation {generation}: {e}");
+                    continue;
+                }
+            }
+            let h = ExecHeader {
+                batch: 1,
+                inputs: inputs as u32,
+            };
+            let input = vec![0.0f32; inputs];
+            let len = ExecHeader::SIZE + 4 * inputs;
+            match c.call(op::NEURAL_EXEC, 0, len, |o| h.encode(&input, o), deadline) {
+                Ok(r)
+                    if r.status() == status::OK
+                        && !r.payload.is_empty()
+                        && protocol::read_f32s(r.payload).iter().all(|v| v.is_finite()) => {}
+                Ok(r) => tracing::error!(
+                    worker = w,
+                    "canary NEURAL_EXEC on generation {generation} failed (status {})",
+                    r.status()
+                ),
+                Err(e) => tracing::warn!(
+                    worker = w,
+                    "canary NEURAL_EXEC on generation {generation}: {e}"
+                ),
+            }
+        }
+    }
+}
+
+impl Evaluator for RingEvaluator<'_> {
+    fn evaluate(
+        &mut self,
+        candidates: &[&[f32]],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        let mut results: Vec<Option<f64>> = vec![None; candidates.len()];
+        if candidates.is_empty() {
+            return Ok(results);
+        }
+        let workers = self.clients.len();
+        // Groups still to evaluate; a group that crashed a worker is split
+        // into single candidates so the culprit can be found.
+        let per = candidates.len().div_ceil(workers);
+        let mut pending: Vec<Vec<usize>> = (0..candidates.len())
+            .collect::<Vec<_>>()
+            .chunks(per)
+            .map(<[usize]>::to_vec)
+            .collect();
+        let mut crashes = vec![0u32; candidates.len()];
+        let give_up = Instant::now() + self.request_timeout * 4;
+        while !pending.is_empty() {
+            if Instant::now() > give_up {
+                return Err(EvalError::Unavailable("workers keep failing".into()));
+            }
+            self.note_epochs();
+            // One group per worker in flight.
+            let mut flight: Vec<(usize, Vec<usize>)> = Vec::new();
+            for w in 0..workers {
+                let Some(group) = pending.pop() else { break };
+                match self.send(w, candidates, &group, seed, episodes) {
+                    Ok(_) => flight.push((w, group)),
+                    Err(RingError::PeerLost { .. } | RingError::Full) => {
+                        pending.push(group);
+                        self.settle(w, give_up)?;
+                    }
+                    Err(e) => return Err(EvalError::Other(Box::new(e))),
+                }
+            }
+            for (w, group) in flight {
+                match self.receive(w, group.len())? {
+                    Outcome::Done(values) => {
+                        for (&i, v) in group.iter().zip(values) {
+                            results[i] = Some(v);
+                        }
+                    }
+                    Outcome::Lost => {
+                        for &i in &group {
+                            crashes[i] += 1;
+                        }
+                        if group.len() == 1 {
+                            let i = group[0];
+                            if crashes[i] >= 2 {
+                                tracing::warn!("candidate {i} crashed a worker twice: quarantined");
+                            } else {
+                                pending.push(group);
+                            }
+                        } else {
+                            pending.extend(group.into_iter().map(|i| vec![i]));
+                        }
+                        self.settle(w, give_up)?;
+                    }
+                }
+            }
+        }
+        Ok(results)
+    }
+}
+
+/// Names this thread (and so the process, in `top`) for operators.
+fn set_process_name(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes
+    // from the pointer, which `CStr` guarantees to be valid and terminated.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }

@@ -64,19 +64,20 @@ pub fn run(args: Args) -> Result<ExitCode> {
         model: None,
         started,
     };
-    if let Some(path) = &args.model {
-        match worker.load(path, None, 0) {
-            Ok(()) => {}
-            Err(e) => eprintln!(
-                "evod worker {}: cannot load {}: {e:#}",
-                args.index,
-                path.display()
-            ),
-        }
-    }
+    // Claim the server end first: it starts the heartbeat, so a large model
+    // being mapped and checked does not look like a hang.
     let mut server = seg
         .server()
         .context("claiming the server end of the ring")?;
+    if let Some(path) = &args.model
+        && let Err(e) = worker.load(path, None, 0)
+    {
+        eprintln!(
+            "evod worker {}: cannot load {}: {e:#}",
+            args.index,
+            path.display()
+        );
+    }
     loop {
         let request = match server.recv(Duration::from_millis(500)) {
             Ok(Some((_, request))) => request,
