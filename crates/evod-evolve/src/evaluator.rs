@@ -1,0 +1,72 @@
+//! The [`Evaluator`] seam: how the loop gets fitness values, independent of
+//! where candidates run (threads in this process, or workers over the ring).
+
+use crate::error::EvalError;
+
+/// Computes the fitness of a batch of candidates.
+///
+/// Implemented in-process by [`crate::InProcessEvaluator`] and over the
+/// shared-memory ring by the evolver process. Every candidate it is given
+/// has already passed validation.
+pub trait Evaluator {
+    /// Fitness of each candidate (flat `f32` parameters, all of the same
+    /// length) on the task, with episode seeds derived from `seed` and
+    /// `episodes` episodes each (supervised tasks may ignore both).
+    ///
+    /// Returns one entry per candidate, in order: `Ok(None)` for a
+    /// candidate that could not be evaluated (quarantined: it crashed a
+    /// worker twice). An `Err` means the whole batch failed.
+    fn evaluate(
+        &mut self,
+        candidates: &[&[f32]],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError>;
+}
+
+/// An [`Evaluator`] made of a closure `(params, seed, episodes) -> fitness`,
+/// run sequentially. Handy for tests and for toy fitness functions.
+pub struct FnEvaluator<F> {
+    f: F,
+}
+
+impl<F: FnMut(&[f32], u64, u32) -> Option<f64>> FnEvaluator<F> {
+    /// Wraps `f`.
+    pub fn new(f: F) -> Self {
+        Self { f }
+    }
+}
+
+impl<F: FnMut(&[f32], u64, u32) -> Option<f64>> Evaluator for FnEvaluator<F> {
+    fn evaluate(
+        &mut self,
+        candidates: &[&[f32]],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        Ok(candidates
+            .iter()
+            .map(|c| (self.f)(c, seed, episodes))
+            .collect())
+    }
+}
+
+/// `splitmix64`: the mixing step used to derive independent seeds.
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Domain of training-evaluation seeds.
+pub(crate) const DOMAIN_TRAIN: u64 = 0x7472_6169_6e00_0000; // "train"
+/// Domain of gate-evaluation seeds.
+pub(crate) const DOMAIN_GATE: u64 = 0x6761_7465_0000_0000; // "gate"
+/// Domain of the strategy's generator seed.
+pub(crate) const DOMAIN_STRATEGY: u64 = 0x7374_7261_7400_0000; // "strat"
+
+/// The seed of `domain` at `generation` for a run seeded with `seed`.
+pub(crate) fn derive_seed(seed: u64, domain: u64, generation: u64) -> u64 {
+    splitmix64(splitmix64(seed ^ domain) ^ generation)
+}

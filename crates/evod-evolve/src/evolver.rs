@@ -1,0 +1,593 @@
+//! The generation loop: one [`Evolver::step`] is one metabolism cycle —
+//! sample, validate, evaluate, update, and gate a publish — against any
+//! [`Evaluator`].
+//!
+//! A step is a transaction: if the evaluator fails, nothing (generator,
+//! strategy, counters) has changed and the step may simply be retried.
+//! All randomness comes from `config.seed`: the strategy's ChaCha8 stream,
+//! and the episode seeds of generation `g`, derived from `(seed, g)` and
+//! shared by every candidate of the generation (common random numbers).
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{Checkpoint, RngState, StrategyState};
+use crate::config::{EvolverConfig, StrategyKind};
+use crate::error::EvolveError;
+use crate::es::EsState;
+use crate::evaluator::{DOMAIN_GATE, DOMAIN_STRATEGY, DOMAIN_TRAIN, Evaluator, derive_seed};
+use crate::ga::GaState;
+use crate::layout::ParamLayout;
+use crate::rt;
+use crate::validate::{Rejection, RejectionKind, Validator};
+
+/// Counters of a run, saved in checkpoints and shown by `evod status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvolveStats {
+    /// Generations completed.
+    pub generations: u64,
+    /// Candidate evaluations asked of the evaluator (training and gate).
+    pub evaluations: u64,
+    /// Episodes those evaluations ran (evaluations × episodes).
+    pub episodes: u64,
+    /// Rejections of every kind.
+    pub rejected: u64,
+    /// Rejections: non-finite values.
+    pub rejected_non_finite: u64,
+    /// Rejections: wrong length.
+    pub rejected_shape: u64,
+    /// Rejections: tensor norm above the bound.
+    pub rejected_norm: u64,
+    /// Rejections: per-generation change above the bound.
+    pub rejected_change: u64,
+    /// Rejections at publish: gate fitness below the published fitness.
+    pub rejected_regression: u64,
+    /// Candidates the evaluator could not evaluate (quarantined).
+    pub quarantined: u64,
+    /// Fitness values the evaluator returned as NaN or infinite (treated as
+    /// quarantined).
+    pub invalid_fitness: u64,
+    /// Gate evaluations run.
+    pub gate_evaluations: u64,
+    /// Gate evaluations below the solve threshold.
+    pub gate_failures: u64,
+    /// Candidates published.
+    pub publishes: u64,
+    /// First generation whose gate reached the solve threshold.
+    pub solved_at_generation: Option<u64>,
+}
+
+impl EvolveStats {
+    fn count(&mut self, r: &Rejection) {
+        self.rejected += 1;
+        match r.kind() {
+            RejectionKind::NonFinite => self.rejected_non_finite += 1,
+            RejectionKind::ShapeMismatch => self.rejected_shape += 1,
+            RejectionKind::NormTooLarge => self.rejected_norm += 1,
+            RejectionKind::ChangeTooLarge => self.rejected_change += 1,
+            RejectionKind::FitnessRegression => self.rejected_regression += 1,
+        }
+    }
+}
+
+/// A candidate that passed the margin, the gate and validation: the caller
+/// writes it to the model file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublishCandidate {
+    /// Flat parameters.
+    pub params: Vec<f32>,
+    /// Its training fitness this generation.
+    pub fitness: f64,
+    /// Its mean over `gate_episodes` fresh episodes.
+    pub gate_fitness: Option<f64>,
+}
+
+/// What one [`Evolver::step`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationReport {
+    /// The generation this report is about (0 for the first step).
+    pub generation: u64,
+    /// Best training fitness of the generation (NaN if nothing was evaluated).
+    pub best_fitness: f64,
+    /// Mean training fitness of the generation (NaN if nothing was evaluated).
+    pub mean_fitness: f64,
+    /// Candidates sent to the evaluator this generation (gate included).
+    pub evaluations: u64,
+    /// Candidates rejected by validation this generation.
+    pub rejected: u64,
+    /// Candidates the evaluator could not evaluate this generation.
+    pub quarantined: u64,
+    /// Set when this generation produced a candidate to publish.
+    pub publish: Option<PublishCandidate>,
+    /// The gate reached the solve threshold this generation.
+    pub solved: bool,
+}
+
+/// A parameter vector with its fitness.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scored {
+    /// Flat parameters.
+    pub params: Vec<f32>,
+    /// Fitness (training fitness for `best`, gate fitness for `published`).
+    pub fitness: f64,
+}
+
+#[derive(Debug, Clone)]
+enum Strategy {
+    Ga(GaState),
+    Es(EsState),
+}
+
+/// The evolution loop's state. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct Evolver {
+    config: EvolverConfig,
+    layout: ParamLayout,
+    validator: Validator,
+    generation: u64,
+    rng: ChaCha8Rng,
+    strategy: Strategy,
+    best: Scored,
+    published: Option<Scored>,
+    stats: EvolveStats,
+}
+
+impl Evolver {
+    /// Starts a run at `initial_params` (e.g. the model file's tensors),
+    /// whose published fitness is `initial_fitness` (from the model's
+    /// metadata; `None` when it has none).
+    pub fn new(
+        config: EvolverConfig,
+        arch: &rt::Architecture,
+        initial_params: Vec<f32>,
+        initial_fitness: Option<f64>,
+    ) -> Result<Self, EvolveError> {
+        Self::with_layout(
+            config,
+            ParamLayout::from_architecture(arch)?,
+            initial_params,
+            initial_fitness,
+        )
+    }
+
+    /// [`Evolver::new`] for any parameter layout.
+    pub fn with_layout(
+        config: EvolverConfig,
+        layout: ParamLayout,
+        initial_params: Vec<f32>,
+        initial_fitness: Option<f64>,
+    ) -> Result<Self, EvolveError> {
+        config.check()?;
+        let validator = Validator::new(config.validation.clone(), layout.clone());
+        validator
+            .check_static(&initial_params)
+            .map_err(|r| EvolveError::InvalidState {
+                what: "initial parameters".into(),
+                reason: r.to_string(),
+            })?;
+        if let Some(f) = initial_fitness
+            && !f.is_finite()
+        {
+            return Err(EvolveError::InvalidState {
+                what: "initial fitness".into(),
+                reason: format!("{f} is not finite"),
+            });
+        }
+        let strategy = match config.strategy {
+            StrategyKind::Ga => Strategy::Ga(GaState::new(
+                initial_params.clone(),
+                initial_fitness,
+                &layout,
+                &config.ga,
+            )),
+            StrategyKind::Es => Strategy::Es(EsState::new(initial_params.clone(), &config.es)),
+        };
+        let rng = ChaCha8Rng::seed_from_u64(derive_seed(config.seed, DOMAIN_STRATEGY, 0));
+        let published = initial_fitness.map(|f| Scored {
+            params: initial_params.clone(),
+            fitness: f,
+        });
+        let best = Scored {
+            params: initial_params,
+            fitness: initial_fitness.unwrap_or(f64::NEG_INFINITY),
+        };
+        Ok(Self {
+            config,
+            layout,
+            validator,
+            generation: 0,
+            rng,
+            strategy,
+            best,
+            published,
+            stats: EvolveStats::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EvolverConfig {
+        &self.config
+    }
+
+    /// The parameter layout.
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// The next generation to run (= generations completed).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &EvolveStats {
+        &self.stats
+    }
+
+    /// The fittest candidate of the last evaluated generation and its
+    /// training fitness (before the first step: the initial parameters and
+    /// their published fitness, or −∞).
+    pub fn best(&self) -> (&[f32], f64) {
+        (&self.best.params, self.best.fitness)
+    }
+
+    /// The last published parameters and their gate fitness (at the start:
+    /// the initial parameters, if they came with a fitness).
+    pub fn published(&self) -> Option<(&[f32], f64)> {
+        self.published
+            .as_ref()
+            .map(|p| (p.params.as_slice(), p.fitness))
+    }
+
+    /// The episode seed every candidate of `generation` is evaluated with.
+    pub fn training_seed(&self, generation: u64) -> u64 {
+        derive_seed(self.config.seed, DOMAIN_TRAIN, generation)
+    }
+
+    /// The seed of `generation`'s publish gate (fresh: never a training seed
+    /// by construction of the derivation domains).
+    pub fn gate_seed(&self, generation: u64) -> u64 {
+        derive_seed(self.config.seed, DOMAIN_GATE, generation)
+    }
+
+    /// Runs one generation against `ev`. On an evaluator error nothing is
+    /// committed.
+    pub fn step(&mut self, ev: &mut dyn Evaluator) -> Result<GenerationReport, EvolveError> {
+        let generation = self.generation;
+        let mut rng = self.rng.clone();
+        let mut rejections = Vec::new();
+        enum Ask {
+            Ga(crate::ga::GaAsk),
+            Es(crate::es::EsAsk),
+        }
+        let ask = match &self.strategy {
+            Strategy::Ga(s) => Ask::Ga(s.ask(
+                &self.config,
+                &self.layout,
+                &self.validator,
+                &mut rng,
+                &mut rejections,
+            )),
+            Strategy::Es(s) => {
+                Ask::Es(s.ask(&self.config, &self.validator, &mut rng, &mut rejections))
+            }
+        };
+        let candidates: Vec<&[f32]> = match &ask {
+            Ask::Ga(a) => a.children.iter().map(|c| c.params.as_slice()).collect(),
+            Ask::Es(a) => a.candidates.iter().map(Vec::as_slice).collect(),
+        };
+        for r in &rejections {
+            tracing::warn!(generation, rejection = %r, "candidate rejected");
+        }
+
+        let mut stats = self.stats.clone();
+        for r in &rejections {
+            stats.count(r);
+        }
+        let fitness = if candidates.is_empty() {
+            Vec::new()
+        } else {
+            self.evaluate(
+                ev,
+                &candidates,
+                self.training_seed(generation),
+                self.config.episodes,
+                &mut stats,
+            )
+            .map_err(|e| match e {
+                EvolveError::Eval { source, .. } => EvolveError::Eval { generation, source },
+                e => e,
+            })?
+        };
+        let quarantined = fitness.iter().filter(|f| f.is_none()).count() as u64;
+
+        let mut best: Option<(usize, f64)> = None;
+        let (mut sum, mut n) = (0.0, 0usize);
+        for (i, f) in fitness.iter().enumerate() {
+            if let Some(f) = *f {
+                sum += f;
+                n += 1;
+                if best.is_none_or(|(_, b)| f > b) {
+                    best = Some((i, f));
+                }
+            }
+        }
+        let (best_fitness, mean_fitness) = match best {
+            Some((_, b)) => (b, sum / n as f64),
+            None => (f64::NAN, f64::NAN),
+        };
+
+        // Publish gate.
+        let mut publish = None;
+        let mut solved = false;
+        let mut new_published = None;
+        if let Some((i, f)) = best {
+            let floor = self
+                .published
+                .as_ref()
+                .map_or(f64::NEG_INFINITY, |p| p.fitness);
+            let threshold = self.config.solve_threshold;
+            if f > floor + self.config.publish_margin && threshold.is_none_or(|t| f >= t) {
+                let params = candidates[i];
+                let gate = self
+                    .evaluate(
+                        ev,
+                        &[params],
+                        self.gate_seed(generation),
+                        self.config.gate_episodes,
+                        &mut stats,
+                    )
+                    .map_err(|e| match e {
+                        EvolveError::Eval { source, .. } => {
+                            EvolveError::Eval { generation, source }
+                        }
+                        e => e,
+                    })?;
+                stats.gate_evaluations += 1;
+                if let Some(Some(g)) = gate.first().copied() {
+                    let passes = threshold.is_none_or(|t| g >= t);
+                    if passes {
+                        solved = threshold.is_some();
+                        match self.validator.check_publish(
+                            params,
+                            g,
+                            self.published.as_ref().map(|p| p.fitness),
+                        ) {
+                            Ok(()) => {
+                                stats.publishes += 1;
+                                publish = Some(PublishCandidate {
+                                    params: params.to_vec(),
+                                    fitness: f,
+                                    gate_fitness: Some(g),
+                                });
+                                new_published = Some(Scored {
+                                    params: params.to_vec(),
+                                    fitness: g,
+                                });
+                                tracing::info!(
+                                    generation,
+                                    fitness = f,
+                                    gate = g,
+                                    "candidate passed the gate"
+                                );
+                            }
+                            Err(r) => {
+                                tracing::warn!(generation, rejection = %r, "publish rejected");
+                                stats.count(&r);
+                                rejections.push(r);
+                            }
+                        }
+                    } else {
+                        stats.gate_failures += 1;
+                        tracing::debug!(
+                            generation,
+                            fitness = f,
+                            gate = g,
+                            "candidate failed the gate"
+                        );
+                    }
+                }
+            }
+        }
+        let new_best = best.map(|(i, f)| Scored {
+            params: candidates[i].to_vec(),
+            fitness: f,
+        });
+
+        // Commit.
+        match (&mut self.strategy, ask) {
+            (Strategy::Ga(s), Ask::Ga(a)) => s.tell(a, &fitness),
+            (Strategy::Es(s), Ask::Es(a)) => {
+                if let Err(r) = s.tell(&a, &fitness, &self.config.es, &self.validator) {
+                    tracing::warn!(generation, rejection = %r, "es update rejected");
+                    stats.count(&r);
+                    rejections.push(r);
+                }
+            }
+            _ => unreachable!("ask is built from the strategy it is told to"),
+        }
+        if solved && stats.solved_at_generation.is_none() {
+            stats.solved_at_generation = Some(generation);
+        }
+        stats.generations += 1;
+        stats.quarantined += quarantined;
+        let evaluations = stats.evaluations - self.stats.evaluations;
+        self.stats = stats;
+        self.rng = rng;
+        if let Some(b) = new_best {
+            self.best = b;
+        }
+        if let Some(p) = new_published {
+            self.published = Some(p);
+        }
+        self.generation += 1;
+        Ok(GenerationReport {
+            generation,
+            best_fitness,
+            mean_fitness,
+            evaluations,
+            rejected: rejections.len() as u64,
+            quarantined,
+            publish,
+            solved,
+        })
+    }
+
+    /// Sends `candidates` to `ev`, checks the contract, counts, and maps
+    /// non-finite fitness to `None`.
+    fn evaluate(
+        &self,
+        ev: &mut dyn Evaluator,
+        candidates: &[&[f32]],
+        seed: u64,
+        episodes: u32,
+        stats: &mut EvolveStats,
+    ) -> Result<Vec<Option<f64>>, EvolveError> {
+        let out = ev
+            .evaluate(candidates, seed, episodes)
+            .map_err(|source| EvolveError::Eval {
+                generation: self.generation,
+                source,
+            })?;
+        if out.len() != candidates.len() {
+            return Err(EvolveError::EvaluatorContract {
+                expected: candidates.len(),
+                got: out.len(),
+            });
+        }
+        stats.evaluations += candidates.len() as u64;
+        stats.episodes += candidates.len() as u64 * u64::from(episodes);
+        Ok(out
+            .into_iter()
+            .map(|f| match f {
+                Some(f) if !f.is_finite() => {
+                    tracing::warn!(
+                        fitness = f,
+                        "evaluator returned a non-finite fitness, treated as quarantined"
+                    );
+                    stats.invalid_fitness += 1;
+                    None
+                }
+                f => f,
+            })
+            .collect())
+    }
+
+    /// The whole state, for [`crate::save_checkpoint`].
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            config: self.config.clone(),
+            tensors: self.layout.specs(),
+            generation: self.generation,
+            rng: RngState::of(&self.rng),
+            strategy: match &self.strategy {
+                Strategy::Ga(s) => StrategyState::Ga(s.clone()),
+                Strategy::Es(s) => StrategyState::Es(s.clone()),
+            },
+            best: self.best.clone(),
+            published: self.published.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// Resumes from a checkpoint, checking it against `arch`.
+    pub fn from_checkpoint(c: Checkpoint, arch: &rt::Architecture) -> Result<Self, EvolveError> {
+        let layout = ParamLayout::from_architecture(arch)?;
+        if c.tensors != layout.specs() {
+            return Err(EvolveError::CheckpointMismatch(format!(
+                "checkpoint tensors {:?} differ from the architecture's {:?}",
+                c.tensors,
+                layout.specs()
+            )));
+        }
+        Self::from_checkpoint_with_layout(c)
+    }
+
+    /// Resumes from a checkpoint with the layout it records. Every vector in
+    /// it is validated: a checkpoint is a file, and files are untrusted.
+    pub fn from_checkpoint_with_layout(c: Checkpoint) -> Result<Self, EvolveError> {
+        c.config.check()?;
+        let layout = ParamLayout::new(c.tensors.clone())?;
+        let validator = Validator::new(c.config.validation.clone(), layout.clone());
+        let bad = |what: &str, reason: String| EvolveError::InvalidState {
+            what: format!("checkpoint {what}"),
+            reason,
+        };
+        let check = |what: &str, p: &[f32]| {
+            validator
+                .check_static(p)
+                .map_err(|r| bad(what, r.to_string()))
+        };
+        let n_tensors = layout.tensors().len();
+        let strategy = match (c.config.strategy, c.strategy) {
+            (StrategyKind::Ga, StrategyState::Ga(s)) => {
+                if s.population.is_empty() {
+                    return Err(bad("ga population", "is empty".into()));
+                }
+                for ind in &s.population {
+                    check("ga individual", &ind.params)?;
+                    if ind.sigmas.len() != n_tensors
+                        || ind.sigmas.iter().any(|s| !(s.is_finite() && *s > 0.0))
+                    {
+                        return Err(bad("ga individual", "has invalid per-tensor sigmas".into()));
+                    }
+                    if ind.fitness.is_some_and(|f| !f.is_finite()) {
+                        return Err(bad("ga individual", "has a non-finite fitness".into()));
+                    }
+                }
+                Strategy::Ga(s)
+            }
+            (StrategyKind::Es, StrategyState::Es(s)) => {
+                check("es mean", &s.mean)?;
+                let n = layout.n_params();
+                if s.m.len() != n || s.v.len() != n {
+                    return Err(bad(
+                        "es adam moments",
+                        format!("have lengths {} and {}, expected {n}", s.m.len(), s.v.len()),
+                    ));
+                }
+                if s.m.iter().chain(&s.v).any(|x| !x.is_finite()) || s.v.iter().any(|&x| x < 0.0) {
+                    return Err(bad(
+                        "es adam moments",
+                        "are not finite (or a second moment is negative)".into(),
+                    ));
+                }
+                if !(s.sigma.is_finite() && s.sigma > 0.0) {
+                    return Err(bad(
+                        "es sigma",
+                        format!("{} is not finite and positive", s.sigma),
+                    ));
+                }
+                Strategy::Es(s)
+            }
+            (kind, _) => {
+                return Err(bad(
+                    "strategy",
+                    format!("state does not match the configured strategy {kind}"),
+                ));
+            }
+        };
+        check("best", &c.best.params)?;
+        if let Some(p) = &c.published {
+            check("published", &p.params)?;
+            if !p.fitness.is_finite() {
+                return Err(bad(
+                    "published fitness",
+                    format!("{} is not finite", p.fitness),
+                ));
+            }
+        }
+        Ok(Self {
+            rng: c.rng.restore(),
+            config: c.config,
+            layout,
+            validator,
+            generation: c.generation,
+            strategy,
+            best: c.best,
+            published: c.published,
+            stats: c.stats,
+        })
+    }
+}

@@ -1,0 +1,210 @@
+//! Genetic algorithm: elitism, truncation or tournament selection, uniform
+//! or arithmetic crossover, Gaussian mutation with a self-adapted σ per
+//! tensor and individual.
+//!
+//! State between generations is the evaluated population; a generation
+//! sorts it by fitness, copies the elite unchanged (they are re-evaluated
+//! with the new generation's episode seeds, so a lucky evaluation does not
+//! survive forever), and breeds the rest.
+
+use rand::RngExt;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Crossover, EvolverConfig, GaConfig, Selection};
+use crate::layout::ParamLayout;
+use crate::validate::{Rejection, Validator};
+
+/// One member of the GA population.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Individual {
+    /// Flat parameters.
+    pub params: Vec<f32>,
+    /// Mutation σ of each tensor.
+    pub sigmas: Vec<f32>,
+    /// Training fitness of the generation it was last evaluated in (`None`
+    /// before its first evaluation).
+    pub fitness: Option<f64>,
+}
+
+/// GA state saved in checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GaState {
+    /// The last evaluated population (at the start: the initial individual).
+    pub population: Vec<Individual>,
+}
+
+/// Candidates of one GA generation, not yet evaluated.
+pub(crate) struct GaAsk {
+    pub children: Vec<Individual>,
+}
+
+impl GaState {
+    /// The start state: one individual, the initial parameters.
+    pub(crate) fn new(
+        initial: Vec<f32>,
+        fitness: Option<f64>,
+        layout: &ParamLayout,
+        ga: &GaConfig,
+    ) -> Self {
+        let sigmas = vec![ga.sigma; layout.tensors().len()];
+        Self {
+            population: vec![Individual {
+                params: initial,
+                sigmas,
+                fitness,
+            }],
+        }
+    }
+
+    /// Population indices ordered best first (unevaluated last, stable).
+    fn ranked(&self) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.population.len()).collect();
+        idx.sort_by(|&a, &b| {
+            let fa = self.population[a].fitness.unwrap_or(f64::NEG_INFINITY);
+            let fb = self.population[b].fitness.unwrap_or(f64::NEG_INFINITY);
+            fb.total_cmp(&fa)
+        });
+        idx
+    }
+
+    fn pick(&self, ranked: &[usize], selection: Selection, rng: &mut ChaCha8Rng) -> usize {
+        match selection {
+            Selection::Truncation { fraction } => {
+                let k = ((ranked.len() as f64 * fraction).ceil() as usize).clamp(1, ranked.len());
+                ranked[rng.random_range(0..k)]
+            }
+            Selection::Tournament { size } => {
+                // The rank position is the comparison key: lower is fitter.
+                let mut best = rng.random_range(0..ranked.len());
+                for _ in 1..size {
+                    best = best.min(rng.random_range(0..ranked.len()));
+                }
+                ranked[best]
+            }
+        }
+    }
+
+    /// Breeds the next generation's candidates; every returned child passed
+    /// `validator` against its parents. Rejections are appended to `rejected`.
+    pub(crate) fn ask(
+        &self,
+        config: &EvolverConfig,
+        layout: &ParamLayout,
+        validator: &Validator,
+        rng: &mut ChaCha8Rng,
+        rejected: &mut Vec<Rejection>,
+    ) -> GaAsk {
+        let ga = &config.ga;
+        let ranked = self.ranked();
+        let mut children = Vec::with_capacity(config.population);
+        for &i in ranked.iter().take(ga.elite) {
+            let p = &self.population[i];
+            match validator.check_static(&p.params) {
+                Ok(()) => children.push(Individual {
+                    params: p.params.clone(),
+                    sigmas: p.sigmas.clone(),
+                    fitness: None,
+                }),
+                Err(r) => rejected.push(r),
+            }
+        }
+        let slots = config.population.saturating_sub(children.len());
+        for _ in 0..slots {
+            for _attempt in 0..=ga.max_resample {
+                let a = &self.population[self.pick(&ranked, ga.selection, rng)];
+                let b = if ga.crossover != Crossover::None && rng.random_bool(ga.crossover_rate) {
+                    Some(&self.population[self.pick(&ranked, ga.selection, rng)])
+                } else {
+                    None
+                };
+                let child = breed(a, b, ga, layout, rng);
+                let parents: Vec<&[f32]> = match b {
+                    Some(b) => vec![&a.params, &b.params],
+                    None => vec![&a.params],
+                };
+                match validator.check_candidate(&child.params, &parents) {
+                    Ok(()) => {
+                        children.push(child);
+                        break;
+                    }
+                    Err(r) => rejected.push(r),
+                }
+            }
+        }
+        GaAsk { children }
+    }
+
+    /// Takes the evaluated children as the new population. Children without
+    /// a fitness (quarantined) are dropped; if none has one, the old
+    /// population stays.
+    pub(crate) fn tell(&mut self, ask: GaAsk, fitness: &[Option<f64>]) {
+        let population: Vec<Individual> = ask
+            .children
+            .into_iter()
+            .zip(fitness)
+            .filter_map(|(mut c, f)| {
+                c.fitness = Some((*f)?);
+                Some(c)
+            })
+            .collect();
+        if !population.is_empty() {
+            self.population = population;
+        }
+    }
+}
+
+/// Crossover (when `b` is given), then σ self-adaptation and mutation.
+fn breed(
+    a: &Individual,
+    b: Option<&Individual>,
+    ga: &GaConfig,
+    layout: &ParamLayout,
+    rng: &mut ChaCha8Rng,
+) -> Individual {
+    let mut params = a.params.clone();
+    let mut sigmas = a.sigmas.clone();
+    if let Some(b) = b {
+        match ga.crossover {
+            Crossover::None => {}
+            Crossover::Uniform => {
+                for (x, &y) in params.iter_mut().zip(&b.params) {
+                    if rng.random_bool(0.5) {
+                        *x = y;
+                    }
+                }
+                for (s, &t) in sigmas.iter_mut().zip(&b.sigmas) {
+                    if rng.random_bool(0.5) {
+                        *s = t;
+                    }
+                }
+            }
+            Crossover::Arithmetic => {
+                let alpha: f32 = rng.random();
+                for (x, &y) in params.iter_mut().zip(&b.params) {
+                    *x = alpha * *x + (1.0 - alpha) * y;
+                }
+                for (s, &t) in sigmas.iter_mut().zip(&b.sigmas) {
+                    *s = alpha * *s + (1.0 - alpha) * t;
+                }
+            }
+        }
+    }
+    for (t, s) in layout.tensors().iter().zip(sigmas.iter_mut()) {
+        if ga.sigma_tau > 0.0 {
+            let n: f32 = rng.sample(StandardNormal);
+            *s *= (ga.sigma_tau * n).exp();
+        }
+        *s = s.clamp(ga.sigma_min, ga.sigma_max);
+        for x in &mut params[t.range()] {
+            let n: f32 = rng.sample(StandardNormal);
+            *x += *s * n;
+        }
+    }
+    Individual {
+        params,
+        sigmas,
+        fitness: None,
+    }
+}

@@ -1,0 +1,137 @@
+//! The shape of a flat parameter vector: which tensor owns which range.
+//!
+//! Candidates travel as one flat `f32` vector; the strategies (per-tensor σ)
+//! and the validator (per-tensor norm and change bounds) need to know where
+//! each tensor starts and ends. [`ParamLayout`] is built from the runtime's
+//! `Architecture::tensor_specs()` (name and shape of every tensor, in the
+//! order they are laid out in the flat vector).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::EvolveError;
+use crate::rt;
+
+/// One tensor of the flat parameter vector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpan {
+    /// Tensor name, e.g. `blk.0.weight`.
+    pub name: String,
+    /// Tensor shape (GGUF order).
+    pub shape: Vec<u64>,
+    /// Index of its first element in the flat vector.
+    pub offset: usize,
+    /// Number of elements.
+    pub len: usize,
+}
+
+impl TensorSpan {
+    /// The range of the flat vector this tensor occupies.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len
+    }
+}
+
+/// The tensors of a flat parameter vector, in order, without gaps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamLayout {
+    tensors: Vec<TensorSpan>,
+    total: usize,
+}
+
+impl ParamLayout {
+    /// Builds a layout from `(name, shape)` pairs laid out back to back.
+    ///
+    /// Fails when there are no tensors, a tensor has no elements, or the
+    /// element count overflows.
+    pub fn new(specs: Vec<(String, Vec<u64>)>) -> Result<Self, EvolveError> {
+        if specs.is_empty() {
+            return Err(EvolveError::Layout(
+                "parameter layout has no tensors".into(),
+            ));
+        }
+        let mut tensors = Vec::with_capacity(specs.len());
+        let mut offset = 0usize;
+        for (name, shape) in specs {
+            let mut len = 1usize;
+            for &d in &shape {
+                len = usize::try_from(d)
+                    .ok()
+                    .and_then(|d| len.checked_mul(d))
+                    .ok_or_else(|| {
+                        EvolveError::Layout(format!(
+                            "tensor {name} has an overflowing shape {shape:?}"
+                        ))
+                    })?;
+            }
+            if len == 0 || shape.is_empty() {
+                return Err(EvolveError::Layout(format!(
+                    "tensor {name} has no elements (shape {shape:?})"
+                )));
+            }
+            tensors.push(TensorSpan {
+                name,
+                shape,
+                offset,
+                len,
+            });
+            offset = offset
+                .checked_add(len)
+                .ok_or_else(|| EvolveError::Layout("parameter count overflows".into()))?;
+        }
+        Ok(Self {
+            tensors,
+            total: offset,
+        })
+    }
+
+    /// A layout of the runtime architecture's tensors.
+    pub fn from_architecture(arch: &rt::Architecture) -> Result<Self, EvolveError> {
+        let layout = Self::new(arch.tensor_specs())?;
+        if layout.total != arch.n_params() {
+            return Err(EvolveError::Layout(format!(
+                "architecture tensor specs hold {} values but n_params() is {}",
+                layout.total,
+                arch.n_params()
+            )));
+        }
+        Ok(layout)
+    }
+
+    /// The tensors, in flat order.
+    pub fn tensors(&self) -> &[TensorSpan] {
+        &self.tensors
+    }
+
+    /// Total number of parameters.
+    pub fn n_params(&self) -> usize {
+        self.total
+    }
+
+    /// `(name, shape)` pairs, as `Architecture::tensor_specs()` returns them.
+    pub fn specs(&self) -> Vec<(String, Vec<u64>)> {
+        self.tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect()
+    }
+}
+
+/// L2 norm of a slice, accumulated in f64 in index order (deterministic).
+pub(crate) fn l2(xs: &[f32]) -> f64 {
+    xs.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// L2 norm of `a - b`, accumulated in f64 in index order.
+pub(crate) fn l2_diff(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            let d = f64::from(x) - f64::from(y);
+            d * d
+        })
+        .sum::<f64>()
+        .sqrt()
+}

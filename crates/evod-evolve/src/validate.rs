@@ -1,0 +1,193 @@
+//! Validation (the seed document's CTRM) of candidates and publishes.
+//!
+//! A candidate is checked before it reaches any evaluator: every value
+//! finite, the length of the layout, every tensor's L2 norm within
+//! `max_norm`, and every tensor's change against the parent it was derived
+//! from within `max_relative_change`. A publish is checked again (finite,
+//! shape, norm) and must not regress the published fitness. Each failure is
+//! a [`Rejection`]; the evolver logs it with `tracing` and counts it by
+//! [`RejectionKind`] in [`crate::EvolveStats`].
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::config::ValidationConfig;
+use crate::layout::{ParamLayout, l2, l2_diff};
+
+/// Why a candidate or a publish was refused.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum Rejection {
+    /// A value is NaN or infinite.
+    #[error("value {index} is not finite ({value})")]
+    NonFinite {
+        /// Flat index of the first non-finite value.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// The vector does not have the layout's length.
+    #[error("has {actual} values, the layout has {expected}")]
+    ShapeMismatch {
+        /// Layout length.
+        expected: usize,
+        /// Candidate length.
+        actual: usize,
+    },
+    /// A tensor's L2 norm is above the bound.
+    #[error("tensor {tensor} has norm {norm:.4e}, above the bound {max:.4e}")]
+    NormTooLarge {
+        /// Tensor name.
+        tensor: String,
+        /// Its L2 norm.
+        norm: f64,
+        /// The bound.
+        max: f64,
+    },
+    /// A tensor moved too far from its parent in one generation.
+    #[error(
+        "tensor {tensor} changed by {relative:.4e} relative to its parent, above the bound {max:.4e}"
+    )]
+    ChangeTooLarge {
+        /// Tensor name.
+        tensor: String,
+        /// `‖child − parent‖ / max(‖parent‖, floor)`.
+        relative: f64,
+        /// The bound.
+        max: f64,
+    },
+    /// The gate fitness is below the currently published fitness.
+    #[error("gate fitness {gate} is below the published fitness {published}")]
+    FitnessRegression {
+        /// Gate fitness of the candidate.
+        gate: f64,
+        /// Fitness of the published model.
+        published: f64,
+    },
+}
+
+/// The counter a [`Rejection`] increments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectionKind {
+    /// [`Rejection::NonFinite`].
+    NonFinite,
+    /// [`Rejection::ShapeMismatch`].
+    ShapeMismatch,
+    /// [`Rejection::NormTooLarge`].
+    NormTooLarge,
+    /// [`Rejection::ChangeTooLarge`].
+    ChangeTooLarge,
+    /// [`Rejection::FitnessRegression`].
+    FitnessRegression,
+}
+
+impl Rejection {
+    /// The counter this rejection increments.
+    pub fn kind(&self) -> RejectionKind {
+        match self {
+            Self::NonFinite { .. } => RejectionKind::NonFinite,
+            Self::ShapeMismatch { .. } => RejectionKind::ShapeMismatch,
+            Self::NormTooLarge { .. } => RejectionKind::NormTooLarge,
+            Self::ChangeTooLarge { .. } => RejectionKind::ChangeTooLarge,
+            Self::FitnessRegression { .. } => RejectionKind::FitnessRegression,
+        }
+    }
+}
+
+/// Checks candidates against a layout and a [`ValidationConfig`].
+#[derive(Debug, Clone)]
+pub struct Validator {
+    config: ValidationConfig,
+    layout: ParamLayout,
+}
+
+impl Validator {
+    /// A validator for vectors of `layout`.
+    pub fn new(config: ValidationConfig, layout: ParamLayout) -> Self {
+        Self { config, layout }
+    }
+
+    /// The layout candidates must have.
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// Shape, finiteness and per-tensor norm: what any vector must pass.
+    pub fn check_static(&self, params: &[f32]) -> Result<(), Rejection> {
+        if params.len() != self.layout.n_params() {
+            return Err(Rejection::ShapeMismatch {
+                expected: self.layout.n_params(),
+                actual: params.len(),
+            });
+        }
+        if let Some(index) = params.iter().position(|v| !v.is_finite()) {
+            return Err(Rejection::NonFinite {
+                index,
+                value: params[index],
+            });
+        }
+        for t in self.layout.tensors() {
+            let norm = l2(&params[t.range()]);
+            if norm > self.config.max_norm {
+                return Err(Rejection::NormTooLarge {
+                    tensor: t.name.clone(),
+                    norm,
+                    max: self.config.max_norm,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything a candidate must pass before evaluation. `parents` are
+    /// the vectors it was derived from (already valid); the change bound
+    /// holds against the nearest of them, tensor by tensor. With no parents
+    /// only the static checks apply.
+    pub fn check_candidate(&self, params: &[f32], parents: &[&[f32]]) -> Result<(), Rejection> {
+        self.check_static(params)?;
+        if parents.is_empty() {
+            return Ok(());
+        }
+        for t in self.layout.tensors() {
+            let r = t.range();
+            let child = &params[r.clone()];
+            let mut best = f64::INFINITY;
+            for p in parents {
+                let Some(pt) = p.get(r.clone()) else {
+                    return Err(Rejection::ShapeMismatch {
+                        expected: self.layout.n_params(),
+                        actual: p.len(),
+                    });
+                };
+                let rel = l2_diff(child, pt) / l2(pt).max(self.config.change_floor);
+                best = best.min(rel);
+            }
+            if best > self.config.max_relative_change {
+                return Err(Rejection::ChangeTooLarge {
+                    tensor: t.name.clone(),
+                    relative: best,
+                    max: self.config.max_relative_change,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// What a publish must pass: the static checks, a finite gate fitness,
+    /// and no regression below the published fitness (if any).
+    pub fn check_publish(
+        &self,
+        params: &[f32],
+        gate: f64,
+        published: Option<f64>,
+    ) -> Result<(), Rejection> {
+        self.check_static(params)?;
+        let floor = published.unwrap_or(f64::NEG_INFINITY);
+        if gate.is_nan() || gate < floor {
+            return Err(Rejection::FitnessRegression {
+                gate,
+                published: floor,
+            });
+        }
+        Ok(())
+    }
+}
