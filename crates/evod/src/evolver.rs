@@ -73,18 +73,45 @@ pub fn run(args: Args) -> Result<ExitCode> {
     Loop::start(&args.dir, &args.evolve)?.run(&args.evolve, &mut ring)
 }
 
+/// Whether `dir` holds nothing of a run yet (no history, no state): then
+/// `evod run` may create the default model there.
+pub fn is_fresh_folder(dir: &Path) -> bool {
+    !dir.join("history").exists() && !dir.join("state").exists()
+}
+
+/// Creates the built-in default model at `path`: CartPole-v1, 4-16-2 tanh,
+/// initialised from `seed` (what `evod init --seed SEED` writes).
+pub fn create_default_model(path: &Path, seed: u64) -> Result<()> {
+    let task = Task::CartPole { episodes: 1 };
+    let arch = task.default_arch(evod_runtime::Activation::Tanh);
+    let params = evod_runtime::init_params(&arch, seed);
+    let spec = ModelSpec::new(arch, task.name(), seed);
+    write_model(path, &spec, &params, None)
+        .with_context(|| format!("creating the default model {}", path.display()))?;
+    tracing::info!(
+        "created {} (CartPole-v1, 4-16-2 tanh, seed {seed})",
+        path.display()
+    );
+    Ok(())
+}
+
 /// The evolver configuration for `evolve` on `task`.
 pub fn evolver_config(evolve: &EvolveArgs, task: &Task) -> EvolverConfig {
-    let strategy = match evolve.strategy() {
-        Strategy::Ga => StrategyKind::Ga,
-        Strategy::Es => StrategyKind::Es,
+    // Unset options take the library's tuned defaults.
+    let defaults = EvolverConfig::default();
+    let strategy = match evolve.strategy {
+        Some(Strategy::Ga) => StrategyKind::Ga,
+        Some(Strategy::Es) => StrategyKind::Es,
+        None => defaults.strategy,
     };
     let mut config = EvolverConfig {
         strategy,
-        population: evolve.population() as usize,
+        population: evolve
+            .population
+            .map_or(defaults.population, |p| p as usize),
         seed: evolve.seed(),
-        episodes: evolve.episodes(),
-        ..EvolverConfig::default()
+        episodes: evolve.episodes.unwrap_or(defaults.episodes),
+        ..defaults
     };
     if strategy == StrategyKind::Es && config.population % 2 == 1 {
         config.population += 1;
@@ -296,9 +323,9 @@ impl Loop {
         spec.parent_checksum = Some(old.checksum());
         spec.fitness = Some(candidate.gate_fitness.unwrap_or(candidate.fitness));
         spec.seed = evolve.seed();
-        spec.strategy = match evolve.strategy() {
-            Strategy::Ga => "ga".into(),
-            Strategy::Es => "openai-es".into(),
+        spec.strategy = match self.evolver.config().strategy {
+            StrategyKind::Ga => "ga".into(),
+            StrategyKind::Es => "openai-es".into(),
         };
         spec.created_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
