@@ -14,6 +14,7 @@ mod protocol;
 mod report;
 mod run;
 mod status;
+mod supervisor;
 mod worker;
 
 use std::io::Write;

@@ -1,33 +1,232 @@
-//! Control-socket clients: `evod status`, `exec`, `stop`, `rollback` (not built yet).
+//! Control-socket clients: `evod status`, `exec`, `stop`, `rollback`.
+//!
+//! Each finds the daemon's socket from `--control-socket`, else
+//! `EVOD_CONTROL_SOCKET`, else `DIR/.evod/control.sock` with `--dir` /
+//! `EVOD_DIR` / the current folder, exactly as `evod run` chooses it.
+//! Without a daemon each says so and exits with `exit::NO_DAEMON` (4).
 
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::exit;
+use crate::supervisor::config::default_socket;
+use crate::supervisor::control::{self, ClientError, Request, StatusReport};
+
+/// Where the daemon is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Target {
+    /// The daemon's state folder [default: .].
+    #[arg(long, env = "EVOD_DIR", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// The daemon's control socket [default: DIR/.evod/control.sock].
+    #[arg(long, env = "EVOD_CONTROL_SOCKET", value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+}
+
+impl Target {
+    fn socket(&self) -> PathBuf {
+        self.control_socket.clone().unwrap_or_else(|| {
+            default_socket(&self.dir.clone().unwrap_or_else(|| PathBuf::from(".")))
+        })
+    }
+
+    fn call(&self, request: &Request, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+        control::call(&self.socket(), request, timeout).map_err(|e| match e {
+            ClientError::NoDaemon { .. } => exit::with_code(exit::NO_DAEMON, e),
+            other => anyhow::Error::new(other),
+        })
+    }
+}
 
 /// Arguments of `evod status`.
 #[derive(Debug, clap::Args)]
-pub struct StatusArgs {}
+pub struct StatusArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Print the complete status as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Health check: print one line, exit 0 if healthy, 1 if not (4 without a daemon).
+    #[arg(long)]
+    check: bool,
+}
+
 /// Arguments of `evod exec`.
 #[derive(Debug, clap::Args)]
-pub struct ExecArgs {}
+pub struct ExecArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Comma-separated input values, e.g. `0.1,0.2,0.3,0.4`.
+    #[arg(long, value_name = "X,Y,…", allow_hyphen_values = true)]
+    input: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Arguments of `evod stop`.
 #[derive(Debug, clap::Args)]
-pub struct StopArgs {}
+pub struct StopArgs {
+    #[command(flatten)]
+    target: Target,
+}
+
 /// Arguments of `evod rollback`.
 #[derive(Debug, clap::Args)]
-pub struct RollbackArgs {}
+pub struct RollbackArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The generation to restore [default: the previous one in DIR/history].
+    #[arg(long, value_name = "GEN")]
+    to: Option<u64>,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs `evod status`.
-pub fn status(_args: StatusArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("evod status is not built yet")
+pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let value = args.target.call(&Request::Status, TIMEOUT)?;
+    let report: StatusReport = serde_json::from_value(value.clone())
+        .map_err(|e| anyhow::anyhow!("bad status from the daemon: {e}"))?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+    } else if args.check {
+        let running = report
+            .children
+            .iter()
+            .filter(|c| c.state == "running")
+            .count();
+        writeln!(
+            out,
+            "{}: {running}/{} children running, generation {}",
+            if report.healthy {
+                "healthy"
+            } else {
+                "unhealthy"
+            },
+            report.children.len(),
+            report.generation.map_or("-".into(), |g| g.to_string())
+        )?;
+    } else {
+        print_report(&mut out, &report)?;
+    }
+    if args.check && !report.healthy {
+        return Ok(exit::exit(exit::FAILURE));
+    }
+    Ok(ExitCode::SUCCESS)
 }
+
+fn dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+fn print_report(out: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "evod supervisor pid {}, up {:.1}s, {}{}",
+        r.pid,
+        r.uptime_s,
+        if r.healthy { "healthy" } else { "UNHEALTHY" },
+        if r.stopping { " (stopping)" } else { "" }
+    )?;
+    writeln!(
+        out,
+        "model {} generation {}, rollbacks {}",
+        r.model,
+        dash(r.generation),
+        r.rollbacks
+    )?;
+    writeln!(
+        out,
+        "{:<8} {:>2} {:<10} {:>7} {:>9} {:>8} {:>5} {:>4} {:>10}  last exit",
+        "role", "#", "state", "pid", "uptime", "restarts", "epoch", "gen", "ping"
+    )?;
+    for c in &r.children {
+        writeln!(
+            out,
+            "{:<8} {:>2} {:<10} {:>7} {:>9} {:>8} {:>5} {:>4} {:>10}  {}",
+            c.role,
+            c.index,
+            c.state,
+            dash(c.pid),
+            dash(c.uptime_s.map(|s| format!("{s:.1}s"))),
+            c.restarts,
+            dash(c.epoch),
+            dash(c.generation),
+            dash(c.ping_us.map(|us| format!("{us:.1}µs"))),
+            c.last_exit.as_deref().unwrap_or("-")
+        )?;
+    }
+    Ok(())
+}
+
+/// Parses `0.1,0.2,…` into finite f32 values.
+fn parse_inputs(text: &str) -> anyhow::Result<Vec<f32>> {
+    text.split(',')
+        .map(|part| {
+            let part = part.trim();
+            let v: f32 = part
+                .parse()
+                .map_err(|_| anyhow::anyhow!("bad --input value {part:?}: not a number"))?;
+            if !v.is_finite() {
+                anyhow::bail!("bad --input value {part:?}: not finite");
+            }
+            Ok(v)
+        })
+        .collect::<anyhow::Result<Vec<f32>>>()
+        .map_err(|e| exit::with_code(exit::USAGE, e))
+}
+
 /// Runs `evod exec`.
-pub fn exec(_args: ExecArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("evod exec is not built yet")
+pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let inputs = parse_inputs(&args.input)?;
+    let value = args.target.call(&Request::Exec { inputs }, TIMEOUT)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{value}")?;
+    } else {
+        let outputs: Vec<f32> = serde_json::from_value(value["outputs"].clone())
+            .map_err(|e| anyhow::anyhow!("bad exec result from the daemon: {e}"))?;
+        let text: Vec<String> = outputs.iter().map(|v| v.to_string()).collect();
+        writeln!(out, "{}", text.join(","))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
+
 /// Runs `evod stop`.
-pub fn stop(_args: StopArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("evod stop is not built yet")
+pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
+    args.target.call(&Request::Stop, TIMEOUT)?;
+    writeln!(std::io::stdout(), "stopping")?;
+    Ok(ExitCode::SUCCESS)
 }
+
 /// Runs `evod rollback`.
-pub fn rollback(_args: RollbackArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("evod rollback is not built yet")
+pub fn rollback(args: RollbackArgs) -> anyhow::Result<ExitCode> {
+    let value = args
+        .target
+        .call(&Request::Rollback { to: args.to }, Duration::from_secs(60))?;
+    writeln!(
+        std::io::stdout(),
+        "restored generation {}",
+        value["generation"]
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_parse_and_bad_ones_are_usage_errors() {
+        assert_eq!(parse_inputs("0.1, -2,3e-1").unwrap(), vec![0.1, -2.0, 0.3]);
+        let err = parse_inputs("0.1,x").unwrap_err();
+        assert_eq!(exit::code_for(&err), exit::USAGE);
+        assert!(err.to_string().contains("\"x\""));
+        assert!(parse_inputs("nan").is_err());
+        assert!(parse_inputs("").is_err());
+    }
 }

@@ -1,0 +1,834 @@
+//! The supervisor's event loop (`evod run`).
+//!
+//! One thread owns all state: the children, their shared segments and
+//! restart trackers. Two helper threads feed it through one channel of
+//! [`Event`]s: the signal thread (signal-hook: SIGCHLD, SIGTERM, SIGINT,
+//! SIGQUIT, SIGHUP) and the control-socket thread. The loop wakes on an
+//! event or on its next timer (a pending restart, the watchdog tick, the
+//! grace deadline), so an idle daemon sleeps.
+//!
+//! Children are spawned only from this thread: `PR_SET_PDEATHSIG` fires when
+//! the thread that forked a child ends, and this thread lives as long as the
+//! process.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use evod_ring::{LayoutConfig, Role, Segment};
+use nix::sys::signal::Signal;
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+
+use super::config::Config;
+use super::control::{ChildStatus, ControlServer, Incoming, Request, Response, StatusReport};
+use super::janitor::Janitor;
+use super::link;
+use super::policy::{Decision, RestartTracker};
+use super::reap::{self, ExitReason};
+use super::rollback;
+use super::spawn::{self, Child, ChildSpec};
+use crate::exit;
+use crate::protocol::{LoadRequest, op};
+use crate::run::LogFormat;
+
+/// How often the loop checks heartbeats and the model file when idle.
+const TICK: Duration = Duration::from_millis(200);
+/// Deadline of a status PING.
+const PING_TIMEOUT: Duration = Duration::from_millis(250);
+/// Deadline of a `NEURAL_EXEC` from `evod exec`.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of a `LOAD` of a newly published generation.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What wakes the loop.
+#[derive(Debug)]
+pub enum Event {
+    /// A signal arrived.
+    Signal(i32),
+    /// A control-socket request.
+    Control(Incoming),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Worker,
+    Evolver,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Worker => "worker",
+            Kind::Evolver => "evolver",
+        }
+    }
+}
+
+/// One supervised child position (its current incarnation and history).
+struct Slot {
+    kind: Kind,
+    index: usize,
+    child: Option<Child>,
+    tracker: RestartTracker,
+    restarts: u64,
+    last_exit: Option<String>,
+    restart_at: Option<Instant>,
+    /// Why the supervisor killed the current incarnation, if it did.
+    kill_cause: Option<String>,
+    /// Finished for good (the evolver exited 0).
+    done: bool,
+    segment: Option<Segment>,
+    ping: Option<Duration>,
+}
+
+impl Slot {
+    fn label(&self) -> String {
+        format!("{} {}", self.kind.name(), self.index)
+    }
+
+    fn running(&self) -> bool {
+        self.child.as_ref().is_some_and(|c| c.exited().is_none())
+    }
+}
+
+enum Phase {
+    Running,
+    Stopping { deadline: Instant, code: u8 },
+}
+
+struct Supervisor {
+    config: Config,
+    slots: Vec<Slot>,
+    phase: Phase,
+    started: Instant,
+    /// (dev, ino) of the model file last seen, and its generation.
+    model_seen: Option<((u64, u64), Option<u64>, u64)>,
+    /// Newest generation a worker served healthily.
+    good_generation: Option<u64>,
+    /// Quick worker crashes seen while each not-yet-good generation was live.
+    crashes_after_new: HashMap<u64, u32>,
+    rollbacks: u64,
+    next_exec: usize,
+    give_up: Option<String>,
+}
+
+/// Runs the supervisor until it stops; returns the process exit code.
+pub fn run(config: Config) -> anyhow::Result<ExitCode> {
+    init_logging(config.log_format);
+    if !config.model.exists() && crate::evolver::is_fresh_folder(&config.dir) {
+        crate::evolver::create_default_model(&config.model, config.evolve.seed())?;
+    }
+    let model_generation = rollback::check_model(&config.model)?;
+    // SAFETY: nothing has started a thread yet (logging set-up does not).
+    let mut janitor = unsafe { Janitor::start() }.context("cannot fork the janitor process")?;
+    if let Err(e) = reap::become_subreaper() {
+        tracing::warn!("cannot become a child subreaper ({e}); orphans of children are not reaped");
+    }
+    let (tx, rx) = mpsc::channel::<Event>();
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP])
+            .context("cannot install signal handlers")?;
+    let signal_tx = tx.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal_tx.send(Event::Signal(signal)).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    let server = ControlServer::start(&config.control_socket, tx, Event::Control)?;
+    janitor
+        .watch(server.path(), server.inode())
+        .context("cannot brief the janitor")?;
+    tracing::info!(
+        pid = std::process::id(),
+        dir = %config.dir.display(),
+        model = %config.model.display(),
+        generation = ?model_generation,
+        workers = config.workers,
+        socket = %server.path().display(),
+        janitor = janitor.pid().as_raw(),
+        "evod supervisor starting"
+    );
+    let mut sup = Supervisor::new(config)?;
+    let code = sup.event_loop(&rx);
+    drop(sup);
+    drop(server);
+    match code {
+        Ok(code) => Ok(exit::exit(code)),
+        Err(e) => Err(e),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EVOD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+impl Supervisor {
+    fn new(config: Config) -> anyhow::Result<Supervisor> {
+        let mut slots = Vec::new();
+        for index in 0..config.workers {
+            let segment = Segment::create(&LayoutConfig::default())
+                .with_context(|| format!("cannot create the shared segment of worker {index}"))?;
+            slots.push(Slot::new(Kind::Worker, index, Some(segment)));
+        }
+        if !config.no_evolver {
+            slots.push(Slot::new(Kind::Evolver, 0, None));
+        }
+        let mut sup = Supervisor {
+            config,
+            slots,
+            phase: Phase::Running,
+            started: Instant::now(),
+            model_seen: None,
+            good_generation: None,
+            crashes_after_new: HashMap::new(),
+            rollbacks: 0,
+            next_exec: 0,
+            give_up: None,
+        };
+        sup.model_seen = sup.read_model_identity();
+        for i in 0..sup.slots.len() {
+            sup.start(i);
+        }
+        Ok(sup)
+    }
+
+    fn event_loop(&mut self, rx: &mpsc::Receiver<Event>) -> anyhow::Result<u8> {
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let now = Instant::now();
+            let mut wake = next_tick;
+            for slot in &self.slots {
+                if let Some(at) = slot.restart_at {
+                    wake = wake.min(at);
+                }
+            }
+            if let Phase::Stopping { deadline, .. } = self.phase {
+                wake = wake.min(deadline);
+            }
+            match rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(Event::Signal(SIGCHLD)) => self.reap(),
+                Ok(Event::Signal(signal)) => {
+                    if let Some(code) = self.on_stop_signal(signal) {
+                        return Ok(code);
+                    }
+                }
+                Ok(Event::Control(incoming)) => {
+                    let response = self.on_request(incoming.request);
+                    let _ = incoming.reply.send(response);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    anyhow::bail!("the signal and control threads are gone")
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + TICK;
+                self.reap();
+                if matches!(self.phase, Phase::Running) {
+                    self.watchdog();
+                    self.watch_model();
+                }
+            }
+            match self.phase {
+                Phase::Running => self.start_due(now),
+                Phase::Stopping { deadline, code } => {
+                    if self.slots.iter().all(|s| !s.running()) {
+                        tracing::info!("all children stopped");
+                        return self.finish(code);
+                    }
+                    if now >= deadline {
+                        tracing::warn!(
+                            "grace period of {:?} over: killing the remaining children",
+                            self.config.grace_period
+                        );
+                        self.kill_all();
+                        return self.finish(code);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, code: u8) -> anyhow::Result<u8> {
+        match self.give_up.take() {
+            Some(message) => Err(exit::with_code(exit::GAVE_UP, anyhow::anyhow!(message))),
+            None => Ok(code),
+        }
+    }
+
+    /// SIGTERM/SIGINT/SIGQUIT: graceful stop; a second one stops at once.
+    /// SIGHUP is logged and ignored.
+    fn on_stop_signal(&mut self, signal: i32) -> Option<u8> {
+        let name = reap::signal_name(signal);
+        if signal == SIGHUP {
+            tracing::info!("received {name}: ignored (there is nothing to reload)");
+            return None;
+        }
+        match self.phase {
+            Phase::Running => {
+                tracing::info!(
+                    "received {name}: stopping gracefully (grace period {:?}; send it again to stop at once)",
+                    self.config.grace_period
+                );
+                self.begin_stop(exit::OK);
+                None
+            }
+            Phase::Stopping { .. } => {
+                tracing::warn!("received {name} again: killing every child now");
+                self.kill_all();
+                Some(128u8.saturating_add(signal as u8))
+            }
+        }
+    }
+
+    fn begin_stop(&mut self, code: u8) {
+        if let Phase::Stopping { .. } = self.phase {
+            return;
+        }
+        self.phase = Phase::Stopping {
+            deadline: Instant::now() + self.config.grace_period,
+            code,
+        };
+        for slot in &mut self.slots {
+            slot.restart_at = None;
+            let Some(child) = slot.child.as_ref().filter(|c| c.exited().is_none()) else {
+                continue;
+            };
+            let asked = match &slot.segment {
+                Some(seg) => link::send_only(seg, op::SHUTDOWN, &[]).is_ok(),
+                None => false,
+            };
+            if !asked {
+                let _ = child.signal(Signal::SIGTERM);
+            }
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for slot in &mut self.slots {
+            slot.restart_at = None;
+            if let Some(child) = slot.child.as_mut() {
+                child.kill_and_reap();
+            }
+        }
+        self.reap();
+    }
+
+    fn reap(&mut self) {
+        for (pid, reason) in reap::reap_all() {
+            match self.slots.iter().position(|s| {
+                s.child
+                    .as_ref()
+                    .is_some_and(|c| c.pid() == pid && c.exited().is_none())
+            }) {
+                Some(i) => self.on_exit(i, reason),
+                None => tracing::debug!(pid = pid.as_raw(), "reaped an orphan: {reason}"),
+            }
+        }
+    }
+
+    fn on_exit(&mut self, i: usize, reason: ExitReason) {
+        let now = Instant::now();
+        let stopping = matches!(self.phase, Phase::Stopping { .. });
+        let slot = &mut self.slots[i];
+        let child = slot
+            .child
+            .as_mut()
+            .expect("on_exit is called for a live child");
+        child.set_exited(reason);
+        let pid = child.pid().as_raw();
+        let uptime = now.duration_since(child.started());
+        let mut words = reason.to_string();
+        if let Some(cause) = slot.kill_cause.take() {
+            words = format!("{words} ({cause})");
+        }
+        slot.last_exit = Some(words.clone());
+        slot.ping = None;
+        if stopping {
+            tracing::info!(pid, "{} {words}", slot.label());
+            return;
+        }
+        if slot.kind == Kind::Evolver && reason.success() {
+            slot.done = true;
+            // A bounded run (`--generations N`, `--until-solved`) ends the
+            // daemon with the evolver: the job is done.
+            if self.config.evolve.generations.is_some() || self.config.evolve.until_solved {
+                tracing::info!(pid, "evolver finished its bounded run; stopping");
+                self.begin_stop(exit::OK);
+            } else {
+                tracing::info!(pid, "evolver finished (exited with code 0); workers keep serving");
+            }
+            return;
+        }
+        tracing::warn!(
+            pid,
+            uptime_s = uptime.as_secs_f64(),
+            "{} {words}",
+            slot.label()
+        );
+        let decision = slot.tracker.on_exit(&self.config.policy, uptime, now);
+        let label = slot.label();
+        let quick = uptime < self.config.policy.min_uptime;
+        let kind = slot.kind;
+        match decision {
+            Decision::RestartAfter(delay) => {
+                if !delay.is_zero() {
+                    tracing::info!(
+                        "restarting {label} in {delay:?} (crash {} in a row within 1 s of start)",
+                        self.slots[i].tracker.quick_crashes()
+                    );
+                }
+                self.slots[i].restart_at = Some(now + delay);
+            }
+            Decision::GiveUp { restarts, period } => {
+                let message = format!(
+                    "{label} ended {restarts} times within {period:?} (last: {words}); \
+                     giving up (raise --restart-intensity or use --on-give-up backoff)"
+                );
+                tracing::error!("{message}");
+                self.give_up = Some(message);
+                self.begin_stop(exit::GAVE_UP);
+                return;
+            }
+        }
+        if kind == Kind::Worker && quick {
+            self.maybe_fall_back();
+        }
+    }
+
+    /// Counts a quick worker crash against the live generation if no worker
+    /// ever served it healthily; past `fallback_after`, rolls back.
+    fn maybe_fall_back(&mut self) {
+        let Some((_, Some(live), _)) = self.read_model_identity() else {
+            return;
+        };
+        if self.good_generation == Some(live) {
+            return;
+        }
+        let count = self.crashes_after_new.entry(live).or_insert(0);
+        *count += 1;
+        if *count < self.config.fallback_after {
+            return;
+        }
+        let to = rollback::previous_generation(&self.config.dir, live, self.good_generation);
+        let Some(to) = to else {
+            tracing::error!(
+                "workers crash-loop on generation {live} and no earlier generation is in {}",
+                rollback::history_dir(&self.config.dir).display()
+            );
+            return;
+        };
+        tracing::error!(
+            "workers crash-loop right after generation {live}: rolling back to generation {to}"
+        );
+        if let Err(e) = self.roll_back(to, Some(live)) {
+            tracing::error!("rollback failed: {e:#}");
+        }
+    }
+
+    /// Restores generation `to`; `quarantine` names a bad generation to set aside.
+    fn roll_back(&mut self, to: u64, quarantine: Option<u64>) -> anyhow::Result<u64> {
+        // One writer at a time: the evolver is stopped (killing it at any
+        // instant is safe by design) and restarted afterwards.
+        let evolver = self.slots.iter().position(|s| s.kind == Kind::Evolver);
+        if let Some(i) = evolver
+            && let Some(child) = self.slots[i].child.as_mut()
+        {
+            child.kill_and_reap();
+        }
+        let result = rollback::restore(&self.config.dir, &self.config.model, to, quarantine);
+        if let Some(i) = evolver
+            && !self.slots[i].done
+            && matches!(self.phase, Phase::Running)
+        {
+            self.slots[i].restart_at = Some(Instant::now());
+        }
+        let generation = result?;
+        self.rollbacks += 1;
+        if let Some(bad) = quarantine {
+            self.crashes_after_new.remove(&bad);
+        }
+        // Workers in backoff restart at once on the restored model.
+        for slot in &mut self.slots {
+            if slot.kind == Kind::Worker && slot.restart_at.is_some() {
+                slot.restart_at = Some(Instant::now());
+            }
+        }
+        tracing::info!("generation {generation} restored");
+        Ok(generation)
+    }
+
+    fn start_due(&mut self, now: Instant) {
+        for i in 0..self.slots.len() {
+            if self.slots[i].restart_at.is_some_and(|at| at <= now) {
+                self.slots[i].restart_at = None;
+                self.slots[i].restarts += 1;
+                if let Some(seg) = &self.slots[i].segment {
+                    seg.bump_epoch();
+                }
+                self.start(i);
+            }
+        }
+    }
+
+    fn start(&mut self, i: usize) {
+        let spec = self.spec(i);
+        let slot = &mut self.slots[i];
+        if let Some(old) = slot.child.as_mut() {
+            old.kill_and_reap();
+        }
+        match spawn::spawn(&spec) {
+            Ok(child) => {
+                tracing::info!(
+                    pid = child.pid().as_raw(),
+                    epoch = slot.segment.as_ref().map(|s| s.epoch()),
+                    "{} started",
+                    slot.label()
+                );
+                slot.child = Some(child);
+            }
+            Err(e) => {
+                tracing::error!("cannot start {}: {e}", slot.label());
+                slot.last_exit = Some(format!("could not be started: {e}"));
+                let decision =
+                    slot.tracker
+                        .on_exit(&self.config.policy, Duration::ZERO, Instant::now());
+                match decision {
+                    Decision::RestartAfter(delay) => {
+                        slot.restart_at =
+                            Some(Instant::now() + delay.max(Duration::from_millis(100)))
+                    }
+                    Decision::GiveUp { .. } => {
+                        self.give_up = Some(format!("cannot start {}: {e}", slot.label()));
+                        self.begin_stop(exit::GAVE_UP);
+                    }
+                }
+            }
+        }
+    }
+
+    fn spec(&self, i: usize) -> ChildSpec {
+        let slot = &self.slots[i];
+        match slot.kind {
+            Kind::Worker => {
+                let fd = slot
+                    .segment
+                    .as_ref()
+                    .expect("workers have segments")
+                    .fd()
+                    .as_raw_fd();
+                let mut args: Vec<OsString> = vec![
+                    "--ring-fd".into(),
+                    fd.to_string().into(),
+                    "--model".into(),
+                    self.config.model.clone().into(),
+                ];
+                if self.config.allow_fault_injection {
+                    args.push("--allow-fault-injection".into());
+                }
+                ChildSpec {
+                    role: "worker",
+                    args,
+                    keep_fds: vec![fd],
+                    harden: true,
+                }
+            }
+            Kind::Evolver => {
+                let fds: Vec<i32> = self
+                    .slots
+                    .iter()
+                    .filter_map(|s| s.segment.as_ref().map(|seg| seg.fd().as_raw_fd()))
+                    .collect();
+                let list = fds
+                    .iter()
+                    .map(|fd| fd.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let mut args: Vec<OsString> = vec![
+                    "--dir".into(),
+                    self.config.dir.clone().into(),
+                    "--ring-fds".into(),
+                    list.into(),
+                ];
+                args.extend(self.config.evolve.to_cli_args());
+                ChildSpec {
+                    role: "evolver",
+                    args,
+                    keep_fds: fds,
+                    harden: true,
+                }
+            }
+        }
+    }
+
+    /// Kills workers whose heartbeat stalled; notes generations served healthily.
+    fn watchdog(&mut self) {
+        let timeout = self.config.heartbeat_timeout;
+        let min_uptime = self.config.policy.min_uptime;
+        for slot in &mut self.slots {
+            let (Some(seg), Some(child)) = (&slot.segment, &slot.child) else {
+                continue;
+            };
+            if child.exited().is_some() {
+                continue;
+            }
+            seg.beat(Role::Supervisor);
+            let age = seg.beat_age(Role::Worker);
+            if age > timeout && slot.kill_cause.is_none() {
+                tracing::error!(
+                    pid = child.pid().as_raw(),
+                    "{} missed its heartbeat for {:.1}s (timeout {:?}): killing it",
+                    slot.label(),
+                    age.as_secs_f64(),
+                    timeout
+                );
+                slot.kill_cause = Some(format!("heartbeat stalled for {:.1}s", age.as_secs_f64()));
+                let _ = child.signal(Signal::SIGKILL);
+                continue;
+            }
+            let up = child.started().elapsed();
+            let generation = seg.stats().model_generation;
+            if up >= min_uptime && seg.last_beat(Role::Worker).is_some() && generation != 0 {
+                self.good_generation = Some(
+                    self.good_generation
+                        .map_or(generation, |g| g.max(generation))
+                        .max(generation),
+                );
+            }
+        }
+    }
+
+    /// (dev, ino), generation and checksum of the live model file.
+    fn read_model_identity(&self) -> Option<((u64, u64), Option<u64>, u64)> {
+        let meta = std::fs::metadata(&self.config.model).ok()?;
+        let id = (meta.dev(), meta.ino());
+        if let Some((seen, generation, checksum)) = self.model_seen
+            && seen == id
+        {
+            return Some((id, generation, checksum));
+        }
+        let (generation, checksum) = rollback::identify(&self.config.model).ok()?;
+        Some((id, generation, checksum))
+    }
+
+    /// A new file at the model path: have every running worker LOAD it.
+    fn watch_model(&mut self) {
+        let Some(now) = self.read_model_identity() else {
+            return;
+        };
+        if self.model_seen.map(|m| m.0) == Some(now.0) {
+            return;
+        }
+        self.model_seen = Some(now);
+        let (_, generation, checksum) = now;
+        tracing::info!(generation = ?generation, "a new model was published: loading it in the workers");
+        let request = LoadRequest {
+            path: self.config.model.to_string_lossy().into_owned(),
+            generation: generation.unwrap_or(0),
+            checksum,
+        };
+        for slot in &self.slots {
+            let (Some(seg), true) = (&slot.segment, slot.running()) else {
+                continue;
+            };
+            if let Err(e) = link::load(seg, &request, LOAD_TIMEOUT) {
+                tracing::warn!(
+                    "{}: LOAD of generation {generation:?} failed: {e}",
+                    slot.label()
+                );
+            }
+        }
+    }
+
+    fn on_request(&mut self, request: Request) -> Response {
+        match request {
+            Request::Status => Response::ok(self.status()),
+            Request::Stop => {
+                tracing::info!("stop requested on the control socket");
+                self.begin_stop(exit::OK);
+                Response::ok("stopping")
+            }
+            Request::Exec { inputs } => self.exec(&inputs),
+            Request::Rollback { to } => {
+                let to = match to {
+                    Some(g) => Some(g),
+                    None => self
+                        .read_model_identity()
+                        .and_then(|(_, live, _)| live)
+                        .and_then(|live| {
+                            rollback::previous_generation(&self.config.dir, live, None)
+                        }),
+                };
+                let Some(to) = to else {
+                    return Response::error(format!(
+                        "no earlier generation in {}",
+                        rollback::history_dir(&self.config.dir).display()
+                    ));
+                };
+                match self.roll_back(to, None) {
+                    Ok(g) => Response::ok(serde_json::json!({ "generation": g })),
+                    Err(e) => Response::error(format!("{e:#}")),
+                }
+            }
+        }
+    }
+
+    fn exec(&mut self, inputs: &[f32]) -> Response {
+        if inputs.is_empty() || inputs.len() > 1 << 16 {
+            return Response::error(format!("expected 1 to 65536 inputs, got {}", inputs.len()));
+        }
+        let workers: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].kind == Kind::Worker && self.slots[i].running())
+            .collect();
+        if workers.is_empty() {
+            return Response::error("no worker is running");
+        }
+        let i = workers[self.next_exec % workers.len()];
+        self.next_exec = self.next_exec.wrapping_add(1);
+        let slot = &self.slots[i];
+        let seg = slot.segment.as_ref().expect("workers have segments");
+        let start = Instant::now();
+        match link::exec(seg, inputs, EXEC_TIMEOUT) {
+            Ok(outputs) => Response::ok(serde_json::json!({
+                "outputs": outputs,
+                "worker": slot.index,
+                "latency_us": start.elapsed().as_secs_f64() * 1e6,
+            })),
+            Err(e) => Response::error(format!("{}: {e}", slot.label())),
+        }
+    }
+
+    fn status(&mut self) -> StatusReport {
+        let stopping = matches!(self.phase, Phase::Stopping { .. });
+        let timeout = self.config.heartbeat_timeout;
+        let mut healthy = !stopping;
+        let mut children = Vec::new();
+        for slot in &mut self.slots {
+            let running = slot.running();
+            let mut row = ChildStatus {
+                role: slot.kind.name().into(),
+                index: slot.index,
+                state: if running {
+                    "running".into()
+                } else if slot.done {
+                    "finished".into()
+                } else if slot.restart_at.is_some() {
+                    "restarting".into()
+                } else {
+                    "stopped".into()
+                },
+                pid: slot
+                    .child
+                    .as_ref()
+                    .filter(|_| running)
+                    .map(|c| c.pid().as_raw() as u32),
+                uptime_s: slot
+                    .child
+                    .as_ref()
+                    .filter(|_| running)
+                    .map(|c| c.started().elapsed().as_secs_f64()),
+                restarts: slot.restarts,
+                last_exit: slot.last_exit.clone(),
+                epoch: None,
+                generation: None,
+                ping_us: None,
+                heartbeat_age_s: None,
+                stats: None,
+            };
+            if let Some(seg) = &slot.segment {
+                row.epoch = Some(seg.epoch());
+                let stats = seg.stats();
+                row.generation = (stats.model_generation != 0).then_some(stats.model_generation);
+                row.heartbeat_age_s = Some(seg.beat_age(Role::Worker).as_secs_f64());
+                if running && !stopping {
+                    slot.ping = link::ping(seg, PING_TIMEOUT).ok();
+                }
+                row.ping_us = slot.ping.map(|d| d.as_secs_f64() * 1e6);
+                row.stats = Some(stats_json(&stats));
+                if !running || slot.ping.is_none() || seg.beat_age(Role::Worker) > timeout {
+                    healthy = false;
+                }
+            } else if !running && !slot.done {
+                healthy = false;
+            }
+            children.push(row);
+        }
+        let live = self.read_model_identity().and_then(|m| m.1);
+        StatusReport {
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            dir: self.config.dir.display().to_string(),
+            model: self.config.model.display().to_string(),
+            generation: live,
+            stopping,
+            healthy,
+            rollbacks: self.rollbacks,
+            children,
+        }
+    }
+}
+
+fn stats_json(s: &evod_ring::StatsSnapshot) -> serde_json::Value {
+    let per_opcode: serde_json::Map<String, serde_json::Value> = s
+        .requests_per_opcode
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(o, n)| (op::name(o as u32).to_owned(), (*n).into()))
+        .collect();
+    serde_json::json!({
+        "requests": per_opcode,
+        "requests_other_opcodes": s.requests_other_opcodes,
+        "errors": s.errors,
+        "last_service_us": s.last_service.as_secs_f64() * 1e6,
+        "max_service_us": s.max_service.as_secs_f64() * 1e6,
+        "model_generation": s.model_generation,
+        "worker_uptime_s": s.uptime.map(|u| u.as_secs_f64()),
+    })
+}
+
+impl Slot {
+    fn new(kind: Kind, index: usize, segment: Option<Segment>) -> Slot {
+        Slot {
+            kind,
+            index,
+            child: None,
+            tracker: RestartTracker::default(),
+            restarts: 0,
+            last_exit: None,
+            restart_at: None,
+            kill_cause: None,
+            done: false,
+            segment,
+            ping: None,
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        // Children first (their Drop kills and reaps), then segments.
+        for slot in &mut self.slots {
+            slot.child = None;
+        }
+    }
+}

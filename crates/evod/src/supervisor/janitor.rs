@@ -1,0 +1,91 @@
+//! The janitor: a tiny forked helper that removes the control socket (and
+//! the runtime folder, if empty) when the supervisor dies without cleaning
+//! up, e.g. SIGKILL.
+//!
+//! [`Janitor::start`] forks before the supervisor starts any thread, so the
+//! child may run ordinary code. The child keeps the read end of a pipe whose
+//! write end only the supervisor holds (close-on-exec, so no worker inherits
+//! it); when the supervisor dies, however it dies, the read returns end of
+//! file and the janitor removes what it was told about, if it is still the
+//! same file (device and inode), then exits.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{ForkResult, Pid};
+
+/// The supervisor's end of the janitor.
+pub struct Janitor {
+    pipe: std::fs::File,
+    pid: Pid,
+}
+
+impl Janitor {
+    /// Forks the janitor.
+    ///
+    /// # Safety
+    /// The calling process must be single-threaded (nothing else can hold a
+    /// lock the child would need).
+    pub unsafe fn start() -> std::io::Result<Janitor> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        // SAFETY: the caller promises a single-threaded process, so the child
+        // may allocate and use std freely.
+        match unsafe { nix::unistd::fork() }? {
+            ForkResult::Child => {
+                drop(write);
+                run_child(read);
+            }
+            ForkResult::Parent { child } => {
+                drop(read);
+                Ok(Janitor {
+                    pipe: std::fs::File::from(write),
+                    pid: child,
+                })
+            }
+        }
+    }
+
+    /// The janitor's pid.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Asks the janitor to remove `path` if the supervisor dies while it is
+    /// still the file with this (device, inode).
+    pub fn watch(&mut self, path: &Path, inode: (u64, u64)) -> std::io::Result<()> {
+        let line = format!("{}\t{}\t{}\n", inode.0, inode.1, path.display());
+        self.pipe.write_all(line.as_bytes())
+    }
+}
+
+fn run_child(read: OwnedFd) -> ! {
+    // Out of the terminal's process group: Ctrl-C is for the supervisor.
+    let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+    let _ = nix::sys::prctl::set_name(c"evod-janitor");
+    // Keep only stdio and the pipe.
+    let fd = read.as_raw_fd();
+    // SAFETY: marks descriptors close-on-exec and closes others this child
+    // does not use; the pipe is kept.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, (fd - 1) as u32, 0u32);
+        libc::syscall(libc::SYS_close_range, (fd + 1) as u32, u32::MAX, 0u32);
+    }
+    let mut text = Vec::new();
+    let _ = std::fs::File::from(read)
+        .take(1 << 20)
+        .read_to_end(&mut text);
+    for line in String::from_utf8_lossy(&text).lines() {
+        let mut parts = line.splitn(3, '\t');
+        let (Some(dev), Some(ino), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Ok(dev), Ok(ino)) = (dev.parse(), ino.parse()) else {
+            continue;
+        };
+        super::control::remove_socket(&PathBuf::from(path), (dev, ino));
+    }
+    // SAFETY: _exit skips the parent's atexit handlers and buffered output,
+    // which belong to the supervisor.
+    unsafe { libc::_exit(0) }
+}

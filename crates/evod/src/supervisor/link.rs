@@ -1,0 +1,122 @@
+//! The supervisor's side of a worker's control channel: PING, STATS, LOAD,
+//! NEURAL_EXEC and SHUTDOWN over `evod_ring`, with deadlines.
+//!
+//! A client is taken for each call and released after it (the ring lets a
+//! new client take over a channel synced for the current epoch), so no
+//! borrow of the segment outlives a call. Everything in a reply is checked
+//! by `protocol`'s decoders: the worker is untrusted.
+
+use std::time::{Duration, Instant};
+
+use evod_ring::{Channel, RingError, Segment};
+
+use crate::protocol::{self, ExecHeader, LoadRequest, WorkerInfo, op};
+
+/// What went wrong talking to a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The ring failed (peer lost, timeout, corrupt).
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    /// The worker answered with an error status.
+    #[error("worker refused {opcode}: {message} (status {status})")]
+    Refused {
+        /// Opcode name.
+        opcode: &'static str,
+        /// Status code.
+        status: i32,
+        /// The worker's message.
+        message: String,
+    },
+    /// The reply did not decode.
+    #[error("bad {opcode} reply from the worker: {problem}")]
+    BadReply {
+        /// Opcode name.
+        opcode: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// Sends `opcode` with a payload filled by `fill`, waits for the reply until
+/// `timeout`, and hands the checked payload to `decode`.
+fn call<T>(
+    seg: &Segment,
+    opcode: u32,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]),
+    timeout: Duration,
+    decode: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Result<T, LinkError> {
+    let mut client = seg.client(Channel::Control)?;
+    let reply = client.call(opcode, 0, len, fill, Instant::now() + timeout)?;
+    let status = reply.header.status;
+    if status != protocol::status::OK {
+        let text = String::from_utf8_lossy(&reply.payload[..reply.payload.len().min(4096)]);
+        return Err(LinkError::Refused {
+            opcode: op::name(opcode),
+            status,
+            message: text.into_owned(),
+        });
+    }
+    decode(reply.payload).map_err(|problem| LinkError::BadReply {
+        opcode: op::name(opcode),
+        problem,
+    })
+}
+
+/// A PING round trip; returns its duration.
+pub fn ping(seg: &Segment, timeout: Duration) -> Result<Duration, LinkError> {
+    let start = Instant::now();
+    call(seg, op::PING, 0, |_| {}, timeout, |_| Ok(()))?;
+    Ok(start.elapsed())
+}
+
+/// Asks the worker to map and serve `request.path`.
+pub fn load(
+    seg: &Segment,
+    request: &LoadRequest,
+    timeout: Duration,
+) -> Result<WorkerInfo, LinkError> {
+    let body = protocol::to_bincode(request);
+    call(
+        seg,
+        op::LOAD,
+        body.len(),
+        |out| out.copy_from_slice(&body),
+        timeout,
+        |p| protocol::from_bincode(p).map_err(|e| e.to_string()),
+    )
+}
+
+/// Runs the live model on one input row.
+pub fn exec(seg: &Segment, inputs: &[f32], timeout: Duration) -> Result<Vec<f32>, LinkError> {
+    let header = ExecHeader {
+        batch: 1,
+        inputs: u32::try_from(inputs.len()).map_err(|_| LinkError::BadReply {
+            opcode: "NEURAL_EXEC",
+            problem: "too many inputs".into(),
+        })?,
+    };
+    let len = ExecHeader::SIZE + 4 * inputs.len();
+    call(
+        seg,
+        op::NEURAL_EXEC,
+        len,
+        |out| header.encode(inputs, out),
+        timeout,
+        |p| {
+            if p.len() % 4 != 0 {
+                return Err(format!("{} bytes is not a whole number of f32", p.len()));
+            }
+            Ok(protocol::read_f32s(p))
+        },
+    )
+}
+
+/// Sends a request without waiting for its reply (SHUTDOWN, fault opcodes).
+pub fn send_only(seg: &Segment, opcode: u32, payload: &[u8]) -> Result<(), LinkError> {
+    let mut client = seg.client(Channel::Control)?;
+    client.send(opcode, 0, payload.len(), |out| out.copy_from_slice(payload))?;
+    Ok(())
+}

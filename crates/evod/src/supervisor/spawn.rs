@@ -1,0 +1,294 @@
+//! The one helper that starts every child process.
+//!
+//! Every child is the supervisor's own executable (`/proc/self/exe`, so a
+//! binary replaced on disk does not change what is spawned) started with a
+//! hidden role subcommand, shown in `ps` as `evod <role> …`. In the child,
+//! between `fork` and `exec`:
+//!
+//! - it gets its own process group (a terminal's Ctrl-C reaches only the
+//!   supervisor, and the supervisor signals the whole group);
+//! - `PR_SET_PDEATHSIG = SIGKILL`, then a `getppid()` check against the
+//!   supervisor's pid, so a supervisor that died before the `prctl` still
+//!   takes the child with it;
+//! - every descriptor except the ones listed in [`ChildSpec::keep_fds`] is
+//!   marked close-on-exec (`close_range(…, CLOSE_RANGE_CLOEXEC)`), and the
+//!   kept ones are made inheritable at their current numbers;
+//! - with [`ChildSpec::harden`]: `no_new_privs` and no core dumps.
+//!
+//! A [`Child`] kills its process group and reaps it when dropped, unless the
+//! supervisor's reaper already collected it ([`Child::set_exited`]).
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
+
+use super::reap::ExitReason;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ChildSpec {
+    /// The hidden role subcommand (`worker`, `evolver`).
+    pub role: &'static str,
+    /// Arguments after the role.
+    pub args: Vec<OsString>,
+    /// Descriptors the child inherits at their current numbers.
+    pub keep_fds: Vec<RawFd>,
+    /// Set `no_new_privs` and disable core dumps.
+    pub harden: bool,
+}
+
+/// A running (or ended, not yet dropped) child process.
+#[derive(Debug)]
+pub struct Child {
+    pid: Pid,
+    started: Instant,
+    exited: Option<ExitReason>,
+}
+
+/// Starts a child as described by `spec`.
+pub fn spawn(spec: &ChildSpec) -> io::Result<Child> {
+    spawn_program("/proc/self/exe".as_ref(), spec)
+}
+
+/// Starts `program` with `spec` (tests and benchmarks use other programs).
+pub fn spawn_program(program: &std::path::Path, spec: &ChildSpec) -> io::Result<Child> {
+    let mut command = Command::new(program);
+    command
+        .arg0("evod")
+        .arg(spec.role)
+        .args(&spec.args)
+        .stdin(Stdio::null())
+        .process_group(0);
+    let parent = nix::unistd::getpid();
+    let mut keep = spec.keep_fds.clone();
+    keep.sort_unstable();
+    keep.dedup();
+    if keep.iter().any(|&fd| fd < 3) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "spawn: descriptors 0-2 are the child's stdio and cannot be passed as extra fds",
+        ));
+    }
+    let harden = spec.harden;
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (prctl, getppid, setrlimit, close_range,
+    // fcntl); it allocates nothing (`keep` was built before the fork).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The supervisor may have died between fork and prctl: then no
+            // death signal will ever come, so leave now.
+            if libc::getppid() != parent.as_raw() {
+                libc::_exit(1);
+            }
+            if harden {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let zero = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::setrlimit(libc::RLIMIT_CORE, &zero) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // Everything from 3 up except the kept fds: close-on-exec. Rust
+            // opens descriptors with O_CLOEXEC already; this also covers
+            // anything a library opened without it.
+            let mut low: libc::c_uint = 3;
+            for &fd in &keep {
+                let fd = fd as libc::c_uint;
+                if fd > low {
+                    cloexec_range(low, fd - 1);
+                }
+                low = fd + 1;
+            }
+            cloexec_range(low, libc::c_uint::MAX);
+            for &fd in &keep {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn()?;
+    Ok(Child {
+        pid: Pid::from_raw(child.id() as i32),
+        started: Instant::now(),
+        exited: None,
+    })
+}
+
+/// Marks `[first, last]` close-on-exec; an old kernel without `close_range`
+/// is fine (std already opens descriptors close-on-exec).
+///
+/// # Safety
+/// Only marks descriptors; async-signal-safe.
+unsafe fn cloexec_range(first: libc::c_uint, last: libc::c_uint) {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing, it only
+    // sets a flag on descriptors in range; unknown numbers are ignored.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            last,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+        );
+    }
+}
+
+impl Child {
+    /// The child's pid (also its process group id).
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// When it was started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// How it ended, once reaped.
+    pub fn exited(&self) -> Option<ExitReason> {
+        self.exited
+    }
+
+    /// Records that the reaper collected this child (its pid may now be reused,
+    /// so it is never signalled or waited for again).
+    pub fn set_exited(&mut self, reason: ExitReason) {
+        self.exited = Some(reason);
+    }
+
+    /// Sends `signal` to the child's whole process group, if it is still running.
+    pub fn signal(&self, signal: Signal) -> nix::Result<()> {
+        if self.exited.is_some() {
+            return Ok(());
+        }
+        match killpg(self.pid, signal) {
+            // The group may be gone while the leader is a zombie: signal it.
+            Err(nix::errno::Errno::ESRCH) => kill(self.pid, signal),
+            other => other,
+        }
+    }
+
+    /// Kills the process group and waits for the child (blocking).
+    pub fn kill_and_reap(&mut self) -> Option<ExitReason> {
+        if self.exited.is_none() {
+            let _ = self.signal(Signal::SIGKILL);
+            loop {
+                match waitpid(self.pid, None) {
+                    Ok(status) => {
+                        if let Some((_, reason)) = ExitReason::from_wait(status) {
+                            self.exited = Some(reason);
+                            break;
+                        }
+                    }
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    // ECHILD: someone else reaped it; nothing to wait for.
+                    Err(_) => break,
+                }
+            }
+        }
+        self.exited
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.kill_and_reap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn sh(script: &str, keep_fds: Vec<RawFd>) -> Child {
+        // argv is ["evod", role, args…] = ["evod", "-c", SCRIPT].
+        spawn_program(
+            "/bin/sh".as_ref(),
+            &ChildSpec {
+                role: "-c",
+                args: vec![script.into()],
+                keep_fds,
+                harden: true,
+            },
+        )
+        .expect("spawn sh")
+    }
+
+    fn read_proc(pid: Pid, what: &str) -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/{what}")).unwrap_or_default()
+    }
+
+    #[test]
+    fn child_is_group_leader_and_dropping_kills_and_reaps_it() {
+        let child = sh("sleep 30", vec![]);
+        let pid = child.pid();
+        assert_eq!(nix::unistd::getpgid(Some(pid)).unwrap(), pid);
+        drop(child);
+        // Reaped: no /proc entry, not even a zombie.
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+
+    #[test]
+    fn only_kept_fds_are_inherited_and_hardening_applies() {
+        let kept = std::fs::File::open("/proc/self/exe").unwrap();
+        let hidden = std::fs::File::open("/proc/self/exe").unwrap();
+        let (k, h) = (kept.as_raw_fd(), hidden.as_raw_fd());
+        // Clear close-on-exec on `hidden` to prove the helper sets it again.
+        // SAFETY: plain fcntl on a descriptor we own.
+        unsafe { libc::fcntl(h, libc::F_SETFD, 0) };
+        let mut child = sh("exec sleep 30", vec![k]);
+        let pid = child.pid();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while !read_proc(pid, "cmdline").starts_with("sleep") {
+            assert!(Instant::now() < deadline, "child never exec'd sleep");
+            std::thread::yield_now();
+        }
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(fds.contains(&k.to_string()), "kept fd missing: {fds:?}");
+        assert!(!fds.contains(&h.to_string()), "leaked fd: {fds:?}");
+        let status = read_proc(pid, "status");
+        assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+        let limits = read_proc(pid, "limits");
+        let core = limits
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .unwrap();
+        assert!(core.split_whitespace().nth(4) == Some("0"), "{core}");
+        let reason = child.kill_and_reap().unwrap();
+        assert_eq!(reason.to_string(), "killed by signal 9 (SIGKILL)");
+        drop((kept, hidden));
+    }
+
+    #[test]
+    fn fds_below_three_are_refused() {
+        let err = spawn_program(
+            "/bin/true".as_ref(),
+            &ChildSpec {
+                role: "x",
+                args: vec![],
+                keep_fds: vec![1],
+                harden: false,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+}
