@@ -316,10 +316,23 @@ impl Loop {
         evolve: &EvolveArgs,
         ring: &mut RingEvaluator<'_>,
     ) -> Result<()> {
+        // Published generations are numbered by metabolism cycle (1-based),
+        // so a run's numbering does not depend on when it was interrupted.
+        let generation = report.generation + 1;
+        if generation <= self.spec.generation {
+            // Replaying cycles after a resume from an older checkpoint: the
+            // run is deterministic, so the file already holds this result
+            // (or a later one).
+            tracing::info!(
+                generation,
+                live = self.spec.generation,
+                "already published (replayed after resume); not writing again"
+            );
+            return Ok(());
+        }
         let old = evod_gguf::GgufFile::open(&self.model_path)?;
         let mut spec = self.spec.clone();
-        // Generations are numbered by metabolism cycle, so they only grow.
-        spec.generation = report.generation.max(self.spec.generation + 1);
+        spec.generation = generation;
         spec.parent_checksum = Some(old.checksum());
         spec.fitness = Some(candidate.gate_fitness.unwrap_or(candidate.fitness));
         spec.seed = evolve.seed();

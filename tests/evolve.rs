@@ -1,0 +1,275 @@
+//! The main job end to end: `evod run` (supervisor + workers + evolver, real
+//! processes) evolving a model, bounded by `--until-solved` or
+//! `--generations`. Same seed → same published tensors; an evolver killed
+//! mid-run resumes and ends where an uninterrupted run ends; a worker
+//! killed mid-batch costs a respawn, not the generation.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use evod_gguf::GgufFile;
+
+/// Generous: this is not a timing test, only a guard against a hang.
+const DEADLINE: Duration = Duration::from_secs(240);
+
+fn evod() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_evod"));
+    cmd.env_remove("EVOD_DIR").env("NO_COLOR", "1");
+    cmd
+}
+
+fn spawn_run(dir: &Path, args: &[&str]) -> Child {
+    evod()
+        .arg("run")
+        .arg("--dir")
+        .arg(dir)
+        .args(["--workers", "2", "--log-format", "json"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning evod run")
+}
+
+/// Waits for `child` with a deadline; kills it and fails past the deadline.
+fn finish(mut child: Child) -> Output {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "evod run did not finish within {DEADLINE:?}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Tensor data checksum and `evod.generation` of a model file.
+fn identity(path: &Path) -> (u64, u64) {
+    let f = GgufFile::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let generation = f.get("evod.generation").and_then(|v| v.as_u64()).unwrap();
+    (f.checksum(), generation)
+}
+
+/// Children of `pid` whose command line contains `role`.
+fn children_with_role(pid: u32, role: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rsplit_once(") ").map(|x| x.1) else {
+            continue;
+        };
+        let ppid: u32 = after
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if ppid != pid {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline.split(|&b| b == 0).map(text).collect();
+        if args.get(1).is_some_and(|a| a == role) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn progress_rows(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("state/progress.csv"))
+        .map(|t| t.lines().count().saturating_sub(1))
+        .unwrap_or(0)
+}
+
+/// Polls `cond` until it holds or the deadline passes.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn run_until_solved_solves_cartpole_in_an_empty_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = finish(spawn_run(dir.path(), &["--until-solved", "--seed", "1"]));
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstderr:\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("solved"),
+        "no summary: {}",
+        text(&out.stdout)
+    );
+    let model = dir.path().join("vectorland.gguf");
+    let (_, generation) = identity(&model);
+    assert!(generation >= 1, "nothing published");
+    // Independent check: 100 fresh episodes in this process (not the gate's
+    // seeds) through `evod eval`.
+    let o = evod()
+        .args(["eval"])
+        .arg(&model)
+        .args(["--episodes", "100", "--seed", "123456", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mean = v["mean"].as_f64().unwrap();
+    assert!(
+        mean >= 475.0,
+        "published model's mean return over 100 episodes is {mean}"
+    );
+    // The history holds the published generation and the report draws it.
+    assert!(
+        dir.path()
+            .join(format!("history/gen-{generation:08}.gguf"))
+            .exists()
+    );
+    let svg = dir.path().join("report.svg");
+    let o = evod()
+        .args(["report", "--dir"])
+        .arg(dir.path())
+        .arg("-o")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<polyline"));
+}
+
+fn init_sine(dir: &Path) {
+    let o = evod()
+        .current_dir(dir)
+        .args([
+            "init", "--task", "sine", "--layers", "1,16,1", "--seed", "5",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
+const SINE_RUN: &[&str] = &[
+    "--generations",
+    "60",
+    "--seed",
+    "9",
+    "--checkpoint-every",
+    "1",
+];
+
+#[test]
+fn same_seed_publishes_the_same_tensors() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    for d in [a.path(), b.path()] {
+        init_sine(d);
+        let out = finish(spawn_run(d, SINE_RUN));
+        assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    }
+    let ia = identity(&a.path().join("vectorland.gguf"));
+    let ib = identity(&b.path().join("vectorland.gguf"));
+    assert!(ia.1 > 0, "sine run published nothing");
+    assert_eq!(ia, ib, "same seed, different published model");
+}
+
+#[test]
+fn killed_evolver_resumes_and_ends_like_an_uninterrupted_run() {
+    let reference = tempfile::tempdir().unwrap();
+    init_sine(reference.path());
+    let out = finish(spawn_run(reference.path(), SINE_RUN));
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+
+    let dir = tempfile::tempdir().unwrap();
+    init_sine(dir.path());
+    let child = spawn_run(dir.path(), SINE_RUN);
+    let sup = child.id();
+    // Kill the evolver twice, at different points of the run.
+    for rows in [4, 12] {
+        wait_for("progress", || progress_rows(dir.path()) >= rows);
+        let pid = children_with_role(sup, "evolver")[0];
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    let out = finish(child);
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let log = text(&out.stderr);
+    assert_eq!(
+        log.matches("killed by signal 9 (SIGKILL)").count(),
+        2,
+        "the kills were not logged:\n{log}"
+    );
+    assert_eq!(
+        identity(&dir.path().join("vectorland.gguf")),
+        identity(&reference.path().join("vectorland.gguf")),
+        "interrupted run ended elsewhere than the uninterrupted one"
+    );
+    // No temporary file survives.
+    let litter: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(litter.is_empty(), "{litter:?}");
+}
+
+#[test]
+fn worker_killed_mid_run_costs_a_respawn_not_the_run() {
+    let reference = tempfile::tempdir().unwrap();
+    init_sine(reference.path());
+    let out = finish(spawn_run(reference.path(), SINE_RUN));
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+
+    let dir = tempfile::tempdir().unwrap();
+    init_sine(dir.path());
+    let child = spawn_run(dir.path(), SINE_RUN);
+    let sup = child.id();
+    for (rows, signal) in [
+        (3, nix::sys::signal::Signal::SIGKILL),
+        (8, nix::sys::signal::Signal::SIGABRT),
+    ] {
+        wait_for("progress", || progress_rows(dir.path()) >= rows);
+        let pid = children_with_role(sup, "worker")[0];
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+    }
+    let out = finish(child);
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let log = text(&out.stderr);
+    for words in [
+        "killed by signal 9 (SIGKILL)",
+        "killed by signal 6 (SIGABRT)",
+    ] {
+        assert!(log.contains(words), "{words:?} not logged:\n{log}");
+    }
+    assert!(progress_rows(dir.path()) >= 60, "generations lost");
+    // Evaluation is deterministic whichever worker runs it, so the
+    // result is the uninterrupted run's.
+    assert_eq!(
+        identity(&dir.path().join("vectorland.gguf")),
+        identity(&reference.path().join("vectorland.gguf"))
+    );
+}
