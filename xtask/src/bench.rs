@@ -7,7 +7,10 @@ use std::process::Command;
 use anyhow::{Result, bail};
 
 /// (name, package, example) of every benchmark.
-const BENCHES: &[(&str, &str, &str)] = &[("evolve", "evod-evolve", "bench_evolve")];
+const BENCHES: &[(&str, &str, &str)] = &[
+    ("evolve", "evod-evolve", "bench_evolve"),
+    ("runtime", "evod-runtime", "bench_runtime"),
+];
 
 /// Runs the benchmarks named in `args` (all when empty).
 pub fn run(args: &[String]) -> Result<()> {

@@ -1,0 +1,108 @@
+//! `cargo xtask bench runtime`: CartPole-v1 steps per second with a 4-16-2
+//! tanh policy on one core, against gymnasium + a numpy MLP measured in the
+//! same run. Writes the JSON given as the only argument.
+//!
+//! The policy is [`evod_runtime::cartpole::balancing_policy`], so every
+//! episode runs the full 500 steps. Each figure is the median of several
+//! timed repeats.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use evod_runtime::cartpole::{balancing_policy, run_episode};
+use evod_runtime::mlp::Mlp;
+
+const REPEATS: usize = 7;
+const EPISODES_PER_REPEAT: u64 = 2000;
+const PEER_SECONDS: f64 = 2.0;
+const PEER_REPEATS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("EVOD_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"))
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out_path = std::env::args()
+        .nth(1)
+        .ok_or("usage: bench_runtime OUTPUT.json")?;
+    let (arch, params) = balancing_policy();
+
+    // evod: one core, full-length episodes.
+    let mut policy = Mlp::new(&arch, &params)?;
+    let mut seed = 0u64;
+    // Warm-up.
+    for _ in 0..100 {
+        std::hint::black_box(run_episode(&mut policy, seed));
+        seed += 1;
+    }
+    let mut figures = Vec::new();
+    for _ in 0..REPEATS {
+        let start = Instant::now();
+        let mut steps = 0u64;
+        for _ in 0..EPISODES_PER_REPEAT {
+            steps += u64::from(run_episode(&mut policy, std::hint::black_box(seed)));
+            seed += 1;
+        }
+        figures.push(steps as f64 / start.elapsed().as_secs_f64());
+    }
+    let evod = median(figures.clone());
+    eprintln!("evod cartpole: {evod:.0} steps/s (median of {REPEATS})");
+
+    // gymnasium + numpy, same policy.
+    let dir = std::env::temp_dir().join(format!("evod-bench-runtime-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let weights = dir.join("weights.json");
+    std::fs::write(
+        &weights,
+        serde_json::json!({"layers": arch.layers, "params": params}).to_string(),
+    )?;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/gymnasium_bench.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .arg(&weights)
+        .arg(PEER_SECONDS.to_string())
+        .arg(PEER_REPEATS.to_string())
+        .output()?;
+    std::fs::remove_dir_all(&dir)?;
+    if !out.status.success() {
+        return Err(format!(
+            "gymnasium benchmark failed (run `cargo xtask venv`?): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let peer: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let peer_figures: Vec<f64> = peer["steps_per_s"]
+        .as_array()
+        .ok_or("peer printed no steps_per_s")?
+        .iter()
+        .filter_map(serde_json::Value::as_f64)
+        .collect();
+    let gym = median(peer_figures.clone());
+    eprintln!(
+        "gymnasium + numpy: {gym:.0} steps/s; ratio {:.1}x",
+        evod / gym
+    );
+
+    let report = serde_json::json!({
+        "cartpole_steps_per_s": evod,
+        "cartpole_steps_per_s_samples": figures,
+        "gymnasium_steps_per_s": gym,
+        "gymnasium_steps_per_s_samples": peer_figures,
+        "ratio_vs_gymnasium": evod / gym,
+        "policy": "4-16-2 tanh, balancing_policy (every episode 500 steps)",
+        // TODO(worker): EVAL through the ring, 114-weight policies in
+        // batches of 64; measured by the worker's benchmark, not here.
+        "eval_candidates_per_s": null,
+    });
+    std::fs::write(&out_path, serde_json::to_string_pretty(&report)?)?;
+    Ok(())
+}
