@@ -9,6 +9,7 @@ use anyhow::{Result, bail};
 /// (name, package, example) of every benchmark.
 const BENCHES: &[(&str, &str, &str)] = &[
     ("evolve", "evod-evolve", "bench_evolve"),
+    ("gguf", "evod-gguf", "bench_gguf"),
     ("runtime", "evod-runtime", "bench_runtime"),
 ];
 
