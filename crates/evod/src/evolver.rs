@@ -54,6 +54,10 @@ pub struct Args {
 /// Runs `evod evolver` until its bound is reached (exit 0) or forever.
 pub fn run(args: Args) -> Result<ExitCode> {
     set_process_name(c"evod-evolver");
+    crate::supervisor::daemon::init_logging(match std::env::var("EVOD_LOG_FORMAT").as_deref() {
+        Ok("json") => crate::run::LogFormat::Json,
+        _ => crate::run::LogFormat::Human,
+    });
     let segments = args
         .ring_fds
         .iter()
@@ -82,6 +86,10 @@ pub fn is_fresh_folder(dir: &Path) -> bool {
 /// Creates the built-in default model at `path`: CartPole-v1, 4-16-2 tanh,
 /// initialised from `seed` (what `evod init --seed SEED` writes).
 pub fn create_default_model(path: &Path, seed: u64) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating the run folder {}", parent.display()))?;
+    }
     let task = Task::CartPole { episodes: 1 };
     let arch = task.default_arch(evod_runtime::Activation::Tanh);
     let params = evod_runtime::init_params(&arch, seed);
