@@ -120,6 +120,19 @@ struct Supervisor {
 /// Runs the supervisor until it stops; returns the process exit code.
 pub fn run(config: Config) -> anyhow::Result<ExitCode> {
     init_logging(config.log_format);
+    // Children log in the same format: they read it from the environment.
+    // SAFETY: no thread has been started yet in this process (the janitor
+    // and signal threads start below), so nothing reads the environment
+    // concurrently.
+    unsafe {
+        std::env::set_var(
+            "EVOD_LOG_FORMAT",
+            match config.log_format {
+                LogFormat::Human => "human",
+                LogFormat::Json => "json",
+            },
+        );
+    }
     if !config.model.exists() && crate::evolver::is_fresh_folder(&config.dir) {
         crate::evolver::create_default_model(&config.model, config.evolve.seed())?;
     }
@@ -168,7 +181,7 @@ pub fn run(config: Config) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn init_logging(format: LogFormat) {
+pub(crate) fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EVOD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
