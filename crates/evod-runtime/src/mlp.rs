@@ -159,16 +159,21 @@ pub fn forward_batch(
     Ok(())
 }
 
+/// Lanes per chunk of [`Mlp`]'s padded layers.
+const LANES: usize = 8;
+
 /// A network prepared for many single-input forward passes (a policy):
-/// weights transposed once to `[in][out]` so that each layer's update runs
-/// over contiguous memory and vectorises. Same arithmetic, bit for bit, as
-/// [`forward_batch`].
+/// weights transposed once to `[in][out]` and each layer padded with zero
+/// weights to a multiple of 8 outputs, so that each layer's update runs over
+/// fixed-size chunks and vectorises. Same arithmetic, bit for bit, as
+/// [`forward_batch`] (padding lanes are never read).
 #[derive(Debug, Clone)]
 pub struct Mlp {
     arch: Architecture,
-    /// Per block: transposed weights `[in][out]` followed by the bias.
+    /// Per block: (in, padded out, transposed weights `[in][padded out]`,
+    /// padded bias).
     blocks: Vec<(usize, usize, Vec<f32>, Vec<f32>)>,
-    /// Activations of every layer, concatenated, input layer first.
+    /// Activations of every layer (padded), concatenated, input layer first.
     acts: Vec<f32>,
     offsets: Vec<usize>,
 }
@@ -178,26 +183,29 @@ impl Mlp {
     pub fn new(arch: &Architecture, params: &[f32]) -> Result<Mlp, RuntimeError> {
         arch.validate()?;
         arch.check_params(params)?;
+        let pad = |w: usize| w.div_ceil(LANES) * LANES;
         let mut blocks = Vec::with_capacity(arch.n_blocks());
         let mut at = 0;
         for w in arch.layers.windows(2) {
             let (li, lo) = (w[0], w[1]);
+            let lp = pad(lo);
             let weights = &params[at..at + li * lo];
-            let mut wt = vec![0.0f32; li * lo];
+            let mut wt = vec![0.0f32; li * lp];
             for j in 0..lo {
                 for i in 0..li {
-                    wt[i * lo + j] = weights[j * li + i];
+                    wt[i * lp + j] = weights[j * li + i];
                 }
             }
-            let bias = params[at + li * lo..at + li * lo + lo].to_vec();
+            let mut bias = vec![0.0f32; lp];
+            bias[..lo].copy_from_slice(&params[at + li * lo..at + li * lo + lo]);
             at += li * lo + lo;
-            blocks.push((li, lo, wt, bias));
+            blocks.push((li, lp, wt, bias));
         }
         let mut offsets = Vec::with_capacity(arch.layers.len() + 1);
         let mut total = 0;
         for &w in &arch.layers {
             offsets.push(total);
-            total += w;
+            total += pad(w);
         }
         offsets.push(total);
         Ok(Mlp {
@@ -220,23 +228,35 @@ impl Mlp {
         let n_in = self.arch.inputs();
         self.acts[..n_in].copy_from_slice(input);
         let last = self.blocks.len() - 1;
-        for (n, (li, lo, wt, bias)) in self.blocks.iter().enumerate() {
+        let activation = self.arch.activation;
+        for (n, (li, lp, wt, bias)) in self.blocks.iter().enumerate() {
             let (head, tail) = self.acts.split_at_mut(self.offsets[n + 1]);
-            let src = &head[self.offsets[n]..];
-            let dst = &mut tail[..*lo];
-            dst.copy_from_slice(bias);
-            for (&xv, col) in src.iter().zip(wt.chunks_exact(*lo)) {
-                for (d, &wv) in dst.iter_mut().zip(col) {
-                    *d += wv * xv;
+            let src = &head[self.offsets[n]..self.offsets[n] + li];
+            let dst = &mut tail[..*lp];
+            for (c, (d, b)) in dst
+                .chunks_exact_mut(LANES)
+                .zip(bias.chunks_exact(LANES))
+                .enumerate()
+            {
+                let mut acc = [0.0f32; LANES];
+                acc.copy_from_slice(b);
+                for (&xv, row) in src.iter().zip(wt.chunks_exact(*lp)) {
+                    let col: &[f32; LANES] = row[c * LANES..][..LANES]
+                        .try_into()
+                        .unwrap_or(&[0.0; LANES]);
+                    for k in 0..LANES {
+                        acc[k] += col[k] * xv;
+                    }
                 }
-            }
-            debug_assert_eq!(src.len(), *li);
-            if n != last {
-                activate_all(self.arch.activation, dst);
+                if n != last {
+                    activate_all(activation, &mut acc);
+                }
+                d.copy_from_slice(&acc);
             }
         }
-        let end = self.offsets.len() - 1;
-        &self.acts[self.offsets[end - 1]..self.offsets[end]]
+        let out = self.arch.outputs();
+        let start = self.offsets[self.offsets.len() - 2];
+        &self.acts[start..start + out]
     }
 }
 
