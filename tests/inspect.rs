@@ -1,0 +1,169 @@
+//! `evod inspect` as a process: text and `--json` output for a file written
+//! in the test, and a malformed file giving exit code 3 with a one-line
+//! error naming the file.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use evod_gguf::{Array, PublishOptions, TensorSpec, TensorType, Value, ValueType, publish};
+
+fn evod(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_evod"))
+        .arg("inspect")
+        .args(args)
+        .output()
+        .expect("running evod")
+}
+
+fn write_model(path: &Path) -> u64 {
+    let tokens: Vec<Value> = (0..1000)
+        .map(|i| Value::String(format!("tok{i}")))
+        .collect();
+    let meta = vec![
+        (
+            "general.architecture".to_owned(),
+            Value::String("evod-mlp".into()),
+        ),
+        ("evod.seed".to_owned(), Value::U64(u64::MAX - 1)),
+        ("evod.fitness".to_owned(), Value::F32(f32::NAN)),
+        (
+            "tokenizer.tokens".to_owned(),
+            Value::Array(Array {
+                elem_type: ValueType::String,
+                values: tokens,
+            }),
+        ),
+    ];
+    let specs = vec![
+        TensorSpec {
+            name: "blk.0.weight".into(),
+            dims: vec![4, 16],
+            ttype: TensorType::F32,
+        },
+        TensorSpec {
+            name: "blk.0.bias".into(),
+            dims: vec![16],
+            ttype: TensorType::F16,
+        },
+    ];
+    publish(
+        path,
+        &meta,
+        &specs,
+        |i, w| {
+            let s = &specs[i];
+            w.write_all(&vec![0; s.ttype.byte_size(&s.dims).unwrap() as usize])
+        },
+        &PublishOptions::default(),
+    )
+    .unwrap()
+    .checksum
+}
+
+#[test]
+fn text_and_json_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let checksum = write_model(&path);
+
+    let out = evod(&[path.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("version: 3"), "{text}");
+    assert!(text.contains(&format!("{checksum:016x}")), "{text}");
+    assert!(
+        text.contains("general.architecture: string = \"evod-mlp\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("tokenizer.tokens: array[string; 1000] = [\"tok0\", \"tok1\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("… 992 more]"),
+        "long arrays are shortened: {text}"
+    );
+    assert!(!text.contains("tok999"), "{text}");
+    assert!(
+        text.contains("blk.0.bias") && text.contains("F16") && text.contains("[16]"),
+        "{text}"
+    );
+    let keys: Vec<usize> = [
+        "general.architecture",
+        "evod.seed",
+        "evod.fitness",
+        "tokenizer.tokens",
+    ]
+    .iter()
+    .map(|k| text.find(&format!("  {k}:")).unwrap())
+    .collect();
+    assert!(keys.is_sorted(), "metadata keeps file order");
+
+    let out = evod(&[path.as_os_str(), "--json".as_ref()]);
+    assert!(out.status.success());
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["version"], 3);
+    assert_eq!(j["checksum"], format!("{checksum:016x}"));
+    assert_eq!(j["tensor_count"], 2);
+    assert_eq!(
+        j["metadata"][1]["value"].as_u64(),
+        Some(u64::MAX - 1),
+        "u64 exact"
+    );
+    assert_eq!(j["metadata"][2]["value"], "nan");
+    let toks = &j["metadata"][3]["value"];
+    assert_eq!(toks["elem_type"], "string");
+    assert_eq!(
+        toks["values"].as_array().unwrap().len(),
+        1000,
+        "json is complete"
+    );
+    assert_eq!(toks["values"][999], "tok999");
+    let t = &j["tensors"][1];
+    assert_eq!(t["name"], "blk.0.bias");
+    assert_eq!(t["type"], "F16");
+    assert_eq!(t["dims"], serde_json::json!([16]));
+    assert_eq!(t["size"], 32);
+    assert_eq!(t["offset"], 256);
+    assert_eq!(
+        t["absolute_offset"].as_u64().unwrap(),
+        j["data_offset"].as_u64().unwrap() + 256
+    );
+}
+
+#[test]
+fn malformed_file_exits_3_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.gguf");
+    write_model(&path);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The tensor count becomes absurd.
+    bytes[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    for json in [false, true] {
+        let mut args = vec![path.as_os_str()];
+        if json {
+            args.push("--json".as_ref());
+        }
+        let out = evod(&args);
+        assert_eq!(out.status.code(), Some(3));
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains("bad.gguf") && err.contains("byte 8") && err.contains("tensor count"),
+            "{err}"
+        );
+    }
+    let out = evod(&[dir.path().join("missing.gguf").as_os_str()]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("missing.gguf")
+    );
+}
