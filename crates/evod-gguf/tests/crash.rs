@@ -123,13 +123,20 @@ fn publish_survives_sigkill() {
             .spawn()
             .unwrap();
         // Wait for the child to be running its loop (an event, not a sleep).
-        let mut lines = BufReader::new(proc.stdout.take().unwrap()).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(l)) if l.ends_with("ready") => break,
-                Some(Ok(_)) => continue,
-                _ => panic!("child exited before it was ready: {:?}", proc.wait()),
+        // A reader thread forwards lines so the wait has a deadline.
+        let stdout = proc.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.ends_with("ready") && tx.send(()).is_err() {
+                    break;
+                }
             }
+        });
+        if let Err(e) = rx.recv_timeout(Duration::from_secs(30)) {
+            let _ = proc.kill();
+            panic!("child not ready ({e}): {:?}", proc.wait());
         }
         // The kill instant is random; this sleep chooses it, it waits for nothing.
         std::thread::sleep(Duration::from_micros(rng.next() % 150_000));
