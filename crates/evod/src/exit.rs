@@ -60,6 +60,24 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
     FAILURE
 }
 
+/// An error and its causes on one line, `a: b: c`, skipping a cause whose
+/// text its parent's message already ends with (libraries that both print
+/// and return their source would otherwise say it twice).
+pub fn render(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// Converts a raw code into an [`ExitCode`].
 pub fn exit(code: u8) -> ExitCode {
     ExitCode::from(code)
