@@ -227,16 +227,17 @@ impl<'a> Client<'a> {
                 max: l.payload_bytes,
             });
         }
-        if self.in_flight.len() >= l.queue_depth as usize {
-            return Err(RingError::Full);
-        }
         let c = self.seg.chan(self.ch);
         // Acquire pairs with the server's `req.head.store(Release)` when it
         // released a request: its reads of that slot and payload happen
         // before we overwrite them.
         let head = c.req.head.v.load(Ordering::Acquire);
+        let ch = self.ch;
         self.req
-            .check_head(head, &format!("{:?} request queue", self.ch))?;
+            .check_head(head, || format!("{ch:?} request queue"))?;
+        if self.in_flight.len() >= l.queue_depth as usize {
+            return Err(RingError::Full);
+        }
         let Some(start) = self.req.reserve(payload_len) else {
             return Err(RingError::Full);
         };
@@ -303,7 +304,7 @@ impl<'a> Client<'a> {
                     // Acquire pairs with the server's `resp.tail.store(Release)`
                     // after it wrote the slot and payload.
                     let tail = c.resp.tail.v.load(Ordering::Acquire);
-                    check_tail(*resp_head, tail, depth, &format!("{ch:?} response queue"))?;
+                    check_tail(*resp_head, tail, depth, || format!("{ch:?} response queue"))?;
                     if tail == *resp_head {
                         return Ok(None);
                     }

@@ -50,12 +50,18 @@ impl Producer {
     }
 
     /// Checks the consumer's published `head` against what is possible.
-    pub(crate) fn check_head(&mut self, head: u64, what: &str) -> Result<(), RingError> {
+    pub(crate) fn check_head(
+        &mut self,
+        head: u64,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), RingError> {
         if head < self.head_seen || head > self.tail {
             return Err(RingError::PeerCorrupt {
                 what: format!(
-                    "{what} head {head} outside {}..={} (last seen..tail)",
-                    self.head_seen, self.tail
+                    "{} head {head} outside {}..={} (last seen..tail)",
+                    what(),
+                    self.head_seen,
+                    self.tail
                 ),
             });
         }
@@ -106,11 +112,17 @@ impl Producer {
 }
 
 /// Checks a producer's published `tail` against the consumer's `head`.
-pub(crate) fn check_tail(head: u64, tail: u64, depth: u32, what: &str) -> Result<(), RingError> {
+pub(crate) fn check_tail(
+    head: u64,
+    tail: u64,
+    depth: u32,
+    what: impl FnOnce() -> String,
+) -> Result<(), RingError> {
     if tail < head || tail - head > u64::from(depth) {
         return Err(RingError::PeerCorrupt {
             what: format!(
-                "{what} tail {tail} outside {head}..={} (head..head+depth)",
+                "{} tail {tail} outside {head}..={} (head..head+depth)",
+                what(),
                 head + u64::from(depth)
             ),
         });
@@ -168,7 +180,7 @@ mod tests {
             }
             for &len in sizes {
                 let mut s = st.clone();
-                s.p.check_head(s.head, "test").unwrap();
+                s.p.check_head(s.head, || "test".into()).unwrap();
                 if let Some(start) = s.p.reserve(len) {
                     let off = s.p.commit(start, len);
                     s.live.push_back((off, round_up(len as u64, 64)));
@@ -179,7 +191,7 @@ mod tests {
                 let mut s = st.clone();
                 s.live.pop_front();
                 s.head += 1;
-                s.p.check_head(s.head, "test").unwrap();
+                s.p.check_head(s.head, || "test".into()).unwrap();
                 step(&s, depth, cap, sizes, left - 1, count);
             }
         }
@@ -196,14 +208,17 @@ mod tests {
     #[test]
     fn head_checks() {
         let mut p = Producer::new(10, 8, 4, 128);
-        assert!(p.check_head(7, "x").is_err());
-        assert!(p.check_head(11, "x").is_err());
-        p.check_head(9, "x").unwrap();
-        assert!(p.check_head(8, "x").is_err(), "head went backwards");
-        assert!(check_tail(5, 4, 4, "x").is_err());
-        assert!(check_tail(5, 10, 4, "x").is_err());
-        check_tail(5, 9, 4, "x").unwrap();
-        check_tail(5, 5, 4, "x").unwrap();
+        assert!(p.check_head(7, || "x".into()).is_err());
+        assert!(p.check_head(11, || "x".into()).is_err());
+        p.check_head(9, || "x".into()).unwrap();
+        assert!(
+            p.check_head(8, || "x".into()).is_err(),
+            "head went backwards"
+        );
+        assert!(check_tail(5, 4, 4, || "x".into()).is_err());
+        assert!(check_tail(5, 10, 4, || "x".into()).is_err());
+        check_tail(5, 9, 4, || "x".into()).unwrap();
+        check_tail(5, 5, 4, || "x".into()).unwrap();
     }
 
     #[test]
@@ -214,7 +229,7 @@ mod tests {
             None,
             "payload placement of messages 3 and 4 unknown"
         );
-        p.check_head(5, "x").unwrap();
+        p.check_head(5, || "x".into()).unwrap();
         assert!(p.reserve(128).is_some());
     }
 }

@@ -36,7 +36,7 @@ pub use layout::{
     LAYOUT_VERSION, MAGIC, MAX_PAYLOAD_BYTES, MAX_QUEUE_DEPTH, MsgHeader, PAYLOAD_ALIGN,
     STATS_OPCODES, ZeroCopy,
 };
-pub use segment::{Beat, LayoutConfig, Segment, StatsSnapshot};
+pub use segment::{Beat, LayoutConfig, Scribble, Segment, StatsSnapshot};
 pub use server::{Request, Server, ServerConfig};
 pub use wait::WaitPolicy;
 

@@ -64,6 +64,29 @@ pub struct StatsSnapshot {
     pub uptime: Option<Duration>,
 }
 
+/// Deliberate corruption of the segment, for fault injection (the worker's
+/// "scribble" opcode) and for the tests that prove the other side survives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scribble {
+    /// Pseudo-random bytes (xorshift from `seed`) over the whole segment.
+    RandomBytes {
+        /// Seed of the byte stream.
+        seed: u64,
+    },
+    /// Publish a response tail beyond head + queue depth.
+    ResponseTailBeyondDepth(Channel),
+    /// Publish a reply whose payload lies outside the payload area.
+    ReplyPayloadOutOfBounds(Channel),
+    /// Publish a reply whose payload length is `u64::MAX`.
+    ReplyHugeLength(Channel),
+    /// Publish a reply whose slot holds another queue position.
+    ReplySeqMismatch(Channel),
+    /// Publish a reply to an id the current client never sent.
+    ReplyUnknownId(Channel),
+    /// Publish a request head beyond the request tail.
+    RequestHeadBeyondTail(Channel),
+}
+
 /// A mapping of one shared segment, as its owner or as an attached child.
 #[derive(Debug)]
 pub struct Segment {
@@ -71,6 +94,8 @@ pub struct Segment {
     fd: OwnedFd,
     layout: Layout,
     owner: bool,
+    /// The owner's own copy of the epoch: the shared word may be scribbled.
+    local_epoch: crate::sync::AtomicU64,
     /// Endpoints claimed in this process: clients per channel, then server.
     claimed: [AtomicBool; CHANNELS + 1],
 }
@@ -92,14 +117,30 @@ impl Segment {
             fd,
             layout,
             owner: true,
+            local_epoch: crate::sync::AtomicU64::new(1),
             claimed: Default::default(),
         };
-        let h = seg.map.base().cast::<SegmentHeader>();
+        seg.write_header();
+        // Relaxed: nobody else maps the segment yet; passing the descriptor
+        // to a child (fork/exec) orders these stores before its reads.
+        seg.epoch_word().store(1, Ordering::Relaxed);
+        let now = sys::coarse_now_ns();
+        for b in seg.beats() {
+            b.at_ns.store(now, Ordering::Relaxed);
+        }
+        Ok(seg)
+    }
+
+    /// Writes magic, layout version and sizes (owner only).
+    fn write_header(&self) {
+        let h = self.map.base().cast::<SegmentHeader>();
+        let layout = self.layout;
         // SAFETY: the mapping is at least `size_of::<SegmentHeader>()` bytes
-        // (Layout::new adds it), page-aligned, and freshly zeroed by the
-        // kernel; no other process has the descriptor yet, so these plain
-        // writes race with nothing. Raw field pointers avoid making a
-        // reference to the non-atomic fields.
+        // (Layout::new adds it) and page-aligned. The writes are volatile
+        // through raw field pointers (no reference to non-atomic shared
+        // memory is made); they happen at creation, before any peer has the
+        // descriptor, or in `bump_epoch`, when the worker (the only untrusted
+        // writer) has exited.
         unsafe {
             std::ptr::addr_of_mut!((*h).magic).write_volatile(MAGIC);
             std::ptr::addr_of_mut!((*h).layout_version).write_volatile(LAYOUT_VERSION);
@@ -109,14 +150,6 @@ impl Segment {
             std::ptr::addr_of_mut!((*h).payload_bytes).write_volatile(layout.payload_bytes as u64);
             std::ptr::addr_of_mut!((*h).total_size).write_volatile(layout.total_size as u64);
         }
-        // Relaxed: nobody else maps the segment yet; passing the descriptor
-        // to a child (fork/exec) orders these stores before its reads.
-        seg.epoch_word().store(1, Ordering::Relaxed);
-        let now = sys::coarse_now_ns();
-        for b in seg.beats() {
-            b.at_ns.store(now, Ordering::Relaxed);
-        }
-        Ok(seg)
     }
 
     /// Maps a segment whose descriptor this process inherited, after checking
@@ -186,13 +219,18 @@ impl Segment {
                 layout.total_size
             ));
         }
-        Ok(Segment {
+        let local_epoch = crate::sync::AtomicU64::new(0);
+        let seg = Segment {
             map,
             fd,
             layout,
             owner: false,
+            local_epoch,
             claimed: Default::default(),
-        })
+        };
+        // Relaxed: a local copy of this process only.
+        seg.local_epoch.store(seg.epoch(), Ordering::Relaxed);
+        Ok(seg)
     }
 
     /// Attaches to a segment inherited as descriptor number `fd` (given on
@@ -262,9 +300,15 @@ impl Segment {
     /// period of one peer timeout starts now) and the stats, bumps the epoch
     /// and wakes every parked waiter. Each client then reports its in-flight
     /// requests as `PeerLost` and resets its channel to empty; the new worker
-    /// serves a channel only once its client has done so. Call only after the
-    /// previous worker has exited. Returns the new epoch.
+    /// serves a channel only once its client has done so. The owner also
+    /// rewrites the header (magic, version, sizes) and takes the new epoch
+    /// from its own copy, so a worker that scribbled over the segment cannot
+    /// steer it. Call only after the previous worker has exited. Returns the
+    /// new epoch.
     pub fn bump_epoch(&self) -> u64 {
+        if self.owner {
+            self.write_header();
+        }
         let beat = &self.beats()[Role::Worker as usize];
         // Relaxed: published by the Release epoch store below.
         beat.count.store(0, Ordering::Relaxed);
@@ -550,13 +594,81 @@ impl Segment {
         }
     }
 
-    /// The raw mapping, for fault-injection tests that scribble over it.
-    ///
-    /// # Safety
-    ///
-    /// Writing through the pointer races with every peer; only a test that
-    /// plays a corrupt peer may do so.
-    pub unsafe fn raw_mapping(&self) -> (*mut u8, usize) {
-        (self.map.base(), self.map.len())
+    /// Corrupts the segment on purpose (see [`Scribble`]). Meant for a
+    /// worker's fault-injection opcode and for tests; call it while this
+    /// process holds no `Request` or `Reply` (their payload would change
+    /// under them).
+    pub fn scribble(&self, how: Scribble) {
+        let depth = u64::from(self.layout.queue_depth);
+        let fake_reply = |ch: Channel, edit: &dyn Fn(&mut MsgHeader, u64)| {
+            let c = self.chan(ch);
+            // Relaxed/Release: we play a lying producer; the Release store
+            // pairs with the client's Acquire load of the tail as usual.
+            let pos = c.resp.tail.v.load(Ordering::Relaxed);
+            let mut h = MsgHeader {
+                epoch: self.epoch(),
+                seq: pos,
+                ..MsgHeader::default()
+            };
+            edit(&mut h, pos);
+            self.write_slot(ch, 1, pos, h);
+            c.resp.tail.v.store(pos + 1, Ordering::Release);
+            wait::wake_all(&c.resp_ready);
+        };
+        let prefix = |ch: Channel| {
+            // Relaxed: a plain read of the current client's id prefix.
+            (self.chan(ch).id_base.v.load(Ordering::Relaxed) & 0xff_ffff).max(1) << 40
+        };
+        let cap = self.layout.payload_bytes as u64;
+        match how {
+            Scribble::RandomBytes { seed } => {
+                let mut x = seed | 1;
+                let base = self.map.base().cast::<u64>();
+                for i in 0..self.map.len() / 8 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // SAFETY: `i * 8 + 8 <= len` and the base is page-aligned,
+                    // so the u64 is in bounds and aligned. Every type in the
+                    // segment is ZeroCopy (any bytes are valid), and this
+                    // process holds no references to payloads (documented
+                    // precondition); peers reading concurrently see bytes,
+                    // which they validate.
+                    unsafe { base.add(i).write_volatile(x) };
+                }
+                for ch in Channel::ALL {
+                    wait::wake_all(&self.chan(ch).resp_ready);
+                }
+            }
+            Scribble::ResponseTailBeyondDepth(ch) => {
+                let c = self.chan(ch);
+                // Release: as a producer's tail publication.
+                let head = c.resp.head.v.load(Ordering::Relaxed);
+                c.resp.tail.v.store(head + depth + 1, Ordering::Release);
+                wait::wake_all(&c.resp_ready);
+            }
+            Scribble::ReplyPayloadOutOfBounds(ch) => fake_reply(ch, &|h, _| {
+                h.request_id = prefix(ch) | 1;
+                h.payload_off = cap - 64;
+                h.payload_len = 128;
+            }),
+            Scribble::ReplyHugeLength(ch) => fake_reply(ch, &|h, _| {
+                h.request_id = prefix(ch) | 1;
+                h.payload_len = u64::MAX;
+            }),
+            Scribble::ReplySeqMismatch(ch) => fake_reply(ch, &|h, pos| {
+                h.request_id = prefix(ch) | 1;
+                h.seq = pos.wrapping_add(depth);
+            }),
+            Scribble::ReplyUnknownId(ch) => fake_reply(ch, &|h, _| {
+                h.request_id = prefix(ch) | 0xff_ffff_fff0;
+            }),
+            Scribble::RequestHeadBeyondTail(ch) => {
+                let c = self.chan(ch);
+                // Release: as a consumer's head publication.
+                let tail = c.req.tail.v.load(Ordering::Relaxed);
+                c.req.head.v.store(tail + 5, Ordering::Release);
+            }
+        }
     }
 }

@@ -68,10 +68,15 @@ pub struct Request<'s> {
     cfg: ServerConfig,
     epoch: u64,
     st: &'s mut ChanState,
+    /// Already released by `reply`.
+    released: bool,
 }
 
 impl Drop for Request<'_> {
     fn drop(&mut self) {
+        if self.released {
+            return;
+        }
         self.st.req_head += 1;
         // Release pairs with the client's `req.head.load(Acquire)` before it
         // reuses this slot and payload: our reads happen before.
@@ -177,6 +182,7 @@ impl<'a> Server<'a> {
             cfg: self.cfg,
             epoch,
             st: &mut self.chans[i],
+            released: false,
         };
         Ok(Some((ch, req)))
     }
@@ -206,6 +212,7 @@ impl<'a> Server<'a> {
             opcode: 0,
             request_id,
             status,
+            release_request: false,
         };
         reply_on(
             self.seg,
@@ -222,9 +229,11 @@ impl<'a> Server<'a> {
 
 impl Request<'_> {
     /// Replies to this request (echoing its opcode and id) while its payload
-    /// is still readable by `fill` (first argument), then releases it.
+    /// is still readable by `fill` (first argument). The request is
+    /// released before the reply is published, so a client that sees the
+    /// reply finds the request's slot and payload free again.
     pub fn reply(
-        self,
+        mut self,
         status: i32,
         payload_len: usize,
         fill: impl FnOnce(&[u8], &mut [u8]),
@@ -233,9 +242,10 @@ impl Request<'_> {
             opcode: self.header.opcode,
             request_id: self.header.request_id,
             status,
+            release_request: true,
         };
         let payload = self.payload;
-        reply_on(
+        let res = reply_on(
             self.seg,
             &self.cfg,
             self.epoch,
@@ -244,8 +254,10 @@ impl Request<'_> {
             head,
             payload_len,
             |out| fill(payload, out),
-        )
-        // `self` drops here: the request is released after the reply is out.
+        );
+        // On success `reply_on` released it; otherwise dropping `self` does.
+        self.released = res.is_ok();
+        res
     }
 }
 
@@ -254,6 +266,8 @@ struct Head {
     opcode: u32,
     request_id: u64,
     status: i32,
+    /// Release the request being answered (after `fill`, before publishing).
+    release_request: bool,
 }
 
 /// Takes the next request of one channel, if any: syncs the channel first
@@ -273,7 +287,7 @@ fn poll_channel(
         // Acquire pairs with the client's `req.tail.store(Release)` after it
         // wrote the slot and payload.
         let tail = c.req.tail.v.load(Ordering::Acquire);
-        check_tail(st.req_head, tail, depth, &format!("{ch:?} request queue"))?;
+        check_tail(st.req_head, tail, depth, || format!("{ch:?} request queue"))?;
         if tail == st.req_head {
             return Ok(None);
         }
@@ -321,7 +335,7 @@ fn reply_on(
         });
     }
     let c = seg.chan(ch);
-    let what = format!("{ch:?} response queue");
+    let what = || format!("{ch:?} response queue");
     let resp = &mut st.resp;
     let start = wait::wait_for(
         &c.resp_space,
@@ -331,7 +345,7 @@ fn reply_on(
             // Acquire pairs with the client's `resp.head.store(Release)` when
             // it released a reply: its reads happen before our overwrite.
             let h = c.resp.head.v.load(Ordering::Acquire);
-            resp.check_head(h, &what)?;
+            resp.check_head(h, what)?;
             Ok(resp.reserve(payload_len))
         },
         || {
@@ -349,6 +363,12 @@ fn reply_on(
     // just reserved as free by the allocator.
     let buf = unsafe { seg.payload_mut(ch, RESP, off, payload_len as u64)? };
     fill(buf);
+    if head.release_request {
+        st.req_head += 1;
+        // Release pairs with the client's `req.head.load(Acquire)`: our
+        // reads of the request (in `fill`) happen before it reuses them.
+        c.req.head.v.store(st.req_head, Ordering::Release);
+    }
     let pos = st.resp.tail;
     let off = st.resp.commit(start, payload_len);
     let h = MsgHeader {
@@ -381,12 +401,9 @@ fn sync(seg: &Segment, ch: Channel, epoch: u64, st: &mut ChanState) -> Result<bo
     // Relaxed: ordered by the Acquire above (the client wrote them before).
     let head = c.req.head.v.load(Ordering::Relaxed);
     let tail = c.req.tail.v.load(Ordering::Relaxed);
-    check_tail(
-        head,
-        tail,
-        l.queue_depth,
-        &format!("{ch:?} request queue after reset"),
-    )?;
+    check_tail(head, tail, l.queue_depth, || {
+        format!("{ch:?} request queue after reset")
+    })?;
     let resp_head = c.resp.head.v.load(Ordering::Relaxed);
     let resp_tail = c.resp.tail.v.load(Ordering::Relaxed);
     if resp_head != resp_tail {

@@ -1,0 +1,650 @@
+//! Real-process tests of the ring: this binary re-executes itself as the
+//! peer (env `EVOD_RING_PEER=<mode>`, segment descriptor number in
+//! `EVOD_RING_FD`), so both ends are separate processes that can be
+//! SIGKILLed. A tiny harness runs the tests in order (`harness = false`);
+//! pass a substring to run only matching tests.
+
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use evod_ring::{
+    Channel, ClientConfig, LayoutConfig, RingError, Role, Scribble, Segment, ServerConfig,
+    WaitPolicy,
+};
+
+const OP_ECHO: u32 = 1;
+const OP_SLOW: u32 = 2;
+const OP_SCRIBBLE: u32 = 3;
+const OP_EXIT: u32 = 4;
+
+/// Deterministic bytes for request `i`.
+fn fill_bytes(i: u64, buf: &mut [u8]) {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for b in buf.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+}
+
+/// FNV-1a over `bytes`.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+// ---------------------------------------------------------------- peers ----
+
+/// Serves until told to exit: ECHO replies with the request's checksum
+/// followed by the payload; SLOW records the request and then sleeps without
+/// replying or beating; SCRIBBLE corrupts the segment as asked.
+fn peer_server(seg: &Segment) -> Result<(), RingError> {
+    let cfg = ServerConfig {
+        beat_interval: Duration::from_millis(20),
+        ..ServerConfig::default()
+    };
+    let mut server = seg.server_with(cfg)?;
+    loop {
+        let Some((_, req)) = server.recv(Duration::from_secs(30))? else {
+            continue;
+        };
+        let h = req.header;
+        match h.opcode {
+            OP_ECHO => {
+                let len = req.payload.len();
+                req.reply(0, 8 + len, |inp, out| {
+                    out[..8].copy_from_slice(&checksum(inp).to_le_bytes());
+                    out[8..].copy_from_slice(inp);
+                })?;
+            }
+            OP_SLOW => {
+                seg.record_request(h.opcode, Duration::ZERO, true);
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+            OP_SCRIBBLE => {
+                let how = match h.flags {
+                    0 => Scribble::RandomBytes { seed: h.request_id },
+                    1 => Scribble::ResponseTailBeyondDepth(Channel::Eval),
+                    2 => Scribble::ReplyPayloadOutOfBounds(Channel::Eval),
+                    3 => Scribble::ReplyHugeLength(Channel::Eval),
+                    4 => Scribble::ReplySeqMismatch(Channel::Eval),
+                    5 => Scribble::ReplyUnknownId(Channel::Eval),
+                    _ => Scribble::RequestHeadBeyondTail(Channel::Eval),
+                };
+                drop(req);
+                seg.scribble(how);
+                if matches!(how, Scribble::RequestHeadBeyondTail(_)) {
+                    // Stop serving, or the next released request would
+                    // overwrite the lie with a correct head.
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+            OP_EXIT => return Ok(()),
+            _ => drop(req),
+        }
+    }
+}
+
+/// Creates a segment, spawns a server grandchild on it, prints "ready",
+/// then waits to be killed.
+fn peer_owner() -> Result<(), RingError> {
+    let seg = Segment::create(&LayoutConfig {
+        queue_depth: 8,
+        payload_bytes: 4096,
+    })?;
+    let _child = spawn_peer(&seg, "server");
+    println!("ready");
+    std::thread::sleep(Duration::from_secs(3600));
+    Ok(())
+}
+
+fn peer_main(mode: &str) -> ExitCode {
+    let fd: i32 = std::env::var("EVOD_RING_FD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1);
+    let res = match mode {
+        "owner" => peer_owner(),
+        _ => Segment::attach_inherited(fd).and_then(|seg| match mode {
+            "server" => peer_server(&seg),
+            "attach" => Ok(()),
+            other => panic!("unknown peer mode {other}"),
+        }),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("peer error: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+/// A peer process, SIGKILLed and reaped on drop.
+struct Peer(Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        kill(&mut self.0);
+    }
+}
+
+/// Spawns this binary as a peer on `seg`.
+fn spawn_peer(seg: &Segment, mode: &str) -> Peer {
+    let mut cmd = Command::new(std::env::current_exe().expect("current_exe"));
+    let fd = seg.pass_to(&mut cmd);
+    // SAFETY: the hook runs between fork and exec and makes one
+    // async-signal-safe prctl call: the peer dies with this test process.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.env("EVOD_RING_PEER", mode)
+        .env("EVOD_RING_FD", fd.to_string())
+        .stderr(Stdio::piped());
+    Peer(cmd.spawn().expect("spawning the peer"))
+}
+
+/// Kills a child by its pid and reaps it.
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Polls `cond` until true or `within` elapsed.
+fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    cond()
+}
+
+fn small() -> LayoutConfig {
+    LayoutConfig {
+        queue_depth: 16,
+        payload_bytes: 128 << 10,
+    }
+}
+
+fn client_cfg(peer_timeout: Duration) -> ClientConfig {
+    ClientConfig {
+        peer_timeout,
+        wait: WaitPolicy {
+            spin: Duration::from_micros(20),
+            slice: Duration::from_millis(10),
+        },
+    }
+}
+
+/// One echo round trip of request `i` with `len` bytes, checking the reply.
+fn echo(client: &mut evod_ring::Client<'_>, i: u64, len: usize) -> Result<(), String> {
+    let reply = client
+        .call(
+            OP_ECHO,
+            0,
+            len,
+            |b| fill_bytes(i, b),
+            Instant::now() + Duration::from_secs(10),
+        )
+        .map_err(|e| format!("request {i}: {e}"))?;
+    let mut want = vec![0u8; len];
+    fill_bytes(i, &mut want);
+    let p = reply.payload;
+    if p.len() != len + 8 || p[..8] != checksum(&want).to_le_bytes() || p[8..] != want[..] {
+        return Err(format!(
+            "request {i}: reply payload of {} bytes does not match",
+            p.len()
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- tests ----
+
+/// Request/response pairs between two processes with payload checksums:
+/// 1M in release, 200k in debug (this crate is built at opt-level 0 there).
+/// Pipelines up to 8 requests so the queues wrap, and mixes in 64 KiB
+/// payloads so the payload areas wrap too.
+fn million_round_trips() -> Result<(), String> {
+    let n: u64 = if cfg!(debug_assertions) {
+        200_000
+    } else {
+        1_000_000
+    };
+    let seg = Segment::create(&small()).map_err(|e| e.to_string())?;
+    let mut child = spawn_peer(&seg, "server");
+    let mut client = seg
+        .client_with(Channel::Eval, client_cfg(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let len_of = |i: u64| {
+        if i.is_multiple_of(5000) {
+            64 << 10
+        } else {
+            (i % 97) as usize
+        }
+    };
+    let mut sent = 0u64;
+    let mut got = 0u64;
+    let mut pending = std::collections::VecDeque::new();
+    while got < n {
+        while sent < n && pending.len() < 8 {
+            match client.send(OP_ECHO, 0, len_of(sent), |b| fill_bytes(sent, b)) {
+                Ok(id) => {
+                    pending.push_back((id, sent));
+                    sent += 1;
+                }
+                Err(RingError::Full) => break,
+                Err(e) => return Err(format!("send {sent}: {e}")),
+            }
+        }
+        let reply = client
+            .recv(Instant::now() + Duration::from_secs(10))
+            .map_err(|e| format!("recv: {e}"))?;
+        let (id, i) = pending.pop_front().ok_or("reply with nothing pending")?;
+        if reply.request_id() != id {
+            return Err(format!(
+                "reply to {:#x} out of order, expected {id:#x}",
+                reply.request_id()
+            ));
+        }
+        let mut want = vec![0u8; len_of(i)];
+        fill_bytes(i, &mut want);
+        let p = reply.payload;
+        if p.len() != want.len() + 8
+            || p[..8] != checksum(&want).to_le_bytes()
+            || p[8..] != want[..]
+        {
+            return Err(format!("request {i}: payload checksum mismatch"));
+        }
+        got += 1;
+    }
+    let stats = seg.stats();
+    drop(client);
+    kill(&mut child.0);
+    if stats.uptime.is_none() {
+        return Err("worker never marked itself started".into());
+    }
+    Ok(())
+}
+
+/// The worker is SIGKILLed with a request in flight: the client gets
+/// `PeerLost` naming it once the heartbeat is stale; after an epoch bump a
+/// new worker serves the same channel again.
+fn sigkill_gives_peer_lost_then_respawn_works() -> Result<(), String> {
+    let seg = Segment::create(&small()).map_err(|e| e.to_string())?;
+    let mut child = spawn_peer(&seg, "server");
+    let timeout = Duration::from_millis(300);
+    let mut client = seg
+        .client_with(Channel::Eval, client_cfg(timeout))
+        .map_err(|e| e.to_string())?;
+    for i in 0..100 {
+        echo(&mut client, i, 100)?;
+    }
+    let id = client
+        .send(OP_SLOW, 0, 0, |_| {})
+        .map_err(|e| e.to_string())?;
+    if !eventually(Duration::from_secs(10), || {
+        seg.stats().requests_per_opcode[OP_SLOW as usize] == 1
+    }) {
+        return Err("worker never picked up the slow request".into());
+    }
+    kill(&mut child.0);
+    let t = Instant::now();
+    match client.recv(Instant::now() + Duration::from_secs(10)) {
+        Err(RingError::PeerLost { in_flight, .. }) if in_flight == vec![id] => {}
+        other => return Err(format!("expected PeerLost with [{id:#x}], got {other:?}")),
+    }
+    let took = t.elapsed();
+    if took > timeout + Duration::from_millis(500) {
+        return Err(format!(
+            "PeerLost took {took:?}, heartbeat timeout is {timeout:?}"
+        ));
+    }
+    // Respawn: bump, new worker, same client keeps working.
+    let epoch = seg.bump_epoch();
+    let mut child = spawn_peer(&seg, "server");
+    for i in 0..100 {
+        echo(&mut client, i, 1000)?;
+    }
+    if client.epoch() != epoch {
+        return Err(format!(
+            "client stamps epoch {}, segment is at {epoch}",
+            client.epoch()
+        ));
+    }
+    kill(&mut child.0);
+    Ok(())
+}
+
+/// An epoch bump (the supervisor replaced the worker) wakes a parked client
+/// at once with `PeerLost`, long before the heartbeat timeout.
+fn epoch_bump_wakes_parked_client() -> Result<(), String> {
+    let seg = Segment::create(&small()).map_err(|e| e.to_string())?;
+    let mut child = spawn_peer(&seg, "server");
+    let mut client = seg
+        .client_with(Channel::Eval, client_cfg(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    echo(&mut client, 1, 10)?;
+    let id = client
+        .send(OP_SLOW, 0, 0, |_| {})
+        .map_err(|e| e.to_string())?;
+    if !eventually(Duration::from_secs(10), || {
+        seg.stats().requests_per_opcode[OP_SLOW as usize] == 1
+    }) {
+        return Err("worker never picked up the slow request".into());
+    }
+    kill(&mut child.0);
+    let (res, took) = std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let t = Instant::now();
+            let r = client
+                .recv(Instant::now() + Duration::from_secs(30))
+                .map(|r| r.request_id());
+            (r, t.elapsed())
+        });
+        // Let the client park (it is parked once it stops spinning), then bump.
+        std::thread::sleep(Duration::from_millis(50));
+        seg.bump_epoch();
+        waiter.join().expect("waiter thread")
+    });
+    match res {
+        Err(RingError::PeerLost { in_flight, .. }) if in_flight == vec![id] => {}
+        other => return Err(format!("expected PeerLost with [{id:#x}], got {other:?}")),
+    }
+    if took > Duration::from_secs(2) {
+        return Err(format!("PeerLost after the bump took {took:?}"));
+    }
+    Ok(())
+}
+
+/// Targeted lies by the worker each give `PeerCorrupt`, and the owner can
+/// recover with a bump and a new worker.
+fn targeted_corruption_is_peer_corrupt() -> Result<(), String> {
+    for flags in 1..=6u32 {
+        let seg = Segment::create(&small()).map_err(|e| e.to_string())?;
+        let mut child = spawn_peer(&seg, "server");
+        let mut client = seg
+            .client_with(Channel::Eval, client_cfg(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        echo(&mut client, 7, 10)?;
+        client
+            .send(OP_SCRIBBLE, flags, 0, |_| {})
+            .map_err(|e| e.to_string())?;
+        let res = if flags == 6 {
+            // The lie is in the request queue: noticed by a later send.
+            let mut r = Ok(0);
+            let ok = eventually(Duration::from_secs(5), || {
+                r = client.send(OP_ECHO, 0, 0, |_| {});
+                !matches!(r, Ok(_) | Err(RingError::Full))
+            });
+            if !ok {
+                return Err(format!("flags {flags}: send never failed, last {r:?}"));
+            }
+            r.map(|_| ())
+        } else {
+            client
+                .recv(Instant::now() + Duration::from_secs(5))
+                .map(|_| ())
+        };
+        match res {
+            Err(RingError::PeerCorrupt { what }) if !what.is_empty() => {}
+            other => {
+                return Err(format!(
+                    "scribble flags {flags}: expected PeerCorrupt, got {other:?}"
+                ));
+            }
+        }
+        kill(&mut child.0);
+        // Recovery: new epoch, new worker.
+        seg.bump_epoch();
+        let mut child = spawn_peer(&seg, "server");
+        let mut ok = false;
+        for attempt in 0..3 {
+            match echo(&mut client, 100 + attempt, 50) {
+                Ok(()) => {
+                    ok = true;
+                    break;
+                }
+                Err(e) if e.contains("peer lost") => continue,
+                Err(e) => return Err(format!("flags {flags}: after recovery: {e}")),
+            }
+        }
+        kill(&mut child.0);
+        if !ok {
+            return Err(format!("flags {flags}: no recovery after the epoch bump"));
+        }
+    }
+    Ok(())
+}
+
+/// The worker overwrites the whole segment with random bytes: the client
+/// gets `PeerCorrupt` or `PeerLost` (the epoch word is garbage too), never a
+/// crash or a hang; a bump and a new worker recover.
+fn random_bytes_over_segment() -> Result<(), String> {
+    for seed in [1u64, 2, 3, 0xdead_beef] {
+        let seg = Segment::create(&small()).map_err(|e| e.to_string())?;
+        let mut child = spawn_peer(&seg, "server");
+        let mut client = seg
+            .client_with(Channel::Eval, client_cfg(Duration::from_millis(500)))
+            .map_err(|e| e.to_string())?;
+        echo(&mut client, seed, 10)?;
+        client
+            .send(OP_SCRIBBLE, 0, 0, |_| {})
+            .map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        match client.recv(Instant::now() + Duration::from_secs(5)) {
+            Err(RingError::PeerCorrupt { .. } | RingError::PeerLost { .. }) => {}
+            other => {
+                return Err(format!(
+                    "seed {seed}: expected PeerCorrupt or PeerLost, got {other:?}"
+                ));
+            }
+        }
+        if t.elapsed() > Duration::from_secs(2) {
+            return Err(format!("seed {seed}: took {:?}", t.elapsed()));
+        }
+        // The server itself must not have crashed on its own garbage either:
+        // it either exits with an error or keeps running; no signal death.
+        kill(&mut child.0);
+        seg.bump_epoch();
+        let mut child = spawn_peer(&seg, "server");
+        let mut ok = false;
+        for attempt in 0..3 {
+            if echo(&mut client, 1000 + attempt, 10).is_ok() {
+                ok = true;
+                break;
+            }
+        }
+        kill(&mut child.0);
+        if !ok {
+            return Err(format!("seed {seed}: no recovery after the epoch bump"));
+        }
+    }
+    Ok(())
+}
+
+/// A peer of another layout version refuses with a clear error, in a real
+/// child process and in-process; so does a file that is not a sealed memfd.
+fn layout_mismatch_is_clear() -> Result<(), String> {
+    let seg = Segment::create(&small()).map_err(|e| e.to_string())?;
+    // Play an older build: rewrite the layout version word (offset 8).
+    let fd = seg.fd().try_clone_to_owned().map_err(|e| e.to_string())?;
+    let file = std::fs::File::from(fd);
+    std::os::unix::fs::FileExt::write_at(&file, &99u32.to_le_bytes(), 8)
+        .map_err(|e| e.to_string())?;
+    let out = {
+        let mut child = spawn_peer(&seg, "attach");
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.0.stderr.as_mut().expect("piped"), &mut stderr).ok();
+        (child.0.wait().map_err(|e| e.to_string())?, stderr)
+    };
+    if out.0.code() != Some(3)
+        || !out
+            .1
+            .contains("layout version 99, this build speaks version 1")
+    {
+        return Err(format!("child attach: {:?} {:?}", out.0, out.1));
+    }
+    let dup = seg.fd().try_clone_to_owned().map_err(|e| e.to_string())?;
+    match Segment::attach(dup) {
+        Err(RingError::LayoutMismatch { what }) if what.contains("layout version 99") => {}
+        other => return Err(format!("in-process attach: {other:?}")),
+    }
+    let tmp = tempfile::tempfile().map_err(|e| e.to_string())?;
+    match Segment::attach(tmp.into()) {
+        Err(RingError::LayoutMismatch { what }) if what.contains("not a sealed memfd") => {}
+        other => return Err(format!("attach of a plain file: {other:?}")),
+    }
+    // The owner's bump restores the header, so a new worker can attach.
+    seg.bump_epoch();
+    let mut child = spawn_peer(&seg, "attach");
+    let status = child.0.wait().map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err(format!("attach after bump: {status:?}"));
+    }
+    Ok(())
+}
+
+/// After every process (the owner included) is SIGKILLed, nothing of ours
+/// is left in /dev/shm; the segment was never there.
+fn nothing_left_in_dev_shm() -> Result<(), String> {
+    let list = || -> Vec<String> {
+        std::fs::read_dir("/dev/shm")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = list();
+    let mut owner = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+        .env("EVOD_RING_PEER", "owner")
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(owner.stdout.as_mut().ok_or("no stdout")?),
+        &mut line,
+    )
+    .map_err(|e| e.to_string())?;
+    if line.trim() != "ready" {
+        return Err(format!("owner said {line:?}"));
+    }
+    // The segment is a memfd: visible only as an fd of the owner.
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", owner.id()))
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    if !fds.iter().any(|p| p.starts_with("/memfd:evod-ring")) {
+        return Err(format!("owner has no evod-ring memfd: {fds:?}"));
+    }
+    // Kill the owner's whole family: the server grandchild first (found via
+    // /proc children), then the owner.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", owner.id()))
+        .unwrap_or_default();
+    for pid in children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    kill(&mut owner);
+    let after = list();
+    let new: Vec<&String> = after.iter().filter(|n| !before.contains(n)).collect();
+    if !new.is_empty() || after.iter().any(|n| n.contains("evod")) {
+        return Err(format!("left in /dev/shm: {new:?} / {after:?}"));
+    }
+    Ok(())
+}
+
+/// Heartbeats and stats are visible across processes.
+fn heartbeat_and_stats_cross_processes() -> Result<(), String> {
+    let seg = Segment::create(&small()).map_err(|e| e.to_string())?;
+    if seg.last_beat(Role::Worker).is_some() {
+        return Err("worker beat before it existed".into());
+    }
+    let mut child = spawn_peer(&seg, "server");
+    let beating = eventually(Duration::from_secs(10), || {
+        seg.last_beat(Role::Worker).is_some_and(|b| b.count >= 3)
+    });
+    kill(&mut child.0);
+    if !beating {
+        return Err(format!(
+            "worker heartbeat: {:?}",
+            seg.last_beat(Role::Worker)
+        ));
+    }
+    let _ = seg.fd().as_raw_fd();
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    if let Ok(mode) = std::env::var("EVOD_RING_PEER") {
+        return peer_main(&mode);
+    }
+    type Test = (&'static str, fn() -> Result<(), String>);
+    let tests: &[Test] = &[
+        ("million_round_trips", million_round_trips),
+        (
+            "sigkill_gives_peer_lost_then_respawn_works",
+            sigkill_gives_peer_lost_then_respawn_works,
+        ),
+        (
+            "epoch_bump_wakes_parked_client",
+            epoch_bump_wakes_parked_client,
+        ),
+        (
+            "targeted_corruption_is_peer_corrupt",
+            targeted_corruption_is_peer_corrupt,
+        ),
+        ("random_bytes_over_segment", random_bytes_over_segment),
+        ("layout_mismatch_is_clear", layout_mismatch_is_clear),
+        ("nothing_left_in_dev_shm", nothing_left_in_dev_shm),
+        (
+            "heartbeat_and_stats_cross_processes",
+            heartbeat_and_stats_cross_processes,
+        ),
+    ];
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let mut failed = 0;
+    for (name, f) in tests {
+        if !filter.is_empty() && !filter.iter().any(|p| name.contains(p.as_str())) {
+            continue;
+        }
+        let t = Instant::now();
+        match f() {
+            Ok(()) => println!("test {name} ... ok ({:?})", t.elapsed()),
+            Err(e) => {
+                println!("test {name} ... FAILED ({:?}): {e}", t.elapsed());
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
