@@ -10,6 +10,7 @@ use anyhow::{Result, bail};
 const BENCHES: &[(&str, &str, &str)] = &[
     ("evolve", "evod-evolve", "bench_evolve"),
     ("gguf", "evod-gguf", "bench_gguf"),
+    ("ring", "evod-ring", "bench_ring"),
     ("runtime", "evod-runtime", "bench_runtime"),
     ("runtime", "evod", "bench_eval"),
     ("evolve", "evod", "bench_daemon_solve"),

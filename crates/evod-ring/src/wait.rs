@@ -2,7 +2,8 @@
 //! shared mapping, and wake only a side that announced it is parked.
 //!
 //! Waiter (one per [`WaitWord`]):
-//! 1. poll the condition while spinning for [`WaitPolicy::spin`];
+//! 1. poll the condition while spinning for [`WaitPolicy::spin`] (pure
+//!    spinning for 256 polls, then `sched_yield` between polls);
 //! 2. read `seq`, store `parked = 1`, full fence, poll again;
 //! 3. if still nothing: `FUTEX_WAIT(seq, old seq, min(slice, deadline))`;
 //!    on return clear `parked`, run the liveness check, go to 2.
@@ -62,7 +63,13 @@ pub(crate) fn wait_for<T>(
         let start = Instant::now();
         let mut i: u32 = 0;
         loop {
-            std::hint::spin_loop();
+            // Pure spinning first; then yield between polls, so a peer that
+            // shares our CPU gets to run instead of waiting for preemption.
+            if i < 256 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
             if let Some(v) = poll()? {
                 return Ok(Some(v));
             }
