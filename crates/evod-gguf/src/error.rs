@@ -28,6 +28,16 @@ pub enum GgufError {
         /// The OS error.
         source: io::Error,
     },
+    /// The model path's final component is a symbolic link, which
+    /// [`crate::GgufFile::open`] refuses to follow (`O_NOFOLLOW`).
+    #[error(
+        "{path} is a symbolic link; evod does not follow links for model files",
+        path = path.display()
+    )]
+    Symlink {
+        /// The path as given.
+        path: PathBuf,
+    },
     /// A publish step failed.
     #[error("cannot publish {path}: {step} failed: {source}", path = path.display())]
     Io {

@@ -8,8 +8,9 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::ops::Deref;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -174,12 +175,48 @@ impl GgufFile {
     /// The mapping relies on the file not being modified in place while it
     /// is open; evod never does that ([`crate::publish`] replaces files by
     /// rename), and a file replaced by rename keeps its old inode mapped.
+    ///
+    /// Security: the final path component is opened with `O_NOFOLLOW` (and
+    /// `O_CLOEXEC`), so a symbolic link swapped in at a model's path is
+    /// refused with [`GgufError::Symlink`] instead of being read. Folders on
+    /// the way may still be links. Use [`GgufFile::open_following`] for a
+    /// file a user names only to read it (`evod inspect`).
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
+        GgufFile::open_with(path, false)
+    }
+
+    /// [`GgufFile::open`] that follows a symbolic link in the final
+    /// component: for read-only looks at a file a user names, never for the
+    /// model path a daemon loads and publishes.
+    pub fn open_following(path: &Path) -> Result<GgufFile, GgufError> {
+        GgufFile::open_with(path, true)
+    }
+
+    fn open_with(path: &Path, follow: bool) -> Result<GgufFile, GgufError> {
         let open_err = |source| GgufError::Open {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(open_err)?;
+        let mut options = OpenOptions::new();
+        options.read(true);
+        let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
+        options.custom_flags(libc::O_CLOEXEC | nofollow);
+        let file = match options.open(path) {
+            Ok(file) => file,
+            // ELOOP from O_NOFOLLOW: the final component is a link. (ELOOP
+            // can also mean a loop among the folders; then it stays Open.)
+            Err(e)
+                if !follow
+                    && e.raw_os_error() == Some(libc::ELOOP)
+                    && std::fs::symlink_metadata(path)
+                        .is_ok_and(|m| m.file_type().is_symlink()) =>
+            {
+                return Err(GgufError::Symlink {
+                    path: path.to_owned(),
+                });
+            }
+            Err(e) => return Err(open_err(e)),
+        };
         let len = file.metadata().map_err(open_err)?.len();
         let name = path.display().to_string();
         let map = if len == 0 {
@@ -207,7 +244,7 @@ impl GgufFile {
         GgufHeader::parse(name, bytes)
     }
 
-    /// The path given to [`GgufFile::open`].
+    /// The path given to [`GgufFile::open`] or [`GgufFile::open_following`].
     pub fn path(&self) -> &Path {
         &self.path
     }

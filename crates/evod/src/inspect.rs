@@ -28,7 +28,9 @@ pub struct Args {
 
 /// Runs `evod inspect`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let file = GgufFile::open(&args.file)?;
+    // Only reads a file the user names: following a link is safe here (the
+    // daemon's model path is opened with `GgufFile::open`, which does not).
+    let file = GgufFile::open_following(&args.file)?;
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     if args.json {
