@@ -183,13 +183,15 @@ pub enum ClientError {
         /// Why the connection failed.
         reason: String,
     },
-    /// The connection broke or timed out.
-    #[error("control socket {path}: {source}")]
+    /// The connection broke or timed out. (The cause is kept as text: an
+    /// `io::Error` in the chain would make `main` take a broken pipe to the
+    /// daemon for a closed stdout.)
+    #[error("control socket {path}: {message}")]
     Io {
         /// The socket.
         path: PathBuf,
-        /// The error.
-        source: std::io::Error,
+        /// What failed.
+        message: String,
     },
     /// The daemon answered something that is not a response.
     #[error("control socket {path}: bad response: {problem}")]
@@ -325,9 +327,24 @@ pub fn remove_socket(path: &Path, inode: (u64, u64)) {
     }
 }
 
+/// The peer's effective uid (`SO_PEERCRED`). Read directly rather than
+/// through `interprocess`' `peer_creds`, which fails for a peer in another
+/// PID namespace (the kernel reports its pid as 0), e.g. `evod status` run
+/// from the host against a daemon that is PID 1 in a container.
+fn peer_uid(stream: &Stream) -> std::io::Result<u32> {
+    use std::os::fd::AsFd;
+    #[allow(unreachable_patterns)]
+    let fd = match stream {
+        Stream::UdSocket(s) => s.as_fd(),
+        _ => return Err(std::io::Error::other("not a Unix socket")),
+    };
+    let creds = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::PeerCredentials)?;
+    Ok(creds.uid())
+}
+
 fn serve<E>(stream: Stream, my_uid: u32, events: &mpsc::Sender<E>, wrap: fn(Incoming) -> E) {
-    match stream.peer_creds().map(|c| c.euid()) {
-        Ok(Some(uid)) if uid == my_uid => {}
+    match peer_uid(&stream) {
+        Ok(uid) if uid == my_uid => {}
         Ok(other) => {
             tracing::warn!(
                 "control socket: refused a client with uid {other:?} (ours is {my_uid})"
@@ -376,9 +393,9 @@ pub fn call(
     request: &Request,
     timeout: Duration,
 ) -> Result<serde_json::Value, ClientError> {
-    let io = |source| ClientError::Io {
+    let io = |e: std::io::Error| ClientError::Io {
         path: path.to_owned(),
-        source,
+        message: e.to_string(),
     };
     let name = path
         .to_fs_name::<GenericFilePath>()

@@ -1,0 +1,414 @@
+//! Process tests of the supervisor (`evod run`): real processes, real
+//! signals. Every wait polls `evod status --json`, `/proc` or the exit of a
+//! process against a deadline; nothing sleeps a fixed time to "let things
+//! happen".
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Guards against hangs only; not a timing assertion.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn evod() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_evod"));
+    cmd.env_remove("EVOD_DIR")
+        .env_remove("EVOD_CONTROL_SOCKET")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Polls `cond` until it returns `Some`, failing with `what` past the deadline.
+fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>, context: impl Fn() -> String) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {DEADLINE:?} waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry: count it as alive (not reaped).
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// `evod run` in a temporary state folder, stderr logged to a file there.
+struct Daemon {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        Daemon::start_with(1, args)
+    }
+
+    fn start_with(workers: u32, args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
+        let child = evod()
+            .arg("run")
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--no-evolver", "--allow-fault-injection", "--workers"])
+            .arg(workers.to_string())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning evod run");
+        let mut d = Daemon {
+            child: Some(child),
+            dir,
+        };
+        let end = Instant::now() + DEADLINE;
+        while d.status().filter(|s| s["healthy"] == true).is_none() {
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("evod run exited early ({status}):\n{}", d.log());
+            }
+            assert!(Instant::now() < end, "no healthy daemon:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir().join("run.log")).unwrap_or_default()
+    }
+
+    fn status(&self) -> Option<Value> {
+        let o = evod()
+            .args(["status", "--json", "--dir"])
+            .arg(self.dir())
+            .output()
+            .unwrap();
+        o.status
+            .success()
+            .then(|| serde_json::from_slice(&o.stdout).unwrap())
+    }
+
+    fn worker(&self) -> Option<Value> {
+        self.status()?["children"]
+            .as_array()?
+            .iter()
+            .find(|c| c["role"] == "worker" && c["index"] == 0)
+            .cloned()
+    }
+
+    fn wait_healthy(&self) -> Value {
+        wait_for(
+            "a healthy daemon",
+            || self.status().filter(|s| s["healthy"] == true),
+            || self.log(),
+        )
+    }
+
+    fn worker_pid(&self) -> u32 {
+        let w = self.worker().expect("worker row");
+        w["pid"].as_u64().expect("running worker has a pid") as u32
+    }
+
+    /// Waits until worker 0 runs again as a different process whose last
+    /// exit mentions `words`; returns its status row.
+    fn wait_respawn(&self, old_pid: u32, words: &str) -> Value {
+        wait_for(
+            &format!("a new worker after '{words}'"),
+            || {
+                let w = self.worker()?;
+                let pid = w["pid"].as_u64()? as u32;
+                let last = w["last_exit"].as_str()?;
+                (pid != old_pid && last.contains(words) && w["state"] == "running").then_some(w)
+            },
+            || format!("status: {:?}\nlog:\n{}", self.status(), self.log()),
+        )
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).unwrap();
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < end, "evod run did not exit\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn fault(&self, kind: &str) -> Output {
+        let o = evod()
+            .args(["fault", "--worker", "0", "--kind", kind, "--dir"])
+            .arg(self.dir())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "evod fault {kind}: {}", text(&o.stderr));
+        o
+    }
+
+    fn runtime_dir(&self) -> PathBuf {
+        self.dir().join(".evod")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn clients_without_a_daemon_say_so_and_exit_4() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["status"],
+        vec!["status", "--check"],
+        vec!["exec", "--input", "0.1,0.2"],
+        vec!["stop"],
+        vec!["rollback"],
+    ] {
+        let o = evod()
+            .args(&args)
+            .arg("--dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(4), "{args:?}: {err}");
+        assert!(err.contains("no evod daemon is running"), "{args:?}: {err}");
+        assert!(err.contains(".evod/control.sock"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn worker_crashes_are_respawned_and_explained_in_status() {
+    let d = Daemon::start(&[]);
+    let s = d.wait_healthy();
+    assert_eq!(s["children"][0]["epoch"], 1);
+    // Real signals from outside, and fault opcodes from inside the worker.
+    let cases: [(&str, &str); 4] = [
+        ("segv", "killed by signal 11 (SIGSEGV)"),
+        ("kill", "killed by signal 9 (SIGKILL)"),
+        ("abort", "killed by signal 6 (SIGABRT)"),
+        ("exit:7", "exited with code 7"),
+    ];
+    for (n, (kind, words)) in cases.iter().enumerate() {
+        let pid = d.worker_pid();
+        if *kind == "kill" {
+            kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        } else {
+            d.fault(kind);
+        }
+        let w = d.wait_respawn(pid, words);
+        assert_eq!(w["restarts"], n as u64 + 1, "{w}");
+        // The epoch was bumped before each respawn.
+        assert_eq!(w["epoch"], n as u64 + 2, "{w}");
+        assert!(!alive(pid), "old worker {pid} not reaped");
+    }
+    let s = d.wait_healthy();
+    assert!(s["children"][0]["ping_us"].as_f64().unwrap() > 0.0);
+    let log = d.log();
+    assert!(log.contains("killed by signal 11 (SIGSEGV)"), "{log}");
+    // The respawned worker serves: exec answers.
+    let o = evod()
+        .args(["exec", "--input", "0.1,0.2,0.3,0.4", "--dir"])
+        .arg(d.dir())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "exec: {}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim().split(',').count(), 2);
+}
+
+#[test]
+fn a_hung_worker_is_killed_by_the_watchdog_and_respawned() {
+    let d = Daemon::start(&["--heartbeat-timeout", "500ms"]);
+    let pid = d.worker_pid();
+    d.fault("hang");
+    let w = d.wait_respawn(pid, "heartbeat stalled");
+    assert!(
+        w["last_exit"]
+            .as_str()
+            .unwrap()
+            .starts_with("killed by signal 9 (SIGKILL)"),
+        "{w}"
+    );
+    d.wait_healthy();
+}
+
+#[test]
+fn too_many_restarts_give_up_with_exit_code_5() {
+    let mut d = Daemon::start(&[
+        "--restart-intensity",
+        "2",
+        "--restart-period",
+        "10m",
+        "--backoff-initial",
+        "1ms",
+    ]);
+    for n in 0..2 {
+        let pid = d.worker_pid();
+        d.fault("segv");
+        let w = d.wait_respawn(pid, "SIGSEGV");
+        assert_eq!(w["restarts"], n + 1);
+    }
+    let pid = d.worker_pid();
+    d.fault("segv");
+    let status = d.wait_exit();
+    let log = d.log();
+    assert_eq!(status.code(), Some(5), "{log}");
+    assert!(log.contains("giving up"), "{log}");
+    assert!(log.contains("3 times within"), "{log}");
+    assert!(!alive(pid));
+}
+
+#[test]
+fn sigterm_stops_gracefully_with_exit_0_and_no_child_left() {
+    let mut d = Daemon::start_with(2, &[]);
+    let s = d.wait_healthy();
+    let pids: Vec<u32> = s["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["pid"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(pids.len(), 2);
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    for pid in pids {
+        assert!(!alive(pid), "worker {pid} outlived the supervisor");
+    }
+    assert!(d.log().contains("worker 0 exited with code 0"), "{}", d.log());
+    assert!(!d.runtime_dir().exists(), "runtime folder left behind");
+}
+
+#[test]
+fn a_second_sigint_stops_at_once() {
+    // A hung worker ignores SHUTDOWN: without the second signal the stop
+    // would take the whole (long) grace period.
+    let mut d = Daemon::start(&["--grace-period", "1h", "--heartbeat-timeout", "1h"]);
+    let pid = d.worker_pid();
+    d.fault("hang");
+    d.signal(Signal::SIGINT);
+    wait_for(
+        "the graceful stop to begin",
+        || d.log().contains("stopping gracefully").then_some(()),
+        || d.log(),
+    );
+    assert!(alive(pid), "the hung worker should still be waiting for its grace period");
+    d.signal(Signal::SIGINT);
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(130), "{}", d.log());
+    assert!(!alive(pid), "worker {pid} left running");
+}
+
+#[test]
+fn a_sigkilled_supervisor_takes_its_children_and_leaves_nothing_behind() {
+    let shm_before: Vec<_> = std::fs::read_dir("/dev/shm")
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let mut d = Daemon::start_with(2, &[]);
+    let s = d.wait_healthy();
+    let pids: Vec<u32> = s["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["pid"].as_u64().unwrap() as u32)
+        .collect();
+    assert!(d.runtime_dir().join("control.sock").exists());
+    d.signal(Signal::SIGKILL);
+    let status = d.wait_exit();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+    for pid in pids {
+        wait_for(
+            &format!("worker {pid} to die with its parent"),
+            // Reparented to init, which reaps it: gone from /proc.
+            || (!alive(pid)).then_some(()),
+            || d.log(),
+        );
+    }
+    wait_for(
+        "the janitor to remove the runtime folder",
+        || (!d.runtime_dir().exists()).then_some(()),
+        || d.log(),
+    );
+    let shm_after: Vec<_> = std::fs::read_dir("/dev/shm")
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let new: Vec<_> = shm_after
+        .iter()
+        .filter(|n| !shm_before.contains(n) && n.to_string_lossy().contains("evod"))
+        .collect();
+    assert!(new.is_empty(), "left in /dev/shm: {new:?}");
+    // A new daemon starts on the same folder (no stale socket in the way).
+    let o = evod()
+        .args(["status", "--dir"])
+        .arg(d.dir())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4));
+}
+
+#[test]
+fn status_check_and_json_describe_the_daemon() {
+    let d = Daemon::start(&[]);
+    let o = evod()
+        .args(["status", "--check", "--dir"])
+        .arg(d.dir())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).starts_with("healthy"));
+    let s = d.status().unwrap();
+    assert_eq!(s["pid"], d.pid());
+    assert_eq!(s["stopping"], false);
+    let w = &s["children"][0];
+    for key in [
+        "role", "index", "state", "pid", "uptime_s", "restarts", "epoch", "ping_us", "stats",
+    ] {
+        assert!(!w[key].is_null(), "missing {key} in {w}");
+    }
+    let o = evod()
+        .args(["status", "--dir"])
+        .arg(d.dir())
+        .output()
+        .unwrap();
+    let human = text(&o.stdout);
+    assert!(human.contains("worker") && human.contains("running"), "{human}");
+    // The control socket and its folder are private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&d.runtime_dir()), 0o700);
+    assert_eq!(mode(&d.runtime_dir().join("control.sock")), 0o600);
+}
