@@ -15,8 +15,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 fn evod() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_evod"));
-    cmd.env_remove("EVOD_DIR")
-        .env_remove("EVOD_CONTROL_SOCKET");
+    cmd.env_remove("EVOD_DIR").env_remove("EVOD_CONTROL_SOCKET");
     cmd
 }
 
@@ -26,7 +25,11 @@ fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>, context: impl Fn
         if let Some(v) = cond() {
             return v;
         }
-        assert!(Instant::now() < end, "timed out waiting for {what}\n{}", context());
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for {what}\n{}",
+            context()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -132,7 +135,11 @@ fn as_pid_1_orphans_are_reaped_and_sigterm_is_honoured() {
         .args(["sh", "-c", "sleep 0.5 & exit 0"])
         .output()
         .expect("nsenter");
-    assert!(o.status.success(), "nsenter: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "nsenter: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let orphan = wait_for(
         "the orphan to be adopted by PID 1",
         || {

@@ -620,7 +620,8 @@ impl Supervisor {
             }
             let up = child.started().elapsed();
             let generation = seg.stats().model_generation;
-            if up >= min_uptime && seg.last_beat(Role::Worker).is_some() && generation != 0 {
+            // Up for a while and beating: it loaded this generation and serves it.
+            if up >= min_uptime && seg.last_beat(Role::Worker).is_some() {
                 self.good_generation = Some(
                     self.good_generation
                         .map_or(generation, |g| g.max(generation))
