@@ -4,14 +4,23 @@
 //!
 //! The policy is [`evod_runtime::cartpole::balancing_policy`], so every
 //! episode runs the full 500 steps. Each figure is the median of several
-//! timed repeats.
+//! timed repeats. Three evod figures:
+//!
+//! - `cartpole_steps_per_s` (headline): [`run_episodes`], 8 episodes in
+//!   lockstep, one `Mlp` reused for 2000 episodes per repeat;
+//! - `cartpole_eval5_steps_per_s`: the daemon's per-candidate path,
+//!   [`mean_return`] over `CARTPOLE_EPISODES` (5) episodes, building the
+//!   `Mlp` for each candidate;
+//! - `cartpole_sequential_steps_per_s`: [`run_episode`], one episode at a
+//!   time (latency-bound: forward pass and physics form one chain).
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use evod_runtime::cartpole::{balancing_policy, run_episode};
+use evod_runtime::cartpole::{balancing_policy, mean_return, run_episode, run_episodes};
 use evod_runtime::mlp::Mlp;
+use evod_runtime::task::CARTPOLE_EPISODES;
 
 const REPEATS: usize = 7;
 const EPISODES_PER_REPEAT: u64 = 2000;
@@ -39,11 +48,45 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut policy = Mlp::new(&arch, &params)?;
     let mut seed = 0u64;
     // Warm-up.
-    for _ in 0..100 {
-        std::hint::black_box(run_episode(&mut policy, seed));
-        seed += 1;
-    }
+    run_episodes(&mut policy, seed, 100, |_, s| {
+        std::hint::black_box(s);
+    });
     let mut figures = Vec::new();
+    for _ in 0..REPEATS {
+        let start = Instant::now();
+        let mut steps = 0u64;
+        run_episodes(
+            &mut policy,
+            std::hint::black_box(seed),
+            EPISODES_PER_REPEAT as u32,
+            |_, s| steps += u64::from(s),
+        );
+        seed += EPISODES_PER_REPEAT;
+        figures.push(steps as f64 / start.elapsed().as_secs_f64());
+    }
+    let evod = median(figures.clone());
+    eprintln!("evod cartpole, 8 episodes in lockstep: {evod:.0} steps/s (median of {REPEATS})");
+
+    let mut eval_figures = Vec::new();
+    for _ in 0..REPEATS {
+        let start = Instant::now();
+        let mut steps = 0.0;
+        for _ in 0..EPISODES_PER_REPEAT / u64::from(CARTPOLE_EPISODES) {
+            let mean = mean_return(
+                &arch,
+                &params,
+                std::hint::black_box(seed),
+                CARTPOLE_EPISODES,
+            )?;
+            steps += mean * f64::from(CARTPOLE_EPISODES);
+            seed += u64::from(CARTPOLE_EPISODES);
+        }
+        eval_figures.push(steps / start.elapsed().as_secs_f64());
+    }
+    let eval5 = median(eval_figures.clone());
+    eprintln!("evod cartpole, {CARTPOLE_EPISODES}-episode evaluations: {eval5:.0} steps/s");
+
+    let mut seq_figures = Vec::new();
     for _ in 0..REPEATS {
         let start = Instant::now();
         let mut steps = 0u64;
@@ -51,10 +94,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             steps += u64::from(run_episode(&mut policy, std::hint::black_box(seed)));
             seed += 1;
         }
-        figures.push(steps as f64 / start.elapsed().as_secs_f64());
+        seq_figures.push(steps as f64 / start.elapsed().as_secs_f64());
     }
-    let evod = median(figures.clone());
-    eprintln!("evod cartpole: {evod:.0} steps/s (median of {REPEATS})");
+    let sequential = median(seq_figures.clone());
+    eprintln!("evod cartpole, one episode at a time: {sequential:.0} steps/s");
 
     // gymnasium + numpy, same policy.
     let dir = std::env::temp_dir().join(format!("evod-bench-runtime-{}", std::process::id()));
@@ -95,6 +138,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = serde_json::json!({
         "cartpole_steps_per_s": evod,
         "cartpole_steps_per_s_samples": figures,
+        "cartpole_eval5_steps_per_s": eval5,
+        "cartpole_eval5_steps_per_s_samples": eval_figures,
+        "cartpole_sequential_steps_per_s": sequential,
+        "cartpole_sequential_steps_per_s_samples": seq_figures,
         "gymnasium_steps_per_s": gym,
         "gymnasium_steps_per_s_samples": peer_figures,
         "ratio_vs_gymnasium": evod / gym,

@@ -21,7 +21,7 @@
 
 use crate::RuntimeError;
 use crate::arch::Architecture;
-use crate::mlp::Mlp;
+use crate::mlp::{BATCH_LANES, Lanes, Mlp};
 use crate::numpy_rng::Pcg64;
 
 const GRAVITY: f64 = 9.8;
@@ -43,7 +43,7 @@ pub const MAX_STEPS: u32 = 500;
 pub const SOLVED_MEAN_RETURN: f64 = 475.0;
 
 /// One CartPole-v1 environment, including its time limit.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct CartPole {
     state: [f64; 4],
     steps: u32,
@@ -89,31 +89,42 @@ impl CartPole {
     /// always 1.0 (callers stop at the end of an episode).
     #[inline(always)]
     pub fn step(&mut self, action: bool) -> ([f32; 4], f64, bool, bool) {
-        let [x, x_dot, theta, theta_dot] = self.state;
         let force = if action { FORCE_MAG } else { -FORCE_MAG };
-        let costheta = theta.cos();
-        let sintheta = theta.sin();
-        // Same operations, in the same order, as gymnasium's float64 code.
-        let temp = (force + POLEMASS_LENGTH * (theta_dot * theta_dot) * sintheta) / TOTAL_MASS;
-        let thetaacc = (GRAVITY * sintheta - costheta * temp)
-            / (LENGTH * (4.0 / 3.0 - MASS_POLE * (costheta * costheta) / TOTAL_MASS));
-        let xacc = temp - POLEMASS_LENGTH * thetaacc * costheta / TOTAL_MASS;
-        let x = x + TAU * x_dot;
-        let x_dot = x_dot + TAU * xacc;
-        let theta = theta + TAU * theta_dot;
-        let theta_dot = theta_dot + TAU * thetaacc;
-        self.state = [x, x_dot, theta, theta_dot];
+        let theta = self.state[2];
+        self.state = physics(self.state, force, theta.sin(), theta.cos());
         self.steps += 1;
-        // gymnasium's comparisons, kept literally (a NaN state does not end
-        // the episode there either).
-        #[allow(clippy::manual_range_contains)]
-        let terminated = x < -X_THRESHOLD
-            || x > X_THRESHOLD
-            || theta < -THETA_THRESHOLD
-            || theta > THETA_THRESHOLD;
+        let terminated = out_of_bounds(self.state[0], self.state[2]);
         let truncated = self.steps >= MAX_STEPS;
         (observe(&self.state), 1.0, terminated, truncated)
     }
+}
+
+/// One Euler step of the physics from `[x, x_dot, theta, theta_dot]`
+/// under `force`, given `sin(theta)` and `cos(theta)`.
+#[inline(always)]
+fn physics(state: [f64; 4], force: f64, sintheta: f64, costheta: f64) -> [f64; 4] {
+    let [x, x_dot, theta, theta_dot] = state;
+    // Same operations, in the same order, as gymnasium's float64 code.
+    let temp = (force + POLEMASS_LENGTH * (theta_dot * theta_dot) * sintheta) / TOTAL_MASS;
+    let thetaacc = (GRAVITY * sintheta - costheta * temp)
+        / (LENGTH * (4.0 / 3.0 - MASS_POLE * (costheta * costheta) / TOTAL_MASS));
+    let xacc = temp - POLEMASS_LENGTH * thetaacc * costheta / TOTAL_MASS;
+    [
+        x + TAU * x_dot,
+        x_dot + TAU * xacc,
+        theta + TAU * theta_dot,
+        theta_dot + TAU * thetaacc,
+    ]
+}
+
+/// gymnasium's termination test, kept literally (a NaN state does not end
+/// the episode there either). Non-short-circuit `|` so that it vectorises;
+/// the result is the same. Not `!range.contains(..)`: that would end an
+/// episode on NaN, which gymnasium does not.
+#[allow(clippy::manual_range_contains)]
+#[inline(always)]
+fn out_of_bounds(x: f64, theta: f64) -> bool {
+    (x < -X_THRESHOLD) | (x > X_THRESHOLD) | (theta < -THETA_THRESHOLD) | (theta > THETA_THRESHOLD)
 }
 
 /// The action a network's outputs select (see the module documentation).
@@ -162,6 +173,149 @@ pub fn run_episode(policy: &mut Mlp, seed: u64) -> u32 {
     run_episode_with(policy, seed, |_, _| {})
 }
 
+/// The action of sample `lane` of lane-major outputs (see [`action`]).
+#[inline(always)]
+fn lane_action(outputs: &[Lanes], lane: usize) -> bool {
+    match outputs {
+        [only] => only[lane] > 0.0,
+        [a, b, ..] => action(&[a[lane], b[lane]]),
+        [] => false,
+    }
+}
+
+/// Runs episodes `0..episodes`, episode `i` from `reset(seed + i)`,
+/// [`BATCH_LANES`] at a time in lockstep through [`Mlp::forward_lanes`] (a
+/// lane whose episode ends starts the next one); calls `on_return(i,
+/// steps)` as each ends, in no particular order. Every episode's trajectory
+/// is exactly what [`run_episode`] computes: the lanes never interact.
+///
+/// This is the fast path: independent episodes share vector instructions
+/// and overlap each other's latency (the forward pass and the physics of
+/// one step form a dependency chain). `policy` must have 4 inputs and 1 or
+/// 2 outputs ([`check_arch`]).
+pub fn run_episodes(policy: &mut Mlp, seed: u64, episodes: u32, on_return: impl FnMut(u32, u32)) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: `run_episodes_avx2` only differs from the portable body
+        // by being compiled for AVX2, which the CPU was just checked to
+        // support. Results are identical: Rust never fuses or reorders
+        // floating-point operations, whatever the vector width.
+        unsafe { run_episodes_avx2(policy, seed, episodes, on_return) };
+        return;
+    }
+    run_episodes_body(policy, seed, episodes, on_return);
+}
+
+/// [`run_episodes_body`] compiled for AVX2 (8 f32 lanes per instruction).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn run_episodes_avx2(policy: &mut Mlp, seed: u64, episodes: u32, on_return: impl FnMut(u32, u32)) {
+    run_episodes_body(policy, seed, episodes, on_return);
+}
+
+#[inline(always)]
+fn run_episodes_body(
+    policy: &mut Mlp,
+    seed: u64,
+    episodes: u32,
+    mut on_return: impl FnMut(u32, u32),
+) {
+    const IDLE: u32 = u32::MAX;
+    const L: usize = BATCH_LANES;
+    // Structure of arrays: `state[v][k]` is variable `v` of lane `k`, so the
+    // physics of all lanes runs as vector instructions; `obs` is the
+    // lane-major input of `forward_lanes`.
+    let mut state = [[0.0f64; L]; 4];
+    let mut steps = [0u32; L];
+    let mut episode = [IDLE; L];
+    let mut obs: [Lanes; 4] = [[0.0; L]; 4];
+    let mut next = 0u32;
+    let mut active = 0usize;
+    // Starts episode `next` in `lane`, or parks the lane when none is left.
+    let start = |lane: usize,
+                 next: &mut u32,
+                 state: &mut [[f64; L]; 4],
+                 obs: &mut [Lanes; 4],
+                 steps: &mut [u32; L],
+                 episode: &mut [u32; L]| {
+        let mut env = CartPole::new();
+        let started = *next < episodes;
+        if started {
+            env.reset(seed.wrapping_add(u64::from(*next)));
+            episode[lane] = *next;
+            *next += 1;
+        } else {
+            // A parked lane keeps stepping harmlessly from the upright state.
+            episode[lane] = IDLE;
+        }
+        for (v, value) in env.state().into_iter().enumerate() {
+            state[v][lane] = value;
+            obs[v][lane] = value as f32;
+        }
+        steps[lane] = 0;
+        started
+    };
+    for lane in 0..L {
+        if start(
+            lane,
+            &mut next,
+            &mut state,
+            &mut obs,
+            &mut steps,
+            &mut episode,
+        ) {
+            active += 1;
+        }
+    }
+    while active > 0 {
+        let outputs = policy.forward_lanes_inline(&obs);
+        let mut force = [0.0f64; L];
+        for (k, f) in force.iter_mut().enumerate() {
+            *f = if lane_action(outputs, k) {
+                FORCE_MAG
+            } else {
+                -FORCE_MAG
+            };
+        }
+        let (mut sin, mut cos) = ([0.0f64; L], [0.0f64; L]);
+        for k in 0..L {
+            (sin[k], cos[k]) = state[2][k].sin_cos();
+        }
+        let mut done = [false; L];
+        for k in 0..L {
+            let s = physics(
+                [state[0][k], state[1][k], state[2][k], state[3][k]],
+                force[k],
+                sin[k],
+                cos[k],
+            );
+            for v in 0..4 {
+                state[v][k] = s[v];
+                obs[v][k] = s[v] as f32;
+            }
+            steps[k] += 1;
+            done[k] = out_of_bounds(s[0], s[2]) | (steps[k] >= MAX_STEPS);
+        }
+        for lane in 0..L {
+            if done[lane] && episode[lane] != IDLE {
+                on_return(episode[lane], steps[lane]);
+                if !start(
+                    lane,
+                    &mut next,
+                    &mut state,
+                    &mut obs,
+                    &mut steps,
+                    &mut episode,
+                ) {
+                    active -= 1;
+                }
+            } else if episode[lane] == IDLE {
+                steps[lane] = 0;
+            }
+        }
+    }
+}
+
 /// Checks that `arch` fits CartPole: 4 inputs, 1 or 2 outputs.
 pub fn check_arch(arch: &Architecture) -> Result<(), RuntimeError> {
     arch.validate()?;
@@ -191,9 +345,11 @@ pub fn returns(
 ) -> Result<Vec<f64>, RuntimeError> {
     check_arch(arch)?;
     let mut policy = Mlp::new(arch, params)?;
-    Ok((0..episodes)
-        .map(|i| f64::from(run_episode(&mut policy, seed.wrapping_add(u64::from(i)))))
-        .collect())
+    let mut out = vec![0.0; episodes as usize];
+    run_episodes(&mut policy, seed, episodes, |i, steps| {
+        out[i as usize] = f64::from(steps);
+    });
+    Ok(out)
 }
 
 /// The mean return over `episodes` episodes (0 when `episodes` is 0).
@@ -208,9 +364,10 @@ pub fn mean_return(
     if episodes == 0 {
         return Ok(0.0);
     }
-    let total: u64 = (0..episodes)
-        .map(|i| u64::from(run_episode(&mut policy, seed.wrapping_add(u64::from(i)))))
-        .sum();
+    let mut total = 0u64;
+    run_episodes(&mut policy, seed, episodes, |_, steps| {
+        total += u64::from(steps)
+    });
     Ok(total as f64 / f64::from(episodes))
 }
 
@@ -271,6 +428,65 @@ mod tests {
         assert!(r.iter().all(|&r| r > 1.0 && r < 50.0), "{r:?}");
         let mean = mean_return(&arch, &params, 0, 100).unwrap();
         assert_eq!(mean, 500.0);
+    }
+
+    /// A way to run `episodes` episodes from `seed` in lockstep.
+    type Runner = fn(&mut Mlp, u64, u32, &mut dyn FnMut(u32, u32));
+
+    #[test]
+    fn lockstep_episodes_equal_one_at_a_time() {
+        // Both the dispatching entry point and the portable body (the only
+        // one that runs on a CPU without AVX2).
+        fn portable(policy: &mut Mlp, seed: u64, episodes: u32, on_return: impl FnMut(u32, u32)) {
+            run_episodes_body(policy, seed, episodes, on_return);
+        }
+        let runners: [Runner; 2] = [
+            |p, s, e, f| run_episodes(p, s, e, f),
+            |p, s, e, f| portable(p, s, e, f),
+        ];
+        for run in runners {
+            lockstep_case(run);
+        }
+    }
+
+    fn lockstep_case(run_episodes: Runner) {
+        // Random networks: episodes of many different lengths, so lanes
+        // finish and restart at different times; 1 and 2 outputs; episode
+        // counts below, at and above the lane count.
+        for (layers, salt) in [(vec![4, 16, 2], 3u64), (vec![4, 8, 1], 4)] {
+            let arch = Architecture::new(layers, crate::arch::Activation::Tanh).unwrap();
+            let mut params = crate::model::init_params(&arch, salt);
+            if arch.outputs() == 2 {
+                // A noisy balancing policy: some episodes last, some fall.
+                for (p, b) in params.iter_mut().zip(balancing_policy().1) {
+                    *p += b;
+                }
+            }
+            let mut policy = Mlp::new(&arch, &params).unwrap();
+            for episodes in [0u32, 1, 5, BATCH_LANES as u32, 37] {
+                let seed = u64::MAX - 3;
+                let want: Vec<u32> = (0..episodes)
+                    .map(|i| run_episode(&mut policy, seed.wrapping_add(u64::from(i))))
+                    .collect();
+                let mut got = vec![0u32; episodes as usize];
+                let mut calls = 0;
+                run_episodes(&mut policy, seed, episodes, &mut |i, steps| {
+                    got[i as usize] = steps;
+                    calls += 1;
+                });
+                assert_eq!(calls, episodes);
+                assert_eq!(got, want, "{arch} x{episodes}");
+                if episodes == 37 {
+                    let distinct: std::collections::BTreeSet<_> = want.iter().collect();
+                    assert!(distinct.len() > 3, "lengths vary: {want:?}");
+                }
+            }
+        }
+        let (arch, params) = balancing_policy();
+        let mut policy = Mlp::new(&arch, &params).unwrap();
+        let mut got = Vec::new();
+        run_episodes(&mut policy, 7, 11, &mut |_, steps| got.push(steps));
+        assert_eq!(got, vec![500; 11]);
     }
 
     #[test]
