@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnGiveUp {
-    /// Stop everything and exit with `exit::GAVE_UP`.
+    /// Stop everything and exit with code 5.
     Exit,
     /// Keep restarting, every `backoff_max`.
     Backoff,
