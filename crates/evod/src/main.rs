@@ -8,6 +8,7 @@
 mod eval;
 mod evolver;
 mod exit;
+mod fault;
 mod init;
 mod inspect;
 mod protocol;
@@ -57,6 +58,9 @@ enum Command {
     /// Evolver role (spawned by `evod run`).
     #[command(hide = true)]
     Evolver(evolver::Args),
+    /// Inject a fault into a worker of a daemon run with --allow-fault-injection.
+    #[command(hide = true)]
+    Fault(fault::Args),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         Command::Report(args) => report::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Evolver(args) => evolver::run(args),
+        Command::Fault(args) => fault::run(args),
     };
     match result {
         Ok(code) => code,

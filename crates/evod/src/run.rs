@@ -180,6 +180,10 @@ pub struct Args {
     /// Let workers honour fault-injection opcodes and the `evod.fault` model key (tests only).
     #[arg(long, env = "EVOD_ALLOW_FAULT_INJECTION")]
     pub allow_fault_injection: bool,
+    /// Fault injection (tests only; needs --allow-fault-injection): workers
+    /// crash on every candidate whose FNV-1a hash is divisible by N.
+    #[arg(long, hide = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub poison_one_in: Option<u64>,
     /// Serve the model without evolving it (no evolver process).
     #[arg(long, env = "EVOD_NO_EVOLVER")]
     pub no_evolver: bool,

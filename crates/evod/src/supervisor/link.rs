@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use evod_ring::{Channel, RingError, Segment};
+use evod_ring::{Channel, ClientConfig, RingError, Segment};
 
 use crate::protocol::{self, ExecHeader, LoadRequest, WorkerInfo, op};
 
@@ -38,6 +38,19 @@ pub enum LinkError {
     },
 }
 
+/// A worker beats every 100 ms (`evod_ring::DEFAULT_BEAT_INTERVAL`); a
+/// heartbeat this old means it died. Shorter than the ring's default so that
+/// a call to a worker that has just crashed (not yet reaped) holds up the
+/// supervisor's event loop for at most this long.
+const PEER_TIMEOUT: Duration = Duration::from_millis(500);
+
+fn client_config() -> ClientConfig {
+    ClientConfig {
+        peer_timeout: PEER_TIMEOUT,
+        ..ClientConfig::default()
+    }
+}
+
 /// Sends `opcode` with a payload filled by `fill`, waits for the reply until
 /// `timeout`, and hands the checked payload to `decode`.
 fn call<T>(
@@ -48,7 +61,7 @@ fn call<T>(
     timeout: Duration,
     decode: impl FnOnce(&[u8]) -> Result<T, String>,
 ) -> Result<T, LinkError> {
-    let mut client = seg.client(Channel::Control)?;
+    let mut client = seg.client_with(Channel::Control, client_config())?;
     let reply = client.call(opcode, 0, len, fill, Instant::now() + timeout)?;
     let status = reply.header.status;
     if status != protocol::status::OK {
@@ -116,7 +129,7 @@ pub fn exec(seg: &Segment, inputs: &[f32], timeout: Duration) -> Result<Vec<f32>
 
 /// Sends a request without waiting for its reply (SHUTDOWN, fault opcodes).
 pub fn send_only(seg: &Segment, opcode: u32, payload: &[u8]) -> Result<(), LinkError> {
-    let mut client = seg.client(Channel::Control)?;
+    let mut client = seg.client_with(Channel::Control, client_config())?;
     client.send(opcode, 0, payload.len(), |out| out.copy_from_slice(payload))?;
     Ok(())
 }
