@@ -8,6 +8,7 @@
 //! - `fault`: the fault-injection storm against a real daemon.
 
 mod bench;
+mod fault;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,6 +24,7 @@ fn main() -> Result<()> {
         "ci" => ci(),
         "venv" => venv().map(|_| ()),
         "bench" => bench::run(&args[1..]),
+        "fault" => fault::run(&args[1..]),
         other => bail!("unknown xtask {other:?}: expected ci, venv, bench or fault"),
     }
 }
@@ -58,7 +60,14 @@ pub fn venv() -> Result<PathBuf> {
     let wanted = std::fs::read_to_string(root.join("tests/requirements.txt"))?;
     if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
         run(Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
             .arg(root.join("tests/requirements.txt")))?;
         std::fs::write(&stamp, wanted)?;
     }
@@ -67,20 +76,52 @@ pub fn venv() -> Result<PathBuf> {
 
 fn ci() -> Result<()> {
     let root = root();
-    let python = venv()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(&cargo).current_dir(&root).args(["fmt", "--all", "--check"]))?;
-    run(Command::new(&cargo).current_dir(&root).args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    run(Command::new(&cargo)
-        .current_dir(&root)
-        .env("EVOD_PYTHON", &python)
-        .args(["test", "--workspace"]))?;
-    Ok(())
+    let mut steps: Vec<(&str, std::time::Duration)> = Vec::new();
+    let mut step = |name: &'static str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        let start = std::time::Instant::now();
+        let result = f();
+        steps.push((name, start.elapsed()));
+        if let Err(e) = &result {
+            eprintln!("xtask ci: step `{name}` failed: {e:#}");
+        }
+        result
+    };
+    let mut python = PathBuf::new();
+    let result = (|| -> Result<()> {
+        step("venv", &mut || venv().map(|p| python = p))?;
+        step("fmt --check", &mut || {
+            run(Command::new(&cargo)
+                .current_dir(&root)
+                .args(["fmt", "--all", "--check"]))
+        })?;
+        step("clippy -D warnings", &mut || {
+            run(Command::new(&cargo).current_dir(&root).args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        })?;
+        step("test --workspace", &mut || {
+            run(Command::new(&cargo)
+                .current_dir(&root)
+                .env("EVOD_PYTHON", &python)
+                .args(["test", "--workspace"]))
+        })?;
+        step("fault storm (50)", &mut || {
+            fault::run(&["--storm".into(), "50".into(), "--seed".into(), "7".into()])
+        })
+    })();
+    eprintln!("\nxtask ci summary:");
+    for (name, took) in &steps {
+        eprintln!("  {name:<22} {:>7.1}s", took.as_secs_f64());
+    }
+    match &result {
+        Ok(()) => eprintln!("  all {} steps passed", steps.len()),
+        Err(_) => eprintln!("  FAILED at step `{}`", steps.last().map_or("?", |s| s.0)),
+    }
+    result
 }

@@ -398,6 +398,19 @@ pub fn write_model(
     params: &[f32],
     keep_from: Option<&GgufFile>,
 ) -> Result<PublishReport, RuntimeError> {
+    write_model_with(target, spec, params, keep_from, &PublishOptions::default())
+}
+
+/// [`write_model`] with publish options: `opts.fault` injects an I/O error
+/// at one step (the daemon's fault-injection tests). The alignment is taken
+/// from `opts` unless `keep_from` is given, whose alignment is kept.
+pub fn write_model_with(
+    target: &Path,
+    spec: &ModelSpec,
+    params: &[f32],
+    keep_from: Option<&GgufFile>,
+    opts: &PublishOptions,
+) -> Result<PublishReport, RuntimeError> {
     spec.arch.validate()?;
     spec.arch.check_params(params)?;
     let mut metadata = spec.metadata();
@@ -413,7 +426,7 @@ pub fn write_model(
         .collect();
     let own_tensors = tensors.len();
     let mut kept = Vec::new();
-    let mut opts = PublishOptions::default();
+    let mut opts = opts.clone();
     if let Some(old) = keep_from {
         metadata.extend(
             old.metadata()

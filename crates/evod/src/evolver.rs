@@ -28,7 +28,7 @@ use evod_evolve::{
     load_checkpoint, save_checkpoint,
 };
 use evod_ring::{Channel, Client, RingError, Segment};
-use evod_runtime::{Model, ModelSpec, Task, write_model};
+use evod_runtime::{Model, ModelSpec, Task, write_model, write_model_with};
 
 use crate::protocol::{self, EvalHeader, ExecHeader, LoadRequest, op, status};
 use crate::report::{PROGRESS_FILE, PROGRESS_HEADER, Row};
@@ -46,9 +46,58 @@ pub struct Args {
     /// Descriptor numbers of the workers' inherited segments, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub ring_fds: Vec<i32>,
+    /// Honour the I/O fault plan in `DIR/.evod/io-fault` at each publish
+    /// (tests only; passed by `evod run --allow-fault-injection`).
+    #[arg(long, hide = true)]
+    pub allow_fault_injection: bool,
     /// Evolution options.
     #[command(flatten)]
     pub evolve: EvolveArgs,
+}
+
+/// The I/O fault plan's file name inside the runtime folder `DIR/.evod`.
+pub const IO_FAULT_FILE: &str = "io-fault";
+
+/// Reads the I/O fault plan at `path`: one line `STEP ERRNO`, with STEP one
+/// of `write`, `fsync`, `rename`, `dirfsync` and ERRNO a name (`ENOSPC`,
+/// `EIO`, `EROFS`, `EDQUOT`) or a number. No file means no fault.
+pub fn read_io_fault(path: &Path) -> Result<Option<evod_gguf::IoFault>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    parse_io_fault(&text)
+        .map(Some)
+        .with_context(|| format!("{}: bad fault plan {:?}", path.display(), text.trim()))
+}
+
+/// Parses `STEP ERRNO` (see [`read_io_fault`]).
+pub fn parse_io_fault(text: &str) -> Result<evod_gguf::IoFault> {
+    use evod_gguf::IoFault;
+    let mut words = text.split_whitespace();
+    let (Some(step), Some(errno), None) = (words.next(), words.next(), words.next()) else {
+        anyhow::bail!("expected `STEP ERRNO`, e.g. `write ENOSPC`");
+    };
+    let errno = match errno.to_ascii_uppercase().as_str() {
+        "ENOSPC" => libc::ENOSPC,
+        "EIO" => libc::EIO,
+        "EROFS" => libc::EROFS,
+        "EDQUOT" => libc::EDQUOT,
+        n => match n.parse::<i32>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                anyhow::bail!("unknown errno {errno:?}: use ENOSPC, EIO, EROFS, EDQUOT or a number")
+            }
+        },
+    };
+    Ok(match step {
+        "write" => IoFault::Write(errno),
+        "fsync" => IoFault::Fsync(errno),
+        "rename" => IoFault::Rename(errno),
+        "dirfsync" => IoFault::DirFsync(errno),
+        other => anyhow::bail!("unknown step {other:?}: use write, fsync, rename or dirfsync"),
+    })
 }
 
 /// Runs `evod evolver` until its bound is reached (exit 0) or forever.
@@ -74,7 +123,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut ring = RingEvaluator::new(&segments, clients);
-    Loop::start(&args.dir, &args.evolve)?.run(&args.evolve, &mut ring)
+    let mut main = Loop::start(&args.dir, &args.evolve)?;
+    if args.allow_fault_injection {
+        main.io_fault_file = Some(
+            args.dir
+                .join(crate::supervisor::config::RUNTIME_DIR)
+                .join(IO_FAULT_FILE),
+        );
+    }
+    main.run(&args.evolve, &mut ring)
 }
 
 /// Whether `dir` holds nothing of a run yet (no history, no state): then
@@ -137,6 +194,13 @@ struct Loop {
     started: Instant,
     progress: std::fs::File,
     tty: bool,
+    /// Where the I/O fault plan is read at each publish (fault injection only).
+    io_fault_file: Option<PathBuf>,
+    /// A generation whose publish failed: retried every cycle until it
+    /// succeeds or a better generation supersedes it (the strategy already
+    /// counts it as published). Carries the report's generation and whether
+    /// it solved the task.
+    pending: Option<(GenerationReport, evod_evolve::PublishCandidate)>,
 }
 
 impl Loop {
@@ -151,6 +215,7 @@ impl Loop {
         let config = evolver_config(evolve, &task);
         let state = dir.join("state");
         std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+        remove_leftovers(dir, &state);
         std::fs::create_dir_all(dir.join("history"))?;
         let checkpoint_path = state.join("checkpoint.bin");
         let mut evolver = None;
@@ -199,6 +264,8 @@ impl Loop {
             started: Instant::now(),
             progress,
             tty: std::io::stderr().is_terminal(),
+            io_fault_file: None,
+            pending: None,
         })
     }
 
@@ -223,21 +290,36 @@ impl Loop {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let published = match &report.publish {
-                Some(candidate) => match self.publish(&report, candidate, evolve, ring) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        // Old file intact (atomic publish); the evolver
-                        // will offer a better one again.
-                        tracing::error!(
-                            "publishing generation {} failed: {e:#}",
-                            report.generation
-                        );
-                        false
+            // A new candidate supersedes one whose publish failed; without
+            // one, the failed publish is retried.
+            if let Some(candidate) = &report.publish {
+                self.pending = Some((report.clone(), candidate.clone()));
+            }
+            let mut published = false;
+            let mut solved = false;
+            if let Some((pending_report, candidate)) = self.pending.take() {
+                match self.publish(&pending_report, &candidate, evolve, ring) {
+                    Ok(()) => {
+                        published = true;
+                        solved = pending_report.solved;
+                        if pending_report.generation != report.generation {
+                            tracing::info!(
+                                generation = pending_report.generation + 1,
+                                "publish retried and succeeded"
+                            );
+                        }
                     }
-                },
-                None => false,
-            };
+                    Err(e) => {
+                        // Old file intact (atomic publish): retried next
+                        // cycle unless a better generation comes first.
+                        tracing::error!(
+                            "publishing generation {} failed (retrying next cycle): {e:#}",
+                            pending_report.generation + 1
+                        );
+                        self.pending = Some((pending_report, candidate));
+                    }
+                }
+            }
             let row = Row {
                 generation: report.generation,
                 best: report.best_fitness,
@@ -248,7 +330,7 @@ impl Loop {
             };
             writeln!(self.progress, "{}", row.to_csv())?;
             let g = self.evolver.generation();
-            if published || g % checkpoint_every == 0 {
+            if published || g.is_multiple_of(checkpoint_every) {
                 save_checkpoint(&checkpoint_path, &self.evolver.checkpoint())?;
             }
             let now = Instant::now();
@@ -267,10 +349,10 @@ impl Loop {
                     self.spec.generation
                 );
             }
-            if g % pulse_every == 0 {
+            if g.is_multiple_of(pulse_every) {
                 self.pulse(ring, &report, rate);
             }
-            if evolve.until_solved && report.solved && published {
+            if evolve.until_solved && solved && published {
                 self.finish("solved");
                 return Ok(ExitCode::SUCCESS);
             }
@@ -351,7 +433,25 @@ impl Loop {
         spec.created_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let written = write_model(&self.model_path, &spec, &candidate.params, Some(&old))?;
+        let mut opts = evod_gguf::PublishOptions::default();
+        if let Some(plan) = &self.io_fault_file {
+            opts.fault = read_io_fault(plan)?;
+            if let Some(fault) = opts.fault {
+                tracing::warn!(
+                    ?fault,
+                    "injecting an I/O fault into this publish ({})",
+                    plan.display()
+                );
+            }
+        }
+        let written = write_model_with(
+            &self.model_path,
+            &spec,
+            &candidate.params,
+            Some(&old),
+            &opts,
+        )
+        .with_context(|| format!("publishing generation {generation}"))?;
         drop(old);
         tracing::info!(
             generation = spec.generation,
@@ -398,6 +498,33 @@ impl Loop {
             let _ = std::fs::remove_file(old);
         }
         Ok(())
+    }
+}
+
+/// Removes the temporary files of an evolver killed while publishing
+/// (`DIR/.vectorland.gguf.tmp.*`) or checkpointing
+/// (`DIR/state/.checkpoint.bin.tmp.*`): while it runs this process is the
+/// only writer of both (a rollback stops it first).
+fn remove_leftovers(dir: &Path, state: &Path) {
+    let publish = evod_gguf::temp_prefix(MODEL_FILE);
+    let entries = [dir, state]
+        .into_iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|entries| entries.flatten());
+    for entry in entries {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(".checkpoint.bin.tmp.") || n.starts_with(&publish))
+        {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(
+                    "removed {} (left by a killed evolver)",
+                    entry.path().display()
+                ),
+                Err(e) => tracing::warn!("cannot remove {}: {e}", entry.path().display()),
+            }
+        }
     }
 }
 

@@ -32,6 +32,11 @@ pub struct Args {
     /// Honour fault-injection opcodes and the `evod.fault` model key.
     #[arg(long)]
     pub allow_fault_injection: bool,
+    /// Fault injection (needs --allow-fault-injection): a real SIGSEGV on
+    /// every `EVAL` candidate whose bytes hash ([`poison_hash`]) to a
+    /// multiple of N, a "poison candidate" that crashes the runtime every time.
+    #[arg(long, hide = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub poison_one_in: Option<u64>,
     /// This worker's index (for logs).
     #[arg(long, default_value_t = 0)]
     pub index: u32,
@@ -61,6 +66,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut worker = Worker {
         seg: &seg,
         allow_faults: args.allow_fault_injection,
+        poison_one_in: args.poison_one_in.filter(|_| args.allow_fault_injection),
         model: None,
         started,
     };
@@ -102,6 +108,7 @@ enum Flow {
 struct Worker<'s> {
     seg: &'s Segment,
     allow_faults: bool,
+    poison_one_in: Option<u64>,
     model: Option<Loaded>,
     started: Instant,
 }
@@ -302,6 +309,11 @@ impl Worker<'_> {
         let mut params = vec![0f32; n];
         let mut fitness = Vec::with_capacity(h.candidates as usize);
         for chunk in body.chunks_exact(4 * n) {
+            if let Some(every) = self.poison_one_in
+                && poison_hash(chunk).is_multiple_of(every)
+            {
+                segfault();
+            }
             for (p, b) in params.iter_mut().zip(chunk.chunks_exact(4)) {
                 *p = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
@@ -316,6 +328,15 @@ impl Worker<'_> {
         protocol::write_f64s(&fitness, &mut out);
         (status::OK, out)
     }
+}
+
+/// FNV-1a (64-bit) of a candidate's little-endian bytes: the content rule
+/// of `--poison-one-in` (deterministic, so a poisoned candidate crashes
+/// every worker it is sent to).
+pub fn poison_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Carries out a fault opcode; never returns.

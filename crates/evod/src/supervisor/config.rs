@@ -139,6 +139,9 @@ pub struct Config {
     pub workers: usize,
     /// Whether workers honour fault-injection opcodes and `evod.fault`.
     pub allow_fault_injection: bool,
+    /// Workers crash on every candidate whose FNV-1a hash is divisible by this
+    /// (fault injection only).
+    pub poison_one_in: Option<u64>,
     /// Run without an evolver (serve the model only).
     pub no_evolver: bool,
     /// How long a graceful stop may take before SIGKILL.
@@ -213,6 +216,7 @@ impl Config {
             workers,
             allow_fault_injection: args.allow_fault_injection
                 || file.allow_fault_injection.unwrap_or(false),
+            poison_one_in: args.poison_one_in.filter(|_| args.allow_fault_injection),
             no_evolver: args.no_evolver || file.no_evolver.unwrap_or(false),
             grace_period: args
                 .grace_period

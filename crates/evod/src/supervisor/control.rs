@@ -50,6 +50,14 @@ pub enum Request {
         /// The generation to restore.
         to: Option<u64>,
     },
+    /// Inject a fault into a worker (`evod fault`; refused unless the
+    /// daemon runs with `--allow-fault-injection`).
+    Fault {
+        /// The worker's index.
+        worker: usize,
+        /// `segv`, `abort`, `hang`, `scribble`, `exit` or `exit:N`.
+        kind: String,
+    },
 }
 
 /// A response line.

@@ -388,7 +388,10 @@ impl Supervisor {
                 tracing::info!(pid, "evolver finished its bounded run; stopping");
                 self.begin_stop(exit::OK);
             } else {
-                tracing::info!(pid, "evolver finished (exited with code 0); workers keep serving");
+                tracing::info!(
+                    pid,
+                    "evolver finished (exited with code 0); workers keep serving"
+                );
             }
             return;
         }
@@ -557,6 +560,10 @@ impl Supervisor {
                 ];
                 if self.config.allow_fault_injection {
                     args.push("--allow-fault-injection".into());
+                    if let Some(n) = self.config.poison_one_in {
+                        args.push("--poison-one-in".into());
+                        args.push(n.to_string().into());
+                    }
                 }
                 ChildSpec {
                     role: "worker",
@@ -582,6 +589,9 @@ impl Supervisor {
                     "--ring-fds".into(),
                     list.into(),
                 ];
+                if self.config.allow_fault_injection {
+                    args.push("--allow-fault-injection".into());
+                }
                 args.extend(self.config.evolve.to_cli_args());
                 ChildSpec {
                     role: "evolver",
@@ -682,6 +692,7 @@ impl Supervisor {
                 Response::ok("stopping")
             }
             Request::Exec { inputs } => self.exec(&inputs),
+            Request::Fault { worker, kind } => self.inject_fault(worker, &kind),
             Request::Rollback { to } => {
                 let to = match to {
                     Some(g) => Some(g),
@@ -703,6 +714,41 @@ impl Supervisor {
                     Err(e) => Response::error(format!("{e:#}")),
                 }
             }
+        }
+    }
+
+    /// Sends a fault opcode to worker `index` (`evod fault`).
+    fn inject_fault(&mut self, index: usize, kind: &str) -> Response {
+        if !self.config.allow_fault_injection {
+            return Response::error(
+                "fault injection is off: the daemon was started without --allow-fault-injection",
+            );
+        }
+        let (opcode, code) = match crate::fault::parse_kind(kind) {
+            Ok(x) => x,
+            Err(e) => return Response::error(e),
+        };
+        let Some(slot) = self
+            .slots
+            .iter()
+            .find(|s| s.kind == Kind::Worker && s.index == index)
+        else {
+            return Response::error(format!("no worker {index}"));
+        };
+        let (Some(seg), Some(child), true) = (&slot.segment, &slot.child, slot.running()) else {
+            return Response::error(format!("worker {index} is not running"));
+        };
+        tracing::warn!(
+            pid = child.pid().as_raw(),
+            "injecting fault {kind:?} into worker {index}"
+        );
+        match link::send_only(seg, opcode, &code.to_le_bytes()) {
+            Ok(()) => Response::ok(serde_json::json!({
+                "worker": index,
+                "pid": child.pid().as_raw(),
+                "kind": kind,
+            })),
+            Err(e) => Response::error(format!("worker {index}: {e}")),
         }
     }
 

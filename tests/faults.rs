@@ -1,0 +1,647 @@
+//! The failure model of `../docs/failure-model.md`, proved against the real
+//! daemon (`evod run`: supervisor + workers + evolver as real processes)
+//! while it evolves: worker faults injected during evaluation through the
+//! fault opcodes (`evod fault`), a poison candidate that crashes every
+//! worker it reaches, the evolver SIGKILLed at 100 random instants, ENOSPC
+//! and EIO at each step of a publish (through the evolver's I/O fault plan
+//! `DIR/.evod/io-fault`), a malformed model at start.
+//!
+//! Every daemon here runs with `--allow-fault-injection`; every wait polls
+//! for an event (a log line, a status field, a file) with a deadline.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use evod_gguf::GgufFile;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Generous: these are not timing tests, only guards against a hang.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn evod() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_evod"));
+    cmd.env_remove("EVOD_DIR")
+        .env_remove("EVOD_CONTROL_SOCKET")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Polls `cond` until it holds; fails with `what` and `context()` past `within`.
+fn wait_for(
+    what: &str,
+    within: Duration,
+    mut cond: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
+    let end = Instant::now() + within;
+    while !cond() {
+        assert!(
+            Instant::now() < end,
+            "timed out after {within:?} waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `evod init` in `dir` with `args`.
+fn init(dir: &Path, args: &[&str]) {
+    let o = evod()
+        .current_dir(dir)
+        .arg("init")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "evod init: {}", text(&o.stderr));
+}
+
+/// A running `evod run`, its output collected by reader threads.
+struct Daemon {
+    child: Option<Child>,
+    dir: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    fn start(dir: &Path, args: &[&str]) -> Daemon {
+        let mut child = evod()
+            .arg("run")
+            .arg("--dir")
+            .arg(dir)
+            .args(["--log-format", "json", "--allow-fault-injection"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning evod run");
+        let log = Arc::new(Mutex::new(String::new()));
+        let pipes: [Box<dyn Read + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        ];
+        for mut pipe in pipes {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    log.lock().unwrap().push_str(&text(&buf[..n]));
+                }
+            });
+        }
+        Daemon {
+            child: Some(child),
+            dir: dir.to_owned(),
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn wait_log(&self, what: &str, cond: impl Fn(&str) -> bool) {
+        wait_for(
+            what,
+            DEADLINE,
+            || cond(&self.log.lock().unwrap()),
+            || format!("log:\n{}", self.log()),
+        );
+    }
+
+    /// `evod status --json`, or None while the daemon does not answer.
+    fn status(&self) -> Option<serde_json::Value> {
+        let o = evod()
+            .args(["status", "--json", "--dir"])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        o.status
+            .success()
+            .then(|| serde_json::from_slice(&o.stdout).unwrap())
+    }
+
+    /// Worker `i`'s row of the status.
+    fn worker(&self, i: u64) -> Option<serde_json::Value> {
+        let s = self.status()?;
+        s["children"]
+            .as_array()?
+            .iter()
+            .find(|c| c["role"] == "worker" && c["index"] == i)
+            .cloned()
+    }
+
+    /// Waits for the daemon to exit by itself.
+    fn finish(mut self) -> (ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                // The reader threads end with the pipes; give them the
+                // last bytes.
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(50));
+                return (status, self.log());
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "evod run did not finish within {DEADLINE:?}\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `evod stop`, then waits for the exit.
+    fn stop(self) -> (ExitStatus, String) {
+        let o = evod()
+            .args(["stop", "--dir"])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "evod stop: {}", text(&o.stderr));
+        self.finish()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `evod fault --worker I --kind KIND` against the daemon in `dir`.
+fn inject(dir: &Path, worker: u32, kind: &str) -> std::process::Output {
+    evod()
+        .args(["fault", "--dir"])
+        .arg(dir)
+        .args(["--worker", &worker.to_string(), "--kind", kind])
+        .output()
+        .unwrap()
+}
+
+/// Data checksum and generation of a model file, after checking it both as
+/// GGUF and as an evod model (every tensor present, finite).
+fn valid_model(path: &Path) -> (u64, u64) {
+    let f = GgufFile::open(path).unwrap_or_else(|e| panic!("invalid model: {e}"));
+    let m = evod_runtime::Model::open(path).unwrap_or_else(|e| panic!("invalid model: {e}"));
+    (f.checksum(), m.spec.generation)
+}
+
+fn model_generation(dir: &Path) -> u64 {
+    valid_model(&dir.join("vectorland.gguf")).1
+}
+
+/// Temporary files (of a publish or a checkpoint) left in the run folder.
+fn temp_litter(dir: &Path) -> Vec<String> {
+    [dir.to_owned(), dir.join("state")]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|entries| entries.flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp."))
+        .collect()
+}
+
+/// Names of publish temporary files in the run folder.
+fn publish_temps(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(".vectorland.gguf.tmp."))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Generation numbers in `state/progress.csv`, in file order.
+fn progress_generations(dir: &Path) -> Vec<u64> {
+    std::fs::read_to_string(dir.join("state/progress.csv"))
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next()?.parse().ok())
+        .collect()
+}
+
+/// Children of `pid` whose first argument is `role`.
+fn children_with_role(pid: u32, role: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rsplit_once(") ").map(|x| x.1) else {
+            continue;
+        };
+        let mut fields = after.split(' ');
+        let state = fields.next().unwrap_or("");
+        let ppid: u32 = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        if ppid != pid || state == "Z" {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline.split(|&b| b == 0).map(text).collect();
+        if args.get(1).is_some_and(|a| a == role) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn every_worker_fault_during_evaluation_costs_a_respawn_not_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    init(
+        dir.path(),
+        &["--task", "sine", "--layers", "1,32,1", "--seed", "3"],
+    );
+    let d = Daemon::start(
+        dir.path(),
+        &["--workers", "2", "--heartbeat-timeout", "1s", "--seed", "4"],
+    );
+    let cases = [
+        ("segv", "killed by signal 11 (SIGSEGV)"),
+        ("abort", "killed by signal 6 (SIGABRT)"),
+        ("hang", "missed its heartbeat"),
+        ("scribble", "exited with code 70"),
+        ("exit:7", "exited with code 7"),
+    ];
+    for (n, (kind, words)) in cases.into_iter().enumerate() {
+        // The worker is up long enough not to count as crash-looping, and
+        // the evolver keeps it busy evaluating.
+        wait_for(
+            "worker 0 up for a second",
+            DEADLINE,
+            || {
+                d.worker(0).is_some_and(|w| {
+                    w["state"] == "running" && w["uptime_s"].as_f64().unwrap_or(0.0) > 1.0
+                })
+            },
+            || d.log(),
+        );
+        let rows = progress_generations(dir.path()).len();
+        wait_for(
+            "evaluation in progress",
+            DEADLINE,
+            || progress_generations(dir.path()).len() > rows,
+            || d.log(),
+        );
+        let o = inject(dir.path(), 0, kind);
+        assert!(o.status.success(), "evod fault {kind}: {}", text(&o.stderr));
+        d.wait_log(&format!("{words:?} for {kind}"), |l| l.contains(words));
+        wait_for(
+            "worker 0 respawned",
+            DEADLINE,
+            || {
+                d.worker(0)
+                    .is_some_and(|w| w["restarts"] == (n as u64 + 1) && w["state"] == "running")
+            },
+            || d.log(),
+        );
+    }
+    // The loop went on: more generations after the last fault.
+    let rows = progress_generations(dir.path()).len();
+    wait_for(
+        "generations after the faults",
+        DEADLINE,
+        || progress_generations(dir.path()).len() > rows + 3,
+        || d.log(),
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "exit {status:?}\n{log}");
+    let gens = progress_generations(dir.path());
+    assert!(
+        gens.windows(2).all(|w| w[1] == w[0] + 1),
+        "a generation was lost or repeated: {gens:?}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    valid_model(&dir.path().join("vectorland.gguf"));
+}
+
+#[test]
+fn fault_requests_are_refused_without_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path(), &["--task", "xor", "--seed", "1"]);
+    let mut child = evod()
+        .args(["run", "--no-evolver", "--workers", "1", "--dir"])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = None;
+    wait_for(
+        "the daemon to answer",
+        DEADLINE,
+        || {
+            let o = inject(dir.path(), 0, "segv");
+            let answered = o.status.code() != Some(4);
+            out = Some(o);
+            answered
+        },
+        String::new,
+    );
+    let o = out.unwrap();
+    let _ = evod().args(["stop", "--dir"]).arg(dir.path()).output();
+    let status = child.wait().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("--allow-fault-injection"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(status.success());
+}
+
+#[test]
+fn poison_candidates_are_quarantined_and_the_run_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    init(
+        dir.path(),
+        &["--task", "sine", "--layers", "1,16,1", "--seed", "5"],
+    );
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--workers",
+            "2",
+            "--poison-one-in",
+            "12",
+            "--population",
+            "16",
+            "--generations",
+            "15",
+            "--seed",
+            "2",
+            "--pulse-every",
+            "1",
+            // Poison crashes come fast: keep the restart policy and the
+            // crash-loop fallback out of this row (their own tests cover them).
+            "--restart-intensity",
+            "100000",
+            "--backoff-max",
+            "20ms",
+            "--fallback-after",
+            "100000",
+        ],
+    );
+    let (status, log) = d.finish();
+    assert!(status.success(), "exit {status:?}\n{log}");
+    let quarantined = log.matches("crashed a worker twice: quarantined").count();
+    assert!(quarantined >= 1, "nothing quarantined:\n{log}");
+    let segv = log.matches("killed by signal 11 (SIGSEGV)").count();
+    // Each quarantined candidate crashed a worker twice (once in its batch,
+    // once alone).
+    assert!(
+        segv > quarantined,
+        "{segv} crashes for {quarantined} quarantines\n{log}"
+    );
+    assert_eq!(
+        progress_generations(dir.path()),
+        (0..15).collect::<Vec<u64>>(),
+        "generations lost"
+    );
+    // The evolver's own count reaches the pulse line.
+    assert!(
+        log.lines().any(|l| l.contains("\"pulse\"")
+            && !l.contains("\"quarantined\":0")
+            && l.contains("\"quarantined\"")),
+        "no pulse counts quarantines:\n{log}"
+    );
+}
+
+#[test]
+fn evolver_sigkilled_at_100_random_instants_leaves_a_valid_model() {
+    let dir = tempfile::tempdir().unwrap();
+    // Big enough that a publish (264 KiB, fsync) takes measurable time.
+    init(
+        dir.path(),
+        &["--task", "sine", "--layers", "1,256,256,1", "--seed", "8"],
+    );
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--workers",
+            "2",
+            "--population",
+            "4",
+            "--seed",
+            "6",
+            "--checkpoint-every",
+            "1",
+            "--restart-intensity",
+            "100000",
+            "--backoff-max",
+            "20ms",
+        ],
+    );
+    let model = dir.path().join("vectorland.gguf");
+    // A small deterministic generator for the kill instants.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut last = None;
+    let mut aimed_hits = 0;
+    for kill_no in 0..100 {
+        let mut pid = 0;
+        wait_for(
+            "a new evolver",
+            DEADLINE,
+            || {
+                pid = children_with_role(d.pid(), "evolver")
+                    .into_iter()
+                    .find(|p| Some(*p) != last)
+                    .unwrap_or(0);
+                pid != 0
+            },
+            || d.log(),
+        );
+        // The first 10 kills are aimed at a publish: the model from `evod
+        // init` has no fitness, so each fresh evolver's first generation
+        // publishes, and each is killed during it.
+        let aimed = kill_no < 10;
+        if kill_no == 10 {
+            // A first checkpoint, so that every evolver after a kill resumes.
+            wait_for(
+                "the first checkpoint",
+                DEADLINE,
+                || dir.path().join("state/checkpoint.bin").exists(),
+                || d.log(),
+            );
+        }
+        let mut fresh = None;
+        if aimed {
+            // Aimed at a publish: the moment a new temporary file appears.
+            let old = publish_temps(dir.path());
+            let end = Instant::now() + DEADLINE;
+            while fresh.is_none() {
+                assert!(Instant::now() < end, "no publish began:\n{}", d.log());
+                fresh = publish_temps(dir.path())
+                    .into_iter()
+                    .find(|n| !old.contains(n));
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        } else {
+            // Anywhere in the evolver's start and first cycles.
+            std::thread::sleep(Duration::from_micros(next() % 300_000));
+        }
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        last = Some(pid);
+        // Gone (reaped by the supervisor) before looking at the file.
+        wait_for(
+            "the killed evolver to be reaped",
+            DEADLINE,
+            || !Path::new(&format!("/proc/{pid}")).exists(),
+            || d.log(),
+        );
+        if fresh.is_some_and(|n| dir.path().join(n).exists()) {
+            aimed_hits += 1;
+        }
+        valid_model(&model);
+    }
+    // The evolver after the last kill cleans up what killed ones left and
+    // evolves on.
+    let rows = progress_generations(dir.path()).len();
+    wait_for(
+        "a generation after the last kill",
+        DEADLINE,
+        || progress_generations(dir.path()).len() > rows,
+        || d.log(),
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "exit {status:?}\n{log}");
+    assert!(
+        temp_litter(dir.path()).is_empty(),
+        "temporary files left: {:?}",
+        temp_litter(dir.path())
+    );
+    assert!(log.contains("resuming from"), "never resumed:\n{log}");
+    assert!(log.matches("killed by signal 9 (SIGKILL)").count() >= 100);
+    valid_model(&model);
+    // The aimed kills really interrupted publishes (their temporary file
+    // was left behind for the next publish to remove).
+    assert!(aimed_hits >= 1, "no kill landed mid-publish");
+    eprintln!("{aimed_hits} of 10 aimed kills interrupted a publish");
+}
+
+#[test]
+fn enospc_and_eio_on_publish_keep_the_old_file_and_publishing_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    init(
+        dir.path(),
+        &["--task", "sine", "--layers", "1,16,1", "--seed", "11"],
+    );
+    let d = Daemon::start(
+        dir.path(),
+        &["--workers", "2", "--seed", "12", "--population", "24"],
+    );
+    let model = dir.path().join("vectorland.gguf");
+    let plan = dir.path().join(".evod/io-fault");
+    let cases = [
+        ("write ENOSPC", "write failed: No space left on device"),
+        ("write EIO", "write failed: Input/output error"),
+        ("fsync ENOSPC", "fsync failed: No space left on device"),
+        ("fsync EIO", "fsync failed: Input/output error"),
+        ("rename ENOSPC", "rename failed: No space left on device"),
+        ("rename EIO", "rename failed: Input/output error"),
+    ];
+    for (fault, words) in cases {
+        wait_for(
+            "the runtime folder",
+            DEADLINE,
+            || plan.parent().unwrap().exists(),
+            || d.log(),
+        );
+        let before_log = d.log().matches(words).count();
+        std::fs::write(&plan, fault).unwrap();
+        let old = std::fs::read(&model).unwrap();
+        d.wait_log(&format!("the {fault} publish error"), |l| {
+            l.matches(words).count() > before_log
+        });
+        // Retried while the fault lasts: at least one more failure, and the
+        // file never changed.
+        d.wait_log(&format!("a retry under {fault}"), |l| {
+            l.matches(words).count() > before_log + 1
+        });
+        assert_eq!(
+            std::fs::read(&model).unwrap(),
+            old,
+            "{fault}: the old file changed"
+        );
+        valid_model(&model);
+        assert!(
+            temp_litter(dir.path()).is_empty(),
+            "{fault}: temporary file left"
+        );
+        let g = model_generation(dir.path());
+        std::fs::remove_file(&plan).unwrap();
+        wait_for(
+            &format!("a publish after clearing {fault}"),
+            DEADLINE,
+            || model_generation(dir.path()) > g,
+            || d.log(),
+        );
+    }
+    let (status, log) = d.stop();
+    assert!(status.success(), "exit {status:?}\n{log}");
+    assert!(log.contains("publish retried and succeeded"), "{log}");
+}
+
+#[test]
+fn malformed_model_at_start_exits_3_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("vectorland.gguf");
+    for bytes in [
+        b"GGUF\x03\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
+        b"not a model at all".to_vec(),
+    ] {
+        std::fs::write(&model, &bytes).unwrap();
+        let o = evod()
+            .args(["run", "--workers", "1", "--dir"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(3), "{err}");
+        assert!(err.contains(&model.display().to_string()), "{err}");
+        assert_eq!(
+            std::fs::read(&model).unwrap(),
+            bytes,
+            "the bad file was touched"
+        );
+        assert!(children_with_role(std::process::id(), "worker").is_empty());
+    }
+}
