@@ -7,10 +7,13 @@
 //! timed repeats. Three evod figures:
 //!
 //! - `cartpole_steps_per_s` (headline): [`run_episodes`], 8 episodes in
-//!   lockstep, one `Mlp` reused for 2000 episodes per repeat;
+//!   lockstep, one `MlpLanes` reused for 2000 episodes per repeat;
 //! - `cartpole_eval5_steps_per_s`: the daemon's per-candidate path,
 //!   [`mean_return`] over `CARTPOLE_EPISODES` (5) episodes, building the
 //!   `Mlp` for each candidate;
+//! - `cartpole_batch64_steps_per_s`: [`mean_returns`] over 64 candidates
+//!   x 5 episodes per call (`Task::evaluate_many`), the lanes spread over
+//!   candidates;
 //! - `cartpole_sequential_steps_per_s`: [`run_episode`], one episode at a
 //!   time (latency-bound: forward pass and physics form one chain).
 
@@ -18,14 +21,17 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use evod_runtime::cartpole::{balancing_policy, mean_return, run_episode, run_episodes};
-use evod_runtime::mlp::Mlp;
+use evod_runtime::cartpole::{
+    balancing_policy, mean_return, mean_returns, run_episode, run_episodes,
+};
+use evod_runtime::mlp::{Mlp, MlpLanes};
 use evod_runtime::task::CARTPOLE_EPISODES;
 
 const REPEATS: usize = 7;
 const EPISODES_PER_REPEAT: u64 = 2000;
 const PEER_SECONDS: f64 = 2.0;
 const PEER_REPEATS: usize = 3;
+const BATCH: usize = 64;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -45,10 +51,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (arch, params) = balancing_policy();
 
     // evod: one core, full-length episodes.
-    let mut policy = Mlp::new(&arch, &params)?;
+    let mut lanes = MlpLanes::new(&arch, &params)?;
     let mut seed = 0u64;
     // Warm-up.
-    run_episodes(&mut policy, seed, 100, |_, s| {
+    run_episodes(&mut lanes, seed, 100, |_, s| {
         std::hint::black_box(s);
     });
     let mut figures = Vec::new();
@@ -56,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let start = Instant::now();
         let mut steps = 0u64;
         run_episodes(
-            &mut policy,
+            &mut lanes,
             std::hint::black_box(seed),
             EPISODES_PER_REPEAT as u32,
             |_, s| steps += u64::from(s),
@@ -86,6 +92,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let eval5 = median(eval_figures.clone());
     eprintln!("evod cartpole, {CARTPOLE_EPISODES}-episode evaluations: {eval5:.0} steps/s");
 
+    // The worker's batch: 64 candidates x 5 episodes in one call.
+    let batch: Vec<&[f32]> = vec![&params; BATCH];
+    let mut batch_figures = Vec::new();
+    for _ in 0..REPEATS {
+        let start = Instant::now();
+        let mut steps = 0.0;
+        for _ in 0..EPISODES_PER_REPEAT / (BATCH as u64 * u64::from(CARTPOLE_EPISODES)) {
+            let means = mean_returns(&arch, &batch, std::hint::black_box(seed), CARTPOLE_EPISODES)?;
+            steps += means.iter().sum::<f64>() * f64::from(CARTPOLE_EPISODES);
+            seed += u64::from(CARTPOLE_EPISODES);
+        }
+        batch_figures.push(steps / start.elapsed().as_secs_f64());
+    }
+    let batch64 = median(batch_figures.clone());
+    eprintln!(
+        "evod cartpole, batches of {BATCH} candidates x {CARTPOLE_EPISODES} episodes: {batch64:.0} steps/s"
+    );
+
+    let mut policy = Mlp::new(&arch, &params)?;
     let mut seq_figures = Vec::new();
     for _ in 0..REPEATS {
         let start = Instant::now();
@@ -140,6 +165,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cartpole_steps_per_s_samples": figures,
         "cartpole_eval5_steps_per_s": eval5,
         "cartpole_eval5_steps_per_s_samples": eval_figures,
+        "cartpole_batch64_steps_per_s": batch64,
+        "cartpole_batch64_steps_per_s_samples": batch_figures,
         "cartpole_sequential_steps_per_s": sequential,
         "cartpole_sequential_steps_per_s_samples": seq_figures,
         "gymnasium_steps_per_s": gym,

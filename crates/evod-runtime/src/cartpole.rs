@@ -21,7 +21,7 @@
 
 use crate::RuntimeError;
 use crate::arch::Architecture;
-use crate::mlp::{BATCH_LANES, Lanes, Mlp};
+use crate::mlp::{BATCH_LANES, Lanes, Mlp, MlpLanes};
 use crate::numpy_rng::Pcg64;
 
 const GRAVITY: f64 = 9.8;
@@ -184,91 +184,175 @@ fn lane_action(outputs: &[Lanes], lane: usize) -> bool {
 }
 
 /// Runs episodes `0..episodes`, episode `i` from `reset(seed + i)`,
-/// [`BATCH_LANES`] at a time in lockstep through [`Mlp::forward_lanes`] (a
-/// lane whose episode ends starts the next one); calls `on_return(i,
-/// steps)` as each ends, in no particular order. Every episode's trajectory
-/// is exactly what [`run_episode`] computes: the lanes never interact.
+/// [`BATCH_LANES`] at a time in lockstep through `policy` (every lane
+/// should hold the same parameters, as [`MlpLanes::new`] leaves them; a lane
+/// whose episode ends starts the next one); calls `on_return(i, steps)` as
+/// each ends, in no particular order. Every episode's trajectory is exactly
+/// what [`run_episode`] computes: the lanes never interact.
 ///
 /// This is the fast path: independent episodes share vector instructions
 /// and overlap each other's latency (the forward pass and the physics of
-/// one step form a dependency chain). `policy` must have 4 inputs and 1 or
-/// 2 outputs ([`check_arch`]).
-pub fn run_episodes(policy: &mut Mlp, seed: u64, episodes: u32, on_return: impl FnMut(u32, u32)) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: `run_episodes_avx2` only differs from the portable body
-        // by being compiled for AVX2, which the CPU was just checked to
-        // support. Results are identical: Rust never fuses or reorders
-        // floating-point operations, whatever the vector width.
-        unsafe { run_episodes_avx2(policy, seed, episodes, on_return) };
-        return;
-    }
-    run_episodes_body(policy, seed, episodes, on_return);
-}
-
-/// [`run_episodes_body`] compiled for AVX2 (8 f32 lanes per instruction).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn run_episodes_avx2(policy: &mut Mlp, seed: u64, episodes: u32, on_return: impl FnMut(u32, u32)) {
-    run_episodes_body(policy, seed, episodes, on_return);
-}
-
-#[inline(always)]
-fn run_episodes_body(
-    policy: &mut Mlp,
+/// one step form one dependency chain). `policy` must have 4 inputs and 1
+/// or 2 outputs ([`check_arch`]).
+pub fn run_episodes(
+    policy: &mut MlpLanes,
     seed: u64,
     episodes: u32,
     mut on_return: impl FnMut(u32, u32),
 ) {
-    const IDLE: u32 = u32::MAX;
-    const L: usize = BATCH_LANES;
-    // Structure of arrays: `state[v][k]` is variable `v` of lane `k`, so the
-    // physics of all lanes runs as vector instructions; `obs` is the
-    // lane-major input of `forward_lanes`.
-    let mut state = [[0.0f64; L]; 4];
-    let mut steps = [0u32; L];
-    let mut episode = [IDLE; L];
-    let mut obs: [Lanes; 4] = [[0.0; L]; 4];
-    let mut next = 0u32;
-    let mut active = 0usize;
-    // Starts episode `next` in `lane`, or parks the lane when none is left.
-    let start = |lane: usize,
-                 next: &mut u32,
-                 state: &mut [[f64; L]; 4],
-                 obs: &mut [Lanes; 4],
-                 steps: &mut [u32; L],
-                 episode: &mut [u32; L]| {
+    run_lockstep(
+        policy,
+        u64::from(episodes),
+        |_, _, job| seed.wrapping_add(job),
+        // `job < episodes`, so it fits in u32.
+        |job, steps| on_return(job as u32, steps),
+    );
+}
+
+/// The mean return of each candidate parameter vector over `episodes`
+/// episodes, episode `i` seeded `seed + i` (the same seeds for every
+/// candidate): [`mean_return`] for many candidates at once, bit for bit,
+/// with the lanes spread over candidates and episodes alike (a candidate's
+/// parameters are loaded into a lane when it starts one of its episodes),
+/// so even a few episodes per candidate keep every lane busy.
+pub fn mean_returns(
+    arch: &Architecture,
+    candidates: &[&[f32]],
+    seed: u64,
+    episodes: u32,
+) -> Result<Vec<f64>, RuntimeError> {
+    check_arch(arch)?;
+    for c in candidates {
+        arch.check_params(c)?;
+    }
+    let Some(first) = candidates.first() else {
+        return Ok(Vec::new());
+    };
+    if episodes == 0 {
+        return Ok(vec![0.0; candidates.len()]);
+    }
+    let mut lanes = MlpLanes::new(arch, first)?;
+    let per = u64::from(episodes);
+    let jobs = candidates.len() as u64 * per;
+    let mut loaded = [0usize; BATCH_LANES];
+    let mut totals = vec![0u64; candidates.len()];
+    run_lockstep(
+        &mut lanes,
+        jobs,
+        |net, lane, job| {
+            // `job / per < candidates.len()`: a valid index.
+            let c = (job / per) as usize;
+            if loaded[lane] != c {
+                net.load_lane(lane, candidates[c]);
+                loaded[lane] = c;
+            }
+            seed.wrapping_add(job % per)
+        },
+        |job, steps| totals[(job / per) as usize] += u64::from(steps),
+    );
+    Ok(totals
+        .into_iter()
+        .map(|t| t as f64 / f64::from(episodes))
+        .collect())
+}
+
+/// Runs jobs `0..jobs`, each one episode, [`BATCH_LANES`] at a time:
+/// `start_job(net, lane, job)` prepares `lane` of `net` for `job` and
+/// returns its episode seed; `on_return(job, steps)` reports its end.
+fn run_lockstep(
+    net: &mut MlpLanes,
+    jobs: u64,
+    start_job: impl FnMut(&mut MlpLanes, usize, u64) -> u64,
+    on_return: impl FnMut(u64, u32),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: `run_lockstep_avx2` only differs from the portable body by
+        // being compiled for AVX2, which the CPU was just checked to
+        // support. Results are identical: Rust never fuses or reorders
+        // floating-point operations, whatever the vector width.
+        unsafe { run_lockstep_avx2(net, jobs, start_job, on_return) };
+        return;
+    }
+    run_lockstep_body(net, jobs, start_job, on_return);
+}
+
+/// [`run_lockstep_body`] compiled for AVX2 (8 f32 lanes per instruction).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn run_lockstep_avx2(
+    net: &mut MlpLanes,
+    jobs: u64,
+    start_job: impl FnMut(&mut MlpLanes, usize, u64) -> u64,
+    on_return: impl FnMut(u64, u32),
+) {
+    run_lockstep_body(net, jobs, start_job, on_return);
+}
+
+/// Per-lane bookkeeping of the lockstep runner. Structure of arrays:
+/// `state[v][k]` is variable `v` of lane `k`, so the physics of all lanes
+/// runs as vector instructions; `obs` is the lane-major network input.
+struct LaneEnvs {
+    state: [[f64; BATCH_LANES]; 4],
+    obs: [Lanes; 4],
+    steps: [u32; BATCH_LANES],
+    /// The job each lane runs, `None` once no job is left for it.
+    job: [Option<u64>; BATCH_LANES],
+    next: u64,
+}
+
+impl LaneEnvs {
+    /// Starts the next job in `lane` (true), or parks the lane from the
+    /// upright state, where it keeps stepping harmlessly (false).
+    #[inline(always)]
+    fn start(
+        &mut self,
+        lane: usize,
+        jobs: u64,
+        net: &mut MlpLanes,
+        start_job: &mut impl FnMut(&mut MlpLanes, usize, u64) -> u64,
+    ) -> bool {
         let mut env = CartPole::new();
-        let started = *next < episodes;
+        let started = self.next < jobs;
         if started {
-            env.reset(seed.wrapping_add(u64::from(*next)));
-            episode[lane] = *next;
-            *next += 1;
+            env.reset(start_job(net, lane, self.next));
+            self.job[lane] = Some(self.next);
+            self.next += 1;
         } else {
-            // A parked lane keeps stepping harmlessly from the upright state.
-            episode[lane] = IDLE;
+            self.job[lane] = None;
         }
         for (v, value) in env.state().into_iter().enumerate() {
-            state[v][lane] = value;
-            obs[v][lane] = value as f32;
+            self.state[v][lane] = value;
+            self.obs[v][lane] = value as f32;
         }
-        steps[lane] = 0;
+        self.steps[lane] = 0;
         started
+    }
+}
+
+#[inline(always)]
+fn run_lockstep_body(
+    net: &mut MlpLanes,
+    jobs: u64,
+    mut start_job: impl FnMut(&mut MlpLanes, usize, u64) -> u64,
+    mut on_return: impl FnMut(u64, u32),
+) {
+    const L: usize = BATCH_LANES;
+    let mut envs = LaneEnvs {
+        state: [[0.0; L]; 4],
+        obs: [[0.0; L]; 4],
+        steps: [0; L],
+        job: [None; L],
+        next: 0,
     };
+    let mut active = 0usize;
     for lane in 0..L {
-        if start(
-            lane,
-            &mut next,
-            &mut state,
-            &mut obs,
-            &mut steps,
-            &mut episode,
-        ) {
+        if envs.start(lane, jobs, net, &mut start_job) {
             active += 1;
         }
     }
     while active > 0 {
-        let outputs = policy.forward_lanes_inline(&obs);
+        let outputs = net.forward_inline(&envs.obs);
         let mut force = [0.0f64; L];
         for (k, f) in force.iter_mut().enumerate() {
             *f = if lane_action(outputs, k) {
@@ -279,9 +363,10 @@ fn run_episodes_body(
         }
         let (mut sin, mut cos) = ([0.0f64; L], [0.0f64; L]);
         for k in 0..L {
-            (sin[k], cos[k]) = state[2][k].sin_cos();
+            (sin[k], cos[k]) = envs.state[2][k].sin_cos();
         }
         let mut done = [false; L];
+        let (state, obs, steps) = (&mut envs.state, &mut envs.obs, &mut envs.steps);
         for k in 0..L {
             let s = physics(
                 [state[0][k], state[1][k], state[2][k], state[3][k]],
@@ -296,21 +381,16 @@ fn run_episodes_body(
             steps[k] += 1;
             done[k] = out_of_bounds(s[0], s[2]) | (steps[k] >= MAX_STEPS);
         }
-        for lane in 0..L {
-            if done[lane] && episode[lane] != IDLE {
-                on_return(episode[lane], steps[lane]);
-                if !start(
-                    lane,
-                    &mut next,
-                    &mut state,
-                    &mut obs,
-                    &mut steps,
-                    &mut episode,
-                ) {
-                    active -= 1;
+        for (lane, &done) in done.iter().enumerate() {
+            match envs.job[lane] {
+                Some(job) if done => {
+                    on_return(job, envs.steps[lane]);
+                    if !envs.start(lane, jobs, net, &mut start_job) {
+                        active -= 1;
+                    }
                 }
-            } else if episode[lane] == IDLE {
-                steps[lane] = 0;
+                Some(_) => {}
+                None => envs.steps[lane] = 0,
             }
         }
     }
@@ -344,7 +424,7 @@ pub fn returns(
     episodes: u32,
 ) -> Result<Vec<f64>, RuntimeError> {
     check_arch(arch)?;
-    let mut policy = Mlp::new(arch, params)?;
+    let mut policy = MlpLanes::new(arch, params)?;
     let mut out = vec![0.0; episodes as usize];
     run_episodes(&mut policy, seed, episodes, |i, steps| {
         out[i as usize] = f64::from(steps);
@@ -352,23 +432,15 @@ pub fn returns(
     Ok(out)
 }
 
-/// The mean return over `episodes` episodes (0 when `episodes` is 0).
+/// The mean return over `episodes` episodes (0 when `episodes` is 0),
+/// episode `i` seeded `seed + i`.
 pub fn mean_return(
     arch: &Architecture,
     params: &[f32],
     seed: u64,
     episodes: u32,
 ) -> Result<f64, RuntimeError> {
-    check_arch(arch)?;
-    let mut policy = Mlp::new(arch, params)?;
-    if episodes == 0 {
-        return Ok(0.0);
-    }
-    let mut total = 0u64;
-    run_episodes(&mut policy, seed, episodes, |_, steps| {
-        total += u64::from(steps)
-    });
-    Ok(total as f64 / f64::from(episodes))
+    Ok(mean_returns(arch, &[params], seed, episodes)?[0])
 }
 
 /// A hand-made 4-16-2 tanh policy that balances the pole for the full 500
@@ -431,18 +503,22 @@ mod tests {
     }
 
     /// A way to run `episodes` episodes from `seed` in lockstep.
-    type Runner = fn(&mut Mlp, u64, u32, &mut dyn FnMut(u32, u32));
+    type Runner = fn(&mut MlpLanes, u64, u32, &mut dyn FnMut(u32, u32));
 
     #[test]
     fn lockstep_episodes_equal_one_at_a_time() {
         // Both the dispatching entry point and the portable body (the only
         // one that runs on a CPU without AVX2).
-        fn portable(policy: &mut Mlp, seed: u64, episodes: u32, on_return: impl FnMut(u32, u32)) {
-            run_episodes_body(policy, seed, episodes, on_return);
-        }
         let runners: [Runner; 2] = [
             |p, s, e, f| run_episodes(p, s, e, f),
-            |p, s, e, f| portable(p, s, e, f),
+            |p, s, e, f| {
+                run_lockstep_body(
+                    p,
+                    u64::from(e),
+                    |_, _, job| s.wrapping_add(job),
+                    |job, steps| f(job as u32, steps),
+                )
+            },
         ];
         for run in runners {
             lockstep_case(run);
@@ -463,6 +539,7 @@ mod tests {
                 }
             }
             let mut policy = Mlp::new(&arch, &params).unwrap();
+            let mut lanes = MlpLanes::new(&arch, &params).unwrap();
             for episodes in [0u32, 1, 5, BATCH_LANES as u32, 37] {
                 let seed = u64::MAX - 3;
                 let want: Vec<u32> = (0..episodes)
@@ -470,7 +547,7 @@ mod tests {
                     .collect();
                 let mut got = vec![0u32; episodes as usize];
                 let mut calls = 0;
-                run_episodes(&mut policy, seed, episodes, &mut |i, steps| {
+                run_episodes(&mut lanes, seed, episodes, &mut |i, steps| {
                     got[i as usize] = steps;
                     calls += 1;
                 });
@@ -483,10 +560,55 @@ mod tests {
             }
         }
         let (arch, params) = balancing_policy();
-        let mut policy = Mlp::new(&arch, &params).unwrap();
+        let mut lanes = MlpLanes::new(&arch, &params).unwrap();
         let mut got = Vec::new();
-        run_episodes(&mut policy, 7, 11, &mut |_, steps| got.push(steps));
+        run_episodes(&mut lanes, 7, 11, &mut |_, steps| got.push(steps));
         assert_eq!(got, vec![500; 11]);
+    }
+
+    #[test]
+    fn mean_returns_equal_mean_return_per_candidate() {
+        // 11 distinct candidates x 3 episodes: lanes switch candidates
+        // mid-run and hold different candidates at once.
+        let (arch, balance) = balancing_policy();
+        let candidates: Vec<Vec<f32>> = (0..11u64)
+            .map(|c| {
+                let noise = crate::model::init_params(&arch, 100 + c);
+                let scale = c as f32 * 0.6;
+                noise
+                    .iter()
+                    .zip(&balance)
+                    .map(|(n, b)| b + scale * n)
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[f32]> = candidates.iter().map(Vec::as_slice).collect();
+        let seed = 40;
+        let got = mean_returns(&arch, &refs, seed, 3).unwrap();
+        let want: Vec<f64> = candidates
+            .iter()
+            .map(|p| {
+                let mut policy = Mlp::new(&arch, p).unwrap();
+                let total: u32 = (0..3).map(|i| run_episode(&mut policy, seed + i)).sum();
+                f64::from(total) / 3.0
+            })
+            .collect();
+        assert_eq!(got, want);
+        let distinct: std::collections::BTreeSet<u64> = want.iter().map(|m| m.to_bits()).collect();
+        assert!(distinct.len() > 3, "candidates differ: {want:?}");
+        assert_eq!(mean_return(&arch, refs[5], seed, 3).unwrap(), want[5]);
+        assert_eq!(
+            mean_returns(&arch, &[], seed, 3).unwrap(),
+            Vec::<f64>::new()
+        );
+        assert_eq!(
+            mean_returns(&arch, &refs[..2], seed, 0).unwrap(),
+            vec![0.0; 2]
+        );
+        assert!(matches!(
+            mean_returns(&arch, &[refs[0], &balance[1..]], seed, 3),
+            Err(RuntimeError::ParamCount { .. })
+        ));
     }
 
     #[test]

@@ -25,6 +25,14 @@ pub enum RuntimeError {
         /// What was given.
         found: usize,
     },
+    /// A lane index beyond the lanes of [`crate::mlp::MlpLanes`].
+    #[error("lane {lane} is out of range: there are {lanes} lanes")]
+    LaneIndex {
+        /// The index given.
+        lane: usize,
+        /// How many lanes there are.
+        lanes: usize,
+    },
     /// An input or output buffer of the wrong length.
     #[error("{what} buffer has {found} values, expected {expected}")]
     BufferSize {

@@ -2,7 +2,8 @@
 //! it is scored on, and the model file conventions.
 //!
 //! - [`arch`]: [`Architecture`] and [`Activation`], the flat parameter layout.
-//! - [`mlp`]: [`forward_batch`] and [`Mlp`], f32 forward passes defined
+//! - [`mlp`]: [`forward_batch`], [`Mlp`] and [`MlpLanes`] (8 networks side
+//!   by side), f32 forward passes defined
 //!   operation by operation so a numpy reference reproduces them exactly.
 //! - [`cartpole`]: gymnasium's CartPole-v1, bit-exact; [`numpy_rng`] its
 //!   seeding.
@@ -24,6 +25,6 @@ pub mod task;
 
 pub use arch::{Activation, Architecture};
 pub use error::RuntimeError;
-pub use mlp::{Mlp, Scratch, forward_batch};
+pub use mlp::{Mlp, MlpLanes, Scratch, forward_batch};
 pub use model::{Model, ModelSpec, init_params, write_model, write_model_with};
 pub use task::Task;

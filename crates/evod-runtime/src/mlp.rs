@@ -176,27 +176,14 @@ pub struct Mlp {
     /// Activations of every layer (padded), concatenated, input layer first.
     acts: Vec<f32>,
     offsets: Vec<usize>,
-    /// The flat parameter vector as given (row-major `[out][in]` weights),
-    /// read by [`Mlp::forward_lanes`].
-    params: Vec<f32>,
-    /// Lane-major activations of every layer for [`Mlp::forward_lanes`]
-    /// (`arch.layers` widths, concatenated, input layer first).
-    lane_acts: Vec<Lanes>,
-    /// Start of each layer in `lane_acts`, plus the total.
-    lane_offsets: Vec<usize>,
 }
 
-/// Samples [`Mlp::forward_lanes`] runs side by side.
+/// Samples [`MlpLanes::forward`] runs side by side.
 pub const BATCH_LANES: usize = 8;
 
 /// One value of each of [`BATCH_LANES`] samples: the lane-major layout of
-/// [`Mlp::forward_lanes`] (`x[i][lane]` is input `i` of sample `lane`).
+/// [`MlpLanes`] (`x[i][lane]` is input `i` of sample `lane`).
 pub type Lanes = [f32; BATCH_LANES];
-
-#[inline(always)]
-fn activate_lanes(activation: Activation, xs: &mut Lanes) {
-    activate_all(activation, xs);
-}
 
 impl Mlp {
     /// Prepares `params` for `arch`; checks the parameter count.
@@ -228,69 +215,12 @@ impl Mlp {
             total += pad(w);
         }
         offsets.push(total);
-        let mut lane_offsets = Vec::with_capacity(arch.layers.len() + 1);
-        let mut lane_total = 0;
-        for &w in &arch.layers {
-            lane_offsets.push(lane_total);
-            lane_total += w;
-        }
-        lane_offsets.push(lane_total);
         Ok(Mlp {
             arch: arch.clone(),
             blocks,
             acts: vec![0.0; total],
             offsets,
-            params: params.to_vec(),
-            lane_acts: vec![[0.0; BATCH_LANES]; lane_total],
-            lane_offsets,
         })
-    }
-
-    /// Runs [`BATCH_LANES`] inputs side by side, lane-major: `input[i][k]`
-    /// is input `i` of sample `k`; returns the output layer the same way
-    /// (`out[j][k]`). Each sample's arithmetic is exactly that of
-    /// [`forward_batch`] (bias, then `+ w[j][i] * x[i]` for `i` in order,
-    /// no fused multiply-add), so every lane equals [`Mlp::forward`] bit for
-    /// bit; the lanes only let independent samples share vector
-    /// instructions and hide each other's latency. Panics if `input` is not
-    /// exactly `arch.inputs()` long (callers own that size).
-    #[inline]
-    pub fn forward_lanes(&mut self, input: &[Lanes]) -> &[Lanes] {
-        self.forward_lanes_inline(input)
-    }
-
-    /// [`Mlp::forward_lanes`], always inlined: callers compiled for wider
-    /// vector units (`cartpole::run_episodes`) get the wide instructions.
-    #[inline(always)]
-    pub(crate) fn forward_lanes_inline(&mut self, input: &[Lanes]) -> &[Lanes] {
-        let n_in = self.arch.inputs();
-        self.lane_acts[..n_in].copy_from_slice(input);
-        let last = self.arch.n_blocks() - 1;
-        let activation = self.arch.activation;
-        let mut at = 0;
-        for (n, w) in self.arch.layers.windows(2).enumerate() {
-            let (li, lo) = (w[0], w[1]);
-            let weights = &self.params[at..at + li * lo];
-            let bias = &self.params[at + li * lo..at + li * lo + lo];
-            at += li * lo + lo;
-            let (head, tail) = self.lane_acts.split_at_mut(self.lane_offsets[n + 1]);
-            let src = &head[self.lane_offsets[n]..];
-            let dst = &mut tail[..lo];
-            for ((d, row), &b) in dst.iter_mut().zip(weights.chunks_exact(li)).zip(bias) {
-                let mut acc = [b; BATCH_LANES];
-                for (&wv, x) in row.iter().zip(src) {
-                    for k in 0..BATCH_LANES {
-                        acc[k] += wv * x[k];
-                    }
-                }
-                if n != last {
-                    activate_lanes(activation, &mut acc);
-                }
-                *d = acc;
-            }
-        }
-        let start = self.lane_offsets[self.lane_offsets.len() - 2];
-        &self.lane_acts[start..start + self.arch.outputs()]
     }
 
     /// The architecture this network was built for.
@@ -334,6 +264,119 @@ impl Mlp {
         let out = self.arch.outputs();
         let start = self.offsets[self.offsets.len() - 2];
         &self.acts[start..start + out]
+    }
+}
+
+/// [`BATCH_LANES`] networks of one architecture run side by side, each
+/// lane with its own parameters (the same policy in every lane, or several
+/// candidates at once).
+///
+/// Everything is lane-major: parameter `p` of lane `k` is `params[p][k]`
+/// (the flat layout of [`crate::arch`] per lane), inputs and activations
+/// `x[i][k]`. Each lane's arithmetic is exactly that of [`forward_batch`]
+/// (bias, then `+ w[j][i] * x[i]` for `i` in order, no fused
+/// multiply-add), so every lane equals [`Mlp::forward`] bit for bit; the
+/// lanes only let independent samples share vector instructions and hide
+/// each other's latency.
+#[derive(Debug, Clone)]
+pub struct MlpLanes {
+    arch: Architecture,
+    params: Vec<Lanes>,
+    acts: Vec<Lanes>,
+    /// Start of each layer in `acts`, plus the total.
+    offsets: Vec<usize>,
+}
+
+impl MlpLanes {
+    /// Lanes for `arch`, every lane holding `params`.
+    pub fn new(arch: &Architecture, params: &[f32]) -> Result<MlpLanes, RuntimeError> {
+        arch.validate()?;
+        arch.check_params(params)?;
+        let mut offsets = Vec::with_capacity(arch.layers.len() + 1);
+        let mut total = 0;
+        for &w in &arch.layers {
+            offsets.push(total);
+            total += w;
+        }
+        offsets.push(total);
+        Ok(MlpLanes {
+            arch: arch.clone(),
+            params: params.iter().map(|&p| [p; BATCH_LANES]).collect(),
+            acts: vec![[0.0; BATCH_LANES]; total],
+            offsets,
+        })
+    }
+
+    /// The architecture of every lane.
+    pub fn arch(&self) -> &Architecture {
+        &self.arch
+    }
+
+    /// Gives lane `lane` (below [`BATCH_LANES`]) the parameters `params`.
+    pub fn set_lane(&mut self, lane: usize, params: &[f32]) -> Result<(), RuntimeError> {
+        self.arch.check_params(params)?;
+        if lane >= BATCH_LANES {
+            return Err(RuntimeError::LaneIndex {
+                lane,
+                lanes: BATCH_LANES,
+            });
+        }
+        self.load_lane(lane, params);
+        Ok(())
+    }
+
+    /// [`MlpLanes::set_lane`] for arguments the caller has checked; extra or
+    /// missing values and a lane out of range are ignored.
+    #[inline]
+    pub(crate) fn load_lane(&mut self, lane: usize, params: &[f32]) {
+        for (slot, &p) in self.params.iter_mut().zip(params) {
+            if let Some(v) = slot.get_mut(lane) {
+                *v = p;
+            }
+        }
+    }
+
+    /// Runs one input per lane (`input[i][k]`: input `i` of lane `k`);
+    /// returns the output layer the same way (`out[j][k]`). Panics if
+    /// `input` is not exactly `arch.inputs()` long (callers own that size).
+    #[inline]
+    pub fn forward(&mut self, input: &[Lanes]) -> &[Lanes] {
+        self.forward_inline(input)
+    }
+
+    /// [`MlpLanes::forward`], always inlined: callers compiled for wider
+    /// vector units (`cartpole`'s lockstep runner) get the wide
+    /// instructions.
+    #[inline(always)]
+    pub(crate) fn forward_inline(&mut self, input: &[Lanes]) -> &[Lanes] {
+        let n_in = self.arch.inputs();
+        self.acts[..n_in].copy_from_slice(input);
+        let last = self.arch.n_blocks() - 1;
+        let activation = self.arch.activation;
+        let mut at = 0;
+        for (n, w) in self.arch.layers.windows(2).enumerate() {
+            let (li, lo) = (w[0], w[1]);
+            let weights = &self.params[at..at + li * lo];
+            let bias = &self.params[at + li * lo..at + li * lo + lo];
+            at += li * lo + lo;
+            let (head, tail) = self.acts.split_at_mut(self.offsets[n + 1]);
+            let src = &head[self.offsets[n]..];
+            let dst = &mut tail[..lo];
+            for ((d, row), b) in dst.iter_mut().zip(weights.chunks_exact(li)).zip(bias) {
+                let mut acc = *b;
+                for (wv, x) in row.iter().zip(src) {
+                    for k in 0..BATCH_LANES {
+                        acc[k] += wv[k] * x[k];
+                    }
+                }
+                if n != last {
+                    activate_all(activation, &mut acc);
+                }
+                *d = acc;
+            }
+        }
+        let start = self.offsets[self.offsets.len() - 2];
+        &self.acts[start..start + self.arch.outputs()]
     }
 }
 
@@ -406,28 +449,40 @@ mod tests {
     }
 
     #[test]
-    fn forward_lanes_equals_forward_bit_for_bit() {
+    fn lanes_equal_forward_bit_for_bit() {
         for act in Activation::ALL {
             let arch = Architecture::new(vec![3, 7, 5, 2], act).unwrap();
-            let params: Vec<f32> = (0..arch.n_params())
-                .map(|i| ((i * 7919 % 113) as f32 - 56.0) / 17.0)
+            let lane_params: Vec<Vec<f32>> = (0..BATCH_LANES)
+                .map(|k| {
+                    (0..arch.n_params())
+                        .map(|i| ((i * 7919 % 113) as f32 - 56.0 + k as f32) / 17.0)
+                        .collect()
+                })
                 .collect();
-            let mut mlp = Mlp::new(&arch, &params).unwrap();
+            let mut lanes = MlpLanes::new(&arch, &lane_params[0]).unwrap();
             let mut input = [[0.0f32; BATCH_LANES]; 3];
             for (i, row) in input.iter_mut().enumerate() {
                 for (k, v) in row.iter_mut().enumerate() {
                     *v = ((i * 11 + k * 5) as f32 - 20.0) / 3.7;
                 }
             }
-            let out = mlp.forward_lanes(&input).to_vec();
-            assert_eq!(out.len(), 2);
-            for k in 0..BATCH_LANES {
-                let x = [input[0][k], input[1][k], input[2][k]];
-                let y = mlp.forward(&x);
-                assert_eq!(y[0].to_bits(), out[0][k].to_bits(), "{act:?} lane {k}");
-                assert_eq!(y[1].to_bits(), out[1][k].to_bits(), "{act:?} lane {k}");
+            // Every lane with lane 0's parameters, then each with its own.
+            for own in [false, true] {
+                if own {
+                    for (k, p) in lane_params.iter().enumerate() {
+                        lanes.set_lane(k, p).unwrap();
+                    }
+                }
+                let out = lanes.forward(&input).to_vec();
+                assert_eq!(out.len(), 2);
+                for k in 0..BATCH_LANES {
+                    let mut mlp = Mlp::new(&arch, &lane_params[if own { k } else { 0 }]).unwrap();
+                    let y = mlp.forward(&[input[0][k], input[1][k], input[2][k]]);
+                    assert_eq!(y[0].to_bits(), out[0][k].to_bits(), "{act:?} lane {k}");
+                    assert_eq!(y[1].to_bits(), out[1][k].to_bits(), "{act:?} lane {k}");
+                }
+                assert_ne!(out[0][0], out[0][1]);
             }
-            assert_ne!(out[0][0], out[0][1]);
         }
     }
 
@@ -453,5 +508,18 @@ mod tests {
             Err(RuntimeError::BufferSize { what: "output", .. })
         ));
         assert!(Mlp::new(&arch, &params[..5]).is_err());
+        assert!(MlpLanes::new(&arch, &params[..5]).is_err());
+        let mut lanes = MlpLanes::new(&arch, &params).unwrap();
+        assert!(matches!(
+            lanes.set_lane(0, &params[1..]),
+            Err(RuntimeError::ParamCount { .. })
+        ));
+        assert!(matches!(
+            lanes.set_lane(BATCH_LANES, &params),
+            Err(RuntimeError::LaneIndex {
+                lane: BATCH_LANES,
+                ..
+            })
+        ));
     }
 }
