@@ -7,7 +7,9 @@
 //! timed repeats. Three evod figures:
 //!
 //! - `cartpole_steps_per_s` (headline): [`run_episodes`], 8 episodes in
-//!   lockstep, one `MlpLanes` reused for 2000 episodes per repeat;
+//!   lockstep, one `MlpLanes` reused for 2000 episodes per repeat (also per
+//!   second of the thread's CPU time, `cartpole_steps_per_cpu_s`, which
+//!   other tenants of a shared machine disturb less);
 //! - `cartpole_eval5_steps_per_s`: the daemon's per-candidate path,
 //!   [`mean_return`] over `CARTPOLE_EPISODES` (5) episodes, building the
 //!   `Mlp` for each candidate;
@@ -38,6 +40,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// CPU time of the calling thread: unlike wall time, not inflated when
+/// other processes share the core.
+fn thread_cpu_seconds() -> Result<f64, nix::Error> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)?;
+    Ok(t.tv_sec() as f64 + t.tv_nsec() as f64 * 1e-9)
+}
+
 fn python() -> PathBuf {
     std::env::var_os("EVOD_PYTHON")
         .map(PathBuf::from)
@@ -58,8 +67,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::hint::black_box(s);
     });
     let mut figures = Vec::new();
+    let mut cpu_figures = Vec::new();
     for _ in 0..REPEATS {
         let start = Instant::now();
+        let cpu_start = thread_cpu_seconds()?;
         let mut steps = 0u64;
         run_episodes(
             &mut lanes,
@@ -69,9 +80,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         seed += EPISODES_PER_REPEAT;
         figures.push(steps as f64 / start.elapsed().as_secs_f64());
+        cpu_figures.push(steps as f64 / (thread_cpu_seconds()? - cpu_start));
     }
     let evod = median(figures.clone());
-    eprintln!("evod cartpole, 8 episodes in lockstep: {evod:.0} steps/s (median of {REPEATS})");
+    let evod_cpu = median(cpu_figures.clone());
+    eprintln!(
+        "evod cartpole, 8 episodes in lockstep: {evod:.0} steps/s, {evod_cpu:.0} per CPU second (median of {REPEATS})"
+    );
 
     let mut eval_figures = Vec::new();
     for _ in 0..REPEATS {
@@ -163,6 +178,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = serde_json::json!({
         "cartpole_steps_per_s": evod,
         "cartpole_steps_per_s_samples": figures,
+        "cartpole_steps_per_cpu_s": evod_cpu,
+        "cartpole_steps_per_cpu_s_samples": cpu_figures,
         "cartpole_eval5_steps_per_s": eval5,
         "cartpole_eval5_steps_per_s_samples": eval_figures,
         "cartpole_batch64_steps_per_s": batch64,
