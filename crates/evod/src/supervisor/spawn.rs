@@ -186,6 +186,13 @@ impl Child {
     pub fn kill_and_reap(&mut self) -> Option<ExitReason> {
         if self.exited.is_none() {
             let _ = self.signal(Signal::SIGKILL);
+        }
+        self.wait()
+    }
+
+    /// Waits for the child to end by itself (blocking) and reaps it.
+    pub fn wait(&mut self) -> Option<ExitReason> {
+        if self.exited.is_none() {
             loop {
                 match waitpid(self.pid, None) {
                     Ok(status) => {

@@ -1,0 +1,168 @@
+//! `cargo xtask bench recovery`: SIGSEGV in a worker → first `PING` answered
+//! by its replacement, next to a bare fork+exec+wait of `/bin/true`.
+//!
+//! This drives real `evod worker` processes (the release binary from
+//! `EVOD_BIN`) with the supervisor's own spawn helper and reaping code
+//! (`src/supervisor/spawn.rs`, `reap.rs`, included by path) and the ring:
+//! send `FAULT_SEGV` → `waitpid` → `bump_epoch` → spawn → `PING` until the
+//! new worker answers. It leaves out the supervisor's event-loop hop
+//! (signal thread → channel), a few microseconds.
+//!
+//! Usage: `bench_recovery OUT.json` (writes recovery_median_us,
+//! recovery_p99_us, spawn_floor_median_us, recovery_1gib_median_us).
+
+#![allow(dead_code)] // The included supervisor modules have more than this uses.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use evod_ring::{Channel, LayoutConfig, RingError, Role, Segment};
+
+// At the crate root, so that `spawn.rs`'s `super::reap` resolves.
+#[path = "../src/supervisor/reap.rs"]
+mod reap;
+#[path = "../src/supervisor/spawn.rs"]
+mod spawn;
+
+use spawn::{ChildSpec, spawn_program};
+
+const PING: u32 = 1;
+const FAULT_SEGV: u32 = 100;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn spec(seg: &Segment, model: &Path) -> ChildSpec {
+    let fd = seg.fd().as_raw_fd();
+    ChildSpec {
+        role: "worker",
+        args: vec![
+            "--ring-fd".into(),
+            fd.to_string().into(),
+            "--model".into(),
+            model.into(),
+            "--allow-fault-injection".into(),
+        ],
+        keep_fds: vec![fd],
+        harden: true,
+    }
+}
+
+/// PINGs until a worker of the current epoch answers.
+fn ping_until_answered(seg: &Segment, deadline: Instant) {
+    loop {
+        // The replacement has attached and serves once it beats (the epoch
+        // bump reset the count); PINGing earlier would only queue requests.
+        while seg.last_beat(Role::Worker).is_none() {
+            assert!(Instant::now() < deadline, "the worker never beat");
+            std::thread::yield_now();
+        }
+        assert!(Instant::now() < deadline, "the worker never answered PING");
+        let mut client = seg.client(Channel::Control).expect("control client");
+        match client.call(PING, 0, 0, |_| {}, deadline) {
+            Ok(reply) if reply.header.status == 0 => return,
+            Ok(reply) => panic!("PING refused with status {}", reply.header.status),
+            // Lost (an older incarnation), or no room yet while a worker
+            // that is still mapping its model has not drained the queue.
+            Err(RingError::PeerLost { .. }) | Err(RingError::Timeout) | Err(RingError::Full) => {
+                std::thread::yield_now();
+                continue;
+            }
+            Err(e) => panic!("PING failed: {e}"),
+        }
+    }
+}
+
+/// Median and p99 of `crashes` SIGSEGV → replacement-answers cycles.
+fn recovery(evod: &Path, model: &Path, crashes: usize) -> Vec<f64> {
+    let seg = Segment::create(&LayoutConfig::default()).expect("segment");
+    let mut child = spawn_program(evod, &spec(&seg, model)).expect("spawn worker");
+    ping_until_answered(&seg, Instant::now() + Duration::from_secs(60));
+    let mut samples = Vec::with_capacity(crashes);
+    for _ in 0..crashes {
+        let start = Instant::now();
+        {
+            let mut client = seg.client(Channel::Control).expect("control client");
+            client
+                .send(FAULT_SEGV, 0, 4, |b| b.fill(0))
+                .expect("send fault");
+        }
+        let reason = child.wait().expect("worker reaped");
+        assert_eq!(reason.to_string(), "killed by signal 11 (SIGSEGV)");
+        seg.bump_epoch();
+        child = spawn_program(evod, &spec(&seg, model)).expect("respawn worker");
+        ping_until_answered(&seg, Instant::now() + Duration::from_secs(60));
+        samples.push(us(start.elapsed()));
+    }
+    drop(child);
+    samples.sort_by(f64::total_cmp);
+    samples
+}
+
+fn spawn_floor(n: usize) -> Vec<f64> {
+    let mut samples: Vec<f64> = (0..n)
+        .map(|_| {
+            let start = Instant::now();
+            let status = Command::new("/bin/true").status().expect("/bin/true");
+            assert!(status.success());
+            us(start.elapsed())
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples
+}
+
+fn init(evod: &Path, dir: &Path, args: &[&str]) -> PathBuf {
+    let status = Command::new(evod)
+        .current_dir(dir)
+        .arg("init")
+        .args(args)
+        .status()
+        .expect("evod init");
+    assert!(status.success(), "evod init {args:?} failed");
+    dir.join("vectorland.gguf")
+}
+
+fn main() {
+    let out = std::env::args()
+        .nth(1)
+        .expect("usage: bench_recovery OUT.json");
+    let evod =
+        PathBuf::from(std::env::var("EVOD_BIN").expect("EVOD_BIN (set by cargo xtask bench)"));
+    let small_dir = tempfile::tempdir().unwrap();
+    let small = init(&evod, small_dir.path(), &[]);
+    let big_dir = tempfile::tempdir().unwrap();
+    // 1 → 16380 → 16380 → 1: 268.35 M f32 parameters, 1.0 GiB (the runtime caps a model at 2^28 parameters).
+    let big = init(
+        &evod,
+        big_dir.path(),
+        &["--task", "sine", "--layers", "1,16380,16380,1"],
+    );
+    let big_bytes = std::fs::metadata(&big).unwrap().len();
+
+    let floor = spawn_floor(300);
+    let small_samples = recovery(&evod, &small, 250);
+    let big_samples = recovery(&evod, &big, 20);
+    let floor_median = percentile(&floor, 0.5);
+    let median = percentile(&small_samples, 0.5);
+    let result = serde_json::json!({
+        "recovery_median_us": median,
+        "recovery_p99_us": percentile(&small_samples, 0.99),
+        "recovery_crashes": small_samples.len(),
+        "spawn_floor_median_us": floor_median,
+        "recovery_over_floor": median / floor_median,
+        "recovery_1gib_median_us": percentile(&big_samples, 0.5),
+        "recovery_1gib_crashes": big_samples.len(),
+        "model_1gib_bytes": big_bytes,
+    });
+    println!("{}", serde_json::to_string_pretty(&result).unwrap());
+    std::fs::write(&out, serde_json::to_string_pretty(&result).unwrap() + "\n").unwrap();
+}
