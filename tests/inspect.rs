@@ -1,6 +1,7 @@
 //! `evod inspect` as a process: text and `--json` output for a file written
 //! in the test, and a malformed file giving exit code 3 with a one-line
-//! error naming the file.
+//! error naming the file; a symlinked path followed by `inspect`, refused by
+//! `eval`.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -165,5 +166,41 @@ fn malformed_file_exits_3_with_one_line() {
         String::from_utf8(out.stderr)
             .unwrap()
             .contains("missing.gguf")
+    );
+}
+
+#[test]
+fn inspect_follows_a_symlink_but_eval_refuses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let checksum = write_model(&path);
+    let link = dir.path().join("link.gguf");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+
+    // `evod inspect` only reads a file the user names: it follows the link.
+    let out = evod(&[link.as_os_str(), "--json".as_ref()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["checksum"], format!("{checksum:016x}"));
+
+    // Loading a model does not follow a link (O_NOFOLLOW): exit 3 and a
+    // message naming the path.
+    let out = Command::new(env!("CARGO_BIN_EXE_evod"))
+        .arg("eval")
+        .arg(&link)
+        .output()
+        .expect("running evod");
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&format!(
+            "{} is a symbolic link; evod does not follow links for model files",
+            link.display()
+        )),
+        "{err}"
     );
 }
