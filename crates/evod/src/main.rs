@@ -89,7 +89,7 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            let _ = writeln!(std::io::stderr(), "evod: error: {error:#}");
+            let _ = writeln!(std::io::stderr(), "evod: error: {}", exit::render(&error));
             exit::exit(exit::code_for(&error))
         }
     }

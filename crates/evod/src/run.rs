@@ -84,14 +84,6 @@ pub struct EvolveArgs {
 }
 
 impl EvolveArgs {
-    /// Strategy, default GA (see docs/evolution.md).
-    pub fn strategy(&self) -> Strategy {
-        self.strategy.unwrap_or(Strategy::Ga)
-    }
-    /// Population, default 48.
-    pub fn population(&self) -> u32 {
-        self.population.unwrap_or(48)
-    }
     /// Seed, default 0.
     pub fn seed(&self) -> u64 {
         self.seed.unwrap_or(0)
@@ -99,10 +91,6 @@ impl EvolveArgs {
     /// Solve threshold, default 475 (gymnasium's CartPole-v1 threshold).
     pub fn solve_threshold(&self) -> f64 {
         self.solve_threshold.unwrap_or(475.0)
-    }
-    /// Episodes per evaluation, default 1.
-    pub fn episodes(&self) -> u32 {
-        self.episodes.unwrap_or(1)
     }
     /// Pulse interval in cycles, default 60.
     pub fn pulse_every(&self) -> u64 {
