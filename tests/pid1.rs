@@ -96,7 +96,9 @@ fn start() -> Namespace {
     let dir = tempfile::tempdir().unwrap();
     let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
     let unshare = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc", "--"])
+        // --kill-child: if this test fails and kills unshare, the whole
+        // namespace goes with it.
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child", "--"])
         .arg(env!("CARGO_BIN_EXE_evod"))
         .args(["run", "--no-evolver", "--workers", "1", "--dir"])
         .arg(dir.path())
