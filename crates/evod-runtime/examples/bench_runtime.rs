@@ -65,7 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Warm-up.
     run_episodes(&mut lanes, seed, 100, |_, s| {
         std::hint::black_box(s);
-    });
+    })?;
     let mut figures = Vec::new();
     let mut cpu_figures = Vec::new();
     for _ in 0..REPEATS {
@@ -77,7 +77,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::hint::black_box(seed),
             EPISODES_PER_REPEAT as u32,
             |_, s| steps += u64::from(s),
-        );
+        )?;
         seed += EPISODES_PER_REPEAT;
         figures.push(steps as f64 / start.elapsed().as_secs_f64());
         cpu_figures.push(steps as f64 / (thread_cpu_seconds()? - cpu_start));

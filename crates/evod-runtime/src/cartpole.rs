@@ -192,14 +192,15 @@ fn lane_action(outputs: &[Lanes], lane: usize) -> bool {
 ///
 /// This is the fast path: independent episodes share vector instructions
 /// and overlap each other's latency (the forward pass and the physics of
-/// one step form one dependency chain). `policy` must have 4 inputs and 1
-/// or 2 outputs ([`check_arch`]).
+/// one step form one dependency chain). A `policy` without 4 inputs and 1
+/// or 2 outputs is refused ([`check_arch`]).
 pub fn run_episodes(
     policy: &mut MlpLanes,
     seed: u64,
     episodes: u32,
     mut on_return: impl FnMut(u32, u32),
-) {
+) -> Result<(), RuntimeError> {
+    check_arch(policy.arch())?;
     run_lockstep(
         policy,
         u64::from(episodes),
@@ -207,6 +208,7 @@ pub fn run_episodes(
         // `job < episodes`, so it fits in u32.
         |job, steps| on_return(job as u32, steps),
     );
+    Ok(())
 }
 
 /// The mean return of each candidate parameter vector over `episodes`
@@ -428,7 +430,7 @@ pub fn returns(
     let mut out = vec![0.0; episodes as usize];
     run_episodes(&mut policy, seed, episodes, |i, steps| {
         out[i as usize] = f64::from(steps);
-    });
+    })?;
     Ok(out)
 }
 
@@ -510,7 +512,7 @@ mod tests {
         // Both the dispatching entry point and the portable body (the only
         // one that runs on a CPU without AVX2).
         let runners: [Runner; 2] = [
-            |p, s, e, f| run_episodes(p, s, e, f),
+            |p, s, e, f| run_episodes(p, s, e, f).unwrap(),
             |p, s, e, f| {
                 run_lockstep_body(
                     p,
@@ -615,6 +617,15 @@ mod tests {
     fn mismatched_networks_are_rejected() {
         let arch = Architecture::new(vec![3, 4, 2], crate::arch::Activation::Tanh).unwrap();
         let params = vec![0.0; arch.n_params()];
+        let mut lanes = MlpLanes::new(&arch, &params).unwrap();
+        assert!(matches!(
+            run_episodes(&mut lanes, 0, 3, |_, _| panic!("ran an episode")),
+            Err(RuntimeError::TaskMismatch { .. })
+        ));
+        assert!(matches!(
+            mean_returns(&arch, &[&params], 0, 3),
+            Err(RuntimeError::TaskMismatch { .. })
+        ));
         assert!(matches!(
             mean_return(&arch, &params, 0, 1),
             Err(RuntimeError::TaskMismatch { .. })
