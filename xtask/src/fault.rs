@@ -2,8 +2,8 @@
 //! daemon.
 //!
 //! Builds release `evod`, starts `evod run --allow-fault-injection` in a
-//! fresh folder evolving a sine model large enough (1-512-512-1, about
-//! 1 MiB) that a publish takes measurable time, and injects N faults drawn
+//! fresh folder evolving a sine model large enough ([`LAYERS`], 134 KiB)
+//! that a publish takes measurable time, and injects N faults drawn
 //! from a seeded generator: worker SIGSEGV (fault opcode: a real invalid
 //! write), SIGKILL, SIGABRT (real signals), hang, scribble, exit(n) (fault
 //! opcodes through `evod fault`), evolver SIGKILL, and I/O errors on
@@ -28,6 +28,13 @@ use anyhow::{Context, Result, bail};
 
 /// How long any one recovery may take before the storm calls it failed.
 const RECOVERY: Duration = Duration::from_secs(30);
+/// How long an I/O fault plan stays armed waiting for a publish to hit.
+const IO_WINDOW: Duration = Duration::from_secs(20);
+
+/// The evolved network: 33k parameters (a 134 KiB file, so a publish takes
+/// measurable time), with layers narrow enough that the GA's mutations pass
+/// the change bounds and the model keeps improving.
+const LAYERS: &str = "1,128,128,128,1";
 
 /// The storm's options.
 struct Options {
@@ -172,6 +179,10 @@ struct Storm {
     daemon: Child,
     log: LogTail,
     invalid: u32,
+    /// I/O fault plans during which no publish was attempted.
+    io_unexercised: u32,
+    /// The armed I/O fault plan: since when, and the failures logged then.
+    io_armed: Option<(Instant, u64)>,
 }
 
 impl Storm {
@@ -255,7 +266,35 @@ impl Storm {
     }
 
     /// Injects one fault and waits for its recovery; whether it recovered.
-    fn inject(&mut self, fault: Fault, rng: &mut Rng) -> Result<bool> {
+    /// Resolves an armed I/O fault plan once a publish failed under it (or,
+    /// with `force` or past IO_WINDOW, without one): removes the plan and
+    /// waits for the failed publish to be retried successfully. Returns
+    /// whether it recovered, or None while it stays armed.
+    fn settle_io(&mut self, force: bool) -> Result<Option<bool>> {
+        let Some((armed, failures)) = self.io_armed else {
+            return Ok(None);
+        };
+        self.log.poll()?;
+        let failed = self.log.publish_failures > failures;
+        if !failed && !force && armed.elapsed() < IO_WINDOW {
+            return Ok(None);
+        }
+        self.io_armed = None;
+        std::fs::remove_file(self.dir.join(".evod/io-fault"))?;
+        self.check_model();
+        if !failed {
+            self.io_unexercised += 1;
+            return Ok(Some(true));
+        }
+        // The failed publish is retried every cycle: recovered once it
+        // goes through.
+        let published = self.log.published;
+        Ok(Some(self.wait(RECOVERY, |s| s.log.published > published)?))
+    }
+
+    /// Injects one fault and waits for its recovery: whether it recovered,
+    /// or None for an I/O fault plan left armed.
+    fn inject(&mut self, fault: Fault, rng: &mut Rng) -> Result<Option<bool>> {
         match fault {
             Fault::EvolverKill => {
                 let mut pid = None;
@@ -268,28 +307,23 @@ impl Storm {
                 let pid = pid.unwrap_or(0);
                 std::thread::sleep(Duration::from_micros(rng.below(300_000)));
                 signal(pid, libc::SIGKILL);
-                self.wait(RECOVERY, |s| s.evolver_pid().is_some_and(|p| p != pid))
+                Ok(Some(self.wait(RECOVERY, |s| {
+                    s.evolver_pid().is_some_and(|p| p != pid)
+                })?))
             }
             Fault::Io => {
                 let (step, errno) = (
                     ["write", "fsync", "rename", "dirfsync"][rng.below(4) as usize],
                     ["ENOSPC", "EIO"][rng.below(2) as usize],
                 );
+                // Armed while the storm goes on, until a publish fails
+                // under it (see `settle_io`): publishes come only with a
+                // better generation, so waiting for one here would stall.
                 let plan = self.dir.join(".evod/io-fault");
-                let failures = self.log.publish_failures;
                 std::fs::write(&plan, format!("{step} {errno}\n"))
                     .with_context(|| format!("writing {}", plan.display()))?;
-                let failed = self.wait(Duration::from_secs(10), |s| {
-                    s.log.publish_failures > failures
-                })?;
-                self.check_model();
-                std::fs::remove_file(&plan)?;
-                if !failed {
-                    eprintln!("storm: no publish was attempted under `{step} {errno}`");
-                }
-                // Recovered once publishing works again.
-                let published = self.log.published;
-                self.wait(RECOVERY * 2, |s| s.log.published > published)
+                self.io_armed = Some((Instant::now(), self.log.publish_failures));
+                Ok(None)
             }
             worker => {
                 let w = rng.below(2);
@@ -329,10 +363,12 @@ impl Storm {
                             "storm: evod fault {kind}: {}",
                             String::from_utf8_lossy(&o.stderr).trim()
                         );
-                        return Ok(false);
+                        return Ok(Some(false));
                     }
                 }
-                self.wait(RECOVERY, |s| s.worker(w).is_some_and(|x| x.1 > restarts))
+                Ok(Some(self.wait(RECOVERY, |s| {
+                    s.worker(w).is_some_and(|x| x.1 > restarts)
+                })?))
             }
         }
     }
@@ -383,6 +419,12 @@ fn children(parent: i32) -> Vec<Proc> {
         out.push(Proc { pid, state, role });
     }
     out
+}
+
+/// Rows of `state/progress.csv` (one per generation).
+fn progress_rows(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("state/progress.csv"))
+        .map_or(0, |t| t.lines().count().saturating_sub(1))
 }
 
 /// Names in /dev/shm that look like ours.
@@ -454,14 +496,7 @@ fn storm(evod: &Path, dir: &Path, opts: &Options, shm_before: &[String]) -> Resu
     crate::run(
         Command::new(evod)
             .current_dir(dir)
-            .args([
-                "init",
-                "--task",
-                "sine",
-                "--layers",
-                "1,512,512,1",
-                "--seed",
-            ])
+            .args(["init", "--task", "sine", "--layers", LAYERS, "--seed"])
             .arg(opts.seed.to_string()),
     )?;
     let log_path = dir.join("storm.log");
@@ -510,6 +545,8 @@ fn storm(evod: &Path, dir: &Path, opts: &Options, shm_before: &[String]) -> Resu
             published: 0,
         },
         invalid: 0,
+        io_unexercised: 0,
+        io_armed: None,
     };
     let started = Instant::now();
     let result = (|| -> Result<BTreeMap<Fault, Tally>> {
@@ -521,16 +558,36 @@ fn storm(evod: &Path, dir: &Path, opts: &Options, shm_before: &[String]) -> Resu
         }
         let mut rng = Rng(opts.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let mut tally: BTreeMap<Fault, Tally> = BTreeMap::new();
+        let settle = |s: &mut Storm, tally: &mut BTreeMap<Fault, Tally>, force| {
+            let settled = s.settle_io(force)?;
+            if let Some(recovered) = settled {
+                let t = tally.entry(Fault::Io).or_default();
+                t.recovered += u32::from(recovered);
+                if !recovered {
+                    eprintln!("storm: a publish failed by an I/O error was not retried");
+                }
+            }
+            anyhow::Ok(())
+        };
         for i in 0..opts.faults {
-            let fault = Fault::pick(&mut rng);
+            settle(&mut s, &mut tally, false)?;
+            let mut fault = Fault::pick(&mut rng);
+            // One I/O plan at a time, and no evolver kill while one is armed
+            // (a killed evolver forgets the failed publish it was retrying;
+            // see docs/failure-model.md).
+            if s.io_armed.is_some() && matches!(fault, Fault::Io | Fault::EvolverKill) {
+                fault = Fault::WorkerSegv;
+            }
             let recovered = s.inject(fault, &mut rng)?;
             s.check_model();
             let t = tally.entry(fault).or_default();
             t.injected += 1;
-            if recovered {
-                t.recovered += 1;
-            } else {
-                eprintln!("storm: fault {i} ({}) did not recover", fault.name());
+            match recovered {
+                Some(true) => t.recovered += 1,
+                Some(false) => {
+                    eprintln!("storm: fault {i} ({}) did not recover", fault.name())
+                }
+                None => {}
             }
             if (i + 1) % 50 == 0 {
                 eprintln!(
@@ -541,11 +598,12 @@ fn storm(evod: &Path, dir: &Path, opts: &Options, shm_before: &[String]) -> Resu
                 );
             }
         }
-        // Publishing goes on after the storm (and cleans what a killed
-        // publish left).
-        let published = s.log.published;
-        if !s.wait(RECOVERY * 2, |s| s.log.published > published)? {
-            eprintln!("storm: nothing published after the last fault");
+        settle(&mut s, &mut tally, true)?;
+        // Evolution goes on after the storm (and a new evolver has removed
+        // what a killed one left).
+        let rows = progress_rows(&s.dir);
+        if !s.wait(RECOVERY, |s| progress_rows(&s.dir) > rows + 1)? {
+            bail!("the evolver did not evolve on after the storm");
         }
         Ok(tally)
     })();
@@ -595,8 +653,11 @@ fn storm(evod: &Path, dir: &Path, opts: &Options, shm_before: &[String]) -> Resu
 
     println!();
     println!(
-        "fault storm: {} faults, seed {}, {:.0}s, release evod, 2 workers, sine 1-512-512-1",
-        opts.faults, opts.seed, secs
+        "fault storm: {} faults, seed {}, {:.0}s, release evod, 2 workers, sine {LAYERS} ({} KiB model)",
+        opts.faults,
+        opts.seed,
+        secs,
+        std::fs::metadata(dir.join("vectorland.gguf")).map_or(0, |m| m.len() / 1024)
     );
     println!();
     println!("| fault | injected | recovered |");
@@ -611,8 +672,12 @@ fn storm(evod: &Path, dir: &Path, opts: &Options, shm_before: &[String]) -> Resu
     println!("| generations published (log) | {} |", s.log.published);
     println!("| final model generation | {final_generation} |");
     println!(
-        "| publish failures logged (injected I/O errors) | {} |",
+        "| publishes failed by an injected I/O error (each retried) | {} |",
         s.log.publish_failures
+    );
+    println!(
+        "| I/O fault windows without a publish attempt | {} |",
+        s.io_unexercised
     );
     println!("| times the model file was invalid | {} |", s.invalid);
     println!("| zombies | {zombies} |");
