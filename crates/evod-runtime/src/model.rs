@@ -265,10 +265,34 @@ impl Model {
         Model::from_file(file)
     }
 
+    /// Opens `path` for serving: every check of [`Model::open`] but the scan
+    /// of every value for finiteness, so that it costs the same for a 1 GiB
+    /// model as for a small one (the file is mapped, not read). A worker
+    /// respawned on the live model uses this; the values of a published
+    /// file were checked by the evolver before it published them, and a
+    /// non-finite value can only make fitness `-inf`, never touch memory
+    /// out of bounds.
+    pub fn open_for_serving(path: &Path) -> Result<Model, RuntimeError> {
+        let file = GgufFile::open(path)?;
+        let spec = ModelSpec::from_file(&file)?;
+        let model = Model { spec, file };
+        model.check_structure()?;
+        Ok(model)
+    }
+
     /// Checks an already opened file (see [`Model::open`]).
     pub fn from_file(file: GgufFile) -> Result<Model, RuntimeError> {
         let spec = ModelSpec::from_file(&file)?;
         let model = Model { spec, file };
+        model.check_structure()?;
+        model.check_values()?;
+        Ok(model)
+    }
+
+    /// Tensors present, with the architecture's dims and a loadable type;
+    /// no stray block tensor.
+    fn check_structure(&self) -> Result<(), RuntimeError> {
+        let model = self;
         let bad = |problem: String| RuntimeError::Model {
             path: model.file.path().to_owned(),
             problem,
@@ -307,6 +331,16 @@ impl Model {
                 model.spec.arch.layers_string()
             )));
         }
+        Ok(())
+    }
+
+    /// Every parameter is finite.
+    fn check_values(&self) -> Result<(), RuntimeError> {
+        let model = self;
+        let bad = |problem: String| RuntimeError::Model {
+            path: model.file.path().to_owned(),
+            problem,
+        };
         let params = model.params()?;
         if let Some(i) = params.iter().position(|v| !v.is_finite()) {
             let (name, start) = model
@@ -325,7 +359,7 @@ impl Model {
             )));
         }
         drop(params);
-        Ok(model)
+        Ok(())
     }
 
     /// The model's file.

@@ -47,9 +47,25 @@ pub struct Args {
 struct Loaded {
     arch: Architecture,
     task: Task,
-    params: Vec<f32>,
+    /// The mapped file; parameters are served from the map when they lie
+    /// there as contiguous f32 (no copy, so a respawn on a 1 GiB model costs
+    /// what it costs on a small one).
+    model: Model,
+    /// The parameters, when they had to be gathered or converted.
+    owned: Option<Vec<f32>>,
     generation: u64,
+    /// Checksum of the file, when a `LOAD` asked for it to be verified
+    /// (computing it reads the whole file); 0 otherwise.
     checksum: u64,
+}
+
+impl Loaded {
+    fn params(&self) -> Result<std::borrow::Cow<'_, [f32]>, evod_runtime::RuntimeError> {
+        match &self.owned {
+            Some(v) => Ok(std::borrow::Cow::Borrowed(v)),
+            None => self.model.params(),
+        }
+    }
 }
 
 /// Runs `evod worker` until `SHUTDOWN`, until its epoch is superseded, or
@@ -195,7 +211,7 @@ impl Worker<'_> {
         if let Some(m) = &self.model {
             info.generation = Some(m.generation);
             info.checksum = m.checksum;
-            info.n_params = m.params.len() as u64;
+            info.n_params = m.arch.n_params() as u64;
             info.inputs = m.arch.inputs() as u32;
             info.outputs = m.arch.outputs() as u32;
             info.task = m.task.name();
@@ -206,14 +222,19 @@ impl Worker<'_> {
     /// Maps and checks `path`; on success it replaces the served model, on
     /// failure the old one keeps being served.
     fn load(&mut self, path: &Path, generation: Option<u64>, checksum: u64) -> Result<()> {
-        let model = Model::open(path)?;
-        let file_checksum = model.file.checksum();
-        if checksum != 0 && checksum != file_checksum {
-            anyhow::bail!(
-                "{}: checksum {file_checksum:016x}, expected {checksum:016x}",
-                path.display()
-            );
-        }
+        let model = Model::open_for_serving(path)?;
+        let file_checksum = if checksum != 0 {
+            let actual = model.file.checksum();
+            if actual != checksum {
+                anyhow::bail!(
+                    "{}: checksum {actual:016x}, expected {checksum:016x}",
+                    path.display()
+                );
+            }
+            actual
+        } else {
+            0
+        };
         if let Some(g) = generation
             && g != model.spec.generation
         {
@@ -239,14 +260,18 @@ impl Worker<'_> {
             .parse()
             .with_context(|| format!("{}: task {:?}", path.display(), model.spec.task))?;
         task.check_arch(&model.spec.arch)?;
-        let params = model.params()?.into_owned();
+        let owned = match model.params()? {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(v) => Some(v),
+        };
         self.seg.set_model_generation(model.spec.generation);
         self.model = Some(Loaded {
             arch: model.spec.arch.clone(),
             task,
-            params,
             generation: model.spec.generation,
             checksum: file_checksum,
+            model,
+            owned,
         });
         Ok(())
     }
@@ -272,9 +297,9 @@ impl Worker<'_> {
         let batch = h.batch as usize;
         let mut out = vec![0f32; batch * m.arch.outputs()];
         let mut scratch = evod_runtime::Scratch::new();
-        if let Err(e) =
-            evod_runtime::forward_batch(&m.arch, &m.params, &inputs, batch, &mut out, &mut scratch)
-        {
+        if let Err(e) = m.params().and_then(|params| {
+            evod_runtime::forward_batch(&m.arch, &params, &inputs, batch, &mut out, &mut scratch)
+        }) {
             return error(status::BAD_REQUEST, e);
         }
         let mut body = vec![0u8; out.len() * 4];
@@ -290,13 +315,13 @@ impl Worker<'_> {
             Ok(h) => h,
             Err(e) => return error(status::BAD_REQUEST, format!("bad EVAL body: {e}")),
         };
-        if h.params as usize != m.params.len() {
+        let n_params = m.arch.n_params();
+        if h.params as usize != n_params {
             return error(
                 status::EVAL_FAILED,
                 format!(
-                    "candidates have {} parameters, the model has {}",
-                    h.params,
-                    m.params.len()
+                    "candidates have {} parameters, the model has {n_params}",
+                    h.params
                 ),
             );
         }
@@ -305,23 +330,28 @@ impl Worker<'_> {
             (t, _) => t.clone(),
         };
         let body = &payload[EvalHeader::SIZE..];
-        let n = h.params as usize;
-        let mut params = vec![0f32; n];
+        let n = n_params;
         let mut fitness = Vec::with_capacity(h.candidates as usize);
-        for chunk in body.chunks_exact(4 * n) {
-            if let Some(every) = self.poison_one_in
-                && poison_hash(chunk).is_multiple_of(every)
-            {
-                segfault();
+        // Groups of candidates share the runtime's lockstep lanes; the
+        // heartbeat is refreshed between groups so a long batch does not
+        // look like a hang to the watchdog.
+        let mut group: Vec<Vec<f32>> = Vec::with_capacity(EVAL_GROUP);
+        let mut chunks = body.chunks_exact(4 * n).peekable();
+        while chunks.peek().is_some() {
+            group.clear();
+            for chunk in chunks.by_ref().take(EVAL_GROUP) {
+                if let Some(every) = self.poison_one_in
+                    && poison_hash(chunk).is_multiple_of(every)
+                {
+                    segfault();
+                }
+                group.push(protocol::read_f32s(chunk));
             }
-            for (p, b) in params.iter_mut().zip(chunk.chunks_exact(4)) {
-                *p = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-            match task.evaluate(&m.arch, &params, h.seed) {
-                Ok(f) => fitness.push(f),
+            let views: Vec<&[f32]> = group.iter().map(Vec::as_slice).collect();
+            match task.evaluate_many(&m.arch, &views, h.seed) {
+                Ok(f) => fitness.extend(f),
                 Err(e) => return error(status::EVAL_FAILED, format!("{e}")),
             }
-            // A long batch must not look like a hang to the watchdog.
             self.seg.beat(Role::Worker);
         }
         let mut out = vec![0u8; 8 * fitness.len()];
@@ -338,6 +368,9 @@ pub fn poison_hash(bytes: &[u8]) -> u64 {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
+
+/// Candidates evaluated together (CartPole runs 8 episodes in lockstep).
+const EVAL_GROUP: usize = 16;
 
 /// Carries out a fault opcode; never returns.
 fn inject_fault(seg: &Segment, opcode: u32, code: u32) -> ! {

@@ -1,0 +1,74 @@
+//! `Model::open` scans every value; `Model::open_for_serving` (what a
+//! respawned worker uses) checks the structure only, so it stays O(1) in
+//! the model's size.
+
+use std::io::{Seek, SeekFrom, Write};
+
+use evod_gguf::GgufFile;
+use evod_runtime::{Architecture, Model, ModelSpec, RuntimeError, init_params, write_model};
+
+#[test]
+fn a_non_finite_value_fails_open_but_not_open_for_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let arch = Architecture::new(vec![4, 16, 2], "tanh".parse().unwrap()).unwrap();
+    write_model(
+        &path,
+        &ModelSpec::new(arch.clone(), "cartpole".into(), 1),
+        &init_params(&arch, 1),
+        None,
+    )
+    .unwrap();
+    // Put a NaN into blk.1.weight, element 3.
+    let at = {
+        let f = GgufFile::open(&path).unwrap();
+        let t = f.tensor("blk.1.weight").unwrap();
+        f.data_offset() + t.offset + 12
+    };
+    let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.write_all(&f32::NAN.to_le_bytes()).unwrap();
+    drop(file);
+
+    let err = Model::open(&path).unwrap_err();
+    assert!(matches!(err, RuntimeError::Model { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("blk.1.weight element 3") && text.contains("not finite"),
+        "{text}"
+    );
+
+    let served = Model::open_for_serving(&path).unwrap();
+    assert!(served.params().unwrap()[16 * 4 + 16 + 3].is_nan());
+}
+
+#[test]
+fn open_for_serving_still_checks_the_structure() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let arch = Architecture::new(vec![4, 16, 2], "tanh".parse().unwrap()).unwrap();
+    let mut spec = ModelSpec::new(arch.clone(), "cartpole".into(), 1);
+    write_model(&path, &spec, &init_params(&arch, 1), None).unwrap();
+    // Claim other layers than the tensors have.
+    let other = Architecture::new(vec![4, 8, 2], "tanh".parse().unwrap()).unwrap();
+    spec.arch = other;
+    let bad = dir.path().join("bad.gguf");
+    let f = GgufFile::open(&path).unwrap();
+    let mut meta = spec.metadata();
+    meta.retain(|(k, _)| k.starts_with("evod.") || k.starts_with("general."));
+    let tensors: Vec<evod_gguf::TensorSpec> = f
+        .tensors()
+        .iter()
+        .map(evod_gguf::TensorSpec::from)
+        .collect();
+    evod_gguf::publish(
+        &bad,
+        &meta,
+        &tensors,
+        |i, w| w.write_all(f.tensor_bytes(&f.tensors()[i])),
+        &evod_gguf::PublishOptions::default(),
+    )
+    .unwrap();
+    let err = Model::open_for_serving(&bad).unwrap_err();
+    assert!(err.to_string().contains("dims"), "{err}");
+}
