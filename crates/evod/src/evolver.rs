@@ -274,7 +274,21 @@ impl Loop {
         let pulse_every = evolve.pulse_every().max(1);
         let checkpoint_every = evolve.checkpoint_every().max(1);
         let mut last_evals = (Instant::now(), self.evolver.stats().evaluations);
+        // SIGTERM (the supervisor's graceful stop) ends the loop between
+        // generations with a checkpoint, so a stopped run resumes exactly
+        // where it stopped; a second signal is not needed: the supervisor
+        // SIGKILLs after its grace period, which is also safe.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(signal, std::sync::Arc::clone(&stop))
+                .context("installing the SIGTERM handler")?;
+        }
         loop {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                save_checkpoint(&checkpoint_path, &self.evolver.checkpoint())?;
+                self.finish("stopped by signal, checkpoint saved");
+                return Ok(ExitCode::SUCCESS);
+            }
             if let Some(limit) = evolve.generations
                 && self.evolver.generation() >= limit
             {
