@@ -29,7 +29,7 @@ use anyhow::{Context, Result, bail};
 /// How long any one recovery may take before the storm calls it failed.
 const RECOVERY: Duration = Duration::from_secs(30);
 /// How long an I/O fault plan stays armed waiting for a publish to hit.
-const IO_WINDOW: Duration = Duration::from_secs(20);
+const IO_WINDOW: Duration = Duration::from_secs(5);
 
 /// The evolved network: 33k parameters (a 134 KiB file, so a publish takes
 /// measurable time), with layers narrow enough that the GA's mutations pass
@@ -40,10 +40,17 @@ const LAYERS: &str = "1,128,128,128,1";
 struct Options {
     faults: u32,
     seed: u64,
+    /// Use the dev-profile binary (already built by `cargo test` in CI)
+    /// instead of building release.
+    debug: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
-    let mut opts = Options { faults: 0, seed: 1 };
+    let mut opts = Options {
+        faults: 0,
+        seed: 1,
+        debug: false,
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| {
@@ -58,13 +65,16 @@ fn parse(args: &[String]) -> Result<Options> {
                     .context("--storm takes a number of faults")?
             }
             "--seed" => opts.seed = value("--seed")?.parse().context("--seed takes a number")?,
+            "--debug" => opts.debug = true,
             other => {
-                bail!("unknown option {other:?}: usage: cargo xtask fault --storm N [--seed S]")
+                bail!(
+                    "unknown option {other:?}: usage: cargo xtask fault --storm N [--seed S] [--debug]"
+                )
             }
         }
     }
     if opts.faults == 0 {
-        bail!("usage: cargo xtask fault --storm N [--seed S] (N ≥ 1)");
+        bail!("usage: cargo xtask fault --storm N [--seed S] [--debug] (N ≥ 1)");
     }
     Ok(opts)
 }
@@ -459,26 +469,27 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The release `evod` binary (built first).
-fn build_evod() -> Result<PathBuf> {
+/// The `evod` binary, built first (release, or dev with `debug`).
+fn build_evod(debug: bool) -> Result<PathBuf> {
     let root = crate::root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::run(
-        Command::new(&cargo)
-            .current_dir(&root)
-            .args(["build", "--release", "-p", "evod"]),
-    )?;
+    let mut build = Command::new(&cargo);
+    build.current_dir(&root).args(["build", "-p", "evod"]);
+    if !debug {
+        build.arg("--release");
+    }
+    crate::run(&mut build)?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|t| if t.is_absolute() { t } else { root.join(t) })
         .unwrap_or_else(|| root.join("target"));
-    Ok(target.join("release/evod"))
+    Ok(target.join(if debug { "debug/evod" } else { "release/evod" }))
 }
 
 /// Runs the storm (see the module documentation).
 pub fn run(args: &[String]) -> Result<()> {
     let opts = parse(args)?;
-    let evod = build_evod()?;
+    let evod = build_evod(opts.debug)?;
     let shm_before = shm_entries();
     let dir = std::env::temp_dir().join(format!("evod-storm-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -653,10 +664,11 @@ fn storm(evod: &Path, dir: &Path, opts: &Options, shm_before: &[String]) -> Resu
 
     println!();
     println!(
-        "fault storm: {} faults, seed {}, {:.0}s, release evod, 2 workers, sine {LAYERS} ({} KiB model)",
+        "fault storm: {} faults, seed {}, {:.0}s, {} evod, 2 workers, sine {LAYERS} ({} KiB model)",
         opts.faults,
         opts.seed,
         secs,
+        if opts.debug { "debug" } else { "release" },
         std::fs::metadata(dir.join("vectorland.gguf")).map_or(0, |m| m.len() / 1024)
     );
     println!();

@@ -112,7 +112,15 @@ fn ci() -> Result<()> {
                 .args(["test", "--workspace"]))
         })?;
         step("fault storm (50)", &mut || {
-            fault::run(&["--storm".into(), "50".into(), "--seed".into(), "7".into()])
+            // The dev-profile binary `cargo test` just built: no release
+            // build in CI's budget.
+            fault::run(&[
+                "--storm".into(),
+                "50".into(),
+                "--seed".into(),
+                "7".into(),
+                "--debug".into(),
+            ])
         })
     })();
     eprintln!("\nxtask ci summary:");
