@@ -51,8 +51,11 @@ struct Loaded {
     /// there as contiguous f32 (no copy, so a respawn on a 1 GiB model costs
     /// what it costs on a small one).
     model: Model,
-    /// The parameters, when they had to be gathered or converted.
-    owned: Option<Vec<f32>>,
+    /// The parameters, gathered (and converted) on first use when they do
+    /// not lie in the map as contiguous f32. `EVAL` never needs them (it
+    /// scores the candidates it is sent), so a respawned worker answers
+    /// without reading the model's data at all.
+    owned: std::cell::OnceCell<Vec<f32>>,
     generation: u64,
     /// Checksum of the file, when a `LOAD` asked for it to be verified
     /// (computing it reads the whole file); 0 otherwise.
@@ -61,9 +64,14 @@ struct Loaded {
 
 impl Loaded {
     fn params(&self) -> Result<std::borrow::Cow<'_, [f32]>, evod_runtime::RuntimeError> {
-        match &self.owned {
-            Some(v) => Ok(std::borrow::Cow::Borrowed(v)),
-            None => self.model.params(),
+        if let Some(v) = self.owned.get() {
+            return Ok(std::borrow::Cow::Borrowed(v));
+        }
+        match self.model.params()? {
+            std::borrow::Cow::Borrowed(v) => Ok(std::borrow::Cow::Borrowed(v)),
+            std::borrow::Cow::Owned(v) => {
+                Ok(std::borrow::Cow::Borrowed(self.owned.get_or_init(|| v)))
+            }
         }
     }
 }
@@ -260,10 +268,6 @@ impl Worker<'_> {
             .parse()
             .with_context(|| format!("{}: task {:?}", path.display(), model.spec.task))?;
         task.check_arch(&model.spec.arch)?;
-        let owned = match model.params()? {
-            std::borrow::Cow::Borrowed(_) => None,
-            std::borrow::Cow::Owned(v) => Some(v),
-        };
         self.seg.set_model_generation(model.spec.generation);
         self.model = Some(Loaded {
             arch: model.spec.arch.clone(),
@@ -271,7 +275,7 @@ impl Worker<'_> {
             generation: model.spec.generation,
             checksum: file_checksum,
             model,
-            owned,
+            owned: std::cell::OnceCell::new(),
         });
         Ok(())
     }
