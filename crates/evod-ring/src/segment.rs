@@ -326,12 +326,23 @@ impl Segment {
         ] {
             c.store(0, Ordering::Relaxed);
         }
-        // AcqRel: Release pairs with the Acquire loads of the epoch by
-        // clients and servers (`epoch()`), publishing the resets above.
-        let new = self
-            .epoch_word()
-            .fetch_add(1, Ordering::AcqRel)
-            .wrapping_add(1);
+        let new = if self.owner {
+            // The owner counts from its own copy, never from the shared
+            // word a worker may have scribbled: the new epoch always differs
+            // from every epoch a client of ours was synced to.
+            // Relaxed: `local_epoch` is this process's private counter.
+            let new = self.local_epoch.load(Ordering::Relaxed).wrapping_add(1);
+            self.local_epoch.store(new, Ordering::Relaxed);
+            // Release pairs with the Acquire loads of the epoch by clients
+            // and servers (`epoch()`), publishing the resets above.
+            self.epoch_word().store(new, Ordering::Release);
+            new
+        } else {
+            // AcqRel: as above; an attached process has no trusted copy.
+            self.epoch_word()
+                .fetch_add(1, Ordering::AcqRel)
+                .wrapping_add(1)
+        };
         wait::wake_all(self.inbox());
         for ch in Channel::ALL {
             let c = self.chan(ch);

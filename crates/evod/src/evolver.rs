@@ -134,6 +134,35 @@ pub fn run(args: Args) -> Result<ExitCode> {
     main.run(&args.evolve, &mut ring)
 }
 
+/// Opens the progress log for appending after rewriting it to hold only
+/// well-formed rows of generations before `resume_at`: a resumed run
+/// replays the generations after its checkpoint and writes them again, and a
+/// killed evolver may have left a torn last line.
+fn open_progress(path: &Path, resume_at: u64) -> Result<std::fs::File> {
+    let mut text = format!("{PROGRESS_HEADER}\n");
+    if let Ok(old) = std::fs::read_to_string(path) {
+        for line in old.lines().skip(1) {
+            let ok = line.split(',').count() == 6
+                && line
+                    .split(',')
+                    .next()
+                    .and_then(|g| g.parse::<u64>().ok())
+                    .is_some_and(|g| g < resume_at);
+            if ok {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
+    let tmp = path.with_extension("csv.tmp");
+    std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
 /// Whether `dir` holds nothing of a run yet (no history, no state): then
 /// `evod run` may create the default model there.
 pub fn is_fresh_folder(dir: &Path) -> bool {
@@ -246,15 +275,7 @@ impl Loop {
             }
         };
         let progress_path = state.join(PROGRESS_FILE);
-        let fresh = !progress_path.exists();
-        let mut progress = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&progress_path)
-            .with_context(|| format!("opening {}", progress_path.display()))?;
-        if fresh {
-            writeln!(progress, "{PROGRESS_HEADER}")?;
-        }
+        let progress = open_progress(&progress_path, evolver.generation())?;
         Ok(Loop {
             dir: dir.to_owned(),
             model_path,
@@ -278,7 +299,7 @@ impl Loop {
         // generations with a checkpoint, so a stopped run resumes exactly
         // where it stopped; a second signal is not needed: the supervisor
         // SIGKILLs after its grace period, which is also safe.
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = std::sync::Arc::clone(&ring.stop);
         for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
             signal_hook::flag::register(signal, std::sync::Arc::clone(&stop))
                 .context("installing the SIGTERM handler")?;
@@ -342,10 +363,22 @@ impl Loop {
                 published,
                 wall_s: self.started.elapsed().as_secs_f64(),
             };
-            writeln!(self.progress, "{}", row.to_csv())?;
+            // One write per row (a killed evolver leaves at most a torn last
+            // line, which the next start drops); a failing disk is logged,
+            // not fatal: the model and the loop matter more than the log.
+            if let Err(e) = self
+                .progress
+                .write_all(format!("{}\n", row.to_csv()).as_bytes())
+            {
+                tracing::error!("appending to the progress log failed: {e}");
+            }
             let g = self.evolver.generation();
             if published || g.is_multiple_of(checkpoint_every) {
-                save_checkpoint(&checkpoint_path, &self.evolver.checkpoint())?;
+                // Atomic; on failure the previous checkpoint stays, and the
+                // run resumes from it (deterministically) if killed.
+                if let Err(e) = save_checkpoint(&checkpoint_path, &self.evolver.checkpoint()) {
+                    tracing::error!("saving the checkpoint failed, will retry: {e}");
+                }
             }
             let now = Instant::now();
             let evals = self.evolver.stats().evaluations;
@@ -542,6 +575,41 @@ fn remove_leftovers(dir: &Path, state: &Path) {
     }
 }
 
+/// Sends one request on `client` and waits for the reply to that request:
+/// a late reply to an earlier request that was given up on (a timeout, a
+/// batch abandoned on an error) is dropped, never taken for this one. The
+/// payload is copied out of the shared segment before anything decodes it,
+/// so a worker rewriting it meanwhile cannot change what is checked.
+fn exchange(
+    client: &mut Client<'_>,
+    opcode: u32,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]),
+    deadline: Instant,
+) -> Result<(i32, Vec<u8>), RingError> {
+    let id = client.send(opcode, 0, len, fill)?;
+    receive_id(client, id, deadline)
+}
+
+/// Receives replies on `client` until the one to `id` (see [`exchange`]).
+fn receive_id(
+    client: &mut Client<'_>,
+    id: u64,
+    deadline: Instant,
+) -> Result<(i32, Vec<u8>), RingError> {
+    loop {
+        let reply = client.recv(deadline)?;
+        if reply.request_id() == id {
+            return Ok((reply.status(), reply.payload.to_vec()));
+        }
+        tracing::debug!(
+            expected = id,
+            got = reply.request_id(),
+            "dropping a late reply to an abandoned request"
+        );
+    }
+}
+
 /// Evaluates candidates on the workers through their `Eval` channels: one
 /// batched `EVAL` per worker in flight at once, re-sent after a worker is
 /// lost; a candidate that kills a worker twice is quarantined.
@@ -553,6 +621,8 @@ pub struct RingEvaluator<'s> {
     epochs: Vec<u64>,
     /// Deadline for one worker to answer one request.
     pub request_timeout: Duration,
+    /// Set by SIGTERM: stop waiting for workers (they are being stopped too).
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What became of one request.
@@ -571,7 +641,15 @@ impl<'s> RingEvaluator<'s> {
             clients,
             restarts: 0,
             request_timeout: Duration::from_secs(60),
+            stop: std::sync::Arc::default(),
         }
+    }
+
+    fn stopping(&self) -> Result<(), EvalError> {
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(EvalError::Unavailable("the evolver is stopping".into()));
+        }
+        Ok(())
     }
 
     fn note_epochs(&mut self) {
@@ -613,10 +691,10 @@ impl<'s> RingEvaluator<'s> {
         })
     }
 
-    /// Waits for worker `w`'s reply to its one request in flight.
-    fn receive(&mut self, w: usize, expect: usize) -> Result<Outcome, EvalError> {
+    /// Waits for worker `w`'s reply to request `id`.
+    fn receive(&mut self, w: usize, id: u64, expect: usize) -> Result<Outcome, EvalError> {
         let deadline = Instant::now() + self.request_timeout;
-        let reply = match self.clients[w].recv(deadline) {
+        let (st, payload) = match receive_id(&mut self.clients[w], id, deadline) {
             Ok(r) => r,
             Err(RingError::PeerLost { reason, .. }) => {
                 tracing::warn!(worker = w, "worker lost mid-request ({reason}); re-sending");
@@ -634,13 +712,13 @@ impl<'s> RingEvaluator<'s> {
             }
             Err(e) => return Err(EvalError::Other(Box::new(e))),
         };
-        if reply.status() != status::OK {
+        if st != status::OK {
             return Err(EvalError::Failed(format!(
                 "worker {w}: {}",
-                String::from_utf8_lossy(reply.payload)
+                String::from_utf8_lossy(&payload)
             )));
         }
-        match protocol::read_f64s(reply.payload, expect) {
+        match protocol::read_f64s(&payload, expect) {
             Ok(values) => Ok(Outcome::Done(values)),
             Err(e) => {
                 tracing::error!(worker = w, "bad EVAL reply: {e}");
@@ -654,6 +732,7 @@ impl<'s> RingEvaluator<'s> {
     fn settle(&mut self, w: usize, deadline: Instant) -> Result<(), EvalError> {
         let before = self.epochs[w];
         while Instant::now() < deadline {
+            self.stopping()?;
             self.note_epochs();
             let seg = &self.segments[w];
             if self.epochs[w] != before
@@ -673,8 +752,8 @@ impl<'s> RingEvaluator<'s> {
         let mut alive = 0;
         for c in &mut self.clients {
             let deadline = Instant::now() + Duration::from_secs(2);
-            if let Ok(r) = c.call(op::PING, 0, 0, |_| {}, deadline)
-                && r.status() == status::OK
+            if let Ok((st, _)) = exchange(c, op::PING, 0, |_| {}, deadline)
+                && st == status::OK
             {
                 alive += 1;
             }
@@ -692,19 +771,19 @@ impl<'s> RingEvaluator<'s> {
         });
         for (w, c) in self.clients.iter_mut().enumerate() {
             let deadline = Instant::now() + Duration::from_secs(30);
-            match c.call(
+            match exchange(
+                c,
                 op::LOAD,
-                0,
                 body.len(),
                 |o| o.copy_from_slice(&body),
                 deadline,
             ) {
-                Ok(r) if r.status() == status::OK => {}
-                Ok(r) => {
+                Ok((st, _)) if st == status::OK => {}
+                Ok((_, msg)) => {
                     tracing::error!(
                         worker = w,
                         "LOAD of generation {generation} refused: {}",
-                        String::from_utf8_lossy(r.payload)
+                        String::from_utf8_lossy(&msg)
                     );
                     continue;
                 }
@@ -720,15 +799,14 @@ impl<'s> RingEvaluator<'s> {
             };
             let input = vec![0.0f32; inputs];
             let len = ExecHeader::SIZE + 4 * inputs;
-            match c.call(op::NEURAL_EXEC, 0, len, |o| h.encode(&input, o), deadline) {
-                Ok(r)
-                    if r.status() == status::OK
-                        && !r.payload.is_empty()
-                        && protocol::read_f32s(r.payload).iter().all(|v| v.is_finite()) => {}
-                Ok(r) => tracing::error!(
+            match exchange(c, op::NEURAL_EXEC, len, |o| h.encode(&input, o), deadline) {
+                Ok((st, out))
+                    if st == status::OK
+                        && !out.is_empty()
+                        && protocol::read_f32s(&out).iter().all(|v| v.is_finite()) => {}
+                Ok((st, _)) => tracing::error!(
                     worker = w,
-                    "canary NEURAL_EXEC on generation {generation} failed (status {})",
-                    r.status()
+                    "canary NEURAL_EXEC on generation {generation} failed (status {st})"
                 ),
                 Err(e) => tracing::warn!(
                     worker = w,
@@ -765,13 +843,14 @@ impl Evaluator for RingEvaluator<'_> {
             if Instant::now() > give_up {
                 return Err(EvalError::Unavailable("workers keep failing".into()));
             }
+            self.stopping()?;
             self.note_epochs();
-            // One group per worker in flight.
-            let mut flight: Vec<(usize, Vec<usize>)> = Vec::new();
+            // One group per worker in flight, with the id it was sent as.
+            let mut flight: Vec<(usize, u64, Vec<usize>)> = Vec::new();
             for w in 0..workers {
                 let Some(group) = pending.pop() else { break };
                 match self.send(w, candidates, &group, seed, episodes) {
-                    Ok(_) => flight.push((w, group)),
+                    Ok(id) => flight.push((w, id, group)),
                     Err(RingError::PeerLost { .. } | RingError::Full) => {
                         pending.push(group);
                         self.settle(w, give_up)?;
@@ -779,8 +858,8 @@ impl Evaluator for RingEvaluator<'_> {
                     Err(e) => return Err(EvalError::Other(Box::new(e))),
                 }
             }
-            for (w, group) in flight {
-                match self.receive(w, group.len())? {
+            for (w, id, group) in flight {
+                match self.receive(w, id, group.len())? {
                     Outcome::Done(values) => {
                         for (&i, v) in group.iter().zip(values) {
                             results[i] = Some(v);
