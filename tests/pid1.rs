@@ -130,11 +130,13 @@ fn as_pid_1_orphans_are_reaped_and_sigterm_is_honoured() {
 
     // A grandchild orphaned inside the namespace: `sh` (entered into the
     // namespace by nsenter) starts `sleep` and exits; `sleep` is re-parented
-    // to PID 1 = evod run, then exits; evod must reap it.
+    // to PID 1 = evod run; the test then kills it, and evod must reap it.
+    // (The sleep is long so that a loaded machine cannot let it end before
+    // the test has seen it adopted.)
     let before = children(init);
     let o = Command::new("nsenter")
         .args(["--target", &init.to_string(), "--pid", "--mount", "--"])
-        .args(["sh", "-c", "sleep 0.5 & exit 0"])
+        .args(["sh", "-c", "sleep 60 </dev/null >/dev/null 2>&1 & exit 0"])
         .output()
         .expect("nsenter");
     assert!(
@@ -151,6 +153,7 @@ fn as_pid_1_orphans_are_reaped_and_sigterm_is_honoured() {
         },
         || format!("children {:?}\n{}", children(init), ns.log()),
     );
+    kill(Pid::from_raw(orphan as i32), Signal::SIGKILL).unwrap();
     wait_for(
         "the orphan to exit and be reaped (no zombie)",
         || (!Path::new(&format!("/proc/{orphan}")).exists()).then_some(()),

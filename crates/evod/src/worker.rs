@@ -230,7 +230,14 @@ impl Worker<'_> {
     /// Maps and checks `path`; on success it replaces the served model, on
     /// failure the old one keeps being served.
     fn load(&mut self, path: &Path, generation: Option<u64>, checksum: u64) -> Result<()> {
-        let model = Model::open_for_serving(path)?;
+        // A `LOAD` (a new generation) gets every check, values included; a
+        // worker starting on the live model only checks its structure, so a
+        // respawn costs the same for any model size.
+        let model = if generation.is_some() || checksum != 0 {
+            Model::open(path)?
+        } else {
+            Model::open_for_serving(path)?
+        };
         let file_checksum = if checksum != 0 {
             let actual = model.file.checksum();
             if actual != checksum {
