@@ -68,6 +68,7 @@ struct Daemon {
     child: Option<Child>,
     dir: PathBuf,
     log: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -88,9 +89,10 @@ impl Daemon {
             Box::new(child.stdout.take().unwrap()),
             Box::new(child.stderr.take().unwrap()),
         ];
+        let mut readers = Vec::new();
         for mut pipe in pipes {
             let log = Arc::clone(&log);
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 let mut buf = [0u8; 8192];
                 while let Ok(n) = pipe.read(&mut buf) {
                     if n == 0 {
@@ -98,12 +100,13 @@ impl Daemon {
                     }
                     log.lock().unwrap().push_str(&text(&buf[..n]));
                 }
-            });
+            }));
         }
         Daemon {
             child: Some(child),
             dir: dir.to_owned(),
             log,
+            readers,
         }
     }
 
@@ -152,10 +155,16 @@ impl Daemon {
         let end = Instant::now() + DEADLINE;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                // The reader threads end with the pipes; give them the
-                // last bytes.
+                // The reader threads end when the last writer (the
+                // supervisor's janitor goes last) closes the pipes.
                 let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(50));
+                for reader in std::mem::take(&mut self.readers) {
+                    while !reader.is_finished() {
+                        assert!(Instant::now() < end, "the daemon's output pipes stayed open");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    let _ = reader.join();
+                }
                 return (status, self.log());
             }
             if Instant::now() > end {
