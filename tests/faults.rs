@@ -160,7 +160,10 @@ impl Daemon {
                 let _ = child.wait();
                 for reader in std::mem::take(&mut self.readers) {
                     while !reader.is_finished() {
-                        assert!(Instant::now() < end, "the daemon's output pipes stayed open");
+                        assert!(
+                            Instant::now() < end,
+                            "the daemon's output pipes stayed open"
+                        );
                         std::thread::sleep(Duration::from_millis(5));
                     }
                     let _ = reader.join();
