@@ -113,6 +113,16 @@ impl<'a> Client<'a> {
         let tail = c.req.tail.v.load(Ordering::Acquire);
         let head = c.req.head.v.load(Ordering::Acquire);
         let resp_head = c.resp.head.v.load(Ordering::Acquire);
+        // Positions only grow by one per message; a value this large was
+        // written by a scribbler, and counting on from it would overflow.
+        // Start again at zero (the resync below publishes it).
+        const SANE_POSITION: u64 = 1 << 62;
+        let scribbled = tail >= SANE_POSITION || resp_head >= SANE_POSITION;
+        let (tail, head, resp_head) = if scribbled {
+            (0, 0, 0)
+        } else {
+            (tail, head, resp_head)
+        };
         let mut client = Client {
             seg,
             ch,
@@ -127,7 +137,7 @@ impl<'a> Client<'a> {
         };
         let epoch = seg.epoch();
         let sane = head <= tail && tail - head <= u64::from(l.queue_depth);
-        if client_epoch == epoch && sane {
+        if client_epoch == epoch && sane && !scribbled {
             // Take over a channel a previous client incarnation synced for
             // this epoch: the worker keeps serving it; replies to the old
             // ids are dropped as foreign.
@@ -409,5 +419,29 @@ impl<'a> Client<'a> {
             });
         }
         Ok(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LayoutConfig;
+
+    /// A scribbler that leaves huge queue positions behind must not make a
+    /// later client overflow its counters (a panic in debug builds): the
+    /// client starts again from zero and resyncs.
+    #[test]
+    fn huge_positions_left_by_a_scribbler_are_reset() {
+        let seg = Segment::create(&LayoutConfig::default()).unwrap();
+        let c = seg.chan(Channel::Eval);
+        c.req.tail.v.store(u64::MAX, Ordering::Relaxed);
+        c.req.head.v.store(u64::MAX, Ordering::Relaxed);
+        c.resp.head.v.store(u64::MAX - 1, Ordering::Relaxed);
+        let mut client = seg.client(Channel::Eval).unwrap();
+        assert_eq!(c.req.tail.v.load(Ordering::Relaxed), 0);
+        assert_eq!(c.resp.head.v.load(Ordering::Relaxed), 0);
+        // Sending works and counts from zero.
+        client.send(1, 0, 8, |b| b.fill(7)).unwrap();
+        assert_eq!(c.req.tail.v.load(Ordering::Relaxed), 1);
     }
 }
