@@ -598,10 +598,13 @@ fn enospc_and_eio_on_publish_keep_the_old_file_and_publishing_resumes() {
         );
         let before_log = d.log().matches(words).count();
         std::fs::write(&plan, fault).unwrap();
-        let old = std::fs::read(&model).unwrap();
         d.wait_log(&format!("the {fault} publish error"), |l| {
             l.matches(words).count() > before_log
         });
+        // Read the file only now: a publish that began before the plan was
+        // written may have completed after it; every later publish (the
+        // evolver publishes one at a time) sees the fault.
+        let old = std::fs::read(&model).unwrap();
         // Retried while the fault lasts: at least one more failure, and the
         // file never changed.
         d.wait_log(&format!("a retry under {fault}"), |l| {
