@@ -605,6 +605,14 @@ impl Segment {
         }
     }
 
+    /// Whether the client of `ch` has announced that it is parked on the
+    /// futex, waiting for a reply. For tests and diagnostics: a value read
+    /// from shared memory, so only a hint.
+    pub fn client_parked(&self, ch: Channel) -> bool {
+        // Relaxed: an observation for tests; nothing is ordered after it.
+        self.chan(ch).resp_ready.parked.load(Ordering::Relaxed) != 0
+    }
+
     /// Corrupts the segment on purpose (see [`Scribble`]). Meant for a
     /// worker's fault-injection opcode and for tests; call it while this
     /// process holds no `Request` or `Reply` (their payload would change

@@ -345,7 +345,7 @@ fn epoch_bump_wakes_parked_client() -> Result<(), String> {
         return Err("worker never picked up the slow request".into());
     }
     kill(&mut child.0);
-    let (res, took) = std::thread::scope(|s| {
+    let (res, took, parked) = std::thread::scope(|s| {
         let waiter = s.spawn(|| {
             let t = Instant::now();
             let r = client
@@ -353,11 +353,16 @@ fn epoch_bump_wakes_parked_client() -> Result<(), String> {
                 .map(|r| r.request_id());
             (r, t.elapsed())
         });
-        // Let the client park (it is parked once it stops spinning), then bump.
-        std::thread::sleep(Duration::from_millis(50));
+        // Wait until the client has parked on the futex, then bump: the
+        // bump must wake it, not its own polling.
+        let parked = eventually(Duration::from_secs(10), || seg.client_parked(Channel::Eval));
         seg.bump_epoch();
-        waiter.join().expect("waiter thread")
+        let (res, took) = waiter.join().expect("waiter thread");
+        (res, took, parked)
     });
+    if !parked {
+        return Err("the client never parked on the futex".into());
+    }
     match res {
         Err(RingError::PeerLost { in_flight, .. }) if in_flight == vec![id] => {}
         other => return Err(format!("expected PeerLost with [{id:#x}], got {other:?}")),
