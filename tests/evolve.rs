@@ -4,20 +4,18 @@
 //! mid-run resumes and ends where an uninterrupted run ends; a worker
 //! killed mid-batch costs a respawn, not the generation.
 
+mod common;
+
+use common::{children_with_role, evod, text};
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use evod_gguf::GgufFile;
 
 /// Generous: this is not a timing test, only a guard against a hang.
 const DEADLINE: Duration = Duration::from_secs(240);
-
-fn evod() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_evod"));
-    cmd.env_remove("EVOD_DIR").env("NO_COLOR", "1");
-    cmd
-}
 
 fn spawn_run(dir: &Path, args: &[&str]) -> Child {
     evod()
@@ -52,45 +50,11 @@ fn finish(mut child: Child) -> Output {
     }
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 /// Tensor data checksum and `evod.generation` of a model file.
 fn identity(path: &Path) -> (u64, u64) {
     let f = GgufFile::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let generation = f.get("evod.generation").and_then(|v| v.as_u64()).unwrap();
     (f.checksum(), generation)
-}
-
-/// Children of `pid` whose command line contains `role`.
-fn children_with_role(pid: u32, role: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        let Some(after) = stat.rsplit_once(") ").map(|x| x.1) else {
-            continue;
-        };
-        let ppid: u32 = after
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        if ppid != pid {
-            continue;
-        }
-        let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-        let args: Vec<String> = cmdline.split(|&b| b == 0).map(text).collect();
-        if args.get(1).is_some_and(|a| a == role) {
-            out.push(p);
-        }
-    }
-    out
 }
 
 fn progress_rows(dir: &Path) -> usize {

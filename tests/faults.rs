@@ -9,9 +9,13 @@
 //! Every daemon here runs with `--allow-fault-injection`; every wait polls
 //! for an event (a log line, a status field, a file) with a deadline.
 
+mod common;
+
+use common::{children_with_role, evod, text};
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,18 +25,6 @@ use nix::unistd::Pid;
 
 /// Generous: these are not timing tests, only guards against a hang.
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn evod() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_evod"));
-    cmd.env_remove("EVOD_DIR")
-        .env_remove("EVOD_CONTROL_SOCKET")
-        .env("NO_COLOR", "1");
-    cmd
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// Polls `cond` until it holds; fails with `what` and `context()` past `within`.
 fn wait_for(
@@ -257,34 +249,6 @@ fn progress_generations(dir: &Path) -> Vec<u64> {
         .skip(1)
         .filter_map(|l| l.split(',').next()?.parse().ok())
         .collect()
-}
-
-/// Children of `pid` whose first argument is `role`.
-fn children_with_role(pid: u32, role: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        let Some(after) = stat.rsplit_once(") ").map(|x| x.1) else {
-            continue;
-        };
-        let mut fields = after.split(' ');
-        let state = fields.next().unwrap_or("");
-        let ppid: u32 = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        if ppid != pid || state == "Z" {
-            continue;
-        }
-        let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-        let args: Vec<String> = cmdline.split(|&b| b == 0).map(text).collect();
-        if args.get(1).is_some_and(|a| a == role) {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[test]

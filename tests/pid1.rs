@@ -4,6 +4,10 @@
 //! zombie is left. Needs root (CI runs as root); unshare's failure is a test
 //! failure with its message, never a silent skip.
 
+mod common;
+
+use common::evod;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,12 +16,6 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn evod() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_evod"));
-    cmd.env_remove("EVOD_DIR").env_remove("EVOD_CONTROL_SOCKET");
-    cmd
-}
 
 fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>, context: impl Fn() -> String) -> T {
     let end = Instant::now() + DEADLINE;

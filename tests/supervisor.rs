@@ -3,8 +3,12 @@
 //! process against a deadline; nothing sleeps a fixed time to "let things
 //! happen".
 
+mod common;
+
+use common::{evod, text};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -13,18 +17,6 @@ use serde_json::Value;
 
 /// Guards against hangs only; not a timing assertion.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn evod() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_evod"));
-    cmd.env_remove("EVOD_DIR")
-        .env_remove("EVOD_CONTROL_SOCKET")
-        .env("NO_COLOR", "1");
-    cmd
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// Polls `cond` until it returns `Some`, failing with `what` past the deadline.
 fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>, context: impl Fn() -> String) -> T {
