@@ -34,6 +34,18 @@ fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>, context: impl Fn
     }
 }
 
+/// Pids of every running child in a status report, standbys included.
+fn child_and_standby_pids(status: &Value) -> Vec<u32> {
+    status["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| [c["pid"].as_u64(), c["standby_pid"].as_u64()])
+        .flatten()
+        .map(|p| p as u32)
+        .collect()
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie still has a /proc entry: count it as alive (not reaped).
     Path::new(&format!("/proc/{pid}")).exists()
@@ -134,6 +146,18 @@ impl Daemon {
                 let pid = w["pid"].as_u64()? as u32;
                 let last = w["last_exit"].as_str()?;
                 (pid != old_pid && last.contains(words) && w["state"] == "running").then_some(w)
+            },
+            || format!("status: {:?}\nlog:\n{}", self.status(), self.log()),
+        )
+    }
+
+    /// Waits until worker 0 has a standby that is ready; returns its pid.
+    fn wait_standby_ready(&self) -> u32 {
+        wait_for(
+            "a ready standby",
+            || {
+                let w = self.worker()?;
+                (w["standby_ready"] == true).then(|| w["standby_pid"].as_u64().unwrap() as u32)
             },
             || format!("status: {:?}\nlog:\n{}", self.status(), self.log()),
         )
@@ -298,18 +322,13 @@ fn too_many_restarts_give_up_with_exit_code_5() {
 fn sigterm_stops_gracefully_with_exit_0_and_no_child_left() {
     let mut d = Daemon::start_with(2, &[]);
     let s = d.wait_healthy();
-    let pids: Vec<u32> = s["children"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["pid"].as_u64().unwrap() as u32)
-        .collect();
-    assert_eq!(pids.len(), 2);
+    let pids = child_and_standby_pids(&s);
+    assert_eq!(pids.len(), 4, "two workers and their standbys: {s}");
     d.signal(Signal::SIGTERM);
     let status = d.wait_exit();
     assert_eq!(status.code(), Some(0), "{}", d.log());
     for pid in pids {
-        assert!(!alive(pid), "worker {pid} outlived the supervisor");
+        assert!(!alive(pid), "child {pid} outlived the supervisor");
     }
     assert!(
         d.log().contains("worker 0 exited with code 0"),
@@ -349,12 +368,7 @@ fn a_sigkilled_supervisor_takes_its_children_and_leaves_nothing_behind() {
         .unwrap_or_default();
     let mut d = Daemon::start_with(2, &[]);
     let s = d.wait_healthy();
-    let pids: Vec<u32> = s["children"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["pid"].as_u64().unwrap() as u32)
-        .collect();
+    let pids = child_and_standby_pids(&s);
     assert!(d.runtime_dir().join("control.sock").exists());
     d.signal(Signal::SIGKILL);
     let status = d.wait_exit();
@@ -362,9 +376,10 @@ fn a_sigkilled_supervisor_takes_its_children_and_leaves_nothing_behind() {
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(9)
     );
+    assert_eq!(pids.len(), 4, "two workers and their standbys: {s}");
     for pid in pids {
         wait_for(
-            &format!("worker {pid} to die with its parent"),
+            &format!("child {pid} to die with its parent"),
             // Reparented to init, which reaps it: gone from /proc.
             || (!alive(pid)).then_some(()),
             || d.log(),
@@ -497,4 +512,76 @@ fn a_generation_that_crash_loops_the_workers_is_rolled_back_and_quarantined() {
     let log = d.log();
     assert!(log.contains("killed by signal 11 (SIGSEGV)"), "{log}");
     assert!(log.contains("rolling back to generation"), "{log}");
+}
+
+#[test]
+fn a_crashed_worker_is_replaced_by_its_warm_standby() {
+    let d = Daemon::start(&[]);
+    let standby = d.wait_standby_ready();
+    let worker = d.worker_pid();
+    assert_ne!(standby, worker);
+    // The standby is parked (not the ring's server) and says so in `ps`.
+    assert_eq!(
+        common::children_named(d.pid(), "evod-standby"),
+        vec![standby]
+    );
+    assert_eq!(common::children_with_role(d.pid(), "worker"), vec![worker]);
+    d.fault("segv");
+    let w = d.wait_respawn(worker, "SIGSEGV");
+    assert_eq!(w["pid"], standby, "the standby was promoted: {w}");
+    assert_eq!(w["epoch"], 2, "{w}");
+    let comm = std::fs::read_to_string(format!("/proc/{standby}/comm")).unwrap();
+    assert_eq!(comm.trim(), "evod-worker");
+    assert!(d.log().contains("standby promoted"), "{}", d.log());
+    // The promoted standby serves the model, and a new standby takes its place.
+    let o = evod()
+        .args(["exec", "--input", "0.1,0.2,0.3,0.4", "--dir"])
+        .arg(d.dir())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "exec: {}", text(&o.stderr));
+    let next = d.wait_standby_ready();
+    assert!(next != standby && next != worker, "{next}");
+}
+
+#[test]
+fn a_killed_standby_is_replaced_and_the_worker_is_untouched() {
+    let d = Daemon::start(&[]);
+    let standby = d.wait_standby_ready();
+    let worker = d.worker_pid();
+    kill(Pid::from_raw(standby as i32), Signal::SIGKILL).unwrap();
+    let next = wait_for(
+        "a new standby",
+        || {
+            let w = d.worker()?;
+            let pid = w["standby_pid"].as_u64()? as u32;
+            (pid != standby && w["standby_ready"] == true).then_some(pid)
+        },
+        || format!("status: {:?}\nlog:\n{}", d.status(), d.log()),
+    );
+    assert!(!alive(standby), "the killed standby was not reaped");
+    let w = d.worker().unwrap();
+    assert_eq!(w["pid"], worker, "{w}");
+    assert_eq!(w["restarts"], 0, "{w}");
+    assert!(d.log().contains("standby of worker 0 killed by signal 9"));
+    // And it is the one promoted at the next crash.
+    d.fault("abort");
+    let w = d.wait_respawn(worker, "SIGABRT");
+    assert_eq!(w["pid"], next, "{w}");
+}
+
+#[test]
+fn no_standby_starts_workers_cold() {
+    let d = Daemon::start(&["--no-standby"]);
+    let s = d.wait_healthy();
+    assert_eq!(s["children"][0]["standby_pid"], Value::Null, "{s}");
+    let workers = common::children_with_role(d.pid(), "worker");
+    assert_eq!(workers, vec![d.worker_pid()]);
+    let standbys = common::children_named(d.pid(), "evod-standby");
+    assert!(standbys.is_empty(), "standby processes: {standbys:?}");
+    let worker = d.worker_pid();
+    d.fault("segv");
+    let w = d.wait_respawn(worker, "SIGSEGV");
+    assert_eq!(w["standby_pid"], Value::Null, "{w}");
+    assert!(!d.log().contains("standby promoted"), "{}", d.log());
 }

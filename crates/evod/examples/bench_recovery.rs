@@ -2,14 +2,18 @@
 //! by its replacement, next to a bare fork+exec+wait of `/bin/true`.
 //!
 //! This drives real `evod worker` processes (the release binary from
-//! `EVOD_BIN`) with the supervisor's own spawn helper and reaping code
-//! (`src/supervisor/spawn.rs`, `reap.rs`, included by path) and the ring:
-//! send `FAULT_SEGV` → `waitpid` → `bump_epoch` → spawn → `PING` until the
-//! new worker answers. It leaves out the supervisor's event-loop hop
-//! (signal thread → channel), a few microseconds.
+//! `EVOD_BIN`) with the supervisor's own spawn, standby and reaping code
+//! (`src/supervisor/spawn.rs`, `standby.rs`, `reap.rs`, included by path)
+//! and the ring: send `FAULT_SEGV` → `waitpid` → `bump_epoch` → promote the
+//! warm standby (the daemon's default) or spawn a worker cold
+//! (`--no-standby`) → `PING` until the new worker answers. With a standby,
+//! the next one is started and waited for after the clock stops, before the
+//! next crash. It leaves out the supervisor's event-loop hop (signal thread
+//! → channel), a few microseconds.
 //!
 //! Usage: `bench_recovery OUT.json` (writes recovery_median_us,
-//! recovery_p99_us, spawn_floor_median_us, recovery_1gib_median_us).
+//! recovery_p99_us, spawn_floor_median_us, recovery_1gib_median_us, and the
+//! same for cold starts).
 
 #![allow(dead_code)] // The included supervisor modules have more than this uses.
 
@@ -25,8 +29,11 @@ use evod_ring::{Channel, LayoutConfig, RingError, Role, Segment};
 mod reap;
 #[path = "../src/supervisor/spawn.rs"]
 mod spawn;
+#[path = "../src/supervisor/standby.rs"]
+mod standby;
 
 use spawn::{ChildSpec, spawn_program};
+use standby::Standby;
 
 const PING: u32 = 1;
 const FAULT_SEGV: u32 = 100;
@@ -81,11 +88,22 @@ fn ping_until_answered(seg: &Segment, deadline: Instant) {
     }
 }
 
-/// Median and p99 of `crashes` SIGSEGV → replacement-answers cycles.
-fn recovery(evod: &Path, model: &Path, crashes: usize) -> Vec<f64> {
+/// A ready standby for the worker of `seg`.
+fn ready_standby(evod: &Path, seg: &Segment, model: &Path) -> Standby {
+    let mut standby = Standby::spawn(Some(evod), &spec(seg, model)).expect("spawn standby");
+    standby
+        .wait_ready(Instant::now() + Duration::from_secs(60))
+        .expect("standby ready");
+    standby
+}
+
+/// `crashes` SIGSEGV → replacement-answers cycles, sorted; `warm`: the
+/// replacement is a promoted standby, else a cold start.
+fn recovery(evod: &Path, model: &Path, crashes: usize, warm: bool) -> Vec<f64> {
     let seg = Segment::create(&LayoutConfig::default()).expect("segment");
     let mut child = spawn_program(evod, &spec(&seg, model)).expect("spawn worker");
     ping_until_answered(&seg, Instant::now() + Duration::from_secs(60));
+    let mut spare = warm.then(|| ready_standby(evod, &seg, model));
     let mut samples = Vec::with_capacity(crashes);
     for _ in 0..crashes {
         let start = Instant::now();
@@ -98,10 +116,17 @@ fn recovery(evod: &Path, model: &Path, crashes: usize) -> Vec<f64> {
         let reason = child.wait().expect("worker reaped");
         assert_eq!(reason.to_string(), "killed by signal 11 (SIGSEGV)");
         seg.bump_epoch();
-        child = spawn_program(evod, &spec(&seg, model)).expect("respawn worker");
+        child = match spare.take() {
+            Some(standby) => standby.promote().expect("promote standby"),
+            None => spawn_program(evod, &spec(&seg, model)).expect("respawn worker"),
+        };
         ping_until_answered(&seg, Instant::now() + Duration::from_secs(60));
         samples.push(us(start.elapsed()));
+        if warm {
+            spare = Some(ready_standby(evod, &seg, model));
+        }
     }
+    drop(spare);
     drop(child);
     samples.sort_by(f64::total_cmp);
     samples
@@ -149,18 +174,26 @@ fn main() {
     let big_bytes = std::fs::metadata(&big).unwrap().len();
 
     let floor = spawn_floor(300);
-    let small_samples = recovery(&evod, &small, 250);
-    let big_samples = recovery(&evod, &big, 20);
+    let warm = recovery(&evod, &small, 250, true);
+    let cold = recovery(&evod, &small, 250, false);
+    let big_warm = recovery(&evod, &big, 20, true);
+    let big_cold = recovery(&evod, &big, 20, false);
     let floor_median = percentile(&floor, 0.5);
-    let median = percentile(&small_samples, 0.5);
+    let median = percentile(&warm, 0.5);
+    let cold_median = percentile(&cold, 0.5);
     let result = serde_json::json!({
         "recovery_median_us": median,
-        "recovery_p99_us": percentile(&small_samples, 0.99),
-        "recovery_crashes": small_samples.len(),
+        "recovery_p99_us": percentile(&warm, 0.99),
+        "recovery_crashes": warm.len(),
         "spawn_floor_median_us": floor_median,
+        "spawn_floor_p99_us": percentile(&floor, 0.99),
         "recovery_over_floor": median / floor_median,
-        "recovery_1gib_median_us": percentile(&big_samples, 0.5),
-        "recovery_1gib_crashes": big_samples.len(),
+        "recovery_1gib_median_us": percentile(&big_warm, 0.5),
+        "recovery_1gib_crashes": big_warm.len(),
+        "recovery_cold_median_us": cold_median,
+        "recovery_cold_p99_us": percentile(&cold, 0.99),
+        "recovery_cold_over_floor": cold_median / floor_median,
+        "recovery_1gib_cold_median_us": percentile(&big_cold, 0.5),
         "model_1gib_bytes": big_bytes,
     });
     println!("{}", serde_json::to_string_pretty(&result).unwrap());

@@ -141,13 +141,18 @@ fn print_report(out: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "{:<8} {:>2} {:<10} {:>7} {:>9} {:>8} {:>5} {:>4} {:>10}  last exit",
-        "role", "#", "state", "pid", "uptime", "restarts", "epoch", "gen", "ping"
+        "{:<8} {:>2} {:<10} {:>7} {:>9} {:>8} {:>5} {:>4} {:>10}  {:<16}  last exit",
+        "role", "#", "state", "pid", "uptime", "restarts", "epoch", "gen", "ping", "standby"
     )?;
     for c in &r.children {
+        let standby = match (c.standby_pid, c.standby_ready) {
+            (Some(pid), Some(true)) => format!("{pid} ready"),
+            (Some(pid), _) => format!("{pid} starting"),
+            (None, _) => "-".into(),
+        };
         writeln!(
             out,
-            "{:<8} {:>2} {:<10} {:>7} {:>9} {:>8} {:>5} {:>4} {:>10}  {}",
+            "{:<8} {:>2} {:<10} {:>7} {:>9} {:>8} {:>5} {:>4} {:>10}  {:<16}  {}",
             c.role,
             c.index,
             c.state,
@@ -157,6 +162,7 @@ fn print_report(out: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
             dash(c.epoch),
             dash(c.generation),
             dash(c.ping_us.map(|us| format!("{us:.1}µs"))),
+            standby,
             c.last_exit.as_deref().unwrap_or("-")
         )?;
     }

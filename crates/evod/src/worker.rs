@@ -37,6 +37,10 @@ pub struct Args {
     /// multiple of N, a "poison candidate" that crashes the runtime every time.
     #[arg(long, hide = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub poison_one_in: Option<u64>,
+    /// Start as a standby: map the model, say ready on this inherited
+    /// socket and wait to be promoted (the supervisor's warm spare).
+    #[arg(long, value_name = "FD")]
+    pub standby_fd: Option<i32>,
     /// This worker's index (for logs).
     #[arg(long, default_value_t = 0)]
     pub index: u32,
@@ -77,10 +81,14 @@ impl Loaded {
 }
 
 /// Runs `evod worker` until `SHUTDOWN`, until its epoch is superseded, or
-/// until it crashes.
+/// until it crashes. With `--standby-fd`, first waits to be promoted (see
+/// `supervisor/standby.rs`).
 pub fn run(args: Args) -> Result<ExitCode> {
-    let started = Instant::now();
-    set_process_name(c"evod-worker");
+    set_process_name(if args.standby_fd.is_some() {
+        c"evod-standby"
+    } else {
+        c"evod-worker"
+    });
     let seg = Segment::attach_inherited(args.ring_fd).with_context(|| {
         format!(
             "attaching the shared segment on descriptor {}",
@@ -92,21 +100,36 @@ pub fn run(args: Args) -> Result<ExitCode> {
         allow_faults: args.allow_fault_injection,
         poison_one_in: args.poison_one_in.filter(|_| args.allow_fault_injection),
         model: None,
-        started,
+        started: Instant::now(),
     };
+    let mut preloaded = None;
+    if let Some(fd) = args.standby_fd {
+        let Some(pre) = stand_by(fd, args.model.as_deref())? else {
+            // The supervisor dropped us before promotion.
+            return Ok(ExitCode::SUCCESS);
+        };
+        preloaded = pre;
+        set_process_name(c"evod-worker");
+        worker.started = Instant::now();
+    }
     // Claim the server end first: it starts the heartbeat, so a large model
     // being mapped and checked does not look like a hang.
     let mut server = seg
         .server()
         .context("claiming the server end of the ring")?;
-    if let Some(path) = &args.model
-        && let Err(e) = worker.load(path, None, 0)
-    {
-        eprintln!(
-            "evod worker {}: cannot load {}: {e:#}",
-            args.index,
-            path.display()
-        );
+    if let Some(path) = &args.model {
+        let loaded = match preloaded {
+            // Mapped while standing by, and still the live file.
+            Some(pre) if pre.is_current(path) => worker.install(path, pre.model, 0),
+            _ => worker.load(path, None, 0),
+        };
+        if let Err(e) = loaded {
+            eprintln!(
+                "evod worker {}: cannot load {}: {e:#}",
+                args.index,
+                path.display()
+            );
+        }
     }
     loop {
         let request = match server.recv(Duration::from_millis(500)) {
@@ -120,6 +143,63 @@ pub fn run(args: Args) -> Result<ExitCode> {
         if worker.serve(request)? == Flow::Shutdown {
             return Ok(ExitCode::SUCCESS);
         }
+    }
+}
+
+/// A model mapped by a standby before its promotion, and the identity of
+/// the file it was mapped from.
+struct Preloaded {
+    model: Model,
+    /// (dev, ino) of the path, taken *before* opening it: published files
+    /// are replaced by rename, never changed in place, so an unchanged
+    /// identity at promotion means the mapping is of the live file (a rename
+    /// between the stat and the open only causes a needless reload).
+    identity: (u64, u64),
+}
+
+impl Preloaded {
+    fn is_current(&self, path: &Path) -> bool {
+        file_identity(path).is_some_and(|id| id == self.identity)
+    }
+}
+
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Standby mode: maps the model, says ready on the link (descriptor `fd`)
+/// and blocks until the supervisor promotes us (`Ok(Some(_))`, with the
+/// model if it could be mapped) or drops us (`Ok(None)`: end of file).
+fn stand_by(fd: i32, model: Option<&Path>) -> Result<Option<Option<Preloaded>>> {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    use std::os::unix::net::UnixStream;
+    crate::supervisor::spawn::check_inherited_fd(fd)
+        .with_context(|| format!("standby link on descriptor {fd}"))?;
+    // SAFETY: the descriptor is open (checked just above) and was inherited
+    // for exactly this purpose: nothing else in this process owns it.
+    let mut link = unsafe { UnixStream::from_raw_fd(fd) };
+    // A model that cannot be mapped now is tried again (and its error
+    // reported) at promotion, as a cold start would.
+    let preloaded = model.and_then(|path| {
+        let identity = file_identity(path)?;
+        let model = Model::open_for_serving(path).ok()?;
+        Some(Preloaded { model, identity })
+    });
+    link.write_all(&[crate::supervisor::standby::READY])
+        .context("standby link: cannot say ready")?;
+    let mut byte = [0u8; 1];
+    loop {
+        return match link.read(&mut byte) {
+            Ok(0) => Ok(None),
+            Ok(_) if byte[0] == crate::supervisor::standby::GO => Ok(Some(preloaded)),
+            Ok(_) => anyhow::bail!("standby link: unexpected byte {:#04x}", byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // The supervisor is gone or closed its end abruptly.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
+            Err(e) => Err(e).context("standby link"),
+        };
     }
 }
 
@@ -259,6 +339,11 @@ impl Worker<'_> {
                 model.spec.generation
             );
         }
+        self.install(path, model, file_checksum)
+    }
+
+    /// Starts serving an opened and checked `model` (from `path`).
+    fn install(&mut self, path: &Path, model: Model, checksum: u64) -> Result<()> {
         if self.allow_faults
             && let Some(fault) = model.file.get("evod.fault").and_then(|v| v.as_str())
         {
@@ -280,7 +365,7 @@ impl Worker<'_> {
             arch: model.spec.arch.clone(),
             task,
             generation: model.spec.generation,
-            checksum: file_checksum,
+            checksum,
             model,
             owned: std::cell::OnceCell::new(),
         });

@@ -88,6 +88,8 @@ pub struct FileConfig {
     pub allow_fault_injection: Option<bool>,
     /// `--no-evolver`.
     pub no_evolver: Option<bool>,
+    /// `--no-standby`.
+    pub no_standby: Option<bool>,
     /// `--grace-period`.
     #[serde(default, deserialize_with = "de_duration")]
     pub grace_period: Option<Duration>,
@@ -144,6 +146,8 @@ pub struct Config {
     pub poison_one_in: Option<u64>,
     /// Run without an evolver (serve the model only).
     pub no_evolver: bool,
+    /// Keep a warm standby next to each worker (see `standby.rs`).
+    pub standby: bool,
     /// How long a graceful stop may take before SIGKILL.
     pub grace_period: Duration,
     /// A worker whose heartbeat does not move for this long is killed.
@@ -218,6 +222,7 @@ impl Config {
                 || file.allow_fault_injection.unwrap_or(false),
             poison_one_in: args.poison_one_in.filter(|_| args.allow_fault_injection),
             no_evolver: args.no_evolver || file.no_evolver.unwrap_or(false),
+            standby: !(args.no_standby || file.no_standby.unwrap_or(false)),
             grace_period: args
                 .grace_period
                 .or(file.grace_period)

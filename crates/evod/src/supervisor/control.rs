@@ -120,6 +120,12 @@ pub struct ChildStatus {
     pub heartbeat_age_s: Option<f64>,
     /// Ring and worker statistics (workers only), as reported by the ring.
     pub stats: Option<serde_json::Value>,
+    /// Pid of the warm standby that replaces this worker if it dies.
+    #[serde(default)]
+    pub standby_pid: Option<u32>,
+    /// Whether that standby has mapped the model and waits, ready.
+    #[serde(default)]
+    pub standby_ready: Option<bool>,
 }
 
 /// The answer to [`Request::Status`].

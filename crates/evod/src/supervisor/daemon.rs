@@ -32,6 +32,7 @@ use super::policy::{Decision, RestartTracker};
 use super::reap::{self, ExitReason};
 use super::rollback;
 use super::spawn::{self, Child, ChildSpec};
+use super::standby::Standby;
 use crate::exit;
 use crate::protocol::{LoadRequest, op};
 use crate::run::LogFormat;
@@ -44,6 +45,10 @@ const PING_TIMEOUT: Duration = Duration::from_millis(250);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline of a `LOAD` of a newly published generation.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// First delay before replacing a standby that ended on its own; doubles
+/// per such end, up to [`STANDBY_RETRY_MAX`], and resets once one is ready.
+const STANDBY_RETRY: Duration = Duration::from_millis(500);
+const STANDBY_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What wakes the loop.
 #[derive(Debug)]
@@ -84,6 +89,11 @@ struct Slot {
     done: bool,
     segment: Option<Segment>,
     ping: Option<Duration>,
+    /// The warm spare promoted when this worker dies (workers only).
+    standby: Option<Standby>,
+    /// When to start a standby again after one ended on its own.
+    standby_retry: Option<Instant>,
+    standby_backoff: Duration,
 }
 
 impl Slot {
@@ -229,7 +239,7 @@ impl Supervisor {
             let now = Instant::now();
             let mut wake = next_tick;
             for slot in &self.slots {
-                if let Some(at) = slot.restart_at {
+                for at in [slot.restart_at, slot.standby_retry].into_iter().flatten() {
                     wake = wake.min(at);
                 }
             }
@@ -323,6 +333,9 @@ impl Supervisor {
         };
         for slot in &mut self.slots {
             slot.restart_at = None;
+            // A standby has nothing to save: killed and reaped now.
+            slot.standby = None;
+            slot.standby_retry = None;
             let Some(child) = slot.child.as_ref().filter(|c| c.exited().is_none()) else {
                 continue;
             };
@@ -339,6 +352,8 @@ impl Supervisor {
     fn kill_all(&mut self) {
         for slot in &mut self.slots {
             slot.restart_at = None;
+            slot.standby = None;
+            slot.standby_retry = None;
             if let Some(child) = slot.child.as_mut() {
                 child.kill_and_reap();
             }
@@ -354,7 +369,14 @@ impl Supervisor {
                     .is_some_and(|c| c.pid() == pid && c.exited().is_none())
             }) {
                 Some(i) => self.on_exit(i, reason),
-                None => tracing::debug!(pid = pid.as_raw(), "reaped an orphan: {reason}"),
+                None => match self.slots.iter().position(|s| {
+                    s.standby
+                        .as_ref()
+                        .is_some_and(|sb| sb.child().pid() == pid && sb.child().exited().is_none())
+                }) {
+                    Some(i) => self.on_standby_exit(i, reason),
+                    None => tracing::debug!(pid = pid.as_raw(), "reaped an orphan: {reason}"),
+                },
             }
         }
     }
@@ -431,6 +453,62 @@ impl Supervisor {
         }
     }
 
+    /// A standby ended before it was promoted (killed by someone, or it
+    /// could not start): replace it later, backing off if it keeps ending.
+    fn on_standby_exit(&mut self, i: usize, reason: ExitReason) {
+        let slot = &mut self.slots[i];
+        let Some(mut standby) = slot.standby.take() else {
+            return;
+        };
+        standby.child_mut().set_exited(reason);
+        let pid = standby.child().pid().as_raw();
+        drop(standby);
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let delay = slot.standby_backoff;
+        slot.standby_backoff = (delay * 2).min(STANDBY_RETRY_MAX);
+        slot.standby_retry = Some(Instant::now() + delay);
+        tracing::warn!(
+            pid,
+            "standby of {} {reason}; starting another in {delay:?}",
+            slot.label()
+        );
+    }
+
+    /// Starts a standby for worker slot `i` if it should have one and has none.
+    fn ensure_standby(&mut self, i: usize) {
+        if !self.config.standby
+            || self.slots[i].kind != Kind::Worker
+            || !matches!(self.phase, Phase::Running)
+            || self.slots[i].standby.is_some()
+            || self.slots[i].standby_retry.is_some()
+        {
+            return;
+        }
+        let spec = self.spec(i);
+        let slot = &mut self.slots[i];
+        match Standby::spawn(None, &spec) {
+            Ok(standby) => {
+                tracing::debug!(
+                    pid = standby.child().pid().as_raw(),
+                    "standby of {} started",
+                    slot.label()
+                );
+                slot.standby = Some(standby);
+            }
+            Err(e) => {
+                let delay = slot.standby_backoff;
+                slot.standby_backoff = (delay * 2).min(STANDBY_RETRY_MAX);
+                slot.standby_retry = Some(Instant::now() + delay);
+                tracing::warn!(
+                    "cannot start a standby for {}: {e}; trying again in {delay:?}",
+                    slot.label()
+                );
+            }
+        }
+    }
+
     /// Counts a quick worker crash against the live generation if no worker
     /// ever served it healthily; past `fallback_after`, rolls back.
     fn maybe_fall_back(&mut self) {
@@ -495,6 +573,10 @@ impl Supervisor {
 
     fn start_due(&mut self, now: Instant) {
         for i in 0..self.slots.len() {
+            if self.slots[i].standby_retry.is_some_and(|at| at <= now) {
+                self.slots[i].standby_retry = None;
+                self.ensure_standby(i);
+            }
             if self.slots[i].restart_at.is_some_and(|at| at <= now) {
                 self.slots[i].restart_at = None;
                 self.slots[i].restarts += 1;
@@ -506,11 +588,39 @@ impl Supervisor {
         }
     }
 
+    /// Starts slot `i`'s child for the current epoch: a worker slot promotes
+    /// its standby if it has a live one, else starts cold. Then a worker
+    /// slot gets a new standby (off the recovery path).
     fn start(&mut self, i: usize) {
+        self.start_child(i);
+        self.ensure_standby(i);
+    }
+
+    fn start_child(&mut self, i: usize) {
         let spec = self.spec(i);
         let slot = &mut self.slots[i];
         if let Some(old) = slot.child.as_mut() {
             old.kill_and_reap();
+        }
+        if let Some(standby) = slot.standby.take() {
+            let pid = standby.child().pid().as_raw();
+            match standby.promote() {
+                Ok(child) => {
+                    tracing::info!(
+                        pid,
+                        epoch = slot.segment.as_ref().map(|s| s.epoch()),
+                        "{} started (standby promoted)",
+                        slot.label()
+                    );
+                    slot.child = Some(child);
+                    return;
+                }
+                Err(e) => tracing::warn!(
+                    pid,
+                    "cannot promote the standby of {} ({e}); starting one cold",
+                    slot.label()
+                ),
+            }
         }
         match spawn::spawn(&spec) {
             Ok(child) => {
@@ -608,6 +718,11 @@ impl Supervisor {
         let timeout = self.config.heartbeat_timeout;
         let min_uptime = self.config.policy.min_uptime;
         for slot in &mut self.slots {
+            if let Some(standby) = slot.standby.as_mut()
+                && standby.poll_ready()
+            {
+                slot.standby_backoff = STANDBY_RETRY;
+            }
             let (Some(seg), Some(child)) = (&slot.segment, &slot.child) else {
                 continue;
             };
@@ -813,7 +928,13 @@ impl Supervisor {
                 ping_us: None,
                 heartbeat_age_s: None,
                 stats: None,
+                standby_pid: None,
+                standby_ready: None,
             };
+            if let Some(standby) = slot.standby.as_mut() {
+                row.standby_pid = Some(standby.child().pid().as_raw() as u32);
+                row.standby_ready = Some(standby.poll_ready());
+            }
             if let Some(seg) = &slot.segment {
                 row.epoch = Some(seg.epoch());
                 let stats = seg.stats();
@@ -880,6 +1001,9 @@ impl Slot {
             done: false,
             segment,
             ping: None,
+            standby: None,
+            standby_retry: None,
+            standby_backoff: STANDBY_RETRY,
         }
     }
 }
@@ -888,6 +1012,7 @@ impl Drop for Supervisor {
     fn drop(&mut self) {
         // Children first (their Drop kills and reaps), then segments.
         for slot in &mut self.slots {
+            slot.standby = None;
             slot.child = None;
         }
     }

@@ -10,6 +10,7 @@
 //! - `control`: the control socket, its wire protocol, server and client.
 //! - `config`: the optional TOML file and the resolved configuration.
 //! - `janitor`: removes the control socket if the supervisor is SIGKILLed.
+//! - `standby`: warm standby workers, promoted when a worker dies.
 
 pub mod config;
 pub mod control;
@@ -20,3 +21,4 @@ pub mod policy;
 pub mod reap;
 pub mod rollback;
 pub mod spawn;
+pub mod standby;

@@ -130,6 +130,36 @@ pub fn spawn_program(program: &std::path::Path, spec: &ChildSpec) -> io::Result<
     })
 }
 
+/// In a child: checks that inherited descriptor `fd` (given on the command
+/// line) is open, above stdio, and a socket, before it is taken over.
+pub fn check_inherited_fd(fd: RawFd) -> io::Result<()> {
+    if fd < 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is stdio or negative, not an inherited socket"),
+        ));
+    }
+    // SAFETY: `libc::stat` is plain integers (all-zero is a valid value);
+    // fstat only writes into that buffer, which we own, and reports an
+    // invalid descriptor number as EBADF.
+    let rc = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        let rc = libc::fstat(fd, &mut st);
+        (rc, st.st_mode)
+    };
+    let (rc, mode) = rc;
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a socket"),
+        ));
+    }
+    Ok(())
+}
+
 /// Marks `[first, last]` close-on-exec; an old kernel without `close_range`
 /// is fine (std already opens descriptors close-on-exec).
 ///
@@ -157,6 +187,11 @@ impl Child {
     /// When it was started.
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// Restarts the uptime clock (a standby promoted to serve now).
+    pub fn restart_clock(&mut self) {
+        self.started = Instant::now();
     }
 
     /// How it ended, once reaped.

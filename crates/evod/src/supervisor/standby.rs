@@ -1,0 +1,241 @@
+//! Warm standby workers: recovery without a process start on the critical path.
+//!
+//! Starting a worker costs a fork, an exec of the whole binary, dynamic
+//! linking, argument parsing, attaching the segment and mapping the model:
+//! about 2.5 ms here, of which the crash-to-answer path cannot hide any. So
+//! next to each worker slot the supervisor keeps one *standby*: an
+//! `evod worker --standby-fd N` started ahead of time with the slot's
+//! segment and the model already mapped, blocked on one end of a socket
+//! pair. It is not the server of the ring (it does not beat, read or write
+//! the segment) until it is promoted:
+//!
+//! 1. the slot's worker has died and been reaped;
+//! 2. the supervisor bumps the segment's epoch (exactly as for a cold start);
+//! 3. [`Standby::promote`] writes one byte, `G`, to the link;
+//! 4. the standby re-checks the model file's identity (a newer generation
+//!    may have been published since it mapped it), claims the server end
+//!    for the new epoch and serves.
+//!
+//! Then the supervisor starts the next standby, off the critical path. The
+//! standby says `R` on the link once it has mapped the model (status shows
+//! it ready); it leaves quietly when the link closes (the supervisor dropped
+//! it), and its parent-death signal covers a supervisor that died. A standby
+//! holds only its own slot's segment, like the worker it will become.
+//!
+//! The link protocol is two bytes in all: standby → supervisor `R` (ready),
+//! supervisor → standby `G` (go).
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::spawn::{self, Child, ChildSpec};
+
+/// The byte a standby writes once it is ready to be promoted.
+pub const READY: u8 = b'R';
+/// The byte that promotes a standby.
+pub const GO: u8 = b'G';
+
+/// A started standby worker and the supervisor's end of its link.
+#[derive(Debug)]
+pub struct Standby {
+    child: Child,
+    link: UnixStream,
+    ready: bool,
+}
+
+impl Standby {
+    /// Starts a standby for a worker described by `worker` (the same
+    /// arguments and descriptors plus `--standby-fd`). `program` is the
+    /// executable (`None`: this one, `/proc/self/exe`).
+    pub fn spawn(program: Option<&Path>, worker: &ChildSpec) -> io::Result<Standby> {
+        let (ours, theirs) = UnixStream::pair()?;
+        ours.set_nonblocking(true)?;
+        let fd = theirs.as_raw_fd();
+        let mut spec = worker.clone();
+        spec.args.push("--standby-fd".into());
+        spec.args.push(fd.to_string().into());
+        spec.keep_fds.push(fd);
+        let child = match program {
+            Some(p) => spawn::spawn_program(p, &spec)?,
+            None => spawn::spawn(&spec)?,
+        };
+        // The child has its own copy; ours must go, so that the child's
+        // death is seen as end-of-file/EPIPE on our end.
+        drop(theirs);
+        Ok(Standby {
+            child,
+            link: ours,
+            ready: false,
+        })
+    }
+
+    /// The standby's process.
+    pub fn child(&self) -> &Child {
+        &self.child
+    }
+
+    /// Records that the reaper collected the standby.
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// Whether the standby has said it is ready (reads the link without
+    /// blocking).
+    pub fn poll_ready(&mut self) -> bool {
+        if !self.ready {
+            let mut byte = [0u8; 1];
+            if let Ok(1) = self.link.read(&mut byte) {
+                self.ready = byte[0] == READY;
+            }
+        }
+        self.ready
+    }
+
+    /// Waits until the standby is ready (benchmarks and tests; the daemon
+    /// only polls).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn wait_ready(&mut self, deadline: Instant) -> io::Result<()> {
+        loop {
+            let mut byte = [0u8; 1];
+            match self.link.read(&mut byte) {
+                Ok(1) if byte[0] == READY => {
+                    self.ready = true;
+                    return Ok(());
+                }
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the standby closed its link before it was ready",
+                    ));
+                }
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the standby sent {:?} instead of its ready byte", byte[0]),
+                    ));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the standby did not become ready in time",
+                        ));
+                    }
+                    wait_readable(&self.link, left)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Promotes the standby: it becomes the slot's worker for the current
+    /// epoch (bump the epoch first). Its clock restarts, so uptime-based
+    /// policy counts from now. On error (the standby died, or closed its
+    /// link) it is killed and reaped, and the error returned; start a worker
+    /// cold instead.
+    pub fn promote(mut self) -> io::Result<Child> {
+        if let Some(reason) = self.child.exited() {
+            return Err(io::Error::other(format!("the standby had ended: {reason}")));
+        }
+        match self.link.write(&[GO]) {
+            Ok(1) => {
+                self.child.restart_clock();
+                Ok(self.child)
+            }
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "could not write to the standby's link",
+            )),
+            // `self` drops here: the child is killed and reaped.
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Blocks until `link` is readable (or closed), up to `timeout`.
+#[cfg_attr(not(test), allow(dead_code))]
+fn wait_readable(link: &UnixStream, timeout: Duration) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        link.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ms = u16::try_from(timeout.as_millis().max(1)).unwrap_or(u16::MAX);
+    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bash standing in for a worker (dash cannot redirect descriptors
+    /// above 9): it reads the standby descriptor
+    /// from its last argument, says `R`, waits for `G`, then writes `ok` to
+    /// the file named by its first argument and sleeps.
+    fn fake_worker(out: &Path) -> ChildSpec {
+        ChildSpec {
+            role: "-c",
+            args: vec![
+                r#"for fd; do :; done
+                   printf R >&"$fd"
+                   go=$(dd bs=1 count=1 <&"$fd" 2>/dev/null)
+                   [ "$go" = G ] && echo ok > "$0"
+                   exec sleep 30"#
+                    .into(),
+                out.into(),
+            ],
+            keep_fds: vec![],
+            harden: true,
+        }
+    }
+
+    #[test]
+    fn a_standby_waits_for_go_and_then_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("promoted");
+        let mut standby = Standby::spawn(Some("/bin/bash".as_ref()), &fake_worker(&out)).unwrap();
+        standby
+            .wait_ready(Instant::now() + Duration::from_secs(10))
+            .unwrap();
+        assert!(standby.poll_ready());
+        assert!(!out.exists(), "the standby ran before it was promoted");
+        let before = standby.child().started();
+        let mut child = standby.promote().unwrap();
+        assert!(child.started() > before, "promotion restarts the clock");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&out).unwrap_or_default() != "ok\n" {
+            assert!(Instant::now() < deadline, "the promoted standby never ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            child.kill_and_reap().unwrap().to_string(),
+            "killed by signal 9 (SIGKILL)"
+        );
+    }
+
+    #[test]
+    fn promoting_a_dead_standby_fails_so_the_caller_starts_cold() {
+        let spec = ChildSpec {
+            role: "-c",
+            args: vec!["exit 3".into()],
+            keep_fds: vec![],
+            harden: true,
+        };
+        let mut standby = Standby::spawn(Some("/bin/sh".as_ref()), &spec).unwrap();
+        let err = standby
+            .wait_ready(Instant::now() + Duration::from_secs(10))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        let reason = standby.child_mut().wait().unwrap();
+        assert_eq!(reason.to_string(), "exited with code 3");
+        assert!(standby.promote().is_err());
+    }
+}
