@@ -2,12 +2,19 @@
 //! and a pipe measured by the same harness in the same run, plus the CPU an
 //! idle (parked) client/worker pair burns. Writes the JSON file named by the
 //! first argument. The peer is this binary re-executed (`EVOD_RING_BENCH`).
+//!
+//! The floor every ring figure is read against is measured first, in the same
+//! run and with the same pinning and timing: two processes bouncing one
+//! `AtomicU64` on one shared cache line (`cacheline_rtt_*`). A round trip
+//! cannot cost less than that line going there and back.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use evod_ring::{Channel, ClientConfig, LayoutConfig, Segment, ServerConfig, WaitPolicy};
 
@@ -75,6 +82,21 @@ fn peer() {
             client.send(OP_IGNORE, 0, 0, |_| {}).expect("send");
             let _ = client.recv(Instant::now() + Duration::from_secs(3600));
         }
+        // The floor: answer every odd value on the shared line with the next.
+        "cacheline" => {
+            let line = Line::attach(fd);
+            let w = line.word();
+            let pause = std::env::var_os("BENCH_NOPAUSE").is_none();
+            loop {
+                // Acquire/Release as a ring would use; nothing else is read.
+                let v = w.load(Ordering::Acquire);
+                if v % 2 == 1 {
+                    w.store(v + 1, Ordering::Release);
+                } else if pause {
+                    std::hint::spin_loop();
+                }
+            }
+        }
         // Byte echo over an inherited stream descriptor (socket or pipe pair).
         "echo-fd" => {
             // SAFETY: descriptors inherited for this purpose, owned by nothing else.
@@ -123,6 +145,11 @@ fn median_p99(mut v: Vec<u64>) -> (u64, u64) {
 /// Round trips of `len`-byte payloads over the ring, client on `ccpu`,
 /// worker on `scpu`.
 fn ring_rtt(spin: bool, len: usize, n: usize, ccpu: usize, scpu: usize) -> (u64, u64) {
+    median_p99(ring_samples(spin, len, n, ccpu, scpu))
+}
+
+/// The samples behind `ring_rtt`.
+fn ring_samples(spin: bool, len: usize, n: usize, ccpu: usize, scpu: usize) -> Vec<u64> {
     pin(ccpu);
     let seg = Segment::create(&LayoutConfig {
         queue_depth: 64,
@@ -159,7 +186,100 @@ fn ring_rtt(spin: bool, len: usize, n: usize, ccpu: usize, scpu: usize) -> (u64,
     drop(client);
     let _ = child.kill();
     let _ = child.wait();
-    median_p99(times)
+    times
+}
+
+/// One page of a memfd mapped shared, holding the bounced word at offset 0.
+struct Line {
+    fd: OwnedFd,
+    ptr: *mut u8,
+}
+
+impl Line {
+    fn new() -> Line {
+        // SAFETY: a constant NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"evod-bench-line".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: memfd_create returned this descriptor; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: a live descriptor and a small length.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 4096) }, 0);
+        Line::map(fd)
+    }
+
+    fn attach(fd: RawFd) -> Line {
+        // SAFETY: inherited for this purpose, owned by nothing else.
+        Line::map(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn map(fd: OwnedFd) -> Line {
+        // SAFETY: a fresh shared mapping of a 4096-byte file at an address
+        // the kernel picks; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert!(ptr != libc::MAP_FAILED, "mmap");
+        Line {
+            fd,
+            ptr: ptr.cast(),
+        }
+    }
+
+    fn word(&self) -> &AtomicU64 {
+        // SAFETY: page-aligned, inside the mapping, which lives (never
+        // unmapped) as long as `self`; any bits are a valid u64.
+        unsafe { &*self.ptr.cast::<AtomicU64>() }
+    }
+}
+
+/// The floor and the spinning PING, measured in alternating blocks (a fresh
+/// peer per block) so that both see the same vCPU placement: the host moves
+/// this VM's vCPUs between physical cores, and the floor moves with it
+/// (see docs/benchmarks.md). Returns (floor median, p99), (PING median, p99).
+fn floor_and_ping(blocks: usize, per_block: usize, scpu: usize) -> ((u64, u64), (u64, u64)) {
+    let mut line = Vec::with_capacity(blocks * per_block);
+    let mut ping = Vec::with_capacity(blocks * per_block);
+    for _ in 0..blocks {
+        line.extend(cacheline_samples(per_block, 0, scpu));
+        ping.extend(ring_samples(true, 0, per_block, 0, scpu));
+    }
+    (median_p99(line), median_p99(ping))
+}
+
+/// Round trips of one cache line between two processes: we write an odd
+/// value, the peer answers with the next even one.
+fn cacheline_samples(n: usize, ccpu: usize, scpu: usize) -> Vec<u64> {
+    pin(ccpu);
+    let line = Line::new();
+    let mut child = spawn("cacheline", scpu, &[line.fd.as_raw_fd()]);
+    let w = line.word();
+    let pause = std::env::var_os("BENCH_NOPAUSE").is_none();
+    let mut times = Vec::with_capacity(n);
+    let warm = (n / 10).max(10);
+    let mut v = 0u64;
+    for i in 0..n + warm {
+        let t = Instant::now();
+        w.store(v + 1, Ordering::Release);
+        while w.load(Ordering::Acquire) != v + 2 {
+            if pause {
+                std::hint::spin_loop();
+            }
+        }
+        v += 2;
+        if i >= warm {
+            times.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    times
 }
 
 /// One-byte round trips over a stream pair (`uds` or `pipe`).
@@ -238,7 +358,12 @@ fn main() {
     let out = std::env::args().nth(1).expect("usage: bench_ring OUT.json");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let other = if cpus > 1 { 1 } else { 0 };
-    let (spin_med, spin_p99) = ring_rtt(true, 0, 200_000, 0, other);
+    let ((line_med, line_p99), (spin_med, spin_p99)) = floor_and_ping(10, 20_000, other);
+    if std::env::var_os("BENCH_RING_QUICK").is_some() {
+        // Iterating on the hot path: only the floor and the spinning PING.
+        println!("cacheline {line_med}/{line_p99} ns, ping {spin_med}/{spin_p99} ns");
+        return;
+    }
     let (spin_same_med, spin_same_p99) = ring_rtt(true, 0, 20_000, 0, 0);
     let (park_med, park_p99) = ring_rtt(false, 0, 5_000, 0, other);
     let (k64, _) = ring_rtt(true, 64 << 10, 5_000, 0, other);
@@ -249,6 +374,9 @@ fn main() {
     let (pipe_same, _) = stream_rtt(false, 20_000, 0, 0);
     let idle = idle_cpu(10);
     let json = serde_json::json!({
+        "cacheline_rtt_median_ns": line_med,
+        "cacheline_rtt_p99_ns": line_p99,
+        "ping_over_cacheline_ratio": spin_med as f64 / line_med.max(1) as f64,
         "ping_rtt_spin_median_ns": spin_med,
         "ping_rtt_spin_p99_ns": spin_p99,
         "ping_rtt_spin_same_cpu_median_ns": spin_same_med,

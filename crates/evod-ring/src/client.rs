@@ -5,11 +5,11 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::lane::{Producer, check_tail};
+use crate::lane::Producer;
 use crate::layout::MsgHeader;
 use crate::segment::Segment;
 use crate::sync::Ordering;
-use crate::wait::{self, WaitPolicy};
+use crate::wait::{self, Deadline, WaitPolicy};
 use crate::{Channel, DEFAULT_PEER_TIMEOUT, RingError, Role};
 
 const REQ: usize = 0;
@@ -123,6 +123,20 @@ impl<'a> Client<'a> {
         } else {
             (tail, head, resp_head)
         };
+        let epoch = seg.epoch();
+        let depth = u64::from(l.queue_depth);
+        let sane = head <= tail && tail - head <= depth;
+        let take_over = client_epoch == epoch && sane && !scribbled;
+        let mut tail = tail;
+        if take_over {
+            // A previous client may have died between stamping a slot and
+            // publishing `tail`: the stamps say which messages went out
+            // (positions are unique, so a stamp equal to the position is
+            // that message and no other).
+            while tail - head < depth && seg.slot_stamp(ch, REQ, tail) == tail {
+                tail += 1;
+            }
+        }
         let mut client = Client {
             seg,
             ch,
@@ -135,9 +149,7 @@ impl<'a> Client<'a> {
             id_prefix: id_prefix.max(1) << 40,
             next_id: 0,
         };
-        let epoch = seg.epoch();
-        let sane = head <= tail && tail - head <= u64::from(l.queue_depth);
-        if client_epoch == epoch && sane && !scribbled {
+        if take_over {
             // Take over a channel a previous client incarnation synced for
             // this epoch: the worker keeps serving it; replies to the old
             // ids are dropped as foreign.
@@ -178,6 +190,9 @@ impl<'a> Client<'a> {
         // or a scribbler left in the segment.
         let at = self.req.tail;
         self.req.reset(at);
+        // Whatever the dead worker (or a scribbler) left in the slots of
+        // either lane must not read as a published message.
+        self.seg.clear_stamps(self.ch);
         // Relaxed: published by the Release store of `client_epoch` below,
         // which the server loads with Acquire before reading these.
         c.req.tail.v.store(at, Ordering::Relaxed);
@@ -191,11 +206,17 @@ impl<'a> Client<'a> {
     }
 
     /// Notices an epoch change: resyncs, and reports what was in flight.
+    #[inline]
     fn check_epoch(&mut self) -> Result<(), RingError> {
         let now = self.seg.epoch();
         if now == self.epoch {
             return Ok(());
         }
+        self.epoch_changed(now)
+    }
+
+    #[cold]
+    fn epoch_changed(&mut self, now: u64) -> Result<(), RingError> {
         let old = self.epoch;
         self.resync(now);
         if self.in_flight.is_empty() {
@@ -238,21 +259,33 @@ impl<'a> Client<'a> {
             });
         }
         let c = self.seg.chan(self.ch);
-        // Acquire pairs with the server's `req.head.store(Release)` when it
-        // released a request: its reads of that slot and payload happen
-        // before we overwrite them.
-        let head = c.req.head.v.load(Ordering::Acquire);
-        let ch = self.ch;
-        self.req
-            .check_head(head, || format!("{ch:?} request queue"))?;
-        if self.in_flight.len() >= l.queue_depth as usize {
-            return Err(RingError::Full);
+        let depth = l.queue_depth as usize;
+        let mut start = if self.in_flight.len() < depth {
+            self.req.reserve(payload_len)
+        } else {
+            None
+        };
+        if start.is_none() {
+            // Our copy of the server's head says there is no room: only now
+            // read the head line (once per lap of the queue when the server
+            // keeps up, instead of once per message).
+            // Acquire pairs with the server's `req.head.store(Release)` when
+            // it released a request: its reads of that slot and payload
+            // happen before we overwrite them.
+            let head = c.req.head.v.load(Ordering::Acquire);
+            let ch = self.ch;
+            self.req
+                .check_head(head, || format!("{ch:?} request queue"))?;
+            if self.in_flight.len() >= depth {
+                return Err(RingError::Full);
+            }
+            start = self.req.reserve(payload_len);
         }
-        let Some(start) = self.req.reserve(payload_len) else {
+        let Some(start) = start else {
             return Err(RingError::Full);
         };
         let pos = self.req.tail;
-        let off = start % l.payload_bytes as u64;
+        let off = self.req.offset(start);
         // SAFETY: this client is the request lane's only producer in this
         // process (endpoint claim) and holds `&mut self`; the range was just
         // reserved as free by the allocator.
@@ -274,9 +307,11 @@ impl<'a> Client<'a> {
             seq: pos,
             ..MsgHeader::default()
         };
+        // Publishes slot and payload: the server polls the slot's stamp.
         self.seg.write_slot(self.ch, REQ, pos, h);
-        // Release pairs with the server's `req.tail.load(Acquire)`: the slot
-        // and payload written above are visible once it sees the new tail.
+        // Release pairs with the Acquire load of a client taking the channel
+        // over (`Client::new`). Nobody reads it on the hot path: the line
+        // stays in this CPU's cache.
         c.req.tail.v.store(self.req.tail, Ordering::Release);
         wait::notify(self.seg.inbox());
         self.in_flight.push(id);
@@ -293,110 +328,90 @@ impl<'a> Client<'a> {
             return Err(RingError::NothingInFlight);
         }
         let seg = self.seg;
-        let c = seg.chan(self.ch);
-        let policy = self.cfg.wait;
-        let peer_timeout = self.cfg.peer_timeout;
         let ch = self.ch;
-        let got = {
-            // Split borrows: the poll closure needs the indices, the
-            // liveness closure needs the epoch.
-            let epoch = self.epoch;
-            let resp_head = &mut self.resp_head;
-            let in_flight = &mut self.in_flight;
-            let abandoned = &self.abandoned;
-            let prefix = self.id_prefix;
-            let depth = seg.layout().queue_depth;
-            wait::wait_for(
-                &c.resp_ready,
-                &policy,
-                deadline,
-                || loop {
-                    // Acquire pairs with the server's `resp.tail.store(Release)`
-                    // after it wrote the slot and payload.
-                    let tail = c.resp.tail.v.load(Ordering::Acquire);
-                    check_tail(*resp_head, tail, depth, || format!("{ch:?} response queue"))?;
-                    if tail == *resp_head {
-                        return Ok(None);
-                    }
-                    let h = seg.read_slot(ch, RESP, *resp_head);
-                    if h.seq != *resp_head {
-                        return Err(RingError::PeerCorrupt {
-                            what: format!(
-                                "{ch:?} response slot holds position {}, expected {}",
-                                h.seq, *resp_head
-                            ),
-                        });
-                    }
-                    seg.payload(ch, RESP, h.payload_off, h.payload_len)?;
-                    let known = in_flight.iter().position(|&id| id == h.request_id);
-                    let foreign = h.request_id & !((1 << 40) - 1) != prefix
-                        || abandoned.contains(&h.request_id);
-                    if h.epoch == epoch && known.is_none() && !foreign {
-                        return Err(RingError::PeerCorrupt {
-                            what: format!(
-                                "{ch:?} reply to request id {:#x} that is not in flight",
-                                h.request_id
-                            ),
-                        });
-                    }
-                    match known {
-                        Some(i) if h.epoch == epoch => {
-                            in_flight.swap_remove(i);
-                            return Ok(Some(h));
-                        }
-                        _ => {
-                            // Stale or foreign: drop it and look further.
-                            *resp_head += 1;
-                            // Release: as in `Release::drop`.
-                            c.resp.head.v.store(*resp_head, Ordering::Release);
-                            wait::notify(&c.resp_space);
-                        }
-                    }
-                },
-                || {
-                    let now = seg.epoch();
-                    if now != epoch {
-                        return Err(RingError::Protocol {
-                            what: "epoch changed".into(),
-                        });
-                    }
-                    let age = seg.beat_age(Role::Worker);
-                    if age > peer_timeout {
-                        return Err(RingError::Timeout);
-                    }
-                    Ok(())
-                },
-            )
-        };
-        let h = match got {
-            Ok(Some(h)) => h,
-            Ok(None) => return Err(RingError::Timeout),
-            // The liveness closure's markers, turned into PeerLost here
-            // where `self` is free again.
+        loop {
+            self.wait_reply(deadline)?;
+            // Copied once, validated on the copy.
+            let h = seg.read_slot(ch, RESP, self.resp_head);
+            let payload = seg.payload(ch, RESP, h.payload_off, h.payload_len)?;
+            if h.epoch == self.epoch {
+                if let Some(i) = self.in_flight.iter().position(|&id| id == h.request_id) {
+                    self.in_flight.swap_remove(i);
+                    return Ok(Reply {
+                        header: h,
+                        payload,
+                        _release: Release {
+                            seg,
+                            ch,
+                            head: &mut self.resp_head,
+                        },
+                    });
+                }
+                let foreign = h.request_id & !((1 << 40) - 1) != self.id_prefix
+                    || self.abandoned.contains(&h.request_id);
+                if !foreign {
+                    return Err(RingError::PeerCorrupt {
+                        what: format!(
+                            "{ch:?} reply to request id {:#x} that is not in flight",
+                            h.request_id
+                        ),
+                    });
+                }
+            }
+            // Stale or foreign: drop it and look further.
+            self.resp_head += 1;
+            let c = seg.chan(ch);
+            // Release: as in `Release::drop`.
+            c.resp.head.v.store(self.resp_head, Ordering::Release);
+            wait::notify(&c.resp_space);
+        }
+    }
+
+    /// Waits until the slot at `resp_head` holds a published reply (its
+    /// stamp: one word of one cache line is all the spinning reads).
+    /// `PeerLost` if the epoch changes or the worker heartbeat goes stale
+    /// meanwhile, `Timeout` at the deadline.
+    fn wait_reply(&mut self, deadline: Instant) -> Result<(), RingError> {
+        let seg = self.seg;
+        let ch = self.ch;
+        let pos = self.resp_head;
+        let epoch = self.epoch;
+        let peer_timeout = self.cfg.peer_timeout;
+        let got = wait::wait_for(
+            &seg.chan(ch).resp_ready,
+            &self.cfg.wait,
+            Deadline::At(deadline),
+            || Ok(seg.slot_ready(ch, RESP, pos)?.then_some(())),
+            || {
+                if seg.epoch() != epoch {
+                    return Err(RingError::Protocol {
+                        what: "epoch changed".into(),
+                    });
+                }
+                if seg.beat_age(Role::Worker) > peer_timeout {
+                    return Err(RingError::Timeout);
+                }
+                Ok(())
+            },
+        );
+        match got {
+            Ok(Some(())) => Ok(()),
+            Ok(None) => Err(RingError::Timeout),
+            // The liveness closure's markers, turned into PeerLost here.
             Err(RingError::Protocol { .. }) => {
                 self.check_epoch()?;
-                return Err(self.lose("worker epoch changed".into()));
+                Err(self.lose("worker epoch changed".into()))
             }
             Err(RingError::Timeout) => {
-                let age = self.seg.beat_age(Role::Worker);
-                return Err(self.lose(format!(
+                let age = seg.beat_age(Role::Worker);
+                Err(self.lose(format!(
                     "worker heartbeat is {} ms old (timeout {} ms)",
                     age.as_millis(),
                     peer_timeout.as_millis()
-                )));
+                )))
             }
-            Err(e) => return Err(e),
-        };
-        let payload = seg.payload(ch, RESP, h.payload_off, h.payload_len)?;
-        Ok(Reply {
-            header: h,
-            payload,
-            _release: Release {
-                seg,
-                ch,
-                head: &mut self.resp_head,
-            },
-        })
+            Err(e) => Err(e),
+        }
     }
 
     /// `send` then `recv` of the one reply, by `deadline`.

@@ -12,7 +12,7 @@
 //! always fits an empty lane.
 
 use crate::RingError;
-use crate::layout::PAYLOAD_ALIGN;
+use crate::layout::{PAYLOAD_ALIGN, SLOT_EMPTY};
 
 /// Local state of a lane's producer. The producer's own indices are kept
 /// here and only published to the segment, never read back from it.
@@ -79,14 +79,14 @@ impl Producer {
         let reserve = round_up(len as u64, PAYLOAD_ALIGN as u64);
         debug_assert!(reserve <= self.cap);
         let mut start = self.alloc;
-        if start % self.cap + reserve > self.cap {
+        if self.offset(start) + reserve > self.cap {
             start = round_up(start, self.cap);
         }
         if head < self.tail {
             if head < self.barrier {
                 return None;
             }
-            let oldest = self.starts[(head % self.depth) as usize];
+            let oldest = self.starts[self.slot(head)];
             if start + reserve > oldest + self.cap {
                 return None;
             }
@@ -97,10 +97,23 @@ impl Producer {
     /// Records that the message at `tail` was written at `start` with `len`
     /// bytes; returns its offset inside the payload area.
     pub(crate) fn commit(&mut self, start: u64, len: usize) -> u64 {
-        self.starts[(self.tail % self.depth) as usize] = start;
+        let i = self.slot(self.tail);
+        self.starts[i] = start;
         self.alloc = start + round_up(len as u64, PAYLOAD_ALIGN as u64);
         self.tail += 1;
-        start % self.cap
+        self.offset(start)
+    }
+
+    /// Offset inside the payload area of the monotonic position `start`
+    /// (`start % cap`, without a division when `cap` is a power of two).
+    #[inline]
+    pub(crate) fn offset(&self, start: u64) -> u64 {
+        fast_mod(start, self.cap)
+    }
+
+    #[inline]
+    fn slot(&self, pos: u64) -> usize {
+        fast_mod(pos, self.depth) as usize
     }
 
     /// Restarts the lane empty at position `at` (after an epoch change).
@@ -109,6 +122,33 @@ impl Producer {
         self.head_seen = at;
         self.barrier = at;
     }
+}
+
+/// Reads the stamp of the slot where the consumer expects position `pos`:
+/// `Ok(true)` if the message of `pos` is published there, `Ok(false)` if the
+/// slot still holds the message one lap earlier (`pos - depth`) or nothing
+/// since the last reset, `PeerCorrupt` for any other value (a position from
+/// the future, or from a lap that cannot be there).
+pub(crate) fn check_stamp(
+    stamp: u64,
+    pos: u64,
+    depth: u32,
+    what: impl FnOnce() -> String,
+) -> Result<bool, RingError> {
+    if stamp == pos {
+        return Ok(true);
+    }
+    let lap_before = pos.checked_sub(u64::from(depth));
+    if stamp == SLOT_EMPTY || lap_before == Some(stamp) {
+        return Ok(false);
+    }
+    Err(RingError::PeerCorrupt {
+        what: format!(
+            "{} slot for position {pos} holds position {stamp} (expected {pos}, {} or empty)",
+            what(),
+            lap_before.map_or_else(|| "nothing earlier".to_string(), |p| p.to_string()),
+        ),
+    })
 }
 
 /// Checks a producer's published `tail` against the consumer's `head`.
@@ -128,6 +168,16 @@ pub(crate) fn check_tail(
         });
     }
     Ok(())
+}
+
+/// `x % m` (`m > 0`), a mask instead of a division for powers of two.
+#[inline]
+fn fast_mod(x: u64, m: u64) -> u64 {
+    if m.is_power_of_two() {
+        x & (m - 1)
+    } else {
+        x % m
+    }
 }
 
 fn round_up(x: u64, to: u64) -> u64 {
@@ -219,6 +269,33 @@ mod tests {
         assert!(check_tail(5, 10, 4, || "x".into()).is_err());
         check_tail(5, 9, 4, || "x".into()).unwrap();
         check_tail(5, 5, 4, || "x".into()).unwrap();
+    }
+
+    #[test]
+    fn stamp_checks() {
+        let w = || "x".to_string();
+        assert!(check_stamp(10, 10, 4, w).unwrap(), "own position is ready");
+        assert!(
+            !check_stamp(6, 10, 4, w).unwrap(),
+            "one lap earlier: not yet"
+        );
+        assert!(
+            !check_stamp(SLOT_EMPTY, 10, 4, w).unwrap(),
+            "empty: not yet"
+        );
+        assert!(!check_stamp(SLOT_EMPTY, 0, 4, w).unwrap());
+        for bad in [2, 5, 7, 11, 14, u64::MAX - 1] {
+            assert!(
+                matches!(
+                    check_stamp(bad, 10, 4, w),
+                    Err(RingError::PeerCorrupt { .. })
+                ),
+                "stamp {bad} for position 10 accepted"
+            );
+        }
+        // Before the first lap there is no earlier position to accept.
+        assert!(check_stamp(0, 2, 4, w).is_err());
+        assert!(check_stamp(u64::MAX - 2, 2, 4, w).is_err());
     }
 
     #[test]

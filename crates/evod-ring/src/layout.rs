@@ -10,10 +10,19 @@
 //!               channels[2]     ChannelCtl: client epoch, id base, req/resp LaneCtl,
 //!                               resp_ready WaitWord (client parks), resp_space WaitWord (worker parks)
 //! header_size   for ch in [Eval, Control], for lane in [request, response]:
-//!                   slots[queue_depth] : MsgHeader (64 bytes each)
+//!                   slots[queue_depth] : MsgHeader (64 bytes each, one cache line)
 //!                   payload[payload_bytes] (64-byte aligned)
 //! total_size
 //! ```
+//!
+//! The hot path touches one cache line per message: the slot. Its `seq`
+//! field is the publication stamp (Vyukov/FastForward style): the producer
+//! writes the other fields, then stores the message's queue position into
+//! `seq` with `Release`; the consumer polls that one word of that one line.
+//! The `tail`/`head` index lines are off the hot path: each is written only
+//! by its owner, `head` is read by the producer only when its cached view of
+//! it says the lane is full, and `tail` only by a client taking a channel
+//! over from a previous incarnation.
 
 use crate::sync::{AtomicU32, AtomicU64};
 
@@ -30,13 +39,19 @@ pub unsafe trait ZeroCopy: Sized + 'static {}
 /// `b"EVODRING"` at offset 0 of every segment.
 pub const MAGIC: [u8; 8] = *b"EVODRING";
 /// Bumped whenever anything in this file changes shape or meaning.
-pub const LAYOUT_VERSION: u32 = 1;
+/// Version 2: the slot's `seq` is the publication stamp (version 1 published
+/// through the `tail` index).
+pub const LAYOUT_VERSION: u32 = 2;
 /// Allocation granule of payloads: tensors start 64-byte aligned.
 pub const PAYLOAD_ALIGN: usize = 64;
 /// Largest accepted queue depth.
 pub const MAX_QUEUE_DEPTH: u32 = 1 << 16;
 /// Largest accepted payload area per lane (1 GiB).
 pub const MAX_PAYLOAD_BYTES: usize = 1 << 30;
+
+/// The stamp of a slot that holds no message since the lane was reset
+/// (never a queue position: positions stay far below it).
+pub(crate) const SLOT_EMPTY: u64 = u64::MAX;
 
 /// Number of roles with a heartbeat.
 pub(crate) const ROLES: usize = 3;
@@ -66,8 +81,11 @@ pub struct MsgHeader {
     pub status: i32,
     /// Reserved, zero.
     pub reserved: u32,
-    /// Queue position of this message (checked by the consumer: a slot
-    /// holding another position is corrupt).
+    /// Queue position of this message. In the segment this is the slot's
+    /// publication stamp: the producer stores it last, with `Release`, after
+    /// every other field and the payload; the consumer polls it. A slot
+    /// holding neither the expected position, nor the position one lap
+    /// earlier, nor "empty" (`u64::MAX`, after a reset) is corrupt.
     pub seq: u64,
     /// Reserved, zero.
     pub reserved2: [u64; 1],
@@ -101,13 +119,18 @@ unsafe impl ZeroCopy for PaddedU64 {}
 
 /// Indices of one single-producer/single-consumer queue. Both count messages
 /// since the lane was created (monotonic, never wrap in practice); the slot of
-/// position `p` is `p % queue_depth`.
+/// position `p` is `p % queue_depth`. Neither is read on the hot path (the
+/// consumer polls the slot's stamp instead of `tail`).
 #[repr(C)]
 #[derive(Debug)]
 pub(crate) struct LaneCtl {
-    /// Next position the producer will write; written by the producer only.
+    /// Next position the producer will write; written by the producer only,
+    /// after the stamp. Read by a client taking over a channel (request
+    /// lane) and for diagnostics.
     pub tail: PaddedU64,
-    /// Next position the consumer will read; written by the consumer only.
+    /// Next position the consumer will read; written by the consumer only
+    /// when it releases a message. Read by the producer only when its
+    /// cached copy says the lane has no room.
     pub head: PaddedU64,
 }
 // SAFETY: repr(C) of ZeroCopy fields.
@@ -240,6 +263,18 @@ impl Layout {
             payload_bytes,
             total_size,
         })
+    }
+
+    /// Index of the slot of queue position `pos` (`pos % queue_depth`,
+    /// without a division when the depth is a power of two).
+    #[inline]
+    pub(crate) fn slot_index(&self, pos: u64) -> usize {
+        let d = u64::from(self.queue_depth);
+        (if d.is_power_of_two() {
+            pos & (d - 1)
+        } else {
+            pos % d
+        }) as usize
     }
 
     /// Offset of lane `(channel, dir)`, `dir` 0 = requests, 1 = responses.

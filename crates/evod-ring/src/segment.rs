@@ -7,11 +7,12 @@ use std::ptr::addr_of;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use crate::lane::check_stamp;
 use crate::layout::{
-    BeatCtl, CHANNELS, ChannelCtl, LAYOUT_VERSION, Layout, MAGIC, MsgHeader, SegmentHeader,
-    StatsCtl, WaitWord,
+    BeatCtl, CHANNELS, ChannelCtl, LAYOUT_VERSION, Layout, MAGIC, MsgHeader, SLOT_EMPTY,
+    SegmentHeader, StatsCtl, WaitWord,
 };
-use crate::sync::Ordering;
+use crate::sync::{AtomicU64, Ordering};
 use crate::sys::{self, Mapping};
 use crate::{Channel, Client, ClientConfig, RingError, Role, Server, ServerConfig, wait};
 
@@ -73,17 +74,20 @@ pub enum Scribble {
         /// Seed of the byte stream.
         seed: u64,
     },
-    /// Publish a response tail beyond head + queue depth.
+    /// Publish, in the next response slot, a position beyond head + queue
+    /// depth (a message from the future).
     ResponseTailBeyondDepth(Channel),
     /// Publish a reply whose payload lies outside the payload area.
     ReplyPayloadOutOfBounds(Channel),
     /// Publish a reply whose payload length is `u64::MAX`.
     ReplyHugeLength(Channel),
-    /// Publish a reply whose slot holds another queue position.
+    /// Publish a reply whose slot is stamped with the position one lap
+    /// later.
     ReplySeqMismatch(Channel),
     /// Publish a reply to an id the current client never sent.
     ReplyUnknownId(Channel),
-    /// Publish a request head beyond the request tail.
+    /// Publish a request head beyond the request tail (by more than a queue
+    /// depth).
     RequestHeadBeyondTail(Channel),
 }
 
@@ -127,6 +131,9 @@ impl Segment {
         let now = sys::coarse_now_ns();
         for b in seg.beats() {
             b.at_ns.store(now, Ordering::Relaxed);
+        }
+        for ch in Channel::ALL {
+            seg.clear_stamps(ch);
         }
         Ok(seg)
     }
@@ -513,28 +520,101 @@ impl Segment {
         unsafe { &*addr_of!((*self.header_ptr()).channels[ch as usize]) }
     }
 
-    /// Copies the header in slot `pos % depth` of lane `(ch, dir)`.
+    /// The consumer's poll of lane `(ch, dir)` at position `pos`: whether
+    /// the message of `pos` is published, `PeerCorrupt` if the slot's stamp
+    /// is impossible. Reads one word of one cache line, the slot's, and
+    /// nothing else. When it says yes, [`Segment::read_slot`] copies it.
+    #[inline]
+    pub(crate) fn slot_ready(&self, ch: Channel, dir: usize, pos: u64) -> Result<bool, RingError> {
+        // Acquire pairs with the producer's Release store of the stamp in
+        // `write_slot`: the header fields and the payload it wrote before
+        // are visible once we see the stamp.
+        let stamp = self.stamp(ch, dir, pos).load(Ordering::Acquire);
+        if stamp == pos {
+            return Ok(true);
+        }
+        check_stamp(stamp, pos, self.layout.queue_depth, || {
+            format!("{ch:?} {}", if dir == 0 { "request" } else { "response" })
+        })
+    }
+
+    /// Copies the header of the message at `pos` of lane `(ch, dir)`, which
+    /// [`Segment::slot_ready`] said is published. Its `seq` is `pos` (the
+    /// stamp that was validated, whatever a liar wrote there since).
+    #[inline]
     pub(crate) fn read_slot(&self, ch: Channel, dir: usize, pos: u64) -> MsgHeader {
         let p = self.slot_ptr(ch, dir, pos);
         // SAFETY: `slot_ptr` returns an in-bounds, 64-aligned slot. The copy
-        // is volatile because a peer may write it concurrently; MsgHeader is
-        // ZeroCopy (any bytes are a valid value) and every field is
-        // validated by the caller before use.
-        unsafe { p.read_volatile() }
+        // is volatile because a lying peer may write it concurrently (an
+        // honest producer does not touch it until we release it);
+        // MsgHeader is ZeroCopy (any bytes are a valid value) and every
+        // field is validated by the caller on this copy.
+        let mut h = unsafe { p.read_volatile() };
+        h.seq = pos;
+        h
     }
 
-    /// Writes `h` into slot `pos % depth` of lane `(ch, dir)`.
+    /// The producer's write of `h` into slot `pos % depth` of lane
+    /// `(ch, dir)`: every field, then `h.seq` as the stamp (`Release`), which
+    /// publishes the message (and its payload, written before this call).
+    #[inline]
     pub(crate) fn write_slot(&self, ch: Channel, dir: usize, pos: u64, h: MsgHeader) {
         let p = self.slot_ptr(ch, dir, pos);
         // SAFETY: in bounds and aligned (see `slot_ptr`); this process is the
         // lane's only producer (endpoint claims) and the slot is free (the
-        // consumer's head passed it), so an honest peer is not reading it.
-        unsafe { p.write_volatile(h) }
+        // consumer released the message one lap earlier), so an honest peer
+        // only polls its stamp, which is not written here. Volatile field
+        // writes through raw pointers: no reference to the shared bytes.
+        unsafe {
+            std::ptr::addr_of_mut!((*p).opcode).write_volatile(h.opcode);
+            std::ptr::addr_of_mut!((*p).flags).write_volatile(h.flags);
+            std::ptr::addr_of_mut!((*p).request_id).write_volatile(h.request_id);
+            std::ptr::addr_of_mut!((*p).epoch).write_volatile(h.epoch);
+            std::ptr::addr_of_mut!((*p).payload_off).write_volatile(h.payload_off);
+            std::ptr::addr_of_mut!((*p).payload_len).write_volatile(h.payload_len);
+            std::ptr::addr_of_mut!((*p).status).write_volatile(h.status);
+            std::ptr::addr_of_mut!((*p).reserved).write_volatile(h.reserved);
+            std::ptr::addr_of_mut!((*p).reserved2).write_volatile(h.reserved2);
+        }
+        // Release pairs with the consumer's Acquire load in `slot_ready`: the
+        // fields above and the payload are visible to whoever sees the stamp.
+        // SAFETY: as in `stamp`, for the slot `p` computed above.
+        unsafe { stamp_of(p) }.store(h.seq, Ordering::Release);
     }
 
+    /// The stamp of the slot whose position (or a position in the current
+    /// lap) the producer last published there (see [`Segment::slot_ready`]).
+    pub(crate) fn slot_stamp(&self, ch: Channel, dir: usize, pos: u64) -> u64 {
+        // Acquire: as in `slot_ready`.
+        self.stamp(ch, dir, pos).load(Ordering::Acquire)
+    }
+
+    /// Marks every slot of both lanes of `ch` empty. Only while no producer
+    /// writes them: at creation, and by a client resetting its channel for
+    /// a new epoch (the old worker has exited, the new one waits for the
+    /// `client_epoch` store that publishes this).
+    pub(crate) fn clear_stamps(&self, ch: Channel) {
+        for dir in 0..2 {
+            for pos in 0..u64::from(self.layout.queue_depth) {
+                // Relaxed: published by the caller's later Release store
+                // (fork/exec at creation, `client_epoch` on a reset).
+                self.stamp(ch, dir, pos)
+                    .store(SLOT_EMPTY, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[inline]
+    fn stamp(&self, ch: Channel, dir: usize, pos: u64) -> &AtomicU64 {
+        // SAFETY: `slot_ptr` is an in-bounds slot of the mapping, which
+        // lives as long as `self` (the returned borrow).
+        unsafe { stamp_of(self.slot_ptr(ch, dir, pos)) }
+    }
+
+    #[inline]
     fn slot_ptr(&self, ch: Channel, dir: usize, pos: u64) -> *mut MsgHeader {
         debug_assert!(dir < 2);
-        let idx = (pos % u64::from(self.layout.queue_depth)) as usize;
+        let idx = self.layout.slot_index(pos);
         let off =
             self.layout.slots_off(ch as usize, dir & 1) + idx * std::mem::size_of::<MsgHeader>();
         debug_assert!(off + 64 <= self.map.len());
@@ -621,8 +701,9 @@ impl Segment {
         let depth = u64::from(self.layout.queue_depth);
         let fake_reply = |ch: Channel, edit: &dyn Fn(&mut MsgHeader, u64)| {
             let c = self.chan(ch);
-            // Relaxed/Release: we play a lying producer; the Release store
-            // pairs with the client's Acquire load of the tail as usual.
+            // We play a lying producer at the next response position (the
+            // server publishes it in `tail`); `write_slot` publishes the
+            // slot through its stamp as usual. Relaxed: a plain read.
             let pos = c.resp.tail.v.load(Ordering::Relaxed);
             let mut h = MsgHeader {
                 epoch: self.epoch(),
@@ -631,6 +712,7 @@ impl Segment {
             };
             edit(&mut h, pos);
             self.write_slot(ch, 1, pos, h);
+            // Release: as the producer's tail publication.
             c.resp.tail.v.store(pos + 1, Ordering::Release);
             wait::wake_all(&c.resp_ready);
         };
@@ -659,13 +741,10 @@ impl Segment {
                     wait::wake_all(&self.chan(ch).resp_ready);
                 }
             }
-            Scribble::ResponseTailBeyondDepth(ch) => {
-                let c = self.chan(ch);
-                // Release: as a producer's tail publication.
-                let head = c.resp.head.v.load(Ordering::Relaxed);
-                c.resp.tail.v.store(head + depth + 1, Ordering::Release);
-                wait::wake_all(&c.resp_ready);
-            }
+            Scribble::ResponseTailBeyondDepth(ch) => fake_reply(ch, &|h, pos| {
+                h.request_id = prefix(ch) | 1;
+                h.seq = pos + depth + 1;
+            }),
             Scribble::ReplyPayloadOutOfBounds(ch) => fake_reply(ch, &|h, _| {
                 h.request_id = prefix(ch) | 1;
                 h.payload_off = cap - 64;
@@ -684,10 +763,29 @@ impl Segment {
             }),
             Scribble::RequestHeadBeyondTail(ch) => {
                 let c = self.chan(ch);
+                // More than a queue depth beyond the tail: the client reads
+                // the head only when its copy says the lane is full, and by
+                // then its tail may have grown by up to a depth; a head past
+                // anything it can have sent is a lie whenever it reads it.
                 // Release: as a consumer's head publication.
                 let tail = c.req.tail.v.load(Ordering::Relaxed);
-                c.req.head.v.store(tail + 5, Ordering::Release);
+                c.req.head.v.store(tail + depth + 5, Ordering::Release);
             }
         }
     }
+}
+
+/// The stamp (`seq` field) of the slot at `p`, as an atomic.
+///
+/// # Safety
+///
+/// `p` is a slot inside a live mapping (from `Segment::slot_ptr`) that
+/// outlives the returned reference.
+#[inline]
+unsafe fn stamp_of<'a>(p: *mut MsgHeader) -> &'a AtomicU64 {
+    // SAFETY: `seq` lies at offset 48 of a 64-aligned header inside the
+    // mapping (the caller's promise), so it is an 8-aligned u64; any bits are
+    // a valid value, and concurrent access by other processes is what the
+    // atomic is for.
+    unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).seq)) }
 }

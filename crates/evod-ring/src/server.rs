@@ -2,13 +2,13 @@
 //! writes replies in place. It trusts nothing either: a client's indices
 //! and lengths are checked like the worker's are on the client side.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::lane::{Producer, check_tail};
 use crate::layout::{CHANNELS, MsgHeader};
 use crate::segment::Segment;
 use crate::sync::Ordering;
-use crate::wait::{self, WaitPolicy};
+use crate::wait::{self, Deadline, WaitPolicy};
 use crate::{Channel, DEFAULT_BEAT_INTERVAL, RingError, Role, sys};
 
 const REQ: usize = 0;
@@ -53,6 +53,10 @@ pub struct Server<'a> {
     chans: [ChanState; CHANNELS],
     next: usize,
     last_beat_ns: u64,
+    /// `cfg.beat_interval` in ns.
+    beat_every_ns: u64,
+    /// `cfg.wait` with the slice capped at the beat interval.
+    policy: WaitPolicy,
 }
 
 /// A received request, borrowed from the segment until dropped or replied
@@ -65,7 +69,7 @@ pub struct Request<'s> {
     pub payload: &'s [u8],
     ch: Channel,
     seg: &'s Segment,
-    cfg: ServerConfig,
+    cfg: &'s ServerConfig,
     epoch: u64,
     st: &'s mut ChanState,
     /// Already released by `reply`.
@@ -112,6 +116,8 @@ impl<'a> Server<'a> {
         };
         seg.mark_started();
         seg.beat(Role::Worker);
+        let mut policy = cfg.wait;
+        policy.slice = policy.slice.min(cfg.beat_interval);
         Server {
             seg,
             cfg,
@@ -119,6 +125,8 @@ impl<'a> Server<'a> {
             chans: [chan(), chan()],
             next: 0,
             last_beat_ns: sys::coarse_now_ns(),
+            beat_every_ns: u64::try_from(cfg.beat_interval.as_nanos()).unwrap_or(u64::MAX),
+            policy,
         }
     }
 
@@ -131,66 +139,79 @@ impl<'a> Server<'a> {
     /// timeout. `EpochChanged` if this worker has been superseded. Beats the
     /// worker heartbeat while waiting.
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<(Channel, Request<'_>)>, RingError> {
-        let deadline = Instant::now() + timeout;
         self.maybe_beat();
         let seg = self.seg;
         let epoch = self.epoch;
-        let beat_every = u64::try_from(self.cfg.beat_interval.as_nanos()).unwrap_or(u64::MAX);
-        let depth = seg.layout().queue_depth;
-        let mut policy = self.cfg.wait;
-        policy.slice = policy.slice.min(self.cfg.beat_interval);
-        let chans = &mut self.chans;
-        let next = &mut self.next;
-        let last_beat = &mut self.last_beat_ns;
-        let got = wait::wait_for(
-            seg.inbox(),
-            &policy,
-            deadline,
-            || {
-                let now = seg.epoch();
-                if now != epoch {
-                    return Err(RingError::EpochChanged { mine: epoch, now });
-                }
-                for k in 0..CHANNELS {
-                    let i = (*next + k) % CHANNELS;
-                    if let Some(h) =
-                        poll_channel(seg, Channel::ALL[i], epoch, depth, &mut chans[i])?
-                    {
-                        *next = (i + 1) % CHANNELS;
-                        return Ok(Some((i, h)));
-                    }
-                }
-                Ok(None)
-            },
-            || {
-                let now = sys::coarse_now_ns();
-                if now.saturating_sub(*last_beat) >= beat_every {
-                    seg.beat(Role::Worker);
-                    *last_beat = now;
-                }
-                Ok(())
-            },
-        )?;
-        let Some((i, h)) = got else { return Ok(None) };
-        let ch = Channel::ALL[i];
-        let payload = seg.payload(ch, REQ, h.payload_off, h.payload_len)?;
-        let req = Request {
-            header: h,
-            payload,
-            ch,
-            seg,
-            cfg: self.cfg,
-            epoch,
-            st: &mut self.chans[i],
-            released: false,
-        };
-        Ok(Some((ch, req)))
+        let beat_every = self.beat_every_ns;
+        loop {
+            let got = {
+                let chans = &mut self.chans;
+                let next = &mut self.next;
+                let last_beat = &mut self.last_beat_ns;
+                wait::wait_for(
+                    seg.inbox(),
+                    &self.policy,
+                    Deadline::After(timeout),
+                    || {
+                        let now = seg.epoch();
+                        if now != epoch {
+                            return Err(RingError::EpochChanged { mine: epoch, now });
+                        }
+                        for k in 0..CHANNELS {
+                            let i = (*next + k) % CHANNELS;
+                            if poll_channel(seg, Channel::ALL[i], epoch, &mut chans[i])? {
+                                *next = (i + 1) % CHANNELS;
+                                return Ok(Some(i));
+                            }
+                        }
+                        Ok(None)
+                    },
+                    || {
+                        let now = sys::coarse_now_ns();
+                        if now.saturating_sub(*last_beat) >= beat_every {
+                            seg.beat(Role::Worker);
+                            *last_beat = now;
+                        }
+                        Ok(())
+                    },
+                )?
+            };
+            let Some(i) = got else { return Ok(None) };
+            let ch = Channel::ALL[i];
+            // Copied once, validated on the copy.
+            let h = seg.read_slot(ch, REQ, self.chans[i].req_head);
+            if h.epoch != epoch {
+                // Sent for an earlier worker: nobody waits for it any more.
+                let st = &mut self.chans[i];
+                st.req_head += 1;
+                // Release: as in `Request::drop`.
+                seg.chan(ch)
+                    .req
+                    .head
+                    .v
+                    .store(st.req_head, Ordering::Release);
+                continue;
+            }
+            let payload = seg.payload(ch, REQ, h.payload_off, h.payload_len)?;
+            return Ok(Some((
+                ch,
+                Request {
+                    header: h,
+                    payload,
+                    ch,
+                    seg,
+                    cfg: &self.cfg,
+                    epoch,
+                    st: &mut self.chans[i],
+                    released: false,
+                },
+            )));
+        }
     }
 
     fn maybe_beat(&mut self) {
         let now = sys::coarse_now_ns();
-        let every = u64::try_from(self.cfg.beat_interval.as_nanos()).unwrap_or(u64::MAX);
-        if now.saturating_sub(self.last_beat_ns) >= every {
+        if now.saturating_sub(self.last_beat_ns) >= self.beat_every_ns {
             self.seg.beat(Role::Worker);
             self.last_beat_ns = now;
         }
@@ -247,7 +268,7 @@ impl Request<'_> {
         let payload = self.payload;
         let res = reply_on(
             self.seg,
-            &self.cfg,
+            self.cfg,
             self.epoch,
             self.ch,
             self.st,
@@ -270,45 +291,19 @@ struct Head {
     release_request: bool,
 }
 
-/// Takes the next request of one channel, if any: syncs the channel first
-/// if needed, drops requests of earlier epochs, validates the rest.
+/// Whether the next request of one channel is published: syncs the
+/// channel first if needed, then polls the stamp of its next slot.
+#[inline]
 fn poll_channel(
     seg: &Segment,
     ch: Channel,
     epoch: u64,
-    depth: u32,
     st: &mut ChanState,
-) -> Result<Option<MsgHeader>, RingError> {
+) -> Result<bool, RingError> {
     if !st.synced && !sync(seg, ch, epoch, st)? {
-        return Ok(None);
+        return Ok(false);
     }
-    let c = seg.chan(ch);
-    loop {
-        // Acquire pairs with the client's `req.tail.store(Release)` after it
-        // wrote the slot and payload.
-        let tail = c.req.tail.v.load(Ordering::Acquire);
-        check_tail(st.req_head, tail, depth, || format!("{ch:?} request queue"))?;
-        if tail == st.req_head {
-            return Ok(None);
-        }
-        let h = seg.read_slot(ch, REQ, st.req_head);
-        if h.seq != st.req_head {
-            return Err(RingError::PeerCorrupt {
-                what: format!(
-                    "{ch:?} request slot holds position {}, expected {}",
-                    h.seq, st.req_head
-                ),
-            });
-        }
-        if h.epoch == epoch {
-            seg.payload(ch, REQ, h.payload_off, h.payload_len)?;
-            return Ok(Some(h));
-        }
-        // Sent for an earlier worker: nobody waits for it any more.
-        st.req_head += 1;
-        // Release: as in `Request::drop`.
-        c.req.head.v.store(st.req_head, Ordering::Release);
-    }
+    seg.slot_ready(ch, REQ, st.req_head)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -337,27 +332,34 @@ fn reply_on(
     let c = seg.chan(ch);
     let what = || format!("{ch:?} response queue");
     let resp = &mut st.resp;
-    let start = wait::wait_for(
-        &c.resp_space,
-        &cfg.wait,
-        Instant::now() + cfg.reply_wait,
-        || {
-            // Acquire pairs with the client's `resp.head.store(Release)` when
-            // it released a reply: its reads happen before our overwrite.
-            let h = c.resp.head.v.load(Ordering::Acquire);
-            resp.check_head(h, what)?;
-            Ok(resp.reserve(payload_len))
-        },
-        || {
-            let now = seg.epoch();
-            if now != epoch {
-                return Err(RingError::EpochChanged { mine: epoch, now });
-            }
-            Ok(())
-        },
-    )?
-    .ok_or(RingError::Full)?;
-    let off = start % l.payload_bytes as u64;
+    // Room by our copy of the client's head first: the head line is read
+    // only when that copy says the lane is full (once per lap when the
+    // client keeps up).
+    let start = match resp.reserve(payload_len) {
+        Some(start) => start,
+        None => wait::wait_for(
+            &c.resp_space,
+            &cfg.wait,
+            Deadline::After(cfg.reply_wait),
+            || {
+                // Acquire pairs with the client's `resp.head.store(Release)`
+                // when it released a reply: its reads happen before our
+                // overwrite.
+                let h = c.resp.head.v.load(Ordering::Acquire);
+                resp.check_head(h, what)?;
+                Ok(resp.reserve(payload_len))
+            },
+            || {
+                let now = seg.epoch();
+                if now != epoch {
+                    return Err(RingError::EpochChanged { mine: epoch, now });
+                }
+                Ok(())
+            },
+        )?
+        .ok_or(RingError::Full)?,
+    };
+    let off = st.resp.offset(start);
     // SAFETY: this server is the response lane's only producer in this
     // process (endpoint claim) and holds `&mut` to its state; the range was
     // just reserved as free by the allocator.
@@ -381,9 +383,10 @@ fn reply_on(
         seq: pos,
         ..MsgHeader::default()
     };
+    // Publishes slot and payload: the client polls the slot's stamp.
     seg.write_slot(ch, RESP, pos, h);
-    // Release pairs with the client's `resp.tail.load(Acquire)`: slot and
-    // payload are visible once it sees the new tail.
+    // Release: for diagnostics and the fault injector (`Segment::scribble`);
+    // the client never reads it, so the line stays in this CPU's cache.
     c.resp.tail.v.store(st.resp.tail, Ordering::Release);
     wait::notify(&c.resp_ready);
     Ok(())

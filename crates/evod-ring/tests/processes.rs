@@ -495,9 +495,10 @@ fn layout_mismatch_is_clear() -> Result<(), String> {
         (child.0.wait().map_err(|e| e.to_string())?, stderr)
     };
     if out.0.code() != Some(3)
-        || !out
-            .1
-            .contains("layout version 99, this build speaks version 1")
+        || !out.1.contains(&format!(
+            "layout version 99, this build speaks version {}",
+            evod_ring::LAYOUT_VERSION
+        ))
     {
         return Err(format!("child attach: {:?} {:?}", out.0, out.1));
     }
