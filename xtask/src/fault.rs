@@ -5,8 +5,9 @@
 //! fresh folder evolving a sine model large enough ([`LAYERS`], 134 KiB)
 //! that a publish takes measurable time, and injects N faults drawn
 //! from a seeded generator: worker SIGSEGV (fault opcode: a real invalid
-//! write), SIGKILL, SIGABRT (real signals), hang, scribble, exit(n) (fault
-//! opcodes through `evod fault`), evolver SIGKILL, and I/O errors on
+//! write), SIGKILL, SIGABRT (real signals), hang, scribble, lie (a worker
+//! that corrupts its ring and keeps running: the evolver has it recycled),
+//! exit(n) (fault opcodes through `evod fault`), evolver SIGKILL, and I/O errors on
 //! publish (the evolver's fault plan `DIR/.evod/io-fault`). After each
 //! fault it waits for the recovery that fault calls for and checks that
 //! the model file is a valid evod model; after the run it counts zombies
@@ -101,6 +102,7 @@ enum Fault {
     WorkerAbort,
     WorkerHang,
     WorkerScribble,
+    WorkerLie,
     WorkerExit,
     EvolverKill,
     Io,
@@ -108,12 +110,13 @@ enum Fault {
 
 impl Fault {
     /// Relative frequencies in the storm.
-    const MIX: [(Fault, u64); 8] = [
+    const MIX: [(Fault, u64); 9] = [
         (Fault::WorkerSegv, 3),
         (Fault::WorkerKill, 2),
         (Fault::WorkerAbort, 2),
         (Fault::WorkerHang, 1),
         (Fault::WorkerScribble, 2),
+        (Fault::WorkerLie, 1),
         (Fault::WorkerExit, 2),
         (Fault::EvolverKill, 3),
         (Fault::Io, 2),
@@ -138,6 +141,7 @@ impl Fault {
             Fault::WorkerAbort => "worker SIGABRT",
             Fault::WorkerHang => "worker hang (watchdog)",
             Fault::WorkerScribble => "worker scribble + exit",
+            Fault::WorkerLie => "worker lies, keeps running (recycled)",
             Fault::WorkerExit => "worker exit(n)",
             Fault::EvolverKill => "evolver SIGKILL",
             Fault::Io => "publish I/O error",
@@ -351,6 +355,7 @@ impl Storm {
                     Fault::WorkerSegv => Some("segv".to_owned()),
                     Fault::WorkerHang => Some("hang".to_owned()),
                     Fault::WorkerScribble => Some("scribble".to_owned()),
+                    Fault::WorkerLie => Some("lie".to_owned()),
                     Fault::WorkerExit => Some(format!("exit:{}", 1 + rng.below(120))),
                     Fault::WorkerKill => {
                         signal(pid, libc::SIGKILL);

@@ -46,6 +46,10 @@ pub struct Args {
     /// Descriptor numbers of the workers' inherited segments, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub ring_fds: Vec<i32>,
+    /// The supervisor's control socket, to have a worker replaced that
+    /// corrupts its ring without crashing (passed by `evod run`).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     /// Honour the I/O fault plan in `DIR/.evod/io-fault` at each publish
     /// (tests only; passed by `evod run --allow-fault-injection`).
     #[arg(long, hide = true)]
@@ -123,6 +127,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut ring = RingEvaluator::new(&segments, clients);
+    ring.control_socket = args.control_socket.clone();
     let mut main = Loop::start(&args.dir, &args.evolve)?;
     if args.allow_fault_injection {
         main.io_fault_file = Some(
@@ -623,6 +628,11 @@ pub struct RingEvaluator<'s> {
     pub request_timeout: Duration,
     /// Set by SIGTERM: stop waiting for workers (they are being stopped too).
     pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Where to ask the supervisor to replace a misbehaving worker.
+    pub control_socket: Option<PathBuf>,
+    /// Workers reported as misbehaving, at the epoch they had then: not
+    /// used again until they are replaced (their epoch changes).
+    suspect: Vec<Option<u64>>,
 }
 
 /// What became of one request.
@@ -642,6 +652,8 @@ impl<'s> RingEvaluator<'s> {
             restarts: 0,
             request_timeout: Duration::from_secs(60),
             stop: std::sync::Arc::default(),
+            control_socket: None,
+            suspect: vec![None; segments.len()],
         }
     }
 
@@ -701,7 +713,7 @@ impl<'s> RingEvaluator<'s> {
                 return Ok(Outcome::Lost);
             }
             Err(RingError::PeerCorrupt { what }) => {
-                tracing::error!(worker = w, "worker wrote garbage into its segment: {what}");
+                self.faulty(w, &format!("it wrote garbage into its segment: {what}"));
                 return Ok(Outcome::Lost);
             }
             Err(RingError::Timeout) => {
@@ -721,22 +733,53 @@ impl<'s> RingEvaluator<'s> {
         match protocol::read_f64s(&payload, expect) {
             Ok(values) => Ok(Outcome::Done(values)),
             Err(e) => {
-                tracing::error!(worker = w, "bad EVAL reply: {e}");
+                self.faulty(w, &format!("it sent a malformed EVAL reply: {e}"));
                 Ok(Outcome::Lost)
             }
         }
     }
 
+    /// Worker `w` broke the protocol but may still be running: a worker
+    /// that lies once is not trusted again. Asks the supervisor to replace
+    /// it; [`Self::settle`] then waits for the replacement.
+    fn faulty(&mut self, w: usize, why: &str) {
+        tracing::error!(worker = w, "worker misbehaves: {why}");
+        let epoch = self.segments[w].epoch();
+        if self.suspect[w] == Some(epoch) {
+            return;
+        }
+        self.suspect[w] = Some(epoch);
+        let Some(socket) = &self.control_socket else {
+            tracing::error!(
+                worker = w,
+                "no control socket: cannot have the worker replaced"
+            );
+            return;
+        };
+        let request = crate::supervisor::control::Request::Recycle {
+            worker: w,
+            reason: format!("the evolver found that {why}"),
+        };
+        if let Err(e) = crate::supervisor::control::call(socket, &request, Duration::from_secs(5)) {
+            tracing::error!(worker = w, "cannot have the worker replaced: {e}");
+        }
+    }
+
     /// Waits until worker `w` can take requests again (a replacement was
-    /// spawned, or the heartbeat came back).
+    /// spawned, or, for a worker not known to misbehave, the heartbeat came
+    /// back).
     fn settle(&mut self, w: usize, deadline: Instant) -> Result<(), EvalError> {
         let before = self.epochs[w];
         while Instant::now() < deadline {
             self.stopping()?;
             self.note_epochs();
             let seg = &self.segments[w];
+            if self.suspect[w].is_some_and(|e| e != seg.epoch()) {
+                self.suspect[w] = None;
+            }
             if self.epochs[w] != before
-                || seg.beat_age(evod_ring::Role::Worker) < Duration::from_secs(1)
+                || (self.suspect[w].is_none()
+                    && seg.beat_age(evod_ring::Role::Worker) < Duration::from_secs(1))
             {
                 return Ok(());
             }

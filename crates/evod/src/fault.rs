@@ -3,7 +3,7 @@
 //!
 //! The supervisor sends the matching fault opcode on that worker's control
 //! channel (a real invalid-memory write, `abort()`, a hang, a scribble over
-//! the shared segment, `exit(n)`). The daemon refuses unless it was started
+//! the shared segment, a lying reply while it keeps running, `exit(n)`). The daemon refuses unless it was started
 //! with `--allow-fault-injection`, and the worker refuses fault opcodes
 //! unless it was too. Both checks are kept: either side alone is enough to
 //! stop a stray request.
@@ -27,19 +27,20 @@ pub struct Args {
     /// Index of the worker to hit.
     #[arg(long, value_name = "I")]
     worker: usize,
-    /// `segv`, `abort`, `hang`, `scribble`, `exit` or `exit:N`.
+    /// `segv`, `abort`, `hang`, `scribble`, `lie`, `exit` or `exit:N`.
     #[arg(long, value_name = "KIND")]
     kind: String,
 }
 
 /// The fault opcode and its u32 argument for a fault `kind`
-/// (`segv`, `abort`, `hang`, `scribble`, `exit`, `exit:N`).
+/// (`segv`, `abort`, `hang`, `scribble`, `lie`, `exit`, `exit:N`).
 pub fn parse_kind(kind: &str) -> Result<(u32, u32), String> {
     Ok(match kind {
         "segv" => (op::FAULT_SEGV, 0),
         "abort" => (op::FAULT_ABORT, 0),
         "hang" => (op::FAULT_HANG, 0),
         "scribble" => (op::FAULT_SCRIBBLE, 0),
+        "lie" => (op::FAULT_LIE, 0),
         "exit" => (op::FAULT_EXIT, 1),
         other => match other.strip_prefix("exit:").map(str::parse::<u8>) {
             Some(Ok(n)) => (op::FAULT_EXIT, u32::from(n)),
@@ -50,7 +51,7 @@ pub fn parse_kind(kind: &str) -> Result<(u32, u32), String> {
             }
             None => {
                 return Err(format!(
-                    "unknown fault kind {other:?}: use segv, abort, hang, scribble, exit or exit:N"
+                    "unknown fault kind {other:?}: use segv, abort, hang, scribble, lie, exit or exit:N"
                 ));
             }
         },

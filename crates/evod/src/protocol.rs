@@ -48,6 +48,10 @@ pub mod op {
     pub const FAULT_SCRIBBLE: u32 = 103;
     /// Fault injection: `exit(n)`, n in the payload as u32.
     pub const FAULT_EXIT: u32 = 104;
+    /// Fault injection: publish a lying reply (payload outside the payload
+    /// area) on the `Eval` channel and keep running, as a runtime that
+    /// corrupts its shared memory without crashing would.
+    pub const FAULT_LIE: u32 = 105;
 
     /// The opcode's name, for logs and stats.
     pub fn name(op: u32) -> &'static str {
@@ -63,13 +67,14 @@ pub mod op {
             FAULT_HANG => "FAULT_HANG",
             FAULT_SCRIBBLE => "FAULT_SCRIBBLE",
             FAULT_EXIT => "FAULT_EXIT",
+            FAULT_LIE => "FAULT_LIE",
             _ => "UNKNOWN",
         }
     }
 
     /// Whether `op` is a fault-injection opcode.
     pub fn is_fault(op: u32) -> bool {
-        (FAULT_SEGV..=FAULT_EXIT).contains(&op)
+        (FAULT_SEGV..=FAULT_LIE).contains(&op)
     }
 }
 

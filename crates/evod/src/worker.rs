@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use evod_ring::{Request, RingError, Role, Scribble, Segment};
+use evod_ring::{Channel, Request, RingError, Role, Scribble, Segment};
 use evod_runtime::{Architecture, Model, Task};
 
 use crate::protocol::{self, EvalHeader, ExecHeader, LoadRequest, WorkerInfo, op, status};
@@ -101,6 +101,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         poison_one_in: args.poison_one_in.filter(|_| args.allow_fault_injection),
         model: None,
         started: Instant::now(),
+        lying: false,
     };
     let mut preloaded = None;
     if let Some(fd) = args.standby_fd {
@@ -215,6 +216,8 @@ struct Worker<'s> {
     poison_one_in: Option<u64>,
     model: Option<Loaded>,
     started: Instant,
+    /// `FAULT_LIE` was received: EVAL replies are garbage from now on.
+    lying: bool,
 }
 
 /// A reply: status and payload bytes.
@@ -243,6 +246,18 @@ impl Worker<'_> {
                 .payload
                 .get(..4)
                 .map_or(1, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            if opcode == op::FAULT_LIE {
+                // Answer the fault request honestly, then lie on the other
+                // channel and keep serving: the evolver must notice and have
+                // this worker replaced.
+                self.finish(request, opcode, begun, (status::OK, Vec::new()))?;
+                self.seg
+                    .scribble(Scribble::ReplyPayloadOutOfBounds(Channel::Eval));
+                // And every later EVAL reply is malformed, so the lie is
+                // seen even if an honest reply overwrote the scribbled slot.
+                self.lying = true;
+                return Ok(Flow::Continue);
+            }
             drop(request);
             inject_fault(self.seg, opcode, code);
         }
@@ -260,6 +275,7 @@ impl Worker<'_> {
                 }
             },
             op::NEURAL_EXEC => self.exec(request.payload),
+            op::EVAL if self.lying => (status::OK, b"lie".to_vec()),
             op::EVAL => self.eval(request.payload),
             op::SHUTDOWN => {
                 self.finish(request, opcode, begun, (status::OK, Vec::new()))?;

@@ -50,12 +50,21 @@ pub enum Request {
         /// The generation to restore.
         to: Option<u64>,
     },
+    /// Replace a worker that misbehaves without crashing (the evolver found
+    /// its ring corrupt or its replies malformed): SIGKILL, then the usual
+    /// restart. Any client of the socket may ask; it has the daemon's uid.
+    Recycle {
+        /// The worker's index.
+        worker: usize,
+        /// Why, in words (logged and shown as the exit's cause).
+        reason: String,
+    },
     /// Inject a fault into a worker (`evod fault`; refused unless the
     /// daemon runs with `--allow-fault-injection`).
     Fault {
         /// The worker's index.
         worker: usize,
-        /// `segv`, `abort`, `hang`, `scribble`, `exit` or `exit:N`.
+        /// `segv`, `abort`, `hang`, `scribble`, `lie`, `exit` or `exit:N`.
         kind: String,
     },
 }

@@ -698,6 +698,8 @@ impl Supervisor {
                     self.config.dir.clone().into(),
                     "--ring-fds".into(),
                     list.into(),
+                    "--control-socket".into(),
+                    self.config.control_socket.clone().into(),
                 ];
                 if self.config.allow_fault_injection {
                     args.push("--allow-fault-injection".into());
@@ -808,6 +810,7 @@ impl Supervisor {
             }
             Request::Exec { inputs } => self.exec(&inputs),
             Request::Fault { worker, kind } => self.inject_fault(worker, &kind),
+            Request::Recycle { worker, reason } => self.recycle(worker, &reason),
             Request::Rollback { to } => {
                 let to = match to {
                     Some(g) => Some(g),
@@ -830,6 +833,30 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Kills worker `index` so that it is replaced (the evolver asks when the
+    /// worker corrupts its ring but keeps running). The exit is handled like
+    /// any other: logged with `reason`, counted by the restart policy.
+    fn recycle(&mut self, index: usize, reason: &str) -> Response {
+        let Some(slot) = self
+            .slots
+            .iter_mut()
+            .find(|s| s.kind == Kind::Worker && s.index == index)
+        else {
+            return Response::error(format!("no worker {index}"));
+        };
+        let Some(child) = slot.child.as_ref().filter(|c| c.exited().is_none()) else {
+            return Response::error(format!("worker {index} is not running"));
+        };
+        let pid = child.pid().as_raw();
+        if slot.kill_cause.is_none() {
+            let reason: String = reason.chars().take(200).collect();
+            tracing::error!(pid, "recycling worker {index}: {reason}");
+            slot.kill_cause = Some(format!("recycled: {reason}"));
+            let _ = child.signal(Signal::SIGKILL);
+        }
+        Response::ok(serde_json::json!({ "worker": index, "pid": pid }))
     }
 
     /// Sends a fault opcode to worker `index` (`evod fault`).
