@@ -420,6 +420,26 @@ fn poison_candidates_are_quarantined_and_the_run_completes() {
             && l.contains("\"quarantined\"")),
         "no pulse counts quarantines:\n{log}"
     );
+    // And the worker stats the evolver polls every cycle: requests served
+    // by the live workers and the generation each of the two has loaded.
+    let pulse: serde_json::Value = log
+        .lines()
+        .filter(|l| l.contains("\"pulse\""))
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .expect("a pulse line in JSON");
+    let fields = &pulse["fields"];
+    assert!(fields["worker_requests"].as_u64().unwrap() > 0, "{pulse}");
+    assert_eq!(
+        fields["worker_generations"]
+            .as_str()
+            .unwrap()
+            .split(',')
+            .count(),
+        2,
+        "{pulse}"
+    );
+    assert!(fields["worker_slowest_ms"].as_f64().is_some(), "{pulse}");
 }
 
 #[test]

@@ -321,6 +321,7 @@ impl Loop {
                 self.finish(&format!("reached {limit} generations"));
                 return Ok(ExitCode::SUCCESS);
             }
+            ring.poll_stats();
             let report = match self.evolver.step(ring) {
                 Ok(r) => r,
                 Err(EvolveError::Eval { generation, source }) => {
@@ -414,6 +415,7 @@ impl Loop {
     fn pulse(&self, ring: &mut RingEvaluator<'_>, report: &GenerationReport, rate: f64) {
         let alive = ring.ping_all();
         let stats = self.evolver.stats();
+        let polled = ring.stats_summary();
         if self.tty {
             eprintln!();
         }
@@ -429,6 +431,11 @@ impl Loop {
             quarantined = stats.quarantined,
             publishes = stats.publishes,
             model_generation = self.spec.generation,
+            worker_requests = polled.requests,
+            worker_errors = polled.errors,
+            worker_slowest_ms = polled.slowest.as_secs_f64() * 1e3,
+            worker_generations = %polled.generations,
+            youngest_worker_s = polled.youngest.map(|d| d.as_secs_f64()),
             "pulse"
         );
     }
@@ -633,6 +640,33 @@ pub struct RingEvaluator<'s> {
     /// Workers reported as misbehaving, at the epoch they had then: not
     /// used again until they are replaced (their epoch changes).
     suspect: Vec<Option<u64>>,
+    /// Each worker's stats block, polled every cycle ([`Self::poll_stats`]).
+    polled: Vec<Polled>,
+}
+
+/// What the evolver read from one worker's stats block. Worker-written, so
+/// it is reported in the pulse line, never used for a decision.
+#[derive(Debug, Clone, Default)]
+struct Polled {
+    snapshot: Option<evod_ring::StatsSnapshot>,
+    /// Largest service time of a request seen by the polls since the last
+    /// pulse.
+    slowest: Duration,
+}
+
+/// The polled worker stats, summed over the workers, for the pulse line.
+#[derive(Debug, Default)]
+struct StatsSummary {
+    /// Requests served by the current incarnations.
+    requests: u64,
+    /// Of which answered with an error status.
+    errors: u64,
+    /// Slowest request seen by the polls since the previous pulse.
+    slowest: Duration,
+    /// Model generation each worker has loaded, comma-separated.
+    generations: String,
+    /// Uptime of the youngest worker.
+    youngest: Option<Duration>,
 }
 
 /// What became of one request.
@@ -654,6 +688,7 @@ impl<'s> RingEvaluator<'s> {
             stop: std::sync::Arc::default(),
             control_socket: None,
             suspect: vec![None; segments.len()],
+            polled: vec![Polled::default(); segments.len()],
         }
     }
 
@@ -788,6 +823,46 @@ impl<'s> RingEvaluator<'s> {
         Err(EvalError::Unavailable(format!(
             "worker {w} did not come back"
         )))
+    }
+
+    /// Reads every worker's stats block (no round trip: it lives in the
+    /// shared segment). Called once per cycle.
+    pub fn poll_stats(&mut self) {
+        for (seg, polled) in self.segments.iter().zip(&mut self.polled) {
+            let s = seg.stats();
+            polled.slowest = polled.slowest.max(s.last_service);
+            polled.snapshot = Some(s);
+        }
+    }
+
+    /// The pulse's summary of the polled stats (then starts a new window for
+    /// the slowest request).
+    fn stats_summary(&mut self) -> StatsSummary {
+        let mut out = StatsSummary::default();
+        let mut generations = Vec::new();
+        for polled in &mut self.polled {
+            out.slowest = out.slowest.max(polled.slowest);
+            polled.slowest = Duration::ZERO;
+            let Some(s) = &polled.snapshot else {
+                generations.push("-".to_owned());
+                continue;
+            };
+            out.requests = out
+                .requests
+                .saturating_add(
+                    s.requests_per_opcode
+                        .iter()
+                        .fold(0u64, |a, &n| a.saturating_add(n)),
+                )
+                .saturating_add(s.requests_other_opcodes);
+            out.errors = out.errors.saturating_add(s.errors);
+            generations.push(s.model_generation.to_string());
+            if let Some(up) = s.uptime {
+                out.youngest = Some(out.youngest.map_or(up, |y: Duration| y.min(up)));
+            }
+        }
+        out.generations = generations.join(",");
+        out
     }
 
     /// Sends `PING` to every worker; returns how many answered.
