@@ -424,8 +424,7 @@ fn poison_candidates_are_quarantined_and_the_run_completes() {
     // by the live workers and the generation each of the two has loaded.
     let pulse: serde_json::Value = log
         .lines()
-        .filter(|l| l.contains("\"pulse\""))
-        .last()
+        .rfind(|l| l.contains("\"pulse\""))
         .and_then(|l| serde_json::from_str(l).ok())
         .expect("a pulse line in JSON");
     let fields = &pulse["fields"];
