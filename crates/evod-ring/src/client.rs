@@ -251,7 +251,7 @@ impl<'a> Client<'a> {
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<u64, RingError> {
         self.check_epoch()?;
-        let l = *self.seg.layout();
+        let l = self.seg.layout();
         if payload_len > l.payload_bytes {
             return Err(RingError::PayloadTooLarge {
                 len: payload_len,

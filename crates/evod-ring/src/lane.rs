@@ -50,6 +50,7 @@ impl Producer {
     }
 
     /// Checks the consumer's published `head` against what is possible.
+    #[inline]
     pub(crate) fn check_head(
         &mut self,
         head: u64,
@@ -71,6 +72,7 @@ impl Producer {
 
     /// Reserves room for a message of `len` bytes (`len <= cap`), given the
     /// already checked consumer head. `None`: no slot or payload room now.
+    #[inline]
     pub(crate) fn reserve(&self, len: usize) -> Option<u64> {
         let head = self.head_seen;
         if self.tail - head >= self.depth {
@@ -79,8 +81,11 @@ impl Producer {
         let reserve = round_up(len as u64, PAYLOAD_ALIGN as u64);
         debug_assert!(reserve <= self.cap);
         let mut start = self.alloc;
-        if self.offset(start) + reserve > self.cap {
-            start = round_up(start, self.cap);
+        let off = self.offset(start);
+        if off + reserve > self.cap {
+            // Would straddle the end: start at the next multiple of `cap`
+            // (`off > 0` here, since `reserve <= cap`).
+            start += self.cap - off;
         }
         if head < self.tail {
             if head < self.barrier {
@@ -96,6 +101,7 @@ impl Producer {
 
     /// Records that the message at `tail` was written at `start` with `len`
     /// bytes; returns its offset inside the payload area.
+    #[inline]
     pub(crate) fn commit(&mut self, start: u64, len: usize) -> u64 {
         let i = self.slot(self.tail);
         self.starts[i] = start;

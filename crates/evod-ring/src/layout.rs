@@ -233,6 +233,9 @@ pub(crate) struct Layout {
     pub queue_depth: u32,
     pub payload_bytes: usize,
     pub total_size: usize,
+    /// `(slots offset, payload offset)` of each lane, by `[channel][dir]`,
+    /// computed once (the hot path only indexes).
+    lanes: [[(usize, usize); 2]; CHANNELS],
 }
 
 /// Size of one lane's slots (rounded to the payload alignment).
@@ -256,12 +259,21 @@ impl Layout {
                 "payload area of {payload_bytes} bytes is not a multiple of {PAYLOAD_ALIGN} in 1..={MAX_PAYLOAD_BYTES}"
             ));
         }
-        let lane = slots_bytes(queue_depth) + payload_bytes;
-        let total_size = std::mem::size_of::<SegmentHeader>() + lane * CHANNELS * 2;
+        let slots = slots_bytes(queue_depth);
+        let lane = slots + payload_bytes;
+        let hdr = std::mem::size_of::<SegmentHeader>();
+        let total_size = hdr + lane * CHANNELS * 2;
+        // Lane `(channel, dir)` (`dir` 0 = requests, 1 = responses) is the
+        // `channel * 2 + dir`-th: its slots, then its payload area.
+        let at = |channel: usize, dir: usize| {
+            let off = hdr + lane * (channel * 2 + dir);
+            (off, off + slots)
+        };
         Ok(Layout {
             queue_depth,
             payload_bytes,
             total_size,
+            lanes: [[at(0, 0), at(0, 1)], [at(1, 0), at(1, 1)]],
         })
     }
 
@@ -277,20 +289,17 @@ impl Layout {
         }) as usize
     }
 
-    /// Offset of lane `(channel, dir)`, `dir` 0 = requests, 1 = responses.
-    fn lane_off(&self, channel: usize, dir: usize) -> usize {
-        let lane = slots_bytes(self.queue_depth) + self.payload_bytes;
-        std::mem::size_of::<SegmentHeader>() + lane * (channel * 2 + dir)
-    }
-
-    /// Offset of the first slot of a lane.
+    /// Offset of the first slot of lane `(channel, dir)`, `dir` 0 =
+    /// requests, 1 = responses.
+    #[inline]
     pub(crate) fn slots_off(&self, channel: usize, dir: usize) -> usize {
-        self.lane_off(channel, dir)
+        self.lanes[channel][dir & 1].0
     }
 
-    /// Offset of the payload area of a lane.
+    /// Offset of the payload area of lane `(channel, dir)`.
+    #[inline]
     pub(crate) fn payload_off(&self, channel: usize, dir: usize) -> usize {
-        self.lane_off(channel, dir) + slots_bytes(self.queue_depth)
+        self.lanes[channel][dir & 1].1
     }
 }
 

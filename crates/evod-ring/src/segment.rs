@@ -297,6 +297,7 @@ impl Segment {
     }
 
     /// The current worker epoch.
+    #[inline]
     pub fn epoch(&self) -> u64 {
         // Acquire pairs with the Release of `bump_epoch`: whoever sees the
         // new epoch also sees the heartbeat and stats reset made before it.
@@ -483,14 +484,17 @@ impl Segment {
 
     // ---- typed views into the mapping (crate-internal) ----
 
+    #[inline]
     pub(crate) fn layout(&self) -> &Layout {
         &self.layout
     }
 
+    #[inline]
     fn header_ptr(&self) -> *const SegmentHeader {
         self.map.base().cast::<SegmentHeader>()
     }
 
+    #[inline]
     fn epoch_word(&self) -> &crate::sync::AtomicU64 {
         // SAFETY: the header lies inside the mapping (checked at create/attach),
         // the mapping is page-aligned, and the field is an atomic (any bytes
@@ -509,11 +513,13 @@ impl Segment {
         unsafe { &*addr_of!((*self.header_ptr()).stats) }
     }
 
+    #[inline]
     pub(crate) fn inbox(&self) -> &WaitWord {
         // SAFETY: as in `epoch_word`: in bounds, aligned, atomics only.
         unsafe { &*addr_of!((*self.header_ptr()).inbox) }
     }
 
+    #[inline]
     pub(crate) fn chan(&self, ch: Channel) -> &ChannelCtl {
         // SAFETY: as in `epoch_word`: in bounds (`ch as usize < CHANNELS`),
         // aligned, atomics only.
@@ -625,6 +631,7 @@ impl Segment {
 
     /// The payload bytes `[off, off + len)` of lane `(ch, dir)`, or
     /// `PeerCorrupt` if they do not lie inside its payload area.
+    #[inline]
     pub(crate) fn payload(
         &self,
         ch: Channel,
@@ -649,6 +656,7 @@ impl Segment {
     /// claim) holding `&mut` to that endpoint for the returned lifetime, and
     /// the range is free (not holding an unreleased message).
     #[allow(clippy::mut_from_ref)]
+    #[inline]
     pub(crate) unsafe fn payload_mut(
         &self,
         ch: Channel,
@@ -663,6 +671,7 @@ impl Segment {
         Ok(unsafe { std::slice::from_raw_parts_mut(self.map.base().add(start), len) })
     }
 
+    #[inline]
     fn payload_range(
         &self,
         ch: Channel,
@@ -676,12 +685,7 @@ impl Segment {
                 self.layout.payload_off(ch as usize, dir & 1) + off as usize,
                 len as usize,
             )),
-            _ => Err(RingError::PeerCorrupt {
-                what: format!(
-                    "{ch:?} {} payload at offset {off} length {len} exceeds the {cap}-byte area",
-                    if dir == 0 { "request" } else { "response" }
-                ),
-            }),
+            _ => Err(payload_out_of_bounds(ch, dir, off, len, cap)),
         }
     }
 
@@ -772,6 +776,19 @@ impl Segment {
                 c.req.head.v.store(tail + depth + 5, Ordering::Release);
             }
         }
+    }
+}
+
+/// The error for a payload range outside its area (kept out of line: the
+/// check is on every message, the error never on an honest one).
+#[cold]
+#[inline(never)]
+fn payload_out_of_bounds(ch: Channel, dir: usize, off: u64, len: u64, cap: u64) -> RingError {
+    RingError::PeerCorrupt {
+        what: format!(
+            "{ch:?} {} payload at offset {off} length {len} exceeds the {cap}-byte area",
+            if dir == 0 { "request" } else { "response" }
+        ),
     }
 }
 

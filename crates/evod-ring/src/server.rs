@@ -393,6 +393,7 @@ fn reply_on(
 }
 
 /// Makes the channel servable once the client has reset it for `epoch`.
+#[inline]
 fn sync(seg: &Segment, ch: Channel, epoch: u64, st: &mut ChanState) -> Result<bool, RingError> {
     let c = seg.chan(ch);
     // Acquire pairs with the client's Release store in `Client::resync`,
@@ -400,6 +401,14 @@ fn sync(seg: &Segment, ch: Channel, epoch: u64, st: &mut ChanState) -> Result<bo
     if c.client_epoch.v.load(Ordering::Acquire) != epoch {
         return Ok(false);
     }
+    synced(seg, ch, st)
+}
+
+/// The client has reset the channel for our epoch: check its reset and take
+/// our positions from it.
+#[cold]
+fn synced(seg: &Segment, ch: Channel, st: &mut ChanState) -> Result<bool, RingError> {
+    let c = seg.chan(ch);
     let l = seg.layout();
     // Relaxed: ordered by the Acquire above (the client wrote them before).
     let head = c.req.head.v.load(Ordering::Relaxed);

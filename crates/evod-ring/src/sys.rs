@@ -221,6 +221,7 @@ pub fn futex_wake(word: &AtomicU32, n: i32) -> io::Result<usize> {
 /// `CLOCK_MONOTONIC_COARSE` in nanoseconds: a few ns to read, a few ms of
 /// resolution, the same clock in every process of the machine. Used for
 /// heartbeats and uptime, which live in the shared segment.
+#[inline]
 pub fn coarse_now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -86,12 +86,15 @@ const PAUSED_POLLS: u64 = PURE_POLLS + 256;
 /// `poll`/`alive` fails. `alive` is checked before each park and after each
 /// wake-up, never on the spinning fast path. A poll that succeeds within the
 /// first [`PURE_POLLS`] costs nothing else (no clock read, no `pause`).
+/// The spinning part is inlined into the caller (it is the hot path of a
+/// round trip); parking is not.
+#[inline]
 pub(crate) fn wait_for<T>(
     word: &WaitWord,
     policy: &WaitPolicy,
     deadline: Deadline,
     mut poll: impl FnMut() -> Result<Option<T>, RingError>,
-    mut alive: impl FnMut() -> Result<(), RingError>,
+    alive: impl FnMut() -> Result<(), RingError>,
 ) -> Result<Option<T>, RingError> {
     if let Some(v) = poll()? {
         return Ok(Some(v));
@@ -129,6 +132,18 @@ pub(crate) fn wait_for<T>(
         Some(d) => d,
         None => deadline.resolve(Instant::now()),
     };
+    park(word, policy, deadline, poll, alive)
+}
+
+/// The parking half of [`wait_for`] (steps 2 and 3 of the module comment).
+#[inline(never)]
+fn park<T>(
+    word: &WaitWord,
+    policy: &WaitPolicy,
+    deadline: Instant,
+    mut poll: impl FnMut() -> Result<Option<T>, RingError>,
+    mut alive: impl FnMut() -> Result<(), RingError>,
+) -> Result<Option<T>, RingError> {
     loop {
         alive()?;
         // Acquire pairs with the notifier's `seq.fetch_add(Release)` in
@@ -161,6 +176,7 @@ pub(crate) fn wait_for<T>(
 
 /// Wakes the side parked on `word`, if it said it is parked. Call after the
 /// `Release` store that published what it waits for.
+#[inline]
 pub(crate) fn notify(word: &WaitWord) {
     // SYNC POINT: pairs with the fence in `wait_for` after `parked = 1`.
     fence(Ordering::SeqCst);
