@@ -237,3 +237,47 @@ fn worker_killed_mid_run_costs_a_respawn_not_the_run() {
         identity(&reference.path().join("vectorland.gguf"))
     );
 }
+
+#[test]
+fn a_quarantined_generation_is_never_published_again() {
+    // What a replay after a rollback would do: the same seed reaches the
+    // same candidate. Here the reference run's last publish is set aside as
+    // quarantined (as the supervisor's fallback does) before an identical
+    // run starts: that run must refuse to publish it.
+    let reference = tempfile::tempdir().unwrap();
+    init_sine(reference.path());
+    let out = finish(spawn_run(reference.path(), SINE_RUN));
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let (_, bad) = identity(&reference.path().join("vectorland.gguf"));
+    assert!(bad > 1, "the reference run published too little");
+
+    let dir = tempfile::tempdir().unwrap();
+    init_sine(dir.path());
+    let quarantine = dir.path().join("history/quarantine");
+    std::fs::create_dir_all(&quarantine).unwrap();
+    std::fs::copy(
+        reference.path().join("vectorland.gguf"),
+        quarantine.join(format!("gen-{bad}.gguf")),
+    )
+    .unwrap();
+    let out = finish(spawn_run(dir.path(), SINE_RUN));
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "stderr:\n{log}");
+    assert!(
+        log.contains(&format!(
+            "same parameters as quarantined generation {bad}, which crashed the runtime"
+        )),
+        "{log}"
+    );
+    let (_, live) = identity(&dir.path().join("vectorland.gguf"));
+    assert!(
+        live < bad,
+        "generation {live} published, {bad} was quarantined"
+    );
+    assert!(
+        !dir.path()
+            .join(format!("history/gen-{bad:08}.gguf"))
+            .exists(),
+        "the quarantined generation reached the history"
+    );
+}

@@ -443,75 +443,129 @@ fn status_check_and_json_describe_the_daemon() {
     assert_eq!(mode(&d.runtime_dir().join("control.sock")), 0o600);
 }
 
-#[test]
-fn a_generation_that_crash_loops_the_workers_is_rolled_back_and_quarantined() {
-    use evod_gguf::{GgufFile, PublishOptions, Value, rewrite};
-    let d = Daemon::start(&["--fallback-after", "3"]);
+/// Prepares a fallback test: the daemon's model is copied into the history
+/// and verified by the supervisor (its canary answered). Returns the file,
+/// the good generation and the history folder.
+fn verified_good_generation(d: &Daemon) -> (evod_gguf::GgufFile, u64, PathBuf) {
     let model = d.dir().join("vectorland.gguf");
-    let good = GgufFile::open(&model).unwrap();
-    let good_generation = good
+    let good = evod_gguf::GgufFile::open(&model).unwrap();
+    let generation = good
         .get("evod.generation")
         .and_then(|v| v.as_u64())
         .unwrap();
     let history = d.dir().join("history");
     std::fs::create_dir_all(&history).unwrap();
-    std::fs::copy(
-        &model,
-        history.join(format!("gen-{good_generation:08}.gguf")),
-    )
-    .unwrap();
-    // Wait until the supervisor has seen the good generation served.
+    std::fs::copy(&model, history.join(format!("gen-{generation:08}.gguf"))).unwrap();
     wait_for(
-        "the worker to serve the good generation for a second",
+        "the supervisor to verify the good generation",
         || {
-            let w = d.worker()?;
-            (w["uptime_s"].as_f64()? > 1.2).then_some(())
+            d.status()
+                .filter(|s| s["good_generation"] == generation)
+                .map(|_| ())
         },
-        || d.log(),
+        || format!("status {:?}\nlog:\n{}", d.status(), d.log()),
     );
-    // Publish a generation that crashes the runtime on LOAD (honoured only
-    // with --allow-fault-injection).
-    let bad_generation = good_generation + 1;
+    (good, generation, history)
+}
+
+/// Publishes (atomically) `good` renumbered `generation` and carrying
+/// `evod.fault = fault` (honoured only with --allow-fault-injection).
+fn publish_faulty(d: &Daemon, good: &evod_gguf::GgufFile, generation: u64, fault: &str) {
+    use evod_gguf::{PublishOptions, Value, rewrite};
     rewrite(
-        &good,
-        &model,
+        good,
+        &d.dir().join("vectorland.gguf"),
         |meta| {
             for (k, v) in meta.iter_mut() {
                 if k == "evod.generation" {
-                    *v = Value::U64(bad_generation);
+                    *v = Value::U64(generation);
                 }
             }
-            meta.push(("evod.fault".into(), Value::String("segv".into())));
+            meta.push(("evod.fault".into(), Value::String(fault.into())));
         },
         &PublishOptions::default(),
     )
     .unwrap();
+}
+
+/// Waits for rollback number `n` to `to`; checks the live file and the
+/// quarantined one.
+fn assert_rolled_back(d: &Daemon, n: u64, to: u64, bad: u64, fault: &str) {
     let s = wait_for(
         "the rollback",
         || {
-            d.status()
-                .filter(|s| s["rollbacks"] == 1 && s["healthy"] == true)
+            d.status().filter(|s| {
+                s["rollbacks"] == n && s["healthy"] == true && s["good_generation"] == to
+            })
         },
         || format!("status {:?}\nlog:\n{}", d.status(), d.log()),
     );
-    assert_eq!(s["generation"], good_generation, "{s}");
-    let restored = GgufFile::open(&model).unwrap();
+    assert_eq!(s["generation"], to, "{s}");
+    let restored = evod_gguf::GgufFile::open(&d.dir().join("vectorland.gguf")).unwrap();
     assert_eq!(
         restored.get("evod.generation").and_then(|v| v.as_u64()),
-        Some(good_generation)
+        Some(to)
     );
     assert!(restored.get("evod.fault").is_none());
-    let aside = history
-        .join("quarantine")
-        .join(format!("gen-{bad_generation}.gguf"));
-    let quarantined = GgufFile::open(&aside).unwrap();
+    let aside = d
+        .dir()
+        .join("history/quarantine")
+        .join(format!("gen-{bad}.gguf"));
+    let quarantined = evod_gguf::GgufFile::open(&aside).unwrap();
     assert_eq!(
         quarantined.get("evod.fault").and_then(|v| v.as_str()),
-        Some("segv")
+        Some(fault)
     );
     let log = d.log();
     assert!(log.contains("killed by signal 11 (SIGSEGV)"), "{log}");
-    assert!(log.contains("rolling back to generation"), "{log}");
+    assert!(
+        log.contains(&format!("rolling back to generation {to}")),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_generation_that_crash_loops_the_workers_is_rolled_back_and_quarantined() {
+    let d = Daemon::start(&["--fallback-after", "3"]);
+    let (good, good_generation, _) = verified_good_generation(&d);
+    // A generation that crashes the runtime on LOAD.
+    publish_faulty(&d, &good, good_generation + 1, "segv");
+    assert_rolled_back(&d, 1, good_generation, good_generation + 1, "segv");
+}
+
+#[test]
+fn a_generation_that_crashes_only_when_served_is_caught_by_the_canary() {
+    // The worker has been up for long when the bad generation comes: its
+    // crashes count because the generation was never verified, not because
+    // the worker was young.
+    let d = Daemon::start_with(2, &["--fallback-after", "3"]);
+    let (good, good_generation, _) = verified_good_generation(&d);
+    wait_for(
+        "workers up for over a second",
+        || {
+            let s = d.status()?;
+            let ok = s["children"]
+                .as_array()?
+                .iter()
+                .all(|c| c["uptime_s"].as_f64().unwrap_or(0.0) > 1.2);
+            ok.then_some(())
+        },
+        || d.log(),
+    );
+    // Loads fine (LOAD accepts it); crashes at the first NEURAL_EXEC, which
+    // only the supervisor's canary sends here (no evolver, no client).
+    publish_faulty(&d, &good, good_generation + 1, "segv-on-exec");
+    assert_rolled_back(&d, 1, good_generation, good_generation + 1, "segv-on-exec");
+    // Once the restored generation is verified, crashes are not blamed on
+    // it: three quick ones in a row roll nothing back.
+    for _ in 0..3 {
+        let pid = d.worker_pid();
+        d.fault("segv");
+        d.wait_respawn(pid, "SIGSEGV");
+    }
+    let s = d.wait_healthy();
+    assert_eq!(s["rollbacks"], 1, "{s}");
+    assert_eq!(s["generation"], good_generation, "{s}");
 }
 
 #[test]

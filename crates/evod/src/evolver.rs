@@ -235,6 +235,48 @@ struct Loop {
     /// counts it as published). Carries the report's generation and whether
     /// it solved the task.
     pending: Option<(GenerationReport, evod_evolve::PublishCandidate)>,
+    /// (generation, [`params_hash`]) of each model in
+    /// `history/quarantine/`: generations the supervisor rolled back because
+    /// they crashed the runtime. Read at start (a rollback restarts the
+    /// evolver); a candidate with the same parameters is never published.
+    quarantined: Vec<(u64, u64)>,
+}
+
+/// xxh3 of parameters as little-endian f32 bytes.
+fn params_hash(params: &[f32]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = Vec::with_capacity(4 * 4096);
+    for chunk in params.chunks(4096) {
+        buf.clear();
+        for v in chunk {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        h.update(&buf);
+    }
+    h.digest()
+}
+
+/// The quarantined generations in `dir/history/quarantine` that can be read
+/// as models: (generation, parameters hash).
+fn read_quarantine(dir: &Path) -> Vec<(u64, u64)> {
+    let qdir = crate::supervisor::rollback::quarantine_dir(dir);
+    let Ok(entries) = std::fs::read_dir(&qdir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for path in entries.flatten().map(|e| e.path()) {
+        if path.extension().is_none_or(|x| x != "gguf") {
+            continue;
+        }
+        match Model::open_for_serving(&path).and_then(|m| {
+            let hash = params_hash(&m.params()?);
+            Ok((m.spec.generation, hash))
+        }) {
+            Ok(entry) => out.push(entry),
+            Err(e) => tracing::warn!("cannot read quarantined {}: {e}", path.display()),
+        }
+    }
+    out
 }
 
 impl Loop {
@@ -292,6 +334,7 @@ impl Loop {
             tty: std::io::stderr().is_terminal(),
             io_fault_file: None,
             pending: None,
+            quarantined: read_quarantine(dir),
         })
     }
 
@@ -340,7 +383,9 @@ impl Loop {
             let mut solved = false;
             if let Some((pending_report, candidate)) = self.pending.take() {
                 match self.publish(&pending_report, &candidate, evolve, ring) {
-                    Ok(()) => {
+                    // Refused (quarantined parameters): nothing to retry.
+                    Ok(false) => {}
+                    Ok(true) => {
                         published = true;
                         solved = pending_report.solved;
                         if pending_report.generation != report.generation {
@@ -458,13 +503,15 @@ impl Loop {
         );
     }
 
+    /// Publishes `candidate` as generation `report.generation + 1`. `Ok(false)`:
+    /// refused, its parameters are those of a quarantined generation.
     fn publish(
         &mut self,
         report: &GenerationReport,
         candidate: &evod_evolve::PublishCandidate,
         evolve: &EvolveArgs,
         ring: &mut RingEvaluator<'_>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         // Published generations are numbered by metabolism cycle (1-based),
         // so a run's numbering does not depend on when it was interrupted.
         let generation = report.generation + 1;
@@ -477,7 +524,17 @@ impl Loop {
                 live = self.spec.generation,
                 "already published (replayed after resume); not writing again"
             );
-            return Ok(());
+            return Ok(true);
+        }
+        let hash = params_hash(&candidate.params);
+        if let Some((bad, _)) = self.quarantined.iter().find(|(_, h)| *h == hash) {
+            // A replay after a rollback would publish the very model that
+            // crashed the runtime: skip it; a better generation will come.
+            tracing::error!(
+                generation,
+                "not publishing: same parameters as quarantined generation {bad}, which crashed the runtime"
+            );
+            return Ok(false);
         }
         let old = evod_gguf::GgufFile::open(&self.model_path)?;
         let mut spec = self.spec.clone();
@@ -528,7 +585,7 @@ impl Loop {
             self.checksum,
             self.spec.arch.inputs(),
         );
-        Ok(())
+        Ok(true)
     }
 
     /// Links the live file into `history/` and keeps the newest `keep`.

@@ -134,9 +134,10 @@ fn print_report(out: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "model {} generation {}, rollbacks {}",
+        "model {} generation {} (last verified {}), rollbacks {}",
         r.model,
         dash(r.generation),
+        dash(r.good_generation),
         r.rollbacks
     )?;
     writeln!(

@@ -102,6 +102,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         model: None,
         started: Instant::now(),
         lying: false,
+        crash_on_exec: false,
     };
     let mut preloaded = None;
     if let Some(fd) = args.standby_fd {
@@ -218,6 +219,9 @@ struct Worker<'s> {
     started: Instant,
     /// `FAULT_LIE` was received: EVAL replies are garbage from now on.
     lying: bool,
+    /// The served model carries `evod.fault = "segv-on-exec"` (fault
+    /// injection only): `NEURAL_EXEC` crashes.
+    crash_on_exec: bool,
 }
 
 /// A reply: status and payload bytes.
@@ -274,6 +278,7 @@ impl Worker<'_> {
                     }
                 }
             },
+            op::NEURAL_EXEC if self.crash_on_exec => segfault(),
             op::NEURAL_EXEC => self.exec(request.payload),
             op::EVAL if self.lying => (status::OK, b"lie".to_vec()),
             op::EVAL => self.eval(request.payload),
@@ -367,6 +372,8 @@ impl Worker<'_> {
             match fault {
                 "segv" => inject_fault(self.seg, op::FAULT_SEGV, 0),
                 "abort" => inject_fault(self.seg, op::FAULT_ABORT, 0),
+                // Loads fine; crashes when it serves (`NEURAL_EXEC`).
+                "segv-on-exec" => {}
                 other => anyhow::bail!("{}: unknown evod.fault {other:?}", path.display()),
             }
         }
@@ -377,6 +384,8 @@ impl Worker<'_> {
             .with_context(|| format!("{}: task {:?}", path.display(), model.spec.task))?;
         task.check_arch(&model.spec.arch)?;
         self.seg.set_model_generation(model.spec.generation);
+        self.crash_on_exec = self.allow_faults
+            && model.file.get("evod.fault").and_then(|v| v.as_str()) == Some("segv-on-exec");
         self.model = Some(Loaded {
             arch: model.spec.arch.clone(),
             task,

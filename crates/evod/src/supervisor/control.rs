@@ -156,6 +156,10 @@ pub struct StatusReport {
     pub healthy: bool,
     /// Rollbacks performed by the fallback so far.
     pub rollbacks: u64,
+    /// Newest generation a worker loaded and answered the supervisor's
+    /// canary `NEURAL_EXEC` on (the fallback's "last good" generation).
+    #[serde(default)]
+    pub good_generation: Option<u64>,
     /// Every child.
     pub children: Vec<ChildStatus>,
 }

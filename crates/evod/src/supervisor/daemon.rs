@@ -74,6 +74,30 @@ impl Kind {
     }
 }
 
+/// Identity of the live model file.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct LiveModel {
+    /// (dev, ino): published files are replaced by rename, never rewritten.
+    id: (u64, u64),
+    generation: Option<u64>,
+    checksum: u64,
+    /// The network's input count (for the canary), if the file parses as a
+    /// model.
+    inputs: Option<usize>,
+}
+
+/// What the supervisor knows a worker serves: the file it was started on or
+/// told to `LOAD` (and that it accepted), and whether it has answered a
+/// canary `NEURAL_EXEC` on it.
+#[derive(Debug, Clone, Copy)]
+struct Serving {
+    model: LiveModel,
+    verified: bool,
+}
+
+/// Deadline of a canary `NEURAL_EXEC`.
+const CANARY_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// One supervised child position (its current incarnation and history).
 struct Slot {
     kind: Kind,
@@ -94,6 +118,8 @@ struct Slot {
     /// When to start a standby again after one ended on its own.
     standby_retry: Option<Instant>,
     standby_backoff: Duration,
+    /// The model this worker serves, as far as the supervisor knows.
+    serving: Option<Serving>,
 }
 
 impl Slot {
@@ -116,9 +142,10 @@ struct Supervisor {
     slots: Vec<Slot>,
     phase: Phase,
     started: Instant,
-    /// (dev, ino) of the model file last seen, and its generation.
-    model_seen: Option<((u64, u64), Option<u64>, u64)>,
-    /// Newest generation a worker served healthily.
+    /// The model file last seen.
+    model_seen: Option<LiveModel>,
+    /// Newest generation a worker served healthily: it loaded it (at start
+    /// or by `LOAD`) and answered the supervisor's canary `NEURAL_EXEC` on it.
     good_generation: Option<u64>,
     /// Quick worker crashes seen while each not-yet-good generation was live.
     crashes_after_new: HashMap<u64, u32>,
@@ -269,6 +296,7 @@ impl Supervisor {
                 if matches!(self.phase, Phase::Running) {
                     self.watchdog();
                     self.watch_model();
+                    self.verify_generations();
                 }
             }
             match self.phase {
@@ -425,8 +453,8 @@ impl Supervisor {
         );
         let decision = slot.tracker.on_exit(&self.config.policy, uptime, now);
         let label = slot.label();
-        let quick = uptime < self.config.policy.min_uptime;
         let kind = slot.kind;
+        slot.serving = None;
         match decision {
             Decision::RestartAfter(delay) => {
                 if !delay.is_zero() {
@@ -448,7 +476,7 @@ impl Supervisor {
                 return;
             }
         }
-        if kind == Kind::Worker && quick {
+        if kind == Kind::Worker {
             self.maybe_fall_back();
         }
     }
@@ -509,10 +537,17 @@ impl Supervisor {
         }
     }
 
-    /// Counts a quick worker crash against the live generation if no worker
-    /// ever served it healthily; past `fallback_after`, rolls back.
+    /// Counts a worker crash against the live generation if no worker has
+    /// served it healthily yet (loaded it and answered the canary): such a
+    /// crash may be the generation's doing, whatever the worker's uptime.
+    /// Past `fallback_after`, rolls back. Once a generation is verified,
+    /// crashes are the candidates' or the runtime's, not the model's.
     fn maybe_fall_back(&mut self) {
-        let Some((_, Some(live), _)) = self.read_model_identity() else {
+        let Some(LiveModel {
+            generation: Some(live),
+            ..
+        }) = self.read_model_identity()
+        else {
             return;
         };
         if self.good_generation == Some(live) {
@@ -598,7 +633,17 @@ impl Supervisor {
 
     fn start_child(&mut self, i: usize) {
         let spec = self.spec(i);
+        // A worker maps the live file when it starts (a promoted standby
+        // re-checks it): read its identity first, so that a file published
+        // meanwhile is the newer one and gets a `LOAD` at the next tick.
+        let live = self.read_model_identity();
         let slot = &mut self.slots[i];
+        slot.serving = live
+            .filter(|_| slot.kind == Kind::Worker)
+            .map(|model| Serving {
+                model,
+                verified: false,
+            });
         if let Some(old) = slot.child.as_mut() {
             old.kill_and_reap();
         }
@@ -718,7 +763,6 @@ impl Supervisor {
     /// Kills workers whose heartbeat stalled; notes generations served healthily.
     fn watchdog(&mut self) {
         let timeout = self.config.heartbeat_timeout;
-        let min_uptime = self.config.policy.min_uptime;
         for slot in &mut self.slots {
             if let Some(standby) = slot.standby.as_mut()
                 && standby.poll_ready()
@@ -745,30 +789,68 @@ impl Supervisor {
                 let _ = child.signal(Signal::SIGKILL);
                 continue;
             }
-            let up = child.started().elapsed();
-            let generation = seg.stats().model_generation;
-            // Up for a while and beating: it loaded this generation and serves it.
-            if up >= min_uptime && seg.last_beat(Role::Worker).is_some() {
-                self.good_generation = Some(
-                    self.good_generation
-                        .map_or(generation, |g| g.max(generation))
-                        .max(generation),
-                );
+        }
+    }
+
+    /// Sends a canary `NEURAL_EXEC` (all-zero inputs) to each worker not yet
+    /// known to serve the live file healthily; a finite answer marks the
+    /// live generation good. Only the supervisor's own knowledge counts:
+    /// which file the worker was started on or accepted by `LOAD`, and the
+    /// reply to its own request (not the worker-written stats).
+    fn verify_generations(&mut self) {
+        let Some(live) = self.model_seen else {
+            return;
+        };
+        let Some(inputs) = live.inputs else {
+            return;
+        };
+        let zeros = vec![0f32; inputs];
+        for slot in &mut self.slots {
+            let running = slot.running();
+            let (Some(seg), Some(serving)) = (&slot.segment, slot.serving.as_mut()) else {
+                continue;
+            };
+            if !running || serving.verified || serving.model.id != live.id {
+                continue;
+            }
+            match link::exec(seg, &zeros, CANARY_TIMEOUT) {
+                Ok(out) if !out.is_empty() && out.iter().all(|v| v.is_finite()) => {
+                    serving.verified = true;
+                    if let Some(g) = live.generation
+                        && self.good_generation != Some(g)
+                    {
+                        tracing::info!(
+                            "generation {g} verified: {} answered the canary NEURAL_EXEC",
+                            slot.label()
+                        );
+                        self.good_generation = Some(g);
+                    }
+                }
+                Ok(_) => tracing::debug!("{}: canary gave non-finite outputs", slot.label()),
+                Err(e) => tracing::debug!("{}: canary NEURAL_EXEC: {e}", slot.label()),
             }
         }
     }
 
-    /// (dev, ino), generation and checksum of the live model file.
-    fn read_model_identity(&self) -> Option<((u64, u64), Option<u64>, u64)> {
+    /// Identity, generation and checksum of the live model file.
+    fn read_model_identity(&self) -> Option<LiveModel> {
         let meta = std::fs::metadata(&self.config.model).ok()?;
         let id = (meta.dev(), meta.ino());
-        if let Some((seen, generation, checksum)) = self.model_seen
-            && seen == id
+        if let Some(seen) = self.model_seen
+            && seen.id == id
         {
-            return Some((id, generation, checksum));
+            return Some(seen);
         }
         let (generation, checksum) = rollback::identify(&self.config.model).ok()?;
-        Some((id, generation, checksum))
+        let inputs = evod_runtime::Model::open_for_serving(&self.config.model)
+            .ok()
+            .map(|m| m.spec.arch.inputs());
+        Some(LiveModel {
+            id,
+            generation,
+            checksum,
+            inputs,
+        })
     }
 
     /// A new file at the model path: have every running worker LOAD it.
@@ -776,26 +858,36 @@ impl Supervisor {
         let Some(now) = self.read_model_identity() else {
             return;
         };
-        if self.model_seen.map(|m| m.0) == Some(now.0) {
+        if self.model_seen.map(|m| m.id) == Some(now.id) {
             return;
         }
         self.model_seen = Some(now);
-        let (_, generation, checksum) = now;
+        let LiveModel {
+            generation,
+            checksum,
+            ..
+        } = now;
         tracing::info!(generation = ?generation, "a new model was published: loading it in the workers");
         let request = LoadRequest {
             path: self.config.model.to_string_lossy().into_owned(),
             generation: generation.unwrap_or(0),
             checksum,
         };
-        for slot in &self.slots {
+        for slot in &mut self.slots {
             let (Some(seg), true) = (&slot.segment, slot.running()) else {
                 continue;
             };
-            if let Err(e) = link::load(seg, &request, LOAD_TIMEOUT) {
-                tracing::warn!(
+            match link::load(seg, &request, LOAD_TIMEOUT) {
+                Ok(_) => {
+                    slot.serving = Some(Serving {
+                        model: now,
+                        verified: false,
+                    })
+                }
+                Err(e) => tracing::warn!(
                     "{}: LOAD of generation {generation:?} failed: {e}",
                     slot.label()
-                );
+                ),
             }
         }
     }
@@ -816,7 +908,7 @@ impl Supervisor {
                     Some(g) => Some(g),
                     None => self
                         .read_model_identity()
-                        .and_then(|(_, live, _)| live)
+                        .and_then(|m| m.generation)
                         .and_then(|live| {
                             rollback::previous_generation(&self.config.dir, live, None)
                         }),
@@ -980,7 +1072,7 @@ impl Supervisor {
             }
             children.push(row);
         }
-        let live = self.read_model_identity().and_then(|m| m.1);
+        let live = self.read_model_identity().and_then(|m| m.generation);
         StatusReport {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs_f64(),
@@ -990,6 +1082,7 @@ impl Supervisor {
             stopping,
             healthy,
             rollbacks: self.rollbacks,
+            good_generation: self.good_generation,
             children,
         }
     }
@@ -1031,6 +1124,7 @@ impl Slot {
             standby: None,
             standby_retry: None,
             standby_backoff: STANDBY_RETRY,
+            serving: None,
         }
     }
 }
