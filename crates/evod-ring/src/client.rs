@@ -57,8 +57,10 @@ impl Drop for Release<'_> {
         let c = self.seg.chan(self.ch);
         // Release pairs with the server's `resp.head.load(Acquire)` before it
         // reuses this slot and payload: our reads of them happen before.
+        // No notification here (it would put a fence on the round trip):
+        // a server parked for room is woken at our next fenced point (see
+        // `wait`).
         c.resp.head.v.store(*self.head, Ordering::Release);
-        wait::notify(&c.resp_space);
     }
 }
 
@@ -96,6 +98,8 @@ pub struct Client<'a> {
 
 impl Drop for Client<'_> {
     fn drop(&mut self) {
+        // The deferred wake of a server parked for room (see `wait`).
+        wait::notify(&self.seg.chan(self.ch).resp_space);
         self.seg.release_claim(self.ch as usize);
     }
 }
@@ -314,6 +318,9 @@ impl<'a> Client<'a> {
         // stays in this CPU's cache.
         c.req.tail.v.store(self.req.tail, Ordering::Release);
         wait::notify(self.seg.inbox());
+        // The fence just executed also orders our earlier reply releases
+        // (head stores) before this load: the deferred wake (see `wait`).
+        wait::notify_fenced(&c.resp_space);
         self.in_flight.push(id);
         Ok(id)
     }
@@ -361,9 +368,8 @@ impl<'a> Client<'a> {
             // Stale or foreign: drop it and look further.
             self.resp_head += 1;
             let c = seg.chan(ch);
-            // Release: as in `Release::drop`.
+            // Release: as in `Release::drop` (and, as there, no wake here).
             c.resp.head.v.store(self.resp_head, Ordering::Release);
-            wait::notify(&c.resp_space);
         }
     }
 
@@ -383,6 +389,9 @@ impl<'a> Client<'a> {
             Deadline::At(deadline),
             || Ok(seg.slot_ready(ch, RESP, pos)?.then_some(())),
             || {
+                // Before every park: the deferred wake of a server parked
+                // for room in the response lane (see `wait`).
+                wait::notify(&seg.chan(ch).resp_space);
                 if seg.epoch() != epoch {
                     return Err(RingError::Protocol {
                         what: "epoch changed".into(),

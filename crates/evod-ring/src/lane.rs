@@ -32,6 +32,9 @@ pub(crate) struct Producer {
     barrier: u64,
     depth: u64,
     cap: u64,
+    /// `depth - 1` and `cap - 1` for powers of two, else `NO_MASK`.
+    depth_mask: u64,
+    cap_mask: u64,
 }
 
 impl Producer {
@@ -46,6 +49,8 @@ impl Producer {
             barrier: tail,
             depth: u64::from(depth),
             cap: cap as u64,
+            depth_mask: mask_of(u64::from(depth)),
+            cap_mask: mask_of(cap as u64),
         }
     }
 
@@ -114,12 +119,12 @@ impl Producer {
     /// (`start % cap`, without a division when `cap` is a power of two).
     #[inline]
     pub(crate) fn offset(&self, start: u64) -> u64 {
-        fast_mod(start, self.cap)
+        fast_mod(start, self.cap, self.cap_mask)
     }
 
     #[inline]
     fn slot(&self, pos: u64) -> usize {
-        fast_mod(pos, self.depth) as usize
+        fast_mod(pos, self.depth, self.depth_mask) as usize
     }
 
     /// Restarts the lane empty at position `at` (after an epoch change).
@@ -135,6 +140,7 @@ impl Producer {
 /// slot still holds the message one lap earlier (`pos - depth`) or nothing
 /// since the last reset, `PeerCorrupt` for any other value (a position from
 /// the future, or from a lap that cannot be there).
+#[cold]
 pub(crate) fn check_stamp(
     stamp: u64,
     pos: u64,
@@ -176,14 +182,20 @@ pub(crate) fn check_tail(
     Ok(())
 }
 
-/// `x % m` (`m > 0`), a mask instead of a division for powers of two.
+/// Marks a modulus that is not a power of two (no mask is all ones: that
+/// would need a modulus of 2^64).
+pub(crate) const NO_MASK: u64 = u64::MAX;
+
+/// The mask that replaces `% m` for a power of two `m`, else `NO_MASK`.
+pub(crate) fn mask_of(m: u64) -> u64 {
+    if m.is_power_of_two() { m - 1 } else { NO_MASK }
+}
+
+/// `x % m` (`m > 0`, `mask == mask_of(m)`): an `and` instead of a
+/// division for powers of two.
 #[inline]
-fn fast_mod(x: u64, m: u64) -> u64 {
-    if m.is_power_of_two() {
-        x & (m - 1)
-    } else {
-        x % m
-    }
+pub(crate) fn fast_mod(x: u64, m: u64, mask: u64) -> u64 {
+    if mask != NO_MASK { x & mask } else { x % m }
 }
 
 fn round_up(x: u64, to: u64) -> u64 {

@@ -236,6 +236,8 @@ pub(crate) struct Layout {
     /// `(slots offset, payload offset)` of each lane, by `[channel][dir]`,
     /// computed once (the hot path only indexes).
     lanes: [[(usize, usize); 2]; CHANNELS],
+    /// `crate::lane::mask_of(queue_depth)`.
+    slot_mask: u64,
 }
 
 /// Size of one lane's slots (rounded to the payload alignment).
@@ -274,6 +276,7 @@ impl Layout {
             payload_bytes,
             total_size,
             lanes: [[at(0, 0), at(0, 1)], [at(1, 0), at(1, 1)]],
+            slot_mask: crate::lane::mask_of(u64::from(queue_depth)),
         })
     }
 
@@ -281,12 +284,7 @@ impl Layout {
     /// without a division when the depth is a power of two).
     #[inline]
     pub(crate) fn slot_index(&self, pos: u64) -> usize {
-        let d = u64::from(self.queue_depth);
-        (if d.is_power_of_two() {
-            pos & (d - 1)
-        } else {
-            pos % d
-        }) as usize
+        crate::lane::fast_mod(pos, u64::from(self.queue_depth), self.slot_mask) as usize
     }
 
     /// Offset of the first slot of lane `(channel, dir)`, `dir` 0 =

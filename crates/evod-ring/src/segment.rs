@@ -539,7 +539,13 @@ impl Segment {
         if stamp == pos {
             return Ok(true);
         }
-        check_stamp(stamp, pos, self.layout.queue_depth, || {
+        // The usual "not yet" answers, decided here: this runs on every
+        // poll while spinning.
+        let depth = self.layout.queue_depth;
+        if stamp == SLOT_EMPTY || pos.checked_sub(u64::from(depth)) == Some(stamp) {
+            return Ok(false);
+        }
+        check_stamp(stamp, pos, depth, || {
             format!("{ch:?} {}", if dir == 0 { "request" } else { "response" })
         })
     }
@@ -695,6 +701,14 @@ impl Segment {
     pub fn client_parked(&self, ch: Channel) -> bool {
         // Relaxed: an observation for tests; nothing is ordered after it.
         self.chan(ch).resp_ready.parked.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether the server has announced that it is parked on the futex,
+    /// waiting for room in the response lane of `ch`. For tests and
+    /// diagnostics, like [`Segment::client_parked`].
+    pub fn server_parked_for_room(&self, ch: Channel) -> bool {
+        // Relaxed: an observation for tests; nothing is ordered after it.
+        self.chan(ch).resp_space.parked.load(Ordering::Relaxed) != 0
     }
 
     /// Corrupts the segment on purpose (see [`Scribble`]). Meant for a

@@ -19,6 +19,15 @@
 //! between the waiter's read of `seq` and its `FUTEX_WAIT`, the kernel sees a
 //! changed word and returns at once. A lost wake-up therefore never happens
 //! between honest peers; a lying peer can at worst cost us one `slice`.
+//!
+//! One notification is deferred: a client releasing a reply only stores the
+//! response head (no fence: it is on the round trip's critical path). The
+//! worker waits for that head only when the response lane is full; spinning,
+//! it sees the store at once; parked, it is woken by the client's next fenced
+//! point: its next `send` (whose fence for the inbox serves), its next park
+//! (the liveness check before every park), or the client's drop. A client
+//! that releases and then goes quiet leaves a parked worker to notice at the
+//! end of its `slice`.
 
 use std::time::{Duration, Instant};
 
@@ -181,6 +190,17 @@ pub(crate) fn notify(word: &WaitWord) {
     // SYNC POINT: pairs with the fence in `wait_for` after `parked = 1`.
     fence(Ordering::SeqCst);
     // Relaxed: ordered by the fence above.
+    if word.parked.load(Ordering::Relaxed) != 0 {
+        wake_all(word);
+    }
+}
+
+/// [`notify`] for a caller whose last full fence already follows the
+/// `Release` store that published what the waiter waits for (e.g. right
+/// after a `notify` of another word).
+#[inline]
+pub(crate) fn notify_fenced(word: &WaitWord) {
+    // Relaxed: ordered by the caller's fence (SYNC POINT as in `notify`).
     if word.parked.load(Ordering::Relaxed) != 0 {
         wake_all(word);
     }

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use evod_ring::{Channel, ClientConfig, LayoutConfig, RingError, Segment, WaitPolicy};
+use evod_ring::{
+    Channel, ClientConfig, LayoutConfig, RingError, Segment, ServerConfig, WaitPolicy,
+};
 
 fn seg() -> Segment {
     Segment::create(&LayoutConfig {
@@ -169,4 +171,84 @@ fn no_worker_at_all_is_peer_lost_after_the_grace_period() {
         t.elapsed()
     );
     assert!(client.in_flight().is_empty());
+}
+
+/// Polls `cond` until true or `within` elapsed.
+fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cond()
+}
+
+/// A client releasing a reply does not notify (no fence on the round trip);
+/// a server parked for room in the response lane must still be woken by the
+/// client's next fenced point: its next park (`recv`) or its next `send`.
+/// The server parks at once with a 30 s slice, so a lost wake-up shows as a
+/// 5 s timeout.
+#[test]
+fn server_parked_for_room_is_woken_after_the_release() {
+    for next_is_send in [false, true] {
+        let seg = seg();
+        let park = WaitPolicy {
+            spin: Duration::ZERO,
+            slice: Duration::from_secs(30),
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let cfg = ServerConfig {
+                    wait: park,
+                    reply_wait: Duration::from_secs(30),
+                    beat_interval: Duration::from_secs(30),
+                };
+                let mut server = seg.server_with(cfg).expect("server");
+                for _ in 0..2 {
+                    let (_, req) = server
+                        .recv(Duration::from_secs(10))
+                        .expect("recv")
+                        .expect("a request");
+                    // 1000 of 1024 bytes: the second reply waits for the first.
+                    req.reply(0, 1000, |_, o| o.fill(9)).expect("reply");
+                }
+            });
+            // After a `send`, the client spins (never parks within the
+            // deadline), so only the send itself can have woken the server.
+            let wait = if next_is_send {
+                WaitPolicy {
+                    spin: Duration::from_secs(30),
+                    ..park
+                }
+            } else {
+                park
+            };
+            let cfg = ClientConfig {
+                peer_timeout: Duration::from_secs(60),
+                wait,
+            };
+            let mut client = seg.client_with(Channel::Eval, cfg).expect("client");
+            client.send(1, 0, 0, |_| {}).expect("send 1");
+            client.send(1, 0, 0, |_| {}).expect("send 2");
+            let first = client.recv(soon()).expect("first reply");
+            assert_eq!(first.payload.len(), 1000);
+            assert!(
+                eventually(Duration::from_secs(10), || seg
+                    .server_parked_for_room(Channel::Eval)),
+                "the server never parked waiting for room"
+            );
+            drop(first);
+            if next_is_send {
+                client.send(1, 0, 0, |_| {}).expect("send 3");
+            }
+            let t = Instant::now();
+            let second = client
+                .recv(Instant::now() + Duration::from_secs(5))
+                .expect("second reply: the parked server was not woken");
+            assert_eq!(second.payload.len(), 1000);
+            assert!(t.elapsed() < Duration::from_secs(5));
+        });
+    }
 }
