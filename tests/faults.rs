@@ -560,6 +560,61 @@ fn evolver_sigkilled_at_100_random_instants_leaves_a_valid_model() {
 }
 
 #[test]
+fn a_publish_lost_with_its_evolver_is_redone_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    init(
+        dir.path(),
+        &["--task", "sine", "--layers", "1,16,1", "--seed", "11"],
+    );
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--workers",
+            "2",
+            "--seed",
+            "12",
+            "--population",
+            "24",
+            "--checkpoint-every",
+            "1",
+        ],
+    );
+    let plan = dir.path().join(".evod/io-fault");
+    wait_for(
+        "the runtime folder",
+        DEADLINE,
+        || plan.parent().unwrap().exists(),
+        || d.log(),
+    );
+    let words = "rename failed: No space left on device";
+    std::fs::write(&plan, "rename ENOSPC").unwrap();
+    // Two failures: the candidate failed, was retried, and the checkpoint
+    // of the cycle in between counts it as published.
+    d.wait_log("two failed publishes", |l| l.matches(words).count() >= 2);
+    let g = model_generation(dir.path());
+    let evolver = children_with_role(d.pid(), "evolver")[0];
+    kill(Pid::from_raw(evolver as i32), Signal::SIGKILL).unwrap();
+    d.wait_log("the evolver's SIGKILL", |l| {
+        l.contains("evolver 0 killed by signal 9 (SIGKILL)")
+    });
+    std::fs::remove_file(&plan).unwrap();
+    // The next evolver finds the publish its checkpoint counts missing from
+    // the file and makes it.
+    d.wait_log("the lost publish redone", |l| {
+        l.contains("the checkpoint's last publish is not in the live file")
+    });
+    wait_for(
+        "a publish after the kill",
+        DEADLINE,
+        || model_generation(dir.path()) > g,
+        || d.log(),
+    );
+    valid_model(&dir.path().join("vectorland.gguf"));
+    let (status, log) = d.stop();
+    assert!(status.success(), "exit {status:?}\n{log}");
+}
+
+#[test]
 fn enospc_and_eio_on_publish_keep_the_old_file_and_publishing_resumes() {
     let dir = tempfile::tempdir().unwrap();
     init(

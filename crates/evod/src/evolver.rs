@@ -242,6 +242,53 @@ struct Loop {
     quarantined: Vec<(u64, u64)>,
 }
 
+/// A publish the checkpoint counts as done but the live file does not hold:
+/// the strategy's published candidate is better than the live model and is
+/// not it. That happens when a publish failed (a full disk) and its evolver
+/// was killed before a retry succeeded. Returns it as a pending publish,
+/// numbered by the resumed cycle (the next cycles number after it). Not
+/// when the candidate was quarantined: then the live file is a rollback.
+fn lost_publish(
+    evolver: &Evolver,
+    live: &Model,
+    quarantined: &[(u64, u64)],
+) -> Result<Option<(GenerationReport, evod_evolve::PublishCandidate)>> {
+    let Some((params, fitness)) = evolver.published() else {
+        return Ok(None);
+    };
+    if live.spec.fitness.is_some_and(|f| f >= fitness)
+        || *live.params()? == *params
+        || quarantined.iter().any(|(_, h)| *h == params_hash(params))
+    {
+        return Ok(None);
+    }
+    tracing::warn!(
+        fitness,
+        live_fitness = live.spec.fitness,
+        "the checkpoint's last publish is not in the live file (a failed publish whose evolver stopped): publishing it again"
+    );
+    let solved = evolver
+        .config()
+        .solve_threshold
+        .is_some_and(|t| fitness >= t);
+    let report = GenerationReport {
+        generation: evolver.generation().saturating_sub(1),
+        best_fitness: fitness,
+        mean_fitness: fitness,
+        evaluations: 0,
+        rejected: 0,
+        quarantined: 0,
+        publish: None,
+        solved,
+    };
+    let candidate = evod_evolve::PublishCandidate {
+        params: params.to_vec(),
+        fitness,
+        gate_fitness: Some(fitness),
+    };
+    Ok(Some((report, candidate)))
+}
+
 /// xxh3 of parameters as little-endian f32 bytes.
 fn params_hash(params: &[f32]) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
@@ -314,12 +361,19 @@ impl Loop {
                 Err(e) => tracing::warn!("ignoring checkpoint: {e}"),
             }
         }
+        let resumed = evolver.is_some();
         let evolver = match evolver {
             Some(e) => e,
             None => {
                 let params = model.params()?.into_owned();
                 Evolver::new(config, &model.spec.arch, params, model.spec.fitness)?
             }
+        };
+        let quarantined = read_quarantine(dir);
+        let pending = if resumed {
+            lost_publish(&evolver, &model, &quarantined)?
+        } else {
+            None
         };
         let progress_path = state.join(PROGRESS_FILE);
         let progress = open_progress(&progress_path, evolver.generation())?;
@@ -333,8 +387,8 @@ impl Loop {
             progress,
             tty: std::io::stderr().is_terminal(),
             io_fault_file: None,
-            pending: None,
-            quarantined: read_quarantine(dir),
+            pending,
+            quarantined,
         })
     }
 
