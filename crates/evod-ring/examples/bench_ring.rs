@@ -3,10 +3,14 @@
 //! idle (parked) client/worker pair burns. Writes the JSON file named by the
 //! first argument. The peer is this binary re-executed (`EVOD_RING_BENCH`).
 //!
-//! The floor every ring figure is read against is measured first, in the same
-//! run and with the same pinning and timing: two processes bouncing one
-//! `AtomicU64` on one shared cache line (`cacheline_rtt_*`). A round trip
-//! cannot cost less than that line going there and back.
+//! The floor every ring figure is read against is measured in the same run,
+//! with the same pinning and timing, in blocks alternating with the ring's
+//! PING: two processes bouncing one `AtomicU64` on one shared cache line
+//! (`cacheline_rtt_*`); a round trip cannot cost less than that line going
+//! there and back. Beside it, `two_slot_rtt_*`: the ring's shape with no
+//! code around it (a 64-byte request slot one way, a 64-byte response slot
+//! the other, each published by a stamp), the floor of any design with a
+//! request queue and a response queue.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -85,16 +89,28 @@ fn peer() {
         // The floor: answer every odd value on the shared line with the next.
         "cacheline" => {
             let line = Line::attach(fd);
-            let w = line.word();
-            let pause = std::env::var_os("BENCH_NOPAUSE").is_none();
+            let w = line.word(0);
             loop {
                 // Acquire/Release as a ring would use; nothing else is read.
+                // No `spin_loop` hint: the ring's first polls have none.
                 let v = w.load(Ordering::Acquire);
                 if v % 2 == 1 {
                     w.store(v + 1, Ordering::Release);
-                } else if pause {
-                    std::hint::spin_loop();
                 }
+            }
+        }
+        // The two-slot exchange: copy each request slot into a response slot.
+        "two-slot" => {
+            let line = Line::attach(fd);
+            let mut pos = 0u64;
+            loop {
+                pos += 1;
+                while line.word(REQ_SLOT + 7).load(Ordering::Acquire) != pos {}
+                for k in 0..7 {
+                    let v = line.word(REQ_SLOT + k).load(Ordering::Relaxed);
+                    line.word(RESP_SLOT + k).store(v, Ordering::Relaxed);
+                }
+                line.word(RESP_SLOT + 7).store(pos, Ordering::Release);
             }
         }
         // Byte echo over an inherited stream descriptor (socket or pipe pair).
@@ -145,11 +161,21 @@ fn median_p99(mut v: Vec<u64>) -> (u64, u64) {
 /// Round trips of `len`-byte payloads over the ring, client on `ccpu`,
 /// worker on `scpu`.
 fn ring_rtt(spin: bool, len: usize, n: usize, ccpu: usize, scpu: usize) -> (u64, u64) {
-    median_p99(ring_samples(spin, len, n, ccpu, scpu))
+    median_p99(ring_samples(spin, len, n, (ccpu, scpu), false))
 }
 
 /// The samples behind `ring_rtt`.
-fn ring_samples(spin: bool, len: usize, n: usize, ccpu: usize, scpu: usize) -> Vec<u64> {
+///
+/// The deadline each call needs is computed once per block (a clock read
+/// costs ~40 ns on this VM, as much as a cache-line transfer, and the
+/// floor's loop does not have one either) unless `deadline_per_call`.
+fn ring_samples(
+    spin: bool,
+    len: usize,
+    n: usize,
+    (ccpu, scpu): (usize, usize),
+    deadline_per_call: bool,
+) -> Vec<u64> {
     pin(ccpu);
     let seg = Segment::create(&LayoutConfig {
         queue_depth: 64,
@@ -166,16 +192,16 @@ fn ring_samples(spin: bool, len: usize, n: usize, ccpu: usize, scpu: usize) -> V
     let mut client = seg.client_with(Channel::Eval, cfg).expect("client");
     let mut times = Vec::with_capacity(n);
     let warm = (n / 10).max(10);
+    let block_deadline = Instant::now() + Duration::from_secs(600);
     for i in 0..n + warm {
         let t = Instant::now();
+        let deadline = if deadline_per_call {
+            Instant::now() + Duration::from_secs(10)
+        } else {
+            block_deadline
+        };
         let r = client
-            .call(
-                OP_ECHO,
-                0,
-                len,
-                |b| b.fill(i as u8),
-                Instant::now() + Duration::from_secs(10),
-            )
+            .call(OP_ECHO, 0, len, |b| b.fill(i as u8), deadline)
             .expect("call");
         assert_eq!(r.payload.len(), len);
         drop(r);
@@ -232,25 +258,86 @@ impl Line {
         }
     }
 
-    fn word(&self) -> &AtomicU64 {
-        // SAFETY: page-aligned, inside the mapping, which lives (never
-        // unmapped) as long as `self`; any bits are a valid u64.
-        unsafe { &*self.ptr.cast::<AtomicU64>() }
+    /// The `i`-th u64 of the page (`i < 512`).
+    fn word(&self, i: usize) -> &AtomicU64 {
+        assert!(i < 4096 / 8);
+        // SAFETY: 8-aligned (page-aligned base), inside the 4096-byte
+        // mapping, which lives (never unmapped) as long as `self`; any bits
+        // are a valid u64.
+        unsafe { &*self.ptr.cast::<AtomicU64>().add(i) }
     }
 }
 
-/// The floor and the spinning PING, measured in alternating blocks (a fresh
-/// peer per block) so that both see the same vCPU placement: the host moves
-/// this VM's vCPUs between physical cores, and the floor moves with it
-/// (see docs/benchmarks.md). Returns (floor median, p99), (PING median, p99).
-fn floor_and_ping(blocks: usize, per_block: usize, scpu: usize) -> ((u64, u64), (u64, u64)) {
-    let mut line = Vec::with_capacity(blocks * per_block);
-    let mut ping = Vec::with_capacity(blocks * per_block);
+/// Word index of the two-slot exchange's request slot (a cache line of its
+/// own: 7 words of header, then the stamp), and of its response slot, 1 KiB
+/// further (no adjacent-line prefetch between them).
+const REQ_SLOT: usize = 64;
+const RESP_SLOT: usize = 192;
+
+/// The floors and the spinning PING, measured in alternating blocks (a
+/// fresh peer per block) so that all see the same vCPU placement: the host
+/// moves this VM's vCPUs between physical cores, and the floor moves with it
+/// (see docs/benchmarks.md).
+struct Hot {
+    /// (median, p99) of: one cache line, two slots, PING, PING with a
+    /// deadline per call.
+    line: (u64, u64),
+    two_slot: (u64, u64),
+    ping: (u64, u64),
+    ping_deadline: (u64, u64),
+    /// Per block: (floor median, PING median).
+    blocks: Vec<(u64, u64)>,
+}
+
+fn hot_round_trips(blocks: usize, per_block: usize, scpu: usize) -> Hot {
+    let mut all = [(); 4].map(|_| Vec::with_capacity(blocks * per_block));
+    let mut pairs = Vec::with_capacity(blocks);
     for _ in 0..blocks {
-        line.extend(cacheline_samples(per_block, 0, scpu));
-        ping.extend(ring_samples(true, 0, per_block, 0, scpu));
+        let line = cacheline_samples(per_block, 0, scpu);
+        let ping = ring_samples(true, 0, per_block, (0, scpu), false);
+        pairs.push((median_p99(line.clone()).0, median_p99(ping.clone()).0));
+        all[0].extend(line);
+        all[1].extend(two_slot_samples(per_block, 0, scpu));
+        all[2].extend(ping);
+        all[3].extend(ring_samples(true, 0, per_block, (0, scpu), true));
     }
-    (median_p99(line), median_p99(ping))
+    let [line, two_slot, ping, ping_deadline] = all.map(median_p99);
+    Hot {
+        line,
+        two_slot,
+        ping,
+        ping_deadline,
+        blocks: pairs,
+    }
+}
+
+/// Round trips of the two-slot exchange (see the module comment).
+fn two_slot_samples(n: usize, ccpu: usize, scpu: usize) -> Vec<u64> {
+    pin(ccpu);
+    let line = Line::new();
+    let mut child = spawn("two-slot", scpu, &[line.fd.as_raw_fd()]);
+    let mut times = Vec::with_capacity(n);
+    let warm = (n / 10).max(10);
+    for i in 0..(n + warm) as u64 {
+        let t = Instant::now();
+        for k in 0..7 {
+            line.word(REQ_SLOT + k)
+                .store(i.wrapping_mul(k as u64), Ordering::Relaxed);
+        }
+        line.word(REQ_SLOT + 7).store(i + 1, Ordering::Release);
+        while line.word(RESP_SLOT + 7).load(Ordering::Acquire) != i + 1 {}
+        let mut sum = 0u64;
+        for k in 0..7 {
+            sum = sum.wrapping_add(line.word(RESP_SLOT + k).load(Ordering::Relaxed));
+        }
+        std::hint::black_box(sum);
+        if i >= warm as u64 {
+            times.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    times
 }
 
 /// Round trips of one cache line between two processes: we write an odd
@@ -259,19 +346,14 @@ fn cacheline_samples(n: usize, ccpu: usize, scpu: usize) -> Vec<u64> {
     pin(ccpu);
     let line = Line::new();
     let mut child = spawn("cacheline", scpu, &[line.fd.as_raw_fd()]);
-    let w = line.word();
-    let pause = std::env::var_os("BENCH_NOPAUSE").is_none();
+    let w = line.word(0);
     let mut times = Vec::with_capacity(n);
     let warm = (n / 10).max(10);
     let mut v = 0u64;
     for i in 0..n + warm {
         let t = Instant::now();
         w.store(v + 1, Ordering::Release);
-        while w.load(Ordering::Acquire) != v + 2 {
-            if pause {
-                std::hint::spin_loop();
-            }
-        }
+        while w.load(Ordering::Acquire) != v + 2 {}
         v += 2;
         if i >= warm {
             times.push(t.elapsed().as_nanos() as u64);
@@ -358,10 +440,24 @@ fn main() {
     let out = std::env::args().nth(1).expect("usage: bench_ring OUT.json");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let other = if cpus > 1 { 1 } else { 0 };
-    let ((line_med, line_p99), (spin_med, spin_p99)) = floor_and_ping(10, 20_000, other);
+    let hot = hot_round_trips(10, 20_000, other);
+    let (line_med, line_p99) = hot.line;
+    let (spin_med, spin_p99) = hot.ping;
+    let (dl_med, dl_p99) = hot.ping_deadline;
+    let mut block_ratios: Vec<f64> = hot
+        .blocks
+        .iter()
+        .map(|&(l, p)| p as f64 / l.max(1) as f64)
+        .collect();
+    block_ratios.sort_by(f64::total_cmp);
+    let block_ratio = block_ratios[block_ratios.len() / 2];
     if std::env::var_os("BENCH_RING_QUICK").is_some() {
-        // Iterating on the hot path: only the floor and the spinning PING.
-        println!("cacheline {line_med}/{line_p99} ns, ping {spin_med}/{spin_p99} ns");
+        // Iterating on the hot path: only the floors and the spinning PING.
+        println!(
+            "cacheline {line_med}/{line_p99} ns, two-slot {}/{} ns, ping {spin_med}/{spin_p99} ns, \
+             ping with a deadline per call {dl_med}/{dl_p99} ns, blocks {:?}",
+            hot.two_slot.0, hot.two_slot.1, hot.blocks
+        );
         return;
     }
     let (spin_same_med, spin_same_p99) = ring_rtt(true, 0, 20_000, 0, 0);
@@ -376,9 +472,15 @@ fn main() {
     let json = serde_json::json!({
         "cacheline_rtt_median_ns": line_med,
         "cacheline_rtt_p99_ns": line_p99,
+        "two_slot_rtt_median_ns": hot.two_slot.0,
+        "two_slot_rtt_p99_ns": hot.two_slot.1,
         "ping_over_cacheline_ratio": spin_med as f64 / line_med.max(1) as f64,
+        "ping_over_cacheline_block_median_ratio": block_ratio,
+        "blocks_cacheline_vs_ping_median_ns": hot.blocks,
         "ping_rtt_spin_median_ns": spin_med,
         "ping_rtt_spin_p99_ns": spin_p99,
+        "ping_rtt_spin_deadline_per_call_median_ns": dl_med,
+        "ping_rtt_spin_deadline_per_call_p99_ns": dl_p99,
         "ping_rtt_spin_same_cpu_median_ns": spin_same_med,
         "ping_rtt_spin_same_cpu_p99_ns": spin_same_p99,
         "ping_rtt_park_median_ns": park_med,

@@ -91,12 +91,21 @@ pub struct MsgHeader {
     pub reserved2: [u64; 1],
 }
 const _: () = assert!(std::mem::size_of::<MsgHeader>() == 64);
+const _: () = assert!(std::mem::align_of::<SegmentHeader>() == BLOCK_ALIGN);
 // SAFETY: repr(C), only integers, no implicit padding (64 = sum of fields),
 // every bit pattern is a valid value.
 unsafe impl ZeroCopy for MsgHeader {}
 
+/// Alignment of every control block: two cache lines. The adjacent-line
+/// prefetcher moves 64-byte lines in 128-byte aligned pairs, so a line one
+/// process writes must not share a pair with a line the other writes (on
+/// x86 stores become visible in order: a store to a line the peer holds
+/// delays every later store, the slot's stamp included, by a coherence round
+/// trip).
+pub(crate) const BLOCK_ALIGN: usize = 128;
+
 /// A futex word plus the "I am parked" flag of the one side that waits on it.
-#[repr(C, align(64))]
+#[repr(C, align(128))]
 #[derive(Debug)]
 pub(crate) struct WaitWord {
     /// Futex word: bumped by the waker before `FUTEX_WAKE`.
@@ -108,7 +117,7 @@ pub(crate) struct WaitWord {
 unsafe impl ZeroCopy for WaitWord {}
 
 /// A cache line holding one monotonic index.
-#[repr(C, align(64))]
+#[repr(C, align(128))]
 #[derive(Debug)]
 pub(crate) struct PaddedU64 {
     /// The value.
@@ -158,7 +167,7 @@ pub(crate) struct ChannelCtl {
 unsafe impl ZeroCopy for ChannelCtl {}
 
 /// One heartbeat: how many beats, and the coarse monotonic time of the last.
-#[repr(C, align(64))]
+#[repr(C, align(128))]
 #[derive(Debug)]
 pub(crate) struct BeatCtl {
     /// Number of beats since the segment was created (or the epoch bumped,
@@ -171,7 +180,7 @@ pub(crate) struct BeatCtl {
 unsafe impl ZeroCopy for BeatCtl {}
 
 /// The worker's statistics, written by the worker, copied by the others.
-#[repr(C, align(64))]
+#[repr(C, align(128))]
 #[derive(Debug)]
 pub(crate) struct StatsCtl {
     /// Requests served per opcode `0..STATS_OPCODES`.
@@ -193,7 +202,7 @@ pub(crate) struct StatsCtl {
 unsafe impl ZeroCopy for StatsCtl {}
 
 /// The header at offset 0.
-#[repr(C, align(64))]
+#[repr(C, align(128))]
 #[derive(Debug)]
 pub(crate) struct SegmentHeader {
     /// [`MAGIC`].
@@ -240,9 +249,10 @@ pub(crate) struct Layout {
     slot_mask: u64,
 }
 
-/// Size of one lane's slots (rounded to the payload alignment).
+/// Size of one lane's slots, rounded to [`BLOCK_ALIGN`] (so the producer's
+/// slots and the next lane never share a prefetch pair).
 fn slots_bytes(depth: u32) -> usize {
-    depth as usize * std::mem::size_of::<MsgHeader>()
+    (depth as usize * std::mem::size_of::<MsgHeader>()).next_multiple_of(BLOCK_ALIGN)
 }
 
 impl Layout {
@@ -262,7 +272,8 @@ impl Layout {
             ));
         }
         let slots = slots_bytes(queue_depth);
-        let lane = slots + payload_bytes;
+        // The payload area, too, ends on a prefetch-pair boundary.
+        let lane = slots + payload_bytes.next_multiple_of(BLOCK_ALIGN);
         let hdr = std::mem::size_of::<SegmentHeader>();
         let total_size = hdr + lane * CHANNELS * 2;
         // Lane `(channel, dir)` (`dir` 0 = requests, 1 = responses) is the
@@ -309,12 +320,21 @@ mod tests {
     fn lanes_tile_the_segment_without_overlap() {
         let l = Layout::new(4, 128).unwrap();
         let hdr = std::mem::size_of::<SegmentHeader>();
-        assert_eq!(hdr % 64, 0);
+        assert_eq!(hdr % BLOCK_ALIGN, 0);
         assert_eq!(l.slots_off(0, 0), hdr);
         assert_eq!(l.payload_off(0, 0), hdr + 4 * 64);
         assert_eq!(l.slots_off(0, 1), hdr + 4 * 64 + 128);
         assert_eq!(l.payload_off(1, 1) + 128, l.total_size);
         assert_eq!(l.payload_off(1, 0) % 64, 0);
+        // Odd sizes: every lane still starts on a prefetch-pair boundary.
+        let l = Layout::new(3, 64).unwrap();
+        for ch in 0..CHANNELS {
+            for dir in 0..2 {
+                assert_eq!(l.slots_off(ch, dir) % BLOCK_ALIGN, 0, "lane {ch}/{dir}");
+                assert!(l.payload_off(ch, dir) >= l.slots_off(ch, dir) + 3 * 64);
+            }
+        }
+        assert_eq!(l.total_size, hdr + 4 * (256 + 128));
     }
 
     #[test]
