@@ -275,3 +275,46 @@ fn fault_opcodes_kill_the_worker_only_when_allowed() {
         .unwrap();
     assert_eq!(wait_exit(&mut child).code(), Some(42));
 }
+
+#[test]
+fn a_long_evaluation_keeps_the_heartbeat_moving() {
+    // A 4-256-256-2 network (67k weights): the runtime ticks every few
+    // lockstep steps and the worker beats on each tick, so a batch that
+    // takes longer than a heartbeat timeout does not look like a hang.
+    // (Before, the heartbeat moved only between groups of 16 candidates:
+    // once for this whole batch.)
+    let dir = tempfile::tempdir().unwrap();
+    let arch = Architecture::new(vec![4, 256, 256, 2], "tanh".parse().unwrap()).unwrap();
+    let params = vec![0.0f32; arch.n_params()];
+    let spec = ModelSpec::new(arch.clone(), "cartpole".into(), 1);
+    let model = dir.path().join("big.gguf");
+    write_model(&model, &spec, &params, None).unwrap();
+    let seg = Segment::create(&LayoutConfig::default()).unwrap();
+    /// Kills the worker however the test ends (it holds the test's stdout).
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _worker = Reap(spawn_worker(&seg, &model, false));
+    let mut client = seg.client(Channel::Eval).unwrap();
+    assert_eq!(call(&mut client, PING, &[]).0, OK);
+    let beats = |seg: &Segment| {
+        seg.last_beat(evod_ring::Role::Worker)
+            .map_or(0, |b| b.count)
+    };
+    let before = beats(&seg);
+    // 8 candidates × 12 episodes = 96 episodes, 12 rounds of 8 lanes; all
+    // zero weights push one way, so each episode lasts about 10 steps:
+    // ~120 lockstep steps, a tick every 7.
+    let candidates: Vec<&[f32]> = vec![&params; 8];
+    let (st, out) = call(&mut client, EVAL, &eval_body(&candidates, 3, 12));
+    assert_eq!(st, OK, "{}", String::from_utf8_lossy(&out));
+    let during = beats(&seg) - before;
+    assert!(
+        during >= 10,
+        "only {during} heartbeats while evaluating ~120 lockstep steps"
+    );
+}

@@ -207,6 +207,7 @@ pub fn run_episodes(
         |_, _, job| seed.wrapping_add(job),
         // `job < episodes`, so it fits in u32.
         |job, steps| on_return(job as u32, steps),
+        &mut || {},
     );
     Ok(())
 }
@@ -222,6 +223,20 @@ pub fn mean_returns(
     candidates: &[&[f32]],
     seed: u64,
     episodes: u32,
+) -> Result<Vec<f64>, RuntimeError> {
+    mean_returns_with(arch, candidates, seed, episodes, &mut || {})
+}
+
+/// [`mean_returns`], calling `tick` regularly while it runs (about every
+/// [`TICK_WORK`] multiply-adds of the network, and at least every 64
+/// lockstep steps), e.g. to refresh a heartbeat from inside a long
+/// evaluation. The results are the same bit for bit.
+pub fn mean_returns_with(
+    arch: &Architecture,
+    candidates: &[&[f32]],
+    seed: u64,
+    episodes: u32,
+    tick: &mut dyn FnMut(),
 ) -> Result<Vec<f64>, RuntimeError> {
     check_arch(arch)?;
     for c in candidates {
@@ -251,6 +266,7 @@ pub fn mean_returns(
             seed.wrapping_add(job % per)
         },
         |job, steps| totals[(job / per) as usize] += u64::from(steps),
+        tick,
     );
     Ok(totals
         .into_iter()
@@ -258,14 +274,27 @@ pub fn mean_returns(
         .collect())
 }
 
+/// Network multiply-adds between two calls of a `tick` callback (a few
+/// milliseconds of work), so a 114-weight policy ticks every 64 lockstep
+/// steps and a million-weight one every step.
+pub const TICK_WORK: usize = 1 << 22;
+
+/// Lockstep steps between two `tick` calls for `net`.
+fn tick_stride(net: &MlpLanes) -> u32 {
+    let per_step = net.arch().n_params().saturating_mul(BATCH_LANES).max(1);
+    (TICK_WORK / per_step).clamp(1, 64) as u32
+}
+
 /// Runs jobs `0..jobs`, each one episode, [`BATCH_LANES`] at a time:
 /// `start_job(net, lane, job)` prepares `lane` of `net` for `job` and
-/// returns its episode seed; `on_return(job, steps)` reports its end.
+/// returns its episode seed; `on_return(job, steps)` reports its end;
+/// `tick()` is called every [`tick_stride`] steps.
 fn run_lockstep(
     net: &mut MlpLanes,
     jobs: u64,
     start_job: impl FnMut(&mut MlpLanes, usize, u64) -> u64,
     on_return: impl FnMut(u64, u32),
+    tick: &mut dyn FnMut(),
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -273,10 +302,10 @@ fn run_lockstep(
         // being compiled for AVX2, which the CPU was just checked to
         // support. Results are identical: Rust never fuses or reorders
         // floating-point operations, whatever the vector width.
-        unsafe { run_lockstep_avx2(net, jobs, start_job, on_return) };
+        unsafe { run_lockstep_avx2(net, jobs, start_job, on_return, tick) };
         return;
     }
-    run_lockstep_body(net, jobs, start_job, on_return);
+    run_lockstep_body(net, jobs, start_job, on_return, tick);
 }
 
 /// [`run_lockstep_body`] compiled for AVX2 (8 f32 lanes per instruction).
@@ -287,8 +316,9 @@ fn run_lockstep_avx2(
     jobs: u64,
     start_job: impl FnMut(&mut MlpLanes, usize, u64) -> u64,
     on_return: impl FnMut(u64, u32),
+    tick: &mut dyn FnMut(),
 ) {
-    run_lockstep_body(net, jobs, start_job, on_return);
+    run_lockstep_body(net, jobs, start_job, on_return, tick);
 }
 
 /// Per-lane bookkeeping of the lockstep runner. Structure of arrays:
@@ -338,8 +368,11 @@ fn run_lockstep_body(
     jobs: u64,
     mut start_job: impl FnMut(&mut MlpLanes, usize, u64) -> u64,
     mut on_return: impl FnMut(u64, u32),
+    tick: &mut dyn FnMut(),
 ) {
     const L: usize = BATCH_LANES;
+    let stride = tick_stride(net);
+    let mut until_tick = stride;
     let mut envs = LaneEnvs {
         state: [[0.0; L]; 4],
         obs: [[0.0; L]; 4],
@@ -354,6 +387,11 @@ fn run_lockstep_body(
         }
     }
     while active > 0 {
+        until_tick -= 1;
+        if until_tick == 0 {
+            tick();
+            until_tick = stride;
+        }
         let outputs = net.forward_inline(&envs.obs);
         let mut force = [0.0f64; L];
         for (k, f) in force.iter_mut().enumerate() {
@@ -504,6 +542,29 @@ mod tests {
         assert_eq!(mean, 500.0);
     }
 
+    #[test]
+    fn ticks_come_during_long_evaluations_and_change_nothing() {
+        let (arch, params) = balancing_policy();
+        let candidates: Vec<&[f32]> = vec![&params; 3];
+        let plain = mean_returns(&arch, &candidates, 11, 20).unwrap();
+        let mut ticks = 0u64;
+        let ticked = mean_returns_with(&arch, &candidates, 11, 20, &mut || ticks += 1).unwrap();
+        assert_eq!(plain, ticked);
+        // 60 balanced episodes of 500 steps, 8 at a time, a tick every 64
+        // steps for this small network.
+        let steps = (60u64).div_ceil(BATCH_LANES as u64) * 500;
+        assert!(ticks >= steps / 64 - 1, "{ticks} ticks for ~{steps} steps");
+        // A large network ticks every step.
+        let big = Architecture {
+            layers: vec![4, 1024, 1024, 2],
+            activation: crate::arch::Activation::Tanh,
+        };
+        assert_eq!(
+            tick_stride(&MlpLanes::new(&big, &vec![0.0; big.n_params()]).unwrap()),
+            1
+        );
+    }
+
     /// A way to run `episodes` episodes from `seed` in lockstep.
     type Runner = fn(&mut MlpLanes, u64, u32, &mut dyn FnMut(u32, u32));
 
@@ -519,6 +580,7 @@ mod tests {
                     u64::from(e),
                     |_, _, job| s.wrapping_add(job),
                     |job, steps| f(job as u32, steps),
+                    &mut || {},
                 )
             },
         ];

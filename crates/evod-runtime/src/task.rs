@@ -145,15 +145,32 @@ impl Task {
         candidates: &[&[f32]],
         seed: u64,
     ) -> Result<Vec<f64>, RuntimeError> {
+        self.evaluate_many_with(arch, candidates, seed, &mut || {})
+    }
+
+    /// [`Task::evaluate_many`], calling `tick` regularly while it runs
+    /// (CartPole: every few milliseconds of network work; the other tasks:
+    /// between candidates), so a caller can show progress, e.g. keep a
+    /// heartbeat fresh through a long evaluation. Same results.
+    pub fn evaluate_many_with(
+        &self,
+        arch: &Architecture,
+        candidates: &[&[f32]],
+        seed: u64,
+        tick: &mut dyn FnMut(),
+    ) -> Result<Vec<f64>, RuntimeError> {
         self.check_arch(arch)?;
         let fitness = match self {
             Task::CartPole { episodes } => {
-                cartpole::mean_returns(arch, candidates, seed, *episodes)?
+                cartpole::mean_returns_with(arch, candidates, seed, *episodes, tick)?
             }
             _ => {
                 return candidates
                     .iter()
-                    .map(|c| self.evaluate(arch, c, seed))
+                    .map(|c| {
+                        tick();
+                        self.evaluate(arch, c, seed)
+                    })
                     .collect();
             }
         };

@@ -469,7 +469,12 @@ impl Worker<'_> {
                 group.push(protocol::read_f32s(chunk));
             }
             let views: Vec<&[f32]> = group.iter().map(Vec::as_slice).collect();
-            match task.evaluate_many(&m.arch, &views, h.seed) {
+            // The runtime ticks every few milliseconds of network work: the
+            // heartbeat stays fresh through a long evaluation (a large
+            // network, many episodes) while it makes progress, and stops
+            // if it hangs.
+            let seg = self.seg;
+            match task.evaluate_many_with(&m.arch, &views, h.seed, &mut || seg.beat(Role::Worker)) {
                 Ok(f) => fitness.extend(f),
                 Err(e) => return error(status::EVAL_FAILED, format!("{e}")),
             }
