@@ -873,6 +873,12 @@ impl Supervisor {
             generation: generation.unwrap_or(0),
             checksum,
         };
+        let path = self.config.model.clone();
+        let replaced = || {
+            std::fs::metadata(&path)
+                .ok()
+                .is_some_and(|m| (m.dev(), m.ino()) != now.id)
+        };
         for slot in &mut self.slots {
             let (Some(seg), true) = (&slot.segment, slot.running()) else {
                 continue;
@@ -884,6 +890,12 @@ impl Supervisor {
                         verified: false,
                     })
                 }
+                // A newer file took its place before the worker opened it
+                // (the evolver publishes fast): the next tick loads that one.
+                Err(e) if replaced() => tracing::debug!(
+                    "{}: LOAD of generation {generation:?} superseded by a newer file: {e}",
+                    slot.label()
+                ),
                 Err(e) => tracing::warn!(
                     "{}: LOAD of generation {generation:?} failed: {e}",
                     slot.label()
