@@ -151,6 +151,17 @@ impl Daemon {
         )
     }
 
+    /// `evod exec` of one CartPole input row: the outputs, as printed.
+    fn exec(&self) -> String {
+        let o = evod()
+            .args(["exec", "--input", "0.1,0.2,0.3,0.4", "--dir"])
+            .arg(self.dir())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "exec: {}", text(&o.stderr));
+        text(&o.stdout).trim().to_owned()
+    }
+
     /// Waits until worker 0 has a standby that is ready; returns its pid.
     fn wait_standby_ready(&self) -> u32 {
         wait_for(
@@ -261,13 +272,7 @@ fn worker_crashes_are_respawned_and_explained_in_status() {
     let log = d.log();
     assert!(log.contains("killed by signal 11 (SIGSEGV)"), "{log}");
     // The respawned worker serves: exec answers.
-    let o = evod()
-        .args(["exec", "--input", "0.1,0.2,0.3,0.4", "--dir"])
-        .arg(d.dir())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "exec: {}", text(&o.stderr));
-    assert_eq!(text(&o.stdout).trim().split(',').count(), 2);
+    assert_eq!(d.exec().split(',').count(), 2);
 }
 
 #[test]
@@ -588,12 +593,7 @@ fn a_crashed_worker_is_replaced_by_its_warm_standby() {
     assert_eq!(comm.trim(), "evod-worker");
     assert!(d.log().contains("standby promoted"), "{}", d.log());
     // The promoted standby serves the model, and a new standby takes its place.
-    let o = evod()
-        .args(["exec", "--input", "0.1,0.2,0.3,0.4", "--dir"])
-        .arg(d.dir())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "exec: {}", text(&o.stderr));
+    assert_eq!(d.exec().split(',').count(), 2);
     let next = d.wait_standby_ready();
     assert!(next != standby && next != worker, "{next}");
 }
