@@ -53,26 +53,46 @@ fn client_config() -> ClientConfig {
 
 /// Sends `opcode` with a payload filled by `fill`, waits for the reply until
 /// `timeout`, and hands the checked payload to `decode`.
+///
+/// A request sent earlier without waiting (`send_only`: a fault, SHUTDOWN)
+/// may still be in the worker's hands: then the lane has no room for a new
+/// client yet, and the send is retried until the deadline; that request's
+/// reply, if it comes, is dropped, never taken for this one.
 fn call<T>(
     seg: &Segment,
     opcode: u32,
     len: usize,
-    fill: impl FnOnce(&mut [u8]),
+    fill: impl Fn(&mut [u8]),
     timeout: Duration,
     decode: impl FnOnce(&[u8]) -> Result<T, String>,
 ) -> Result<T, LinkError> {
+    let deadline = Instant::now() + timeout;
     let mut client = seg.client_with(Channel::Control, client_config())?;
-    let reply = client.call(opcode, 0, len, fill, Instant::now() + timeout)?;
-    let status = reply.header.status;
+    let id = loop {
+        match client.send(opcode, 0, len, &fill) {
+            Ok(id) => break id,
+            Err(RingError::Full) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let (status, payload) = loop {
+        let reply = client.recv(deadline)?;
+        if reply.request_id() == id {
+            // Copied out of the segment before anything decodes it.
+            break (reply.status(), reply.payload.to_vec());
+        }
+    };
     if status != protocol::status::OK {
-        let text = String::from_utf8_lossy(&reply.payload[..reply.payload.len().min(4096)]);
+        let text = String::from_utf8_lossy(&payload[..payload.len().min(4096)]);
         return Err(LinkError::Refused {
             opcode: op::name(opcode),
             status,
             message: text.into_owned(),
         });
     }
-    decode(reply.payload).map_err(|problem| LinkError::BadReply {
+    decode(&payload).map_err(|problem| LinkError::BadReply {
         opcode: op::name(opcode),
         problem,
     })
