@@ -639,3 +639,37 @@ fn no_standby_starts_workers_cold() {
     assert_eq!(w["standby_pid"], Value::Null, "{w}");
     assert!(!d.log().contains("standby promoted"), "{}", d.log());
 }
+
+#[test]
+fn a_worker_past_its_memory_limit_aborts_and_is_restarted() {
+    let d = Daemon::start(&["--worker-memory-limit", "256M"]);
+    let worker = d.worker_pid();
+    let standby = d.wait_standby_ready();
+    for pid in [worker, standby] {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let data = limits
+            .lines()
+            .find(|l| l.starts_with("Max data size"))
+            .unwrap();
+        assert_eq!(
+            data.split_whitespace().nth(3),
+            Some("268435456"),
+            "pid {pid}: {data}"
+        );
+    }
+    // Within the limit the worker allocates and serves on.
+    d.fault("alloc:16");
+    assert_eq!(d.exec().split(',').count(), 2);
+    assert_eq!(d.worker_pid(), worker);
+    // Past it the allocation fails: abort, restart.
+    d.fault("alloc:1024");
+    let w = d.wait_respawn(worker, "killed by signal 6 (SIGABRT)");
+    assert_eq!(w["restarts"], 1, "{w}");
+    assert!(
+        d.log()
+            .contains("memory allocation of 1073741824 bytes failed"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(d.exec().split(',').count(), 2);
+}

@@ -27,13 +27,14 @@ pub struct Args {
     /// Index of the worker to hit.
     #[arg(long, value_name = "I")]
     worker: usize,
-    /// `segv`, `abort`, `hang`, `scribble`, `lie`, `exit` or `exit:N`.
+    /// `segv`, `abort`, `hang`, `scribble`, `lie`, `alloc[:MiB]`, `exit` or `exit:N`.
     #[arg(long, value_name = "KIND")]
     kind: String,
 }
 
 /// The fault opcode and its u32 argument for a fault `kind`
-/// (`segv`, `abort`, `hang`, `scribble`, `lie`, `exit`, `exit:N`).
+/// (`segv`, `abort`, `hang`, `scribble`, `lie`, `alloc`, `alloc:MiB`,
+/// `exit`, `exit:N`).
 pub fn parse_kind(kind: &str) -> Result<(u32, u32), String> {
     Ok(match kind {
         "segv" => (op::FAULT_SEGV, 0),
@@ -41,7 +42,16 @@ pub fn parse_kind(kind: &str) -> Result<(u32, u32), String> {
         "hang" => (op::FAULT_HANG, 0),
         "scribble" => (op::FAULT_SCRIBBLE, 0),
         "lie" => (op::FAULT_LIE, 0),
+        "alloc" => (op::FAULT_ALLOC, 1024),
         "exit" => (op::FAULT_EXIT, 1),
+        other if other.starts_with("alloc:") => match other["alloc:".len()..].parse::<u32>() {
+            Ok(mib) if mib > 0 => (op::FAULT_ALLOC, mib),
+            _ => {
+                return Err(format!(
+                    "bad fault kind {other:?}: alloc:N takes a size in MiB, 1 or more"
+                ));
+            }
+        },
         other => match other.strip_prefix("exit:").map(str::parse::<u8>) {
             Some(Ok(n)) => (op::FAULT_EXIT, u32::from(n)),
             Some(Err(_)) => {
@@ -51,7 +61,7 @@ pub fn parse_kind(kind: &str) -> Result<(u32, u32), String> {
             }
             None => {
                 return Err(format!(
-                    "unknown fault kind {other:?}: use segv, abort, hang, scribble, lie, exit or exit:N"
+                    "unknown fault kind {other:?}: use segv, abort, hang, scribble, lie, alloc[:MiB], exit or exit:N"
                 ));
             }
         },

@@ -52,6 +52,10 @@ pub mod op {
     /// area) on the `Eval` channel and keep running, as a runtime that
     /// corrupts its shared memory without crashing would.
     pub const FAULT_LIE: u32 = 105;
+    /// Fault injection: allocate (and touch) n MiB, n in the payload as u32,
+    /// as a runtime with a runaway allocation would; past the worker's
+    /// memory limit the allocation fails and the worker aborts.
+    pub const FAULT_ALLOC: u32 = 106;
 
     /// The opcode's name, for logs and stats.
     pub fn name(op: u32) -> &'static str {
@@ -68,13 +72,14 @@ pub mod op {
             FAULT_SCRIBBLE => "FAULT_SCRIBBLE",
             FAULT_EXIT => "FAULT_EXIT",
             FAULT_LIE => "FAULT_LIE",
+            FAULT_ALLOC => "FAULT_ALLOC",
             _ => "UNKNOWN",
         }
     }
 
     /// Whether `op` is a fault-injection opcode.
     pub fn is_fault(op: u32) -> bool {
-        (FAULT_SEGV..=FAULT_LIE).contains(&op)
+        (FAULT_SEGV..=FAULT_ALLOC).contains(&op)
     }
 }
 

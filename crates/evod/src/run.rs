@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::supervisor::config::parse_duration;
+use crate::supervisor::config::{parse_duration, parse_size};
 use crate::supervisor::policy::OnGiveUp;
 
 /// Log output format.
@@ -180,6 +180,11 @@ pub struct Args {
     /// start, ~2.5 ms instead of ~0.2 ms).
     #[arg(long, env = "EVOD_NO_STANDBY")]
     pub no_standby: bool,
+    /// Cap on each worker's heap (`RLIMIT_DATA`: e.g. 512M, 2G; not counting
+    /// the shared ring or the mapped model). A worker that allocates past it
+    /// aborts and is restarted like any crashed worker [default: no limit].
+    #[arg(long, env = "EVOD_WORKER_MEMORY_LIMIT", value_parser = parse_size, value_name = "SIZE")]
+    pub worker_memory_limit: Option<u64>,
     /// Time a graceful stop may take before children are killed [default: 10s].
     #[arg(long, env = "EVOD_GRACE_PERIOD", value_parser = parse_duration, value_name = "DURATION")]
     pub grace_period: Option<Duration>,

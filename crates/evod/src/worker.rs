@@ -262,6 +262,17 @@ impl Worker<'_> {
                 self.lying = true;
                 return Ok(Flow::Continue);
             }
+            if opcode == op::FAULT_ALLOC {
+                // A real allocation, every page touched, then kept: within
+                // the memory limit the worker goes on serving (and answers
+                // OK); past it the allocation fails and Rust aborts the
+                // process (SIGABRT), as for a runtime's runaway allocation.
+                let bytes = (code as usize).saturating_mul(1 << 20);
+                let block = vec![1u8; bytes];
+                std::hint::black_box(&block);
+                std::mem::forget(block);
+                return self.finish(request, opcode, begun, (status::OK, Vec::new()));
+            }
             drop(request);
             inject_fault(self.seg, opcode, code);
         }

@@ -57,6 +57,51 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(value * scale).map_err(|e| format!("bad duration {text:?}: {e}"))
 }
 
+/// Parses a size in bytes: `512M`, `2G`, `64MiB`, `1.5G`, or a bare number
+/// of bytes (binary multiples: K = 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("bad size {text:?}: expected e.g. 512M, 2G"))?;
+    let scale: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        "T" | "TB" | "TIB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "bad size unit {other:?} in {text:?}: use K, M, G or T"
+            ));
+        }
+    };
+    let bytes = value * scale as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("bad size {text:?}: out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+/// A size in the TOML file: a string (`"2G"`) or a number of bytes.
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Bytes(u64),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Text(t)) => parse_size(&t).map(Some).map_err(serde::de::Error::custom),
+        Some(Raw::Bytes(b)) => Ok(Some(b)),
+    }
+}
+
 /// A duration in the TOML file: a string (`"10s"`) or a number of seconds.
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     #[derive(Deserialize)]
@@ -90,6 +135,9 @@ pub struct FileConfig {
     pub no_evolver: Option<bool>,
     /// `--no-standby`.
     pub no_standby: Option<bool>,
+    /// `--worker-memory-limit`.
+    #[serde(default, deserialize_with = "de_size")]
+    pub worker_memory_limit: Option<u64>,
     /// `--grace-period`.
     #[serde(default, deserialize_with = "de_duration")]
     pub grace_period: Option<Duration>,
@@ -148,6 +196,8 @@ pub struct Config {
     pub no_evolver: bool,
     /// Keep a warm standby next to each worker (see `standby.rs`).
     pub standby: bool,
+    /// `RLIMIT_DATA` of each worker, bytes.
+    pub worker_memory_limit: Option<u64>,
     /// How long a graceful stop may take before SIGKILL.
     pub grace_period: Duration,
     /// A worker whose heartbeat does not move for this long is killed.
@@ -223,6 +273,7 @@ impl Config {
             poison_one_in: args.poison_one_in.filter(|_| args.allow_fault_injection),
             no_evolver: args.no_evolver || file.no_evolver.unwrap_or(false),
             standby: !(args.no_standby || file.no_standby.unwrap_or(false)),
+            worker_memory_limit: args.worker_memory_limit.or(file.worker_memory_limit),
             grace_period: args
                 .grace_period
                 .or(file.grace_period)
@@ -253,6 +304,18 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         args: Args,
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1.5k"), Ok(1536));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("2X").is_err());
+        assert!(parse_size("0").is_err());
     }
 
     #[test]

@@ -725,6 +725,7 @@ impl Supervisor {
                     args,
                     keep_fds: vec![fd],
                     harden: true,
+                    memory_limit: self.config.worker_memory_limit,
                 }
             }
             Kind::Evolver => {
@@ -755,6 +756,7 @@ impl Supervisor {
                     args,
                     keep_fds: fds,
                     harden: true,
+                    memory_limit: None,
                 }
             }
         }

@@ -13,7 +13,8 @@
 //! - every descriptor except the ones listed in [`ChildSpec::keep_fds`] is
 //!   marked close-on-exec (`close_range(…, CLOSE_RANGE_CLOEXEC)`), and the
 //!   kept ones are made inheritable at their current numbers;
-//! - with [`ChildSpec::harden`]: `no_new_privs` and no core dumps.
+//! - with [`ChildSpec::harden`]: `no_new_privs` and no core dumps;
+//! - with [`ChildSpec::memory_limit`]: `RLIMIT_DATA`.
 //!
 //! A [`Child`] kills its process group and reaps it when dropped, unless the
 //! supervisor's reaper already collected it ([`Child::set_exited`]).
@@ -42,6 +43,10 @@ pub struct ChildSpec {
     pub keep_fds: Vec<RawFd>,
     /// Set `no_new_privs` and disable core dumps.
     pub harden: bool,
+    /// `RLIMIT_DATA` in bytes (heap and private writable mappings; not the
+    /// shared segment or the read-only model mapping): an allocation past
+    /// it fails, which ends the child (Rust aborts on allocation failure).
+    pub memory_limit: Option<u64>,
 }
 
 /// A running (or ended, not yet dropped) child process.
@@ -77,6 +82,7 @@ pub fn spawn_program(program: &std::path::Path, spec: &ChildSpec) -> io::Result<
         ));
     }
     let harden = spec.harden;
+    let memory_limit = spec.memory_limit;
     // SAFETY: the closure runs in the forked child before exec and calls only
     // async-signal-safe functions (prctl, getppid, setrlimit, close_range,
     // fcntl); it allocates nothing (`keep` was built before the fork).
@@ -99,6 +105,15 @@ pub fn spawn_program(program: &std::path::Path, spec: &ChildSpec) -> io::Result<
                     rlim_max: 0,
                 };
                 if libc::setrlimit(libc::RLIMIT_CORE, &zero) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(bytes) = memory_limit {
+                let limit = libc::rlimit {
+                    rlim_cur: bytes as libc::rlim_t,
+                    rlim_max: bytes as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
                     return Err(io::Error::last_os_error());
                 }
             }
@@ -266,6 +281,7 @@ mod tests {
                 args: vec![script.into()],
                 keep_fds,
                 harden: true,
+                memory_limit: None,
             },
         )
         .expect("spawn sh")
@@ -328,6 +344,7 @@ mod tests {
                 args: vec![],
                 keep_fds: vec![1],
                 harden: false,
+                memory_limit: None,
             },
         )
         .unwrap_err();

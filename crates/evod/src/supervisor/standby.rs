@@ -194,6 +194,7 @@ mod tests {
             ],
             keep_fds: vec![],
             harden: true,
+            memory_limit: None,
         }
     }
 
@@ -228,6 +229,7 @@ mod tests {
             args: vec!["exit 3".into()],
             keep_fds: vec![],
             harden: true,
+            memory_limit: None,
         };
         let mut standby = Standby::spawn(Some("/bin/sh".as_ref()), &spec).unwrap();
         let err = standby
