@@ -98,14 +98,16 @@ fn ready_standby(evod: &Path, seg: &Segment, model: &Path) -> Standby {
     standby
 }
 
-/// `crashes` SIGSEGV → replacement-answers cycles, sorted; `warm`: the
+/// `crashes` SIGSEGV → replacement-answers cycles, sorted, and for each the
+/// part until the dead worker was reaped (sorted too); `warm`: the
 /// replacement is a promoted standby, else a cold start.
-fn recovery(evod: &Path, model: &Path, crashes: usize, warm: bool) -> Vec<f64> {
+fn recovery(evod: &Path, model: &Path, crashes: usize, warm: bool) -> (Vec<f64>, Vec<f64>) {
     let seg = Segment::create(&LayoutConfig::default()).expect("segment");
     let mut child = spawn_program(evod, &spec(&seg, model)).expect("spawn worker");
     ping_until_answered(&seg, Instant::now() + Duration::from_secs(60));
     let mut spare = warm.then(|| ready_standby(evod, &seg, model));
     let mut samples = Vec::with_capacity(crashes);
+    let mut reaped = Vec::with_capacity(crashes);
     for _ in 0..crashes {
         let start = Instant::now();
         {
@@ -115,6 +117,7 @@ fn recovery(evod: &Path, model: &Path, crashes: usize, warm: bool) -> Vec<f64> {
                 .expect("send fault");
         }
         let reason = child.wait().expect("worker reaped");
+        reaped.push(us(start.elapsed()));
         assert_eq!(reason.to_string(), "killed by signal 11 (SIGSEGV)");
         seg.bump_epoch();
         child = match spare.take() {
@@ -130,7 +133,8 @@ fn recovery(evod: &Path, model: &Path, crashes: usize, warm: bool) -> Vec<f64> {
     drop(spare);
     drop(child);
     samples.sort_by(f64::total_cmp);
-    samples
+    reaped.sort_by(f64::total_cmp);
+    (samples, reaped)
 }
 
 fn spawn_floor(n: usize) -> Vec<f64> {
@@ -175,10 +179,10 @@ fn main() {
     let big_bytes = std::fs::metadata(&big).unwrap().len();
 
     let floor = spawn_floor(300);
-    let warm = recovery(&evod, &small, 250, true);
-    let cold = recovery(&evod, &small, 250, false);
-    let big_warm = recovery(&evod, &big, 20, true);
-    let big_cold = recovery(&evod, &big, 20, false);
+    let (warm, warm_reaped) = recovery(&evod, &small, 250, true);
+    let (cold, _) = recovery(&evod, &small, 250, false);
+    let (big_warm, _) = recovery(&evod, &big, 20, true);
+    let (big_cold, _) = recovery(&evod, &big, 20, false);
     let floor_median = percentile(&floor, 0.5);
     let median = percentile(&warm, 0.5);
     let cold_median = percentile(&cold, 0.5);
@@ -189,6 +193,7 @@ fn main() {
         "spawn_floor_median_us": floor_median,
         "spawn_floor_p99_us": percentile(&floor, 0.99),
         "recovery_over_floor": median / floor_median,
+        "recovery_reaped_median_us": percentile(&warm_reaped, 0.5),
         "recovery_1gib_median_us": percentile(&big_warm, 0.5),
         "recovery_1gib_crashes": big_warm.len(),
         "recovery_cold_median_us": cold_median,
