@@ -387,17 +387,20 @@ fn poison_candidates_are_quarantined_and_the_run_completes() {
             "2",
             "--pulse-every",
             "1",
-            // Poison crashes come fast: keep the restart policy and the
-            // crash-loop fallback out of this row (their own tests cover them).
+            // Poison crashes come fast: keep the restart policy out of this
+            // row (its own tests cover it). The crash-loop fallback keeps its
+            // default: crashes in EVAL must not be blamed on the model.
             "--restart-intensity",
             "100000",
             "--backoff-max",
             "20ms",
-            "--fallback-after",
-            "100000",
         ],
     );
     let (status, log) = d.finish();
+    assert!(
+        !log.contains("rolling back"),
+        "a poison candidate was blamed on the model:\n{log}"
+    );
     assert!(status.success(), "exit {status:?}\n{log}");
     let quarantined = log.matches("crashed a worker twice: quarantined").count();
     assert!(quarantined >= 1, "nothing quarantined:\n{log}");
@@ -610,6 +613,68 @@ fn a_publish_lost_with_its_evolver_is_redone_by_the_next() {
         || d.log(),
     );
     valid_model(&dir.path().join("vectorland.gguf"));
+    let (status, log) = d.stop();
+    assert!(status.success(), "exit {status:?}\n{log}");
+}
+
+#[test]
+fn a_manual_rollback_is_not_undone_by_the_restarted_evolver() {
+    let dir = tempfile::tempdir().unwrap();
+    init(
+        dir.path(),
+        &["--task", "sine", "--layers", "1,16,1", "--seed", "11"],
+    );
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--workers",
+            "2",
+            "--seed",
+            "12",
+            "--population",
+            "24",
+            "--checkpoint-every",
+            "1",
+        ],
+    );
+    // Two publishes at least, so there is an earlier generation to restore.
+    wait_for(
+        "two publishes",
+        DEADLINE,
+        || d.log().matches("\"published ").count() >= 2,
+        || d.log(),
+    );
+    let resumed = d.log().matches("resuming from").count();
+    let o = evod()
+        .args(["rollback", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "rollback: {}", text(&o.stderr));
+    let to: u64 = text(&o.stdout)
+        .trim()
+        .strip_prefix("restored generation ")
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("rollback said {:?}", text(&o.stdout)));
+    assert_eq!(model_generation(dir.path()), to);
+    // The restarted evolver resumes a checkpoint that counts the newer
+    // generation as published: it must leave the restored file alone.
+    d.wait_log("the evolver to resume after the rollback", |l| {
+        l.matches("resuming from").count() > resumed
+    });
+    let rows = progress_generations(dir.path()).len();
+    wait_for(
+        "five more generations",
+        DEADLINE,
+        || progress_generations(dir.path()).len() >= rows + 5,
+        || d.log(),
+    );
+    let log = d.log();
+    assert!(
+        !log.contains("the checkpoint's last publish is not in the live file"),
+        "the rollback was undone:\n{log}"
+    );
+    assert!(log.contains("the live file was rolled back"), "{log}");
     let (status, log) = d.stop();
     assert!(status.success(), "exit {status:?}\n{log}");
 }

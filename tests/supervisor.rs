@@ -527,6 +527,19 @@ fn assert_rolled_back(d: &Daemon, n: u64, to: u64, bad: u64, fault: &str) {
         log.contains(&format!("rolling back to generation {to}")),
         "{log}"
     );
+    // The restored file itself was loaded and answered the canary (its
+    // first verification was before the bad generation came).
+    wait_for(
+        "the restored file to be verified",
+        || {
+            (d.log()
+                .matches(&format!("generation {to} verified"))
+                .count()
+                >= 2)
+                .then_some(())
+        },
+        || d.log(),
+    );
 }
 
 #[test]

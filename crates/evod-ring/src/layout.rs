@@ -41,7 +41,7 @@ pub const MAGIC: [u8; 8] = *b"EVODRING";
 /// Bumped whenever anything in this file changes shape or meaning.
 /// Version 2: the slot's `seq` is the publication stamp (version 1 published
 /// through the `tail` index).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Allocation granule of payloads: tensors start 64-byte aligned.
 pub const PAYLOAD_ALIGN: usize = 64;
 /// Largest accepted queue depth.
@@ -197,6 +197,8 @@ pub(crate) struct StatsCtl {
     pub model_generation: AtomicU64,
     /// Coarse monotonic ns at which the worker started (0 = not started).
     pub started_at_ns: AtomicU64,
+    /// The opcode the worker is serving right now, plus one (0 = idle).
+    pub in_service: AtomicU64,
 }
 // SAFETY: repr(C), atomics of integers only.
 unsafe impl ZeroCopy for StatsCtl {}

@@ -63,6 +63,9 @@ pub struct StatsSnapshot {
     /// Time since the worker started, if it said it did and the clock
     /// value it wrote is not in the future.
     pub uptime: Option<Duration>,
+    /// The opcode the worker said it was serving when the snapshot was
+    /// taken (`None`: idle, or a value that is not an opcode).
+    pub in_service: Option<u32>,
 }
 
 /// Deliberate corruption of the segment, for fault injection (the worker's
@@ -331,6 +334,7 @@ impl Segment {
             &s.last_service_ns,
             &s.max_service_ns,
             &s.started_at_ns,
+            &s.in_service,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -443,7 +447,22 @@ impl Segment {
             max_service: Duration::from_nanos(s.max_service_ns.load(Ordering::Relaxed)),
             model_generation: s.model_generation.load(Ordering::Relaxed),
             uptime: (started != 0 && started <= now).then(|| Duration::from_nanos(now - started)),
+            in_service: s
+                .in_service
+                .load(Ordering::Relaxed)
+                .checked_sub(1)
+                .and_then(|op| u32::try_from(op).ok()),
         }
+    }
+
+    /// Worker side: records the opcode being served (`None`: idle), so that
+    /// the owner can tell what a worker was doing when it died.
+    pub fn set_in_service(&self, opcode: Option<u32>) {
+        // Relaxed: standalone value, read after the worker's death (its
+        // last stores are visible once the process is gone) or as a hint.
+        self.stats_ctl()
+            .in_service
+            .store(opcode.map_or(0, |op| u64::from(op) + 1), Ordering::Relaxed);
     }
 
     /// A client of `ch` (at most one per channel per process).

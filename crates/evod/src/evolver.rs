@@ -370,10 +370,20 @@ impl Loop {
             }
         };
         let quarantined = read_quarantine(dir);
-        let pending = if resumed {
-            lost_publish(&evolver, &model, &quarantined)?
-        } else {
+        let marker = crate::supervisor::rollback::rollback_marker(dir);
+        let rolled_back_to = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok());
+        let pending = if !resumed {
             None
+        } else if rolled_back_to == Some(model.spec.generation) {
+            tracing::info!(
+                generation = model.spec.generation,
+                "the live file was rolled back: not redoing the checkpoint's later publishes"
+            );
+            None
+        } else {
+            lost_publish(&evolver, &model, &quarantined)?
         };
         let progress_path = state.join(PROGRESS_FILE);
         let progress = open_progress(&progress_path, evolver.generation())?;
@@ -632,6 +642,8 @@ impl Loop {
         );
         self.spec = spec;
         self.checksum = written.checksum;
+        // A newer generation is live: a rollback marker is history now.
+        let _ = std::fs::remove_file(crate::supervisor::rollback::rollback_marker(&self.dir));
         self.keep_history(evolve.history() as usize)?;
         ring.load_all(
             &self.model_path,
@@ -748,11 +760,22 @@ pub struct RingEvaluator<'s> {
     pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Where to ask the supervisor to replace a misbehaving worker.
     pub control_socket: Option<PathBuf>,
-    /// Workers reported as misbehaving, at the epoch they had then: not
-    /// used again until they are replaced (their epoch changes).
-    suspect: Vec<Option<u64>>,
+    /// Workers reported as misbehaving: not used again until they are
+    /// replaced (their epoch changes).
+    suspect: Vec<Option<Suspect>>,
     /// Each worker's stats block, polled every cycle ([`Self::poll_stats`]).
     polled: Vec<Polled>,
+}
+
+/// A worker that broke the protocol, waiting to be replaced.
+#[derive(Debug, Clone)]
+struct Suspect {
+    /// The epoch the garbage was read under.
+    epoch: u64,
+    /// Why, for the supervisor's log.
+    why: String,
+    /// When the recycle request was last sent, and whether it was accepted.
+    asked: Option<(Instant, bool)>,
 }
 
 /// What the evolver read from one worker's stats block. Worker-written, so
@@ -886,29 +909,71 @@ impl<'s> RingEvaluator<'s> {
     }
 
     /// Worker `w` broke the protocol but may still be running: a worker
-    /// that lies once is not trusted again. Asks the supervisor to replace
-    /// it; [`Self::settle`] then waits for the replacement.
+    /// that lies once is not trusted again. Its epoch (the one its client
+    /// read the garbage under) is noted, and the supervisor is asked to
+    /// replace it; [`Self::settle`] waits for the replacement (and asks
+    /// again while the request fails) and no work goes to the worker
+    /// meanwhile.
     fn faulty(&mut self, w: usize, why: &str) {
         tracing::error!(worker = w, "worker misbehaves: {why}");
-        let epoch = self.segments[w].epoch();
-        if self.suspect[w] == Some(epoch) {
+        let epoch = self.clients[w].epoch();
+        if self.suspect[w].as_ref().is_some_and(|s| s.epoch == epoch) {
             return;
         }
-        self.suspect[w] = Some(epoch);
+        self.suspect[w] = Some(Suspect {
+            epoch,
+            why: format!("the evolver found that {why}"),
+            asked: None,
+        });
+        self.ask_recycle(w);
+    }
+
+    /// Sends the recycle request for suspect worker `w` (unless one was
+    /// accepted already, or one failed less than a second ago).
+    fn ask_recycle(&mut self, w: usize) {
+        let Some(suspect) = self.suspect[w].as_mut() else {
+            return;
+        };
+        if let Some((at, ok)) = suspect.asked
+            && (ok || at.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
         let Some(socket) = &self.control_socket else {
-            tracing::error!(
-                worker = w,
-                "no control socket: cannot have the worker replaced"
-            );
+            if suspect.asked.is_none() {
+                tracing::error!(
+                    worker = w,
+                    "no control socket: cannot have the worker replaced"
+                );
+            }
+            suspect.asked = Some((Instant::now(), false));
             return;
         };
         let request = crate::supervisor::control::Request::Recycle {
             worker: w,
-            reason: format!("the evolver found that {why}"),
+            epoch: suspect.epoch,
+            reason: suspect.why.clone(),
         };
-        if let Err(e) = crate::supervisor::control::call(socket, &request, Duration::from_secs(5)) {
-            tracing::error!(worker = w, "cannot have the worker replaced: {e}");
+        let ok = match crate::supervisor::control::call(socket, &request, Duration::from_secs(2)) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(
+                    worker = w,
+                    "cannot have the worker replaced (asking again): {e}"
+                );
+                false
+            }
+        };
+        suspect.asked = Some((Instant::now(), ok));
+    }
+
+    /// Whether worker `w` is known to misbehave and not yet replaced.
+    fn is_suspect(&mut self, w: usize) -> bool {
+        let epoch = self.segments[w].epoch();
+        if self.suspect[w].as_ref().is_some_and(|s| s.epoch != epoch) {
+            self.suspect[w] = None;
         }
+        self.suspect[w].is_some()
     }
 
     /// Waits until worker `w` can take requests again (a replacement was
@@ -919,13 +984,13 @@ impl<'s> RingEvaluator<'s> {
         while Instant::now() < deadline {
             self.stopping()?;
             self.note_epochs();
-            let seg = &self.segments[w];
-            if self.suspect[w].is_some_and(|e| e != seg.epoch()) {
-                self.suspect[w] = None;
+            let suspect = self.is_suspect(w);
+            if suspect {
+                self.ask_recycle(w);
             }
+            let seg = &self.segments[w];
             if self.epochs[w] != before
-                || (self.suspect[w].is_none()
-                    && seg.beat_age(evod_ring::Role::Worker) < Duration::from_secs(1))
+                || (!suspect && seg.beat_age(evod_ring::Role::Worker) < Duration::from_secs(1))
             {
                 return Ok(());
             }
@@ -1077,6 +1142,10 @@ impl Evaluator for RingEvaluator<'_> {
             // One group per worker in flight, with the id it was sent as.
             let mut flight: Vec<(usize, u64, Vec<usize>)> = Vec::new();
             for w in 0..workers {
+                // No work for a worker that lied until it is replaced.
+                if self.is_suspect(w) {
+                    self.settle(w, give_up)?;
+                }
                 let Some(group) = pending.pop() else { break };
                 match self.send(w, candidates, &group, seed, episodes) {
                     Ok(id) => flight.push((w, id, group)),

@@ -120,11 +120,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .server()
         .context("claiming the server end of the ring")?;
     if let Some(path) = &args.model {
+        // A crash while installing the model at start is the model's doing,
+        // as in a `LOAD`: say so for the supervisor's fallback.
+        seg.set_in_service(Some(op::LOAD));
         let loaded = match preloaded {
             // Mapped while standing by, and still the live file.
             Some(pre) if pre.is_current(path) => worker.install(path, pre.model, 0),
             _ => worker.load(path, None, 0),
         };
+        seg.set_in_service(None);
         if let Err(e) = loaded {
             eprintln!(
                 "evod worker {}: cannot load {}: {e:#}",
@@ -235,6 +239,7 @@ impl Worker<'_> {
     fn serve(&mut self, request: Request<'_>) -> Result<Flow> {
         let begun = Instant::now();
         let opcode = request.header.opcode;
+        self.seg.set_in_service(Some(opcode));
         if op::is_fault(opcode) {
             if !self.allow_faults {
                 let answer = error(
@@ -319,6 +324,7 @@ impl Worker<'_> {
         }
         self.seg
             .record_request(opcode, begun.elapsed(), st == status::OK);
+        self.seg.set_in_service(None);
         Ok(Flow::Continue)
     }
 

@@ -56,6 +56,9 @@ pub enum Request {
     Recycle {
         /// The worker's index.
         worker: usize,
+        /// The epoch of the incarnation that misbehaved: a worker already
+        /// replaced since is left alone.
+        epoch: u64,
         /// Why, in words (logged and shown as the exit's cause).
         reason: String,
     },

@@ -91,12 +91,21 @@ struct LiveModel {
 /// canary `NEURAL_EXEC` on it.
 #[derive(Debug, Clone, Copy)]
 struct Serving {
-    model: LiveModel,
+    /// (dev, ino) of the file.
+    id: (u64, u64),
     verified: bool,
 }
 
-/// Deadline of a canary `NEURAL_EXEC`.
-const CANARY_TIMEOUT: Duration = Duration::from_millis(500);
+/// Deadline of a canary `NEURAL_EXEC`. Short: the call blocks the event
+/// loop, and a worker busy with a long `EVAL` answers later (the canary is
+/// then tried again after [`SYNC_BACKOFF`]).
+const CANARY_TIMEOUT: Duration = Duration::from_millis(100);
+/// After a `LOAD` or canary that failed or timed out, the worker is left
+/// alone this long before the next try.
+const SYNC_BACKOFF: Duration = Duration::from_secs(1);
+/// Largest canary input row (the ring's payload area is larger; a network
+/// with more inputs is verified by its `LOAD` alone).
+const CANARY_MAX_INPUTS: usize = 1 << 16;
 
 /// One supervised child position (its current incarnation and history).
 struct Slot {
@@ -120,6 +129,10 @@ struct Slot {
     standby_backoff: Duration,
     /// The model this worker serves, as far as the supervisor knows.
     serving: Option<Serving>,
+    /// No `LOAD` or canary to this worker before then (after a failure).
+    sync_after: Option<Instant>,
+    /// The file whose `LOAD` failure was last logged as a warning.
+    load_warned: Option<(u64, u64)>,
 }
 
 impl Slot {
@@ -147,7 +160,10 @@ struct Supervisor {
     /// Newest generation a worker served healthily: it loaded it (at start
     /// or by `LOAD`) and answered the supervisor's canary `NEURAL_EXEC` on it.
     good_generation: Option<u64>,
-    /// Quick worker crashes seen while each not-yet-good generation was live.
+    /// (dev, ino) of the last file a worker verified.
+    verified_file: Option<(u64, u64)>,
+    /// Worker ends blamed on each not-yet-verified generation (see
+    /// `maybe_fall_back`).
     crashes_after_new: HashMap<u64, u32>,
     rollbacks: u64,
     next_exec: usize,
@@ -248,6 +264,7 @@ impl Supervisor {
             started: Instant::now(),
             model_seen: None,
             good_generation: None,
+            verified_file: None,
             crashes_after_new: HashMap::new(),
             rollbacks: 0,
             next_exec: 0,
@@ -296,7 +313,7 @@ impl Supervisor {
                 if matches!(self.phase, Phase::Running) {
                     self.watchdog();
                     self.watch_model();
-                    self.verify_generations();
+                    self.sync_workers();
                 }
             }
             match self.phase {
@@ -454,7 +471,11 @@ impl Supervisor {
         let decision = slot.tracker.on_exit(&self.config.policy, uptime, now);
         let label = slot.label();
         let kind = slot.kind;
-        slot.serving = None;
+        let serving = slot.serving.take();
+        slot.sync_after = None;
+        // What it was doing when it died (read before the epoch bump resets
+        // the stats; worker-written, so it only steers the blame below).
+        let in_service = slot.segment.as_ref().and_then(|s| s.stats().in_service);
         match decision {
             Decision::RestartAfter(delay) => {
                 if !delay.is_zero() {
@@ -477,7 +498,7 @@ impl Supervisor {
             }
         }
         if kind == Kind::Worker {
-            self.maybe_fall_back();
+            self.maybe_fall_back(serving, in_service);
         }
     }
 
@@ -537,20 +558,27 @@ impl Supervisor {
         }
     }
 
-    /// Counts a worker crash against the live generation if no worker has
-    /// served it healthily yet (loaded it and answered the canary): such a
-    /// crash may be the generation's doing, whatever the worker's uptime.
-    /// Past `fallback_after`, rolls back. Once a generation is verified,
-    /// crashes are the candidates' or the runtime's, not the model's.
-    fn maybe_fall_back(&mut self) {
+    /// Counts a worker's end against the live generation when it is the
+    /// generation's doing: the worker served the live file (it started on
+    /// it or accepted its `LOAD`) and had not answered a canary on it, no
+    /// worker has verified that generation, and it died loading the model
+    /// or running it (`LOAD`, `NEURAL_EXEC`; the start-up load counts as a
+    /// `LOAD`), whatever its uptime. A death in `EVAL` is a candidate's
+    /// (`EVAL` scores the candidates it is sent, not the live weights), left
+    /// to the evolver's quarantine. Past `fallback_after` such ends, rolls
+    /// back.
+    fn maybe_fall_back(&mut self, serving: Option<Serving>, in_service: Option<u32>) {
         let Some(LiveModel {
+            id,
             generation: Some(live),
             ..
         }) = self.read_model_identity()
         else {
             return;
         };
-        if self.good_generation == Some(live) {
+        let blamed = serving.is_some_and(|s| s.id == id && !s.verified)
+            && matches!(in_service, Some(op::LOAD | op::NEURAL_EXEC));
+        if !blamed || self.good_generation == Some(live) {
             return;
         }
         let count = self.crashes_after_new.entry(live).or_insert(0);
@@ -634,16 +662,18 @@ impl Supervisor {
     fn start_child(&mut self, i: usize) {
         let spec = self.spec(i);
         // A worker maps the live file when it starts (a promoted standby
-        // re-checks it): read its identity first, so that a file published
-        // meanwhile is the newer one and gets a `LOAD` at the next tick.
-        let live = self.read_model_identity();
+        // re-checks it): note its identity first (a stat, nothing more on
+        // the recovery path), so that a file published meanwhile is the
+        // newer one and gets a `LOAD` at the next tick.
+        let id = std::fs::metadata(&self.config.model)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
         let slot = &mut self.slots[i];
-        slot.serving = live
-            .filter(|_| slot.kind == Kind::Worker)
-            .map(|model| Serving {
-                model,
-                verified: false,
-            });
+        slot.sync_after = None;
+        slot.serving = id.filter(|_| slot.kind == Kind::Worker).map(|id| Serving {
+            id,
+            verified: false,
+        });
         if let Some(old) = slot.child.as_mut() {
             old.kill_and_reap();
         }
@@ -794,42 +824,102 @@ impl Supervisor {
         }
     }
 
-    /// Sends a canary `NEURAL_EXEC` (all-zero inputs) to each worker not yet
-    /// known to serve the live file healthily; a finite answer marks the
-    /// live generation good. Only the supervisor's own knowledge counts:
-    /// which file the worker was started on or accepted by `LOAD`, and the
-    /// reply to its own request (not the worker-written stats).
-    fn verify_generations(&mut self) {
+    /// Brings every running worker to the live file and verifies it there:
+    /// a worker that does not serve the live file (a new one was published,
+    /// or an earlier `LOAD` failed or timed out) is told to `LOAD` it; one
+    /// that serves it unverified gets a canary `NEURAL_EXEC` (all-zero
+    /// inputs), whose finite answer marks the live generation good. Only the
+    /// supervisor's own knowledge counts: which file the worker was started
+    /// on or accepted by `LOAD`, and the reply to its own request (not the
+    /// worker-written stats). A worker whose `LOAD` or canary failed or
+    /// timed out is left alone for [`SYNC_BACKOFF`], so a busy worker costs
+    /// the event loop at most one short wait per second.
+    fn sync_workers(&mut self) {
         let Some(live) = self.model_seen else {
             return;
         };
-        let Some(inputs) = live.inputs else {
-            return;
+        let request = LoadRequest {
+            path: self.config.model.to_string_lossy().into_owned(),
+            generation: live.generation.unwrap_or(0),
+            checksum: live.checksum,
         };
-        let zeros = vec![0f32; inputs];
+        let path = self.config.model.clone();
+        let replaced = || {
+            std::fs::metadata(&path)
+                .ok()
+                .is_some_and(|m| (m.dev(), m.ino()) != live.id)
+        };
+        let canary = live
+            .inputs
+            .filter(|&n| n <= CANARY_MAX_INPUTS)
+            .map(|n| vec![0f32; n]);
+        let now = Instant::now();
         for slot in &mut self.slots {
             let running = slot.running();
-            let (Some(seg), Some(serving)) = (&slot.segment, slot.serving.as_mut()) else {
-                continue;
-            };
-            if !running || serving.verified || serving.model.id != live.id {
+            let Some(seg) = &slot.segment else { continue };
+            if !running || slot.sync_after.is_some_and(|t| now < t) {
                 continue;
             }
-            match link::exec(seg, &zeros, CANARY_TIMEOUT) {
-                Ok(out) if !out.is_empty() && out.iter().all(|v| v.is_finite()) => {
-                    serving.verified = true;
-                    if let Some(g) = live.generation
-                        && self.good_generation != Some(g)
-                    {
-                        tracing::info!(
-                            "generation {g} verified: {} answered the canary NEURAL_EXEC",
-                            slot.label()
-                        );
-                        self.good_generation = Some(g);
+            let generation = live.generation;
+            if slot.serving.is_none_or(|s| s.id != live.id) {
+                match link::load(seg, &request, LOAD_TIMEOUT) {
+                    Ok(_) => {
+                        slot.serving = Some(Serving {
+                            id: live.id,
+                            verified: false,
+                        });
+                    }
+                    // A newer file took its place before the worker opened
+                    // it (the evolver publishes fast): the next tick loads it.
+                    Err(e) if replaced() => tracing::debug!(
+                        "{}: LOAD of generation {generation:?} superseded by a newer file: {e}",
+                        slot.label()
+                    ),
+                    Err(e) => {
+                        if slot.load_warned != Some(live.id) {
+                            slot.load_warned = Some(live.id);
+                            tracing::warn!(
+                                "{}: LOAD of generation {generation:?} failed (retried every {SYNC_BACKOFF:?}): {e}",
+                                slot.label()
+                            );
+                        }
+                        slot.sync_after = Some(Instant::now() + SYNC_BACKOFF);
+                        continue;
                     }
                 }
-                Ok(_) => tracing::debug!("{}: canary gave non-finite outputs", slot.label()),
-                Err(e) => tracing::debug!("{}: canary NEURAL_EXEC: {e}", slot.label()),
+            }
+            if slot.serving.is_none_or(|s| s.verified) {
+                continue;
+            }
+            let answered = match &canary {
+                Some(zeros) => match link::exec(seg, zeros, CANARY_TIMEOUT) {
+                    Ok(out) => !out.is_empty() && out.iter().all(|v| v.is_finite()),
+                    Err(e) => {
+                        tracing::debug!("{}: canary NEURAL_EXEC: {e}", slot.label());
+                        false
+                    }
+                },
+                // Too many inputs for a canary row: its LOAD is the check.
+                None => true,
+            };
+            if !answered {
+                slot.sync_after = Some(Instant::now() + SYNC_BACKOFF);
+                continue;
+            }
+            if let Some(serving) = slot.serving.as_mut() {
+                serving.verified = true;
+            }
+            if self.verified_file != Some(live.id) {
+                self.verified_file = Some(live.id);
+                tracing::info!(
+                    generation = ?generation,
+                    "generation {} verified: {} answered the canary NEURAL_EXEC",
+                    generation.map_or("-".into(), |g| g.to_string()),
+                    slot.label()
+                );
+            }
+            if generation.is_some() {
+                self.good_generation = generation;
             }
         }
     }
@@ -855,7 +945,8 @@ impl Supervisor {
         })
     }
 
-    /// A new file at the model path: have every running worker LOAD it.
+    /// Notices a new file at the model path ([`Self::sync_workers`] then
+    /// loads it into the workers).
     fn watch_model(&mut self) {
         let Some(now) = self.read_model_identity() else {
             return;
@@ -864,46 +955,7 @@ impl Supervisor {
             return;
         }
         self.model_seen = Some(now);
-        let LiveModel {
-            generation,
-            checksum,
-            ..
-        } = now;
-        tracing::info!(generation = ?generation, "a new model was published: loading it in the workers");
-        let request = LoadRequest {
-            path: self.config.model.to_string_lossy().into_owned(),
-            generation: generation.unwrap_or(0),
-            checksum,
-        };
-        let path = self.config.model.clone();
-        let replaced = || {
-            std::fs::metadata(&path)
-                .ok()
-                .is_some_and(|m| (m.dev(), m.ino()) != now.id)
-        };
-        for slot in &mut self.slots {
-            let (Some(seg), true) = (&slot.segment, slot.running()) else {
-                continue;
-            };
-            match link::load(seg, &request, LOAD_TIMEOUT) {
-                Ok(_) => {
-                    slot.serving = Some(Serving {
-                        model: now,
-                        verified: false,
-                    })
-                }
-                // A newer file took its place before the worker opened it
-                // (the evolver publishes fast): the next tick loads that one.
-                Err(e) if replaced() => tracing::debug!(
-                    "{}: LOAD of generation {generation:?} superseded by a newer file: {e}",
-                    slot.label()
-                ),
-                Err(e) => tracing::warn!(
-                    "{}: LOAD of generation {generation:?} failed: {e}",
-                    slot.label()
-                ),
-            }
-        }
+        tracing::info!(generation = ?now.generation, "a new model was published: loading it in the workers");
     }
 
     fn on_request(&mut self, request: Request) -> Response {
@@ -916,7 +968,11 @@ impl Supervisor {
             }
             Request::Exec { inputs } => self.exec(&inputs),
             Request::Fault { worker, kind } => self.inject_fault(worker, &kind),
-            Request::Recycle { worker, reason } => self.recycle(worker, &reason),
+            Request::Recycle {
+                worker,
+                epoch,
+                reason,
+            } => self.recycle(worker, epoch, &reason),
             Request::Rollback { to } => {
                 let to = match to {
                     Some(g) => Some(g),
@@ -944,7 +1000,7 @@ impl Supervisor {
     /// Kills worker `index` so that it is replaced (the evolver asks when the
     /// worker corrupts its ring but keeps running). The exit is handled like
     /// any other: logged with `reason`, counted by the restart policy.
-    fn recycle(&mut self, index: usize, reason: &str) -> Response {
+    fn recycle(&mut self, index: usize, epoch: u64, reason: &str) -> Response {
         let Some(slot) = self
             .slots
             .iter_mut()
@@ -952,6 +1008,16 @@ impl Supervisor {
         else {
             return Response::error(format!("no worker {index}"));
         };
+        let now = slot.segment.as_ref().map(|s| s.epoch());
+        if now != Some(epoch) {
+            // It ended and was replaced meanwhile (a scribbler exits by
+            // itself): the new incarnation did nothing wrong.
+            return Response::ok(serde_json::json!({
+                "worker": index,
+                "already_replaced": true,
+                "epoch": now,
+            }));
+        }
         let Some(child) = slot.child.as_ref().filter(|c| c.exited().is_none()) else {
             return Response::error(format!("worker {index} is not running"));
         };
@@ -1139,6 +1205,8 @@ impl Slot {
             standby_retry: None,
             standby_backoff: STANDBY_RETRY,
             serving: None,
+            sync_after: None,
+            load_warned: None,
         }
     }
 }

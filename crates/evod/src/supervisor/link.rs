@@ -56,8 +56,10 @@ fn client_config() -> ClientConfig {
 ///
 /// A request sent earlier without waiting (`send_only`: a fault, SHUTDOWN)
 /// may still be in the worker's hands: then the lane has no room for a new
-/// client yet, and the send is retried until the deadline; that request's
-/// reply, if it comes, is dropped, never taken for this one.
+/// client yet, and the send is retried for up to [`PEER_TIMEOUT`] (a worker
+/// that does not take a request in that time is hung or dead, and the
+/// event loop must not wait on it longer); that request's reply, if it
+/// comes, is dropped, never taken for this one.
 fn call<T>(
     seg: &Segment,
     opcode: u32,
@@ -67,11 +69,12 @@ fn call<T>(
     decode: impl FnOnce(&[u8]) -> Result<T, String>,
 ) -> Result<T, LinkError> {
     let deadline = Instant::now() + timeout;
+    let room_deadline = deadline.min(Instant::now() + PEER_TIMEOUT);
     let mut client = seg.client_with(Channel::Control, client_config())?;
     let id = loop {
         match client.send(opcode, 0, len, &fill) {
             Ok(id) => break id,
-            Err(RingError::Full) if Instant::now() < deadline => {
+            Err(RingError::Full) if Instant::now() < room_deadline => {
                 std::thread::sleep(Duration::from_micros(100));
             }
             Err(e) => return Err(e.into()),

@@ -124,5 +124,28 @@ pub fn restore(dir: &Path, model: &Path, to: u64, quarantine: Option<u64>) -> an
     }
     evod_gguf::rewrite(&file, model, |_| {}, &PublishOptions::default())
         .with_context(|| format!("cannot publish generation {to} at {}", model.display()))?;
+    mark_rollback(dir, to);
     Ok(to)
+}
+
+/// `DIR/state/rolled-back-to`: the generation the live file was rolled back
+/// to. The evolver reads it at start: its checkpoint still counts the newer
+/// generations as published, and they must not come back as "lost
+/// publishes" (`evolver::lost_publish`).
+pub fn rollback_marker(dir: &Path) -> PathBuf {
+    dir.join("state").join("rolled-back-to")
+}
+
+/// Writes the rollback marker (atomically: temporary file and rename). A
+/// failure is logged: without the marker the evolver may republish the
+/// generation rolled back from, which the next rollback handles.
+fn mark_rollback(dir: &Path, to: u64) {
+    let path = rollback_marker(dir);
+    let tmp = path.with_extension("tmp");
+    let result = std::fs::create_dir_all(dir.join("state"))
+        .and_then(|()| std::fs::write(&tmp, format!("{to}\n")))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = result {
+        tracing::error!("cannot write {}: {e}", path.display());
+    }
 }
