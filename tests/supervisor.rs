@@ -686,3 +686,26 @@ fn a_worker_past_its_memory_limit_aborts_and_is_restarted() {
     );
     assert_eq!(d.exec().split(',').count(), 2);
 }
+
+#[test]
+fn a_worker_that_lies_on_its_control_channel_is_replaced() {
+    // It keeps running and beating, but answers every control request with
+    // a reply whose payload lies outside the payload area: the supervisor
+    // (the reader of that channel) must not trust it again.
+    let d = Daemon::start(&[]);
+    let worker = d.worker_pid();
+    d.fault("lie-control");
+    // The status PING (or the tick's canary) reads the lie.
+    let w = d.wait_respawn(worker, "its control channel is corrupt");
+    assert!(
+        w["last_exit"]
+            .as_str()
+            .unwrap()
+            .starts_with("killed by signal 9 (SIGKILL)"),
+        "{w}"
+    );
+    assert_eq!(w["restarts"], 1, "{w}");
+    assert!(!alive(worker), "the liar was not reaped");
+    assert_eq!(d.exec().split(',').count(), 2);
+    d.wait_healthy();
+}

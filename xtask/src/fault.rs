@@ -7,6 +7,7 @@
 //! from a seeded generator: worker SIGSEGV (fault opcode: a real invalid
 //! write), SIGKILL, SIGABRT (real signals), hang, scribble, lie (a worker
 //! that corrupts its ring and keeps running: the evolver has it recycled),
+//! lie-control (the same on the control channel: the supervisor kills it),
 //! exit(n) (fault opcodes through `evod fault`), evolver SIGKILL, and I/O errors on
 //! publish (the evolver's fault plan `DIR/.evod/io-fault`). After each
 //! fault it waits for the recovery that fault calls for and checks that
@@ -103,6 +104,7 @@ enum Fault {
     WorkerHang,
     WorkerScribble,
     WorkerLie,
+    WorkerLieControl,
     WorkerExit,
     EvolverKill,
     Io,
@@ -110,13 +112,14 @@ enum Fault {
 
 impl Fault {
     /// Relative frequencies in the storm.
-    const MIX: [(Fault, u64); 9] = [
+    const MIX: [(Fault, u64); 10] = [
         (Fault::WorkerSegv, 3),
         (Fault::WorkerKill, 2),
         (Fault::WorkerAbort, 2),
         (Fault::WorkerHang, 1),
         (Fault::WorkerScribble, 2),
         (Fault::WorkerLie, 1),
+        (Fault::WorkerLieControl, 1),
         (Fault::WorkerExit, 2),
         (Fault::EvolverKill, 3),
         (Fault::Io, 2),
@@ -142,6 +145,7 @@ impl Fault {
             Fault::WorkerHang => "worker hang (watchdog)",
             Fault::WorkerScribble => "worker scribble + exit",
             Fault::WorkerLie => "worker lies, keeps running (recycled)",
+            Fault::WorkerLieControl => "worker lies to the supervisor (killed)",
             Fault::WorkerExit => "worker exit(n)",
             Fault::EvolverKill => "evolver SIGKILL",
             Fault::Io => "publish I/O error",
@@ -356,6 +360,7 @@ impl Storm {
                     Fault::WorkerHang => Some("hang".to_owned()),
                     Fault::WorkerScribble => Some("scribble".to_owned()),
                     Fault::WorkerLie => Some("lie".to_owned()),
+                    Fault::WorkerLieControl => Some("lie-control".to_owned()),
                     Fault::WorkerExit => Some(format!("exit:{}", 1 + rng.below(120))),
                     Fault::WorkerKill => {
                         signal(pid, libc::SIGKILL);

@@ -27,14 +27,15 @@ pub struct Args {
     /// Index of the worker to hit.
     #[arg(long, value_name = "I")]
     worker: usize,
-    /// `segv`, `abort`, `hang`, `scribble`, `lie`, `alloc[:MiB]`, `exit` or `exit:N`.
+    /// `segv`, `abort`, `hang`, `scribble`, `lie`, `lie-control`, `alloc[:MiB]`,
+    /// `exit` or `exit:N`.
     #[arg(long, value_name = "KIND")]
     kind: String,
 }
 
 /// The fault opcode and its u32 argument for a fault `kind`
-/// (`segv`, `abort`, `hang`, `scribble`, `lie`, `alloc`, `alloc:MiB`,
-/// `exit`, `exit:N`).
+/// (`segv`, `abort`, `hang`, `scribble`, `lie`, `lie-control`, `alloc`,
+/// `alloc:MiB`, `exit`, `exit:N`).
 pub fn parse_kind(kind: &str) -> Result<(u32, u32), String> {
     Ok(match kind {
         "segv" => (op::FAULT_SEGV, 0),
@@ -42,6 +43,7 @@ pub fn parse_kind(kind: &str) -> Result<(u32, u32), String> {
         "hang" => (op::FAULT_HANG, 0),
         "scribble" => (op::FAULT_SCRIBBLE, 0),
         "lie" => (op::FAULT_LIE, 0),
+        "lie-control" => (op::FAULT_LIE, 1),
         "alloc" => (op::FAULT_ALLOC, 1024),
         "exit" => (op::FAULT_EXIT, 1),
         other if other.starts_with("alloc:") => match other["alloc:".len()..].parse::<u32>() {
@@ -61,7 +63,7 @@ pub fn parse_kind(kind: &str) -> Result<(u32, u32), String> {
             }
             None => {
                 return Err(format!(
-                    "unknown fault kind {other:?}: use segv, abort, hang, scribble, lie, alloc[:MiB], exit or exit:N"
+                    "unknown fault kind {other:?}: use segv, abort, hang, scribble, lie, lie-control, alloc[:MiB], exit or exit:N"
                 ));
             }
         },

@@ -50,7 +50,8 @@ pub mod op {
     pub const FAULT_EXIT: u32 = 104;
     /// Fault injection: publish a lying reply (payload outside the payload
     /// area) on the `Eval` channel and keep running, as a runtime that
-    /// corrupts its shared memory without crashing would.
+    /// corrupts its shared memory without crashing would; with code 1,
+    /// answer every later control-channel request with such a reply.
     pub const FAULT_LIE: u32 = 105;
     /// Fault injection: allocate (and touch) n MiB, n in the payload as u32,
     /// as a runtime with a runaway allocation would; past the worker's

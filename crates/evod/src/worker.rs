@@ -102,6 +102,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         model: None,
         started: Instant::now(),
         lying: false,
+        lying_control: false,
         crash_on_exec: false,
     };
     let mut preloaded = None;
@@ -223,6 +224,8 @@ struct Worker<'s> {
     started: Instant,
     /// `FAULT_LIE` was received: EVAL replies are garbage from now on.
     lying: bool,
+    /// `FAULT_LIE` with code 1 was received: control replies lie from now on.
+    lying_control: bool,
     /// The served model carries `evod.fault = "segv-on-exec"` (fault
     /// injection only): `NEURAL_EXEC` crashes.
     crash_on_exec: bool,
@@ -240,6 +243,15 @@ impl Worker<'_> {
         let begun = Instant::now();
         let opcode = request.header.opcode;
         self.seg.set_in_service(Some(opcode));
+        if self.lying_control && request.channel() == Channel::Control {
+            // Every control request is answered with a reply whose payload
+            // lies outside the payload area (fault injection: `lie-control`).
+            drop(request);
+            self.seg
+                .scribble(Scribble::ReplyPayloadOutOfBounds(Channel::Control));
+            self.seg.set_in_service(None);
+            return Ok(Flow::Continue);
+        }
         if op::is_fault(opcode) {
             if !self.allow_faults {
                 let answer = error(
@@ -255,6 +267,13 @@ impl Worker<'_> {
                 .payload
                 .get(..4)
                 .map_or(1, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            if opcode == op::FAULT_LIE && code == 1 {
+                // From now on, lie to the supervisor (the reader of the
+                // control channel), which must notice and replace us.
+                self.finish(request, opcode, begun, (status::OK, Vec::new()))?;
+                self.lying_control = true;
+                return Ok(Flow::Continue);
+            }
             if opcode == op::FAULT_LIE {
                 // Answer the fault request honestly, then lie on the other
                 // channel and keep serving: the evolver must notice and have

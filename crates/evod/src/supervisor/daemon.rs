@@ -140,6 +140,32 @@ impl Slot {
         format!("{} {}", self.kind.name(), self.index)
     }
 
+    /// After a failed call on this worker's control channel: a worker that
+    /// broke the protocol there (corrupt ring state, a reply that does not
+    /// decode) is not trusted again: SIGKILL, then the usual restart. Other
+    /// errors (timeout, refusal, peer lost) are left to the caller.
+    fn distrust_on(&mut self, e: &link::LinkError) {
+        let broke = matches!(
+            e,
+            link::LinkError::Ring(
+                evod_ring::RingError::PeerCorrupt { .. } | evod_ring::RingError::Protocol { .. }
+            ) | link::LinkError::BadReply { .. }
+        );
+        let Some(child) = self.child.as_ref().filter(|c| c.exited().is_none()) else {
+            return;
+        };
+        if !broke || self.kill_cause.is_some() {
+            return;
+        }
+        tracing::error!(
+            pid = child.pid().as_raw(),
+            "{} broke the protocol on its control channel ({e}): killing it",
+            self.label()
+        );
+        self.kill_cause = Some(format!("its control channel is corrupt: {e}"));
+        let _ = child.signal(Signal::SIGKILL);
+    }
+
     fn running(&self) -> bool {
         self.child.as_ref().is_some_and(|c| c.exited().is_none())
     }
@@ -876,6 +902,7 @@ impl Supervisor {
                         slot.label()
                     ),
                     Err(e) => {
+                        slot.distrust_on(&e);
                         if slot.load_warned != Some(live.id) {
                             slot.load_warned = Some(live.id);
                             tracing::warn!(
@@ -896,6 +923,7 @@ impl Supervisor {
                     Ok(out) => !out.is_empty() && out.iter().all(|v| v.is_finite()),
                     Err(e) => {
                         tracing::debug!("{}: canary NEURAL_EXEC: {e}", slot.label());
+                        slot.distrust_on(&e);
                         false
                     }
                 },
@@ -1078,7 +1106,7 @@ impl Supervisor {
         }
         let i = workers[self.next_exec % workers.len()];
         self.next_exec = self.next_exec.wrapping_add(1);
-        let slot = &self.slots[i];
+        let slot = &mut self.slots[i];
         let seg = slot.segment.as_ref().expect("workers have segments");
         let start = Instant::now();
         match link::exec(seg, inputs, EXEC_TIMEOUT) {
@@ -1087,7 +1115,10 @@ impl Supervisor {
                 "worker": slot.index,
                 "latency_us": start.elapsed().as_secs_f64() * 1e6,
             })),
-            Err(e) => Response::error(format!("{}: {e}", slot.label())),
+            Err(e) => {
+                slot.distrust_on(&e);
+                Response::error(format!("{}: {e}", slot.label()))
+            }
         }
     }
 
@@ -1134,13 +1165,20 @@ impl Supervisor {
                 row.standby_pid = Some(standby.child().pid().as_raw() as u32);
                 row.standby_ready = Some(standby.poll_ready());
             }
+            let mut ping_error = None;
             if let Some(seg) = &slot.segment {
                 row.epoch = Some(seg.epoch());
                 let stats = seg.stats();
                 row.generation = (stats.model_generation != 0).then_some(stats.model_generation);
                 row.heartbeat_age_s = Some(seg.beat_age(Role::Worker).as_secs_f64());
                 if running && !stopping {
-                    slot.ping = link::ping(seg, PING_TIMEOUT).ok();
+                    slot.ping = match link::ping(seg, PING_TIMEOUT) {
+                        Ok(rtt) => Some(rtt),
+                        Err(e) => {
+                            ping_error = Some(e);
+                            None
+                        }
+                    };
                 }
                 row.ping_us = slot.ping.map(|d| d.as_secs_f64() * 1e6);
                 row.stats = Some(stats_json(&stats));
@@ -1149,6 +1187,9 @@ impl Supervisor {
                 }
             } else if !running && !slot.done {
                 healthy = false;
+            }
+            if let Some(e) = ping_error {
+                slot.distrust_on(&e);
             }
             children.push(row);
         }
