@@ -307,6 +307,18 @@ impl Segment {
         self.epoch_word().load(Ordering::Acquire)
     }
 
+    /// The epoch as this process can trust it: for the owner, its own count
+    /// (a worker can overwrite the shared word, not this); for an attached
+    /// process, the shared word.
+    pub fn trusted_epoch(&self) -> u64 {
+        if self.owner {
+            // Relaxed: `local_epoch` is this process's private counter.
+            self.local_epoch.load(Ordering::Relaxed)
+        } else {
+            self.epoch()
+        }
+    }
+
     /// Starts a new worker incarnation: resets the worker heartbeat (a grace
     /// period of one peer timeout starts now) and the stats, bumps the epoch
     /// and wakes every parked waiter. Each client then reports its in-flight

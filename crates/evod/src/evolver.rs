@@ -258,7 +258,9 @@ fn lost_publish(
     };
     if live.spec.fitness.is_some_and(|f| f >= fitness)
         || *live.params()? == *params
-        || quarantined.iter().any(|(_, h)| *h == params_hash(params))
+        || quarantined
+            .iter()
+            .any(|(_, h)| *h == crate::supervisor::rollback::params_hash(params))
     {
         return Ok(None);
     }
@@ -289,20 +291,6 @@ fn lost_publish(
     Ok(Some((report, candidate)))
 }
 
-/// xxh3 of parameters as little-endian f32 bytes.
-fn params_hash(params: &[f32]) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = Vec::with_capacity(4 * 4096);
-    for chunk in params.chunks(4096) {
-        buf.clear();
-        for v in chunk {
-            buf.extend_from_slice(&v.to_le_bytes());
-        }
-        h.update(&buf);
-    }
-    h.digest()
-}
-
 /// The quarantined generations in `dir/history/quarantine` that can be read
 /// as models: (generation, parameters hash).
 fn read_quarantine(dir: &Path) -> Vec<(u64, u64)> {
@@ -316,7 +304,7 @@ fn read_quarantine(dir: &Path) -> Vec<(u64, u64)> {
             continue;
         }
         match Model::open_for_serving(&path).and_then(|m| {
-            let hash = params_hash(&m.params()?);
+            let hash = crate::supervisor::rollback::params_hash(&m.params()?);
             Ok((m.spec.generation, hash))
         }) {
             Ok(entry) => out.push(entry),
@@ -370,13 +358,17 @@ impl Loop {
             }
         };
         let quarantined = read_quarantine(dir);
-        let marker = crate::supervisor::rollback::rollback_marker(dir);
-        let rolled_back_to = std::fs::read_to_string(&marker)
-            .ok()
-            .and_then(|t| t.trim().parse::<u64>().ok());
+        let mark = crate::supervisor::rollback::read_rollback_marker(dir);
+        let rolled_back_from_published = mark.is_some_and(|m| {
+            m.to == model.spec.generation
+                && evolver.published().is_some_and(|(params, _)| {
+                    m.from
+                        .is_none_or(|h| h == crate::supervisor::rollback::params_hash(params))
+                })
+        });
         let pending = if !resumed {
             None
-        } else if rolled_back_to == Some(model.spec.generation) {
+        } else if rolled_back_from_published {
             tracing::info!(
                 generation = model.spec.generation,
                 "the live file was rolled back: not redoing the checkpoint's later publishes"
@@ -590,7 +582,7 @@ impl Loop {
             );
             return Ok(true);
         }
-        let hash = params_hash(&candidate.params);
+        let hash = crate::supervisor::rollback::params_hash(&candidate.params);
         if let Some((bad, _)) = self.quarantined.iter().find(|(_, h)| *h == hash) {
             // A replay after a rollback would publish the very model that
             // crashed the runtime: skip it; a better generation will come.
@@ -1141,10 +1133,13 @@ impl Evaluator for RingEvaluator<'_> {
             self.note_epochs();
             // One group per worker in flight, with the id it was sent as.
             let mut flight: Vec<(usize, u64, Vec<usize>)> = Vec::new();
+            let mut suspects = Vec::new();
             for w in 0..workers {
-                // No work for a worker that lied until it is replaced.
+                // No work for a worker that lied until it is replaced: the
+                // others take it.
                 if self.is_suspect(w) {
-                    self.settle(w, give_up)?;
+                    suspects.push(w);
+                    continue;
                 }
                 let Some(group) = pending.pop() else { break };
                 match self.send(w, candidates, &group, seed, episodes) {
@@ -1153,8 +1148,19 @@ impl Evaluator for RingEvaluator<'_> {
                         pending.push(group);
                         self.settle(w, give_up)?;
                     }
+                    Err(RingError::PeerCorrupt { what }) => {
+                        pending.push(group);
+                        self.faulty(w, &format!("it wrote garbage into its segment: {what}"));
+                    }
                     Err(e) => return Err(EvalError::Other(Box::new(e))),
                 }
+            }
+            if flight.is_empty()
+                && let Some(&w) = suspects.first()
+            {
+                // Every worker that could take work is waiting to be
+                // replaced: wait for the first replacement.
+                self.settle(w, give_up)?;
             }
             for (w, id, group) in flight {
                 match self.receive(w, id, group.len())? {

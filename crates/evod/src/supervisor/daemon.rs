@@ -101,8 +101,11 @@ struct Serving {
 /// then tried again after [`SYNC_BACKOFF`]).
 const CANARY_TIMEOUT: Duration = Duration::from_millis(100);
 /// After a `LOAD` or canary that failed or timed out, the worker is left
-/// alone this long before the next try.
+/// alone this long before the next try, doubling per failure in a row up to
+/// [`SYNC_BACKOFF_MAX`] (a `LOAD` waits up to [`LOAD_TIMEOUT`] on the event
+/// loop).
 const SYNC_BACKOFF: Duration = Duration::from_secs(1);
+const SYNC_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Largest canary input row (the ring's payload area is larger; a network
 /// with more inputs is verified by its `LOAD` alone).
 const CANARY_MAX_INPUTS: usize = 1 << 16;
@@ -131,13 +134,26 @@ struct Slot {
     serving: Option<Serving>,
     /// No `LOAD` or canary to this worker before then (after a failure).
     sync_after: Option<Instant>,
-    /// The file whose `LOAD` failure was last logged as a warning.
-    load_warned: Option<(u64, u64)>,
+    /// The next backoff after a failed or timed-out `LOAD` or canary
+    /// (doubles up to [`SYNC_BACKOFF_MAX`]).
+    sync_backoff: Duration,
+    /// A file this worker refused to `LOAD` (not asked again).
+    load_refused: Option<(u64, u64)>,
+    /// The supervisor killed the current incarnation for breaking the
+    /// protocol (not counted against the model by the fallback).
+    blameless_kill: bool,
 }
 
 impl Slot {
     fn label(&self) -> String {
         format!("{} {}", self.kind.name(), self.index)
+    }
+
+    /// Leaves this worker alone (no `LOAD`, no canary) for the current
+    /// backoff, and doubles it.
+    fn back_off(&mut self, now: Instant) {
+        self.sync_after = Some(now + self.sync_backoff);
+        self.sync_backoff = (self.sync_backoff * 2).min(SYNC_BACKOFF_MAX);
     }
 
     /// After a failed call on this worker's control channel: a worker that
@@ -154,7 +170,9 @@ impl Slot {
         let Some(child) = self.child.as_ref().filter(|c| c.exited().is_none()) else {
             return;
         };
-        if !broke || self.kill_cause.is_some() {
+        // A zombie ended by itself (a scribbler exits after scribbling):
+        // its own exit status says what happened.
+        if !broke || self.kill_cause.is_some() || reap::is_zombie(child.pid()) {
             return;
         }
         tracing::error!(
@@ -163,6 +181,7 @@ impl Slot {
             self.label()
         );
         self.kill_cause = Some(format!("its control channel is corrupt: {e}"));
+        self.blameless_kill = true;
         let _ = child.signal(Signal::SIGKILL);
     }
 
@@ -467,6 +486,9 @@ impl Supervisor {
         if let Some(cause) = slot.kill_cause.take() {
             words = format!("{words} ({cause})");
         }
+        // Killed for lying (recycle, corrupt control channel): whatever it
+        // was doing, the model is not to blame.
+        let blameless = std::mem::take(&mut slot.blameless_kill);
         slot.last_exit = Some(words.clone());
         slot.ping = None;
         if stopping {
@@ -523,7 +545,7 @@ impl Supervisor {
                 return;
             }
         }
-        if kind == Kind::Worker {
+        if kind == Kind::Worker && !blameless {
             self.maybe_fall_back(serving, in_service);
         }
     }
@@ -594,17 +616,32 @@ impl Supervisor {
     /// to the evolver's quarantine. Past `fallback_after` such ends, rolls
     /// back.
     fn maybe_fall_back(&mut self, serving: Option<Serving>, in_service: Option<u32>) {
+        // The file as of the last tick, if it is still the live one (a
+        // stat; the recovery path reads no model file). Changed since: the
+        // death cannot be pinned on either file.
         let Some(LiveModel {
             id,
             generation: Some(live),
             ..
-        }) = self.read_model_identity()
+        }) = self.model_seen
         else {
             return;
         };
-        let blamed = serving.is_some_and(|s| s.id == id && !s.verified)
-            && matches!(in_service, Some(op::LOAD | op::NEURAL_EXEC));
-        if !blamed || self.good_generation == Some(live) {
+        let now_id = std::fs::metadata(&self.config.model)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if now_id != Some(id) {
+            return;
+        }
+        let blamed = match in_service {
+            // A LOAD (the supervisor's or the evolver's) and the start-up
+            // load all read the live path.
+            Some(op::LOAD) => true,
+            // NEURAL_EXEC runs what the worker serves.
+            Some(op::NEURAL_EXEC) => serving.is_some_and(|s| s.id == id && !s.verified),
+            _ => false,
+        };
+        if !blamed || self.verified_file == Some(id) || self.good_generation == Some(live) {
             return;
         }
         let count = self.crashes_after_new.entry(live).or_insert(0);
@@ -696,6 +733,8 @@ impl Supervisor {
             .map(|m| (m.dev(), m.ino()));
         let slot = &mut self.slots[i];
         slot.sync_after = None;
+        slot.sync_backoff = SYNC_BACKOFF;
+        slot.load_refused = None;
         slot.serving = id.filter(|_| slot.kind == Kind::Worker).map(|id| Serving {
             id,
             verified: false,
@@ -880,42 +919,51 @@ impl Supervisor {
             .filter(|&n| n <= CANARY_MAX_INPUTS)
             .map(|n| vec![0f32; n]);
         let now = Instant::now();
+        let generation = live.generation;
         for slot in &mut self.slots {
             let running = slot.running();
             let Some(seg) = &slot.segment else { continue };
             if !running || slot.sync_after.is_some_and(|t| now < t) {
                 continue;
             }
-            let generation = live.generation;
             if slot.serving.is_none_or(|s| s.id != live.id) {
+                if slot.load_refused == Some(live.id) {
+                    // It refused this very file: it will not do better.
+                    continue;
+                }
                 match link::load(seg, &request, LOAD_TIMEOUT) {
                     Ok(_) => {
                         slot.serving = Some(Serving {
                             id: live.id,
                             verified: false,
                         });
+                        slot.sync_backoff = SYNC_BACKOFF;
                     }
                     // A newer file took its place before the worker opened
                     // it (the evolver publishes fast): the next tick loads it.
-                    Err(e) if replaced() => tracing::debug!(
-                        "{}: LOAD of generation {generation:?} superseded by a newer file: {e}",
-                        slot.label()
-                    ),
+                    Err(e) if replaced() => {
+                        tracing::debug!(
+                            "{}: LOAD of generation {generation:?} superseded by a newer file: {e}",
+                            slot.label()
+                        );
+                        continue;
+                    }
                     Err(e) => {
                         slot.distrust_on(&e);
-                        if slot.load_warned != Some(live.id) {
-                            slot.load_warned = Some(live.id);
-                            tracing::warn!(
-                                "{}: LOAD of generation {generation:?} failed (retried every {SYNC_BACKOFF:?}): {e}",
-                                slot.label()
-                            );
+                        if matches!(e, link::LinkError::Refused { .. }) {
+                            slot.load_refused = Some(live.id);
                         }
-                        slot.sync_after = Some(Instant::now() + SYNC_BACKOFF);
+                        tracing::warn!(
+                            "{}: LOAD of generation {generation:?} failed: {e}",
+                            slot.label()
+                        );
+                        slot.back_off(now);
                         continue;
                     }
                 }
             }
-            if slot.serving.is_none_or(|s| s.verified) {
+            // Only a worker known to serve the live file may verify it.
+            if slot.serving.is_none_or(|s| s.id != live.id || s.verified) {
                 continue;
             }
             let answered = match &canary {
@@ -924,6 +972,10 @@ impl Supervisor {
                     Err(e) => {
                         tracing::debug!("{}: canary NEURAL_EXEC: {e}", slot.label());
                         slot.distrust_on(&e);
+                        if matches!(e, link::LinkError::Refused { .. }) {
+                            // No model (its start-up load failed): LOAD it.
+                            slot.serving = None;
+                        }
                         false
                     }
                 },
@@ -931,9 +983,10 @@ impl Supervisor {
                 None => true,
             };
             if !answered {
-                slot.sync_after = Some(Instant::now() + SYNC_BACKOFF);
+                slot.back_off(now);
                 continue;
             }
+            slot.sync_backoff = SYNC_BACKOFF;
             if let Some(serving) = slot.serving.as_mut() {
                 serving.verified = true;
             }
@@ -1036,10 +1089,13 @@ impl Supervisor {
         else {
             return Response::error(format!("no worker {index}"));
         };
-        let now = slot.segment.as_ref().map(|s| s.epoch());
-        if now != Some(epoch) {
-            // It ended and was replaced meanwhile (a scribbler exits by
-            // itself): the new incarnation did nothing wrong.
+        // The owner's own count, which a worker cannot overwrite (the
+        // shared word it can). An older epoch: that incarnation ended and was
+        // replaced meanwhile (a scribbler exits by itself), and the new one
+        // did nothing wrong. Any other value (the current one, or one a
+        // liar forged into the shared word) means this incarnation.
+        let now = slot.segment.as_ref().map(|s| s.trusted_epoch());
+        if now.is_some_and(|now| epoch < now) {
             return Response::ok(serde_json::json!({
                 "worker": index,
                 "already_replaced": true,
@@ -1050,10 +1106,12 @@ impl Supervisor {
             return Response::error(format!("worker {index} is not running"));
         };
         let pid = child.pid().as_raw();
-        if slot.kill_cause.is_none() {
+        // A zombie ended by itself: its exit status tells why.
+        if slot.kill_cause.is_none() && !reap::is_zombie(child.pid()) {
             let reason: String = reason.chars().take(200).collect();
             tracing::error!(pid, "recycling worker {index}: {reason}");
             slot.kill_cause = Some(format!("recycled: {reason}"));
+            slot.blameless_kill = true;
             let _ = child.signal(Signal::SIGKILL);
         }
         Response::ok(serde_json::json!({ "worker": index, "pid": pid }))
@@ -1167,7 +1225,7 @@ impl Supervisor {
             }
             let mut ping_error = None;
             if let Some(seg) = &slot.segment {
-                row.epoch = Some(seg.epoch());
+                row.epoch = Some(seg.trusted_epoch());
                 let stats = seg.stats();
                 row.generation = (stats.model_generation != 0).then_some(stats.model_generation);
                 row.heartbeat_age_s = Some(seg.beat_age(Role::Worker).as_secs_f64());
@@ -1247,7 +1305,9 @@ impl Slot {
             standby_backoff: STANDBY_RETRY,
             serving: None,
             sync_after: None,
-            load_warned: None,
+            sync_backoff: SYNC_BACKOFF,
+            load_refused: None,
+            blameless_kill: false,
         }
     }
 }

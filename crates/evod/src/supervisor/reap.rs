@@ -106,6 +106,14 @@ pub fn become_subreaper() -> nix::Result<()> {
     nix::sys::prctl::set_child_subreaper(true)
 }
 
+/// Whether `pid` has exited and waits to be reaped (a zombie).
+pub fn is_zombie(pid: nix::unistd::Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, after)| after.starts_with('Z'))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

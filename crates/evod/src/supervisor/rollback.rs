@@ -98,6 +98,10 @@ pub fn restore(dir: &Path, model: &Path, to: u64, quarantine: Option<u64>) -> an
         );
     };
     let file = GgufFile::open(source)?;
+    // What is rolled back from, for the evolver (see `rollback_marker`).
+    let from = evod_runtime::Model::open_for_serving(model)
+        .and_then(|m| Ok(params_hash(&m.params()?)))
+        .ok();
     if let Some(bad) = quarantine {
         let qdir = quarantine_dir(dir);
         std::fs::create_dir_all(&qdir)
@@ -124,14 +128,48 @@ pub fn restore(dir: &Path, model: &Path, to: u64, quarantine: Option<u64>) -> an
     }
     evod_gguf::rewrite(&file, model, |_| {}, &PublishOptions::default())
         .with_context(|| format!("cannot publish generation {to} at {}", model.display()))?;
-    mark_rollback(dir, to);
+    mark_rollback(dir, to, from);
     Ok(to)
 }
 
+/// xxh3 of parameters as little-endian f32 bytes: identifies a model's
+/// weights whatever its metadata.
+pub fn params_hash(params: &[f32]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = Vec::with_capacity(4 * 4096);
+    for chunk in params.chunks(4096) {
+        buf.clear();
+        for v in chunk {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        h.update(&buf);
+    }
+    h.digest()
+}
+
+/// The rollback marker, as the evolver reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RollbackMark {
+    /// The generation restored.
+    pub to: u64,
+    /// [`params_hash`] of the model rolled back from, if it could be read.
+    pub from: Option<u64>,
+}
+
+/// Reads the rollback marker of `dir`, if any.
+pub fn read_rollback_marker(dir: &Path) -> Option<RollbackMark> {
+    let text = std::fs::read_to_string(rollback_marker(dir)).ok()?;
+    let mut words = text.split_whitespace();
+    let to = words.next()?.parse().ok()?;
+    let from = words.next().and_then(|w| u64::from_str_radix(w, 16).ok());
+    Some(RollbackMark { to, from })
+}
+
 /// `DIR/state/rolled-back-to`: the generation the live file was rolled back
-/// to. The evolver reads it at start: its checkpoint still counts the newer
-/// generations as published, and they must not come back as "lost
-/// publishes" (`evolver::lost_publish`).
+/// to, and the parameters hash of the model rolled back from. The evolver
+/// reads it at start: its checkpoint may still count that model as
+/// published, and it must not come back as a "lost publish"
+/// (`evolver::lost_publish`); any other missing publish still is one.
 pub fn rollback_marker(dir: &Path) -> PathBuf {
     dir.join("state").join("rolled-back-to")
 }
@@ -139,11 +177,15 @@ pub fn rollback_marker(dir: &Path) -> PathBuf {
 /// Writes the rollback marker (atomically: temporary file and rename). A
 /// failure is logged: without the marker the evolver may republish the
 /// generation rolled back from, which the next rollback handles.
-fn mark_rollback(dir: &Path, to: u64) {
+fn mark_rollback(dir: &Path, to: u64, from: Option<u64>) {
     let path = rollback_marker(dir);
     let tmp = path.with_extension("tmp");
+    let text = match from {
+        Some(h) => format!("{to} {h:016x}\n"),
+        None => format!("{to}\n"),
+    };
     let result = std::fs::create_dir_all(dir.join("state"))
-        .and_then(|()| std::fs::write(&tmp, format!("{to}\n")))
+        .and_then(|()| std::fs::write(&tmp, text))
         .and_then(|()| std::fs::rename(&tmp, &path));
     if let Err(e) = result {
         tracing::error!("cannot write {}: {e}", path.display());
