@@ -562,8 +562,9 @@ fn evolver_sigkilled_at_100_random_instants_leaves_a_valid_model() {
     eprintln!("{aimed_hits} of 10 aimed kills interrupted a publish");
 }
 
-#[test]
-fn a_publish_lost_with_its_evolver_is_redone_by_the_next() {
+/// A daemon evolving a small sine model (seeds fixed) that checkpoints
+/// every cycle, in a new folder.
+fn checkpointing_sine_daemon() -> (tempfile::TempDir, Daemon) {
     let dir = tempfile::tempdir().unwrap();
     init(
         dir.path(),
@@ -582,6 +583,12 @@ fn a_publish_lost_with_its_evolver_is_redone_by_the_next() {
             "1",
         ],
     );
+    (dir, d)
+}
+
+#[test]
+fn a_publish_lost_with_its_evolver_is_redone_by_the_next() {
+    let (dir, d) = checkpointing_sine_daemon();
     let plan = dir.path().join(".evod/io-fault");
     wait_for(
         "the runtime folder",
@@ -619,24 +626,7 @@ fn a_publish_lost_with_its_evolver_is_redone_by_the_next() {
 
 #[test]
 fn a_manual_rollback_is_not_undone_by_the_restarted_evolver() {
-    let dir = tempfile::tempdir().unwrap();
-    init(
-        dir.path(),
-        &["--task", "sine", "--layers", "1,16,1", "--seed", "11"],
-    );
-    let d = Daemon::start(
-        dir.path(),
-        &[
-            "--workers",
-            "2",
-            "--seed",
-            "12",
-            "--population",
-            "24",
-            "--checkpoint-every",
-            "1",
-        ],
-    );
+    let (dir, d) = checkpointing_sine_daemon();
     // Two publishes at least, so there is an earlier generation to restore.
     wait_for(
         "two publishes",

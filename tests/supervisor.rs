@@ -46,6 +46,17 @@ fn child_and_standby_pids(status: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// The worker row's last exit was a SIGKILL (from the supervisor).
+fn assert_sigkilled(w: &Value) {
+    assert!(
+        w["last_exit"]
+            .as_str()
+            .unwrap()
+            .starts_with("killed by signal 9 (SIGKILL)"),
+        "{w}"
+    );
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie still has a /proc entry: count it as alive (not reaped).
     Path::new(&format!("/proc/{pid}")).exists()
@@ -281,13 +292,7 @@ fn a_hung_worker_is_killed_by_the_watchdog_and_respawned() {
     let pid = d.worker_pid();
     d.fault("hang");
     let w = d.wait_respawn(pid, "heartbeat stalled");
-    assert!(
-        w["last_exit"]
-            .as_str()
-            .unwrap()
-            .starts_with("killed by signal 9 (SIGKILL)"),
-        "{w}"
-    );
+    assert_sigkilled(&w);
     d.wait_healthy();
 }
 
@@ -697,13 +702,7 @@ fn a_worker_that_lies_on_its_control_channel_is_replaced() {
     d.fault("lie-control");
     // The status PING (or the tick's canary) reads the lie.
     let w = d.wait_respawn(worker, "its control channel is corrupt");
-    assert!(
-        w["last_exit"]
-            .as_str()
-            .unwrap()
-            .starts_with("killed by signal 9 (SIGKILL)"),
-        "{w}"
-    );
+    assert_sigkilled(&w);
     assert_eq!(w["restarts"], 1, "{w}");
     assert!(!alive(worker), "the liar was not reaped");
     assert_eq!(d.exec().split(',').count(), 2);

@@ -32,17 +32,22 @@ pub const RUNTIME_DIR: &str = ".evod";
 /// The control socket's file name inside the runtime folder.
 pub const SOCKET_NAME: &str = "control.sock";
 
-/// Parses a duration: `250ms`, `10s`, `2m`, `1.5s`, or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
+/// Splits `text` (trimmed) into its leading number and the unit after it;
+/// `None` if it does not start with a number.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("bad duration {text:?}: expected e.g. 250ms, 10s, 2m"))?;
-    let scale = match unit.trim() {
+    Some((number.parse().ok()?, unit.trim()))
+}
+
+/// Parses a duration: `250ms`, `10s`, `2m`, `1.5s`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("bad duration {text:?}: expected e.g. 250ms, 10s, 2m"))?;
+    let scale = match unit {
         "" | "s" => 1.0,
         "ms" => 1e-3,
         "us" => 1e-6,
@@ -61,14 +66,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// of bytes (binary multiples: K = 1024).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("bad size {text:?}: expected e.g. 512M, 2G"))?;
-    let scale: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("bad size {text:?}: expected e.g. 512M, 2G"))?;
+    let scale: u64 = match unit.to_ascii_uppercase().as_str() {
         "" | "B" => 1,
         "K" | "KB" | "KIB" => 1 << 10,
         "M" | "MB" | "MIB" => 1 << 20,
