@@ -281,3 +281,47 @@ fn a_quarantined_generation_is_never_published_again() {
         "the quarantined generation reached the history"
     );
 }
+
+#[test]
+fn a_replay_does_not_republish_the_model_rolled_back_from() {
+    // What a replay after `evod rollback` would do: reach the candidate
+    // whose model was rolled back from. Here the reference run's first
+    // publish is named in the rollback marker (as `evod rollback` writes
+    // it) before an identical run starts on the initial file.
+    let one = ["--generations", "1", "--seed", "9"];
+    let reference = tempfile::tempdir().unwrap();
+    init_sine(reference.path());
+    let out = finish(spawn_run(reference.path(), &one));
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let published = reference.path().join("vectorland.gguf");
+    let (_, generation) = identity(&published);
+    assert_eq!(generation, 1, "the reference run did not publish");
+    let model = evod_runtime::Model::open(&published).unwrap();
+    // The marker's hash: xxh3 of the parameters as little-endian f32 bytes
+    // (`supervisor::rollback::params_hash`).
+    let bytes: Vec<u8> = model
+        .params()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let from = xxhash_rust::xxh3::xxh3_64(&bytes);
+
+    let dir = tempfile::tempdir().unwrap();
+    init_sine(dir.path());
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(
+        dir.path().join("state/rolled-back-to"),
+        format!("0 {from:016x}\n"),
+    )
+    .unwrap();
+    let out = finish(spawn_run(dir.path(), &one));
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "stderr:\n{log}");
+    assert!(
+        log.contains("these are the parameters the live file was rolled back from"),
+        "{log}"
+    );
+    let (_, live) = identity(&dir.path().join("vectorland.gguf"));
+    assert_eq!(live, 0, "the rolled-back-from model was published again");
+}

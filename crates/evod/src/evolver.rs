@@ -240,6 +240,11 @@ struct Loop {
     /// they crashed the runtime. Read at start (a rollback restarts the
     /// evolver); a candidate with the same parameters is never published.
     quarantined: Vec<(u64, u64)>,
+    /// [`crate::supervisor::rollback::params_hash`] of the model the live
+    /// file was rolled back from (`state/rolled-back-to`), while the live
+    /// file is the one restored: a replay from an older checkpoint would
+    /// publish it again, undoing the rollback.
+    rolled_back_from: Option<u64>,
 }
 
 /// A publish the checkpoint counts as done but the live file does not hold:
@@ -358,6 +363,7 @@ impl Loop {
             }
         };
         let quarantined = read_quarantine(dir);
+        let model_generation = model.spec.generation;
         let mark = crate::supervisor::rollback::read_rollback_marker(dir);
         let rolled_back_from_published = mark.is_some_and(|m| {
             m.to == model.spec.generation
@@ -391,6 +397,9 @@ impl Loop {
             io_fault_file: None,
             pending,
             quarantined,
+            rolled_back_from: mark
+                .filter(|m| m.to == model_generation)
+                .and_then(|m| m.from),
         })
     }
 
@@ -583,6 +592,15 @@ impl Loop {
             return Ok(true);
         }
         let hash = crate::supervisor::rollback::params_hash(&candidate.params);
+        if self.rolled_back_from == Some(hash) {
+            // A replay reached the model an operator (or the fallback)
+            // rolled back from: leave the rollback in place.
+            tracing::warn!(
+                generation,
+                "not publishing: these are the parameters the live file was rolled back from"
+            );
+            return Ok(false);
+        }
         if let Some((bad, _)) = self.quarantined.iter().find(|(_, h)| *h == hash) {
             // A replay after a rollback would publish the very model that
             // crashed the runtime: skip it; a better generation will come.
@@ -636,6 +654,7 @@ impl Loop {
         self.checksum = written.checksum;
         // A newer generation is live: a rollback marker is history now.
         let _ = std::fs::remove_file(crate::supervisor::rollback::rollback_marker(&self.dir));
+        self.rolled_back_from = None;
         self.keep_history(evolve.history() as usize)?;
         ring.load_all(
             &self.model_path,
