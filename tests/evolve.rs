@@ -10,7 +10,7 @@ use common::{children_with_role, evod, text};
 
 use std::path::Path;
 use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use evod_gguf::GgufFile;
 
@@ -33,21 +33,15 @@ fn spawn_run(dir: &Path, args: &[&str]) -> Child {
 
 /// Waits for `child` with a deadline; kills it and fails past the deadline.
 fn finish(mut child: Child) -> Output {
-    let end = Instant::now() + DEADLINE;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "evod run did not finish within {DEADLINE:?}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if common::wait_exit(&mut child, DEADLINE).is_none() {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "evod run did not finish within {DEADLINE:?}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
+    child.wait_with_output().unwrap()
 }
 
 /// Tensor data checksum and `evod.generation` of a model file.
@@ -65,11 +59,7 @@ fn progress_rows(dir: &Path) -> usize {
 
 /// Polls `cond` until it holds or the deadline passes.
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::poll_until(what, DEADLINE, || cond().then_some(()), String::new);
 }
 
 #[test]

@@ -33,15 +33,7 @@ fn wait_for(
     mut cond: impl FnMut() -> bool,
     context: impl Fn() -> String,
 ) {
-    let end = Instant::now() + within;
-    while !cond() {
-        assert!(
-            Instant::now() < end,
-            "timed out after {within:?} waiting for {what}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::poll_until(what, within, || cond().then_some(()), context);
 }
 
 /// `evod init` in `dir` with `args`.
@@ -144,34 +136,26 @@ impl Daemon {
     /// Waits for the daemon to exit by itself.
     fn finish(mut self) -> (ExitStatus, String) {
         let mut child = self.child.take().unwrap();
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                // The reader threads end when the last writer (the
-                // supervisor's janitor goes last) closes the pipes.
-                let _ = child.wait();
-                for reader in std::mem::take(&mut self.readers) {
-                    while !reader.is_finished() {
-                        assert!(
-                            Instant::now() < end,
-                            "the daemon's output pipes stayed open"
-                        );
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    let _ = reader.join();
-                }
-                return (status, self.log());
-            }
-            if Instant::now() > end {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "evod run did not finish within {DEADLINE:?}\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(status) = common::wait_exit(&mut child, DEADLINE) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "evod run did not finish within {DEADLINE:?}\n{}",
+                self.log()
+            );
+        };
+        // The reader threads end when the last writer (the supervisor's
+        // janitor goes last) closes the pipes.
+        for reader in std::mem::take(&mut self.readers) {
+            wait_for(
+                "the daemon's output pipes to close",
+                DEADLINE,
+                || reader.is_finished(),
+                || self.log(),
+            );
+            let _ = reader.join();
         }
+        (status, self.log())
     }
 
     /// `evod stop`, then waits for the exit.

@@ -10,26 +10,15 @@ use common::evod;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>, context: impl Fn() -> String) -> T {
-    let end = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = cond() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out waiting for {what}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+fn wait_for<T>(what: &str, cond: impl FnMut() -> Option<T>, context: impl Fn() -> String) -> T {
+    common::poll_until(what, DEADLINE, cond, context)
 }
 
 /// Host pids of `pid`'s children.
@@ -165,14 +154,8 @@ fn as_pid_1_orphans_are_reaped_and_sigterm_is_honoured() {
 
     // SIGTERM to PID 1: graceful stop, exit 0 (unshare passes it on).
     kill(Pid::from_raw(init as i32), Signal::SIGTERM).unwrap();
-    let end = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(status) = ns.unshare.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < end, "PID 1 ignored SIGTERM\n{}", ns.log());
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = common::wait_exit(&mut ns.unshare, DEADLINE)
+        .unwrap_or_else(|| panic!("PID 1 ignored SIGTERM\n{}", ns.log()));
     assert_eq!(status.code(), Some(0), "{}", ns.log());
     assert!(ns.log().contains("stopping gracefully"), "{}", ns.log());
 }

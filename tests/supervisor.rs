@@ -9,7 +9,7 @@ use common::{evod, text};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -19,19 +19,8 @@ use serde_json::Value;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Polls `cond` until it returns `Some`, failing with `what` past the deadline.
-fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>, context: impl Fn() -> String) -> T {
-    let end = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = cond() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out after {DEADLINE:?} waiting for {what}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+fn wait_for<T>(what: &str, cond: impl FnMut() -> Option<T>, context: impl Fn() -> String) -> T {
+    common::poll_until(what, DEADLINE, cond, context)
 }
 
 /// Pids of every running child in a status report, standbys included.
@@ -92,14 +81,18 @@ impl Daemon {
             child: Some(child),
             dir,
         };
-        let end = Instant::now() + DEADLINE;
-        while d.status().filter(|s| s["healthy"] == true).is_none() {
-            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("evod run exited early ({status}):\n{}", d.log());
-            }
-            assert!(Instant::now() < end, "no healthy daemon:\n{}", d.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let log = d.dir().join("run.log");
+        let log = || std::fs::read_to_string(&log).unwrap_or_default();
+        wait_for(
+            "a healthy daemon",
+            || {
+                if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                    panic!("evod run exited early ({status}):\n{}", log());
+                }
+                d.status().filter(|s| s["healthy"] == true)
+            },
+            log,
+        );
         d
     }
 
@@ -191,19 +184,10 @@ impl Daemon {
 
     fn wait_exit(&mut self) -> ExitStatus {
         let child = self.child.as_mut().unwrap();
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < end,
-                "evod run did not exit\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let status = common::wait_exit(child, DEADLINE)
+            .unwrap_or_else(|| panic!("evod run did not exit\n{}", self.log()));
+        self.child = None;
+        status
     }
 
     fn fault(&self, kind: &str) -> Output {

@@ -2,6 +2,8 @@
 //! `LOAD` of missing and malformed files, fault opcodes refused without
 //! `--allow-fault-injection` and a real SIGSEGV with it.
 
+mod common;
+
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -73,17 +75,8 @@ fn call(client: &mut Client<'_>, opcode: u32, body: &[u8]) -> (i32, Vec<u8>) {
 }
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let end = deadline();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < end,
-            "worker did not exit before the deadline"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_exit(child, Duration::from_secs(20))
+        .expect("worker did not exit before the deadline")
 }
 
 fn eval_body(candidates: &[&[f32]], seed: u64, episodes: u32) -> Vec<u8> {

@@ -69,3 +69,71 @@ pub fn children_with_role(pid: u32, role: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// Calls `cond` every 10 ms until it returns `Some`, and returns that;
+/// panics with `what` and `context()` past `within`. For conditions that
+/// have no event to block on (a status answer, a log line, a file).
+pub fn poll_until<T>(
+    what: &str,
+    within: std::time::Duration,
+    mut cond: impl FnMut() -> Option<T>,
+    context: impl Fn() -> String,
+) -> T {
+    let end = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out after {within:?} waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Waits up to `within` for `child` to exit, blocking on its pidfd (no
+/// polling): its status, or `None` past the deadline (the child is left
+/// running).
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    within: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let end = std::time::Instant::now() + within;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // (closed below) or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) } as i32;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            if fd >= 0 {
+                // SAFETY: `fd` is the pidfd opened above, closed once.
+                unsafe { libc::close(fd) };
+            }
+            return Some(status);
+        }
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            if fd >= 0 {
+                // SAFETY: as above.
+                unsafe { libc::close(fd) };
+            }
+            return None;
+        }
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        if fd >= 0 {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call; the
+            // pidfd turns readable when the process exits. EINTR or a
+            // timeout just goes round the loop.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+        } else {
+            // No pidfd (a kernel before 5.3): block until it exits.
+            return Some(child.wait().unwrap());
+        }
+    }
+}
