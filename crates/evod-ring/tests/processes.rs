@@ -4,6 +4,9 @@
 //! SIGKILLed. A tiny harness runs the tests in order (`harness = false`);
 //! pass a substring to run only matching tests.
 
+mod common;
+
+use common::eventually;
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -62,7 +65,7 @@ fn peer_server(seg: &Segment) -> Result<(), RingError> {
             }
             OP_SLOW => {
                 seg.record_request(h.opcode, Duration::ZERO, true);
-                std::thread::sleep(Duration::from_secs(3600));
+                hang_until_killed();
             }
             OP_SCRIBBLE => {
                 let how = match h.flags {
@@ -79,7 +82,7 @@ fn peer_server(seg: &Segment) -> Result<(), RingError> {
                 if matches!(how, Scribble::RequestHeadBeyondTail(_)) {
                     // Stop serving, or the next released request would
                     // overwrite the lie with a correct head.
-                    std::thread::sleep(Duration::from_secs(3600));
+                    hang_until_killed();
                 }
             }
             OP_EXIT => return Ok(()),
@@ -97,8 +100,14 @@ fn peer_owner() -> Result<(), RingError> {
     })?;
     let _child = spawn_peer(&seg, "server");
     println!("ready");
-    std::thread::sleep(Duration::from_secs(3600));
-    Ok(())
+    hang_until_killed()
+}
+
+/// Plays a hung peer: blocks forever, until the test kills this process.
+fn hang_until_killed() -> ! {
+    loop {
+        std::thread::park();
+    }
 }
 
 fn peer_main(mode: &str) -> ExitCode {
@@ -156,18 +165,6 @@ fn spawn_peer(seg: &Segment, mode: &str) -> Peer {
 fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// Polls `cond` until true or `within` elapsed.
-fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    cond()
 }
 
 fn small() -> LayoutConfig {

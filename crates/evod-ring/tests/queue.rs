@@ -1,6 +1,9 @@
 //! Queue behaviour within one process (server on a thread): wrap-around,
 //! full, empty, largest payload, endpoint claims and the heartbeat grace.
 
+mod common;
+
+use common::eventually;
 use std::time::{Duration, Instant};
 
 use evod_ring::{
@@ -171,18 +174,6 @@ fn no_worker_at_all_is_peer_lost_after_the_grace_period() {
         t.elapsed()
     );
     assert!(client.in_flight().is_empty());
-}
-
-/// Polls `cond` until true or `within` elapsed.
-fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    cond()
 }
 
 /// A client releasing a reply does not notify (no fence on the round trip);
