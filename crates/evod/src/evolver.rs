@@ -30,7 +30,7 @@ use evod_evolve::{
 use evod_ring::{Channel, Client, RingError, Segment};
 use evod_runtime::{Model, ModelSpec, Task, write_model, write_model_with};
 
-use crate::protocol::{self, EvalHeader, ExecHeader, LoadRequest, op, status};
+use crate::protocol::{self, EvalHeader, op, status};
 use crate::report::{PROGRESS_FILE, PROGRESS_HEADER, Row};
 use crate::run::{EvolveArgs, Strategy};
 
@@ -223,7 +223,6 @@ struct Loop {
     dir: PathBuf,
     model_path: PathBuf,
     spec: ModelSpec,
-    checksum: u64,
     evolver: Evolver,
     started: Instant,
     progress: std::fs::File,
@@ -388,7 +387,6 @@ impl Loop {
         Ok(Loop {
             dir: dir.to_owned(),
             model_path,
-            checksum: model.file.checksum(),
             spec: model.spec,
             evolver,
             started: Instant::now(),
@@ -447,7 +445,7 @@ impl Loop {
             let mut published = false;
             let mut solved = false;
             if let Some((pending_report, candidate)) = self.pending.take() {
-                match self.publish(&pending_report, &candidate, evolve, ring) {
+                match self.publish(&pending_report, &candidate, evolve) {
                     // Refused (quarantined parameters): nothing to retry.
                     Ok(false) => {}
                     Ok(true) => {
@@ -575,7 +573,6 @@ impl Loop {
         report: &GenerationReport,
         candidate: &evod_evolve::PublishCandidate,
         evolve: &EvolveArgs,
-        ring: &mut RingEvaluator<'_>,
     ) -> Result<bool> {
         // Published generations are numbered by metabolism cycle (1-based),
         // so a run's numbering does not depend on when it was interrupted.
@@ -651,17 +648,14 @@ impl Loop {
             self.model_path.display()
         );
         self.spec = spec;
-        self.checksum = written.checksum;
         // A newer generation is live: a rollback marker is history now.
         let _ = std::fs::remove_file(crate::supervisor::rollback::rollback_marker(&self.dir));
         self.rolled_back_from = None;
         self.keep_history(evolve.history() as usize)?;
-        ring.load_all(
-            &self.model_path,
-            self.spec.generation,
-            self.checksum,
-            self.spec.arch.inputs(),
-        );
+        // The supervisor notices the new file and has every worker LOAD it
+        // and answer a canary (its `sync_workers`): doing it here as well
+        // would load and check every published file twice. EVAL does not
+        // read the live weights, so evaluation does not wait for it.
         Ok(true)
     }
 
@@ -1064,61 +1058,6 @@ impl<'s> RingEvaluator<'s> {
             }
         }
         alive
-    }
-
-    /// `LOAD`s a newly published model into every worker and checks with a
-    /// `NEURAL_EXEC` canary that the runtime serves it with finite outputs.
-    pub fn load_all(&mut self, path: &Path, generation: u64, checksum: u64, inputs: usize) {
-        let body = protocol::to_bincode(&LoadRequest {
-            path: path.display().to_string(),
-            generation,
-            checksum,
-        });
-        for (w, c) in self.clients.iter_mut().enumerate() {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            match exchange(
-                c,
-                op::LOAD,
-                body.len(),
-                |o| o.copy_from_slice(&body),
-                deadline,
-            ) {
-                Ok((st, _)) if st == status::OK => {}
-                Ok((_, msg)) => {
-                    tracing::error!(
-                        worker = w,
-                        "LOAD of generation {generation} refused: {}",
-                        String::from_utf8_lossy(&msg)
-                    );
-                    continue;
-                }
-                Err(e) => {
-                    // A replacement worker loads the live file at start.
-                    tracing::warn!(worker = w, "LOAD of generation {generation}: {e}");
-                    continue;
-                }
-            }
-            let h = ExecHeader {
-                batch: 1,
-                inputs: inputs as u32,
-            };
-            let input = vec![0.0f32; inputs];
-            let len = ExecHeader::SIZE + 4 * inputs;
-            match exchange(c, op::NEURAL_EXEC, len, |o| h.encode(&input, o), deadline) {
-                Ok((st, out))
-                    if st == status::OK
-                        && !out.is_empty()
-                        && protocol::read_f32s(&out).iter().all(|v| v.is_finite()) => {}
-                Ok((st, _)) => tracing::error!(
-                    worker = w,
-                    "canary NEURAL_EXEC on generation {generation} failed (status {st})"
-                ),
-                Err(e) => tracing::warn!(
-                    worker = w,
-                    "canary NEURAL_EXEC on generation {generation}: {e}"
-                ),
-            }
-        }
     }
 }
 

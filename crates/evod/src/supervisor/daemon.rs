@@ -634,7 +634,7 @@ impl Supervisor {
             return;
         }
         let blamed = match in_service {
-            // A LOAD (the supervisor's or the evolver's) and the start-up
+            // A LOAD (the supervisor sends them all) and the start-up
             // load all read the live path.
             Some(op::LOAD) => true,
             // NEURAL_EXEC runs what the worker serves.
