@@ -237,15 +237,7 @@ fn progress_generations(dir: &Path) -> Vec<u64> {
 
 #[test]
 fn every_worker_fault_during_evaluation_costs_a_respawn_not_the_run() {
-    let dir = tempfile::tempdir().unwrap();
-    init(
-        dir.path(),
-        &["--task", "sine", "--layers", "1,32,1", "--seed", "3"],
-    );
-    let d = Daemon::start(
-        dir.path(),
-        &["--workers", "2", "--heartbeat-timeout", "1s", "--seed", "4"],
-    );
+    let (dir, d) = sine_daemon("1,32,1", "3", &["--heartbeat-timeout", "1s", "--seed", "4"]);
     let recycled = "killed by signal 9 (SIGKILL) (recycled: the evolver found that it";
     let cases: [(&str, &[&str]); 6] = [
         ("segv", &["killed by signal 11 (SIGSEGV)"]),
@@ -351,16 +343,10 @@ fn fault_requests_are_refused_without_the_flag() {
 
 #[test]
 fn poison_candidates_are_quarantined_and_the_run_completes() {
-    let dir = tempfile::tempdir().unwrap();
-    init(
-        dir.path(),
-        &["--task", "sine", "--layers", "1,16,1", "--seed", "5"],
-    );
-    let d = Daemon::start(
-        dir.path(),
+    let (dir, d) = sine_daemon(
+        "1,16,1",
+        "5",
         &[
-            "--workers",
-            "2",
             "--poison-one-in",
             "12",
             "--population",
@@ -430,17 +416,11 @@ fn poison_candidates_are_quarantined_and_the_run_completes() {
 
 #[test]
 fn evolver_sigkilled_at_100_random_instants_leaves_a_valid_model() {
-    let dir = tempfile::tempdir().unwrap();
     // Big enough that a publish (264 KiB, fsync) takes measurable time.
-    init(
-        dir.path(),
-        &["--task", "sine", "--layers", "1,256,256,1", "--seed", "8"],
-    );
-    let d = Daemon::start(
-        dir.path(),
+    let (dir, d) = sine_daemon(
+        "1,256,256,1",
+        "8",
         &[
-            "--workers",
-            "2",
             "--population",
             "4",
             "--seed",
@@ -546,19 +526,26 @@ fn evolver_sigkilled_at_100_random_instants_leaves_a_valid_model() {
     eprintln!("{aimed_hits} of 10 aimed kills interrupted a publish");
 }
 
-/// A daemon evolving a small sine model (seeds fixed) that checkpoints
-/// every cycle, in a new folder.
-fn checkpointing_sine_daemon() -> (tempfile::TempDir, Daemon) {
+/// A daemon (`--workers 2` and `args`) evolving a sine model with hidden
+/// `layers`, initialised from `seed`, in a new folder.
+fn sine_daemon(layers: &str, seed: &str, args: &[&str]) -> (tempfile::TempDir, Daemon) {
     let dir = tempfile::tempdir().unwrap();
     init(
         dir.path(),
-        &["--task", "sine", "--layers", "1,16,1", "--seed", "11"],
+        &["--task", "sine", "--layers", layers, "--seed", seed],
     );
-    let d = Daemon::start(
-        dir.path(),
+    let mut all = vec!["--workers", "2"];
+    all.extend_from_slice(args);
+    let d = Daemon::start(dir.path(), &all);
+    (dir, d)
+}
+
+/// A small sine daemon (seeds fixed) that checkpoints every cycle.
+fn checkpointing_sine_daemon() -> (tempfile::TempDir, Daemon) {
+    sine_daemon(
+        "1,16,1",
+        "11",
         &[
-            "--workers",
-            "2",
             "--seed",
             "12",
             "--population",
@@ -566,8 +553,7 @@ fn checkpointing_sine_daemon() -> (tempfile::TempDir, Daemon) {
             "--checkpoint-every",
             "1",
         ],
-    );
-    (dir, d)
+    )
 }
 
 #[test]
@@ -655,15 +641,7 @@ fn a_manual_rollback_is_not_undone_by_the_restarted_evolver() {
 
 #[test]
 fn enospc_and_eio_on_publish_keep_the_old_file_and_publishing_resumes() {
-    let dir = tempfile::tempdir().unwrap();
-    init(
-        dir.path(),
-        &["--task", "sine", "--layers", "1,16,1", "--seed", "11"],
-    );
-    let d = Daemon::start(
-        dir.path(),
-        &["--workers", "2", "--seed", "12", "--population", "24"],
-    );
+    let (dir, d) = sine_daemon("1,16,1", "11", &["--seed", "12", "--population", "24"]);
     let model = dir.path().join("vectorland.gguf");
     let plan = dir.path().join(".evod/io-fault");
     let cases = [

@@ -12,7 +12,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use evod_ring::{
-    Channel, ClientConfig, LayoutConfig, RingError, Role, Scribble, Segment, ServerConfig,
+    Channel, Client, ClientConfig, LayoutConfig, RingError, Role, Scribble, Segment, ServerConfig,
     WaitPolicy,
 };
 
@@ -101,6 +101,20 @@ fn peer_owner() -> Result<(), RingError> {
     let _child = spawn_peer(&seg, "server");
     println!("ready");
     hang_until_killed()
+}
+
+/// Sends `OP_SLOW` (the peer takes it and hangs) and waits until the peer
+/// has picked it up; its request id.
+fn send_slow(seg: &Segment, client: &mut Client<'_>) -> Result<u64, String> {
+    let id = client
+        .send(OP_SLOW, 0, 0, |_| {})
+        .map_err(|e| e.to_string())?;
+    if !eventually(Duration::from_secs(10), || {
+        seg.stats().requests_per_opcode[OP_SLOW as usize] == 1
+    }) {
+        return Err("worker never picked up the slow request".into());
+    }
+    Ok(id)
 }
 
 /// Plays a hung peer: blocks forever, until the test kills this process.
@@ -288,14 +302,7 @@ fn sigkill_gives_peer_lost_then_respawn_works() -> Result<(), String> {
     for i in 0..100 {
         echo(&mut client, i, 100)?;
     }
-    let id = client
-        .send(OP_SLOW, 0, 0, |_| {})
-        .map_err(|e| e.to_string())?;
-    if !eventually(Duration::from_secs(10), || {
-        seg.stats().requests_per_opcode[OP_SLOW as usize] == 1
-    }) {
-        return Err("worker never picked up the slow request".into());
-    }
+    let id = send_slow(&seg, &mut client)?;
     kill(&mut child.0);
     let t = Instant::now();
     match client.recv(Instant::now() + Duration::from_secs(10)) {
@@ -333,14 +340,7 @@ fn epoch_bump_wakes_parked_client() -> Result<(), String> {
         .client_with(Channel::Eval, client_cfg(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
     echo(&mut client, 1, 10)?;
-    let id = client
-        .send(OP_SLOW, 0, 0, |_| {})
-        .map_err(|e| e.to_string())?;
-    if !eventually(Duration::from_secs(10), || {
-        seg.stats().requests_per_opcode[OP_SLOW as usize] == 1
-    }) {
-        return Err("worker never picked up the slow request".into());
-    }
+    let id = send_slow(&seg, &mut client)?;
     kill(&mut child.0);
     let (res, took, parked) = std::thread::scope(|s| {
         let waiter = s.spawn(|| {
