@@ -38,6 +38,32 @@ pub enum GgufError {
         /// The path as given.
         path: PathBuf,
     },
+    /// The path names something other than a regular file (a FIFO, a
+    /// folder, a device, a socket). Refused at open, before any read, so a
+    /// FIFO without a writer never blocks.
+    #[error("{path} {kind}, not a regular file; a GGUF model must be a regular file", path = path.display())]
+    NotRegular {
+        /// The path as given.
+        path: PathBuf,
+        /// What it is.
+        kind: FileKind,
+    },
+    /// The file ended before the length it had when opened: it was
+    /// truncated or rewritten in place while being read. Only the read
+    /// path ([`crate::GgufReader`]) reports this; a memory map would die of
+    /// SIGBUS instead.
+    #[error(
+        "{path} changed while being read: it ends at byte {offset}, {expected} bytes were expected (truncated or rewritten in place)",
+        path = path.display()
+    )]
+    ShortRead {
+        /// The file.
+        path: PathBuf,
+        /// Where the read came up short.
+        offset: u64,
+        /// The file's length when it was opened.
+        expected: u64,
+    },
     /// A publish step failed.
     #[error("cannot publish {path}: {step} failed: {source}", path = path.display())]
     Io {
@@ -81,6 +107,57 @@ pub enum GgufError {
         /// Its type.
         ttype: TensorType,
     },
+}
+
+/// What a path that is not a regular file is, named in
+/// [`GgufError::NotRegular`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// A folder.
+    Directory,
+    /// A named pipe.
+    Fifo,
+    /// A character device.
+    CharDevice,
+    /// A block device.
+    BlockDevice,
+    /// A Unix socket.
+    Socket,
+    /// A symbolic link (only when opened with `O_PATH`; kept for
+    /// completeness).
+    Symlink,
+    /// Anything else `fstat` reports.
+    Other,
+}
+
+impl FileKind {
+    /// The kind of a `st_mode`; `None` for a regular file.
+    pub fn from_mode(mode: u32) -> Option<FileKind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG => return None,
+            libc::S_IFDIR => FileKind::Directory,
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFCHR => FileKind::CharDevice,
+            libc::S_IFBLK => FileKind::BlockDevice,
+            libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFLNK => FileKind::Symlink,
+            _ => FileKind::Other,
+        })
+    }
+}
+
+impl fmt::Display for FileKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FileKind::Directory => "is a directory",
+            FileKind::Fifo => "is a FIFO",
+            FileKind::CharDevice => "is a character device",
+            FileKind::BlockDevice => "is a block device",
+            FileKind::Socket => "is a socket",
+            FileKind::Symlink => "is a symbolic link",
+            FileKind::Other => "is not a file",
+        })
+    }
 }
 
 /// A publish step, named in I/O errors.

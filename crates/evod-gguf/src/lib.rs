@@ -6,6 +6,13 @@
 //!   is used; every failure is a [`GgufError::Parse`] naming the file, the
 //!   byte offset and the problem ([`ParseErrorKind`]). The parser never
 //!   panics and allocates at most a small multiple of the file's size.
+//! - [`GgufReader::open`] (and [`GgufHeader::read`]) read the same header
+//!   with `pread` instead of a map, and [`GgufReader::checksum`] streams the
+//!   data section: a file truncated or rewritten in place meanwhile is a
+//!   [`GgufError::ShortRead`], never a SIGBUS. Trusted processes (the
+//!   supervisor, `evod inspect`) use this; workers use the zero-copy map.
+//! - Both refuse anything but a regular file at open
+//!   ([`GgufError::NotRegular`]; a FIFO without a writer never blocks).
 //! - [`publish`] streams tensors from a callback into a temporary file beside
 //!   the target, then fsync, rename, folder fsync: the target is always the
 //!   old or the new complete file.
@@ -14,15 +21,18 @@
 
 mod convert;
 mod error;
+mod open;
 mod read;
+mod stream;
 mod types;
 mod write;
 
 pub use convert::{quantize_q8_0, to_f32};
-pub use error::{GgufError, IoStep, ParseErrorKind};
+pub use error::{FileKind, GgufError, IoStep, ParseErrorKind};
 pub use read::{
     ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GgufFile, GgufHeader, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS,
 };
+pub use stream::GgufReader;
 pub use types::{Array, TensorInfo, TensorType, TypeIdError, Value, ValueType};
 pub use write::{
     IoFault, PublishOptions, PublishReport, TensorSpec, WRITE_VERSION, publish, rewrite,

@@ -8,9 +8,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::ops::Deref;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -18,6 +16,8 @@ use memmap2::Mmap;
 
 use crate::convert;
 use crate::error::{GgufError, ParseErrorKind};
+use crate::open::open_regular;
+use crate::stream::GgufReader;
 use crate::types::{Array, TensorInfo, TensorType, TypeIdError, Value, ValueType};
 
 /// The file magic.
@@ -54,12 +54,33 @@ impl GgufHeader {
     /// Parses and validates `bytes`, a whole GGUF file; `name` is used in
     /// error messages.
     pub fn parse(name: &str, bytes: &[u8]) -> Result<GgufHeader, GgufError> {
-        Parser {
-            name,
-            bytes,
-            pos: 0,
+        match parse_prefix(name, bytes, bytes.len() as u64) {
+            Ok(h) => Ok(h),
+            Err(Stop::Bad(e)) => Err(e),
+            // The prefix is the whole file: every `take` past it is caught
+            // as Truncated first. Kept total rather than panicking.
+            Err(Stop::NeedMore) => Err(GgufError::Parse {
+                file: name.to_owned(),
+                offset: bytes.len() as u64,
+                kind: ParseErrorKind::Truncated {
+                    what: "header",
+                    needed: 1,
+                    available: 0,
+                },
+            }),
         }
-        .parse()
+    }
+
+    /// Reads, parses and validates the GGUF file at `path` with `pread`,
+    /// without a memory map: the same checks as [`GgufFile::open`], bounded
+    /// by the file's size at open. The file is opened like
+    /// [`GgufFile::open`] (regular files only, final link refused).
+    ///
+    /// For a process that must survive the file being truncated or
+    /// rewritten in place (see [`GgufReader`]); use [`GgufReader::open`] to
+    /// also checksum the same open file.
+    pub fn read(path: &Path) -> Result<GgufHeader, GgufError> {
+        GgufReader::open(path).map(GgufReader::into_header)
     }
 
     /// The name given to [`GgufHeader::parse`] (the path for opened files).
@@ -172,15 +193,26 @@ impl GgufFile {
     /// Maps `path` read-only and validates all of it. Touches only the
     /// header pages: opening is independent of the tensor data's size.
     ///
-    /// The mapping relies on the file not being modified in place while it
-    /// is open; evod never does that ([`crate::publish`] replaces files by
-    /// rename), and a file replaced by rename keeps its old inode mapped.
+    /// **Only for processes whose crash is survivable (the workers).** The
+    /// mapping relies on the file not being truncated or rewritten in place
+    /// while it is open: evod never does that ([`crate::publish`] replaces
+    /// files by rename, and a replaced file keeps its old inode mapped), but
+    /// anyone else with write access can, and then touching a page past the
+    /// new end kills the process with SIGBUS. A trusted process (the
+    /// supervisor, `evod inspect`) reads with [`GgufReader`] /
+    /// [`GgufHeader::read`] instead, which report that case as
+    /// [`GgufError::ShortRead`].
+    ///
+    /// Only regular files are opened: the path is opened with `O_NONBLOCK`
+    /// and `fstat`ed, and a FIFO, folder, device or socket is refused at
+    /// once with [`GgufError::NotRegular`] (a FIFO without a writer does not
+    /// block).
     ///
     /// Security: the final path component is opened with `O_NOFOLLOW` (and
     /// `O_CLOEXEC`), so a symbolic link swapped in at a model's path is
     /// refused with [`GgufError::Symlink`] instead of being read. Folders on
     /// the way may still be links. Use [`GgufFile::open_following`] for a
-    /// file a user names only to read it (`evod inspect`).
+    /// file a user names only to read it.
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
         GgufFile::open_with(path, false)
     }
@@ -197,27 +229,7 @@ impl GgufFile {
             path: path.to_owned(),
             source,
         };
-        let mut options = OpenOptions::new();
-        options.read(true);
-        let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
-        options.custom_flags(libc::O_CLOEXEC | nofollow);
-        let file = match options.open(path) {
-            Ok(file) => file,
-            // ELOOP from O_NOFOLLOW: the final component is a link. (ELOOP
-            // can also mean a loop among the folders; then it stays Open.)
-            Err(e)
-                if !follow
-                    && e.raw_os_error() == Some(libc::ELOOP)
-                    && std::fs::symlink_metadata(path)
-                        .is_ok_and(|m| m.file_type().is_symlink()) =>
-            {
-                return Err(GgufError::Symlink {
-                    path: path.to_owned(),
-                });
-            }
-            Err(e) => return Err(open_err(e)),
-        };
-        let len = file.metadata().map_err(open_err)?.len();
+        let (file, len) = open_regular(path, follow)?;
         let name = path.display().to_string();
         let map = if len == 0 {
             None
@@ -279,25 +291,49 @@ impl GgufFile {
     }
 }
 
+/// Parses a prefix `bytes` of a file of `file_len` bytes. Every bound is
+/// checked against `file_len`, so a parse over a prefix gives the same
+/// result as over the whole file, or [`Stop::NeedMore`] when it has to see
+/// past the prefix.
 struct Parser<'a> {
     name: &'a str,
     bytes: &'a [u8],
+    file_len: u64,
     pos: usize,
 }
 
-type PResult<T> = Result<T, GgufError>;
+/// Why a parse stopped.
+pub(crate) enum Stop {
+    /// The file is malformed.
+    Bad(GgufError),
+    /// The header runs past the prefix read so far (never for a whole file).
+    NeedMore,
+}
+
+type PResult<T> = Result<T, Stop>;
+
+/// Parses `bytes`, a prefix of a file of `file_len` bytes.
+pub(crate) fn parse_prefix(name: &str, bytes: &[u8], file_len: u64) -> PResult<GgufHeader> {
+    Parser {
+        name,
+        bytes,
+        file_len,
+        pos: 0,
+    }
+    .parse()
+}
 
 impl<'a> Parser<'a> {
-    fn err(&self, offset: usize, kind: ParseErrorKind) -> GgufError {
-        GgufError::Parse {
+    fn err(&self, offset: usize, kind: ParseErrorKind) -> Stop {
+        Stop::Bad(GgufError::Parse {
             file: self.name.to_owned(),
             offset: offset as u64,
             kind,
-        }
+        })
     }
 
     fn remaining(&self) -> u64 {
-        (self.bytes.len() - self.pos) as u64
+        self.file_len - self.pos as u64
     }
 
     fn take(&mut self, n: u64, what: &'static str) -> PResult<&'a [u8]> {
@@ -311,8 +347,14 @@ impl<'a> Parser<'a> {
                 },
             ));
         }
-        let s = &self.bytes[self.pos..self.pos + n as usize];
-        self.pos += n as usize;
+        // n <= remaining <= file_len: the end fits in u64; in usize once it
+        // is within the prefix.
+        let end = self.pos as u64 + n;
+        if end > self.bytes.len() as u64 {
+            return Err(Stop::NeedMore);
+        }
+        let s = &self.bytes[self.pos..end as usize];
+        self.pos = end as usize;
         Ok(s)
     }
 
@@ -594,7 +636,7 @@ impl<'a> Parser<'a> {
             });
         }
 
-        let file_len = self.bytes.len() as u64;
+        let file_len = self.file_len;
         let end_of_infos = self.pos as u64;
         // end_of_infos <= file_len, alignment <= 2^31: no overflow.
         let data_offset = end_of_infos.div_ceil(alignment) * alignment;

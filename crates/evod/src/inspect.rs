@@ -1,14 +1,20 @@
 //! `evod inspect FILE [--json]`: prints a GGUF file's header, metadata (file
 //! order) and tensors. Text mode shortens long arrays; `--json` prints
 //! everything, machine-readable. A malformed file is a one-line error and
-//! exit code 3 (`exit::BAD_INPUT`, through `evod_gguf::GgufError`).
+//! exit code 3 (`exit::BAD_INPUT`, through `evod_gguf::GgufError`), and so
+//! is a path that is not a regular file (FIFO, folder, device: refused at
+//! open, a FIFO never blocks) and a file that shrinks while it is read.
+//!
+//! Reads with [`GgufReader`] (`pread`), never a memory map: a file
+//! truncated or rewritten in place under `inspect` is a clean error, not a
+//! SIGBUS.
 
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use evod_gguf::{GgufFile, Value};
+use evod_gguf::{GgufReader, Value};
 use serde_json::{Map, Value as Json, json};
 
 /// Array elements shown in text mode before the rest is elided.
@@ -29,21 +35,23 @@ pub struct Args {
 /// Runs `evod inspect`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Only reads a file the user names: following a link is safe here (the
-    // daemon's model path is opened with `GgufFile::open`, which does not).
-    let file = GgufFile::open_following(&args.file)?;
+    // daemon's model path is opened without following).
+    let file = GgufReader::open_following(&args.file)?;
+    let checksum = file.checksum()?;
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &to_json(&file)).context("writing json")?;
+        serde_json::to_writer_pretty(&mut out, &to_json(&file, checksum))
+            .context("writing json")?;
         writeln!(out)?;
     } else {
-        write_text(&mut out, &file)?;
+        write_text(&mut out, &file, checksum)?;
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn write_text(out: &mut impl Write, file: &GgufFile) -> io::Result<()> {
+fn write_text(out: &mut impl Write, file: &GgufReader, checksum: u64) -> io::Result<()> {
     writeln!(out, "file: {}", file.path().display())?;
     writeln!(out, "version: {}", file.version())?;
     writeln!(out, "alignment: {}", file.alignment())?;
@@ -51,11 +59,7 @@ fn write_text(out: &mut impl Write, file: &GgufFile) -> io::Result<()> {
     writeln!(out, "tensors: {}", file.tensors().len())?;
     writeln!(out, "data offset: {}", file.data_offset())?;
     writeln!(out, "file size: {}", file.file_len())?;
-    writeln!(
-        out,
-        "checksum (xxh3-64 of tensor data): {:016x}",
-        file.checksum()
-    )?;
+    writeln!(out, "checksum (xxh3-64 of tensor data): {checksum:016x}")?;
     writeln!(out)?;
     writeln!(out, "metadata:")?;
     for (key, value) in file.metadata() {
@@ -142,7 +146,7 @@ fn text_value(s: &mut String, v: &Value, shorten: bool) {
     };
 }
 
-fn to_json(file: &GgufFile) -> Json {
+fn to_json(file: &GgufReader, checksum: u64) -> Json {
     let metadata: Vec<Json> = file
         .metadata()
         .iter()
@@ -172,7 +176,7 @@ fn to_json(file: &GgufFile) -> Json {
         "tensor_count": file.tensors().len(),
         "data_offset": file.data_offset(),
         "file_size": file.file_len(),
-        "checksum": format!("{:016x}", file.checksum()),
+        "checksum": format!("{checksum:016x}"),
         "metadata": metadata,
         "tensors": tensors,
     })
