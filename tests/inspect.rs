@@ -1,10 +1,18 @@
 //! `evod inspect` as a process: text and `--json` output for a file written
 //! in the test, and a malformed file giving exit code 3 with a one-line
 //! error naming the file; a symlinked path followed by `inspect`, refused by
-//! `eval`.
+//! `eval`; a FIFO, a folder and a device refused at once with exit code 3;
+//! and a file truncated and rewritten in place under `inspect` giving exit
+//! code 0 or 3, never a signal (`inspect` reads with `pread`, not a map).
 
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use evod_gguf::{Array, PublishOptions, TensorSpec, TensorType, Value, ValueType, publish};
 
@@ -203,4 +211,127 @@ fn inspect_follows_a_symlink_but_eval_refuses_it() {
         )),
         "{err}"
     );
+}
+
+#[test]
+fn fifo_folder_and_device_exit_3_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.gguf");
+    nix::unistd::mkfifo(
+        &fifo,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+    )
+    .unwrap();
+    let cases = [
+        (fifo.clone(), "is a FIFO"),
+        (dir.path().to_owned(), "is a directory"),
+        ("/dev/null".into(), "is a character device"),
+    ];
+    for (path, what) in cases {
+        // A FIFO without a writer would block a plain open(2) forever: wait
+        // for the exit with a deadline, never unbounded.
+        let mut child = common::evod()
+            .arg("inspect")
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let Some(status) = common::wait_exit(&mut child, Duration::from_secs(10)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("evod inspect {} hung", path.display());
+        };
+        let out = child.wait_with_output().unwrap();
+        let err = common::text(&out.stderr);
+        assert_eq!(status.code(), Some(3), "{}: {err}", path.display());
+        assert!(out.stdout.is_empty());
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!("{} {what}, not a regular file", path.display())),
+            "{err}"
+        );
+    }
+}
+
+/// Elements of the model rewritten in place: 16 MiB of f32, so a run spends
+/// long enough in the data section for a truncation to land mid-read.
+const BIG_ELEMENTS: u64 = 4 << 20;
+
+#[test]
+fn rewrite_in_place_never_kills_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let spec = TensorSpec {
+        name: "blk.0.weight".into(),
+        dims: vec![BIG_ELEMENTS],
+        ttype: TensorType::F32,
+    };
+    publish(
+        &path,
+        &[(
+            "general.architecture".to_owned(),
+            Value::String("evod-mlp".into()),
+        )],
+        &[spec],
+        |_, w| w.write_all(&vec![7; (BIG_ELEMENTS * 4) as usize]),
+        &PublishOptions::default(),
+    )
+    .unwrap();
+    let full = std::fs::read(&path).unwrap();
+
+    // Someone else's writer: truncates the file in place and writes it back,
+    // in the same inode, as fast as it can.
+    let stop = AtomicBool::new(false);
+    let rewrites = AtomicU64::new(0);
+    let (mut ok, mut bad) = (0u32, 0u32);
+    std::thread::scope(|s| {
+        // Stops the writer however the loop below ends (a failed assert too).
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        s.spawn(|| {
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Shrink below the data section, grow back (zeros), and now
+                // and then write the real bytes back: the file is full-size
+                // nearly always, so runs get past the header into the data.
+                f.set_len(4096).unwrap();
+                f.set_len(full.len() as u64).unwrap();
+                if i % 16 == 0 {
+                    f.write_all_at(&full, 0).unwrap();
+                }
+                i += 1;
+                rewrites.store(i, Ordering::Relaxed);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(4);
+        let mut runs = 0;
+        while Instant::now() < deadline || runs < 20 {
+            runs += 1;
+            let out = evod(&[path.as_os_str()]);
+            match (out.status.code(), out.status.signal()) {
+                (Some(0), _) => ok += 1,
+                (Some(3), _) => {
+                    let err = common::text(&out.stderr);
+                    assert!(err.contains("m.gguf"), "run {runs}: {err}");
+                    bad += 1;
+                }
+                (code, signal) => {
+                    panic!(
+                        "run {runs}: evod inspect ended with code {code:?}, signal {signal:?}: {}",
+                        common::text(&out.stderr)
+                    );
+                }
+            }
+        }
+    });
+    let rewrites = rewrites.load(Ordering::Relaxed);
+    eprintln!("{ok} clean reads, {bad} clean errors, {rewrites} in-place rewrites");
+    assert!(rewrites > 0, "the writer never rewrote the file");
 }
