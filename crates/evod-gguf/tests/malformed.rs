@@ -1,13 +1,35 @@
 //! One test per malformed-input class (docs/gguf-validation.md), each from
 //! hand-built bytes, asserting the specific error and where it points.
+//! Every case is also read from a file with [`GgufReader`] (`pread`, no map),
+//! which must give the same header or the same error at the same offset.
 
 mod common;
 
 use common::Bytes;
-use evod_gguf::{GgufError, GgufFile, GgufHeader, ParseErrorKind as K};
+use evod_gguf::{GgufError, GgufFile, GgufHeader, GgufReader, ParseErrorKind as K};
 
 fn parse(b: &Bytes) -> Result<GgufHeader, GgufError> {
-    GgufFile::parse("hand.gguf", &b.0)
+    let parsed = GgufFile::parse("hand.gguf", &b.0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hand.gguf");
+    std::fs::write(&path, &b.0).unwrap();
+    let read = GgufReader::open(&path).map(GgufReader::into_header);
+    match (&parsed, &read) {
+        (Ok(p), Ok(r)) => assert_eq!(common::header_view(p), common::header_view(r)),
+        (
+            Err(GgufError::Parse { kind, offset, .. }),
+            Err(GgufError::Parse {
+                kind: k2,
+                offset: o2,
+                file,
+            }),
+        ) => {
+            assert_eq!((kind, offset), (k2, o2), "map and read disagree");
+            assert_eq!(file, &path.display().to_string());
+        }
+        _ => panic!("map and read disagree: {parsed:?} vs {read:?}"),
+    }
+    parsed
 }
 
 /// The parse error's kind and offset; fails the test if parsing succeeded.

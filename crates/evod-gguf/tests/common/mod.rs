@@ -62,6 +62,20 @@ impl Bytes {
     }
 }
 
+/// Everything a header says except its name, for comparing two parses of
+/// the same bytes (map and `pread`).
+pub fn header_view(h: &evod_gguf::GgufHeader) -> String {
+    format!(
+        "v{} align {} data@{} len {} meta {:?} tensors {:?}",
+        h.version(),
+        h.alignment(),
+        h.data_offset(),
+        h.file_len(),
+        h.metadata(),
+        h.tensors()
+    )
+}
+
 /// The Python with gguf-py: `EVOD_PYTHON`, else `<workspace>/.venv/bin/python`.
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("EVOD_PYTHON") {
