@@ -303,7 +303,7 @@ fn rewrite_in_place_never_kills_inspect() {
                 // nearly always, so runs get past the header into the data.
                 f.set_len(4096).unwrap();
                 f.set_len(full.len() as u64).unwrap();
-                if i % 16 == 0 {
+                if i.is_multiple_of(16) {
                     f.write_all_at(&full, 0).unwrap();
                 }
                 i += 1;

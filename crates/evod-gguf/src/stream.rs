@@ -78,8 +78,16 @@ impl GgufReader {
             match parse_prefix(&name, &buf, len) {
                 Ok(h) => break h,
                 Err(Stop::Bad(e)) => return Err(e),
-                // want < len here: a parse of the whole file never needs more.
-                Err(Stop::NeedMore) => want = want.saturating_mul(2).min(len),
+                Err(Stop::NeedMore) if want < len => want = want.saturating_mul(2).min(len),
+                // A parse of the whole file never needs more: `take` checks
+                // the file's length first. Kept total rather than looping.
+                Err(Stop::NeedMore) => {
+                    return Err(GgufError::ShortRead {
+                        path: path.to_owned(),
+                        offset: len,
+                        expected: len,
+                    });
+                }
             }
         };
         Ok(GgufReader {

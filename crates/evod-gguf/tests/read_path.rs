@@ -169,7 +169,7 @@ fn hashing_while_truncated_in_place_never_signals() {
                 // write the real bytes back: full-size nearly always.
                 f.set_len(full.len() as u64 / 2).unwrap();
                 f.set_len(full.len() as u64).unwrap();
-                if i % 16 == 0 {
+                if i.is_multiple_of(16) {
                     f.write_all_at(&full, 0).unwrap();
                 }
                 i += 1;
