@@ -58,7 +58,9 @@ fn peer() {
     let fd = env_usize("BENCH_FD") as RawFd;
     match mode.as_str() {
         "server" | "server-park" => {
-            let seg = Segment::attach_inherited(fd).expect("attach");
+            // SAFETY: BENCH_FD is the segment descriptor the parent passed;
+            // nothing else in this process owns it.
+            let seg = unsafe { Segment::attach_inherited(fd) }.expect("attach");
             let cfg = ServerConfig {
                 wait: policy(mode == "server"),
                 ..ServerConfig::default()
@@ -77,7 +79,9 @@ fn peer() {
             }
         }
         "idle-client" => {
-            let seg = Segment::attach_inherited(fd).expect("attach");
+            // SAFETY: BENCH_FD is the segment descriptor the parent passed;
+            // nothing else in this process owns it.
+            let seg = unsafe { Segment::attach_inherited(fd) }.expect("attach");
             let cfg = ClientConfig {
                 peer_timeout: Duration::from_secs(3600),
                 wait: policy(true),

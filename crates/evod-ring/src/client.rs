@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::lane::Producer;
 use crate::layout::MsgHeader;
-use crate::segment::Segment;
+use crate::segment::{Segment, scratch};
 use crate::sync::Ordering;
 use crate::wait::{self, Deadline, WaitPolicy};
 use crate::{Channel, DEFAULT_PEER_TIMEOUT, RingError, Role};
@@ -33,13 +33,15 @@ impl Default for ClientConfig {
     }
 }
 
-/// A reply, borrowed from the segment until dropped (then its slot and
-/// payload are released to the server).
+/// A reply: its header and payload copied out of the segment (bounds
+/// checked), borrowed from the client until dropped (then its slot and
+/// payload area are released to the server).
 #[derive(Debug)]
 pub struct Reply<'c> {
     /// The validated header (copied out of the segment).
     pub header: MsgHeader,
-    /// The payload, inside the response payload area (bounds checked).
+    /// The payload, copied out of the response payload area into the
+    /// client's private buffer: the worker cannot change it any more.
     pub payload: &'c [u8],
     _release: Release<'c>,
 }
@@ -94,6 +96,11 @@ pub struct Client<'a> {
     abandoned: VecDeque<u64>,
     id_prefix: u64,
     next_id: u64,
+    /// Private buffer `send`'s `fill` writes into before the copy into the
+    /// segment.
+    tx: Vec<u8>,
+    /// Private buffer a reply's payload is copied into.
+    rx: Vec<u8>,
 }
 
 impl Drop for Client<'_> {
@@ -127,7 +134,9 @@ impl<'a> Client<'a> {
         } else {
             (tail, head, resp_head)
         };
-        let epoch = seg.epoch();
+        // The owner's own count where this client lives in the owner (the
+        // supervisor's Control client): see `Segment::trusted_epoch`.
+        let epoch = seg.trusted_epoch();
         let depth = u64::from(l.queue_depth);
         let sane = head <= tail && tail - head <= depth;
         let take_over = client_epoch == epoch && sane && !scribbled;
@@ -152,6 +161,8 @@ impl<'a> Client<'a> {
             abandoned: VecDeque::new(),
             id_prefix: id_prefix.max(1) << 40,
             next_id: 0,
+            tx: Vec::new(),
+            rx: Vec::new(),
         };
         if take_over {
             // Take over a channel a previous client incarnation synced for
@@ -212,7 +223,7 @@ impl<'a> Client<'a> {
     /// Notices an epoch change: resyncs, and reports what was in flight.
     #[inline]
     fn check_epoch(&mut self) -> Result<(), RingError> {
-        let now = self.seg.epoch();
+        let now = self.seg.trusted_epoch();
         if now == self.epoch {
             return Ok(());
         }
@@ -290,14 +301,11 @@ impl<'a> Client<'a> {
         };
         let pos = self.req.tail;
         let off = self.req.offset(start);
-        // SAFETY: this client is the request lane's only producer in this
-        // process (endpoint claim) and holds `&mut self`; the range was just
-        // reserved as free by the allocator.
-        let buf = unsafe {
-            self.seg
-                .payload_mut(self.ch, REQ, off, payload_len as u64)?
-        };
+        // `fill` writes private memory; one raw copy moves it into the range
+        // just reserved as free (this client is the lane's only producer).
+        let buf = scratch(&mut self.tx, payload_len);
         fill(buf);
+        self.seg.copy_payload_in(self.ch, REQ, off, buf)?;
         let off = self.req.commit(start, payload_len);
         self.next_id += 1;
         let id = self.id_prefix | (self.next_id & ((1 << 40) - 1));
@@ -340,13 +348,15 @@ impl<'a> Client<'a> {
             self.wait_reply(deadline)?;
             // Copied once, validated on the copy.
             let h = seg.read_slot(ch, RESP, self.resp_head);
-            let payload = seg.payload(ch, RESP, h.payload_off, h.payload_len)?;
+            // Bounds checked even for a reply dropped below: a lie is
+            // reported, not skipped.
+            seg.copy_payload_out(ch, RESP, h.payload_off, h.payload_len, &mut self.rx)?;
             if h.epoch == self.epoch {
                 if let Some(i) = self.in_flight.iter().position(|&id| id == h.request_id) {
                     self.in_flight.swap_remove(i);
                     return Ok(Reply {
                         header: h,
-                        payload,
+                        payload: &self.rx,
                         _release: Release {
                             seg,
                             ch,
@@ -392,7 +402,7 @@ impl<'a> Client<'a> {
                 // Before every park: the deferred wake of a server parked
                 // for room in the response lane (see `wait`).
                 wait::notify(&seg.chan(ch).resp_space);
-                if seg.epoch() != epoch {
+                if seg.trusted_epoch() != epoch {
                     return Err(RingError::Protocol {
                         what: "epoch changed".into(),
                     });

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::lane::{Producer, check_tail};
 use crate::layout::{CHANNELS, MsgHeader};
-use crate::segment::Segment;
+use crate::segment::{Segment, scratch};
 use crate::sync::Ordering;
 use crate::wait::{self, Deadline, WaitPolicy};
 use crate::{Channel, DEFAULT_BEAT_INTERVAL, RingError, Role, sys};
@@ -57,19 +57,28 @@ pub struct Server<'a> {
     beat_every_ns: u64,
     /// `cfg.wait` with the slice capped at the beat interval.
     policy: WaitPolicy,
+    /// Private buffer the current request's payload is copied into.
+    rx: Vec<u8>,
+    /// Private buffer a reply's `fill` writes into before the copy into
+    /// the segment.
+    tx: Vec<u8>,
 }
 
-/// A received request, borrowed from the segment until dropped or replied
-/// to (then its slot and payload go back to the client).
+/// A received request: its header and payload copied out of the segment
+/// (bounds checked), borrowed from the server until dropped or replied to
+/// (then its slot and payload area go back to the client).
 #[derive(Debug)]
 pub struct Request<'s> {
     /// The validated header (copied out of the segment).
     pub header: MsgHeader,
-    /// The payload, inside the request payload area (bounds checked).
+    /// The payload, copied out of the request payload area into the
+    /// server's private buffer: the client cannot change it any more.
     pub payload: &'s [u8],
     ch: Channel,
     seg: &'s Segment,
     cfg: &'s ServerConfig,
+    /// The server's private reply buffer.
+    tx: &'s mut Vec<u8>,
     epoch: u64,
     st: &'s mut ChanState,
     /// Already released by `reply`.
@@ -127,6 +136,8 @@ impl<'a> Server<'a> {
             last_beat_ns: sys::coarse_now_ns(),
             beat_every_ns: u64::try_from(cfg.beat_interval.as_nanos()).unwrap_or(u64::MAX),
             policy,
+            rx: Vec::new(),
+            tx: Vec::new(),
         }
     }
 
@@ -192,15 +203,16 @@ impl<'a> Server<'a> {
                     .store(st.req_head, Ordering::Release);
                 continue;
             }
-            let payload = seg.payload(ch, REQ, h.payload_off, h.payload_len)?;
+            seg.copy_payload_out(ch, REQ, h.payload_off, h.payload_len, &mut self.rx)?;
             return Ok(Some((
                 ch,
                 Request {
                     header: h,
-                    payload,
+                    payload: &self.rx,
                     ch,
                     seg,
                     cfg: &self.cfg,
+                    tx: &mut self.tx,
                     epoch,
                     st: &mut self.chans[i],
                     released: false,
@@ -241,6 +253,7 @@ impl<'a> Server<'a> {
             self.epoch,
             ch,
             &mut self.chans[ch as usize],
+            &mut self.tx,
             head,
             payload_len,
             fill,
@@ -272,6 +285,7 @@ impl Request<'_> {
             self.epoch,
             self.ch,
             self.st,
+            self.tx,
             head,
             payload_len,
             |out| fill(payload, out),
@@ -313,6 +327,7 @@ fn reply_on(
     epoch: u64,
     ch: Channel,
     st: &mut ChanState,
+    tx: &mut Vec<u8>,
     head: Head,
     payload_len: usize,
     fill: impl FnOnce(&mut [u8]),
@@ -360,11 +375,11 @@ fn reply_on(
         .ok_or(RingError::Full)?,
     };
     let off = st.resp.offset(start);
-    // SAFETY: this server is the response lane's only producer in this
-    // process (endpoint claim) and holds `&mut` to its state; the range was
-    // just reserved as free by the allocator.
-    let buf = unsafe { seg.payload_mut(ch, RESP, off, payload_len as u64)? };
+    // `fill` writes private memory; one raw copy moves it into the range
+    // just reserved as free (this server is the lane's only producer).
+    let buf = scratch(tx, payload_len);
     fill(buf);
+    seg.copy_payload_in(ch, RESP, off, buf)?;
     if head.release_request {
         st.req_head += 1;
         // Release pairs with the client's `req.head.load(Acquire)`: our
