@@ -255,15 +255,46 @@ impl<'a> Client<'a> {
     }
 
     /// Sends a request: reserves `payload_len` bytes in the request payload
-    /// area, lets `fill` write them in place, then publishes the header.
-    /// Never blocks: `Full` if the queue or payload area has no room (receive
-    /// replies, then retry). Returns the request id.
+    /// area, lets `fill` write them (into a private buffer, then copied into
+    /// the segment), then publishes the header. Never blocks: `Full` if the
+    /// queue or payload area has no room (receive replies, then retry).
+    /// Returns the request id.
     pub fn send(
         &mut self,
         opcode: u32,
         flags: u32,
         payload_len: usize,
         fill: impl FnOnce(&mut [u8]),
+    ) -> Result<u64, RingError> {
+        self.send_with(opcode, flags, payload_len, |seg, tx, ch, off| {
+            let buf = scratch(tx, payload_len);
+            fill(buf);
+            seg.copy_payload_in(ch, REQ, off, buf)
+        })
+    }
+
+    /// [`Client::send`] of a payload the caller already holds: one copy,
+    /// straight into the segment (no private buffer in between).
+    pub fn send_bytes(
+        &mut self,
+        opcode: u32,
+        flags: u32,
+        payload: &[u8],
+    ) -> Result<u64, RingError> {
+        self.send_with(opcode, flags, payload.len(), |seg, _, ch, off| {
+            seg.copy_payload_in(ch, REQ, off, payload)
+        })
+    }
+
+    /// `send` with `put` copying the payload into the reserved range at the
+    /// given offset (this client is the lane's only producer).
+    #[inline]
+    fn send_with(
+        &mut self,
+        opcode: u32,
+        flags: u32,
+        payload_len: usize,
+        put: impl FnOnce(&Segment, &mut Vec<u8>, Channel, u64) -> Result<(), RingError>,
     ) -> Result<u64, RingError> {
         self.check_epoch()?;
         let l = self.seg.layout();
@@ -301,11 +332,7 @@ impl<'a> Client<'a> {
         };
         let pos = self.req.tail;
         let off = self.req.offset(start);
-        // `fill` writes private memory; one raw copy moves it into the range
-        // just reserved as free (this client is the lane's only producer).
-        let buf = scratch(&mut self.tx, payload_len);
-        fill(buf);
-        self.seg.copy_payload_in(self.ch, REQ, off, buf)?;
+        put(self.seg, &mut self.tx, self.ch, off)?;
         let off = self.req.commit(start, payload_len);
         self.next_id += 1;
         let id = self.id_prefix | (self.next_id & ((1 << 40) - 1));

@@ -247,8 +247,9 @@ impl<'a> Server<'a> {
             status,
             release_request: false,
         };
+        let seg = self.seg;
         reply_on(
-            self.seg,
+            seg,
             &self.cfg,
             self.epoch,
             ch,
@@ -256,7 +257,11 @@ impl<'a> Server<'a> {
             &mut self.tx,
             head,
             payload_len,
-            fill,
+            |tx, off| {
+                let buf = scratch(tx, payload_len);
+                fill(buf);
+                seg.copy_payload_in(ch, RESP, off, buf)
+            },
         )
     }
 }
@@ -267,10 +272,34 @@ impl Request<'_> {
     /// released before the reply is published, so a client that sees the
     /// reply finds the request's slot and payload free again.
     pub fn reply(
-        mut self,
+        self,
         status: i32,
         payload_len: usize,
         fill: impl FnOnce(&[u8], &mut [u8]),
+    ) -> Result<(), RingError> {
+        let (seg, ch, payload) = (self.seg, self.ch, self.payload);
+        self.reply_with(status, payload_len, |tx, off| {
+            let buf = scratch(tx, payload_len);
+            fill(payload, buf);
+            seg.copy_payload_in(ch, RESP, off, buf)
+        })
+    }
+
+    /// [`Request::reply`] with a payload the caller already holds (this
+    /// request's own `payload`, for an echo): one copy, straight into the
+    /// segment (no private buffer in between).
+    pub fn reply_bytes(self, status: i32, payload: &[u8]) -> Result<(), RingError> {
+        let (seg, ch) = (self.seg, self.ch);
+        self.reply_with(status, payload.len(), |_, off| {
+            seg.copy_payload_in(ch, RESP, off, payload)
+        })
+    }
+
+    fn reply_with(
+        mut self,
+        status: i32,
+        payload_len: usize,
+        put: impl FnOnce(&mut Vec<u8>, u64) -> Result<(), RingError>,
     ) -> Result<(), RingError> {
         let head = Head {
             opcode: self.header.opcode,
@@ -278,7 +307,6 @@ impl Request<'_> {
             status,
             release_request: true,
         };
-        let payload = self.payload;
         let res = reply_on(
             self.seg,
             self.cfg,
@@ -288,7 +316,7 @@ impl Request<'_> {
             self.tx,
             head,
             payload_len,
-            |out| fill(payload, out),
+            put,
         );
         // On success `reply_on` released it; otherwise dropping `self` does.
         self.released = res.is_ok();
@@ -330,7 +358,7 @@ fn reply_on(
     tx: &mut Vec<u8>,
     head: Head,
     payload_len: usize,
-    fill: impl FnOnce(&mut [u8]),
+    put: impl FnOnce(&mut Vec<u8>, u64) -> Result<(), RingError>,
 ) -> Result<(), RingError> {
     if !st.synced {
         return Err(RingError::Protocol {
@@ -375,11 +403,9 @@ fn reply_on(
         .ok_or(RingError::Full)?,
     };
     let off = st.resp.offset(start);
-    // `fill` writes private memory; one raw copy moves it into the range
-    // just reserved as free (this server is the lane's only producer).
-    let buf = scratch(tx, payload_len);
-    fill(buf);
-    seg.copy_payload_in(ch, RESP, off, buf)?;
+    // `put` copies from private memory into the range just reserved as
+    // free (this server is the lane's only producer).
+    put(tx, off)?;
     if head.release_request {
         st.req_head += 1;
         // Release pairs with the client's `req.head.load(Acquire)`: our
