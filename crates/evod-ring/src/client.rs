@@ -505,4 +505,25 @@ mod tests {
         client.send(1, 0, 8, |b| b.fill(7)).unwrap();
         assert_eq!(c.req.tail.v.load(Ordering::Relaxed), 1);
     }
+
+    /// A worker that forges the shared epoch word does not move the
+    /// owner's client: it follows the owner's private count, and the
+    /// owner's next bump (from that count) is seen as the change it is.
+    #[test]
+    fn a_forged_epoch_word_does_not_move_the_owners_client() {
+        let seg = Segment::create(&LayoutConfig::default()).unwrap();
+        let mut client = seg.client(Channel::Control).unwrap();
+        assert_eq!(client.epoch(), 1);
+        // Relaxed: a plain overwrite, as a scribbling worker would do.
+        seg.epoch_word().store(99, Ordering::Relaxed);
+        let id = client.send(1, 0, 0, |_| {}).unwrap();
+        assert_eq!(client.epoch(), 1, "followed the forged word");
+        assert_eq!(client.in_flight(), vec![id]);
+        assert_eq!(seg.bump_epoch(), 2);
+        match client.recv(Instant::now() + Duration::from_secs(5)) {
+            Err(RingError::PeerLost { in_flight, .. }) => assert_eq!(in_flight, vec![id]),
+            other => panic!("expected PeerLost, got {other:?}"),
+        }
+        assert_eq!(client.epoch(), 2);
+    }
 }

@@ -565,7 +565,7 @@ impl Segment {
     }
 
     #[inline]
-    fn epoch_word(&self) -> &crate::sync::AtomicU64 {
+    pub(crate) fn epoch_word(&self) -> &crate::sync::AtomicU64 {
         // SAFETY: the header lies inside the mapping (checked at create/attach),
         // the mapping is page-aligned, and the field is an atomic (any bytes
         // are a valid value; concurrent access from other processes is what
