@@ -1,5 +1,6 @@
-//! The client end of a channel: sends requests (payload written in place)
-//! and receives the server's replies. Trusted side: it keeps its own indices
+//! The client end of a channel: sends requests (payload copied into the
+//! segment from private memory) and receives the server's replies (copied
+//! out). Trusted side: it keeps its own indices
 //! locally and checks everything the worker publishes.
 
 use std::collections::VecDeque;

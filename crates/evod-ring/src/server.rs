@@ -1,6 +1,7 @@
-//! The server end (the worker): receives requests from both channels and
-//! writes replies in place. It trusts nothing either: a client's indices
-//! and lengths are checked like the worker's are on the client side.
+//! The server end (the worker): receives requests from both channels (each
+//! payload copied out into a private buffer) and writes replies (copied in
+//! from a private buffer). It trusts nothing either: a client's indices and
+//! lengths are checked like the worker's are on the client side.
 
 use std::time::Duration;
 
@@ -230,8 +231,8 @@ impl<'a> Server<'a> {
     }
 
     /// Replies to `request_id` on `ch` (opcode field 0): reserves
-    /// `payload_len` bytes in the response area, lets `fill` write them in
-    /// place, then publishes the header. Waits up to
+    /// `payload_len` bytes in the response area, lets `fill` write them (into
+    /// a private buffer, then copied in), then publishes the header. Waits up to
     /// `ServerConfig::reply_wait` for room (`Full` after).
     pub fn reply(
         &mut self,
