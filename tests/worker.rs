@@ -245,6 +245,32 @@ fn every_opcode_over_the_real_ring() {
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
+/// `--ring-fd 1` (stdout, not a segment) is refused before the worker takes
+/// the descriptor over: a clear error naming it, exit 1, and nothing of the
+/// segment check ever touched stdout (the in-process half, stdout still
+/// writable afterwards, is `evod-ring`'s
+/// `attach_of_stdout_fails_and_keeps_it_open`).
+#[test]
+fn ring_fd_that_is_not_a_segment_is_refused_by_name() {
+    let out = Command::new(env!("CARGO_BIN_EXE_evod"))
+        .args(["worker", "--ring-fd", "1", "--model", "/nonexistent.gguf"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running evod worker");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{:?}: {stderr}", out.status);
+    assert!(
+        stderr.contains("descriptor 1 is not an evod ring segment")
+            && stderr.contains("not a sealed memfd"),
+        "{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 #[test]
 fn fault_opcodes_kill_the_worker_only_when_allowed() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,6 @@
-//! The client end of a channel: sends requests (payload written in place)
-//! and receives the server's replies. Trusted side: it keeps its own indices
+//! The client end of a channel: sends requests (payload copied into the
+//! segment from private memory) and receives the server's replies (copied
+//! out). Trusted side: it keeps its own indices
 //! locally and checks everything the worker publishes.
 
 use std::collections::VecDeque;
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::lane::Producer;
 use crate::layout::MsgHeader;
-use crate::segment::Segment;
+use crate::segment::{Segment, scratch};
 use crate::sync::Ordering;
 use crate::wait::{self, Deadline, WaitPolicy};
 use crate::{Channel, DEFAULT_PEER_TIMEOUT, RingError, Role};
@@ -33,13 +34,15 @@ impl Default for ClientConfig {
     }
 }
 
-/// A reply, borrowed from the segment until dropped (then its slot and
-/// payload are released to the server).
+/// A reply: its header and payload copied out of the segment (bounds
+/// checked), borrowed from the client until dropped (then its slot and
+/// payload area are released to the server).
 #[derive(Debug)]
 pub struct Reply<'c> {
     /// The validated header (copied out of the segment).
     pub header: MsgHeader,
-    /// The payload, inside the response payload area (bounds checked).
+    /// The payload, copied out of the response payload area into the
+    /// client's private buffer: the worker cannot change it any more.
     pub payload: &'c [u8],
     _release: Release<'c>,
 }
@@ -94,6 +97,11 @@ pub struct Client<'a> {
     abandoned: VecDeque<u64>,
     id_prefix: u64,
     next_id: u64,
+    /// Private buffer `send`'s `fill` writes into before the copy into the
+    /// segment.
+    tx: Vec<u8>,
+    /// Private buffer a reply's payload is copied into.
+    rx: Vec<u8>,
 }
 
 impl Drop for Client<'_> {
@@ -127,7 +135,9 @@ impl<'a> Client<'a> {
         } else {
             (tail, head, resp_head)
         };
-        let epoch = seg.epoch();
+        // The owner's own count where this client lives in the owner (the
+        // supervisor's Control client): see `Segment::trusted_epoch`.
+        let epoch = seg.trusted_epoch();
         let depth = u64::from(l.queue_depth);
         let sane = head <= tail && tail - head <= depth;
         let take_over = client_epoch == epoch && sane && !scribbled;
@@ -152,6 +162,8 @@ impl<'a> Client<'a> {
             abandoned: VecDeque::new(),
             id_prefix: id_prefix.max(1) << 40,
             next_id: 0,
+            tx: Vec::new(),
+            rx: Vec::new(),
         };
         if take_over {
             // Take over a channel a previous client incarnation synced for
@@ -212,7 +224,7 @@ impl<'a> Client<'a> {
     /// Notices an epoch change: resyncs, and reports what was in flight.
     #[inline]
     fn check_epoch(&mut self) -> Result<(), RingError> {
-        let now = self.seg.epoch();
+        let now = self.seg.trusted_epoch();
         if now == self.epoch {
             return Ok(());
         }
@@ -244,15 +256,46 @@ impl<'a> Client<'a> {
     }
 
     /// Sends a request: reserves `payload_len` bytes in the request payload
-    /// area, lets `fill` write them in place, then publishes the header.
-    /// Never blocks: `Full` if the queue or payload area has no room (receive
-    /// replies, then retry). Returns the request id.
+    /// area, lets `fill` write them (into a private buffer, then copied into
+    /// the segment), then publishes the header. Never blocks: `Full` if the
+    /// queue or payload area has no room (receive replies, then retry).
+    /// Returns the request id.
     pub fn send(
         &mut self,
         opcode: u32,
         flags: u32,
         payload_len: usize,
         fill: impl FnOnce(&mut [u8]),
+    ) -> Result<u64, RingError> {
+        self.send_with(opcode, flags, payload_len, |seg, tx, ch, off| {
+            let buf = scratch(tx, payload_len);
+            fill(buf);
+            seg.copy_payload_in(ch, REQ, off, buf)
+        })
+    }
+
+    /// [`Client::send`] of a payload the caller already holds: one copy,
+    /// straight into the segment (no private buffer in between).
+    pub fn send_bytes(
+        &mut self,
+        opcode: u32,
+        flags: u32,
+        payload: &[u8],
+    ) -> Result<u64, RingError> {
+        self.send_with(opcode, flags, payload.len(), |seg, _, ch, off| {
+            seg.copy_payload_in(ch, REQ, off, payload)
+        })
+    }
+
+    /// `send` with `put` copying the payload into the reserved range at the
+    /// given offset (this client is the lane's only producer).
+    #[inline]
+    fn send_with(
+        &mut self,
+        opcode: u32,
+        flags: u32,
+        payload_len: usize,
+        put: impl FnOnce(&Segment, &mut Vec<u8>, Channel, u64) -> Result<(), RingError>,
     ) -> Result<u64, RingError> {
         self.check_epoch()?;
         let l = self.seg.layout();
@@ -290,14 +333,7 @@ impl<'a> Client<'a> {
         };
         let pos = self.req.tail;
         let off = self.req.offset(start);
-        // SAFETY: this client is the request lane's only producer in this
-        // process (endpoint claim) and holds `&mut self`; the range was just
-        // reserved as free by the allocator.
-        let buf = unsafe {
-            self.seg
-                .payload_mut(self.ch, REQ, off, payload_len as u64)?
-        };
-        fill(buf);
+        put(self.seg, &mut self.tx, self.ch, off)?;
         let off = self.req.commit(start, payload_len);
         self.next_id += 1;
         let id = self.id_prefix | (self.next_id & ((1 << 40) - 1));
@@ -340,13 +376,15 @@ impl<'a> Client<'a> {
             self.wait_reply(deadline)?;
             // Copied once, validated on the copy.
             let h = seg.read_slot(ch, RESP, self.resp_head);
-            let payload = seg.payload(ch, RESP, h.payload_off, h.payload_len)?;
+            // Bounds checked even for a reply dropped below: a lie is
+            // reported, not skipped.
+            seg.copy_payload_out(ch, RESP, h.payload_off, h.payload_len, &mut self.rx)?;
             if h.epoch == self.epoch {
                 if let Some(i) = self.in_flight.iter().position(|&id| id == h.request_id) {
                     self.in_flight.swap_remove(i);
                     return Ok(Reply {
                         header: h,
-                        payload,
+                        payload: &self.rx,
                         _release: Release {
                             seg,
                             ch,
@@ -392,7 +430,7 @@ impl<'a> Client<'a> {
                 // Before every park: the deferred wake of a server parked
                 // for room in the response lane (see `wait`).
                 wait::notify(&seg.chan(ch).resp_space);
-                if seg.epoch() != epoch {
+                if seg.trusted_epoch() != epoch {
                     return Err(RingError::Protocol {
                         what: "epoch changed".into(),
                     });
@@ -467,5 +505,26 @@ mod tests {
         // Sending works and counts from zero.
         client.send(1, 0, 8, |b| b.fill(7)).unwrap();
         assert_eq!(c.req.tail.v.load(Ordering::Relaxed), 1);
+    }
+
+    /// A worker that forges the shared epoch word does not move the
+    /// owner's client: it follows the owner's private count, and the
+    /// owner's next bump (from that count) is seen as the change it is.
+    #[test]
+    fn a_forged_epoch_word_does_not_move_the_owners_client() {
+        let seg = Segment::create(&LayoutConfig::default()).unwrap();
+        let mut client = seg.client(Channel::Control).unwrap();
+        assert_eq!(client.epoch(), 1);
+        // Relaxed: a plain overwrite, as a scribbling worker would do.
+        seg.epoch_word().store(99, Ordering::Relaxed);
+        let id = client.send(1, 0, 0, |_| {}).unwrap();
+        assert_eq!(client.epoch(), 1, "followed the forged word");
+        assert_eq!(client.in_flight(), vec![id]);
+        assert_eq!(seg.bump_epoch(), 2);
+        match client.recv(Instant::now() + Duration::from_secs(5)) {
+            Err(RingError::PeerLost { in_flight, .. }) => assert_eq!(in_flight, vec![id]),
+            other => panic!("expected PeerLost, got {other:?}"),
+        }
+        assert_eq!(client.epoch(), 2);
     }
 }

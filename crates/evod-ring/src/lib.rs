@@ -14,6 +14,13 @@
 //! - Nothing read from the segment is trusted: a bad index, length or offset
 //!   is [`RingError::PeerCorrupt`]; a dead worker (epoch bumped, heartbeat
 //!   stale) is [`RingError::PeerLost`] with the ids that were in flight.
+//! - No Rust reference is ever made over segment bytes a peer may write
+//!   (that would be undefined behaviour, whatever the values): payloads and
+//!   headers are copied in and out through raw pointers
+//!   (`ptr::copy_nonoverlapping`, volatile reads and writes) to and from
+//!   private buffers and validated there; [`Request::payload`] and
+//!   [`Reply::payload`] point into those private buffers. The only
+//!   references into the mapping are to blocks made of atomics.
 //!
 //! The design, memory orderings and failure detection are described in
 //! `docs/ring.md`.

@@ -244,19 +244,45 @@ impl Segment {
     }
 
     /// Attaches to a segment inherited as descriptor number `fd` (given on
-    /// the command line). Takes ownership of that descriptor: it must not be
-    /// owned by anything else in this process (it is checked to be open and
-    /// to be a sealed memfd).
-    pub fn attach_inherited(fd: RawFd) -> Result<Segment, RingError> {
+    /// the command line), taking ownership of that descriptor.
+    ///
+    /// Before it takes the descriptor over it checks that `fd` is open and
+    /// is a segment of ours: a memfd (the only files with seals) sealed
+    /// against resizing. Anything else (`--ring-fd 1`: stdout) is a
+    /// [`RingError::LayoutMismatch`] naming the descriptor and what it is,
+    /// and the descriptor is left open and untouched. A memfd that passes
+    /// is owned from then on: if the header check of [`Segment::attach`]
+    /// fails, it is closed.
+    ///
+    /// # Safety
+    ///
+    /// The caller promises that descriptor `fd` is not owned by anything
+    /// else in this process (no `File`, `OwnedFd`, socket or library holds
+    /// it): it was inherited for exactly this purpose and is taken over at
+    /// most once. Otherwise two owners would close it (or a reused number)
+    /// twice.
+    pub unsafe fn attach_inherited(fd: RawFd) -> Result<Segment, RingError> {
+        let not_ours = |what: String| RingError::LayoutMismatch {
+            what: format!("descriptor {fd} is not an evod ring segment: {what}"),
+        };
         if fd < 0 {
-            return Err(RingError::LayoutMismatch {
-                what: format!("descriptor number {fd} is negative"),
-            });
+            return Err(not_ours("the number is negative".into()));
         }
-        sys::fd_is_open(fd)?;
-        // SAFETY: the descriptor is open (checked just above) and, per this
-        // function's contract, owned by nothing else in the process: it was
-        // inherited for exactly this purpose.
+        sys::fd_is_open(fd).map_err(|e| not_ours(format!("it is not open ({e})")))?;
+        // SAFETY: borrowed only for the checks below, while the descriptor
+        // is open (checked just above) and nothing in this call closes it;
+        // the borrow ends before the ownership is taken.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let seals = sys::get_seals(borrowed)
+            .map_err(|e| not_ours(format!("it is not a sealed memfd ({e})")))?;
+        if seals & sys::SIZE_SEALS != sys::SIZE_SEALS {
+            return Err(not_ours(format!(
+                "it is a memfd without the size seals (seals {seals:#x})"
+            )));
+        }
+        // SAFETY: the descriptor is open and a sealed memfd (checked just
+        // above) and, per this function's contract, owned by nothing else in
+        // the process.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         Segment::attach(owned)
     }
@@ -269,7 +295,8 @@ impl Segment {
         use std::os::unix::process::CommandExt;
         let fd = self.fd.as_raw_fd();
         // SAFETY: the hook runs between fork and exec and only makes one
-        // async-signal-safe fcntl call on a descriptor the child inherited.
+        // async-signal-safe fcntl call on a descriptor the child inherited;
+        // it allocates nothing, its error included (a raw errno).
         unsafe {
             cmd.pre_exec(move || sys::clear_cloexec(fd));
         }
@@ -299,7 +326,10 @@ impl Segment {
         self.layout.total_size
     }
 
-    /// The current worker epoch.
+    /// The worker epoch as the shared word says. Every process mapping the
+    /// segment can write that word, the worker included: a worker can make
+    /// it say anything. The server (the worker) serves the epoch it reads
+    /// here; a trusted process reads [`Segment::trusted_epoch`] instead.
     #[inline]
     pub fn epoch(&self) -> u64 {
         // Acquire pairs with the Release of `bump_epoch`: whoever sees the
@@ -307,13 +337,21 @@ impl Segment {
         self.epoch_word().load(Ordering::Acquire)
     }
 
-    /// The epoch as this process can trust it: for the owner, its own count
-    /// (a worker can overwrite the shared word, not this); for an attached
-    /// process, the shared word.
+    /// The epoch as this process can trust it. For the owner (the
+    /// supervisor), its own count, kept in private memory: a worker can
+    /// overwrite the shared word, not this, so the owner's clients never
+    /// follow a forged epoch. An attached process (the evolver) has no
+    /// such copy and gets the shared word: a worker that forges it can make
+    /// that process's client see a spurious epoch change (its own requests
+    /// reported `PeerLost`, the channel resynced), which costs only that
+    /// worker's own service; the owner's bump still moves the word to an
+    /// epoch no client was synced to. [`Client`]s use this.
+    #[inline]
     pub fn trusted_epoch(&self) -> u64 {
         if self.owner {
-            // Relaxed: `local_epoch` is this process's private counter.
-            self.local_epoch.load(Ordering::Relaxed)
+            // Acquire pairs with the Release store in `bump_epoch`, which
+            // may have run on another thread of the owner.
+            self.local_epoch.load(Ordering::Acquire)
         } else {
             self.epoch()
         }
@@ -356,7 +394,8 @@ impl Segment {
             // from every epoch a client of ours was synced to.
             // Relaxed: `local_epoch` is this process's private counter.
             let new = self.local_epoch.load(Ordering::Relaxed).wrapping_add(1);
-            self.local_epoch.store(new, Ordering::Relaxed);
+            // Release pairs with the Acquire in `trusted_epoch`.
+            self.local_epoch.store(new, Ordering::Release);
             // Release pairs with the Acquire loads of the epoch by clients
             // and servers (`epoch()`), publishing the resets above.
             self.epoch_word().store(new, Ordering::Release);
@@ -526,7 +565,7 @@ impl Segment {
     }
 
     #[inline]
-    fn epoch_word(&self) -> &crate::sync::AtomicU64 {
+    pub(crate) fn epoch_word(&self) -> &crate::sync::AtomicU64 {
         // SAFETY: the header lies inside the mapping (checked at create/attach),
         // the mapping is page-aligned, and the field is an atomic (any bytes
         // are a valid value; concurrent access from other processes is what
@@ -666,46 +705,60 @@ impl Segment {
         unsafe { self.map.base().add(off).cast::<MsgHeader>() }
     }
 
-    /// The payload bytes `[off, off + len)` of lane `(ch, dir)`, or
-    /// `PeerCorrupt` if they do not lie inside its payload area.
+    /// Copies the payload bytes `[off, off + len)` of lane `(ch, dir)` into
+    /// `out` (replacing its contents), or `PeerCorrupt` if they do not lie
+    /// inside its payload area. The only way payload bytes leave the
+    /// segment: no reference to them is ever made (see the crate docs).
     #[inline]
-    pub(crate) fn payload(
+    pub(crate) fn copy_payload_out(
         &self,
         ch: Channel,
         dir: usize,
         off: u64,
         len: u64,
-    ) -> Result<&[u8], RingError> {
+        out: &mut Vec<u8>,
+    ) -> Result<(), RingError> {
         let (start, len) = self.payload_range(ch, dir, off, len)?;
-        // SAFETY: `payload_range` checked that the range lies inside the
-        // lane's payload area, inside the mapping. u8 has no invalid values;
-        // by protocol the producer does not write this range until we
-        // release the message (a lying producer can only change the bytes we
-        // read, which the caller treats as untrusted data anyway).
-        Ok(unsafe { std::slice::from_raw_parts(self.map.base().add(start), len) })
+        out.clear();
+        out.reserve(len);
+        // SAFETY: `payload_range` checked that `[start, start + len)` lies
+        // inside the lane's payload area, inside the mapping; `out` has room
+        // for `len` bytes (reserved above) and is private memory, so the two
+        // ranges do not overlap. The source is read through a raw pointer,
+        // never a reference: a lying peer writing it concurrently can only
+        // change which byte values land in `out` (u8 has no invalid values),
+        // and the caller treats them as untrusted data. `set_len` is sound
+        // because those `len` bytes were just initialised.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.base().add(start), out.as_mut_ptr(), len);
+            out.set_len(len);
+        }
+        Ok(())
     }
 
-    /// Mutable payload bytes for the lane's producer.
-    ///
-    /// # Safety
-    ///
-    /// The caller is the lane's only producer in this process (an endpoint
-    /// claim) holding `&mut` to that endpoint for the returned lifetime, and
-    /// the range is free (not holding an unreleased message).
-    #[allow(clippy::mut_from_ref)]
+    /// Copies `src` (private memory) into the payload bytes at `off` of lane
+    /// `(ch, dir)`, or `PeerCorrupt` if they do not fit its payload area.
+    /// For the lane's producer, into a range its allocator reserved as free.
     #[inline]
-    pub(crate) unsafe fn payload_mut(
+    pub(crate) fn copy_payload_in(
         &self,
         ch: Channel,
         dir: usize,
         off: u64,
-        len: u64,
-    ) -> Result<&mut [u8], RingError> {
-        let (start, len) = self.payload_range(ch, dir, off, len)?;
-        // SAFETY: in bounds (checked); exclusivity in this process is the
-        // caller's promise above. Another process writing it concurrently is
-        // only possible for a lying peer and can only change byte values.
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.map.base().add(start), len) })
+        src: &[u8],
+    ) -> Result<(), RingError> {
+        let (start, len) = self.payload_range(ch, dir, off, src.len() as u64)?;
+        // SAFETY: in bounds of the payload area (checked just above); `src`
+        // is private memory, so it does not overlap the mapping. The
+        // destination is written through a raw pointer and no reference to
+        // mapping bytes exists in this process (crate rule), so nothing of
+        // ours is aliased; a peer reading the range concurrently (only a
+        // lying one: an honest consumer reads it after the stamp) sees bytes
+        // it validates anyway.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.map.base().add(start), len);
+        }
+        Ok(())
     }
 
     #[inline]
@@ -742,11 +795,22 @@ impl Segment {
         self.chan(ch).resp_space.parked.load(Ordering::Relaxed) != 0
     }
 
-    /// Corrupts the segment on purpose (see [`Scribble`]). Meant for a
-    /// worker's fault-injection opcode and for tests; call it while this
-    /// process holds no `Request` or `Reply` (their payload would change
-    /// under them).
-    pub fn scribble(&self, how: Scribble) {
+    /// Corrupts the segment on purpose (see [`Scribble`]): a worker's
+    /// fault-injection opcode, and the tests that prove the other side
+    /// survives. Every peer of the segment sees it corrupt afterwards; only
+    /// the owner's [`Segment::bump_epoch`] (after this worker has exited)
+    /// restores it.
+    ///
+    /// # Safety
+    ///
+    /// No other thread of this process may access the segment (through a
+    /// [`Client`], [`Server`], or any method of this `Segment`) during the
+    /// call: [`Scribble::RandomBytes`] overwrites every byte of the mapping,
+    /// the atomics included, with plain (volatile) stores, which would race
+    /// with this process's own atomic accesses. (Afterwards, using this
+    /// process's endpoints again is memory-safe, everything read from the
+    /// segment being validated, but they will mostly meet errors.)
+    pub unsafe fn scribble(&self, how: Scribble) {
         let depth = u64::from(self.layout.queue_depth);
         let fake_reply = |ch: Channel, edit: &dyn Fn(&mut MsgHeader, u64)| {
             let c = self.chan(ch);
@@ -780,10 +844,11 @@ impl Segment {
                     x ^= x << 17;
                     // SAFETY: `i * 8 + 8 <= len` and the base is page-aligned,
                     // so the u64 is in bounds and aligned. Every type in the
-                    // segment is ZeroCopy (any bytes are valid), and this
-                    // process holds no references to payloads (documented
-                    // precondition); peers reading concurrently see bytes,
-                    // which they validate.
+                    // segment is ZeroCopy (any bytes are valid); no reference
+                    // to non-atomic segment bytes exists (crate rule), and no
+                    // other thread of ours touches the atomics during the
+                    // call (this function's contract); peers reading
+                    // concurrently see bytes, which they validate.
                     unsafe { base.add(i).write_volatile(x) };
                 }
                 for ch in Channel::ALL {
@@ -850,4 +915,17 @@ unsafe fn stamp_of<'a>(p: *mut MsgHeader) -> &'a AtomicU64 {
     // a valid value, and concurrent access by other processes is what the
     // atomic is for.
     unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).seq)) }
+}
+
+/// The first `len` bytes of a private scratch buffer, grown (never shrunk)
+/// as needed: a producer's `fill` writes there, then
+/// [`Segment::copy_payload_in`] copies them into the segment. The bytes
+/// hold whatever an earlier message left (private data of this process);
+/// not zeroing them keeps the hot path free of a memset.
+#[inline]
+pub(crate) fn scratch(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    &mut buf[..len]
 }

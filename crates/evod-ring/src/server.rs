@@ -1,12 +1,13 @@
-//! The server end (the worker): receives requests from both channels and
-//! writes replies in place. It trusts nothing either: a client's indices
-//! and lengths are checked like the worker's are on the client side.
+//! The server end (the worker): receives requests from both channels (each
+//! payload copied out into a private buffer) and writes replies (copied in
+//! from a private buffer). It trusts nothing either: a client's indices and
+//! lengths are checked like the worker's are on the client side.
 
 use std::time::Duration;
 
 use crate::lane::{Producer, check_tail};
 use crate::layout::{CHANNELS, MsgHeader};
-use crate::segment::Segment;
+use crate::segment::{Segment, scratch};
 use crate::sync::Ordering;
 use crate::wait::{self, Deadline, WaitPolicy};
 use crate::{Channel, DEFAULT_BEAT_INTERVAL, RingError, Role, sys};
@@ -57,19 +58,28 @@ pub struct Server<'a> {
     beat_every_ns: u64,
     /// `cfg.wait` with the slice capped at the beat interval.
     policy: WaitPolicy,
+    /// Private buffer the current request's payload is copied into.
+    rx: Vec<u8>,
+    /// Private buffer a reply's `fill` writes into before the copy into
+    /// the segment.
+    tx: Vec<u8>,
 }
 
-/// A received request, borrowed from the segment until dropped or replied
-/// to (then its slot and payload go back to the client).
+/// A received request: its header and payload copied out of the segment
+/// (bounds checked), borrowed from the server until dropped or replied to
+/// (then its slot and payload area go back to the client).
 #[derive(Debug)]
 pub struct Request<'s> {
     /// The validated header (copied out of the segment).
     pub header: MsgHeader,
-    /// The payload, inside the request payload area (bounds checked).
+    /// The payload, copied out of the request payload area into the
+    /// server's private buffer: the client cannot change it any more.
     pub payload: &'s [u8],
     ch: Channel,
     seg: &'s Segment,
     cfg: &'s ServerConfig,
+    /// The server's private reply buffer.
+    tx: &'s mut Vec<u8>,
     epoch: u64,
     st: &'s mut ChanState,
     /// Already released by `reply`.
@@ -127,6 +137,8 @@ impl<'a> Server<'a> {
             last_beat_ns: sys::coarse_now_ns(),
             beat_every_ns: u64::try_from(cfg.beat_interval.as_nanos()).unwrap_or(u64::MAX),
             policy,
+            rx: Vec::new(),
+            tx: Vec::new(),
         }
     }
 
@@ -192,15 +204,16 @@ impl<'a> Server<'a> {
                     .store(st.req_head, Ordering::Release);
                 continue;
             }
-            let payload = seg.payload(ch, REQ, h.payload_off, h.payload_len)?;
+            seg.copy_payload_out(ch, REQ, h.payload_off, h.payload_len, &mut self.rx)?;
             return Ok(Some((
                 ch,
                 Request {
                     header: h,
-                    payload,
+                    payload: &self.rx,
                     ch,
                     seg,
                     cfg: &self.cfg,
+                    tx: &mut self.tx,
                     epoch,
                     st: &mut self.chans[i],
                     released: false,
@@ -218,8 +231,8 @@ impl<'a> Server<'a> {
     }
 
     /// Replies to `request_id` on `ch` (opcode field 0): reserves
-    /// `payload_len` bytes in the response area, lets `fill` write them in
-    /// place, then publishes the header. Waits up to
+    /// `payload_len` bytes in the response area, lets `fill` write them (into
+    /// a private buffer, then copied in), then publishes the header. Waits up to
     /// `ServerConfig::reply_wait` for room (`Full` after).
     pub fn reply(
         &mut self,
@@ -235,15 +248,21 @@ impl<'a> Server<'a> {
             status,
             release_request: false,
         };
+        let seg = self.seg;
         reply_on(
-            self.seg,
+            seg,
             &self.cfg,
             self.epoch,
             ch,
             &mut self.chans[ch as usize],
+            &mut self.tx,
             head,
             payload_len,
-            fill,
+            |tx, off| {
+                let buf = scratch(tx, payload_len);
+                fill(buf);
+                seg.copy_payload_in(ch, RESP, off, buf)
+            },
         )
     }
 }
@@ -254,10 +273,34 @@ impl Request<'_> {
     /// released before the reply is published, so a client that sees the
     /// reply finds the request's slot and payload free again.
     pub fn reply(
-        mut self,
+        self,
         status: i32,
         payload_len: usize,
         fill: impl FnOnce(&[u8], &mut [u8]),
+    ) -> Result<(), RingError> {
+        let (seg, ch, payload) = (self.seg, self.ch, self.payload);
+        self.reply_with(status, payload_len, |tx, off| {
+            let buf = scratch(tx, payload_len);
+            fill(payload, buf);
+            seg.copy_payload_in(ch, RESP, off, buf)
+        })
+    }
+
+    /// [`Request::reply`] with a payload the caller already holds (this
+    /// request's own `payload`, for an echo): one copy, straight into the
+    /// segment (no private buffer in between).
+    pub fn reply_bytes(self, status: i32, payload: &[u8]) -> Result<(), RingError> {
+        let (seg, ch) = (self.seg, self.ch);
+        self.reply_with(status, payload.len(), |_, off| {
+            seg.copy_payload_in(ch, RESP, off, payload)
+        })
+    }
+
+    fn reply_with(
+        mut self,
+        status: i32,
+        payload_len: usize,
+        put: impl FnOnce(&mut Vec<u8>, u64) -> Result<(), RingError>,
     ) -> Result<(), RingError> {
         let head = Head {
             opcode: self.header.opcode,
@@ -265,16 +308,16 @@ impl Request<'_> {
             status,
             release_request: true,
         };
-        let payload = self.payload;
         let res = reply_on(
             self.seg,
             self.cfg,
             self.epoch,
             self.ch,
             self.st,
+            self.tx,
             head,
             payload_len,
-            |out| fill(payload, out),
+            put,
         );
         // On success `reply_on` released it; otherwise dropping `self` does.
         self.released = res.is_ok();
@@ -313,9 +356,10 @@ fn reply_on(
     epoch: u64,
     ch: Channel,
     st: &mut ChanState,
+    tx: &mut Vec<u8>,
     head: Head,
     payload_len: usize,
-    fill: impl FnOnce(&mut [u8]),
+    put: impl FnOnce(&mut Vec<u8>, u64) -> Result<(), RingError>,
 ) -> Result<(), RingError> {
     if !st.synced {
         return Err(RingError::Protocol {
@@ -360,11 +404,9 @@ fn reply_on(
         .ok_or(RingError::Full)?,
     };
     let off = st.resp.offset(start);
-    // SAFETY: this server is the response lane's only producer in this
-    // process (endpoint claim) and holds `&mut` to its state; the range was
-    // just reserved as free by the allocator.
-    let buf = unsafe { seg.payload_mut(ch, RESP, off, payload_len as u64)? };
-    fill(buf);
+    // `put` copies from private memory into the range just reserved as
+    // free (this server is the lane's only producer).
+    put(tx, off)?;
     if head.release_request {
         st.req_head += 1;
         // Release pairs with the client's `req.head.load(Acquire)`: our

@@ -90,10 +90,11 @@ pub(crate) fn fd_is_open(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Clears `FD_CLOEXEC` on `fd`. Async-signal-safe (one fcntl), so it may run
-/// in a `pre_exec` hook.
+/// Clears `FD_CLOEXEC` on `fd`. Async-signal-safe, so it may run in a
+/// `pre_exec` hook: one fcntl, and the error is the raw errno (no context
+/// string: nothing may allocate between fork and exec).
 pub(crate) fn clear_cloexec(fd: RawFd) -> io::Result<()> {
-    syscall!(fcntl(fd, libc::F_SETFD, 0)).map_err(ctx("fcntl(F_SETFD)"))?;
+    syscall!(fcntl(fd, libc::F_SETFD, 0))?;
     Ok(())
 }
 

@@ -7,8 +7,9 @@
 mod common;
 
 use common::eventually;
-use std::os::fd::AsRawFd;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use evod_ring::{
@@ -20,6 +21,14 @@ const OP_ECHO: u32 = 1;
 const OP_SLOW: u32 = 2;
 const OP_SCRIBBLE: u32 = 3;
 const OP_EXIT: u32 = 4;
+/// Answered with status 7 and counted as an error.
+const OP_FAIL: u32 = 5;
+/// An opcode beyond the per-opcode counters (`STATS_OPCODES`).
+const OP_OTHER: u32 = 100;
+/// The service time the peer records for `OP_FAIL`.
+const FAIL_SERVICE: Duration = Duration::from_millis(3);
+/// The model generation the server peer announces.
+const PEER_GENERATION: u64 = 42;
 
 /// Deterministic bytes for request `i`.
 fn fill_bytes(i: u64, buf: &mut [u8]) {
@@ -42,19 +51,24 @@ fn checksum(bytes: &[u8]) -> u64 {
 // ---------------------------------------------------------------- peers ----
 
 /// Serves until told to exit: ECHO replies with the request's checksum
-/// followed by the payload; SLOW records the request and then sleeps without
-/// replying or beating; SCRIBBLE corrupts the segment as asked.
+/// followed by the payload; FAIL and OTHER reply with no payload (status 7
+/// and 0); SLOW records the request and then sleeps without replying or
+/// beating; SCRIBBLE corrupts the segment as asked. ECHO, FAIL, OTHER and
+/// SLOW are counted in the stats (FAIL as an error that took
+/// [`FAIL_SERVICE`]); the model generation is [`PEER_GENERATION`].
 fn peer_server(seg: &Segment) -> Result<(), RingError> {
     let cfg = ServerConfig {
         beat_interval: Duration::from_millis(20),
         ..ServerConfig::default()
     };
     let mut server = seg.server_with(cfg)?;
+    seg.set_model_generation(PEER_GENERATION);
     loop {
         let Some((_, req)) = server.recv(Duration::from_secs(30))? else {
             continue;
         };
         let h = req.header;
+        let begun = Instant::now();
         match h.opcode {
             OP_ECHO => {
                 let len = req.payload.len();
@@ -62,8 +76,18 @@ fn peer_server(seg: &Segment) -> Result<(), RingError> {
                     out[..8].copy_from_slice(&checksum(inp).to_le_bytes());
                     out[8..].copy_from_slice(inp);
                 })?;
+                seg.record_request(h.opcode, begun.elapsed(), true);
+            }
+            OP_FAIL => {
+                req.reply(7, 0, |_, _| {})?;
+                seg.record_request(h.opcode, FAIL_SERVICE, false);
+            }
+            OP_OTHER => {
+                req.reply(0, 0, |_, _| {})?;
+                seg.record_request(h.opcode, begun.elapsed(), true);
             }
             OP_SLOW => {
+                seg.set_in_service(Some(h.opcode));
                 seg.record_request(h.opcode, Duration::ZERO, true);
                 hang_until_killed();
             }
@@ -78,7 +102,9 @@ fn peer_server(seg: &Segment) -> Result<(), RingError> {
                     _ => Scribble::RequestHeadBeyondTail(Channel::Eval),
                 };
                 drop(req);
-                seg.scribble(how);
+                // SAFETY: this peer touches the segment from this thread
+                // only.
+                unsafe { seg.scribble(how) };
                 if matches!(how, Scribble::RequestHeadBeyondTail(_)) {
                     // Stop serving, or the next released request would
                     // overwrite the lie with a correct head.
@@ -129,9 +155,15 @@ fn peer_main(mode: &str) -> ExitCode {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(-1);
+    if mode == "attach-stdout" {
+        return peer_attach_stdout();
+    }
+    // SAFETY: EVOD_RING_FD is the segment descriptor the test passed
+    // (`Segment::pass_to`); nothing else in this process owns it.
+    let attached = || unsafe { Segment::attach_inherited(fd) };
     let res = match mode {
         "owner" => peer_owner(),
-        _ => Segment::attach_inherited(fd).and_then(|seg| match mode {
+        _ => attached().and_then(|seg| match mode {
             "server" => peer_server(&seg),
             "attach" => Ok(()),
             other => panic!("unknown peer mode {other}"),
@@ -146,12 +178,39 @@ fn peer_main(mode: &str) -> ExitCode {
     }
 }
 
+/// Tries to attach descriptor 1 (stdout) as a segment, reports the error on
+/// stderr, then writes a line to stdout: it must still arrive.
+fn peer_attach_stdout() -> ExitCode {
+    // SAFETY: deliberately wrong: stdout is owned by `std::io::stdout`. The
+    // contract is broken only if the check lets it through, which is what
+    // the test checks it does not (then the line below would not arrive).
+    match unsafe { Segment::attach_inherited(1) } {
+        Ok(_) => {
+            eprintln!("peer error: stdout was attached as a segment");
+            ExitCode::from(4)
+        }
+        Err(e) => {
+            eprintln!("peer error: {e}");
+            let mut out = std::io::stdout();
+            if writeln!(out, "stdout still open")
+                .and_then(|()| out.flush())
+                .is_err()
+            {
+                return ExitCode::from(5);
+            }
+            ExitCode::from(3)
+        }
+    }
+}
+
 /// A peer process, SIGKILLed and reaped on drop.
 struct Peer(Child);
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        kill(&mut self.0);
+        // Only on a test's error path (the tests stop their peers with
+        // `kill` and check how they died); nothing left to report to.
+        let _ = stop(&mut self.0);
     }
 }
 
@@ -175,10 +234,23 @@ fn spawn_peer(seg: &Segment, mode: &str) -> Peer {
     Peer(cmd.spawn().expect("spawning the peer"))
 }
 
-/// Kills a child by its pid and reaps it.
-fn kill(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+/// SIGKILLs a child (a no-op if it already ended) and reaps it; how it
+/// ended.
+fn stop(child: &mut Child) -> Result<ExitStatus, String> {
+    // A child that already exited is a zombie until reaped: the signal is
+    // then ignored and `wait` reports how it really ended.
+    child.kill().map_err(|e| format!("kill: {e}"))?;
+    child.wait().map_err(|e| format!("wait: {e}"))
+}
+
+/// SIGKILLs a child and reaps it, checking that it was the SIGKILL that
+/// ended it (not a crash or an exit of its own before).
+fn kill(child: &mut Child) -> Result<(), String> {
+    let status = stop(child)?;
+    if status.signal() != Some(libc::SIGKILL) {
+        return Err(format!("peer ended by {status:?}, not by our SIGKILL"));
+    }
+    Ok(())
 }
 
 fn small() -> LayoutConfig {
@@ -282,7 +354,7 @@ fn million_round_trips() -> Result<(), String> {
     }
     let stats = seg.stats();
     drop(client);
-    kill(&mut child.0);
+    kill(&mut child.0)?;
     if stats.uptime.is_none() {
         return Err("worker never marked itself started".into());
     }
@@ -303,7 +375,7 @@ fn sigkill_gives_peer_lost_then_respawn_works() -> Result<(), String> {
         echo(&mut client, i, 100)?;
     }
     let id = send_slow(&seg, &mut client)?;
-    kill(&mut child.0);
+    kill(&mut child.0)?;
     let t = Instant::now();
     match client.recv(Instant::now() + Duration::from_secs(10)) {
         Err(RingError::PeerLost { in_flight, .. }) if in_flight == vec![id] => {}
@@ -327,7 +399,7 @@ fn sigkill_gives_peer_lost_then_respawn_works() -> Result<(), String> {
             client.epoch()
         ));
     }
-    kill(&mut child.0);
+    kill(&mut child.0)?;
     Ok(())
 }
 
@@ -341,7 +413,7 @@ fn epoch_bump_wakes_parked_client() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     echo(&mut client, 1, 10)?;
     let id = send_slow(&seg, &mut client)?;
-    kill(&mut child.0);
+    kill(&mut child.0)?;
     let (res, took, parked) = std::thread::scope(|s| {
         let waiter = s.spawn(|| {
             let t = Instant::now();
@@ -407,7 +479,7 @@ fn targeted_corruption_is_peer_corrupt() -> Result<(), String> {
                 ));
             }
         }
-        kill(&mut child.0);
+        kill(&mut child.0)?;
         // Recovery: new epoch, new worker.
         seg.bump_epoch();
         let mut child = spawn_peer(&seg, "server");
@@ -422,7 +494,7 @@ fn targeted_corruption_is_peer_corrupt() -> Result<(), String> {
                 Err(e) => return Err(format!("flags {flags}: after recovery: {e}")),
             }
         }
-        kill(&mut child.0);
+        kill(&mut child.0)?;
         if !ok {
             return Err(format!("flags {flags}: no recovery after the epoch bump"));
         }
@@ -457,8 +529,14 @@ fn random_bytes_over_segment() -> Result<(), String> {
             return Err(format!("seed {seed}: took {:?}", t.elapsed()));
         }
         // The server itself must not have crashed on its own garbage either:
-        // it either exits with an error or keeps running; no signal death.
-        kill(&mut child.0);
+        // it either exited with an error (code 3) or is still running (and
+        // dies of our SIGKILL); no other signal death.
+        let status = stop(&mut child.0)?;
+        if status.signal() != Some(libc::SIGKILL) && status.code() != Some(3) {
+            return Err(format!(
+                "seed {seed}: the scribbling server ended by {status:?}"
+            ));
+        }
         seg.bump_epoch();
         let mut child = spawn_peer(&seg, "server");
         let mut ok = false;
@@ -468,7 +546,7 @@ fn random_bytes_over_segment() -> Result<(), String> {
                 break;
             }
         }
-        kill(&mut child.0);
+        kill(&mut child.0)?;
         if !ok {
             return Err(format!("seed {seed}: no recovery after the epoch bump"));
         }
@@ -570,7 +648,7 @@ fn nothing_left_in_dev_shm() -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?;
     }
-    kill(&mut owner);
+    kill(&mut owner)?;
     let after = list();
     let new: Vec<&String> = after.iter().filter(|n| !before.contains(n)).collect();
     if !new.is_empty() || after.iter().any(|n| n.contains("evod")) {
@@ -579,24 +657,118 @@ fn nothing_left_in_dev_shm() -> Result<(), String> {
     Ok(())
 }
 
-/// Heartbeats and stats are visible across processes.
+/// Heartbeats and stats are visible across processes: the counts per
+/// opcode, the other-opcode bucket, errors, service times, the model
+/// generation, the uptime, and what the worker was serving when it died.
 fn heartbeat_and_stats_cross_processes() -> Result<(), String> {
     let seg = Segment::create(&small()).map_err(|e| e.to_string())?;
     if seg.last_beat(Role::Worker).is_some() {
         return Err("worker beat before it existed".into());
     }
+    let s = seg.stats();
+    if s.requests_per_opcode.iter().any(|&c| c != 0)
+        || s.errors != 0
+        || s.uptime.is_some()
+        || s.model_generation != 0
+    {
+        return Err(format!("stats before any worker: {s:?}"));
+    }
     let mut child = spawn_peer(&seg, "server");
+    let mut client = seg
+        .client_with(Channel::Eval, client_cfg(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let deadline = || Instant::now() + Duration::from_secs(10);
+    for i in 0..5 {
+        echo(&mut client, i, 32)?;
+    }
+    for _ in 0..2 {
+        let r = client
+            .call(OP_FAIL, 0, 0, |_| {}, deadline())
+            .map_err(|e| format!("FAIL: {e}"))?;
+        if r.status() != 7 {
+            return Err(format!("FAIL answered with status {}", r.status()));
+        }
+    }
+    client
+        .call(OP_OTHER, 0, 0, |_| {}, deadline())
+        .map_err(|e| format!("OTHER: {e}"))?;
+    // The peer counts a request after replying: wait for the last count.
+    if !eventually(Duration::from_secs(10), || {
+        seg.stats().requests_other_opcodes == 1
+    }) {
+        return Err(format!("OTHER never counted: {:?}", seg.stats()));
+    }
     let beating = eventually(Duration::from_secs(10), || {
         seg.last_beat(Role::Worker).is_some_and(|b| b.count >= 3)
     });
-    kill(&mut child.0);
     if !beating {
         return Err(format!(
             "worker heartbeat: {:?}",
             seg.last_beat(Role::Worker)
         ));
     }
-    let _ = seg.fd().as_raw_fd();
+    let s = seg.stats();
+    let count = |op: u32| count_of(&s, op);
+    if s.requests_per_opcode.len() != evod_ring::STATS_OPCODES
+        || count(OP_ECHO) != 5
+        || count(OP_FAIL) != 2
+        || count(OP_SLOW) != 0
+        || s.requests_per_opcode.iter().sum::<u64>() != 7
+        || s.requests_other_opcodes != 1
+        || s.errors != 2
+        || s.max_service < FAIL_SERVICE
+        || s.last_service > s.max_service
+        || s.model_generation != PEER_GENERATION
+        || s.uptime.is_none_or(|u| u > Duration::from_secs(60))
+        || s.in_service.is_some()
+    {
+        return Err(format!("stats after 5 ECHO, 2 FAIL, 1 OTHER: {s:?}"));
+    }
+    // What a dead worker was doing stays readable after its death.
+    send_slow(&seg, &mut client)?;
+    drop(client);
+    kill(&mut child.0)?;
+    let s = seg.stats();
+    if s.in_service != Some(OP_SLOW)
+        || count_of(&s, OP_SLOW) != 1
+        || s.last_service != Duration::ZERO
+    {
+        return Err(format!("stats after the worker died in SLOW: {s:?}"));
+    }
+    // A new incarnation starts from zero.
+    seg.bump_epoch();
+    let s = seg.stats();
+    if s.requests_per_opcode.iter().any(|&c| c != 0) || s.errors != 0 || s.in_service.is_some() {
+        return Err(format!("stats after the epoch bump: {s:?}"));
+    }
+    Ok(())
+}
+
+fn count_of(s: &evod_ring::StatsSnapshot, op: u32) -> u64 {
+    s.requests_per_opcode[op as usize]
+}
+
+/// `attach_inherited(1)` (a `--ring-fd 1` typo) fails with an error naming
+/// descriptor 1 and what is wrong with it, and leaves stdout open: a line
+/// the peer writes afterwards reaches us.
+fn attach_of_stdout_fails_and_keeps_it_open() -> Result<(), String> {
+    let out = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+        .env("EVOD_RING_PEER", "attach-stdout")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.code() != Some(3)
+        || !stderr.contains("descriptor 1 is not an evod ring segment")
+        || !stderr.contains("not a sealed memfd")
+        || stdout != "stdout still open\n"
+    {
+        return Err(format!(
+            "peer {:?}, stderr {stderr:?}, stdout {stdout:?}",
+            out.status
+        ));
+    }
     Ok(())
 }
 
@@ -625,6 +797,10 @@ fn main() -> ExitCode {
         (
             "heartbeat_and_stats_cross_processes",
             heartbeat_and_stats_cross_processes,
+        ),
+        (
+            "attach_of_stdout_fails_and_keeps_it_open",
+            attach_of_stdout_fails_and_keeps_it_open,
         ),
     ];
     let filter: Vec<String> = std::env::args()

@@ -111,11 +111,22 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Ok("json") => crate::run::LogFormat::Json,
         _ => crate::run::LogFormat::Human,
     });
+    if let Some(fd) = (1..args.ring_fds.len()).find_map(|i| {
+        args.ring_fds[..i]
+            .contains(&args.ring_fds[i])
+            .then_some(args.ring_fds[i])
+    }) {
+        anyhow::bail!("--ring-fd {fd} is given twice: each segment descriptor is taken over once");
+    }
     let segments = args
         .ring_fds
         .iter()
         .map(|&fd| {
-            Segment::attach_inherited(fd)
+            // SAFETY: each `--ring-fd` names a descriptor the supervisor
+            // passed for one segment; nothing else here owns it, and each is
+            // taken over once (no number twice, checked above;
+            // `attach_inherited` checks it is a sealed memfd first).
+            unsafe { Segment::attach_inherited(fd) }
                 .with_context(|| format!("attaching the worker segment on descriptor {fd}"))
         })
         .collect::<Result<Vec<_>>>()?;

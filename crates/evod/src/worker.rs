@@ -89,7 +89,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     } else {
         c"evod-worker"
     });
-    let seg = Segment::attach_inherited(args.ring_fd).with_context(|| {
+    // SAFETY: `--ring-fd` names the descriptor the supervisor passed for
+    // the segment; nothing else in this process owns it, and it is taken
+    // over once, here (`attach_inherited` checks it is a sealed memfd first
+    // and leaves anything else, stdout say, open).
+    let seg = unsafe { Segment::attach_inherited(args.ring_fd) }.with_context(|| {
         format!(
             "attaching the shared segment on descriptor {}",
             args.ring_fd
@@ -247,8 +251,11 @@ impl Worker<'_> {
             // Every control request is answered with a reply whose payload
             // lies outside the payload area (fault injection: `lie-control`).
             drop(request);
-            self.seg
-                .scribble(Scribble::ReplyPayloadOutOfBounds(Channel::Control));
+            // SAFETY: the worker touches the segment from this thread only.
+            unsafe {
+                self.seg
+                    .scribble(Scribble::ReplyPayloadOutOfBounds(Channel::Control));
+            }
             self.seg.set_in_service(None);
             return Ok(Flow::Continue);
         }
@@ -279,8 +286,11 @@ impl Worker<'_> {
                 // channel and keep serving: the evolver must notice and have
                 // this worker replaced.
                 self.finish(request, opcode, begun, (status::OK, Vec::new()))?;
-                self.seg
-                    .scribble(Scribble::ReplyPayloadOutOfBounds(Channel::Eval));
+                // SAFETY: the worker touches the segment from this thread only.
+                unsafe {
+                    self.seg
+                        .scribble(Scribble::ReplyPayloadOutOfBounds(Channel::Eval));
+                }
                 // And every later EVAL reply is malformed, so the lie is
                 // seen even if an honest reply overwrote the scribbled slot.
                 self.lying = true;
@@ -545,9 +555,13 @@ fn inject_fault(seg: &Segment, opcode: u32, code: u32) -> ! {
             std::thread::park();
         },
         op::FAULT_SCRIBBLE => {
-            seg.scribble(Scribble::RandomBytes {
-                seed: u64::from(code) | 0x5eed,
-            });
+            // SAFETY: the worker touches the segment from this thread only,
+            // and exits right after.
+            unsafe {
+                seg.scribble(Scribble::RandomBytes {
+                    seed: u64::from(code) | 0x5eed,
+                });
+            }
             // Then die, as a scribbling runtime would: the supervisor must
             // rebuild the segment state for the next incarnation.
             std::process::exit(70);
