@@ -322,6 +322,12 @@ fn docker_stop_ends_a_service_run_with_exit_0_within_the_grace_period() {
         "{}",
         c.logs()
     );
+    // Graceful for the evolver too: it saved its checkpoint.
+    assert!(
+        c.logs().contains("stopped by signal, checkpoint saved"),
+        "{}",
+        c.logs()
+    );
 }
 
 #[test]
@@ -337,7 +343,12 @@ fn an_external_sigsegv_of_a_worker_in_the_container_is_survived() {
     let init: u32 = c.inspect("{{.State.Pid}}").parse().unwrap();
     let workers = common::children_named(init, "evod-worker");
     assert_eq!(workers.len(), 1, "workers of {init}: {workers:?}");
-    kill(Pid::from_raw(workers[0] as i32), Signal::SIGSEGV).unwrap();
+    kill(Pid::from_raw(workers[0] as i32), Signal::SIGSEGV).unwrap_or_else(|e| {
+        panic!(
+            "kill -SEGV of the worker (host pid {}, uid 65532): {e} (needs root, as in CI)",
+            workers[0]
+        )
+    });
     let after = c.wait("the worker replaced, healthy again", || {
         c.healthy_worker().filter(|w| w["restarts"] == 1)
     });
