@@ -1,14 +1,18 @@
 //! Project automation, run as `cargo xtask <task>`.
 //!
 //! - `ci`: exactly what `.ci/run` runs: the Python venv the tests read our
-//!   files with, `cargo fmt --check`, clippy with warnings denied, all tests.
+//!   files with, `cargo fmt --check`, clippy with warnings denied, the
+//!   container image, all tests (`tests/docker.rs` among them).
 //! - `venv`: create `.venv` with the pinned Python peers (gguf, gymnasium, …).
 //! - `bench <name>`: run a benchmark in release mode; each writes
 //!   `target/bench/<name>.json`.
 //! - `fault`: the fault-injection storm against a real daemon.
+//! - `image [--tag TAG]`: the container image, built without a registry
+//!   from the project's own static binary (`evod:local` by default).
 
 mod bench;
 mod fault;
+mod image;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,14 +22,15 @@ use anyhow::{Context, Result, bail};
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(task) = args.first() else {
-        bail!("usage: cargo xtask <ci|venv|bench NAME|fault> [ARGS]");
+        bail!("usage: cargo xtask <ci|venv|bench NAME|fault|image> [ARGS]");
     };
     match task.as_str() {
         "ci" => ci(),
         "venv" => venv().map(|_| ()),
         "bench" => bench::run(&args[1..]),
         "fault" => fault::run(&args[1..]),
-        other => bail!("unknown xtask {other:?}: expected ci, venv, bench or fault"),
+        "image" => image::run_task(&args[1..]),
+        other => bail!("unknown xtask {other:?}: expected ci, venv, bench, fault or image"),
     }
 }
 
@@ -104,6 +109,15 @@ fn ci() -> Result<()> {
                 "-D",
                 "warnings",
             ]))
+        })?;
+        // Its own step for the timing; tests/docker.rs builds the same
+        // image again, a no-op for Docker's layer cache.
+        step("image (static build)", &mut || match image::engine() {
+            Ok(()) => image::build(image::DEFAULT_TAG),
+            Err(why) => {
+                eprintln!("SKIPPED: xtask ci image: no Docker engine ({why})");
+                Ok(())
+            }
         })?;
         step("test --workspace", &mut || {
             run(Command::new(&cargo)

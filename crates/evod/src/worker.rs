@@ -84,6 +84,7 @@ impl Loaded {
 /// until it crashes. With `--standby-fd`, first waits to be promoted (see
 /// `supervisor/standby.rs`).
 pub fn run(args: Args) -> Result<ExitCode> {
+    die_on_first_segv();
     set_process_name(if args.standby_fd.is_some() {
         c"evod-standby"
     } else {
@@ -598,6 +599,22 @@ fn segfault() -> ! {
         unsafe { std::ptr::write_volatile(page.cast::<u64>(), 0xdead) };
     }
     std::process::abort()
+}
+
+/// Restores the default action of SIGSEGV and SIGBUS. Rust's runtime
+/// installs a handler for them (to report stack overflows) that returns
+/// when the signal is not a fault on a guard page, so an external
+/// `kill -SEGV` (chaos tools, `docker kill -s SEGV`) was survived once and
+/// only the second one killed. A worker must die of the first, as the
+/// supervisor's crash accounting assumes; a real fault still kills too
+/// (a stack overflow now as SIGSEGV, without Rust's message and abort).
+fn die_on_first_segv() {
+    for signal in [libc::SIGSEGV, libc::SIGBUS] {
+        // SAFETY: signal(2) with SIG_DFL only sets the process's
+        // disposition: no handler pointer is passed, so no code of ours can
+        // run from a signal context through it.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
 }
 
 /// Names this thread (and so the process, in `top`) for operators.

@@ -1251,7 +1251,11 @@ impl Supervisor {
             }
             children.push(row);
         }
-        let live = self.read_model_identity().and_then(|m| m.generation);
+        let live_model = self.read_model_identity();
+        // A live model file that cannot be read as a model cannot be served
+        // (a worker that restarts now cannot load it): unhealthy.
+        healthy &= live_model.is_some();
+        let live = live_model.and_then(|m| m.generation);
         StatusReport {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs_f64(),

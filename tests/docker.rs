@@ -1,0 +1,470 @@
+//! Process tests of the container image: real `docker run`, `stop`, `kill`,
+//! `start`, real signals. The image is built once per test run by
+//! `cargo xtask image --tag evod:test` (a static build cached in `target/`,
+//! then `docker build` of `docker/Dockerfile`, a no-op when nothing
+//! changed), so these tests work from `cargo test` alone.
+//!
+//! Without a Docker engine (`docker info` fails) every test prints one loud
+//! `SKIPPED: tests/docker.rs: …` line and passes. Each test has its own
+//! container and volume, removed by a guard even when the test fails. Every
+//! wait is on `docker inspect`, `docker logs` or `docker exec … evod status`
+//! against a deadline, never a fixed sleep.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Guards against hangs only; not a timing assertion.
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// The tag these tests build and run (not `evod:local`, the user's).
+const IMAGE: &str = "evod:test";
+
+/// The state folder, the image's `VOLUME`.
+const STATE: &str = "/var/lib/evod";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running docker")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", common::text(&o.stdout), common::text(&o.stderr))
+}
+
+/// Why there is no usable engine, if there is none.
+fn no_engine() -> Option<String> {
+    match Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+    {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(common::text(&o.stderr).trim().to_owned()),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// Builds the image once per run; `false` (after one loud line on the real
+/// stderr, past the test harness's capture) without an engine.
+fn image() -> bool {
+    static READY: OnceLock<bool> = OnceLock::new();
+    *READY.get_or_init(|| {
+        if let Some(why) = no_engine() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: tests/docker.rs: no Docker engine (docker info failed: {why})"
+            );
+            return false;
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").into());
+        let o = Command::new(cargo)
+            .current_dir(root())
+            .args([
+                "run", "--quiet", "-p", "xtask", "--", "image", "--tag", IMAGE,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running cargo xtask image");
+        assert!(
+            o.status.success(),
+            "cargo xtask image failed:\n{}",
+            text(&o)
+        );
+        true
+    })
+}
+
+/// One container and its named volume, removed on drop (even after a
+/// failed assertion).
+struct Container {
+    name: String,
+    volume: String,
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        docker(&["rm", "--force", "--volumes", &self.name]);
+        docker(&["volume", "rm", "--force", &self.volume]);
+    }
+}
+
+impl Container {
+    /// A guard for container `evod-test-<test>-<pid>` (not created yet:
+    /// leftovers of an earlier crashed run with that name are removed).
+    fn named(test: &str) -> Container {
+        let name = format!("evod-test-{test}-{}", std::process::id());
+        let c = Container {
+            volume: format!("{name}-state"),
+            name,
+        };
+        docker(&["rm", "--force", &c.name]);
+        docker(&["volume", "rm", "--force", &c.volume]);
+        c
+    }
+
+    /// `docker run` arguments up to the image: name, read-only root, the
+    /// state volume, a short health interval.
+    fn run_args<'a>(&'a self, volume: &'a str) -> Vec<&'a str> {
+        vec![
+            "run",
+            "--name",
+            &self.name,
+            "--read-only",
+            "--volume",
+            volume,
+            "--health-interval",
+            "500ms",
+            "--health-retries",
+            "1",
+            "--health-timeout",
+            "5s",
+        ]
+    }
+
+    fn volume_arg(&self) -> String {
+        format!("{}:{STATE}", self.volume)
+    }
+
+    /// `docker run --detach` with `args` after the image (flags of `evod run`).
+    fn start_detached(test: &str, args: &[&str]) -> Container {
+        let c = Container::named(test);
+        let volume = c.volume_arg();
+        let mut all = c.run_args(&volume);
+        all.push("--detach");
+        all.push(IMAGE);
+        all.extend_from_slice(args);
+        let o = docker(&all);
+        assert!(o.status.success(), "docker run failed:\n{}", text(&o));
+        c
+    }
+
+    fn inspect(&self, format: &str) -> String {
+        common::text(&docker(&["inspect", "--format", format, &self.name]).stdout)
+            .trim()
+            .to_owned()
+    }
+
+    fn logs(&self) -> String {
+        text(&docker(&["logs", &self.name]))
+    }
+
+    /// `evod ARGS` run inside the container.
+    fn exec(&self, args: &[&str]) -> Output {
+        let mut all = vec!["exec", self.name.as_str(), "evod"];
+        all.extend_from_slice(args);
+        docker(&all)
+    }
+
+    fn status(&self) -> Option<Value> {
+        let o = self.exec(&["status", "--json"]);
+        o.status
+            .success()
+            .then(|| serde_json::from_slice(&o.stdout).unwrap())
+    }
+
+    fn wait<T>(&self, what: &str, cond: impl FnMut() -> Option<T>) -> T {
+        common::poll_until(what, DEADLINE, cond, || {
+            format!(
+                "state: {}\nlogs:\n{}",
+                self.inspect("{{json .State}}"),
+                self.logs()
+            )
+        })
+    }
+
+    fn wait_health(&self, wanted: &str) {
+        self.wait(&format!("docker health status {wanted:?}"), || {
+            (self.inspect("{{.State.Health.Status}}") == wanted).then_some(())
+        });
+    }
+
+    /// The worker row of a healthy status report.
+    fn healthy_worker(&self) -> Option<Value> {
+        let s = self.status().filter(|s| s["healthy"] == true)?;
+        s["children"]
+            .as_array()?
+            .iter()
+            .find(|c| c["role"] == "worker" && c["index"] == 0)
+            .cloned()
+    }
+
+    /// JSON log lines whose message is `message`, in order.
+    fn log_events(&self, message: &str) -> Vec<Value> {
+        self.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == message)
+            .collect()
+    }
+
+    /// The bytes of the file `path` in the container (running or not),
+    /// through `docker cp` (the image has no shell to `cat` with).
+    fn read_file(&self, path: &str) -> Vec<u8> {
+        let o = docker(&["cp", &format!("{}:{path}", self.name), "-"]);
+        assert!(o.status.success(), "docker cp {path}: {}", text(&o));
+        // A tar stream holding one regular file: a 512-byte ustar header
+        // (size in octal at offset 124), then the bytes.
+        let tar = o.stdout;
+        assert!(
+            tar.len() >= 512 && matches!(tar[156], b'0' | 0),
+            "docker cp {path}: not one regular file in ustar form"
+        );
+        let size = std::str::from_utf8(&tar[124..136])
+            .ok()
+            .and_then(|s| u64::from_str_radix(s.trim_matches(|c| c == '\0' || c == ' '), 8).ok())
+            .expect("ustar size field") as usize;
+        tar[512..512 + size].to_vec()
+    }
+}
+
+/// The runtime stage of a Dockerfile: from the marker line to the end.
+fn runtime_stage(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let at = text
+        .find("# --- runtime stage")
+        .unwrap_or_else(|| panic!("{}: no runtime stage marker", path.display()));
+    text[at..].to_owned()
+}
+
+#[test]
+fn the_registry_dockerfile_and_the_local_one_share_the_runtime_stage() {
+    // No engine needed: the registry image cannot be built here (nothing
+    // can be pulled), so sameness is checked where it is decided.
+    let registry = runtime_stage(&root().join("Dockerfile"));
+    let local = runtime_stage(&root().join("docker/Dockerfile"));
+    assert_eq!(registry, local);
+    for line in [
+        "FROM scratch",
+        "USER 65532:65532",
+        "VOLUME [\"/var/lib/evod\"]",
+        "CMD [\"/usr/local/bin/evod\", \"status\", \"--check\"]",
+        "ENTRYPOINT [\"/usr/local/bin/evod\", \"run\"]",
+    ] {
+        assert!(local.lines().any(|l| l.trim() == line), "no {line:?}");
+    }
+}
+
+#[test]
+fn the_image_runs_as_a_non_root_user_with_a_state_volume_and_a_healthcheck() {
+    if !image() {
+        return;
+    }
+    let o = docker(&["image", "inspect", "--format", "{{json .Config}}", IMAGE]);
+    assert!(o.status.success(), "{}", text(&o));
+    let config: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(config["User"], "65532:65532", "{config}");
+    assert!(config["Volumes"][STATE].is_object(), "{config}");
+    assert_eq!(
+        config["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/evod", "run"])
+    );
+    assert_eq!(
+        config["Healthcheck"]["Test"],
+        serde_json::json!(["CMD", "/usr/local/bin/evod", "status", "--check"])
+    );
+    assert_eq!(config["StopSignal"], "SIGTERM", "{config}");
+}
+
+#[test]
+fn docker_run_runs_the_main_job_and_exits_0() {
+    if !image() {
+        return;
+    }
+    let c = Container::named("main-job");
+    let volume = c.volume_arg();
+    let mut args = c.run_args(&volume);
+    args.extend_from_slice(&[IMAGE, "--until-solved", "--seed", "1", "--workers", "1"]);
+    let mut run = Command::new("docker")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = common::wait_exit(&mut run, DEADLINE);
+    let status = status.unwrap_or_else(|| {
+        let _ = run.kill();
+        panic!("docker run did not exit\n{}", c.logs())
+    });
+    assert!(status.success(), "docker run: {status}\n{}", c.logs());
+    assert_eq!(c.inspect("{{.State.ExitCode}}"), "0");
+    assert!(c.logs().contains("evod: solved"), "{}", c.logs());
+    // It ran as the image's user, with PID 1 being `evod run`.
+    let start = c.log_events("evod supervisor starting");
+    assert_eq!(start.len(), 1, "{}", c.logs());
+    assert_eq!(start[0]["fields"]["pid"], 1, "{}", start[0]);
+    assert_eq!(c.inspect("{{.Config.User}}"), "65532:65532");
+    assert_eq!(c.inspect("{{.HostConfig.ReadonlyRootfs}}"), "true");
+}
+
+#[test]
+fn docker_stop_ends_a_service_run_with_exit_0_within_the_grace_period() {
+    if !image() {
+        return;
+    }
+    let c = Container::start_detached("stop", &["--workers", "1", "--seed", "1"]);
+    c.wait_health("healthy");
+    let started = Instant::now();
+    // docker's own timeout (10 s) is above the image's grace period (8 s):
+    // past it docker would SIGKILL and the exit code be 137.
+    let o = docker(&["stop", "--time", "10", &c.name]);
+    let took = started.elapsed();
+    assert!(o.status.success(), "docker stop failed:\n{}", text(&o));
+    assert_eq!(
+        c.inspect("{{.State.ExitCode}}"),
+        "0",
+        "after {took:?}\n{}",
+        c.logs()
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "docker stop took {took:?}, not within the 8 s grace period"
+    );
+    assert_eq!(
+        c.log_events("all children stopped").len(),
+        1,
+        "{}",
+        c.logs()
+    );
+    // Graceful for the evolver too: it saved its checkpoint.
+    assert!(
+        c.logs().contains("stopped by signal, checkpoint saved"),
+        "{}",
+        c.logs()
+    );
+}
+
+#[test]
+fn an_external_sigsegv_of_a_worker_in_the_container_is_survived() {
+    if !image() {
+        return;
+    }
+    let c = Container::start_detached("segv", &["--workers", "1", "--seed", "1"]);
+    let before = c.wait("a healthy daemon", || c.healthy_worker());
+    // The worker's pid as the host sees it: a child of the container's
+    // PID 1 named evod-worker. Signalled from outside, as a chaos tool or
+    // `docker kill -s SEGV` (which only reaches PID 1) would.
+    let init: u32 = c.inspect("{{.State.Pid}}").parse().unwrap();
+    let workers = common::children_named(init, "evod-worker");
+    assert_eq!(workers.len(), 1, "workers of {init}: {workers:?}");
+    kill(Pid::from_raw(workers[0] as i32), Signal::SIGSEGV).unwrap_or_else(|e| {
+        panic!(
+            "kill -SEGV of the worker (host pid {}, uid 65532): {e} (needs root, as in CI)",
+            workers[0]
+        )
+    });
+    let after = c.wait("the worker replaced, healthy again", || {
+        c.healthy_worker().filter(|w| w["restarts"] == 1)
+    });
+    assert_ne!(after["pid"], before["pid"], "{after}");
+    assert!(
+        after["last_exit"]
+            .as_str()
+            .unwrap()
+            .starts_with("killed by signal 11 (SIGSEGV)"),
+        "{after}"
+    );
+    let check = c.exec(&["status", "--check"]);
+    assert!(check.status.success(), "{}", text(&check));
+    assert_eq!(c.inspect("{{.State.Running}}"), "true");
+}
+
+#[test]
+fn the_healthcheck_turns_healthy_then_unhealthy_when_the_model_cannot_be_served() {
+    if !image() {
+        return;
+    }
+    let c = Container::start_detached("health", &["--workers", "1", "--no-evolver"]);
+    c.wait_health("healthy");
+    // Replace the live model in the volume with bytes that are not a model.
+    let garbage = tempfile::tempdir().unwrap();
+    let file = garbage.path().join("vectorland.gguf");
+    std::fs::write(&file, b"not a GGUF file").unwrap();
+    let target = format!("{}:{STATE}/vectorland.gguf", c.name);
+    let o = docker(&["cp", file.to_str().unwrap(), &target]);
+    assert!(o.status.success(), "docker cp failed:\n{}", text(&o));
+    c.wait_health("unhealthy");
+    let check = c.exec(&["status", "--check"]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    assert!(
+        common::text(&check.stdout).starts_with("unhealthy"),
+        "{}",
+        text(&check)
+    );
+}
+
+/// Largest `generation` of the evolver's pulse lines so far.
+fn last_pulse(c: &Container) -> Option<u64> {
+    c.log_events("pulse")
+        .iter()
+        .filter_map(|p| p["fields"]["generation"].as_u64())
+        .max()
+}
+
+#[test]
+fn docker_kill_then_start_resumes_from_the_checkpoint() {
+    if !image() {
+        return;
+    }
+    // A checkpoint every 10 generations (the default, said explicitly).
+    let c = Container::start_detached(
+        "resume",
+        &["--workers", "1", "--seed", "1", "--checkpoint-every", "10"],
+    );
+    c.wait("the evolver past generation 100", || {
+        last_pulse(&c).filter(|&g| g >= 100)
+    });
+    let o = docker(&["kill", "--signal", "KILL", &c.name]);
+    assert!(o.status.success(), "docker kill failed:\n{}", text(&o));
+    c.wait("the container to stop", || {
+        (c.inspect("{{.State.Running}}") == "false").then_some(())
+    });
+    assert_eq!(c.inspect("{{.State.ExitCode}}"), "137");
+    // Rows of state/progress.csv are generations `0..done`, each written
+    // just before the checkpoint of a `done` that is a multiple of 10.
+    let progress = String::from_utf8(c.read_file("/var/lib/evod/state/progress.csv")).unwrap();
+    let done = progress
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.split(',').next()?.parse::<u64>().ok())
+        .max()
+        .expect("progress rows")
+        + 1;
+    assert!(
+        c.log_events("resuming from /var/lib/evod/state/checkpoint.bin")
+            .is_empty()
+    );
+
+    let o = docker(&["start", &c.name]);
+    assert!(o.status.success(), "docker start failed:\n{}", text(&o));
+    let resumed = c.wait("the evolver to resume from its checkpoint", || {
+        c.log_events("resuming from /var/lib/evod/state/checkpoint.bin")
+            .first()
+            .and_then(|e| e["fields"]["generation"].as_u64())
+    });
+    // The checkpoint of the last multiple of 10 the killed run reached (or
+    // the one before, if the kill came between a row and its checkpoint):
+    // not a restart from generation 0.
+    assert!(
+        resumed >= 100 && (done.saturating_sub(10)..=done).contains(&resumed),
+        "resumed at generation {resumed}, killed after {done} generations\n{}",
+        c.logs()
+    );
+    c.wait("a healthy daemon after the restart", || c.healthy_worker());
+    assert_eq!(c.log_events("evod supervisor starting").len(), 2);
+}
