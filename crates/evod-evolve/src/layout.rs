@@ -116,6 +116,51 @@ impl ParamLayout {
     }
 }
 
+/// How the scale of each tensor — the unit its mutation σ, ES noise and
+/// validation bounds are expressed in — is derived from its shape.
+///
+/// The scale depends on the shape only, so every evaluator that knows the
+/// architecture derives the same value, bit for bit (one IEEE division and
+/// one square root, both correctly rounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TensorScale {
+    /// Every tensor has scale 1: σ and bounds are absolute (evod before
+    /// scale-relative evolution).
+    Unit,
+    /// The Glorot (Xavier) standard deviation `√(2 / (fan_in + fan_out))`
+    /// — exactly the RMS of `evod_runtime::init_params`'s weights. A shape
+    /// `[d0, d1, …]` has `fan_in = d0`, `fan_out = d1·d2·…`; a 1-D shape
+    /// `[n]` (a bias) counts as `[1, n]`.
+    Glorot,
+}
+
+impl TensorScale {
+    /// The scale of a tensor of `shape`.
+    pub fn of(self, shape: &[u64]) -> f32 {
+        match self {
+            Self::Unit => 1.0,
+            Self::Glorot => {
+                let (fan_in, fan_out) = match shape {
+                    [] => (1, 1),
+                    [n] => (1, *n),
+                    [d0, rest @ ..] => (*d0, rest.iter().product::<u64>()),
+                };
+                // Exact in f32 up to 2^24; beyond, rounding is still the
+                // same everywhere.
+                let fans = (fan_in.saturating_add(fan_out)) as f32;
+                (2.0 / fans).sqrt()
+            }
+        }
+    }
+}
+
+impl ParamLayout {
+    /// The scale of every tensor under `rule`, in layout order.
+    pub fn scales(&self, rule: TensorScale) -> Vec<f32> {
+        self.tensors.iter().map(|t| rule.of(&t.shape)).collect()
+    }
+}
+
 /// L2 norm of a slice, accumulated in f64 in index order (deterministic).
 pub(crate) fn l2(xs: &[f32]) -> f64 {
     xs.iter()

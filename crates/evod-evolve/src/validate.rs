@@ -2,8 +2,11 @@
 //!
 //! A candidate is checked before it reaches any evaluator: every value
 //! finite, the length of the layout, every tensor's L2 norm within
-//! `max_norm`, and every tensor's change against the parent it was derived
-//! from within `max_relative_change`. A publish is checked again (finite,
+//! `max_rms · s · √n`, and every tensor's change against the parent it was
+//! derived from within `max_relative_change` (relative to
+//! `max(‖parent‖, change_floor · s · √n)`), where `s` is the tensor's scale
+//! and `n` its size: the bounds are per element and scale-relative, so the
+//! defaults hold from 10² to 10⁷ parameters. A publish is checked again (finite,
 //! shape, norm) and must not regress the published fitness. Each failure is
 //! a [`Rejection`]; the evolver logs it with `tracing` and counts it by
 //! [`RejectionKind`] in [`crate::EvolveStats`].
@@ -12,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::ValidationConfig;
-use crate::layout::{ParamLayout, l2, l2_diff};
+use crate::layout::{ParamLayout, TensorScale, l2, l2_diff};
 
 /// Why a candidate or a publish was refused.
 #[derive(Debug, Clone, PartialEq, Error)]
@@ -50,7 +53,7 @@ pub enum Rejection {
     ChangeTooLarge {
         /// Tensor name.
         tensor: String,
-        /// `‖child − parent‖ / max(‖parent‖, floor)`.
+        /// `‖child − parent‖ / max(‖parent‖, change_floor · s · √n)`.
         relative: f64,
         /// The bound.
         max: f64,
@@ -98,12 +101,25 @@ impl Rejection {
 pub struct Validator {
     config: ValidationConfig,
     layout: ParamLayout,
+    /// Per tensor: `s · √n`, the norm of a tensor whose RMS is its scale.
+    unit_norms: Vec<f64>,
 }
 
 impl Validator {
-    /// A validator for vectors of `layout`.
-    pub fn new(config: ValidationConfig, layout: ParamLayout) -> Self {
-        Self { config, layout }
+    /// A validator for vectors of `layout` whose tensors' scales follow
+    /// `scale`.
+    pub fn new(config: ValidationConfig, layout: ParamLayout, scale: TensorScale) -> Self {
+        let unit_norms = layout
+            .tensors()
+            .iter()
+            .zip(layout.scales(scale))
+            .map(|(t, s)| f64::from(s) * (t.len as f64).sqrt())
+            .collect();
+        Self {
+            config,
+            layout,
+            unit_norms,
+        }
     }
 
     /// The layout candidates must have.
@@ -125,13 +141,14 @@ impl Validator {
                 value: params[index],
             });
         }
-        for t in self.layout.tensors() {
+        for (t, unit) in self.layout.tensors().iter().zip(&self.unit_norms) {
             let norm = l2(&params[t.range()]);
-            if norm > self.config.max_norm {
+            let max = self.config.max_rms * unit;
+            if norm > max {
                 return Err(Rejection::NormTooLarge {
                     tensor: t.name.clone(),
                     norm,
-                    max: self.config.max_norm,
+                    max,
                 });
             }
         }
@@ -147,7 +164,8 @@ impl Validator {
         if parents.is_empty() {
             return Ok(());
         }
-        for t in self.layout.tensors() {
+        for (t, unit) in self.layout.tensors().iter().zip(&self.unit_norms) {
+            let floor = self.config.change_floor * unit;
             let r = t.range();
             let child = &params[r.clone()];
             let mut best = f64::INFINITY;
@@ -158,7 +176,7 @@ impl Validator {
                         actual: p.len(),
                     });
                 };
-                let rel = l2_diff(child, pt) / l2(pt).max(self.config.change_floor);
+                let rel = l2_diff(child, pt) / l2(pt).max(floor);
                 best = best.min(rel);
             }
             if best > self.config.max_relative_change {
