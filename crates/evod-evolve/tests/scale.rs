@@ -343,3 +343,40 @@ fn bounds_are_per_element_and_scale_relative() {
         ));
     }
 }
+
+#[test]
+fn in_process_evaluator_regenerates_recipes_to_the_same_fitness() {
+    for (task, arch) in [
+        (Task::Sine, sine_arch(&[1, 32, 16, 1])),
+        (Task::CartPole { episodes: 1 }, sine_arch(&[4, 16, 2])),
+    ] {
+        let layout = ParamLayout::from_architecture(&arch).unwrap();
+        let params = init_params(&arch, 3);
+        let base = Base::new(&params, &layout).unwrap();
+        let recipes: Vec<Recipe> = (0..5u64)
+            .flat_map(|seed| {
+                [Sign::Plus, Sign::Minus]
+                    .map(|sign| Recipe::new(base.checksum(), seed, 0.7, sign, TensorScale::Glorot))
+            })
+            .collect();
+        let vectors: Vec<Vec<f32>> = recipes
+            .iter()
+            .map(|r| r.materialize(&base).unwrap())
+            .collect();
+        let refs: Vec<&[f32]> = vectors.iter().map(Vec::as_slice).collect();
+        let mut e = InProcessEvaluator::new(task.clone(), arch.clone(), 3).unwrap();
+        let want = e.evaluate(&refs, 8, 7).unwrap();
+        assert_eq!(
+            e.evaluate_recipes(&base, &recipes, 8, 7).unwrap(),
+            want,
+            "{task}"
+        );
+        // One candidate split into episode ranges across the threads.
+        let one = e.evaluate(&refs[3..4], 8, 7).unwrap();
+        assert_eq!(
+            e.evaluate_recipes(&base, &recipes[3..4], 8, 7).unwrap(),
+            one,
+            "{task}"
+        );
+    }
+}
