@@ -380,3 +380,24 @@ fn in_process_evaluator_regenerates_recipes_to_the_same_fitness() {
         );
     }
 }
+
+#[test]
+fn a_version_1_checkpoint_is_refused_with_a_clear_error() {
+    let ev =
+        Evolver::with_layout(EvolverConfig::default(), toy_layout(), vec![0.0; 16], None).unwrap();
+    let mut bytes = evod_evolve::encode_checkpoint(&ev.checkpoint()).unwrap();
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let err = evod_evolve::decode_checkpoint(std::path::Path::new("old.ckpt"), &bytes).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EvolveError::UnsupportedVersion {
+                found: 1,
+                supported: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("old.ckpt"), "{err}");
+}
