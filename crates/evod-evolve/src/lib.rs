@@ -55,5 +55,5 @@ pub use ga::{GaState, Individual};
 pub use inprocess::{InProcessEvaluator, SolveReport, solve_in_process};
 pub use layout::{ParamLayout, TensorScale, TensorSpan};
 pub use progress::{DEFAULT_MAX_USELESS_GENERATIONS, NoProgress, ProgressGuard};
-pub use recipe::{Base, Recipe, RecipeError, Sign, checksum};
+pub use recipe::{Base, RECIPE_BYTES, Recipe, RecipeError, Sign, checksum};
 pub use validate::{Rejection, RejectionKind, Validator};

@@ -68,6 +68,9 @@ pub enum RecipeError {
         /// Checksum of the base held.
         have: u64,
     },
+    /// Bytes that are not an encoded recipe.
+    #[error("bad recipe encoding: {0}")]
+    Encoding(String),
     /// Base, layout and output lengths differ.
     #[error("lengths differ: layout {layout}, base {base}, output {out}")]
     Length {
@@ -80,7 +83,62 @@ pub enum RecipeError {
     },
 }
 
+/// Bytes of an encoded recipe ([`Recipe::to_bytes`]).
+pub const RECIPE_BYTES: usize = 22;
+
 impl Recipe {
+    /// The wire encoding, little-endian: base checksum (u64), seed (u64),
+    /// σ bits (u32), sign (u8: 0 plus, 1 minus), scale rule (u8: 0 unit,
+    /// 1 Glorot). For the ring's EVAL payload and Redis.
+    pub fn to_bytes(&self) -> [u8; RECIPE_BYTES] {
+        let mut out = [0u8; RECIPE_BYTES];
+        out[0..8].copy_from_slice(&self.base.to_le_bytes());
+        out[8..16].copy_from_slice(&self.seed.to_le_bytes());
+        out[16..20].copy_from_slice(&self.sigma_bits.to_le_bytes());
+        out[20] = match self.sign {
+            Sign::Plus => 0,
+            Sign::Minus => 1,
+        };
+        out[21] = match self.scale {
+            TensorScale::Unit => 0,
+            TensorScale::Glorot => 1,
+        };
+        out
+    }
+
+    /// Decodes [`Recipe::to_bytes`]; untrusted bytes get a typed error (wrong
+    /// length, unknown sign or scale, σ not finite or negative).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, RecipeError> {
+        let b: &[u8; RECIPE_BYTES] = bytes.try_into().map_err(|_| {
+            RecipeError::Encoding(format!("{} bytes, expected {RECIPE_BYTES}", bytes.len()))
+        })?;
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        let sigma_bits = u32::from_le_bytes(b[16..20].try_into().expect("4 bytes"));
+        let sigma = f32::from_bits(sigma_bits);
+        if !(sigma.is_finite() && sigma >= 0.0) {
+            return Err(RecipeError::Encoding(format!(
+                "σ {sigma} is not finite and non-negative"
+            )));
+        }
+        let sign = match b[20] {
+            0 => Sign::Plus,
+            1 => Sign::Minus,
+            x => return Err(RecipeError::Encoding(format!("unknown sign {x}"))),
+        };
+        let scale = match b[21] {
+            0 => TensorScale::Unit,
+            1 => TensorScale::Glorot,
+            x => return Err(RecipeError::Encoding(format!("unknown scale rule {x}"))),
+        };
+        Ok(Self {
+            base: u64_at(0),
+            seed: u64_at(8),
+            sigma_bits,
+            sign,
+            scale,
+        })
+    }
+
     /// A recipe with σ given as an `f32`.
     pub fn new(base: u64, seed: u64, sigma: f32, sign: Sign, scale: TensorScale) -> Self {
         Self {

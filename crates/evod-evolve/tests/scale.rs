@@ -401,3 +401,35 @@ fn a_version_1_checkpoint_is_refused_with_a_clear_error() {
     );
     assert!(err.to_string().contains("old.ckpt"), "{err}");
 }
+
+#[test]
+fn recipes_round_trip_through_22_bytes_and_bad_bytes_are_refused() {
+    let r = Recipe::new(
+        0xDEAD_BEEF_0123_4567,
+        99,
+        0.6,
+        Sign::Minus,
+        TensorScale::Glorot,
+    );
+    let bytes = r.to_bytes();
+    assert_eq!(bytes.len(), evod_evolve::RECIPE_BYTES);
+    assert_eq!(Recipe::from_bytes(&bytes).unwrap(), r);
+    let center = Recipe::center(7, TensorScale::Unit);
+    assert_eq!(Recipe::from_bytes(&center.to_bytes()).unwrap(), center);
+    let refused = |b: &[u8]| {
+        matches!(
+            Recipe::from_bytes(b),
+            Err(evod_evolve::RecipeError::Encoding(_))
+        )
+    };
+    assert!(refused(&bytes[..21]));
+    let mut bad = bytes;
+    bad[20] = 2;
+    assert!(refused(&bad));
+    let mut bad = bytes;
+    bad[21] = 9;
+    assert!(refused(&bad));
+    let mut bad = bytes;
+    bad[16..20].copy_from_slice(&f32::NAN.to_bits().to_le_bytes());
+    assert!(refused(&bad));
+}
