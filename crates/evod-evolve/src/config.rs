@@ -101,7 +101,7 @@ pub struct GaConfig {
 impl Default for GaConfig {
     fn default() -> Self {
         Self {
-            sigma: 1.0,
+            sigma: 0.8,
             sigma_min: 1e-4,
             sigma_max: 3.0,
             sigma_tau: 0.3,

@@ -172,9 +172,10 @@ impl EsState {
         for (span, s) in layout.tensors().iter().zip(layout.scales(config.scale)) {
             let s = f64::from(s);
             for i in span.range() {
-                // Ascent direction: fitness gradient minus the L2 decay pull
-                // on the value in units of its scale.
-                let g = grad[i] * gscale - es.weight_decay * f64::from(mean[i]) / s;
+                // Ascent direction: fitness gradient minus the gradient of
+                // the L2 penalty ½·wd·θ², both with respect to z (∂θ/∂z = s),
+                // so their ratio is the one in θ, whatever the scale.
+                let g = grad[i] * gscale - es.weight_decay * f64::from(mean[i]) * s;
                 m[i] = es.beta1 * m[i] + (1.0 - es.beta1) * g;
                 v[i] = es.beta2 * v[i] + (1.0 - es.beta2) * g * g;
                 let step = es.learning_rate * (m[i] / bc1) / ((v[i] / bc2).sqrt() + es.adam_eps);

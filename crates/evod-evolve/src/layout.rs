@@ -129,13 +129,17 @@ pub enum TensorScale {
     Unit,
     /// The Glorot (Xavier) standard deviation `√(2 / (fan_in + fan_out))`
     /// — exactly the RMS of `evod_runtime::init_params`'s weights. A shape
-    /// `[d0, d1, …]` has `fan_in = d0`, `fan_out = d1·d2·…`; a 1-D shape
-    /// `[n]` (a bias) counts as `[1, n]`.
+    /// `[d0, d1, …]` has `fan_in = d0`, `fan_out = d1·d2·…`. In a layout
+    /// ([`ParamLayout::scales`]) a 1-D tensor right after a tensor of two or
+    /// more dimensions whose `fan_out` is its length — a bias after its
+    /// weight — takes that tensor's scale; any other 1-D shape `[n]` counts
+    /// as `[1, n]`.
     Glorot,
 }
 
 impl TensorScale {
-    /// The scale of a tensor of `shape`.
+    /// The scale of a tensor of `shape` on its own (a bias's scale also
+    /// depends on the tensor before it: see [`ParamLayout::scales`]).
     pub fn of(self, shape: &[u64]) -> f32 {
         match self {
             Self::Unit => 1.0,
@@ -155,9 +159,26 @@ impl TensorScale {
 }
 
 impl ParamLayout {
-    /// The scale of every tensor under `rule`, in layout order.
+    /// The scale of every tensor under `rule`, in layout order: a 1-D
+    /// tensor right after a tensor of two or more dimensions whose trailing
+    /// dimensions multiply to its length (a bias after its weight) takes
+    /// that tensor's scale; every other tensor gets [`TensorScale::of`] its
+    /// shape.
     pub fn scales(&self, rule: TensorScale) -> Vec<f32> {
-        self.tensors.iter().map(|t| rule.of(&t.shape)).collect()
+        let mut out: Vec<f32> = Vec::with_capacity(self.tensors.len());
+        for (k, t) in self.tensors.iter().enumerate() {
+            let prev = k.checked_sub(1).map(|p| &self.tensors[p]);
+            let s = match (t.shape.as_slice(), prev) {
+                ([n], Some(w))
+                    if w.shape.len() >= 2 && w.shape[1..].iter().product::<u64>() == *n =>
+                {
+                    out[k - 1]
+                }
+                _ => rule.of(&t.shape),
+            };
+            out.push(s);
+        }
+        out
     }
 }
 

@@ -6,7 +6,7 @@
 //! evolver validated.
 //!
 //! `Recipe::apply` computes, for every tensor `t` with scale `s_t`
-//! ([`TensorScale::of`] its shape) and every flat index `i` of `t`:
+//! ([`ParamLayout::scales`]) and every flat index `i` of `t`:
 //!
 //! ```text
 //! out[i] = base[i] + f32(sign · σ · s_t) · noise(seed, i)
@@ -180,8 +180,8 @@ impl Recipe {
             out.copy_from_slice(base);
             return Ok(());
         }
-        for t in layout.tensors() {
-            let s = self.sign.factor() * sigma * self.scale.of(&t.shape);
+        for (t, scale) in layout.tensors().iter().zip(layout.scales(self.scale)) {
+            let s = self.sign.factor() * sigma * scale;
             let r = t.range();
             noise::add_scaled(self.seed, t.offset as u64, s, &base[r.clone()], &mut out[r]);
         }

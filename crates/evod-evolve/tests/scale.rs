@@ -178,7 +178,11 @@ fn recipe_is_mean_plus_signed_scaled_noise_and_refuses_a_wrong_base() {
     let m = minus.materialize(&base).unwrap();
     let scales = layout.scales(TensorScale::Glorot);
     assert_eq!(scales[0], (2.0f32 / 7.0).sqrt());
-    assert_eq!(scales[1], (2.0f32 / 5.0).sqrt());
+    // The bias takes its weight's scale.
+    assert_eq!(scales[1], scales[0]);
+    let lone = ParamLayout::new(vec![("b".into(), vec![4])]).unwrap();
+    assert_eq!(lone.scales(TensorScale::Glorot), [(2.0f32 / 5.0).sqrt()]);
+    assert_eq!(layout.scales(TensorScale::Unit), [1.0, 1.0]);
     for t in layout.tensors().iter().zip(&scales) {
         let (span, &s) = t;
         for i in span.range() {
