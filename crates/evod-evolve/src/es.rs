@@ -98,7 +98,8 @@ impl EsState {
         if with_center {
             recipes.push(Recipe::center(base, config.scale));
         }
-        let parent: [&[f32]; 1] = [&self.mean];
+        let norms = validator.tensor_norms(&self.mean);
+        let parent: [(&[f32], &[f64]); 1] = [(&self.mean, &norms)];
         let mut buf = vec![0.0f32; self.mean.len()];
         for _ in 0..pairs {
             let seed = rng.next_u64();
@@ -107,7 +108,7 @@ impl EsState {
             let mut check = |r: &Recipe| {
                 r.apply(&self.mean, layout, &mut buf)
                     .expect("the mean has the layout's length");
-                validator.check_candidate(&buf, &parent)
+                validator.check_candidate_with(&buf, &parent)
             };
             let a = check(&plus);
             let b = check(&minus);

@@ -118,20 +118,28 @@ impl GaState {
         }
         let elites = children.len();
         let slots = config.population.saturating_sub(elites);
+        // Every member's tensor norms, once: a parent has many children.
+        let norms: Vec<Vec<f64>> = self
+            .population
+            .iter()
+            .map(|p| validator.tensor_norms(&p.params))
+            .collect();
         for _ in 0..slots {
             for _attempt in 0..=ga.max_resample {
-                let a = &self.population[self.pick(&ranked, ga.selection, rng)];
-                let b = if ga.crossover != Crossover::None && rng.random_bool(ga.crossover_rate) {
-                    Some(&self.population[self.pick(&ranked, ga.selection, rng)])
+                let ia = self.pick(&ranked, ga.selection, rng);
+                let ib = if ga.crossover != Crossover::None && rng.random_bool(ga.crossover_rate) {
+                    Some(self.pick(&ranked, ga.selection, rng))
                 } else {
                     None
                 };
+                let a = &self.population[ia];
+                let b = ib.map(|i| &self.population[i]);
                 let child = breed(a, b, ga, layout, &scales, rng);
-                let parents: Vec<&[f32]> = match b {
-                    Some(b) => vec![&a.params, &b.params],
-                    None => vec![&a.params],
-                };
-                match validator.check_candidate(&child.params, &parents) {
+                let mut parents: Vec<(&[f32], &[f64])> = vec![(&a.params, &norms[ia])];
+                if let Some(i) = ib {
+                    parents.push((&self.population[i].params, &norms[i]));
+                }
+                match validator.check_candidate_with(&child.params, &parents) {
                     Ok(()) => {
                         children.push(child);
                         break;

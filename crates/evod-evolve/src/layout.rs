@@ -190,14 +190,15 @@ pub(crate) fn l2(xs: &[f32]) -> f64 {
         .sqrt()
 }
 
-/// L2 norm of `a - b`, accumulated in f64 in index order.
-pub(crate) fn l2_diff(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| {
-            let d = f64::from(x) - f64::from(y);
-            d * d
-        })
-        .sum::<f64>()
-        .sqrt()
+/// `(‖a‖, ‖a − b‖)` in one pass, each accumulated in f64 in index order
+/// (the same values as two separate passes).
+pub(crate) fn l2_and_diff(a: &[f32], b: &[f32]) -> (f64, f64) {
+    let (mut sa, mut sd) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let x = f64::from(x);
+        let d = x - f64::from(y);
+        sa += x * x;
+        sd += d * d;
+    }
+    (sa.sqrt(), sd.sqrt())
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::ValidationConfig;
-use crate::layout::{ParamLayout, TensorScale, l2, l2_diff};
+use crate::layout::{ParamLayout, TensorScale, l2, l2_and_diff};
 
 /// Why a candidate or a publish was refused.
 #[derive(Debug, Clone, PartialEq, Error)]
@@ -160,29 +160,84 @@ impl Validator {
     /// holds against the nearest of them, tensor by tensor. With no parents
     /// only the static checks apply.
     pub fn check_candidate(&self, params: &[f32], parents: &[&[f32]]) -> Result<(), Rejection> {
-        self.check_static(params)?;
-        if parents.is_empty() {
-            return Ok(());
-        }
-        for (t, unit) in self.layout.tensors().iter().zip(&self.unit_norms) {
-            let floor = self.config.change_floor * unit;
-            let r = t.range();
-            let child = &params[r.clone()];
-            let mut best = f64::INFINITY;
-            for p in parents {
-                let Some(pt) = p.get(r.clone()) else {
-                    return Err(Rejection::ShapeMismatch {
-                        expected: self.layout.n_params(),
-                        actual: p.len(),
-                    });
-                };
-                let rel = l2_diff(child, pt) / l2(pt).max(floor);
-                best = best.min(rel);
+        let mut with_norms = Vec::with_capacity(parents.len());
+        for p in parents {
+            if p.len() != self.layout.n_params() {
+                self.check_static(params)?;
+                return Err(Rejection::ShapeMismatch {
+                    expected: self.layout.n_params(),
+                    actual: p.len(),
+                });
             }
-            if best > self.config.max_relative_change {
+            with_norms.push((*p, self.tensor_norms(p)));
+        }
+        let refs: Vec<(&[f32], &[f64])> =
+            with_norms.iter().map(|(p, n)| (*p, n.as_slice())).collect();
+        self.check_candidate_with(params, &refs)
+    }
+
+    /// The L2 norm of every tensor of `params` (which has the layout's
+    /// length), for [`Validator::check_candidate_with`].
+    pub(crate) fn tensor_norms(&self, params: &[f32]) -> Vec<f64> {
+        self.layout
+            .tensors()
+            .iter()
+            .map(|t| l2(&params[t.range()]))
+            .collect()
+    }
+
+    /// [`Validator::check_candidate`] with each parent's tensor norms
+    /// computed once by the caller (a parent has many children). One pass
+    /// over each tensor computes its norm and its distance to one parent;
+    /// the result, and which rejection is reported, are those of the static
+    /// checks followed by the change bound.
+    pub(crate) fn check_candidate_with(
+        &self,
+        params: &[f32],
+        parents: &[(&[f32], &[f64])],
+    ) -> Result<(), Rejection> {
+        if params.len() != self.layout.n_params() {
+            return Err(Rejection::ShapeMismatch {
+                expected: self.layout.n_params(),
+                actual: params.len(),
+            });
+        }
+        if let Some(index) = params.iter().position(|v| !v.is_finite()) {
+            return Err(Rejection::NonFinite {
+                index,
+                value: params[index],
+            });
+        }
+        let tensors = self.layout.tensors();
+        // Per tensor: (norm, smallest relative change over the parents).
+        let mut measured = Vec::with_capacity(tensors.len());
+        for (k, (t, unit)) in tensors.iter().zip(&self.unit_norms).enumerate() {
+            let floor = self.config.change_floor * unit;
+            let child = &params[t.range()];
+            let mut norm = None;
+            let mut best = f64::INFINITY;
+            for (p, norms) in parents {
+                let (n, d) = l2_and_diff(child, &p[t.range()]);
+                norm = Some(n);
+                best = best.min(d / norms[k].max(floor));
+            }
+            measured.push((norm.unwrap_or_else(|| l2(child)), best));
+        }
+        for ((t, unit), &(norm, _)) in tensors.iter().zip(&self.unit_norms).zip(&measured) {
+            let max = self.config.max_rms * unit;
+            if norm > max {
+                return Err(Rejection::NormTooLarge {
+                    tensor: t.name.clone(),
+                    norm,
+                    max,
+                });
+            }
+        }
+        for (t, &(_, relative)) in tensors.iter().zip(&measured) {
+            if relative > self.config.max_relative_change {
                 return Err(Rejection::ChangeTooLarge {
                     tensor: t.name.clone(),
-                    relative: best,
+                    relative,
                     max: self.config.max_relative_change,
                 });
             }
