@@ -60,7 +60,7 @@ fn sine_1_512_256_1_passes_validation_and_improves_with_defaults() {
 /// A ~10⁶-parameter network (1-1024-1024-1): default candidates pass
 /// validation and both strategies climb a linear fitness of every value
 /// (cheap, so the test measures the evolution machinery, not a forward
-/// pass).
+/// pass), then improve the sine task through the in-process evaluator.
 #[test]
 fn million_parameter_network_evolves_with_defaults() {
     let arch = sine_arch(&[1, 1024, 1024, 1]);
@@ -84,6 +84,25 @@ fn million_parameter_network_evolves_with_defaults() {
             best = best.max(r.best_fitness);
         }
         assert!(best > start, "{kind}: {best} ≤ {start}");
+    }
+    // And on the sine task itself, through the in-process evaluator.
+    let start = Task::Sine.evaluate(&arch, &initial, 0).unwrap();
+    for kind in [StrategyKind::Ga, StrategyKind::Es] {
+        let config = EvolverConfig {
+            strategy: kind,
+            population: 8,
+            seed: 9,
+            ..EvolverConfig::default()
+        };
+        let mut ev = Evolver::new(config, &arch, initial.clone(), None).unwrap();
+        let mut e = InProcessEvaluator::new(Task::Sine, arch.clone(), 2).unwrap();
+        let mut best = f64::NEG_INFINITY;
+        for _ in 0..3 {
+            let r = ev.step(&mut e).unwrap();
+            assert_eq!(r.rejected, 0, "{kind}: {:?}", ev.stats());
+            best = best.max(r.best_fitness);
+        }
+        assert!(best > start, "{kind} on sine: {best} ≤ {start}");
     }
 }
 
