@@ -31,7 +31,7 @@ use crate::evolver::{EvolveStats, Scored};
 use crate::ga::GaState;
 
 /// The checkpoint format version this build writes and reads.
-pub const CHECKPOINT_VERSION: u32 = 1;
+pub const CHECKPOINT_VERSION: u32 = 2;
 /// The first eight bytes of every checkpoint file.
 pub const CHECKPOINT_MAGIC: [u8; 8] = *b"EVODCKPT";
 const HEADER_LEN: usize = 32;

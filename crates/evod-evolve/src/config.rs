@@ -1,8 +1,11 @@
 //! Configuration of the evolution loop: strategy choice, the two strategies'
 //! knobs, validation bounds, the publish gate.
 //!
-//! The defaults are tuned to solve CartPole-v1 with a 4-16-2 tanh network
-//! quickly (see `docs/evolution.md`); every value is checked by
+//! σ, noise and validation bounds are in units of each tensor's scale
+//! ([`TensorScale`], by default the Glorot standard deviation of its shape),
+//! so the same defaults work from 10² to 10⁷ parameters. The defaults solve
+//! CartPole-v1 with a 4-16-2 tanh network quickly and evolve a 1-512-256-1
+//! sine regressor (see `docs/evolution.md`); every value is checked by
 //! [`EvolverConfig::check`] before an [`crate::Evolver`] is built.
 
 use std::fmt;
@@ -11,6 +14,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::EvolveError;
+use crate::layout::TensorScale;
 
 /// Which strategy the evolver runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +78,7 @@ pub enum Crossover {
 /// Genetic-algorithm knobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GaConfig {
-    /// Initial mutation σ of every tensor.
+    /// Initial mutation σ of every tensor, in units of the tensor's scale.
     pub sigma: f32,
     /// Lower clamp of a self-adapted σ.
     pub sigma_min: f32,
@@ -97,9 +101,9 @@ pub struct GaConfig {
 impl Default for GaConfig {
     fn default() -> Self {
         Self {
-            sigma: 0.3,
+            sigma: 0.8,
             sigma_min: 1e-4,
-            sigma_max: 2.0,
+            sigma_max: 3.0,
             sigma_tau: 0.3,
             elite: 2,
             selection: Selection::Truncation { fraction: 0.25 },
@@ -113,13 +117,13 @@ impl Default for GaConfig {
 /// OpenAI-ES knobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EsConfig {
-    /// Noise σ of the perturbations.
+    /// Noise σ of the perturbations, in units of each tensor's scale.
     pub sigma: f32,
     /// σ is multiplied by this after every update (1 = constant σ).
     pub sigma_decay: f32,
     /// Lower bound of the decayed σ.
     pub sigma_min: f32,
-    /// Adam step size.
+    /// Adam step size, in units of each tensor's scale.
     pub learning_rate: f64,
     /// Adam β₁.
     pub beta1: f64,
@@ -137,10 +141,10 @@ pub struct EsConfig {
 impl Default for EsConfig {
     fn default() -> Self {
         Self {
-            sigma: 0.2,
+            sigma: 0.6,
             sigma_decay: 1.0,
-            sigma_min: 0.01,
-            learning_rate: 0.1,
+            sigma_min: 0.03,
+            learning_rate: 0.3,
             beta1: 0.9,
             beta2: 0.999,
             adam_eps: 1e-8,
@@ -151,22 +155,29 @@ impl Default for EsConfig {
 }
 
 /// Bounds the validator (CTRM) enforces on every candidate and publish.
+///
+/// Each is per element and in units of the tensor's scale `s` (see
+/// [`TensorScale`]), so it means the same for a tensor of 10 or 10⁷ values:
+/// for a tensor of `n` values the norm bound is `max_rms · s · √n` and the
+/// change floor `change_floor · s · √n`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ValidationConfig {
-    /// Largest allowed L2 norm of any one tensor.
-    pub max_norm: f64,
-    /// Largest allowed `‖child − parent‖ / max(‖parent‖, change_floor)` of
-    /// any one tensor within one generation.
+    /// Largest allowed RMS of any one tensor's values, in units of its
+    /// scale: `‖t‖ ≤ max_rms · s · √n`.
+    pub max_rms: f64,
+    /// Largest allowed `‖child − parent‖ / max(‖parent‖, change_floor · s · √n)`
+    /// of any one tensor within one generation.
     pub max_relative_change: f64,
-    /// Floor of the denominator of the relative change, so that a tensor
-    /// near zero may still move.
+    /// Floor of the denominator of the relative change, as an RMS in units
+    /// of the tensor's scale, so that a tensor near zero (a bias) may still
+    /// move.
     pub change_floor: f64,
 }
 
 impl Default for ValidationConfig {
     fn default() -> Self {
         Self {
-            max_norm: 1.0e3,
+            max_rms: 100.0,
             max_relative_change: 4.0,
             change_floor: 1.0,
         }
@@ -192,6 +203,9 @@ pub struct EvolverConfig {
     pub solve_threshold: Option<f64>,
     /// Episodes of the publish gate (fresh seeds).
     pub gate_episodes: u32,
+    /// How each tensor's scale — the unit of σ, noise, Adam steps and
+    /// validation bounds — is derived from its shape.
+    pub scale: TensorScale,
     /// Validation bounds.
     pub validation: ValidationConfig,
     /// GA knobs (used when `strategy` is [`StrategyKind::Ga`]).
@@ -210,6 +224,7 @@ impl Default for EvolverConfig {
             publish_margin: 0.0,
             solve_threshold: None,
             gate_episodes: 100,
+            scale: TensorScale::Glorot,
             validation: ValidationConfig::default(),
             ga: GaConfig::default(),
             es: EsConfig::default(),
@@ -274,7 +289,7 @@ impl EvolverConfig {
             )));
         }
         let v = &self.validation;
-        positive_finite("validation.max_norm", v.max_norm)?;
+        positive_finite("validation.max_rms", v.max_rms)?;
         positive_finite("validation.max_relative_change", v.max_relative_change)?;
         positive_finite("validation.change_floor", v.change_floor)?;
         let ga = &self.ga;

@@ -107,6 +107,15 @@ pub enum EvolveError {
         /// Decoder message.
         reason: String,
     },
+    /// The run cannot progress: `generations` consecutive generations (or
+    /// failed steps) did nothing; `reason` is the last one's.
+    #[error("no progress in {generations} consecutive generations: {reason}")]
+    NoProgress {
+        /// Consecutive useless generations or failed steps.
+        generations: u32,
+        /// Why the last one did nothing.
+        reason: crate::progress::NoProgress,
+    },
     /// The checkpoint could not be encoded.
     #[error("checkpoint encoding failed: {0}")]
     Encode(String),

@@ -1,18 +1,26 @@
-//! OpenAI-ES (Salimans et al. 2017): antithetic Gaussian perturbations of a
-//! mean, centered-rank fitness shaping, an Adam step on the estimated
-//! gradient, L2 weight decay.
+//! OpenAI-ES (Salimans et al. 2017): antithetic perturbations of a mean,
+//! centered-rank fitness shaping, an Adam step on the estimated gradient,
+//! L2 weight decay — all in units of each tensor's scale.
+//!
+//! A candidate is a [`Recipe`]: `mean ± σ·s_t·ε(seed)` with `ε` from
+//! [`crate::noise`] and `s_t` the tensor's scale. `ask` draws one noise seed
+//! per pair from the strategy's generator and validates both halves with one
+//! reused buffer; `tell` regenerates the noise from the seeds. Memory per
+//! generation is O(n), not O(population × n).
 //!
 //! State between generations is the mean, σ and the Adam moments. A pair
 //! whose either half fails validation, or is quarantined, is left out of
 //! the gradient; an update that would make the mean itself invalid is
 //! refused and the state stays as it was.
 
-use rand::RngExt;
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{EsConfig, EvolverConfig};
+use crate::layout::ParamLayout;
+use crate::noise;
+use crate::recipe::{Recipe, Sign, checksum};
 use crate::validate::{Rejection, Validator};
 
 /// ES state saved in checkpoints.
@@ -20,11 +28,11 @@ use crate::validate::{Rejection, Validator};
 pub struct EsState {
     /// The search distribution's mean.
     pub mean: Vec<f32>,
-    /// Current noise σ.
+    /// Current noise σ (in units of each tensor's scale).
     pub sigma: f32,
-    /// Adam first moment.
+    /// Adam first moment (scaled coordinates).
     pub m: Vec<f64>,
-    /// Adam second moment.
+    /// Adam second moment (scaled coordinates).
     pub v: Vec<f64>,
     /// Adam step count.
     pub t: u64,
@@ -32,12 +40,14 @@ pub struct EsState {
 
 /// Candidates of one ES generation, not yet evaluated.
 pub(crate) struct EsAsk {
+    /// Checksum of the mean the recipes apply to.
+    pub base: u64,
     /// Candidates in evaluation order: the mean first (if evaluated), then
     /// `+ε, −ε` of each kept pair.
-    pub candidates: Vec<Vec<f32>>,
-    /// Noise of each kept pair.
-    pub noise: Vec<Vec<f32>>,
-    /// Whether `candidates[0]` is the mean.
+    pub recipes: Vec<Recipe>,
+    /// Noise seed of each kept pair.
+    pub seeds: Vec<u64>,
+    /// Whether `recipes[0]` is the mean.
     pub with_center: bool,
 }
 
@@ -69,72 +79,75 @@ impl EsState {
         }
     }
 
-    /// Samples `population / 2` antithetic pairs; pairs with a rejected half
-    /// are dropped (their rejections appended to `rejected`).
+    /// Samples `population / 2` antithetic pairs as recipes against the
+    /// mean; pairs with a rejected half are dropped (their rejections
+    /// appended to `rejected`).
     pub(crate) fn ask(
         &self,
         config: &EvolverConfig,
+        layout: &ParamLayout,
         validator: &Validator,
         rng: &mut ChaCha8Rng,
         rejected: &mut Vec<Rejection>,
     ) -> EsAsk {
-        let n = self.mean.len();
         let pairs = config.population / 2;
-        let mut candidates = Vec::with_capacity(config.population + 1);
-        let mut noise = Vec::with_capacity(pairs);
+        let base = checksum(&self.mean);
+        let mut recipes = Vec::with_capacity(config.population + 1);
+        let mut seeds = Vec::with_capacity(pairs);
         let with_center = config.es.eval_center && validator.check_static(&self.mean).is_ok();
         if with_center {
-            candidates.push(self.mean.clone());
+            recipes.push(Recipe::center(base, config.scale));
         }
-        let parent: [&[f32]; 1] = [&self.mean];
+        let norms = validator.tensor_norms(&self.mean);
+        let parent: [(&[f32], &[f64]); 1] = [(&self.mean, &norms)];
+        let mut buf = vec![0.0f32; self.mean.len()];
         for _ in 0..pairs {
-            let eps: Vec<f32> = (0..n).map(|_| rng.sample(StandardNormal)).collect();
-            let plus: Vec<f32> = self
-                .mean
-                .iter()
-                .zip(&eps)
-                .map(|(&m, &e)| m + self.sigma * e)
-                .collect();
-            let minus: Vec<f32> = self
-                .mean
-                .iter()
-                .zip(&eps)
-                .map(|(&m, &e)| m - self.sigma * e)
-                .collect();
-            let a = validator.check_candidate(&plus, &parent);
-            let b = validator.check_candidate(&minus, &parent);
+            let seed = rng.next_u64();
+            let plus = Recipe::new(base, seed, self.sigma, Sign::Plus, config.scale);
+            let minus = Recipe::new(base, seed, self.sigma, Sign::Minus, config.scale);
+            let mut check = |r: &Recipe| {
+                r.apply(&self.mean, layout, &mut buf)
+                    .expect("the mean has the layout's length");
+                validator.check_candidate_with(&buf, &parent)
+            };
+            let a = check(&plus);
+            let b = check(&minus);
             match (a, b) {
                 (Ok(()), Ok(())) => {
-                    candidates.push(plus);
-                    candidates.push(minus);
-                    noise.push(eps);
+                    recipes.push(plus);
+                    recipes.push(minus);
+                    seeds.push(seed);
                 }
                 (a, b) => rejected.extend(a.err().into_iter().chain(b.err())),
             }
         }
         EsAsk {
-            candidates,
-            noise,
+            base,
+            recipes,
+            seeds,
             with_center,
         }
     }
 
-    /// Adam step on the centered-rank gradient of the evaluated pairs.
+    /// Adam step (in scaled coordinates) on the centered-rank gradient of
+    /// the evaluated pairs, the noise regenerated from the pairs' seeds.
     /// Returns the rejection if the new mean would be invalid (state kept).
     pub(crate) fn tell(
         &mut self,
         ask: &EsAsk,
         fitness: &[Option<f64>],
-        es: &EsConfig,
+        config: &EvolverConfig,
+        layout: &ParamLayout,
         validator: &Validator,
     ) -> Result<(), Rejection> {
+        let es = &config.es;
         let off = usize::from(ask.with_center);
-        let mut kept: Vec<(usize, f64, f64)> = Vec::new();
-        for (p, _) in ask.noise.iter().enumerate() {
+        let mut kept: Vec<(u64, f64, f64)> = Vec::new();
+        for (p, &seed) in ask.seeds.iter().enumerate() {
             if let (Some(Some(fp)), Some(Some(fm))) =
                 (fitness.get(off + 2 * p), fitness.get(off + 2 * p + 1))
             {
-                kept.push((p, *fp, *fm));
+                kept.push((seed, *fp, *fm));
             }
         }
         if kept.is_empty() {
@@ -143,27 +156,32 @@ impl EsState {
         let values: Vec<f64> = kept.iter().flat_map(|&(_, a, b)| [a, b]).collect();
         let ranks = centered_ranks(&values);
         let n = self.mean.len();
+        // Gradient in scaled coordinates z (θ = θ₀ + s·z): the noise index
+        // of a value is its flat index (tensors are contiguous from 0).
         let mut grad = vec![0.0f64; n];
-        for (k, &(p, _, _)) in kept.iter().enumerate() {
+        for (k, &(seed, _, _)) in kept.iter().enumerate() {
             let w = ranks[2 * k] - ranks[2 * k + 1];
-            for (g, &e) in grad.iter_mut().zip(&ask.noise[p]) {
-                *g += w * f64::from(e);
-            }
+            noise::accumulate(seed, 0, w, &mut grad);
         }
-        let scale = 1.0 / (2.0 * kept.len() as f64 * f64::from(self.sigma));
+        let gscale = 1.0 / (2.0 * kept.len() as f64 * f64::from(self.sigma));
         let t = self.t + 1;
         let mut m = self.m.clone();
         let mut v = self.v.clone();
         let mut mean = self.mean.clone();
         let bc1 = 1.0 - es.beta1.powf(t as f64);
         let bc2 = 1.0 - es.beta2.powf(t as f64);
-        for i in 0..n {
-            // Ascent direction: fitness gradient minus the L2 decay pull.
-            let g = grad[i] * scale - es.weight_decay * f64::from(mean[i]);
-            m[i] = es.beta1 * m[i] + (1.0 - es.beta1) * g;
-            v[i] = es.beta2 * v[i] + (1.0 - es.beta2) * g * g;
-            let step = es.learning_rate * (m[i] / bc1) / ((v[i] / bc2).sqrt() + es.adam_eps);
-            mean[i] = (f64::from(mean[i]) + step) as f32;
+        for (span, s) in layout.tensors().iter().zip(layout.scales(config.scale)) {
+            let s = f64::from(s);
+            for i in span.range() {
+                // Ascent direction: fitness gradient minus the gradient of
+                // the L2 penalty ½·wd·θ², both with respect to z (∂θ/∂z = s),
+                // so their ratio is the one in θ, whatever the scale.
+                let g = grad[i] * gscale - es.weight_decay * f64::from(mean[i]) * s;
+                m[i] = es.beta1 * m[i] + (1.0 - es.beta1) * g;
+                v[i] = es.beta2 * v[i] + (1.0 - es.beta2) * g * g;
+                let step = es.learning_rate * (m[i] / bc1) / ((v[i] / bc2).sqrt() + es.adam_eps);
+                mean[i] = (f64::from(mean[i]) + s * step) as f32;
+            }
         }
         validator.check_candidate(&mean, &[&self.mean])?;
         self.mean = mean;

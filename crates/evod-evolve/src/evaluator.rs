@@ -2,6 +2,7 @@
 //! where candidates run (threads in this process, or workers over the ring).
 
 use crate::error::EvalError;
+use crate::recipe::{Base, Recipe};
 
 /// Computes the fitness of a batch of candidates.
 ///
@@ -22,6 +23,35 @@ pub trait Evaluator {
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError>;
+
+    /// Fitness of each candidate given as a [`Recipe`] against `base` (the
+    /// ES mean of the generation; every recipe names its checksum), with
+    /// the same contract as [`Evaluator::evaluate`]. ES generations and
+    /// their gates come through here.
+    ///
+    /// The default materialises every candidate (`Recipe::apply_to`) and
+    /// calls [`Evaluator::evaluate`], so existing implementors keep
+    /// working. An evaluator that can ship recipes (the evolver process: a
+    /// few bytes per EVAL over the ring or Redis, the base written once as
+    /// a file the workers map) or regenerate them where they run
+    /// ([`crate::InProcessEvaluator`]: one buffer per thread) overrides it;
+    /// whoever applies a recipe must get exactly the vector
+    /// `Recipe::apply_to(base, …)` gives.
+    fn evaluate_recipes(
+        &mut self,
+        base: &Base<'_>,
+        recipes: &[Recipe],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        let candidates = recipes
+            .iter()
+            .map(|r| r.materialize(base))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| EvalError::Failed(e.to_string()))?;
+        let refs: Vec<&[f32]> = candidates.iter().map(Vec::as_slice).collect();
+        self.evaluate(&refs, seed, episodes)
+    }
 }
 
 /// An [`Evaluator`] made of a closure `(params, seed, episodes) -> fitness`,

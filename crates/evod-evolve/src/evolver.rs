@@ -14,11 +14,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, RngState, StrategyState};
 use crate::config::{EvolverConfig, StrategyKind};
+use crate::error::EvalError;
 use crate::error::EvolveError;
 use crate::es::EsState;
 use crate::evaluator::{DOMAIN_GATE, DOMAIN_STRATEGY, DOMAIN_TRAIN, Evaluator, derive_seed};
 use crate::ga::GaState;
 use crate::layout::ParamLayout;
+use crate::progress::NoProgress;
+use crate::recipe::{Base, Recipe};
 use crate::rt;
 use crate::validate::{Rejection, RejectionKind, Validator};
 
@@ -131,6 +134,55 @@ pub struct Evolver {
     best: Scored,
     published: Option<Scored>,
     stats: EvolveStats,
+    /// Why the last step did nothing (not checkpointed).
+    no_progress: Option<NoProgress>,
+}
+
+/// What one generation sends to the evaluator.
+enum Batch<'a> {
+    /// Full vectors (GA).
+    Vectors(Vec<&'a [f32]>),
+    /// Recipes against a base (ES).
+    Recipes(Base<'a>, &'a [Recipe]),
+}
+
+impl Batch<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Vectors(v) => v.len(),
+            Self::Recipes(_, r) => r.len(),
+        }
+    }
+
+    /// Candidate `i` as a vector.
+    fn params(&self, i: usize) -> Vec<f32> {
+        match self {
+            Self::Vectors(v) => v[i].to_vec(),
+            Self::Recipes(base, r) => r[i]
+                .materialize(base)
+                .expect("recipes are made against this base"),
+        }
+    }
+
+    /// Candidate `i` alone.
+    fn one(&self, i: usize) -> Batch<'_> {
+        match self {
+            Self::Vectors(v) => Batch::Vectors(vec![v[i]]),
+            Self::Recipes(base, r) => Batch::Recipes(*base, std::slice::from_ref(&r[i])),
+        }
+    }
+
+    fn send(
+        &self,
+        ev: &mut dyn Evaluator,
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        match self {
+            Self::Vectors(v) => ev.evaluate(v, seed, episodes),
+            Self::Recipes(base, r) => ev.evaluate_recipes(base, r, seed, episodes),
+        }
+    }
 }
 
 impl Evolver {
@@ -159,7 +211,7 @@ impl Evolver {
         initial_fitness: Option<f64>,
     ) -> Result<Self, EvolveError> {
         config.check()?;
-        let validator = Validator::new(config.validation.clone(), layout.clone());
+        let validator = Validator::new(config.validation.clone(), layout.clone(), config.scale);
         validator
             .check_static(&initial_params)
             .map_err(|r| EvolveError::InvalidState {
@@ -202,6 +254,7 @@ impl Evolver {
             best,
             published,
             stats: EvolveStats::default(),
+            no_progress: None,
         })
     }
 
@@ -240,6 +293,13 @@ impl Evolver {
             .map(|p| (p.params.as_slice(), p.fitness))
     }
 
+    /// Why the last [`Evolver::step`] made no progress: every new candidate
+    /// rejected, or every one sent failed to evaluate; `None` when it did
+    /// (or before the first step). Feed it to a [`crate::ProgressGuard`].
+    pub fn no_progress(&self) -> Option<&NoProgress> {
+        self.no_progress.as_ref()
+    }
+
     /// The episode seed every candidate of `generation` is evaluated with.
     pub fn training_seed(&self, generation: u64) -> u64 {
         derive_seed(self.config.seed, DOMAIN_TRAIN, generation)
@@ -269,14 +329,27 @@ impl Evolver {
                 &mut rng,
                 &mut rejections,
             )),
-            Strategy::Es(s) => {
-                Ask::Es(s.ask(&self.config, &self.validator, &mut rng, &mut rejections))
+            Strategy::Es(s) => Ask::Es(s.ask(
+                &self.config,
+                &self.layout,
+                &self.validator,
+                &mut rng,
+                &mut rejections,
+            )),
+        };
+        let (candidates, first_offspring) = match (&ask, &self.strategy) {
+            (Ask::Ga(a), _) => (
+                Batch::Vectors(a.children.iter().map(|c| c.params.as_slice()).collect()),
+                a.elites,
+            ),
+            (Ask::Es(a), Strategy::Es(s)) => {
+                let base = Base::new(&s.mean, &self.layout).expect("the mean has the layout");
+                debug_assert_eq!(base.checksum(), a.base);
+                (Batch::Recipes(base, &a.recipes), usize::from(a.with_center))
             }
+            _ => unreachable!("ask is built from the strategy"),
         };
-        let candidates: Vec<&[f32]> = match &ask {
-            Ask::Ga(a) => a.children.iter().map(|c| c.params.as_slice()).collect(),
-            Ask::Es(a) => a.candidates.iter().map(Vec::as_slice).collect(),
-        };
+        let ask_rejections = rejections.clone();
         for r in &rejections {
             tracing::warn!(generation, rejection = %r, "candidate rejected");
         }
@@ -285,7 +358,7 @@ impl Evolver {
         for r in &rejections {
             stats.count(r);
         }
-        let fitness = if candidates.is_empty() {
+        let fitness = if candidates.len() == 0 {
             Vec::new()
         } else {
             self.evaluate(
@@ -329,11 +402,12 @@ impl Evolver {
                 .map_or(f64::NEG_INFINITY, |p| p.fitness);
             let threshold = self.config.solve_threshold;
             if f > floor + self.config.publish_margin && threshold.is_none_or(|t| f >= t) {
-                let params = candidates[i];
+                let params = candidates.params(i);
+                let params = params.as_slice();
                 let gate = self
                     .evaluate(
                         ev,
-                        &[params],
+                        &candidates.one(i),
                         self.gate_seed(generation),
                         self.config.gate_episodes,
                         &mut stats,
@@ -391,15 +465,32 @@ impl Evolver {
             }
         }
         let new_best = best.map(|(i, f)| Scored {
-            params: candidates[i].to_vec(),
+            params: match &publish {
+                Some(p) if p.fitness == f => p.params.clone(),
+                _ => candidates.params(i),
+            },
             fitness: f,
         });
+        let offspring = candidates.len().saturating_sub(first_offspring);
+        let no_progress = if offspring == 0 {
+            dominant(&ask_rejections)
+        } else if fitness[first_offspring..].iter().all(Option::is_none) {
+            Some(NoProgress::AllFailed {
+                failed: offspring as u64,
+            })
+        } else {
+            None
+        };
+        if let Some(np) = &no_progress {
+            tracing::warn!(generation, reason = %np, "generation made no progress");
+        }
+        drop(candidates);
 
         // Commit.
         match (&mut self.strategy, ask) {
             (Strategy::Ga(s), Ask::Ga(a)) => s.tell(a, &fitness),
             (Strategy::Es(s), Ask::Es(a)) => {
-                if let Err(r) = s.tell(&a, &fitness, &self.config.es, &self.validator) {
+                if let Err(r) = s.tell(&a, &fitness, &self.config, &self.layout, &self.validator) {
                     tracing::warn!(generation, rejection = %r, "es update rejected");
                     stats.count(&r);
                     rejections.push(r);
@@ -422,6 +513,7 @@ impl Evolver {
             self.published = Some(p);
         }
         self.generation += 1;
+        self.no_progress = no_progress;
         Ok(GenerationReport {
             generation,
             best_fitness,
@@ -439,13 +531,13 @@ impl Evolver {
     fn evaluate(
         &self,
         ev: &mut dyn Evaluator,
-        candidates: &[&[f32]],
+        candidates: &Batch<'_>,
         seed: u64,
         episodes: u32,
         stats: &mut EvolveStats,
     ) -> Result<Vec<Option<f64>>, EvolveError> {
-        let out = ev
-            .evaluate(candidates, seed, episodes)
+        let out = candidates
+            .send(ev, seed, episodes)
             .map_err(|source| EvolveError::Eval {
                 generation: self.generation,
                 source,
@@ -509,7 +601,7 @@ impl Evolver {
     pub fn from_checkpoint_with_layout(c: Checkpoint) -> Result<Self, EvolveError> {
         c.config.check()?;
         let layout = ParamLayout::new(c.tensors.clone())?;
-        let validator = Validator::new(c.config.validation.clone(), layout.clone());
+        let validator = Validator::new(c.config.validation.clone(), layout.clone(), c.config.scale);
         let bad = |what: &str, reason: String| EvolveError::InvalidState {
             what: format!("checkpoint {what}"),
             reason,
@@ -588,6 +680,30 @@ impl Evolver {
             best: c.best,
             published: c.published,
             stats: c.stats,
+            no_progress: None,
         })
     }
+}
+
+/// [`NoProgress::AllRejected`] with the most frequent kind among
+/// `rejections` (ties: the kind seen first), or `None` if there are none.
+fn dominant(rejections: &[Rejection]) -> Option<NoProgress> {
+    let mut counts: Vec<(RejectionKind, u64, &Rejection)> = Vec::new();
+    for r in rejections {
+        match counts.iter_mut().find(|(k, _, _)| *k == r.kind()) {
+            Some(c) => c.1 += 1,
+            None => counts.push((r.kind(), 1, r)),
+        }
+    }
+    let mut best: Option<&(RejectionKind, u64, &Rejection)> = None;
+    for c in &counts {
+        if best.is_none_or(|b| c.1 > b.1) {
+            best = Some(c);
+        }
+    }
+    best.map(|&(dominant, _, example)| NoProgress::AllRejected {
+        rejected: rejections.len() as u64,
+        dominant,
+        example: example.to_string(),
+    })
 }

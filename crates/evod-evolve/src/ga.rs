@@ -1,19 +1,21 @@
 //! Genetic algorithm: elitism, truncation or tournament selection, uniform
-//! or arithmetic crossover, Gaussian mutation with a self-adapted σ per
-//! tensor and individual.
+//! or arithmetic crossover, mutation with a self-adapted σ per tensor and
+//! individual, in units of the tensor's scale, the noise drawn from
+//! [`crate::noise`] with one seed per child.
 //!
 //! State between generations is the evaluated population; a generation
 //! sorts it by fitness, copies the elite unchanged (they are re-evaluated
 //! with the new generation's episode seeds, so a lucky evaluation does not
 //! survive forever), and breeds the rest.
 
-use rand::RngExt;
+use rand::{Rng, RngExt};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Crossover, EvolverConfig, GaConfig, Selection};
 use crate::layout::ParamLayout;
+use crate::noise;
 use crate::validate::{Rejection, Validator};
 
 /// One member of the GA population.
@@ -21,7 +23,7 @@ use crate::validate::{Rejection, Validator};
 pub struct Individual {
     /// Flat parameters.
     pub params: Vec<f32>,
-    /// Mutation σ of each tensor.
+    /// Mutation σ of each tensor, in units of the tensor's scale.
     pub sigmas: Vec<f32>,
     /// Training fitness of the generation it was last evaluated in (`None`
     /// before its first evaluation).
@@ -37,7 +39,10 @@ pub struct GaState {
 
 /// Candidates of one GA generation, not yet evaluated.
 pub(crate) struct GaAsk {
+    /// The elite copies first, then the new children.
     pub children: Vec<Individual>,
+    /// How many of `children` are elite copies.
+    pub elites: usize,
 }
 
 impl GaState {
@@ -98,6 +103,7 @@ impl GaState {
     ) -> GaAsk {
         let ga = &config.ga;
         let ranked = self.ranked();
+        let scales = layout.scales(config.scale);
         let mut children = Vec::with_capacity(config.population);
         for &i in ranked.iter().take(ga.elite) {
             let p = &self.population[i];
@@ -110,21 +116,30 @@ impl GaState {
                 Err(r) => rejected.push(r),
             }
         }
-        let slots = config.population.saturating_sub(children.len());
+        let elites = children.len();
+        let slots = config.population.saturating_sub(elites);
+        // Every member's tensor norms, once: a parent has many children.
+        let norms: Vec<Vec<f64>> = self
+            .population
+            .iter()
+            .map(|p| validator.tensor_norms(&p.params))
+            .collect();
         for _ in 0..slots {
             for _attempt in 0..=ga.max_resample {
-                let a = &self.population[self.pick(&ranked, ga.selection, rng)];
-                let b = if ga.crossover != Crossover::None && rng.random_bool(ga.crossover_rate) {
-                    Some(&self.population[self.pick(&ranked, ga.selection, rng)])
+                let ia = self.pick(&ranked, ga.selection, rng);
+                let ib = if ga.crossover != Crossover::None && rng.random_bool(ga.crossover_rate) {
+                    Some(self.pick(&ranked, ga.selection, rng))
                 } else {
                     None
                 };
-                let child = breed(a, b, ga, layout, rng);
-                let parents: Vec<&[f32]> = match b {
-                    Some(b) => vec![&a.params, &b.params],
-                    None => vec![&a.params],
-                };
-                match validator.check_candidate(&child.params, &parents) {
+                let a = &self.population[ia];
+                let b = ib.map(|i| &self.population[i]);
+                let child = breed(a, b, ga, layout, &scales, rng);
+                let mut parents: Vec<(&[f32], &[f64])> = vec![(&a.params, &norms[ia])];
+                if let Some(i) = ib {
+                    parents.push((&self.population[i].params, &norms[i]));
+                }
+                match validator.check_candidate_with(&child.params, &parents) {
                     Ok(()) => {
                         children.push(child);
                         break;
@@ -133,7 +148,7 @@ impl GaState {
                 }
             }
         }
-        GaAsk { children }
+        GaAsk { children, elites }
     }
 
     /// Takes the evaluated children as the new population. Children without
@@ -161,6 +176,7 @@ fn breed(
     b: Option<&Individual>,
     ga: &GaConfig,
     layout: &ParamLayout,
+    scales: &[f32],
     rng: &mut ChaCha8Rng,
 ) -> Individual {
     let mut params = a.params.clone();
@@ -191,16 +207,14 @@ fn breed(
             }
         }
     }
-    for (t, s) in layout.tensors().iter().zip(sigmas.iter_mut()) {
+    let seed = rng.next_u64();
+    for ((t, s), &scale) in layout.tensors().iter().zip(sigmas.iter_mut()).zip(scales) {
         if ga.sigma_tau > 0.0 {
             let n: f32 = rng.sample(StandardNormal);
             *s *= (ga.sigma_tau * n).exp();
         }
         *s = s.clamp(ga.sigma_min, ga.sigma_max);
-        for x in &mut params[t.range()] {
-            let n: f32 = rng.sample(StandardNormal);
-            *x += *s * n;
-        }
+        noise::add_scaled_assign(seed, t.offset as u64, *s * scale, &mut params[t.range()]);
     }
     Individual {
         params,

@@ -4,7 +4,9 @@
 //! Work is split into units — one per candidate, or, when there are fewer
 //! candidates than threads (the 100-episode gate), CartPole episode ranges
 //! of one candidate — and summed back in a fixed order, so results do not
-//! depend on the number of threads.
+//! depend on the number of threads. Candidates given as recipes are
+//! regenerated on the thread that evaluates them, into one buffer per
+//! thread, so a batch costs O(threads × n) memory, not O(population × n).
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,7 @@ use crate::config::EvolverConfig;
 use crate::error::{EvalError, EvolveError};
 use crate::evaluator::Evaluator;
 use crate::evolver::Evolver;
+use crate::recipe::{Base, Recipe};
 use crate::rt::{self, Architecture, Task};
 
 /// An [`Evaluator`] that runs the task on `threads` threads of this process.
@@ -71,10 +74,47 @@ impl InProcessEvaluator {
     }
 }
 
+/// The candidates of one batch.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Vectors(&'a [&'a [f32]]),
+    Recipes(&'a Base<'a>, &'a [Recipe]),
+}
+
+impl Source<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Vectors(v) => v.len(),
+            Self::Recipes(_, r) => r.len(),
+        }
+    }
+}
+
 impl Evaluator for InProcessEvaluator {
     fn evaluate(
         &mut self,
         candidates: &[&[f32]],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        self.run_batch(Source::Vectors(candidates), seed, episodes)
+    }
+
+    fn evaluate_recipes(
+        &mut self,
+        base: &Base<'_>,
+        recipes: &[Recipe],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        self.run_batch(Source::Recipes(base, recipes), seed, episodes)
+    }
+}
+
+impl InProcessEvaluator {
+    fn run_batch(
+        &self,
+        candidates: Source<'_>,
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
@@ -96,7 +136,7 @@ impl Evaluator for InProcessEvaluator {
         }
         let threads = self.threads.min(units.len()).max(1);
         let mut sums = vec![0.0f64; units.len()];
-        let this = &*self;
+        let this = self;
         let results: Vec<Result<(), EvalError>> = std::thread::scope(|s| {
             let chunk = units.len().div_ceil(threads);
             let handles: Vec<_> = units
@@ -104,8 +144,24 @@ impl Evaluator for InProcessEvaluator {
                 .zip(sums.chunks_mut(chunk))
                 .map(|(us, out)| {
                     s.spawn(move || {
+                        let mut buf = Vec::new();
+                        // The candidate held in `buf`, so a candidate split
+                        // into episode ranges is regenerated once.
+                        let mut held = None;
                         for (&(c, first, n), o) in us.iter().zip(out) {
-                            *o = this.run_unit(candidates[c], seed, first, n)?;
+                            let params: &[f32] = match candidates {
+                                Source::Vectors(v) => v[c],
+                                Source::Recipes(base, r) => {
+                                    if held != Some(c) {
+                                        buf.resize(base.params().len(), 0.0);
+                                        r[c].apply_to(base, &mut buf)
+                                            .map_err(|e| EvalError::Failed(e.to_string()))?;
+                                        held = Some(c);
+                                    }
+                                    &buf
+                                }
+                            };
+                            *o = this.run_unit(params, seed, first, n)?;
                         }
                         Ok(())
                     })

@@ -116,6 +116,72 @@ impl ParamLayout {
     }
 }
 
+/// How the scale of each tensor — the unit its mutation σ, ES noise and
+/// validation bounds are expressed in — is derived from its shape.
+///
+/// The scale depends on the shape only, so every evaluator that knows the
+/// architecture derives the same value, bit for bit (one IEEE division and
+/// one square root, both correctly rounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TensorScale {
+    /// Every tensor has scale 1: σ and bounds are absolute (evod before
+    /// scale-relative evolution).
+    Unit,
+    /// The Glorot (Xavier) standard deviation `√(2 / (fan_in + fan_out))`
+    /// — exactly the RMS of `evod_runtime::init_params`'s weights. A shape
+    /// `[d0, d1, …]` has `fan_in = d0`, `fan_out = d1·d2·…`. In a layout
+    /// ([`ParamLayout::scales`]) a 1-D tensor right after a tensor of two or
+    /// more dimensions whose `fan_out` is its length — a bias after its
+    /// weight — takes that tensor's scale; any other 1-D shape `[n]` counts
+    /// as `[1, n]`.
+    Glorot,
+}
+
+impl TensorScale {
+    /// The scale of a tensor of `shape` on its own (a bias's scale also
+    /// depends on the tensor before it: see [`ParamLayout::scales`]).
+    pub fn of(self, shape: &[u64]) -> f32 {
+        match self {
+            Self::Unit => 1.0,
+            Self::Glorot => {
+                let (fan_in, fan_out) = match shape {
+                    [] => (1, 1),
+                    [n] => (1, *n),
+                    [d0, rest @ ..] => (*d0, rest.iter().product::<u64>()),
+                };
+                // Exact in f32 up to 2^24; beyond, rounding is still the
+                // same everywhere.
+                let fans = (fan_in.saturating_add(fan_out)) as f32;
+                (2.0 / fans).sqrt()
+            }
+        }
+    }
+}
+
+impl ParamLayout {
+    /// The scale of every tensor under `rule`, in layout order: a 1-D
+    /// tensor right after a tensor of two or more dimensions whose trailing
+    /// dimensions multiply to its length (a bias after its weight) takes
+    /// that tensor's scale; every other tensor gets [`TensorScale::of`] its
+    /// shape.
+    pub fn scales(&self, rule: TensorScale) -> Vec<f32> {
+        let mut out: Vec<f32> = Vec::with_capacity(self.tensors.len());
+        for (k, t) in self.tensors.iter().enumerate() {
+            let prev = k.checked_sub(1).map(|p| &self.tensors[p]);
+            let s = match (t.shape.as_slice(), prev) {
+                ([n], Some(w))
+                    if w.shape.len() >= 2 && w.shape[1..].iter().product::<u64>() == *n =>
+                {
+                    out[k - 1]
+                }
+                _ => rule.of(&t.shape),
+            };
+            out.push(s);
+        }
+        out
+    }
+}
+
 /// L2 norm of a slice, accumulated in f64 in index order (deterministic).
 pub(crate) fn l2(xs: &[f32]) -> f64 {
     xs.iter()
@@ -124,14 +190,15 @@ pub(crate) fn l2(xs: &[f32]) -> f64 {
         .sqrt()
 }
 
-/// L2 norm of `a - b`, accumulated in f64 in index order.
-pub(crate) fn l2_diff(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| {
-            let d = f64::from(x) - f64::from(y);
-            d * d
-        })
-        .sum::<f64>()
-        .sqrt()
+/// `(‖a‖, ‖a − b‖)` in one pass, each accumulated in f64 in index order
+/// (the same values as two separate passes).
+pub(crate) fn l2_and_diff(a: &[f32], b: &[f32]) -> (f64, f64) {
+    let (mut sa, mut sd) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let x = f64::from(x);
+        let d = x - f64::from(y);
+        sa += x * x;
+        sd += d * d;
+    }
+    (sa.sqrt(), sd.sqrt())
 }

@@ -8,7 +8,14 @@
 //! - [`EvolverConfig`], [`GaConfig`], [`EsConfig`], [`ValidationConfig`]:
 //!   documented defaults that solve CartPole-v1 (4-16-2 tanh) quickly.
 //! - [`Validator`] and [`Rejection`]: what a candidate must pass before it
-//!   reaches an evaluator or the model file.
+//!   reaches an evaluator or the model file; bounds are per element and
+//!   relative to each tensor's scale ([`TensorScale`]).
+//! - [`Recipe`], [`Base`] and [`noise`]: an ES candidate travels as
+//!   `(base checksum, seed, σ, sign)` and is regenerated bit-identically by
+//!   whoever evaluates it ([`Evaluator::evaluate_recipes`]).
+//! - [`NoProgress`] and [`ProgressGuard`]: a generation in which every
+//!   candidate was rejected or every evaluation failed, and a bounded
+//!   number of them in a row turned into a typed error.
 //! - [`Checkpoint`], [`save_checkpoint`], [`load_checkpoint`]: resumable,
 //!   bit-identical runs.
 //! - [`InProcessEvaluator`] and [`solve_in_process`]: evaluation on threads
@@ -28,6 +35,9 @@ mod evolver;
 mod ga;
 mod inprocess;
 mod layout;
+pub mod noise;
+mod progress;
+mod recipe;
 mod validate;
 
 pub use checkpoint::{
@@ -43,5 +53,7 @@ pub use evaluator::{Evaluator, FnEvaluator};
 pub use evolver::{EvolveStats, Evolver, GenerationReport, PublishCandidate, Scored};
 pub use ga::{GaState, Individual};
 pub use inprocess::{InProcessEvaluator, SolveReport, solve_in_process};
-pub use layout::{ParamLayout, TensorSpan};
+pub use layout::{ParamLayout, TensorScale, TensorSpan};
+pub use progress::{DEFAULT_MAX_USELESS_GENERATIONS, NoProgress, ProgressGuard};
+pub use recipe::{Base, RECIPE_BYTES, Recipe, RecipeError, Sign, checksum};
 pub use validate::{Rejection, RejectionKind, Validator};

@@ -2,8 +2,11 @@
 //!
 //! A candidate is checked before it reaches any evaluator: every value
 //! finite, the length of the layout, every tensor's L2 norm within
-//! `max_norm`, and every tensor's change against the parent it was derived
-//! from within `max_relative_change`. A publish is checked again (finite,
+//! `max_rms · s · √n`, and every tensor's change against the parent it was
+//! derived from within `max_relative_change` (relative to
+//! `max(‖parent‖, change_floor · s · √n)`), where `s` is the tensor's scale
+//! and `n` its size: the bounds are per element and scale-relative, so the
+//! defaults hold from 10² to 10⁷ parameters. A publish is checked again (finite,
 //! shape, norm) and must not regress the published fitness. Each failure is
 //! a [`Rejection`]; the evolver logs it with `tracing` and counts it by
 //! [`RejectionKind`] in [`crate::EvolveStats`].
@@ -12,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::ValidationConfig;
-use crate::layout::{ParamLayout, l2, l2_diff};
+use crate::layout::{ParamLayout, TensorScale, l2, l2_and_diff};
 
 /// Why a candidate or a publish was refused.
 #[derive(Debug, Clone, PartialEq, Error)]
@@ -50,7 +53,7 @@ pub enum Rejection {
     ChangeTooLarge {
         /// Tensor name.
         tensor: String,
-        /// `‖child − parent‖ / max(‖parent‖, floor)`.
+        /// `‖child − parent‖ / max(‖parent‖, change_floor · s · √n)`.
         relative: f64,
         /// The bound.
         max: f64,
@@ -98,12 +101,25 @@ impl Rejection {
 pub struct Validator {
     config: ValidationConfig,
     layout: ParamLayout,
+    /// Per tensor: `s · √n`, the norm of a tensor whose RMS is its scale.
+    unit_norms: Vec<f64>,
 }
 
 impl Validator {
-    /// A validator for vectors of `layout`.
-    pub fn new(config: ValidationConfig, layout: ParamLayout) -> Self {
-        Self { config, layout }
+    /// A validator for vectors of `layout` whose tensors' scales follow
+    /// `scale`.
+    pub fn new(config: ValidationConfig, layout: ParamLayout, scale: TensorScale) -> Self {
+        let unit_norms = layout
+            .tensors()
+            .iter()
+            .zip(layout.scales(scale))
+            .map(|(t, s)| f64::from(s) * (t.len as f64).sqrt())
+            .collect();
+        Self {
+            config,
+            layout,
+            unit_norms,
+        }
     }
 
     /// The layout candidates must have.
@@ -125,13 +141,14 @@ impl Validator {
                 value: params[index],
             });
         }
-        for t in self.layout.tensors() {
+        for (t, unit) in self.layout.tensors().iter().zip(&self.unit_norms) {
             let norm = l2(&params[t.range()]);
-            if norm > self.config.max_norm {
+            let max = self.config.max_rms * unit;
+            if norm > max {
                 return Err(Rejection::NormTooLarge {
                     tensor: t.name.clone(),
                     norm,
-                    max: self.config.max_norm,
+                    max,
                 });
             }
         }
@@ -143,28 +160,84 @@ impl Validator {
     /// holds against the nearest of them, tensor by tensor. With no parents
     /// only the static checks apply.
     pub fn check_candidate(&self, params: &[f32], parents: &[&[f32]]) -> Result<(), Rejection> {
-        self.check_static(params)?;
-        if parents.is_empty() {
-            return Ok(());
-        }
-        for t in self.layout.tensors() {
-            let r = t.range();
-            let child = &params[r.clone()];
-            let mut best = f64::INFINITY;
-            for p in parents {
-                let Some(pt) = p.get(r.clone()) else {
-                    return Err(Rejection::ShapeMismatch {
-                        expected: self.layout.n_params(),
-                        actual: p.len(),
-                    });
-                };
-                let rel = l2_diff(child, pt) / l2(pt).max(self.config.change_floor);
-                best = best.min(rel);
+        let mut with_norms = Vec::with_capacity(parents.len());
+        for p in parents {
+            if p.len() != self.layout.n_params() {
+                self.check_static(params)?;
+                return Err(Rejection::ShapeMismatch {
+                    expected: self.layout.n_params(),
+                    actual: p.len(),
+                });
             }
-            if best > self.config.max_relative_change {
+            with_norms.push((*p, self.tensor_norms(p)));
+        }
+        let refs: Vec<(&[f32], &[f64])> =
+            with_norms.iter().map(|(p, n)| (*p, n.as_slice())).collect();
+        self.check_candidate_with(params, &refs)
+    }
+
+    /// The L2 norm of every tensor of `params` (which has the layout's
+    /// length), for [`Validator::check_candidate_with`].
+    pub(crate) fn tensor_norms(&self, params: &[f32]) -> Vec<f64> {
+        self.layout
+            .tensors()
+            .iter()
+            .map(|t| l2(&params[t.range()]))
+            .collect()
+    }
+
+    /// [`Validator::check_candidate`] with each parent's tensor norms
+    /// computed once by the caller (a parent has many children). One pass
+    /// over each tensor computes its norm and its distance to one parent;
+    /// the result, and which rejection is reported, are those of the static
+    /// checks followed by the change bound.
+    pub(crate) fn check_candidate_with(
+        &self,
+        params: &[f32],
+        parents: &[(&[f32], &[f64])],
+    ) -> Result<(), Rejection> {
+        if params.len() != self.layout.n_params() {
+            return Err(Rejection::ShapeMismatch {
+                expected: self.layout.n_params(),
+                actual: params.len(),
+            });
+        }
+        if let Some(index) = params.iter().position(|v| !v.is_finite()) {
+            return Err(Rejection::NonFinite {
+                index,
+                value: params[index],
+            });
+        }
+        let tensors = self.layout.tensors();
+        // Per tensor: (norm, smallest relative change over the parents).
+        let mut measured = Vec::with_capacity(tensors.len());
+        for (k, (t, unit)) in tensors.iter().zip(&self.unit_norms).enumerate() {
+            let floor = self.config.change_floor * unit;
+            let child = &params[t.range()];
+            let mut norm = None;
+            let mut best = f64::INFINITY;
+            for (p, norms) in parents {
+                let (n, d) = l2_and_diff(child, &p[t.range()]);
+                norm = Some(n);
+                best = best.min(d / norms[k].max(floor));
+            }
+            measured.push((norm.unwrap_or_else(|| l2(child)), best));
+        }
+        for ((t, unit), &(norm, _)) in tensors.iter().zip(&self.unit_norms).zip(&measured) {
+            let max = self.config.max_rms * unit;
+            if norm > max {
+                return Err(Rejection::NormTooLarge {
+                    tensor: t.name.clone(),
+                    norm,
+                    max,
+                });
+            }
+        }
+        for (t, &(_, relative)) in tensors.iter().zip(&measured) {
+            if relative > self.config.max_relative_change {
                 return Err(Rejection::ChangeTooLarge {
                     tensor: t.name.clone(),
-                    relative: best,
+                    relative,
                     max: self.config.max_relative_change,
                 });
             }

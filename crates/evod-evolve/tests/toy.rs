@@ -190,7 +190,7 @@ impl Evaluator for Recorder {
 
 fn recorder(cfg: &EvolverConfig) -> Recorder {
     Recorder {
-        validator: Validator::new(cfg.validation.clone(), layout()),
+        validator: Validator::new(cfg.validation.clone(), layout(), cfg.scale),
         seen: 0,
         seeds: Vec::new(),
     }
@@ -241,12 +241,12 @@ fn change_bound_rejects_big_jumps_and_lets_small_ones_through() {
     cfg.ga.sigma = 0.5;
     cfg.ga.sigma_tau = 0.0;
     cfg.validation.max_relative_change = 0.5;
-    cfg.validation.max_norm = 1e9;
+    cfg.validation.max_rms = 1e9;
     let mut ev = Evolver::with_layout(cfg.clone(), layout(), vec![0.0; 16], None).unwrap();
     let mut rec = recorder(&cfg);
     ev.step(&mut rec).unwrap();
     assert!(ev.stats().rejected_change > 0, "{:?}", ev.stats());
-    let v = Validator::new(cfg.validation.clone(), layout());
+    let v = Validator::new(cfg.validation.clone(), layout(), cfg.scale);
     let parent = vec![0.0f32; 16];
     let mut near = parent.clone();
     near[0] = 0.4;
@@ -444,9 +444,9 @@ fn bad_configs_and_inputs_are_refused() {
     );
     assert!(bad(&|c| c.episodes = 0).to_string().contains("episodes"));
     assert!(
-        bad(&|c| c.validation.max_norm = -1.0)
+        bad(&|c| c.validation.max_rms = -1.0)
             .to_string()
-            .contains("max_norm")
+            .contains("max_rms")
     );
     let e =
         Evolver::with_layout(EvolverConfig::default(), layout(), vec![0.0; 15], None).unwrap_err();

@@ -1,0 +1,266 @@
+//! Candidates as recipes: `(base checksum, noise seed, σ, sign, scale rule)`
+//! instead of a parameter vector. Whoever evaluates regenerates the
+//! candidate from the recipe against the base it holds, with the same code
+//! and the same generator ([`crate::noise`]), so an evaluation request is a
+//! few bytes, not megabytes, and the result is bit-identical to what the
+//! evolver validated.
+//!
+//! `Recipe::apply` computes, for every tensor `t` with scale `s_t`
+//! ([`ParamLayout::scales`]) and every flat index `i` of `t`:
+//!
+//! ```text
+//! out[i] = base[i] + f32(sign · σ · s_t) · noise(seed, i)
+//! ```
+//!
+//! `sign · σ · s_t` is computed in `f32` in that order (two rounded
+//! multiplications); then one rounded multiplication and one rounded
+//! addition per value, never fused. With `σ = 0` the candidate is the base.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::layout::{ParamLayout, TensorScale};
+use crate::noise;
+
+/// Which half of an antithetic pair a recipe is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Sign {
+    /// `base + σ·s·ε`.
+    Plus,
+    /// `base − σ·s·ε`.
+    Minus,
+}
+
+impl Sign {
+    /// `1.0` or `-1.0`.
+    pub fn factor(self) -> f32 {
+        match self {
+            Self::Plus => 1.0,
+            Self::Minus => -1.0,
+        }
+    }
+}
+
+/// How to rebuild one candidate from a base vector. See the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Recipe {
+    /// [`Base::checksum`] of the vector the noise is added to.
+    pub base: u64,
+    /// Noise stream seed ([`crate::noise`]).
+    pub seed: u64,
+    /// Noise σ in units of each tensor's scale, as its IEEE bits (so the
+    /// recipe is `Eq` and `Hash`); `0` means the base itself.
+    pub sigma_bits: u32,
+    /// Which half of the antithetic pair.
+    pub sign: Sign,
+    /// How each tensor's scale is derived from its shape.
+    pub scale: TensorScale,
+}
+
+/// Why a recipe cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RecipeError {
+    /// The base the evaluator holds is not the one the recipe was made for.
+    #[error("recipe is for base {want:016x}, the base held has checksum {have:016x}")]
+    WrongBase {
+        /// Checksum the recipe names.
+        want: u64,
+        /// Checksum of the base held.
+        have: u64,
+    },
+    /// Bytes that are not an encoded recipe.
+    #[error("bad recipe encoding: {0}")]
+    Encoding(String),
+    /// Base, layout and output lengths differ.
+    #[error("lengths differ: layout {layout}, base {base}, output {out}")]
+    Length {
+        /// Layout's parameter count.
+        layout: usize,
+        /// Base length.
+        base: usize,
+        /// Output length.
+        out: usize,
+    },
+}
+
+/// Bytes of an encoded recipe ([`Recipe::to_bytes`]).
+pub const RECIPE_BYTES: usize = 22;
+
+impl Recipe {
+    /// The wire encoding, little-endian: base checksum (u64), seed (u64),
+    /// σ bits (u32), sign (u8: 0 plus, 1 minus), scale rule (u8: 0 unit,
+    /// 1 Glorot). For the ring's EVAL payload and Redis.
+    pub fn to_bytes(&self) -> [u8; RECIPE_BYTES] {
+        let mut out = [0u8; RECIPE_BYTES];
+        out[0..8].copy_from_slice(&self.base.to_le_bytes());
+        out[8..16].copy_from_slice(&self.seed.to_le_bytes());
+        out[16..20].copy_from_slice(&self.sigma_bits.to_le_bytes());
+        out[20] = match self.sign {
+            Sign::Plus => 0,
+            Sign::Minus => 1,
+        };
+        out[21] = match self.scale {
+            TensorScale::Unit => 0,
+            TensorScale::Glorot => 1,
+        };
+        out
+    }
+
+    /// Decodes [`Recipe::to_bytes`]; untrusted bytes get a typed error (wrong
+    /// length, unknown sign or scale, σ not finite or negative).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, RecipeError> {
+        let b: &[u8; RECIPE_BYTES] = bytes.try_into().map_err(|_| {
+            RecipeError::Encoding(format!("{} bytes, expected {RECIPE_BYTES}", bytes.len()))
+        })?;
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        let sigma_bits = u32::from_le_bytes(b[16..20].try_into().expect("4 bytes"));
+        let sigma = f32::from_bits(sigma_bits);
+        if !(sigma.is_finite() && sigma >= 0.0) {
+            return Err(RecipeError::Encoding(format!(
+                "σ {sigma} is not finite and non-negative"
+            )));
+        }
+        let sign = match b[20] {
+            0 => Sign::Plus,
+            1 => Sign::Minus,
+            x => return Err(RecipeError::Encoding(format!("unknown sign {x}"))),
+        };
+        let scale = match b[21] {
+            0 => TensorScale::Unit,
+            1 => TensorScale::Glorot,
+            x => return Err(RecipeError::Encoding(format!("unknown scale rule {x}"))),
+        };
+        Ok(Self {
+            base: u64_at(0),
+            seed: u64_at(8),
+            sigma_bits,
+            sign,
+            scale,
+        })
+    }
+
+    /// A recipe with σ given as an `f32`.
+    pub fn new(base: u64, seed: u64, sigma: f32, sign: Sign, scale: TensorScale) -> Self {
+        Self {
+            base,
+            seed,
+            sigma_bits: sigma.to_bits(),
+            sign,
+            scale,
+        }
+    }
+
+    /// The base itself (σ = 0).
+    pub fn center(base: u64, scale: TensorScale) -> Self {
+        Self::new(base, 0, 0.0, Sign::Plus, scale)
+    }
+
+    /// σ.
+    pub fn sigma(&self) -> f32 {
+        f32::from_bits(self.sigma_bits)
+    }
+
+    /// Writes the candidate into `out` (see the module docs). Does not
+    /// check the base's checksum: [`Recipe::apply_to`] does.
+    pub fn apply(
+        &self,
+        base: &[f32],
+        layout: &ParamLayout,
+        out: &mut [f32],
+    ) -> Result<(), RecipeError> {
+        if base.len() != layout.n_params() || out.len() != layout.n_params() {
+            return Err(RecipeError::Length {
+                layout: layout.n_params(),
+                base: base.len(),
+                out: out.len(),
+            });
+        }
+        let sigma = self.sigma();
+        if sigma == 0.0 {
+            out.copy_from_slice(base);
+            return Ok(());
+        }
+        for (t, scale) in layout.tensors().iter().zip(layout.scales(self.scale)) {
+            let s = self.sign.factor() * sigma * scale;
+            let r = t.range();
+            noise::add_scaled(self.seed, t.offset as u64, s, &base[r.clone()], &mut out[r]);
+        }
+        Ok(())
+    }
+
+    /// [`Recipe::apply`] against `base`, after checking that it is the base
+    /// this recipe was made for.
+    pub fn apply_to(&self, base: &Base<'_>, out: &mut [f32]) -> Result<(), RecipeError> {
+        if self.base != base.checksum() {
+            return Err(RecipeError::WrongBase {
+                want: self.base,
+                have: base.checksum(),
+            });
+        }
+        self.apply(base.params(), base.layout(), out)
+    }
+
+    /// A new vector holding the candidate.
+    pub fn materialize(&self, base: &Base<'_>) -> Result<Vec<f32>, RecipeError> {
+        let mut out = vec![0.0; base.params().len()];
+        self.apply_to(base, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// The checksum recipes name a base by: xxh3-64 of the parameters'
+/// little-endian `f32` bytes.
+pub fn checksum(params: &[f32]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = [0u8; 4096];
+    for chunk in params.chunks(buf.len() / 4) {
+        for (b, v) in buf.chunks_exact_mut(4).zip(chunk) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+        h.update(&buf[..chunk.len() * 4]);
+    }
+    h.digest()
+}
+
+/// A base vector recipes are applied to: its parameters, its layout and its
+/// checksum (computed once).
+#[derive(Debug, Clone, Copy)]
+pub struct Base<'a> {
+    params: &'a [f32],
+    layout: &'a ParamLayout,
+    checksum: u64,
+}
+
+impl<'a> Base<'a> {
+    /// A base of `params` laid out as `layout` (checksum computed here).
+    /// Fails when the lengths differ.
+    pub fn new(params: &'a [f32], layout: &'a ParamLayout) -> Result<Self, RecipeError> {
+        if params.len() != layout.n_params() {
+            return Err(RecipeError::Length {
+                layout: layout.n_params(),
+                base: params.len(),
+                out: params.len(),
+            });
+        }
+        Ok(Self {
+            params,
+            layout,
+            checksum: checksum(params),
+        })
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &'a [f32] {
+        self.params
+    }
+
+    /// Their layout.
+    pub fn layout(&self) -> &'a ParamLayout {
+        self.layout
+    }
+
+    /// [`checksum`] of the parameters.
+    pub fn checksum(&self) -> u64 {
+        self.checksum
+    }
+}
