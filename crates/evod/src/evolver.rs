@@ -30,9 +30,9 @@ use evod_evolve::{
 use evod_ring::{Channel, Client, RingError, Segment};
 use evod_runtime::{Model, ModelSpec, Task, write_model, write_model_with};
 
-use crate::protocol::{self, EvalHeader, op, status};
 use crate::report::{PROGRESS_FILE, PROGRESS_HEADER, Row};
 use crate::run::{EvolveArgs, Strategy};
+use evod_wire::protocol::{self, EvalHeader, exchange, op, receive_id, status};
 
 /// The model's file name inside the run folder.
 pub const MODEL_FILE: &str = "vectorland.gguf";
@@ -715,41 +715,6 @@ fn remove_leftovers(dir: &Path, state: &Path) {
     }
 }
 
-/// Sends one request on `client` and waits for the reply to that request:
-/// a late reply to an earlier request that was given up on (a timeout, a
-/// batch abandoned on an error) is dropped, never taken for this one. The
-/// payload is copied out of the shared segment before anything decodes it,
-/// so a worker rewriting it meanwhile cannot change what is checked.
-fn exchange(
-    client: &mut Client<'_>,
-    opcode: u32,
-    len: usize,
-    fill: impl FnOnce(&mut [u8]),
-    deadline: Instant,
-) -> Result<(i32, Vec<u8>), RingError> {
-    let id = client.send(opcode, 0, len, fill)?;
-    receive_id(client, id, deadline)
-}
-
-/// Receives replies on `client` until the one to `id` (see [`exchange`]).
-fn receive_id(
-    client: &mut Client<'_>,
-    id: u64,
-    deadline: Instant,
-) -> Result<(i32, Vec<u8>), RingError> {
-    loop {
-        let reply = client.recv(deadline)?;
-        if reply.request_id() == id {
-            return Ok((reply.status(), reply.payload.to_vec()));
-        }
-        tracing::debug!(
-            expected = id,
-            got = reply.request_id(),
-            "dropping a late reply to an abandoned request"
-        );
-    }
-}
-
 /// Evaluates candidates on the workers through their `Eval` channels: one
 /// batched `EVAL` per worker in flight at once, re-sent after a worker is
 /// lost; a candidate that kills a worker twice is quarantined.
@@ -954,12 +919,12 @@ impl<'s> RingEvaluator<'s> {
             suspect.asked = Some((Instant::now(), false));
             return;
         };
-        let request = crate::supervisor::control::Request::Recycle {
+        let request = evod_wire::Request::Recycle {
             worker: w,
             epoch: suspect.epoch,
             reason: suspect.why.clone(),
         };
-        let ok = match crate::supervisor::control::call(socket, &request, Duration::from_secs(2)) {
+        let ok = match evod_wire::call(socket, &request, Duration::from_secs(2)) {
             Ok(_) => true,
             Err(e) => {
                 tracing::error!(

@@ -11,7 +11,6 @@ mod exit;
 mod fault;
 mod init;
 mod inspect;
-mod protocol;
 mod report;
 mod run;
 mod status;

@@ -2,7 +2,7 @@
 //!
 //! Spawned by the supervisor with its shared segment inherited as a
 //! descriptor. It maps the published model, builds the network and serves
-//! the opcodes of [`crate::protocol`] on both channels of the ring (`Eval`
+//! the opcodes of [`evod_wire::protocol`] on both channels of the ring (`Eval`
 //! from the evolver, `Control` from the supervisor), keeping its heartbeat
 //! and stats current. It may crash at any instruction: the supervisor
 //! respawns it and the clients re-send what was in flight.
@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use evod_ring::{Channel, Request, RingError, Role, Scribble, Segment};
 use evod_runtime::{Architecture, Model, Task};
 
-use crate::protocol::{self, EvalHeader, ExecHeader, LoadRequest, WorkerInfo, op, status};
+use evod_wire::protocol::{self, EvalHeader, ExecHeader, LoadRequest, WorkerInfo, op, status};
 
 /// Arguments of `evod worker`.
 #[derive(Debug, clap::Args)]
@@ -194,13 +194,13 @@ fn stand_by(fd: i32, model: Option<&Path>) -> Result<Option<Option<Preloaded>>> 
         let model = Model::open_for_serving(path).ok()?;
         Some(Preloaded { model, identity })
     });
-    link.write_all(&[crate::supervisor::standby::READY])
+    link.write_all(&[evod_wire::standby::READY])
         .context("standby link: cannot say ready")?;
     let mut byte = [0u8; 1];
     loop {
         return match link.read(&mut byte) {
             Ok(0) => Ok(None),
-            Ok(_) if byte[0] == crate::supervisor::standby::GO => Ok(Some(preloaded)),
+            Ok(_) if byte[0] == evod_wire::standby::GO => Ok(Some(preloaded)),
             Ok(_) => anyhow::bail!("standby link: unexpected byte {:#04x}", byte[0]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             // The supervisor is gone or closed its end abruptly.

@@ -25,7 +25,7 @@ use nix::sys::signal::Signal;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 
 use super::config::Config;
-use super::control::{ChildStatus, ControlServer, Incoming, Request, Response, StatusReport};
+use super::control::{ControlServer, Incoming};
 use super::janitor::Janitor;
 use super::link;
 use super::policy::{Decision, RestartTracker};
@@ -34,8 +34,9 @@ use super::rollback;
 use super::spawn::{self, Child, ChildSpec};
 use super::standby::Standby;
 use crate::exit;
-use crate::protocol::{LoadRequest, op};
 use crate::run::LogFormat;
+use evod_wire::control::{ChildStatus, Request, Response, StatusReport};
+use evod_wire::protocol::{LoadRequest, op};
 
 /// How often the loop checks heartbeats and the model file when idle.
 const TICK: Duration = Duration::from_millis(200);
@@ -1124,9 +1125,9 @@ impl Supervisor {
                 "fault injection is off: the daemon was started without --allow-fault-injection",
             );
         }
-        let (opcode, code) = match crate::fault::parse_kind(kind) {
+        let (opcode, code) = match evod_wire::fault::parse_kind(kind) {
             Ok(x) => x,
-            Err(e) => return Response::error(e),
+            Err(e) => return Response::error(e.to_string()),
         };
         let Some(slot) = self
             .slots
