@@ -239,7 +239,7 @@ struct Loop {
     /// they crashed the runtime. Read at start (a rollback restarts the
     /// evolver); a candidate with the same parameters is never published.
     quarantined: Vec<(u64, u64)>,
-    /// [`crate::supervisor::rollback::params_hash`] of the model the live
+    /// [`evod_store::params_hash`] of the model the live
     /// file was rolled back from (`state/rolled-back-to`), while the live
     /// file is the one restored: a replay from an older checkpoint would
     /// publish it again, undoing the rollback.
@@ -264,7 +264,7 @@ fn lost_publish(
         || *live.params()? == *params
         || quarantined
             .iter()
-            .any(|(_, h)| *h == crate::supervisor::rollback::params_hash(params))
+            .any(|(_, h)| *h == evod_store::params_hash(params))
     {
         return Ok(None);
     }
@@ -293,29 +293,6 @@ fn lost_publish(
         gate_fitness: Some(fitness),
     };
     Ok(Some((report, candidate)))
-}
-
-/// The quarantined generations in `dir/history/quarantine` that can be read
-/// as models: (generation, parameters hash).
-fn read_quarantine(dir: &Path) -> Vec<(u64, u64)> {
-    let qdir = crate::supervisor::rollback::quarantine_dir(dir);
-    let Ok(entries) = std::fs::read_dir(&qdir) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for path in entries.flatten().map(|e| e.path()) {
-        if path.extension().is_none_or(|x| x != "gguf") {
-            continue;
-        }
-        match Model::open_for_serving(&path).and_then(|m| {
-            let hash = crate::supervisor::rollback::params_hash(&m.params()?);
-            Ok((m.spec.generation, hash))
-        }) {
-            Ok(entry) => out.push(entry),
-            Err(e) => tracing::warn!("cannot read quarantined {}: {e}", path.display()),
-        }
-    }
-    out
 }
 
 impl Loop {
@@ -361,14 +338,13 @@ impl Loop {
                 Evolver::new(config, &model.spec.arch, params, model.spec.fitness)?
             }
         };
-        let quarantined = read_quarantine(dir);
+        let quarantined = evod_store::read_quarantine(dir);
         let model_generation = model.spec.generation;
-        let mark = crate::supervisor::rollback::read_rollback_marker(dir);
+        let mark = evod_store::read_rollback_marker(dir);
         let rolled_back_from_published = mark.is_some_and(|m| {
             m.to == model.spec.generation
                 && evolver.published().is_some_and(|(params, _)| {
-                    m.from
-                        .is_none_or(|h| h == crate::supervisor::rollback::params_hash(params))
+                    m.from.is_none_or(|h| h == evod_store::params_hash(params))
                 })
         });
         let pending = if !resumed {
@@ -588,7 +564,7 @@ impl Loop {
             );
             return Ok(true);
         }
-        let hash = crate::supervisor::rollback::params_hash(&candidate.params);
+        let hash = evod_store::params_hash(&candidate.params);
         if self.rolled_back_from == Some(hash) {
             // A replay reached the model an operator (or the fallback)
             // rolled back from: leave the rollback in place.
@@ -649,42 +625,19 @@ impl Loop {
         );
         self.spec = spec;
         // A newer generation is live: a rollback marker is history now.
-        let _ = std::fs::remove_file(crate::supervisor::rollback::rollback_marker(&self.dir));
+        let _ = std::fs::remove_file(evod_store::rollback_marker(&self.dir));
         self.rolled_back_from = None;
-        self.keep_history(evolve.history() as usize)?;
+        evod_store::keep_history(
+            &self.dir,
+            &self.model_path,
+            self.spec.generation,
+            evolve.history() as usize,
+        )?;
         // The supervisor notices the new file and has every worker LOAD it
         // and answer a canary (its `sync_workers`): doing it here as well
         // would load and check every published file twice. EVAL does not
         // read the live weights, so evaluation does not wait for it.
         Ok(true)
-    }
-
-    /// Links the live file into `history/` and keeps the newest `keep`.
-    fn keep_history(&self, keep: usize) -> Result<()> {
-        let history = self.dir.join("history");
-        let link = history.join(format!("gen-{:08}.gguf", self.spec.generation));
-        let _ = std::fs::remove_file(&link);
-        std::fs::hard_link(&self.model_path, &link).with_context(|| {
-            format!(
-                "linking {} into {}",
-                self.model_path.display(),
-                history.display()
-            )
-        })?;
-        let mut generations: Vec<PathBuf> = std::fs::read_dir(&history)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("gen-") && n.ends_with(".gguf"))
-            })
-            .collect();
-        generations.sort();
-        let excess = generations.len().saturating_sub(keep.max(1));
-        for old in &generations[..excess] {
-            let _ = std::fs::remove_file(old);
-        }
-        Ok(())
     }
 }
 

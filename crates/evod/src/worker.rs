@@ -166,13 +166,8 @@ struct Preloaded {
 
 impl Preloaded {
     fn is_current(&self, path: &Path) -> bool {
-        file_identity(path).is_some_and(|id| id == self.identity)
+        evod_store::file_identity(path).is_some_and(|id| id == self.identity)
     }
-}
-
-fn file_identity(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Standby mode: maps the model, says ready on the link (descriptor `fd`)
@@ -190,7 +185,7 @@ fn stand_by(fd: i32, model: Option<&Path>) -> Result<Option<Option<Preloaded>>> 
     // A model that cannot be mapped now is tried again (and its error
     // reported) at promotion, as a cold start would.
     let preloaded = model.and_then(|path| {
-        let identity = file_identity(path)?;
+        let identity = evod_store::file_identity(path)?;
         let model = Model::open_for_serving(path).ok()?;
         Some(Preloaded { model, identity })
     });

@@ -166,14 +166,11 @@ impl Drop for ControlServer {
 /// Removes the socket at `path` if it is still ours (same device and inode),
 /// then its folder if that is now empty.
 pub fn remove_socket(path: &Path, inode: (u64, u64)) {
-    if let Ok(meta) = std::fs::symlink_metadata(path)
-        && (meta.dev(), meta.ino()) == inode
+    if evod_store::remove_if_same(path, inode)
+        && let Some(parent) = path.parent()
     {
-        let _ = std::fs::remove_file(path);
-        if let Some(parent) = path.parent() {
-            // Fails (harmlessly) unless empty.
-            let _ = std::fs::remove_dir(parent);
-        }
+        // Fails (harmlessly) unless empty.
+        let _ = std::fs::remove_dir(parent);
     }
 }
 

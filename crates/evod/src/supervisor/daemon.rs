@@ -14,7 +14,6 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -30,7 +29,6 @@ use super::janitor::Janitor;
 use super::link;
 use super::policy::{Decision, RestartTracker};
 use super::reap::{self, ExitReason};
-use super::rollback;
 use super::spawn::{self, Child, ChildSpec};
 use super::standby::Standby;
 use crate::exit;
@@ -235,7 +233,7 @@ pub fn run(config: Config) -> anyhow::Result<ExitCode> {
     if !config.model.exists() && crate::evolver::is_fresh_folder(&config.dir) {
         crate::evolver::create_default_model(&config.model, config.evolve.seed())?;
     }
-    let model_generation = rollback::check_model(&config.model)?;
+    let model_generation = check_model(&config.model)?;
     // SAFETY: nothing has started a thread yet (logging set-up does not).
     let mut janitor = unsafe { Janitor::start() }.context("cannot fork the janitor process")?;
     if let Err(e) = reap::become_subreaper() {
@@ -278,6 +276,22 @@ pub fn run(config: Config) -> anyhow::Result<ExitCode> {
         Ok(code) => Ok(exit::exit(code)),
         Err(e) => Err(e),
     }
+}
+
+/// Validates the model at start; a missing or malformed file is an error
+/// with exit code 3. Returns its generation.
+fn check_model(model: &std::path::Path) -> anyhow::Result<Option<u64>> {
+    if !model.exists() {
+        return Err(exit::with_code(
+            exit::BAD_INPUT,
+            anyhow::anyhow!(
+                "no model at {}; create one with `evod init` or pass --dir",
+                model.display()
+            ),
+        ));
+    }
+    let file = evod_gguf::GgufFile::open(model)?;
+    Ok(evod_store::generation_of(&file))
 }
 
 pub(crate) fn init_logging(format: LogFormat) {
@@ -628,9 +642,7 @@ impl Supervisor {
         else {
             return;
         };
-        let now_id = std::fs::metadata(&self.config.model)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
+        let now_id = evod_store::file_identity(&self.config.model);
         if now_id != Some(id) {
             return;
         }
@@ -650,11 +662,11 @@ impl Supervisor {
         if *count < self.config.fallback_after {
             return;
         }
-        let to = rollback::previous_generation(&self.config.dir, live, self.good_generation);
+        let to = evod_store::previous_generation(&self.config.dir, live, self.good_generation);
         let Some(to) = to else {
             tracing::error!(
                 "workers crash-loop on generation {live} and no earlier generation is in {}",
-                rollback::history_dir(&self.config.dir).display()
+                evod_store::history_dir(&self.config.dir).display()
             );
             return;
         };
@@ -676,7 +688,7 @@ impl Supervisor {
         {
             child.kill_and_reap();
         }
-        let result = rollback::restore(&self.config.dir, &self.config.model, to, quarantine);
+        let result = evod_store::restore(&self.config.dir, &self.config.model, to, quarantine);
         if let Some(i) = evolver
             && !self.slots[i].done
             && matches!(self.phase, Phase::Running)
@@ -729,9 +741,7 @@ impl Supervisor {
         // re-checks it): note its identity first (a stat, nothing more on
         // the recovery path), so that a file published meanwhile is the
         // newer one and gets a `LOAD` at the next tick.
-        let id = std::fs::metadata(&self.config.model)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
+        let id = evod_store::file_identity(&self.config.model);
         let slot = &mut self.slots[i];
         slot.sync_after = None;
         slot.sync_backoff = SYNC_BACKOFF;
@@ -910,11 +920,7 @@ impl Supervisor {
             checksum: live.checksum,
         };
         let path = self.config.model.clone();
-        let replaced = || {
-            std::fs::metadata(&path)
-                .ok()
-                .is_some_and(|m| (m.dev(), m.ino()) != live.id)
-        };
+        let replaced = || evod_store::file_identity(&path).is_some_and(|id| id != live.id);
         let canary = live
             .inputs
             .filter(|&n| n <= CANARY_MAX_INPUTS)
@@ -1008,14 +1014,13 @@ impl Supervisor {
 
     /// Identity, generation and checksum of the live model file.
     fn read_model_identity(&self) -> Option<LiveModel> {
-        let meta = std::fs::metadata(&self.config.model).ok()?;
-        let id = (meta.dev(), meta.ino());
+        let id = evod_store::file_identity(&self.config.model)?;
         if let Some(seen) = self.model_seen
             && seen.id == id
         {
             return Some(seen);
         }
-        let (generation, checksum) = rollback::identify(&self.config.model).ok()?;
+        let (generation, checksum) = evod_store::identify(&self.config.model).ok()?;
         let inputs = evod_runtime::Model::open_for_serving(&self.config.model)
             .ok()
             .map(|m| m.spec.arch.inputs());
@@ -1062,13 +1067,13 @@ impl Supervisor {
                         .read_model_identity()
                         .and_then(|m| m.generation)
                         .and_then(|live| {
-                            rollback::previous_generation(&self.config.dir, live, None)
+                            evod_store::previous_generation(&self.config.dir, live, None)
                         }),
                 };
                 let Some(to) = to else {
                     return Response::error(format!(
                         "no earlier generation in {}",
-                        rollback::history_dir(&self.config.dir).display()
+                        evod_store::history_dir(&self.config.dir).display()
                     ));
                 };
                 match self.roll_back(to, None) {

@@ -6,7 +6,6 @@
 //! - `reap`: reaping (children and orphans) and exit statuses in words.
 //! - `policy`: restart policy (backoff, Erlang-style intensity/period).
 //! - `link`: the supervisor's side of each worker's control channel.
-//! - `rollback`: model identity, history lookup, restore and quarantine.
 //! - `control`: the control socket, its wire protocol, server and client.
 //! - `config`: the optional TOML file and the resolved configuration.
 //! - `janitor`: removes the control socket if the supervisor is SIGKILLed.
@@ -19,6 +18,5 @@ pub mod janitor;
 pub mod link;
 pub mod policy;
 pub mod reap;
-pub mod rollback;
 pub mod spawn;
 pub mod standby;
