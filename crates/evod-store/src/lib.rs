@@ -29,6 +29,9 @@ use std::path::{Path, PathBuf};
 use evod_gguf::{GgufFile, PublishOptions};
 use evod_runtime::Model;
 
+/// The live model's file name inside the state folder.
+pub const MODEL_FILE: &str = "vectorland.gguf";
+
 /// What went wrong in the store. Each message names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -21,6 +21,17 @@ use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{GenericFilePath, Stream};
 use serde::{Deserialize, Serialize};
 
+/// The runtime folder inside a daemon's state folder (0700; holds the
+/// control socket).
+pub const RUNTIME_DIR: &str = ".evod";
+/// The control socket's file name inside the runtime folder.
+pub const SOCKET_NAME: &str = "control.sock";
+
+/// The control socket of the daemon whose state folder is `dir`.
+pub fn default_socket(dir: &Path) -> PathBuf {
+    dir.join(RUNTIME_DIR).join(SOCKET_NAME)
+}
+
 /// Largest request line accepted, in bytes.
 pub const MAX_REQUEST: u64 = 1 << 20;
 

@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use crate::exit;
 use crate::status::Target;
-use crate::supervisor::config::default_socket;
-use evod_wire::control::{self, ClientError, Request};
+use evod_wire::control::{self, ClientError, Request, default_socket};
 
 /// Arguments of `evod fault`.
 #[derive(Debug, clap::Args)]

@@ -5,6 +5,7 @@
 //! supervisor spawns from its own executable (`worker`, `evolver`). Each
 //! subcommand lives in its own module with its own clap `Args`.
 
+mod config;
 mod eval;
 mod evolver;
 mod exit;
@@ -14,7 +15,6 @@ mod inspect;
 mod report;
 mod run;
 mod status;
-mod supervisor;
 mod worker;
 
 use std::io::Write;

@@ -1,156 +1,19 @@
 //! `evod run`: the supervisor, in the foreground (also the container entrypoint).
 //!
-//! This file holds the command line ([`Args`], [`EvolveArgs`]) and the event
-//! loop; the machinery lives in `supervisor/`.
+//! This file holds the command line ([`Args`]); `config.rs` layers it over
+//! the TOML file into the supervisor's `Config`, and the supervisor itself is
+//! the `evod-supervisor` crate.
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use serde::Deserialize;
+use evod_supervisor::LogFormat;
+use evod_supervisor::policy::OnGiveUp;
+use evod_supervisor::units::{parse_duration, parse_size};
 
-use crate::supervisor::config::{parse_duration, parse_size};
-use crate::supervisor::policy::OnGiveUp;
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines (for a terminal).
-    Human,
-    /// One JSON object per line (for containers and log collectors).
-    Json,
-}
-
-/// Evolution strategy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Strategy {
-    /// Genetic algorithm: Gaussian mutation, crossover, elitist selection.
-    Ga,
-    /// OpenAI-ES: antithetic pairs, centered ranks, Adam.
-    Es,
-}
-
-impl Strategy {
-    /// The flag value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Strategy::Ga => "ga",
-            Strategy::Es => "es",
-        }
-    }
-}
-
-/// Evolution options: given to `evod run`, passed through unchanged to the
-/// `evod evolver` role (which flattens this same struct). Every field is
-/// optional so that flags, `EVOD_*` variables and the TOML `[evolve]` table
-/// can be layered; the accessors apply the defaults.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
-#[serde(deny_unknown_fields)]
-pub struct EvolveArgs {
-    /// Evolution strategy [default: ga].
-    #[arg(long, env = "EVOD_STRATEGY", value_enum)]
-    pub strategy: Option<Strategy>,
-    /// Candidates per generation [default: 48].
-    #[arg(long, env = "EVOD_POPULATION")]
-    pub population: Option<u32>,
-    /// Seed of all randomness; a run repeats exactly [default: 0].
-    #[arg(long, env = "EVOD_SEED")]
-    pub seed: Option<u64>,
-    /// Stop evolving after N generations [default: never].
-    #[arg(long, env = "EVOD_GENERATIONS", value_name = "N")]
-    pub generations: Option<u64>,
-    /// Stop evolving once the task is solved (publish gate passed).
-    #[arg(long, env = "EVOD_UNTIL_SOLVED")]
-    #[serde(default)]
-    pub until_solved: bool,
-    /// Mean return that counts as solved [default: 475].
-    #[arg(long, env = "EVOD_SOLVE_THRESHOLD")]
-    pub solve_threshold: Option<f64>,
-    /// Episodes per candidate evaluation [default: 1].
-    #[arg(long, env = "EVOD_EPISODES")]
-    pub episodes: Option<u32>,
-    /// Log a status line every N cycles [default: 60].
-    #[arg(long, env = "EVOD_PULSE_EVERY", value_name = "N")]
-    pub pulse_every: Option<u64>,
-    /// Generations kept in DIR/history for rollback [default: 10].
-    #[arg(long, env = "EVOD_HISTORY", value_name = "K")]
-    pub history: Option<u32>,
-    /// Checkpoint the strategy state every N generations [default: 10].
-    #[arg(long, env = "EVOD_CHECKPOINT_EVERY", value_name = "N")]
-    pub checkpoint_every: Option<u64>,
-}
-
-impl EvolveArgs {
-    /// Seed, default 0.
-    pub fn seed(&self) -> u64 {
-        self.seed.unwrap_or(0)
-    }
-    /// Solve threshold, default 475 (gymnasium's CartPole-v1 threshold).
-    pub fn solve_threshold(&self) -> f64 {
-        self.solve_threshold.unwrap_or(475.0)
-    }
-    /// Pulse interval in cycles, default 60.
-    pub fn pulse_every(&self) -> u64 {
-        self.pulse_every.unwrap_or(60)
-    }
-    /// History length, default 10.
-    pub fn history(&self) -> u32 {
-        self.history.unwrap_or(10)
-    }
-    /// Checkpoint interval in generations, default 10.
-    pub fn checkpoint_every(&self) -> u64 {
-        self.checkpoint_every.unwrap_or(10)
-    }
-
-    /// Fills every unset field of `self` from `other`.
-    pub fn or(self, other: EvolveArgs) -> EvolveArgs {
-        EvolveArgs {
-            strategy: self.strategy.or(other.strategy),
-            population: self.population.or(other.population),
-            seed: self.seed.or(other.seed),
-            generations: self.generations.or(other.generations),
-            until_solved: self.until_solved || other.until_solved,
-            solve_threshold: self.solve_threshold.or(other.solve_threshold),
-            episodes: self.episodes.or(other.episodes),
-            pulse_every: self.pulse_every.or(other.pulse_every),
-            history: self.history.or(other.history),
-            checkpoint_every: self.checkpoint_every.or(other.checkpoint_every),
-        }
-    }
-
-    /// The flags that reproduce the set fields (for the evolver's command line).
-    pub fn to_cli_args(&self) -> Vec<OsString> {
-        let mut out: Vec<OsString> = Vec::new();
-        let mut push = |flag: &str, value: Option<String>| {
-            if let Some(v) = value {
-                out.push(flag.into());
-                out.push(v.into());
-            }
-        };
-        push("--strategy", self.strategy.map(|s| s.as_str().to_owned()));
-        push("--population", self.population.map(|v| v.to_string()));
-        push("--seed", self.seed.map(|v| v.to_string()));
-        push("--generations", self.generations.map(|v| v.to_string()));
-        push(
-            "--solve-threshold",
-            self.solve_threshold.map(|v| v.to_string()),
-        );
-        push("--episodes", self.episodes.map(|v| v.to_string()));
-        push("--pulse-every", self.pulse_every.map(|v| v.to_string()));
-        push("--history", self.history.map(|v| v.to_string()));
-        push(
-            "--checkpoint-every",
-            self.checkpoint_every.map(|v| v.to_string()),
-        );
-        if self.until_solved {
-            out.push("--until-solved".into());
-        }
-        out
-    }
-}
+use crate::evolver::EvolveArgs;
+use crate::exit;
 
 /// Arguments of `evod run`. Every option also reads an `EVOD_*` environment
 /// variable and the `--config` TOML file (flag > variable > file > default).
@@ -222,6 +85,23 @@ pub struct Args {
 
 /// Runs `evod run`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let config = crate::supervisor::config::Config::resolve(args)?;
-    crate::supervisor::daemon::run(config)
+    let (config, evolve) = crate::config::resolve(args)?;
+    evod_supervisor::init_logging(config.log_format);
+    if !config.model.exists() && crate::evolver::is_fresh_folder(&config.dir) {
+        crate::evolver::create_default_model(&config.model, evolve.seed())?;
+    }
+    match evod_supervisor::run(config) {
+        Ok(code) => Ok(exit::exit(code)),
+        // The codes of `exit.rs`: a bad model is BAD_INPUT (the
+        // `GgufError` itself, as every command reports one), giving up is
+        // GAVE_UP, anything else a plain failure.
+        Err(evod_supervisor::SupervisorError::BadModel(e)) => Err(e.into()),
+        Err(e @ evod_supervisor::SupervisorError::NoModel(_)) => {
+            Err(exit::with_code(exit::BAD_INPUT, e))
+        }
+        Err(e @ evod_supervisor::SupervisorError::GaveUp(_)) => {
+            Err(exit::with_code(exit::GAVE_UP, e))
+        }
+        Err(e) => Err(e.into()),
+    }
 }

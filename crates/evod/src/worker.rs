@@ -84,7 +84,7 @@ impl Loaded {
 /// until it crashes. With `--standby-fd`, first waits to be promoted (see
 /// `supervisor/standby.rs`).
 pub fn run(args: Args) -> Result<ExitCode> {
-    set_process_name(if args.standby_fd.is_some() {
+    evod_supervisor::set_process_name(if args.standby_fd.is_some() {
         c"evod-standby"
     } else {
         c"evod-worker"
@@ -112,7 +112,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         };
         preloaded = pre;
-        set_process_name(c"evod-worker");
+        evod_supervisor::set_process_name(c"evod-worker");
         worker.started = Instant::now();
     }
     // Claim the server end first: it starts the heartbeat, so a large model
@@ -177,7 +177,7 @@ fn stand_by(fd: i32, model: Option<&Path>) -> Result<Option<Option<Preloaded>>> 
     use std::io::{Read, Write};
     use std::os::fd::FromRawFd;
     use std::os::unix::net::UnixStream;
-    crate::supervisor::spawn::check_inherited_fd(fd)
+    evod_supervisor::spawn::check_inherited_fd(fd)
         .with_context(|| format!("standby link on descriptor {fd}"))?;
     // SAFETY: the descriptor is open (checked just above) and was inherited
     // for exactly this purpose: nothing else in this process owns it.
@@ -579,11 +579,4 @@ fn segfault() -> ! {
         unsafe { std::ptr::write_volatile(page.cast::<u64>(), 0xdead) };
     }
     std::process::abort()
-}
-
-/// Names this thread (and so the process, in `top`) for operators.
-fn set_process_name(name: &std::ffi::CStr) {
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes
-    // from the pointer, which `CStr` guarantees to be valid and terminated.
-    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }

@@ -31,8 +31,11 @@ use evod_ring::{Channel, Client, RingError, Segment};
 use evod_runtime::{Model, ModelSpec, Task, write_model, write_model_with};
 
 use crate::report::{PROGRESS_FILE, PROGRESS_HEADER, Row};
-use crate::run::{EvolveArgs, Strategy};
+
+mod options;
+
 use evod_wire::protocol::{self, EvalHeader, exchange, op, receive_id, status};
+pub use options::{EvolveArgs, Strategy};
 
 /// The model's file name inside the run folder.
 pub const MODEL_FILE: &str = "vectorland.gguf";
@@ -106,10 +109,10 @@ pub fn parse_io_fault(text: &str) -> Result<evod_gguf::IoFault> {
 
 /// Runs `evod evolver` until its bound is reached (exit 0) or forever.
 pub fn run(args: Args) -> Result<ExitCode> {
-    set_process_name(c"evod-evolver");
-    crate::supervisor::daemon::init_logging(match std::env::var("EVOD_LOG_FORMAT").as_deref() {
-        Ok("json") => crate::run::LogFormat::Json,
-        _ => crate::run::LogFormat::Human,
+    evod_supervisor::set_process_name(c"evod-evolver");
+    evod_supervisor::init_logging(match std::env::var("EVOD_LOG_FORMAT").as_deref() {
+        Ok("json") => evod_supervisor::LogFormat::Json,
+        _ => evod_supervisor::LogFormat::Human,
     });
     let segments = args
         .ring_fds
@@ -132,7 +135,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if args.allow_fault_injection {
         main.io_fault_file = Some(
             args.dir
-                .join(crate::supervisor::config::RUNTIME_DIR)
+                .join(evod_wire::control::RUNTIME_DIR)
                 .join(IO_FAULT_FILE),
         );
     }
@@ -1066,11 +1069,4 @@ impl Evaluator for RingEvaluator<'_> {
         }
         Ok(results)
     }
-}
-
-/// Names this thread (and so the process, in `top`) for operators.
-fn set_process_name(name: &std::ffi::CStr) {
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes
-    // from the pointer, which `CStr` guarantees to be valid and terminated.
-    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }

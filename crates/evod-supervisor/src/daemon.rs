@@ -14,25 +14,23 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
-use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use evod_ring::{LayoutConfig, Role, Segment};
 use nix::sys::signal::Signal;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 
-use super::config::Config;
-use super::control::{ControlServer, Incoming};
-use super::janitor::Janitor;
-use super::link;
-use super::policy::{Decision, RestartTracker};
-use super::reap::{self, ExitReason};
-use super::spawn::{self, Child, ChildSpec};
-use super::standby::Standby;
-use crate::exit;
-use crate::run::LogFormat;
+use crate::SupervisorError;
+use crate::config::Config;
+use crate::control::{ControlServer, Incoming};
+use crate::exit_code as exit;
+use crate::janitor::Janitor;
+use crate::link;
+use crate::policy::{Decision, RestartTracker};
+use crate::reap::{self, ExitReason};
+use crate::spawn::{self, Child, ChildSpec};
+use crate::standby::Standby;
 use evod_wire::control::{ChildStatus, Request, Response, StatusReport};
 use evod_wire::protocol::{LoadRequest, op};
 
@@ -215,34 +213,35 @@ struct Supervisor {
 }
 
 /// Runs the supervisor until it stops; returns the process exit code.
-pub fn run(config: Config) -> anyhow::Result<ExitCode> {
-    init_logging(config.log_format);
+///
+/// The caller sets up logging first ([`crate::init_logging`]) and must not
+/// have started a thread (the environment is written, and children are
+/// forked from this one).
+pub fn run(config: Config) -> Result<u8, SupervisorError> {
     // Children log in the same format: they read it from the environment.
-    // SAFETY: no thread has been started yet in this process (the janitor
-    // and signal threads start below), so nothing reads the environment
-    // concurrently.
+    // SAFETY: no thread has been started yet in this process (the caller
+    // promises it; the janitor and signal threads start below), so nothing
+    // reads the environment concurrently.
     unsafe {
-        std::env::set_var(
-            "EVOD_LOG_FORMAT",
-            match config.log_format {
-                LogFormat::Human => "human",
-                LogFormat::Json => "json",
-            },
-        );
-    }
-    if !config.model.exists() && crate::evolver::is_fresh_folder(&config.dir) {
-        crate::evolver::create_default_model(&config.model, config.evolve.seed())?;
+        std::env::set_var("EVOD_LOG_FORMAT", config.log_format.as_str());
     }
     let model_generation = check_model(&config.model)?;
     // SAFETY: nothing has started a thread yet (logging set-up does not).
-    let mut janitor = unsafe { Janitor::start() }.context("cannot fork the janitor process")?;
+    let mut janitor = unsafe { Janitor::start() }.map_err(|source| SupervisorError::Setup {
+        what: "cannot fork the janitor process",
+        source,
+    })?;
     if let Err(e) = reap::become_subreaper() {
         tracing::warn!("cannot become a child subreaper ({e}); orphans of children are not reaped");
     }
     let (tx, rx) = mpsc::channel::<Event>();
     let mut signals =
-        signal_hook::iterator::Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP])
-            .context("cannot install signal handlers")?;
+        signal_hook::iterator::Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP]).map_err(
+            |source| SupervisorError::Setup {
+                what: "cannot install signal handlers",
+                source,
+            },
+        )?;
     let signal_tx = tx.clone();
     std::thread::Builder::new()
         .name("signals".into())
@@ -253,11 +252,17 @@ pub fn run(config: Config) -> anyhow::Result<ExitCode> {
                 }
             }
         })
-        .context("cannot start the signal thread")?;
+        .map_err(|source| SupervisorError::Setup {
+            what: "cannot start the signal thread",
+            source,
+        })?;
     let server = ControlServer::start(&config.control_socket, tx, Event::Control)?;
     janitor
         .watch(server.path(), server.inode())
-        .context("cannot brief the janitor")?;
+        .map_err(|source| SupervisorError::Setup {
+            what: "cannot brief the janitor",
+            source,
+        })?;
     tracing::info!(
         pid = std::process::id(),
         dir = %config.dir.display(),
@@ -272,46 +277,25 @@ pub fn run(config: Config) -> anyhow::Result<ExitCode> {
     let code = sup.event_loop(&rx);
     drop(sup);
     drop(server);
-    match code {
-        Ok(code) => Ok(exit::exit(code)),
-        Err(e) => Err(e),
-    }
+    code
 }
 
 /// Validates the model at start; a missing or malformed file is an error
-/// with exit code 3. Returns its generation.
-fn check_model(model: &std::path::Path) -> anyhow::Result<Option<u64>> {
+/// (the binary exits 3). Returns its generation.
+fn check_model(model: &std::path::Path) -> Result<Option<u64>, SupervisorError> {
     if !model.exists() {
-        return Err(exit::with_code(
-            exit::BAD_INPUT,
-            anyhow::anyhow!(
-                "no model at {}; create one with `evod init` or pass --dir",
-                model.display()
-            ),
-        ));
+        return Err(SupervisorError::NoModel(model.to_owned()));
     }
     let file = evod_gguf::GgufFile::open(model)?;
     Ok(evod_store::generation_of(&file))
 }
 
-pub(crate) fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EVOD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
-
 impl Supervisor {
-    fn new(config: Config) -> anyhow::Result<Supervisor> {
+    fn new(config: Config) -> Result<Supervisor, SupervisorError> {
         let mut slots = Vec::new();
         for index in 0..config.workers {
             let segment = Segment::create(&LayoutConfig::default())
-                .with_context(|| format!("cannot create the shared segment of worker {index}"))?;
+                .map_err(|source| SupervisorError::Segment { index, source })?;
             slots.push(Slot::new(Kind::Worker, index, Some(segment)));
         }
         if !config.no_evolver {
@@ -337,7 +321,7 @@ impl Supervisor {
         Ok(sup)
     }
 
-    fn event_loop(&mut self, rx: &mpsc::Receiver<Event>) -> anyhow::Result<u8> {
+    fn event_loop(&mut self, rx: &mpsc::Receiver<Event>) -> Result<u8, SupervisorError> {
         let mut next_tick = Instant::now() + TICK;
         loop {
             let now = Instant::now();
@@ -363,7 +347,7 @@ impl Supervisor {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    anyhow::bail!("the signal and control threads are gone")
+                    return Err(SupervisorError::ThreadsGone);
                 }
             }
             let now = Instant::now();
@@ -396,9 +380,9 @@ impl Supervisor {
         }
     }
 
-    fn finish(&mut self, code: u8) -> anyhow::Result<u8> {
+    fn finish(&mut self, code: u8) -> Result<u8, SupervisorError> {
         match self.give_up.take() {
-            Some(message) => Err(exit::with_code(exit::GAVE_UP, anyhow::anyhow!(message))),
+            Some(message) => Err(SupervisorError::GaveUp(message)),
             None => Ok(code),
         }
     }
@@ -514,7 +498,7 @@ impl Supervisor {
             slot.done = true;
             // A bounded run (`--generations N`, `--until-solved`) ends the
             // daemon with the evolver: the job is done.
-            if self.config.evolve.generations.is_some() || self.config.evolve.until_solved {
+            if self.config.evolver_bounded {
                 tracing::info!(pid, "evolver finished its bounded run; stopping");
                 self.begin_stop(exit::OK);
             } else {
@@ -674,12 +658,16 @@ impl Supervisor {
             "workers crash-loop right after generation {live}: rolling back to generation {to}"
         );
         if let Err(e) = self.roll_back(to, Some(live)) {
-            tracing::error!("rollback failed: {e:#}");
+            tracing::error!("rollback failed: {}", chain(&e));
         }
     }
 
     /// Restores generation `to`; `quarantine` names a bad generation to set aside.
-    fn roll_back(&mut self, to: u64, quarantine: Option<u64>) -> anyhow::Result<u64> {
+    fn roll_back(
+        &mut self,
+        to: u64,
+        quarantine: Option<u64>,
+    ) -> Result<u64, evod_store::StoreError> {
         // One writer at a time: the evolver is stopped (killing it at any
         // instant is safe by design) and restarted afterwards.
         let evolver = self.slots.iter().position(|s| s.kind == Kind::Evolver);
@@ -856,7 +844,7 @@ impl Supervisor {
                 if self.config.allow_fault_injection {
                     args.push("--allow-fault-injection".into());
                 }
-                args.extend(self.config.evolve.to_cli_args());
+                args.extend(self.config.evolver_args.iter().cloned());
                 ChildSpec {
                     role: "evolver",
                     args,
@@ -1078,7 +1066,7 @@ impl Supervisor {
                 };
                 match self.roll_back(to, None) {
                     Ok(g) => Response::ok(serde_json::json!({ "generation": g })),
-                    Err(e) => Response::error(format!("{e:#}")),
+                    Err(e) => Response::error(chain(&e)),
                 }
             }
         }
@@ -1326,4 +1314,17 @@ impl Drop for Supervisor {
             slot.child = None;
         }
     }
+}
+
+/// An error and its causes on one line, `a: b: c` (as `anyhow` prints
+/// `{:#}`).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cause = e.source();
+    }
+    out
 }

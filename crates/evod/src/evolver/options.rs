@@ -1,0 +1,137 @@
+//! The evolution options: given to `evod run` (flags, `EVOD_*`, the TOML
+//! `[evolve]` table), handed to the supervisor as the evolver's command-line
+//! arguments ([`EvolveArgs::to_cli_args`]), and parsed again by the
+//! `evod evolver` role, which flattens this same struct.
+
+use std::ffi::OsString;
+
+use serde::Deserialize;
+
+/// Evolution strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Genetic algorithm: Gaussian mutation, crossover, elitist selection.
+    Ga,
+    /// OpenAI-ES: antithetic pairs, centered ranks, Adam.
+    Es,
+}
+
+impl Strategy {
+    /// The flag value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Ga => "ga",
+            Strategy::Es => "es",
+        }
+    }
+}
+
+/// Evolution options: given to `evod run`, passed through unchanged to the
+/// `evod evolver` role (which flattens this same struct). Every field is
+/// optional so that flags, `EVOD_*` variables and the TOML `[evolve]` table
+/// can be layered; the accessors apply the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct EvolveArgs {
+    /// Evolution strategy [default: ga].
+    #[arg(long, env = "EVOD_STRATEGY", value_enum)]
+    pub strategy: Option<Strategy>,
+    /// Candidates per generation [default: 48].
+    #[arg(long, env = "EVOD_POPULATION")]
+    pub population: Option<u32>,
+    /// Seed of all randomness; a run repeats exactly [default: 0].
+    #[arg(long, env = "EVOD_SEED")]
+    pub seed: Option<u64>,
+    /// Stop evolving after N generations [default: never].
+    #[arg(long, env = "EVOD_GENERATIONS", value_name = "N")]
+    pub generations: Option<u64>,
+    /// Stop evolving once the task is solved (publish gate passed).
+    #[arg(long, env = "EVOD_UNTIL_SOLVED")]
+    #[serde(default)]
+    pub until_solved: bool,
+    /// Mean return that counts as solved [default: 475].
+    #[arg(long, env = "EVOD_SOLVE_THRESHOLD")]
+    pub solve_threshold: Option<f64>,
+    /// Episodes per candidate evaluation [default: 1].
+    #[arg(long, env = "EVOD_EPISODES")]
+    pub episodes: Option<u32>,
+    /// Log a status line every N cycles [default: 60].
+    #[arg(long, env = "EVOD_PULSE_EVERY", value_name = "N")]
+    pub pulse_every: Option<u64>,
+    /// Generations kept in DIR/history for rollback [default: 10].
+    #[arg(long, env = "EVOD_HISTORY", value_name = "K")]
+    pub history: Option<u32>,
+    /// Checkpoint the strategy state every N generations [default: 10].
+    #[arg(long, env = "EVOD_CHECKPOINT_EVERY", value_name = "N")]
+    pub checkpoint_every: Option<u64>,
+}
+
+impl EvolveArgs {
+    /// Seed, default 0.
+    pub fn seed(&self) -> u64 {
+        self.seed.unwrap_or(0)
+    }
+    /// Solve threshold, default 475 (gymnasium's CartPole-v1 threshold).
+    pub fn solve_threshold(&self) -> f64 {
+        self.solve_threshold.unwrap_or(475.0)
+    }
+    /// Pulse interval in cycles, default 60.
+    pub fn pulse_every(&self) -> u64 {
+        self.pulse_every.unwrap_or(60)
+    }
+    /// History length, default 10.
+    pub fn history(&self) -> u32 {
+        self.history.unwrap_or(10)
+    }
+    /// Checkpoint interval in generations, default 10.
+    pub fn checkpoint_every(&self) -> u64 {
+        self.checkpoint_every.unwrap_or(10)
+    }
+
+    /// Fills every unset field of `self` from `other`.
+    pub fn or(self, other: EvolveArgs) -> EvolveArgs {
+        EvolveArgs {
+            strategy: self.strategy.or(other.strategy),
+            population: self.population.or(other.population),
+            seed: self.seed.or(other.seed),
+            generations: self.generations.or(other.generations),
+            until_solved: self.until_solved || other.until_solved,
+            solve_threshold: self.solve_threshold.or(other.solve_threshold),
+            episodes: self.episodes.or(other.episodes),
+            pulse_every: self.pulse_every.or(other.pulse_every),
+            history: self.history.or(other.history),
+            checkpoint_every: self.checkpoint_every.or(other.checkpoint_every),
+        }
+    }
+
+    /// The flags that reproduce the set fields (for the evolver's command line).
+    pub fn to_cli_args(&self) -> Vec<OsString> {
+        let mut out: Vec<OsString> = Vec::new();
+        let mut push = |flag: &str, value: Option<String>| {
+            if let Some(v) = value {
+                out.push(flag.into());
+                out.push(v.into());
+            }
+        };
+        push("--strategy", self.strategy.map(|s| s.as_str().to_owned()));
+        push("--population", self.population.map(|v| v.to_string()));
+        push("--seed", self.seed.map(|v| v.to_string()));
+        push("--generations", self.generations.map(|v| v.to_string()));
+        push(
+            "--solve-threshold",
+            self.solve_threshold.map(|v| v.to_string()),
+        );
+        push("--episodes", self.episodes.map(|v| v.to_string()));
+        push("--pulse-every", self.pulse_every.map(|v| v.to_string()));
+        push("--history", self.history.map(|v| v.to_string()));
+        push(
+            "--checkpoint-every",
+            self.checkpoint_every.map(|v| v.to_string()),
+        );
+        if self.until_solved {
+            out.push("--until-solved".into());
+        }
+        out
+    }
+}
