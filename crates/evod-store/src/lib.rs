@@ -326,3 +326,72 @@ pub fn read_quarantine(dir: &Path) -> Vec<(u64, u64)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evod_runtime::{ModelSpec, Task, init_params, write_model};
+
+    /// Writes a CartPole model of `generation` (weights from `seed`) at `path`.
+    fn model(path: &Path, generation: u64, seed: u64) -> Vec<f32> {
+        let task = Task::CartPole { episodes: 1 };
+        let arch = task.default_arch(evod_runtime::Activation::Tanh);
+        let params = init_params(&arch, seed);
+        let mut spec = ModelSpec::new(arch, task.name(), seed);
+        spec.generation = generation;
+        write_model(path, &spec, &params, None).unwrap();
+        params
+    }
+
+    #[test]
+    fn history_keeps_the_newest_k_and_restore_quarantines_the_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let live = dir.join(MODEL_FILE);
+        std::fs::create_dir_all(history_dir(dir)).unwrap();
+        for g in 1..=4 {
+            model(&live, g, g);
+            keep_history(dir, &live, g, 3).unwrap();
+        }
+        let kept: Vec<u64> = history(dir).iter().map(|(g, _)| *g).collect();
+        assert_eq!(kept, [2, 3, 4]);
+        assert_eq!(previous_generation(dir, 4, None), Some(3));
+        assert_eq!(previous_generation(dir, 4, Some(2)), Some(2));
+
+        let bad = params_hash(&model(&live, 4, 4));
+        assert_eq!(restore(dir, &live, 3, Some(4)).unwrap(), 3);
+        assert_eq!(identify(&live).unwrap().0, Some(3));
+        let quarantined = read_quarantine(dir);
+        // The live file set aside, and the history's copy moved beside it.
+        assert_eq!(quarantined, [(4, bad), (4, bad)]);
+        let kept: Vec<u64> = history(dir).iter().map(|(g, _)| *g).collect();
+        assert_eq!(kept, [2, 3], "the bad generation left the history");
+        assert_eq!(
+            read_rollback_marker(dir),
+            Some(RollbackMark {
+                to: 3,
+                from: Some(bad)
+            })
+        );
+        let err = restore(dir, &live, 9, None).unwrap_err().to_string();
+        assert!(
+            err.contains("generation 9 is not in") && err.contains("[2, 3]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_entry_replaced_since_is_not_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        std::fs::write(&path, "a").unwrap();
+        let old = entry_identity(&path).unwrap();
+        std::fs::write(dir.path().join("new"), "b").unwrap();
+        std::fs::rename(dir.path().join("new"), &path).unwrap();
+        assert!(!remove_if_same(&path, old));
+        assert!(path.exists());
+        let now = file_identity(&path).unwrap();
+        assert!(remove_if_same(&path, now));
+        assert!(!path.exists());
+    }
+}

@@ -1,6 +1,6 @@
 //! The resolved configuration of the supervisor ([`Config`]): every
 //! setting with its default applied. The `evod` binary builds it from its
-//! flags, `EVOD_*` variables and the TOML file (its `config.rs`); nothing
+//! flags, `EVOD_*` variables and the TOML file (its `run/config.rs`); nothing
 //! here knows about the command line.
 
 use std::ffi::OsString;

@@ -5,7 +5,6 @@
 //! supervisor spawns from its own executable (`worker`, `evolver`). Each
 //! subcommand lives in its own module with its own clap `Args`.
 
-mod config;
 mod eval;
 mod evolver;
 mod exit;

@@ -82,7 +82,7 @@ impl Loaded {
 
 /// Runs `evod worker` until `SHUTDOWN`, until its epoch is superseded, or
 /// until it crashes. With `--standby-fd`, first waits to be promoted (see
-/// `supervisor/standby.rs`).
+/// `evod-supervisor`'s `standby.rs`).
 pub fn run(args: Args) -> Result<ExitCode> {
     evod_supervisor::set_process_name(if args.standby_fd.is_some() {
         c"evod-standby"

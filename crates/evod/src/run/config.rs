@@ -26,8 +26,8 @@ use evod_supervisor::policy::{OnGiveUp, RestartPolicy};
 use evod_supervisor::units::{parse_duration, parse_size};
 use serde::{Deserialize, Deserializer};
 
+use super::Args;
 use crate::evolver::EvolveArgs;
-use crate::run::Args;
 
 /// A size in the TOML file: a string (`"2G"`) or a number of bytes.
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {

@@ -1,6 +1,6 @@
 //! `evod run`: the supervisor, in the foreground (also the container entrypoint).
 //!
-//! This file holds the command line ([`Args`]); `config.rs` layers it over
+//! This file holds the command line ([`Args`]); `config` layers it over
 //! the TOML file into the supervisor's `Config`, and the supervisor itself is
 //! the `evod-supervisor` crate.
 
@@ -14,6 +14,8 @@ use evod_supervisor::units::{parse_duration, parse_size};
 
 use crate::evolver::EvolveArgs;
 use crate::exit;
+
+mod config;
 
 /// Arguments of `evod run`. Every option also reads an `EVOD_*` environment
 /// variable and the `--config` TOML file (flag > variable > file > default).
@@ -85,7 +87,7 @@ pub struct Args {
 
 /// Runs `evod run`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let (config, evolve) = crate::config::resolve(args)?;
+    let (config, evolve) = config::resolve(args)?;
     evod_supervisor::init_logging(config.log_format);
     if !config.model.exists() && crate::evolver::is_fresh_folder(&config.dir) {
         crate::evolver::create_default_model(&config.model, evolve.seed())?;
