@@ -7,7 +7,7 @@
 //! its own and closes the connection on a mismatch.
 //!
 //! Protocol: one JSON request line, one JSON response line, then the server
-//! closes the connection. Requests are at most [`MAX_REQUEST`] bytes.
+//! closes the connection. Requests are at most `MAX_REQUEST` bytes.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-pub use evod_wire::control::{ClientError, MAX_REQUEST, Request, Response, call};
+use evod_wire::control::{ClientError, MAX_REQUEST, Request, Response, call};
 use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, Stream};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
