@@ -12,21 +12,8 @@ use std::time::{Duration, Instant};
 use evod_ring::{Channel, Client, LayoutConfig, Segment};
 use evod_runtime::{Architecture, ModelSpec, Task, init_params, write_model};
 
-const OK: i32 = 0;
-const BAD_REQUEST: i32 = 1;
-const LOAD_FAILED: i32 = 2;
-const FAULT_REFUSED: i32 = 4;
-const EVAL_FAILED: i32 = 5;
-const UNKNOWN_OPCODE: i32 = 6;
-
-const PING: u32 = 1;
-const STATS: u32 = 2;
-const LOAD: u32 = 3;
-const NEURAL_EXEC: u32 = 4;
-const EVAL: u32 = 5;
-const SHUTDOWN: u32 = 6;
-const FAULT_SEGV: u32 = 100;
-const FAULT_EXIT: u32 = 104;
+use evod_wire::op::{EVAL, FAULT_EXIT, FAULT_SEGV, LOAD, NEURAL_EXEC, PING, SHUTDOWN, STATS};
+use evod_wire::status::{BAD_REQUEST, EVAL_FAILED, FAULT_REFUSED, LOAD_FAILED, OK, UNKNOWN_OPCODE};
 
 fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(20)

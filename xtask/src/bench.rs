@@ -14,7 +14,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("runtime", "evod-runtime", "bench_runtime"),
     ("runtime", "evod", "bench_eval"),
     ("evolve", "evod", "bench_daemon_solve"),
-    ("recovery", "evod", "bench_recovery"),
+    ("recovery", "evod-supervisor", "bench_recovery"),
 ];
 
 /// Runs the benchmarks named in `args` (all when empty). A name may have

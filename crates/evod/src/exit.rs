@@ -8,7 +8,7 @@
 use std::process::ExitCode;
 
 /// Success.
-pub const OK: u8 = 0;
+pub const OK: u8 = evod_supervisor::exit_code::OK;
 /// Generic failure, or `evod status --check` found the daemon unhealthy.
 pub const FAILURE: u8 = 1;
 /// Bad command-line arguments (clap's own code).
@@ -18,7 +18,7 @@ pub const BAD_INPUT: u8 = 3;
 /// No daemon answers on the control socket.
 pub const NO_DAEMON: u8 = 4;
 /// The supervisor gave up: restarts exceeded the configured intensity.
-pub const GAVE_UP: u8 = 5;
+pub const GAVE_UP: u8 = evod_supervisor::exit_code::GAVE_UP;
 /// An I/O error while writing (disk full, read-only, EIO).
 pub const IO: u8 = 6;
 

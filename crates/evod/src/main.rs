@@ -11,11 +11,9 @@ mod exit;
 mod fault;
 mod init;
 mod inspect;
-mod protocol;
 mod report;
 mod run;
 mod status;
-mod supervisor;
 mod worker;
 
 use std::io::Write;

@@ -11,8 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::exit;
-use crate::supervisor::config::default_socket;
-use crate::supervisor::control::{self, ClientError, Request, StatusReport};
+use evod_wire::control::{self, ClientError, Request, StatusReport, default_socket};
 
 /// Where the daemon is.
 #[derive(Debug, Clone, clap::Args)]

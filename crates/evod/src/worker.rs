@@ -2,7 +2,7 @@
 //!
 //! Spawned by the supervisor with its shared segment inherited as a
 //! descriptor. It maps the published model, builds the network and serves
-//! the opcodes of [`crate::protocol`] on both channels of the ring (`Eval`
+//! the opcodes of [`evod_wire::protocol`] on both channels of the ring (`Eval`
 //! from the evolver, `Control` from the supervisor), keeping its heartbeat
 //! and stats current. It may crash at any instruction: the supervisor
 //! respawns it and the clients re-send what was in flight.
@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use evod_ring::{Channel, Request, RingError, Role, Scribble, Segment};
 use evod_runtime::{Architecture, Model, Task};
 
-use crate::protocol::{self, EvalHeader, ExecHeader, LoadRequest, WorkerInfo, op, status};
+use evod_wire::protocol::{self, EvalHeader, ExecHeader, LoadRequest, WorkerInfo, op, status};
 
 /// Arguments of `evod worker`.
 #[derive(Debug, clap::Args)]
@@ -82,10 +82,10 @@ impl Loaded {
 
 /// Runs `evod worker` until `SHUTDOWN`, until its epoch is superseded, or
 /// until it crashes. With `--standby-fd`, first waits to be promoted (see
-/// `supervisor/standby.rs`).
+/// `evod-supervisor`'s `standby.rs`).
 pub fn run(args: Args) -> Result<ExitCode> {
     die_on_first_segv();
-    set_process_name(if args.standby_fd.is_some() {
+    evod_supervisor::set_process_name(if args.standby_fd.is_some() {
         c"evod-standby"
     } else {
         c"evod-worker"
@@ -117,7 +117,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         };
         preloaded = pre;
-        set_process_name(c"evod-worker");
+        evod_supervisor::set_process_name(c"evod-worker");
         worker.started = Instant::now();
     }
     // Claim the server end first: it starts the heartbeat, so a large model
@@ -171,13 +171,8 @@ struct Preloaded {
 
 impl Preloaded {
     fn is_current(&self, path: &Path) -> bool {
-        file_identity(path).is_some_and(|id| id == self.identity)
+        evod_store::file_identity(path).is_some_and(|id| id == self.identity)
     }
-}
-
-fn file_identity(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Standby mode: maps the model, says ready on the link (descriptor `fd`)
@@ -187,7 +182,7 @@ fn stand_by(fd: i32, model: Option<&Path>) -> Result<Option<Option<Preloaded>>> 
     use std::io::{Read, Write};
     use std::os::fd::FromRawFd;
     use std::os::unix::net::UnixStream;
-    crate::supervisor::spawn::check_inherited_fd(fd)
+    evod_supervisor::spawn::check_inherited_fd(fd)
         .with_context(|| format!("standby link on descriptor {fd}"))?;
     // SAFETY: the descriptor is open (checked just above) and was inherited
     // for exactly this purpose: nothing else in this process owns it.
@@ -195,17 +190,17 @@ fn stand_by(fd: i32, model: Option<&Path>) -> Result<Option<Option<Preloaded>>> 
     // A model that cannot be mapped now is tried again (and its error
     // reported) at promotion, as a cold start would.
     let preloaded = model.and_then(|path| {
-        let identity = file_identity(path)?;
+        let identity = evod_store::file_identity(path)?;
         let model = Model::open_for_serving(path).ok()?;
         Some(Preloaded { model, identity })
     });
-    link.write_all(&[crate::supervisor::standby::READY])
+    link.write_all(&[evod_wire::standby::READY])
         .context("standby link: cannot say ready")?;
     let mut byte = [0u8; 1];
     loop {
         return match link.read(&mut byte) {
             Ok(0) => Ok(None),
-            Ok(_) if byte[0] == crate::supervisor::standby::GO => Ok(Some(preloaded)),
+            Ok(_) if byte[0] == evod_wire::standby::GO => Ok(Some(preloaded)),
             Ok(_) => anyhow::bail!("standby link: unexpected byte {:#04x}", byte[0]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             // The supervisor is gone or closed its end abruptly.
@@ -615,11 +610,4 @@ fn die_on_first_segv() {
         // run from a signal context through it.
         unsafe { libc::signal(signal, libc::SIG_DFL) };
     }
-}
-
-/// Names this thread (and so the process, in `top`) for operators.
-fn set_process_name(name: &std::ffi::CStr) {
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes
-    // from the pointer, which `CStr` guarantees to be valid and terminated.
-    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }

@@ -33,10 +33,7 @@ use std::time::{Duration, Instant};
 
 use super::spawn::{self, Child, ChildSpec};
 
-/// The byte a standby writes once it is ready to be promoted.
-pub const READY: u8 = b'R';
-/// The byte that promotes a standby.
-pub const GO: u8 = b'G';
+use evod_wire::standby::{GO, READY};
 
 /// A started standby worker and the supervisor's end of its link.
 #[derive(Debug)]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use evod_ring::{Channel, ClientConfig, RingError, Segment};
 
-use crate::protocol::{self, ExecHeader, LoadRequest, WorkerInfo, op};
+use evod_wire::protocol::{self, ExecHeader, LoadRequest, WorkerInfo, op};
 
 /// What went wrong talking to a worker.
 #[derive(Debug, thiserror::Error)]
@@ -80,13 +80,7 @@ fn call<T>(
             Err(e) => return Err(e.into()),
         }
     };
-    let (status, payload) = loop {
-        let reply = client.recv(deadline)?;
-        if reply.request_id() == id {
-            // Copied out of the segment before anything decodes it.
-            break (reply.status(), reply.payload.to_vec());
-        }
-    };
+    let (status, payload) = protocol::receive_id(&mut client, id, deadline)?;
     if status != protocol::status::OK {
         let text = String::from_utf8_lossy(&payload[..payload.len().min(4096)]);
         return Err(LinkError::Refused {

@@ -3,7 +3,7 @@
 //!
 //! This drives real `evod worker` processes (the release binary from
 //! `EVOD_BIN`) with the supervisor's own spawn, standby and reaping code
-//! (`src/supervisor/spawn.rs`, `standby.rs`, `reap.rs`, included by path)
+//! (`evod_supervisor::{spawn, standby, reap}`)
 //! and the ring: send `FAULT_SEGV` → `waitpid` → `bump_epoch` → promote the
 //! warm standby (the daemon's default) or spawn a worker cold
 //! (`--no-standby`) → `PING` until the new worker answers. With a standby,
@@ -15,8 +15,6 @@
 //! recovery_p99_us, spawn_floor_median_us, recovery_1gib_median_us, and the
 //! same for cold starts).
 
-#![allow(dead_code)] // The included supervisor modules have more than this uses.
-
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,19 +22,9 @@ use std::time::{Duration, Instant};
 
 use evod_ring::{Channel, LayoutConfig, RingError, Role, Segment};
 
-// At the crate root, so that `spawn.rs`'s `super::reap` resolves.
-#[path = "../src/supervisor/reap.rs"]
-mod reap;
-#[path = "../src/supervisor/spawn.rs"]
-mod spawn;
-#[path = "../src/supervisor/standby.rs"]
-mod standby;
-
-use spawn::{ChildSpec, spawn_program};
-use standby::Standby;
-
-const PING: u32 = 1;
-const FAULT_SEGV: u32 = 100;
+use evod_supervisor::spawn::{ChildSpec, spawn_program};
+use evod_supervisor::standby::Standby;
+use evod_wire::op::{FAULT_SEGV, PING};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;

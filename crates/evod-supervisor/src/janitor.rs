@@ -62,7 +62,7 @@ impl Janitor {
 fn run_child(read: OwnedFd) -> ! {
     // Out of the terminal's process group: Ctrl-C is for the supervisor.
     let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-    let _ = nix::sys::prctl::set_name(c"evod-janitor");
+    crate::process::set_process_name(c"evod-janitor");
     // Keep only stdio and the pipe.
     let fd = read.as_raw_fd();
     // SAFETY: marks descriptors close-on-exec and closes others this child

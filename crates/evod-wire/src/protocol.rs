@@ -20,8 +20,6 @@
 //!
 //! A reply with a non-zero status carries a UTF-8 error message as payload.
 
-#![allow(dead_code)] // Used by the worker, evolver and supervisor roles as they land.
-
 use serde::{Deserialize, Serialize};
 
 /// Opcodes.
@@ -340,6 +338,43 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)
+}
+
+/// Sends one request on `client` and waits for the reply to that request
+/// (see [`receive_id`]).
+pub fn exchange(
+    client: &mut evod_ring::Client<'_>,
+    opcode: u32,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]),
+    deadline: std::time::Instant,
+) -> Result<(i32, Vec<u8>), evod_ring::RingError> {
+    let id = client.send(opcode, 0, len, fill)?;
+    receive_id(client, id, deadline)
+}
+
+/// Receives replies on `client` until the one to request `id`, and returns
+/// its status and payload: a late reply to an earlier request that was given
+/// up on (a timeout, a batch abandoned on an error, a fault or `SHUTDOWN`
+/// sent without waiting) is dropped, never taken for this one. The payload
+/// is copied out of the shared segment before anything decodes it, so a
+/// worker rewriting it meanwhile cannot change what is checked.
+pub fn receive_id(
+    client: &mut evod_ring::Client<'_>,
+    id: u64,
+    deadline: std::time::Instant,
+) -> Result<(i32, Vec<u8>), evod_ring::RingError> {
+    loop {
+        let reply = client.recv(deadline)?;
+        if reply.request_id() == id {
+            return Ok((reply.status(), reply.payload.to_vec()));
+        }
+        tracing::debug!(
+            expected = id,
+            got = reply.request_id(),
+            "dropping a late reply to an abandoned request"
+        );
+    }
 }
 
 #[cfg(test)]

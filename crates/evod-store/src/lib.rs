@@ -1,0 +1,397 @@
+//! The model store of a state folder `DIR`: the files both the supervisor
+//! and the evolver read and write beside the live model.
+//!
+//! - the live file's identity: [`file_identity`] (device, inode: published
+//!   files are replaced by rename, never rewritten), [`identify`]
+//!   (generation and checksum), [`params_hash`] (the weights, whatever the
+//!   metadata);
+//! - the history `DIR/history/`: any `*.gguf` file there whose
+//!   `evod.generation` key can be read counts, whatever its name
+//!   ([`history`], [`previous_generation`]); the evolver links each published
+//!   file in as `gen-NNNNNNNN.gguf` and keeps the newest K
+//!   ([`keep_history`]);
+//! - the quarantine `DIR/history/quarantine/` ([`read_quarantine`]);
+//! - the rollback marker `DIR/state/rolled-back-to` ([`rollback_marker`]);
+//! - [`restore`]: validates the chosen file, sets the bad generation aside in
+//!   the quarantine (a hard link of the live file, and the history copies
+//!   moved there), then publishes the chosen generation through the same
+//!   atomic path as a new one (`evod_gguf::rewrite`: temporary file, fsync,
+//!   rename, folder fsync).
+//!
+//! Whether and when to roll back is the supervisor's decision; this crate
+//! only does it.
+
+#![deny(missing_docs)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use evod_gguf::{GgufFile, PublishOptions};
+use evod_runtime::Model;
+
+/// The live model's file name inside the state folder.
+pub const MODEL_FILE: &str = "vectorland.gguf";
+
+/// What went wrong in the store. Each message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The generation asked for is not in the history.
+    #[error("generation {to} is not in {} (it holds {known:?})", dir.display())]
+    NotInHistory {
+        /// The generation asked for.
+        to: u64,
+        /// The history folder.
+        dir: PathBuf,
+        /// The generations it holds.
+        known: Vec<u64>,
+    },
+    /// A model file did not open or validate.
+    #[error(transparent)]
+    Gguf(#[from] evod_gguf::GgufError),
+    /// Publishing the restored generation failed.
+    #[error("cannot publish generation {to} at {}", model.display())]
+    Publish {
+        /// The generation.
+        to: u64,
+        /// The live model file.
+        model: PathBuf,
+        /// Why.
+        source: evod_gguf::GgufError,
+    },
+    /// A file-system step failed.
+    #[error("{what}")]
+    Io {
+        /// The step, naming its files.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// (device, inode) of the file at `path` (symlinks followed), if it exists.
+pub fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// (device, inode) of the directory entry at `path` itself (a symlink is
+/// not followed), if it exists.
+pub fn entry_identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Removes the entry at `path` if it is still the one with identity `id`
+/// ([`entry_identity`]): a file replaced since is left alone. Returns
+/// whether it removed it.
+pub fn remove_if_same(path: &Path, id: (u64, u64)) -> bool {
+    entry_identity(path) == Some(id) && std::fs::remove_file(path).is_ok()
+}
+
+/// The metadata key holding a model's generation number.
+pub const GENERATION_KEY: &str = "evod.generation";
+
+/// `DIR/history`.
+pub fn history_dir(dir: &Path) -> PathBuf {
+    dir.join("history")
+}
+
+/// `DIR/history/quarantine`.
+pub fn quarantine_dir(dir: &Path) -> PathBuf {
+    history_dir(dir).join("quarantine")
+}
+
+/// The generation a model file's metadata names.
+pub fn generation_of(file: &GgufFile) -> Option<u64> {
+    file.get(GENERATION_KEY).and_then(|v| v.as_u64())
+}
+
+/// Generation and checksum of a model file (validated).
+pub fn identify(model: &Path) -> Result<(Option<u64>, u64), evod_gguf::GgufError> {
+    let file = GgufFile::open(model)?;
+    Ok((generation_of(&file), file.checksum()))
+}
+
+/// Every readable generation in the history: (generation, file), sorted.
+pub fn history(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(history_dir(dir)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf") && p.is_file())
+        .filter_map(|p| {
+            let g = generation_of(&GgufFile::open(&p).ok()?)?;
+            Some((g, p))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The generation to roll back to from `live`: `good` if the history holds
+/// it, else the newest one older than `live`.
+pub fn previous_generation(dir: &Path, live: u64, good: Option<u64>) -> Option<u64> {
+    let history = history(dir);
+    if let Some(g) = good
+        && g != live
+        && history.iter().any(|(h, _)| *h == g)
+    {
+        return Some(g);
+    }
+    history.iter().rev().map(|(g, _)| *g).find(|g| *g < live)
+}
+
+/// Publishes generation `to` from the history over `model`; with
+/// `quarantine`, first sets that (bad) generation aside. Returns `to`.
+pub fn restore(
+    dir: &Path,
+    model: &Path,
+    to: u64,
+    quarantine: Option<u64>,
+) -> Result<u64, StoreError> {
+    let history = history(dir);
+    let Some((_, source)) = history.iter().find(|(g, _)| *g == to) else {
+        return Err(StoreError::NotInHistory {
+            to,
+            dir: history_dir(dir),
+            known: history.iter().map(|(g, _)| *g).collect(),
+        });
+    };
+    let file = GgufFile::open(source)?;
+    // What is rolled back from, for the evolver (see `rollback_marker`).
+    let from = Model::open_for_serving(model)
+        .and_then(|m| Ok(params_hash(&m.params()?)))
+        .ok();
+    if let Some(bad) = quarantine {
+        let qdir = quarantine_dir(dir);
+        std::fs::create_dir_all(&qdir).map_err(|source| StoreError::Io {
+            what: format!("cannot create {}", qdir.display()),
+            source,
+        })?;
+        let aside = qdir.join(format!("gen-{bad}.gguf"));
+        let _ = std::fs::remove_file(&aside);
+        if let Err(e) = std::fs::hard_link(model, &aside) {
+            std::fs::copy(model, &aside).map_err(|source| StoreError::Io {
+                what: format!(
+                    "cannot set {} aside as {} ({e})",
+                    model.display(),
+                    aside.display()
+                ),
+                source,
+            })?;
+        }
+        for (g, path) in &history {
+            if *g == bad
+                && let Some(name) = path.file_name()
+            {
+                let _ = std::fs::rename(path, qdir.join(name));
+            }
+        }
+        tracing::warn!("generation {bad} quarantined in {}", aside.display());
+    }
+    evod_gguf::rewrite(&file, model, |_| {}, &PublishOptions::default()).map_err(|source| {
+        StoreError::Publish {
+            to,
+            model: model.to_owned(),
+            source,
+        }
+    })?;
+    mark_rollback(dir, to, from);
+    Ok(to)
+}
+
+/// xxh3 of parameters as little-endian f32 bytes: identifies a model's
+/// weights whatever its metadata.
+pub fn params_hash(params: &[f32]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = Vec::with_capacity(4 * 4096);
+    for chunk in params.chunks(4096) {
+        buf.clear();
+        for v in chunk {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        h.update(&buf);
+    }
+    h.digest()
+}
+
+/// The rollback marker, as the evolver reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RollbackMark {
+    /// The generation restored.
+    pub to: u64,
+    /// [`params_hash`] of the model rolled back from, if it could be read.
+    pub from: Option<u64>,
+}
+
+/// Reads the rollback marker of `dir`, if any.
+pub fn read_rollback_marker(dir: &Path) -> Option<RollbackMark> {
+    let text = std::fs::read_to_string(rollback_marker(dir)).ok()?;
+    let mut words = text.split_whitespace();
+    let to = words.next()?.parse().ok()?;
+    let from = words.next().and_then(|w| u64::from_str_radix(w, 16).ok());
+    Some(RollbackMark { to, from })
+}
+
+/// `DIR/state/rolled-back-to`: the generation the live file was rolled back
+/// to, and the parameters hash of the model rolled back from. The evolver
+/// reads it at start: its checkpoint may still count that model as
+/// published, and it must not come back as a "lost publish"
+/// (the evolver's `lost_publish`); any other missing publish still is one.
+pub fn rollback_marker(dir: &Path) -> PathBuf {
+    dir.join("state").join("rolled-back-to")
+}
+
+/// Writes the rollback marker (atomically: temporary file and rename). A
+/// failure is logged: without the marker the evolver may republish the
+/// generation rolled back from, which the next rollback handles.
+fn mark_rollback(dir: &Path, to: u64, from: Option<u64>) {
+    let path = rollback_marker(dir);
+    let tmp = path.with_extension("tmp");
+    let text = match from {
+        Some(h) => format!("{to} {h:016x}\n"),
+        None => format!("{to}\n"),
+    };
+    let result = std::fs::create_dir_all(dir.join("state"))
+        .and_then(|()| std::fs::write(&tmp, text))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = result {
+        tracing::error!("cannot write {}: {e}", path.display());
+    }
+}
+
+/// The name of generation `generation`'s link in `DIR/history`.
+pub fn history_name(generation: u64) -> String {
+    format!("gen-{generation:08}.gguf")
+}
+
+/// Links the live file `model` (of generation `generation`) into
+/// `DIR/history` and keeps the newest `keep` (at least one) of the
+/// `gen-*.gguf` links there.
+pub fn keep_history(
+    dir: &Path,
+    model: &Path,
+    generation: u64,
+    keep: usize,
+) -> Result<(), StoreError> {
+    let history = history_dir(dir);
+    let link = history.join(history_name(generation));
+    let _ = std::fs::remove_file(&link);
+    std::fs::hard_link(model, &link).map_err(|source| StoreError::Io {
+        what: format!("linking {} into {}", model.display(), history.display()),
+        source,
+    })?;
+    let mut generations: Vec<PathBuf> = std::fs::read_dir(&history)
+        .map_err(|source| StoreError::Io {
+            what: format!("reading {}", history.display()),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("gen-") && n.ends_with(".gguf"))
+        })
+        .collect();
+    generations.sort();
+    let excess = generations.len().saturating_sub(keep.max(1));
+    for old in &generations[..excess] {
+        let _ = std::fs::remove_file(old);
+    }
+    Ok(())
+}
+
+/// The quarantined generations in `DIR/history/quarantine` that can be read
+/// as models: (generation, [`params_hash`]). One that cannot is logged and
+/// skipped.
+pub fn read_quarantine(dir: &Path) -> Vec<(u64, u64)> {
+    let qdir = quarantine_dir(dir);
+    let Ok(entries) = std::fs::read_dir(&qdir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for path in entries.flatten().map(|e| e.path()) {
+        if path.extension().is_none_or(|x| x != "gguf") {
+            continue;
+        }
+        match Model::open_for_serving(&path).and_then(|m| {
+            let hash = params_hash(&m.params()?);
+            Ok((m.spec.generation, hash))
+        }) {
+            Ok(entry) => out.push(entry),
+            Err(e) => tracing::warn!("cannot read quarantined {}: {e}", path.display()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evod_runtime::{ModelSpec, Task, init_params, write_model};
+
+    /// Writes a CartPole model of `generation` (weights from `seed`) at `path`.
+    fn model(path: &Path, generation: u64, seed: u64) -> Vec<f32> {
+        let task = Task::CartPole { episodes: 1 };
+        let arch = task.default_arch(evod_runtime::Activation::Tanh);
+        let params = init_params(&arch, seed);
+        let mut spec = ModelSpec::new(arch, task.name(), seed);
+        spec.generation = generation;
+        write_model(path, &spec, &params, None).unwrap();
+        params
+    }
+
+    #[test]
+    fn history_keeps_the_newest_k_and_restore_quarantines_the_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let live = dir.join(MODEL_FILE);
+        std::fs::create_dir_all(history_dir(dir)).unwrap();
+        for g in 1..=4 {
+            model(&live, g, g);
+            keep_history(dir, &live, g, 3).unwrap();
+        }
+        let kept: Vec<u64> = history(dir).iter().map(|(g, _)| *g).collect();
+        assert_eq!(kept, [2, 3, 4]);
+        assert_eq!(previous_generation(dir, 4, None), Some(3));
+        assert_eq!(previous_generation(dir, 4, Some(2)), Some(2));
+
+        let bad = params_hash(&model(&live, 4, 4));
+        assert_eq!(restore(dir, &live, 3, Some(4)).unwrap(), 3);
+        assert_eq!(identify(&live).unwrap().0, Some(3));
+        let quarantined = read_quarantine(dir);
+        // The live file set aside, and the history's copy moved beside it.
+        assert_eq!(quarantined, [(4, bad), (4, bad)]);
+        let kept: Vec<u64> = history(dir).iter().map(|(g, _)| *g).collect();
+        assert_eq!(kept, [2, 3], "the bad generation left the history");
+        assert_eq!(
+            read_rollback_marker(dir),
+            Some(RollbackMark {
+                to: 3,
+                from: Some(bad)
+            })
+        );
+        let err = restore(dir, &live, 9, None).unwrap_err().to_string();
+        assert!(
+            err.contains("generation 9 is not in") && err.contains("[2, 3]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_entry_replaced_since_is_not_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        std::fs::write(&path, "a").unwrap();
+        let old = entry_identity(&path).unwrap();
+        std::fs::write(dir.path().join("new"), "b").unwrap();
+        std::fs::rename(dir.path().join("new"), &path).unwrap();
+        assert!(!remove_if_same(&path, old));
+        assert!(path.exists());
+        let now = file_identity(&path).unwrap();
+        assert!(remove_if_same(&path, now));
+        assert!(!path.exists());
+    }
+}

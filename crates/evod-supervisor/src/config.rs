@@ -1,0 +1,54 @@
+//! The resolved configuration of the supervisor ([`Config`]): every
+//! setting with its default applied. The `evod` binary builds it from its
+//! flags, `EVOD_*` variables and the TOML file (its `run/config.rs`); nothing
+//! here knows about the command line.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::policy::RestartPolicy;
+use crate::process::LogFormat;
+
+pub use evod_store::MODEL_FILE as DEFAULT_MODEL;
+pub use evod_wire::control::{RUNTIME_DIR, SOCKET_NAME, default_socket};
+
+/// Everything `evod run` needs, with defaults applied.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// State folder (model, history, runtime folder).
+    pub dir: PathBuf,
+    /// The live model file.
+    pub model: PathBuf,
+    /// Number of workers.
+    pub workers: usize,
+    /// Whether workers honour fault-injection opcodes and `evod.fault`.
+    pub allow_fault_injection: bool,
+    /// Workers crash on every candidate whose FNV-1a hash is divisible by this
+    /// (fault injection only).
+    pub poison_one_in: Option<u64>,
+    /// Run without an evolver (serve the model only).
+    pub no_evolver: bool,
+    /// Keep a warm standby next to each worker (see `standby.rs`).
+    pub standby: bool,
+    /// `RLIMIT_DATA` of each worker, bytes.
+    pub worker_memory_limit: Option<u64>,
+    /// How long a graceful stop may take before SIGKILL.
+    pub grace_period: Duration,
+    /// A worker whose heartbeat does not move for this long is killed.
+    pub heartbeat_timeout: Duration,
+    /// Restart policy of every child.
+    pub policy: RestartPolicy,
+    /// Quick worker crashes after a new generation that trigger a rollback.
+    pub fallback_after: u32,
+    /// Log output format.
+    pub log_format: LogFormat,
+    /// The control socket.
+    pub control_socket: PathBuf,
+    /// The evolution options, as the evolver's command-line arguments
+    /// (passed through unread).
+    pub evolver_args: Vec<OsString>,
+    /// Whether the evolver stops by itself (a generation bound or
+    /// `--until-solved`): its exit 0 then stops the daemon.
+    pub evolver_bounded: bool,
+}

@@ -1,0 +1,424 @@
+//! The children's lifecycle: the slots' workers and evolver (start, reap,
+//! restart with the policy's backoff, the heartbeat watchdog) and each
+//! worker's warm standby (start, retry, promotion).
+
+use super::*;
+
+impl Supervisor {
+    pub(super) fn reap(&mut self) {
+        for (pid, reason) in reap::reap_all() {
+            match self.slots.iter().position(|s| {
+                s.child
+                    .as_ref()
+                    .is_some_and(|c| c.pid() == pid && c.exited().is_none())
+            }) {
+                Some(i) => self.on_exit(i, reason),
+                None => match self.slots.iter().position(|s| {
+                    s.standby
+                        .as_ref()
+                        .is_some_and(|sb| sb.child().pid() == pid && sb.child().exited().is_none())
+                }) {
+                    Some(i) => self.on_standby_exit(i, reason),
+                    None => tracing::debug!(pid = pid.as_raw(), "reaped an orphan: {reason}"),
+                },
+            }
+        }
+    }
+
+    pub(super) fn on_exit(&mut self, i: usize, reason: ExitReason) {
+        let now = Instant::now();
+        let stopping = matches!(self.phase, Phase::Stopping { .. });
+        let slot = &mut self.slots[i];
+        let child = slot
+            .child
+            .as_mut()
+            .expect("on_exit is called for a live child");
+        child.set_exited(reason);
+        let pid = child.pid().as_raw();
+        let uptime = now.duration_since(child.started());
+        let mut words = reason.to_string();
+        if let Some(cause) = slot.kill_cause.take() {
+            words = format!("{words} ({cause})");
+        }
+        // Killed for lying (recycle, corrupt control channel): whatever it
+        // was doing, the model is not to blame.
+        let blameless = std::mem::take(&mut slot.blameless_kill);
+        slot.last_exit = Some(words.clone());
+        slot.ping = None;
+        if stopping {
+            tracing::info!(pid, "{} {words}", slot.label());
+            return;
+        }
+        if slot.kind == Kind::Evolver && reason.success() {
+            slot.done = true;
+            // A bounded run (`--generations N`, `--until-solved`) ends the
+            // daemon with the evolver: the job is done.
+            if self.config.evolver_bounded {
+                tracing::info!(pid, "evolver finished its bounded run; stopping");
+                self.begin_stop(exit::OK);
+            } else {
+                tracing::info!(
+                    pid,
+                    "evolver finished (exited with code 0); workers keep serving"
+                );
+            }
+            return;
+        }
+        tracing::warn!(
+            pid,
+            uptime_s = uptime.as_secs_f64(),
+            "{} {words}",
+            slot.label()
+        );
+        let decision = slot.tracker.on_exit(&self.config.policy, uptime, now);
+        let label = slot.label();
+        let kind = slot.kind;
+        let serving = slot.serving.take();
+        slot.sync_after = None;
+        // What it was doing when it died (read before the epoch bump resets
+        // the stats; worker-written, so it only steers the blame below).
+        let in_service = slot.segment.as_ref().and_then(|s| s.stats().in_service);
+        match decision {
+            Decision::RestartAfter(delay) => {
+                if !delay.is_zero() {
+                    tracing::info!(
+                        "restarting {label} in {delay:?} (crash {} in a row within 1 s of start)",
+                        self.slots[i].tracker.quick_crashes()
+                    );
+                }
+                self.slots[i].restart_at = Some(now + delay);
+            }
+            Decision::GiveUp { restarts, period } => {
+                let message = format!(
+                    "{label} ended {restarts} times within {period:?} (last: {words}); \
+                     giving up (raise --restart-intensity or use --on-give-up backoff)"
+                );
+                tracing::error!("{message}");
+                self.give_up = Some(message);
+                self.begin_stop(exit::GAVE_UP);
+                return;
+            }
+        }
+        if kind == Kind::Worker && !blameless {
+            self.maybe_fall_back(serving, in_service);
+        }
+    }
+
+    /// A standby ended before it was promoted (killed by someone, or it
+    /// could not start): replace it later, backing off if it keeps ending.
+    pub(super) fn on_standby_exit(&mut self, i: usize, reason: ExitReason) {
+        let slot = &mut self.slots[i];
+        let Some(mut standby) = slot.standby.take() else {
+            return;
+        };
+        standby.child_mut().set_exited(reason);
+        let pid = standby.child().pid().as_raw();
+        drop(standby);
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let delay = slot.standby_backoff;
+        slot.standby_backoff = (delay * 2).min(STANDBY_RETRY_MAX);
+        slot.standby_retry = Some(Instant::now() + delay);
+        tracing::warn!(
+            pid,
+            "standby of {} {reason}; starting another in {delay:?}",
+            slot.label()
+        );
+    }
+
+    /// Starts a standby for worker slot `i` if it should have one and has none.
+    pub(super) fn ensure_standby(&mut self, i: usize) {
+        if !self.config.standby
+            || self.slots[i].kind != Kind::Worker
+            || !matches!(self.phase, Phase::Running)
+            || self.slots[i].standby.is_some()
+            || self.slots[i].standby_retry.is_some()
+        {
+            return;
+        }
+        let spec = self.spec(i);
+        let slot = &mut self.slots[i];
+        match Standby::spawn(None, &spec) {
+            Ok(standby) => {
+                tracing::debug!(
+                    pid = standby.child().pid().as_raw(),
+                    "standby of {} started",
+                    slot.label()
+                );
+                slot.standby = Some(standby);
+            }
+            Err(e) => {
+                let delay = slot.standby_backoff;
+                slot.standby_backoff = (delay * 2).min(STANDBY_RETRY_MAX);
+                slot.standby_retry = Some(Instant::now() + delay);
+                tracing::warn!(
+                    "cannot start a standby for {}: {e}; trying again in {delay:?}",
+                    slot.label()
+                );
+            }
+        }
+    }
+
+    pub(super) fn start_due(&mut self, now: Instant) {
+        for i in 0..self.slots.len() {
+            if self.slots[i].standby_retry.is_some_and(|at| at <= now) {
+                self.slots[i].standby_retry = None;
+                self.ensure_standby(i);
+            }
+            if self.slots[i].restart_at.is_some_and(|at| at <= now) {
+                self.slots[i].restart_at = None;
+                self.slots[i].restarts += 1;
+                if let Some(seg) = &self.slots[i].segment {
+                    seg.bump_epoch();
+                }
+                self.start(i);
+            }
+        }
+    }
+
+    /// Starts slot `i`'s child for the current epoch: a worker slot promotes
+    /// its standby if it has a live one, else starts cold. Then a worker
+    /// slot gets a new standby (off the recovery path).
+    pub(super) fn start(&mut self, i: usize) {
+        self.start_child(i);
+        self.ensure_standby(i);
+    }
+
+    pub(super) fn start_child(&mut self, i: usize) {
+        let spec = self.spec(i);
+        // A worker maps the live file when it starts (a promoted standby
+        // re-checks it): note its identity first (a stat, nothing more on
+        // the recovery path), so that a file published meanwhile is the
+        // newer one and gets a `LOAD` at the next tick.
+        let id = evod_store::file_identity(&self.config.model);
+        let slot = &mut self.slots[i];
+        slot.sync_after = None;
+        slot.sync_backoff = SYNC_BACKOFF;
+        slot.load_refused = None;
+        slot.serving = id.filter(|_| slot.kind == Kind::Worker).map(|id| Serving {
+            id,
+            verified: false,
+        });
+        if let Some(old) = slot.child.as_mut() {
+            old.kill_and_reap();
+        }
+        if let Some(standby) = slot.standby.take() {
+            let pid = standby.child().pid().as_raw();
+            match standby.promote() {
+                Ok(child) => {
+                    tracing::info!(
+                        pid,
+                        epoch = slot.segment.as_ref().map(|s| s.epoch()),
+                        "{} started (standby promoted)",
+                        slot.label()
+                    );
+                    slot.child = Some(child);
+                    return;
+                }
+                Err(e) => tracing::warn!(
+                    pid,
+                    "cannot promote the standby of {} ({e}); starting one cold",
+                    slot.label()
+                ),
+            }
+        }
+        match spawn::spawn(&spec) {
+            Ok(child) => {
+                tracing::info!(
+                    pid = child.pid().as_raw(),
+                    epoch = slot.segment.as_ref().map(|s| s.epoch()),
+                    "{} started",
+                    slot.label()
+                );
+                slot.child = Some(child);
+            }
+            Err(e) => {
+                tracing::error!("cannot start {}: {e}", slot.label());
+                slot.last_exit = Some(format!("could not be started: {e}"));
+                let decision =
+                    slot.tracker
+                        .on_exit(&self.config.policy, Duration::ZERO, Instant::now());
+                match decision {
+                    Decision::RestartAfter(delay) => {
+                        slot.restart_at =
+                            Some(Instant::now() + delay.max(Duration::from_millis(100)))
+                    }
+                    Decision::GiveUp { .. } => {
+                        self.give_up = Some(format!("cannot start {}: {e}", slot.label()));
+                        self.begin_stop(exit::GAVE_UP);
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn spec(&self, i: usize) -> ChildSpec {
+        let slot = &self.slots[i];
+        match slot.kind {
+            Kind::Worker => {
+                let fd = slot
+                    .segment
+                    .as_ref()
+                    .expect("workers have segments")
+                    .fd()
+                    .as_raw_fd();
+                let mut args: Vec<OsString> = vec![
+                    "--ring-fd".into(),
+                    fd.to_string().into(),
+                    "--model".into(),
+                    self.config.model.clone().into(),
+                ];
+                if self.config.allow_fault_injection {
+                    args.push("--allow-fault-injection".into());
+                    if let Some(n) = self.config.poison_one_in {
+                        args.push("--poison-one-in".into());
+                        args.push(n.to_string().into());
+                    }
+                }
+                ChildSpec {
+                    role: "worker",
+                    args,
+                    keep_fds: vec![fd],
+                    harden: true,
+                    memory_limit: self.config.worker_memory_limit,
+                }
+            }
+            Kind::Evolver => {
+                let fds: Vec<i32> = self
+                    .slots
+                    .iter()
+                    .filter_map(|s| s.segment.as_ref().map(|seg| seg.fd().as_raw_fd()))
+                    .collect();
+                let list = fds
+                    .iter()
+                    .map(|fd| fd.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let mut args: Vec<OsString> = vec![
+                    "--dir".into(),
+                    self.config.dir.clone().into(),
+                    "--ring-fds".into(),
+                    list.into(),
+                    "--control-socket".into(),
+                    self.config.control_socket.clone().into(),
+                ];
+                if self.config.allow_fault_injection {
+                    args.push("--allow-fault-injection".into());
+                }
+                args.extend(self.config.evolver_args.iter().cloned());
+                ChildSpec {
+                    role: "evolver",
+                    args,
+                    keep_fds: fds,
+                    harden: true,
+                    memory_limit: None,
+                }
+            }
+        }
+    }
+
+    /// Kills workers whose heartbeat stalled; notes generations served healthily.
+    pub(super) fn watchdog(&mut self) {
+        let timeout = self.config.heartbeat_timeout;
+        for slot in &mut self.slots {
+            if let Some(standby) = slot.standby.as_mut()
+                && standby.poll_ready()
+            {
+                slot.standby_backoff = STANDBY_RETRY;
+            }
+            let (Some(seg), Some(child)) = (&slot.segment, &slot.child) else {
+                continue;
+            };
+            if child.exited().is_some() {
+                continue;
+            }
+            seg.beat(Role::Supervisor);
+            let age = seg.beat_age(Role::Worker);
+            if age > timeout && slot.kill_cause.is_none() {
+                tracing::error!(
+                    pid = child.pid().as_raw(),
+                    "{} missed its heartbeat for {:.1}s (timeout {:?}): killing it",
+                    slot.label(),
+                    age.as_secs_f64(),
+                    timeout
+                );
+                slot.kill_cause = Some(format!("heartbeat stalled for {:.1}s", age.as_secs_f64()));
+                let _ = child.signal(Signal::SIGKILL);
+                continue;
+            }
+        }
+    }
+}
+
+impl Slot {
+    pub(super) fn label(&self) -> String {
+        format!("{} {}", self.kind.name(), self.index)
+    }
+
+    /// Leaves this worker alone (no `LOAD`, no canary) for the current
+    /// backoff, and doubles it.
+    pub(super) fn back_off(&mut self, now: Instant) {
+        self.sync_after = Some(now + self.sync_backoff);
+        self.sync_backoff = (self.sync_backoff * 2).min(SYNC_BACKOFF_MAX);
+    }
+
+    /// After a failed call on this worker's control channel: a worker that
+    /// broke the protocol there (corrupt ring state, a reply that does not
+    /// decode) is not trusted again: SIGKILL, then the usual restart. Other
+    /// errors (timeout, refusal, peer lost) are left to the caller.
+    pub(super) fn distrust_on(&mut self, e: &link::LinkError) {
+        let broke = matches!(
+            e,
+            link::LinkError::Ring(
+                evod_ring::RingError::PeerCorrupt { .. } | evod_ring::RingError::Protocol { .. }
+            ) | link::LinkError::BadReply { .. }
+        );
+        let Some(child) = self.child.as_ref().filter(|c| c.exited().is_none()) else {
+            return;
+        };
+        // A zombie ended by itself (a scribbler exits after scribbling):
+        // its own exit status says what happened.
+        if !broke || self.kill_cause.is_some() || reap::is_zombie(child.pid()) {
+            return;
+        }
+        tracing::error!(
+            pid = child.pid().as_raw(),
+            "{} broke the protocol on its control channel ({e}): killing it",
+            self.label()
+        );
+        self.kill_cause = Some(format!("its control channel is corrupt: {e}"));
+        self.blameless_kill = true;
+        let _ = child.signal(Signal::SIGKILL);
+    }
+
+    pub(super) fn running(&self) -> bool {
+        self.child.as_ref().is_some_and(|c| c.exited().is_none())
+    }
+}
+
+impl Slot {
+    pub(super) fn new(kind: Kind, index: usize, segment: Option<Segment>) -> Slot {
+        Slot {
+            kind,
+            index,
+            child: None,
+            tracker: RestartTracker::default(),
+            restarts: 0,
+            last_exit: None,
+            restart_at: None,
+            kill_cause: None,
+            done: false,
+            segment,
+            ping: None,
+            standby: None,
+            standby_retry: None,
+            standby_backoff: STANDBY_RETRY,
+            serving: None,
+            sync_after: None,
+            sync_backoff: SYNC_BACKOFF,
+            load_refused: None,
+            blameless_kill: false,
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The control socket's wire protocol and its client (`evod status`,
+//! `exec`, `stop`, `rollback`, `fault`, and the evolver's `recycle`); the
+//! server is `evod-supervisor`'s `control.rs`.
+//!
+//! Transport: a Unix socket file (an `interprocess` local socket). Protocol:
+//! one JSON request line, one JSON response line, then the server closes the
+//! connection. Requests are at most [`MAX_REQUEST`] bytes.
+//!
+//! ```text
+//! → {"op":"status"}
+//! ← {"ok":true,"result":{…StatusReport…}}
+//! → {"op":"exec","inputs":[0.1,0.2,0.3,0.4]}
+//! ← {"ok":false,"error":"no worker is ready"}
+//! ```
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use interprocess::local_socket::prelude::*;
+use interprocess::local_socket::{GenericFilePath, Stream};
+use serde::{Deserialize, Serialize};
+
+/// The runtime folder inside a daemon's state folder (0700; holds the
+/// control socket).
+pub const RUNTIME_DIR: &str = ".evod";
+/// The control socket's file name inside the runtime folder.
+pub const SOCKET_NAME: &str = "control.sock";
+
+/// The control socket of the daemon whose state folder is `dir`.
+pub fn default_socket(dir: &Path) -> PathBuf {
+    dir.join(RUNTIME_DIR).join(SOCKET_NAME)
+}
+
+/// Largest request line accepted, in bytes.
+pub const MAX_REQUEST: u64 = 1 << 20;
+
+/// A request from a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The daemon's state ([`StatusReport`]).
+    Status,
+    /// Run the live model on one input row (`NEURAL_EXEC`).
+    Exec {
+        /// The input values.
+        inputs: Vec<f32>,
+    },
+    /// Stop gracefully.
+    Stop,
+    /// Restore an earlier generation (the previous good one by default).
+    Rollback {
+        /// The generation to restore.
+        to: Option<u64>,
+    },
+    /// Replace a worker that misbehaves without crashing (the evolver found
+    /// its ring corrupt or its replies malformed): SIGKILL, then the usual
+    /// restart. Any client of the socket may ask; it has the daemon's uid.
+    Recycle {
+        /// The worker's index.
+        worker: usize,
+        /// The epoch of the incarnation that misbehaved: a worker already
+        /// replaced since is left alone.
+        epoch: u64,
+        /// Why, in words (logged and shown as the exit's cause).
+        reason: String,
+    },
+    /// Inject a fault into a worker (`evod fault`; refused unless the
+    /// daemon runs with `--allow-fault-injection`).
+    Fault {
+        /// The worker's index.
+        worker: usize,
+        /// `segv`, `abort`, `hang`, `scribble`, `lie`, `exit` or `exit:N`.
+        kind: String,
+    },
+}
+
+/// A response line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// What went wrong, on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    /// A success carrying `result`.
+    pub fn ok(result: impl Serialize) -> Response {
+        Response {
+            ok: true,
+            result: Some(serde_json::to_value(result).unwrap_or(serde_json::Value::Null)),
+            error: None,
+        }
+    }
+
+    /// A failure.
+    pub fn error(message: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(message.into()),
+        }
+    }
+}
+
+/// One child as `evod status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChildStatus {
+    /// `worker` or `evolver`.
+    pub role: String,
+    /// Index among children of the same role.
+    pub index: usize,
+    /// `running`, `starting`, `restarting` or `stopped`.
+    pub state: String,
+    /// Pid, while running.
+    pub pid: Option<u32>,
+    /// Seconds since this incarnation started.
+    pub uptime_s: Option<f64>,
+    /// Restarts so far.
+    pub restarts: u64,
+    /// How the previous incarnation ended, in words.
+    pub last_exit: Option<String>,
+    /// The worker segment's epoch (workers only).
+    pub epoch: Option<u64>,
+    /// Model generation the worker has loaded.
+    pub generation: Option<u64>,
+    /// Last control-channel PING round trip, microseconds.
+    pub ping_us: Option<f64>,
+    /// Seconds since the last heartbeat moved (workers only).
+    pub heartbeat_age_s: Option<f64>,
+    /// Ring and worker statistics (workers only), as reported by the ring.
+    pub stats: Option<serde_json::Value>,
+    /// Pid of the warm standby that replaces this worker if it dies.
+    #[serde(default)]
+    pub standby_pid: Option<u32>,
+    /// Whether that standby has mapped the model and waits, ready.
+    #[serde(default)]
+    pub standby_ready: Option<bool>,
+}
+
+/// The answer to [`Request::Status`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The supervisor's pid.
+    pub pid: u32,
+    /// Seconds since the supervisor started.
+    pub uptime_s: f64,
+    /// State folder.
+    pub dir: String,
+    /// Live model file.
+    pub model: String,
+    /// Generation in the model file, as last read by a worker.
+    pub generation: Option<u64>,
+    /// Whether a graceful stop is under way.
+    pub stopping: bool,
+    /// Whether every worker is running and answering.
+    pub healthy: bool,
+    /// Rollbacks performed by the fallback so far.
+    pub rollbacks: u64,
+    /// Newest generation a worker loaded and answered the supervisor's
+    /// canary `NEURAL_EXEC` on (the fallback's "last good" generation).
+    #[serde(default)]
+    pub good_generation: Option<u64>,
+    /// Every child.
+    pub children: Vec<ChildStatus>,
+}
+
+/// Errors of a client call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket.
+    #[error(
+        "no evod daemon is running (nothing answers on {path}: {reason}); start one with `evod run`"
+    )]
+    NoDaemon {
+        /// The socket tried.
+        path: PathBuf,
+        /// Why the connection failed.
+        reason: String,
+    },
+    /// The connection broke or timed out. (The cause is kept as text: an
+    /// `io::Error` in the chain would make `main` take a broken pipe to the
+    /// daemon for a closed stdout.)
+    #[error("control socket {path}: {message}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// The daemon answered something that is not a response.
+    #[error("control socket {path}: bad response: {problem}")]
+    Protocol {
+        /// The socket.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The daemon refused or failed the request.
+    #[error("the daemon says: {0}")]
+    Daemon(String),
+}
+
+/// Sends one request and returns the daemon's result.
+pub fn call(
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<serde_json::Value, ClientError> {
+    let io = |e: std::io::Error| ClientError::Io {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let name = path
+        .to_fs_name::<GenericFilePath>()
+        .map_err(|e| ClientError::NoDaemon {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let stream = Stream::connect(name).map_err(|e| ClientError::NoDaemon {
+        path: path.to_owned(),
+        reason: match e.kind() {
+            std::io::ErrorKind::NotFound => "no such socket".into(),
+            std::io::ErrorKind::ConnectionRefused => "connection refused (stale socket)".into(),
+            _ => e.to_string(),
+        },
+    })?;
+    stream.set_recv_timeout(Some(timeout)).map_err(io)?;
+    stream.set_send_timeout(Some(timeout)).map_err(io)?;
+    let mut text = serde_json::to_string(request).expect("requests always serialize");
+    text.push('\n');
+    (&stream).write_all(text.as_bytes()).map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .take(64 << 20)
+        .read_line(&mut line)
+        .map_err(io)?;
+    if line.is_empty() {
+        return Err(ClientError::Protocol {
+            path: path.to_owned(),
+            problem: "the daemon closed the connection without answering".into(),
+        });
+    }
+    let response: Response = serde_json::from_str(&line).map_err(|e| ClientError::Protocol {
+        path: path.to_owned(),
+        problem: e.to_string(),
+    })?;
+    if response.ok {
+        Ok(response.result.unwrap_or(serde_json::Value::Null))
+    } else {
+        Err(ClientError::Daemon(
+            response.error.unwrap_or_else(|| "unknown error".into()),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_json_form() {
+        let text = serde_json::to_string(&Request::Rollback { to: Some(4) }).unwrap();
+        assert_eq!(text, r#"{"op":"rollback","to":4}"#);
+        let parsed: Request = serde_json::from_str(r#"{"op":"exec","inputs":[0.5,1]}"#).unwrap();
+        assert_eq!(
+            parsed,
+            Request::Exec {
+                inputs: vec![0.5, 1.0]
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+    }
+}

@@ -1,0 +1,25 @@
+//! evod's wire formats: everything both ends of a channel must agree on.
+//!
+//! - [`protocol`]: what the ring's bytes mean between the supervisor or the
+//!   evolver and a worker (opcodes [`op`], reply [`status`] codes, payload
+//!   codecs), and [`exchange`] / [`receive_id`], the one loop that sends a
+//!   request and waits for the reply carrying its id.
+//! - [`control`]: the control socket's JSON lines ([`Request`],
+//!   [`Response`], [`StatusReport`]) and the client [`call`].
+//! - [`standby`]: the two bytes of a warm standby's link.
+//! - [`fault`]: fault kinds (`segv`, `exit:N`, …) as fault opcodes.
+//!
+//! Every decoder here treats its input as untrusted.
+
+#![deny(missing_docs)]
+
+pub mod control;
+pub mod fault;
+pub mod protocol;
+pub mod standby;
+
+pub use control::{ChildStatus, ClientError, Request, Response, StatusReport, call};
+pub use protocol::{
+    DecodeError, EvalHeader, ExecHeader, LoadRequest, MAX_BATCH, WorkerInfo, exchange, op,
+    receive_id, status,
+};

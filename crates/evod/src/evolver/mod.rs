@@ -1,0 +1,170 @@
+//! `evod evolver` (hidden role): the metabolism loop as a process.
+//!
+//! Spawned by the supervisor with every worker's shared segment inherited.
+//! Each cycle it asks the [`evod_evolve::Evolver`] for a generation, which
+//! validates candidates and has them evaluated through [`RingEvaluator`]
+//! (batched `EVAL` across all workers in parallel); when a generation passes
+//! the gate it publishes the model atomically and links it into the history
+//! (the supervisor then brings every worker to the new file). It
+//! checkpoints the whole strategy state so that a killed evolver resumes
+//! where it was, and appends one row per generation to the progress log
+//! that `evod report` draws.
+//!
+//! Files under the run folder `DIR`:
+//! - `vectorland.gguf`: the published model (only this process writes it
+//!   while it runs; rollbacks stop it first).
+//! - `history/gen-NNNNNNNN.gguf`: hard links of the last K published files.
+//! - `state/checkpoint.bin`: the strategy state (atomic writes).
+//! - `state/progress.csv`: one row per generation.
+//!
+//! Modules: `run_loop` (the loop, resume, publish, progress, pulse), `ring`
+//! ([`RingEvaluator`]), `io_fault` (the fault-injection I/O plan),
+//! `options` ([`EvolveArgs`], shared with `evod run`).
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use evod_evolve::{
+    EvalError, Evaluator, EvolveError, Evolver, EvolverConfig, GenerationReport, StrategyKind,
+    load_checkpoint, save_checkpoint,
+};
+use evod_ring::{Channel, Client, RingError, Segment};
+use evod_runtime::{Model, ModelSpec, Task, write_model, write_model_with};
+
+use crate::report::{PROGRESS_FILE, PROGRESS_HEADER, Row};
+
+mod io_fault;
+mod options;
+mod ring;
+mod run_loop;
+
+use evod_wire::protocol::{self, EvalHeader, exchange, op, receive_id, status};
+use io_fault::{IO_FAULT_FILE, read_io_fault};
+pub use options::{EvolveArgs, Strategy};
+pub use ring::RingEvaluator;
+use run_loop::Loop;
+
+/// The model's file name inside the run folder.
+pub const MODEL_FILE: &str = evod_store::MODEL_FILE;
+
+/// Arguments of `evod evolver`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The run folder (holds the model, history and state).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Descriptor numbers of the workers' inherited segments, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ring_fds: Vec<i32>,
+    /// The supervisor's control socket, to have a worker replaced that
+    /// corrupts its ring without crashing (passed by `evod run`).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Honour the I/O fault plan in `DIR/.evod/io-fault` at each publish
+    /// (tests only; passed by `evod run --allow-fault-injection`).
+    #[arg(long, hide = true)]
+    pub allow_fault_injection: bool,
+    /// Evolution options.
+    #[command(flatten)]
+    pub evolve: EvolveArgs,
+}
+
+/// Runs `evod evolver` until its bound is reached (exit 0) or forever.
+pub fn run(args: Args) -> Result<ExitCode> {
+    evod_supervisor::set_process_name(c"evod-evolver");
+    evod_supervisor::init_logging(match std::env::var("EVOD_LOG_FORMAT").as_deref() {
+        Ok("json") => evod_supervisor::LogFormat::Json,
+        _ => evod_supervisor::LogFormat::Human,
+    });
+    if let Some(fd) = (1..args.ring_fds.len()).find_map(|i| {
+        args.ring_fds[..i]
+            .contains(&args.ring_fds[i])
+            .then_some(args.ring_fds[i])
+    }) {
+        anyhow::bail!("--ring-fd {fd} is given twice: each segment descriptor is taken over once");
+    }
+    let segments = args
+        .ring_fds
+        .iter()
+        .map(|&fd| {
+            // SAFETY: each `--ring-fd` names a descriptor the supervisor
+            // passed for one segment; nothing else here owns it, and each is
+            // taken over once (no number twice, checked above;
+            // `attach_inherited` checks it is a sealed memfd first).
+            unsafe { Segment::attach_inherited(fd) }
+                .with_context(|| format!("attaching the worker segment on descriptor {fd}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let clients = segments
+        .iter()
+        .map(|s| {
+            s.client(Channel::Eval)
+                .context("claiming the evaluation channel")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut ring = RingEvaluator::new(&segments, clients);
+    ring.control_socket = args.control_socket.clone();
+    let mut main = Loop::start(&args.dir, &args.evolve)?;
+    if args.allow_fault_injection {
+        main.io_fault_file = Some(
+            args.dir
+                .join(evod_wire::control::RUNTIME_DIR)
+                .join(IO_FAULT_FILE),
+        );
+    }
+    main.run(&args.evolve, &mut ring)
+}
+
+/// Whether `dir` holds nothing of a run yet (no history, no state): then
+/// `evod run` may create the default model there.
+pub fn is_fresh_folder(dir: &Path) -> bool {
+    !dir.join("history").exists() && !dir.join("state").exists()
+}
+
+/// Creates the built-in default model at `path`: CartPole-v1, 4-16-2 tanh,
+/// initialised from `seed` (what `evod init --seed SEED` writes).
+pub fn create_default_model(path: &Path, seed: u64) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating the run folder {}", parent.display()))?;
+    }
+    let task = Task::CartPole { episodes: 1 };
+    let arch = task.default_arch(evod_runtime::Activation::Tanh);
+    let params = evod_runtime::init_params(&arch, seed);
+    let spec = ModelSpec::new(arch, task.name(), seed);
+    write_model(path, &spec, &params, None)
+        .with_context(|| format!("creating the default model {}", path.display()))?;
+    tracing::info!(
+        "created {} (CartPole-v1, 4-16-2 tanh, seed {seed})",
+        path.display()
+    );
+    Ok(())
+}
+
+/// The evolver configuration for `evolve` on `task`.
+pub fn evolver_config(evolve: &EvolveArgs, task: &Task) -> EvolverConfig {
+    // Unset options take the library's tuned defaults.
+    let defaults = EvolverConfig::default();
+    let strategy = match evolve.strategy {
+        Some(Strategy::Ga) => StrategyKind::Ga,
+        Some(Strategy::Es) => StrategyKind::Es,
+        None => defaults.strategy,
+    };
+    let mut config = EvolverConfig {
+        strategy,
+        population: evolve
+            .population
+            .map_or(defaults.population, |p| p as usize),
+        seed: evolve.seed(),
+        episodes: evolve.episodes.unwrap_or(defaults.episodes),
+        ..defaults
+    };
+    if strategy == StrategyKind::Es && config.population % 2 == 1 {
+        config.population += 1;
+    }
+    config.solve_threshold = task.solve_threshold().map(|_| evolve.solve_threshold());
+    config
+}

@@ -1,0 +1,488 @@
+//! The metabolism loop ([`Loop`]): resume from the checkpoint, one
+//! `Evolver::step` per cycle, publish (atomic, never a quarantined model,
+//! redoing a publish lost with a killed evolver), history, the progress log,
+//! the pulse line, and a bounded stop.
+
+use super::*;
+
+/// Opens the progress log for appending after rewriting it to hold only
+/// well-formed rows of generations before `resume_at`: a resumed run
+/// replays the generations after its checkpoint and writes them again, and a
+/// killed evolver may have left a torn last line.
+fn open_progress(path: &Path, resume_at: u64) -> Result<std::fs::File> {
+    let mut text = format!("{PROGRESS_HEADER}\n");
+    if let Ok(old) = std::fs::read_to_string(path) {
+        for line in old.lines().skip(1) {
+            let ok = line.split(',').count() == 6
+                && line
+                    .split(',')
+                    .next()
+                    .and_then(|g| g.parse::<u64>().ok())
+                    .is_some_and(|g| g < resume_at);
+            if ok {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
+    let tmp = path.with_extension("csv.tmp");
+    std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+pub(super) struct Loop {
+    dir: PathBuf,
+    model_path: PathBuf,
+    spec: ModelSpec,
+    evolver: Evolver,
+    started: Instant,
+    progress: std::fs::File,
+    tty: bool,
+    /// Where the I/O fault plan is read at each publish (fault injection only).
+    pub(super) io_fault_file: Option<PathBuf>,
+    /// A generation whose publish failed: retried every cycle until it
+    /// succeeds or a better generation supersedes it (the strategy already
+    /// counts it as published). Carries the report's generation and whether
+    /// it solved the task.
+    pending: Option<(GenerationReport, evod_evolve::PublishCandidate)>,
+    /// (generation, [`params_hash`]) of each model in
+    /// `history/quarantine/`: generations the supervisor rolled back because
+    /// they crashed the runtime. Read at start (a rollback restarts the
+    /// evolver); a candidate with the same parameters is never published.
+    quarantined: Vec<(u64, u64)>,
+    /// [`evod_store::params_hash`] of the model the live
+    /// file was rolled back from (`state/rolled-back-to`), while the live
+    /// file is the one restored: a replay from an older checkpoint would
+    /// publish it again, undoing the rollback.
+    rolled_back_from: Option<u64>,
+}
+
+/// A publish the checkpoint counts as done but the live file does not hold:
+/// the strategy's published candidate is better than the live model and is
+/// not it. That happens when a publish failed (a full disk) and its evolver
+/// was killed before a retry succeeded. Returns it as a pending publish,
+/// numbered by the resumed cycle (the next cycles number after it). Not
+/// when the candidate was quarantined: then the live file is a rollback.
+fn lost_publish(
+    evolver: &Evolver,
+    live: &Model,
+    quarantined: &[(u64, u64)],
+) -> Result<Option<(GenerationReport, evod_evolve::PublishCandidate)>> {
+    let Some((params, fitness)) = evolver.published() else {
+        return Ok(None);
+    };
+    if live.spec.fitness.is_some_and(|f| f >= fitness)
+        || *live.params()? == *params
+        || quarantined
+            .iter()
+            .any(|(_, h)| *h == evod_store::params_hash(params))
+    {
+        return Ok(None);
+    }
+    tracing::warn!(
+        fitness,
+        live_fitness = live.spec.fitness,
+        "the checkpoint's last publish is not in the live file (a failed publish whose evolver stopped): publishing it again"
+    );
+    let solved = evolver
+        .config()
+        .solve_threshold
+        .is_some_and(|t| fitness >= t);
+    let report = GenerationReport {
+        generation: evolver.generation().saturating_sub(1),
+        best_fitness: fitness,
+        mean_fitness: fitness,
+        evaluations: 0,
+        rejected: 0,
+        quarantined: 0,
+        publish: None,
+        solved,
+    };
+    let candidate = evod_evolve::PublishCandidate {
+        params: params.to_vec(),
+        fitness,
+        gate_fitness: Some(fitness),
+    };
+    Ok(Some((report, candidate)))
+}
+
+impl Loop {
+    pub(super) fn start(dir: &Path, evolve: &EvolveArgs) -> Result<Loop> {
+        let model_path = dir.join(MODEL_FILE);
+        let model = Model::open(&model_path)?;
+        let task: Task = model
+            .spec
+            .task
+            .parse()
+            .with_context(|| format!("{}: task {:?}", model_path.display(), model.spec.task))?;
+        let config = evolver_config(evolve, &task);
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+        remove_leftovers(dir, &state);
+        std::fs::create_dir_all(dir.join("history"))?;
+        let checkpoint_path = state.join("checkpoint.bin");
+        let mut evolver = None;
+        if checkpoint_path.exists() {
+            match load_checkpoint(&checkpoint_path)
+                .and_then(|c| Evolver::from_checkpoint(c, &model.spec.arch))
+            {
+                Ok(e) if *e.config() == config => {
+                    tracing::info!(
+                        generation = e.generation(),
+                        "resuming from {}",
+                        checkpoint_path.display()
+                    );
+                    evolver = Some(e);
+                }
+                Ok(_) => tracing::warn!(
+                    "{}: made with other evolution options; starting afresh from the model",
+                    checkpoint_path.display()
+                ),
+                Err(e) => tracing::warn!("ignoring checkpoint: {e}"),
+            }
+        }
+        let resumed = evolver.is_some();
+        let evolver = match evolver {
+            Some(e) => e,
+            None => {
+                let params = model.params()?.into_owned();
+                Evolver::new(config, &model.spec.arch, params, model.spec.fitness)?
+            }
+        };
+        let quarantined = evod_store::read_quarantine(dir);
+        let model_generation = model.spec.generation;
+        let mark = evod_store::read_rollback_marker(dir);
+        let rolled_back_from_published = mark.is_some_and(|m| {
+            m.to == model.spec.generation
+                && evolver.published().is_some_and(|(params, _)| {
+                    m.from.is_none_or(|h| h == evod_store::params_hash(params))
+                })
+        });
+        let pending = if !resumed {
+            None
+        } else if rolled_back_from_published {
+            tracing::info!(
+                generation = model.spec.generation,
+                "the live file was rolled back: not redoing the checkpoint's later publishes"
+            );
+            None
+        } else {
+            lost_publish(&evolver, &model, &quarantined)?
+        };
+        let progress_path = state.join(PROGRESS_FILE);
+        let progress = open_progress(&progress_path, evolver.generation())?;
+        Ok(Loop {
+            dir: dir.to_owned(),
+            model_path,
+            spec: model.spec,
+            evolver,
+            started: Instant::now(),
+            progress,
+            tty: std::io::stderr().is_terminal(),
+            io_fault_file: None,
+            pending,
+            quarantined,
+            rolled_back_from: mark
+                .filter(|m| m.to == model_generation)
+                .and_then(|m| m.from),
+        })
+    }
+
+    pub(super) fn run(
+        mut self,
+        evolve: &EvolveArgs,
+        ring: &mut RingEvaluator<'_>,
+    ) -> Result<ExitCode> {
+        let checkpoint_path = self.dir.join("state/checkpoint.bin");
+        let pulse_every = evolve.pulse_every().max(1);
+        let checkpoint_every = evolve.checkpoint_every().max(1);
+        let mut last_evals = (Instant::now(), self.evolver.stats().evaluations);
+        // SIGTERM (the supervisor's graceful stop) ends the loop between
+        // generations with a checkpoint, so a stopped run resumes exactly
+        // where it stopped; a second signal is not needed: the supervisor
+        // SIGKILLs after its grace period, which is also safe.
+        let stop = std::sync::Arc::clone(&ring.stop);
+        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(signal, std::sync::Arc::clone(&stop))
+                .context("installing the SIGTERM handler")?;
+        }
+        loop {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                save_checkpoint(&checkpoint_path, &self.evolver.checkpoint())?;
+                self.finish("stopped by signal, checkpoint saved");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if let Some(limit) = evolve.generations
+                && self.evolver.generation() >= limit
+            {
+                self.finish(&format!("reached {limit} generations"));
+                return Ok(ExitCode::SUCCESS);
+            }
+            ring.poll_stats();
+            let report = match self.evolver.step(ring) {
+                Ok(r) => r,
+                Err(EvolveError::Eval { generation, source }) => {
+                    tracing::warn!(generation, "evaluation failed, retrying: {source}");
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            // A new candidate supersedes one whose publish failed; without
+            // one, the failed publish is retried.
+            if let Some(candidate) = &report.publish {
+                self.pending = Some((report.clone(), candidate.clone()));
+            }
+            let mut published = false;
+            let mut solved = false;
+            if let Some((pending_report, candidate)) = self.pending.take() {
+                match self.publish(&pending_report, &candidate, evolve) {
+                    // Refused (quarantined parameters): nothing to retry.
+                    Ok(false) => {}
+                    Ok(true) => {
+                        published = true;
+                        solved = pending_report.solved;
+                        if pending_report.generation != report.generation {
+                            tracing::info!(
+                                generation = pending_report.generation + 1,
+                                "publish retried and succeeded"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        // Old file intact (atomic publish): retried next
+                        // cycle unless a better generation comes first.
+                        tracing::error!(
+                            "publishing generation {} failed (retrying next cycle): {e:#}",
+                            pending_report.generation + 1
+                        );
+                        self.pending = Some((pending_report, candidate));
+                    }
+                }
+            }
+            let row = Row {
+                generation: report.generation,
+                best: report.best_fitness,
+                mean: report.mean_fitness,
+                evaluations: self.evolver.stats().evaluations,
+                published,
+                wall_s: self.started.elapsed().as_secs_f64(),
+            };
+            // One write per row (a killed evolver leaves at most a torn last
+            // line, which the next start drops); a failing disk is logged,
+            // not fatal: the model and the loop matter more than the log.
+            if let Err(e) = self
+                .progress
+                .write_all(format!("{}\n", row.to_csv()).as_bytes())
+            {
+                tracing::error!("appending to the progress log failed: {e}");
+            }
+            let g = self.evolver.generation();
+            if published || g.is_multiple_of(checkpoint_every) {
+                // Atomic; on failure the previous checkpoint stays, and the
+                // run resumes from it (deterministically) if killed.
+                if let Err(e) = save_checkpoint(&checkpoint_path, &self.evolver.checkpoint()) {
+                    tracing::error!("saving the checkpoint failed, will retry: {e}");
+                }
+            }
+            let now = Instant::now();
+            let evals = self.evolver.stats().evaluations;
+            let rate = (evals - last_evals.1) as f64
+                / now.duration_since(last_evals.0).as_secs_f64().max(1e-9);
+            last_evals = (now, evals);
+            if self.tty {
+                eprint!(
+                    "\r\x1b[2Kgeneration {:>5}  best {:>9.2}  mean {:>9.2}  evals/s {:>9.0}  restarts {}  published gen {}",
+                    report.generation,
+                    report.best_fitness,
+                    report.mean_fitness,
+                    rate,
+                    ring.restarts,
+                    self.spec.generation
+                );
+            }
+            if g.is_multiple_of(pulse_every) {
+                self.pulse(ring, &report, rate);
+            }
+            if evolve.until_solved && solved && published {
+                self.finish("solved");
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+
+    fn pulse(&self, ring: &mut RingEvaluator<'_>, report: &GenerationReport, rate: f64) {
+        let alive = ring.ping_all();
+        let stats = self.evolver.stats();
+        let polled = ring.stats_summary();
+        if self.tty {
+            eprintln!();
+        }
+        tracing::info!(
+            generation = report.generation,
+            best = report.best_fitness,
+            mean = report.mean_fitness,
+            evals_per_s = rate as u64,
+            workers_alive = alive,
+            workers = ring.segments.len(),
+            restarts = ring.restarts,
+            rejected = stats.rejected,
+            quarantined = stats.quarantined,
+            publishes = stats.publishes,
+            model_generation = self.spec.generation,
+            worker_requests = polled.requests,
+            worker_errors = polled.errors,
+            worker_slowest_ms = polled.slowest.as_secs_f64() * 1e3,
+            worker_generations = %polled.generations,
+            youngest_worker_s = polled.youngest.map(|d| d.as_secs_f64()),
+            "pulse"
+        );
+    }
+
+    fn finish(&self, why: &str) {
+        if self.tty {
+            eprintln!();
+        }
+        let stats = self.evolver.stats();
+        let (_, best) = self.evolver.best();
+        println!(
+            "evod: {why}: {} generations, {} evaluations, best fitness {best:.2}, published generation {} (fitness {}) in {:.2}s",
+            self.evolver.generation(),
+            stats.evaluations,
+            self.spec.generation,
+            self.spec
+                .fitness
+                .map_or("none".to_owned(), |f| format!("{f:.2}")),
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+
+    /// Publishes `candidate` as generation `report.generation + 1`. `Ok(false)`:
+    /// refused, its parameters are those of a quarantined generation.
+    fn publish(
+        &mut self,
+        report: &GenerationReport,
+        candidate: &evod_evolve::PublishCandidate,
+        evolve: &EvolveArgs,
+    ) -> Result<bool> {
+        // Published generations are numbered by metabolism cycle (1-based),
+        // so a run's numbering does not depend on when it was interrupted.
+        let generation = report.generation + 1;
+        if generation <= self.spec.generation {
+            // Replaying cycles after a resume from an older checkpoint: the
+            // run is deterministic, so the file already holds this result
+            // (or a later one).
+            tracing::info!(
+                generation,
+                live = self.spec.generation,
+                "already published (replayed after resume); not writing again"
+            );
+            return Ok(true);
+        }
+        let hash = evod_store::params_hash(&candidate.params);
+        if self.rolled_back_from == Some(hash) {
+            // A replay reached the model an operator (or the fallback)
+            // rolled back from: leave the rollback in place.
+            tracing::warn!(
+                generation,
+                "not publishing: these are the parameters the live file was rolled back from"
+            );
+            return Ok(false);
+        }
+        if let Some((bad, _)) = self.quarantined.iter().find(|(_, h)| *h == hash) {
+            // A replay after a rollback would publish the very model that
+            // crashed the runtime: skip it; a better generation will come.
+            tracing::error!(
+                generation,
+                "not publishing: same parameters as quarantined generation {bad}, which crashed the runtime"
+            );
+            return Ok(false);
+        }
+        let old = evod_gguf::GgufFile::open(&self.model_path)?;
+        let mut spec = self.spec.clone();
+        spec.generation = generation;
+        spec.parent_checksum = Some(old.checksum());
+        spec.fitness = Some(candidate.gate_fitness.unwrap_or(candidate.fitness));
+        spec.seed = evolve.seed();
+        spec.strategy = match self.evolver.config().strategy {
+            StrategyKind::Ga => "ga".into(),
+            StrategyKind::Es => "openai-es".into(),
+        };
+        spec.created_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut opts = evod_gguf::PublishOptions::default();
+        if let Some(plan) = &self.io_fault_file {
+            opts.fault = read_io_fault(plan)?;
+            if let Some(fault) = opts.fault {
+                tracing::warn!(
+                    ?fault,
+                    "injecting an I/O fault into this publish ({})",
+                    plan.display()
+                );
+            }
+        }
+        let written = write_model_with(
+            &self.model_path,
+            &spec,
+            &candidate.params,
+            Some(&old),
+            &opts,
+        )
+        .with_context(|| format!("publishing generation {generation}"))?;
+        drop(old);
+        tracing::info!(
+            generation = spec.generation,
+            fitness = spec.fitness,
+            checksum = format!("{:016x}", written.checksum),
+            "published {}",
+            self.model_path.display()
+        );
+        self.spec = spec;
+        // A newer generation is live: a rollback marker is history now.
+        let _ = std::fs::remove_file(evod_store::rollback_marker(&self.dir));
+        self.rolled_back_from = None;
+        evod_store::keep_history(
+            &self.dir,
+            &self.model_path,
+            self.spec.generation,
+            evolve.history() as usize,
+        )?;
+        // The supervisor notices the new file and has every worker LOAD it
+        // and answer a canary (its `sync_workers`): doing it here as well
+        // would load and check every published file twice. EVAL does not
+        // read the live weights, so evaluation does not wait for it.
+        Ok(true)
+    }
+}
+
+/// Removes the temporary files of an evolver killed while publishing
+/// (`DIR/.vectorland.gguf.tmp.*`) or checkpointing
+/// (`DIR/state/.checkpoint.bin.tmp.*`): while it runs this process is the
+/// only writer of both (a rollback stops it first).
+fn remove_leftovers(dir: &Path, state: &Path) {
+    let publish = evod_gguf::temp_prefix(MODEL_FILE);
+    let entries = [dir, state]
+        .into_iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|entries| entries.flatten());
+    for entry in entries {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(".checkpoint.bin.tmp.") || n.starts_with(&publish))
+        {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(
+                    "removed {} (left by a killed evolver)",
+                    entry.path().display()
+                ),
+                Err(e) => tracing::warn!("cannot remove {}: {e}", entry.path().display()),
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! `evod run`'s configuration layers: the optional TOML file, then the
+//! resolved [`evod_supervisor::Config`].
+//!
+//! Precedence, highest first: command-line flag, `EVOD_*` environment
+//! variable (both through clap), the TOML file given with `--config`, the
+//! built-in default. The TOML file uses the long flag names with `_` for `-`
+//! at the top level and an `[evolve]` table for the evolution options:
+//!
+//! ```toml
+//! dir = "/var/lib/evod"
+//! workers = 2
+//! grace_period = "10s"
+//! log_format = "json"
+//!
+//! [evolve]
+//! strategy = "es"
+//! population = 64
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use evod_supervisor::LogFormat;
+use evod_supervisor::config::{Config, DEFAULT_MODEL, default_socket};
+use evod_supervisor::policy::{OnGiveUp, RestartPolicy};
+use evod_supervisor::units::{parse_duration, parse_size};
+use serde::{Deserialize, Deserializer};
+
+use super::Args;
+use crate::evolver::EvolveArgs;
+
+/// A size in the TOML file: a string (`"2G"`) or a number of bytes.
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Bytes(u64),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Text(t)) => parse_size(&t).map(Some).map_err(serde::de::Error::custom),
+        Some(Raw::Bytes(b)) => Ok(Some(b)),
+    }
+}
+
+/// A duration in the TOML file: a string (`"10s"`) or a number of seconds.
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Seconds(f64),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Text(t)) => parse_duration(&t)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+        Some(Raw::Seconds(s)) => Duration::try_from_secs_f64(s)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+/// The `--config` TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `--dir`.
+    pub dir: Option<PathBuf>,
+    /// `--workers`.
+    pub workers: Option<usize>,
+    /// `--allow-fault-injection`.
+    pub allow_fault_injection: Option<bool>,
+    /// `--no-evolver`.
+    pub no_evolver: Option<bool>,
+    /// `--no-standby`.
+    pub no_standby: Option<bool>,
+    /// `--worker-memory-limit`.
+    #[serde(default, deserialize_with = "de_size")]
+    pub worker_memory_limit: Option<u64>,
+    /// `--grace-period`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub grace_period: Option<Duration>,
+    /// `--heartbeat-timeout`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub heartbeat_timeout: Option<Duration>,
+    /// `--restart-intensity`.
+    pub restart_intensity: Option<u32>,
+    /// `--restart-period`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub restart_period: Option<Duration>,
+    /// `--backoff-initial`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub backoff_initial: Option<Duration>,
+    /// `--backoff-max`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub backoff_max: Option<Duration>,
+    /// `--on-give-up`.
+    pub on_give_up: Option<OnGiveUp>,
+    /// `--fallback-after`.
+    pub fallback_after: Option<u32>,
+    /// `--log-format`.
+    pub log_format: Option<LogFormat>,
+    /// `--control-socket`.
+    pub control_socket: Option<PathBuf>,
+    /// The evolution options.
+    #[serde(default)]
+    pub evolve: EvolveArgs,
+}
+
+impl FileConfig {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("bad config file {}: {e}", path.display()))
+    }
+}
+
+/// Merges flags/environment (`args`) over the TOML file over defaults;
+/// also returns the evolution options (the default model's seed is one).
+pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let dir = args.dir.or(file.dir).unwrap_or_else(|| PathBuf::from("."));
+    let dir = std::path::absolute(&dir)
+        .map_err(|e| anyhow::anyhow!("bad state folder {}: {e}", dir.display()))?;
+    let model = dir.join(DEFAULT_MODEL);
+    let workers = args
+        .workers
+        .or(file.workers)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if workers == 0 || workers > 256 {
+        anyhow::bail!("bad --workers {workers}: expected 1 to 256");
+    }
+    let defaults = RestartPolicy::default();
+    let policy = RestartPolicy {
+        min_uptime: defaults.min_uptime,
+        backoff_initial: args
+            .backoff_initial
+            .or(file.backoff_initial)
+            .unwrap_or(defaults.backoff_initial),
+        backoff_max: args
+            .backoff_max
+            .or(file.backoff_max)
+            .unwrap_or(defaults.backoff_max),
+        intensity: args
+            .restart_intensity
+            .or(file.restart_intensity)
+            .unwrap_or(defaults.intensity),
+        period: args
+            .restart_period
+            .or(file.restart_period)
+            .unwrap_or(defaults.period),
+        on_give_up: args
+            .on_give_up
+            .or(file.on_give_up)
+            .unwrap_or(defaults.on_give_up),
+    };
+    let control_socket = args
+        .control_socket
+        .or(file.control_socket)
+        .unwrap_or_else(|| default_socket(&dir));
+    let evolve = args.evolve.or(file.evolve);
+    let config = Config {
+        model,
+        workers,
+        allow_fault_injection: args.allow_fault_injection
+            || file.allow_fault_injection.unwrap_or(false),
+        poison_one_in: args.poison_one_in.filter(|_| args.allow_fault_injection),
+        no_evolver: args.no_evolver || file.no_evolver.unwrap_or(false),
+        standby: !(args.no_standby || file.no_standby.unwrap_or(false)),
+        worker_memory_limit: args.worker_memory_limit.or(file.worker_memory_limit),
+        grace_period: args
+            .grace_period
+            .or(file.grace_period)
+            .unwrap_or(Duration::from_secs(10)),
+        heartbeat_timeout: args
+            .heartbeat_timeout
+            .or(file.heartbeat_timeout)
+            .unwrap_or(Duration::from_secs(5)),
+        policy,
+        fallback_after: args.fallback_after.or(file.fallback_after).unwrap_or(3),
+        log_format: args
+            .log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Human),
+        control_socket,
+        evolver_args: evolve.to_cli_args(),
+        evolver_bounded: evolve.generations.is_some() || evolve.until_solved,
+        dir,
+    };
+    Ok((config, evolve))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evod.toml");
+        std::fs::write(
+            &path,
+            "workers = 3\ngrace_period = \"250ms\"\nrestart_intensity = 7\n\
+             [evolve]\npopulation = 12\nseed = 5\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "evod",
+            "--config",
+            path.to_str().unwrap(),
+            "--workers",
+            "2",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--seed",
+            "9",
+        ])
+        .unwrap();
+        let (c, evolve) = resolve(cli.args).unwrap();
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.grace_period, Duration::from_millis(250));
+        assert_eq!(c.policy.intensity, 7);
+        assert_eq!(c.policy.period, Duration::from_secs(60));
+        assert_eq!(evolve.population, Some(12));
+        assert_eq!(evolve.seed, Some(9));
+        assert_eq!(c.model, dir.path().join(DEFAULT_MODEL));
+        assert_eq!(
+            c.control_socket,
+            dir.path().join(".evod").join("control.sock")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_in_the_file_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evod.toml");
+        std::fs::write(&path, "wrokers = 3\n").unwrap();
+        let err = FileConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("evod.toml") && err.contains("wrokers"),
+            "{err}"
+        );
+        std::fs::write(&path, "grace_period = \"soon\"\n").unwrap();
+        assert!(FileConfig::load(&path).is_err());
+        let missing = dir.path().join("nope.toml");
+        let err = FileConfig::load(&missing).unwrap_err().to_string();
+        assert!(err.contains("nope.toml"), "{err}");
+    }
+}
