@@ -376,3 +376,31 @@ fn k_quants_are_not_fixed_points_but_stay_within_their_bound() {
         check_round_trip(t, &y, "requantized");
     }
 }
+
+#[test]
+fn large_inputs_split_over_threads_encode_as_one() {
+    // Past 2^18 values `quantize` splits the blocks over threads; the bytes
+    // are those of quantizing each piece alone, and an overflow names the
+    // first bad block of the whole input.
+    let mut rng = Rng(99);
+    for t in [T::Q4_K, T::Q8_0, T::F16] {
+        let x: Vec<f32> = (0..(1 << 19) + 256 * 3).map(|_| rng.normal()).collect();
+        let whole = quantize(t, &x).unwrap();
+        let cut = 256 * 1000;
+        let mut pieces = quantize(t, &x[..cut]).unwrap();
+        pieces.extend(quantize(t, &x[cut..]).unwrap());
+        assert!(whole == pieces, "{t}: threaded bytes differ");
+    }
+    let mut x: Vec<f32> = (0..1 << 19).map(|_| rng.normal()).collect();
+    let (late, early) = ((1 << 19) - 100, 1000);
+    x[late] = 1e9;
+    x[early] = -1e9;
+    assert_eq!(
+        quantize(T::Q4_0, &x),
+        Err(QuantError::ScaleOverflow {
+            ttype: T::Q4_0,
+            block: early / 32,
+            first: early / 32 * 32
+        })
+    );
+}

@@ -116,6 +116,7 @@ pub fn has_codec(ttype: TensorType) -> bool {
 type Decode = fn(&[u8], &mut [f32]);
 type Encode = fn(&[f32], &mut [u8]) -> bool;
 
+#[derive(Clone, Copy)]
 struct Codec {
     dec: Decode,
     enc: Encode,
@@ -215,22 +216,66 @@ pub fn quantize(ttype: TensorType, values: &[f32]) -> Result<Vec<u8>, QuantError
     }
     let mut out = vec![0u8; values.len() / block_size * ttype.type_size() as usize];
     let (bs, ts) = unit(ttype);
+    // Blocks are independent: large inputs are split over threads, each
+    // part encoded exactly as it would be alone.
+    let units = values.len().div_ceil(bs);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(values.len() / PARALLEL_MIN_VALUES)
+        .max(1);
+    let per = units.div_ceil(threads);
+    let first_error = if threads == 1 {
+        encode(&c, values, &mut out, bs, ts, 0).err()
+    } else {
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = values
+                .chunks(per * bs)
+                .zip(out.chunks_mut(per * ts))
+                .enumerate()
+                .map(|(i, (v, o))| scope.spawn(move || encode(&c, v, o, bs, ts, i * per)))
+                .collect();
+            // Joined in order: the first failing part has the first bad block.
+            parts
+                .into_iter()
+                .map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .find_map(Result::err)
+        })
+    };
+    match first_error {
+        Some(block) => Err(QuantError::ScaleOverflow {
+            ttype,
+            block,
+            first: block * bs,
+        }),
+        None => Ok(out),
+    }
+}
+
+/// Inputs below this many values are quantized on the calling thread.
+const PARALLEL_MIN_VALUES: usize = 1 << 18;
+
+/// Encodes `values` into `out` unit by unit; `Err(block)` names the first
+/// block (counted from `first_unit`) whose scale overflowed.
+fn encode(
+    c: &Codec,
+    values: &[f32],
+    out: &mut [u8],
+    bs: usize,
+    ts: usize,
+    first_unit: usize,
+) -> Result<(), usize> {
     let mut src = values.chunks_exact(bs);
     let mut dst = out.chunks_exact_mut(ts);
-    for (block, (v, o)) in (&mut src).zip(&mut dst).enumerate() {
+    for (i, (v, o)) in (&mut src).zip(&mut dst).enumerate() {
         if !(c.enc)(v, o) {
-            return Err(QuantError::ScaleOverflow {
-                ttype,
-                block,
-                first: block * bs,
-            });
+            return Err(first_unit + i);
         }
     }
     let (v, o) = (src.remainder(), dst.into_remainder());
     if !v.is_empty() {
         (c.enc)(v, o);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Checks that a tensor whose rows have `row_len` values (`dims[0]`) can be
