@@ -321,6 +321,12 @@ fn quantize_of_dequantize_is_a_fixed_point_for_the_32_value_types() {
             let q = quantize(t, &x).unwrap();
             assert_eq!(moved_blocks(t, &q), 0, "{t} at {scale}");
         }
+        // A large offset with a small spread (f32 rounds the dequantized
+        // values more coarsely than the levels) still comes back.
+        let x: Vec<f32> = (0..32 * 256)
+            .map(|i| 1000.0 + 0.01 * (((i * 7919) % 1000) as f32 / 500.0 - 1.0))
+            .collect();
+        assert_eq!(moved_blocks(t, &quantize(t, &x).unwrap()), 0, "{t} offset");
         // Not every byte string is a fixed point: a block the quantizer
         // would not make (scale 1, min 1, levels 6, 7, 22, 23 or 103: no
         // extreme level) moves.
