@@ -110,12 +110,12 @@ pub fn has_codec(ttype: TensorType) -> bool {
     CODEC_TYPES.contains(&ttype)
 }
 
-/// One block's codec: `dec` writes `block_size` values from `type_size`
-/// bytes; `enc` writes `type_size` bytes from `block_size` finite values and
-/// returns `false` when the block's scale overflowed f16.
+/// Decodes one unit (a block, or a run of plain values) into its values.
 type Decode = fn(&[u8], &mut [f32]);
+/// Encodes one unit; `false` when the block's scale overflowed f16.
 type Encode = fn(&[f32], &mut [u8]) -> bool;
 
+/// A type's codec.
 #[derive(Clone, Copy)]
 struct Codec {
     dec: Decode,
@@ -147,10 +147,11 @@ fn codec(ttype: TensorType) -> Result<Codec, QuantError> {
     })
 }
 
-/// Blocks are processed this many at a time by the plain types, so that the
-/// per-call overhead of the codec table stays out of the inner loop.
+/// Plain types (one value per "block") are processed this many values at a
+/// time, so the per-call cost of the codec table stays out of the inner loop.
 const FLOAT_CHUNK: usize = 1024;
 
+/// Values and bytes per call of the codec.
 fn unit(ttype: TensorType) -> (usize, usize) {
     let (bs, ts) = (ttype.block_size() as usize, ttype.type_size() as usize);
     if bs == 1 {
