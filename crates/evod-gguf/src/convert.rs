@@ -1,51 +1,23 @@
-//! Tensor bytes to f32: a zero-copy view of aligned little-endian F32 data,
-//! conversions for F16, BF16, Q8_0 and Q4_0 (ggml's reference dequantizers).
+//! Tensor bytes to f32 for the reader: a zero-copy view of aligned
+//! little-endian F32 data, every other type with a codec through
+//! [`crate::quant`].
 
 use std::borrow::Cow;
 
-use half::{bf16, f16};
-
+use crate::quant;
 use crate::types::TensorType;
 
-/// Converts `bytes` of type `ttype` to f32, or `None` for a type this crate
-/// does not convert. `bytes.len()` must be a whole number of blocks (the
-/// reader guarantees it); a trailing partial block is ignored.
+/// Converts `bytes` of type `ttype` to f32, or `None` for a type without a
+/// codec (see [`crate::quant`]). `bytes.len()` should be a whole number of
+/// blocks (the reader guarantees it); a trailing partial block is ignored.
 pub fn to_f32(bytes: &[u8], ttype: TensorType) -> Option<Cow<'_, [f32]>> {
-    Some(match ttype {
-        TensorType::F32 => f32_view(bytes),
-        TensorType::F16 => Cow::Owned(
-            bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        ),
-        TensorType::BF16 => Cow::Owned(
-            bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        ),
-        TensorType::Q8_0 => {
-            let mut out = Vec::with_capacity(bytes.len() / 34 * 32);
-            for block in bytes.chunks_exact(34) {
-                let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                out.extend(block[2..].iter().map(|&q| f32::from(q as i8) * d));
-            }
-            Cow::Owned(out)
-        }
-        TensorType::Q4_0 => {
-            let mut out = Vec::with_capacity(bytes.len() / 18 * 32);
-            for block in bytes.chunks_exact(18) {
-                let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                let qs = &block[2..];
-                // Low nibbles are elements 0..16, high nibbles 16..32.
-                out.extend(qs.iter().map(|&q| (i32::from(q & 0x0f) - 8) as f32 * d));
-                out.extend(qs.iter().map(|&q| (i32::from(q >> 4) - 8) as f32 * d));
-            }
-            Cow::Owned(out)
-        }
-        _ => return None,
-    })
+    if ttype == TensorType::F32 {
+        return Some(f32_view(bytes));
+    }
+    let whole = bytes.len() - bytes.len() % ttype.type_size() as usize;
+    quant::dequantize(ttype, &bytes[..whole])
+        .ok()
+        .map(Cow::Owned)
 }
 
 #[cfg(target_endian = "little")]
@@ -74,16 +46,11 @@ fn f32_copy(bytes: &[u8]) -> Cow<'_, [f32]> {
     )
 }
 
-/// Quantizes to Q8_0 with ggml's reference rounding (`n` a multiple of 32);
-/// used by tests and tools that need quantized fixtures.
+/// Quantizes to Q8_0 with ggml's reference rounding (`n` a multiple of 32;
+/// a trailing partial block is ignored); used by tests and tools that need
+/// quantized fixtures. Non-finite values or a scale beyond f16 give an empty
+/// vector: [`crate::quant::quantize`] says why.
 pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() / 32 * 34);
-    for block in values.chunks_exact(32) {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-        out.extend(block.iter().map(|&v| ((v * id).round() as i8) as u8));
-    }
-    out
+    let whole = values.len() - values.len() % 32;
+    quant::quantize(TensorType::Q8_0, &values[..whole]).unwrap_or_default()
 }

@@ -16,12 +16,16 @@
 //! - [`publish`] streams tensors from a callback into a temporary file beside
 //!   the target, then fsync, rename, folder fsync: the target is always the
 //!   old or the new complete file.
+//! - [`quant`] converts tensor data between f32 and F16, BF16, Q4_0, Q4_1,
+//!   Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K, both ways, bit-exact with
+//!   gguf-py's dequantizer and ggml's reference quantizers.
 //! - [`rewrite`] copies a file keeping every key, type, order and tensor byte.
 #![deny(missing_docs)]
 
 mod convert;
 mod error;
 mod open;
+pub mod quant;
 mod read;
 mod stream;
 mod types;
@@ -29,6 +33,7 @@ mod write;
 
 pub use convert::{quantize_q8_0, to_f32};
 pub use error::{FileKind, GgufError, IoStep, ParseErrorKind};
+pub use quant::{QuantError, dequantize, quantize};
 pub use read::{
     ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GgufFile, GgufHeader, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS,
 };

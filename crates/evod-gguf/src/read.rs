@@ -149,7 +149,8 @@ impl GgufHeader {
     }
 
     /// `t` converted to f32: borrowed for an aligned F32 tensor, else
-    /// converted from F32 (unaligned), F16, BF16, Q8_0 or Q4_0.
+    /// converted from F32 (unaligned) or any type with a codec
+    /// ([`crate::quant::CODEC_TYPES`]).
     pub fn tensor_f32_in<'a>(
         &self,
         file: &'a [u8],
@@ -277,7 +278,8 @@ impl GgufFile {
     }
 
     /// The tensor as f32: zero-copy for F32 (the map is page-aligned and
-    /// offsets are aligned), converted for F16, BF16, Q8_0 and Q4_0.
+    /// offsets are aligned), converted for every other type with a codec
+    /// ([`crate::quant::CODEC_TYPES`]).
     pub fn tensor_f32(&self, t: &TensorInfo) -> Result<Cow<'_, [f32]>, GgufError> {
         self.header.tensor_f32_in(self.bytes(), t)
     }

@@ -241,13 +241,13 @@ fn unconvertible_type_is_an_error() {
     let spec = TensorSpec {
         name: "k".into(),
         dims: vec![256],
-        ttype: TensorType::Q4_K,
+        ttype: TensorType::Q2_K,
     };
     publish(
         &path,
         &[],
         &[spec],
-        |_, w| w.write_all(&[0; 144]),
+        |_, w| w.write_all(&[0; 84]),
         &PublishOptions::default(),
     )
     .unwrap();
@@ -257,7 +257,7 @@ fn unconvertible_type_is_an_error() {
         matches!(
             e,
             GgufError::Unconvertible {
-                ttype: TensorType::Q4_K,
+                ttype: TensorType::Q2_K,
                 ..
             }
         ),
