@@ -99,6 +99,10 @@ impl Request {
     }
 }
 
+/// How much longer than [`Request::deadline`] a client waits, so that it
+/// sees the server's own "did not answer within" answer.
+pub const CLIENT_MARGIN: Duration = Duration::from_secs(2);
+
 /// Most values one `exec` request may carry.
 pub const MAX_EXEC_INPUTS: usize = 65536;
 
@@ -429,5 +433,44 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+    }
+
+    #[test]
+    fn exec_inputs_are_finite_f32_and_bounded() {
+        assert_eq!(parse_exec_inputs("0.5, -2,3e-1").unwrap(), vec![0.5, -2.0, 0.3]);
+        let err = parse_exec_inputs("1e39").unwrap_err();
+        assert!(matches!(err, InputError::NotFinite { index: 0, .. }), "{err}");
+        assert!(matches!(
+            parse_exec_inputs("1,x"),
+            Err(InputError::NotANumber { index: 1, .. })
+        ));
+        assert_eq!(parse_exec_inputs(""), Err(InputError::NotANumber { index: 0, text: String::new() }));
+        assert_eq!(check_exec_inputs(&[]), Err(InputError::Empty));
+        assert!(check_exec_inputs(&[f32::NAN]).is_err());
+        assert!(check_exec_inputs(&vec![0.0; MAX_EXEC_INPUTS]).is_ok());
+        assert_eq!(
+            check_exec_inputs(&vec![0.0; MAX_EXEC_INPUTS + 1]),
+            Err(InputError::TooMany(MAX_EXEC_INPUTS + 1))
+        );
+        // JSON 1e39 becomes infinity as an f32: the server's check sees it.
+        let parsed: Request = serde_json::from_str(r#"{"op":"exec","inputs":[1e39]}"#).unwrap();
+        let Request::Exec { inputs } = parsed else { unreachable!() };
+        assert!(check_exec_inputs(&inputs).is_err());
+    }
+
+    #[test]
+    fn a_silent_daemon_is_a_timeout_not_an_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let hold = std::thread::spawn(move || listener.accept().unwrap());
+        let started = std::time::Instant::now();
+        let err = call(&path, &Request::Status, Duration::from_millis(300)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("did not answer within 0.3s"), "{text}");
+        assert!(!text.contains("os error"), "{text}");
+        drop(hold.join().unwrap());
     }
 }
