@@ -27,6 +27,8 @@ use evod_supervisor::units::{parse_duration, parse_size};
 use serde::{Deserialize, Deserializer};
 
 use super::Args;
+use super::settings::{Layer, MAX_WORKERS, SettingError, check_layer, check_merged};
+use crate::exit;
 use crate::evolver::EvolveArgs;
 
 /// A size in the TOML file: a string (`"2G"`) or a number of bytes.
@@ -127,6 +129,11 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
+    let usage = |e: SettingError| exit::with_code(exit::USAGE, e);
+    check_layer(&Layer::of_args(&args)).map_err(usage)?;
+    if let Some(path) = &args.config {
+        check_layer(&Layer::of_file(&file, path)).map_err(usage)?;
+    }
     let dir = args.dir.or(file.dir).unwrap_or_else(|| PathBuf::from("."));
     let dir = std::path::absolute(&dir)
         .map_err(|e| anyhow::anyhow!("bad state folder {}: {e}", dir.display()))?;
@@ -134,10 +141,9 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
     let workers = args
         .workers
         .or(file.workers)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if workers == 0 || workers > 256 {
-        anyhow::bail!("bad --workers {workers}: expected 1 to 256");
-    }
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS))
+        });
     let defaults = RestartPolicy::default();
     let policy = RestartPolicy {
         min_uptime: defaults.min_uptime,
@@ -195,6 +201,7 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
         evolver_bounded: evolve.generations.is_some() || evolve.until_solved,
         dir,
     };
+    check_merged(&config, &evolve).map_err(usage)?;
     Ok((config, evolve))
 }
 
