@@ -34,7 +34,7 @@
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -48,6 +48,41 @@ use interprocess::os::unix::local_socket::ListenerOptionsExt;
 
 /// Most control connections served at once.
 pub const MAX_CONNECTIONS: usize = 32;
+
+/// How long dropping the server waits for answers still being written
+/// (the answer to `stop` is sent just before the daemon exits).
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Requests handed to the supervisor whose answer is not written yet.
+#[derive(Default)]
+struct Pending {
+    count: Mutex<usize>,
+    done: Condvar,
+}
+
+impl Pending {
+    fn begin(self: &Arc<Self>) -> PendingGuard {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        PendingGuard(Arc::clone(self))
+    }
+
+    /// Waits up to `within` for every answer to be written.
+    fn drain(&self, within: Duration) {
+        let count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.done.wait_timeout_while(count, within, |n| *n > 0);
+    }
+}
+
+/// One pending answer, until dropped.
+struct PendingGuard(Arc<Pending>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut count = self.0.count.lock().unwrap_or_else(|e| e.into_inner());
+        *count -= 1;
+        self.0.done.notify_all();
+    }
+}
 
 /// A request delivered to the supervisor's event loop, with its reply slot.
 /// The loop may answer later (after a worker answered); the connection
@@ -296,6 +331,7 @@ pub fn prepare_runtime_dir(dir: &Path) -> Result<Vec<Identity>, ControlError> {
 pub struct ControlServer {
     path: PathBuf,
     created: Created,
+    pending: Arc<Pending>,
 }
 
 impl ControlServer {
@@ -352,12 +388,21 @@ impl ControlServer {
         };
         let my_uid = nix::unistd::geteuid().as_raw();
         let open = Arc::new(AtomicUsize::new(0));
+        let pending = Arc::new(Pending::default());
+        let counted = Arc::clone(&pending);
         let spawned = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                let shared = Shared {
+                    my_uid,
+                    open,
+                    pending: counted,
+                    events,
+                    wrap,
+                };
                 for conn in listener.incoming() {
                     match conn {
-                        Ok(stream) => accept(stream, my_uid, &open, &events, wrap),
+                        Ok(stream) => accept(stream, &shared),
                         Err(e) => tracing::warn!("control socket: accept failed: {e}"),
                     }
                 }
@@ -369,6 +414,7 @@ impl ControlServer {
         Ok(ControlServer {
             path: path.to_owned(),
             created,
+            pending,
         })
     }
 
@@ -386,6 +432,30 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.created.remove();
+        // Let the answers already given (e.g. to `stop`) reach their
+        // clients before the process exits.
+        self.pending.drain(DRAIN);
+    }
+}
+
+/// What every connection thread shares.
+struct Shared<E> {
+    my_uid: u32,
+    open: Arc<AtomicUsize>,
+    pending: Arc<Pending>,
+    events: mpsc::Sender<E>,
+    wrap: fn(Incoming) -> E,
+}
+
+impl<E> Clone for Shared<E> {
+    fn clone(&self) -> Self {
+        Shared {
+            my_uid: self.my_uid,
+            open: Arc::clone(&self.open),
+            pending: Arc::clone(&self.pending),
+            events: self.events.clone(),
+            wrap: self.wrap,
+        }
     }
 }
 
@@ -414,16 +484,10 @@ fn answer(stream: &Stream, response: &Response, deadline: Instant) {
 }
 
 /// Hands a new connection to its own thread, unless too many are open.
-fn accept<E: Send + 'static>(
-    stream: Stream,
-    my_uid: u32,
-    open: &Arc<AtomicUsize>,
-    events: &mpsc::Sender<E>,
-    wrap: fn(Incoming) -> E,
-) {
+fn accept<E: Send + 'static>(stream: Stream, shared: &Shared<E>) {
     let accepted = Instant::now();
-    if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-        open.fetch_sub(1, Ordering::SeqCst);
+    if shared.open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+        shared.open.fetch_sub(1, Ordering::SeqCst);
         tracing::warn!("control socket: {MAX_CONNECTIONS} connections open; refused one");
         let busy = Response::error(format!(
             "the daemon is busy: {MAX_CONNECTIONS} control connections are open"
@@ -431,13 +495,13 @@ fn accept<E: Send + 'static>(
         answer(&stream, &busy, accepted + Duration::from_millis(100));
         return;
     }
-    let guard = OpenGuard(Arc::clone(open));
-    let events = events.clone();
+    let guard = OpenGuard(Arc::clone(&shared.open));
+    let shared = shared.clone();
     let spawned = std::thread::Builder::new()
         .name("control-conn".into())
         .spawn(move || {
             let _guard = guard;
-            serve(&stream, accepted, my_uid, &events, wrap);
+            serve(&stream, accepted, &shared);
         });
     if let Err(e) = spawned {
         tracing::warn!("control socket: cannot start a connection thread: {e}");
@@ -502,13 +566,8 @@ fn check_request(request: &Request) -> Result<(), String> {
     Ok(())
 }
 
-fn serve<E>(
-    stream: &Stream,
-    accepted: Instant,
-    my_uid: u32,
-    events: &mpsc::Sender<E>,
-    wrap: fn(Incoming) -> E,
-) {
+fn serve<E>(stream: &Stream, accepted: Instant, shared: &Shared<E>) {
+    let my_uid = shared.my_uid;
     let read_by = accepted + READ_DEADLINE;
     match peer_uid(stream) {
         Ok(uid) if uid == my_uid => {}
@@ -549,7 +608,9 @@ fn serve<E>(
         return;
     }
     let (tx, rx) = mpsc::channel();
-    let response = if events.send(wrap(Incoming { request, reply: tx })).is_err() {
+    let _pending = shared.pending.begin();
+    let incoming = (shared.wrap)(Incoming { request, reply: tx });
+    let response = if shared.events.send(incoming).is_err() {
         Response::error("the daemon is shutting down")
     } else {
         let left = deadline.saturating_duration_since(Instant::now());
