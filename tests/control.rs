@@ -231,7 +231,10 @@ fn created_socket_folders_are_removed_at_stop() {
     assert_eq!(mode(&root.path().join("a")), 0o700);
     assert_eq!(mode(&root.path().join("a/b")), 0o700);
     assert_eq!(d.stop(), Some(0), "{}", d.log());
-    assert!(!root.path().join("a").exists(), "created folders left behind");
+    assert!(
+        !root.path().join("a").exists(),
+        "created folders left behind"
+    );
 }
 
 #[test]
@@ -317,12 +320,18 @@ fn exec_over_the_raw_socket_refuses_non_finite_inputs() {
     let answer = ask("{\"op\":\"exec\",\"inputs\":[1e39,0,0,0]}\n");
     assert_eq!(answer["ok"], false, "{answer}");
     assert!(
-        answer["error"].as_str().unwrap().contains("not a finite f32"),
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a finite f32"),
         "{answer}"
     );
     let answer = ask("{\"op\":\"exec\",\"inputs\":[]}\n");
     assert!(
-        answer["error"].as_str().unwrap().contains("no input values"),
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("no input values"),
         "{answer}"
     );
     let answer = ask("{\"op\":\"exec\",\"inputs\":[0.1,0.2,0.3,0.4]}\n");
@@ -350,7 +359,10 @@ fn run_refused(args: &[&str], env: &[(&str, &str)], toml: Option<&str>) -> (Opti
         cmd.env(k, v);
     }
     let o = cmd.args(args).output().unwrap();
-    assert!(!state.exists(), "{args:?} {env:?}: the state folder was created");
+    assert!(
+        !state.exists(),
+        "{args:?} {env:?}: the state folder was created"
+    );
     (o.status.code(), text(&o.stderr))
 }
 
@@ -371,7 +383,10 @@ fn every_bad_setting_exits_2_naming_it() {
         (&["--restart-period", "0s"], "--restart-period"),
         (&["--backoff-max", "0s"], "--backoff-max"),
         (&["--backoff-initial", "3s"], "--backoff-initial"),
-        (&["--restart-intensity", "4000000000"], "--restart-intensity"),
+        (
+            &["--restart-intensity", "4000000000"],
+            "--restart-intensity",
+        ),
         (&["--fallback-after", "0"], "--fallback-after"),
         (&["--generations", "0"], "--generations"),
         (&["--history", "0"], "--history"),
@@ -399,11 +414,17 @@ fn every_bad_setting_exits_2_naming_it() {
         ("workers = 0\n", "`workers`"),
         ("worker_memory_limit = \"1K\"\n", "`worker_memory_limit`"),
         ("[evolve]\npopulation = 0\n", "`evolve.population`"),
-        ("[evolve]\nsolve_threshold = nan\n", "`evolve.solve_threshold`"),
+        (
+            "[evolve]\nsolve_threshold = nan\n",
+            "`evolve.solve_threshold`",
+        ),
     ] {
         let (code, err) = run_refused(&[], &[], Some(toml));
         assert_eq!(code, Some(2), "{toml}: {err}");
-        assert!(err.contains(key) && err.contains("evod.toml"), "{toml}: {err}");
+        assert!(
+            err.contains(key) && err.contains("evod.toml"),
+            "{toml}: {err}"
+        );
     }
 }
 

@@ -34,14 +34,12 @@
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use evod_wire::control::{
-    MAX_REQUEST, READ_DEADLINE, Request, Response, check_exec_inputs,
-};
+use evod_wire::control::{MAX_REQUEST, READ_DEADLINE, Request, Response, check_exec_inputs};
 use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, Stream};
 use interprocess::os::unix::local_socket::ListenerOptionsExt;
@@ -234,7 +232,10 @@ pub fn check_socket_path(path: &Path) -> Result<SocketPath, ControlError> {
     }
     let uid = nix::unistd::geteuid().as_raw();
     if meta.uid() != uid {
-        return Err(taken(format!("a socket of uid {} (we are uid {uid})", meta.uid())));
+        return Err(taken(format!(
+            "a socket of uid {} (we are uid {uid})",
+            meta.uid()
+        )));
     }
     let name = path
         .to_fs_name::<GenericFilePath>()
@@ -598,7 +599,11 @@ fn serve<E>(stream: &Stream, accepted: Instant, shared: &Shared<E>) {
     let request = match serde_json::from_str::<Request>(&line) {
         Ok(request) => request,
         Err(e) => {
-            answer(stream, &Response::error(format!("bad request: {e}")), read_by);
+            answer(
+                stream,
+                &Response::error(format!("bad request: {e}")),
+                read_by,
+            );
             return;
         }
     };
@@ -656,7 +661,10 @@ mod tests {
         let err = ControlServer::start(&file, tx, |i| i).err().unwrap();
         assert!(matches!(err, ControlError::PathTaken { .. }), "{err}");
         let text = err.to_string();
-        assert!(text.contains("important.txt") && text.contains("a regular file"), "{text}");
+        assert!(
+            text.contains("important.txt") && text.contains("a regular file"),
+            "{text}"
+        );
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "data\n");
         let mode = std::fs::metadata(&shared).unwrap().mode() & 0o7777;
         assert_eq!(mode, 0o1777);
@@ -691,7 +699,10 @@ mod tests {
         let server = ControlServer::start(&path, tx, |i| i).unwrap();
         let created: Vec<_> = server.created().dirs.iter().map(|d| d.0.clone()).collect();
         assert_eq!(created, vec![shared.join("a/b"), shared.join("a")]);
-        assert_eq!(std::fs::metadata(shared.join("a")).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(shared.join("a")).unwrap().mode() & 0o777,
+            0o700
+        );
         drop(server);
         assert!(!shared.join("a").exists() && shared.is_dir());
         // A group-writable folder without the sticky bit is refused.
@@ -732,15 +743,27 @@ mod tests {
         let slow = std::thread::spawn(move || {
             let mut s = std::os::unix::net::UnixStream::connect(&slow_path).unwrap();
             for b in br#"{"op":"status"}"#.iter().cycle() {
-                if s.write_all(&[*b]).is_err() || done_rx.recv_timeout(Duration::from_millis(200)).is_ok() {
+                if s.write_all(&[*b]).is_err()
+                    || done_rx.recv_timeout(Duration::from_millis(200)).is_ok()
+                {
                     break;
                 }
             }
         });
-        for request in [Request::Status, Request::Exec { inputs: vec![0.5; 4] }, Request::Stop] {
+        for request in [
+            Request::Status,
+            Request::Exec {
+                inputs: vec![0.5; 4],
+            },
+            Request::Stop,
+        ] {
             let started = Instant::now();
             call(&path, &request, Duration::from_secs(5)).unwrap();
-            assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{:?}",
+                started.elapsed()
+            );
         }
         done_tx.send(()).unwrap();
         slow.join().unwrap();
@@ -754,13 +777,19 @@ mod tests {
         echo_loop(rx);
         let _server = ControlServer::start(&path, tx, |i| i).unwrap();
         let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
-        s.write_all(b"{\"op\":\"exec\",\"inputs\":[1e39]}\n").unwrap();
+        s.write_all(b"{\"op\":\"exec\",\"inputs\":[1e39]}\n")
+            .unwrap();
         let mut reply = String::new();
         s.read_to_string(&mut reply).unwrap();
         let reply: Response = serde_json::from_str(&reply).unwrap();
         let error = reply.error.unwrap();
         assert!(!reply.ok && error.contains("not a finite f32"), "{error}");
-        let err = call(&path, &Request::Exec { inputs: vec![] }, Duration::from_secs(5)).unwrap_err();
+        let err = call(
+            &path,
+            &Request::Exec { inputs: vec![] },
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("no input values"), "{err}");
     }
 

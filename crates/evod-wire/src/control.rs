@@ -362,9 +362,7 @@ pub fn call(
             path: path.to_owned(),
             reason: match kind {
                 std::io::ErrorKind::NotFound => "no such socket".into(),
-                std::io::ErrorKind::ConnectionRefused => {
-                    "connection refused (stale socket)".into()
-                }
+                std::io::ErrorKind::ConnectionRefused => "connection refused (stale socket)".into(),
                 _ => e.to_string(),
             },
         },
@@ -376,14 +374,18 @@ pub fn call(
             .filter(|d| !d.is_zero())
             .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut))
     };
-    stream.set_send_timeout(Some(left().map_err(io)?)).map_err(io)?;
+    stream
+        .set_send_timeout(Some(left().map_err(io)?))
+        .map_err(io)?;
     let mut text = serde_json::to_string(request).expect("requests always serialize");
     text.push('\n');
     (&stream).write_all(text.as_bytes()).map_err(io)?;
     let mut reply = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        stream.set_recv_timeout(Some(left().map_err(io)?)).map_err(io)?;
+        stream
+            .set_recv_timeout(Some(left().map_err(io)?))
+            .map_err(io)?;
         match (&stream).read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => {
@@ -437,14 +439,26 @@ mod tests {
 
     #[test]
     fn exec_inputs_are_finite_f32_and_bounded() {
-        assert_eq!(parse_exec_inputs("0.5, -2,3e-1").unwrap(), vec![0.5, -2.0, 0.3]);
+        assert_eq!(
+            parse_exec_inputs("0.5, -2,3e-1").unwrap(),
+            vec![0.5, -2.0, 0.3]
+        );
         let err = parse_exec_inputs("1e39").unwrap_err();
-        assert!(matches!(err, InputError::NotFinite { index: 0, .. }), "{err}");
+        assert!(
+            matches!(err, InputError::NotFinite { index: 0, .. }),
+            "{err}"
+        );
         assert!(matches!(
             parse_exec_inputs("1,x"),
             Err(InputError::NotANumber { index: 1, .. })
         ));
-        assert_eq!(parse_exec_inputs(""), Err(InputError::NotANumber { index: 0, text: String::new() }));
+        assert_eq!(
+            parse_exec_inputs(""),
+            Err(InputError::NotANumber {
+                index: 0,
+                text: String::new()
+            })
+        );
         assert_eq!(check_exec_inputs(&[]), Err(InputError::Empty));
         assert!(check_exec_inputs(&[f32::NAN]).is_err());
         assert!(check_exec_inputs(&vec![0.0; MAX_EXEC_INPUTS]).is_ok());
@@ -454,7 +468,9 @@ mod tests {
         );
         // JSON 1e39 becomes infinity as an f32: the server's check sees it.
         let parsed: Request = serde_json::from_str(r#"{"op":"exec","inputs":[1e39]}"#).unwrap();
-        let Request::Exec { inputs } = parsed else { unreachable!() };
+        let Request::Exec { inputs } = parsed else {
+            unreachable!()
+        };
         assert!(check_exec_inputs(&inputs).is_err());
     }
 

@@ -197,9 +197,7 @@ pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs `evod rollback`.
 pub fn rollback(args: RollbackArgs) -> anyhow::Result<ExitCode> {
-    let value = args
-        .target
-        .call(&Request::Rollback { to: args.to })?;
+    let value = args.target.call(&Request::Rollback { to: args.to })?;
     writeln!(
         std::io::stdout(),
         "restored generation {}",

@@ -28,8 +28,8 @@ use serde::{Deserialize, Deserializer};
 
 use super::Args;
 use super::settings::{Layer, MAX_WORKERS, SettingError, check_layer, check_merged};
-use crate::exit;
 use crate::evolver::EvolveArgs;
+use crate::exit;
 
 /// A size in the TOML file: a string (`"2G"`) or a number of bytes.
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -138,12 +138,9 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
     let dir = std::path::absolute(&dir)
         .map_err(|e| anyhow::anyhow!("bad state folder {}: {e}", dir.display()))?;
     let model = dir.join(DEFAULT_MODEL);
-    let workers = args
-        .workers
-        .or(file.workers)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS))
-        });
+    let workers = args.workers.or(file.workers).unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS))
+    });
     let defaults = RestartPolicy::default();
     let policy = RestartPolicy {
         min_uptime: defaults.min_uptime,

@@ -201,7 +201,12 @@ pub fn check_layer(layer: &Layer<'_>) -> Result<(), SettingError> {
         None,
         layer.worker_memory_limit,
         |&b| b >= MIN_WORKER_MEMORY,
-        || format!("at least {} (a worker cannot start in less)", mib(MIN_WORKER_MEMORY)),
+        || {
+            format!(
+                "at least {} (a worker cannot start in less)",
+                mib(MIN_WORKER_MEMORY)
+            )
+        },
         |&b| format!("{b} bytes"),
     )?;
     let duration = |flag: &str, value: Option<Duration>, min: Duration| {
@@ -216,7 +221,11 @@ pub fn check_layer(layer: &Layer<'_>) -> Result<(), SettingError> {
         )
     };
     duration("grace-period", layer.grace_period, Duration::ZERO)?;
-    duration("heartbeat-timeout", layer.heartbeat_timeout, 2 * BEAT_INTERVAL)?;
+    duration(
+        "heartbeat-timeout",
+        layer.heartbeat_timeout,
+        2 * BEAT_INTERVAL,
+    )?;
     duration("restart-period", layer.restart_period, MIN_PERIOD)?;
     duration("backoff-initial", layer.backoff_initial, Duration::ZERO)?;
     duration("backoff-max", layer.backoff_max, MIN_PERIOD)?;
@@ -337,8 +346,11 @@ pub fn check_state_dir(dir: &Path) -> Result<(), DirError> {
         return Err(DirError::NotAFolder(dir.to_owned()));
     }
     std::fs::create_dir_all(dir).map_err(not_writable)?;
-    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK)
-        .map_err(|errno| not_writable(std::io::Error::from(errno)))
+    nix::unistd::access(
+        dir,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    )
+    .map_err(|errno| not_writable(std::io::Error::from(errno)))
 }
 
 #[cfg(test)]
@@ -376,7 +388,10 @@ mod tests {
         let mut l = layer(&none);
         l.heartbeat_timeout = Some(Duration::from_millis(150));
         let err = check_layer(&l).unwrap_err().to_string();
-        assert!(err.contains("`heartbeat_timeout`") && err.contains("0.2s to"), "{err}");
+        assert!(
+            err.contains("`heartbeat_timeout`") && err.contains("0.2s to"),
+            "{err}"
+        );
         l.heartbeat_timeout = Some(Duration::from_millis(200));
         check_layer(&l).unwrap();
     }
