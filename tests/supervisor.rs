@@ -63,7 +63,11 @@ impl Daemon {
     }
 
     fn start_with(workers: u32, args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
+        Daemon::start_in(tempfile::tempdir().unwrap(), workers, args)
+    }
+
+    /// Starts on `dir`, which may hold an earlier daemon's state.
+    fn start_in(dir: tempfile::TempDir, workers: u32, args: &[&str]) -> Daemon {
         let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
         let child = evod()
             .arg("run")
@@ -355,14 +359,51 @@ fn a_second_sigint_stops_at_once() {
     assert!(!alive(pid), "worker {pid} left running");
 }
 
+/// Where a process's descriptors point (`/proc/PID/fd` links).
+fn fd_links(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|r| {
+            r.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn shm_files() -> Vec<std::ffi::OsString> {
+    std::fs::read_dir("/dev/shm")
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default()
+}
+
 #[test]
 fn a_sigkilled_supervisor_takes_its_children_and_leaves_nothing_behind() {
-    let shm_before: Vec<_> = std::fs::read_dir("/dev/shm")
-        .map(|r| r.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
+    let shm_before = shm_files();
     let mut d = Daemon::start_with(2, &[]);
     let s = d.wait_healthy();
     let pids = child_and_standby_pids(&s);
+    // The shared segments are memfds: each worker holds one, and no
+    // process of the daemon holds anything in /dev/shm.
+    for w in s["children"].as_array().unwrap() {
+        let pid = w["pid"].as_u64().unwrap() as u32;
+        let links = fd_links(pid);
+        if w["role"] == "worker" {
+            assert!(
+                links.iter().any(|l| l.starts_with("/memfd:evod-ring")),
+                "worker {pid} holds no memfd segment: {links:?}"
+            );
+        }
+        assert!(
+            !links.iter().any(|l| l.starts_with("/dev/shm")),
+            "{pid}: {links:?}"
+        );
+    }
+    let links = fd_links(d.pid());
+    assert!(
+        links.iter().any(|l| l.starts_with("/memfd:evod-ring")),
+        "the supervisor holds no memfd segment: {links:?}"
+    );
     assert!(d.runtime_dir().join("control.sock").exists());
     d.signal(Signal::SIGKILL);
     let status = d.wait_exit();
@@ -371,7 +412,7 @@ fn a_sigkilled_supervisor_takes_its_children_and_leaves_nothing_behind() {
         Some(9)
     );
     assert_eq!(pids.len(), 4, "two workers and their standbys: {s}");
-    for pid in pids {
+    for &pid in &pids {
         wait_for(
             &format!("child {pid} to die with its parent"),
             // Reparented to init, which reaps it: gone from /proc.
@@ -384,21 +425,43 @@ fn a_sigkilled_supervisor_takes_its_children_and_leaves_nothing_behind() {
         || (!d.runtime_dir().exists()).then_some(()),
         || d.log(),
     );
-    let shm_after: Vec<_> = std::fs::read_dir("/dev/shm")
-        .map(|r| r.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    let new: Vec<_> = shm_after
-        .iter()
-        .filter(|n| !shm_before.contains(n) && n.to_string_lossy().contains("evod"))
+    // Nothing appeared in /dev/shm. (Other processes of the machine may
+    // use it too; a file there that appeared meanwhile is listed.)
+    let new: Vec<_> = shm_files()
+        .into_iter()
+        .filter(|n| !shm_before.contains(n))
         .collect();
-    assert!(new.is_empty(), "left in /dev/shm: {new:?}");
-    // A new daemon starts on the same folder (no stale socket in the way).
-    let o = evod()
-        .args(["status", "--dir"])
-        .arg(d.dir())
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(4));
+    assert!(new.is_empty(), "new in /dev/shm: {new:?}");
+    // A new daemon starts on the same folder (no stale socket in the way)
+    // and runs: its workers have pids and segment epochs, and the status
+    // names the model and its generation.
+    let model = d.dir().join("vectorland.gguf");
+    let generation = evod_store::generation_of(&evod_gguf::GgufFile::open(&model).unwrap());
+    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
+    let again = Daemon::start_in(dir, 2, &[]);
+    let s = again.wait_healthy();
+    assert_eq!(s["pid"], again.pid());
+    assert_eq!(s["model"], model.display().to_string());
+    assert_eq!(s["generation"].as_u64(), generation, "{s}");
+    let workers: Vec<_> = s["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["role"] == "worker")
+        .collect();
+    assert_eq!(workers.len(), 2, "{s}");
+    for w in workers {
+        assert_eq!(w["state"], "running", "{w}");
+        let pid = w["pid"].as_u64().expect("a running worker has a pid") as u32;
+        assert!(alive(pid) && !pids.contains(&pid), "{w}");
+        assert!(w["epoch"].as_u64().is_some_and(|e| e >= 1), "{w}");
+        // The generation the worker itself reports having loaded.
+        assert_eq!(
+            w["stats"]["model_generation"].as_u64(),
+            Some(generation.unwrap_or(0)),
+            "{w}"
+        );
+    }
 }
 
 #[test]

@@ -204,21 +204,29 @@ fn every_opcode_over_the_real_ring() {
 
     // Unknown opcodes and fault opcodes without the flag are refused.
     assert_eq!(call(&mut client, 77, &[]).0, UNKNOWN_OPCODE);
-    let (st, msg) = call(&mut client, FAULT_SEGV, &[]);
-    assert_eq!(st, FAULT_REFUSED);
-    assert!(String::from_utf8_lossy(&msg).contains("--allow-fault-injection"));
-    assert_eq!(
-        call(&mut client, FAULT_EXIT, &3u32.to_le_bytes()).0,
-        FAULT_REFUSED
-    );
-    assert_eq!(
-        call(&mut client, PING, &[]).0,
-        OK,
-        "worker died after a refused fault"
-    );
+    // Every fault opcode, on both channels, with and without a payload.
+    let mut control = seg.client(Channel::Control).unwrap();
+    let faults: Vec<u32> = (0..1024).filter(|&o| evod_wire::op::is_fault(o)).collect();
+    assert_eq!(faults.len(), 7, "{faults:?}");
+    for &opcode in &faults {
+        assert_ne!(evod_wire::op::name(opcode), "UNKNOWN", "{opcode}");
+        for channel in [&mut client, &mut control] {
+            for body in [&[][..], &3u32.to_le_bytes(), &1u32.to_le_bytes()] {
+                let (st, msg) = call(channel, opcode, body);
+                let name = evod_wire::op::name(opcode);
+                assert_eq!(st, FAULT_REFUSED, "{name} {body:?}");
+                assert!(
+                    String::from_utf8_lossy(&msg).contains("--allow-fault-injection"),
+                    "{name}: {}",
+                    String::from_utf8_lossy(&msg)
+                );
+                assert_eq!(call(channel, PING, &[]).0, OK, "worker died after {name}");
+            }
+        }
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the worker exited");
 
     // The control channel is served too.
-    let mut control = seg.client(Channel::Control).unwrap();
     assert_eq!(call(&mut control, PING, &[]), (OK, vec![]));
 
     let stats = seg.stats();

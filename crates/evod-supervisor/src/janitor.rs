@@ -1,6 +1,7 @@
-//! The janitor: a tiny forked helper that removes the control socket (and
-//! the runtime folder, if empty) when the supervisor dies without cleaning
-//! up, e.g. SIGKILL.
+//! The janitor: a tiny forked helper that removes the control socket and
+//! the folders the control server created for it (each only if still the
+//! same file, folders only if empty; never anything evod did not create)
+//! when the supervisor dies without cleaning up, e.g. SIGKILL.
 //!
 //! [`Janitor::start`] forks before the supervisor starts any thread, so the
 //! child may run ordinary code. The child keeps the read end of a pipe whose
@@ -11,9 +12,11 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use nix::unistd::{ForkResult, Pid};
+
+use crate::control::Created;
 
 /// The supervisor's end of the janitor.
 pub struct Janitor {
@@ -51,11 +54,17 @@ impl Janitor {
         self.pid
     }
 
-    /// Asks the janitor to remove `path` if the supervisor dies while it is
-    /// still the file with this (device, inode).
-    pub fn watch(&mut self, path: &Path, inode: (u64, u64)) -> std::io::Result<()> {
-        let line = format!("{}\t{}\t{}\n", inode.0, inode.1, path.display());
-        self.pipe.write_all(line.as_bytes())
+    /// Asks the janitor to remove what the control server created if the
+    /// supervisor dies: the socket, then its folders (each only while it is
+    /// still the file with the recorded device and inode).
+    pub fn watch(&mut self, created: &Created) -> std::io::Result<()> {
+        let mut text = String::new();
+        for (kind, (path, (dev, ino))) in std::iter::once(("socket", &created.socket))
+            .chain(created.dirs.iter().map(|d| ("dir", d)))
+        {
+            text.push_str(&format!("{kind}\t{dev}\t{ino}\t{}\n", path.display()));
+        }
+        self.pipe.write_all(text.as_bytes())
     }
 }
 
@@ -75,15 +84,29 @@ fn run_child(read: OwnedFd) -> ! {
     let _ = std::fs::File::from(read)
         .take(1 << 20)
         .read_to_end(&mut text);
+    let mut created = Created {
+        socket: (PathBuf::new(), (0, 0)),
+        dirs: Vec::new(),
+    };
     for line in String::from_utf8_lossy(&text).lines() {
-        let mut parts = line.splitn(3, '\t');
-        let (Some(dev), Some(ino), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+        let mut parts = line.splitn(4, '\t');
+        let (Some(kind), Some(dev), Some(ino), Some(path)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             continue;
         };
         let (Ok(dev), Ok(ino)) = (dev.parse(), ino.parse()) else {
             continue;
         };
-        super::control::remove_socket(&PathBuf::from(path), (dev, ino));
+        let entry = (PathBuf::from(path), (dev, ino));
+        match kind {
+            "socket" => created.socket = entry,
+            "dir" => created.dirs.push(entry),
+            _ => {}
+        }
+    }
+    if !created.socket.0.as_os_str().is_empty() {
+        created.remove();
     }
     // SAFETY: _exit skips the parent's atexit handlers and buffered output,
     // which belong to the supervisor.

@@ -13,7 +13,7 @@
 //! ← {"ok":false,"error":"no worker is ready"}
 //! ```
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,6 +34,17 @@ pub fn default_socket(dir: &Path) -> PathBuf {
 
 /// Largest request line accepted, in bytes.
 pub const MAX_REQUEST: u64 = 1 << 20;
+
+/// How long the server gives a client to send its whole request line.
+pub const READ_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long the server gives most requests, from accepting the connection
+/// to writing the answer (see [`Request::deadline`]).
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The deadline of a rollback, which stops the evolver and restarts every
+/// worker on the restored file.
+pub const ROLLBACK_DEADLINE: Duration = Duration::from_secs(60);
 
 /// A request from a client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +84,93 @@ pub enum Request {
         /// `segv`, `abort`, `hang`, `scribble`, `lie`, `exit` or `exit:N`.
         kind: String,
     },
+}
+
+impl Request {
+    /// The server's whole-request deadline for this request: reading it,
+    /// getting the supervisor's answer and writing it back. A client waits
+    /// a little longer than this, so that it sees the server's "did not
+    /// answer within" error rather than its own timeout.
+    pub fn deadline(&self) -> Duration {
+        match self {
+            Request::Rollback { .. } => ROLLBACK_DEADLINE,
+            _ => REQUEST_DEADLINE,
+        }
+    }
+}
+
+/// How much longer than [`Request::deadline`] a client waits, so that it
+/// sees the server's own "did not answer within" answer.
+pub const CLIENT_MARGIN: Duration = Duration::from_secs(2);
+
+/// Most values one `exec` request may carry.
+pub const MAX_EXEC_INPUTS: usize = 65536;
+
+/// Why `exec` inputs were refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InputError {
+    /// No values at all.
+    #[error("no input values (expected 1 to {MAX_EXEC_INPUTS})")]
+    Empty,
+    /// More than [`MAX_EXEC_INPUTS`] values.
+    #[error("{0} input values (expected 1 to {MAX_EXEC_INPUTS})")]
+    TooMany(usize),
+    /// A value that is not a number.
+    #[error("input value {index} {text:?} is not a number")]
+    NotANumber {
+        /// Its position, from 0.
+        index: usize,
+        /// The text.
+        text: String,
+    },
+    /// A value that is NaN or infinite as an f32 (e.g. `1e39`).
+    #[error("input value {index} ({value}) is not a finite f32")]
+    NotFinite {
+        /// Its position, from 0.
+        index: usize,
+        /// The value as read.
+        value: f64,
+    },
+}
+
+/// Checks `exec` inputs: 1 to [`MAX_EXEC_INPUTS`] finite f32 values. The
+/// server applies it to every `exec` request; [`parse_exec_inputs`] (the
+/// CLI's parser) ends with it.
+pub fn check_exec_inputs(inputs: &[f32]) -> Result<(), InputError> {
+    if inputs.is_empty() {
+        return Err(InputError::Empty);
+    }
+    if inputs.len() > MAX_EXEC_INPUTS {
+        return Err(InputError::TooMany(inputs.len()));
+    }
+    match inputs.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(InputError::NotFinite {
+            index,
+            value: f64::from(inputs[index]),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Parses comma-separated `exec` inputs (`0.1, -2,3e-1`) and checks them
+/// with [`check_exec_inputs`]. A value that overflows f32 (`1e39`) is
+/// refused, not rounded to infinity.
+pub fn parse_exec_inputs(text: &str) -> Result<Vec<f32>, InputError> {
+    let mut values = Vec::new();
+    for (index, part) in text.split(',').enumerate() {
+        let part = part.trim();
+        let wide: f64 = part.parse().map_err(|_| InputError::NotANumber {
+            index,
+            text: part.to_owned(),
+        })?;
+        let value = wide as f32;
+        if !value.is_finite() {
+            return Err(InputError::NotFinite { index, value: wide });
+        }
+        values.push(value);
+    }
+    check_exec_inputs(&values)?;
+    Ok(values)
 }
 
 /// A response line.
@@ -183,7 +281,21 @@ pub enum ClientError {
         /// Why the connection failed.
         reason: String,
     },
-    /// The connection broke or timed out. (The cause is kept as text: an
+    /// The socket exists but we may not connect to it (`EACCES`).
+    #[error("permission denied on {path} (the daemon runs as another user?)")]
+    PermissionDenied {
+        /// The socket.
+        path: PathBuf,
+    },
+    /// The daemon did not answer in time.
+    #[error("the daemon did not answer within {}s on {path}", after.as_secs_f64())]
+    Timeout {
+        /// The socket.
+        path: PathBuf,
+        /// How long the client waited.
+        after: Duration,
+    },
+    /// The connection broke. (The cause is kept as text: an
     /// `io::Error` in the chain would make `main` take a broken pipe to the
     /// daemon for a closed stdout.)
     #[error("control socket {path}: {message}")]
@@ -206,15 +318,35 @@ pub enum ClientError {
     Daemon(String),
 }
 
-/// Sends one request and returns the daemon's result.
+/// Whether an I/O error is a socket timeout (`EAGAIN` from `SO_RCVTIMEO`
+/// shows as `WouldBlock`).
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Sends one request and returns the daemon's result, all within
+/// `timeout` (a whole-call deadline, not a per-read one).
 pub fn call(
     path: &Path,
     request: &Request,
     timeout: Duration,
 ) -> Result<serde_json::Value, ClientError> {
-    let io = |e: std::io::Error| ClientError::Io {
-        path: path.to_owned(),
-        message: e.to_string(),
+    let deadline = std::time::Instant::now() + timeout;
+    let io = |e: std::io::Error| {
+        if is_timeout(&e) {
+            ClientError::Timeout {
+                path: path.to_owned(),
+                after: timeout,
+            }
+        } else {
+            ClientError::Io {
+                path: path.to_owned(),
+                message: e.to_string(),
+            }
+        }
     };
     let name = path
         .to_fs_name::<GenericFilePath>()
@@ -222,31 +354,59 @@ pub fn call(
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-    let stream = Stream::connect(name).map_err(|e| ClientError::NoDaemon {
-        path: path.to_owned(),
-        reason: match e.kind() {
-            std::io::ErrorKind::NotFound => "no such socket".into(),
-            std::io::ErrorKind::ConnectionRefused => "connection refused (stale socket)".into(),
-            _ => e.to_string(),
+    let stream = Stream::connect(name).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied {
+            path: path.to_owned(),
+        },
+        kind => ClientError::NoDaemon {
+            path: path.to_owned(),
+            reason: match kind {
+                std::io::ErrorKind::NotFound => "no such socket".into(),
+                std::io::ErrorKind::ConnectionRefused => "connection refused (stale socket)".into(),
+                _ => e.to_string(),
+            },
         },
     })?;
-    stream.set_recv_timeout(Some(timeout)).map_err(io)?;
-    stream.set_send_timeout(Some(timeout)).map_err(io)?;
+    // Each blocking step gets what is left of the deadline.
+    let left = || {
+        deadline
+            .checked_duration_since(std::time::Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut))
+    };
+    stream
+        .set_send_timeout(Some(left().map_err(io)?))
+        .map_err(io)?;
     let mut text = serde_json::to_string(request).expect("requests always serialize");
     text.push('\n');
     (&stream).write_all(text.as_bytes()).map_err(io)?;
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .take(64 << 20)
-        .read_line(&mut line)
-        .map_err(io)?;
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        stream
+            .set_recv_timeout(Some(left().map_err(io)?))
+            .map_err(io)?;
+        match (&stream).read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                reply.extend_from_slice(&chunk[..n]);
+                if reply.contains(&b'\n') || reply.len() > 64 << 20 {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    let line = String::from_utf8_lossy(&reply);
+    let line = line.split('\n').next().unwrap_or("");
     if line.is_empty() {
         return Err(ClientError::Protocol {
             path: path.to_owned(),
             problem: "the daemon closed the connection without answering".into(),
         });
     }
-    let response: Response = serde_json::from_str(&line).map_err(|e| ClientError::Protocol {
+    let response: Response = serde_json::from_str(line).map_err(|e| ClientError::Protocol {
         path: path.to_owned(),
         problem: e.to_string(),
     })?;
@@ -275,5 +435,58 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+    }
+
+    #[test]
+    fn exec_inputs_are_finite_f32_and_bounded() {
+        assert_eq!(
+            parse_exec_inputs("0.5, -2,3e-1").unwrap(),
+            vec![0.5, -2.0, 0.3]
+        );
+        let err = parse_exec_inputs("1e39").unwrap_err();
+        assert!(
+            matches!(err, InputError::NotFinite { index: 0, .. }),
+            "{err}"
+        );
+        assert!(matches!(
+            parse_exec_inputs("1,x"),
+            Err(InputError::NotANumber { index: 1, .. })
+        ));
+        assert_eq!(
+            parse_exec_inputs(""),
+            Err(InputError::NotANumber {
+                index: 0,
+                text: String::new()
+            })
+        );
+        assert_eq!(check_exec_inputs(&[]), Err(InputError::Empty));
+        assert!(check_exec_inputs(&[f32::NAN]).is_err());
+        assert!(check_exec_inputs(&vec![0.0; MAX_EXEC_INPUTS]).is_ok());
+        assert_eq!(
+            check_exec_inputs(&vec![0.0; MAX_EXEC_INPUTS + 1]),
+            Err(InputError::TooMany(MAX_EXEC_INPUTS + 1))
+        );
+        // JSON 1e39 becomes infinity as an f32: the server's check sees it.
+        let parsed: Request = serde_json::from_str(r#"{"op":"exec","inputs":[1e39]}"#).unwrap();
+        let Request::Exec { inputs } = parsed else {
+            unreachable!()
+        };
+        assert!(check_exec_inputs(&inputs).is_err());
+    }
+
+    #[test]
+    fn a_silent_daemon_is_a_timeout_not_an_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let hold = std::thread::spawn(move || listener.accept().unwrap());
+        let started = std::time::Instant::now();
+        let err = call(&path, &Request::Status, Duration::from_millis(300)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("did not answer within 0.3s"), "{text}");
+        assert!(!text.contains("os error"), "{text}");
+        drop(hold.join().unwrap());
     }
 }

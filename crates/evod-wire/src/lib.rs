@@ -18,7 +18,10 @@ pub mod fault;
 pub mod protocol;
 pub mod standby;
 
-pub use control::{ChildStatus, ClientError, Request, Response, StatusReport, call};
+pub use control::{
+    ChildStatus, ClientError, InputError, Request, Response, StatusReport, call, check_exec_inputs,
+    parse_exec_inputs,
+};
 pub use protocol::{
     DecodeError, EvalHeader, ExecHeader, LoadRequest, MAX_BATCH, WorkerInfo, exchange, op,
     receive_id, status,

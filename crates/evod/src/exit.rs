@@ -19,8 +19,12 @@ pub const BAD_INPUT: u8 = 3;
 pub const NO_DAEMON: u8 = 4;
 /// The supervisor gave up: restarts exceeded the configured intensity.
 pub const GAVE_UP: u8 = evod_supervisor::exit_code::GAVE_UP;
-/// An I/O error while writing (disk full, read-only, EIO).
+/// An I/O error while writing (disk full, read-only, EIO), or a state
+/// folder `evod run` cannot write.
 pub const IO: u8 = 6;
+/// The control socket exists but we may not connect to it (the daemon
+/// runs as another user).
+pub const DENIED: u8 = 7;
 
 /// An error that carries the exit code the process should end with.
 #[derive(Debug)]
@@ -45,6 +49,17 @@ pub fn with_code(code: u8, error: impl Into<anyhow::Error>) -> anyhow::Error {
         code,
         error: error.into(),
     })
+}
+
+/// A control-socket client's error with its exit code: no daemon is
+/// `NO_DAEMON`, a socket we may not open `DENIED`, anything else (a
+/// timeout, a refusal) a plain failure.
+pub fn client_error(error: evod_wire::ClientError) -> anyhow::Error {
+    match error {
+        evod_wire::ClientError::NoDaemon { .. } => with_code(NO_DAEMON, error),
+        evod_wire::ClientError::PermissionDenied { .. } => with_code(DENIED, error),
+        other => anyhow::Error::new(other),
+    }
 }
 
 /// The exit code for an error that reached `main`.

@@ -11,11 +11,10 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use crate::exit;
 use crate::status::Target;
-use evod_wire::control::{self, ClientError, Request, default_socket};
+use evod_wire::control::{self, Request, default_socket};
 
 /// Arguments of `evod fault`.
 #[derive(Debug, clap::Args)]
@@ -47,10 +46,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         worker: args.worker,
         kind: args.kind,
     };
-    let value = control::call(&socket, &request, Duration::from_secs(10)).map_err(|e| match e {
-        ClientError::NoDaemon { .. } => exit::with_code(exit::NO_DAEMON, e),
-        other => anyhow::Error::new(other),
-    })?;
+    let timeout = request.deadline() + control::CLIENT_MARGIN;
+    let value = control::call(&socket, &request, timeout).map_err(exit::client_error)?;
     writeln!(std::io::stdout(), "{value}")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -3,15 +3,16 @@
 //! Each finds the daemon's socket from `--control-socket`, else
 //! `EVOD_CONTROL_SOCKET`, else `DIR/.evod/control.sock` with `--dir` /
 //! `EVOD_DIR` / the current folder, exactly as `evod run` chooses it.
-//! Without a daemon each says so and exits with `exit::NO_DAEMON` (4).
+//! Without a daemon each says so and exits with `exit::NO_DAEMON` (4); on a
+//! socket it may not open, `exit::DENIED` (7). Each waits for the server's
+//! whole-request deadline (`Request::deadline`) plus a margin.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use crate::exit;
-use evod_wire::control::{self, ClientError, Request, StatusReport, default_socket};
+use evod_wire::control::{self, Request, StatusReport, default_socket};
 
 /// Where the daemon is.
 #[derive(Debug, Clone, clap::Args)]
@@ -31,11 +32,9 @@ impl Target {
         })
     }
 
-    fn call(&self, request: &Request, timeout: Duration) -> anyhow::Result<serde_json::Value> {
-        control::call(&self.socket(), request, timeout).map_err(|e| match e {
-            ClientError::NoDaemon { .. } => exit::with_code(exit::NO_DAEMON, e),
-            other => anyhow::Error::new(other),
-        })
+    fn call(&self, request: &Request) -> anyhow::Result<serde_json::Value> {
+        let timeout = request.deadline() + control::CLIENT_MARGIN;
+        control::call(&self.socket(), request, timeout).map_err(exit::client_error)
     }
 }
 
@@ -82,11 +81,9 @@ pub struct RollbackArgs {
     to: Option<u64>,
 }
 
-const TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Runs `evod status`.
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let value = args.target.call(&Request::Status, TIMEOUT)?;
+    let value = args.target.call(&Request::Status)?;
     let report: StatusReport = serde_json::from_value(value.clone())
         .map_err(|e| anyhow::anyhow!("bad status from the daemon: {e}"))?;
     let mut out = std::io::stdout().lock();
@@ -169,27 +166,16 @@ fn print_report(out: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Parses `0.1,0.2,…` into finite f32 values.
+/// Parses `0.1,0.2,…` with the check the server applies too.
 fn parse_inputs(text: &str) -> anyhow::Result<Vec<f32>> {
-    text.split(',')
-        .map(|part| {
-            let part = part.trim();
-            let v: f32 = part
-                .parse()
-                .map_err(|_| anyhow::anyhow!("bad --input value {part:?}: not a number"))?;
-            if !v.is_finite() {
-                anyhow::bail!("bad --input value {part:?}: not finite");
-            }
-            Ok(v)
-        })
-        .collect::<anyhow::Result<Vec<f32>>>()
-        .map_err(|e| exit::with_code(exit::USAGE, e))
+    control::parse_exec_inputs(text)
+        .map_err(|e| exit::with_code(exit::USAGE, anyhow::anyhow!("bad --input: {e}")))
 }
 
 /// Runs `evod exec`.
 pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let inputs = parse_inputs(&args.input)?;
-    let value = args.target.call(&Request::Exec { inputs }, TIMEOUT)?;
+    let value = args.target.call(&Request::Exec { inputs })?;
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{value}")?;
@@ -204,16 +190,14 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs `evod stop`.
 pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
-    args.target.call(&Request::Stop, TIMEOUT)?;
+    args.target.call(&Request::Stop)?;
     writeln!(std::io::stdout(), "stopping")?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Runs `evod rollback`.
 pub fn rollback(args: RollbackArgs) -> anyhow::Result<ExitCode> {
-    let value = args
-        .target
-        .call(&Request::Rollback { to: args.to }, Duration::from_secs(60))?;
+    let value = args.target.call(&Request::Rollback { to: args.to })?;
     writeln!(
         std::io::stdout(),
         "restored generation {}",
@@ -234,5 +218,8 @@ mod tests {
         assert!(err.to_string().contains("\"x\""));
         assert!(parse_inputs("nan").is_err());
         assert!(parse_inputs("").is_err());
+        let err = parse_inputs("1e39").unwrap_err();
+        assert_eq!(exit::code_for(&err), exit::USAGE);
+        assert!(err.to_string().contains("not a finite f32"), "{err}");
     }
 }

@@ -223,7 +223,7 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
         })?;
     let server = ControlServer::start(&config.control_socket, tx, Event::Control)?;
     janitor
-        .watch(server.path(), server.inode())
+        .watch(server.created())
         .map_err(|source| SupervisorError::Setup {
             what: "cannot brief the janitor",
             source,

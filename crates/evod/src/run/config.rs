@@ -27,7 +27,9 @@ use evod_supervisor::units::{parse_duration, parse_size};
 use serde::{Deserialize, Deserializer};
 
 use super::Args;
+use super::settings::{Layer, MAX_WORKERS, SettingError, check_layer, check_merged};
 use crate::evolver::EvolveArgs;
+use crate::exit;
 
 /// A size in the TOML file: a string (`"2G"`) or a number of bytes.
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -127,17 +129,18 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
+    let usage = |e: SettingError| exit::with_code(exit::USAGE, e);
+    check_layer(&Layer::of_args(&args)).map_err(usage)?;
+    if let Some(path) = &args.config {
+        check_layer(&Layer::of_file(&file, path)).map_err(usage)?;
+    }
     let dir = args.dir.or(file.dir).unwrap_or_else(|| PathBuf::from("."));
     let dir = std::path::absolute(&dir)
         .map_err(|e| anyhow::anyhow!("bad state folder {}: {e}", dir.display()))?;
     let model = dir.join(DEFAULT_MODEL);
-    let workers = args
-        .workers
-        .or(file.workers)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if workers == 0 || workers > 256 {
-        anyhow::bail!("bad --workers {workers}: expected 1 to 256");
-    }
+    let workers = args.workers.or(file.workers).unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS))
+    });
     let defaults = RestartPolicy::default();
     let policy = RestartPolicy {
         min_uptime: defaults.min_uptime,
@@ -195,6 +198,7 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
         evolver_bounded: evolve.generations.is_some() || evolve.until_solved,
         dir,
     };
+    check_merged(&config, &evolve).map_err(usage)?;
     Ok((config, evolve))
 }
 

@@ -1,8 +1,10 @@
 //! `evod run`: the supervisor, in the foreground (also the container entrypoint).
 //!
 //! This file holds the command line ([`Args`]); `config` layers it over
-//! the TOML file into the supervisor's `Config`, and the supervisor itself is
-//! the `evod-supervisor` crate.
+//! the TOML file into the supervisor's `Config`, `settings` checks every
+//! value before anything starts (exit 2 naming the flag; exit 6 for a state
+//! folder it cannot write), and the supervisor itself is the
+//! `evod-supervisor` crate.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +18,7 @@ use crate::evolver::EvolveArgs;
 use crate::exit;
 
 mod config;
+mod settings;
 
 /// Arguments of `evod run`. Every option also reads an `EVOD_*` environment
 /// variable and the `--config` TOML file (flag > variable > file > default).
@@ -88,6 +91,13 @@ pub struct Args {
 /// Runs `evod run`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (config, evolve) = config::resolve(args)?;
+    // Refuse a socket path that is taken before creating anything.
+    evod_supervisor::control::check_socket_path(&config.control_socket)
+        .map_err(|e| exit::with_code(exit::USAGE, e))?;
+    settings::check_state_dir(&config.dir).map_err(|e| match e {
+        settings::DirError::NotAFolder(_) => exit::with_code(exit::USAGE, e),
+        settings::DirError::NotWritable { .. } => exit::with_code(exit::IO, e),
+    })?;
     evod_supervisor::init_logging(config.log_format);
     if !config.model.exists() && crate::evolver::is_fresh_folder(&config.dir) {
         crate::evolver::create_default_model(&config.model, evolve.seed())?;
@@ -103,6 +113,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Err(e @ evod_supervisor::SupervisorError::GaveUp(_)) => {
             Err(exit::with_code(exit::GAVE_UP, e))
+        }
+        Err(evod_supervisor::SupervisorError::Control(e)) if e.is_bad_path() => {
+            Err(exit::with_code(exit::USAGE, e))
         }
         Err(e) => Err(e.into()),
     }
