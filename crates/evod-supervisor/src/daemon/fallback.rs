@@ -1,49 +1,57 @@
 //! The fallback: workers that crash right after a new generation roll the
 //! model back (`maybe_fall_back`); `roll_back` stops the evolver, restores
-//! the generation through `evod_store::restore` and restarts it.
+//! the generation through `evod_store::restore` off the loop, and restarts
+//! the evolver once the restore reports back.
 
 use super::*;
 
+/// What the supervisor itself knows about a worker that died: nothing the
+/// worker wrote (a dying liar can write anything into the segment).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DeathFacts {
+    /// The file it served, as far as the supervisor knows.
+    pub(super) serving: Option<Serving>,
+    /// A `LOAD` or canary of this file the supervisor had sent it was
+    /// outstanding.
+    pub(super) syncing: Option<FileKey>,
+    /// It had not answered any of the supervisor's requests since it
+    /// started (so it died in its start-up load, or while serving the
+    /// first thing it was asked).
+    pub(super) never_answered: bool,
+}
+
 impl Supervisor {
     /// Counts a worker's end against the live generation when it is the
-    /// generation's doing: the worker served the live file (it started on
-    /// it or accepted its `LOAD`) and had not answered a canary on it, no
-    /// worker has verified that generation, and it died loading the model
-    /// or running it (`LOAD`, `NEURAL_EXEC`; the start-up load counts as a
-    /// `LOAD`), whatever its uptime. A death in `EVAL` is a candidate's
-    /// (`EVAL` scores the candidates it is sent, not the live weights), left
-    /// to the evolver's quarantine. Past `fallback_after` such ends, rolls
-    /// back.
-    pub(super) fn maybe_fall_back(&mut self, serving: Option<Serving>, in_service: Option<u32>) {
-        // The file as of the last tick, if it is still the live one (a
-        // stat; the recovery path reads no model file). Changed since: the
-        // death cannot be pinned on either file.
+    /// generation's doing, judged on the supervisor's own facts only: no
+    /// worker has verified that generation, and the worker died while a
+    /// `LOAD` or canary of the live file the supervisor sent it was
+    /// outstanding, or it served the live file unverified and died before
+    /// it ever answered (the start-up load counts as a `LOAD`). A death
+    /// after a fault the supervisor sent is not counted. Past
+    /// `fallback_after` such ends, rolls back.
+    pub(super) fn maybe_fall_back(&mut self, facts: DeathFacts) {
+        // The file as identified, if it is still the live one (a stat; the
+        // recovery path reads no model file). Changed since: the death
+        // cannot be pinned on either file.
         let Some(LiveModel {
             id,
             generation: Some(live),
             ..
-        }) = self.model_seen
+        }) = self.live_model()
         else {
             return;
         };
-        let now_id = evod_store::file_identity(&self.config.model);
-        if now_id != Some(id) {
+        if stat_key(&self.config.model) != Some(id) {
             return;
         }
-        let blamed = match in_service {
-            // A LOAD (the supervisor sends them all) and the start-up
-            // load all read the live path.
-            Some(op::LOAD) => true,
-            // NEURAL_EXEC runs what the worker serves.
-            Some(op::NEURAL_EXEC) => serving.is_some_and(|s| s.id == id && !s.verified),
-            _ => false,
-        };
+        let blamed = facts.syncing == Some(id)
+            || (facts.never_answered && facts.serving.is_some_and(|s| s.id == id && !s.verified));
         if !blamed || self.verified_file == Some(id) || self.good_generation == Some(live) {
             return;
         }
         let count = self.crashes_after_new.entry(live).or_insert(0);
         *count += 1;
-        if *count < self.config.fallback_after {
+        if *count < self.config.fallback_after || self.rollback.is_some() {
             return;
         }
         let to = evod_store::previous_generation(&self.config.dir, live, self.good_generation);
@@ -57,44 +65,119 @@ impl Supervisor {
         tracing::error!(
             "workers crash-loop right after generation {live}: rolling back to generation {to}"
         );
-        if let Err(e) = self.roll_back(to, Some(live)) {
-            tracing::error!("rollback failed: {}", chain(&e));
-        }
+        self.roll_back(to, Some(live), None);
     }
 
-    /// Restores generation `to`; `quarantine` names a bad generation to set aside.
+    /// Starts restoring generation `to`; `quarantine` names a bad
+    /// generation to set aside; `reply` (a control client) gets the
+    /// outcome. One writer at a time: the evolver is stopped first
+    /// (SIGKILL: killing it at any instant is safe by design; the SIGCHLD
+    /// path reaps it), the restore runs once it is gone
+    /// ([`Self::advance_rollback`]).
     pub(super) fn roll_back(
         &mut self,
         to: u64,
         quarantine: Option<u64>,
-    ) -> Result<u64, evod_store::StoreError> {
-        // One writer at a time: the evolver is stopped (killing it at any
-        // instant is safe by design) and restarted afterwards.
-        let evolver = self.slots.iter().position(|s| s.kind == Kind::Evolver);
-        if let Some(i) = evolver
-            && let Some(child) = self.slots[i].child.as_mut()
+        reply: Option<mpsc::Sender<Response>>,
+    ) {
+        if self.rollback.is_some() {
+            if let Some(reply) = reply {
+                let _ = reply.send(Response::error("a rollback is already under way"));
+            }
+            return;
+        }
+        if let Some(slot) = self.slots.iter_mut().find(|s| s.kind == Kind::Evolver)
+            && let Some(child) = slot.child.as_ref().filter(|c| c.exited().is_none())
         {
-            child.kill_and_reap();
+            child.kill();
+            slot.planned_stop = true;
+            slot.kill_cause = Some("stopped for a rollback".into());
         }
-        let result = evod_store::restore(&self.config.dir, &self.config.model, to, quarantine);
-        if let Some(i) = evolver
-            && !self.slots[i].done
-            && matches!(self.phase, Phase::Running)
-        {
-            self.slots[i].restart_at = Some(Instant::now());
+        self.rollback = Some(PendingRollback {
+            to,
+            quarantine,
+            reply,
+            restoring: false,
+        });
+        self.advance_rollback();
+    }
+
+    /// Runs the restore of the rollback under way once the evolver is gone.
+    pub(super) fn advance_rollback(&mut self) {
+        let evolver_running = self
+            .slots
+            .iter()
+            .any(|s| s.kind == Kind::Evolver && s.running());
+        let Some(pending) = self.rollback.as_mut().filter(|r| !r.restoring) else {
+            return;
+        };
+        if evolver_running {
+            return;
         }
-        let generation = result?;
-        self.rollbacks += 1;
-        if let Some(bad) = quarantine {
-            self.crashes_after_new.remove(&bad);
-        }
-        // Workers in backoff restart at once on the restored model.
-        for slot in &mut self.slots {
-            if slot.kind == Kind::Worker && slot.restart_at.is_some() {
-                slot.restart_at = Some(Instant::now());
+        let (dir, model) = (self.config.dir.clone(), self.config.model.clone());
+        let (to, quarantine) = (pending.to, pending.quarantine);
+        let tx = self.tx.clone();
+        let started = std::thread::Builder::new()
+            .name("restore".into())
+            .spawn(move || {
+                let result = evod_store::restore(&dir, &model, to, quarantine);
+                let _ = tx.send(Event::Restored(RestoreReport { result }));
+            });
+        match started {
+            Ok(_) => pending.restoring = true,
+            Err(e) => {
+                let pending = self.rollback.take().expect("checked above");
+                tracing::error!("rollback failed: cannot start the restore thread: {e}");
+                if let Some(reply) = pending.reply {
+                    let _ = reply.send(Response::error(format!(
+                        "cannot start the restore thread: {e}"
+                    )));
+                }
+                self.restart_evolver();
             }
         }
-        tracing::info!("generation {generation} restored");
-        Ok(generation)
+    }
+
+    /// The restore finished: restart the evolver, answer the client.
+    pub(super) fn on_restored(&mut self, report: RestoreReport) {
+        let Some(pending) = self.rollback.take() else {
+            return;
+        };
+        self.restart_evolver();
+        let response = match report.result {
+            Ok(generation) => {
+                self.rollbacks += 1;
+                if let Some(bad) = pending.quarantine {
+                    self.crashes_after_new.remove(&bad);
+                }
+                // Workers in backoff restart at once on the restored model.
+                let now = Instant::now();
+                for slot in &mut self.slots {
+                    if slot.kind == Kind::Worker && slot.restart_at.is_some() {
+                        slot.restart_at = Some(now);
+                    }
+                }
+                tracing::info!("generation {generation} restored");
+                Response::ok(serde_json::json!({ "generation": generation }))
+            }
+            Err(e) => {
+                tracing::error!("rollback failed: {}", chain(&e));
+                Response::error(chain(&e))
+            }
+        };
+        if let Some(reply) = pending.reply {
+            let _ = reply.send(response);
+        }
+    }
+
+    fn restart_evolver(&mut self) {
+        let running = matches!(self.phase, Phase::Running);
+        if let Some(slot) = self.slots.iter_mut().find(|s| s.kind == Kind::Evolver)
+            && !slot.done
+            && !slot.running()
+            && running
+        {
+            slot.restart_at = Some(Instant::now());
+        }
     }
 }
