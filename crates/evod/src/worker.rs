@@ -423,8 +423,6 @@ impl Worker<'_> {
             match fault {
                 "segv" => inject_fault(self.seg, op::FAULT_SEGV, 0),
                 "abort" => inject_fault(self.seg, op::FAULT_ABORT, 0),
-                // Hangs in the load, beating no more (supervisor tests).
-                "hang" => inject_fault(self.seg, op::FAULT_HANG, 0),
                 // Keeps beating, never answers a control request again.
                 "mute" => {}
                 // Loads fine; crashes when it serves (`NEURAL_EXEC`).

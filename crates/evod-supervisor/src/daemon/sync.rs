@@ -185,9 +185,14 @@ impl Supervisor {
                     slot.back_off(now);
                 }
             },
-            (Purpose::Canary(key), link::Outcome::Exec(result, _)) => {
+            (Purpose::Canary(key), link::Outcome::Exec(result, took)) => {
                 let answered = match result {
-                    Ok(out) => !out.is_empty() && out.iter().all(|v| v.is_finite()),
+                    Ok(out) => {
+                        // A round trip like a PING's (status shows one as
+                        // soon as the worker is verified).
+                        slot.ping = Some((took, now));
+                        !out.is_empty() && out.iter().all(|v| v.is_finite())
+                    }
                     Err(e) => {
                         tracing::debug!("{label}: canary NEURAL_EXEC: {e}");
                         if matches!(e, link::LinkError::Refused { .. }) {
