@@ -45,10 +45,9 @@ impl Daemon {
             child: Some(child),
             dir,
         };
-        d.wait_for(
-            "a healthy daemon",
-            |d| d.status().filter(|s| s["healthy"] == true),
-        );
+        d.wait_for("a healthy daemon", |d| {
+            d.status().filter(|s| s["healthy"] == true)
+        });
         d
     }
 
@@ -89,7 +88,10 @@ impl Daemon {
         let end = Instant::now() + DEADLINE;
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("evod run exited ({status}) waiting for {what}:\n{}", self.log());
+                panic!(
+                    "evod run exited ({status}) waiting for {what}:\n{}",
+                    self.log()
+                );
             }
             if let Some(v) = cond(self) {
                 return v;
@@ -251,7 +253,10 @@ fn a_model_truncated_in_place_is_unhealthy_until_a_good_file_is_published() {
         .arg(d.dir())
         .output()
         .unwrap();
-    assert!(!check.status.success(), "status --check passed on a truncated model");
+    assert!(
+        !check.status.success(),
+        "status --check passed on a truncated model"
+    );
     // A good file published over it: healthy again, on the new generation.
     d.publish(&copy, good + 1, None);
     let s = d.wait_for("status to turn healthy again", |d| {

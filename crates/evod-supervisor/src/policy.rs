@@ -158,7 +158,10 @@ mod tests {
         let now = Instant::now();
         let far = later(now, Duration::MAX);
         assert!(far > later(now, Duration::from_secs(1 << 40)));
-        assert_eq!(later(now, Duration::from_secs(1)), now + Duration::from_secs(1));
+        assert_eq!(
+            later(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
         assert_eq!(doubled(Duration::MAX, Duration::MAX), Duration::MAX);
         assert_eq!(
             doubled(Duration::from_secs(20), Duration::from_secs(30)),

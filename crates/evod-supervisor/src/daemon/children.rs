@@ -90,18 +90,20 @@ impl Supervisor {
             .iter()
             .filter(ours)
             .any(|p| matches!(p.purpose, Purpose::Fault(..)));
-        let syncing = slot
-            .jobs
-            .iter()
-            .filter(ours)
-            .find_map(|p| match p.purpose {
-                Purpose::Load(k) | Purpose::Canary(k) => Some(k),
-                _ => None,
-            });
+        let syncing = slot.jobs.iter().filter(ours).find_map(|p| match p.purpose {
+            Purpose::Load(k) | Purpose::Canary(k) => Some(k),
+            _ => None,
+        });
+        // The worker-written word may only acquit: a worker that says it
+        // died in an EVAL (a candidate's doing, left to the evolver's
+        // quarantine) is not counted against the model; a word saying
+        // anything else convicts nothing.
+        let said_eval = slot.segment.as_ref().and_then(|s| s.stats().in_service) == Some(op::EVAL);
         let facts = DeathFacts {
             serving,
             syncing: if sent_fault { None } else { syncing },
             never_answered: !slot.answered && !sent_fault,
+            said_eval,
         };
         match decision {
             Decision::RestartAfter(delay) => {
@@ -278,10 +280,8 @@ impl Supervisor {
                         .on_exit(&self.config.policy, Duration::ZERO, Instant::now());
                 match decision {
                     Decision::RestartAfter(delay) => {
-                        slot.restart_at = Some(later(
-                            Instant::now(),
-                            delay.max(Duration::from_millis(100)),
-                        ))
+                        slot.restart_at =
+                            Some(later(Instant::now(), delay.max(Duration::from_millis(100))))
                     }
                     Decision::GiveUp { .. } => {
                         self.give_up = Some(format!("cannot start {}: {e}", slot.label()));

@@ -18,6 +18,11 @@ pub(super) struct DeathFacts {
     /// started (so it died in its start-up load, or while serving the
     /// first thing it was asked).
     pub(super) never_answered: bool,
+    /// The worker-written "in service" word said `EVAL`. Untrusted, so it
+    /// can only acquit: a liar can at worst spare a bad generation the
+    /// rollback (it is still restarted, within the restart intensity),
+    /// never get a good one quarantined.
+    pub(super) said_eval: bool,
 }
 
 impl Supervisor {
@@ -27,7 +32,9 @@ impl Supervisor {
     /// `LOAD` or canary of the live file the supervisor sent it was
     /// outstanding, or it served the live file unverified and died before
     /// it ever answered (the start-up load counts as a `LOAD`). A death
-    /// after a fault the supervisor sent is not counted. Past
+    /// after a fault the supervisor sent is not counted, nor one the worker
+    /// says was in an `EVAL` (a candidate's, left to the evolver's
+    /// quarantine; see [`DeathFacts::said_eval`]). Past
     /// `fallback_after` such ends, rolls back.
     pub(super) fn maybe_fall_back(&mut self, facts: DeathFacts) {
         // The file as identified, if it is still the live one (a stat; the
@@ -46,7 +53,11 @@ impl Supervisor {
         }
         let blamed = facts.syncing == Some(id)
             || (facts.never_answered && facts.serving.is_some_and(|s| s.id == id && !s.verified));
-        if !blamed || self.verified_file == Some(id) || self.good_generation == Some(live) {
+        if !blamed
+            || facts.said_eval
+            || self.verified_file == Some(id)
+            || self.good_generation == Some(live)
+        {
             return;
         }
         let count = self.crashes_after_new.entry(live).or_insert(0);
@@ -65,10 +76,11 @@ impl Supervisor {
         tracing::error!(
             "workers crash-loop right after generation {live}: rolling back to generation {to}"
         );
-        self.roll_back(to, Some(live), None);
+        self.roll_back(Some(to), Some(live), None);
     }
 
-    /// Starts restoring generation `to`; `quarantine` names a bad
+    /// Starts restoring generation `to` (`None`: the one before the live
+    /// file's); `quarantine` names a bad
     /// generation to set aside; `reply` (a control client) gets the
     /// outcome. One writer at a time: the evolver is stopped first
     /// (SIGKILL: killing it at any instant is safe by design; the SIGCHLD
@@ -76,7 +88,7 @@ impl Supervisor {
     /// ([`Self::advance_rollback`]).
     pub(super) fn roll_back(
         &mut self,
-        to: u64,
+        to: Option<u64>,
         quarantine: Option<u64>,
         reply: Option<mpsc::Sender<Response>>,
     ) {
@@ -120,7 +132,7 @@ impl Supervisor {
         let started = std::thread::Builder::new()
             .name("restore".into())
             .spawn(move || {
-                let result = evod_store::restore(&dir, &model, to, quarantine);
+                let result = restore(&dir, &model, to, quarantine);
                 let _ = tx.send(Event::Restored(RestoreReport { result }));
             });
         match started {
@@ -161,8 +173,8 @@ impl Supervisor {
                 Response::ok(serde_json::json!({ "generation": generation }))
             }
             Err(e) => {
-                tracing::error!("rollback failed: {}", chain(&e));
-                Response::error(chain(&e))
+                tracing::error!("rollback failed: {e}");
+                Response::error(e)
             }
         };
         if let Some(reply) = pending.reply {
@@ -180,4 +192,28 @@ impl Supervisor {
             slot.restart_at = Some(Instant::now());
         }
     }
+}
+
+/// The restore thread's work: resolves `to` (the generation before the
+/// live file's, read with `GgufReader`) and restores it.
+fn restore(
+    dir: &Path,
+    model: &Path,
+    to: Option<u64>,
+    quarantine: Option<u64>,
+) -> Result<u64, String> {
+    let to = match to {
+        Some(g) => g,
+        None => identify(model)
+            .ok()
+            .and_then(|m| m.generation)
+            .and_then(|live| evod_store::previous_generation(dir, live, None))
+            .ok_or_else(|| {
+                format!(
+                    "no earlier generation in {}",
+                    evod_store::history_dir(dir).display()
+                )
+            })?,
+    };
+    evod_store::restore(dir, model, to, quarantine).map_err(|e| chain(&e))
 }

@@ -97,7 +97,7 @@ pub struct ModelReport {
 /// What a rollback's restore came to.
 #[derive(Debug)]
 pub struct RestoreReport {
-    result: Result<u64, evod_store::StoreError>,
+    result: Result<u64, String>,
 }
 
 /// What the loop's `stat` of the model file says: a published file is a
@@ -151,7 +151,8 @@ struct Pending {
 /// loop, then the evolver is started again.
 #[derive(Debug)]
 struct PendingRollback {
-    to: u64,
+    /// `None`: the generation before the live file's (read off the loop).
+    to: Option<u64>,
     quarantine: Option<u64>,
     reply: Option<mpsc::Sender<Response>>,
     restoring: bool,

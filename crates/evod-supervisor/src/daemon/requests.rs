@@ -26,21 +26,6 @@ impl Supervisor {
                 reason,
             } => self.recycle(worker, epoch, &reason),
             Request::Rollback { to } => {
-                let to = match to {
-                    Some(g) => Some(g),
-                    None => self
-                        .live_model()
-                        .and_then(|m| m.generation)
-                        .and_then(|live| {
-                            evod_store::previous_generation(&self.config.dir, live, None)
-                        }),
-                };
-                let Some(to) = to else {
-                    return Some(Response::error(format!(
-                        "no earlier generation in {}",
-                        evod_store::history_dir(&self.config.dir).display()
-                    )));
-                };
                 self.roll_back(to, None, Some(reply.clone()));
                 return None;
             }
@@ -155,10 +140,18 @@ impl Supervisor {
             .min_by_key(|&i| self.slots[i].jobs.len())
             .expect("at least one worker");
         let timeout = self.config.exec_timeout;
-        if self.submit(i, Purpose::Exec(reply.clone()), link::Job::Exec(inputs), timeout) {
+        if self.submit(
+            i,
+            Purpose::Exec(reply.clone()),
+            link::Job::Exec(inputs),
+            timeout,
+        ) {
             None
         } else {
-            Some(Response::error(format!("{}: its link is gone", self.slots[i].label())))
+            Some(Response::error(format!(
+                "{}: its link is gone",
+                self.slots[i].label()
+            )))
         }
     }
 
@@ -171,9 +164,9 @@ impl Supervisor {
         let stopping = matches!(self.phase, Phase::Stopping { .. });
         let live_model = self.live_model();
         let serves = live_model.is_some_and(|m| {
-            self.slots.iter().any(|s| {
-                s.running() && s.serving.is_some_and(|v| v.id == m.id && v.verified)
-            })
+            self.slots
+                .iter()
+                .any(|s| s.running() && s.serving.is_some_and(|v| v.id == m.id && v.verified))
         });
         let healthy = !stopping && serves;
         let mut children = Vec::new();

@@ -37,12 +37,7 @@ impl Supervisor {
                             checksum: live.checksum,
                         };
                         let timeout = self.config.load_timeout_for(live.id.size);
-                        self.submit(
-                            i,
-                            Purpose::Load(live.id),
-                            link::Job::Load(request),
-                            timeout,
-                        );
+                        self.submit(i, Purpose::Load(live.id), link::Job::Load(request), timeout);
                         continue;
                     }
                 } else if slot.serving.is_some_and(|s| !s.verified) {

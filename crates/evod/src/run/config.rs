@@ -187,7 +187,10 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
         .or(file.eval_timeout)
         .unwrap_or(evod_supervisor::config::DEFAULT_EVAL_TIMEOUT);
     for (name, d) in [
-        ("--load-timeout", load_timeout.unwrap_or(Duration::from_secs(1))),
+        (
+            "--load-timeout",
+            load_timeout.unwrap_or(Duration::from_secs(1)),
+        ),
         ("--exec-timeout", exec_timeout),
         ("--eval-timeout", eval_timeout),
     ] {
