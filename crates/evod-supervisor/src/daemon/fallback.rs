@@ -25,6 +25,17 @@ pub(super) struct DeathFacts {
     pub(super) said_eval: bool,
 }
 
+impl DeathFacts {
+    /// Whether this death counts against the file `live`: the supervisor's
+    /// `LOAD` or canary of it was outstanding, or the worker served it
+    /// unverified and never answered; and the worker did not say `EVAL`.
+    pub(super) fn blame(&self, live: FileKey) -> bool {
+        let ours = self.syncing == Some(live)
+            || (self.never_answered && self.serving.is_some_and(|s| s.id == live && !s.verified));
+        ours && !self.said_eval
+    }
+}
+
 impl Supervisor {
     /// Counts a worker's end against the live generation when it is the
     /// generation's doing, judged on the supervisor's own facts only: no
@@ -216,4 +227,82 @@ fn restore(
             })?,
     };
     evod_store::restore(dir, model, to, quarantine).map_err(|e| chain(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIVE: FileKey = FileKey {
+        dev: 1,
+        ino: 2,
+        size: 3,
+        mtime: (4, 5),
+    };
+    const OLD: FileKey = FileKey {
+        dev: 1,
+        ino: 9,
+        size: 3,
+        mtime: (4, 5),
+    };
+
+    fn facts() -> DeathFacts {
+        DeathFacts {
+            serving: Some(Serving {
+                id: LIVE,
+                verified: false,
+            }),
+            syncing: None,
+            never_answered: false,
+            said_eval: false,
+        }
+    }
+
+    #[test]
+    fn a_death_is_blamed_on_the_model_only_on_the_supervisors_facts() {
+        // A worker that answered since its start and died with nothing of
+        // ours outstanding: whatever it wrote in the shared "in service"
+        // word (a forged LOAD), the model is not blamed; the word is not
+        // even an input.
+        assert!(!facts().blame(LIVE));
+        // Died while our LOAD or canary of the live file was outstanding.
+        let syncing = DeathFacts {
+            syncing: Some(LIVE),
+            ..facts()
+        };
+        assert!(syncing.blame(LIVE));
+        // ... of an older file: not this one's doing.
+        assert!(
+            !DeathFacts {
+                syncing: Some(OLD),
+                ..facts()
+            }
+            .blame(LIVE)
+        );
+        // Died in its start-up load (never answered, on the live file).
+        let start = DeathFacts {
+            never_answered: true,
+            ..facts()
+        };
+        assert!(start.blame(LIVE));
+        // ... but it had verified it: not the model.
+        assert!(
+            !DeathFacts {
+                serving: Some(Serving {
+                    id: LIVE,
+                    verified: true
+                }),
+                ..start
+            }
+            .blame(LIVE)
+        );
+        // The worker's word may only acquit.
+        assert!(
+            !DeathFacts {
+                said_eval: true,
+                ..syncing
+            }
+            .blame(LIVE)
+        );
+    }
 }
