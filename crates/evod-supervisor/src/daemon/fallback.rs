@@ -62,12 +62,7 @@ impl Supervisor {
         if stat_key(&self.config.model) != Some(id) {
             return;
         }
-        let blamed = facts.syncing == Some(id)
-            || (facts.never_answered && facts.serving.is_some_and(|s| s.id == id && !s.verified));
-        if !blamed
-            || facts.said_eval
-            || self.verified_file == Some(id)
-            || self.good_generation == Some(live)
+        if !facts.blame(id) || self.verified_file == Some(id) || self.good_generation == Some(live)
         {
             return;
         }
@@ -76,22 +71,15 @@ impl Supervisor {
         if *count < self.config.fallback_after || self.rollback.is_some() {
             return;
         }
-        let to = evod_store::previous_generation(&self.config.dir, live, self.good_generation);
-        let Some(to) = to else {
-            tracing::error!(
-                "workers crash-loop on generation {live} and no earlier generation is in {}",
-                evod_store::history_dir(&self.config.dir).display()
-            );
-            return;
+        tracing::error!("workers crash-loop right after generation {live}: rolling back");
+        let to = RollbackTo::Before {
+            live: Some(live),
+            good: self.good_generation,
         };
-        tracing::error!(
-            "workers crash-loop right after generation {live}: rolling back to generation {to}"
-        );
-        self.roll_back(Some(to), Some(live), None);
+        self.roll_back(to, Some(live), None);
     }
 
-    /// Starts restoring generation `to` (`None`: the one before the live
-    /// file's); `quarantine` names a bad
+    /// Starts restoring generation `to`; `quarantine` names a bad
     /// generation to set aside; `reply` (a control client) gets the
     /// outcome. One writer at a time: the evolver is stopped first
     /// (SIGKILL: killing it at any instant is safe by design; the SIGCHLD
@@ -99,7 +87,7 @@ impl Supervisor {
     /// ([`Self::advance_rollback`]).
     pub(super) fn roll_back(
         &mut self,
-        to: Option<u64>,
+        to: RollbackTo,
         quarantine: Option<u64>,
         reply: Option<mpsc::Sender<Response>>,
     ) {
@@ -205,20 +193,20 @@ impl Supervisor {
     }
 }
 
-/// The restore thread's work: resolves `to` (the generation before the
-/// live file's, read with `GgufReader`) and restores it.
+/// The restore thread's work: resolves `to` (reading the history's
+/// headers, and the live file's with `GgufReader` if needed) and restores
+/// it.
 fn restore(
     dir: &Path,
     model: &Path,
-    to: Option<u64>,
+    to: RollbackTo,
     quarantine: Option<u64>,
 ) -> Result<u64, String> {
     let to = match to {
-        Some(g) => g,
-        None => identify(model)
-            .ok()
-            .and_then(|m| m.generation)
-            .and_then(|live| evod_store::previous_generation(dir, live, None))
+        RollbackTo::Exact(g) => g,
+        RollbackTo::Before { live, good } => live
+            .or_else(|| identify(model).ok().and_then(|m| m.generation))
+            .and_then(|live| evod_store::previous_generation(dir, live, good))
             .ok_or_else(|| {
                 format!(
                     "no earlier generation in {}",
@@ -226,6 +214,12 @@ fn restore(
                 )
             })?,
     };
+    match quarantine {
+        Some(bad) => tracing::error!(
+            "rolling back to generation {to} (generation {bad} crash-loops the workers)"
+        ),
+        None => tracing::info!("rolling back to generation {to}"),
+    }
     evod_store::restore(dir, model, to, quarantine).map_err(|e| chain(&e))
 }
 

@@ -146,13 +146,26 @@ struct Pending {
     purpose: Purpose,
 }
 
+/// Which generation a rollback restores (resolved off the loop: it reads
+/// the history's headers).
+#[derive(Debug, Clone, Copy)]
+enum RollbackTo {
+    /// This one.
+    Exact(u64),
+    /// `good` if the history holds it, else the newest one older than
+    /// `live` (`None`: the live file's generation, read then).
+    Before {
+        live: Option<u64>,
+        good: Option<u64>,
+    },
+}
+
 /// A rollback under way: the evolver is stopped first (killed, then
 /// reaped by the SIGCHLD path), then `evod_store::restore` runs off the
 /// loop, then the evolver is started again.
 #[derive(Debug)]
 struct PendingRollback {
-    /// `None`: the generation before the live file's (read off the loop).
-    to: Option<u64>,
+    to: RollbackTo,
     quarantine: Option<u64>,
     reply: Option<mpsc::Sender<Response>>,
     restoring: bool,

@@ -26,6 +26,13 @@ impl Supervisor {
                 reason,
             } => self.recycle(worker, epoch, &reason),
             Request::Rollback { to } => {
+                let to = match to {
+                    Some(g) => RollbackTo::Exact(g),
+                    None => RollbackTo::Before {
+                        live: None,
+                        good: None,
+                    },
+                };
                 self.roll_back(to, None, Some(reply.clone()));
                 return None;
             }
