@@ -384,8 +384,11 @@ fn check_model(model: &std::path::Path) -> Result<Option<u64>, SupervisorError> 
     if !model.exists() {
         return Err(SupervisorError::NoModel(model.to_owned()));
     }
-    let file = evod_gguf::GgufFile::open(model)?;
-    Ok(evod_store::generation_of(&file))
+    // Read with pread, never mapped (see `identify`).
+    let file = evod_gguf::GgufReader::open(model)?;
+    Ok(file
+        .get(evod_store::GENERATION_KEY)
+        .and_then(|v| v.as_u64()))
 }
 
 impl Supervisor {
