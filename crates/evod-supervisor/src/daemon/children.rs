@@ -479,6 +479,7 @@ impl Slot {
             unanswered: 0,
             unanswered_since: None,
             answered: false,
+            sigterm_at: None,
             planned_stop: false,
             standby: None,
             standby_retry: None,

@@ -64,6 +64,9 @@ const TICK: Duration = Duration::from_millis(200);
 /// the last round trip; a PING waits up to `--eval-timeout`, as a worker
 /// answers only after the `EVAL` it is busy with).
 const PING_EVERY: Duration = Duration::from_secs(1);
+/// How long a worker's link may take to deliver its `SHUTDOWN` before the
+/// worker is sent SIGTERM instead.
+const SHUTDOWN_PATIENCE: Duration = Duration::from_millis(500);
 /// At the very end (grace period over, or a second signal): how long the
 /// SIGKILLed children may take to be reaped.
 const FINAL_REAP: Duration = Duration::from_secs(1);
@@ -245,6 +248,8 @@ struct Slot {
     unanswered_since: Option<Instant>,
     /// This incarnation answered one of the supervisor's requests.
     answered: bool,
+    /// Stopping: SIGTERM then, unless its `SHUTDOWN` was delivered.
+    sigterm_at: Option<Instant>,
     /// The supervisor stopped this incarnation on purpose (the evolver,
     /// for a rollback): its end is not a crash.
     planned_stop: bool,
@@ -450,7 +455,10 @@ impl Supervisor {
             let now = Instant::now();
             let mut wake = next_tick;
             for slot in &self.slots {
-                for at in [slot.restart_at, slot.standby_retry].into_iter().flatten() {
+                for at in [slot.restart_at, slot.standby_retry, slot.sigterm_at]
+                    .into_iter()
+                    .flatten()
+                {
                     wake = wake.min(at);
                 }
             }
@@ -491,6 +499,16 @@ impl Supervisor {
             match self.phase {
                 Phase::Running => self.start_due(now),
                 Phase::Stopping { deadline, code } => {
+                    for slot in &mut self.slots {
+                        if slot.sigterm_at.is_some_and(|at| at <= now) {
+                            slot.sigterm_at = None;
+                            if let Some(child) =
+                                slot.child.as_ref().filter(|c| c.exited().is_none())
+                            {
+                                let _ = child.signal(Signal::SIGTERM);
+                            }
+                        }
+                    }
                     if self.slots.iter().all(|s| !s.running()) {
                         tracing::info!("all children stopped");
                         return self.finish(code);
@@ -587,10 +605,11 @@ impl Supervisor {
             if !slot.running() {
                 continue;
             }
-            // SHUTDOWN through the link if it is idle; a worker busy with
-            // one of our calls (or the evolver) gets SIGTERM.
-            let asked = slot.segment.is_some()
-                && slot.jobs.is_empty()
+            // SHUTDOWN through the link (after the call it is making, if
+            // any); a worker that has not taken it within SHUTDOWN_PATIENCE
+            // (its link is held by a call it does not answer), or the
+            // evolver, gets SIGTERM.
+            let queued = slot.segment.is_some()
                 && self.submit(
                     i,
                     Purpose::Shutdown,
@@ -600,7 +619,9 @@ impl Supervisor {
                     },
                     Duration::ZERO,
                 );
-            if !asked && let Some(child) = &self.slots[i].child {
+            if queued {
+                self.slots[i].sigterm_at = Some(later(Instant::now(), SHUTDOWN_PATIENCE));
+            } else if let Some(child) = &self.slots[i].child {
                 let _ = child.signal(Signal::SIGTERM);
             }
         }

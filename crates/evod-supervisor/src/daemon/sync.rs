@@ -151,8 +151,10 @@ impl Supervisor {
                 };
                 let _ = reply.send(response);
             }
+            (Purpose::Shutdown, link::Outcome::Sent(Ok(()))) => slot.sigterm_at = None,
             (Purpose::Shutdown, link::Outcome::Sent(Err(_))) => {
                 // Could not ask: a signal does it.
+                slot.sigterm_at = None;
                 if let Some(child) = slot.child.as_ref().filter(|_| current) {
                     let _ = child.signal(Signal::SIGTERM);
                 }
