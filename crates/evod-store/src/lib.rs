@@ -113,6 +113,8 @@ pub fn identify(model: &Path) -> Result<(Option<u64>, u64), evod_gguf::GgufError
 }
 
 /// Every readable generation in the history: (generation, file), sorted.
+/// Reads each file's header with `pread` (no mapping: the supervisor calls
+/// this, and a mapped file truncated meanwhile would kill it with SIGBUS).
 pub fn history(dir: &Path) -> Vec<(u64, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(history_dir(dir)) else {
         return Vec::new();
@@ -122,7 +124,8 @@ pub fn history(dir: &Path) -> Vec<(u64, PathBuf)> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "gguf") && p.is_file())
         .filter_map(|p| {
-            let g = generation_of(&GgufFile::open(&p).ok()?)?;
+            let header = evod_gguf::GgufHeader::read(&p).ok()?;
+            let g = header.get(GENERATION_KEY).and_then(|v| v.as_u64())?;
             Some((g, p))
         })
         .collect();

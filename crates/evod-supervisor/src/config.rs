@@ -13,6 +13,14 @@ use crate::process::LogFormat;
 pub use evod_store::MODEL_FILE as DEFAULT_MODEL;
 pub use evod_wire::control::{RUNTIME_DIR, SOCKET_NAME, default_socket};
 
+/// Default of [`Config::exec_timeout`].
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of [`Config::eval_timeout`].
+pub const DEFAULT_EVAL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Requests of the supervisor in a row a worker may leave unanswered
+/// (timeouts) before it is replaced (see [`Config::eval_timeout`]).
+pub const UNANSWERED_IN_ROW: u32 = 3;
+
 /// Everything `evod run` needs, with defaults applied.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -37,6 +45,16 @@ pub struct Config {
     pub grace_period: Duration,
     /// A worker whose heartbeat does not move for this long is killed.
     pub heartbeat_timeout: Duration,
+    /// Deadline of a `LOAD` (`None`: scaled from the model's size, see
+    /// [`Config::load_timeout_for`]).
+    pub load_timeout: Option<Duration>,
+    /// Deadline of a `NEURAL_EXEC` (`evod exec` and the canary).
+    pub exec_timeout: Duration,
+    /// The evolver's deadline for one `EVAL` request (passed to it as
+    /// `EVOD_EVAL_TIMEOUT`). A worker busy with an `EVAL` answers the
+    /// supervisor only after it, so a worker is declared unresponsive only
+    /// after [`UNANSWERED_IN_ROW`] timeouts in a row spanning at least this.
+    pub eval_timeout: Duration,
     /// Restart policy of every child.
     pub policy: RestartPolicy,
     /// Quick worker crashes after a new generation that trigger a rollback.
@@ -51,4 +69,14 @@ pub struct Config {
     /// Whether the evolver stops by itself (a generation bound or
     /// `--until-solved`): its exit 0 then stops the daemon.
     pub evolver_bounded: bool,
+}
+
+impl Config {
+    /// The `LOAD` deadline for a model file of `bytes`: the setting, or 5 s
+    /// plus 1 s per 64 MiB (a worker reads and checks the whole file).
+    pub fn load_timeout_for(&self, bytes: u64) -> Duration {
+        self.load_timeout.unwrap_or_else(|| {
+            Duration::from_secs(5).saturating_add(Duration::from_secs(bytes >> 26))
+        })
+    }
 }

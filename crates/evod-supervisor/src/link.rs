@@ -5,7 +5,15 @@
 //! new client take over a channel synced for the current epoch), so no
 //! borrow of the segment outlives a call. Everything in a reply is checked
 //! by `protocol`'s decoders: the worker is untrusted.
+//!
+//! The calls block up to their deadline, so the event loop never makes
+//! them itself: each worker slot has one [`LinkThread`] that owns the
+//! calls on that slot's control channel, runs the [`Job`]s it is sent one
+//! at a time, and answers each with a [`Done`] on the loop's channel,
+//! tagged ([`Tag`]) with the job's id and the epoch it was sent under, so
+//! the loop drops a late answer meant for a worker it has replaced since.
 
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use evod_ring::{Channel, ClientConfig, RingError, Segment};
@@ -68,7 +76,7 @@ fn call<T>(
     timeout: Duration,
     decode: impl FnOnce(&[u8]) -> Result<T, String>,
 ) -> Result<T, LinkError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::policy::later(Instant::now(), timeout);
     let room_deadline = deadline.min(Instant::now() + PEER_TIMEOUT);
     let mut client = seg.client_with(Channel::Control, client_config())?;
     let id = loop {
@@ -149,4 +157,117 @@ pub fn send_only(seg: &Segment, opcode: u32, payload: &[u8]) -> Result<(), LinkE
     let mut client = seg.client_with(Channel::Control, client_config())?;
     client.send(opcode, 0, payload.len(), |out| out.copy_from_slice(payload))?;
     Ok(())
+}
+
+/// A call for a [`LinkThread`] to make.
+#[derive(Debug, Clone)]
+pub enum Job {
+    /// [`ping`].
+    Ping,
+    /// [`load`].
+    Load(LoadRequest),
+    /// [`exec`].
+    Exec(Vec<f32>),
+    /// [`send_only`].
+    Send {
+        /// The opcode.
+        opcode: u32,
+        /// Its payload.
+        payload: Vec<u8>,
+    },
+}
+
+/// What a [`Job`] came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Of [`Job::Ping`]: the round trip.
+    Ping(Result<Duration, LinkError>),
+    /// Of [`Job::Load`].
+    Load(Result<WorkerInfo, LinkError>),
+    /// Of [`Job::Exec`]: the outputs, and how long the call took.
+    Exec(Result<Vec<f32>, LinkError>, Duration),
+    /// Of [`Job::Send`].
+    Sent(Result<(), LinkError>),
+}
+
+impl Outcome {
+    /// The error, if the call failed.
+    pub fn error(&self) -> Option<&LinkError> {
+        match self {
+            Outcome::Ping(r) => r.as_ref().err(),
+            Outcome::Load(r) => r.as_ref().err(),
+            Outcome::Exec(r, _) => r.as_ref().err(),
+            Outcome::Sent(r) => r.as_ref().err(),
+        }
+    }
+}
+
+/// Which job an answer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag {
+    /// The job's id (the loop's own count).
+    pub id: u64,
+    /// The segment's trusted epoch when the job was sent.
+    pub epoch: u64,
+}
+
+/// A finished job.
+#[derive(Debug)]
+pub struct Done {
+    /// The tag it was sent with.
+    pub tag: Tag,
+    /// What came of it.
+    pub outcome: Outcome,
+}
+
+/// The thread that makes every call on one worker's control channel.
+/// Dropping it ends the thread once its current call returns.
+#[derive(Debug)]
+pub struct LinkThread {
+    jobs: mpsc::Sender<(Tag, Job, Duration)>,
+}
+
+impl LinkThread {
+    /// Starts the thread `name` for `seg`; each finished job is handed to
+    /// `wrap` and sent on `to_loop`.
+    pub fn start<E: Send + 'static>(
+        name: String,
+        seg: Arc<Segment>,
+        to_loop: mpsc::Sender<E>,
+        wrap: impl Fn(Done) -> E + Send + 'static,
+    ) -> std::io::Result<LinkThread> {
+        let (jobs, rx) = mpsc::channel::<(Tag, Job, Duration)>();
+        std::thread::Builder::new().name(name).spawn(move || {
+            for (tag, job, timeout) in rx {
+                let outcome = match job {
+                    Job::Ping => Outcome::Ping(ping(&seg, timeout)),
+                    Job::Load(request) => Outcome::Load(load(&seg, &request, timeout)),
+                    Job::Exec(inputs) => {
+                        let start = Instant::now();
+                        let result = exec(&seg, &inputs, timeout);
+                        Outcome::Exec(result, start.elapsed())
+                    }
+                    Job::Send { opcode, payload } => {
+                        Outcome::Sent(send_only(&seg, opcode, &payload))
+                    }
+                };
+                if to_loop.send(wrap(Done { tag, outcome })).is_err() {
+                    break;
+                }
+            }
+        })?;
+        Ok(LinkThread { jobs })
+    }
+
+    /// Queues `job` with its `timeout` (the deadline runs from when the
+    /// thread starts it). False if the thread is gone.
+    pub fn submit(&self, tag: Tag, job: Job, timeout: Duration) -> bool {
+        self.jobs.send((tag, job, timeout)).is_ok()
+    }
+}
+
+/// Whether `e` is a request the worker did not answer in time (as
+/// opposed to a refusal, a lost peer or a broken protocol).
+pub fn is_timeout(e: &LinkError) -> bool {
+    matches!(e, LinkError::Ring(RingError::Timeout | RingError::Full))
 }

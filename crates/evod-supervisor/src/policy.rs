@@ -10,11 +10,38 @@
 //!   means the fault is not transient; the supervisor gives up (exit code
 //!   `exit::GAVE_UP`), or, with [`OnGiveUp::Backoff`], keeps restarting at
 //!   the maximum backoff.
+//!
+//! Also the overflow-safe time arithmetic every deadline uses ([`later`],
+//! [`doubled`]): an operator may write `--grace-period 1000000000s`, and
+//! `Instant + Duration` panics on overflow.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+/// `at + d`, or the latest instant this platform can represent near it
+/// when that overflows (a deadline that far away never comes).
+pub fn later(at: Instant, d: Duration) -> Instant {
+    if let Some(t) = at.checked_add(d) {
+        return t;
+    }
+    // Halve until it fits: about 64 steps at most.
+    let mut step = d;
+    let mut t = at;
+    while !step.is_zero() {
+        match t.checked_add(step) {
+            Some(next) => t = next,
+            None => step /= 2,
+        }
+    }
+    t
+}
+
+/// `d * 2`, at most `max`, without overflow.
+pub fn doubled(d: Duration, max: Duration) -> Duration {
+    d.saturating_mul(2).min(max)
+}
 
 /// What to do once the intensity is exceeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -125,6 +152,22 @@ mod tests {
     use super::*;
 
     const QUICK: Duration = Duration::from_millis(5);
+
+    #[test]
+    fn huge_durations_saturate_instead_of_panicking() {
+        let now = Instant::now();
+        let far = later(now, Duration::MAX);
+        assert!(far > later(now, Duration::from_secs(1 << 40)));
+        assert_eq!(
+            later(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
+        assert_eq!(doubled(Duration::MAX, Duration::MAX), Duration::MAX);
+        assert_eq!(
+            doubled(Duration::from_secs(20), Duration::from_secs(30)),
+            Duration::from_secs(30)
+        );
+    }
 
     #[test]
     fn quick_crashes_back_off_exponentially_up_to_the_cap() {

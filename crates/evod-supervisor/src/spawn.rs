@@ -16,18 +16,20 @@
 //! - with [`ChildSpec::harden`]: `no_new_privs` and no core dumps;
 //! - with [`ChildSpec::memory_limit`]: `RLIMIT_DATA`.
 //!
-//! A [`Child`] kills its process group and reaps it when dropped, unless the
-//! supervisor's reaper already collected it ([`Child::set_exited`]).
+//! A [`Child`] kills its process group and reaps it (waiting at most one
+//! second) when dropped, unless the supervisor's reaper already collected
+//! it ([`Child::set_exited`]). The event loop itself only [`Child::kill`]s:
+//! its SIGCHLD path reaps.
 
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
-use nix::sys::wait::waitpid;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use super::reap::ExitReason;
@@ -232,38 +234,64 @@ impl Child {
         }
     }
 
-    /// Kills the process group and waits for the child (blocking).
-    pub fn kill_and_reap(&mut self) -> Option<ExitReason> {
+    /// Kills the process group without waiting (the supervisor's SIGCHLD
+    /// path reaps it).
+    pub fn kill(&self) {
         if self.exited.is_none() {
             let _ = self.signal(Signal::SIGKILL);
         }
-        self.wait()
     }
 
-    /// Waits for the child to end by itself (blocking) and reaps it.
-    pub fn wait(&mut self) -> Option<ExitReason> {
-        if self.exited.is_none() {
-            loop {
-                match waitpid(self.pid, None) {
-                    Ok(status) => {
-                        if let Some((_, reason)) = ExitReason::from_wait(status) {
-                            self.exited = Some(reason);
-                            break;
-                        }
+    /// Kills the process group and waits for the child, up to one second
+    /// (SIGKILL is not instant for a process in uninterruptible sleep);
+    /// `None` if it was not reaped by then (it is then left to whoever
+    /// reaps later).
+    pub fn kill_and_reap(&mut self) -> Option<ExitReason> {
+        self.kill();
+        self.reap_by(Instant::now() + Duration::from_secs(1))
+    }
+
+    /// Reaps the child if it has ended, waiting up to `deadline`, without
+    /// signalling it. `None` if it is still running at the deadline.
+    pub fn reap_by(&mut self, deadline: Instant) -> Option<ExitReason> {
+        let mut pause = Duration::from_micros(100);
+        while self.exited.is_none() {
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {
+                    if Instant::now() >= deadline {
+                        break;
                     }
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    // ECHILD: someone else reaped it; nothing to wait for.
-                    Err(_) => break,
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(10));
                 }
+                Ok(status) => {
+                    if let Some((_, reason)) = ExitReason::from_wait(status) {
+                        self.exited = Some(reason);
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                // ECHILD: someone else reaped it; nothing to wait for.
+                Err(_) => break,
             }
         }
         self.exited
+    }
+
+    /// Waits for the child to end by itself (blocking, no deadline: tests
+    /// and benchmarks only, never the supervisor's loop) and reaps it.
+    pub fn wait(&mut self) -> Option<ExitReason> {
+        self.reap_by(crate::policy::later(Instant::now(), Duration::MAX))
     }
 }
 
 impl Drop for Child {
     fn drop(&mut self) {
-        self.kill_and_reap();
+        if self.exited.is_none() && self.kill_and_reap().is_none() {
+            tracing::warn!(
+                pid = self.pid.as_raw(),
+                "a killed child did not end within 1 s; left for the reaper"
+            );
+        }
     }
 }
 

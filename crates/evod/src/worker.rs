@@ -109,6 +109,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         lying: false,
         lying_control: false,
         crash_on_exec: false,
+        mute_control: false,
     };
     let mut preloaded = None;
     if let Some(fd) = args.standby_fd {
@@ -229,6 +230,9 @@ struct Worker<'s> {
     /// The served model carries `evod.fault = "segv-on-exec"` (fault
     /// injection only): `NEURAL_EXEC` crashes.
     crash_on_exec: bool,
+    /// The served model carries `evod.fault = "mute"` (fault injection
+    /// only): control requests are dropped unanswered, beats go on.
+    mute_control: bool,
 }
 
 /// A reply: status and payload bytes.
@@ -243,6 +247,11 @@ impl Worker<'_> {
         let begun = Instant::now();
         let opcode = request.header.opcode;
         self.seg.set_in_service(Some(opcode));
+        if self.mute_control && request.channel() == Channel::Control {
+            drop(request);
+            self.seg.set_in_service(None);
+            return Ok(Flow::Continue);
+        }
         if self.lying_control && request.channel() == Channel::Control {
             // Every control request is answered with a reply whose payload
             // lies outside the payload area (fault injection: `lie-control`).
@@ -414,6 +423,8 @@ impl Worker<'_> {
             match fault {
                 "segv" => inject_fault(self.seg, op::FAULT_SEGV, 0),
                 "abort" => inject_fault(self.seg, op::FAULT_ABORT, 0),
+                // Keeps beating, never answers a control request again.
+                "mute" => {}
                 // Loads fine; crashes when it serves (`NEURAL_EXEC`).
                 "segv-on-exec" => {}
                 other => anyhow::bail!("{}: unknown evod.fault {other:?}", path.display()),
@@ -428,6 +439,8 @@ impl Worker<'_> {
         self.seg.set_model_generation(model.spec.generation);
         self.crash_on_exec = self.allow_faults
             && model.file.get("evod.fault").and_then(|v| v.as_str()) == Some("segv-on-exec");
+        self.mute_control = self.allow_faults
+            && model.file.get("evod.fault").and_then(|v| v.as_str()) == Some("mute");
         self.model = Some(Loaded {
             arch: model.spec.arch.clone(),
             task,

@@ -40,12 +40,17 @@ impl Supervisor {
         if let Some(cause) = slot.kill_cause.take() {
             words = format!("{words} ({cause})");
         }
-        // Killed for lying (recycle, corrupt control channel): whatever it
-        // was doing, the model is not to blame.
+        // Killed for lying (recycle, corrupt control channel, mute): whatever
+        // it was doing, the model is not to blame.
         let blameless = std::mem::take(&mut slot.blameless_kill);
         slot.last_exit = Some(words.clone());
         slot.ping = None;
         if stopping {
+            tracing::info!(pid, "{} {words}", slot.label());
+            return;
+        }
+        if std::mem::take(&mut slot.planned_stop) {
+            // Stopped for a rollback: started again once it is done.
             tracing::info!(pid, "{} {words}", slot.label());
             return;
         }
@@ -75,9 +80,31 @@ impl Supervisor {
         let kind = slot.kind;
         let serving = slot.serving.take();
         slot.sync_after = None;
-        // What it was doing when it died (read before the epoch bump resets
-        // the stats; worker-written, so it only steers the blame below).
-        let in_service = slot.segment.as_ref().and_then(|s| s.stats().in_service);
+        // What the supervisor itself knows it was doing with this worker
+        // when it died (its own jobs of this epoch; never the
+        // worker-written "in service" word).
+        let epoch = slot.segment.as_ref().map(|s| s.trusted_epoch());
+        let ours = |p: &&Pending| Some(p.epoch) == epoch;
+        let sent_fault = slot
+            .jobs
+            .iter()
+            .filter(ours)
+            .any(|p| matches!(p.purpose, Purpose::Fault(..)));
+        let syncing = slot.jobs.iter().filter(ours).find_map(|p| match p.purpose {
+            Purpose::Load(k) | Purpose::Canary(k) => Some(k),
+            _ => None,
+        });
+        // The worker-written word may only acquit: a worker that says it
+        // died in an EVAL (a candidate's doing, left to the evolver's
+        // quarantine) is not counted against the model; a word saying
+        // anything else convicts nothing.
+        let said_eval = slot.segment.as_ref().and_then(|s| s.stats().in_service) == Some(op::EVAL);
+        let facts = DeathFacts {
+            serving,
+            syncing: if sent_fault { None } else { syncing },
+            never_answered: !slot.answered && !sent_fault,
+            said_eval,
+        };
         match decision {
             Decision::RestartAfter(delay) => {
                 if !delay.is_zero() {
@@ -86,7 +113,7 @@ impl Supervisor {
                         self.slots[i].tracker.quick_crashes()
                     );
                 }
-                self.slots[i].restart_at = Some(now + delay);
+                self.slots[i].restart_at = Some(later(now, delay));
             }
             Decision::GiveUp { restarts, period } => {
                 let message = format!(
@@ -100,7 +127,7 @@ impl Supervisor {
             }
         }
         if kind == Kind::Worker && !blameless {
-            self.maybe_fall_back(serving, in_service);
+            self.maybe_fall_back(facts);
         }
     }
 
@@ -118,8 +145,8 @@ impl Supervisor {
             return;
         }
         let delay = slot.standby_backoff;
-        slot.standby_backoff = (delay * 2).min(STANDBY_RETRY_MAX);
-        slot.standby_retry = Some(Instant::now() + delay);
+        slot.standby_backoff = doubled(delay, STANDBY_RETRY_MAX);
+        slot.standby_retry = Some(later(Instant::now(), delay));
         tracing::warn!(
             pid,
             "standby of {} {reason}; starting another in {delay:?}",
@@ -150,8 +177,8 @@ impl Supervisor {
             }
             Err(e) => {
                 let delay = slot.standby_backoff;
-                slot.standby_backoff = (delay * 2).min(STANDBY_RETRY_MAX);
-                slot.standby_retry = Some(Instant::now() + delay);
+                slot.standby_backoff = doubled(delay, STANDBY_RETRY_MAX);
+                slot.standby_retry = Some(later(Instant::now(), delay));
                 tracing::warn!(
                     "cannot start a standby for {}: {e}; trying again in {delay:?}",
                     slot.label()
@@ -166,7 +193,9 @@ impl Supervisor {
                 self.slots[i].standby_retry = None;
                 self.ensure_standby(i);
             }
-            if self.slots[i].restart_at.is_some_and(|at| at <= now) {
+            // The evolver waits for a rollback under way to finish.
+            let held = self.slots[i].kind == Kind::Evolver && self.rollback.is_some();
+            if !held && self.slots[i].restart_at.is_some_and(|at| at <= now) {
                 self.slots[i].restart_at = None;
                 self.slots[i].restarts += 1;
                 if let Some(seg) = &self.slots[i].segment {
@@ -191,17 +220,27 @@ impl Supervisor {
         // re-checks it): note its identity first (a stat, nothing more on
         // the recovery path), so that a file published meanwhile is the
         // newer one and gets a `LOAD` at the next tick.
-        let id = evod_store::file_identity(&self.config.model);
+        let id = stat_key(&self.config.model);
         let slot = &mut self.slots[i];
         slot.sync_after = None;
         slot.sync_backoff = SYNC_BACKOFF;
         slot.load_refused = None;
+        slot.unanswered = 0;
+        slot.unanswered_since = None;
+        slot.answered = false;
+        slot.planned_stop = false;
+        slot.next_ping = None;
         slot.serving = id.filter(|_| slot.kind == Kind::Worker).map(|id| Serving {
             id,
             verified: false,
         });
-        if let Some(old) = slot.child.as_mut() {
-            old.kill_and_reap();
+        if let Some(old) = slot.child.take() {
+            // Always reaped already (a restart follows the reap); were it
+            // not, it is killed and its end, reaped later, is an orphan's.
+            if old.exited().is_none() {
+                old.kill();
+                std::mem::forget(old);
+            }
         }
         if let Some(standby) = slot.standby.take() {
             let pid = standby.child().pid().as_raw();
@@ -242,7 +281,7 @@ impl Supervisor {
                 match decision {
                     Decision::RestartAfter(delay) => {
                         slot.restart_at =
-                            Some(Instant::now() + delay.max(Duration::from_millis(100)))
+                            Some(later(Instant::now(), delay.max(Duration::from_millis(100))))
                     }
                     Decision::GiveUp { .. } => {
                         self.give_up = Some(format!("cannot start {}: {e}", slot.label()));
@@ -318,9 +357,13 @@ impl Supervisor {
         }
     }
 
-    /// Kills workers whose heartbeat stalled; notes generations served healthily.
+    /// Kills workers whose heartbeat stalled, and workers that beat but
+    /// leave the supervisor's requests unanswered ([`UNANSWERED_IN_ROW`]
+    /// timeouts in a row over at least `--eval-timeout`).
     pub(super) fn watchdog(&mut self) {
         let timeout = self.config.heartbeat_timeout;
+        let patience = self.config.eval_timeout;
+        let now = Instant::now();
         for slot in &mut self.slots {
             if let Some(standby) = slot.standby.as_mut()
                 && standby.poll_ready()
@@ -347,6 +390,25 @@ impl Supervisor {
                 let _ = child.signal(Signal::SIGKILL);
                 continue;
             }
+            if slot.unanswered >= UNANSWERED_IN_ROW
+                && let Some(since) = slot.unanswered_since
+                && now.saturating_duration_since(since) >= patience
+                && slot.kill_cause.is_none()
+            {
+                let over = now.saturating_duration_since(since).as_secs_f64();
+                tracing::error!(
+                    pid = child.pid().as_raw(),
+                    "{} beats but answered none of the supervisor's last {} requests ({over:.1}s): killing it",
+                    slot.label(),
+                    slot.unanswered,
+                );
+                slot.kill_cause = Some(format!(
+                    "unresponsive: answered none of the supervisor's last {} requests in {over:.1}s",
+                    slot.unanswered
+                ));
+                slot.blameless_kill = true;
+                let _ = child.signal(Signal::SIGKILL);
+            }
         }
     }
 }
@@ -359,8 +421,8 @@ impl Slot {
     /// Leaves this worker alone (no `LOAD`, no canary) for the current
     /// backoff, and doubles it.
     pub(super) fn back_off(&mut self, now: Instant) {
-        self.sync_after = Some(now + self.sync_backoff);
-        self.sync_backoff = (self.sync_backoff * 2).min(SYNC_BACKOFF_MAX);
+        self.sync_after = Some(later(now, self.sync_backoff));
+        self.sync_backoff = doubled(self.sync_backoff, SYNC_BACKOFF_MAX);
     }
 
     /// After a failed call on this worker's control channel: a worker that
@@ -398,7 +460,7 @@ impl Slot {
 }
 
 impl Slot {
-    pub(super) fn new(kind: Kind, index: usize, segment: Option<Segment>) -> Slot {
+    pub(super) fn new(kind: Kind, index: usize, segment: Option<Arc<Segment>>) -> Slot {
         Slot {
             kind,
             index,
@@ -410,7 +472,15 @@ impl Slot {
             kill_cause: None,
             done: false,
             segment,
+            link: None,
+            jobs: VecDeque::new(),
             ping: None,
+            next_ping: None,
+            unanswered: 0,
+            unanswered_since: None,
+            answered: false,
+            sigterm_at: None,
+            planned_stop: false,
             standby: None,
             standby_retry: None,
             standby_backoff: STANDBY_RETRY,

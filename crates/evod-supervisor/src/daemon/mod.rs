@@ -1,11 +1,20 @@
 //! The supervisor's event loop (`evod run`).
 //!
 //! One thread owns all state: the children, their shared segments and
-//! restart trackers. Two helper threads feed it through one channel of
+//! restart trackers. Helper threads feed it through one channel of
 //! [`Event`]s: the signal thread (signal-hook: SIGCHLD, SIGTERM, SIGINT,
-//! SIGQUIT, SIGHUP) and the control-socket thread. The loop wakes on an
-//! event or on its next timer (a pending restart, the watchdog tick, the
-//! grace deadline), so an idle daemon sleeps.
+//! SIGQUIT, SIGHUP), the control-socket thread, one link thread per worker
+//! slot (`link::LinkThread`: every call on the worker's control channel),
+//! and short-lived threads that identify a new model file (header and full
+//! checksum through `GgufReader`) and restore a generation for a rollback.
+//! The loop wakes on an event or on its next timer (a pending restart, the
+//! watchdog tick, the grace deadline), so an idle daemon sleeps.
+//!
+//! Nothing on the loop waits on a worker or reads a model file: it sends
+//! jobs and handles their answers; it watches the model file with a `stat`
+//! (dev, ino, size, mtime); it kills children and lets the SIGCHLD path
+//! reap them. The only bounded waits are at the very end (the grace period
+//! over: one second for the SIGKILLed children to be reaped).
 //!
 //! Children are spawned only from this thread: `PR_SET_PDEATHSIG` fires when
 //! the thread that forked a child ends, and this thread lives as long as the
@@ -17,10 +26,12 @@
 //! promotion, watchdog), `sync` (model file → `LOAD` + canary), `fallback`
 //! (crash-loop rollback) and `requests` (control socket).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
-use std::sync::mpsc;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use evod_ring::{LayoutConfig, Role, Segment};
@@ -28,12 +39,12 @@ use nix::sys::signal::Signal;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 
 use crate::SupervisorError;
-use crate::config::Config;
+use crate::config::{Config, UNANSWERED_IN_ROW};
 use crate::control::{ControlServer, Incoming};
 use crate::exit_code as exit;
 use crate::janitor::Janitor;
 use crate::link;
-use crate::policy::{Decision, RestartTracker};
+use crate::policy::{Decision, RestartTracker, doubled, later};
 use crate::reap::{self, ExitReason};
 use crate::spawn::{self, Child, ChildSpec};
 use crate::standby::Standby;
@@ -45,14 +56,20 @@ mod fallback;
 mod requests;
 mod sync;
 
+use fallback::DeathFacts;
+
 /// How often the loop checks heartbeats and the model file when idle.
 const TICK: Duration = Duration::from_millis(200);
-/// Deadline of a status PING.
-const PING_TIMEOUT: Duration = Duration::from_millis(250);
-/// Deadline of a `NEURAL_EXEC` from `evod exec`.
-const EXEC_TIMEOUT: Duration = Duration::from_secs(5);
-/// Deadline of a `LOAD` of a newly published generation.
-const LOAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an idle worker is PINGed in the background (`status` shows
+/// the last round trip; a PING waits up to `--eval-timeout`, as a worker
+/// answers only after the `EVAL` it is busy with).
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// How long a worker's link may take to deliver its `SHUTDOWN` before the
+/// worker is sent SIGTERM instead.
+const SHUTDOWN_PATIENCE: Duration = Duration::from_millis(500);
+/// At the very end (grace period over, or a second signal): how long the
+/// SIGKILLed children may take to be reaped.
+const FINAL_REAP: Duration = Duration::from_secs(1);
 /// First delay before replacing a standby that ended on its own; doubles
 /// per such end, up to [`STANDBY_RETRY_MAX`], and resets once one is ready.
 const STANDBY_RETRY: Duration = Duration::from_millis(500);
@@ -65,6 +82,96 @@ pub enum Event {
     Signal(i32),
     /// A control-socket request.
     Control(Incoming),
+    /// A job on worker slot `.0`'s control channel finished.
+    Link(usize, link::Done),
+    /// A model file was identified (off the loop).
+    Identified(ModelReport),
+    /// A rollback's restore finished (off the loop).
+    Restored(RestoreReport),
+}
+
+/// What an identification thread found at the model path.
+#[derive(Debug)]
+pub struct ModelReport {
+    key: Option<FileKey>,
+    result: Result<LiveModel, String>,
+}
+
+/// What a rollback's restore came to.
+#[derive(Debug)]
+pub struct RestoreReport {
+    result: Result<u64, String>,
+}
+
+/// What the loop's `stat` of the model file says: a published file is a
+/// new (dev, ino); a file rewritten or truncated in place keeps them but
+/// changes size or mtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+}
+
+/// A `stat` of `path` (symlinks followed), if it exists.
+fn stat_key(path: &Path) -> Option<FileKey> {
+    std::fs::metadata(path).ok().map(|m| FileKey {
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.size(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+    })
+}
+
+/// What a job on a worker's control channel is for.
+#[derive(Debug)]
+enum Purpose {
+    /// Bring the worker to this file.
+    Load(FileKey),
+    /// Verify the worker serves this file.
+    Canary(FileKey),
+    /// Background liveness and round trip.
+    Ping,
+    /// `evod exec`: answer the client.
+    Exec(mpsc::Sender<Response>),
+    /// `evod fault`: answer the client.
+    Fault(mpsc::Sender<Response>, String),
+    /// A graceful stop.
+    Shutdown,
+}
+
+/// A job sent to a slot's link thread and not answered yet.
+#[derive(Debug)]
+struct Pending {
+    id: u64,
+    epoch: u64,
+    purpose: Purpose,
+}
+
+/// Which generation a rollback restores (resolved off the loop: it reads
+/// the history's headers).
+#[derive(Debug, Clone, Copy)]
+enum RollbackTo {
+    /// This one.
+    Exact(u64),
+    /// `good` if the history holds it, else the newest one older than
+    /// `live` (`None`: the live file's generation, read then).
+    Before {
+        live: Option<u64>,
+        good: Option<u64>,
+    },
+}
+
+/// A rollback under way: the evolver is stopped first (killed, then
+/// reaped by the SIGCHLD path), then `evod_store::restore` runs off the
+/// loop, then the evolver is started again.
+#[derive(Debug)]
+struct PendingRollback {
+    to: RollbackTo,
+    quarantine: Option<u64>,
+    reply: Option<mpsc::Sender<Response>>,
+    restoring: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,8 +192,8 @@ impl Kind {
 /// Identity of the live model file.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct LiveModel {
-    /// (dev, ino): published files are replaced by rename, never rewritten.
-    id: (u64, u64),
+    /// The `stat` it was identified under.
+    id: FileKey,
     generation: Option<u64>,
     checksum: u64,
     /// The network's input count (for the canary), if the file parses as a
@@ -99,19 +206,14 @@ struct LiveModel {
 /// canary `NEURAL_EXEC` on it.
 #[derive(Debug, Clone, Copy)]
 struct Serving {
-    /// (dev, ino) of the file.
-    id: (u64, u64),
+    /// The file, as a `stat` saw it.
+    id: FileKey,
     verified: bool,
 }
 
-/// Deadline of a canary `NEURAL_EXEC`. Short: the call blocks the event
-/// loop, and a worker busy with a long `EVAL` answers later (the canary is
-/// then tried again after [`SYNC_BACKOFF`]).
-const CANARY_TIMEOUT: Duration = Duration::from_millis(100);
 /// After a `LOAD` or canary that failed or timed out, the worker is left
 /// alone this long before the next try, doubling per failure in a row up to
-/// [`SYNC_BACKOFF_MAX`] (a `LOAD` waits up to [`LOAD_TIMEOUT`] on the event
-/// loop).
+/// [`SYNC_BACKOFF_MAX`].
 const SYNC_BACKOFF: Duration = Duration::from_secs(1);
 const SYNC_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Largest canary input row (the ring's payload area is larger; a network
@@ -131,8 +233,26 @@ struct Slot {
     kill_cause: Option<String>,
     /// Finished for good (the evolver exited 0).
     done: bool,
-    segment: Option<Segment>,
-    ping: Option<Duration>,
+    segment: Option<Arc<Segment>>,
+    /// The thread that makes every call on this worker's control channel.
+    link: Option<link::LinkThread>,
+    /// Jobs sent to it, oldest (the one it runs) first.
+    jobs: VecDeque<Pending>,
+    /// Last PING round trip of this incarnation, and when it came.
+    ping: Option<(Duration, Instant)>,
+    /// No background PING before then.
+    next_ping: Option<Instant>,
+    /// The supervisor's requests this incarnation left unanswered in a row
+    /// (timeouts), and when the first of them timed out.
+    unanswered: u32,
+    unanswered_since: Option<Instant>,
+    /// This incarnation answered one of the supervisor's requests.
+    answered: bool,
+    /// Stopping: SIGTERM then, unless its `SHUTDOWN` was delivered.
+    sigterm_at: Option<Instant>,
+    /// The supervisor stopped this incarnation on purpose (the evolver,
+    /// for a rollback): its end is not a crash.
+    planned_stop: bool,
     /// The warm spare promoted when this worker dies (workers only).
     standby: Option<Standby>,
     /// When to start a standby again after one ended on its own.
@@ -146,7 +266,7 @@ struct Slot {
     /// (doubles up to [`SYNC_BACKOFF_MAX`]).
     sync_backoff: Duration,
     /// A file this worker refused to `LOAD` (not asked again).
-    load_refused: Option<(u64, u64)>,
+    load_refused: Option<FileKey>,
     /// The supervisor killed the current incarnation for breaking the
     /// protocol (not counted against the model by the fallback).
     blameless_kill: bool,
@@ -162,13 +282,25 @@ struct Supervisor {
     slots: Vec<Slot>,
     phase: Phase,
     started: Instant,
-    /// The model file last seen.
+    /// The model file as last identified (it is the live one if its
+    /// `id` is `model_key`).
     model_seen: Option<LiveModel>,
+    /// The model file's `stat` at the last tick.
+    model_key: Option<FileKey>,
+    /// An identification thread is running.
+    identifying: bool,
+    /// The last identification of `model_key` failed (said once per file).
+    model_error: Option<(FileKey, String)>,
+    /// Where helper threads send their answers.
+    tx: mpsc::Sender<Event>,
+    /// Id of the next job sent to a link thread.
+    next_job: u64,
+    rollback: Option<PendingRollback>,
     /// Newest generation a worker served healthily: it loaded it (at start
     /// or by `LOAD`) and answered the supervisor's canary `NEURAL_EXEC` on it.
     good_generation: Option<u64>,
-    /// (dev, ino) of the last file a worker verified.
-    verified_file: Option<(u64, u64)>,
+    /// The last file a worker verified.
+    verified_file: Option<FileKey>,
     /// Worker ends blamed on each not-yet-verified generation (see
     /// `maybe_fall_back`).
     crashes_after_new: HashMap<u64, u32>,
@@ -189,6 +321,12 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
     // reads the environment concurrently.
     unsafe {
         std::env::set_var("EVOD_LOG_FORMAT", config.log_format.as_str());
+        // The evolver's deadline for one EVAL (`--eval-timeout`), read by
+        // the evolver from its environment.
+        std::env::set_var(
+            "EVOD_EVAL_TIMEOUT",
+            format!("{}ms", config.eval_timeout.as_millis()),
+        );
     }
     let model_generation = check_model(&config.model)?;
     // SAFETY: nothing has started a thread yet (logging set-up does not).
@@ -221,7 +359,7 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
             what: "cannot start the signal thread",
             source,
         })?;
-    let server = ControlServer::start(&config.control_socket, tx, Event::Control)?;
+    let server = ControlServer::start(&config.control_socket, tx.clone(), Event::Control)?;
     janitor
         .watch(server.created())
         .map_err(|source| SupervisorError::Setup {
@@ -238,7 +376,7 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
         janitor = janitor.pid().as_raw(),
         "evod supervisor starting"
     );
-    let mut sup = Supervisor::new(config)?;
+    let mut sup = Supervisor::new(config, tx)?;
     let code = sup.event_loop(&rx);
     drop(sup);
     drop(server);
@@ -251,17 +389,34 @@ fn check_model(model: &std::path::Path) -> Result<Option<u64>, SupervisorError> 
     if !model.exists() {
         return Err(SupervisorError::NoModel(model.to_owned()));
     }
-    let file = evod_gguf::GgufFile::open(model)?;
-    Ok(evod_store::generation_of(&file))
+    // Read with pread, never mapped (see `identify`).
+    let file = evod_gguf::GgufReader::open(model)?;
+    Ok(file
+        .get(evod_store::GENERATION_KEY)
+        .and_then(|v| v.as_u64()))
 }
 
 impl Supervisor {
-    fn new(config: Config) -> Result<Supervisor, SupervisorError> {
+    fn new(config: Config, tx: mpsc::Sender<Event>) -> Result<Supervisor, SupervisorError> {
         let mut slots = Vec::new();
         for index in 0..config.workers {
-            let segment = Segment::create(&LayoutConfig::default())
-                .map_err(|source| SupervisorError::Segment { index, source })?;
-            slots.push(Slot::new(Kind::Worker, index, Some(segment)));
+            let segment = Arc::new(
+                Segment::create(&LayoutConfig::default())
+                    .map_err(|source| SupervisorError::Segment { index, source })?,
+            );
+            let mut slot = Slot::new(Kind::Worker, index, Some(segment.clone()));
+            let link = link::LinkThread::start(
+                format!("link-{index}"),
+                segment,
+                tx.clone(),
+                move |done| Event::Link(index, done),
+            )
+            .map_err(|source| SupervisorError::Setup {
+                what: "cannot start a link thread",
+                source,
+            })?;
+            slot.link = Some(link);
+            slots.push(slot);
         }
         if !config.no_evolver {
             slots.push(Slot::new(Kind::Evolver, 0, None));
@@ -272,6 +427,12 @@ impl Supervisor {
             phase: Phase::Running,
             started: Instant::now(),
             model_seen: None,
+            model_key: None,
+            identifying: false,
+            model_error: None,
+            tx,
+            next_job: 0,
+            rollback: None,
             good_generation: None,
             verified_file: None,
             crashes_after_new: HashMap::new(),
@@ -279,7 +440,9 @@ impl Supervisor {
             next_exec: 0,
             give_up: None,
         };
-        sup.model_seen = sup.read_model_identity();
+        // Before the loop runs: identified here, on this thread.
+        sup.model_key = stat_key(&sup.config.model);
+        sup.model_seen = identify(&sup.config.model).ok();
         for i in 0..sup.slots.len() {
             sup.start(i);
         }
@@ -287,12 +450,15 @@ impl Supervisor {
     }
 
     fn event_loop(&mut self, rx: &mpsc::Receiver<Event>) -> Result<u8, SupervisorError> {
-        let mut next_tick = Instant::now() + TICK;
+        let mut next_tick = later(Instant::now(), TICK);
         loop {
             let now = Instant::now();
             let mut wake = next_tick;
             for slot in &self.slots {
-                for at in [slot.restart_at, slot.standby_retry].into_iter().flatten() {
+                for at in [slot.restart_at, slot.standby_retry, slot.sigterm_at]
+                    .into_iter()
+                    .flatten()
+                {
                     wake = wake.min(at);
                 }
             }
@@ -307,17 +473,22 @@ impl Supervisor {
                     }
                 }
                 Ok(Event::Control(incoming)) => {
-                    let response = self.on_request(incoming.request);
-                    let _ = incoming.reply.send(response);
+                    if let Some(response) = self.on_request(incoming.request, &incoming.reply) {
+                        let _ = incoming.reply.send(response);
+                    }
                 }
+                Ok(Event::Link(i, done)) => self.on_link_done(i, done),
+                Ok(Event::Identified(report)) => self.on_identified(report),
+                Ok(Event::Restored(report)) => self.on_restored(report),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(SupervisorError::ThreadsGone);
                 }
             }
             let now = Instant::now();
+            self.advance_rollback();
             if now >= next_tick {
-                next_tick = now + TICK;
+                next_tick = later(now, TICK);
                 self.reap();
                 if matches!(self.phase, Phase::Running) {
                     self.watchdog();
@@ -328,6 +499,16 @@ impl Supervisor {
             match self.phase {
                 Phase::Running => self.start_due(now),
                 Phase::Stopping { deadline, code } => {
+                    for slot in &mut self.slots {
+                        if slot.sigterm_at.is_some_and(|at| at <= now) {
+                            slot.sigterm_at = None;
+                            if let Some(child) =
+                                slot.child.as_ref().filter(|c| c.exited().is_none())
+                            {
+                                let _ = child.signal(Signal::SIGTERM);
+                            }
+                        }
+                    }
                     if self.slots.iter().all(|s| !s.running()) {
                         tracing::info!("all children stopped");
                         return self.finish(code);
@@ -343,6 +524,34 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// The live model: identified, and its file unchanged since.
+    fn live_model(&self) -> Option<LiveModel> {
+        self.model_seen.filter(|m| Some(m.id) == self.model_key)
+    }
+
+    /// Sends `job` to worker slot `i`'s link thread. False if it has none.
+    fn submit(&mut self, i: usize, purpose: Purpose, job: link::Job, timeout: Duration) -> bool {
+        let id = self.next_job;
+        self.next_job += 1;
+        let slot = &mut self.slots[i];
+        let (Some(seg), Some(thread)) = (&slot.segment, &slot.link) else {
+            return false;
+        };
+        let tag = link::Tag {
+            id,
+            epoch: seg.trusted_epoch(),
+        };
+        if !thread.submit(tag, job, timeout) {
+            return false;
+        }
+        slot.jobs.push_back(Pending {
+            id,
+            epoch: tag.epoch,
+            purpose,
+        });
+        true
     }
 
     fn finish(&mut self, code: u8) -> Result<u8, SupervisorError> {
@@ -382,37 +591,77 @@ impl Supervisor {
             return;
         }
         self.phase = Phase::Stopping {
-            deadline: Instant::now() + self.config.grace_period,
+            deadline: later(Instant::now(), self.config.grace_period),
             code,
         };
-        for slot in &mut self.slots {
+        for i in 0..self.slots.len() {
+            let slot = &mut self.slots[i];
             slot.restart_at = None;
-            // A standby has nothing to save: killed and reaped now.
-            slot.standby = None;
+            // A standby has nothing to save: killed (the SIGCHLD path reaps).
+            if let Some(standby) = &slot.standby {
+                standby.child().kill();
+            }
             slot.standby_retry = None;
-            let Some(child) = slot.child.as_ref().filter(|c| c.exited().is_none()) else {
+            if !slot.running() {
                 continue;
-            };
-            let asked = match &slot.segment {
-                Some(seg) => link::send_only(seg, op::SHUTDOWN, &[]).is_ok(),
-                None => false,
-            };
-            if !asked {
+            }
+            // SHUTDOWN through the link (after the call it is making, if
+            // any); a worker that has not taken it within SHUTDOWN_PATIENCE
+            // (its link is held by a call it does not answer), or the
+            // evolver, gets SIGTERM.
+            let queued = slot.segment.is_some()
+                && self.submit(
+                    i,
+                    Purpose::Shutdown,
+                    link::Job::Send {
+                        opcode: op::SHUTDOWN,
+                        payload: Vec::new(),
+                    },
+                    Duration::ZERO,
+                );
+            if queued {
+                self.slots[i].sigterm_at = Some(later(Instant::now(), SHUTDOWN_PATIENCE));
+            } else if let Some(child) = &self.slots[i].child {
                 let _ = child.signal(Signal::SIGTERM);
             }
         }
     }
 
+    /// SIGKILLs every child and standby, then reaps them for at most
+    /// [`FINAL_REAP`] (the end of the process: nothing else to do) and
+    /// names any left.
     fn kill_all(&mut self) {
         for slot in &mut self.slots {
             slot.restart_at = None;
-            slot.standby = None;
             slot.standby_retry = None;
-            if let Some(child) = slot.child.as_mut() {
-                child.kill_and_reap();
+            if let Some(standby) = &slot.standby {
+                standby.child().kill();
+            }
+            if let Some(child) = &slot.child {
+                child.kill();
             }
         }
-        self.reap();
+        let deadline = Instant::now() + FINAL_REAP;
+        loop {
+            self.reap();
+            let left: Vec<String> = self
+                .slots
+                .iter()
+                .filter(|s| s.running())
+                .map(|s| s.label())
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    "{} not reaped {FINAL_REAP:?} after SIGKILL; leaving them",
+                    left.join(", ")
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
@@ -424,6 +673,36 @@ impl Drop for Supervisor {
             slot.child = None;
         }
     }
+}
+
+/// Reads the model file at `path` the way a trusted process must (pread
+/// through `GgufReader`, never a mapping someone can truncate): header,
+/// generation, full checksum, and the network's input count. Runs off the
+/// loop (except once at start-up).
+fn identify(path: &Path) -> Result<LiveModel, String> {
+    let before = stat_key(path).ok_or_else(|| format!("no model at {}", path.display()))?;
+    let reader = evod_gguf::GgufReader::open(path).map_err(|e| chain(&e))?;
+    let generation = reader
+        .get(evod_store::GENERATION_KEY)
+        .and_then(|v| v.as_u64());
+    let checksum = reader.checksum().map_err(|e| chain(&e))?;
+    let inputs = reader
+        .get(evod_runtime::model::keys::LAYERS)
+        .and_then(|v| v.as_array())
+        .and_then(|a| a.values.first())
+        .and_then(|v| v.as_u64())
+        .and_then(|n| usize::try_from(n).ok());
+    // Replaced or rewritten while being read: what was read is not a
+    // file anyone will see again; the next tick identifies the new one.
+    if stat_key(path) != Some(before) {
+        return Err(format!("{} changed while being read", path.display()));
+    }
+    Ok(LiveModel {
+        id: before,
+        generation,
+        checksum,
+        inputs,
+    })
 }
 
 /// An error and its causes on one line, `a: b: c` (as `anyhow` prints

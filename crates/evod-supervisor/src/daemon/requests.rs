@@ -4,16 +4,22 @@
 use super::*;
 
 impl Supervisor {
-    pub(super) fn on_request(&mut self, request: Request) -> Response {
-        match request {
+    /// Handles one request. `None`: the answer comes later on `reply` (a
+    /// call on a worker, a rollback), so the loop never waits for it.
+    pub(super) fn on_request(
+        &mut self,
+        request: Request,
+        reply: &mpsc::Sender<Response>,
+    ) -> Option<Response> {
+        Some(match request {
             Request::Status => Response::ok(self.status()),
             Request::Stop => {
                 tracing::info!("stop requested on the control socket");
                 self.begin_stop(exit::OK);
                 Response::ok("stopping")
             }
-            Request::Exec { inputs } => self.exec(&inputs),
-            Request::Fault { worker, kind } => self.inject_fault(worker, &kind),
+            Request::Exec { inputs } => return self.exec(inputs, reply),
+            Request::Fault { worker, kind } => return self.inject_fault(worker, kind, reply),
             Request::Recycle {
                 worker,
                 epoch,
@@ -21,26 +27,16 @@ impl Supervisor {
             } => self.recycle(worker, epoch, &reason),
             Request::Rollback { to } => {
                 let to = match to {
-                    Some(g) => Some(g),
-                    None => self
-                        .read_model_identity()
-                        .and_then(|m| m.generation)
-                        .and_then(|live| {
-                            evod_store::previous_generation(&self.config.dir, live, None)
-                        }),
+                    Some(g) => RollbackTo::Exact(g),
+                    None => RollbackTo::Before {
+                        live: None,
+                        good: None,
+                    },
                 };
-                let Some(to) = to else {
-                    return Response::error(format!(
-                        "no earlier generation in {}",
-                        evod_store::history_dir(&self.config.dir).display()
-                    ));
-                };
-                match self.roll_back(to, None) {
-                    Ok(g) => Response::ok(serde_json::json!({ "generation": g })),
-                    Err(e) => Response::error(chain(&e)),
-                }
+                self.roll_back(to, None, Some(reply.clone()));
+                return None;
             }
-        }
+        })
     }
 
     /// Kills worker `index` so that it is replaced (the evolver asks when the
@@ -82,73 +78,104 @@ impl Supervisor {
         Response::ok(serde_json::json!({ "worker": index, "pid": pid }))
     }
 
-    /// Sends a fault opcode to worker `index` (`evod fault`).
-    pub(super) fn inject_fault(&mut self, index: usize, kind: &str) -> Response {
+    /// Sends a fault opcode to worker `index` (`evod fault`), through its
+    /// link thread.
+    pub(super) fn inject_fault(
+        &mut self,
+        index: usize,
+        kind: String,
+        reply: &mpsc::Sender<Response>,
+    ) -> Option<Response> {
         if !self.config.allow_fault_injection {
-            return Response::error(
+            return Some(Response::error(
                 "fault injection is off: the daemon was started without --allow-fault-injection",
-            );
+            ));
         }
-        let (opcode, code) = match evod_wire::fault::parse_kind(kind) {
+        let (opcode, code) = match evod_wire::fault::parse_kind(&kind) {
             Ok(x) => x,
-            Err(e) => return Response::error(e.to_string()),
+            Err(e) => return Some(Response::error(e.to_string())),
         };
-        let Some(slot) = self
+        let Some(i) = self
             .slots
             .iter()
-            .find(|s| s.kind == Kind::Worker && s.index == index)
+            .position(|s| s.kind == Kind::Worker && s.index == index)
         else {
-            return Response::error(format!("no worker {index}"));
+            return Some(Response::error(format!("no worker {index}")));
         };
-        let (Some(seg), Some(child), true) = (&slot.segment, &slot.child, slot.running()) else {
-            return Response::error(format!("worker {index} is not running"));
+        let (Some(child), true) = (&self.slots[i].child, self.slots[i].running()) else {
+            return Some(Response::error(format!("worker {index} is not running")));
         };
         tracing::warn!(
             pid = child.pid().as_raw(),
             "injecting fault {kind:?} into worker {index}"
         );
-        match link::send_only(seg, opcode, &code.to_le_bytes()) {
-            Ok(()) => Response::ok(serde_json::json!({
-                "worker": index,
-                "pid": child.pid().as_raw(),
-                "kind": kind,
-            })),
-            Err(e) => Response::error(format!("worker {index}: {e}")),
+        let job = link::Job::Send {
+            opcode,
+            payload: code.to_le_bytes().to_vec(),
+        };
+        if self.submit(i, Purpose::Fault(reply.clone(), kind), job, Duration::ZERO) {
+            None
+        } else {
+            Some(Response::error(format!("worker {index}: its link is gone")))
         }
     }
 
-    pub(super) fn exec(&mut self, inputs: &[f32]) -> Response {
+    /// `evod exec`: one row on a running worker (the one with the fewest
+    /// jobs queued, round robin among equals), answered when it replies.
+    pub(super) fn exec(
+        &mut self,
+        inputs: Vec<f32>,
+        reply: &mpsc::Sender<Response>,
+    ) -> Option<Response> {
         if inputs.is_empty() || inputs.len() > 1 << 16 {
-            return Response::error(format!("expected 1 to 65536 inputs, got {}", inputs.len()));
+            return Some(Response::error(format!(
+                "expected 1 to 65536 inputs, got {}",
+                inputs.len()
+            )));
         }
         let workers: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].kind == Kind::Worker && self.slots[i].running())
             .collect();
         if workers.is_empty() {
-            return Response::error("no worker is running");
+            return Some(Response::error("no worker is running"));
         }
-        let i = workers[self.next_exec % workers.len()];
+        let n = workers.len();
+        let start = self.next_exec;
         self.next_exec = self.next_exec.wrapping_add(1);
-        let slot = &mut self.slots[i];
-        let seg = slot.segment.as_ref().expect("workers have segments");
-        let start = Instant::now();
-        match link::exec(seg, inputs, EXEC_TIMEOUT) {
-            Ok(outputs) => Response::ok(serde_json::json!({
-                "outputs": outputs,
-                "worker": slot.index,
-                "latency_us": start.elapsed().as_secs_f64() * 1e6,
-            })),
-            Err(e) => {
-                slot.distrust_on(&e);
-                Response::error(format!("{}: {e}", slot.label()))
-            }
+        let i = (0..n)
+            .map(|k| workers[(start + k) % n])
+            .min_by_key(|&i| self.slots[i].jobs.len())
+            .expect("at least one worker");
+        let timeout = self.config.exec_timeout;
+        if self.submit(
+            i,
+            Purpose::Exec(reply.clone()),
+            link::Job::Exec(inputs),
+            timeout,
+        ) {
+            None
+        } else {
+            Some(Response::error(format!(
+                "{}: its link is gone",
+                self.slots[i].label()
+            )))
         }
     }
 
+    /// The daemon's state from what the loop already knows (no call on a
+    /// worker, no model file read). Healthy means "can serve": not
+    /// stopping, the live model identified (it parses and its checksum
+    /// reads), and at least one running worker verified on that exact
+    /// file (it loaded it and answered the canary).
     pub(super) fn status(&mut self) -> StatusReport {
         let stopping = matches!(self.phase, Phase::Stopping { .. });
-        let timeout = self.config.heartbeat_timeout;
-        let mut healthy = !stopping;
+        let live_model = self.live_model();
+        let serves = live_model.is_some_and(|m| {
+            self.slots
+                .iter()
+                .any(|s| s.running() && s.serving.is_some_and(|v| v.id == m.id && v.verified))
+        });
+        let healthy = !stopping && serves;
         let mut children = Vec::new();
         for slot in &mut self.slots {
             let running = slot.running();
@@ -188,38 +215,17 @@ impl Supervisor {
                 row.standby_pid = Some(standby.child().pid().as_raw() as u32);
                 row.standby_ready = Some(standby.poll_ready());
             }
-            let mut ping_error = None;
             if let Some(seg) = &slot.segment {
                 row.epoch = Some(seg.trusted_epoch());
                 let stats = seg.stats();
                 row.generation = (stats.model_generation != 0).then_some(stats.model_generation);
                 row.heartbeat_age_s = Some(seg.beat_age(Role::Worker).as_secs_f64());
-                if running && !stopping {
-                    slot.ping = match link::ping(seg, PING_TIMEOUT) {
-                        Ok(rtt) => Some(rtt),
-                        Err(e) => {
-                            ping_error = Some(e);
-                            None
-                        }
-                    };
-                }
-                row.ping_us = slot.ping.map(|d| d.as_secs_f64() * 1e6);
+                // The last background PING of this incarnation.
+                row.ping_us = slot.ping.map(|(d, _)| d.as_secs_f64() * 1e6);
                 row.stats = Some(stats_json(&stats));
-                if !running || slot.ping.is_none() || seg.beat_age(Role::Worker) > timeout {
-                    healthy = false;
-                }
-            } else if !running && !slot.done {
-                healthy = false;
-            }
-            if let Some(e) = ping_error {
-                slot.distrust_on(&e);
             }
             children.push(row);
         }
-        let live_model = self.read_model_identity();
-        // A live model file that cannot be read as a model cannot be served
-        // (a worker that restarts now cannot load it): unhealthy.
-        healthy &= live_model.is_some();
         let live = live_model.and_then(|m| m.generation);
         StatusReport {
             pid: std::process::id(),

@@ -88,6 +88,15 @@ pub struct FileConfig {
     /// `--heartbeat-timeout`.
     #[serde(default, deserialize_with = "de_duration")]
     pub heartbeat_timeout: Option<Duration>,
+    /// `--load-timeout`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub load_timeout: Option<Duration>,
+    /// `--exec-timeout`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub exec_timeout: Option<Duration>,
+    /// `--eval-timeout`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub eval_timeout: Option<Duration>,
     /// `--restart-intensity`.
     pub restart_intensity: Option<u32>,
     /// `--restart-period`.
@@ -170,6 +179,28 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
         .or(file.control_socket)
         .unwrap_or_else(|| default_socket(&dir));
     let evolve = args.evolve.or(file.evolve);
+    // The supervisor's request deadlines (issue 11).
+    let load_timeout = args.load_timeout.or(file.load_timeout);
+    let exec_timeout = args
+        .exec_timeout
+        .or(file.exec_timeout)
+        .unwrap_or(evod_supervisor::config::DEFAULT_EXEC_TIMEOUT);
+    let eval_timeout = args
+        .eval_timeout
+        .or(file.eval_timeout)
+        .unwrap_or(evod_supervisor::config::DEFAULT_EVAL_TIMEOUT);
+    for (name, d) in [
+        (
+            "--load-timeout",
+            load_timeout.unwrap_or(Duration::from_secs(1)),
+        ),
+        ("--exec-timeout", exec_timeout),
+        ("--eval-timeout", eval_timeout),
+    ] {
+        if d < Duration::from_millis(10) || d > Duration::from_secs(86_400) {
+            anyhow::bail!("bad {name} {d:?}: expected 10ms to 24h");
+        }
+    }
     let config = Config {
         model,
         workers,
@@ -187,6 +218,9 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
             .heartbeat_timeout
             .or(file.heartbeat_timeout)
             .unwrap_or(Duration::from_secs(5)),
+        load_timeout,
+        exec_timeout,
+        eval_timeout,
         policy,
         fallback_after: args.fallback_after.or(file.fallback_after).unwrap_or(3),
         log_format: args

@@ -59,6 +59,17 @@ pub struct Args {
     /// A worker whose heartbeat stalls this long is killed and respawned [default: 5s].
     #[arg(long, env = "EVOD_HEARTBEAT_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
     pub heartbeat_timeout: Option<Duration>,
+    /// Deadline of a worker's `LOAD` of a new model [default: 5s + 1s per 64 MiB of model].
+    #[arg(long, env = "EVOD_LOAD_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub load_timeout: Option<Duration>,
+    /// Deadline of a `NEURAL_EXEC` (`evod exec`, the supervisor's canary) [default: 5s].
+    #[arg(long, env = "EVOD_EXEC_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub exec_timeout: Option<Duration>,
+    /// The evolver's deadline for one EVAL; a worker that beats but leaves 3
+    /// of the supervisor's requests in a row unanswered over this long is
+    /// replaced [default: 60s].
+    #[arg(long, env = "EVOD_EVAL_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub eval_timeout: Option<Duration>,
     /// Restarts of one child allowed within --restart-period before giving up [default: 20].
     #[arg(long, env = "EVOD_RESTART_INTENSITY", value_name = "N")]
     pub restart_intensity: Option<u32>,

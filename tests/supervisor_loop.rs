@@ -1,0 +1,313 @@
+//! Process tests of the supervisor's event loop (issue 11): it never waits
+//! on a worker or reads the model on its own thread, its deadlines cannot
+//! overflow, health means "can serve", and a worker that beats but does
+//! not answer is replaced. Real daemons, real signals, real files; every
+//! wait is on an event or a polled condition with a deadline.
+
+mod common;
+
+use common::evod;
+
+use std::path::Path;
+use std::process::{Child, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Guards against hangs only; not a timing assertion.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// `evod run --no-evolver --allow-fault-injection --workers 1` in a
+/// temporary state folder, stderr logged to a file there.
+struct Daemon {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
+        let child = evod()
+            .arg("run")
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--no-evolver", "--allow-fault-injection", "--workers", "1"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning evod run");
+        let mut d = Daemon {
+            child: Some(child),
+            dir,
+        };
+        d.wait_for("a healthy daemon", |d| {
+            d.status().filter(|s| s["healthy"] == true)
+        });
+        d
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn model(&self) -> std::path::PathBuf {
+        self.dir().join("vectorland.gguf")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir().join("run.log")).unwrap_or_default()
+    }
+
+    fn status(&self) -> Option<Value> {
+        let o = evod()
+            .args(["status", "--json", "--dir"])
+            .arg(self.dir())
+            .output()
+            .unwrap();
+        o.status
+            .success()
+            .then(|| serde_json::from_slice(&o.stdout).unwrap())
+    }
+
+    fn worker(&self) -> Option<Value> {
+        self.status()?["children"]
+            .as_array()?
+            .iter()
+            .find(|c| c["role"] == "worker" && c["index"] == 0)
+            .cloned()
+    }
+
+    /// Polls `cond` until `Some`; fails with the status and log past the
+    /// deadline, or if the daemon exited.
+    fn wait_for<T>(&mut self, what: &str, mut cond: impl FnMut(&Daemon) -> Option<T>) -> T {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "evod run exited ({status}) waiting for {what}:\n{}",
+                    self.log()
+                );
+            }
+            if let Some(v) = cond(self) {
+                return v;
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}\nstatus {:?}\nlog:\n{}",
+                self.status(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        let pid = self.child.as_ref().unwrap().id();
+        kill(Pid::from_raw(pid as i32), signal).unwrap();
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let status = common::wait_exit(child, DEADLINE)
+            .unwrap_or_else(|| panic!("evod run did not exit\n{}", self.log()));
+        self.child = None;
+        status
+    }
+
+    /// The live generation, once a worker verified it.
+    fn verified_generation(&mut self) -> u64 {
+        self.wait_for("a verified generation", |d| {
+            d.status()
+                .filter(|s| s["healthy"] == true)
+                .and_then(|s| s["good_generation"].as_u64())
+        })
+    }
+
+    /// Publishes (atomically) a copy of the live model renumbered
+    /// `generation`, carrying `evod.fault = fault` if given.
+    fn publish(&self, source: &Path, generation: u64, fault: Option<&str>) {
+        use evod_gguf::{PublishOptions, Value, rewrite};
+        let good = evod_gguf::GgufFile::open(source).unwrap();
+        rewrite(
+            &good,
+            &self.model(),
+            |meta| {
+                for (k, v) in meta.iter_mut() {
+                    if k == "evod.generation" {
+                        *v = Value::U64(generation);
+                    }
+                }
+                if let Some(fault) = fault {
+                    meta.push(("evod.fault".into(), Value::String(fault.into())));
+                }
+            },
+            &PublishOptions::default(),
+        )
+        .unwrap();
+    }
+
+    /// A private copy of the live model (to publish variants of it).
+    fn copy_model(&self) -> std::path::PathBuf {
+        let copy = self.dir().join("good-copy.gguf");
+        std::fs::copy(self.model(), &copy).unwrap();
+        copy
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn a_worker_that_never_answers_holds_up_neither_status_nor_sigterm() {
+    let mut d = Daemon::start(&[
+        "--heartbeat-timeout",
+        "120s",
+        "--load-timeout",
+        "120s",
+        "--exec-timeout",
+        "120s",
+        "--eval-timeout",
+        "120s",
+        "--grace-period",
+        "5s",
+        "--no-standby",
+    ]);
+    let good = d.verified_generation();
+    let copy = d.copy_model();
+    // A generation that loads, then leaves every control request
+    // unanswered (the worker keeps beating): the supervisor's canary on it
+    // waits up to its 120 s deadline, then a LOAD of the next one would.
+    d.publish(&copy, good + 1, Some("mute"));
+    d.wait_for("the worker to load the mute generation", |d| {
+        let w = d.worker()?;
+        (w["stats"]["requests"]["LOAD"].as_u64()? >= 1).then_some(())
+    });
+    d.publish(&copy, good + 2, None);
+    // The loop is not waiting on it: status answers at once, again and
+    // again, and says the daemon cannot serve the live generation.
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let s = d.status().expect("status answers");
+        let took = asked.elapsed();
+        assert!(took < Duration::from_secs(2), "status took {took:?}");
+        assert_eq!(s["healthy"], false, "{s}");
+    }
+    d.wait_for("the live generation to move on", |d| {
+        d.status().filter(|s| s["generation"] == good + 2)
+    });
+    // SIGTERM stops it within the grace period (the worker, busy with a
+    // call of the supervisor, is sent SIGTERM rather than SHUTDOWN).
+    let asked = Instant::now();
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit();
+    let took = asked.elapsed();
+    assert!(status.success(), "{status}\n{}", d.log());
+    assert!(
+        took < Duration::from_secs(8),
+        "stopping took {took:?} with a 5 s grace period\n{}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_huge_grace_period_does_not_panic_on_sigterm() {
+    let mut d = Daemon::start(&["--grace-period", "1000000000s"]);
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit();
+    let log = d.log();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("all children stopped"), "{log}");
+}
+
+#[test]
+fn a_model_truncated_in_place_is_unhealthy_until_a_good_file_is_published() {
+    let mut d = Daemon::start(&[]);
+    let good = d.verified_generation();
+    let copy = d.copy_model();
+    // Truncate the live file in place (same inode): nothing can serve it.
+    let len = std::fs::metadata(d.model()).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.model())
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let s = d.wait_for("status to turn unhealthy", |d| {
+        d.status().filter(|s| s["healthy"] == false)
+    });
+    assert_eq!(s["stopping"], false, "{s}");
+    let check = evod()
+        .args(["status", "--check", "--dir"])
+        .arg(d.dir())
+        .output()
+        .unwrap();
+    assert!(
+        !check.status.success(),
+        "status --check passed on a truncated model"
+    );
+    // A good file published over it: healthy again, on the new generation.
+    d.publish(&copy, good + 1, None);
+    let s = d.wait_for("status to turn healthy again", |d| {
+        d.status()
+            .filter(|s| s["healthy"] == true && s["good_generation"] == good + 1)
+    });
+    assert_eq!(s["generation"], good + 1, "{s}");
+    assert!(
+        d.log().contains("cannot be served"),
+        "the truncation is not reported:\n{}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_worker_that_beats_but_never_answers_is_replaced() {
+    let mut d = Daemon::start(&[
+        "--eval-timeout",
+        "1s",
+        "--exec-timeout",
+        "300ms",
+        "--heartbeat-timeout",
+        "120s",
+        "--fallback-after",
+        "1",
+    ]);
+    let good = d.verified_generation();
+    let copy = d.copy_model();
+    // History holds the good generation: a rollback would be possible.
+    let history = d.dir().join("history");
+    std::fs::create_dir_all(&history).unwrap();
+    std::fs::copy(&copy, history.join(format!("gen-{good:08}.gguf"))).unwrap();
+    // A generation that loads, then leaves every control request
+    // unanswered while the worker keeps beating.
+    d.publish(&copy, good + 1, Some("mute"));
+    let w = d.wait_for("the mute worker to be replaced", |d| {
+        let w = d.worker()?;
+        w["last_exit"]
+            .as_str()?
+            .contains("unresponsive")
+            .then_some(w)
+    });
+    assert!(
+        w["last_exit"]
+            .as_str()
+            .unwrap()
+            .starts_with("killed by signal 9 (SIGKILL)"),
+        "{w}"
+    );
+    // Replaced for not answering, not blamed on the model: no rollback.
+    let s = d.status().unwrap();
+    assert_eq!(s["rollbacks"], 0, "{s}");
+    assert_eq!(s["healthy"], false, "{s}");
+}
