@@ -26,5 +26,5 @@ pub mod task;
 pub use arch::{Activation, Architecture};
 pub use error::RuntimeError;
 pub use mlp::{Mlp, MlpLanes, Scratch, forward_batch};
-pub use model::{Model, ModelSpec, init_params, write_model, write_model_with};
+pub use model::{Model, ModelSpec, init_params, read_params, write_model, write_model_with};
 pub use task::Task;

@@ -17,7 +17,8 @@ use std::borrow::Cow;
 use std::path::Path;
 
 use evod_gguf::{
-    Array, GgufFile, PublishOptions, PublishReport, TensorSpec, TensorType, Value, ValueType,
+    Array, GgufFile, GgufHeader, GgufReader, PublishOptions, PublishReport, TensorSpec, TensorType,
+    Value, ValueType,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
@@ -151,8 +152,14 @@ impl ModelSpec {
 
     /// Reads the spec from a file's metadata.
     pub fn from_file(file: &GgufFile) -> Result<ModelSpec, RuntimeError> {
+        Self::from_header(file, file.path())
+    }
+
+    /// Reads the spec from the metadata of a header read from `path`
+    /// (mapped or read with `evod_gguf::GgufReader`).
+    pub fn from_header(file: &GgufHeader, path: &Path) -> Result<ModelSpec, RuntimeError> {
         let bad = |problem: String| RuntimeError::Model {
-            path: file.path().to_owned(),
+            path: path.to_owned(),
             problem,
         };
         let get = |key: &str| {
@@ -245,6 +252,42 @@ pub fn is_block_tensor(name: &str) -> bool {
                 && n.bytes().all(|b| b.is_ascii_digit())
                 && matches!(kind, "weight" | "bias")
         })
+}
+
+/// Reads a model's spec and flat parameters (evod's order, converted to
+/// f32) with `pread`, never mapping the file: for trusted processes (the
+/// supervisor, the model store) that must not die of SIGBUS when someone
+/// truncates the file in place (a file that shrinks meanwhile is a
+/// [`RuntimeError::Gguf`] `ShortRead`). Checks what the parameters depend
+/// on: the evod keys, every block tensor present with the architecture's
+/// element count and a convertible type. Values are not checked for
+/// finiteness (see [`Model::open_for_serving`]).
+pub fn read_params(path: &Path) -> Result<(ModelSpec, Vec<f32>), RuntimeError> {
+    let reader = GgufReader::open(path)?;
+    let spec = ModelSpec::from_header(reader.header(), path)?;
+    let bad = |problem: String| RuntimeError::Model {
+        path: path.to_owned(),
+        problem,
+    };
+    let mut params = Vec::with_capacity(spec.arch.n_params());
+    for (name, dims) in spec.arch.tensor_specs() {
+        let info = reader
+            .header()
+            .tensor(&name)
+            .ok_or_else(|| bad(format!("missing tensor {name}")))?;
+        let want: u64 = dims.iter().product();
+        let bytes = reader.read_tensor(info)?;
+        let values = evod_gguf::dequantize(info.ttype, &bytes)
+            .map_err(|e| bad(format!("tensor {name}: {e}")))?;
+        if values.len() as u64 != want {
+            return Err(bad(format!(
+                "tensor {name} holds {} values, the architecture needs {want}",
+                values.len()
+            )));
+        }
+        params.extend_from_slice(&values);
+    }
+    Ok((spec, params))
 }
 
 /// An opened, checked model: the spec and the mapped file.

@@ -72,3 +72,34 @@ fn open_for_serving_still_checks_the_structure() {
     let err = Model::open_for_serving(&bad).unwrap_err();
     assert!(err.to_string().contains("dims"), "{err}");
 }
+
+/// `read_params` (pread, no mapping: what the supervisor and the model
+/// store use) gives the very parameters the mapped model gives, and a file
+/// truncated in place is an error, not SIGBUS.
+#[test]
+fn read_params_matches_the_mapped_model_and_a_truncated_file_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let arch = Architecture::new(vec![4, 16, 2], "tanh".parse().unwrap()).unwrap();
+    let mut spec = ModelSpec::new(arch.clone(), "cartpole".into(), 1);
+    spec.generation = 7;
+    let params = init_params(&arch, 3);
+    write_model(&path, &spec, &params, None).unwrap();
+    let (read_spec, read) = evod_runtime::read_params(&path).unwrap();
+    assert_eq!(read_spec.generation, 7);
+    let mapped = Model::open(&path).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&read), bits(&mapped.params().unwrap()));
+    assert_eq!(bits(&read), bits(&params));
+    drop(mapped);
+
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 40)
+        .unwrap();
+    let err = evod_runtime::read_params(&path).unwrap_err();
+    assert!(matches!(err, RuntimeError::Gguf(_)), "{err}");
+}

@@ -27,7 +27,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use evod_gguf::{GgufFile, PublishOptions};
-use evod_runtime::Model;
 
 /// The live model's file name inside the state folder.
 pub const MODEL_FILE: &str = "vectorland.gguf";
@@ -164,8 +163,10 @@ pub fn restore(
     };
     let file = GgufFile::open(source)?;
     // What is rolled back from, for the evolver (see `rollback_marker`).
-    let from = Model::open_for_serving(model)
-        .and_then(|m| Ok(params_hash(&m.params()?)))
+    // Read, not mapped: the live file may be truncated in place meanwhile,
+    // and this runs in the supervisor.
+    let from = evod_runtime::read_params(model)
+        .map(|(_, params)| params_hash(&params))
         .ok();
     if let Some(bad) = quarantine {
         let qdir = quarantine_dir(dir);
@@ -319,10 +320,9 @@ pub fn read_quarantine(dir: &Path) -> Vec<(u64, u64)> {
         if path.extension().is_none_or(|x| x != "gguf") {
             continue;
         }
-        match Model::open_for_serving(&path).and_then(|m| {
-            let hash = params_hash(&m.params()?);
-            Ok((m.spec.generation, hash))
-        }) {
+        match evod_runtime::read_params(&path)
+            .map(|(spec, params)| (spec.generation, params_hash(&params)))
+        {
             Ok(entry) => out.push(entry),
             Err(e) => tracing::warn!("cannot read quarantined {}: {e}", path.display()),
         }
