@@ -221,8 +221,28 @@ fn a_worker_that_never_answers_holds_up_neither_status_nor_sigterm() {
 }
 
 #[test]
-fn a_huge_grace_period_does_not_panic_on_sigterm() {
-    let mut d = Daemon::start(&["--grace-period", "1000000000s"]);
+fn a_huge_grace_period_is_refused_and_the_largest_allowed_does_not_panic_on_sigterm() {
+    // Beyond the documented range: refused before anything starts.
+    let dir = tempfile::tempdir().unwrap();
+    let out = evod()
+        .args([
+            "run",
+            "--no-evolver",
+            "--workers",
+            "1",
+            "--grace-period",
+            "1000000000s",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--grace-period"), "{stderr}");
+    // The largest allowed one: the deadline arithmetic (saturating, see
+    // `policy::later`) must not panic PID 1 on SIGTERM.
+    let mut d = Daemon::start(&["--grace-period", "24h"]);
     d.signal(Signal::SIGTERM);
     let status = d.wait_exit();
     let log = d.log();
