@@ -61,7 +61,7 @@ class PublishReport(NamedTuple):
     """xxh3-64 of the data section: the model's identity as evod logs it."""
 
 
-class Metadata(dict):
+class Metadata(dict[str, Any]):
     """A metadata dict that remembers each key's GGUF type (``types``), so
     that :func:`publish` writes a value back with the type it was read
     with. Keys added later have no entry and are inferred."""
@@ -76,13 +76,13 @@ class Metadata(dict):
 Tensor = Union[np.ndarray, RawTensor]
 
 
-class TensorMap(Mapping):
+class TensorMap(Mapping[str, np.ndarray]):
     """A file's tensors by name, read on access: float32 arrays (read-only
     views of the map for F32, dequantized copies for the other types evod
     decodes). A type evod cannot decode raises :class:`evod.GgufError`;
     its bytes are available with :meth:`raw`."""
 
-    def __init__(self, native: Any) -> None:
+    def __init__(self, native: _evod._GgufFile) -> None:
         self._native = native
         self._names = list(native.tensor_names)
         self._known = set(self._names)
@@ -120,7 +120,7 @@ class TensorMap(Mapping):
 class GgufFile:
     """An open, validated GGUF file (see :func:`open`)."""
 
-    def __init__(self, path: Union[str, os.PathLike]) -> None:
+    def __init__(self, path: Union[str, os.PathLike[str]]) -> None:
         self._native = _evod._GgufFile(os.fspath(path))
         self.metadata: Metadata = Metadata(self._native.metadata, self._native.types)
         """Metadata in file order, with its types (a dict you own)."""
@@ -156,7 +156,7 @@ class GgufFile:
         return f"evod.gguf.GgufFile({self.path!r}, {len(self.metadata)} keys, {len(self.tensors)} tensors)"
 
 
-def open(path: Union[str, os.PathLike]) -> GgufFile:  # noqa: A001 - the module's verb
+def open(path: Union[str, os.PathLike[str]]) -> GgufFile:  # noqa: A001 - the module's verb
     """Opens and validates a GGUF file (v2 or v3). Raises
     :class:`evod.GgufError` with the reader's message for a malformed file."""
     return GgufFile(path)
@@ -244,7 +244,7 @@ def _tensor_entry(name: str, tensor: Any) -> tuple[str, str, list[int], np.ndarr
 
 
 def publish(
-    path: Union[str, os.PathLike],
+    path: Union[str, os.PathLike[str]],
     metadata: Mapping[str, Any],
     tensors: Mapping[str, Tensor],
     *,
