@@ -152,6 +152,12 @@ def test_mutate_is_deterministic_and_only_touches_what_it_selects(peer_file, tmp
     # Dict order and the other tensors do not change a tensor's noise.
     alone = eg.mutate({"w": np.array(f.tensors["w"])}, sigma=0.1, seed=42)
     assert alone["w"].tobytes() == a["w"].tobytes()
+    # A strided view mutates as its C-order copy; inputs are not modified.
+    wt = np.array(W.T)
+    before = wt.tobytes()
+    strided = eg.mutate({"w": wt.T}, sigma=0.1, seed=42)["w"]
+    assert strided.tobytes() == eg.mutate({"w": np.ascontiguousarray(wt.T)}, sigma=0.1, seed=42)["w"].tobytes()
+    assert wt.tobytes() == before
     # Unselected tensors are written back byte-identical (F16 and Q8_0 too).
     out = tmp_path / "mutated.gguf"
     eg.publish(out, f.metadata, a)

@@ -160,7 +160,8 @@ impl GgufFile {
         let shape_err = |e: numpy::ndarray::ShapeError| {
             crate::GgufError::new_err(format!("tensor {name}: {e}"))
         };
-        match this.file.tensor_f32(t).map_err(gguf_err)? {
+        // Dequantizing a big tensor takes a while: without the GIL.
+        match py.detach(|| this.file.tensor_f32(t)).map_err(gguf_err)? {
             Cow::Borrowed(values) => {
                 let view = ArrayViewD::from_shape(IxDyn(&shape), values).map_err(shape_err)?;
                 // SAFETY: `values` points into the map owned by `this`,

@@ -47,13 +47,20 @@ pub fn add_noise<'py>(
     if !sigma.is_finite() {
         return Err(InputError::new_err(format!("sigma is {sigma}, not finite")));
     }
-    let base = x.as_array();
-    let shape = base.raw_dim();
-    let base: Vec<f32> = base.iter().copied().collect();
+    let shape = x.as_array().raw_dim();
+    // Element j is the j-th in C order, contiguous or not.
+    let copy: Vec<f32>;
+    let base: &[f32] = match x.as_slice() {
+        Ok(slice) => slice,
+        Err(_) => {
+            copy = x.as_array().iter().copied().collect();
+            &copy
+        }
+    };
     let s = stream(seed, name);
     let out = py.detach(|| {
         let mut out = vec![0.0f32; base.len()];
-        evod_evolve::noise::add_scaled(s, 0, sigma, &base, &mut out);
+        evod_evolve::noise::add_scaled(s, 0, sigma, base, &mut out);
         out
     });
     let array = ArrayD::from_shape_vec(shape, out)
@@ -79,32 +86,41 @@ pub fn cross<'py>(
             b.shape()
         )));
     }
-    let s = stream(seed, name);
-    let (va, vb) = (a.as_array(), b.as_array());
-    let out: Vec<f32> = match kind {
-        "uniform" => va
-            .iter()
-            .zip(vb.iter())
-            .enumerate()
-            .map(|(j, (&x, &y))| {
-                let word = splitmix64(s.wrapping_add(((j / 64) as u64 + 1).wrapping_mul(GOLDEN)));
-                if word >> (j % 64) & 1 == 1 { y } else { x }
-            })
-            .collect(),
-        "arithmetic" => {
-            let alpha = (splitmix64(s) >> 40) as f32 * (1.0 / 16_777_216.0);
-            va.iter()
-                .zip(vb.iter())
-                .map(|(&x, &y)| alpha * x + (1.0 - alpha) * y)
-                .collect()
-        }
+    let arithmetic = match kind {
+        "uniform" => false,
+        "arithmetic" => true,
         other => {
             return Err(InputError::new_err(format!(
                 "crossover kind {other:?}: expected \"uniform\" or \"arithmetic\""
             )));
         }
     };
-    let array = ArrayD::from_shape_vec(va.raw_dim(), out)
+    let s = stream(seed, name);
+    let shape = a.as_array().raw_dim();
+    let (va, vb): (Vec<f32>, Vec<f32>) = (
+        a.as_array().iter().copied().collect(),
+        b.as_array().iter().copied().collect(),
+    );
+    let out: Vec<f32> = py.detach(|| {
+        if arithmetic {
+            let alpha = (splitmix64(s) >> 40) as f32 * (1.0 / 16_777_216.0);
+            va.iter()
+                .zip(&vb)
+                .map(|(&x, &y)| alpha * x + (1.0 - alpha) * y)
+                .collect()
+        } else {
+            va.iter()
+                .zip(&vb)
+                .enumerate()
+                .map(|(j, (&x, &y))| {
+                    let word =
+                        splitmix64(s.wrapping_add(((j / 64) as u64 + 1).wrapping_mul(GOLDEN)));
+                    if word >> (j % 64) & 1 == 1 { y } else { x }
+                })
+                .collect()
+        }
+    });
+    let array = ArrayD::from_shape_vec(shape, out)
         .map_err(|e| ShapeError::new_err(format!("tensor {name}: {e}")))?;
     Ok(array.into_pyarray(py))
 }
