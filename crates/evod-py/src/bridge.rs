@@ -7,7 +7,8 @@
 //! restarting) is retried every [`RETRY_EVERY`] until `reconnect_timeout`;
 //! a connection that breaks after the request was sent is retried only for
 //! requests that may safely run twice (`status`, `exec`), never for `stop`
-//! or `rollback`.
+//! or `rollback`. A `stop` whose answer is lost (the daemon can exit before
+//! writing it) succeeds once the daemon is gone or says it is stopping.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -72,19 +73,50 @@ impl Bridge {
         idempotent: bool,
         grace: Duration,
     ) -> PyResult<serde_json::Value> {
-        py.detach(|| {
-            let deadline = Instant::now() + grace;
-            loop {
-                match control::call(&self.socket, request, timeout) {
-                    Err(ClientError::NoDaemon { .. }) if Instant::now() < deadline => {}
-                    Err(ClientError::Io { .. } | ClientError::Protocol { .. })
-                        if idempotent && Instant::now() < deadline => {}
-                    other => return other,
-                }
-                std::thread::sleep(RETRY_EVERY);
+        py.detach(|| self.raw_call(request, timeout, idempotent, grace))
+            .map_err(to_py)
+    }
+
+    /// The retry loop, with the GIL already released.
+    fn raw_call(
+        &self,
+        request: &Request,
+        timeout: Duration,
+        idempotent: bool,
+        grace: Duration,
+    ) -> Result<serde_json::Value, ClientError> {
+        let deadline = Instant::now() + grace;
+        loop {
+            match control::call(&self.socket, request, timeout) {
+                Err(ClientError::NoDaemon { .. }) if Instant::now() < deadline => {}
+                Err(ClientError::Io { .. } | ClientError::Protocol { .. })
+                    if idempotent && Instant::now() < deadline => {}
+                other => return other,
             }
-        })
-        .map_err(to_py)
+            std::thread::sleep(RETRY_EVERY);
+        }
+    }
+
+    /// `stop`, and whether it took when the connection broke before the
+    /// answer: the daemon may exit before its answer is written, so a
+    /// broken connection is a success once the daemon is gone or says it is
+    /// stopping (asked until `timeout`); stop is never sent twice.
+    fn raw_stop(&self) -> Result<(), ClientError> {
+        let broken = match self.raw_call(&Request::Stop, self.timeout, false, self.reconnect) {
+            Ok(_) => return Ok(()),
+            Err(e @ (ClientError::Io { .. } | ClientError::Protocol { .. })) => e,
+            Err(e) => return Err(e),
+        };
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match control::call(&self.socket, &Request::Status, self.timeout) {
+                Err(ClientError::NoDaemon { .. }) => return Ok(()),
+                Ok(status) if status["stopping"] == true => return Ok(()),
+                Ok(_) => return Err(broken),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(RETRY_EVERY),
+                Err(_) => return Err(broken),
+            }
+        }
     }
 
     fn exec_row(&self, py: Python<'_>, row: &[f32]) -> PyResult<Vec<f32>> {
@@ -200,8 +232,7 @@ impl Bridge {
 
     /// Asks the daemon to stop gracefully (returns once it has accepted).
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        self.call(py, &Request::Stop, self.timeout, false)
-            .map(|_| ())
+        py.detach(|| self.raw_stop()).map_err(to_py)
     }
 
     fn __repr__(&self) -> String {
