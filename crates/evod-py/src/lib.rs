@@ -1,5 +1,5 @@
 //! The native half of the `evod` Python package, imported as `evod._evod`
-//! (the Python half is `python/evod`; the user's guide `docs/python.md`).
+//! (the Python half is `python/src/evod`; the user's guide `docs/python.md`).
 //!
 //! - [`bridge`]: `Bridge`, a client of a running daemon's control socket
 //!   (`evod_wire::control`), reconnecting after a daemon restart.
