@@ -50,6 +50,10 @@ def test_execute_equals_evod_exec_and_policy(daemon: Daemon):
     assert outs.shape == (5, policy.n_outputs)
     assert np.array_equal(outs, policy(batch))
     assert np.array_equal(outs[2], bridge.execute(batch[2]))
+    # A strided view is read in C order, as its contiguous copy.
+    wide = np.repeat(batch, 2, axis=1)
+    assert np.array_equal(bridge.execute(wide[:, ::2]), outs)
+    assert np.array_equal(policy(wide[:, ::2]), outs)
     # Lists convert; bad shapes and values are typed errors.
     assert np.array_equal(bridge.execute(x.tolist()), out)
     with pytest.raises(evod.ShapeError):

@@ -188,9 +188,8 @@ impl Bridge {
         inputs: PyArrayLikeDyn<'py, f32, AllowTypeChange>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let shape = inputs.shape().to_vec();
-        let data = inputs
-            .to_vec()
-            .map_err(|e| InputError::new_err(e.to_string()))?;
+        // C order, whatever the strides.
+        let data: Vec<f32> = inputs.as_array().iter().copied().collect();
         match shape.as_slice() {
             [n] if *n > 0 => {
                 let out = self.exec_row(py, &data)?;
