@@ -45,9 +45,12 @@ fn to_py(e: ClientError) -> PyErr {
     match e {
         ClientError::NoDaemon { .. } => DaemonNotRunning::new_err(e.to_string()),
         ClientError::Daemon(message) => DaemonError::new_err(message),
-        ClientError::Io { .. } | ClientError::Protocol { .. } => {
-            BridgeError::new_err(e.to_string())
-        }
+        // A socket of another user, a daemon that did not answer in time,
+        // a broken connection, a bad answer: the Bridge's own failures.
+        ClientError::PermissionDenied { .. }
+        | ClientError::Timeout { .. }
+        | ClientError::Io { .. }
+        | ClientError::Protocol { .. } => BridgeError::new_err(e.to_string()),
     }
 }
 
