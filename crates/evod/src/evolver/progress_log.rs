@@ -1,6 +1,6 @@
 //! The progress log `state/progress.csv` as the evolver keeps it
 //! ([`ProgressLog`]): one appended row per generation, bounded by thinning
-//! ([`crate::report::thin`]) once it holds more than 3 × `--progress-keep`
+//! ([`crate::report::thin`]) when it reaches 3 × `--progress-keep`
 //! rows, so a run of months keeps a file of a few megabytes that
 //! `evod report` still draws whole.
 
@@ -62,7 +62,7 @@ impl ProgressLog {
             .write_all(format!("{}\n", row.to_csv()).as_bytes())
             .with_context(|| format!("appending to {}", self.path.display()))?;
         self.rows += 1;
-        if self.rows > 3 * self.keep {
+        if self.rows >= 3 * self.keep {
             let text = std::fs::read_to_string(&self.path)
                 .with_context(|| format!("reading {}", self.path.display()))?;
             let rows = parse_progress(&self.path, &text)?;

@@ -84,8 +84,13 @@ impl Patience {
         {
             return Some(format!("the live model reached the task's maximum {max}"));
         }
-        (self.waited >= self.limit)
-            .then(|| format!("no better model in {} generations", self.waited))
+        (self.waited >= self.limit).then(|| {
+            format!(
+                "no better model in {} generation{}",
+                self.waited,
+                if self.waited == 1 { "" } else { "s" }
+            )
+        })
     }
 }
 
