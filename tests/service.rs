@@ -249,7 +249,13 @@ fn a_service_run_keeps_its_files_bounded_and_its_log_quiet() {
             DEADLINE,
             || {
                 let text = std::fs::read_to_string(&progress).ok()?;
-                let g = text.lines().last()?.split(',').next()?.parse::<u64>().ok()?;
+                let g = text
+                    .lines()
+                    .last()?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()?;
                 (g > last || last == 0).then_some(g)
             },
             || d.log(),
@@ -296,8 +302,5 @@ fn a_service_run_keeps_its_files_bounded_and_its_log_quiet() {
         .find_map(|f| f.strip_prefix("worker_slowest_ms="))
         .unwrap_or_else(|| panic!("no worker_slowest_ms in {pulse}"));
     let digits = slowest.chars().filter(char::is_ascii_digit).count();
-    assert!(
-        pulse.contains("rejected_by=") && digits <= 5,
-        "{pulse}"
-    );
+    assert!(pulse.contains("rejected_by=") && digits <= 5, "{pulse}");
 }

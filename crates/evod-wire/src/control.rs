@@ -282,6 +282,9 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
-        assert_eq!(serde_json::to_string(&Request::Wake).unwrap(), r#"{"op":"wake"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Wake).unwrap(),
+            r#"{"op":"wake"}"#
+        );
     }
 }

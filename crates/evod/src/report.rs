@@ -57,12 +57,7 @@ impl Row {
     pub fn to_csv(&self) -> String {
         format!(
             "{},{},{},{},{},{:.3}",
-            self.generation,
-            self.best,
-            self.mean,
-            self.evaluations,
-            self.publishes,
-            self.wall_s
+            self.generation, self.best, self.mean, self.evaluations, self.publishes, self.wall_s
         )
     }
 }
@@ -401,7 +396,11 @@ mod tests {
         assert_eq!(first.best, (thinned[1].generation - 1) as f64);
         assert!((first.mean - 1.5).abs() < 0.01, "{first:?}");
         // Generations stay in order; thinning again while appending stays bounded.
-        assert!(thinned.windows(2).all(|w| w[0].generation < w[1].generation));
+        assert!(
+            thinned
+                .windows(2)
+                .all(|w| w[0].generation < w[1].generation)
+        );
         let mut log = thinned;
         for g in 100_000..150_000 {
             log.push(Row {

@@ -34,11 +34,17 @@ pub fn round4(x: f64) -> f64 {
 /// "norm 10, change 2").
 fn rejections(now: &EvolveStats, then: &EvolveStats) -> (u64, String) {
     let kinds = [
-        ("non-finite", now.rejected_non_finite - then.rejected_non_finite),
+        (
+            "non-finite",
+            now.rejected_non_finite - then.rejected_non_finite,
+        ),
         ("shape", now.rejected_shape - then.rejected_shape),
         ("norm", now.rejected_norm - then.rejected_norm),
         ("change", now.rejected_change - then.rejected_change),
-        ("regression", now.rejected_regression - then.rejected_regression),
+        (
+            "regression",
+            now.rejected_regression - then.rejected_regression,
+        ),
     ];
     let words: Vec<String> = kinds
         .iter()

@@ -132,11 +132,7 @@ impl Alarm {
             signal_hook::low_level::pipe::register(signal, w)
                 .context("installing the signal pipe")?;
         }
-        Ok(Alarm {
-            stop,
-            hangup,
-            pipe,
-        })
+        Ok(Alarm { stop, hangup, pipe })
     }
 
     /// Whether a SIGHUP came since the last call (and forgets it).

@@ -4,10 +4,10 @@
 //! (`progress_log`), the pulse and live line (`pulse`), rest when converged
 //! (`rest`), and a bounded stop.
 
-use super::*;
 use super::progress_log::ProgressLog;
 use super::pulse::{LiveLine, Pulse};
 use super::rest::{Alarm, Patience, Wake};
+use super::*;
 
 pub(super) struct Loop {
     dir: PathBuf,
