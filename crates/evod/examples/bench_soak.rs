@@ -142,6 +142,9 @@ fn main() {
     std::fs::create_dir(&dir).unwrap();
     let log = top.path().join("soak.log");
     let t0 = Instant::now();
+    let start_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let child = start(&evod, &dir, &[]);
     std::thread::sleep(warm_up);
     let (bytes0, lines0, w0) = (dir_bytes(&dir), log_lines(&log), Instant::now());
@@ -149,8 +152,13 @@ fn main() {
     while !converged(&evod, &dir) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    let converged_at = t0.elapsed().as_secs_f64();
     let is_converged = converged(&evod, &dir);
+    // When it started resting, from the marker (whole seconds).
+    let converged_at = std::fs::read_to_string(dir.join("state/converged"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|c| c["since_unix"].as_u64())
+        .map(|since| since.saturating_sub(start_unix));
     let pids = tree(child.id());
     let c0 = (cpu_ticks(&pids), Instant::now());
     std::thread::sleep(
@@ -164,7 +172,7 @@ fn main() {
     let per_day = (bytes1 as f64 - bytes0 as f64) / span * 86_400.0;
     let per_hour = (lines1 - lines0) as f64 / span * 3600.0;
     println!(
-        "service run: converged after {converged_at:.1} s ({is_converged}); disk {per_day:.0} B/day, {per_hour:.0} log lines/hour, {cpu:.3}% of a core converged"
+        "service run: converged after {converged_at:?} s ({is_converged}); disk {per_day:.0} B/day, {per_hour:.0} log lines/hour, {cpu:.3}% of a core converged"
     );
 
     // Phase 2: never rests; the bounds must hold while it evolves.
