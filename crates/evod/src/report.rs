@@ -152,7 +152,8 @@ fn merge_blocks(rows: &[Row], stride: u64, end: u64) -> Vec<Row> {
             continue;
         }
         let last = out.last_mut().expect("checked above");
-        if r.best.is_finite() && !(last.best >= r.best) {
+        // A NaN best (nothing evaluated) gives way to any finite one.
+        if r.best.is_finite() && (last.best.is_nan() || r.best > last.best) {
             last.best = r.best;
         }
         if r.mean.is_finite() {
