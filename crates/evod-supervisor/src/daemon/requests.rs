@@ -248,7 +248,14 @@ impl Supervisor {
             rollbacks: self.rollbacks,
             good_generation: self.good_generation,
             children,
-            converged: evod_wire::rest::read(&self.config.dir),
+            // The marker of a running evolver only (a stale one may stay
+            // behind a stopped or killed evolver).
+            converged: self
+                .slots
+                .iter()
+                .any(|s| s.kind == Kind::Evolver && s.running())
+                .then(|| evod_wire::rest::read(&self.config.dir))
+                .flatten(),
         }
     }
 }
