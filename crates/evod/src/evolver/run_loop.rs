@@ -229,14 +229,12 @@ impl Loop {
                 None => None,
             };
             if let Some((reason, since)) = converged {
-                match self.rest(&mut alarm, &checkpoint_path, reason, since)? {
-                    Wake::Stop => continue,
-                    _ => {
-                        patience.woken();
-                        last_evals = (Instant::now(), self.evolver.stats().evaluations);
-                        continue;
-                    }
+                // A stop is taken at the top of the loop.
+                if self.rest(&mut alarm, &checkpoint_path, reason, since)? != Wake::Stop {
+                    patience.woken();
+                    last_evals = (Instant::now(), self.evolver.stats().evaluations);
                 }
+                continue;
             }
             ring.poll_stats();
             let report = match self.evolver.step(ring) {
