@@ -194,3 +194,40 @@ impl EvolveArgs {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        evolve: EvolveArgs,
+    }
+
+    #[test]
+    fn service_options_pass_through_and_default() {
+        let file: EvolveArgs =
+            toml::from_str("pulse_interval = \"2.5s\"\npatience = 7\nprogress_keep = 50\n")
+                .unwrap();
+        assert_eq!(file.pulse_interval(), Duration::from_millis(2500));
+        let args = file.to_cli_args();
+        let again = Cli::try_parse_from(std::iter::once("x".into()).chain(args))
+            .unwrap()
+            .evolve;
+        assert_eq!(again, file);
+        assert_eq!(again.patience(), 7);
+        assert_eq!(again.progress_keep(), 50);
+        let none = EvolveArgs::default();
+        assert_eq!(none.patience(), DEFAULT_PATIENCE);
+        assert_eq!(none.pulse_interval(), DEFAULT_PULSE_INTERVAL);
+        // A bounded run never rests.
+        let bounded = EvolveArgs {
+            generations: Some(10),
+            ..file
+        };
+        assert_eq!(bounded.patience(), 0);
+        assert!(toml::from_str::<EvolveArgs>("pulse_interval = \"soon\"").is_err());
+    }
+}
