@@ -172,7 +172,8 @@ fn main() {
     let per_day = (bytes1 as f64 - bytes0 as f64) / span * 86_400.0;
     let per_hour = (lines1 - lines0) as f64 / span * 3600.0;
     println!(
-        "service run: converged after {converged_at:?} s ({is_converged}); disk {per_day:.0} B/day, {per_hour:.0} log lines/hour, {cpu:.3}% of a core converged"
+        "service run: converged after {} s ({is_converged}); disk {per_day:.0} B/day, {per_hour:.0} log lines/hour, {cpu:.3}% of a core converged",
+        converged_at.map_or("-".into(), |s| s.to_string())
     );
 
     // Phase 2: never rests; the bounds must hold while it evolves.
