@@ -1,7 +1,7 @@
 //! `evod`: the evolution daemon's single binary.
 //!
 //! User-facing subcommands (`run`, `status`, `exec`, `inspect`, `init`, `eval`,
-//! `rollback`, `stop`, `report`) and the hidden role subcommands that the
+//! `rollback`, `stop`, `report`, `surgeon`) and the hidden role subcommands that the
 //! supervisor spawns from its own executable (`worker`, `evolver`). Each
 //! subcommand lives in its own module with its own clap `Args`.
 
@@ -14,6 +14,7 @@ mod inspect;
 mod report;
 mod run;
 mod status;
+mod surgeon;
 mod worker;
 
 use std::io::Write;
@@ -52,6 +53,8 @@ enum Command {
     Eval(eval::Args),
     /// Plot fitness over generations from a run's history.
     Report(report::Args),
+    /// Mutate, merge or diff any GGUF file (quantized tensors included).
+    Surgeon(surgeon::Args),
     /// Runtime worker role (spawned by `evod run`).
     #[command(hide = true)]
     Worker(worker::Args),
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Command::Init(args) => init::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Report(args) => report::run(args),
+        Command::Surgeon(args) => surgeon::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Evolver(args) => evolver::run(args),
         Command::Fault(args) => fault::run(args),
