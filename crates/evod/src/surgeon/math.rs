@@ -81,8 +81,8 @@ pub fn slerp(a: &[f32], b: &[f32], t: f32, out: &mut [f32]) -> Interpolation {
 /// How far `b` is from `a`, value by value.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Distance {
-    /// ‖b − a‖₂ / ‖a‖₂ (‖b − a‖₂ itself when `a` is all zeros; NaN when a
-    /// value is NaN, infinite when one is).
+    /// ‖b − a‖₂ / ‖a‖₂ (‖b − a‖₂ itself when `a` is all zeros; pairs of
+    /// NaNs are left out; NaN or infinite when a value of one side is).
     pub rel_l2: f64,
     /// max |b − a| (NaN if a difference is NaN).
     pub max_abs: f64,
@@ -94,7 +94,10 @@ pub struct Distance {
 pub fn distance(a: &[f32], b: &[f32]) -> Distance {
     let (mut d2, mut a2, mut max_abs, mut differing) = (0f64, 0f64, 0f64, 0u64);
     for (&x, &y) in a.iter().zip(b) {
-        if x == y || (x.is_nan() && y.is_nan()) {
+        if x.is_nan() && y.is_nan() {
+            continue;
+        }
+        if x == y {
             a2 += f64::from(x) * f64::from(x);
             continue;
         }
