@@ -493,6 +493,38 @@ fn bad_patterns_and_arguments_exit_2_and_malformed_files_exit_3() {
             text(&r.stderr)
         );
     }
+    // --relative on a tensor holding NaN: refused by name; diff reports
+    // the NaN as a non-finite distance (null in JSON).
+    let nan = fixture(dir.path(), "nan");
+    let r = surgeon(&[
+        "mutate",
+        p(&nan),
+        "-o",
+        p(&out),
+        "--sigma",
+        "0.1",
+        "--seed",
+        "1",
+        "--relative",
+    ]);
+    assert_eq!(r.status.code(), Some(3), "{}", text(&r.stderr));
+    assert!(
+        text(&r.stderr).contains("tensor output_norm.weight: its root mean square is NaN"),
+        "{}",
+        text(&r.stderr)
+    );
+    let d = surgeon(&["diff", "--json", p(&a), p(&nan)]);
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d.stderr));
+    let j: Json = serde_json::from_slice(&d.stdout).unwrap();
+    let changed = j["tensors"]["changed"].as_array().unwrap();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(changed[0]["name"], "output_norm.weight");
+    assert_eq!(changed[0]["differing_values"], 1);
+    assert!(
+        changed[0]["rel_l2"].is_null() && changed[0]["max_abs"].is_null(),
+        "{changed:?}"
+    );
+
     let junk = dir.path().join("junk.gguf");
     std::fs::write(&junk, b"GGUF\x03\0\0\0 not really").unwrap();
     for args in [

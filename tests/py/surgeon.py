@@ -6,7 +6,8 @@
 Variants of `write`: `a` and `b` (same architecture, names, shapes and
 types, different values), `shape` (a with blk.0.attn_q.weight [64, 32]),
 `arch` (a with general.architecture "qwen2"), `q2k` (a plus a Q2_K tensor,
-a type evod has no codec for).
+a type evod has no codec for), `nan` (a with one NaN in the F32
+output_norm.weight).
 
 The tensors cover F32, F16, Q8_0, Q4_0, Q4_K and Q6_K. gguf-py quantizes
 F16/Q8_0/Q4_0 itself; it cannot quantize the K-quants, so their blocks are
@@ -74,6 +75,8 @@ def write(path, variant):
             w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=ttype)
             return
         data = rng.standard_normal((rows, cols)).astype(np.float32)
+        if variant == "nan" and name == "output_norm.weight":
+            data[0, 3] = np.nan
         if ttype == Q.F32:
             w.add_tensor(name, data.reshape(-1) if rows == 1 else data)
         elif ttype == Q.F16:

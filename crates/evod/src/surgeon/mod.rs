@@ -132,6 +132,19 @@ pub enum SurgeonError {
         #[source]
         source: QuantError,
     },
+    /// `--relative` on a tensor whose RMS is not finite.
+    #[error(
+        "{path}: tensor {tensor}: its root mean square is {rms} (the tensor holds NaN or infinity); --relative cannot scale by it",
+        path = path.display()
+    )]
+    NonFiniteRms {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The RMS found.
+        rms: f64,
+    },
     /// Two models that cannot be merged.
     #[error("cannot merge {a} and {b}: {problem}", a = a.display(), b = b.display())]
     Mismatch {
@@ -162,6 +175,7 @@ impl SurgeonError {
             | SurgeonError::BadArg { .. } => exit::USAGE,
             SurgeonError::Unsupported { .. }
             | SurgeonError::Quant { .. }
+            | SurgeonError::NonFiniteRms { .. }
             | SurgeonError::Mismatch { .. }
             | SurgeonError::Read(_) => exit::BAD_INPUT,
             SurgeonError::Write(_) | SurgeonError::Stdout(_) => exit::IO,

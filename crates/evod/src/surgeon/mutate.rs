@@ -92,7 +92,15 @@ pub fn run(args: Args) -> Result<ExitCode, SurgeonError> {
         let mut values =
             dequantize(t.ttype, &bytes).map_err(super::quant_error(&args.input, &t.name))?;
         let scale = if args.relative {
-            (f64::from(args.sigma) * math::rms(&values)) as f32
+            let rms = math::rms(&values);
+            if !rms.is_finite() {
+                return Err(SurgeonError::NonFiniteRms {
+                    path: args.input.clone(),
+                    tensor: t.name.clone(),
+                    rms,
+                });
+            }
+            (f64::from(args.sigma) * rms) as f32
         } else {
             args.sigma
         };
