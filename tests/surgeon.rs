@@ -525,6 +525,32 @@ fn bad_patterns_and_arguments_exit_2_and_malformed_files_exit_3() {
         "{changed:?}"
     );
 
+    // A metadata-only file: nothing to mutate (exit 3); diff still works.
+    let vocab = fixture(dir.path(), "vocab");
+    let r = surgeon(&[
+        "mutate",
+        p(&vocab),
+        "-o",
+        p(&out),
+        "--sigma",
+        "0.1",
+        "--seed",
+        "1",
+    ]);
+    assert_eq!(r.status.code(), Some(3), "{}", text(&r.stderr));
+    assert!(
+        text(&r.stderr).contains("vocab.gguf: the file has no tensors"),
+        "{}",
+        text(&r.stderr)
+    );
+    let d = surgeon(&["diff", p(&vocab), p(&a)]);
+    assert_eq!(d.status.code(), Some(1), "{}", text(&d.stderr));
+    assert!(
+        text(&d.stdout).contains("+ tensor output.weight: Q4_K [256, 8]"),
+        "{}",
+        text(&d.stdout)
+    );
+
     let junk = dir.path().join("junk.gguf");
     std::fs::write(&junk, b"GGUF\x03\0\0\0 not really").unwrap();
     for args in [

@@ -7,7 +7,7 @@ Variants of `write`: `a` and `b` (same architecture, names, shapes and
 types, different values), `shape` (a with blk.0.attn_q.weight [64, 32]),
 `arch` (a with general.architecture "qwen2"), `q2k` (a plus a Q2_K tensor,
 a type evod has no codec for), `nan` (a with one NaN in the F32
-output_norm.weight).
+output_norm.weight), `vocab` (a's metadata, no tensors).
 
 The tensors cover F32, F16, Q8_0, Q4_0, Q4_K and Q6_K. gguf-py quantizes
 F16/Q8_0/Q4_0 itself; it cannot quantize the K-quants, so their blocks are
@@ -85,6 +85,11 @@ def write(path, variant):
             q = quantize(data, ttype)
             w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=ttype)
 
+    if variant == "vocab":  # metadata only, like llama.cpp's ggml-vocab-*.gguf
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        return
     add("token_embd.weight", Q.Q4_K, N_VOCAB, 256)
     for b in range(2):
         add(f"blk.{b}.attn_norm.weight", Q.F32, 1, N_EMBD)

@@ -6,8 +6,9 @@
 //! the values' distance (dequantized: relative L2, max abs, count of
 //! differing values; types without a codec: "bytes differ"). Exit 0 when
 //! identical, 1 when different, 2 or more on an error (like `diff`).
-//! Tensor data offsets are not compared: two files with the same tensors
-//! laid out differently are the same model.
+//! Tensor data offsets, key order and tensor order are not compared: two
+//! files with the same keys and tensors laid out differently are the same
+//! model.
 
 use std::collections::HashMap;
 use std::io::{self, BufWriter, Write};

@@ -97,6 +97,12 @@ pub enum SurgeonError {
         /// The file.
         path: PathBuf,
     },
+    /// The file has no tensors to work on (a vocabulary-only GGUF).
+    #[error("{path}: the file has no tensors", path = path.display())]
+    NoTensors {
+        /// The file.
+        path: PathBuf,
+    },
     /// A numeric argument out of its range.
     #[error("{flag} {value}: {problem}")]
     BadArg {
@@ -176,6 +182,7 @@ impl SurgeonError {
             SurgeonError::Unsupported { .. }
             | SurgeonError::Quant { .. }
             | SurgeonError::NonFiniteRms { .. }
+            | SurgeonError::NoTensors { .. }
             | SurgeonError::Mismatch { .. }
             | SurgeonError::Read(_) => exit::BAD_INPUT,
             SurgeonError::Write(_) | SurgeonError::Stdout(_) => exit::IO,
@@ -258,6 +265,11 @@ fn write_output(
 /// Which of `file`'s tensors `selection` picks; [`SurgeonError::NoMatch`]
 /// if none.
 fn select(file: &GgufReader, selection: &glob::Selection) -> Result<Vec<bool>, SurgeonError> {
+    if file.tensors().is_empty() {
+        return Err(SurgeonError::NoTensors {
+            path: file.path().to_owned(),
+        });
+    }
     let picked: Vec<bool> = file
         .tensors()
         .iter()
