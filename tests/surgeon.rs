@@ -204,6 +204,15 @@ fn mutate_changes_only_the_selected_tensors_and_gguf_py_reads_the_result() {
         added.iter().all(|k| k.starts_with("evod.surgeon.")),
         "{added:?}"
     );
+    // Byte for byte: the input's key-value section (after the 24-byte
+    // header, whose key count grew) starts the output's.
+    let kv_end = pa["kv_end"].as_u64().unwrap() as usize;
+    let (raw_a, raw_m) = (std::fs::read(&a).unwrap(), std::fs::read(&out).unwrap());
+    assert!(kv_end > 1000, "kv_end {kv_end}");
+    assert!(
+        raw_a[24..kv_end] == raw_m[24..kv_end],
+        "metadata bytes differ"
+    );
     let seed = meta_m
         .iter()
         .find(|m| m["key"] == "evod.surgeon.seed")

@@ -140,7 +140,12 @@ def read(path):
                 "values_f32_bits": values.view(np.uint32).tolist(),
             }
         )
-    json.dump({"metadata": metadata, "tensors": tensors}, sys.stdout)
+    # Where the key-value section ends (the tensor infos start).
+    kv_end = max(
+        int(f.offset) + sum(int(np.asarray(p).nbytes) for p in f.parts)
+        for f in r.fields.values()
+    )
+    json.dump({"metadata": metadata, "tensors": tensors, "kv_end": kv_end}, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ pub fn run(args: Args) -> Result<ExitCode, SurgeonError> {
         if scale == 0.0 {
             return Ok(bytes);
         }
+        drop(bytes);
         evod_evolve::noise::add_scaled_assign(
             math::stream(args.seed, &t.name),
             0,
