@@ -20,6 +20,7 @@ pub mod standby;
 
 pub use control::{ChildStatus, ClientError, Request, Response, StatusReport, call};
 pub use protocol::{
-    DecodeError, EvalHeader, ExecHeader, LoadRequest, MAX_BATCH, WorkerInfo, exchange, op,
+    DecodeError, EvalHeader, ExecHeader, LoadRequest, MAX_BATCH, RECIPE_BYTES, RecipesHeader,
+    WorkerInfo, exchange, op,
     receive_id, status,
 };
