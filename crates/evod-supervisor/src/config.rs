@@ -51,4 +51,7 @@ pub struct Config {
     /// Whether the evolver stops by itself (a generation bound or
     /// `--until-solved`): its exit 0 then stops the daemon.
     pub evolver_bounded: bool,
+    /// Payload bytes per channel and direction of each worker's ring,
+    /// sized from the model by the caller (`evod run`).
+    pub payload_bytes: usize,
 }

@@ -18,7 +18,9 @@ use anyhow::{Context, Result};
 use evod_ring::{Channel, Request, RingError, Role, Scribble, Segment};
 use evod_runtime::{Architecture, Model, Task};
 
-use evod_wire::protocol::{self, EvalHeader, ExecHeader, LoadRequest, WorkerInfo, op, status};
+use evod_wire::protocol::{
+    self, EvalHeader, ExecHeader, LoadRequest, RecipesHeader, WorkerInfo, op, status,
+};
 
 /// Arguments of `evod worker`.
 #[derive(Debug, clap::Args)]
@@ -109,6 +111,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         lying: false,
         lying_control: false,
         crash_on_exec: false,
+        base: None,
+        buffers: Vec::new(),
     };
     let mut preloaded = None;
     if let Some(fd) = args.standby_fd {
@@ -229,6 +233,20 @@ struct Worker<'s> {
     /// The served model carries `evod.fault = "segv-on-exec"` (fault
     /// injection only): `NEURAL_EXEC` crashes.
     crash_on_exec: bool,
+    /// The base of the last `EVAL_RECIPES`, mapped once per base.
+    base: Option<MappedBase>,
+    /// Candidate buffers `EVAL_RECIPES` regenerates recipes into, reused
+    /// from request to request (one per lockstep candidate).
+    buffers: Vec<Vec<f32>>,
+}
+
+/// A base file an `EVAL_RECIPES` named, read and verified once.
+struct MappedBase {
+    path: PathBuf,
+    /// Its parameters hash to this (verified when it was read).
+    checksum: u64,
+    params: Vec<f32>,
+    layout: evod_evolve::ParamLayout,
 }
 
 /// A reply: status and payload bytes.
@@ -323,6 +341,8 @@ impl Worker<'_> {
             op::NEURAL_EXEC => self.exec(request.payload),
             op::EVAL if self.lying => (status::OK, b"lie".to_vec()),
             op::EVAL => self.eval(request.payload),
+            op::EVAL_RECIPES if self.lying => (status::OK, b"lie".to_vec()),
+            op::EVAL_RECIPES => self.eval_recipes(request.payload),
             op::SHUTDOWN => {
                 self.finish(request, opcode, begun, (status::OK, Vec::new()))?;
                 return Ok(Flow::Shutdown);
@@ -526,6 +546,117 @@ impl Worker<'_> {
         protocol::write_f64s(&fitness, &mut out);
         (status::OK, out)
     }
+}
+
+impl Worker<'_> {
+    /// `EVAL_RECIPES`: maps the base (once per base; verified against the
+    /// checksum the request names), regenerates each candidate into a
+    /// reused buffer with `Recipe::apply_to` and evaluates them in groups.
+    fn eval_recipes(&mut self, payload: &[u8]) -> Answer {
+        let Some(m) = &self.model else {
+            return error(status::NO_MODEL, "no model loaded");
+        };
+        let (h, path, body) = match RecipesHeader::decode(payload) {
+            Ok(x) => x,
+            Err(e) => return error(status::BAD_REQUEST, format!("bad EVAL_RECIPES body: {e}")),
+        };
+        let n = m.arch.n_params();
+        if h.params as usize != n {
+            return error(
+                status::EVAL_FAILED,
+                format!("the base has {} parameters, the model has {n}", h.params),
+            );
+        }
+        let recipes = match body
+            .chunks_exact(protocol::RECIPE_BYTES)
+            .map(evod_evolve::Recipe::from_bytes)
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(r) => r,
+            Err(e) => return error(status::BAD_REQUEST, format!("bad recipe: {e}")),
+        };
+        let task = match (&m.task, h.episodes) {
+            (Task::CartPole { .. }, e) if e > 0 => Task::CartPole { episodes: e },
+            (t, _) => t.clone(),
+        };
+        let arch = m.arch.clone();
+        let path = Path::new(path);
+        let current = self
+            .base
+            .as_ref()
+            .is_some_and(|b| b.checksum == h.base && b.path == path);
+        if !current {
+            self.base = None;
+            match read_base(path, &arch, h.base) {
+                Ok(b) => self.base = Some(b),
+                Err(e) => return error(status::WRONG_BASE, format!("{e:#}")),
+            }
+        }
+        let mapped = self.base.as_ref().expect("read just above");
+        let base = match evod_evolve::Base::new(&mapped.params, &mapped.layout) {
+            Ok(b) => b,
+            Err(e) => return error(status::WRONG_BASE, e),
+        };
+        let group = EVAL_GROUP.min(recipes.len());
+        if self.buffers.len() < group || self.buffers.first().is_some_and(|b| b.len() != n) {
+            self.buffers = vec![vec![0.0; n]; group];
+        }
+        let seg = self.seg;
+        let mut fitness = Vec::with_capacity(recipes.len());
+        for chunk in recipes.chunks(group) {
+            for (r, buf) in chunk.iter().zip(&mut self.buffers) {
+                if let Err(e) = r.apply_to(&base, buf) {
+                    // A recipe for another base: never evaluate it against
+                    // this one.
+                    return error(status::WRONG_BASE, e);
+                }
+                seg.beat(Role::Worker);
+            }
+            let views: Vec<&[f32]> = self.buffers[..chunk.len()]
+                .iter()
+                .map(Vec::as_slice)
+                .collect();
+            match task.evaluate_many_with(&arch, &views, h.seed, &mut || seg.beat(Role::Worker)) {
+                Ok(f) => fitness.extend(f),
+                Err(e) => return error(status::EVAL_FAILED, format!("{e}")),
+            }
+            seg.beat(Role::Worker);
+        }
+        let mut out = vec![0u8; 8 * fitness.len()];
+        protocol::write_f64s(&fitness, &mut out);
+        (status::OK, out)
+    }
+}
+
+/// Reads the base file at `path` (a GGUF of `arch`, written by the evolver)
+/// and checks that its parameters hash to `checksum`.
+fn read_base(path: &Path, arch: &Architecture, checksum: u64) -> Result<MappedBase> {
+    let model = Model::open_for_serving(path)
+        .with_context(|| format!("cannot map the base {}", path.display()))?;
+    if model.spec.arch != *arch {
+        anyhow::bail!(
+            "the base {} is not of the served network ({} parameters, the model has {})",
+            path.display(),
+            model.spec.arch.n_params(),
+            arch.n_params()
+        );
+    }
+    let params = model.params()?.into_owned();
+    let actual = evod_evolve::checksum(&params);
+    if actual != checksum {
+        anyhow::bail!(
+            "the base {} has checksum {actual:016x}, the request names {checksum:016x}: refusing to evaluate against the wrong base",
+            path.display()
+        );
+    }
+    let layout = evod_evolve::ParamLayout::from_architecture(arch)
+        .with_context(|| format!("the layout of {}", path.display()))?;
+    Ok(MappedBase {
+        path: path.to_owned(),
+        checksum,
+        params,
+        layout,
+    })
 }
 
 /// FNV-1a (64-bit) of a candidate's little-endian bytes: the content rule

@@ -259,7 +259,11 @@ impl Supervisor {
     fn new(config: Config) -> Result<Supervisor, SupervisorError> {
         let mut slots = Vec::new();
         for index in 0..config.workers {
-            let segment = Segment::create(&LayoutConfig::default())
+            let layout = LayoutConfig {
+                payload_bytes: config.payload_bytes,
+                ..LayoutConfig::default()
+            };
+            let segment = Segment::create(&layout)
                 .map_err(|source| SupervisorError::Segment { index, source })?;
             slots.push(Slot::new(Kind::Worker, index, Some(segment)));
         }

@@ -65,6 +65,16 @@ pub struct EvolveArgs {
     /// Checkpoint the strategy state every N generations [default: 10].
     #[arg(long, env = "EVOD_CHECKPOINT_EVERY", value_name = "N")]
     pub checkpoint_every: Option<u64>,
+    /// Seconds an EVAL may take per candidate it carries, on top of a
+    /// fixed 10 s; a worker that beats but does not answer within it is
+    /// recycled and its batch re-sent [default: 10].
+    #[arg(long, env = "EVOD_EVAL_TIMEOUT_PER_CANDIDATE", value_name = "SECONDS")]
+    pub eval_timeout_per_candidate: Option<f64>,
+    /// Consecutive generations without progress (every candidate rejected,
+    /// every evaluation failed) before the evolver gives up with exit 7
+    /// [default: 10].
+    #[arg(long, env = "EVOD_MAX_USELESS_GENERATIONS", value_name = "N")]
+    pub max_useless_generations: Option<u32>,
 }
 
 impl EvolveArgs {
@@ -89,6 +99,20 @@ impl EvolveArgs {
         self.checkpoint_every.unwrap_or(10)
     }
 
+    /// Per-candidate EVAL timeout, default 10 s (non-finite or negative
+    /// values count as the default).
+    pub fn eval_timeout_per_candidate(&self) -> std::time::Duration {
+        self.eval_timeout_per_candidate
+            .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+            .unwrap_or(std::time::Duration::from_secs(10))
+    }
+    /// Useless generations tolerated, default
+    /// [`evod_evolve::DEFAULT_MAX_USELESS_GENERATIONS`].
+    pub fn max_useless_generations(&self) -> u32 {
+        self.max_useless_generations
+            .unwrap_or(evod_evolve::DEFAULT_MAX_USELESS_GENERATIONS)
+    }
+
     /// Fills every unset field of `self` from `other`.
     pub fn or(self, other: EvolveArgs) -> EvolveArgs {
         EvolveArgs {
@@ -102,6 +126,12 @@ impl EvolveArgs {
             pulse_every: self.pulse_every.or(other.pulse_every),
             history: self.history.or(other.history),
             checkpoint_every: self.checkpoint_every.or(other.checkpoint_every),
+            eval_timeout_per_candidate: self
+                .eval_timeout_per_candidate
+                .or(other.eval_timeout_per_candidate),
+            max_useless_generations: self
+                .max_useless_generations
+                .or(other.max_useless_generations),
         }
     }
 
@@ -128,6 +158,14 @@ impl EvolveArgs {
         push(
             "--checkpoint-every",
             self.checkpoint_every.map(|v| v.to_string()),
+        );
+        push(
+            "--eval-timeout-per-candidate",
+            self.eval_timeout_per_candidate.map(|v| v.to_string()),
+        );
+        push(
+            "--max-useless-generations",
+            self.max_useless_generations.map(|v| v.to_string()),
         );
         if self.until_solved {
             out.push("--until-solved".into());

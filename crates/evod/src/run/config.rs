@@ -193,6 +193,8 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
         control_socket,
         evolver_args: evolve.to_cli_args(),
         evolver_bounded: evolve.generations.is_some() || evolve.until_solved,
+        // Sized from the model in `run` (`evolver::ring_payload_bytes`).
+        payload_bytes: evod_ring::LayoutConfig::default().payload_bytes,
         dir,
     };
     Ok((config, evolve))
