@@ -111,6 +111,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         lying: false,
         lying_control: false,
         crash_on_exec: false,
+        eval_fails: false,
         base: None,
         buffers: Vec::new(),
     };
@@ -233,6 +234,10 @@ struct Worker<'s> {
     /// The served model carries `evod.fault = "segv-on-exec"` (fault
     /// injection only): `NEURAL_EXEC` crashes.
     crash_on_exec: bool,
+    /// The served model carries `evod.fault = "eval-fails"` (fault
+    /// injection only): every `EVAL` and `EVAL_RECIPES` is answered
+    /// `EVAL_FAILED`.
+    eval_fails: bool,
     /// The base of the last `EVAL_RECIPES`, mapped once per base.
     base: Option<MappedBase>,
     /// Candidate buffers `EVAL_RECIPES` regenerates recipes into, reused
@@ -340,6 +345,10 @@ impl Worker<'_> {
             op::NEURAL_EXEC if self.crash_on_exec => segfault(),
             op::NEURAL_EXEC => self.exec(request.payload),
             op::EVAL if self.lying => (status::OK, b"lie".to_vec()),
+            op::EVAL | op::EVAL_RECIPES if self.eval_fails => error(
+                status::EVAL_FAILED,
+                "evaluation fails (fault injection: evod.fault = \"eval-fails\")",
+            ),
             op::EVAL => self.eval(request.payload),
             op::EVAL_RECIPES if self.lying => (status::OK, b"lie".to_vec()),
             op::EVAL_RECIPES => self.eval_recipes(request.payload),
@@ -434,8 +443,9 @@ impl Worker<'_> {
             match fault {
                 "segv" => inject_fault(self.seg, op::FAULT_SEGV, 0),
                 "abort" => inject_fault(self.seg, op::FAULT_ABORT, 0),
-                // Loads fine; crashes when it serves (`NEURAL_EXEC`).
-                "segv-on-exec" => {}
+                // Loads fine; crashes when it serves (`NEURAL_EXEC`), or
+                // fails every evaluation.
+                "segv-on-exec" | "eval-fails" => {}
                 other => anyhow::bail!("{}: unknown evod.fault {other:?}", path.display()),
             }
         }
@@ -448,6 +458,8 @@ impl Worker<'_> {
         self.seg.set_model_generation(model.spec.generation);
         self.crash_on_exec = self.allow_faults
             && model.file.get("evod.fault").and_then(|v| v.as_str()) == Some("segv-on-exec");
+        self.eval_fails = self.allow_faults
+            && model.file.get("evod.fault").and_then(|v| v.as_str()) == Some("eval-fails");
         self.model = Some(Loaded {
             arch: model.spec.arch.clone(),
             task,

@@ -207,6 +207,9 @@ pub fn evolver_config(evolve: &EvolveArgs, task: &Task) -> EvolverConfig {
         episodes: evolve.episodes.unwrap_or(defaults.episodes),
         ..defaults
     };
+    if let Some(x) = evolve.max_relative_change {
+        config.validation.max_relative_change = x;
+    }
     if strategy == StrategyKind::Es && config.population % 2 == 1 {
         config.population += 1;
     }

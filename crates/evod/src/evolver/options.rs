@@ -75,6 +75,19 @@ pub struct EvolveArgs {
     /// [default: 10].
     #[arg(long, env = "EVOD_MAX_USELESS_GENERATIONS", value_name = "N")]
     pub max_useless_generations: Option<u32>,
+    /// Largest relative change of any tensor in one generation that
+    /// validation lets through (a positive number) [default: 4].
+    #[arg(long, env = "EVOD_MAX_RELATIVE_CHANGE", value_name = "X", value_parser = positive_f64)]
+    pub max_relative_change: Option<f64>,
+}
+
+/// A finite number > 0.
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number greater than 0")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl EvolveArgs {
@@ -132,6 +145,7 @@ impl EvolveArgs {
             max_useless_generations: self
                 .max_useless_generations
                 .or(other.max_useless_generations),
+            max_relative_change: self.max_relative_change.or(other.max_relative_change),
         }
     }
 
@@ -166,6 +180,10 @@ impl EvolveArgs {
         push(
             "--max-useless-generations",
             self.max_useless_generations.map(|v| v.to_string()),
+        );
+        push(
+            "--max-relative-change",
+            self.max_relative_change.map(|v| v.to_string()),
         );
         if self.until_solved {
             out.push("--until-solved".into());

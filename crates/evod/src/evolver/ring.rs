@@ -49,6 +49,10 @@ pub struct IpcCounters {
     pub ring_bytes: u64,
     /// Candidates evaluated (answered) over the ring.
     pub candidates: u64,
+    /// EVAL / EVAL_RECIPES requests sent.
+    pub requests: u64,
+    /// Payload bytes of the largest request sent.
+    pub largest_request: u64,
     /// Bytes of base files written (ES: one per generation).
     pub base_bytes: u64,
     /// Base files written.
@@ -287,6 +291,8 @@ impl<'s> RingEvaluator<'s> {
             }
         };
         self.ipc.ring_bytes += len as u64;
+        self.ipc.requests += 1;
+        self.ipc.largest_request = self.ipc.largest_request.max(len as u64);
         Ok(id)
     }
 

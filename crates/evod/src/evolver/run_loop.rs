@@ -375,7 +375,7 @@ impl Loop {
         let (_, best) = self.evolver.best();
         let ipc = ring.ipc;
         println!(
-            "evod: {why}: {} generations, {} evaluations, best fitness {best:.2}, published generation {} (fitness {}) in {:.2}s; ring {:.0} bytes/candidate ({} bytes, {} candidates), base files {} bytes ({} written)",
+            "evod: {why}: {} generations, {} evaluations, best fitness {best:.2}, published generation {} (fitness {}) in {:.2}s; ring {:.0} bytes/candidate ({} bytes, {} candidates, {} requests, largest {} bytes), base files {} bytes ({} written)",
             self.evolver.generation(),
             stats.evaluations,
             self.spec.generation,
@@ -386,6 +386,8 @@ impl Loop {
             ipc.ring_bytes_per_candidate(),
             ipc.ring_bytes,
             ipc.candidates,
+            ipc.requests,
+            ipc.largest_request,
             ipc.base_bytes,
             ipc.bases,
         );
