@@ -8,7 +8,9 @@
 //! evaluations per second of evolver wall time (ask, validation, base
 //! file, EVALs, update: everything but the daemon's start), ring payload
 //! bytes per candidate (requests + replies: the recipes) and base-file
-//! bytes per generation (written once, mapped by every worker). Then the
+//! bytes per generation (written once, mapped by every worker). The solve
+//! threshold is set out of reach so that no 100-episode gate or publish
+//! runs inside the measurement. Then the
 //! numpy peer (`bench_scale_peer.py`: the same network, population and
 //! episodes, gymnasium's CartPole) for about as long.
 //!
@@ -83,6 +85,10 @@ fn daemon(evod: &Path, hidden: u32, generations: u32) -> Daemon {
         .args(["--population", &POPULATION.to_string()])
         .args(["--episodes", &EPISODES.to_string()])
         .args(["--generations", &generations.to_string()])
+        // Unreachable: no 100-episode publish gate (and no publish of the
+        // model) inside the measurement; every evaluation is one episode
+        // per candidate, as the peer's.
+        .args(["--solve-threshold", "1e9"])
         .arg("--dir")
         .arg(dir.path())
         .env("EVOD_LOG", "warn")
@@ -195,11 +201,20 @@ fn recovery_during_load(evod: &Path, small: &Path, big: &Path, rounds: usize) ->
     ping_until_answered(&seg_b, Instant::now() + Duration::from_secs(60));
     let mut spare = Some(ready_standby(evod, &seg_b, small));
     let mut samples = Vec::new();
-    let mut client_a = seg_a.client(Channel::Control).expect("client A");
+    // A checked 1 GiB LOAD does not beat while it reads: wait for its reply
+    // past the default stale-heartbeat limit.
+    let mut client_a = seg_a
+        .client_with(
+            Channel::Control,
+            evod_ring::ClientConfig {
+                peer_timeout: Duration::from_secs(120),
+                ..Default::default()
+            },
+        )
+        .expect("client A");
     for round in 0..rounds {
-        // Alternate between the two files so every LOAD reads 1 GiB or
-        // the small one's worth... always the big one: the generation
-        // check is off (checksum only) so the same file loads again.
+        // The same 1 GiB file every round, checked again (checksum and
+        // every value) on each LOAD.
         let body = evod_wire::protocol::to_bincode(&evod_wire::LoadRequest {
             path: big.to_string_lossy().into_owned(),
             generation: 0,

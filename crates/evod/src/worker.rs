@@ -502,7 +502,7 @@ impl Worker<'_> {
         (status::OK, body)
     }
 
-    fn eval(&self, payload: &[u8]) -> Answer {
+    fn eval(&mut self, payload: &[u8]) -> Answer {
         let Some(m) = &self.model else {
             return error(status::NO_MODEL, "no model loaded");
         };
@@ -526,29 +526,35 @@ impl Worker<'_> {
         };
         let body = &payload[EvalHeader::SIZE..];
         let n = n_params;
+        let arch = m.arch.clone();
         let mut fitness = Vec::with_capacity(h.candidates as usize);
         // Groups of candidates share the runtime's lockstep lanes; the
         // heartbeat is refreshed between groups so a long batch does not
-        // look like a hang to the watchdog.
-        let mut group: Vec<Vec<f32>> = Vec::with_capacity(EVAL_GROUP);
+        // look like a hang to the watchdog. Candidates are decoded into
+        // buffers reused from request to request.
+        let group = eval_group(n).min(h.candidates as usize);
+        ensure_buffers(&mut self.buffers, group, n);
         let mut chunks = body.chunks_exact(4 * n).peekable();
         while chunks.peek().is_some() {
-            group.clear();
-            for chunk in chunks.by_ref().take(EVAL_GROUP) {
+            let mut used = 0;
+            for (chunk, buf) in chunks.by_ref().take(group).zip(&mut self.buffers) {
                 if let Some(every) = self.poison_one_in
                     && poison_hash(chunk).is_multiple_of(every)
                 {
                     segfault();
                 }
-                group.push(protocol::read_f32s(chunk));
+                for (v, b) in buf.iter_mut().zip(chunk.chunks_exact(4)) {
+                    *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+                used += 1;
             }
-            let views: Vec<&[f32]> = group.iter().map(Vec::as_slice).collect();
+            let views: Vec<&[f32]> = self.buffers[..used].iter().map(Vec::as_slice).collect();
             // The runtime ticks every few milliseconds of network work: the
             // heartbeat stays fresh through a long evaluation (a large
             // network, many episodes) while it makes progress, and stops
             // if it hangs.
             let seg = self.seg;
-            match task.evaluate_many_with(&m.arch, &views, h.seed, &mut || seg.beat(Role::Worker)) {
+            match task.evaluate_many_with(&arch, &views, h.seed, &mut || seg.beat(Role::Worker)) {
                 Ok(f) => fitness.extend(f),
                 Err(e) => return error(status::EVAL_FAILED, format!("{e}")),
             }
@@ -557,6 +563,28 @@ impl Worker<'_> {
         let mut out = vec![0u8; 8 * fitness.len()];
         protocol::write_f64s(&fitness, &mut out);
         (status::OK, out)
+    }
+
+}
+
+/// At least `group` candidate buffers of `n` values in `buffers`.
+fn ensure_buffers(buffers: &mut Vec<Vec<f32>>, group: usize, n: usize) {
+    if buffers.first().is_some_and(|b| b.len() != n) {
+        buffers.clear();
+    }
+    while buffers.len() < group {
+        buffers.push(vec![0.0; n]);
+    }
+}
+
+/// Candidates evaluated together for a network of `n` parameters: the
+/// lockstep group, or one at a time for networks the runtime evaluates one
+/// at a time anyway (so a worker holds one candidate buffer, not sixteen).
+fn eval_group(n: usize) -> usize {
+    if n >= evod_runtime::cartpole::ONE_AT_A_TIME_PARAMS {
+        1
+    } else {
+        EVAL_GROUP
     }
 }
 
@@ -609,10 +637,8 @@ impl Worker<'_> {
             Ok(b) => b,
             Err(e) => return error(status::WRONG_BASE, e),
         };
-        let group = EVAL_GROUP.min(recipes.len());
-        if self.buffers.len() < group || self.buffers.first().is_some_and(|b| b.len() != n) {
-            self.buffers = vec![vec![0.0; n]; group];
-        }
+        let group = eval_group(n).min(recipes.len());
+        ensure_buffers(&mut self.buffers, group, n);
         let seg = self.seg;
         let mut fitness = Vec::with_capacity(recipes.len());
         for chunk in recipes.chunks(group) {
