@@ -339,12 +339,7 @@ fn run_episode_ticking_avx2(net: &mut Mlp, seed: u64, stride: u32, tick: &mut dy
 }
 
 #[inline(always)]
-fn run_episode_ticking_body(
-    net: &mut Mlp,
-    seed: u64,
-    stride: u32,
-    tick: &mut dyn FnMut(),
-) -> u32 {
+fn run_episode_ticking_body(net: &mut Mlp, seed: u64, stride: u32, tick: &mut dyn FnMut()) -> u32 {
     let mut env = CartPole::new();
     let mut obs = env.reset(seed);
     loop {

@@ -21,6 +21,5 @@ pub mod standby;
 pub use control::{ChildStatus, ClientError, Request, Response, StatusReport, call};
 pub use protocol::{
     DecodeError, EvalHeader, ExecHeader, LoadRequest, MAX_BATCH, RECIPE_BYTES, RecipesHeader,
-    WorkerInfo, exchange, op,
-    receive_id, status,
+    WorkerInfo, exchange, op, receive_id, status,
 };

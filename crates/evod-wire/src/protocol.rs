@@ -375,10 +375,11 @@ impl RecipesHeader {
             });
         }
         let end = Self::SIZE + h.path_len as usize;
-        let path = std::str::from_utf8(&bytes[Self::SIZE..end]).map_err(|e| DecodeError::Field {
-            field: "path (not UTF-8)",
-            value: e.valid_up_to() as u64,
-        })?;
+        let path =
+            std::str::from_utf8(&bytes[Self::SIZE..end]).map_err(|e| DecodeError::Field {
+                field: "path (not UTF-8)",
+                value: e.valid_up_to() as u64,
+            })?;
         Ok((h, path, &bytes[end..]))
     }
 }

@@ -65,6 +65,10 @@ fn number_before(line: &str, key: &str) -> f64 {
 struct Daemon {
     n_params: u64,
     evals_per_s: f64,
+    /// CartPole steps per second: the sum of every candidate's return
+    /// (1 per step) over the run, from `state/progress.csv` (mean × new
+    /// evaluations of each generation), per second.
+    steps_per_s: f64,
     ring_bytes_per_candidate: f64,
     base_bytes_per_generation: f64,
     wall_s: f64,
@@ -107,6 +111,18 @@ fn daemon(evod: &Path, hidden: u32, generations: u32) -> Daemon {
     let wall_s = number_before(&summary, "s; ring");
     let bases = number_before(&summary, "written)");
     let base_bytes = number_after(&summary, "base files");
+    let progress =
+        std::fs::read_to_string(dir.path().join("state/progress.csv")).expect("the progress log");
+    let (mut steps, mut before) = (0.0, 0.0);
+    for row in progress.lines().skip(1) {
+        let cols: Vec<&str> = row.split(',').collect();
+        let mean: f64 = cols[2].parse().expect("mean");
+        let evals: f64 = cols[3].parse().expect("evaluations");
+        if mean.is_finite() {
+            steps += mean * (evals - before);
+        }
+        before = evals;
+    }
     let n_params = {
         let h = u64::from(hidden);
         4 * h + h + h * h + h + h * 2 + 2
@@ -114,6 +130,7 @@ fn daemon(evod: &Path, hidden: u32, generations: u32) -> Daemon {
     Daemon {
         n_params,
         evals_per_s: evaluations / wall_s,
+        steps_per_s: steps / wall_s,
         ring_bytes_per_candidate: number_after(&summary, "ring"),
         base_bytes_per_generation: base_bytes / bases.max(1.0),
         wall_s,
@@ -192,7 +209,9 @@ fn ready_standby(evod: &Path, seg: &Segment, model: &Path) -> Standby {
 /// out the supervisor's event loop, whose rework (so that a slow `LOAD`
 /// reply cannot delay a restart) is another change.
 fn recovery_during_load(evod: &Path, small: &Path, big: &Path, rounds: usize) -> Vec<f64> {
-    let checksum = evod_gguf::GgufFile::open(big).expect("1 GiB model").checksum();
+    let checksum = evod_gguf::GgufFile::open(big)
+        .expect("1 GiB model")
+        .checksum();
     let seg_a = Segment::create(&LayoutConfig::default()).expect("segment");
     let seg_b = Segment::create(&LayoutConfig::default()).expect("segment");
     let mut a = spawn_program(evod, &worker_spec(&seg_a, small)).expect("worker A");
@@ -264,7 +283,11 @@ fn recovery_during_load(evod: &Path, small: &Path, big: &Path, rounds: usize) ->
 }
 
 fn main() {
-    let out = PathBuf::from(std::env::args().nth(1).expect("usage: bench_scale OUT.json"));
+    let out = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .expect("usage: bench_scale OUT.json"),
+    );
     let sizes: Vec<u32> = std::env::args().nth(2).map_or_else(
         || vec![100, 300, 1000, 3160],
         |s| s.split(',').map(|x| x.parse().expect("a width")).collect(),
@@ -288,6 +311,7 @@ fn main() {
         let d = daemon(&evod, hidden, generations);
         let peer = numpy(&python, hidden, d.wall_s.max(3.0));
         let peer_rate = peer["evals_per_s"].as_f64().expect("evals_per_s");
+        let peer_steps = peer["steps_per_s"].as_f64().expect("steps_per_s");
         let tag = match d.n_params {
             0..30_000 => "1e4",
             30_000..300_000 => "1e5",
@@ -295,13 +319,16 @@ fn main() {
             _ => "1e7",
         };
         println!(
-            "4-{hidden}-{hidden}-2 ({} params): daemon {:.1} evals/s, {:.0} ring bytes/candidate, base {:.0} bytes/generation; numpy {:.1} evals/s; ratio {:.2}\n  {}",
+            "4-{hidden}-{hidden}-2 ({} params): daemon {:.1} evals/s ({:.0} steps/s), {:.0} ring bytes/candidate, base {:.0} bytes/generation; numpy {:.1} evals/s ({:.0} steps/s); ratio {:.2} evals, {:.2} steps\n  {}",
             d.n_params,
             d.evals_per_s,
+            d.steps_per_s,
             d.ring_bytes_per_candidate,
             d.base_bytes_per_generation,
             peer_rate,
+            peer_steps,
             d.evals_per_s / peer_rate,
+            d.steps_per_s / peer_steps,
             d.summary
         );
         json[format!("n_params_{tag}")] = d.n_params.into();
@@ -310,6 +337,9 @@ fn main() {
         json[format!("base_file_bytes_per_generation_{tag}")] = d.base_bytes_per_generation.into();
         json[format!("numpy_evals_per_s_{tag}")] = peer_rate.into();
         json[format!("evals_per_s_ratio_{tag}")] = (d.evals_per_s / peer_rate).into();
+        json[format!("steps_per_s_{tag}")] = d.steps_per_s.into();
+        json[format!("numpy_steps_per_s_{tag}")] = peer_steps.into();
+        json[format!("steps_per_s_ratio_{tag}")] = (d.steps_per_s / peer_steps).into();
         json[format!("numpy_peer_{tag}")] = peer;
         json[format!("daemon_summary_{tag}")] = d.summary.into();
         std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).expect("report");
@@ -328,7 +358,10 @@ fn main() {
     }
     let samples = recovery_during_load(&evod, &small, &big, 9);
     let median = samples[samples.len() / 2];
-    println!("recovery during a 1 GiB LOAD: median {median:.0} us over {}", samples.len());
+    println!(
+        "recovery during a 1 GiB LOAD: median {median:.0} us over {}",
+        samples.len()
+    );
     json["recovery_during_load_median_us"] = median.into();
     json["recovery_during_load_samples_us"] = samples.into();
     std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).expect("report");

@@ -9,8 +9,10 @@ Usage: python bench_scale_peer.py LAYERS POPULATION EPISODES MIN_SECONDS SEED
   EPISODES    episodes per candidate
   MIN_SECONDS run whole generations until at least this much wall time
               (and at least one generation) has passed
-Prints one JSON object: {"n_params", "generations", "evals", "wall_s",
-"evals_per_s", "noise_s", "episodes_s", "update_s"}.
+Prints one JSON object: {"n_params", "generations", "evals", "steps",
+"wall_s", "evals_per_s", "steps_per_s", "noise_s", "episodes_s",
+"update_s"} ("steps": environment steps of every episode, which is also
+the sum of the returns: CartPole pays 1 per step).
 
 The noise of each antithetic pair comes from its own seeded generator and is
 regenerated for the update instead of kept (the memory of the population
@@ -75,6 +77,7 @@ def main():
     v = np.zeros(n, np.float32)
     noise_s = episodes_s = update_s = 0.0
     evals = 0
+    steps = 0.0
     g = 0
     t0 = time.perf_counter()
     while g == 0 or time.perf_counter() - t0 < min_seconds:
@@ -92,6 +95,7 @@ def main():
             noise_s += b - a
             episodes_s += time.perf_counter() - b
             evals += 2
+            steps += episodes * (fs[2 * p] + fs[2 * p + 1])
         a = time.perf_counter()
         ranks = np.empty(len(fs))
         ranks[np.argsort(fs, kind="stable")] = np.arange(len(fs))
@@ -114,6 +118,8 @@ def main():
         "evals": evals,
         "wall_s": wall,
         "evals_per_s": evals / wall,
+        "steps": steps,
+        "steps_per_s": steps / wall,
         "noise_s": noise_s,
         "episodes_s": episodes_s,
         "update_s": update_s,

@@ -564,7 +564,6 @@ impl Worker<'_> {
         protocol::write_f64s(&fitness, &mut out);
         (status::OK, out)
     }
-
 }
 
 /// At least `group` candidate buffers of `n` values in `buffers`.

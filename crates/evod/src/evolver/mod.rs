@@ -41,9 +41,7 @@ mod options;
 mod ring;
 mod run_loop;
 
-use evod_wire::protocol::{
-    self, EvalHeader, RecipesHeader, exchange, op, receive_id, status,
-};
+use evod_wire::protocol::{self, EvalHeader, RecipesHeader, exchange, op, receive_id, status};
 use io_fault::{IO_FAULT_FILE, read_io_fault};
 pub use options::{EvolveArgs, Strategy};
 pub use ring::RingEvaluator;

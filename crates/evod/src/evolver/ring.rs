@@ -524,7 +524,9 @@ impl RingEvaluator<'_> {
         // Every candidate may be tried on a few workers before giving up.
         let give_up = Instant::now()
             + self.request_deadline(per) * 4
-            + self.per_candidate_timeout.saturating_mul(total.div_ceil(workers) as u32);
+            + self
+                .per_candidate_timeout
+                .saturating_mul(total.div_ceil(workers) as u32);
         while !pending.is_empty() {
             if Instant::now() > give_up {
                 return Err(EvalError::Unavailable("workers keep failing".into()));
