@@ -249,9 +249,7 @@ pub fn mean_returns_with(
         return Ok(vec![0.0; candidates.len()]);
     }
     if arch.n_params() >= ONE_AT_A_TIME_PARAMS {
-        return Ok(mean_returns_one_at_a_time(
-            arch, candidates, seed, episodes, tick,
-        )?);
+        return mean_returns_one_at_a_time(arch, candidates, seed, episodes, tick);
     }
     let mut lanes = MlpLanes::new(arch, first)?;
     let per = u64::from(episodes);
