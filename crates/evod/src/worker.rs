@@ -631,11 +631,13 @@ impl Worker<'_> {
                 Err(e) => return error(status::WRONG_BASE, format!("{e:#}")),
             }
         }
+        self.seg.beat(Role::Worker);
         let mapped = self.base.as_ref().expect("read just above");
         let base = match evod_evolve::Base::new(&mapped.params, &mapped.layout) {
             Ok(b) => b,
             Err(e) => return error(status::WRONG_BASE, e),
         };
+        self.seg.beat(Role::Worker);
         let group = eval_group(n).min(recipes.len());
         ensure_buffers(&mut self.buffers, group, n);
         let seg = self.seg;
