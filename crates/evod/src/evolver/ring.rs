@@ -197,9 +197,8 @@ impl<'s> RingEvaluator<'s> {
         std::fs::create_dir_all(dir)
             .map_err(|e| EvalError::Failed(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(format!("{:016x}.gguf", base.checksum()));
-        let written = write_model(&path, spec, base.params(), None)
+        write_model(&path, spec, base.params(), None)
             .map_err(|e| EvalError::Failed(format!("writing the base {}: {e}", path.display())))?;
-        let _ = written;
         let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
         self.ipc.base_bytes += bytes;
         self.ipc.bases += 1;
