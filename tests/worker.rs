@@ -332,3 +332,93 @@ fn a_long_evaluation_keeps_the_heartbeat_moving() {
         "only {during} heartbeats while evaluating ~120 lockstep steps"
     );
 }
+
+/// `EVAL_RECIPES` body: header, base path, recipes.
+fn recipes_body(
+    base: u64,
+    params: usize,
+    path: &Path,
+    recipes: &[evod_evolve::Recipe],
+    seed: u64,
+) -> Vec<u8> {
+    let path = path.to_str().unwrap().as_bytes();
+    let header = evod_wire::RecipesHeader {
+        candidates: recipes.len() as u32,
+        params: params as u32,
+        seed,
+        episodes: 2,
+        path_len: path.len() as u32,
+        base,
+    };
+    let bytes: Vec<u8> = recipes.iter().flat_map(|r| r.to_bytes()).collect();
+    let mut body = vec![0u8; header.request_len()];
+    header.encode(path, &bytes, &mut body);
+    body
+}
+
+#[test]
+fn eval_recipes_regenerates_candidates_and_refuses_the_wrong_base() {
+    use evod_evolve::{Base, ParamLayout, Recipe, Sign, TensorScale};
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = cartpole_model(dir.path(), "m.gguf", 1, 0);
+    // The base file: another parameter vector of the same network.
+    let (base_path, base_params) = cartpole_model(dir.path(), "base.gguf", 2, 0);
+    let arch = Architecture::new(vec![4, 16, 2], "tanh".parse().unwrap()).unwrap();
+    let layout = ParamLayout::from_architecture(&arch).unwrap();
+    let base = Base::new(&base_params, &layout).unwrap();
+    let recipes: Vec<Recipe> = (0..5)
+        .flat_map(|s| {
+            [Sign::Plus, Sign::Minus]
+                .map(|sign| Recipe::new(base.checksum(), s, 0.5, sign, TensorScale::Glorot))
+        })
+        .collect();
+    let seg = Segment::create(&LayoutConfig::default()).unwrap();
+    let mut child = spawn_worker(&seg, &model, false);
+    let mut c = seg.client(Channel::Eval).unwrap();
+    let n = base_params.len();
+    let (st, got) = call(
+        &mut c,
+        evod_wire::op::EVAL_RECIPES,
+        &recipes_body(base.checksum(), n, &base_path, &recipes, 9),
+    );
+    assert_eq!(st, OK, "{}", String::from_utf8_lossy(&got));
+    // Exactly what the materialised vectors score through EVAL.
+    let vectors: Vec<Vec<f32>> = recipes
+        .iter()
+        .map(|r| r.materialize(&base).unwrap())
+        .collect();
+    let views: Vec<&[f32]> = vectors.iter().map(Vec::as_slice).collect();
+    let (st, want) = call(&mut c, EVAL, &eval_body(&views, 9, 2));
+    assert_eq!(st, OK);
+    assert_eq!(got, want);
+    // A checksum the file does not have: refused, nothing evaluated.
+    let (st, msg) = call(
+        &mut c,
+        evod_wire::op::EVAL_RECIPES,
+        &recipes_body(base.checksum() ^ 1, n, &base_path, &recipes, 9),
+    );
+    assert_eq!(st, evod_wire::status::WRONG_BASE);
+    assert!(
+        String::from_utf8_lossy(&msg).contains("wrong base"),
+        "{}",
+        String::from_utf8_lossy(&msg)
+    );
+    // A missing base file: refused by name.
+    let missing = dir.path().join("nope.gguf");
+    let (st, msg) = call(
+        &mut c,
+        evod_wire::op::EVAL_RECIPES,
+        &recipes_body(base.checksum(), n, &missing, &recipes, 9),
+    );
+    assert_eq!(st, evod_wire::status::WRONG_BASE);
+    assert!(String::from_utf8_lossy(&msg).contains("nope.gguf"));
+    // Garbage after the header: a bad request, not a crash.
+    let mut bad = recipes_body(base.checksum(), n, &base_path, &recipes, 9);
+    bad.pop();
+    let (st, _) = call(&mut c, evod_wire::op::EVAL_RECIPES, &bad);
+    assert_eq!(st, BAD_REQUEST);
+    drop(c);
+    let mut ctl = seg.client(Channel::Control).unwrap();
+    let _ = call(&mut ctl, SHUTDOWN, &[]);
+    assert!(wait_exit(&mut child).success());
+}

@@ -248,6 +248,9 @@ pub fn mean_returns_with(
     if episodes == 0 {
         return Ok(vec![0.0; candidates.len()]);
     }
+    if arch.n_params() >= ONE_AT_A_TIME_PARAMS {
+        return mean_returns_one_at_a_time(arch, candidates, seed, episodes, tick);
+    }
     let mut lanes = MlpLanes::new(arch, first)?;
     let per = u64::from(episodes);
     let jobs = candidates.len() as u64 * per;
@@ -272,6 +275,83 @@ pub fn mean_returns_with(
         .into_iter()
         .map(|t| t as f64 / f64::from(episodes))
         .collect())
+}
+
+/// From this many parameters on, [`mean_returns_with`] runs one candidate
+/// at a time through [`Mlp`] (vectorised over a layer's outputs) instead of
+/// [`BATCH_LANES`] candidates side by side: eight lanes of a network this
+/// large no longer stay in the cache, one network does, and the forward
+/// pass is bound by memory otherwise (at 10^6 parameters one network at a
+/// time is about 4× faster per episode step). The results are the same
+/// bit for bit ([`MlpLanes`] lanes equal [`Mlp::forward`]).
+pub const ONE_AT_A_TIME_PARAMS: usize = 1 << 18;
+
+/// [`mean_returns_with`] for large networks: one [`Mlp`] reloaded per
+/// candidate (no allocation), its episodes one after another.
+fn mean_returns_one_at_a_time(
+    arch: &Architecture,
+    candidates: &[&[f32]],
+    seed: u64,
+    episodes: u32,
+    tick: &mut dyn FnMut(),
+) -> Result<Vec<f64>, RuntimeError> {
+    let mut net = Mlp::new(arch, candidates[0])?;
+    let stride = (TICK_WORK / arch.n_params().max(1)).clamp(1, 64) as u32;
+    let mut out = Vec::with_capacity(candidates.len());
+    for (c, params) in candidates.iter().enumerate() {
+        if c > 0 {
+            net.reload(params)?;
+        }
+        let mut total = 0u64;
+        for e in 0..episodes {
+            total += u64::from(run_episode_ticking(
+                &mut net,
+                seed.wrapping_add(u64::from(e)),
+                stride,
+                tick,
+            ));
+        }
+        out.push(total as f64 / f64::from(episodes));
+    }
+    Ok(out)
+}
+
+/// [`run_episode`], calling `tick` every `stride` steps and at the end; on x86-64 with
+/// AVX2 the forward pass is compiled for it (same results: Rust never
+/// fuses or reorders floating-point operations, whatever the vector width).
+fn run_episode_ticking(net: &mut Mlp, seed: u64, stride: u32, tick: &mut dyn FnMut()) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: compiled for AVX2, which the CPU was just checked to
+        // support; otherwise the same code as the portable body.
+        return unsafe { run_episode_ticking_avx2(net, seed, stride, tick) };
+    }
+    run_episode_ticking_body(net, seed, stride, tick)
+}
+
+/// [`run_episode_ticking_body`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn run_episode_ticking_avx2(net: &mut Mlp, seed: u64, stride: u32, tick: &mut dyn FnMut()) -> u32 {
+    run_episode_ticking_body(net, seed, stride, tick)
+}
+
+#[inline(always)]
+fn run_episode_ticking_body(net: &mut Mlp, seed: u64, stride: u32, tick: &mut dyn FnMut()) -> u32 {
+    let mut env = CartPole::new();
+    let mut obs = env.reset(seed);
+    loop {
+        let act = action(net.forward_inline(&obs));
+        let (next, _, terminated, truncated) = env.step(act);
+        obs = next;
+        if terminated || truncated {
+            tick();
+            return env.steps();
+        }
+        if env.steps().is_multiple_of(stride) {
+            tick();
+        }
+    }
 }
 
 /// Network multiply-adds between two calls of a `tick` callback (a few
@@ -507,6 +587,23 @@ const BALANCE_GAINS: [f32; 4] = [0.1, 0.5, 10.0, 2.0];
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_networks_one_at_a_time_equal_the_lanes_bit_for_bit() {
+        let arch = Architecture::new(vec![4, 520, 500, 2], crate::Activation::Tanh).unwrap();
+        assert!(arch.n_params() >= ONE_AT_A_TIME_PARAMS);
+        let cands: Vec<Vec<f32>> = (1..3).map(|s| crate::init_params(&arch, s)).collect();
+        let views: Vec<&[f32]> = cands.iter().map(Vec::as_slice).collect();
+        let mut ticks = 0;
+        let got = mean_returns_with(&arch, &views, 7, 2, &mut || ticks += 1).unwrap();
+        for (c, g) in cands.iter().zip(&got) {
+            let mut lanes = MlpLanes::new(&arch, c).unwrap();
+            let mut total = 0u64;
+            run_episodes(&mut lanes, 7, 2, |_, steps| total += u64::from(steps)).unwrap();
+            assert_eq!(g.to_bits(), (total as f64 / 2.0).to_bits());
+        }
+        assert!(ticks > 0, "a long evaluation ticks");
+    }
 
     #[test]
     fn reset_matches_gymnasium_seed_0() {

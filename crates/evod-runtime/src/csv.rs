@@ -431,9 +431,20 @@ impl CsvTask {
 
     /// Fitness on the training split (higher is better).
     pub fn fitness(&self, arch: &Architecture, params: &[f32]) -> Result<f64, RuntimeError> {
+        self.fitness_with(arch, params, &mut || {})
+    }
+
+    /// [`CsvTask::fitness`], calling `tick` every few milliseconds of
+    /// network work; the same value.
+    pub fn fitness_with(
+        &self,
+        arch: &Architecture,
+        params: &[f32],
+        tick: &mut dyn FnMut(),
+    ) -> Result<f64, RuntimeError> {
         match self.kind {
-            CsvKind::Classification => self.train.neg_cross_entropy(arch, params),
-            _ => self.train.neg_mse(arch, params),
+            CsvKind::Classification => self.train.neg_cross_entropy_with(arch, params, tick),
+            _ => self.train.neg_mse_with(arch, params, tick),
         }
     }
 

@@ -228,10 +228,44 @@ impl Mlp {
         &self.arch
     }
 
+    /// Replaces the parameters with `params` (same architecture), reusing
+    /// every buffer: no allocation. Checks the parameter count.
+    pub fn reload(&mut self, params: &[f32]) -> Result<(), RuntimeError> {
+        self.arch.check_params(params)?;
+        let mut at = 0;
+        for (w, (_, lp, wt, bias)) in self.arch.layers.windows(2).zip(&mut self.blocks) {
+            let (li, lo) = (w[0], w[1]);
+            let weights = &params[at..at + li * lo];
+            // Transposed in tiles so that both sides stay in the cache (a
+            // row-by-row transpose of a 10^7-weight layer misses on every
+            // write).
+            const TILE: usize = 32;
+            for j0 in (0..lo).step_by(TILE) {
+                for i0 in (0..li).step_by(TILE) {
+                    for j in j0..(j0 + TILE).min(lo) {
+                        for i in i0..(i0 + TILE).min(li) {
+                            wt[i * *lp + j] = weights[j * li + i];
+                        }
+                    }
+                }
+            }
+            bias[..lo].copy_from_slice(&params[at + li * lo..at + li * lo + lo]);
+            at += li * lo + lo;
+        }
+        Ok(())
+    }
+
     /// Runs one input; returns the output layer. Panics if `input` is not
     /// exactly `arch.inputs()` long (callers own that size).
     #[inline]
     pub fn forward(&mut self, input: &[f32]) -> &[f32] {
+        self.forward_inline(input)
+    }
+
+    /// [`Mlp::forward`], always inlined: callers compiled for wider vector
+    /// units get the wide instructions.
+    #[inline(always)]
+    pub(crate) fn forward_inline(&mut self, input: &[f32]) -> &[f32] {
         let n_in = self.arch.inputs();
         self.acts[..n_in].copy_from_slice(input);
         let last = self.blocks.len() - 1;

@@ -36,23 +36,47 @@ impl Dataset {
         self.len() == 0
     }
 
-    fn outputs(&self, arch: &Architecture, params: &[f32]) -> Result<Vec<f32>, RuntimeError> {
-        let mut out = vec![0.0; self.len() * arch.outputs()];
-        forward_batch(
-            arch,
-            params,
-            &self.inputs,
-            self.len(),
-            &mut out,
-            &mut Scratch::new(),
-        )?;
+    /// The network's outputs on every row, computed in chunks of rows of
+    /// about [`crate::cartpole::TICK_WORK`] multiply-adds with `tick`
+    /// called after each (rows are independent: the same values as one
+    /// batch, bit for bit).
+    fn outputs(
+        &self,
+        arch: &Architecture,
+        params: &[f32],
+        tick: &mut dyn FnMut(),
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let (ni, no) = (arch.inputs(), arch.outputs());
+        let mut out = vec![0.0; self.len() * no];
+        let rows = (crate::cartpole::TICK_WORK / arch.n_params().max(1)).max(1);
+        let mut scratch = Scratch::new();
+        for (inputs, out) in self
+            .inputs
+            .chunks(rows * ni.max(1))
+            .zip(out.chunks_mut(rows * no))
+        {
+            let batch = inputs.len() / ni.max(1);
+            forward_batch(arch, params, inputs, batch, out, &mut scratch)?;
+            tick();
+        }
         Ok(out)
     }
 
     /// Negative mean squared error of the network's outputs against the
     /// targets, averaged over rows and outputs (accumulated in f64).
     pub fn neg_mse(&self, arch: &Architecture, params: &[f32]) -> Result<f64, RuntimeError> {
-        let out = self.outputs(arch, params)?;
+        self.neg_mse_with(arch, params, &mut || {})
+    }
+
+    /// [`Dataset::neg_mse`], calling `tick` every few milliseconds of
+    /// network work (e.g. to refresh a heartbeat); the same value.
+    pub fn neg_mse_with(
+        &self,
+        arch: &Architecture,
+        params: &[f32],
+        tick: &mut dyn FnMut(),
+    ) -> Result<f64, RuntimeError> {
+        let out = self.outputs(arch, params, tick)?;
         let n = out.len().max(1) as f64;
         let sum: f64 = out
             .iter()
@@ -72,8 +96,19 @@ impl Dataset {
         arch: &Architecture,
         params: &[f32],
     ) -> Result<f64, RuntimeError> {
+        self.neg_cross_entropy_with(arch, params, &mut || {})
+    }
+
+    /// [`Dataset::neg_cross_entropy`], calling `tick` every few
+    /// milliseconds of network work; the same value.
+    pub fn neg_cross_entropy_with(
+        &self,
+        arch: &Architecture,
+        params: &[f32],
+        tick: &mut dyn FnMut(),
+    ) -> Result<f64, RuntimeError> {
         let k = arch.outputs();
-        let out = self.outputs(arch, params)?;
+        let out = self.outputs(arch, params, tick)?;
         let mut total = 0.0;
         for (row, &label) in out.chunks_exact(k).zip(&self.targets) {
             let max = row
@@ -93,7 +128,7 @@ impl Dataset {
     /// Fraction of rows whose argmax output (first maximum) is the label.
     pub fn accuracy(&self, arch: &Architecture, params: &[f32]) -> Result<f64, RuntimeError> {
         let k = arch.outputs();
-        let out = self.outputs(arch, params)?;
+        let out = self.outputs(arch, params, &mut || {})?;
         let correct = out
             .chunks_exact(k)
             .zip(&self.targets)

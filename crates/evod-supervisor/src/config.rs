@@ -50,10 +50,11 @@ pub struct Config {
     pub load_timeout: Option<Duration>,
     /// Deadline of a `NEURAL_EXEC` (`evod exec` and the canary).
     pub exec_timeout: Duration,
-    /// The evolver's deadline for one `EVAL` request (passed to it as
-    /// `EVOD_EVAL_TIMEOUT`). A worker busy with an `EVAL` answers the
-    /// supervisor only after it, so a worker is declared unresponsive only
-    /// after [`UNANSWERED_IN_ROW`] timeouts in a row spanning at least this.
+    /// The longest `EVAL` a worker may legitimately be busy with (by
+    /// default the evolver's own deadline for its largest request, computed
+    /// by `evod run`). A worker busy with an `EVAL` answers the supervisor
+    /// only after it, so a worker is declared unresponsive only after
+    /// [`UNANSWERED_IN_ROW`] timeouts in a row spanning at least this.
     pub eval_timeout: Duration,
     /// Restart policy of every child.
     pub policy: RestartPolicy,
@@ -69,6 +70,9 @@ pub struct Config {
     /// Whether the evolver stops by itself (a generation bound or
     /// `--until-solved`): its exit 0 then stops the daemon.
     pub evolver_bounded: bool,
+    /// Payload bytes per channel and direction of each worker's ring,
+    /// sized from the model by the caller (`evod run`).
+    pub payload_bytes: usize,
 }
 
 impl Config {

@@ -43,6 +43,10 @@ pub mod exit_code {
     pub const OK: u8 = 0;
     /// A child failed past its restart intensity (`--on-give-up exit`).
     pub const GAVE_UP: u8 = 5;
+    /// The evolver could not make progress (every candidate rejected or
+    /// every evaluation failing for its bounded number of generations): it
+    /// exits with this code and the supervisor ends the daemon with it.
+    pub const NO_PROGRESS: u8 = 8;
 }
 
 /// Why the supervisor could not start or did not stop cleanly.

@@ -26,6 +26,6 @@ pub use control::{
     parse_exec_inputs,
 };
 pub use protocol::{
-    DecodeError, EvalHeader, ExecHeader, LoadRequest, MAX_BATCH, WorkerInfo, exchange, op,
-    receive_id, status,
+    DecodeError, EvalHeader, ExecHeader, LoadRequest, MAX_BATCH, RECIPE_BYTES, RecipesHeader,
+    WorkerInfo, exchange, op, receive_id, status,
 };

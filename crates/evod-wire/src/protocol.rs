@@ -14,6 +14,14 @@
 //!   is `batch * outputs` f32.
 //! - `EVAL`: [`EvalHeader`] (32 bytes) then `candidates * params` f32; reply
 //!   is `candidates` f64 fitness values.
+//! - `EVAL_RECIPES`: [`RecipesHeader`] (48 bytes), then the base file's path
+//!   (`path_len` bytes of UTF-8), then `candidates` recipes of
+//!   [`RECIPE_BYTES`] each (`evod_evolve::Recipe::to_bytes`); reply is
+//!   `candidates` f64 fitness values. The worker maps the base file once per
+//!   base, checks that its parameters hash to `base` and answers
+//!   [`status::WRONG_BASE`] otherwise; each candidate is regenerated from its
+//!   recipe against that base. A request is about 70 + 22 bytes per
+//!   candidate, whatever the model's size.
 //! - `SHUTDOWN`: empty; the worker replies then exits 0.
 //! - Fault opcodes: refused with [`status::FAULT_REFUSED`] unless the worker
 //!   runs with `--allow-fault-injection`. `FAULT_EXIT` carries a u32 code.
@@ -36,6 +44,9 @@ pub mod op {
     pub const EVAL: u32 = 5;
     /// Reply, then exit 0.
     pub const SHUTDOWN: u32 = 6;
+    /// Fitness of a batch of candidates given as recipes against a base
+    /// file the worker maps ([`super::RecipesHeader`]).
+    pub const EVAL_RECIPES: u32 = 7;
     /// Fault injection: a real invalid-memory write (SIGSEGV).
     pub const FAULT_SEGV: u32 = 100;
     /// Fault injection: `abort()` (SIGABRT).
@@ -65,6 +76,7 @@ pub mod op {
             NEURAL_EXEC => "NEURAL_EXEC",
             EVAL => "EVAL",
             SHUTDOWN => "SHUTDOWN",
+            EVAL_RECIPES => "EVAL_RECIPES",
             FAULT_SEGV => "FAULT_SEGV",
             FAULT_ABORT => "FAULT_ABORT",
             FAULT_HANG => "FAULT_HANG",
@@ -98,6 +110,9 @@ pub mod status {
     pub const EVAL_FAILED: i32 = 5;
     /// Unknown opcode.
     pub const UNKNOWN_OPCODE: i32 = 6;
+    /// `EVAL_RECIPES`: the base file cannot be mapped, or its parameters do
+    /// not hash to the checksum the request names; nothing was evaluated.
+    pub const WRONG_BASE: i32 = 7;
 }
 
 /// `LOAD` request body (bincode).
@@ -274,6 +289,101 @@ impl EvalHeader {
     }
 }
 
+/// Bytes of one encoded recipe in an `EVAL_RECIPES` request (the length of
+/// `evod_evolve::Recipe::to_bytes`).
+pub const RECIPE_BYTES: usize = 22;
+
+/// Longest base-file path accepted in an `EVAL_RECIPES` request.
+pub const MAX_BASE_PATH: u32 = 4096;
+
+/// `EVAL_RECIPES` request header (48 bytes, little-endian): candidates
+/// (u32), params (u32), seed (u64), episodes (u32), path_len (u32), base
+/// (u64), 16 reserved zero bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecipesHeader {
+    /// Number of recipes that follow the path.
+    pub candidates: u32,
+    /// Parameters of the base (must equal the model's parameter count).
+    pub params: u32,
+    /// Task seed, as in [`EvalHeader::seed`].
+    pub seed: u64,
+    /// Episodes per candidate; 0 means the task's default.
+    pub episodes: u32,
+    /// Bytes of the base file's path that follow the header.
+    pub path_len: u32,
+    /// Checksum of the base parameters (`evod_evolve::recipe::checksum`).
+    pub base: u64,
+}
+
+impl RecipesHeader {
+    /// Encoded size.
+    pub const SIZE: usize = 48;
+
+    /// Total request size for this header.
+    pub fn request_len(&self) -> usize {
+        Self::SIZE + self.path_len as usize + RECIPE_BYTES * self.candidates as usize
+    }
+
+    /// Writes the header, `path` and the `recipes` (each [`RECIPE_BYTES`]
+    /// long, concatenated) into `out`, exactly [`Self::request_len`] bytes.
+    pub fn encode(&self, path: &[u8], recipes: &[u8], out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.candidates.to_le_bytes());
+        out[4..8].copy_from_slice(&self.params.to_le_bytes());
+        out[8..16].copy_from_slice(&self.seed.to_le_bytes());
+        out[16..20].copy_from_slice(&self.episodes.to_le_bytes());
+        out[20..24].copy_from_slice(&self.path_len.to_le_bytes());
+        out[24..32].copy_from_slice(&self.base.to_le_bytes());
+        out[32..48].fill(0);
+        let at = Self::SIZE + path.len();
+        out[Self::SIZE..at].copy_from_slice(path);
+        out[at..at + recipes.len()].copy_from_slice(recipes);
+    }
+
+    /// Parses an untrusted request: the header, the base path and the
+    /// recipes' bytes. Counts and lengths are checked before anything is
+    /// sized from them; the path must be UTF-8.
+    pub fn decode(bytes: &[u8]) -> Result<(RecipesHeader, &str, &[u8]), DecodeError> {
+        let head = bytes.get(..Self::SIZE).ok_or(DecodeError::Length {
+            got: bytes.len(),
+            want: Self::SIZE,
+        })?;
+        let h = RecipesHeader {
+            candidates: u32_at(head, 0),
+            params: u32_at(head, 4),
+            seed: u64_at(head, 8),
+            episodes: u32_at(head, 16),
+            path_len: u32_at(head, 20),
+            base: u64_at(head, 24),
+        };
+        if h.candidates == 0 || h.candidates > MAX_BATCH {
+            return Err(DecodeError::Field {
+                field: "candidates",
+                value: h.candidates.into(),
+            });
+        }
+        if h.path_len == 0 || h.path_len > MAX_BASE_PATH {
+            return Err(DecodeError::Field {
+                field: "path_len",
+                value: h.path_len.into(),
+            });
+        }
+        let want = h.request_len();
+        if bytes.len() != want {
+            return Err(DecodeError::Length {
+                got: bytes.len(),
+                want,
+            });
+        }
+        let end = Self::SIZE + h.path_len as usize;
+        let path =
+            std::str::from_utf8(&bytes[Self::SIZE..end]).map_err(|e| DecodeError::Field {
+                field: "path (not UTF-8)",
+                value: e.valid_up_to() as u64,
+            })?;
+        Ok((h, path, &bytes[end..]))
+    }
+}
+
 /// Writes `values` as little-endian f32 into `out` (which must be `4 * values.len()` long).
 pub fn write_f32s(values: &[f32], out: &mut [u8]) {
     for (chunk, v) in out.chunks_exact_mut(4).zip(values) {
@@ -406,6 +516,49 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn recipes_header_round_trips_and_refuses_bad_counts_before_allocating() {
+        let h = RecipesHeader {
+            candidates: 2,
+            params: 1000,
+            seed: 9,
+            episodes: 3,
+            path_len: 5,
+            base: 0xfeed,
+        };
+        let recipes = [7u8; 2 * RECIPE_BYTES];
+        let mut buf = vec![0u8; h.request_len()];
+        h.encode(b"/a/b1", &recipes, &mut buf);
+        let (got, path, body) = RecipesHeader::decode(&buf).unwrap();
+        assert_eq!((got, path, body), (h, "/a/b1", &recipes[..]));
+        assert!(matches!(
+            RecipesHeader::decode(&buf[..buf.len() - 1]),
+            Err(DecodeError::Length { .. })
+        ));
+        let mut bad = buf.clone();
+        bad[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            RecipesHeader::decode(&bad),
+            Err(DecodeError::Field {
+                field: "candidates",
+                ..
+            })
+        ));
+        let mut bad = buf.clone();
+        bad[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            RecipesHeader::decode(&bad),
+            Err(DecodeError::Field {
+                field: "path_len",
+                ..
+            })
+        ));
+        let mut bad = buf.clone();
+        bad[RecipesHeader::SIZE] = 0xff;
+        assert!(RecipesHeader::decode(&bad).is_err());
+        assert!(RecipesHeader::decode(&buf[..10]).is_err());
     }
 
     #[test]

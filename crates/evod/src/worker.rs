@@ -18,7 +18,9 @@ use anyhow::{Context, Result};
 use evod_ring::{Channel, Request, RingError, Role, Scribble, Segment};
 use evod_runtime::{Architecture, Model, Task};
 
-use evod_wire::protocol::{self, EvalHeader, ExecHeader, LoadRequest, WorkerInfo, op, status};
+use evod_wire::protocol::{
+    self, EvalHeader, ExecHeader, LoadRequest, RecipesHeader, WorkerInfo, op, status,
+};
 
 /// Arguments of `evod worker`.
 #[derive(Debug, clap::Args)]
@@ -110,6 +112,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         lying_control: false,
         crash_on_exec: false,
         mute_control: false,
+        eval_fails: false,
+        base: None,
+        buffers: Vec::new(),
     };
     let mut preloaded = None;
     if let Some(fd) = args.standby_fd {
@@ -233,6 +238,24 @@ struct Worker<'s> {
     /// The served model carries `evod.fault = "mute"` (fault injection
     /// only): control requests are dropped unanswered, beats go on.
     mute_control: bool,
+    /// The served model carries `evod.fault = "eval-fails"` (fault
+    /// injection only): every `EVAL` and `EVAL_RECIPES` is answered
+    /// `EVAL_FAILED`.
+    eval_fails: bool,
+    /// The base of the last `EVAL_RECIPES`, mapped once per base.
+    base: Option<MappedBase>,
+    /// Candidate buffers `EVAL_RECIPES` regenerates recipes into, reused
+    /// from request to request (one per lockstep candidate).
+    buffers: Vec<Vec<f32>>,
+}
+
+/// A base file an `EVAL_RECIPES` named, read and verified once.
+struct MappedBase {
+    path: PathBuf,
+    /// Its parameters hash to this (verified when it was read).
+    checksum: u64,
+    params: Vec<f32>,
+    layout: evod_evolve::ParamLayout,
 }
 
 /// A reply: status and payload bytes.
@@ -331,7 +354,13 @@ impl Worker<'_> {
             op::NEURAL_EXEC if self.crash_on_exec => segfault(),
             op::NEURAL_EXEC => self.exec(request.payload),
             op::EVAL if self.lying => (status::OK, b"lie".to_vec()),
+            op::EVAL | op::EVAL_RECIPES if self.eval_fails => error(
+                status::EVAL_FAILED,
+                "evaluation fails (fault injection: evod.fault = \"eval-fails\")",
+            ),
             op::EVAL => self.eval(request.payload),
+            op::EVAL_RECIPES if self.lying => (status::OK, b"lie".to_vec()),
+            op::EVAL_RECIPES => self.eval_recipes(request.payload),
             op::SHUTDOWN => {
                 self.finish(request, opcode, begun, (status::OK, Vec::new()))?;
                 return Ok(Flow::Shutdown);
@@ -425,8 +454,9 @@ impl Worker<'_> {
                 "abort" => inject_fault(self.seg, op::FAULT_ABORT, 0),
                 // Keeps beating, never answers a control request again.
                 "mute" => {}
-                // Loads fine; crashes when it serves (`NEURAL_EXEC`).
-                "segv-on-exec" => {}
+                // Loads fine; crashes when it serves (`NEURAL_EXEC`), or
+                // fails every evaluation.
+                "segv-on-exec" | "eval-fails" => {}
                 other => anyhow::bail!("{}: unknown evod.fault {other:?}", path.display()),
             }
         }
@@ -441,6 +471,8 @@ impl Worker<'_> {
             && model.file.get("evod.fault").and_then(|v| v.as_str()) == Some("segv-on-exec");
         self.mute_control = self.allow_faults
             && model.file.get("evod.fault").and_then(|v| v.as_str()) == Some("mute");
+        self.eval_fails = self.allow_faults
+            && model.file.get("evod.fault").and_then(|v| v.as_str()) == Some("eval-fails");
         self.model = Some(Loaded {
             arch: model.spec.arch.clone(),
             task,
@@ -483,7 +515,7 @@ impl Worker<'_> {
         (status::OK, body)
     }
 
-    fn eval(&self, payload: &[u8]) -> Answer {
+    fn eval(&mut self, payload: &[u8]) -> Answer {
         let Some(m) = &self.model else {
             return error(status::NO_MODEL, "no model loaded");
         };
@@ -507,29 +539,35 @@ impl Worker<'_> {
         };
         let body = &payload[EvalHeader::SIZE..];
         let n = n_params;
+        let arch = m.arch.clone();
         let mut fitness = Vec::with_capacity(h.candidates as usize);
         // Groups of candidates share the runtime's lockstep lanes; the
         // heartbeat is refreshed between groups so a long batch does not
-        // look like a hang to the watchdog.
-        let mut group: Vec<Vec<f32>> = Vec::with_capacity(EVAL_GROUP);
+        // look like a hang to the watchdog. Candidates are decoded into
+        // buffers reused from request to request.
+        let group = eval_group(n).min(h.candidates as usize);
+        ensure_buffers(&mut self.buffers, group, n);
         let mut chunks = body.chunks_exact(4 * n).peekable();
         while chunks.peek().is_some() {
-            group.clear();
-            for chunk in chunks.by_ref().take(EVAL_GROUP) {
+            let mut used = 0;
+            for (chunk, buf) in chunks.by_ref().take(group).zip(&mut self.buffers) {
                 if let Some(every) = self.poison_one_in
                     && poison_hash(chunk).is_multiple_of(every)
                 {
                     segfault();
                 }
-                group.push(protocol::read_f32s(chunk));
+                for (v, b) in buf.iter_mut().zip(chunk.chunks_exact(4)) {
+                    *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+                used += 1;
             }
-            let views: Vec<&[f32]> = group.iter().map(Vec::as_slice).collect();
+            let views: Vec<&[f32]> = self.buffers[..used].iter().map(Vec::as_slice).collect();
             // The runtime ticks every few milliseconds of network work: the
             // heartbeat stays fresh through a long evaluation (a large
             // network, many episodes) while it makes progress, and stops
             // if it hangs.
             let seg = self.seg;
-            match task.evaluate_many_with(&m.arch, &views, h.seed, &mut || seg.beat(Role::Worker)) {
+            match task.evaluate_many_with(&arch, &views, h.seed, &mut || seg.beat(Role::Worker)) {
                 Ok(f) => fitness.extend(f),
                 Err(e) => return error(status::EVAL_FAILED, format!("{e}")),
             }
@@ -539,6 +577,138 @@ impl Worker<'_> {
         protocol::write_f64s(&fitness, &mut out);
         (status::OK, out)
     }
+}
+
+/// At least `group` candidate buffers of `n` values in `buffers`.
+fn ensure_buffers(buffers: &mut Vec<Vec<f32>>, group: usize, n: usize) {
+    if buffers.first().is_some_and(|b| b.len() != n) {
+        buffers.clear();
+    }
+    while buffers.len() < group {
+        buffers.push(vec![0.0; n]);
+    }
+}
+
+/// Candidates evaluated together for a network of `n` parameters: the
+/// lockstep group, or one at a time for networks the runtime evaluates one
+/// at a time anyway (so a worker holds one candidate buffer, not sixteen).
+fn eval_group(n: usize) -> usize {
+    if n >= evod_runtime::cartpole::ONE_AT_A_TIME_PARAMS {
+        1
+    } else {
+        EVAL_GROUP
+    }
+}
+
+impl Worker<'_> {
+    /// `EVAL_RECIPES`: maps the base (once per base; verified against the
+    /// checksum the request names), regenerates each candidate into a
+    /// reused buffer with `Recipe::apply_to` and evaluates them in groups.
+    fn eval_recipes(&mut self, payload: &[u8]) -> Answer {
+        let Some(m) = &self.model else {
+            return error(status::NO_MODEL, "no model loaded");
+        };
+        let (h, path, body) = match RecipesHeader::decode(payload) {
+            Ok(x) => x,
+            Err(e) => return error(status::BAD_REQUEST, format!("bad EVAL_RECIPES body: {e}")),
+        };
+        let n = m.arch.n_params();
+        if h.params as usize != n {
+            return error(
+                status::EVAL_FAILED,
+                format!("the base has {} parameters, the model has {n}", h.params),
+            );
+        }
+        let recipes = match body
+            .chunks_exact(protocol::RECIPE_BYTES)
+            .map(evod_evolve::Recipe::from_bytes)
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(r) => r,
+            Err(e) => return error(status::BAD_REQUEST, format!("bad recipe: {e}")),
+        };
+        let task = match (&m.task, h.episodes) {
+            (Task::CartPole { .. }, e) if e > 0 => Task::CartPole { episodes: e },
+            (t, _) => t.clone(),
+        };
+        let arch = m.arch.clone();
+        let path = Path::new(path);
+        let current = self
+            .base
+            .as_ref()
+            .is_some_and(|b| b.checksum == h.base && b.path == path);
+        if !current {
+            self.base = None;
+            match read_base(path, &arch, h.base) {
+                Ok(b) => self.base = Some(b),
+                Err(e) => return error(status::WRONG_BASE, format!("{e:#}")),
+            }
+        }
+        self.seg.beat(Role::Worker);
+        let mapped = self.base.as_ref().expect("read just above");
+        let base = match evod_evolve::Base::new(&mapped.params, &mapped.layout) {
+            Ok(b) => b,
+            Err(e) => return error(status::WRONG_BASE, e),
+        };
+        self.seg.beat(Role::Worker);
+        let group = eval_group(n).min(recipes.len());
+        ensure_buffers(&mut self.buffers, group, n);
+        let seg = self.seg;
+        let mut fitness = Vec::with_capacity(recipes.len());
+        for chunk in recipes.chunks(group) {
+            for (r, buf) in chunk.iter().zip(&mut self.buffers) {
+                if let Err(e) = r.apply_to(&base, buf) {
+                    // A recipe for another base: never evaluate it against
+                    // this one.
+                    return error(status::WRONG_BASE, e);
+                }
+                seg.beat(Role::Worker);
+            }
+            let views: Vec<&[f32]> = self.buffers[..chunk.len()]
+                .iter()
+                .map(Vec::as_slice)
+                .collect();
+            match task.evaluate_many_with(&arch, &views, h.seed, &mut || seg.beat(Role::Worker)) {
+                Ok(f) => fitness.extend(f),
+                Err(e) => return error(status::EVAL_FAILED, format!("{e}")),
+            }
+            seg.beat(Role::Worker);
+        }
+        let mut out = vec![0u8; 8 * fitness.len()];
+        protocol::write_f64s(&fitness, &mut out);
+        (status::OK, out)
+    }
+}
+
+/// Reads the base file at `path` (a GGUF of `arch`, written by the evolver)
+/// and checks that its parameters hash to `checksum`.
+fn read_base(path: &Path, arch: &Architecture, checksum: u64) -> Result<MappedBase> {
+    let model = Model::open_for_serving(path)
+        .with_context(|| format!("cannot map the base {}", path.display()))?;
+    if model.spec.arch != *arch {
+        anyhow::bail!(
+            "the base {} is not of the served network ({} parameters, the model has {})",
+            path.display(),
+            model.spec.arch.n_params(),
+            arch.n_params()
+        );
+    }
+    let params = model.params()?.into_owned();
+    let actual = evod_evolve::checksum(&params);
+    if actual != checksum {
+        anyhow::bail!(
+            "the base {} has checksum {actual:016x}, the request names {checksum:016x}: refusing to evaluate against the wrong base",
+            path.display()
+        );
+    }
+    let layout = evod_evolve::ParamLayout::from_architecture(arch)
+        .with_context(|| format!("the layout of {}", path.display()))?;
+    Ok(MappedBase {
+        path: path.to_owned(),
+        checksum,
+        params,
+        layout,
+    })
 }
 
 /// FNV-1a (64-bit) of a candidate's little-endian bytes: the content rule

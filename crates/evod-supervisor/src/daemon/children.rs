@@ -54,6 +54,16 @@ impl Supervisor {
             tracing::info!(pid, "{} {words}", slot.label());
             return;
         }
+        if slot.kind == Kind::Evolver
+            && matches!(reason, ExitReason::Exited { code } if code == i32::from(exit::NO_PROGRESS))
+        {
+            // The evolver said why it cannot progress; restarting it would
+            // only repeat that.
+            slot.done = true;
+            tracing::error!(pid, "evolver cannot make progress; stopping");
+            self.begin_stop(exit::NO_PROGRESS);
+            return;
+        }
         if slot.kind == Kind::Evolver && reason.success() {
             slot.done = true;
             // A bounded run (`--generations N`, `--until-solved`) ends the

@@ -321,12 +321,6 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
     // reads the environment concurrently.
     unsafe {
         std::env::set_var("EVOD_LOG_FORMAT", config.log_format.as_str());
-        // The evolver's deadline for one EVAL (`--eval-timeout`), read by
-        // the evolver from its environment.
-        std::env::set_var(
-            "EVOD_EVAL_TIMEOUT",
-            format!("{}ms", config.eval_timeout.as_millis()),
-        );
     }
     let model_generation = check_model(&config.model)?;
     // SAFETY: nothing has started a thread yet (logging set-up does not).
@@ -401,8 +395,11 @@ impl Supervisor {
         let mut slots = Vec::new();
         for index in 0..config.workers {
             let segment = Arc::new(
-                Segment::create(&LayoutConfig::default())
-                    .map_err(|source| SupervisorError::Segment { index, source })?,
+                Segment::create(&LayoutConfig {
+                    payload_bytes: config.payload_bytes,
+                    ..LayoutConfig::default()
+                })
+                .map_err(|source| SupervisorError::Segment { index, source })?,
             );
             let mut slot = Slot::new(Kind::Worker, index, Some(segment.clone()));
             let link = link::LinkThread::start(

@@ -47,7 +47,7 @@ mod rest;
 mod ring;
 mod run_loop;
 
-use evod_wire::protocol::{self, EvalHeader, exchange, op, receive_id, status};
+use evod_wire::protocol::{self, EvalHeader, RecipesHeader, exchange, op, receive_id, status};
 use io_fault::{IO_FAULT_FILE, read_io_fault};
 pub use options::{EvolveArgs, Strategy};
 pub use ring::RingEvaluator;
@@ -111,9 +111,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 .context("claiming the evaluation channel")
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut ring = RingEvaluator::new(&segments, clients);
-    ring.control_socket = args.control_socket.clone();
     let mut main = Loop::start(&args.dir, &args.evolve)?;
+    let mut ring = RingEvaluator::new(&segments, clients)
+        .with_recipes(args.dir.join("state").join("base"), main.spec().clone());
+    ring.control_socket = args.control_socket.clone();
+    ring.per_candidate_timeout = args.evolve.eval_timeout_per_candidate();
     if args.allow_fault_injection {
         main.io_fault_file = Some(
             args.dir
@@ -122,6 +124,47 @@ pub fn run(args: Args) -> Result<ExitCode> {
         );
     }
     main.run(&args.evolve, &mut ring)
+}
+
+/// Smallest payload area of a worker's ring (the default: ES recipes and
+/// small models need no more).
+const MIN_PAYLOAD: usize = 8 << 20;
+/// Largest payload area: four of them per worker (two channels, two
+/// directions), touched only as far as messages reach.
+pub const MAX_PAYLOAD: usize = 256 << 20;
+/// Candidates a GA `EVAL` should carry at once when the model allows (the
+/// runtime's lockstep group).
+const GA_BATCH_TARGET: usize = 8;
+
+/// The payload area each worker's ring gets for the model at `model` and
+/// the strategy of `evolve`: room for [`GA_BATCH_TARGET`] full candidates
+/// (GA), within [`MIN_PAYLOAD`]..=[`MAX_PAYLOAD`]. A GA model whose single
+/// candidate does not fit is refused (exit 2), suggesting `--strategy es`,
+/// whose requests are recipes of a few bytes.
+pub fn ring_payload_bytes(model: &Path, evolve: &EvolveArgs) -> Result<usize> {
+    let file = evod_gguf::GgufFile::open(model)?;
+    let spec = ModelSpec::from_file(&file)
+        .with_context(|| format!("reading the network of {}", model.display()))?;
+    let n = spec.arch.n_params();
+    let task: Task = spec
+        .task
+        .parse()
+        .with_context(|| format!("{}: task {:?}", model.display(), spec.task))?;
+    let one = EvalHeader::SIZE.saturating_add(n.saturating_mul(4));
+    let strategy = evolver_config(evolve, &task).strategy;
+    if strategy == StrategyKind::Ga && one > MAX_PAYLOAD {
+        return Err(crate::exit::with_code(
+            crate::exit::USAGE,
+            anyhow::anyhow!(
+                "--strategy ga sends whole candidates: one of {n} parameters is {one} bytes, more than the ring's largest payload area ({MAX_PAYLOAD} bytes); use --strategy es (candidates travel as recipes)"
+            ),
+        ));
+    }
+    let want = match strategy {
+        StrategyKind::Ga => one.saturating_mul(GA_BATCH_TARGET),
+        StrategyKind::Es => 0,
+    };
+    Ok(want.clamp(MIN_PAYLOAD, MAX_PAYLOAD).next_multiple_of(64))
 }
 
 /// Whether `dir` holds nothing of a run yet (no history, no state): then
@@ -168,6 +211,9 @@ pub fn evolver_config(evolve: &EvolveArgs, task: &Task) -> EvolverConfig {
         episodes: evolve.episodes.unwrap_or(defaults.episodes),
         ..defaults
     };
+    if let Some(x) = evolve.max_relative_change {
+        config.validation.max_relative_change = x;
+    }
     if strategy == StrategyKind::Es && config.population % 2 == 1 {
         config.population += 1;
     }

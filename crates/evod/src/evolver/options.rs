@@ -100,6 +100,29 @@ pub struct EvolveArgs {
     /// Checkpoint the strategy state every N generations [default: 10].
     #[arg(long, env = "EVOD_CHECKPOINT_EVERY", value_name = "N")]
     pub checkpoint_every: Option<u64>,
+    /// Seconds an EVAL may take per candidate it carries, on top of a
+    /// fixed 10 s; a worker that beats but does not answer within it is
+    /// recycled and its batch re-sent [default: 10].
+    #[arg(long, env = "EVOD_EVAL_TIMEOUT_PER_CANDIDATE", value_name = "SECONDS")]
+    pub eval_timeout_per_candidate: Option<f64>,
+    /// Consecutive generations without progress (every candidate rejected,
+    /// every evaluation failed) before the evolver gives up with exit 8
+    /// [default: 10].
+    #[arg(long, env = "EVOD_MAX_USELESS_GENERATIONS", value_name = "N")]
+    pub max_useless_generations: Option<u32>,
+    /// Largest relative change of any tensor in one generation that
+    /// validation lets through (a positive number) [default: 4].
+    #[arg(long, env = "EVOD_MAX_RELATIVE_CHANGE", value_name = "X", value_parser = positive_f64)]
+    pub max_relative_change: Option<f64>,
+}
+
+/// A finite number > 0.
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number greater than 0")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl EvolveArgs {
@@ -139,6 +162,20 @@ impl EvolveArgs {
         self.checkpoint_every.unwrap_or(10)
     }
 
+    /// Per-candidate EVAL timeout, default 10 s (non-finite or negative
+    /// values count as the default).
+    pub fn eval_timeout_per_candidate(&self) -> std::time::Duration {
+        self.eval_timeout_per_candidate
+            .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+            .unwrap_or(std::time::Duration::from_secs(10))
+    }
+    /// Useless generations tolerated, default
+    /// [`evod_evolve::DEFAULT_MAX_USELESS_GENERATIONS`].
+    pub fn max_useless_generations(&self) -> u32 {
+        self.max_useless_generations
+            .unwrap_or(evod_evolve::DEFAULT_MAX_USELESS_GENERATIONS)
+    }
+
     /// Fills every unset field of `self` from `other`.
     pub fn or(self, other: EvolveArgs) -> EvolveArgs {
         EvolveArgs {
@@ -155,6 +192,13 @@ impl EvolveArgs {
             progress_keep: self.progress_keep.or(other.progress_keep),
             history: self.history.or(other.history),
             checkpoint_every: self.checkpoint_every.or(other.checkpoint_every),
+            eval_timeout_per_candidate: self
+                .eval_timeout_per_candidate
+                .or(other.eval_timeout_per_candidate),
+            max_useless_generations: self
+                .max_useless_generations
+                .or(other.max_useless_generations),
+            max_relative_change: self.max_relative_change.or(other.max_relative_change),
         }
     }
 
@@ -187,6 +231,18 @@ impl EvolveArgs {
         push(
             "--checkpoint-every",
             self.checkpoint_every.map(|v| v.to_string()),
+        );
+        push(
+            "--eval-timeout-per-candidate",
+            self.eval_timeout_per_candidate.map(|v| v.to_string()),
+        );
+        push(
+            "--max-useless-generations",
+            self.max_useless_generations.map(|v| v.to_string()),
+        );
+        push(
+            "--max-relative-change",
+            self.max_relative_change.map(|v| v.to_string()),
         );
         if self.until_solved {
             out.push("--until-solved".into());

@@ -1,7 +1,9 @@
 //! [`RingEvaluator`]: the `evod_evolve::Evaluator` over the workers' `Eval`
-//! channels (batches in flight on every worker, lost batches split and
-//! re-sent, misbehaving workers reported for recycling, stats polled for the
-//! pulse).
+//! channels (batches in flight on every worker, sized to the ring's payload
+//! area, lost batches split and re-sent, misbehaving or silent workers
+//! reported for recycling, stats polled for the pulse). ES candidates travel
+//! as recipes (`EVAL_RECIPES`) against a base file written once per
+//! generation under `DIR/state/base/`.
 
 use super::*;
 
@@ -14,7 +16,8 @@ pub struct RingEvaluator<'s> {
     /// Worker replacements noticed (epoch changes).
     pub restarts: u64,
     epochs: Vec<u64>,
-    /// Deadline for one worker to answer one request.
+    /// Fixed part of the deadline for one worker to answer one request
+    /// (plus [`Self::per_candidate_timeout`] per candidate).
     pub request_timeout: Duration,
     /// Set by SIGTERM: stop waiting for workers (they are being stopped too).
     pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -25,6 +28,73 @@ pub struct RingEvaluator<'s> {
     suspect: Vec<Option<Suspect>>,
     /// Each worker's stats block, polled every cycle ([`Self::poll_stats`]).
     polled: Vec<Polled>,
+    /// Where ES bases are written (`DIR/state/base`); `None`: recipes are
+    /// materialised and sent as vectors.
+    base_dir: Option<PathBuf>,
+    /// The model's spec, the header of every base file.
+    base_spec: Option<ModelSpec>,
+    /// Checksum and path of the last base written.
+    last_base: Option<(u64, PathBuf)>,
+    /// Part of an EVAL's deadline that grows with its candidates and
+    /// their episodes (per candidate and episode).
+    pub per_candidate_timeout: Duration,
+    /// Episodes per candidate of the evaluation under way (the gate runs
+    /// many more than training).
+    episodes: u32,
+    /// Ring traffic so far ([`IpcCounters`]).
+    pub ipc: IpcCounters,
+}
+
+/// What evaluation cost in bytes: ring payload bytes (requests and
+/// replies) and base-file bytes, and the candidates they carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IpcCounters {
+    /// Payload bytes of EVAL / EVAL_RECIPES requests and their replies.
+    pub ring_bytes: u64,
+    /// Candidates evaluated (answered) over the ring.
+    pub candidates: u64,
+    /// EVAL / EVAL_RECIPES requests sent.
+    pub requests: u64,
+    /// Payload bytes of the largest request sent.
+    pub largest_request: u64,
+    /// Bytes of base files written (ES: one per generation).
+    pub base_bytes: u64,
+    /// Base files written.
+    pub bases: u64,
+}
+
+impl IpcCounters {
+    /// Ring bytes per evaluated candidate (0 before any).
+    pub fn ring_bytes_per_candidate(&self) -> f64 {
+        self.ring_bytes as f64 / self.candidates.max(1) as f64
+    }
+}
+
+/// Base files kept in `DIR/state/base` (the current and the previous one,
+/// which a worker may still be reading).
+const BASES_KEPT: usize = 2;
+
+/// What one batch request carries.
+#[derive(Clone, Copy)]
+enum Work<'a> {
+    /// Full vectors (`EVAL`).
+    Vectors(&'a [&'a [f32]]),
+    /// Recipes against the base file at `path` (`EVAL_RECIPES`).
+    Recipes {
+        base: u64,
+        params: u32,
+        path: &'a [u8],
+        recipes: &'a [evod_evolve::Recipe],
+    },
+}
+
+impl Work<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Work::Vectors(v) => v.len(),
+            Work::Recipes { recipes, .. } => recipes.len(),
+        }
+    }
 }
 
 /// A worker that broke the protocol, waiting to be replaced.
@@ -78,12 +148,84 @@ impl<'s> RingEvaluator<'s> {
             segments,
             clients,
             restarts: 0,
-            request_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(10),
             stop: std::sync::Arc::default(),
             control_socket: None,
             suspect: vec![None; segments.len()],
             polled: vec![Polled::default(); segments.len()],
+            base_dir: None,
+            base_spec: None,
+            last_base: None,
+            per_candidate_timeout: DEFAULT_PER_CANDIDATE_TIMEOUT,
+            episodes: 1,
+            ipc: IpcCounters::default(),
         }
+    }
+
+    /// Ships ES candidates as recipes: bases are written under `dir` as
+    /// GGUF files of `spec`'s network.
+    pub fn with_recipes(mut self, dir: PathBuf, spec: ModelSpec) -> Self {
+        self.base_dir = Some(dir);
+        self.base_spec = Some(spec);
+        self
+    }
+
+    /// Most candidates of `n` parameters one `EVAL` may carry: what fits
+    /// the smallest payload area of the workers' rings, and `MAX_BATCH`.
+    pub fn max_vectors_per_request(&self, n: usize) -> usize {
+        let area = self
+            .segments
+            .iter()
+            .map(|s| s.config().payload_bytes)
+            .min()
+            .unwrap_or(0);
+        (area.saturating_sub(EvalHeader::SIZE) / (4 * n).max(1)).min(evod_wire::MAX_BATCH as usize)
+    }
+
+    /// The deadline of one request carrying `candidates` of the
+    /// evaluation under way: the base timeout plus the per-candidate one
+    /// for each candidate and episode.
+    fn request_deadline(&self, candidates: usize) -> Duration {
+        let units = u32::try_from(candidates)
+            .unwrap_or(u32::MAX)
+            .saturating_mul(self.episodes.max(1));
+        self.request_timeout
+            .saturating_add(self.per_candidate_timeout.saturating_mul(units))
+    }
+
+    /// Writes `base` as `DIR/state/base/<checksum>.gguf` (atomically, once
+    /// per checksum; older files beyond [`BASES_KEPT`] removed).
+    fn write_base(&mut self, base: &evod_evolve::Base<'_>) -> Result<PathBuf, EvalError> {
+        let (Some(dir), Some(spec)) = (&self.base_dir, &self.base_spec) else {
+            return Err(EvalError::Failed("no base folder".into()));
+        };
+        if let Some((c, p)) = &self.last_base
+            && *c == base.checksum()
+        {
+            return Ok(p.clone());
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| EvalError::Failed(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join(format!("{:016x}.gguf", base.checksum()));
+        write_model(&path, spec, base.params(), None)
+            .map_err(|e| EvalError::Failed(format!("writing the base {}: {e}", path.display())))?;
+        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+        self.ipc.base_bytes += bytes;
+        self.ipc.bases += 1;
+        let keep: Vec<PathBuf> = std::iter::once(path.clone())
+            .chain(self.last_base.as_ref().map(|(_, p)| p.clone()))
+            .take(BASES_KEPT)
+            .collect();
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "gguf") && !keep.contains(&p) {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+        self.last_base = Some((base.checksum(), path.clone()));
+        Ok(path)
     }
 
     fn stopping(&self) -> Result<(), EvalError> {
@@ -103,38 +245,77 @@ impl<'s> RingEvaluator<'s> {
         }
     }
 
-    /// Sends `EVAL` for `group` (indices into `candidates`) to worker `w`.
+    /// Sends `EVAL` (or `EVAL_RECIPES`) for `group` (indices into `work`)
+    /// to worker `w`.
     fn send(
         &mut self,
         w: usize,
-        candidates: &[&[f32]],
+        work: Work<'_>,
         group: &[usize],
         seed: u64,
         episodes: u32,
     ) -> Result<u64, RingError> {
-        let n = candidates[0].len();
-        let header = EvalHeader {
-            candidates: group.len() as u32,
-            params: n as u32,
-            seed,
-            episodes,
-            flags: 0,
-            reserved: 0,
-        };
-        let len = header.request_len();
-        self.clients[w].send(op::EVAL, 0, len, |out| {
-            header.encode(out);
-            let mut at = EvalHeader::SIZE;
-            for &i in group {
-                protocol::write_f32s(candidates[i], &mut out[at..at + 4 * n]);
-                at += 4 * n;
+        let (id, len) = match work {
+            Work::Vectors(candidates) => {
+                let n = candidates[0].len();
+                let header = EvalHeader {
+                    candidates: group.len() as u32,
+                    params: n as u32,
+                    seed,
+                    episodes,
+                    flags: 0,
+                    reserved: 0,
+                };
+                let len = header.request_len();
+                let id = self.clients[w].send(op::EVAL, 0, len, |out| {
+                    header.encode(out);
+                    let mut at = EvalHeader::SIZE;
+                    for &i in group {
+                        protocol::write_f32s(candidates[i], &mut out[at..at + 4 * n]);
+                        at += 4 * n;
+                    }
+                })?;
+                (id, len)
             }
-        })
+            Work::Recipes {
+                base,
+                params,
+                path,
+                recipes,
+            } => {
+                let header = RecipesHeader {
+                    candidates: group.len() as u32,
+                    params,
+                    seed,
+                    episodes,
+                    path_len: path.len() as u32,
+                    base,
+                };
+                let bytes: Vec<u8> = group.iter().flat_map(|&i| recipes[i].to_bytes()).collect();
+                let len = header.request_len();
+                let id = self.clients[w].send(op::EVAL_RECIPES, 0, len, |out| {
+                    header.encode(path, &bytes, out);
+                })?;
+                (id, len)
+            }
+        };
+        self.ipc.ring_bytes += len as u64;
+        self.ipc.requests += 1;
+        self.ipc.largest_request = self.ipc.largest_request.max(len as u64);
+        Ok(id)
     }
 
-    /// Waits for worker `w`'s reply to request `id`.
-    fn receive(&mut self, w: usize, id: u64, expect: usize) -> Result<Outcome, EvalError> {
-        let deadline = Instant::now() + self.request_timeout;
+    /// Waits for worker `w`'s reply to request `id` (carrying `expect`
+    /// candidates, sent at `sent`).
+    fn receive(
+        &mut self,
+        w: usize,
+        id: u64,
+        expect: usize,
+        sent: Instant,
+    ) -> Result<Outcome, EvalError> {
+        let allowed = self.request_deadline(expect);
+        let deadline = sent + allowed;
         let (st, payload) = match receive_id(&mut self.clients[w], id, deadline) {
             Ok(r) => r,
             Err(RingError::PeerLost { reason, .. }) => {
@@ -146,13 +327,17 @@ impl<'s> RingEvaluator<'s> {
                 return Ok(Outcome::Lost);
             }
             Err(RingError::Timeout) => {
-                return Err(EvalError::Unavailable(format!(
-                    "worker {w} did not answer within {:?}",
-                    self.request_timeout
-                )));
+                // Alive (it beats, or the ring would have said `PeerLost`)
+                // but silent: have it replaced, give its batch to others.
+                self.faulty(
+                    w,
+                    &format!("it did not answer an EVAL of {expect} candidates within {allowed:?}"),
+                );
+                return Ok(Outcome::Lost);
             }
             Err(e) => return Err(EvalError::Other(Box::new(e))),
         };
+        self.ipc.ring_bytes += payload.len() as u64;
         if st != status::OK {
             return Err(EvalError::Failed(format!(
                 "worker {w}: {}",
@@ -316,28 +501,42 @@ impl<'s> RingEvaluator<'s> {
     }
 }
 
-impl Evaluator for RingEvaluator<'_> {
-    fn evaluate(
+/// Default of [`RingEvaluator::per_candidate_timeout`].
+pub const DEFAULT_PER_CANDIDATE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl RingEvaluator<'_> {
+    /// Evaluates `work` on the workers: groups of at most `max_group`
+    /// candidates, one in flight per worker, lost groups split and re-sent.
+    fn schedule(
         &mut self,
-        candidates: &[&[f32]],
+        work: Work<'_>,
+        max_group: usize,
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
-        let mut results: Vec<Option<f64>> = vec![None; candidates.len()];
-        if candidates.is_empty() {
+        let total = work.len();
+        let mut results: Vec<Option<f64>> = vec![None; total];
+        if total == 0 {
             return Ok(results);
         }
+        self.episodes = episodes;
         let workers = self.clients.len();
         // Groups still to evaluate; a group that crashed a worker is split
         // into single candidates so the culprit can be found.
-        let per = candidates.len().div_ceil(workers);
-        let mut pending: Vec<Vec<usize>> = (0..candidates.len())
+        let per = total.div_ceil(workers).clamp(1, max_group.max(1));
+        let mut pending: Vec<Vec<usize>> = (0..total)
             .collect::<Vec<_>>()
             .chunks(per)
+            .rev()
             .map(<[usize]>::to_vec)
             .collect();
-        let mut crashes = vec![0u32; candidates.len()];
-        let give_up = Instant::now() + self.request_timeout * 4;
+        let mut crashes = vec![0u32; total];
+        // Every candidate may be tried on a few workers before giving up.
+        let give_up = Instant::now()
+            + self.request_deadline(per) * 4
+            + self
+                .per_candidate_timeout
+                .saturating_mul(total.div_ceil(workers) as u32);
         while !pending.is_empty() {
             if Instant::now() > give_up {
                 return Err(EvalError::Unavailable("workers keep failing".into()));
@@ -345,7 +544,7 @@ impl Evaluator for RingEvaluator<'_> {
             self.stopping()?;
             self.note_epochs();
             // One group per worker in flight, with the id it was sent as.
-            let mut flight: Vec<(usize, u64, Vec<usize>)> = Vec::new();
+            let mut flight: Vec<(usize, u64, Vec<usize>, Instant)> = Vec::new();
             let mut suspects = Vec::new();
             for w in 0..workers {
                 // No work for a worker that lied until it is replaced: the
@@ -355,8 +554,8 @@ impl Evaluator for RingEvaluator<'_> {
                     continue;
                 }
                 let Some(group) = pending.pop() else { break };
-                match self.send(w, candidates, &group, seed, episodes) {
-                    Ok(id) => flight.push((w, id, group)),
+                match self.send(w, work, &group, seed, episodes) {
+                    Ok(id) => flight.push((w, id, group, Instant::now())),
                     Err(RingError::PeerLost { .. } | RingError::Full) => {
                         pending.push(group);
                         self.settle(w, give_up)?;
@@ -375,9 +574,10 @@ impl Evaluator for RingEvaluator<'_> {
                 // replaced: wait for the first replacement.
                 self.settle(w, give_up)?;
             }
-            for (w, id, group) in flight {
-                match self.receive(w, id, group.len())? {
+            for (w, id, group, sent) in flight {
+                match self.receive(w, id, group.len(), sent)? {
                     Outcome::Done(values) => {
+                        self.ipc.candidates += group.len() as u64;
                         for (&i, v) in group.iter().zip(values) {
                             results[i] = Some(v);
                         }
@@ -396,11 +596,66 @@ impl Evaluator for RingEvaluator<'_> {
                         } else {
                             pending.extend(group.into_iter().map(|i| vec![i]));
                         }
-                        self.settle(w, give_up)?;
+                        if !self.is_suspect(w) {
+                            self.settle(w, give_up)?;
+                        }
                     }
                 }
             }
         }
         Ok(results)
+    }
+}
+
+impl Evaluator for RingEvaluator<'_> {
+    fn evaluate(
+        &mut self,
+        candidates: &[&[f32]],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        let Some(first) = candidates.first() else {
+            return Ok(Vec::new());
+        };
+        let n = first.len();
+        let max = self.max_vectors_per_request(n);
+        if max == 0 {
+            return Err(EvalError::Failed(format!(
+                "one candidate of {n} parameters ({} bytes) does not fit the ring's payload area; use --strategy es",
+                4 * n + EvalHeader::SIZE
+            )));
+        }
+        self.schedule(Work::Vectors(candidates), max, seed, episodes)
+    }
+
+    fn evaluate_recipes(
+        &mut self,
+        base: &evod_evolve::Base<'_>,
+        recipes: &[evod_evolve::Recipe],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        if self.base_dir.is_none() {
+            // No base folder: materialise (the trait's default).
+            let candidates = recipes
+                .iter()
+                .map(|r| r.materialize(base))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| EvalError::Failed(e.to_string()))?;
+            let refs: Vec<&[f32]> = candidates.iter().map(Vec::as_slice).collect();
+            return self.evaluate(&refs, seed, episodes);
+        }
+        if recipes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let path = self.write_base(base)?;
+        let path = path.to_string_lossy().into_owned();
+        let work = Work::Recipes {
+            base: base.checksum(),
+            params: base.params().len() as u32,
+            path: path.as_bytes(),
+            recipes,
+        };
+        self.schedule(work, evod_wire::MAX_BATCH as usize, seed, episodes)
     }
 }

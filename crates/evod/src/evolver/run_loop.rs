@@ -172,6 +172,11 @@ impl Loop {
         })
     }
 
+    /// The live model's spec.
+    pub(super) fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
     pub(super) fn run(
         mut self,
         evolve: &EvolveArgs,
@@ -180,6 +185,9 @@ impl Loop {
         let checkpoint_path = self.dir.join("state/checkpoint.bin");
         let checkpoint_every = evolve.checkpoint_every().max(1);
         let mut last_evals = (Instant::now(), self.evolver.stats().evaluations);
+        // Bounded tries: a run that cannot progress says why and exits
+        // NO_PROGRESS instead of retrying forever or "reaching" its bound.
+        let mut guard = evod_evolve::ProgressGuard::new(evolve.max_useless_generations());
         // SIGTERM (the supervisor's graceful stop) ends the loop between
         // generations with a checkpoint, so a stopped run resumes exactly
         // where it stopped; a second signal is not needed: the supervisor
@@ -208,13 +216,13 @@ impl Loop {
         loop {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
                 save_checkpoint(&checkpoint_path, &self.evolver.checkpoint())?;
-                self.finish("stopped by signal, checkpoint saved");
+                self.finish("stopped by signal, checkpoint saved", ring);
                 return Ok(ExitCode::SUCCESS);
             }
             if let Some(limit) = evolve.generations
                 && self.evolver.generation() >= limit
             {
-                self.finish(&format!("reached {limit} generations"));
+                self.finish(&format!("reached {limit} generations"), ring);
                 return Ok(ExitCode::SUCCESS);
             }
             if alarm.take_hangup() {
@@ -237,10 +245,26 @@ impl Loop {
                 continue;
             }
             ring.poll_stats();
-            let report = match self.evolver.step(ring) {
+            let step = self.evolver.step(ring);
+            let checked = match &step {
+                Ok(_) => guard.observe(&self.evolver),
+                Err(e @ EvolveError::Eval { .. }) => guard.observe_error(e),
+                Err(_) => Ok(()),
+            };
+            if let Err(why) = checked {
+                let _ = save_checkpoint(&checkpoint_path, &self.evolver.checkpoint());
+                self.finish(&format!("no progress, giving up: {why}"), ring);
+                tracing::error!("{why}");
+                return Ok(ExitCode::from(evod_supervisor::exit_code::NO_PROGRESS));
+            }
+            let report = match step {
                 Ok(r) => r,
                 Err(EvolveError::Eval { generation, source }) => {
-                    tracing::warn!(generation, "evaluation failed, retrying: {source}");
+                    tracing::warn!(
+                        generation,
+                        tries = guard.useless(),
+                        "evaluation failed, retrying: {source}"
+                    );
                     std::thread::sleep(Duration::from_millis(200));
                     continue;
                 }
@@ -295,7 +319,7 @@ impl Loop {
                 );
             }
             if evolve.until_solved && solved && published {
-                self.finish("solved");
+                self.finish("solved", ring);
                 return Ok(ExitCode::SUCCESS);
             }
         }
@@ -392,19 +416,27 @@ impl Loop {
         Ok(wake)
     }
 
-    fn finish(&self, why: &str) {
+    fn finish(&self, why: &str, ring: &RingEvaluator<'_>) {
         evod_supervisor::end_status_line();
         let stats = self.evolver.stats();
         let (_, best) = self.evolver.best();
+        let ipc = ring.ipc;
         println!(
-            "evod: {why}: {} generations, {} evaluations, best fitness {best:.2}, published generation {} (fitness {}) in {:.2}s",
+            "evod: {why}: {} generations, {} evaluations, best fitness {best:.2}, published generation {} (fitness {}) in {:.2}s; ring {:.0} bytes/candidate ({} bytes, {} candidates, {} requests, largest {} bytes), base files {} bytes ({} written)",
             self.evolver.generation(),
             stats.evaluations,
             self.spec.generation,
             self.spec
                 .fitness
                 .map_or("none".to_owned(), |f| format!("{f:.2}")),
-            self.started.elapsed().as_secs_f64()
+            self.started.elapsed().as_secs_f64(),
+            ipc.ring_bytes_per_candidate(),
+            ipc.ring_bytes,
+            ipc.candidates,
+            ipc.requests,
+            ipc.largest_request,
+            ipc.base_bytes,
+            ipc.bases,
         );
     }
 

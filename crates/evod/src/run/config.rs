@@ -131,6 +131,25 @@ impl FileConfig {
     }
 }
 
+/// The default of `--eval-timeout`: the longest `EVAL` the evolver may
+/// legitimately keep a worker busy with — its own deadline (10 s plus
+/// `--eval-timeout-per-candidate` per candidate and episode) for the
+/// larger of a training batch (`population + 1` candidates over the
+/// workers, `--episodes` each) and the gate (one candidate, 100 episodes),
+/// and never less than [`evod_supervisor::config::DEFAULT_EVAL_TIMEOUT`].
+/// A worker busy that long answers the supervisor only afterwards, so it
+/// is not taken for a mute one sooner.
+fn longest_eval(evolve: &EvolveArgs, workers: usize) -> Duration {
+    let defaults = evod_evolve::EvolverConfig::default();
+    let population = evolve.population.unwrap_or(defaults.population as u32);
+    let episodes = evolve.episodes.unwrap_or(defaults.episodes).max(1);
+    let batch = (population.saturating_add(1)).div_ceil(workers.max(1) as u32);
+    let units = batch.saturating_mul(episodes).max(defaults.gate_episodes);
+    Duration::from_secs(10)
+        .saturating_add(evolve.eval_timeout_per_candidate().saturating_mul(units))
+        .max(evod_supervisor::config::DEFAULT_EVAL_TIMEOUT)
+}
+
 /// Merges flags/environment (`args`) over the TOML file over defaults;
 /// also returns the evolution options (the default model's seed is one).
 pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
@@ -188,7 +207,7 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
     let eval_timeout = args
         .eval_timeout
         .or(file.eval_timeout)
-        .unwrap_or(evod_supervisor::config::DEFAULT_EVAL_TIMEOUT);
+        .unwrap_or_else(|| longest_eval(&evolve, workers));
     for (name, d) in [
         (
             "--load-timeout",
@@ -230,6 +249,8 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
         control_socket,
         evolver_args: evolve.to_cli_args(),
         evolver_bounded: evolve.generations.is_some() || evolve.until_solved,
+        // Sized from the model in `run` (`evolver::ring_payload_bytes`).
+        payload_bytes: evod_ring::LayoutConfig::default().payload_bytes,
         dir,
     };
     check_merged(&config, &evolve).map_err(usage)?;

@@ -101,7 +101,7 @@ pub struct Args {
 
 /// Runs `evod run`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let (config, evolve) = config::resolve(args)?;
+    let (mut config, evolve) = config::resolve(args)?;
     // Refuse a socket path that is taken before creating anything.
     evod_supervisor::control::check_socket_path(&config.control_socket)
         .map_err(|e| exit::with_code(exit::USAGE, e))?;
@@ -112,6 +112,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     evod_supervisor::init_logging(config.log_format);
     if !config.model.exists() && crate::evolver::is_fresh_folder(&config.dir) {
         crate::evolver::create_default_model(&config.model, evolve.seed())?;
+    }
+    if config.model.exists() && !config.no_evolver {
+        config.payload_bytes = crate::evolver::ring_payload_bytes(&config.model, &evolve)?;
     }
     match evod_supervisor::run(config) {
         Ok(code) => Ok(exit::exit(code)),
