@@ -19,8 +19,8 @@ pub mod protocol;
 pub mod standby;
 
 pub use control::{
-    ChildStatus, ClientError, InputError, Request, Response, StatusReport, call, check_exec_inputs,
-    parse_exec_inputs,
+    ChildStatus, ClientError, EvolverReport, InputError, Request, Response, StatusReport, call,
+    check_exec_inputs, parse_exec_inputs,
 };
 pub use protocol::{
     DecodeError, EvalHeader, ExecHeader, LoadRequest, MAX_BATCH, WorkerInfo, exchange, op,

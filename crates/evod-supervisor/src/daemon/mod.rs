@@ -53,6 +53,7 @@ use evod_wire::protocol::{LoadRequest, op};
 
 mod children;
 mod fallback;
+mod observe;
 mod requests;
 mod sync;
 
@@ -305,6 +306,8 @@ struct Supervisor {
     /// `maybe_fall_back`).
     crashes_after_new: HashMap<u64, u32>,
     rollbacks: u64,
+    /// What `/metrics` and the probes serve (`observe.rs`).
+    metrics: crate::metrics::Metrics,
     next_exec: usize,
     give_up: Option<String>,
 }
@@ -359,6 +362,12 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
             what: "cannot start the signal thread",
             source,
         })?;
+    // Before the control socket: a taken port leaves nothing behind.
+    let metrics = crate::metrics::Metrics::new();
+    let metrics_server = match config.metrics_addr {
+        Some(addr) => Some(metrics.serve(addr)?),
+        None => None,
+    };
     let server = ControlServer::start(&config.control_socket, tx.clone(), Event::Control)?;
     janitor
         .watch(server.created())
@@ -374,12 +383,14 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
         workers = config.workers,
         socket = %server.path().display(),
         janitor = janitor.pid().as_raw(),
+        metrics = metrics_server.as_ref().map(|s| s.addr().to_string()),
         "evod supervisor starting"
     );
-    let mut sup = Supervisor::new(config, tx)?;
+    let mut sup = Supervisor::new(config, tx, metrics)?;
     let code = sup.event_loop(&rx);
     drop(sup);
     drop(server);
+    drop(metrics_server);
     code
 }
 
@@ -397,7 +408,11 @@ fn check_model(model: &std::path::Path) -> Result<Option<u64>, SupervisorError> 
 }
 
 impl Supervisor {
-    fn new(config: Config, tx: mpsc::Sender<Event>) -> Result<Supervisor, SupervisorError> {
+    fn new(
+        config: Config,
+        tx: mpsc::Sender<Event>,
+        metrics: crate::metrics::Metrics,
+    ) -> Result<Supervisor, SupervisorError> {
         let mut slots = Vec::new();
         for index in 0..config.workers {
             let segment = Arc::new(
@@ -437,6 +452,7 @@ impl Supervisor {
             verified_file: None,
             crashes_after_new: HashMap::new(),
             rollbacks: 0,
+            metrics,
             next_exec: 0,
             give_up: None,
         };
@@ -477,7 +493,10 @@ impl Supervisor {
                         let _ = incoming.reply.send(response);
                     }
                 }
-                Ok(Event::Link(i, done)) => self.on_link_done(i, done),
+                Ok(Event::Link(i, done)) => {
+                    self.observe_link(&done);
+                    self.on_link_done(i, done);
+                }
                 Ok(Event::Identified(report)) => self.on_identified(report),
                 Ok(Event::Restored(report)) => self.on_restored(report),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -496,6 +515,9 @@ impl Supervisor {
                     self.sync_workers();
                 }
             }
+            // Before `start_due`: a dead worker's last stats are read
+            // before its slot's epoch is bumped.
+            self.refresh_metrics();
             match self.phase {
                 Phase::Running => self.start_due(now),
                 Phase::Stopping { deadline, code } => {

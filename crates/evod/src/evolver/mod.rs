@@ -17,7 +17,8 @@
 //! - `state/checkpoint.bin`: the strategy state (atomic writes).
 //! - `state/progress.csv`: one row per generation.
 //!
-//! Modules: `run_loop` (the loop, resume, publish, progress, pulse), `ring`
+//! Modules: `run_loop` (the loop, resume, publish, progress, pulse),
+//! `report` (the counters sent to the supervisor for `/metrics`), `ring`
 //! ([`RingEvaluator`]), `io_fault` (the fault-injection I/O plan),
 //! `options` ([`EvolveArgs`], shared with `evod run`).
 
@@ -38,6 +39,7 @@ use crate::report::{PROGRESS_FILE, PROGRESS_HEADER, Row};
 
 mod io_fault;
 mod options;
+mod report;
 mod ring;
 mod run_loop;
 

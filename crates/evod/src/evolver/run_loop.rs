@@ -201,6 +201,7 @@ impl Loop {
         let pulse_every = evolve.pulse_every().max(1);
         let checkpoint_every = evolve.checkpoint_every().max(1);
         let mut last_evals = (Instant::now(), self.evolver.stats().evaluations);
+        let reporter = super::report::Reporter::start(ring.control_socket.clone());
         // SIGTERM (the supervisor's graceful stop) ends the loop between
         // generations with a checkpoint, so a stopped run resumes exactly
         // where it stopped; a second signal is not needed: the supervisor
@@ -308,6 +309,7 @@ impl Loop {
             if g.is_multiple_of(pulse_every) {
                 self.pulse(ring, &report, rate);
             }
+            reporter.update(super::report::of(&self.evolver, &self.spec));
             if evolve.until_solved && solved && published {
                 self.finish("solved");
                 return Ok(ExitCode::SUCCESS);
