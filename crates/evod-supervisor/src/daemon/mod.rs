@@ -383,9 +383,11 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
         workers = config.workers,
         socket = %server.path().display(),
         janitor = janitor.pid().as_raw(),
-        metrics = metrics_server.as_ref().map(|s| s.addr().to_string()),
         "evod supervisor starting"
     );
+    if let Some(m) = &metrics_server {
+        tracing::info!("serving /metrics, /healthz and /readyz on http://{}", m.addr());
+    }
     let mut sup = Supervisor::new(config, tx, metrics)?;
     let code = sup.event_loop(&rx);
     drop(sup);
