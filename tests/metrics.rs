@@ -142,7 +142,7 @@ fn value_of(text: &str, series: &str) -> Option<f64> {
 fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: evod\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: evod\r\nConnection: close\r\n\r\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let code = out
