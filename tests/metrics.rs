@@ -142,7 +142,10 @@ fn value_of(text: &str, series: &str) -> Option<f64> {
 fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: evod\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: evod\r\nConnection: close\r\n\r\n"
+    )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let code = out
@@ -283,7 +286,9 @@ fn a_hostile_http_client_holds_up_neither_status_nor_sigterm() {
     });
     // The loop does not care: status answers, many times over.
     for _ in 0..10 {
-        let s = d.status().expect("evod status failed under a hostile HTTP client");
+        let s = d
+            .status()
+            .expect("evod status failed under a hostile HTTP client");
         assert_eq!(s["healthy"], true, "{s}");
     }
     // SIGTERM: the daemon stops within its grace period (5 s) plus the
@@ -355,7 +360,10 @@ impl Prometheus {
         let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
         let child = Command::new(&binary)
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

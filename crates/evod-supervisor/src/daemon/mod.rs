@@ -386,7 +386,10 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
         "evod supervisor starting"
     );
     if let Some(m) = &metrics_server {
-        tracing::info!("serving /metrics, /healthz and /readyz on http://{}", m.addr());
+        tracing::info!(
+            "serving /metrics, /healthz and /readyz on http://{}",
+            m.addr()
+        );
     }
     let mut sup = Supervisor::new(config, tx, metrics)?;
     let code = sup.event_loop(&rx);
