@@ -431,3 +431,27 @@ fn a_real_prometheus_server_scrapes_growing_generations() {
     );
     assert_eq!(ready, 1.0);
 }
+
+#[test]
+fn a_taken_port_stops_evod_run_with_exit_2_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let o = evod()
+        .arg("run")
+        .arg("--dir")
+        .arg(dir.path())
+        .args(["--no-evolver", "--workers", "1", "--metrics-addr"])
+        .arg(addr.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = common::text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--metrics-addr") && err.contains(&addr.to_string()) && err.contains("in use"),
+        "{err}"
+    );
+    // Bound before the control socket: nothing of it is left.
+    assert!(!dir.path().join(".evod/control.sock").exists());
+}

@@ -411,6 +411,25 @@ mod tests {
     }
 
     #[test]
+    fn a_metrics_address_must_be_an_ip_address_and_port() {
+        let none = EvolveArgs::default();
+        let mut l = layer(&none);
+        for bad in ["localhost:9464", "127.0.0.1", "127.0.0.1:99999", ":9464"] {
+            l.metrics_addr = Some(bad);
+            let err = check_layer(&l).unwrap_err().to_string();
+            assert!(
+                err.contains("`metrics_addr` in evod.toml (--metrics-addr)")
+                    && err.contains("IP address and port"),
+                "{bad}: {err}"
+            );
+        }
+        for good in ["127.0.0.1:9464", "[::1]:0", "0.0.0.0:9464"] {
+            l.metrics_addr = Some(good);
+            check_layer(&l).unwrap();
+        }
+    }
+
+    #[test]
     fn a_read_only_state_folder_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         check_state_dir(&dir.path().join("new")).unwrap();
