@@ -122,38 +122,38 @@ impl Collector for EvolverMetrics {
         gauge(
             &mut e,
             "evod_evolver_report_age",
-            "Time since the evolver's last report (the evolver metrics are as of then)",
+            "Time since the evolver's last report (the evolver metrics are as of then).",
             Some(&Unit::Seconds),
             at.elapsed().as_secs_f64(),
         )?;
         counter(
             &mut e,
             "evod_generations",
-            "Generations the evolver completed",
+            "Generations the evolver completed.",
             r.generations,
         )?;
         counter(
             &mut e,
             "evod_evaluations",
-            "Candidate evaluations (training and gate)",
+            "Candidate evaluations (training and gate).",
             r.evaluations,
         )?;
         counter(
             &mut e,
             "evod_episodes",
-            "Episodes run by the evaluations",
+            "Episodes run by the evaluations.",
             r.episodes,
         )?;
-        counter(&mut e, "evod_publishes", "Models published", r.publishes)?;
+        counter(&mut e, "evod_publishes", "Models published.", r.publishes)?;
         counter(
             &mut e,
             "evod_quarantined",
-            "Candidates the workers could not evaluate (quarantined)",
+            "Candidates the workers could not evaluate (quarantined).",
             r.quarantined,
         )?;
         let mut family = e.encode_descriptor(
             "evod_rejections",
-            "Candidates refused by validation, by reason",
+            "Candidates refused by validation, by reason.",
             None,
             MetricType::Counter,
         )?;
@@ -165,7 +165,7 @@ impl Collector for EvolverMetrics {
             gauge(
                 &mut e,
                 "evod_best_fitness",
-                "Best fitness the evolver has seen",
+                "Best fitness the evolver has seen.",
                 None,
                 f,
             )?;
@@ -174,7 +174,7 @@ impl Collector for EvolverMetrics {
             gauge(
                 &mut e,
                 "evod_published_fitness",
-                "Fitness recorded in the published model",
+                "Fitness recorded in the published model.",
                 None,
                 f,
             )?;
@@ -182,7 +182,7 @@ impl Collector for EvolverMetrics {
         gauge(
             &mut e,
             "evod_published_generation",
-            "Generation of the model the evolver last published",
+            "Generation of the model the evolver last published.",
             None,
             r.published_generation as f64,
         )?;
@@ -190,7 +190,7 @@ impl Collector for EvolverMetrics {
             gauge(
                 &mut e,
                 "evod_converged",
-                "1 when the run has converged (no progress over its window)",
+                "1 when the run has converged (no progress over its window).",
                 None,
                 if c { 1.0 } else { 0.0 },
             )?;
