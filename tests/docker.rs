@@ -424,7 +424,17 @@ fn docker_kill_then_start_resumes_from_the_checkpoint() {
     // A checkpoint every 10 generations (the default, said explicitly).
     let c = Container::start_detached(
         "resume",
-        &["--workers", "1", "--seed", "1", "--checkpoint-every", "10"],
+        &[
+            "--workers",
+            "1",
+            "--seed",
+            "1",
+            "--checkpoint-every",
+            "10",
+            // Past CartPole's maximum it would rest: keep evolving.
+            "--patience",
+            "0",
+        ],
     );
     c.wait("the evolver past generation 100", || {
         last_pulse(&c).filter(|&g| g >= 100)

@@ -63,6 +63,8 @@ impl Daemon {
             .arg(dir)
             .args(["--log-format", "json", "--allow-fault-injection"])
             .args(args)
+            // Faults are injected while it evaluates: it must not rest.
+            .env("EVOD_PATIENCE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -357,6 +359,8 @@ fn poison_candidates_are_quarantined_and_the_run_completes() {
             "2",
             "--pulse-every",
             "1",
+            "--pulse-interval",
+            "0s",
             // Poison crashes come fast: keep the restart policy out of this
             // row (its own tests cover it). The crash-loop fallback keeps its
             // default: crashes in EVAL must not be blamed on the model.

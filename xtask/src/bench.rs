@@ -16,6 +16,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("evolve", "evod", "bench_daemon_solve"),
     ("recovery", "evod-supervisor", "bench_recovery"),
     ("metrics", "evod", "bench_metrics"),
+    ("soak", "evod", "bench_soak"),
 ];
 
 /// Runs the benchmarks named in `args` (all when empty). A name may have

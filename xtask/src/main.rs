@@ -2,7 +2,8 @@
 //!
 //! - `ci`: exactly what `.ci/run` runs: the Python venv the tests read our
 //!   files with, `cargo fmt --check`, clippy with warnings denied, the
-//!   container image, all tests (`tests/docker.rs` among them).
+//!   container image, all tests (`tests/docker.rs` among them), the `evod`
+//!   Python package built, installed into the venv and its pytest suite.
 //! - `venv`: create `.venv` with the pinned Python peers (gguf, gymnasium, …).
 //! - `bench <name>`: run a benchmark in release mode; each writes
 //!   `target/bench/<name>.json`.
@@ -79,6 +80,38 @@ pub fn venv() -> Result<PathBuf> {
     Ok(python)
 }
 
+/// Builds and installs the `evod` Python package (`python/`, maturin from
+/// the venv, a debug build: the tests need no speed) into the venv, then
+/// runs its pytest suite against the `evod` binary `cargo test` built.
+fn python_package(python: &Path) -> Result<()> {
+    let root = root();
+    // Without build isolation pip runs maturin's hook in the venv's Python,
+    // which looks for the `maturin` executable on PATH: the venv's.
+    let bin = python.parent().context("the venv's python has a folder")?;
+    let path = std::env::join_paths(std::iter::once(bin.to_path_buf()).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))?;
+    run(Command::new(python)
+        .current_dir(&root)
+        .env("PATH", path)
+        .env("MATURIN_PEP517_ARGS", "--profile dev")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-build-isolation",
+            "--no-deps",
+            "--force-reinstall",
+            "./python",
+        ]))?;
+    run(Command::new(python)
+        .current_dir(&root)
+        .env("EVOD_BIN", root.join("target/debug/evod"))
+        .args(["-m", "pytest", "-q", "python/tests"]))
+}
+
 fn ci() -> Result<()> {
     let root = root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -125,6 +158,7 @@ fn ci() -> Result<()> {
                 .env("EVOD_PYTHON", &python)
                 .args(["test", "--workspace"]))
         })?;
+        step("python package", &mut || python_package(&python))?;
         step("fault storm (50)", &mut || {
             // The dev-profile binary `cargo test` just built: no release
             // build in CI's budget.

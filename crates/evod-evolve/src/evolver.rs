@@ -351,7 +351,7 @@ impl Evolver {
         };
         let ask_rejections = rejections.clone();
         for r in &rejections {
-            tracing::warn!(generation, rejection = %r, "candidate rejected");
+            tracing::debug!(generation, rejection = %r, "candidate rejected");
         }
 
         let mut stats = self.stats.clone();
@@ -447,7 +447,7 @@ impl Evolver {
                                 );
                             }
                             Err(r) => {
-                                tracing::warn!(generation, rejection = %r, "publish rejected");
+                                tracing::debug!(generation, rejection = %r, "publish rejected");
                                 stats.count(&r);
                                 rejections.push(r);
                             }
@@ -491,7 +491,7 @@ impl Evolver {
             (Strategy::Ga(s), Ask::Ga(a)) => s.tell(a, &fitness),
             (Strategy::Es(s), Ask::Es(a)) => {
                 if let Err(r) = s.tell(&a, &fitness, &self.config, &self.layout, &self.validator) {
-                    tracing::warn!(generation, rejection = %r, "es update rejected");
+                    tracing::debug!(generation, rejection = %r, "es update rejected");
                     stats.count(&r);
                     rejections.push(r);
                 }

@@ -14,7 +14,8 @@
 //! - `config`: the resolved configuration.
 //! - `janitor`: removes the control socket if the supervisor is SIGKILLed.
 //! - `standby`: warm standby workers, promoted when a worker dies.
-//! - `process`: logging and the process name, for every role.
+//! - `process`: logging (one writer per terminal, the live status line)
+//!   and the process name, for every role.
 //! - `units`: durations and sizes as operators write them.
 
 #![deny(missing_docs)]
@@ -36,7 +37,7 @@ use std::path::PathBuf;
 
 pub use config::Config;
 pub use daemon::run;
-pub use process::{LogFormat, init_logging, set_process_name};
+pub use process::{LogFormat, end_status_line, init_logging, set_process_name, status_line};
 
 /// The exit codes the supervisor itself decides (the binary's `exit.rs`
 /// defines the rest and reuses these).

@@ -1,5 +1,5 @@
 //! The control socket's wire protocol and its client (`evod status`,
-//! `exec`, `stop`, `rollback`, `fault`, and the evolver's `recycle`); the
+//! `exec`, `stop`, `rollback`, `wake`, `fault`, and the evolver's `recycle`); the
 //! server is `evod-supervisor`'s `control.rs`.
 //!
 //! Transport: a Unix socket file (an `interprocess` local socket). Protocol:
@@ -64,6 +64,9 @@ pub enum Request {
         /// The generation to restore.
         to: Option<u64>,
     },
+    /// Wake a resting (converged) evolver: the supervisor sends it SIGHUP,
+    /// as it does on its own SIGHUP.
+    Wake,
     /// Replace a worker that misbehaves without crashing (the evolver found
     /// its ring corrupt or its replies malformed): SIGKILL, then the usual
     /// restart. Any client of the socket may ask; it has the daemon's uid.
@@ -273,6 +276,10 @@ pub struct StatusReport {
     pub good_generation: Option<u64>,
     /// Every child.
     pub children: Vec<ChildStatus>,
+    /// The evolver rests because the run converged (its marker
+    /// `state/converged`, see [`crate::rest`]); `None` while it evolves.
+    #[serde(default)]
+    pub converged: Option<crate::rest::Converged>,
 }
 
 /// What the evolver reports of its run ([`Request::Report`]). Counters
@@ -473,6 +480,10 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&Request::Wake).unwrap(),
+            r#"{"op":"wake"}"#
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //!   [`Response`], [`StatusReport`]) and the client [`call`].
 //! - [`standby`]: the two bytes of a warm standby's link.
 //! - [`fault`]: fault kinds (`segv`, `exit:N`, …) as fault opcodes.
+//! - [`rest`]: the resting evolver's marker `state/converged`, which the
+//!   supervisor reads for `evod status`.
 //!
 //! Every decoder here treats its input as untrusted.
 
@@ -16,6 +18,7 @@
 pub mod control;
 pub mod fault;
 pub mod protocol;
+pub mod rest;
 pub mod standby;
 
 pub use control::{

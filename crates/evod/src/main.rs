@@ -42,6 +42,8 @@ enum Command {
     Stop(status::StopArgs),
     /// Restore an earlier generation of the model.
     Rollback(status::RollbackArgs),
+    /// Wake a converged (resting) evolver: evolve again.
+    Wake(status::WakeArgs),
     /// Print a GGUF file's header, metadata and tensors.
     Inspect(inspect::Args),
     /// Create a new seeded model file for a task.
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
         Command::Exec(args) => status::exec(args),
         Command::Stop(args) => status::stop(args),
         Command::Rollback(args) => status::rollback(args),
+        Command::Wake(args) => status::wake(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Init(args) => init::run(args),
         Command::Eval(args) => eval::run(args),

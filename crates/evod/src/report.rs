@@ -1,6 +1,11 @@
 //! `evod report`: fitness over generations as an SVG picture and a CSV table,
 //! drawn from the run's progress log (`<dir>/state/progress.csv`, one row per
 //! generation, appended by the evolver).
+//!
+//! The log is bounded ([`thin`]): the newest generations stay one row each,
+//! older ones are merged into rows that each stand for an aligned block of
+//! generations (best = the block's best, mean = the block's mean, publishes
+//! counted), so the picture still covers the whole run.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -40,8 +45,9 @@ pub struct Row {
     pub mean: f64,
     /// Evaluations so far.
     pub evaluations: u64,
-    /// Whether this generation was published.
-    pub published: bool,
+    /// Models published in the generations this row stands for (0 or 1
+    /// for a single generation; more for a thinned row).
+    pub publishes: u64,
     /// Seconds since the run started.
     pub wall_s: f64,
 }
@@ -51,12 +57,7 @@ impl Row {
     pub fn to_csv(&self) -> String {
         format!(
             "{},{},{},{},{},{:.3}",
-            self.generation,
-            self.best,
-            self.mean,
-            self.evaluations,
-            u8::from(self.published),
-            self.wall_s
+            self.generation, self.best, self.mean, self.evaluations, self.publishes, self.wall_s
         )
     }
 }
@@ -96,11 +97,75 @@ pub fn parse_progress(path: &Path, text: &str) -> Result<Vec<Row>> {
             best: cells[1].parse().map_err(|_| bad("best"))?,
             mean: cells[2].parse().map_err(|_| bad("mean"))?,
             evaluations: cells[3].parse().map_err(|_| bad("evaluations"))?,
-            published: cells[4] == "1",
+            publishes: cells[4].parse().map_err(|_| bad("published"))?,
             wall_s: cells[5].parse().map_err(|_| bad("wall_s"))?,
         });
     }
     Ok(rows)
+}
+
+/// Bounds a progress log: keeps the newest `keep` rows as they are and
+/// merges the older ones into at most `keep` rows, each standing for an
+/// aligned block of 2^k generations (the smallest k that fits). A merged
+/// row carries its block's first generation, best fitness (max), mean
+/// fitness (weighted by the generations each row stands for), evaluations
+/// and wall time at the block's end, and its publishes summed. Thinning a
+/// thinned log again merges whole blocks only, so repeated thinning keeps
+/// these meanings.
+pub fn thin(rows: &[Row], keep: usize) -> Vec<Row> {
+    let keep = keep.max(1);
+    if rows.len() <= 2 * keep {
+        return rows.to_vec();
+    }
+    let (old, recent) = rows.split_at(rows.len() - keep);
+    let end = recent[0].generation;
+    let mut stride = 1u64;
+    let merged = loop {
+        let merged = merge_blocks(old, stride, end);
+        if merged.len() <= keep {
+            break merged;
+        }
+        stride *= 2;
+    };
+    merged.into_iter().chain(recent.iter().cloned()).collect()
+}
+
+/// Merges consecutive rows whose first generations fall in the same block
+/// of `stride` generations; `end` is the generation after the last row's.
+fn merge_blocks(rows: &[Row], stride: u64, end: u64) -> Vec<Row> {
+    let mut out: Vec<Row> = Vec::new();
+    // (sum of mean × span, sum of span) of the last output row.
+    let mut weights = (0.0, 0.0);
+    for (i, r) in rows.iter().enumerate() {
+        let next = rows.get(i + 1).map_or(end, |n| n.generation);
+        let span = next.saturating_sub(r.generation).max(1) as f64;
+        let same = out
+            .last()
+            .is_some_and(|last| last.generation / stride == r.generation / stride);
+        if !same {
+            out.push(r.clone());
+            weights = if r.mean.is_finite() {
+                (r.mean * span, span)
+            } else {
+                (0.0, 0.0)
+            };
+            continue;
+        }
+        let last = out.last_mut().expect("checked above");
+        // A NaN best (nothing evaluated) gives way to any finite one.
+        if r.best.is_finite() && (last.best.is_nan() || r.best > last.best) {
+            last.best = r.best;
+        }
+        if r.mean.is_finite() {
+            weights.0 += r.mean * span;
+            weights.1 += span;
+            last.mean = weights.0 / weights.1;
+        }
+        last.evaluations = r.evaluations;
+        last.wall_s = r.wall_s;
+        last.publishes += r.publishes;
+    }
+    out
 }
 
 /// Draws best and mean fitness over generations, publishes marked.
@@ -184,7 +249,7 @@ pub fn svg(rows: &[Row], title: &str) -> String {
             );
         }
     }
-    for r in rows.iter().filter(|r| r.published && finite(r.best)) {
+    for r in rows.iter().filter(|r| r.publishes > 0 && finite(r.best)) {
         let _ = writeln!(
             s,
             r##"<circle cx="{:.1}" cy="{:.1}" r="4" fill="#2ca02c"><title>published generation {} (fitness {})</title></circle>"##,
@@ -233,7 +298,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let title = format!(
         "evod: fitness over {} generations ({})",
-        rows.len(),
+        rows.last().map_or(0, |r| r.generation + 1),
         args.dir.display()
     );
     std::fs::write(&args.output, svg(&rows, &title))
@@ -249,13 +314,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let last = rows.last().expect("rows is not empty");
     println!(
-        "{} generations, best fitness {} at generation {}, {} published; picture in {}",
+        "{} generations ({} rows), best fitness {} at generation {}, {} published; picture in {}",
+        last.generation + 1,
         rows.len(),
         rows.iter()
             .map(|r| r.best)
             .fold(f64::NEG_INFINITY, f64::max),
         last.generation,
-        rows.iter().filter(|r| r.published).count(),
+        rows.iter().map(|r| r.publishes).sum::<u64>(),
         args.output.display()
     );
     Ok(ExitCode::SUCCESS)
@@ -273,7 +339,7 @@ mod tests {
                 best: 20.0,
                 mean: 10.5,
                 evaluations: 64,
-                published: false,
+                publishes: 0,
                 wall_s: 0.1,
             },
             Row {
@@ -281,7 +347,7 @@ mod tests {
                 best: 500.0,
                 mean: 200.0,
                 evaluations: 128,
-                published: true,
+                publishes: 1,
                 wall_s: 0.2,
             },
         ];
@@ -300,6 +366,61 @@ mod tests {
                 && svg.contains("<polyline")
                 && svg.contains("published generation 2")
         );
+    }
+
+    fn rows(n: u64) -> Vec<Row> {
+        (0..n)
+            .map(|g| Row {
+                generation: g,
+                best: g as f64,
+                mean: 1.0 + (g % 2) as f64,
+                evaluations: 10 * (g + 1),
+                publishes: u64::from(g % 100 == 7),
+                wall_s: g as f64 * 0.01,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn thinning_is_bounded_and_keeps_the_whole_run() {
+        let all = rows(100_000);
+        let keep = 1000;
+        let thinned = thin(&all, keep);
+        assert!(thinned.len() <= 2 * keep, "{} rows", thinned.len());
+        // The newest rows are untouched; the oldest block still starts the run.
+        assert_eq!(thinned[thinned.len() - keep..], all[all.len() - keep..]);
+        assert_eq!(thinned[0].generation, 0);
+        // Nothing is lost from the summaries: publishes, the best, the mean.
+        let publishes = |r: &[Row]| r.iter().map(|r| r.publishes).sum::<u64>();
+        assert_eq!(publishes(&thinned), publishes(&all));
+        let first = &thinned[0];
+        assert_eq!(first.best, (thinned[1].generation - 1) as f64);
+        assert!((first.mean - 1.5).abs() < 0.01, "{first:?}");
+        // Generations stay in order; thinning again while appending stays bounded.
+        assert!(
+            thinned
+                .windows(2)
+                .all(|w| w[0].generation < w[1].generation)
+        );
+        let mut log = thinned;
+        for g in 100_000..150_000 {
+            log.push(Row {
+                generation: g,
+                ..all[0].clone()
+            });
+            if log.len() > 3 * keep {
+                log = thin(&log, keep);
+            }
+        }
+        assert!(log.len() <= 3 * keep);
+        assert_eq!(log.last().unwrap().generation, 149_999);
+        assert_eq!(log[0].generation, 0);
+    }
+
+    #[test]
+    fn a_short_log_is_not_thinned() {
+        let all = rows(20);
+        assert_eq!(thin(&all, 10), all);
     }
 
     #[test]

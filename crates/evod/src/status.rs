@@ -1,4 +1,5 @@
-//! Control-socket clients: `evod status`, `exec`, `stop`, `rollback`.
+//! Control-socket clients: `evod status`, `exec`, `stop`, `rollback`,
+//! `wake`.
 //!
 //! Each finds the daemon's socket from `--control-socket`, else
 //! `EVOD_CONTROL_SOCKET`, else `DIR/.evod/control.sock` with `--dir` /
@@ -71,6 +72,13 @@ pub struct StopArgs {
     target: Target,
 }
 
+/// Arguments of `evod wake`.
+#[derive(Debug, clap::Args)]
+pub struct WakeArgs {
+    #[command(flatten)]
+    target: Target,
+}
+
 /// Arguments of `evod rollback`.
 #[derive(Debug, clap::Args)]
 pub struct RollbackArgs {
@@ -136,6 +144,16 @@ fn print_report(out: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
         dash(r.good_generation),
         r.rollbacks
     )?;
+    if let Some(c) = &r.converged {
+        writeln!(
+            out,
+            "converged since {} ({}; generation {}, model generation {}): resting, `evod wake` to evolve again",
+            utc(c.since_unix),
+            c.reason,
+            c.generation,
+            c.model_generation
+        )?;
+    }
     writeln!(
         out,
         "{:<8} {:>2} {:<10} {:>7} {:>9} {:>8} {:>5} {:>4} {:>10}  {:<16}  last exit",
@@ -164,6 +182,28 @@ fn print_report(out: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `secs` since the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Parses `0.1,0.2,…` with the check the server applies too.
@@ -195,6 +235,17 @@ pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs `evod wake`.
+pub fn wake(args: WakeArgs) -> anyhow::Result<ExitCode> {
+    let value = args.target.call(&Request::Wake)?;
+    writeln!(
+        std::io::stdout(),
+        "woke the evolver (pid {})",
+        value["evolver"]
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs `evod rollback`.
 pub fn rollback(args: RollbackArgs) -> anyhow::Result<ExitCode> {
     let value = args.target.call(&Request::Rollback { to: args.to })?;
@@ -209,6 +260,13 @@ pub fn rollback(args: RollbackArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_798_761_599), "2026-12-31 23:59:59 UTC");
+    }
 
     #[test]
     fn inputs_parse_and_bad_ones_are_usage_errors() {

@@ -589,11 +589,12 @@ impl Supervisor {
     }
 
     /// SIGTERM/SIGINT/SIGQUIT: graceful stop; a second one stops at once.
-    /// SIGHUP is logged and ignored.
+    /// SIGHUP wakes a resting evolver (as `evod wake` does).
     fn on_stop_signal(&mut self, signal: i32) -> Option<u8> {
         let name = reap::signal_name(signal);
         if signal == SIGHUP {
-            tracing::info!("received {name}: ignored (there is nothing to reload)");
+            tracing::info!("received {name}: waking the evolver");
+            let _ = self.wake_evolver();
             return None;
         }
         match self.phase {

@@ -1,5 +1,5 @@
 //! Control-socket requests: `status`, `exec`, `stop`, `rollback`,
-//! `recycle`, `fault`.
+//! `wake`, `recycle`, `fault`.
 
 use super::*;
 
@@ -19,6 +19,7 @@ impl Supervisor {
                 Response::ok("stopping")
             }
             Request::Exec { inputs } => return self.exec(inputs, reply),
+            Request::Wake => self.wake_evolver(),
             Request::Fault { worker, kind } => return self.inject_fault(worker, kind, reply),
             Request::Recycle {
                 worker,
@@ -77,6 +78,21 @@ impl Supervisor {
             let _ = child.signal(Signal::SIGKILL);
         }
         Response::ok(serde_json::json!({ "worker": index, "pid": pid }))
+    }
+
+    /// Wakes a resting evolver (`evod wake`, SIGHUP): sends it SIGHUP; an
+    /// evolver that is not resting ignores it.
+    pub(super) fn wake_evolver(&mut self) -> Response {
+        let evolver = self.slots.iter().find(|s| s.kind == Kind::Evolver);
+        let Some(child) = evolver.and_then(|s| s.child.as_ref().filter(|c| c.exited().is_none()))
+        else {
+            return Response::error("no evolver is running");
+        };
+        tracing::info!(pid = child.pid().as_raw(), "waking the evolver (SIGHUP)");
+        match child.signal(Signal::SIGHUP) {
+            Ok(()) => Response::ok(serde_json::json!({ "evolver": child.pid().as_raw() })),
+            Err(e) => Response::error(format!("cannot signal the evolver: {e}")),
+        }
     }
 
     /// Sends a fault opcode to worker `index` (`evod fault`), through its
@@ -234,6 +250,14 @@ impl Supervisor {
             rollbacks: self.rollbacks,
             good_generation: self.good_generation,
             children,
+            // The marker of a running evolver only (a stale one may stay
+            // behind a stopped or killed evolver).
+            converged: self
+                .slots
+                .iter()
+                .any(|s| s.kind == Kind::Evolver && s.running())
+                .then(|| evod_wire::rest::read(&self.config.dir))
+                .flatten(),
         }
     }
 }

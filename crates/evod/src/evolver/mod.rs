@@ -15,14 +15,17 @@
 //!   while it runs; rollbacks stop it first).
 //! - `history/gen-NNNNNNNN.gguf`: hard links of the last K published files.
 //! - `state/checkpoint.bin`: the strategy state (atomic writes).
-//! - `state/progress.csv`: one row per generation.
+//! - `state/progress.csv`: one row per generation, thinned when it holds
+//!   more than 3 × `--progress-keep` rows.
+//! - `state/converged`: present while the evolver rests (converged).
 //!
-//! Modules: `run_loop` (the loop, resume, publish, progress, pulse),
-//! `report` (the counters sent to the supervisor for `/metrics`), `ring`
+//! Modules: `run_loop` (the loop, resume, publish), `progress_log` (the
+//! bounded progress log), `pulse` (the pulse line and the terminal's live
+//! line), `rest` (rest when converged, and what wakes it), `report` (the
+//! counters sent to the supervisor for `/metrics`), `ring`
 //! ([`RingEvaluator`]), `io_fault` (the fault-injection I/O plan),
 //! `options` ([`EvolveArgs`], shared with `evod run`).
 
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -35,11 +38,14 @@ use evod_evolve::{
 use evod_ring::{Channel, Client, RingError, Segment};
 use evod_runtime::{Model, ModelSpec, Task, write_model, write_model_with};
 
-use crate::report::{PROGRESS_FILE, PROGRESS_HEADER, Row};
+use crate::report::{PROGRESS_FILE, Row};
 
 mod io_fault;
 mod options;
+mod progress_log;
+mod pulse;
 mod report;
+mod rest;
 mod ring;
 mod run_loop;
 

@@ -4,8 +4,29 @@
 //! `evod evolver` role, which flattens this same struct.
 
 use std::ffi::OsString;
+use std::time::Duration;
 
-use serde::Deserialize;
+use evod_supervisor::units::parse_duration;
+use serde::{Deserialize, Deserializer};
+
+/// Default of `--patience`: generations without a better published model
+/// before a service-mode run rests.
+pub const DEFAULT_PATIENCE: u64 = 1000;
+/// Default of `--pulse-interval`: at most one pulse line per this long.
+pub const DEFAULT_PULSE_INTERVAL: Duration = Duration::from_secs(10);
+/// Default of `--progress-keep`: generations kept at full resolution in
+/// `state/progress.csv` (older ones are thinned to at most as many rows).
+pub const DEFAULT_PROGRESS_KEEP: u64 = 10_000;
+
+/// A duration in the TOML file: a string such as `"10s"`.
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(t) => parse_duration(&t)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
 
 /// Evolution strategy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -56,9 +77,23 @@ pub struct EvolveArgs {
     /// Episodes per candidate evaluation [default: 1].
     #[arg(long, env = "EVOD_EPISODES")]
     pub episodes: Option<u32>,
-    /// Log a status line every N cycles [default: 60].
+    /// Log a status line every N cycles [default: 60], but at most one per
+    /// --pulse-interval.
     #[arg(long, env = "EVOD_PULSE_EVERY", value_name = "N")]
     pub pulse_every: Option<u64>,
+    /// Least time between two pulse lines [default: 10s].
+    #[arg(long, env = "EVOD_PULSE_INTERVAL", value_parser = parse_duration, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub pulse_interval: Option<Duration>,
+    /// Rest after N generations without a better published model, or at
+    /// once at the task's known maximum; 0: never rest. Only without
+    /// --generations and --until-solved [default: 1000].
+    #[arg(long, env = "EVOD_PATIENCE", value_name = "N")]
+    pub patience: Option<u64>,
+    /// Generations kept at full resolution in state/progress.csv; older
+    /// ones are thinned to at most N rows [default: 10000].
+    #[arg(long, env = "EVOD_PROGRESS_KEEP", value_name = "N")]
+    pub progress_keep: Option<u64>,
     /// Generations kept in DIR/history for rollback [default: 10].
     #[arg(long, env = "EVOD_HISTORY", value_name = "K")]
     pub history: Option<u32>,
@@ -80,6 +115,21 @@ impl EvolveArgs {
     pub fn pulse_every(&self) -> u64 {
         self.pulse_every.unwrap_or(60)
     }
+    /// Least time between pulse lines, default 10 s.
+    pub fn pulse_interval(&self) -> Duration {
+        self.pulse_interval.unwrap_or(DEFAULT_PULSE_INTERVAL)
+    }
+    /// Patience in generations, 0 for a bounded run (which never rests).
+    pub fn patience(&self) -> u64 {
+        if self.generations.is_some() || self.until_solved {
+            return 0;
+        }
+        self.patience.unwrap_or(DEFAULT_PATIENCE)
+    }
+    /// Full-resolution rows of the progress log, default 10000 (at least 1).
+    pub fn progress_keep(&self) -> u64 {
+        self.progress_keep.unwrap_or(DEFAULT_PROGRESS_KEEP).max(1)
+    }
     /// History length, default 10.
     pub fn history(&self) -> u32 {
         self.history.unwrap_or(10)
@@ -100,6 +150,9 @@ impl EvolveArgs {
             solve_threshold: self.solve_threshold.or(other.solve_threshold),
             episodes: self.episodes.or(other.episodes),
             pulse_every: self.pulse_every.or(other.pulse_every),
+            pulse_interval: self.pulse_interval.or(other.pulse_interval),
+            patience: self.patience.or(other.patience),
+            progress_keep: self.progress_keep.or(other.progress_keep),
             history: self.history.or(other.history),
             checkpoint_every: self.checkpoint_every.or(other.checkpoint_every),
         }
@@ -124,6 +177,12 @@ impl EvolveArgs {
         );
         push("--episodes", self.episodes.map(|v| v.to_string()));
         push("--pulse-every", self.pulse_every.map(|v| v.to_string()));
+        push(
+            "--pulse-interval",
+            self.pulse_interval.map(|d| format!("{}us", d.as_micros())),
+        );
+        push("--patience", self.patience.map(|v| v.to_string()));
+        push("--progress-keep", self.progress_keep.map(|v| v.to_string()));
         push("--history", self.history.map(|v| v.to_string()));
         push(
             "--checkpoint-every",
@@ -133,5 +192,42 @@ impl EvolveArgs {
             out.push("--until-solved".into());
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        evolve: EvolveArgs,
+    }
+
+    #[test]
+    fn service_options_pass_through_and_default() {
+        let file: EvolveArgs =
+            toml::from_str("pulse_interval = \"2.5s\"\npatience = 7\nprogress_keep = 50\n")
+                .unwrap();
+        assert_eq!(file.pulse_interval(), Duration::from_millis(2500));
+        let args = file.to_cli_args();
+        let again = Cli::try_parse_from(std::iter::once("x".into()).chain(args))
+            .unwrap()
+            .evolve;
+        assert_eq!(again, file);
+        assert_eq!(again.patience(), 7);
+        assert_eq!(again.progress_keep(), 50);
+        let none = EvolveArgs::default();
+        assert_eq!(none.patience(), DEFAULT_PATIENCE);
+        assert_eq!(none.pulse_interval(), DEFAULT_PULSE_INTERVAL);
+        // A bounded run never rests.
+        let bounded = EvolveArgs {
+            generations: Some(10),
+            ..file
+        };
+        assert_eq!(bounded.patience(), 0);
+        assert!(toml::from_str::<EvolveArgs>("pulse_interval = \"soon\"").is_err());
     }
 }

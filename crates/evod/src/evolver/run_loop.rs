@@ -1,38 +1,13 @@
 //! The metabolism loop ([`Loop`]): resume from the checkpoint, one
 //! `Evolver::step` per cycle, publish (atomic, never a quarantined model,
-//! redoing a publish lost with a killed evolver), history, the progress log,
-//! the pulse line, and a bounded stop.
+//! redoing a publish lost with a killed evolver), history, the progress log
+//! (`progress_log`), the pulse and live line (`pulse`), rest when converged
+//! (`rest`), and a bounded stop.
 
+use super::progress_log::ProgressLog;
+use super::pulse::{LiveLine, Pulse};
+use super::rest::{Alarm, Patience, Wake};
 use super::*;
-
-/// Opens the progress log for appending after rewriting it to hold only
-/// well-formed rows of generations before `resume_at`: a resumed run
-/// replays the generations after its checkpoint and writes them again, and a
-/// killed evolver may have left a torn last line.
-fn open_progress(path: &Path, resume_at: u64) -> Result<std::fs::File> {
-    let mut text = format!("{PROGRESS_HEADER}\n");
-    if let Ok(old) = std::fs::read_to_string(path) {
-        for line in old.lines().skip(1) {
-            let ok = line.split(',').count() == 6
-                && line
-                    .split(',')
-                    .next()
-                    .and_then(|g| g.parse::<u64>().ok())
-                    .is_some_and(|g| g < resume_at);
-            if ok {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-    }
-    let tmp = path.with_extension("csv.tmp");
-    std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))
-}
 
 pub(super) struct Loop {
     dir: PathBuf,
@@ -40,8 +15,11 @@ pub(super) struct Loop {
     spec: ModelSpec,
     evolver: Evolver,
     started: Instant,
-    progress: std::fs::File,
-    tty: bool,
+    progress: ProgressLog,
+    /// The task's best possible fitness, if known (rest at once there).
+    maximum: Option<f64>,
+    /// The task's data file (CSV tasks): a change wakes a resting evolver.
+    data_file: Option<PathBuf>,
     /// Where the I/O fault plan is read at each publish (fault injection only).
     pub(super) io_fault_file: Option<PathBuf>,
     /// A generation whose publish failed: retried every cycle until it
@@ -174,7 +152,8 @@ impl Loop {
             lost_publish(&evolver, &model, &quarantined)?
         };
         let progress_path = state.join(PROGRESS_FILE);
-        let progress = open_progress(&progress_path, evolver.generation())?;
+        let progress =
+            ProgressLog::open(&progress_path, evolver.generation(), evolve.progress_keep())?;
         Ok(Loop {
             dir: dir.to_owned(),
             model_path,
@@ -182,7 +161,8 @@ impl Loop {
             evolver,
             started: Instant::now(),
             progress,
-            tty: std::io::stderr().is_terminal(),
+            maximum: super::rest::task_maximum(&task),
+            data_file: super::rest::data_file(&task),
             io_fault_file: None,
             pending,
             quarantined,
@@ -198,18 +178,33 @@ impl Loop {
         ring: &mut RingEvaluator<'_>,
     ) -> Result<ExitCode> {
         let checkpoint_path = self.dir.join("state/checkpoint.bin");
-        let pulse_every = evolve.pulse_every().max(1);
         let checkpoint_every = evolve.checkpoint_every().max(1);
         let mut last_evals = (Instant::now(), self.evolver.stats().evaluations);
         let reporter = super::report::Reporter::start(ring.control_socket.clone());
         // SIGTERM (the supervisor's graceful stop) ends the loop between
         // generations with a checkpoint, so a stopped run resumes exactly
         // where it stopped; a second signal is not needed: the supervisor
-        // SIGKILLs after its grace period, which is also safe.
+        // SIGKILLs after its grace period, which is also safe. SIGHUP wakes
+        // a resting evolver.
+        let mut alarm = Alarm::install(std::sync::Arc::clone(&ring.stop))?;
         let stop = std::sync::Arc::clone(&ring.stop);
-        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-            signal_hook::flag::register(signal, std::sync::Arc::clone(&stop))
-                .context("installing the SIGTERM handler")?;
+        let mut patience = Patience::new(evolve.patience(), self.maximum);
+        let mut pulse = Pulse::new(
+            evolve.pulse_every(),
+            evolve.pulse_interval(),
+            self.evolver.stats(),
+        );
+        let mut live = LiveLine::default();
+        // A restarted evolver in the very state it rested in rests again.
+        let mut resumed_rest = (evolve.patience() > 0)
+            .then(|| {
+                super::rest::resumable(&self.dir, self.evolver.generation(), self.spec.generation)
+            })
+            .flatten();
+        if resumed_rest.is_none() {
+            // Left by an evolver that rested in another state (a rollback
+            // since, or other options): not converged any more.
+            let _ = evod_wire::rest::clear(&self.dir);
         }
         loop {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -223,6 +218,25 @@ impl Loop {
                 self.finish(&format!("reached {limit} generations"));
                 return Ok(ExitCode::SUCCESS);
             }
+            if alarm.take_hangup() {
+                // Not resting: an operator's wake counts patience afresh.
+                patience.woken();
+            }
+            let converged = match resumed_rest.take() {
+                Some(c) => Some((c.reason, c.since_unix)),
+                None if self.pending.is_none() => patience
+                    .converged(self.spec.fitness)
+                    .map(|reason| (reason, super::rest::unix_now())),
+                None => None,
+            };
+            if let Some((reason, since)) = converged {
+                // A stop is taken at the top of the loop.
+                if self.rest(&mut alarm, &checkpoint_path, reason, since)? != Wake::Stop {
+                    patience.woken();
+                    last_evals = (Instant::now(), self.evolver.stats().evaluations);
+                }
+                continue;
+            }
             ring.poll_stats();
             let report = match self.evolver.step(ring) {
                 Ok(r) => r,
@@ -233,54 +247,20 @@ impl Loop {
                 }
                 Err(e) => return Err(e.into()),
             };
-            // A new candidate supersedes one whose publish failed; without
-            // one, the failed publish is retried.
-            if let Some(candidate) = &report.publish {
-                self.pending = Some((report.clone(), candidate.clone()));
-            }
-            let mut published = false;
-            let mut solved = false;
-            if let Some((pending_report, candidate)) = self.pending.take() {
-                match self.publish(&pending_report, &candidate, evolve) {
-                    // Refused (quarantined parameters): nothing to retry.
-                    Ok(false) => {}
-                    Ok(true) => {
-                        published = true;
-                        solved = pending_report.solved;
-                        if pending_report.generation != report.generation {
-                            tracing::info!(
-                                generation = pending_report.generation + 1,
-                                "publish retried and succeeded"
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        // Old file intact (atomic publish): retried next
-                        // cycle unless a better generation comes first.
-                        tracing::error!(
-                            "publishing generation {} failed (retrying next cycle): {e:#}",
-                            pending_report.generation + 1
-                        );
-                        self.pending = Some((pending_report, candidate));
-                    }
-                }
-            }
+            let (published, solved) = self.publish_pending(&report, evolve);
+            patience.generation(published);
             let row = Row {
                 generation: report.generation,
                 best: report.best_fitness,
                 mean: report.mean_fitness,
                 evaluations: self.evolver.stats().evaluations,
-                published,
+                publishes: u64::from(published),
                 wall_s: self.started.elapsed().as_secs_f64(),
             };
-            // One write per row (a killed evolver leaves at most a torn last
-            // line, which the next start drops); a failing disk is logged,
-            // not fatal: the model and the loop matter more than the log.
-            if let Err(e) = self
-                .progress
-                .write_all(format!("{}\n", row.to_csv()).as_bytes())
-            {
-                tracing::error!("appending to the progress log failed: {e}");
+            // A failing disk is logged, not fatal: the model and the loop
+            // matter more than the log.
+            if let Err(e) = self.progress.append(&row) {
+                tracing::error!("writing the progress log failed: {e:#}");
             }
             let g = self.evolver.generation();
             if published || g.is_multiple_of(checkpoint_every) {
@@ -295,19 +275,25 @@ impl Loop {
             let rate = (evals - last_evals.1) as f64
                 / now.duration_since(last_evals.0).as_secs_f64().max(1e-9);
             last_evals = (now, evals);
-            if self.tty {
-                eprint!(
-                    "\r\x1b[2Kgeneration {:>5}  best {:>9.2}  mean {:>9.2}  evals/s {:>9.0}  restarts {}  published gen {}",
+            live.show(|| {
+                format!(
+                    "generation {:>5}  best {:>9.2}  mean {:>9.2}  evals/s {:>9.0}  restarts {}  published gen {}",
                     report.generation,
                     report.best_fitness,
                     report.mean_fitness,
                     rate,
                     ring.restarts,
                     self.spec.generation
+                )
+            });
+            if pulse.due(g) {
+                pulse.log(
+                    ring,
+                    self.evolver.stats(),
+                    &report,
+                    self.spec.generation,
+                    rate,
                 );
-            }
-            if g.is_multiple_of(pulse_every) {
-                self.pulse(ring, &report, rate);
             }
             reporter.update(super::report::of(&self.evolver, &self.spec));
             if evolve.until_solved && solved && published {
@@ -317,38 +303,99 @@ impl Loop {
         }
     }
 
-    fn pulse(&self, ring: &mut RingEvaluator<'_>, report: &GenerationReport, rate: f64) {
-        let alive = ring.ping_all();
-        let stats = self.evolver.stats();
-        let polled = ring.stats_summary();
-        if self.tty {
-            eprintln!();
+    /// Publishes this generation's candidate, or retries one whose publish
+    /// failed: (published, solved).
+    fn publish_pending(&mut self, report: &GenerationReport, evolve: &EvolveArgs) -> (bool, bool) {
+        // A new candidate supersedes one whose publish failed; without
+        // one, the failed publish is retried.
+        if let Some(candidate) = &report.publish {
+            self.pending = Some((report.clone(), candidate.clone()));
         }
+        let Some((pending_report, candidate)) = self.pending.take() else {
+            return (false, false);
+        };
+        match self.publish(&pending_report, &candidate, evolve) {
+            // Refused (quarantined parameters): nothing to retry.
+            Ok(false) => (false, false),
+            Ok(true) => {
+                if pending_report.generation != report.generation {
+                    tracing::info!(
+                        generation = pending_report.generation + 1,
+                        "publish retried and succeeded"
+                    );
+                }
+                (true, pending_report.solved)
+            }
+            Err(e) => {
+                // Old file intact (atomic publish): retried next cycle
+                // unless a better generation comes first.
+                tracing::error!(
+                    "publishing generation {} failed (retrying next cycle): {e:#}",
+                    pending_report.generation + 1
+                );
+                self.pending = Some((pending_report, candidate));
+                (false, false)
+            }
+        }
+    }
+
+    /// Rests until woken (see `rest`): checkpoint, marker
+    /// `state/converged`, block; the marker goes when it wakes.
+    fn rest(
+        &mut self,
+        alarm: &mut Alarm,
+        checkpoint_path: &Path,
+        reason: String,
+        since_unix: u64,
+    ) -> Result<Wake> {
+        // A restart (of the evolver or the daemon) resumes at this very
+        // generation, which the marker names: it rests again at once.
+        save_checkpoint(checkpoint_path, &self.evolver.checkpoint())?;
+        alarm.arm();
+        let marker = evod_wire::rest::Converged {
+            since_unix,
+            generation: self.evolver.generation(),
+            model_generation: self.spec.generation,
+            fitness: self.spec.fitness,
+            reason,
+        };
+        if let Err(e) = evod_wire::rest::write(&self.dir, &marker) {
+            tracing::error!(
+                "cannot write {}: {e}",
+                evod_wire::rest::marker(&self.dir).display()
+            );
+        }
+        evod_supervisor::end_status_line();
         tracing::info!(
-            generation = report.generation,
-            best = report.best_fitness,
-            mean = report.mean_fitness,
-            evals_per_s = rate as u64,
-            workers_alive = alive,
-            workers = ring.segments.len(),
-            restarts = ring.restarts,
-            rejected = stats.rejected,
-            quarantined = stats.quarantined,
-            publishes = stats.publishes,
-            model_generation = self.spec.generation,
-            worker_requests = polled.requests,
-            worker_errors = polled.errors,
-            worker_slowest_ms = polled.slowest.as_secs_f64() * 1e3,
-            worker_generations = %polled.generations,
-            youngest_worker_s = polled.youngest.map(|d| d.as_secs_f64()),
-            "pulse"
+            generation = marker.generation,
+            model_generation = marker.model_generation,
+            fitness = marker.fitness,
+            "converged ({}): resting; `evod wake` or SIGHUP evolves again",
+            marker.reason
         );
+        let wake = alarm.rest(self.data_file.as_deref());
+        if wake == Wake::Stop {
+            // The marker stays: a restart in this state rests again.
+            return Ok(wake);
+        }
+        if let Err(e) = evod_wire::rest::clear(&self.dir) {
+            tracing::error!(
+                "cannot remove {}: {e}",
+                evod_wire::rest::marker(&self.dir).display()
+            );
+        }
+        match &wake {
+            Wake::Hangup => tracing::info!("woken (SIGHUP): evolving again"),
+            Wake::DataChanged(path) => {
+                tracing::info!("woken ({} changed): evolving again", path.display())
+            }
+            Wake::Stop => unreachable!("returned above"),
+        }
+        Ok(wake)
     }
 
     fn finish(&self, why: &str) {
-        if self.tty {
-            eprintln!();
-        }
+        evod_supervisor::end_status_line();
         let stats = self.evolver.stats();
         let (_, best) = self.evolver.best();
         println!(

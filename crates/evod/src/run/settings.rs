@@ -304,6 +304,25 @@ pub fn check_layer(layer: &Layer<'_>) -> Result<(), SettingError> {
     at_least_one("pulse-every", e.pulse_every)?;
     at_least_one("checkpoint-every", e.checkpoint_every)?;
     at_least_one("history", e.history.map(u64::from))?;
+    at_least_one("progress-keep", e.progress_keep)?;
+    check(
+        o,
+        "patience",
+        ev,
+        e.patience,
+        |&n| n <= u64::from(MAX_COUNT),
+        || format!("0 (never rest) to {MAX_COUNT}"),
+        |v| num(v),
+    )?;
+    check(
+        o,
+        "pulse-interval",
+        ev,
+        e.pulse_interval,
+        |d| *d <= MAX_DURATION,
+        || format!("0s to {}", secs(&MAX_DURATION)),
+        secs,
+    )?;
     Ok(())
 }
 
