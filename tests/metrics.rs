@@ -159,7 +159,9 @@ fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
 
 #[test]
 fn counters_move_and_a_worker_sigsegv_is_a_restart_with_its_labels() {
-    let mut d = Daemon::start(&[]);
+    // `--patience 0`: the evolver never rests (CartPole converges in a few
+    // generations), so its counters keep moving.
+    let mut d = Daemon::start(&["--patience", "0"]);
     let (code, body) = get(d.addr, "/healthz").unwrap();
     assert_eq!((code, body.as_str()), (200, "ok\n"));
     d.wait_for("/readyz 200", |d| {
@@ -213,6 +215,27 @@ fn counters_move_and_a_worker_sigsegv_is_a_restart_with_its_labels() {
     let status = common::wait_exit(child, DEADLINE).expect("evod run did not stop");
     d.child = None;
     assert!(status.success(), "{status}\n{}", d.log());
+}
+
+#[test]
+fn converged_is_1_while_the_evolver_rests() {
+    // CartPole reaches its maximum within a few generations: the evolver
+    // rests (`state/converged`), and says so in /metrics.
+    let mut d = Daemon::start(&[]);
+    d.wait_for("evod_converged 1", |d| {
+        d.sample("evod_converged").filter(|v| *v == 1.0)
+    });
+    let since = d.sample("evod_converged_since_timestamp_seconds").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(since > 0.0 && since <= now, "{since} vs {now}");
+    // The last report before the rest stays, with its age.
+    assert!(d.sample("evod_generations_total").is_some_and(|g| g > 0.0));
+    assert!(d.sample("evod_evolver_report_age_seconds").is_some());
+    // Still ready: a resting evolver does not stop serving.
+    assert_eq!(get(d.addr, "/readyz").unwrap().0, 200);
 }
 
 #[test]
@@ -401,7 +424,7 @@ impl Drop for Prometheus {
 
 #[test]
 fn a_real_prometheus_server_scrapes_growing_generations() {
-    let d = Daemon::start(&[]);
+    let d = Daemon::start(&["--patience", "0"]);
     let p = Prometheus::start(d.addr);
     // The scrape target is up (Prometheus parsed our exposition).
     let up = poll_until(

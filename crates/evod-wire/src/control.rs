@@ -308,9 +308,6 @@ pub struct EvolverReport {
     pub published_fitness: Option<f64>,
     /// Generation of the live model file.
     pub published_generation: u64,
-    /// Whether the run has converged (no progress for its window), if the
-    /// evolver knows.
-    pub converged: Option<bool>,
 }
 
 /// Errors of a client call.

@@ -363,7 +363,9 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
             source,
         })?;
     // Before the control socket: a taken port leaves nothing behind.
-    let metrics = crate::metrics::Metrics::new();
+    let metrics = crate::metrics::Metrics::new(
+        (!config.no_evolver).then(|| evod_wire::rest::marker(&config.dir)),
+    );
     let metrics_server = match config.metrics_addr {
         Some(addr) => Some(metrics.serve(addr)?),
         None => None,

@@ -62,6 +62,11 @@ impl Supervisor {
         self.metrics
             .set_generations(live.and_then(|m| m.generation), self.good_generation);
         self.metrics.set_rollbacks(self.rollbacks);
+        self.metrics.set_evolver_running(
+            self.slots
+                .iter()
+                .any(|s| s.kind == Kind::Evolver && s.running()),
+        );
         self.metrics.set_readiness(readiness);
     }
 

@@ -258,7 +258,7 @@ mod tests {
 
     #[test]
     fn routes_probes_and_refuses_the_rest() {
-        let mut m = Metrics::new();
+        let mut m = Metrics::new(None);
         let server = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
         let a = server.addr();
         let ok = get(a, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -284,7 +284,7 @@ mod tests {
 
     #[test]
     fn a_busy_server_answers_503_at_once_and_tricklers_are_cut_at_the_deadline() {
-        let m = Metrics::new();
+        let m = Metrics::new(None);
         let server = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
         let a = server.addr();
         // Fill every connection slot with a client that sends nothing.

@@ -18,10 +18,14 @@
 //!   (worker-written: shown, never used for a decision), summed over every
 //!   incarnation of a slot;
 //! - generations, evaluations, publishes, rejections by reason, best and
-//!   published fitness, converged: the evolver's last report
-//!   (`Request::Report`), kept when the evolver dies, with
-//!   `evod_evolver_report_age_seconds`.
+//!   published fitness: the evolver's last report (`Request::Report`),
+//!   kept when the evolver dies, with `evod_evolver_report_age_seconds`;
+//! - converged: the evolver's rest marker `state/converged`
+//!   (`evod_wire::rest`), read at scrape time on the HTTP thread while the
+//!   evolver runs (a resting evolver sends no reports).
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -86,11 +90,37 @@ impl Shared {
     }
 }
 
-/// The evolver's last report and when it came (a collector: read at each
-/// scrape).
+/// The evolver's last report and when it came, and its rest marker (a
+/// collector: read at each scrape).
 #[derive(Debug, Default)]
 struct EvolverMetrics {
     last: Mutex<Option<(EvolverReport, Instant)>>,
+    /// `state/converged`, when there is an evolver.
+    marker: Option<PathBuf>,
+    /// Whether the evolver runs (a stale marker may stay behind a killed one).
+    running: AtomicBool,
+}
+
+/// Most bytes of the rest marker read (it is one short JSON line).
+const MARKER_MAX: u64 = 4096;
+
+/// The rest marker at `path`, read without ever blocking: opened
+/// non-blocking, only a regular file, at most [`MARKER_MAX`] bytes (a FIFO
+/// or a huge file put there is "not converged", never a stuck scrape).
+fn read_marker(path: &std::path::Path) -> Option<evod_wire::rest::Converged> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(MARKER_MAX).read_to_string(&mut text).ok()?;
+    serde_json::from_str(text.trim()).ok()
 }
 
 fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
@@ -111,6 +141,30 @@ fn gauge(
 
 impl Collector for EvolverMetrics {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        if let Some(path) = &self.marker {
+            // Relaxed: a flag read on its own.
+            let rest = self
+                .running
+                .load(Ordering::Relaxed)
+                .then(|| read_marker(path))
+                .flatten();
+            gauge(
+                &mut e,
+                "evod_converged",
+                "1 while the evolver rests, converged (state/converged present).",
+                None,
+                if rest.is_some() { 1.0 } else { 0.0 },
+            )?;
+            if let Some(r) = rest {
+                gauge(
+                    &mut e,
+                    "evod_converged_since_timestamp",
+                    "When the resting evolver converged (Unix time).",
+                    Some(&Unit::Seconds),
+                    r.since_unix as f64,
+                )?;
+            }
+        }
         let last = self
             .last
             .lock()
@@ -186,15 +240,6 @@ impl Collector for EvolverMetrics {
             None,
             r.published_generation as f64,
         )?;
-        if let Some(c) = r.converged {
-            gauge(
-                &mut e,
-                "evod_converged",
-                "1 when the run has converged (no progress over its window).",
-                None,
-                if c { 1.0 } else { 0.0 },
-            )?;
-        }
         Ok(())
     }
 }
@@ -231,15 +276,10 @@ struct Seen {
     errors: u64,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics::new()
-    }
-}
-
 impl Metrics {
-    /// Every metric registered, all at zero; not ready.
-    pub fn new() -> Metrics {
+    /// Every metric registered, all at zero; not ready. `rest_marker`:
+    /// the evolver's `state/converged` (`None`: no evolver).
+    pub fn new(rest_marker: Option<PathBuf>) -> Metrics {
         let mut registry = Registry::default();
         let restarts = Family::<RestartLabels, Counter>::default();
         registry.register(
@@ -311,7 +351,10 @@ impl Metrics {
             "Requests the workers answered with an error status, as their stats blocks count them",
             worker_errors.clone(),
         );
-        let evolver = Arc::new(EvolverMetrics::default());
+        let evolver = Arc::new(EvolverMetrics {
+            marker: rest_marker,
+            ..EvolverMetrics::default()
+        });
         registry.register_collector(Box::new(evolver.clone()));
         let last_ready: Readiness = Err("starting".into());
         Metrics {
@@ -467,6 +510,12 @@ impl Metrics {
         }
     }
 
+    /// Whether the evolver runs (its rest marker counts only then).
+    pub fn set_evolver_running(&self, running: bool) {
+        // Relaxed: a flag read on its own.
+        self.evolver.running.store(running, Ordering::Relaxed);
+    }
+
     /// The evolver's latest report.
     pub fn evolver_report(&self, report: EvolverReport) {
         *self
@@ -533,7 +582,9 @@ mod tests {
 
     #[test]
     fn the_text_names_every_metric_with_help_and_units() {
-        let mut m = Metrics::new();
+        let dir = tempfile::tempdir().unwrap();
+        let marker = evod_wire::rest::marker(dir.path());
+        let mut m = Metrics::new(Some(marker.clone()));
         m.restarted("worker", "SIGSEGV".into());
         m.set_rollbacks(2);
         m.set_rollbacks(2);
@@ -567,7 +618,6 @@ mod tests {
             generations: 5,
             rejections: vec![("norm".into(), 3)],
             best_fitness: Some(42.5),
-            converged: Some(true),
             ..EvolverReport::default()
         });
         let text = m.encode();
@@ -577,7 +627,28 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("evod_best_fitness 42.5"), "{text}");
+        assert!(text.contains("evod_converged 0"), "{text}");
+        // A marker counts only while the evolver runs; a FIFO is no marker.
+        std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+        let converged = evod_wire::rest::Converged {
+            since_unix: 1_700_000_000,
+            generation: 9,
+            model_generation: 9,
+            fitness: Some(500.0),
+            reason: "test".into(),
+        };
+        evod_wire::rest::write(dir.path(), &converged).unwrap();
+        assert!(m.encode().contains("evod_converged 0"));
+        m.set_evolver_running(true);
+        let text = m.encode();
         assert!(text.contains("evod_converged 1"), "{text}");
+        assert!(
+            text.contains("evod_converged_since_timestamp_seconds 1700000000"),
+            "{text}"
+        );
+        std::fs::remove_file(&marker).unwrap();
+        nix::unistd::mkfifo(&marker, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(m.encode().contains("evod_converged 0"));
         assert!(text.contains("evod_evolver_report_age_seconds "), "{text}");
         assert!(!text.contains("evod_published_fitness"), "{text}");
     }

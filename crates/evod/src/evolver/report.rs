@@ -105,9 +105,5 @@ pub(super) fn of(evolver: &Evolver, spec: &ModelSpec) -> EvolverReport {
         best_fitness: best.is_finite().then_some(best),
         published_fitness: spec.fitness,
         published_generation: spec.generation,
-        // TODO(issue 12): the no-progress ("converged since") state is
-        // being added to the loop; report it here once it exists. Until
-        // then `evod_converged` is absent from /metrics.
-        converged: None,
     }
 }
