@@ -15,6 +15,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("runtime", "evod", "bench_eval"),
     ("evolve", "evod", "bench_daemon_solve"),
     ("recovery", "evod-supervisor", "bench_recovery"),
+    ("metrics", "evod", "bench_metrics"),
     ("soak", "evod", "bench_soak"),
     ("scale", "evod", "bench_scale"),
 ];

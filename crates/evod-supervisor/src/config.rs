@@ -64,6 +64,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The control socket.
     pub control_socket: PathBuf,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` over HTTP
+    /// (`None`: nowhere).
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// The evolution options, as the evolver's command-line arguments
     /// (passed through unread).
     pub evolver_args: Vec<OsString>,

@@ -9,6 +9,8 @@
 //! - `link`: the supervisor's side of each worker's control channel.
 //! - `control`: the control socket's server (the protocol and the client
 //!   are `evod_wire::control`).
+//! - `metrics`: Prometheus metrics and the `/healthz`, `/readyz` probes,
+//!   served over HTTP off the event loop (`--metrics-addr`).
 //! - `config`: the resolved configuration.
 //! - `janitor`: removes the control socket if the supervisor is SIGKILLed.
 //! - `standby`: warm standby workers, promoted when a worker dies.
@@ -23,6 +25,7 @@ pub mod control;
 pub mod daemon;
 pub mod janitor;
 pub mod link;
+pub mod metrics;
 pub mod policy;
 pub mod process;
 pub mod reap;
@@ -81,6 +84,9 @@ pub enum SupervisorError {
     /// The control socket cannot be served.
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    /// The metrics address cannot be served (`--metrics-addr`).
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
     /// The signal and control threads ended.
     #[error("the signal and control threads are gone")]
     ThreadsGone,

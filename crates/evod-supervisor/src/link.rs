@@ -218,6 +218,8 @@ pub struct Done {
     pub tag: Tag,
     /// What came of it.
     pub outcome: Outcome,
+    /// How long the call took (from when the thread started it).
+    pub took: Duration,
 }
 
 /// The thread that makes every call on one worker's control channel.
@@ -239,6 +241,7 @@ impl LinkThread {
         let (jobs, rx) = mpsc::channel::<(Tag, Job, Duration)>();
         std::thread::Builder::new().name(name).spawn(move || {
             for (tag, job, timeout) in rx {
+                let started = Instant::now();
                 let outcome = match job {
                     Job::Ping => Outcome::Ping(ping(&seg, timeout)),
                     Job::Load(request) => Outcome::Load(load(&seg, &request, timeout)),
@@ -251,7 +254,8 @@ impl LinkThread {
                         Outcome::Sent(send_only(&seg, opcode, &payload))
                     }
                 };
-                if to_loop.send(wrap(Done { tag, outcome })).is_err() {
+                let took = started.elapsed();
+                if to_loop.send(wrap(Done { tag, outcome, took })).is_err() {
                     break;
                 }
             }

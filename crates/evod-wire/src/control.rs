@@ -79,6 +79,13 @@ pub enum Request {
         /// Why, in words (logged and shown as the exit's cause).
         reason: String,
     },
+    /// The evolver's counters (at most one a second, from its reporting
+    /// thread): the supervisor keeps the last one and serves it as
+    /// Prometheus metrics, with its age.
+    Report {
+        /// The counters.
+        report: EvolverReport,
+    },
     /// Inject a fault into a worker (`evod fault`; refused unless the
     /// daemon runs with `--allow-fault-injection`).
     Fault {
@@ -273,6 +280,34 @@ pub struct StatusReport {
     /// `state/converged`, see [`crate::rest`]); `None` while it evolves.
     #[serde(default)]
     pub converged: Option<crate::rest::Converged>,
+}
+
+/// What the evolver reports of its run ([`Request::Report`]). Counters
+/// are the evolver's own totals (carried across restarts by its
+/// checkpoint), not increments.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvolverReport {
+    /// Generations completed.
+    pub generations: u64,
+    /// Candidate evaluations (training and gate).
+    pub evaluations: u64,
+    /// Episodes those evaluations ran.
+    pub episodes: u64,
+    /// Models published.
+    pub publishes: u64,
+    /// Candidates rejected by validation, by reason: `non_finite`,
+    /// `shape`, `norm`, `change`, `regression` (gate below the published
+    /// fitness).
+    pub rejections: Vec<(String, u64)>,
+    /// Candidates the workers could not evaluate (quarantined).
+    pub quarantined: u64,
+    /// Best fitness seen so far.
+    pub best_fitness: Option<f64>,
+    /// Fitness recorded in the live model file.
+    pub published_fitness: Option<f64>,
+    /// Generation of the live model file.
+    pub published_generation: u64,
 }
 
 /// Errors of a client call.

@@ -33,10 +33,34 @@ pub struct Converged {
 }
 
 /// Reads the marker of `dir`; `None` if there is none or it does not parse.
+///
+/// Read without ever blocking (the supervisor reads it on its event loop
+/// and at scrape time): opened non-blocking, only a regular file, at most
+/// [`MARKER_MAX`] bytes; a FIFO or a huge file put there is "not
+/// converged", never a stuck loop.
 pub fn read(dir: &Path) -> Option<Converged> {
-    let text = std::fs::read_to_string(marker(dir)).ok()?;
+    read_path(&marker(dir))
+}
+
+/// [`read`] of the marker at `path`.
+pub fn read_path(path: &Path) -> Option<Converged> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(MARKER_MAX).read_to_string(&mut text).ok()?;
     serde_json::from_str(text.trim()).ok()
 }
+
+/// Largest marker read (a real one is a short JSON line).
+pub const MARKER_MAX: u64 = 4096;
 
 /// Writes the marker of `dir` atomically (temp file, then rename).
 pub fn write(dir: &Path, converged: &Converged) -> std::io::Result<()> {

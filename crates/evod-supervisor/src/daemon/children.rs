@@ -37,6 +37,7 @@ impl Supervisor {
         let pid = child.pid().as_raw();
         let uptime = now.duration_since(child.started());
         let mut words = reason.to_string();
+        let cause = crate::metrics::cause(&reason, slot.kill_cause.as_deref());
         if let Some(cause) = slot.kill_cause.take() {
             words = format!("{words} ({cause})");
         }
@@ -85,6 +86,7 @@ impl Supervisor {
             "{} {words}",
             slot.label()
         );
+        self.metrics.restarted(slot.kind.name(), cause);
         let decision = slot.tracker.on_exit(&self.config.policy, uptime, now);
         let label = slot.label();
         let kind = slot.kind;
@@ -154,6 +156,8 @@ impl Supervisor {
         if !matches!(self.phase, Phase::Running) {
             return;
         }
+        self.metrics
+            .restarted("standby", crate::metrics::cause(&reason, None));
         let delay = slot.standby_backoff;
         slot.standby_backoff = doubled(delay, STANDBY_RETRY_MAX);
         slot.standby_retry = Some(later(Instant::now(), delay));

@@ -53,6 +53,7 @@ use evod_wire::protocol::{LoadRequest, op};
 
 mod children;
 mod fallback;
+mod observe;
 mod requests;
 mod sync;
 
@@ -305,6 +306,8 @@ struct Supervisor {
     /// `maybe_fall_back`).
     crashes_after_new: HashMap<u64, u32>,
     rollbacks: u64,
+    /// What `/metrics` and the probes serve (`observe.rs`).
+    metrics: crate::metrics::Metrics,
     next_exec: usize,
     give_up: Option<String>,
 }
@@ -353,6 +356,14 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
             what: "cannot start the signal thread",
             source,
         })?;
+    // Before the control socket: a taken port leaves nothing behind.
+    let metrics = crate::metrics::Metrics::new(
+        (!config.no_evolver).then(|| evod_wire::rest::marker(&config.dir)),
+    );
+    let metrics_server = match config.metrics_addr {
+        Some(addr) => Some(metrics.serve(addr)?),
+        None => None,
+    };
     let server = ControlServer::start(&config.control_socket, tx.clone(), Event::Control)?;
     janitor
         .watch(server.created())
@@ -370,10 +381,17 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
         janitor = janitor.pid().as_raw(),
         "evod supervisor starting"
     );
-    let mut sup = Supervisor::new(config, tx)?;
+    if let Some(m) = &metrics_server {
+        tracing::info!(
+            "serving /metrics, /healthz and /readyz on http://{}",
+            m.addr()
+        );
+    }
+    let mut sup = Supervisor::new(config, tx, metrics)?;
     let code = sup.event_loop(&rx);
     drop(sup);
     drop(server);
+    drop(metrics_server);
     code
 }
 
@@ -391,7 +409,11 @@ fn check_model(model: &std::path::Path) -> Result<Option<u64>, SupervisorError> 
 }
 
 impl Supervisor {
-    fn new(config: Config, tx: mpsc::Sender<Event>) -> Result<Supervisor, SupervisorError> {
+    fn new(
+        config: Config,
+        tx: mpsc::Sender<Event>,
+        metrics: crate::metrics::Metrics,
+    ) -> Result<Supervisor, SupervisorError> {
         let mut slots = Vec::new();
         for index in 0..config.workers {
             let segment = Arc::new(
@@ -434,6 +456,7 @@ impl Supervisor {
             verified_file: None,
             crashes_after_new: HashMap::new(),
             rollbacks: 0,
+            metrics,
             next_exec: 0,
             give_up: None,
         };
@@ -474,7 +497,10 @@ impl Supervisor {
                         let _ = incoming.reply.send(response);
                     }
                 }
-                Ok(Event::Link(i, done)) => self.on_link_done(i, done),
+                Ok(Event::Link(i, done)) => {
+                    self.observe_link(&done);
+                    self.on_link_done(i, done);
+                }
                 Ok(Event::Identified(report)) => self.on_identified(report),
                 Ok(Event::Restored(report)) => self.on_restored(report),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -493,6 +519,9 @@ impl Supervisor {
                     self.sync_workers();
                 }
             }
+            // Before `start_due`: a dead worker's last stats are read
+            // before its slot's epoch is bumped.
+            self.refresh_metrics();
             match self.phase {
                 Phase::Running => self.start_due(now),
                 Phase::Stopping { deadline, code } => {

@@ -26,6 +26,7 @@ impl Supervisor {
                 epoch,
                 reason,
             } => self.recycle(worker, epoch, &reason),
+            Request::Report { report } => self.on_evolver_report(report),
             Request::Rollback { to } => {
                 let to = match to {
                     Some(g) => RollbackTo::Exact(g),
@@ -186,12 +187,7 @@ impl Supervisor {
     pub(super) fn status(&mut self) -> StatusReport {
         let stopping = matches!(self.phase, Phase::Stopping { .. });
         let live_model = self.live_model();
-        let serves = live_model.is_some_and(|m| {
-            self.slots
-                .iter()
-                .any(|s| s.running() && s.serving.is_some_and(|v| v.id == m.id && v.verified))
-        });
-        let healthy = !stopping && serves;
+        let healthy = self.readiness().is_ok();
         let mut children = Vec::new();
         for slot in &mut self.slots {
             let running = slot.running();

@@ -21,7 +21,8 @@
 //!
 //! Modules: `run_loop` (the loop, resume, publish), `progress_log` (the
 //! bounded progress log), `pulse` (the pulse line and the terminal's live
-//! line), `rest` (rest when converged, and what wakes it), `ring`
+//! line), `rest` (rest when converged, and what wakes it), `report` (the
+//! counters sent to the supervisor for `/metrics`), `ring`
 //! ([`RingEvaluator`]), `io_fault` (the fault-injection I/O plan),
 //! `options` ([`EvolveArgs`], shared with `evod run`).
 
@@ -43,6 +44,7 @@ mod io_fault;
 mod options;
 mod progress_log;
 mod pulse;
+mod report;
 mod rest;
 mod ring;
 mod run_loop;

@@ -188,6 +188,7 @@ impl Loop {
         // Bounded tries: a run that cannot progress says why and exits
         // NO_PROGRESS instead of retrying forever or "reaching" its bound.
         let mut guard = evod_evolve::ProgressGuard::new(evolve.max_useless_generations());
+        let reporter = super::report::Reporter::start(ring.control_socket.clone());
         // SIGTERM (the supervisor's graceful stop) ends the loop between
         // generations with a checkpoint, so a stopped run resumes exactly
         // where it stopped; a second signal is not needed: the supervisor
@@ -318,6 +319,7 @@ impl Loop {
                     rate,
                 );
             }
+            reporter.update(super::report::of(&self.evolver, &self.spec));
             if evolve.until_solved && solved && published {
                 self.finish("solved", ring);
                 return Ok(ExitCode::SUCCESS);

@@ -116,6 +116,8 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     /// `--control-socket`.
     pub control_socket: Option<PathBuf>,
+    /// `--metrics-addr`.
+    pub metrics_addr: Option<String>,
     /// The evolution options.
     #[serde(default)]
     pub evolve: EvolveArgs,
@@ -247,6 +249,13 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
             .or(file.log_format)
             .unwrap_or(LogFormat::Human),
         control_socket,
+        metrics_addr: args
+            .metrics_addr
+            .as_deref()
+            .or(file.metrics_addr.as_deref())
+            .map(str::parse)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("bad --metrics-addr: {e}"))?,
         evolver_args: evolve.to_cli_args(),
         evolver_bounded: evolve.generations.is_some() || evolve.until_solved,
         // Sized from the model in `run` (`evolver::ring_payload_bytes`).

@@ -94,6 +94,11 @@ pub struct Args {
     /// Control socket path [default: DIR/.evod/control.sock].
     #[arg(long, env = "EVOD_CONTROL_SOCKET", value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at /metrics and the /healthz and /readyz
+    /// probes over HTTP on this address and port (e.g. 127.0.0.1:9464;
+    /// port 0 picks a free one) [default: off].
+    #[arg(long, env = "EVOD_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
     /// Evolution options (passed to the evolver).
     #[command(flatten, next_help_heading = "Evolution")]
     pub evolve: EvolveArgs,
@@ -131,6 +136,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Err(evod_supervisor::SupervisorError::Control(e)) if e.is_bad_path() => {
             Err(exit::with_code(exit::USAGE, e))
         }
+        // A taken or foreign address: the operator picks another one.
+        Err(evod_supervisor::SupervisorError::Metrics(e)) => Err(exit::with_code(
+            exit::USAGE,
+            anyhow::Error::new(e).context("--metrics-addr"),
+        )),
         Err(e) => Err(e.into()),
     }
 }

@@ -114,6 +114,8 @@ pub struct Layer<'a> {
     pub backoff_max: Option<Duration>,
     /// `--fallback-after`.
     pub fallback_after: Option<u32>,
+    /// `--metrics-addr`.
+    pub metrics_addr: Option<&'a str>,
     /// The evolution options.
     pub evolve: &'a EvolveArgs,
 }
@@ -132,6 +134,7 @@ impl<'a> Layer<'a> {
             backoff_initial: args.backoff_initial,
             backoff_max: args.backoff_max,
             fallback_after: args.fallback_after,
+            metrics_addr: args.metrics_addr.as_deref(),
             evolve: &args.evolve,
         }
     }
@@ -149,6 +152,7 @@ impl<'a> Layer<'a> {
             backoff_initial: file.backoff_initial,
             backoff_max: file.backoff_max,
             fallback_after: file.fallback_after,
+            metrics_addr: file.metrics_addr.as_deref(),
             evolve: &file.evolve,
         }
     }
@@ -220,6 +224,15 @@ pub fn check_layer(layer: &Layer<'_>) -> Result<(), SettingError> {
             secs,
         )
     };
+    check(
+        o,
+        "metrics-addr",
+        None,
+        layer.metrics_addr,
+        |a| a.parse::<std::net::SocketAddr>().is_ok(),
+        || "an IP address and port, like 127.0.0.1:9464 or [::1]:9464".into(),
+        |a| format!("{a:?}"),
+    )?;
     duration("grace-period", layer.grace_period, Duration::ZERO)?;
     duration(
         "heartbeat-timeout",
@@ -388,6 +401,7 @@ mod tests {
             backoff_initial: None,
             backoff_max: None,
             fallback_after: None,
+            metrics_addr: None,
             evolve,
         }
     }
@@ -413,6 +427,25 @@ mod tests {
         );
         l.heartbeat_timeout = Some(Duration::from_millis(200));
         check_layer(&l).unwrap();
+    }
+
+    #[test]
+    fn a_metrics_address_must_be_an_ip_address_and_port() {
+        let none = EvolveArgs::default();
+        let mut l = layer(&none);
+        for bad in ["localhost:9464", "127.0.0.1", "127.0.0.1:99999", ":9464"] {
+            l.metrics_addr = Some(bad);
+            let err = check_layer(&l).unwrap_err().to_string();
+            assert!(
+                err.contains("`metrics_addr` in evod.toml (--metrics-addr)")
+                    && err.contains("IP address and port"),
+                "{bad}: {err}"
+            );
+        }
+        for good in ["127.0.0.1:9464", "[::1]:0", "0.0.0.0:9464"] {
+            l.metrics_addr = Some(good);
+            check_layer(&l).unwrap();
+        }
     }
 
     #[test]
