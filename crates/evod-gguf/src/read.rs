@@ -287,11 +287,28 @@ impl GgufFile {
     /// xxh3-64 of the tensor data section (from [`GgufHeader::data_offset`]
     /// to the end of the file): the model's identity. Computed on first use.
     pub fn checksum(&self) -> u64 {
-        *self
-            .checksum
-            .get_or_init(|| xxhash_rust::xxh3::xxh3_64(&self.bytes()[self.header.data_range()]))
+        self.checksum_with(|| {})
+    }
+
+    /// [`GgufFile::checksum`], calling `tick` after every
+    /// [`CHECKSUM_CHUNK`] bytes hashed (a worker beats its heartbeat from
+    /// it, so hashing a 1 GiB model is not taken for a hang). The same
+    /// value as the one-shot hash (xxh3 streamed).
+    pub fn checksum_with(&self, mut tick: impl FnMut()) -> u64 {
+        *self.checksum.get_or_init(|| {
+            let data = &self.bytes()[self.header.data_range()];
+            let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+            for chunk in data.chunks(CHECKSUM_CHUNK) {
+                hasher.update(chunk);
+                tick();
+            }
+            hasher.digest()
+        })
     }
 }
+
+/// Bytes hashed between two ticks of [`GgufFile::checksum_with`].
+pub const CHECKSUM_CHUNK: usize = 16 << 20;
 
 /// Parses a prefix `bytes` of a file of `file_len` bytes. Every bound is
 /// checked against `file_len`, so a parse over a prefix gives the same

@@ -379,13 +379,29 @@ impl Model {
 
     /// Every parameter is finite.
     fn check_values(&self) -> Result<(), RuntimeError> {
+        self.check_values_with(|| {})
+    }
+
+    /// The value check of [`Model::open`] (every parameter finite), for a
+    /// model opened with [`Model::open_for_serving`]; calls `tick` every few
+    /// million values, so a worker checking a 1 GiB model keeps beating.
+    pub fn check_values_with(&self, mut tick: impl FnMut()) -> Result<(), RuntimeError> {
         let model = self;
         let bad = |problem: String| RuntimeError::Model {
             path: model.file.path().to_owned(),
             problem,
         };
         let params = model.params()?;
-        if let Some(i) = params.iter().position(|v| !v.is_finite()) {
+        const CHUNK: usize = 4 << 20;
+        let mut first_bad = None;
+        for (k, chunk) in params.chunks(CHUNK).enumerate() {
+            if let Some(j) = chunk.iter().position(|v| !v.is_finite()) {
+                first_bad = Some(k * CHUNK + j);
+                break;
+            }
+            tick();
+        }
+        if let Some(i) = first_bad {
             let (name, start) = model
                 .spec
                 .arch

@@ -103,3 +103,37 @@ fn read_params_matches_the_mapped_model_and_a_truncated_file_is_an_error() {
     let err = evod_runtime::read_params(&path).unwrap_err();
     assert!(matches!(err, RuntimeError::Gguf(_)), "{err}");
 }
+
+/// The value check and the checksum of a big model tick as they go (the
+/// worker beats its heartbeat from the ticks during a `LOAD`), and give the
+/// same answers as the one-shot forms.
+#[test]
+fn checking_and_hashing_a_big_model_ticks_along_the_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.gguf");
+    // 4-4096-4096-2: about 16.8M parameters, 67 MB.
+    let arch = Architecture::new(vec![4, 4096, 4096, 2], "tanh".parse().unwrap()).unwrap();
+    let params = vec![0.25f32; arch.n_params()];
+    write_model(
+        &path,
+        &ModelSpec::new(arch.clone(), "cartpole".into(), 1),
+        &params,
+        None,
+    )
+    .unwrap();
+    let model = Model::open_for_serving(&path).unwrap();
+    let mut ticks = 0;
+    model.check_values_with(|| ticks += 1).unwrap();
+    assert!(
+        ticks >= 4,
+        "{ticks} ticks checking {} values",
+        arch.n_params()
+    );
+    let mut ticks = 0;
+    let streamed = model.file.checksum_with(|| ticks += 1);
+    assert!(ticks >= 4, "{ticks} ticks hashing");
+    let one_shot = xxhash_rust::xxh3::xxh3_64(
+        &std::fs::read(&path).unwrap()[model.file.data_offset() as usize..],
+    );
+    assert_eq!(streamed, one_shot);
+}

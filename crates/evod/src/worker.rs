@@ -414,13 +414,15 @@ impl Worker<'_> {
         // A `LOAD` (a new generation) gets every check, values included; a
         // worker starting on the live model only checks its structure, so a
         // respawn costs the same for any model size.
-        let model = if generation.is_some() || checksum != 0 {
-            Model::open(path)?
-        } else {
-            Model::open_for_serving(path)?
-        };
+        // The heartbeat keeps moving while a big model is checked and
+        // hashed (a 1 GiB file takes about a second each).
+        let beat = || self.seg.beat(Role::Worker);
+        let model = Model::open_for_serving(path)?;
+        if generation.is_some() || checksum != 0 {
+            model.check_values_with(beat)?;
+        }
         let file_checksum = if checksum != 0 {
-            let actual = model.file.checksum();
+            let actual = model.file.checksum_with(beat);
             if actual != checksum {
                 anyhow::bail!(
                     "{}: checksum {actual:016x}, expected {checksum:016x}",
