@@ -93,20 +93,33 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
         let mut calls = 0;
         let deadline = Instant::now() + Duration::from_secs(5);
-        let r = retry_unavailable(deadline, &mut b, |_, _| {}, || {
-            calls += 1;
-            if calls < 3 {
-                Err(BrokerError::Unavailable { op: "test", reason: "down".into() })
-            } else {
-                Ok(calls)
-            }
-        });
+        let r = retry_unavailable(
+            deadline,
+            &mut b,
+            |_, _| {},
+            || {
+                calls += 1;
+                if calls < 3 {
+                    Err(BrokerError::Unavailable {
+                        op: "test",
+                        reason: "down".into(),
+                    })
+                } else {
+                    Ok(calls)
+                }
+            },
+        );
         assert_eq!(r.unwrap(), 3);
         let mut calls = 0;
-        let r: Result<(), _> = retry_unavailable(deadline, &mut b, |_, _| {}, || {
-            calls += 1;
-            Err(BrokerError::BaseMissing { hash: 1 })
-        });
+        let r: Result<(), _> = retry_unavailable(
+            deadline,
+            &mut b,
+            |_, _| {},
+            || {
+                calls += 1;
+                Err(BrokerError::BaseMissing { hash: 1 })
+            },
+        );
         assert!(matches!(r, Err(BrokerError::BaseMissing { .. })));
         assert_eq!(calls, 1);
     }

@@ -26,8 +26,7 @@ pub mod wire;
 
 pub use backoff::{Backoff, retry_unavailable};
 pub use broker::{
-    AckOutcome, Coordinator, DeadLetter, Delivery, Enqueued, Evaluator, HostInfo, Lease,
-    Reclaimed,
+    AckOutcome, Coordinator, DeadLetter, Delivery, Enqueued, Evaluator, HostInfo, Lease, Reclaimed,
 };
 pub use error::{BrokerError, WireError};
 pub use redis_broker::{RedisBroker, RedisConfig};

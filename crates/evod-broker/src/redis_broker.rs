@@ -14,12 +14,14 @@ use evod_evolve::checksum;
 use redis::{Connection, RedisError, Script, Value};
 
 use crate::broker::{
-    AckOutcome, Coordinator, DeadLetter, Delivery, Enqueued, Evaluator, HostInfo, Lease,
-    Reclaimed,
+    AckOutcome, Coordinator, DeadLetter, Delivery, Enqueued, Evaluator, HostInfo, Lease, Reclaimed,
 };
 use crate::error::{BrokerError, WireError};
 use crate::scripts;
 use crate::wire::{Task, TaskResult, check_name};
+
+/// A stream entry as `XRANGE` returns it: id and (field, value) pairs.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
 
 /// The consumer group of a run's evaluators.
 pub const GROUP: &str = "evaluators";
@@ -147,7 +149,9 @@ impl RedisBroker {
         if config.max_deliveries == 0 {
             return bad("max_deliveries must be at least 1".into());
         }
-        if config.chunk_bytes == 0 || config.chunk_bytes > MAX_CHUNK || config.chunk_bytes % 4 != 0
+        if config.chunk_bytes == 0
+            || config.chunk_bytes > MAX_CHUNK
+            || !config.chunk_bytes.is_multiple_of(4)
         {
             return bad(format!(
                 "chunk_bytes {} must be a multiple of 4 in 4..={MAX_CHUNK}",
@@ -373,7 +377,12 @@ impl Coordinator for RedisBroker {
             }
             let k = key.clone();
             let (holder, pttl): (Option<String>, i64) = self.call("read lease", move |c| {
-                redis::pipe().cmd("GET").arg(&k).cmd("PTTL").arg(&k).query(c)
+                redis::pipe()
+                    .cmd("GET")
+                    .arg(&k)
+                    .cmd("PTTL")
+                    .arg(&k)
+                    .query(c)
             })?;
             let remaining = Duration::from_millis(pttl.max(0) as u64);
             let now = Instant::now();
@@ -386,7 +395,10 @@ impl Coordinator for RedisBroker {
             // Poll a few times per lease period: a lapse is noticed within
             // a quarter of the ttl.
             let step = (ttl / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
-            std::thread::sleep(step.min(remaining.max(Duration::from_millis(1))).min(deadline - now));
+            std::thread::sleep(
+                step.min(remaining.max(Duration::from_millis(1)))
+                    .min(deadline - now),
+            );
         }
     }
 
@@ -408,8 +420,10 @@ impl Coordinator for RedisBroker {
 
     fn release_lease(&mut self, lease: &Lease) -> Result<(), BrokerError> {
         let (s, k, token) = (self.release.clone(), self.keys.lease(), lease.token.clone());
-        self.call("release lease", move |c| s.key(&k).arg(&token).invoke::<i64>(c))
-            .map(drop)
+        self.call("release lease", move |c| {
+            s.key(&k).arg(&token).invoke::<i64>(c)
+        })
+        .map(drop)
     }
 
     fn publish_base(&mut self, params: &[f32]) -> Result<u64, BrokerError> {
@@ -457,7 +471,9 @@ impl Coordinator for RedisBroker {
         {
             keys.extend((0..bytes.div_ceil(chunk) as usize).map(|i| self.keys.chunk(hash, i)));
         }
-        self.call("drop base", move |c| redis::cmd("DEL").arg(&keys).query::<()>(c))
+        self.call("drop base", move |c| {
+            redis::cmd("DEL").arg(&keys).query::<()>(c)
+        })
     }
 
     fn enqueue(
@@ -503,8 +519,9 @@ impl Coordinator for RedisBroker {
 
     fn results(&mut self, generation: u64) -> Result<Vec<TaskResult>, BrokerError> {
         let key = self.keys.results_of(generation);
-        let raw: Vec<(Vec<u8>, Vec<u8>)> =
-            self.call("read results", move |c| redis::cmd("HGETALL").arg(&key).query(c))?;
+        let raw: Vec<(Vec<u8>, Vec<u8>)> = self.call("read results", move |c| {
+            redis::cmd("HGETALL").arg(&key).query(c)
+        })?;
         let mut out = Vec::with_capacity(raw.len());
         for (field, payload) in raw {
             let r = TaskResult::decode(&payload)?;
@@ -543,16 +560,15 @@ impl Coordinator for RedisBroker {
             // The newest notification before reading the hash: anything
             // recorded after the read shows up as a newer entry.
             let s = stream.clone();
-            let last: Vec<(String, Vec<(String, Vec<u8>)>)> =
-                self.call("wait results", move |c| {
-                    redis::cmd("XREVRANGE")
-                        .arg(&s)
-                        .arg("+")
-                        .arg("-")
-                        .arg("COUNT")
-                        .arg(1)
-                        .query(c)
-                })?;
+            let last: Vec<StreamEntry> = self.call("wait results", move |c| {
+                redis::cmd("XREVRANGE")
+                    .arg(&s)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query(c)
+            })?;
             let last = last.into_iter().next().map_or("0-0".to_owned(), |e| e.0);
             let results = self.results(generation)?;
             let now = Instant::now();
@@ -577,12 +593,17 @@ impl Coordinator for RedisBroker {
 
     fn dead_letters(&mut self) -> Result<Vec<DeadLetter>, BrokerError> {
         let key = self.keys.dead();
-        let raw: Vec<(String, Vec<(String, Vec<u8>)>)> = self.call("read dead letters", move |c| {
+        let raw: Vec<StreamEntry> = self.call("read dead letters", move |c| {
             redis::cmd("XRANGE").arg(&key).arg("-").arg("+").query(c)
         })?;
         let mut out = Vec::with_capacity(raw.len());
         for (id, fields) in raw {
-            let get = |f: &str| fields.iter().find(|(k, _)| k == f).map(|(_, v)| v.as_slice());
+            let get = |f: &str| {
+                fields
+                    .iter()
+                    .find(|(k, _)| k == f)
+                    .map(|(_, v)| v.as_slice())
+            };
             let missing = |f: &str| WireError::Entry {
                 what: "dead letter",
                 reason: format!("{id} has no field {f:?}"),
@@ -604,7 +625,10 @@ impl Coordinator for RedisBroker {
     }
 
     fn retire(&mut self, generation: u64) -> Result<(), BrokerError> {
-        let keys = [self.keys.results_of(generation), self.keys.enqueued(generation)];
+        let keys = [
+            self.keys.results_of(generation),
+            self.keys.enqueued(generation),
+        ];
         self.call("retire generation", move |c| {
             redis::cmd("DEL").arg(&keys[..]).query::<()>(c)
         })
@@ -701,8 +725,9 @@ impl Evaluator for RedisBroker {
 
     fn fetch_base(&mut self, hash: u64) -> Result<Vec<f32>, BrokerError> {
         let meta = self.keys.base(hash);
-        let desc: Vec<(String, String)> =
-            self.call("fetch base", move |c| redis::cmd("HGETALL").arg(&meta).query(c))?;
+        let desc: Vec<(String, String)> = self.call("fetch base", move |c| {
+            redis::cmd("HGETALL").arg(&meta).query(c)
+        })?;
         if desc.is_empty() {
             return Err(BrokerError::BaseMissing { hash });
         }
@@ -726,12 +751,16 @@ impl Evaluator for RedisBroker {
         let mut data = Vec::with_capacity(bytes);
         for i in 0..bytes.div_ceil(chunk) {
             let key = self.keys.chunk(hash, i);
-            let part: Option<Vec<u8>> =
-                self.call("fetch base chunk", move |c| redis::cmd("GET").arg(&key).query(c))?;
+            let part: Option<Vec<u8>> = self.call("fetch base chunk", move |c| {
+                redis::cmd("GET").arg(&key).query(c)
+            })?;
             let part = part.ok_or_else(|| bad(format!("chunk {i} is missing")))?;
             let want = chunk.min(bytes - i * chunk);
             if part.len() != want {
-                return Err(bad(format!("chunk {i} has {} bytes, expected {want}", part.len())));
+                return Err(bad(format!(
+                    "chunk {i} has {} bytes, expected {want}",
+                    part.len()
+                )));
             }
             data.extend_from_slice(&part);
         }
@@ -780,11 +809,13 @@ impl Evaluator for RedisBroker {
                 .into_iter()
                 .map(|(k, v)| Value::Array(vec![k, v]))
                 .collect(),
-            _ => return Err(WireError::Entry {
-                what: "task",
-                reason: "XREADGROUP reply is not an array".into(),
+            _ => {
+                return Err(WireError::Entry {
+                    what: "task",
+                    reason: "XREADGROUP reply is not an array".into(),
+                }
+                .into());
             }
-            .into()),
         };
         let mut out = Vec::new();
         for s in streams {
@@ -853,7 +884,11 @@ impl Evaluator for RedisBroker {
         let maxlen = self.config.max_stream_len;
         let recorded: i64 = self.call("ack", move |c| {
             let mut inv = s.prepare_invoke();
-            inv.key(&keys[..]).arg(GROUP).arg(&id).arg(&consumer).arg(maxlen);
+            inv.key(&keys[..])
+                .arg(GROUP)
+                .arg(&id)
+                .arg(&consumer)
+                .arg(maxlen);
             for (cand, p) in &payloads {
                 inv.arg(*cand).arg(p.as_slice());
             }

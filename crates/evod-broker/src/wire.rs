@@ -348,13 +348,19 @@ mod tests {
         let bytes = task(3).encode().unwrap();
         for len in 0..bytes.len() {
             assert!(
-                matches!(Task::decode(&bytes[..len]), Err(WireError::Truncated { .. })),
+                matches!(
+                    Task::decode(&bytes[..len]),
+                    Err(WireError::Truncated { .. })
+                ),
                 "prefix of {len} bytes"
             );
         }
         let mut long = bytes.clone();
         long.push(0);
-        assert!(matches!(Task::decode(&long), Err(WireError::Trailing { extra: 1, .. })));
+        assert!(matches!(
+            Task::decode(&long),
+            Err(WireError::Trailing { extra: 1, .. })
+        ));
     }
 
     #[test]
@@ -363,7 +369,11 @@ mod tests {
         bytes[0] = 2;
         assert!(matches!(
             Task::decode(&bytes),
-            Err(WireError::Version { got: 2, want: 1, .. })
+            Err(WireError::Version {
+                got: 2,
+                want: 1,
+                ..
+            })
         ));
         let mut bytes = task(2).encode().unwrap();
         bytes[1] = 9;
@@ -375,11 +385,17 @@ mod tests {
         let mut bytes = task(2).encode().unwrap();
         let at = 24 + 5 + TASK_RECIPE_BYTES + 8;
         bytes[at..at + 4].copy_from_slice(&f32::NAN.to_bits().to_le_bytes());
-        assert!(matches!(Task::decode(&bytes), Err(WireError::Recipe { index: 1, .. })));
+        assert!(matches!(
+            Task::decode(&bytes),
+            Err(WireError::Recipe { index: 1, .. })
+        ));
         // A recipe for another base cannot be encoded.
         let mut t = task(2);
         t.recipes[1].base = 1;
-        assert!(matches!(t.encode(), Err(WireError::Recipe { index: 1, .. })));
+        assert!(matches!(
+            t.encode(),
+            Err(WireError::Recipe { index: 1, .. })
+        ));
         let r = TaskResult {
             run: "r".into(),
             generation: 0,
