@@ -570,10 +570,14 @@ impl Coordinator for RedisBroker {
                     .query(c)
             })?;
             let last = last.into_iter().next().map_or("0-0".to_owned(), |e| e.0);
-            let results = self.results(generation)?;
+            // Count first: the results themselves are read once, at the end.
+            let key = self.keys.results_of(generation);
+            let count: usize = self.call("wait results", move |c| {
+                redis::cmd("HLEN").arg(&key).query(c)
+            })?;
             let now = Instant::now();
-            if results.len() >= want || now >= deadline {
-                return Ok(results);
+            if count >= want || now >= deadline {
+                return self.results(generation);
             }
             let block = (deadline - now).min(Duration::from_secs(1));
             let s = stream.clone();
