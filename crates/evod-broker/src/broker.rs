@@ -54,6 +54,10 @@ pub struct Reclaimed {
     pub tasks: Vec<Delivery>,
     /// Tasks moved to the dead-letter stream (delivered too often).
     pub dead_lettered: usize,
+    /// Ids of pending tasks that were trimmed from the stream before they
+    /// were done (`max_stream_len` too small); their candidates come back
+    /// only through [`Coordinator::requeue`].
+    pub lost: Vec<String>,
 }
 
 /// A task that was delivered too often without a result.
@@ -112,6 +116,23 @@ pub trait Coordinator {
         generation: u64,
         tasks: &[Task],
     ) -> Result<Enqueued, BrokerError>;
+    /// Enqueues tasks again, even if the generation was enqueued before:
+    /// for candidates still [`Coordinator::missing`] after their tasks
+    /// should have been done (lost with a Redis that had no AOF, trimmed,
+    /// dead-lettered and retried). Duplicated work is harmless: results are
+    /// deduplicated. Fenced by the lease like `enqueue`.
+    fn requeue(
+        &mut self,
+        lease: &Lease,
+        generation: u64,
+        tasks: &[Task],
+    ) -> Result<usize, BrokerError>;
+    /// Candidates of `candidates` without a recorded result, in order.
+    fn missing(
+        &mut self,
+        generation: u64,
+        candidates: std::ops::Range<u32>,
+    ) -> Result<Vec<u32>, BrokerError>;
     /// The generation's results recorded so far, one per candidate, sorted
     /// by candidate.
     fn results(&mut self, generation: u64) -> Result<Vec<TaskResult>, BrokerError>;

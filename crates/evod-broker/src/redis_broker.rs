@@ -340,6 +340,52 @@ impl RedisBroker {
         Ok(None)
     }
 
+    /// The enqueue script: once per generation unless `force`.
+    fn add_tasks(
+        &mut self,
+        lease: &Lease,
+        generation: u64,
+        tasks: &[Task],
+        force: bool,
+    ) -> Result<usize, BrokerError> {
+        let mut payloads = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            self.check_run(&t.run)?;
+            if t.generation != generation {
+                return Err(BrokerError::Config(format!(
+                    "task of generation {} enqueued as generation {generation}",
+                    t.generation
+                )));
+            }
+            payloads.push(t.encode()?);
+        }
+        let s = self.enqueue.clone();
+        let keys = [
+            self.keys.lease(),
+            self.keys.tasks(),
+            self.keys.enqueued(generation),
+        ];
+        let (token, maxlen) = (lease.token.clone(), self.config.max_stream_len);
+        let n: i64 = self.call("enqueue", move |c| {
+            let mut inv = s.prepare_invoke();
+            inv.key(&keys[..])
+                .arg(&token)
+                .arg(GROUP)
+                .arg(maxlen)
+                .arg(u8::from(force));
+            for p in &payloads {
+                inv.arg(p.as_slice());
+            }
+            inv.invoke(c)
+        })?;
+        if n < 0 {
+            return Err(BrokerError::LeaseLost {
+                holder: lease.token.clone(),
+            });
+        }
+        Ok(n as usize)
+    }
+
     fn server_ms(&mut self) -> Result<u64, BrokerError> {
         let s = self.now_ms.clone();
         self.call("time", move |c| s.invoke::<u64>(c))
@@ -482,39 +528,33 @@ impl Coordinator for RedisBroker {
         generation: u64,
         tasks: &[Task],
     ) -> Result<Enqueued, BrokerError> {
-        let mut payloads = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            self.check_run(&t.run)?;
-            if t.generation != generation {
-                return Err(BrokerError::Config(format!(
-                    "task of generation {} enqueued as generation {generation}",
-                    t.generation
-                )));
-            }
-            payloads.push(t.encode()?);
-        }
-        let s = self.enqueue.clone();
-        let keys = [
-            self.keys.lease(),
-            self.keys.tasks(),
-            self.keys.enqueued(generation),
-        ];
-        let (token, maxlen) = (lease.token.clone(), self.config.max_stream_len);
-        let n: i64 = self.call("enqueue", move |c| {
-            let mut inv = s.prepare_invoke();
-            inv.key(&keys[..]).arg(&token).arg(GROUP).arg(maxlen);
-            for p in &payloads {
-                inv.arg(p.as_slice());
-            }
-            inv.invoke(c)
-        })?;
-        match n {
-            -1 => Err(BrokerError::LeaseLost {
-                holder: lease.token.clone(),
-            }),
+        match self.add_tasks(lease, generation, tasks, false)? {
             0 if !tasks.is_empty() => Ok(Enqueued::Already),
-            n => Ok(Enqueued::New(n as usize)),
+            n => Ok(Enqueued::New(n)),
         }
+    }
+
+    fn requeue(
+        &mut self,
+        lease: &Lease,
+        generation: u64,
+        tasks: &[Task],
+    ) -> Result<usize, BrokerError> {
+        self.add_tasks(lease, generation, tasks, true)
+    }
+
+    fn missing(
+        &mut self,
+        generation: u64,
+        candidates: std::ops::Range<u32>,
+    ) -> Result<Vec<u32>, BrokerError> {
+        let key = self.keys.results_of(generation);
+        let have: Vec<String> = self.call("read results", move |c| {
+            redis::cmd("HKEYS").arg(&key).query(c)
+        })?;
+        let have: std::collections::HashSet<u32> =
+            have.iter().filter_map(|f| f.parse().ok()).collect();
+        Ok(candidates.filter(|c| !have.contains(c)).collect())
     }
 
     fn results(&mut self, generation: u64) -> Result<Vec<TaskResult>, BrokerError> {
@@ -930,16 +970,20 @@ impl Evaluator for RedisBroker {
         };
         let bad = || WireError::Entry {
             what: "reclaim",
-            reason: "reply is not {dead, {id, payload, deliveries, …}}".into(),
+            reason: "reply is not {dead, {id, payload, deliveries, …}, {lost, …}}".into(),
         };
         let Value::Array(mut parts) = reply else {
             return Err(bad().into());
         };
-        if parts.len() != 2 {
+        if parts.len() != 3 {
             return Err(bad().into());
         }
-        let list = parts.pop().expect("two");
-        let dead = match parts.pop().expect("two") {
+        let lost = match parts.pop().expect("three") {
+            Value::Array(ids) => ids.into_iter().filter_map(text).collect(),
+            _ => Vec::new(),
+        };
+        let list = parts.pop().expect("three");
+        let dead = match parts.pop().expect("three") {
             Value::Int(n) => n.max(0) as usize,
             _ => return Err(bad().into()),
         };
@@ -963,6 +1007,7 @@ impl Evaluator for RedisBroker {
         Ok(Reclaimed {
             tasks,
             dead_lettered: dead,
+            lost,
         })
     }
 }

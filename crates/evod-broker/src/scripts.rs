@@ -2,17 +2,19 @@
 //! server (so a restarted or concurrent client never sees half of one).
 //! Each returns plain values; the Rust side turns them into typed results.
 
-/// Enqueue once, fenced by the coordinator lease.
+/// Enqueue, fenced by the coordinator lease; once per generation unless
+/// forced (a re-enqueue of what is missing).
 /// KEYS: lease, tasks stream, enqueued mark. ARGV: token, group, maxlen,
-/// payloads… Returns -1 (not the lease holder), 0 (already), or the count.
+/// force (0/1), payloads… Returns -1 (not the lease holder), 0 (already),
+/// or the count.
 pub const ENQUEUE: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
-if not redis.call('SET', KEYS[3], '1', 'NX') then return 0 end
-for i = 4, #ARGV do
+if not redis.call('SET', KEYS[3], '1', 'NX') and ARGV[4] == '0' then return 0 end
+for i = 5, #ARGV do
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 't', ARGV[i])
 end
-return #ARGV - 3
+return #ARGV - 4
 "#;
 
 /// Record results once and acknowledge.
@@ -35,7 +37,8 @@ return new
 /// Reclaim stale tasks; dead-letter those delivered too often.
 /// KEYS: tasks stream, dead-letter stream. ARGV: group, consumer,
 /// min idle ms, count, max deliveries, dead maxlen.
-/// Returns {dead count, {id, payload, deliveries, …}}.
+/// Returns {dead count, {id, payload, deliveries, …}, {lost id, …}} (lost:
+/// pending entries trimmed from the stream, which Redis drops).
 pub const RECLAIM: &str = r#"
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', ARGV[4])
 local out = {}
@@ -57,7 +60,7 @@ for _, e in ipairs(r[2]) do
     end
   end
 end
-return {dead, out}
+return {dead, out, r[3] or {}}
 "#;
 
 /// Restart a task's idle time if it is still ours.

@@ -482,6 +482,67 @@ fn child_coordinator(url: &str) {
 }
 
 #[test]
+fn lost_tasks_are_reported_and_requeued() {
+    let (_dir, server) = start();
+    let url = server.url();
+    let mut coord = broker(&url, "coord", Duration::from_secs(30));
+    let lease = coord
+        .acquire_lease("coord", Duration::from_secs(30), Duration::ZERO)
+        .unwrap();
+    assert_eq!(
+        coord.enqueue(&lease, 7, &tasks(7, 4, 4)).unwrap(),
+        Enqueued::New(4)
+    );
+    let mut ev = broker(&url, "host-a", Duration::from_millis(50));
+    let held = read_all(&mut ev, 2);
+    ev.ack(&held[0], &evaluate(&held[0], "host-a", 0.0))
+        .unwrap();
+    // The stream loses its entries (a too small MAXLEN, a Redis without
+    // AOF): the pending one is reported lost by reclaim, not hidden.
+    let mut r = raw(&url);
+    let _: u64 = redis::cmd("XTRIM")
+        .arg(format!("{}tasks", coord.prefix()))
+        .arg("MAXLEN")
+        .arg(0)
+        .query(&mut r)
+        .unwrap();
+    let lost = poll_until(
+        "the lost task to be reported",
+        Duration::from_secs(10),
+        || {
+            let got = ev.reclaim(10).unwrap();
+            assert!(got.tasks.is_empty());
+            (!got.lost.is_empty()).then_some(got.lost)
+        },
+    );
+    assert_eq!(lost, [held[1].id.clone()]);
+    // The coordinator re-enqueues what has no result; once-only enqueue
+    // would add nothing.
+    let missing = coord.missing(7, 0..16).unwrap();
+    assert_eq!(missing, (4..16).collect::<Vec<_>>());
+    assert_eq!(
+        coord.enqueue(&lease, 7, &tasks(7, 4, 4)).unwrap(),
+        Enqueued::Already
+    );
+    let again: Vec<Task> = tasks(7, 4, 4)
+        .into_iter()
+        .filter(|t| t.candidates().any(|c| missing.contains(&c)))
+        .collect();
+    assert_eq!(coord.requeue(&lease, 7, &again).unwrap(), 3);
+    for d in read_all(&mut ev, 3) {
+        ev.ack(&d, &evaluate(&d, "host-a", 0.0)).unwrap();
+    }
+    assert_eq!(
+        coord
+            .wait_results(7, 16, Duration::from_secs(10))
+            .unwrap()
+            .len(),
+        16
+    );
+    assert!(coord.missing(7, 0..16).unwrap().is_empty());
+}
+
+#[test]
 fn a_second_coordinator_waits_on_the_lease_and_takes_over() {
     if let Ok(url) = std::env::var(CHILD_ENV) {
         return child_coordinator(&url);
