@@ -1,0 +1,178 @@
+//! The broker traits: [`Coordinator`] (the one process that publishes a
+//! run's generations) and [`Evaluator`] (any number of hosts that evaluate
+//! them), and the plain types they exchange. An engine implements both.
+
+use std::time::Duration;
+
+use crate::error::BrokerError;
+use crate::wire::{Task, TaskResult};
+
+/// A held coordinator lease: the token proves it is ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Unique token (holder name, process and time).
+    pub token: String,
+    /// Time to live granted by each acquire or renew.
+    pub ttl: Duration,
+}
+
+/// What [`Coordinator::enqueue`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// The tasks were added (this many).
+    New(usize),
+    /// The generation had been enqueued before (by us before a restart, or
+    /// by a previous coordinator): nothing was added.
+    Already,
+}
+
+/// One task delivered to this evaluator, leased to it until acknowledged
+/// or reclaimed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// Broker id of the task (a stream entry id for Redis).
+    pub id: String,
+    /// The task, decoded and checked to be of this run.
+    pub task: Task,
+    /// How many times it has been delivered, this one included.
+    pub deliveries: u64,
+}
+
+/// What [`Evaluator::ack`] recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckOutcome {
+    /// Results that were new.
+    pub recorded: usize,
+    /// Results already recorded by an earlier delivery (discarded).
+    pub duplicates: usize,
+}
+
+/// What [`Evaluator::reclaim`] did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Reclaimed {
+    /// Tasks of stale consumers now leased to this one.
+    pub tasks: Vec<Delivery>,
+    /// Tasks moved to the dead-letter stream (delivered too often).
+    pub dead_lettered: usize,
+    /// Ids of pending tasks that were trimmed from the stream before they
+    /// were done (`max_stream_len` too small); their candidates come back
+    /// only through [`Coordinator::requeue`].
+    pub lost: Vec<String>,
+}
+
+/// A task that was delivered too often without a result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// Broker id of the dead letter.
+    pub id: String,
+    /// The task (its candidates are to be quarantined), or why its bytes
+    /// were refused (a malformed task is dead-lettered at once).
+    pub task: Result<Task, crate::error::WireError>,
+    /// Deliveries it had.
+    pub deliveries: u64,
+    /// Consumer that held it last.
+    pub last_consumer: String,
+}
+
+/// A registered evaluator host, for `evod status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostInfo {
+    /// Host id (its consumer name).
+    pub host: String,
+    /// Workers it runs.
+    pub workers: u32,
+    /// Results it recorded (duplicates not counted).
+    pub tasks_done: u64,
+    /// Time since its last heartbeat, by the broker's clock.
+    pub last_seen: Duration,
+}
+
+/// The coordinator's side: one per run at a time, fenced by the lease.
+pub trait Coordinator {
+    /// Waits up to `wait` for the coordinator lease and takes it for `ttl`.
+    /// Another live holder after `wait` is [`BrokerError::LeaseHeld`].
+    fn acquire_lease(
+        &mut self,
+        holder: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Lease, BrokerError>;
+    /// Extends our lease by its ttl; [`BrokerError::LeaseLost`] if it lapsed
+    /// or another took it (then stop publishing).
+    fn renew_lease(&mut self, lease: &Lease) -> Result<(), BrokerError>;
+    /// Gives the lease up (only if still ours).
+    fn release_lease(&mut self, lease: &Lease) -> Result<(), BrokerError>;
+    /// Publishes a base's parameters under their checksum, chunked;
+    /// idempotent. Returns the checksum.
+    fn publish_base(&mut self, params: &[f32]) -> Result<u64, BrokerError>;
+    /// Removes a base no task needs any more.
+    fn drop_base(&mut self, hash: u64) -> Result<(), BrokerError>;
+    /// Enqueues a generation's tasks, once: a generation enqueued before is
+    /// [`Enqueued::Already`]. Refused with [`BrokerError::LeaseLost`] unless
+    /// `lease` is the live lease (never two publishers).
+    fn enqueue(
+        &mut self,
+        lease: &Lease,
+        generation: u64,
+        tasks: &[Task],
+    ) -> Result<Enqueued, BrokerError>;
+    /// Enqueues tasks again, even if the generation was enqueued before:
+    /// for candidates still [`Coordinator::missing`] after their tasks
+    /// should have been done (lost with a Redis that had no AOF, trimmed,
+    /// dead-lettered and retried). Duplicated work is harmless: results are
+    /// deduplicated. Fenced by the lease like `enqueue`.
+    fn requeue(
+        &mut self,
+        lease: &Lease,
+        generation: u64,
+        tasks: &[Task],
+    ) -> Result<usize, BrokerError>;
+    /// Candidates of `candidates` without a recorded result, in order.
+    fn missing(
+        &mut self,
+        generation: u64,
+        candidates: std::ops::Range<u32>,
+    ) -> Result<Vec<u32>, BrokerError>;
+    /// The generation's results recorded so far, one per candidate, sorted
+    /// by candidate.
+    fn results(&mut self, generation: u64) -> Result<Vec<TaskResult>, BrokerError>;
+    /// Waits up to `timeout` until `want` results of the generation are
+    /// recorded; returns those recorded by then.
+    fn wait_results(
+        &mut self,
+        generation: u64,
+        want: usize,
+        timeout: Duration,
+    ) -> Result<Vec<TaskResult>, BrokerError>;
+    /// Dead letters of the run, oldest first.
+    fn dead_letters(&mut self) -> Result<Vec<DeadLetter>, BrokerError>;
+    /// Forgets a finished generation's results and enqueue mark.
+    fn retire(&mut self, generation: u64) -> Result<(), BrokerError>;
+    /// Registered evaluator hosts.
+    fn hosts(&mut self) -> Result<Vec<HostInfo>, BrokerError>;
+}
+
+/// An evaluator's side: one consumer of the run's group, named by its host
+/// id.
+pub trait Evaluator {
+    /// Registers or refreshes this host with its worker count.
+    fn heartbeat(&mut self, workers: u32) -> Result<(), BrokerError>;
+    /// Fetches a base by hash and verifies it hashes to that name.
+    fn fetch_base(&mut self, hash: u64) -> Result<Vec<f32>, BrokerError>;
+    /// Reads up to `max` new tasks, waiting up to `block` for the first.
+    fn read_tasks(&mut self, max: usize, block: Duration) -> Result<Vec<Delivery>, BrokerError>;
+    /// Restarts a task's lease (a long evaluation);
+    /// [`BrokerError::NotLeased`] if it is no longer ours.
+    fn extend(&mut self, delivery: &Delivery) -> Result<(), BrokerError>;
+    /// Records the task's results (deduplicated by (generation, candidate))
+    /// and acknowledges it, atomically.
+    fn ack(
+        &mut self,
+        delivery: &Delivery,
+        results: &[TaskResult],
+    ) -> Result<AckOutcome, BrokerError>;
+    /// Takes over up to `max` tasks idle longer than the lease (their
+    /// consumer is dead or stuck); those delivered too often go to the
+    /// dead-letter stream instead.
+    fn reclaim(&mut self, max: usize) -> Result<Reclaimed, BrokerError>;
+}

@@ -1,0 +1,1013 @@
+//! The Redis Streams engine: [`RedisBroker`] implements both [`Coordinator`]
+//! and [`Evaluator`] over one synchronous connection, reopened after any
+//! connection error (reported as [`BrokerError::Unavailable`]).
+//!
+//! Keys live under `evod:{<run>}:` (the braces are a cluster hash tag: a
+//! run's keys share a slot, so its scripts may touch several). Everything
+//! the protocol needs is on the server, so a Redis restarted from its AOF,
+//! or a restarted client, resumes where it was. The layout is in
+//! `docs/distributed.md`.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use evod_evolve::checksum;
+use redis::{Connection, RedisError, Script, Value};
+
+use crate::broker::{
+    AckOutcome, Coordinator, DeadLetter, Delivery, Enqueued, Evaluator, HostInfo, Lease, Reclaimed,
+};
+use crate::error::{BrokerError, WireError};
+use crate::scripts;
+use crate::wire::{Task, TaskResult, check_name};
+
+/// A stream entry as `XRANGE` returns it: id and (field, value) pairs.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// The consumer group of a run's evaluators.
+pub const GROUP: &str = "evaluators";
+/// Largest base chunk accepted from the broker.
+const MAX_CHUNK: usize = 64 << 20;
+
+/// Settings of a [`RedisBroker`].
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]`.
+    pub url: String,
+    /// Run id: `[A-Za-z0-9._-]{1,64}`, the key prefix.
+    pub run: String,
+    /// This process's name: the consumer name of an evaluator (its host
+    /// id), the holder name of a coordinator.
+    pub consumer: String,
+    /// A task idle (not acknowledged or extended) longer than this may be
+    /// reclaimed by another evaluator.
+    pub task_lease: Duration,
+    /// Deliveries after which a task is dead-lettered instead of delivered
+    /// again.
+    pub max_deliveries: u64,
+    /// Approximate bound (`MAXLEN ~`) of each stream; must exceed the tasks
+    /// of the generations in flight.
+    pub max_stream_len: u64,
+    /// Bytes per base chunk.
+    pub chunk_bytes: usize,
+    /// Largest base accepted by `fetch_base`.
+    pub max_base_bytes: usize,
+    /// Connect, read and write timeout of one command (blocking reads add
+    /// their block time).
+    pub io_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// Defaults for a run on `url`: 30 s task lease, 3 deliveries, streams
+    /// of ~100 000 entries, 512 KiB chunks, bases up to 1 GiB, 2 s I/O
+    /// timeout.
+    pub fn new(url: &str, run: &str, consumer: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            run: run.to_owned(),
+            consumer: consumer.to_owned(),
+            task_lease: Duration::from_secs(30),
+            max_deliveries: 3,
+            max_stream_len: 100_000,
+            chunk_bytes: 512 << 10,
+            max_base_bytes: 1 << 30,
+            io_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Key names of one run.
+#[derive(Debug, Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+    fn tasks(&self) -> String {
+        self.key("tasks")
+    }
+    fn results(&self) -> String {
+        self.key("results")
+    }
+    fn results_of(&self, generation: u64) -> String {
+        self.key(&format!("results:{generation}"))
+    }
+    fn enqueued(&self, generation: u64) -> String {
+        self.key(&format!("enqueued:{generation}"))
+    }
+    fn dead(&self) -> String {
+        self.key("dead")
+    }
+    fn lease(&self) -> String {
+        self.key("coordinator")
+    }
+    fn base(&self, hash: u64) -> String {
+        self.key(&format!("base:{hash:016x}"))
+    }
+    fn chunk(&self, hash: u64, i: usize) -> String {
+        self.key(&format!("base:{hash:016x}:{i}"))
+    }
+    fn hosts(&self, what: &str) -> String {
+        self.key(&format!("hosts:{what}"))
+    }
+}
+
+/// A broker on Redis Streams (see the module docs).
+pub struct RedisBroker {
+    config: RedisConfig,
+    client: redis::Client,
+    conn: Option<Connection>,
+    keys: Keys,
+    enqueue: Script,
+    ack: Script,
+    reclaim: Script,
+    extend: Script,
+    renew: Script,
+    release: Script,
+    heartbeat: Script,
+    now_ms: Script,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("config", &self.config)
+            .field("connected", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl RedisBroker {
+    /// Checks the configuration; connects lazily, on the first call.
+    pub fn new(config: RedisConfig) -> Result<Self, BrokerError> {
+        let bad = |m: String| Err(BrokerError::Config(m));
+        check_name("config", "run", &config.run).map_err(|e| BrokerError::Config(e.to_string()))?;
+        check_name("config", "consumer", &config.consumer)
+            .map_err(|e| BrokerError::Config(e.to_string()))?;
+        if config.max_deliveries == 0 {
+            return bad("max_deliveries must be at least 1".into());
+        }
+        if config.chunk_bytes == 0
+            || config.chunk_bytes > MAX_CHUNK
+            || !config.chunk_bytes.is_multiple_of(4)
+        {
+            return bad(format!(
+                "chunk_bytes {} must be a multiple of 4 in 4..={MAX_CHUNK}",
+                config.chunk_bytes
+            ));
+        }
+        if config.task_lease < Duration::from_millis(1) || config.io_timeout.is_zero() {
+            return bad("task_lease and io_timeout must be positive".into());
+        }
+        if config.max_stream_len == 0 {
+            return bad("max_stream_len must be positive".into());
+        }
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| BrokerError::Config(format!("url {:?}: {e}", config.url)))?;
+        let keys = Keys {
+            prefix: format!("evod:{{{}}}:", config.run),
+        };
+        Ok(Self {
+            config,
+            client,
+            conn: None,
+            keys,
+            enqueue: Script::new(scripts::ENQUEUE),
+            ack: Script::new(scripts::ACK),
+            reclaim: Script::new(scripts::RECLAIM),
+            extend: Script::new(scripts::EXTEND),
+            renew: Script::new(scripts::RENEW),
+            release: Script::new(scripts::RELEASE),
+            heartbeat: Script::new(scripts::HEARTBEAT),
+            now_ms: Script::new(scripts::NOW_MS),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    /// The key prefix of this run (`evod:{<run>}:`).
+    pub fn prefix(&self) -> &str {
+        &self.keys.prefix
+    }
+
+    /// Checks the broker answers (`PING`).
+    pub fn ping(&mut self) -> Result<(), BrokerError> {
+        self.call("ping", |c| redis::cmd("PING").query::<String>(c))
+            .map(drop)
+    }
+
+    /// Runs `f` on the connection (opened if needed), with a read timeout of
+    /// `io_timeout + extra`. A connection-level error drops the connection
+    /// and is [`BrokerError::Unavailable`].
+    fn call_with<T>(
+        &mut self,
+        op: &'static str,
+        extra: Duration,
+        f: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+    ) -> Result<T, BrokerError> {
+        if self.conn.is_none() {
+            let t = self.config.io_timeout;
+            let conn = self
+                .client
+                .get_connection_with_timeout(t)
+                .and_then(|c| {
+                    c.set_write_timeout(Some(t))?;
+                    Ok(c)
+                })
+                .map_err(|e| self.classify(op, e))?;
+            self.conn = Some(conn);
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        let result = conn
+            .set_read_timeout(Some(self.config.io_timeout + extra))
+            .and_then(|()| f(conn));
+        result.map_err(|e| self.classify(op, e))
+    }
+
+    fn call<T>(
+        &mut self,
+        op: &'static str,
+        f: impl FnOnce(&mut Connection) -> Result<T, RedisError>,
+    ) -> Result<T, BrokerError> {
+        self.call_with(op, Duration::ZERO, f)
+    }
+
+    /// Connection trouble (and a server still loading its AOF) is
+    /// `Unavailable`, and drops the connection; the rest is `Server`.
+    fn classify(&mut self, op: &'static str, e: RedisError) -> BrokerError {
+        let transient = e.is_io_error()
+            || e.is_connection_refusal()
+            || e.is_connection_dropped()
+            || e.is_timeout()
+            || matches!(e.code(), Some("LOADING" | "MASTERDOWN" | "TRYAGAIN"));
+        if transient {
+            self.conn = None;
+            BrokerError::Unavailable {
+                op,
+                reason: format!("{} ({e})", self.config.url),
+            }
+        } else {
+            BrokerError::Server {
+                op,
+                reason: e.to_string(),
+            }
+        }
+    }
+
+    fn check_run(&self, run: &str) -> Result<(), BrokerError> {
+        if run == self.config.run {
+            Ok(())
+        } else {
+            Err(BrokerError::WrongRun {
+                got: run.to_owned(),
+                want: self.config.run.clone(),
+            })
+        }
+    }
+
+    /// Creates the run's consumer group (and the stream) if missing.
+    fn ensure_group(&mut self) -> Result<(), BrokerError> {
+        let tasks = self.keys.tasks();
+        let r = self.call("create group", |c| {
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&tasks)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query::<()>(c)
+        });
+        match r {
+            Err(BrokerError::Server { reason, .. }) if reason.contains("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Decodes a delivered payload; a task that is malformed or of another
+    /// run is moved to the dead-letter stream (and acknowledged) with the
+    /// reason, never handed out.
+    fn accept(
+        &mut self,
+        id: String,
+        payload: &[u8],
+        deliveries: u64,
+    ) -> Result<Option<Delivery>, BrokerError> {
+        let refused = match Task::decode(payload) {
+            Ok(task) if task.run == self.config.run => {
+                return Ok(Some(Delivery {
+                    id,
+                    task,
+                    deliveries,
+                }));
+            }
+            Ok(task) => format!("task of run {:?}", task.run),
+            Err(e) => e.to_string(),
+        };
+        let (tasks, dead) = (self.keys.tasks(), self.keys.dead());
+        let (maxlen, consumer) = (self.config.max_stream_len, self.config.consumer.clone());
+        self.call("dead-letter a malformed task", |c| {
+            redis::pipe()
+                .atomic()
+                .cmd("XADD")
+                .arg(&dead)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(maxlen)
+                .arg("*")
+                .arg("t")
+                .arg(payload)
+                .arg("id")
+                .arg(&id)
+                .arg("n")
+                .arg(deliveries)
+                .arg("c")
+                .arg(&consumer)
+                .arg("why")
+                .arg(&refused)
+                .ignore()
+                .cmd("XACK")
+                .arg(&tasks)
+                .arg(GROUP)
+                .arg(&id)
+                .ignore()
+                .query::<()>(c)
+        })?;
+        Ok(None)
+    }
+
+    /// The enqueue script: once per generation unless `force`.
+    fn add_tasks(
+        &mut self,
+        lease: &Lease,
+        generation: u64,
+        tasks: &[Task],
+        force: bool,
+    ) -> Result<usize, BrokerError> {
+        let mut payloads = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            self.check_run(&t.run)?;
+            if t.generation != generation {
+                return Err(BrokerError::Config(format!(
+                    "task of generation {} enqueued as generation {generation}",
+                    t.generation
+                )));
+            }
+            payloads.push(t.encode()?);
+        }
+        let s = self.enqueue.clone();
+        let keys = [
+            self.keys.lease(),
+            self.keys.tasks(),
+            self.keys.enqueued(generation),
+        ];
+        let (token, maxlen) = (lease.token.clone(), self.config.max_stream_len);
+        let n: i64 = self.call("enqueue", move |c| {
+            let mut inv = s.prepare_invoke();
+            inv.key(&keys[..])
+                .arg(&token)
+                .arg(GROUP)
+                .arg(maxlen)
+                .arg(u8::from(force));
+            for p in &payloads {
+                inv.arg(p.as_slice());
+            }
+            inv.invoke(c)
+        })?;
+        if n < 0 {
+            return Err(BrokerError::LeaseLost {
+                holder: lease.token.clone(),
+            });
+        }
+        Ok(n as usize)
+    }
+
+    fn server_ms(&mut self) -> Result<u64, BrokerError> {
+        let s = self.now_ms.clone();
+        self.call("time", move |c| s.invoke::<u64>(c))
+    }
+}
+
+impl Coordinator for RedisBroker {
+    fn acquire_lease(
+        &mut self,
+        holder: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Lease, BrokerError> {
+        check_name("lease", "holder", holder).map_err(|e| BrokerError::Config(e.to_string()))?;
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let token = format!("{holder}/{}/{nanos}", std::process::id());
+        let key = self.keys.lease();
+        let deadline = Instant::now() + wait;
+        loop {
+            let (k, t) = (key.clone(), token.clone());
+            let got: Option<String> = self.call("acquire lease", move |c| {
+                redis::cmd("SET")
+                    .arg(&k)
+                    .arg(&t)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query(c)
+            })?;
+            if got.is_some() {
+                return Ok(Lease { token, ttl });
+            }
+            let k = key.clone();
+            let (holder, pttl): (Option<String>, i64) = self.call("read lease", move |c| {
+                redis::pipe()
+                    .cmd("GET")
+                    .arg(&k)
+                    .cmd("PTTL")
+                    .arg(&k)
+                    .query(c)
+            })?;
+            let remaining = Duration::from_millis(pttl.max(0) as u64);
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(BrokerError::LeaseHeld {
+                    holder: holder.unwrap_or_default(),
+                    remaining,
+                });
+            }
+            // Poll a few times per lease period: a lapse is noticed within
+            // a quarter of the ttl.
+            let step = (ttl / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+            std::thread::sleep(
+                step.min(remaining.max(Duration::from_millis(1)))
+                    .min(deadline - now),
+            );
+        }
+    }
+
+    fn renew_lease(&mut self, lease: &Lease) -> Result<(), BrokerError> {
+        let (s, k) = (self.renew.clone(), self.keys.lease());
+        let ttl_ms = lease.ttl.as_millis().max(1) as u64;
+        let token = lease.token.clone();
+        let ok: i64 = self.call("renew lease", move |c| {
+            s.key(&k).arg(&token).arg(ttl_ms).invoke(c)
+        })?;
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(BrokerError::LeaseLost {
+                holder: lease.token.clone(),
+            })
+        }
+    }
+
+    fn release_lease(&mut self, lease: &Lease) -> Result<(), BrokerError> {
+        let (s, k, token) = (self.release.clone(), self.keys.lease(), lease.token.clone());
+        self.call("release lease", move |c| {
+            s.key(&k).arg(&token).invoke::<i64>(c)
+        })
+        .map(drop)
+    }
+
+    fn publish_base(&mut self, params: &[f32]) -> Result<u64, BrokerError> {
+        let hash = checksum(params);
+        let meta = self.keys.base(hash);
+        let m = meta.clone();
+        let exists: bool = self.call("publish base", move |c| {
+            redis::cmd("EXISTS").arg(&m).query(c)
+        })?;
+        if exists {
+            return Ok(hash);
+        }
+        let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let chunk = self.config.chunk_bytes;
+        for (i, part) in bytes.chunks(chunk).enumerate() {
+            let key = self.keys.chunk(hash, i);
+            self.call("publish base chunk", move |c| {
+                redis::cmd("SET").arg(&key).arg(part).query::<()>(c)
+            })?;
+        }
+        // The description goes last: a base is visible only when whole.
+        let len = bytes.len();
+        self.call("publish base", move |c| {
+            redis::cmd("HSET")
+                .arg(&meta)
+                .arg("bytes")
+                .arg(len)
+                .arg("chunk")
+                .arg(chunk)
+                .query::<()>(c)
+        })?;
+        Ok(hash)
+    }
+
+    fn drop_base(&mut self, hash: u64) -> Result<(), BrokerError> {
+        let meta = self.keys.base(hash);
+        let m = meta.clone();
+        let desc: Vec<(String, u64)> =
+            self.call("drop base", move |c| redis::cmd("HGETALL").arg(&m).query(c))?;
+        let get = |f: &str| desc.iter().find(|(k, _)| k == f).map(|(_, v)| *v);
+        let mut keys = vec![meta];
+        if let (Some(bytes), Some(chunk)) = (get("bytes"), get("chunk"))
+            && chunk > 0
+            && bytes <= self.config.max_base_bytes as u64
+        {
+            keys.extend((0..bytes.div_ceil(chunk) as usize).map(|i| self.keys.chunk(hash, i)));
+        }
+        self.call("drop base", move |c| {
+            redis::cmd("DEL").arg(&keys).query::<()>(c)
+        })
+    }
+
+    fn enqueue(
+        &mut self,
+        lease: &Lease,
+        generation: u64,
+        tasks: &[Task],
+    ) -> Result<Enqueued, BrokerError> {
+        match self.add_tasks(lease, generation, tasks, false)? {
+            0 if !tasks.is_empty() => Ok(Enqueued::Already),
+            n => Ok(Enqueued::New(n)),
+        }
+    }
+
+    fn requeue(
+        &mut self,
+        lease: &Lease,
+        generation: u64,
+        tasks: &[Task],
+    ) -> Result<usize, BrokerError> {
+        self.add_tasks(lease, generation, tasks, true)
+    }
+
+    fn missing(
+        &mut self,
+        generation: u64,
+        candidates: std::ops::Range<u32>,
+    ) -> Result<Vec<u32>, BrokerError> {
+        let key = self.keys.results_of(generation);
+        let have: Vec<String> = self.call("read results", move |c| {
+            redis::cmd("HKEYS").arg(&key).query(c)
+        })?;
+        let have: std::collections::HashSet<u32> =
+            have.iter().filter_map(|f| f.parse().ok()).collect();
+        Ok(candidates.filter(|c| !have.contains(c)).collect())
+    }
+
+    fn results(&mut self, generation: u64) -> Result<Vec<TaskResult>, BrokerError> {
+        let key = self.keys.results_of(generation);
+        let raw: Vec<(Vec<u8>, Vec<u8>)> = self.call("read results", move |c| {
+            redis::cmd("HGETALL").arg(&key).query(c)
+        })?;
+        let mut out = Vec::with_capacity(raw.len());
+        for (field, payload) in raw {
+            let r = TaskResult::decode(&payload)?;
+            self.check_run(&r.run)?;
+            let field_ok = std::str::from_utf8(&field)
+                .ok()
+                .and_then(|f| f.parse::<u32>().ok())
+                == Some(r.candidate);
+            if !field_ok || r.generation != generation {
+                return Err(WireError::Entry {
+                    what: "result",
+                    reason: format!(
+                        "entry {:?} of generation {generation} holds candidate {} of generation {}",
+                        String::from_utf8_lossy(&field),
+                        r.candidate,
+                        r.generation
+                    ),
+                }
+                .into());
+            }
+            out.push(r);
+        }
+        out.sort_by_key(|r| r.candidate);
+        Ok(out)
+    }
+
+    fn wait_results(
+        &mut self,
+        generation: u64,
+        want: usize,
+        timeout: Duration,
+    ) -> Result<Vec<TaskResult>, BrokerError> {
+        let deadline = Instant::now() + timeout;
+        let stream = self.keys.results();
+        loop {
+            // The newest notification before reading the hash: anything
+            // recorded after the read shows up as a newer entry.
+            let s = stream.clone();
+            let last: Vec<StreamEntry> = self.call("wait results", move |c| {
+                redis::cmd("XREVRANGE")
+                    .arg(&s)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query(c)
+            })?;
+            let last = last.into_iter().next().map_or("0-0".to_owned(), |e| e.0);
+            // Count first: the results themselves are read once, at the end.
+            let key = self.keys.results_of(generation);
+            let count: usize = self.call("wait results", move |c| {
+                redis::cmd("HLEN").arg(&key).query(c)
+            })?;
+            let now = Instant::now();
+            if count >= want || now >= deadline {
+                return self.results(generation);
+            }
+            let block = (deadline - now).min(Duration::from_secs(1));
+            let s = stream.clone();
+            self.call_with("wait results", block, move |c| {
+                redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(1)
+                    .arg("BLOCK")
+                    .arg(block.as_millis().max(1) as u64)
+                    .arg("STREAMS")
+                    .arg(&s)
+                    .arg(&last)
+                    .query::<Value>(c)
+            })?;
+        }
+    }
+
+    fn dead_letters(&mut self) -> Result<Vec<DeadLetter>, BrokerError> {
+        let key = self.keys.dead();
+        let raw: Vec<StreamEntry> = self.call("read dead letters", move |c| {
+            redis::cmd("XRANGE").arg(&key).arg("-").arg("+").query(c)
+        })?;
+        let mut out = Vec::with_capacity(raw.len());
+        for (id, fields) in raw {
+            let get = |f: &str| {
+                fields
+                    .iter()
+                    .find(|(k, _)| k == f)
+                    .map(|(_, v)| v.as_slice())
+            };
+            let missing = |f: &str| WireError::Entry {
+                what: "dead letter",
+                reason: format!("{id} has no field {f:?}"),
+            };
+            let task = Task::decode(get("t").ok_or_else(|| missing("t"))?);
+            let deliveries = get("n")
+                .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
+                .ok_or_else(|| missing("n"))?;
+            let last_consumer =
+                String::from_utf8_lossy(get("c").ok_or_else(|| missing("c"))?).into_owned();
+            out.push(DeadLetter {
+                id,
+                task,
+                deliveries,
+                last_consumer,
+            });
+        }
+        Ok(out)
+    }
+
+    fn retire(&mut self, generation: u64) -> Result<(), BrokerError> {
+        let keys = [
+            self.keys.results_of(generation),
+            self.keys.enqueued(generation),
+        ];
+        self.call("retire generation", move |c| {
+            redis::cmd("DEL").arg(&keys[..]).query::<()>(c)
+        })
+    }
+
+    fn hosts(&mut self) -> Result<Vec<HostInfo>, BrokerError> {
+        let now = self.server_ms()?;
+        let keys = [
+            self.keys.hosts("workers"),
+            self.keys.hosts("done"),
+            self.keys.hosts("seen"),
+        ];
+        type Table = Vec<(String, u64)>;
+        let (workers, done, seen): (Table, Table, Table) = self.call("list hosts", move |c| {
+            redis::pipe()
+                .cmd("HGETALL")
+                .arg(&keys[0])
+                .cmd("HGETALL")
+                .arg(&keys[1])
+                .cmd("HGETALL")
+                .arg(&keys[2])
+                .query(c)
+        })?;
+        let find = |t: &Table, h: &str| t.iter().find(|(k, _)| k == h).map_or(0, |(_, v)| *v);
+        let mut out: Vec<HostInfo> = workers
+            .iter()
+            .map(|(host, w)| HostInfo {
+                host: host.clone(),
+                workers: (*w).min(u64::from(u32::MAX)) as u32,
+                tasks_done: find(&done, host),
+                last_seen: Duration::from_millis(now.saturating_sub(find(&seen, host))),
+            })
+            .collect();
+        out.sort_by(|a, b| a.host.cmp(&b.host));
+        Ok(out)
+    }
+}
+
+/// Parses `[[id, [field, value, …]], …]` entries of a stream reply.
+fn entries(v: Value) -> Result<Vec<(String, Vec<u8>)>, WireError> {
+    let bad = |reason: &str| WireError::Entry {
+        what: "task",
+        reason: reason.to_owned(),
+    };
+    let Value::Array(items) = v else {
+        return Err(bad("stream reply is not an array"));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(mut pair) = item else {
+            return Err(bad("entry is not an array"));
+        };
+        if pair.len() != 2 {
+            return Err(bad("entry is not [id, fields]"));
+        }
+        let fields = pair.pop().expect("two");
+        let id = text(pair.pop().expect("two")).ok_or_else(|| bad("entry id is not text"))?;
+        let Value::Array(fields) = fields else {
+            // A trimmed entry still pending: no fields. Report it empty.
+            out.push((id, Vec::new()));
+            continue;
+        };
+        let payload = fields
+            .chunks(2)
+            .find(|kv| kv.len() == 2 && text(kv[0].clone()).as_deref() == Some("t"))
+            .and_then(|kv| match &kv[1] {
+                Value::BulkString(b) => Some(b.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        out.push((id, payload));
+    }
+    Ok(out)
+}
+
+fn text(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+impl Evaluator for RedisBroker {
+    fn heartbeat(&mut self, workers: u32) -> Result<(), BrokerError> {
+        let s = self.heartbeat.clone();
+        let keys = [self.keys.hosts("workers"), self.keys.hosts("seen")];
+        let host = self.config.consumer.clone();
+        self.call("heartbeat", move |c| {
+            s.key(&keys[..]).arg(&host).arg(workers).invoke::<i64>(c)
+        })
+        .map(drop)
+    }
+
+    fn fetch_base(&mut self, hash: u64) -> Result<Vec<f32>, BrokerError> {
+        let meta = self.keys.base(hash);
+        let desc: Vec<(String, String)> = self.call("fetch base", move |c| {
+            redis::cmd("HGETALL").arg(&meta).query(c)
+        })?;
+        if desc.is_empty() {
+            return Err(BrokerError::BaseMissing { hash });
+        }
+        let bad = |reason: String| BrokerError::BadBase { hash, reason };
+        let get = |f: &str| {
+            desc.iter()
+                .find(|(k, _)| k == f)
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+                .ok_or_else(|| bad(format!("description has no numeric {f:?}")))
+        };
+        let (bytes, chunk) = (get("bytes")?, get("chunk")?);
+        if bytes == 0 || bytes % 4 != 0 || bytes > self.config.max_base_bytes {
+            return Err(bad(format!(
+                "{bytes} bytes: not a positive multiple of 4 up to {}",
+                self.config.max_base_bytes
+            )));
+        }
+        if chunk == 0 || chunk > MAX_CHUNK {
+            return Err(bad(format!("chunk size {chunk} not in 1..={MAX_CHUNK}")));
+        }
+        let mut data = Vec::with_capacity(bytes);
+        for i in 0..bytes.div_ceil(chunk) {
+            let key = self.keys.chunk(hash, i);
+            let part: Option<Vec<u8>> = self.call("fetch base chunk", move |c| {
+                redis::cmd("GET").arg(&key).query(c)
+            })?;
+            let part = part.ok_or_else(|| bad(format!("chunk {i} is missing")))?;
+            let want = chunk.min(bytes - i * chunk);
+            if part.len() != want {
+                return Err(bad(format!(
+                    "chunk {i} has {} bytes, expected {want}",
+                    part.len()
+                )));
+            }
+            data.extend_from_slice(&part);
+        }
+        let params: Vec<f32> = data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        let have = checksum(&params);
+        if have != hash {
+            return Err(BrokerError::BaseMismatch { want: hash, have });
+        }
+        Ok(params)
+    }
+
+    fn read_tasks(&mut self, max: usize, block: Duration) -> Result<Vec<Delivery>, BrokerError> {
+        let tasks = self.keys.tasks();
+        let consumer = self.config.consumer.clone();
+        let read = |this: &mut Self| {
+            let (t, c) = (tasks.clone(), consumer.clone());
+            this.call_with("read tasks", block, move |conn| {
+                redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(GROUP)
+                    .arg(&c)
+                    .arg("COUNT")
+                    .arg(max.max(1))
+                    .arg("BLOCK")
+                    .arg(block.as_millis().max(1) as u64)
+                    .arg("STREAMS")
+                    .arg(&t)
+                    .arg(">")
+                    .query::<Value>(conn)
+            })
+        };
+        let reply = match read(self) {
+            Err(BrokerError::Server { reason, .. }) if reason.contains("NOGROUP") => {
+                self.ensure_group()?;
+                read(self)?
+            }
+            other => other?,
+        };
+        let streams = match reply {
+            Value::Nil => return Ok(Vec::new()),
+            Value::Array(s) => s,
+            Value::Map(m) => m
+                .into_iter()
+                .map(|(k, v)| Value::Array(vec![k, v]))
+                .collect(),
+            _ => {
+                return Err(WireError::Entry {
+                    what: "task",
+                    reason: "XREADGROUP reply is not an array".into(),
+                }
+                .into());
+            }
+        };
+        let mut out = Vec::new();
+        for s in streams {
+            let Value::Array(mut pair) = s else { continue };
+            let Some(list) = pair.pop() else { continue };
+            for (id, payload) in entries(list)? {
+                if let Some(d) = self.accept(id, &payload, 1)? {
+                    out.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn extend(&mut self, delivery: &Delivery) -> Result<(), BrokerError> {
+        let (s, k) = (self.extend.clone(), self.keys.tasks());
+        let (id, consumer) = (delivery.id.clone(), self.config.consumer.clone());
+        let ok: i64 = self.call("extend task lease", move |c| {
+            s.key(&k).arg(GROUP).arg(&id).arg(&consumer).invoke(c)
+        })?;
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(BrokerError::NotLeased {
+                id: delivery.id.clone(),
+                consumer: self.config.consumer.clone(),
+            })
+        }
+    }
+
+    fn ack(
+        &mut self,
+        delivery: &Delivery,
+        results: &[TaskResult],
+    ) -> Result<AckOutcome, BrokerError> {
+        let task = &delivery.task;
+        let mismatch = |reason: String| BrokerError::ResultMismatch {
+            id: delivery.id.clone(),
+            reason,
+        };
+        let mut payloads = Vec::with_capacity(results.len());
+        for r in results {
+            if r.run != task.run || r.generation != task.generation {
+                return Err(mismatch(format!(
+                    "result of run {:?} generation {}, task of run {:?} generation {}",
+                    r.run, r.generation, task.run, task.generation
+                )));
+            }
+            if !task.candidates().contains(&r.candidate) {
+                return Err(mismatch(format!(
+                    "candidate {} not in {:?}",
+                    r.candidate,
+                    task.candidates()
+                )));
+            }
+            payloads.push((r.candidate, r.encode()?));
+        }
+        let s = self.ack.clone();
+        let keys = [
+            self.keys.tasks(),
+            self.keys.results(),
+            self.keys.results_of(task.generation),
+            self.keys.hosts("done"),
+        ];
+        let (id, consumer) = (delivery.id.clone(), self.config.consumer.clone());
+        let maxlen = self.config.max_stream_len;
+        let recorded: i64 = self.call("ack", move |c| {
+            let mut inv = s.prepare_invoke();
+            inv.key(&keys[..])
+                .arg(GROUP)
+                .arg(&id)
+                .arg(&consumer)
+                .arg(maxlen);
+            for (cand, p) in &payloads {
+                inv.arg(*cand).arg(p.as_slice());
+            }
+            inv.invoke(c)
+        })?;
+        let recorded = recorded.max(0) as usize;
+        Ok(AckOutcome {
+            recorded,
+            duplicates: results.len().saturating_sub(recorded),
+        })
+    }
+
+    fn reclaim(&mut self, max: usize) -> Result<Reclaimed, BrokerError> {
+        let s = self.reclaim.clone();
+        let keys = [self.keys.tasks(), self.keys.dead()];
+        let consumer = self.config.consumer.clone();
+        let idle = self.config.task_lease.as_millis().max(1) as u64;
+        let (maxd, maxlen) = (self.config.max_deliveries, self.config.max_stream_len);
+        let r = self.call("reclaim", move |c| {
+            s.key(&keys[..])
+                .arg(GROUP)
+                .arg(&consumer)
+                .arg(idle)
+                .arg(max.max(1))
+                .arg(maxd)
+                .arg(maxlen)
+                .invoke::<Value>(c)
+        });
+        let reply = match r {
+            Err(BrokerError::Server { reason, .. }) if reason.contains("NOGROUP") => {
+                self.ensure_group()?;
+                return Ok(Reclaimed::default());
+            }
+            other => other?,
+        };
+        let bad = || WireError::Entry {
+            what: "reclaim",
+            reason: "reply is not {dead, {id, payload, deliveries, …}, {lost, …}}".into(),
+        };
+        let Value::Array(mut parts) = reply else {
+            return Err(bad().into());
+        };
+        if parts.len() != 3 {
+            return Err(bad().into());
+        }
+        let lost = match parts.pop().expect("three") {
+            Value::Array(ids) => ids.into_iter().filter_map(text).collect(),
+            _ => Vec::new(),
+        };
+        let list = parts.pop().expect("three");
+        let dead = match parts.pop().expect("three") {
+            Value::Int(n) => n.max(0) as usize,
+            _ => return Err(bad().into()),
+        };
+        let Value::Array(flat) = list else {
+            return Err(bad().into());
+        };
+        let mut tasks = Vec::new();
+        for triple in flat.chunks(3) {
+            let [id, payload, n] = triple else {
+                return Err(bad().into());
+            };
+            let (Some(id), Value::BulkString(payload), Value::Int(n)) =
+                (text(id.clone()), payload, n)
+            else {
+                return Err(bad().into());
+            };
+            if let Some(d) = self.accept(id, payload, (*n).max(0) as u64)? {
+                tasks.push(d);
+            }
+        }
+        Ok(Reclaimed {
+            tasks,
+            dead_lettered: dead,
+            lost,
+        })
+    }
+}

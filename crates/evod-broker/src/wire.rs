@@ -1,0 +1,422 @@
+//! Wire types: what travels through the broker, and its compact encoding.
+//!
+//! A task (version 1, kind 1 = ES recipes), little-endian:
+//!
+//! ```text
+//! u8 version | u8 kind | u8 run length | run | u64 generation | u64 base hash
+//! | u32 first candidate | u8 count | count × (u64 seed | u32 σ bits | u8 sign | u8 scale)
+//! ```
+//!
+//! Each recipe is [`Recipe::to_bytes`] without its base checksum (the
+//! task's base hash stands for it), so a candidate costs 14 bytes plus its
+//! share of a 24-byte-plus-run header. Candidates are `first..first+count`.
+//!
+//! A result (version 1):
+//!
+//! ```text
+//! u8 version | u8 run length | run | u64 generation | u32 candidate | f64 fitness
+//! | u8 host length | host
+//! ```
+//!
+//! Decoding treats the bytes as untrusted: every length is checked before
+//! it is used, names are `[A-Za-z0-9._-]{1,64}`, recipes go through
+//! [`Recipe::from_bytes`], a NaN fitness and trailing bytes are refused.
+
+use evod_evolve::{RECIPE_BYTES, Recipe};
+
+use crate::error::WireError;
+
+/// The wire version this build writes and reads.
+pub const WIRE_VERSION: u8 = 1;
+/// Task kind: ES candidates as recipes against one base.
+pub const KIND_RECIPES: u8 = 1;
+/// Most candidates in one task.
+pub const MAX_TASK_CANDIDATES: usize = 255;
+/// Longest run or host name.
+pub const MAX_NAME: usize = 64;
+/// Bytes of one recipe in a task (a [`Recipe`] without its base).
+pub const TASK_RECIPE_BYTES: usize = RECIPE_BYTES - 8;
+
+/// Checks a run or host name: 1 to 64 characters of `[A-Za-z0-9._-]`.
+pub fn check_name(what: &'static str, field: &'static str, name: &str) -> Result<(), WireError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(WireError::Name {
+            what,
+            field,
+            name: name.chars().take(80).collect(),
+        })
+    }
+}
+
+/// A unit of work: some ES candidates of one generation, as recipes
+/// against one base.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    /// Run the task belongs to.
+    pub run: String,
+    /// Generation.
+    pub generation: u64,
+    /// [`evod_evolve::Base::checksum`] of the base every recipe applies to.
+    pub base: u64,
+    /// Candidate index of the first recipe; the others follow.
+    pub first: u32,
+    /// The candidates (each with `base` equal to the task's).
+    pub recipes: Vec<Recipe>,
+}
+
+impl Task {
+    /// Candidate indices this task covers.
+    pub fn candidates(&self) -> std::ops::Range<u32> {
+        self.first..self.first + self.recipes.len() as u32
+    }
+
+    /// The encoding described in the module docs. Refuses a task this
+    /// build could not read back (bad name, no or too many recipes, a
+    /// recipe for another base, candidate indices past `u32`).
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        check_name("task", "run", &self.run)?;
+        let n = self.recipes.len();
+        if n == 0 || n > MAX_TASK_CANDIDATES {
+            return Err(WireError::Bound {
+                what: "task",
+                field: "candidate count",
+                got: n as u64,
+                min: 1,
+                max: MAX_TASK_CANDIDATES as u64,
+            });
+        }
+        if u64::from(self.first) + n as u64 > u64::from(u32::MAX) {
+            return Err(WireError::Bound {
+                what: "task",
+                field: "first candidate",
+                got: self.first.into(),
+                min: 0,
+                max: u64::from(u32::MAX) - n as u64,
+            });
+        }
+        let mut out = Vec::with_capacity(24 + self.run.len() + n * TASK_RECIPE_BYTES);
+        out.extend_from_slice(&[WIRE_VERSION, KIND_RECIPES, self.run.len() as u8]);
+        out.extend_from_slice(self.run.as_bytes());
+        out.extend_from_slice(&self.generation.to_le_bytes());
+        out.extend_from_slice(&self.base.to_le_bytes());
+        out.extend_from_slice(&self.first.to_le_bytes());
+        out.push(n as u8);
+        for (index, r) in self.recipes.iter().enumerate() {
+            if r.base != self.base {
+                return Err(WireError::Recipe {
+                    index,
+                    source: evod_evolve::RecipeError::WrongBase {
+                        want: self.base,
+                        have: r.base,
+                    },
+                });
+            }
+            out.extend_from_slice(&r.to_bytes()[8..]);
+        }
+        Ok(out)
+    }
+
+    /// Decodes untrusted bytes (see the module docs).
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new("task", bytes);
+        r.version()?;
+        let kind = r.u8("kind")?;
+        if kind != KIND_RECIPES {
+            return Err(WireError::Kind(kind));
+        }
+        let run = r.name("run")?;
+        let generation = r.u64("generation")?;
+        let base = r.u64("base hash")?;
+        let first = r.u32("first candidate")?;
+        let n = r.u8("candidate count")? as usize;
+        if n == 0 || u64::from(first) + n as u64 > u64::from(u32::MAX) {
+            return Err(WireError::Bound {
+                what: "task",
+                field: "candidate count",
+                got: n as u64,
+                min: 1,
+                max: (u64::from(u32::MAX) - u64::from(first)).min(MAX_TASK_CANDIDATES as u64),
+            });
+        }
+        let body = r.take("recipes", n * TASK_RECIPE_BYTES)?;
+        r.end()?;
+        let mut recipes = Vec::with_capacity(n);
+        let mut full = [0u8; RECIPE_BYTES];
+        full[..8].copy_from_slice(&base.to_le_bytes());
+        for (index, chunk) in body.chunks_exact(TASK_RECIPE_BYTES).enumerate() {
+            full[8..].copy_from_slice(chunk);
+            let recipe =
+                Recipe::from_bytes(&full).map_err(|source| WireError::Recipe { index, source })?;
+            recipes.push(recipe);
+        }
+        Ok(Self {
+            run,
+            generation,
+            base,
+            first,
+            recipes,
+        })
+    }
+}
+
+/// One candidate's fitness, as an evaluator reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskResult {
+    /// Run.
+    pub run: String,
+    /// Generation.
+    pub generation: u64,
+    /// Candidate index within the generation.
+    pub candidate: u32,
+    /// Fitness (never NaN; ±∞ allowed for a diverged candidate).
+    pub fitness: f64,
+    /// Host (consumer name) that evaluated it.
+    pub host: String,
+}
+
+impl TaskResult {
+    /// The encoding described in the module docs.
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        check_name("result", "run", &self.run)?;
+        check_name("result", "host", &self.host)?;
+        if self.fitness.is_nan() {
+            return Err(WireError::Fitness {
+                candidate: self.candidate,
+            });
+        }
+        let mut out = Vec::with_capacity(23 + self.run.len() + self.host.len());
+        out.extend_from_slice(&[WIRE_VERSION, self.run.len() as u8]);
+        out.extend_from_slice(self.run.as_bytes());
+        out.extend_from_slice(&self.generation.to_le_bytes());
+        out.extend_from_slice(&self.candidate.to_le_bytes());
+        out.extend_from_slice(&self.fitness.to_le_bytes());
+        out.push(self.host.len() as u8);
+        out.extend_from_slice(self.host.as_bytes());
+        Ok(out)
+    }
+
+    /// Decodes untrusted bytes (see the module docs).
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader::new("result", bytes);
+        r.version()?;
+        let run = r.name("run")?;
+        let generation = r.u64("generation")?;
+        let candidate = r.u32("candidate")?;
+        let fitness = f64::from_bits(r.u64("fitness")?);
+        if fitness.is_nan() {
+            return Err(WireError::Fitness { candidate });
+        }
+        let host = r.name("host")?;
+        r.end()?;
+        Ok(Self {
+            run,
+            generation,
+            candidate,
+            fitness,
+            host,
+        })
+    }
+}
+
+/// A bounds-checked cursor over untrusted bytes.
+struct Reader<'a> {
+    what: &'static str,
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(what: &'static str, bytes: &'a [u8]) -> Self {
+        Self { what, bytes }
+    }
+
+    fn take(&mut self, field: &'static str, need: usize) -> Result<&'a [u8], WireError> {
+        if self.bytes.len() < need {
+            return Err(WireError::Truncated {
+                what: self.what,
+                field,
+                need,
+                have: self.bytes.len(),
+            });
+        }
+        let (head, tail) = self.bytes.split_at(need);
+        self.bytes = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], WireError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(field, N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8, WireError> {
+        Ok(self.array::<1>(field)?[0])
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.array(field)?))
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.array(field)?))
+    }
+
+    fn version(&mut self) -> Result<(), WireError> {
+        let got = self.u8("version")?;
+        if got == WIRE_VERSION {
+            Ok(())
+        } else {
+            Err(WireError::Version {
+                what: self.what,
+                got,
+                want: WIRE_VERSION,
+            })
+        }
+    }
+
+    fn name(&mut self, field: &'static str) -> Result<String, WireError> {
+        let len = self.u8(field)? as usize;
+        let raw = self.take(field, len)?;
+        let name = String::from_utf8_lossy(raw).into_owned();
+        check_name(self.what, field, &name)?;
+        Ok(name)
+    }
+
+    fn end(&self) -> Result<(), WireError> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Trailing {
+                what: self.what,
+                extra: self.bytes.len(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use evod_evolve::{Sign, TensorScale};
+
+    use super::*;
+
+    fn task(n: usize) -> Task {
+        Task {
+            run: "run-1".into(),
+            generation: 7,
+            base: 0xdead_beef,
+            first: 32,
+            recipes: (0..n)
+                .map(|i| {
+                    let sign = if i % 2 == 0 { Sign::Plus } else { Sign::Minus };
+                    Recipe::new(0xdead_beef, i as u64 / 2, 0.05, sign, TensorScale::Glorot)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn task_round_trips_and_is_compact() {
+        let t = task(16);
+        let bytes = t.encode().unwrap();
+        assert_eq!(bytes.len(), 24 + 5 + 16 * TASK_RECIPE_BYTES);
+        assert_eq!(Task::decode(&bytes).unwrap(), t);
+        assert_eq!(t.candidates(), 32..48);
+    }
+
+    #[test]
+    fn result_round_trips() {
+        let r = TaskResult {
+            run: "run-1".into(),
+            generation: 3,
+            candidate: 9,
+            fitness: -12.5,
+            host: "host-a".into(),
+        };
+        assert_eq!(TaskResult::decode(&r.encode().unwrap()).unwrap(), r);
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        let bytes = task(3).encode().unwrap();
+        for len in 0..bytes.len() {
+            assert!(
+                matches!(
+                    Task::decode(&bytes[..len]),
+                    Err(WireError::Truncated { .. })
+                ),
+                "prefix of {len} bytes"
+            );
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(matches!(
+            Task::decode(&long),
+            Err(WireError::Trailing { extra: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_by_name() {
+        let mut bytes = task(2).encode().unwrap();
+        bytes[0] = 2;
+        assert!(matches!(
+            Task::decode(&bytes),
+            Err(WireError::Version {
+                got: 2,
+                want: 1,
+                ..
+            })
+        ));
+        let mut bytes = task(2).encode().unwrap();
+        bytes[1] = 9;
+        assert_eq!(Task::decode(&bytes), Err(WireError::Kind(9)));
+        let mut bytes = task(2).encode().unwrap();
+        bytes[3] = b'/';
+        assert!(matches!(Task::decode(&bytes), Err(WireError::Name { .. })));
+        // σ NaN in the second recipe.
+        let mut bytes = task(2).encode().unwrap();
+        let at = 24 + 5 + TASK_RECIPE_BYTES + 8;
+        bytes[at..at + 4].copy_from_slice(&f32::NAN.to_bits().to_le_bytes());
+        assert!(matches!(
+            Task::decode(&bytes),
+            Err(WireError::Recipe { index: 1, .. })
+        ));
+        // A recipe for another base cannot be encoded.
+        let mut t = task(2);
+        t.recipes[1].base = 1;
+        assert!(matches!(
+            t.encode(),
+            Err(WireError::Recipe { index: 1, .. })
+        ));
+        let r = TaskResult {
+            run: "r".into(),
+            generation: 0,
+            candidate: 1,
+            fitness: f64::NAN,
+            host: "h".into(),
+        };
+        assert_eq!(r.encode(), Err(WireError::Fitness { candidate: 1 }));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A cheap fuzz: every single-byte change of a valid task decodes or
+        // is refused, never panics.
+        let bytes = task(4).encode().unwrap();
+        for i in 0..bytes.len() {
+            for v in [0u8, 1, 0x7f, 0xff] {
+                let mut b = bytes.clone();
+                b[i] = v;
+                let _ = Task::decode(&b);
+            }
+        }
+    }
+}
