@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon in the foreground (supervisor; container entrypoint).
-    Run(run::Args),
+    Run(Box<run::Args>),
     /// Show the running daemon's children, model and stats.
     Status(status::StatusArgs),
     /// Run the live model on one input through the daemon's runtime.
@@ -66,7 +66,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Status(args) => status::status(args),
         Command::Exec(args) => status::exec(args),
         Command::Stop(args) => status::stop(args),

@@ -79,6 +79,8 @@ pub struct FileConfig {
     pub no_evolver: Option<bool>,
     /// `--no-standby`.
     pub no_standby: Option<bool>,
+    /// `--worker-cmd`.
+    pub worker_cmd: Option<String>,
     /// `--worker-memory-limit`.
     #[serde(default, deserialize_with = "de_size")]
     pub worker_memory_limit: Option<u64>,
@@ -201,6 +203,19 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
             anyhow::bail!("bad {name} {d:?}: expected 10ms to 24h");
         }
     }
+    let worker_cmd = match (&args.worker_cmd, &file.worker_cmd, &args.config) {
+        (Some(cmd), _, _) => Some(super::worker_cmd::resolve(
+            cmd,
+            &super::settings::Origin::CommandLine.name("worker-cmd", None),
+        )),
+        (None, Some(cmd), Some(path)) => Some(super::worker_cmd::resolve(
+            cmd,
+            &super::settings::Origin::File(path).name("worker-cmd", None),
+        )),
+        _ => None,
+    }
+    .transpose()
+    .map_err(usage)?;
     let config = Config {
         model,
         workers,
@@ -208,7 +223,10 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
             || file.allow_fault_injection.unwrap_or(false),
         poison_one_in: args.poison_one_in.filter(|_| args.allow_fault_injection),
         no_evolver: args.no_evolver || file.no_evolver.unwrap_or(false),
-        standby: !(args.no_standby || file.no_standby.unwrap_or(false)),
+        // A user's program cannot stand by (it knows nothing of the
+        // standby link): its workers start cold.
+        standby: !(args.no_standby || file.no_standby.unwrap_or(false)) && worker_cmd.is_none(),
+        worker_cmd,
         worker_memory_limit: args.worker_memory_limit.or(file.worker_memory_limit),
         grace_period: args
             .grace_period

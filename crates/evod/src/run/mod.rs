@@ -19,6 +19,7 @@ use crate::exit;
 
 mod config;
 mod settings;
+mod worker_cmd;
 
 /// Arguments of `evod run`. Every option also reads an `EVOD_*` environment
 /// variable and the `--config` TOML file (flag > variable > file > default).
@@ -43,6 +44,13 @@ pub struct Args {
     /// Serve the model without evolving it (no evolver process).
     #[arg(long, env = "EVOD_NO_EVOLVER")]
     pub no_evolver: bool,
+    /// Run this program as every runtime worker instead of evod's own (a
+    /// fitness evod does not know, e.g. `python3 fit.py` with
+    /// `evod.serve`): split like a shell would split it (no shell runs
+    /// it), found on PATH, given `--ring-fd N --model PATH` (and
+    /// `EVOD_RING_FD`, `EVOD_MODEL`). Implies --no-standby.
+    #[arg(long, env = "EVOD_WORKER_CMD", value_name = "\"CMD ARGS\"")]
+    pub worker_cmd: Option<String>,
     /// Do not keep a warm standby process next to each worker (saves one
     /// idle process per worker; a crashed worker is then replaced by a cold
     /// start, ~2.5 ms instead of ~0.45 ms here).
