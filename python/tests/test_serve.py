@@ -135,7 +135,10 @@ class Run:
         def past() -> Optional[int]:
             assert self.proc.poll() is None, f"evod run exited ({self.proc.returncode}):\n{self.log()}"
             s = self.status()
-            return s["generation"] if s is not None and s["generation"] > g else None
+            # `generation` is null for a moment while the live file is
+            # being replaced.
+            gen = s and s["generation"]
+            return gen if gen is not None and gen > g else None
 
         return poll_until(f"a generation past {g}", past, within=within, context=self.log)
 
@@ -276,7 +279,7 @@ def test_the_evolver_killed_resumes_from_its_checkpoint(tmp_path, runs):
     )
     assert after["pid"] != evolver["pid"]
     poll_until("the resume", lambda: True if "resuming from" in r.log() else None, context=r.log)
-    g = r.status()["generation"]
+    g = r.generation_past(0)
     r.generation_past(g + 5)
     # The workers were not disturbed.
     assert r.child("worker")["restarts"] == 0
