@@ -311,3 +311,59 @@ def test_serve_outside_a_daemon_is_a_clear_error(tmp_path):
     # A descriptor that is not a sealed memfd (stdout) is refused, not taken.
     out = subprocess.run([sys.executable, str(script), "--ring-fd", "1"], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode != 0 and "descriptor 1" in out.stderr, out.stderr
+
+
+def test_the_builtin_worker_refuses_an_external_model_clearly(tmp_path):
+    run_evod("init", "--task", "external", "--layers", LAYERS, "-o", tmp_path / "vectorland.gguf")
+    with open(tmp_path / "run.log", "ab") as log:
+        proc = subprocess.Popen(
+            [str(evod_bin()), "run", "--dir", str(tmp_path), "--workers", "1"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=package_env(),
+        )
+    try:
+        text = lambda: (tmp_path / "run.log").read_text()
+        poll_until(
+            "the worker's refusal in the evolver's log",
+            lambda: True if "external task: run the workers with --worker-cmd" in text() else None,
+            context=text,
+        )
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_the_acrobot_example_solves_acrobot(tmp_path):
+    import gymnasium as gym
+    example = Path(__file__).resolve().parents[2] / "examples" / "python" / "acrobot.py"
+    d = tmp_path / "acrobot"
+    d.mkdir()
+    run_evod("init", "--task", "external", "--layers", "6,32,3", "-o", d / "vectorland.gguf")
+    with open(d / "run.log", "ab") as log:
+        proc = subprocess.Popen(
+            [str(evod_bin()), "run", "--dir", str(d), "--workers", "2", "--seed", "1",
+             "--worker-cmd", shlex.join([sys.executable, str(example)]),
+             "--until-solved", "--solve-threshold", "-100"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=package_env(),
+        )
+    try:
+        assert proc.wait(timeout=300) == 0, (d / "run.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    model = evod.gguf.open(d / "vectorland.gguf")
+    assert model.metadata["evod.task"] == "external"
+    # The published policy, run here with the same forward pass on seeds
+    # the evolver never used, is a solver too (a margin for 20 episodes).
+    policy = evod.Policy(d / "vectorland.gguf")
+    env = gym.make("Acrobot-v1")
+    returns = []
+    for s in range(20):
+        obs, _ = env.reset(seed=10**6 + s)
+        total, done = 0.0, False
+        while not done:
+            obs, r, term, trunc, _ = env.step(policy.act(obs))
+            total += r
+            done = term or trunc
+        returns.append(total)
+    assert np.mean(returns) >= -130, returns

@@ -512,3 +512,76 @@ impl Worker<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn worker_args_take_the_flags_in_either_form_and_ignore_the_rest() {
+        let a = worker_args(&args(&[
+            "fit.py",
+            "--ring-fd",
+            "7",
+            "--model",
+            "/m.gguf",
+            "x",
+        ]))
+        .unwrap();
+        assert_eq!(
+            a,
+            WorkerArgs {
+                ring_fd: 7,
+                model: Some(PathBuf::from("/m.gguf"))
+            }
+        );
+        let a = worker_args(&args(&["--ring-fd=9", "--model=/n.gguf"])).unwrap();
+        assert_eq!((a.ring_fd, a.model.unwrap()), (9, PathBuf::from("/n.gguf")));
+        for bad in [
+            &["--ring-fd", "x"][..],
+            &["--ring-fd", "-3"],
+            &["--ring-fd="],
+        ] {
+            let e = worker_args(&args(bad)).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ServeError::BadRingFd {
+                        origin: "--ring-fd",
+                        ..
+                    }
+                ),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn eval_bodies_decode_or_name_the_problem() {
+        let h = EvalHeader {
+            candidates: 2,
+            params: 3,
+            seed: 11,
+            episodes: 4,
+            flags: 0,
+            reserved: 0,
+        };
+        let values = [1.0f32, 2.0, 3.0, -1.0, -2.0, -3.0];
+        let mut buf = vec![0u8; h.request_len()];
+        h.encode(&mut buf);
+        protocol::write_f32s(&values, &mut buf[EvalHeader::SIZE..]);
+        let body = decode_eval(&buf, 3).unwrap();
+        assert_eq!(body.header, h);
+        assert_eq!(body.params, values);
+        let (st, msg) = decode_eval(&buf, 4).unwrap_err();
+        assert_eq!(st, status::EVAL_FAILED);
+        assert_eq!(msg, "candidates have 3 parameters, the model has 4");
+        let (st, msg) = decode_eval(&buf[..buf.len() - 4], 3).unwrap_err();
+        assert_eq!(st, status::BAD_REQUEST);
+        assert!(msg.starts_with("bad EVAL body: payload of"), "{msg}");
+    }
+}
