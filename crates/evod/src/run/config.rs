@@ -317,4 +317,40 @@ mod tests {
         let err = FileConfig::load(&missing).unwrap_err().to_string();
         assert!(err.contains("nope.toml"), "{err}");
     }
+
+    #[test]
+    fn worker_cmd_layers_resolves_and_turns_standbys_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evod.toml");
+        std::fs::write(&path, "worker_cmd = \"sh -c 'exit 0' fit\"\n").unwrap();
+        let d = dir.path().to_str().unwrap();
+        let from_file = |extra: &[&str]| {
+            let mut argv = vec!["evod", "--config", path.to_str().unwrap(), "--dir", d];
+            argv.extend_from_slice(extra);
+            resolve(Cli::try_parse_from(argv).unwrap().args)
+        };
+        let (c, _) = from_file(&[]).unwrap();
+        let argv = c.worker_cmd.expect("the file's worker_cmd");
+        assert!(argv[0].to_str().unwrap().ends_with("/sh"), "{argv:?}");
+        assert_eq!(&argv[1..], ["-c", "exit 0", "fit"]);
+        assert!(!c.standby, "a user's program cannot stand by");
+        // The flag wins; a missing program names the layer it came from.
+        let err = from_file(&["--worker-cmd", "no-such-program-evod-x"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--worker-cmd") && err.contains("not there"),
+            "{err}"
+        );
+        std::fs::write(&path, "worker_cmd = \"\"\n").unwrap();
+        let err = from_file(&[]).unwrap_err().to_string();
+        assert!(
+            err.contains("`worker_cmd` in") && err.contains("(--worker-cmd)"),
+            "{err}"
+        );
+        // Without it: evod's own worker, with standbys.
+        std::fs::write(&path, "workers = 1\n").unwrap();
+        let (c, _) = from_file(&[]).unwrap();
+        assert!(c.worker_cmd.is_none() && c.standby);
+    }
 }
