@@ -313,23 +313,13 @@ def test_serve_outside_a_daemon_is_a_clear_error(tmp_path):
     assert out.returncode != 0 and "descriptor 1" in out.stderr, out.stderr
 
 
-def test_the_builtin_worker_refuses_an_external_model_clearly(tmp_path):
+def test_run_without_worker_cmd_refuses_an_external_model_at_start(tmp_path):
     run_evod("init", "--task", "external", "--layers", LAYERS, "-o", tmp_path / "vectorland.gguf")
-    with open(tmp_path / "run.log", "ab") as log:
-        proc = subprocess.Popen(
-            [str(evod_bin()), "run", "--dir", str(tmp_path), "--workers", "1"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=package_env(),
-        )
-    try:
-        text = lambda: (tmp_path / "run.log").read_text()
-        poll_until(
-            "the worker's refusal in the evolver's log",
-            lambda: True if "external task: run the workers with --worker-cmd" in text() else None,
-            context=text,
-        )
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    out = run_evod("run", "--dir", tmp_path, "--workers", "1", check=False)
+    assert out.returncode == 2, out.stderr
+    assert "the model's task is external" in out.stderr and "--worker-cmd" in out.stderr
+    # Nothing was started: no runtime folder, no checkpoint.
+    assert not (tmp_path / "state").exists()
 
 
 def test_the_acrobot_example_solves_acrobot(tmp_path):

@@ -117,6 +117,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         settings::DirError::NotAFolder(_) => exit::with_code(exit::USAGE, e),
         settings::DirError::NotWritable { .. } => exit::with_code(exit::IO, e),
     })?;
+    // evod's own worker cannot score an external model: say so now, not
+    // in a retry loop of the evolver.
+    if config.worker_cmd.is_none() && worker_cmd::is_external_model(&config.model) {
+        return Err(exit::with_code(
+            exit::USAGE,
+            anyhow::anyhow!(
+                "{}: the model's task is external (a fitness evod does not know): \
+                 run the workers with --worker-cmd \"CMD ARGS\"",
+                config.model.display()
+            ),
+        ));
+    }
     evod_supervisor::init_logging(config.log_format);
     if !config.model.exists() && crate::evolver::is_fresh_folder(&config.dir) {
         crate::evolver::create_default_model(&config.model, evolve.seed())?;

@@ -15,6 +15,15 @@ use std::path::{Path, PathBuf};
 
 use super::settings::SettingError;
 
+/// Whether the model at `path` is of the `external` task, read with the
+/// trusted reader (`pread`, no map). A file that cannot be read says no:
+/// the supervisor reports it with its own error.
+pub fn is_external_model(path: &Path) -> bool {
+    evod_gguf::GgufHeader::read(path).is_ok_and(|h| {
+        h.get("evod.task").and_then(|v| v.as_str()) == Some(evod_runtime::task::EXTERNAL)
+    })
+}
+
 /// Splits and resolves `value`, given by `origin` (named in an error).
 pub fn resolve(value: &str, origin: &str) -> Result<Vec<OsString>, SettingError> {
     let bad = |expected: String| SettingError {
