@@ -1,6 +1,9 @@
 //! `cargo xtask bench <name>`: each benchmark is a release-mode example of
 //! the crate it measures, run with the Python venv at hand for its peers;
-//! each writes `target/bench/<name>.json`.
+//! each writes `target/bench/<name>.json`. `python` is a Python script
+//! instead (`python/bench/bench_python.py`), run with the release build of
+//! the `evod` package (assembled in `target/bench/pypkg`, the shared venv
+//! is left alone).
 
 use std::process::Command;
 
@@ -18,6 +21,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("metrics", "evod", "bench_metrics"),
     ("soak", "evod", "bench_soak"),
     ("scale", "evod", "bench_scale"),
+    ("python", "evod-py", "python/bench/bench_python.py"),
 ];
 
 /// Runs the benchmarks named in `args` (all when empty). A name may have
@@ -52,6 +56,16 @@ pub fn run(args: &[String]) -> Result<()> {
             bail!("unknown benchmark {name:?}; known: {known:?}");
         }
         for &&(_, package, example) in &examples {
+            if package == "evod-py" {
+                python_bench(
+                    &cargo,
+                    &python,
+                    &evod,
+                    example,
+                    &out_dir.join(format!("{name}.json")),
+                )?;
+                continue;
+            }
             crate::run(
                 Command::new(&cargo)
                     .current_dir(&root)
@@ -71,4 +85,46 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs a Python benchmark script with the release `evod` package on
+/// `PYTHONPATH`: the native module built in release mode and copied, with
+/// the package's Python sources, into `target/bench/pypkg/evod`.
+fn python_bench(
+    cargo: &str,
+    python: &std::path::Path,
+    evod: &std::path::Path,
+    script: &str,
+    out: &std::path::Path,
+) -> Result<()> {
+    let root = crate::root();
+    crate::run(Command::new(cargo).current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "evod-py",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), std::path::PathBuf::from);
+    let pkg = root.join("target/bench/pypkg");
+    let dest = pkg.join("evod");
+    std::fs::create_dir_all(&dest)?;
+    for entry in std::fs::read_dir(root.join("python/src/evod"))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), dest.join(entry.file_name()))?;
+        }
+    }
+    std::fs::copy(
+        target.join("release/lib_evod.so"),
+        dest.join("_evod.abi3.so"),
+    )?;
+    crate::run(
+        Command::new(python)
+            .current_dir(&root)
+            .env("PYTHONPATH", &pkg)
+            .env("EVOD_BIN", evod)
+            .arg(root.join(script))
+            .arg(out),
+    )
 }

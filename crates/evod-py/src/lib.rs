@@ -15,8 +15,8 @@
 //! released around every call that blocks or runs long (socket I/O,
 //! publishing, forward passes over a batch).
 //!
-//! Room for `evod.serve` (coming): the worker side of the ring, through
-//! `evod-ring` and `evod-wire`, will be one more module here.
+//! - [`serve`]: `evod.serve`, a Python fitness function as a runtime
+//!   worker (the loop is `evod-serve`'s).
 #![deny(missing_docs)]
 
 use pyo3::create_exception;
@@ -25,6 +25,7 @@ use pyo3::prelude::*;
 pub mod bridge;
 pub mod gguf;
 pub mod policy;
+pub mod serve;
 pub mod surgery;
 
 create_exception!(
@@ -108,6 +109,7 @@ fn _evod(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(surgery::add_noise, m)?)?;
     m.add_function(wrap_pyfunction!(surgery::cross, m)?)?;
     m.add_class::<policy::Policy>()?;
+    m.add_function(wrap_pyfunction!(serve::serve, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

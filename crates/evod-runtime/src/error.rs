@@ -44,8 +44,12 @@ pub enum RuntimeError {
         found: usize,
     },
     /// A task name or task string that is not understood.
-    #[error("unknown task {0:?} (expected cartpole, xor, sine or csv:<path>:<target>)")]
+    #[error("unknown task {0:?} (expected cartpole, xor, sine, external or csv:<path>:<target>)")]
     UnknownTask(String),
+    /// A model of the `external` task evaluated by evod's own runtime: its
+    /// fitness is the user's program's (`evod run --worker-cmd`).
+    #[error("external task: run the workers with --worker-cmd")]
+    ExternalTask,
     /// A network whose input or output size does not fit the task.
     #[error("task {task} needs {expected}, the network has layers {layers}")]
     TaskMismatch {

@@ -8,11 +8,13 @@
 //! | `xor` | 2 → 1 | −MSE over the truth table (seed unused) |
 //! | `sine` | 1 → 1 | −MSE over 64 points of one period (seed unused) |
 //! | `csv:<path>:<target>` | features → 1 or classes | see [`crate::csv`] (seed unused; the split seed is fixed at load) |
+//! | `external` | any → any | the user's program's (`evod run --worker-cmd`, `evod.serve`); evod's runtime refuses to score it ([`RuntimeError::ExternalTask`]) |
 //!
 //! A non-finite fitness (a network producing NaN) is reported as
 //! `f64::NEG_INFINITY` so that it always ranks last.
 //!
-//! Task strings (as stored in `evod.task`): `cartpole`, `xor`, `sine`, and
+//! Task strings (as stored in `evod.task`): `cartpole`, `xor`, `sine`,
+//! `external`, and
 //! `csv:<path>:<target>` or `csv:<path>:<target>:<kind>` with `<kind>` one of
 //! `regression`, `classification`, `auto` (the default). The string is split
 //! at its last colons, so the path may contain colons; a target named like a
@@ -35,6 +37,8 @@ use crate::supervised;
 pub const CARTPOLE_EPISODES: u32 = 5;
 /// Split seed of CSV tasks parsed from a task string.
 pub const CSV_SPLIT_SEED: u64 = 0;
+/// Task string of [`Task::External`].
+pub const EXTERNAL: &str = "external";
 /// Hidden width of the default network ([`Task::default_arch`]).
 pub const DEFAULT_HIDDEN: usize = 16;
 
@@ -52,12 +56,17 @@ pub enum Task {
     Sine,
     /// A user's CSV data set.
     Csv(Arc<CsvTask>),
+    /// A fitness evod does not know: the user's own worker program computes
+    /// it (`evod run --worker-cmd`). Any architecture fits; evod's runtime
+    /// refuses to score it.
+    External,
 }
 
 impl Task {
-    /// Inputs the network must take.
+    /// Inputs the network must take (0 for [`Task::External`]: any).
     pub fn input_size(&self) -> usize {
         match self {
+            Task::External => 0,
             Task::CartPole { .. } => 4,
             Task::Xor => 2,
             Task::Sine => 1,
@@ -65,9 +74,11 @@ impl Task {
         }
     }
 
-    /// Outputs of the default network (CartPole also accepts 1).
+    /// Outputs of the default network (CartPole also accepts 1; 0 for
+    /// [`Task::External`]: any).
     pub fn output_size(&self) -> usize {
         match self {
+            Task::External => 0,
             Task::CartPole { .. } => 2,
             Task::Xor | Task::Sine => 1,
             Task::Csv(t) => t.output_size(),
@@ -88,6 +99,7 @@ impl Task {
             Task::CartPole { .. } => "cartpole".into(),
             Task::Xor => "xor".into(),
             Task::Sine => "sine".into(),
+            Task::External => EXTERNAL.into(),
             Task::Csv(t) => format!("csv:{}:{}:{}", t.path.display(), t.target, t.kind.name()),
         }
     }
@@ -95,6 +107,9 @@ impl Task {
     /// Checks that `arch` is valid and fits this task's sizes.
     pub fn check_arch(&self, arch: &Architecture) -> Result<(), RuntimeError> {
         arch.validate()?;
+        if *self == Task::External {
+            return Ok(());
+        }
         let outputs_ok = match self {
             Task::CartPole { .. } => (1..=2).contains(&arch.outputs()),
             _ => arch.outputs() == self.output_size(),
@@ -126,6 +141,7 @@ impl Task {
             Task::Xor => supervised::xor().neg_mse(arch, params)?,
             Task::Sine => supervised::sine().neg_mse(arch, params)?,
             Task::Csv(t) => t.fitness(arch, params)?,
+            Task::External => return Err(RuntimeError::ExternalTask),
         };
         Ok(if fitness.is_nan() {
             f64::NEG_INFINITY
@@ -164,6 +180,7 @@ impl Task {
             Task::CartPole { episodes } => {
                 cartpole::mean_returns_with(arch, candidates, seed, *episodes, tick)?
             }
+            Task::External => return Err(RuntimeError::ExternalTask),
             _ => {
                 return candidates
                     .iter()
@@ -174,7 +191,9 @@ impl Task {
                             Task::Xor => supervised::xor().neg_mse_with(arch, c, tick)?,
                             Task::Sine => supervised::sine().neg_mse_with(arch, c, tick)?,
                             Task::Csv(t) => t.fitness_with(arch, c, tick)?,
-                            Task::CartPole { .. } => unreachable!("matched above"),
+                            Task::CartPole { .. } | Task::External => {
+                                unreachable!("matched above")
+                            }
                         };
                         Ok(if f.is_nan() { f64::NEG_INFINITY } else { f })
                     })
@@ -214,6 +233,7 @@ impl FromStr for Task {
             }),
             "xor" => Ok(Task::Xor),
             "sine" => Ok(Task::Sine),
+            EXTERNAL => Ok(Task::External),
             _ => {
                 let Some(rest) = s.strip_prefix("csv:") else {
                     return Err(RuntimeError::UnknownTask(s.to_owned()));
@@ -282,6 +302,26 @@ mod tests {
             err.to_string(),
             "task xor needs 2 inputs and 1 outputs, the network has layers 3,16,2"
         );
+    }
+
+    #[test]
+    fn external_task_takes_any_arch_and_refuses_to_score() {
+        let t: Task = "external".parse().unwrap();
+        assert_eq!(t, Task::External);
+        assert_eq!(t.name(), "external");
+        let arch = Architecture::new(vec![6, 32, 3], Activation::Tanh).unwrap();
+        t.check_arch(&arch).unwrap();
+        let params = vec![0.0; arch.n_params()];
+        let err = t.evaluate(&arch, &params, 0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "external task: run the workers with --worker-cmd"
+        );
+        assert!(matches!(
+            t.evaluate_many(&arch, &[&params], 0),
+            Err(RuntimeError::ExternalTask)
+        ));
+        assert_eq!(t.solve_threshold(), None);
     }
 
     #[test]

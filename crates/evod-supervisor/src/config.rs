@@ -37,6 +37,12 @@ pub struct Config {
     pub poison_one_in: Option<u64>,
     /// Run without an evolver (serve the model only).
     pub no_evolver: bool,
+    /// The user's worker program (`--worker-cmd`): the resolved program
+    /// path, then its arguments. Started instead of `evod worker` in every
+    /// worker slot, with `--ring-fd N --model PATH` appended and
+    /// `EVOD_RING_FD`, `EVOD_MODEL` set; never a standby, never given
+    /// `--allow-fault-injection`.
+    pub worker_cmd: Option<Vec<OsString>>,
     /// Keep a warm standby next to each worker (see `standby.rs`).
     pub standby: bool,
     /// `RLIMIT_DATA` of each worker, bytes.

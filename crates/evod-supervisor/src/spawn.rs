@@ -67,12 +67,37 @@ pub fn spawn(spec: &ChildSpec) -> io::Result<Child> {
 /// Starts `program` with `spec` (tests and benchmarks use other programs).
 pub fn spawn_program(program: &std::path::Path, spec: &ChildSpec) -> io::Result<Child> {
     let mut command = Command::new(program);
+    command.arg0("evod").arg(spec.role).args(&spec.args);
+    launch(command, spec)
+}
+
+/// Starts a user's worker program (`evod run --worker-cmd`): `argv[0]`
+/// (a resolved path) with `argv[1..]`, then `spec.args` (no role word),
+/// with `env` added to the environment, and the same hardening, limits and
+/// kept descriptors as any child.
+pub fn spawn_command(
+    argv: &[OsString],
+    env: &[(OsString, OsString)],
+    spec: &ChildSpec,
+) -> io::Result<Child> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "spawn: an empty worker command",
+        ));
+    };
+    let mut command = Command::new(program);
     command
-        .arg0("evod")
-        .arg(spec.role)
+        .args(args)
         .args(&spec.args)
-        .stdin(Stdio::null())
-        .process_group(0);
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    launch(command, spec)
+}
+
+/// The common part of every spawn: stdio, process group, and the pre-exec
+/// steps of the module documentation.
+fn launch(mut command: Command, spec: &ChildSpec) -> io::Result<Child> {
+    command.stdin(Stdio::null()).process_group(0);
     let parent = nix::unistd::getpid();
     let mut keep = spec.keep_fds.clone();
     keep.sort_unstable();

@@ -14,7 +14,9 @@ use crate::exit;
 /// Arguments of `evod init`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Task: cartpole, xor, sine or csv (csv needs --data and --target).
+    /// Task: cartpole, xor, sine, csv (needs --data and --target) or
+    /// external (a fitness evod does not know, computed by the program of
+    /// `evod run --worker-cmd`; needs --layers).
     #[arg(long, default_value = "cartpole")]
     task: String,
     /// CSV data file (with --task csv).
@@ -71,6 +73,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .map_err(|e| exit::with_code(exit::BAD_INPUT, e))?;
             Task::Csv(Arc::new(csv))
         }
+        "external" => {
+            if args.layers.is_none() {
+                return Err(usage(anyhow::anyhow!(
+                    "--task external needs --layers N,N,... (evod does not know its inputs and outputs)"
+                )));
+            }
+            if args.data.is_some() || args.target.is_some() {
+                return Err(usage(anyhow::anyhow!(
+                    "--data and --target only apply to --task csv"
+                )));
+            }
+            Task::External
+        }
         name @ ("cartpole" | "xor" | "sine") => {
             if args.data.is_some() || args.target.is_some() {
                 return Err(usage(anyhow::anyhow!(
@@ -81,7 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         other => {
             return Err(usage(anyhow::anyhow!(
-                "unknown task {other:?} (expected cartpole, xor, sine or csv)"
+                "unknown task {other:?} (expected cartpole, xor, sine, csv or external)"
             )));
         }
     };

@@ -125,3 +125,6 @@ def add_noise(x: npt.NDArray[np.float32], sigma: float, seed: int, name: str) ->
 def cross(
     a: npt.NDArray[np.float32], b: npt.NDArray[np.float32], seed: int, name: str, kind: str
 ) -> npt.NDArray[np.float32]: ...
+
+def serve(fitness: Any, batch: bool, episodes: bool, argv: list[str]) -> None:
+    """The native serve loop behind :func:`evod.serve` (use that)."""

@@ -276,7 +276,13 @@ impl Supervisor {
                 ),
             }
         }
-        match spawn::spawn(&spec) {
+        let spawned = match &self.config.worker_cmd {
+            Some(argv) if slot.kind == Kind::Worker => {
+                spawn::spawn_command(argv, &user_env(&spec, &self.config.model), &spec)
+            }
+            _ => spawn::spawn(&spec),
+        };
+        match spawned {
             Ok(child) => {
                 tracing::info!(
                     pid = child.pid().as_raw(),
@@ -322,7 +328,8 @@ impl Supervisor {
                     "--model".into(),
                     self.config.model.clone().into(),
                 ];
-                if self.config.allow_fault_injection {
+                // A user's program (`--worker-cmd`) is never a fault target.
+                if self.config.allow_fault_injection && self.config.worker_cmd.is_none() {
                     args.push("--allow-fault-injection".into());
                     if let Some(n) = self.config.poison_one_in {
                         args.push("--poison-one-in".into());
@@ -425,6 +432,16 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// The environment of a user's worker program: the ring descriptor and the
+/// model, as `--ring-fd` and `--model` also say.
+fn user_env(spec: &ChildSpec, model: &std::path::Path) -> Vec<(OsString, OsString)> {
+    let fd = spec.keep_fds.first().map_or(-1, |fd| *fd);
+    vec![
+        ("EVOD_RING_FD".into(), fd.to_string().into()),
+        ("EVOD_MODEL".into(), model.into()),
+    ]
 }
 
 impl Slot {

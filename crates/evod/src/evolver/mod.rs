@@ -219,6 +219,10 @@ pub fn evolver_config(evolve: &EvolveArgs, task: &Task) -> EvolverConfig {
     if strategy == StrategyKind::Es && config.population % 2 == 1 {
         config.population += 1;
     }
-    config.solve_threshold = task.solve_threshold().map(|_| evolve.solve_threshold());
+    config.solve_threshold = match task {
+        // Only the user knows when an external fitness is solved.
+        Task::External => evolve.solve_threshold,
+        _ => task.solve_threshold().map(|_| evolve.solve_threshold()),
+    };
     config
 }

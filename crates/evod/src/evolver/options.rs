@@ -71,8 +71,10 @@ pub struct EvolveArgs {
     #[arg(long, env = "EVOD_UNTIL_SOLVED")]
     #[serde(default)]
     pub until_solved: bool,
-    /// Mean return that counts as solved [default: 475].
-    #[arg(long, env = "EVOD_SOLVE_THRESHOLD")]
+    /// Fitness that counts as solved [default: 475 for CartPole; none for
+    /// the other tasks; an external task's is this flag's] (negative values
+    /// are accepted: `--solve-threshold -100`).
+    #[arg(long, env = "EVOD_SOLVE_THRESHOLD", allow_negative_numbers = true)]
     pub solve_threshold: Option<f64>,
     /// Episodes per candidate evaluation [default: 1].
     #[arg(long, env = "EVOD_EPISODES")]
@@ -206,9 +208,10 @@ impl EvolveArgs {
     pub fn to_cli_args(&self) -> Vec<OsString> {
         let mut out: Vec<OsString> = Vec::new();
         let mut push = |flag: &str, value: Option<String>| {
+            // `--flag=value`: one argument, so a negative value (a
+            // solve threshold of -100) is not taken for a flag.
             if let Some(v) = value {
-                out.push(flag.into());
-                out.push(v.into());
+                out.push(format!("{flag}={v}").into());
             }
         };
         push("--strategy", self.strategy.map(|s| s.as_str().to_owned()));
@@ -285,5 +288,17 @@ mod tests {
         };
         assert_eq!(bounded.patience(), 0);
         assert!(toml::from_str::<EvolveArgs>("pulse_interval = \"soon\"").is_err());
+    }
+
+    #[test]
+    fn a_negative_solve_threshold_parses_and_passes_through() {
+        let given = Cli::try_parse_from(["x", "--solve-threshold", "-100", "--until-solved"])
+            .unwrap()
+            .evolve;
+        assert_eq!(given.solve_threshold, Some(-100.0));
+        let again = Cli::try_parse_from(std::iter::once("x".into()).chain(given.to_cli_args()))
+            .unwrap()
+            .evolve;
+        assert_eq!(again, given);
     }
 }

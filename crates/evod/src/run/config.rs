@@ -79,6 +79,8 @@ pub struct FileConfig {
     pub no_evolver: Option<bool>,
     /// `--no-standby`.
     pub no_standby: Option<bool>,
+    /// `--worker-cmd`.
+    pub worker_cmd: Option<String>,
     /// `--worker-memory-limit`.
     #[serde(default, deserialize_with = "de_size")]
     pub worker_memory_limit: Option<u64>,
@@ -222,6 +224,19 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
             anyhow::bail!("bad {name} {d:?}: expected 10ms to 24h");
         }
     }
+    let worker_cmd = match (&args.worker_cmd, &file.worker_cmd, &args.config) {
+        (Some(cmd), _, _) => Some(super::worker_cmd::resolve(
+            cmd,
+            &super::settings::Origin::CommandLine.name("worker-cmd", None),
+        )),
+        (None, Some(cmd), Some(path)) => Some(super::worker_cmd::resolve(
+            cmd,
+            &super::settings::Origin::File(path).name("worker-cmd", None),
+        )),
+        _ => None,
+    }
+    .transpose()
+    .map_err(usage)?;
     let config = Config {
         model,
         workers,
@@ -229,7 +244,10 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
             || file.allow_fault_injection.unwrap_or(false),
         poison_one_in: args.poison_one_in.filter(|_| args.allow_fault_injection),
         no_evolver: args.no_evolver || file.no_evolver.unwrap_or(false),
-        standby: !(args.no_standby || file.no_standby.unwrap_or(false)),
+        // A user's program cannot stand by (it knows nothing of the
+        // standby link): its workers start cold.
+        standby: !(args.no_standby || file.no_standby.unwrap_or(false)) && worker_cmd.is_none(),
+        worker_cmd,
         worker_memory_limit: args.worker_memory_limit.or(file.worker_memory_limit),
         grace_period: args
             .grace_period
@@ -328,5 +346,41 @@ mod tests {
         let missing = dir.path().join("nope.toml");
         let err = FileConfig::load(&missing).unwrap_err().to_string();
         assert!(err.contains("nope.toml"), "{err}");
+    }
+
+    #[test]
+    fn worker_cmd_layers_resolves_and_turns_standbys_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evod.toml");
+        std::fs::write(&path, "worker_cmd = \"sh -c 'exit 0' fit\"\n").unwrap();
+        let d = dir.path().to_str().unwrap();
+        let from_file = |extra: &[&str]| {
+            let mut argv = vec!["evod", "--config", path.to_str().unwrap(), "--dir", d];
+            argv.extend_from_slice(extra);
+            resolve(Cli::try_parse_from(argv).unwrap().args)
+        };
+        let (c, _) = from_file(&[]).unwrap();
+        let argv = c.worker_cmd.expect("the file's worker_cmd");
+        assert!(argv[0].to_str().unwrap().ends_with("/sh"), "{argv:?}");
+        assert_eq!(&argv[1..], ["-c", "exit 0", "fit"]);
+        assert!(!c.standby, "a user's program cannot stand by");
+        // The flag wins; a missing program names the layer it came from.
+        let err = from_file(&["--worker-cmd", "no-such-program-evod-x"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--worker-cmd") && err.contains("not there"),
+            "{err}"
+        );
+        std::fs::write(&path, "worker_cmd = \"\"\n").unwrap();
+        let err = from_file(&[]).unwrap_err().to_string();
+        assert!(
+            err.contains("`worker_cmd` in") && err.contains("(--worker-cmd)"),
+            "{err}"
+        );
+        // Without it: evod's own worker, with standbys.
+        std::fs::write(&path, "workers = 1\n").unwrap();
+        let (c, _) = from_file(&[]).unwrap();
+        assert!(c.worker_cmd.is_none() && c.standby);
     }
 }

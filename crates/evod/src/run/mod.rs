@@ -19,6 +19,7 @@ use crate::exit;
 
 mod config;
 mod settings;
+mod worker_cmd;
 
 /// Arguments of `evod run`. Every option also reads an `EVOD_*` environment
 /// variable and the `--config` TOML file (flag > variable > file > default).
@@ -43,6 +44,13 @@ pub struct Args {
     /// Serve the model without evolving it (no evolver process).
     #[arg(long, env = "EVOD_NO_EVOLVER")]
     pub no_evolver: bool,
+    /// Run this program as every runtime worker instead of evod's own (a
+    /// fitness evod does not know, e.g. `python3 fit.py` with
+    /// `evod.serve`): split like a shell would split it (no shell runs
+    /// it), found on PATH, given `--ring-fd N --model PATH` (and
+    /// `EVOD_RING_FD`, `EVOD_MODEL`). Implies --no-standby.
+    #[arg(long, env = "EVOD_WORKER_CMD", value_name = "\"CMD ARGS\"")]
+    pub worker_cmd: Option<String>,
     /// Do not keep a warm standby process next to each worker (saves one
     /// idle process per worker; a crashed worker is then replaced by a cold
     /// start, ~2.5 ms instead of ~0.45 ms here).
@@ -114,6 +122,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         settings::DirError::NotAFolder(_) => exit::with_code(exit::USAGE, e),
         settings::DirError::NotWritable { .. } => exit::with_code(exit::IO, e),
     })?;
+    // evod's own worker cannot score an external model: say so now, not
+    // in a retry loop of the evolver.
+    if config.worker_cmd.is_none() && worker_cmd::is_external_model(&config.model) {
+        return Err(exit::with_code(
+            exit::USAGE,
+            anyhow::anyhow!(
+                "{}: the model's task is external (a fitness evod does not know): \
+                 run the workers with --worker-cmd \"CMD ARGS\"",
+                config.model.display()
+            ),
+        ));
+    }
     evod_supervisor::init_logging(config.log_format);
     if !config.model.exists() && crate::evolver::is_fresh_folder(&config.dir) {
         crate::evolver::create_default_model(&config.model, evolve.seed())?;

@@ -64,7 +64,7 @@ pub enum Origin<'a> {
 
 impl Origin<'_> {
     /// Names the setting `flag` (without `--`) as this layer gave it.
-    fn name(self, flag: &str, table: Option<&str>) -> String {
+    pub(super) fn name(self, flag: &str, table: Option<&str>) -> String {
         match self {
             Origin::CommandLine => {
                 let long = format!("--{flag}");

@@ -1,0 +1,235 @@
+//! The serve loop against a real segment: the loop on one thread (the
+//! worker's side), clients on this one (the evolver's and the
+//! supervisor's), a real model file. Every opcode's answer, a handler's
+//! error as `EVAL_FAILED`, fault opcodes refused, `SHUTDOWN` ending the
+//! loop, and a new epoch ending it too.
+
+use std::time::{Duration, Instant};
+
+use evod_ring::{Channel, LayoutConfig, Segment};
+use evod_runtime::{Activation, Architecture, ModelSpec, init_params, write_model};
+use evod_serve::{EvalRequest, Exit, Handler, ServedModel};
+use evod_wire::protocol::{self, EvalHeader, ExecHeader, LoadRequest, WorkerInfo, op, status};
+
+/// Fitness: the sum of the parameters; a candidate starting with a
+/// negative value is refused with a message.
+struct Sum {
+    loads: u32,
+}
+
+impl Handler for Sum {
+    fn load(&mut self, _model: &ServedModel) -> Result<(), String> {
+        self.loads += 1;
+        Ok(())
+    }
+
+    fn eval(&mut self, model: &ServedModel, request: &EvalRequest<'_>) -> Result<Vec<f64>, String> {
+        assert_eq!(request.n_params, model.arch().n_params());
+        (0..request.candidates)
+            .map(|i| {
+                let c = request.candidate(i);
+                request.beat();
+                if c[0] < 0.0 {
+                    Err(format!(
+                        "candidate {i} starts negative (seed {})",
+                        request.seed
+                    ))
+                } else {
+                    Ok(c.iter().map(|&v| f64::from(v)).sum())
+                }
+            })
+            .collect()
+    }
+}
+
+fn eval_body(candidates: &[Vec<f32>], seed: u64) -> impl FnOnce(&mut [u8]) + '_ {
+    move |out: &mut [u8]| {
+        let h = EvalHeader {
+            candidates: candidates.len() as u32,
+            params: candidates[0].len() as u32,
+            seed,
+            episodes: 0,
+            flags: 0,
+            reserved: 0,
+        };
+        h.encode(out);
+        let flat: Vec<f32> = candidates.concat();
+        protocol::write_f32s(&flat, &mut out[EvalHeader::SIZE..]);
+    }
+}
+
+fn eval_len(candidates: &[Vec<f32>]) -> usize {
+    EvalHeader::SIZE + 4 * candidates.len() * candidates[0].len()
+}
+
+#[test]
+fn the_loop_answers_every_opcode_and_ends_on_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let arch = Architecture::new(vec![2, 3, 1], Activation::Tanh).unwrap();
+    let n = arch.n_params();
+    let path = dir.path().join("m.gguf");
+    let params = init_params(&arch, 3);
+    write_model(
+        &path,
+        &ModelSpec::new(arch.clone(), "external".into(), 3),
+        &params,
+        None,
+    )
+    .unwrap();
+
+    let seg = Segment::create(&LayoutConfig::default()).unwrap();
+    let deadline = || Instant::now() + Duration::from_secs(10);
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| {
+            let mut h = Sum { loads: 0 };
+            let exit = evod_serve::serve(&seg, None, &mut h);
+            (exit.map_err(|e| e.to_string()), h.loads)
+        });
+        let mut control = seg.client(Channel::Control).unwrap();
+        let mut eval = seg.client(Channel::Eval).unwrap();
+
+        let (st, _) = protocol::exchange(&mut control, op::PING, 0, |_| {}, deadline()).unwrap();
+        assert_eq!(st, status::OK);
+        // No model yet.
+        let one = vec![vec![1.0f32; n]];
+        let (st, msg) = protocol::exchange(
+            &mut eval,
+            op::EVAL,
+            eval_len(&one),
+            eval_body(&one, 0),
+            deadline(),
+        )
+        .unwrap();
+        assert_eq!((st, &msg[..]), (status::NO_MODEL, &b"no model loaded"[..]));
+
+        // LOAD with the wrong generation is refused; the right one served.
+        for (generation, want) in [(5, status::LOAD_FAILED), (0, status::OK)] {
+            let body = protocol::to_bincode(&LoadRequest {
+                path: path.display().to_string(),
+                generation,
+                checksum: evod_gguf::GgufFile::open(&path).unwrap().checksum(),
+            });
+            let (st, reply) = protocol::exchange(
+                &mut control,
+                op::LOAD,
+                body.len(),
+                |b| b.copy_from_slice(&body),
+                deadline(),
+            )
+            .unwrap();
+            assert_eq!(st, want, "{}", String::from_utf8_lossy(&reply));
+            if st == status::OK {
+                let info: WorkerInfo = protocol::from_bincode(&reply).unwrap();
+                assert_eq!((info.n_params, info.task.as_str()), (n as u64, "external"));
+                assert_eq!(info.pid, std::process::id());
+            } else {
+                assert!(String::from_utf8_lossy(&reply).contains("generation 0, expected 5"));
+            }
+        }
+        assert_eq!(seg.stats().model_generation, 0);
+
+        // EVAL: one fitness per candidate, in order.
+        let two = vec![vec![1.0f32; n], vec![0.5f32; n]];
+        let (st, reply) = protocol::exchange(
+            &mut eval,
+            op::EVAL,
+            eval_len(&two),
+            eval_body(&two, 9),
+            deadline(),
+        )
+        .unwrap();
+        assert_eq!(st, status::OK);
+        assert_eq!(
+            protocol::read_f64s(&reply, 2).unwrap(),
+            [n as f64, n as f64 / 2.0]
+        );
+        // The handler's error is the reply's message.
+        let bad = vec![vec![-1.0f32; n]];
+        let (st, msg) = protocol::exchange(
+            &mut eval,
+            op::EVAL,
+            eval_len(&bad),
+            eval_body(&bad, 4),
+            deadline(),
+        )
+        .unwrap();
+        assert_eq!(st, status::EVAL_FAILED);
+        assert_eq!(
+            String::from_utf8_lossy(&msg),
+            "candidate 0 starts negative (seed 4)"
+        );
+        // Wrong parameter count.
+        let short = vec![vec![1.0f32; n - 1]];
+        let (st, msg) = protocol::exchange(
+            &mut eval,
+            op::EVAL,
+            eval_len(&short),
+            eval_body(&short, 0),
+            deadline(),
+        )
+        .unwrap();
+        assert_eq!(st, status::EVAL_FAILED);
+        assert!(String::from_utf8_lossy(&msg).contains("the model has"));
+
+        // NEURAL_EXEC: evod's forward pass by default.
+        let inputs = [0.25f32, -0.5];
+        let (st, out) = protocol::exchange(
+            &mut control,
+            op::NEURAL_EXEC,
+            ExecHeader::SIZE + 8,
+            |b| {
+                ExecHeader {
+                    batch: 1,
+                    inputs: 2,
+                }
+                .encode(&inputs, b)
+            },
+            deadline(),
+        )
+        .unwrap();
+        assert_eq!(st, status::OK);
+        let mut want = [0f32; 1];
+        evod_runtime::forward_batch(
+            &arch,
+            &params,
+            &inputs,
+            1,
+            &mut want,
+            &mut Default::default(),
+        )
+        .unwrap();
+        assert_eq!(protocol::read_f32s(&out), want);
+
+        // Fault opcodes are refused; the worker serves on.
+        let (st, msg) =
+            protocol::exchange(&mut control, op::FAULT_SEGV, 0, |_| {}, deadline()).unwrap();
+        assert_eq!(st, status::FAULT_REFUSED);
+        assert!(String::from_utf8_lossy(&msg).contains("refused"));
+        let stats = seg.stats();
+        assert_eq!(stats.errors, 5, "{stats:?}");
+
+        let (st, _) =
+            protocol::exchange(&mut control, op::SHUTDOWN, 0, |_| {}, deadline()).unwrap();
+        assert_eq!(st, status::OK);
+        let (exit, loads) = worker.join().unwrap();
+        assert_eq!(exit, Ok(Exit::Shutdown));
+        assert_eq!(loads, 1);
+    });
+}
+
+#[test]
+fn a_new_epoch_ends_the_loop() {
+    let seg = Segment::create(&LayoutConfig::default()).unwrap();
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| {
+            evod_serve::serve(&seg, None, &mut Sum { loads: 0 }).map_err(|e| e.to_string())
+        });
+        // Once the worker serves (it answers a PING), the owner replaces it.
+        let mut control = seg.client(Channel::Control).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (st, _) = protocol::exchange(&mut control, op::PING, 0, |_| {}, deadline).unwrap();
+        assert_eq!(st, status::OK);
+        seg.bump_epoch();
+        assert_eq!(worker.join().unwrap(), Ok(Exit::Superseded));
+    });
+}
