@@ -20,6 +20,9 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("recovery", "evod-supervisor", "bench_recovery"),
     ("metrics", "evod", "bench_metrics"),
     ("soak", "evod", "bench_soak"),
+    // The scrape time of the soak report (`metrics_scrape_ms`), measured by
+    // the metrics bench and merged into soak.json.
+    ("soak", "evod", "bench_metrics"),
     ("scale", "evod", "bench_scale"),
     ("python", "evod-py", "python/bench/bench_python.py"),
 ];

@@ -9,7 +9,8 @@
 //! - `converged_cpu_percent`: CPU of the whole process tree (supervisor,
 //!   janitor, workers, standbys, evolver) over a window once `evod status`
 //!   says it converged, in percent of one core, from `/proc/PID/stat`;
-//! - `metrics_scrape_ms`: null (evod has no metrics endpoint yet).
+//! - `metrics_scrape_ms`: added to the same file by `bench_metrics`,
+//!   which `cargo xtask bench soak` runs right after this one.
 //!
 //! A second phase runs with `--patience 0` (never rests) and
 //! `--progress-keep 1000`, to show the bounds hold while it evolves:
@@ -214,7 +215,6 @@ fn main() {
         "disk_bytes_per_day": per_day,
         "log_lines_per_hour": per_hour,
         "converged_cpu_percent": cpu,
-        "metrics_scrape_ms": null,
         "evolving_generations": generations,
         "evolving_log_lines_per_hour": evolving_per_hour,
         "evolving_dir_bytes_max": bytes_max,
