@@ -25,6 +25,10 @@ pub const IO: u8 = 6;
 /// The control socket exists but we may not connect to it (the daemon
 /// runs as another user).
 pub const DENIED: u8 = 7;
+/// The evolver could not progress (every candidate rejected or every
+/// evaluation failing for `--max-useless-generations` in a row); the
+/// supervisor ends the daemon with it.
+pub const NO_PROGRESS: u8 = evod_supervisor::exit_code::NO_PROGRESS;
 
 /// An error that carries the exit code the process should end with.
 #[derive(Debug)]
