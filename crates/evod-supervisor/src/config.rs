@@ -92,4 +92,22 @@ impl Config {
             Duration::from_secs(5).saturating_add(Duration::from_secs(bytes >> 26))
         })
     }
+
+    /// How long the supervisor's own `LOAD` of a file of `bytes` may take:
+    /// [`Config::load_timeout_for`] plus [`Config::eval_timeout`], as the
+    /// worker serves one request at a time and takes the `LOAD` only after
+    /// the `EVAL` it may be busy with. (It runs on the worker's link
+    /// thread, off the loop: a long wait holds up only that worker's
+    /// control queue.)
+    pub fn sync_load_timeout(&self, bytes: u64) -> Duration {
+        self.load_timeout_for(bytes).saturating_add(self.eval_timeout)
+    }
+
+    /// How long the supervisor's canary `NEURAL_EXEC` may take:
+    /// [`Config::exec_timeout`] plus [`Config::eval_timeout`] (see
+    /// [`Config::sync_load_timeout`]), so that a model whose `EVAL`s are
+    /// slower than `--exec-timeout` still gets verified.
+    pub fn canary_timeout(&self) -> Duration {
+        self.exec_timeout.saturating_add(self.eval_timeout)
+    }
 }
