@@ -389,10 +389,32 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
     }
     let mut sup = Supervisor::new(config, tx, metrics)?;
     let code = sup.event_loop(&rx);
+    // Requests that came after the loop's last turn are answered here, and
+    // the queue is closed before the server waits for its answers to be
+    // written: a reply sender left in the queue would keep a client
+    // waiting (the `stop` of `evod stop` seeing end of file) until the
+    // server gave up.
+    answer_queued(&rx);
+    drop(rx);
     drop(sup);
     drop(server);
     drop(metrics_server);
     code
+}
+
+/// Answers every control request still queued once the loop has ended: a
+/// `stop` is what is happening ("stopping"), anything else is refused.
+/// Other events are dropped.
+fn answer_queued(rx: &mpsc::Receiver<Event>) {
+    while let Ok(event) = rx.try_recv() {
+        if let Event::Control(incoming) = event {
+            let response = match incoming.request {
+                Request::Stop => Response::ok("stopping"),
+                _ => Response::error("the daemon is stopping"),
+            };
+            let _ = incoming.reply.send(response);
+        }
+    }
 }
 
 /// Validates the model at start; a missing or malformed file is an error
@@ -743,4 +765,33 @@ fn chain(error: &dyn std::error::Error) -> String {
         cause = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Incoming;
+
+    #[test]
+    fn requests_queued_after_the_loop_are_answered() {
+        let (tx, rx) = mpsc::channel::<Event>();
+        let mut replies = Vec::new();
+        for request in [Request::Stop, Request::Status] {
+            let (reply, answer) = mpsc::channel();
+            tx.send(Event::Control(Incoming { request, reply }))
+                .expect("queue open");
+            replies.push(answer);
+        }
+        tx.send(Event::Signal(SIGCHLD)).expect("queue open");
+        answer_queued(&rx);
+        let stop = replies[0].try_recv().expect("stop answered");
+        assert!(stop.ok, "stop: {stop:?}");
+        let status = replies[1].try_recv().expect("status answered");
+        assert!(!status.ok, "status: {status:?}");
+        assert!(
+            status.error.as_deref().unwrap_or("").contains("stopping"),
+            "status: {status:?}"
+        );
+        assert!(rx.try_recv().is_err(), "the queue is empty");
+    }
 }
