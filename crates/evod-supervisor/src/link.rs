@@ -12,6 +12,9 @@
 //! at a time, and answers each with a [`Done`] on the loop's channel,
 //! tagged ([`Tag`]) with the job's id and the epoch it was sent under, so
 //! the loop drops a late answer meant for a worker it has replaced since.
+//! A job that comes up after the worker it was queued for was replaced is
+//! never sent: it is answered [`LinkError::Stale`] (a fault queued behind
+//! a long call must not kill the healthy replacement).
 
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
@@ -35,6 +38,15 @@ pub enum LinkError {
         status: i32,
         /// The worker's message.
         message: String,
+    },
+    /// The job was queued for an incarnation of the worker that has been
+    /// replaced since: it was not sent (it must never reach the new one).
+    #[error("not sent: the worker it was meant for (epoch {sent}) was replaced (epoch {current})")]
+    Stale {
+        /// The epoch the job was queued under.
+        sent: u64,
+        /// The segment's epoch when the job came up.
+        current: u64,
     },
     /// The reply did not decode.
     #[error("bad {opcode} reply from the worker: {problem}")]
@@ -177,6 +189,18 @@ pub enum Job {
     },
 }
 
+impl Job {
+    /// The outcome of this job when it is not sent, failed with `error`.
+    fn unsent(&self, error: impl FnOnce() -> LinkError) -> Outcome {
+        match self {
+            Job::Ping => Outcome::Ping(Err(error())),
+            Job::Load(_) => Outcome::Load(Err(error())),
+            Job::Exec(_) => Outcome::Exec(Err(error()), Duration::ZERO),
+            Job::Send { .. } => Outcome::Sent(Err(error())),
+        }
+    }
+}
+
 /// What a [`Job`] came to.
 #[derive(Debug)]
 pub enum Outcome {
@@ -242,16 +266,27 @@ impl LinkThread {
         std::thread::Builder::new().name(name).spawn(move || {
             for (tag, job, timeout) in rx {
                 let started = Instant::now();
-                let outcome = match job {
-                    Job::Ping => Outcome::Ping(ping(&seg, timeout)),
-                    Job::Load(request) => Outcome::Load(load(&seg, &request, timeout)),
-                    Job::Exec(inputs) => {
-                        let start = Instant::now();
-                        let result = exec(&seg, &inputs, timeout);
-                        Outcome::Exec(result, start.elapsed())
-                    }
-                    Job::Send { opcode, payload } => {
-                        Outcome::Sent(send_only(&seg, opcode, &payload))
+                // A job queued for an incarnation replaced since (behind a
+                // long call) never reaches the new one: a fault meant for
+                // the old worker would kill a healthy replacement.
+                let current = seg.trusted_epoch();
+                let outcome = if current != tag.epoch {
+                    job.unsent(|| LinkError::Stale {
+                        sent: tag.epoch,
+                        current,
+                    })
+                } else {
+                    match job {
+                        Job::Ping => Outcome::Ping(ping(&seg, timeout)),
+                        Job::Load(request) => Outcome::Load(load(&seg, &request, timeout)),
+                        Job::Exec(inputs) => {
+                            let start = Instant::now();
+                            let result = exec(&seg, &inputs, timeout);
+                            Outcome::Exec(result, start.elapsed())
+                        }
+                        Job::Send { opcode, payload } => {
+                            Outcome::Sent(send_only(&seg, opcode, &payload))
+                        }
                     }
                 };
                 let took = started.elapsed();
@@ -274,4 +309,43 @@ impl LinkThread {
 /// opposed to a refusal, a lost peer or a broken protocol).
 pub fn is_timeout(e: &LinkError) -> bool {
     matches!(e, LinkError::Ring(RingError::Timeout | RingError::Full))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evod_ring::LayoutConfig;
+
+    #[test]
+    fn a_job_queued_for_a_replaced_worker_is_answered_stale_and_never_sent() {
+        let seg = Arc::new(Segment::create(&LayoutConfig::default()).expect("segment"));
+        let (tx, rx) = mpsc::channel();
+        let thread = LinkThread::start("link-test".into(), Arc::clone(&seg), tx, |d| d)
+            .expect("link thread");
+        let old = seg.trusted_epoch();
+        // The worker it was queued for is replaced before the job comes up.
+        let new = seg.bump_epoch();
+        assert_ne!(old, new);
+        let tag = Tag { id: 7, epoch: old };
+        let job = Job::Send {
+            opcode: protocol::op::FAULT_SEGV,
+            payload: 0u32.to_le_bytes().to_vec(),
+        };
+        assert!(thread.submit(tag, job, Duration::ZERO));
+        let done = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the job is answered");
+        assert_eq!(done.tag, tag);
+        match done.outcome {
+            Outcome::Sent(Err(LinkError::Stale { sent, current })) => {
+                assert_eq!((sent, current), (old, new));
+            }
+            other => panic!("expected a stale answer, got {other:?}"),
+        }
+        // Nothing reached the ring: the new incarnation's server sees no
+        // request.
+        let mut server = seg.server().expect("server");
+        let got = server.recv(Duration::ZERO).expect("recv");
+        assert!(got.is_none(), "a stale job reached the ring");
+    }
 }
