@@ -387,7 +387,13 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
             m.addr()
         );
     }
-    let mut sup = Supervisor::new(config, tx, metrics)?;
+    let mut sup = match Supervisor::new(config, tx, metrics) {
+        Ok(sup) => sup,
+        Err(e) => {
+            janitor.disarm();
+            return Err(e);
+        }
+    };
     let code = sup.event_loop(&rx);
     // Requests that came after the loop's last turn are answered here, and
     // the queue is closed before the server waits for its answers to be
@@ -397,6 +403,8 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
     answer_queued(&rx);
     drop(rx);
     drop(sup);
+    // A clean stop: the janitor must not act on the socket's path later.
+    janitor.disarm();
     drop(server);
     drop(metrics_server);
     code
