@@ -565,11 +565,18 @@ impl Supervisor {
                             }
                         }
                     }
-                    if self.slots.iter().all(|s| !s.running()) {
+                    // A restore under way is waited for (within the grace
+                    // period): cut short, the rollback could be undone.
+                    if self.slots.iter().all(|s| !s.running()) && !self.restoring() {
                         tracing::info!("all children stopped");
                         return self.finish(code);
                     }
                     if now >= deadline {
+                        if self.restoring() {
+                            tracing::warn!(
+                                "grace period over with a rollback's restore still running"
+                            );
+                        }
                         tracing::warn!(
                             "grace period of {:?} over: killing the remaining children",
                             self.config.grace_period
@@ -651,6 +658,7 @@ impl Supervisor {
             deadline: later(Instant::now(), self.config.grace_period),
             code,
         };
+        self.cancel_unstarted_rollback();
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
             slot.restart_at = None;
