@@ -596,6 +596,19 @@ impl Supervisor {
 
     /// Sends `job` to worker slot `i`'s link thread. False if it has none.
     fn submit(&mut self, i: usize, purpose: Purpose, job: link::Job, timeout: Duration) -> bool {
+        self.submit_until(i, purpose, job, timeout, None)
+    }
+
+    /// [`Self::submit`], with a time after which the job is not started
+    /// (answered [`link::LinkError::Expired`]).
+    fn submit_until(
+        &mut self,
+        i: usize,
+        purpose: Purpose,
+        job: link::Job,
+        timeout: Duration,
+        expires: Option<Instant>,
+    ) -> bool {
         let id = self.next_job;
         self.next_job += 1;
         let slot = &mut self.slots[i];
@@ -606,7 +619,7 @@ impl Supervisor {
             id,
             epoch: seg.trusted_epoch(),
         };
-        if !thread.submit(tag, job, timeout) {
+        if !thread.submit(tag, job, timeout, expires) {
             return false;
         }
         slot.jobs.push_back(Pending {
