@@ -100,7 +100,8 @@ impl Config {
     /// thread, off the loop: a long wait holds up only that worker's
     /// control queue.)
     pub fn sync_load_timeout(&self, bytes: u64) -> Duration {
-        self.load_timeout_for(bytes).saturating_add(self.eval_timeout)
+        self.load_timeout_for(bytes)
+            .saturating_add(self.eval_timeout)
     }
 
     /// How long the supervisor's canary `NEURAL_EXEC` may take:
