@@ -80,9 +80,11 @@ impl Janitor {
     /// server removes the socket.
     pub fn disarm(self) {
         let Janitor { mut pipe, pid } = self;
+        // A failed write means the janitor is gone already (its pipe is
+        // closed): nothing left to disarm. (Never signalled: its pid may
+        // have been reaped and reused.)
         if let Err(e) = pipe.write_all(CANCEL.as_bytes()) {
-            tracing::warn!("cannot disarm the janitor ({e}): killing it");
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            tracing::debug!("the janitor is gone already ({e})");
         }
         drop(pipe);
         let deadline = std::time::Instant::now() + DISARM_REAP;
