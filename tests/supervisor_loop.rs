@@ -331,3 +331,28 @@ fn a_worker_that_beats_but_never_answers_is_replaced() {
     assert_eq!(s["rollbacks"], 0, "{s}");
     assert_eq!(s["healthy"], false, "{s}");
 }
+
+#[test]
+fn a_worker_slower_than_the_exec_timeout_is_still_verified() {
+    // The worker serves one request at a time: the supervisor's canary may
+    // wait behind an EVAL far longer than --exec-timeout. A generation
+    // whose NEURAL_EXEC takes 1 s (as when queued behind a long EVAL)
+    // with --exec-timeout 100ms is still verified: the canary's deadline
+    // includes --eval-timeout.
+    let mut d = Daemon::start(&[
+        "--exec-timeout",
+        "100ms",
+        "--eval-timeout",
+        "5s",
+        "--no-standby",
+    ]);
+    let good = d.verified_generation();
+    let copy = d.copy_model();
+    d.publish(&copy, good + 1, Some("slow-exec"));
+    d.wait_for("the slow generation to be verified", |d| {
+        d.status()
+            .filter(|s| s["healthy"] == true && s["good_generation"] == good + 1)
+    });
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit().success(), "{}", d.log());
+}

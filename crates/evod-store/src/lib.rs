@@ -195,6 +195,12 @@ pub fn restore(
         }
         tracing::warn!("generation {bad} quarantined in {}", aside.display());
     }
+    // The marker first: a stop or crash between the two must not leave the
+    // restored file without it (the evolver would take the generation
+    // rolled back from as a lost publish and publish it again, undoing
+    // the rollback). A marker whose rewrite then fails is inert: the
+    // evolver honours it only while the live file is generation `to`.
+    mark_rollback(dir, to, from);
     evod_gguf::rewrite(&file, model, |_| {}, &PublishOptions::default()).map_err(|source| {
         StoreError::Publish {
             to,
@@ -202,7 +208,6 @@ pub fn restore(
             source,
         }
     })?;
-    mark_rollback(dir, to, from);
     Ok(to)
 }
 

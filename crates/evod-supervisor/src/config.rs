@@ -92,4 +92,74 @@ impl Config {
             Duration::from_secs(5).saturating_add(Duration::from_secs(bytes >> 26))
         })
     }
+
+    /// How long the supervisor's own `LOAD` of a file of `bytes` may take:
+    /// [`Config::load_timeout_for`] plus [`Config::eval_timeout`], as the
+    /// worker serves one request at a time and takes the `LOAD` only after
+    /// the `EVAL` it may be busy with. (It runs on the worker's link
+    /// thread, off the loop: a long wait holds up only that worker's
+    /// control queue.)
+    pub fn sync_load_timeout(&self, bytes: u64) -> Duration {
+        self.load_timeout_for(bytes)
+            .saturating_add(self.eval_timeout)
+    }
+
+    /// How long the supervisor's canary `NEURAL_EXEC` may take:
+    /// [`Config::exec_timeout`] plus [`Config::eval_timeout`] (see
+    /// [`Config::sync_load_timeout`]), so that a model whose `EVAL`s are
+    /// slower than `--exec-timeout` still gets verified.
+    pub fn canary_timeout(&self) -> Duration {
+        self.exec_timeout.saturating_add(self.eval_timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(exec: Duration, eval: Duration, load: Option<Duration>) -> Config {
+        Config {
+            dir: PathBuf::from("/tmp/evod-test"),
+            model: PathBuf::from("/tmp/evod-test/model.gguf"),
+            workers: 1,
+            allow_fault_injection: false,
+            poison_one_in: None,
+            no_evolver: true,
+            worker_cmd: None,
+            standby: false,
+            worker_memory_limit: None,
+            grace_period: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(5),
+            load_timeout: load,
+            exec_timeout: exec,
+            eval_timeout: eval,
+            policy: RestartPolicy::default(),
+            fallback_after: 3,
+            log_format: LogFormat::Human,
+            control_socket: PathBuf::from("/tmp/evod-test/evod.sock"),
+            metrics_addr: None,
+            evolver_args: Vec::new(),
+            evolver_bounded: false,
+            payload_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn the_canary_and_load_outwait_the_longest_eval() {
+        // EVALs of a big model take longer than --exec-timeout: the
+        // supervisor's own calls, queued behind one, must still succeed.
+        let c = config(
+            Duration::from_secs(5),
+            Duration::from_secs(120),
+            Some(Duration::from_secs(7)),
+        );
+        assert_eq!(c.canary_timeout(), Duration::from_secs(125));
+        assert_eq!(c.sync_load_timeout(0), Duration::from_secs(127));
+        // `evod exec` keeps its own deadline.
+        assert_eq!(c.exec_timeout, Duration::from_secs(5));
+        // The largest settings do not overflow.
+        let huge = config(Duration::MAX, Duration::MAX, None);
+        assert_eq!(huge.canary_timeout(), Duration::MAX);
+        assert_eq!(huge.sync_load_timeout(u64::MAX), Duration::MAX);
+    }
 }

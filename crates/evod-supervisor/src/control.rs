@@ -51,6 +51,42 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// (the answer to `stop` is sent just before the daemon exits).
 const DRAIN: Duration = Duration::from_secs(2);
 
+/// First pause after a failed accept (e.g. `EMFILE`: the error repeats
+/// until a descriptor is freed); doubles per failure in a row up to
+/// [`ACCEPT_BACKOFF_MAX`], so the accepting thread never spins.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// The accepting thread's pause after failed accepts, and its logging
+/// (once per burst of failures).
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    failures: u64,
+    pause: Duration,
+}
+
+impl AcceptBackoff {
+    /// A failed accept: how long to pause, and whether it is the first of
+    /// a burst (the one to log).
+    fn on_error(&mut self) -> (Duration, bool) {
+        self.failures += 1;
+        self.pause = if self.pause.is_zero() {
+            ACCEPT_BACKOFF
+        } else {
+            crate::policy::doubled(self.pause, ACCEPT_BACKOFF_MAX)
+        };
+        (self.pause, self.failures == 1)
+    }
+
+    /// A connection accepted: the number of failures of the burst it ends,
+    /// if any.
+    fn on_accept(&mut self) -> Option<u64> {
+        let failed = std::mem::take(&mut self.failures);
+        self.pause = Duration::ZERO;
+        (failed > 0).then_some(failed)
+    }
+}
+
 /// Requests handed to the supervisor whose answer is not written yet.
 #[derive(Default)]
 struct Pending {
@@ -401,10 +437,26 @@ impl ControlServer {
                     events,
                     wrap,
                 };
+                let mut backoff = AcceptBackoff::default();
                 for conn in listener.incoming() {
                     match conn {
-                        Ok(stream) => accept(stream, &shared),
-                        Err(e) => tracing::warn!("control socket: accept failed: {e}"),
+                        Ok(stream) => {
+                            if let Some(failed) = backoff.on_accept() {
+                                tracing::info!(
+                                    "control socket: accepting again after {failed} failed accepts"
+                                );
+                            }
+                            accept(stream, &shared);
+                        }
+                        Err(e) => {
+                            let (pause, first) = backoff.on_error();
+                            if first {
+                                tracing::warn!(
+                                    "control socket: accept failed: {e} (retrying with a backoff; said once per burst)"
+                                );
+                            }
+                            std::thread::sleep(pause);
+                        }
                     }
                 }
             });
@@ -647,6 +699,20 @@ mod tests {
                 let _ = incoming.reply.send(Response::ok(name));
             }
         });
+    }
+
+    #[test]
+    fn failed_accepts_back_off_and_are_logged_once_per_burst() {
+        let mut b = AcceptBackoff::default();
+        let burst: Vec<_> = (0..8).map(|_| b.on_error()).collect();
+        assert_eq!(burst[0], (ACCEPT_BACKOFF, true));
+        assert!(burst[1..].iter().all(|&(_, first)| !first));
+        assert!(burst.windows(2).all(|w| w[1].0 >= w[0].0));
+        assert_eq!(burst[7].0, ACCEPT_BACKOFF_MAX);
+        assert_eq!(b.on_accept(), Some(8));
+        assert_eq!(b.on_accept(), None);
+        // A new burst starts over, and is logged again.
+        assert_eq!(b.on_error(), (ACCEPT_BACKOFF, true));
     }
 
     #[test]

@@ -9,11 +9,18 @@
 //! it); when the supervisor dies, however it dies, the read returns end of
 //! file and the janitor removes what it was told about, if it is still the
 //! same file (device and inode), then exits.
+//!
+//! On a clean stop the supervisor disarms it first ([`Janitor::disarm`]:
+//! a `cancel` line, then end of file), before the control server removes
+//! the socket: an armed janitor acting later could otherwise remove a
+//! newer daemon's socket that got the same device and inode (`evod stop;
+//! evod run`). The janitor acts only on end of file with no `cancel`.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid};
 
 use crate::control::Created;
@@ -66,6 +73,65 @@ impl Janitor {
         }
         self.pipe.write_all(text.as_bytes())
     }
+
+    /// A clean stop: tells the janitor to remove nothing, closes the pipe
+    /// and reaps it (for at most [`DISARM_REAP`]; the supervisor's own
+    /// SIGCHLD path may have reaped it already). Call before the control
+    /// server removes the socket.
+    pub fn disarm(self) {
+        let Janitor { mut pipe, pid } = self;
+        // A failed write means the janitor is gone already (its pipe is
+        // closed): nothing left to disarm. (Never signalled: its pid may
+        // have been reaped and reused.)
+        if let Err(e) = pipe.write_all(CANCEL.as_bytes()) {
+            tracing::debug!("the janitor is gone already ({e})");
+        }
+        drop(pipe);
+        let deadline = std::time::Instant::now() + DISARM_REAP;
+        loop {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+/// The line that disarms the janitor.
+const CANCEL: &str = "cancel\n";
+/// How long [`Janitor::disarm`] waits for the janitor to exit.
+const DISARM_REAP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the janitor must remove, from everything the supervisor wrote to
+/// it: `None` if it was disarmed or told nothing.
+fn brief(text: &str) -> Option<Created> {
+    let mut created = Created {
+        socket: (PathBuf::new(), (0, 0)),
+        dirs: Vec::new(),
+    };
+    for line in text.lines() {
+        if line == CANCEL.trim_end() {
+            return None;
+        }
+        let mut parts = line.splitn(4, '\t');
+        let (Some(kind), Some(dev), Some(ino), Some(path)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (Ok(dev), Ok(ino)) = (dev.parse(), ino.parse()) else {
+            continue;
+        };
+        let entry = (PathBuf::from(path), (dev, ino));
+        match kind {
+            "socket" => created.socket = entry,
+            "dir" => created.dirs.push(entry),
+            _ => {}
+        }
+    }
+    (!created.socket.0.as_os_str().is_empty()).then_some(created)
 }
 
 fn run_child(read: OwnedFd) -> ! {
@@ -84,31 +150,33 @@ fn run_child(read: OwnedFd) -> ! {
     let _ = std::fs::File::from(read)
         .take(1 << 20)
         .read_to_end(&mut text);
-    let mut created = Created {
-        socket: (PathBuf::new(), (0, 0)),
-        dirs: Vec::new(),
-    };
-    for line in String::from_utf8_lossy(&text).lines() {
-        let mut parts = line.splitn(4, '\t');
-        let (Some(kind), Some(dev), Some(ino), Some(path)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let (Ok(dev), Ok(ino)) = (dev.parse(), ino.parse()) else {
-            continue;
-        };
-        let entry = (PathBuf::from(path), (dev, ino));
-        match kind {
-            "socket" => created.socket = entry,
-            "dir" => created.dirs.push(entry),
-            _ => {}
-        }
-    }
-    if !created.socket.0.as_os_str().is_empty() {
+    if let Some(created) = brief(&String::from_utf8_lossy(&text)) {
         created.remove();
     }
     // SAFETY: _exit skips the parent's atexit handlers and buffered output,
     // which belong to the supervisor.
     unsafe { libc::_exit(0) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BRIEF: &str = "socket\t1\t2\t/run/evod/control.sock\ndir\t1\t3\t/run/evod\n";
+
+    #[test]
+    fn an_armed_janitor_removes_what_it_was_told() {
+        let created = brief(BRIEF).expect("armed");
+        assert_eq!(
+            created.socket,
+            (PathBuf::from("/run/evod/control.sock"), (1, 2))
+        );
+        assert_eq!(created.dirs, vec![(PathBuf::from("/run/evod"), (1, 3))]);
+        assert!(brief("").is_none(), "told nothing: nothing to remove");
+    }
+
+    #[test]
+    fn a_disarmed_janitor_removes_nothing() {
+        assert!(brief(&format!("{BRIEF}{CANCEL}")).is_none());
+    }
 }

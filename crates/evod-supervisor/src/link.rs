@@ -12,6 +12,11 @@
 //! at a time, and answers each with a [`Done`] on the loop's channel,
 //! tagged ([`Tag`]) with the job's id and the epoch it was sent under, so
 //! the loop drops a late answer meant for a worker it has replaced since.
+//! A job that comes up after the worker it was queued for was replaced is
+//! never sent: it is answered [`LinkError::Stale`] (a fault queued behind
+//! a long call must not kill the healthy replacement). A job may carry an
+//! expiry (`evod exec`'s rows): not started by then, it is answered
+//! [`LinkError::Expired`] without being sent.
 
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
@@ -35,6 +40,22 @@ pub enum LinkError {
         status: i32,
         /// The worker's message.
         message: String,
+    },
+    /// The job was queued for an incarnation of the worker that has been
+    /// replaced since: it was not sent (it must never reach the new one).
+    #[error("not sent: the worker it was meant for (epoch {sent}) was replaced (epoch {current})")]
+    Stale {
+        /// The epoch the job was queued under.
+        sent: u64,
+        /// The segment's epoch when the job came up.
+        current: u64,
+    },
+    /// The job waited in the worker's queue past its deadline (its client
+    /// has given up): it was not sent.
+    #[error("not sent: it waited {waited:?} for the worker's earlier calls, past its deadline")]
+    Expired {
+        /// How long it waited.
+        waited: Duration,
     },
     /// The reply did not decode.
     #[error("bad {opcode} reply from the worker: {problem}")]
@@ -177,6 +198,18 @@ pub enum Job {
     },
 }
 
+impl Job {
+    /// The outcome of this job when it is not sent, failed with `error`.
+    fn unsent(&self, error: impl FnOnce() -> LinkError) -> Outcome {
+        match self {
+            Job::Ping => Outcome::Ping(Err(error())),
+            Job::Load(_) => Outcome::Load(Err(error())),
+            Job::Exec(_) => Outcome::Exec(Err(error()), Duration::ZERO),
+            Job::Send { .. } => Outcome::Sent(Err(error())),
+        }
+    }
+}
+
 /// What a [`Job`] came to.
 #[derive(Debug)]
 pub enum Outcome {
@@ -226,7 +259,17 @@ pub struct Done {
 /// Dropping it ends the thread once its current call returns.
 #[derive(Debug)]
 pub struct LinkThread {
-    jobs: mpsc::Sender<(Tag, Job, Duration)>,
+    jobs: mpsc::Sender<Queued>,
+}
+
+/// A job in a [`LinkThread`]'s queue.
+#[derive(Debug)]
+struct Queued {
+    tag: Tag,
+    job: Job,
+    timeout: Duration,
+    queued: Instant,
+    expires: Option<Instant>,
 }
 
 impl LinkThread {
@@ -238,20 +281,44 @@ impl LinkThread {
         to_loop: mpsc::Sender<E>,
         wrap: impl Fn(Done) -> E + Send + 'static,
     ) -> std::io::Result<LinkThread> {
-        let (jobs, rx) = mpsc::channel::<(Tag, Job, Duration)>();
+        let (jobs, rx) = mpsc::channel::<Queued>();
         std::thread::Builder::new().name(name).spawn(move || {
-            for (tag, job, timeout) in rx {
+            for queued in rx {
+                let Queued {
+                    tag,
+                    job,
+                    timeout,
+                    queued,
+                    expires,
+                } = queued;
                 let started = Instant::now();
-                let outcome = match job {
-                    Job::Ping => Outcome::Ping(ping(&seg, timeout)),
-                    Job::Load(request) => Outcome::Load(load(&seg, &request, timeout)),
-                    Job::Exec(inputs) => {
-                        let start = Instant::now();
-                        let result = exec(&seg, &inputs, timeout);
-                        Outcome::Exec(result, start.elapsed())
-                    }
-                    Job::Send { opcode, payload } => {
-                        Outcome::Sent(send_only(&seg, opcode, &payload))
+                // A job queued for an incarnation replaced since (behind a
+                // long call) never reaches the new one: a fault meant for
+                // the old worker would kill a healthy replacement.
+                let current = seg.trusted_epoch();
+                let outcome = if current != tag.epoch {
+                    job.unsent(|| LinkError::Stale {
+                        sent: tag.epoch,
+                        current,
+                    })
+                } else if expires.is_some_and(|at| started >= at) {
+                    // Its client has given up: not worth holding up the
+                    // jobs behind it (LOAD, the canary) for.
+                    job.unsent(|| LinkError::Expired {
+                        waited: started - queued,
+                    })
+                } else {
+                    match job {
+                        Job::Ping => Outcome::Ping(ping(&seg, timeout)),
+                        Job::Load(request) => Outcome::Load(load(&seg, &request, timeout)),
+                        Job::Exec(inputs) => {
+                            let start = Instant::now();
+                            let result = exec(&seg, &inputs, timeout);
+                            Outcome::Exec(result, start.elapsed())
+                        }
+                        Job::Send { opcode, payload } => {
+                            Outcome::Sent(send_only(&seg, opcode, &payload))
+                        }
                     }
                 };
                 let took = started.elapsed();
@@ -264,9 +331,18 @@ impl LinkThread {
     }
 
     /// Queues `job` with its `timeout` (the deadline runs from when the
-    /// thread starts it). False if the thread is gone.
-    pub fn submit(&self, tag: Tag, job: Job, timeout: Duration) -> bool {
-        self.jobs.send((tag, job, timeout)).is_ok()
+    /// thread starts it). A job not started by `expires` is not sent
+    /// ([`LinkError::Expired`]). False if the thread is gone.
+    pub fn submit(&self, tag: Tag, job: Job, timeout: Duration, expires: Option<Instant>) -> bool {
+        self.jobs
+            .send(Queued {
+                tag,
+                job,
+                timeout,
+                queued: Instant::now(),
+                expires,
+            })
+            .is_ok()
     }
 }
 
@@ -274,4 +350,71 @@ impl LinkThread {
 /// opposed to a refusal, a lost peer or a broken protocol).
 pub fn is_timeout(e: &LinkError) -> bool {
     matches!(e, LinkError::Ring(RingError::Timeout | RingError::Full))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evod_ring::LayoutConfig;
+
+    #[test]
+    fn a_job_queued_for_a_replaced_worker_is_answered_stale_and_never_sent() {
+        let seg = Arc::new(Segment::create(&LayoutConfig::default()).expect("segment"));
+        let (tx, rx) = mpsc::channel();
+        let thread = LinkThread::start("link-test".into(), Arc::clone(&seg), tx, |d| d)
+            .expect("link thread");
+        let old = seg.trusted_epoch();
+        // The worker it was queued for is replaced before the job comes up.
+        let new = seg.bump_epoch();
+        assert_ne!(old, new);
+        let tag = Tag { id: 7, epoch: old };
+        let job = Job::Send {
+            opcode: protocol::op::FAULT_SEGV,
+            payload: 0u32.to_le_bytes().to_vec(),
+        };
+        assert!(thread.submit(tag, job, Duration::ZERO, None));
+        let done = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the job is answered");
+        assert_eq!(done.tag, tag);
+        match done.outcome {
+            Outcome::Sent(Err(LinkError::Stale { sent, current })) => {
+                assert_eq!((sent, current), (old, new));
+            }
+            other => panic!("expected a stale answer, got {other:?}"),
+        }
+        // Nothing reached the ring: the new incarnation's server sees no
+        // request.
+        let mut server = seg.server().expect("server");
+        let got = server.recv(Duration::ZERO).expect("recv");
+        assert!(got.is_none(), "a stale job reached the ring");
+    }
+
+    #[test]
+    fn a_job_past_its_deadline_is_answered_expired_and_never_sent() {
+        let seg = Arc::new(Segment::create(&LayoutConfig::default()).expect("segment"));
+        let (tx, rx) = mpsc::channel();
+        let thread = LinkThread::start("link-test".into(), Arc::clone(&seg), tx, |d| d)
+            .expect("link thread");
+        let tag = Tag {
+            id: 1,
+            epoch: seg.trusted_epoch(),
+        };
+        // Already expired when queued (as after a long wait behind a slow
+        // call).
+        let expires = Some(Instant::now());
+        let job = Job::Exec(vec![0.0; 4]);
+        assert!(thread.submit(tag, job, Duration::from_secs(5), expires));
+        let done = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the job is answered");
+        assert_eq!(done.tag, tag);
+        match done.outcome {
+            Outcome::Exec(Err(LinkError::Expired { .. }), _) => {}
+            other => panic!("expected an expired answer, got {other:?}"),
+        }
+        let mut server = seg.server().expect("server");
+        let got = server.recv(Duration::ZERO).expect("recv");
+        assert!(got.is_none(), "an expired job reached the ring");
+    }
 }

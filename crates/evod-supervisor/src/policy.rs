@@ -115,6 +115,16 @@ impl RestartTracker {
                 break;
             }
         }
+        // Only "more than `intensity`" matters: the oldest beyond that are
+        // dropped, so the history stays bounded however long the period
+        // and however often the child ends (`OnGiveUp::Backoff` restarts
+        // forever).
+        let keep = usize::try_from(policy.intensity)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1);
+        while self.recent.len() > keep {
+            self.recent.pop_front();
+        }
         let delay = if uptime >= policy.min_uptime {
             self.quick_crashes = 0;
             Duration::ZERO
@@ -139,6 +149,11 @@ impl RestartTracker {
             }
         }
         Decision::RestartAfter(delay)
+    }
+
+    /// Restarts remembered (at most the policy's intensity + 1).
+    pub fn remembered(&self) -> usize {
+        self.recent.len()
     }
 
     /// Consecutive crashes that came before `min_uptime`.
@@ -167,6 +182,37 @@ mod tests {
             doubled(Duration::from_secs(20), Duration::from_secs(30)),
             Duration::from_secs(30)
         );
+    }
+
+    #[test]
+    fn the_history_stays_bounded_when_backing_off_forever() {
+        let policy = RestartPolicy {
+            intensity: 3,
+            period: Duration::from_secs(24 * 3600),
+            backoff_max: Duration::from_millis(10),
+            on_give_up: OnGiveUp::Backoff,
+            ..RestartPolicy::default()
+        };
+        let mut t = RestartTracker::default();
+        let start = Instant::now();
+        for k in 0..10_000u64 {
+            let now = start + Duration::from_millis(10 * k);
+            let decision = t.on_exit(&policy, QUICK, now);
+            if k >= 3 {
+                // Past the intensity: still restarting, at the cap.
+                assert_eq!(decision, Decision::RestartAfter(policy.backoff_max));
+            }
+            assert!(t.remembered() <= 4, "{} remembered", t.remembered());
+        }
+        // An exit policy still gives up past the intensity.
+        let exit = RestartPolicy {
+            on_give_up: OnGiveUp::Exit,
+            ..policy
+        };
+        assert!(matches!(
+            t.on_exit(&exit, QUICK, start + Duration::from_secs(200)),
+            Decision::GiveUp { restarts: 4, .. }
+        ));
     }
 
     #[test]

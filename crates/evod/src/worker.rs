@@ -352,6 +352,23 @@ impl Worker<'_> {
                 }
             },
             op::NEURAL_EXEC if self.crash_on_exec => segfault(),
+            // `evod.fault = "slow-exec"` (fault injection only): each
+            // `NEURAL_EXEC` takes a second, beating, as behind a long `EVAL`.
+            op::NEURAL_EXEC
+                if self.allow_faults
+                    && self
+                        .model
+                        .as_ref()
+                        .and_then(|m| m.model.file.get("evod.fault"))
+                        .and_then(|v| v.as_str())
+                        == Some("slow-exec") =>
+            {
+                for _ in 0..20 {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    self.seg.beat(Role::Worker);
+                }
+                self.exec(request.payload)
+            }
             op::NEURAL_EXEC => self.exec(request.payload),
             op::EVAL if self.lying => (status::OK, b"lie".to_vec()),
             op::EVAL | op::EVAL_RECIPES if self.eval_fails => error(
@@ -458,7 +475,7 @@ impl Worker<'_> {
                 "mute" => {}
                 // Loads fine; crashes when it serves (`NEURAL_EXEC`), or
                 // fails every evaluation.
-                "segv-on-exec" | "eval-fails" => {}
+                "segv-on-exec" | "eval-fails" | "slow-exec" => {}
                 other => anyhow::bail!("{}: unknown evod.fault {other:?}", path.display()),
             }
         }

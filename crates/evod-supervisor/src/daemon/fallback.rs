@@ -97,6 +97,17 @@ impl Supervisor {
             }
             return;
         }
+        // A rollback started now could be cut short by the exit, and the
+        // evolver would not be restarted to honour it.
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            tracing::warn!("not rolling back: the daemon is stopping");
+            if let Some(reply) = reply {
+                let _ = reply.send(Response::error(
+                    "the daemon is stopping: no rollback is started",
+                ));
+            }
+            return;
+        }
         if let Some(slot) = self.slots.iter_mut().find(|s| s.kind == Kind::Evolver)
             && let Some(child) = slot.child.as_ref().filter(|c| c.exited().is_none())
         {
@@ -123,6 +134,10 @@ impl Supervisor {
             return;
         };
         if evolver_running {
+            return;
+        }
+        // `begin_stop` cancels a rollback whose restore has not started.
+        if !matches!(self.phase, Phase::Running) {
             return;
         }
         let (dir, model) = (self.config.dir.clone(), self.config.model.clone());
@@ -179,6 +194,27 @@ impl Supervisor {
         if let Some(reply) = pending.reply {
             let _ = reply.send(response);
         }
+    }
+
+    /// Stopping: a rollback whose restore has not started is cancelled
+    /// (its client told so); one restoring is waited for (the loop exits
+    /// only once it reports back, or at the grace deadline).
+    pub(super) fn cancel_unstarted_rollback(&mut self) {
+        if self.rollback.as_ref().is_some_and(|r| !r.restoring) {
+            let pending = self.rollback.take().expect("checked above");
+            tracing::warn!("the daemon is stopping: the rollback not started yet is cancelled");
+            if let Some(reply) = pending.reply {
+                let _ = reply.send(Response::error(
+                    "the daemon is stopping: the rollback was cancelled before its restore started",
+                ));
+            }
+        }
+    }
+
+    /// A restore is running (off the loop): the process must not exit
+    /// before it reports back, unless the grace period is over.
+    pub(super) fn restoring(&self) -> bool {
+        self.rollback.as_ref().is_some_and(|r| r.restoring)
     }
 
     fn restart_evolver(&mut self) {

@@ -387,12 +387,42 @@ pub fn run(config: Config) -> Result<u8, SupervisorError> {
             m.addr()
         );
     }
-    let mut sup = Supervisor::new(config, tx, metrics)?;
+    let mut sup = match Supervisor::new(config, tx, metrics) {
+        Ok(sup) => sup,
+        Err(e) => {
+            janitor.disarm();
+            return Err(e);
+        }
+    };
     let code = sup.event_loop(&rx);
+    // Requests that came after the loop's last turn are answered here, and
+    // the queue is closed before the server waits for its answers to be
+    // written: a reply sender left in the queue would keep a client
+    // waiting (the `stop` of `evod stop` seeing end of file) until the
+    // server gave up.
+    answer_queued(&rx);
+    drop(rx);
     drop(sup);
+    // A clean stop: the janitor must not act on the socket's path later.
+    janitor.disarm();
     drop(server);
     drop(metrics_server);
     code
+}
+
+/// Answers every control request still queued once the loop has ended: a
+/// `stop` is what is happening ("stopping"), anything else is refused.
+/// Other events are dropped.
+fn answer_queued(rx: &mpsc::Receiver<Event>) {
+    while let Ok(event) = rx.try_recv() {
+        if let Event::Control(incoming) = event {
+            let response = match incoming.request {
+                Request::Stop => Response::ok("stopping"),
+                _ => Response::error("the daemon is stopping"),
+            };
+            let _ = incoming.reply.send(response);
+        }
+    }
 }
 
 /// Validates the model at start; a missing or malformed file is an error
@@ -535,11 +565,18 @@ impl Supervisor {
                             }
                         }
                     }
-                    if self.slots.iter().all(|s| !s.running()) {
+                    // A restore under way is waited for (within the grace
+                    // period): cut short, the rollback could be undone.
+                    if self.slots.iter().all(|s| !s.running()) && !self.restoring() {
                         tracing::info!("all children stopped");
                         return self.finish(code);
                     }
                     if now >= deadline {
+                        if self.restoring() {
+                            tracing::warn!(
+                                "grace period over with a rollback's restore still running"
+                            );
+                        }
                         tracing::warn!(
                             "grace period of {:?} over: killing the remaining children",
                             self.config.grace_period
@@ -559,6 +596,19 @@ impl Supervisor {
 
     /// Sends `job` to worker slot `i`'s link thread. False if it has none.
     fn submit(&mut self, i: usize, purpose: Purpose, job: link::Job, timeout: Duration) -> bool {
+        self.submit_until(i, purpose, job, timeout, None)
+    }
+
+    /// [`Self::submit`], with a time after which the job is not started
+    /// (answered [`link::LinkError::Expired`]).
+    fn submit_until(
+        &mut self,
+        i: usize,
+        purpose: Purpose,
+        job: link::Job,
+        timeout: Duration,
+        expires: Option<Instant>,
+    ) -> bool {
         let id = self.next_job;
         self.next_job += 1;
         let slot = &mut self.slots[i];
@@ -569,7 +619,7 @@ impl Supervisor {
             id,
             epoch: seg.trusted_epoch(),
         };
-        if !thread.submit(tag, job, timeout) {
+        if !thread.submit(tag, job, timeout, expires) {
             return false;
         }
         slot.jobs.push_back(Pending {
@@ -621,6 +671,7 @@ impl Supervisor {
             deadline: later(Instant::now(), self.config.grace_period),
             code,
         };
+        self.cancel_unstarted_rollback();
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
             slot.restart_at = None;
@@ -743,4 +794,33 @@ fn chain(error: &dyn std::error::Error) -> String {
         cause = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Incoming;
+
+    #[test]
+    fn requests_queued_after_the_loop_are_answered() {
+        let (tx, rx) = mpsc::channel::<Event>();
+        let mut replies = Vec::new();
+        for request in [Request::Stop, Request::Status] {
+            let (reply, answer) = mpsc::channel();
+            tx.send(Event::Control(Incoming { request, reply }))
+                .expect("queue open");
+            replies.push(answer);
+        }
+        tx.send(Event::Signal(SIGCHLD)).expect("queue open");
+        answer_queued(&rx);
+        let stop = replies[0].try_recv().expect("stop answered");
+        assert!(stop.ok, "stop: {stop:?}");
+        let status = replies[1].try_recv().expect("status answered");
+        assert!(!status.ok, "status: {status:?}");
+        assert!(
+            status.error.as_deref().unwrap_or("").contains("stopping"),
+            "status: {status:?}"
+        );
+        assert!(rx.try_recv().is_err(), "the queue is empty");
+    }
 }

@@ -164,11 +164,19 @@ impl Supervisor {
             .min_by_key(|&i| self.slots[i].jobs.len())
             .expect("at least one worker");
         let timeout = self.config.exec_timeout;
-        if self.submit(
+        // Not started within its own deadline, or once its client has
+        // given up: dropped by the link thread rather than run (a slow
+        // worker would pile up rows that hold off LOAD and the canary).
+        let expires = later(
+            Instant::now(),
+            timeout.min(evod_wire::control::REQUEST_DEADLINE),
+        );
+        if self.submit_until(
             i,
             Purpose::Exec(reply.clone()),
             link::Job::Exec(inputs),
             timeout,
+            Some(expires),
         ) {
             None
         } else {

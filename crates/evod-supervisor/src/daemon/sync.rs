@@ -36,7 +36,7 @@ impl Supervisor {
                             generation: live.generation.unwrap_or(0),
                             checksum: live.checksum,
                         };
-                        let timeout = self.config.load_timeout_for(live.id.size);
+                        let timeout = self.config.sync_load_timeout(live.id.size);
                         self.submit(i, Purpose::Load(live.id), link::Job::Load(request), timeout);
                         continue;
                     }
@@ -47,7 +47,7 @@ impl Supervisor {
                                 i,
                                 Purpose::Canary(live.id),
                                 link::Job::Exec(vec![0f32; n]),
-                                self.config.exec_timeout,
+                                self.config.canary_timeout(),
                             );
                             continue;
                         }
@@ -136,6 +136,19 @@ impl Supervisor {
                         "worker": slot.index,
                         "latency_us": took.as_secs_f64() * 1e6,
                     })),
+                    // The worker serves one request at a time: say so when
+                    // it was still busy with an EVAL (its own hint).
+                    Err(e)
+                        if link::is_timeout(&e)
+                            && slot.segment.as_ref().and_then(|s| s.stats().in_service)
+                                == Some(op::EVAL) =>
+                    {
+                        Response::error(format!(
+                            "{label} is busy evaluating (an EVAL may take up to {:?}); \
+                             the NEURAL_EXEC was not served within --exec-timeout {:?}: {e}",
+                            self.config.eval_timeout, self.config.exec_timeout
+                        ))
+                    }
                     Err(e) => Response::error(format!("{label}: {e}")),
                 };
                 let _ = reply.send(response);
