@@ -2,9 +2,8 @@
 //! and the evolver read and write beside the live model.
 //!
 //! - the live file's identity: [`file_identity`] (device, inode: published
-//!   files are replaced by rename, never rewritten), [`identify`]
-//!   (generation and checksum), [`params_hash`] (the weights, whatever the
-//!   metadata);
+//!   files are replaced by rename, never rewritten), [`params_hash`] (the
+//!   weights, whatever the metadata);
 //! - the history `DIR/history/`: any `*.gguf` file there whose
 //!   `evod.generation` key can be read counts, whatever its name
 //!   ([`history`], [`previous_generation`]); the evolver links each published
@@ -15,8 +14,15 @@
 //! - [`restore`]: validates the chosen file, sets the bad generation aside in
 //!   the quarantine (a hard link of the live file, and the history copies
 //!   moved there), then publishes the chosen generation through the same
-//!   atomic path as a new one (`evod_gguf::rewrite`: temporary file, fsync,
-//!   rename, folder fsync).
+//!   atomic path as a new one (`evod_gguf::publish`: temporary file, fsync,
+//!   rename, folder fsync), copying its metadata and tensor bytes as they
+//!   are.
+//!
+//! Everything here reads model files with `pread` (`evod_gguf::GgufReader`,
+//! `evod_runtime::read_params`), never through a memory map: the supervisor
+//! (PID 1 in a container) calls it, and a mapped file truncated or rewritten
+//! in place meanwhile would kill it with SIGBUS. A file that shrinks while
+//! read is a typed error instead.
 //!
 //! Whether and when to roll back is the supervisor's decision; this crate
 //! only does it.
@@ -26,7 +32,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use evod_gguf::{GgufFile, PublishOptions};
+use evod_gguf::{GgufReader, PublishOptions, TensorSpec};
 
 /// The live model's file name inside the state folder.
 pub const MODEL_FILE: &str = "vectorland.gguf";
@@ -47,6 +53,14 @@ pub enum StoreError {
     /// A model file did not open or validate.
     #[error(transparent)]
     Gguf(#[from] evod_gguf::GgufError),
+    /// A history file is not a model evod can run.
+    #[error("generation {to} in the history is not a usable model")]
+    Model {
+        /// The generation.
+        to: u64,
+        /// Why (names the file).
+        source: evod_runtime::RuntimeError,
+    },
     /// Publishing the restored generation failed.
     #[error("cannot publish generation {to} at {}", model.display())]
     Publish {
@@ -100,15 +114,10 @@ pub fn quarantine_dir(dir: &Path) -> PathBuf {
     history_dir(dir).join("quarantine")
 }
 
-/// The generation a model file's metadata names.
-pub fn generation_of(file: &GgufFile) -> Option<u64> {
-    file.get(GENERATION_KEY).and_then(|v| v.as_u64())
-}
-
-/// Generation and checksum of a model file (validated).
-pub fn identify(model: &Path) -> Result<(Option<u64>, u64), evod_gguf::GgufError> {
-    let file = GgufFile::open(model)?;
-    Ok((generation_of(&file), file.checksum()))
+/// The generation a model file's header names (a mapped `GgufFile` or a
+/// `GgufReader` deref to one).
+pub fn generation_of(header: &evod_gguf::GgufHeader) -> Option<u64> {
+    header.get(GENERATION_KEY).and_then(|v| v.as_u64())
 }
 
 /// Every readable generation in the history: (generation, file), sorted.
@@ -123,8 +132,7 @@ pub fn history(dir: &Path) -> Vec<(u64, PathBuf)> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "gguf") && p.is_file())
         .filter_map(|p| {
-            let header = evod_gguf::GgufHeader::read(&p).ok()?;
-            let g = header.get(GENERATION_KEY).and_then(|v| v.as_u64())?;
+            let g = generation_of(&evod_gguf::GgufHeader::read(&p).ok()?)?;
             Some((g, p))
         })
         .collect();
@@ -161,7 +169,10 @@ pub fn restore(
             known: history.iter().map(|(g, _)| *g).collect(),
         });
     };
-    let file = GgufFile::open(source)?;
+    // Validated as a model, read with pread (no mapping, see the module
+    // documentation); then copied from a reader of the same kind below.
+    evod_runtime::read_params(source).map_err(|source| StoreError::Model { to, source })?;
+    let reader = GgufReader::open(source)?;
     // What is rolled back from, for the evolver (see `rollback_marker`).
     // Read, not mapped: the live file may be truncated in place meanwhile,
     // and this runs in the supervisor.
@@ -195,15 +206,47 @@ pub fn restore(
         }
         tracing::warn!("generation {bad} quarantined in {}", aside.display());
     }
-    evod_gguf::rewrite(&file, model, |_| {}, &PublishOptions::default()).map_err(|source| {
-        StoreError::Publish {
-            to,
-            model: model.to_owned(),
-            source,
-        }
+    copy_model(&reader, model).map_err(|source| StoreError::Publish {
+        to,
+        model: model.to_owned(),
+        source,
     })?;
     mark_rollback(dir, to, from);
     Ok(to)
+}
+
+/// Publishes a copy of `reader`'s file at `target`, keeping every key, value
+/// type, key order, tensor order, alignment and tensor byte: what
+/// `evod_gguf::rewrite` writes, but each tensor read with `pread`. A source
+/// that shrinks meanwhile fails with its own `ShortRead` (naming the source),
+/// and the target is left as it was.
+fn copy_model(reader: &GgufReader, target: &Path) -> Result<(), evod_gguf::GgufError> {
+    let specs: Vec<TensorSpec> = reader.tensors().iter().map(TensorSpec::from).collect();
+    let opts = PublishOptions {
+        alignment: reader.alignment(),
+        ..PublishOptions::default()
+    };
+    // The callback can only return an io::Error: keep the typed read error
+    // aside and return it instead of publish's.
+    let mut read_error = None;
+    let result = evod_gguf::publish(
+        target,
+        reader.metadata(),
+        &specs,
+        |i, w| match reader.read_tensor(&reader.tensors()[i]) {
+            Ok(bytes) => w.write_all(&bytes),
+            Err(e) => {
+                let message = e.to_string();
+                read_error = Some(e);
+                Err(std::io::Error::other(message))
+            }
+        },
+        &opts,
+    );
+    match (result, read_error) {
+        (_, Some(e)) => Err(e),
+        (result, None) => result.map(|_| ()),
+    }
 }
 
 /// xxh3 of parameters as little-endian f32 bytes: identifies a model's
@@ -362,8 +405,12 @@ mod tests {
         assert_eq!(previous_generation(dir, 4, Some(2)), Some(2));
 
         let bad = params_hash(&model(&live, 4, 4));
+        let three = std::fs::read(history_dir(dir).join(history_name(3))).unwrap();
         assert_eq!(restore(dir, &live, 3, Some(4)).unwrap(), 3);
-        assert_eq!(identify(&live).unwrap().0, Some(3));
+        assert!(
+            std::fs::read(&live).unwrap() == three,
+            "the restored file is byte-identical to the history's"
+        );
         let quarantined = read_quarantine(dir);
         // The live file set aside, and the history's copy moved beside it.
         assert_eq!(quarantined, [(4, bad), (4, bad)]);
@@ -396,5 +443,52 @@ mod tests {
         let now = file_identity(&path).unwrap();
         assert!(remove_if_same(&path, now));
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_history_file_truncated_in_place_is_an_error_not_a_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let live = dir.join(MODEL_FILE);
+        std::fs::create_dir_all(history_dir(dir)).unwrap();
+        for g in 1..=2 {
+            model(&live, g, g);
+            keep_history(dir, &live, g, 3).unwrap();
+        }
+        let live_bytes = std::fs::read(&live).unwrap();
+
+        // Truncated while the restore runs: after its header was read, before
+        // its tensors are. Through a mapping, the copy would die of SIGBUS.
+        let source = history_dir(dir).join(history_name(1));
+        let reader = GgufReader::open(&source).unwrap();
+        let len = std::fs::metadata(&source).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&source)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let err = copy_model(&reader, &live).unwrap_err();
+        assert!(
+            matches!(&err, evod_gguf::GgufError::ShortRead { path, .. } if *path == source),
+            "{err}"
+        );
+        assert!(
+            std::fs::read(&live).unwrap() == live_bytes,
+            "live untouched"
+        );
+
+        // Truncated before: its header no longer fits the file, so it does
+        // not count as history, and restoring it is refused.
+        let err = restore(dir, &live, 1, None).unwrap_err();
+        assert!(
+            matches!(err, StoreError::NotInHistory { to: 1, .. }),
+            "{err}"
+        );
+        assert!(
+            std::fs::read(&live).unwrap() == live_bytes,
+            "live untouched"
+        );
+        assert_eq!(read_rollback_marker(dir), None);
     }
 }
