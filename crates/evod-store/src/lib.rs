@@ -314,9 +314,19 @@ pub fn history_name(generation: u64) -> String {
     format!("gen-{generation:08}.gguf")
 }
 
+/// The generation in a [`history_name`] (`gen-N.gguf`, any number of
+/// digits), if `name` is one.
+fn history_number(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("gen-")?.strip_suffix(".gguf")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// Links the live file `model` (of generation `generation`) into
 /// `DIR/history` and keeps the newest `keep` (at least one) of the
-/// `gen-*.gguf` links there.
+/// `gen-N.gguf` links there, ordered by N.
 pub fn keep_history(
     dir: &Path,
     model: &Path,
@@ -330,21 +340,23 @@ pub fn keep_history(
         what: format!("linking {} into {}", model.display(), history.display()),
         source,
     })?;
-    let mut generations: Vec<PathBuf> = std::fs::read_dir(&history)
+    // Oldest first by the number in the name, not the name: `gen-{:08}`
+    // grows a ninth digit past 99,999,999, and "gen-100000000" sorts before
+    // "gen-99999999" as text.
+    let mut generations: Vec<(u64, PathBuf)> = std::fs::read_dir(&history)
         .map_err(|source| StoreError::Io {
             what: format!("reading {}", history.display()),
             source,
         })?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("gen-") && n.ends_with(".gguf"))
+        .filter_map(|p| {
+            let n = history_number(p.file_name()?.to_str()?)?;
+            Some((n, p))
         })
         .collect();
     generations.sort();
     let excess = generations.len().saturating_sub(keep.max(1));
-    for old in &generations[..excess] {
+    for (_, old) in &generations[..excess] {
         let _ = std::fs::remove_file(old);
     }
     Ok(())
@@ -490,5 +502,26 @@ mod tests {
             "live untouched"
         );
         assert_eq!(read_rollback_marker(dir), None);
+    }
+
+    #[test]
+    fn pruning_orders_history_links_by_number_past_eight_digits() {
+        assert_eq!(history_number("gen-00000007.gguf"), Some(7));
+        assert_eq!(history_number("gen-100000000.gguf"), Some(100_000_000));
+        assert_eq!(history_number("gen-.gguf"), None);
+        assert_eq!(history_number("gen-+1.gguf"), None);
+        assert_eq!(history_number("gen-1.gguf.tmp"), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let live = dir.join(MODEL_FILE);
+        std::fs::create_dir_all(history_dir(dir)).unwrap();
+        let gens = [99_999_998, 99_999_999, 100_000_000, 100_000_001];
+        for g in gens {
+            model(&live, g, 1);
+            keep_history(dir, &live, g, 2).unwrap();
+        }
+        let kept: Vec<u64> = history(dir).iter().map(|(g, _)| *g).collect();
+        assert_eq!(kept, [100_000_000, 100_000_001]);
     }
 }
