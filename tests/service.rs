@@ -187,6 +187,44 @@ fn a_converged_run_rests_at_near_zero_cpu_and_wakes_on_each_trigger() {
 }
 
 #[test]
+fn a_disk_refusing_the_checkpoint_and_the_log_rewrite_does_not_stop_the_run_from_resting() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // Folders where the evolver replaces files: the checkpoint's rename and
+    // the progress log's rewrite fail every time, as on a full disk. Both
+    // used to end the evolver (at its start, and as it rests), so it never
+    // rested and the supervisor gave up after its restart intensity.
+    std::fs::create_dir_all(state.join("checkpoint.bin").join("x")).unwrap();
+    std::fs::create_dir_all(state.join("progress.csv.tmp")).unwrap();
+    let o = evod()
+        .arg("init")
+        .arg("-o")
+        .arg(dir.path().join("vectorland.gguf"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "evod init: {}", text(&o.stderr));
+    let d = Daemon::start(dir, &["--solve-threshold", "1", "--patience", "40"]);
+    let rest = d.wait_converged(None);
+    assert_eq!(rest["fitness"], 500.0, "{rest}");
+    let log = d.log();
+    assert!(
+        log.contains("rewriting the progress log failed")
+            && log.contains("saving the checkpoint before resting failed"),
+        "{log}"
+    );
+    let status = d.status().unwrap();
+    let evolver = status["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["role"] == "evolver")
+        .cloned()
+        .unwrap();
+    assert_eq!(evolver["restarts"], 0, "{evolver}\n{log}");
+    assert_eq!(evolver["state"], "running", "{evolver}");
+}
+
+#[test]
 fn a_resting_csv_run_wakes_when_its_data_file_changes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data.csv");

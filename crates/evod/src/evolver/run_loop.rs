@@ -153,7 +153,7 @@ impl Loop {
         };
         let progress_path = state.join(PROGRESS_FILE);
         let progress =
-            ProgressLog::open(&progress_path, evolver.generation(), evolve.progress_keep())?;
+            ProgressLog::open(&progress_path, evolver.generation(), evolve.progress_keep());
         Ok(Loop {
             dir: dir.to_owned(),
             model_path,
@@ -216,8 +216,12 @@ impl Loop {
         }
         loop {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                save_checkpoint(&checkpoint_path, &self.evolver.checkpoint())?;
-                self.finish("stopped by signal, checkpoint saved", ring);
+                let why = match save_checkpoint(&checkpoint_path, &self.evolver.checkpoint()) {
+                    Ok(()) => "stopped by signal, checkpoint saved".to_owned(),
+                    // Stopping anyway; the previous checkpoint stays.
+                    Err(e) => format!("stopped by signal, saving the checkpoint failed: {e}"),
+                };
+                self.finish(&why, ring);
                 return Ok(ExitCode::SUCCESS);
             }
             if let Some(limit) = evolve.generations
@@ -373,8 +377,14 @@ impl Loop {
         since_unix: u64,
     ) -> Result<Wake> {
         // A restart (of the evolver or the daemon) resumes at this very
-        // generation, which the marker names: it rests again at once.
-        save_checkpoint(checkpoint_path, &self.evolver.checkpoint())?;
+        // generation, which the marker names: it rests again at once. A
+        // failing disk is logged, not fatal (as in the loop): a full disk
+        // must not turn every start of a converged run into a crash until
+        // the supervisor gives up; without this checkpoint a restart
+        // resumes from the previous one and converges again.
+        if let Err(e) = save_checkpoint(checkpoint_path, &self.evolver.checkpoint()) {
+            tracing::error!("saving the checkpoint before resting failed: {e}");
+        }
         alarm.arm();
         let marker = evod_wire::rest::Converged {
             since_unix,
