@@ -181,6 +181,7 @@ impl Loop {
         mut self,
         evolve: &EvolveArgs,
         ring: &mut RingEvaluator<'_>,
+        mut alarm: Alarm,
     ) -> Result<ExitCode> {
         let checkpoint_path = self.dir.join("state/checkpoint.bin");
         let checkpoint_every = evolve.checkpoint_every().max(1);
@@ -189,12 +190,12 @@ impl Loop {
         // NO_PROGRESS instead of retrying forever or "reaching" its bound.
         let mut guard = evod_evolve::ProgressGuard::new(evolve.max_useless_generations());
         let reporter = super::report::Reporter::start(ring.control_socket.clone());
-        // SIGTERM (the supervisor's graceful stop) ends the loop between
-        // generations with a checkpoint, so a stopped run resumes exactly
-        // where it stopped; a second signal is not needed: the supervisor
-        // SIGKILLs after its grace period, which is also safe. SIGHUP wakes
-        // a resting evolver.
-        let mut alarm = Alarm::install(std::sync::Arc::clone(&ring.stop))?;
+        // SIGTERM (the supervisor's graceful stop; `alarm`, installed
+        // first thing in `evolver::run`, sets `ring.stop`) ends the loop
+        // between generations with a checkpoint, so a stopped run resumes
+        // exactly where it stopped; a second signal is not needed: the
+        // supervisor SIGKILLs after its grace period, which is also safe.
+        // SIGHUP wakes a resting evolver.
         let stop = std::sync::Arc::clone(&ring.stop);
         let mut patience = Patience::new(evolve.patience(), self.maximum);
         let mut pulse = Pulse::new(
@@ -233,6 +234,11 @@ impl Loop {
             if alarm.take_hangup() {
                 // Not resting: an operator's wake counts patience afresh.
                 patience.woken();
+                // A wake that came while starting, before the rest this
+                // start would resume: it is not rested again.
+                if resumed_rest.take().is_some() {
+                    let _ = evod_wire::rest::clear(&self.dir);
+                }
             }
             let converged = match resumed_rest.take() {
                 Some(c) => Some((c.reason, c.since_unix)),
