@@ -490,6 +490,25 @@ mod tests {
             "live untouched"
         );
 
+        // A GGUF file that names a generation but is no model: refused
+        // before anything is quarantined or published.
+        let odd = history_dir(dir).join("odd.gguf");
+        evod_gguf::publish(
+            &odd,
+            &[(GENERATION_KEY.to_owned(), evod_gguf::Value::U64(7))],
+            &[],
+            |_, _| Ok(()),
+            &PublishOptions::default(),
+        )
+        .unwrap();
+        let err = restore(dir, &live, 7, Some(2)).unwrap_err();
+        assert!(matches!(err, StoreError::Model { to: 7, .. }), "{err}");
+        assert!(read_quarantine(dir).is_empty());
+        assert!(
+            std::fs::read(&live).unwrap() == live_bytes,
+            "live untouched"
+        );
+
         // Truncated before: its header no longer fits the file, so it does
         // not count as history, and restoring it is refused.
         let err = restore(dir, &live, 1, None).unwrap_err();
