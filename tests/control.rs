@@ -392,6 +392,26 @@ fn every_bad_setting_exits_2_naming_it() {
         (&["--history", "0"], "--history"),
         (&["--checkpoint-every", "0"], "--checkpoint-every"),
         (&["--pulse-every", "0"], "--pulse-every"),
+        (&["--progress-keep", "0"], "--progress-keep"),
+        (
+            &["--progress-keep", "4000000000000000000"],
+            "--progress-keep",
+        ),
+        (
+            &["--eval-timeout-per-candidate=-1"],
+            "--eval-timeout-per-candidate",
+        ),
+        (
+            &["--eval-timeout-per-candidate", "NaN"],
+            "--eval-timeout-per-candidate",
+        ),
+        (
+            &["--eval-timeout-per-candidate", "1e17"],
+            "--eval-timeout-per-candidate",
+        ),
+        (&["--load-timeout", "1ms"], "--load-timeout"),
+        (&["--exec-timeout", "0s"], "--exec-timeout"),
+        (&["--eval-timeout", "100000h"], "--eval-timeout"),
     ];
     for (args, flag) in flags {
         let (code, err) = run_refused(args, &[], None);
@@ -404,6 +424,9 @@ fn every_bad_setting_exits_2_naming_it() {
         ("EVOD_EPISODES", "0"),
         ("EVOD_HEARTBEAT_TIMEOUT", "0s"),
         ("EVOD_WORKERS", "0"),
+        ("EVOD_EVAL_TIMEOUT_PER_CANDIDATE", "-1"),
+        ("EVOD_PROGRESS_KEEP", "4000000000000000000"),
+        ("EVOD_LOAD_TIMEOUT", "0s"),
     ] {
         let (code, err) = run_refused(&[], &[(var, value)], None);
         assert_eq!(code, Some(2), "{var}: {err}");
@@ -418,6 +441,29 @@ fn every_bad_setting_exits_2_naming_it() {
             "[evolve]\nsolve_threshold = nan\n",
             "`evolve.solve_threshold`",
         ),
+        (
+            "[evolve]\nmax_relative_change = nan\n",
+            "`evolve.max_relative_change`",
+        ),
+        (
+            "[evolve]\nmax_relative_change = -1.0\n",
+            "`evolve.max_relative_change`",
+        ),
+        (
+            "[evolve]\neval_timeout_per_candidate = -1.0\n",
+            "`evolve.eval_timeout_per_candidate`",
+        ),
+        (
+            "[evolve]\neval_timeout_per_candidate = 1e17\n",
+            "`evolve.eval_timeout_per_candidate`",
+        ),
+        (
+            "[evolve]\nprogress_keep = 4000000000000000000\n",
+            "`evolve.progress_keep`",
+        ),
+        ("load_timeout = \"1ms\"\n", "`load_timeout`"),
+        ("exec_timeout = \"100000h\"\n", "`exec_timeout`"),
+        ("eval_timeout = \"0s\"\n", "`eval_timeout`"),
     ] {
         let (code, err) = run_refused(&[], &[], Some(toml));
         assert_eq!(code, Some(2), "{toml}: {err}");

@@ -3,12 +3,13 @@
 //! quiet (at most one pulse per `--pulse-interval`, no warning per rejected
 //! candidate), and once converged it rests: near-zero CPU measured from
 //! `/proc/PID/stat` over a window, woken by `evod wake`, SIGHUP, a rollback
-//! and a changed CSV data file. Real processes, real signals, real files;
+//! and a changed CSV data file; a SIGHUP as the evolver starts is a wake,
+//! not its death. Real processes, real signals, real files;
 //! every wait is on a condition with a deadline.
 
 mod common;
 
-use common::{evod, poll_until, text};
+use common::{children_with_role, evod, poll_until, text};
 
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -184,6 +185,103 @@ fn a_converged_run_rests_at_near_zero_cpu_and_wakes_on_each_trigger() {
         d.log()
     );
     assert!(d.log().contains("woken (SIGHUP)"), "{}", d.log());
+}
+
+#[test]
+fn a_disk_refusing_the_checkpoint_and_the_log_rewrite_does_not_stop_the_run_from_resting() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // Folders where the evolver replaces files: the checkpoint's rename and
+    // the progress log's rewrite fail every time, as on a full disk. Both
+    // used to end the evolver (at its start, and as it rests), so it never
+    // rested and the supervisor gave up after its restart intensity.
+    std::fs::create_dir_all(state.join("checkpoint.bin").join("x")).unwrap();
+    std::fs::create_dir_all(state.join("progress.csv.tmp")).unwrap();
+    let o = evod()
+        .arg("init")
+        .arg("-o")
+        .arg(dir.path().join("vectorland.gguf"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "evod init: {}", text(&o.stderr));
+    let d = Daemon::start(dir, &["--solve-threshold", "1", "--patience", "40"]);
+    let rest = d.wait_converged(None);
+    assert_eq!(rest["fitness"], 500.0, "{rest}");
+    let log = d.log();
+    assert!(
+        log.contains("rewriting the progress log failed")
+            && log.contains("saving the checkpoint before resting failed"),
+        "{log}"
+    );
+    let status = d.status().unwrap();
+    let evolver = status["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["role"] == "evolver")
+        .cloned()
+        .unwrap();
+    assert_eq!(evolver["restarts"], 0, "{evolver}\n{log}");
+    assert_eq!(evolver["state"], "running", "{evolver}");
+}
+
+#[test]
+fn a_sighup_as_the_evolver_starts_does_not_kill_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = evod()
+        .arg("init")
+        .arg("-o")
+        .arg(dir.path().join("vectorland.gguf"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "evod init: {}", text(&o.stderr));
+    // A long progress log to read and rewrite keeps the start (model,
+    // checkpoint, log) long enough to be hit reliably.
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut csv = String::from("generation,best,mean,evaluations,published,wall_s\n");
+    for g in 0..300_000u64 {
+        csv.push_str(&format!("{g},1,1,{g},0,0.000\n"));
+    }
+    std::fs::write(state.join("progress.csv"), csv).unwrap();
+    let d = Daemon::start(dir, &["--patience", "0"]);
+    let supervisor = d.child.id();
+    // The evolver names itself first thing in `evod evolver`, once its
+    // handlers are in: a SIGHUP from then on is a wake, never a death.
+    let pid = poll_until(
+        "the evolver to name itself",
+        DEADLINE,
+        || {
+            children_with_role(supervisor, "evolver")
+                .into_iter()
+                .find(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim() == "evod-evolver")
+                })
+        },
+        || d.log(),
+    );
+    kill(Pid::from_raw(pid as i32), Signal::SIGHUP).unwrap();
+    // It evolves: generations come in the progress log.
+    poll_until(
+        "a generation in the progress log",
+        DEADLINE,
+        || {
+            let text = std::fs::read_to_string(d.dir().join("state/progress.csv")).ok()?;
+            (text.lines().count() > 1 && text.len() < 1 << 20).then_some(())
+        },
+        || d.log(),
+    );
+    let status = d.status().unwrap();
+    let evolver = status["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["role"] == "evolver")
+        .cloned()
+        .unwrap();
+    assert_eq!(evolver["restarts"], 0, "{evolver}\n{}", d.log());
+    assert_eq!(evolver["pid"], pid, "{evolver}");
 }
 
 #[test]

@@ -64,6 +64,20 @@ pub enum GgufError {
         /// The file's length when it was opened.
         expected: u64,
     },
+    /// The header (metadata and tensor infos) goes on past the reader's
+    /// cap ([`crate::MAX_HEADER`] by default): refused before reading more,
+    /// so a hostile header cannot make a trusted process allocate up to the
+    /// file's size.
+    #[error(
+        "{path}: the header (metadata and tensor infos) is larger than {limit} bytes, the most evod reads",
+        path = path.display()
+    )]
+    HeaderTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The cap, in bytes.
+        limit: u64,
+    },
     /// A publish step failed.
     #[error("cannot publish {path}: {step} failed: {source}", path = path.display())]
     Io {

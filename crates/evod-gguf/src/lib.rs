@@ -11,6 +11,8 @@
 //!   data section: a file truncated or rewritten in place meanwhile is a
 //!   [`GgufError::ShortRead`], never a SIGBUS. Trusted processes (the
 //!   supervisor, `evod inspect`) use this; workers use the zero-copy map.
+//!   The header read is capped at [`MAX_HEADER`] (256 MiB;
+//!   [`GgufError::HeaderTooLarge`]).
 //! - Both refuse anything but a regular file at open
 //!   ([`GgufError::NotRegular`]; a FIFO without a writer never blocks).
 //! - [`publish`] streams tensors from a callback into a temporary file beside
@@ -37,7 +39,7 @@ pub use quant::{QuantError, dequantize, quantize};
 pub use read::{
     ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GgufFile, GgufHeader, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS,
 };
-pub use stream::GgufReader;
+pub use stream::{GgufReader, MAX_HEADER};
 pub use types::{Array, TensorInfo, TensorType, TypeIdError, Value, ValueType};
 pub use write::{
     IoFault, PublishOptions, PublishReport, TensorSpec, WRITE_VERSION, publish, rewrite,

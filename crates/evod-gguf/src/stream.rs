@@ -21,6 +21,14 @@ use crate::read::{GgufHeader, Stop, parse_prefix};
 /// First header read; doubled until the header fits (typical headers are a
 /// few KiB, LLM tokenizers a few MiB).
 const FIRST_READ: u64 = 64 << 10;
+/// The largest header (metadata and tensor infos) [`GgufReader::open`]
+/// reads: 256 MiB. llama.cpp's GGUF files have headers of a few MiB at most
+/// (the tokenizer's vocabulary and merges arrays; evod's own models a few
+/// KiB), so this leaves a margin of about a hundred times, while a hostile
+/// file can no longer make the supervisor allocate up to its whole size
+/// for a header that never ends. [`GgufReader::open_with_limit`] sets
+/// another cap.
+pub const MAX_HEADER: u64 = 256 << 20;
 /// Buffer for streaming the data section.
 const CHUNK: usize = 1 << 20;
 
@@ -50,21 +58,31 @@ impl GgufReader {
     /// Opens `path` (a regular file, final link refused, like
     /// [`crate::GgufFile::open`]) and reads and validates its header,
     /// metadata and tensor infos. Reads only as far as the header goes.
+    /// A header larger than [`MAX_HEADER`] is
+    /// [`GgufError::HeaderTooLarge`].
     pub fn open(path: &Path) -> Result<GgufReader, GgufError> {
-        GgufReader::open_with(path, false)
+        GgufReader::open_with(path, false, MAX_HEADER)
     }
 
     /// [`GgufReader::open`] that follows a symbolic link in the final
     /// component: for a file a user names only to look at (`evod inspect`).
     pub fn open_following(path: &Path) -> Result<GgufReader, GgufError> {
-        GgufReader::open_with(path, true)
+        GgufReader::open_with(path, true, MAX_HEADER)
     }
 
-    fn open_with(path: &Path, follow: bool) -> Result<GgufReader, GgufError> {
+    /// [`GgufReader::open`] with a header cap of `limit` bytes instead of
+    /// [`MAX_HEADER`].
+    pub fn open_with_limit(path: &Path, limit: u64) -> Result<GgufReader, GgufError> {
+        GgufReader::open_with(path, false, limit)
+    }
+
+    fn open_with(path: &Path, follow: bool, limit: u64) -> Result<GgufReader, GgufError> {
         let (file, len) = open_regular(path, follow)?;
         let name = path.display().to_string();
         let mut buf = Vec::new();
-        let mut want = FIRST_READ.min(len);
+        // Never more than the cap, nor than the file.
+        let most = len.min(limit);
+        let mut want = FIRST_READ.min(most);
         let header = loop {
             let have = buf.len() as u64;
             // want <= len, the file's size: a model that does not fit the
@@ -78,7 +96,13 @@ impl GgufReader {
             match parse_prefix(&name, &buf, len) {
                 Ok(h) => break h,
                 Err(Stop::Bad(e)) => return Err(e),
-                Err(Stop::NeedMore) if want < len => want = want.saturating_mul(2).min(len),
+                Err(Stop::NeedMore) if want < most => want = want.saturating_mul(2).min(most),
+                Err(Stop::NeedMore) if most < len => {
+                    return Err(GgufError::HeaderTooLarge {
+                        path: path.to_owned(),
+                        limit,
+                    });
+                }
                 // A parse of the whole file never needs more: `take` checks
                 // the file's length first. Kept total rather than looping.
                 Err(Stop::NeedMore) => {

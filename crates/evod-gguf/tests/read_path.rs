@@ -78,6 +78,26 @@ fn reader_matches_the_map_for_a_large_header() {
 }
 
 #[test]
+fn a_header_past_the_cap_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    write_model(&path, 1 << 20);
+    let header = GgufFile::open(&path).unwrap().data_offset();
+    assert!(header > 1 << 20 && header < 2 << 20, "{header}");
+    // Read no further than the cap: refused, not grown to the file's size.
+    let err = GgufReader::open_with_limit(&path, 1 << 20).unwrap_err();
+    assert!(
+        matches!(&err, GgufError::HeaderTooLarge { path: p, limit } if *p == path && *limit == 1 << 20),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("m.gguf"), "{err}");
+    // A cap that is not a power of two of the first read still holds it.
+    GgufReader::open_with_limit(&path, header + 123).unwrap();
+    assert!(evod_gguf::MAX_HEADER >= 64 * header);
+    GgufReader::open(&path).unwrap();
+}
+
+#[test]
 fn reader_and_map_give_the_same_error_at_every_truncation() {
     let dir = tempfile::tempdir().unwrap();
     let full_path = dir.path().join("full.gguf");

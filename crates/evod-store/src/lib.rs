@@ -2,9 +2,8 @@
 //! and the evolver read and write beside the live model.
 //!
 //! - the live file's identity: [`file_identity`] (device, inode: published
-//!   files are replaced by rename, never rewritten), [`identify`]
-//!   (generation and checksum), [`params_hash`] (the weights, whatever the
-//!   metadata);
+//!   files are replaced by rename, never rewritten), [`params_hash`] (the
+//!   weights, whatever the metadata);
 //! - the history `DIR/history/`: any `*.gguf` file there whose
 //!   `evod.generation` key can be read counts, whatever its name
 //!   ([`history`], [`previous_generation`]); the evolver links each published
@@ -15,8 +14,15 @@
 //! - [`restore`]: validates the chosen file, sets the bad generation aside in
 //!   the quarantine (a hard link of the live file, and the history copies
 //!   moved there), then publishes the chosen generation through the same
-//!   atomic path as a new one (`evod_gguf::rewrite`: temporary file, fsync,
-//!   rename, folder fsync).
+//!   atomic path as a new one (`evod_gguf::publish`: temporary file, fsync,
+//!   rename, folder fsync), copying its metadata and tensor bytes as they
+//!   are.
+//!
+//! Everything here reads model files with `pread` (`evod_gguf::GgufReader`,
+//! `evod_runtime::read_params`), never through a memory map: the supervisor
+//! (PID 1 in a container) calls it, and a mapped file truncated or rewritten
+//! in place meanwhile would kill it with SIGBUS. A file that shrinks while
+//! read is a typed error instead.
 //!
 //! Whether and when to roll back is the supervisor's decision; this crate
 //! only does it.
@@ -26,7 +32,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use evod_gguf::{GgufFile, PublishOptions};
+use evod_gguf::{GgufReader, PublishOptions, TensorSpec};
 
 /// The live model's file name inside the state folder.
 pub const MODEL_FILE: &str = "vectorland.gguf";
@@ -47,6 +53,14 @@ pub enum StoreError {
     /// A model file did not open or validate.
     #[error(transparent)]
     Gguf(#[from] evod_gguf::GgufError),
+    /// A history file is not a model evod can run.
+    #[error("generation {to} in the history is not a usable model")]
+    Model {
+        /// The generation.
+        to: u64,
+        /// Why (names the file).
+        source: evod_runtime::RuntimeError,
+    },
     /// Publishing the restored generation failed.
     #[error("cannot publish generation {to} at {}", model.display())]
     Publish {
@@ -100,15 +114,10 @@ pub fn quarantine_dir(dir: &Path) -> PathBuf {
     history_dir(dir).join("quarantine")
 }
 
-/// The generation a model file's metadata names.
-pub fn generation_of(file: &GgufFile) -> Option<u64> {
-    file.get(GENERATION_KEY).and_then(|v| v.as_u64())
-}
-
-/// Generation and checksum of a model file (validated).
-pub fn identify(model: &Path) -> Result<(Option<u64>, u64), evod_gguf::GgufError> {
-    let file = GgufFile::open(model)?;
-    Ok((generation_of(&file), file.checksum()))
+/// The generation a model file's header names (a mapped `GgufFile` or a
+/// `GgufReader` deref to one).
+pub fn generation_of(header: &evod_gguf::GgufHeader) -> Option<u64> {
+    header.get(GENERATION_KEY).and_then(|v| v.as_u64())
 }
 
 /// Every readable generation in the history: (generation, file), sorted.
@@ -123,8 +132,7 @@ pub fn history(dir: &Path) -> Vec<(u64, PathBuf)> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "gguf") && p.is_file())
         .filter_map(|p| {
-            let header = evod_gguf::GgufHeader::read(&p).ok()?;
-            let g = header.get(GENERATION_KEY).and_then(|v| v.as_u64())?;
+            let g = generation_of(&evod_gguf::GgufHeader::read(&p).ok()?)?;
             Some((g, p))
         })
         .collect();
@@ -161,7 +169,10 @@ pub fn restore(
             known: history.iter().map(|(g, _)| *g).collect(),
         });
     };
-    let file = GgufFile::open(source)?;
+    // Validated as a model, read with pread (no mapping, see the module
+    // documentation); then copied from a reader of the same kind below.
+    evod_runtime::read_params(source).map_err(|source| StoreError::Model { to, source })?;
+    let reader = GgufReader::open(source)?;
     // What is rolled back from, for the evolver (see `rollback_marker`).
     // Read, not mapped: the live file may be truncated in place meanwhile,
     // and this runs in the supervisor.
@@ -201,14 +212,46 @@ pub fn restore(
     // the rollback). A marker whose rewrite then fails is inert: the
     // evolver honours it only while the live file is generation `to`.
     mark_rollback(dir, to, from);
-    evod_gguf::rewrite(&file, model, |_| {}, &PublishOptions::default()).map_err(|source| {
-        StoreError::Publish {
-            to,
-            model: model.to_owned(),
-            source,
-        }
+    copy_model(&reader, model).map_err(|source| StoreError::Publish {
+        to,
+        model: model.to_owned(),
+        source,
     })?;
     Ok(to)
+}
+
+/// Publishes a copy of `reader`'s file at `target`, keeping every key, value
+/// type, key order, tensor order, alignment and tensor byte: what
+/// `evod_gguf::rewrite` writes, but each tensor read with `pread`. A source
+/// that shrinks meanwhile fails with its own `ShortRead` (naming the source),
+/// and the target is left as it was.
+fn copy_model(reader: &GgufReader, target: &Path) -> Result<(), evod_gguf::GgufError> {
+    let specs: Vec<TensorSpec> = reader.tensors().iter().map(TensorSpec::from).collect();
+    let opts = PublishOptions {
+        alignment: reader.alignment(),
+        ..PublishOptions::default()
+    };
+    // The callback can only return an io::Error: keep the typed read error
+    // aside and return it instead of publish's.
+    let mut read_error = None;
+    let result = evod_gguf::publish(
+        target,
+        reader.metadata(),
+        &specs,
+        |i, w| match reader.read_tensor(&reader.tensors()[i]) {
+            Ok(bytes) => w.write_all(&bytes),
+            Err(e) => {
+                let message = e.to_string();
+                read_error = Some(e);
+                Err(std::io::Error::other(message))
+            }
+        },
+        &opts,
+    );
+    match (result, read_error) {
+        (_, Some(e)) => Err(e),
+        (result, None) => result.map(|_| ()),
+    }
 }
 
 /// xxh3 of parameters as little-endian f32 bytes: identifies a model's
@@ -276,9 +319,19 @@ pub fn history_name(generation: u64) -> String {
     format!("gen-{generation:08}.gguf")
 }
 
+/// The generation in a [`history_name`] (`gen-N.gguf`, any number of
+/// digits), if `name` is one.
+fn history_number(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("gen-")?.strip_suffix(".gguf")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// Links the live file `model` (of generation `generation`) into
 /// `DIR/history` and keeps the newest `keep` (at least one) of the
-/// `gen-*.gguf` links there.
+/// `gen-N.gguf` links there, ordered by N.
 pub fn keep_history(
     dir: &Path,
     model: &Path,
@@ -292,21 +345,23 @@ pub fn keep_history(
         what: format!("linking {} into {}", model.display(), history.display()),
         source,
     })?;
-    let mut generations: Vec<PathBuf> = std::fs::read_dir(&history)
+    // Oldest first by the number in the name, not the name: `gen-{:08}`
+    // grows a ninth digit past 99,999,999, and "gen-100000000" sorts before
+    // "gen-99999999" as text.
+    let mut generations: Vec<(u64, PathBuf)> = std::fs::read_dir(&history)
         .map_err(|source| StoreError::Io {
             what: format!("reading {}", history.display()),
             source,
         })?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("gen-") && n.ends_with(".gguf"))
+        .filter_map(|p| {
+            let n = history_number(p.file_name()?.to_str()?)?;
+            Some((n, p))
         })
         .collect();
     generations.sort();
     let excess = generations.len().saturating_sub(keep.max(1));
-    for old in &generations[..excess] {
+    for (_, old) in &generations[..excess] {
         let _ = std::fs::remove_file(old);
     }
     Ok(())
@@ -367,8 +422,12 @@ mod tests {
         assert_eq!(previous_generation(dir, 4, Some(2)), Some(2));
 
         let bad = params_hash(&model(&live, 4, 4));
+        let three = std::fs::read(history_dir(dir).join(history_name(3))).unwrap();
         assert_eq!(restore(dir, &live, 3, Some(4)).unwrap(), 3);
-        assert_eq!(identify(&live).unwrap().0, Some(3));
+        assert!(
+            std::fs::read(&live).unwrap() == three,
+            "the restored file is byte-identical to the history's"
+        );
         let quarantined = read_quarantine(dir);
         // The live file set aside, and the history's copy moved beside it.
         assert_eq!(quarantined, [(4, bad), (4, bad)]);
@@ -401,5 +460,92 @@ mod tests {
         let now = file_identity(&path).unwrap();
         assert!(remove_if_same(&path, now));
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_history_file_truncated_in_place_is_an_error_not_a_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let live = dir.join(MODEL_FILE);
+        std::fs::create_dir_all(history_dir(dir)).unwrap();
+        for g in 1..=2 {
+            model(&live, g, g);
+            keep_history(dir, &live, g, 3).unwrap();
+        }
+        let live_bytes = std::fs::read(&live).unwrap();
+
+        // Truncated while the restore runs: after its header was read, before
+        // its tensors are. Through a mapping, the copy would die of SIGBUS.
+        let source = history_dir(dir).join(history_name(1));
+        let reader = GgufReader::open(&source).unwrap();
+        let len = std::fs::metadata(&source).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&source)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let err = copy_model(&reader, &live).unwrap_err();
+        assert!(
+            matches!(&err, evod_gguf::GgufError::ShortRead { path, .. } if *path == source),
+            "{err}"
+        );
+        assert!(
+            std::fs::read(&live).unwrap() == live_bytes,
+            "live untouched"
+        );
+
+        // A GGUF file that names a generation but is no model: refused
+        // before anything is quarantined or published.
+        let odd = history_dir(dir).join("odd.gguf");
+        evod_gguf::publish(
+            &odd,
+            &[(GENERATION_KEY.to_owned(), evod_gguf::Value::U64(7))],
+            &[],
+            |_, _| Ok(()),
+            &PublishOptions::default(),
+        )
+        .unwrap();
+        let err = restore(dir, &live, 7, Some(2)).unwrap_err();
+        assert!(matches!(err, StoreError::Model { to: 7, .. }), "{err}");
+        assert!(read_quarantine(dir).is_empty());
+        assert!(
+            std::fs::read(&live).unwrap() == live_bytes,
+            "live untouched"
+        );
+
+        // Truncated before: its header no longer fits the file, so it does
+        // not count as history, and restoring it is refused.
+        let err = restore(dir, &live, 1, None).unwrap_err();
+        assert!(
+            matches!(err, StoreError::NotInHistory { to: 1, .. }),
+            "{err}"
+        );
+        assert!(
+            std::fs::read(&live).unwrap() == live_bytes,
+            "live untouched"
+        );
+        assert_eq!(read_rollback_marker(dir), None);
+    }
+
+    #[test]
+    fn pruning_orders_history_links_by_number_past_eight_digits() {
+        assert_eq!(history_number("gen-00000007.gguf"), Some(7));
+        assert_eq!(history_number("gen-100000000.gguf"), Some(100_000_000));
+        assert_eq!(history_number("gen-.gguf"), None);
+        assert_eq!(history_number("gen-+1.gguf"), None);
+        assert_eq!(history_number("gen-1.gguf.tmp"), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let live = dir.join(MODEL_FILE);
+        std::fs::create_dir_all(history_dir(dir)).unwrap();
+        let gens = [99_999_998, 99_999_999, 100_000_000, 100_000_001];
+        for g in gens {
+            model(&live, g, 1);
+            keep_history(dir, &live, g, 2).unwrap();
+        }
+        let kept: Vec<u64> = history(dir).iter().map(|(g, _)| *g).collect();
+        assert_eq!(kept, [100_000_000, 100_000_001]);
     }
 }

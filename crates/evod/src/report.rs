@@ -112,27 +112,58 @@ pub fn parse_progress(path: &Path, text: &str) -> Result<Vec<Row>> {
 /// and wall time at the block's end, and its publishes summed. Thinning a
 /// thinned log again merges whole blocks only, so repeated thinning keeps
 /// these meanings.
+///
+/// Rows must come in increasing generations; a row whose generation is not
+/// above the one before it (a hand-edited or otherwise crafted file) is
+/// dropped with a warning. When the blocks would outgrow `u64` (generations
+/// near 2^64), the old rows are merged into one.
 pub fn thin(rows: &[Row], keep: usize) -> Vec<Row> {
     let keep = keep.max(1);
-    if rows.len() <= 2 * keep {
-        return rows.to_vec();
+    let rows = increasing(rows);
+    if rows.len() <= keep.saturating_mul(2) {
+        return rows;
     }
     let (old, recent) = rows.split_at(rows.len() - keep);
     let end = recent[0].generation;
-    let mut stride = 1u64;
+    let mut stride = Some(1u64);
     let merged = loop {
         let merged = merge_blocks(old, stride, end);
-        if merged.len() <= keep {
+        if merged.len() <= keep || stride.is_none() {
             break merged;
         }
-        stride *= 2;
+        stride = stride.and_then(|s| s.checked_mul(2));
     };
     merged.into_iter().chain(recent.iter().cloned()).collect()
 }
 
+/// `rows` without those whose generation is not above the previous kept
+/// row's (logged).
+fn increasing(rows: &[Row]) -> Vec<Row> {
+    let mut out: Vec<Row> = Vec::with_capacity(rows.len());
+    let mut dropped = 0usize;
+    for r in rows {
+        if out
+            .last()
+            .is_some_and(|last| r.generation <= last.generation)
+        {
+            dropped += 1;
+        } else {
+            out.push(r.clone());
+        }
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            "progress log: {dropped} rows out of generation order dropped (not above the row before)"
+        );
+    }
+    out
+}
+
 /// Merges consecutive rows whose first generations fall in the same block
-/// of `stride` generations; `end` is the generation after the last row's.
-fn merge_blocks(rows: &[Row], stride: u64, end: u64) -> Vec<Row> {
+/// of `stride` generations (`None`: one block for all); `end` is the
+/// generation after the last row's.
+fn merge_blocks(rows: &[Row], stride: Option<u64>, end: u64) -> Vec<Row> {
+    let block = |g: u64| stride.map_or(0, |s| g / s);
     let mut out: Vec<Row> = Vec::new();
     // (sum of mean × span, sum of span) of the last output row.
     let mut weights = (0.0, 0.0);
@@ -141,7 +172,7 @@ fn merge_blocks(rows: &[Row], stride: u64, end: u64) -> Vec<Row> {
         let span = next.saturating_sub(r.generation).max(1) as f64;
         let same = out
             .last()
-            .is_some_and(|last| last.generation / stride == r.generation / stride);
+            .is_some_and(|last| block(last.generation) == block(r.generation));
         if !same {
             out.push(r.clone());
             weights = if r.mean.is_finite() {
@@ -415,6 +446,32 @@ mod tests {
         assert!(log.len() <= 3 * keep);
         assert_eq!(log.last().unwrap().generation, 149_999);
         assert_eq!(log[0].generation, 0);
+    }
+
+    #[test]
+    fn thinning_crafted_logs_does_not_panic() {
+        // Generations near 2^64: blocks stop doubling and merge into one.
+        let far: Vec<Row> = (0..10)
+            .map(|i| Row {
+                generation: if i == 0 { 0 } else { u64::MAX - 10 + i },
+                ..rows(1)[0].clone()
+            })
+            .collect();
+        let thinned = thin(&far, 1);
+        assert_eq!(thinned.len(), 2, "{thinned:?}");
+        assert_eq!(thinned[0].generation, 0);
+        assert_eq!(thinned[1].generation, u64::MAX - 1);
+        // Out of order: dropped, never looped on.
+        let mut shuffled = rows(100);
+        shuffled.reverse();
+        let thinned = thin(&shuffled, 10);
+        assert_eq!(thinned.len(), 1, "only the first row is in order");
+        assert_eq!(thinned[0].generation, 99);
+        let mut dup = rows(100);
+        dup.extend(rows(100));
+        let thinned = thin(&dup, 10);
+        assert!(thinned.len() <= 20, "{} rows", thinned.len());
+        assert_eq!(thinned.last().unwrap().generation, 99);
     }
 
     #[test]

@@ -52,6 +52,7 @@ mod run_loop;
 use evod_wire::protocol::{self, EvalHeader, RecipesHeader, exchange, op, receive_id, status};
 use io_fault::{IO_FAULT_FILE, read_io_fault};
 pub use options::{EvolveArgs, Strategy};
+use rest::Alarm;
 pub use ring::RingEvaluator;
 use run_loop::Loop;
 
@@ -82,6 +83,12 @@ pub struct Args {
 
 /// Runs `evod evolver` until its bound is reached (exit 0) or forever.
 pub fn run(args: Args) -> Result<ExitCode> {
+    // First thing: until the handlers are in, SIGHUP (`evod wake`, or a
+    // SIGHUP to the supervisor right after this evolver's restart) would
+    // end the process by its default action and count as a crash. A
+    // SIGTERM meanwhile is taken at the loop's first turn.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let alarm = Alarm::install(std::sync::Arc::clone(&stop))?;
     evod_supervisor::set_process_name(c"evod-evolver");
     evod_supervisor::init_logging(match std::env::var("EVOD_LOG_FORMAT").as_deref() {
         Ok("json") => evod_supervisor::LogFormat::Json,
@@ -116,6 +123,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut main = Loop::start(&args.dir, &args.evolve)?;
     let mut ring = RingEvaluator::new(&segments, clients)
         .with_recipes(args.dir.join("state").join("base"), main.spec().clone());
+    ring.stop = stop;
     ring.control_socket = args.control_socket.clone();
     ring.per_candidate_timeout = args.evolve.eval_timeout_per_candidate();
     if args.allow_fault_injection {
@@ -125,7 +133,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 .join(IO_FAULT_FILE),
         );
     }
-    main.run(&args.evolve, &mut ring)
+    main.run(&args.evolve, &mut ring, alarm)
 }
 
 /// Smallest payload area of a worker's ring (the default: ES recipes and

@@ -187,15 +187,12 @@ impl Alarm {
     }
 }
 
-/// What identifies a version of a data file: (dev, ino, size, mtime ns).
-fn identity(path: &Path) -> Option<(u64, u64, u64, i64)> {
+/// What identifies a version of a data file: (dev, ino, size, mtime in
+/// seconds, its nanoseconds). A tuple, not `mtime × 10^9`: that overflows
+/// `i64` for an mtime set past the year 2262.
+fn identity(path: &Path) -> Option<(u64, u64, u64, i64, i64)> {
     let m = std::fs::metadata(path).ok()?;
-    Some((
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-    ))
+    Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
 }
 
 /// The data file of a `csv:` task string (`csv:PATH:TARGET[:KIND]`).
@@ -256,5 +253,30 @@ mod tests {
         let mut off = Patience::new(0, Some(500.0));
         off.generation(false);
         assert_eq!(off.converged(Some(500.0)), None);
+    }
+
+    #[test]
+    fn a_data_file_dated_past_2262_is_identified_without_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.csv");
+        std::fs::write(&path, "x\n").unwrap();
+        // Year 2381: seconds × 10^9 no longer fits an i64.
+        let secs = 13_000_000_000u64;
+        let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+        let id = identity(&path).unwrap();
+        assert_eq!(id.3, secs as i64, "the file system kept the date");
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(when + std::time::Duration::from_secs(1))
+            .unwrap();
+        assert_ne!(identity(&path), Some(id));
     }
 }

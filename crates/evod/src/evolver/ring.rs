@@ -315,7 +315,7 @@ impl<'s> RingEvaluator<'s> {
         sent: Instant,
     ) -> Result<Outcome, EvalError> {
         let allowed = self.request_deadline(expect);
-        let deadline = sent + allowed;
+        let deadline = later(sent, allowed);
         let (st, payload) = match receive_id(&mut self.clients[w], id, deadline) {
             Ok(r) => r,
             Err(RingError::PeerLost { reason, .. }) => {
@@ -501,6 +501,15 @@ impl<'s> RingEvaluator<'s> {
     }
 }
 
+/// `at + after`, or a far-future instant (a century on) where that sum
+/// does not fit: a deadline so long is no deadline, not a panic.
+fn later(at: Instant, after: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    at.checked_add(after)
+        .or_else(|| at.checked_add(CENTURY))
+        .unwrap_or(at)
+}
+
 /// Default of [`RingEvaluator::per_candidate_timeout`].
 pub const DEFAULT_PER_CANDIDATE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -532,11 +541,13 @@ impl RingEvaluator<'_> {
             .collect();
         let mut crashes = vec![0u32; total];
         // Every candidate may be tried on a few workers before giving up.
-        let give_up = Instant::now()
-            + self.request_deadline(per) * 4
-            + self
-                .per_candidate_timeout
-                .saturating_mul(total.div_ceil(workers) as u32);
+        let give_up = later(
+            Instant::now(),
+            self.request_deadline(per).saturating_mul(4).saturating_add(
+                self.per_candidate_timeout
+                    .saturating_mul(u32::try_from(total.div_ceil(workers)).unwrap_or(u32::MAX)),
+            ),
+        );
         while !pending.is_empty() {
             if Instant::now() > give_up {
                 return Err(EvalError::Unavailable("workers keep failing".into()));
@@ -657,5 +668,22 @@ impl Evaluator for RingEvaluator<'_> {
             recipes,
         };
         self.schedule(work, evod_wire::MAX_BATCH as usize, seed, episodes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_too_far_to_represent_is_far_future_not_a_panic() {
+        let now = Instant::now();
+        let year = Duration::from_secs(365 * 24 * 3600);
+        assert!(later(now, Duration::MAX) > now + year);
+        assert!(later(now, Duration::from_secs_f64(1e17)) > now + year);
+        assert_eq!(
+            later(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
     }
 }

@@ -153,7 +153,7 @@ impl Loop {
         };
         let progress_path = state.join(PROGRESS_FILE);
         let progress =
-            ProgressLog::open(&progress_path, evolver.generation(), evolve.progress_keep())?;
+            ProgressLog::open(&progress_path, evolver.generation(), evolve.progress_keep());
         Ok(Loop {
             dir: dir.to_owned(),
             model_path,
@@ -181,6 +181,7 @@ impl Loop {
         mut self,
         evolve: &EvolveArgs,
         ring: &mut RingEvaluator<'_>,
+        mut alarm: Alarm,
     ) -> Result<ExitCode> {
         let checkpoint_path = self.dir.join("state/checkpoint.bin");
         let checkpoint_every = evolve.checkpoint_every().max(1);
@@ -189,12 +190,12 @@ impl Loop {
         // NO_PROGRESS instead of retrying forever or "reaching" its bound.
         let mut guard = evod_evolve::ProgressGuard::new(evolve.max_useless_generations());
         let reporter = super::report::Reporter::start(ring.control_socket.clone());
-        // SIGTERM (the supervisor's graceful stop) ends the loop between
-        // generations with a checkpoint, so a stopped run resumes exactly
-        // where it stopped; a second signal is not needed: the supervisor
-        // SIGKILLs after its grace period, which is also safe. SIGHUP wakes
-        // a resting evolver.
-        let mut alarm = Alarm::install(std::sync::Arc::clone(&ring.stop))?;
+        // SIGTERM (the supervisor's graceful stop; `alarm`, installed
+        // first thing in `evolver::run`, sets `ring.stop`) ends the loop
+        // between generations with a checkpoint, so a stopped run resumes
+        // exactly where it stopped; a second signal is not needed: the
+        // supervisor SIGKILLs after its grace period, which is also safe.
+        // SIGHUP wakes a resting evolver.
         let stop = std::sync::Arc::clone(&ring.stop);
         let mut patience = Patience::new(evolve.patience(), self.maximum);
         let mut pulse = Pulse::new(
@@ -216,8 +217,12 @@ impl Loop {
         }
         loop {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                save_checkpoint(&checkpoint_path, &self.evolver.checkpoint())?;
-                self.finish("stopped by signal, checkpoint saved", ring);
+                let why = match save_checkpoint(&checkpoint_path, &self.evolver.checkpoint()) {
+                    Ok(()) => "stopped by signal, checkpoint saved".to_owned(),
+                    // Stopping anyway; the previous checkpoint stays.
+                    Err(e) => format!("stopped by signal, saving the checkpoint failed: {e}"),
+                };
+                self.finish(&why, ring);
                 return Ok(ExitCode::SUCCESS);
             }
             if let Some(limit) = evolve.generations
@@ -229,6 +234,11 @@ impl Loop {
             if alarm.take_hangup() {
                 // Not resting: an operator's wake counts patience afresh.
                 patience.woken();
+                // A wake that came while starting, before the rest this
+                // start would resume: it is not rested again.
+                if resumed_rest.take().is_some() {
+                    let _ = evod_wire::rest::clear(&self.dir);
+                }
             }
             let converged = match resumed_rest.take() {
                 Some(c) => Some((c.reason, c.since_unix)),
@@ -373,8 +383,14 @@ impl Loop {
         since_unix: u64,
     ) -> Result<Wake> {
         // A restart (of the evolver or the daemon) resumes at this very
-        // generation, which the marker names: it rests again at once.
-        save_checkpoint(checkpoint_path, &self.evolver.checkpoint())?;
+        // generation, which the marker names: it rests again at once. A
+        // failing disk is logged, not fatal (as in the loop): a full disk
+        // must not turn every start of a converged run into a crash until
+        // the supervisor gives up; without this checkpoint a restart
+        // resumes from the previous one and converges again.
+        if let Err(e) = save_checkpoint(checkpoint_path, &self.evolver.checkpoint()) {
+            tracing::error!("saving the checkpoint before resting failed: {e}");
+        }
         alarm.arm();
         let marker = evod_wire::rest::Converged {
             since_unix,

@@ -39,6 +39,15 @@ pub const MAX_COUNT: u32 = 1_000_000;
 pub const MAX_POPULATION: u32 = 1_000_000;
 /// Most episodes per evaluation.
 pub const MAX_EPISODES: u32 = 100_000;
+/// Smallest `--load-timeout`, `--exec-timeout` and `--eval-timeout`.
+pub const MIN_REQUEST_TIMEOUT: Duration = Duration::from_millis(10);
+/// Longest `--eval-timeout-per-candidate`, in seconds (an hour per
+/// candidate; times a batch's candidates and episodes the evolver's EVAL
+/// deadline is clamped, never overflowed).
+pub const MAX_EVAL_TIMEOUT_PER_CANDIDATE: f64 = 3600.0;
+/// Most `--progress-keep` rows: far more than anyone reads, and far from
+/// the overflow of the progress log's `3 × N` and the thinning's `2 × N`.
+pub const MAX_PROGRESS_KEEP: u64 = 1_000_000_000;
 
 /// A setting out of its range.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +121,12 @@ pub struct Layer<'a> {
     pub backoff_initial: Option<Duration>,
     /// `--backoff-max`.
     pub backoff_max: Option<Duration>,
+    /// `--load-timeout`.
+    pub load_timeout: Option<Duration>,
+    /// `--exec-timeout`.
+    pub exec_timeout: Option<Duration>,
+    /// `--eval-timeout`.
+    pub eval_timeout: Option<Duration>,
     /// `--fallback-after`.
     pub fallback_after: Option<u32>,
     /// `--metrics-addr`.
@@ -133,6 +148,9 @@ impl<'a> Layer<'a> {
             restart_period: args.restart_period,
             backoff_initial: args.backoff_initial,
             backoff_max: args.backoff_max,
+            load_timeout: args.load_timeout,
+            exec_timeout: args.exec_timeout,
+            eval_timeout: args.eval_timeout,
             fallback_after: args.fallback_after,
             metrics_addr: args.metrics_addr.as_deref(),
             evolve: &args.evolve,
@@ -151,6 +169,9 @@ impl<'a> Layer<'a> {
             restart_period: file.restart_period,
             backoff_initial: file.backoff_initial,
             backoff_max: file.backoff_max,
+            load_timeout: file.load_timeout,
+            exec_timeout: file.exec_timeout,
+            eval_timeout: file.eval_timeout,
             fallback_after: file.fallback_after,
             metrics_addr: file.metrics_addr.as_deref(),
             evolve: &file.evolve,
@@ -242,6 +263,9 @@ pub fn check_layer(layer: &Layer<'_>) -> Result<(), SettingError> {
     duration("restart-period", layer.restart_period, MIN_PERIOD)?;
     duration("backoff-initial", layer.backoff_initial, Duration::ZERO)?;
     duration("backoff-max", layer.backoff_max, MIN_PERIOD)?;
+    duration("load-timeout", layer.load_timeout, MIN_REQUEST_TIMEOUT)?;
+    duration("exec-timeout", layer.exec_timeout, MIN_REQUEST_TIMEOUT)?;
+    duration("eval-timeout", layer.eval_timeout, MIN_REQUEST_TIMEOUT)?;
     check(
         o,
         "restart-intensity",
@@ -304,7 +328,33 @@ pub fn check_layer(layer: &Layer<'_>) -> Result<(), SettingError> {
     at_least_one("pulse-every", e.pulse_every)?;
     at_least_one("checkpoint-every", e.checkpoint_every)?;
     at_least_one("history", e.history.map(u64::from))?;
-    at_least_one("progress-keep", e.progress_keep)?;
+    check(
+        o,
+        "progress-keep",
+        ev,
+        e.progress_keep,
+        |&n| (1..=MAX_PROGRESS_KEEP).contains(&n),
+        || format!("1 to {MAX_PROGRESS_KEEP}"),
+        |v| num(v),
+    )?;
+    check(
+        o,
+        "max-relative-change",
+        ev,
+        e.max_relative_change,
+        |x| x.is_finite() && *x > 0.0,
+        || "a finite number greater than 0".into(),
+        |v| num(v),
+    )?;
+    check(
+        o,
+        "eval-timeout-per-candidate",
+        ev,
+        e.eval_timeout_per_candidate,
+        |x| x.is_finite() && *x > 0.0 && *x <= MAX_EVAL_TIMEOUT_PER_CANDIDATE,
+        || format!("a number of seconds greater than 0, at most {MAX_EVAL_TIMEOUT_PER_CANDIDATE}"),
+        |v| num(v),
+    )?;
     check(
         o,
         "patience",
@@ -400,6 +450,9 @@ mod tests {
             restart_period: None,
             backoff_initial: None,
             backoff_max: None,
+            load_timeout: None,
+            exec_timeout: None,
+            eval_timeout: None,
             fallback_after: None,
             metrics_addr: None,
             evolve,
