@@ -49,8 +49,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "--package",
         "evod",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), std::path::PathBuf::from);
+    let target = crate::target_dir();
     let evod = target.join("release/evod");
     for name in wanted {
         let examples: Vec<_> = BENCHES.iter().filter(|b| b.0 == name).collect();
@@ -107,8 +106,7 @@ fn python_bench(
         "--package",
         "evod-py",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), std::path::PathBuf::from);
+    let target = crate::target_dir();
     let pkg = root.join("target/bench/pypkg");
     let dest = pkg.join("evod");
     std::fs::create_dir_all(&dest)?;

@@ -489,10 +489,7 @@ fn build_evod(debug: bool) -> Result<PathBuf> {
         build.arg("--release");
     }
     crate::run(&mut build)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| if t.is_absolute() { t } else { root.join(t) })
-        .unwrap_or_else(|| root.join("target"));
+    let target = crate::target_dir();
     Ok(target.join(if debug { "debug/evod" } else { "release/evod" }))
 }
 

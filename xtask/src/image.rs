@@ -14,7 +14,7 @@
 //! work from `cargo test` alone; Docker's layer cache makes a rebuild of an
 //! unchanged binary a no-op.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -64,9 +64,7 @@ pub fn engine() -> std::result::Result<(), String> {
 /// Builds the static binary and the image `tag`.
 pub fn build(tag: &str) -> Result<()> {
     let root = root();
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target_dir = crate::target_dir();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run(Command::new(&cargo)
         .current_dir(&root)

@@ -43,6 +43,16 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target folder: `CARGO_TARGET_DIR` when set (a CI cache outside
+/// the clone), else `target/` in the workspace.
+/// (relative to the workspace when relative).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_absolute() { t } else { root().join(t) })
+        .unwrap_or_else(|| root().join("target"))
+}
+
 /// Runs `cmd`, failing with its rendering if it does not exit 0.
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");
@@ -108,7 +118,7 @@ fn python_package(python: &Path) -> Result<()> {
         ]))?;
     run(Command::new(python)
         .current_dir(&root)
-        .env("EVOD_BIN", root.join("target/debug/evod"))
+        .env("EVOD_BIN", target_dir().join("debug/evod"))
         .args(["-m", "pytest", "-q", "python/tests"]))
 }
 
