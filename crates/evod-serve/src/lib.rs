@@ -1,7 +1,8 @@
 //! The worker side of the evod ring, as a library: any program that links
-//! it (the `evod` Python package's `evod.serve`, and next the built-in
-//! `evod worker`) is a runtime worker the supervisor spawns, watches and
-//! restarts like any other, and the evolver cannot tell which one answers.
+//! it (the `evod` Python package's `evod.serve`) is a runtime worker the
+//! supervisor spawns, watches and restarts like any other, and the evolver
+//! cannot tell which one answers. The built-in `evod worker` keeps a loop
+//! of its own but takes its `EVAL_RECIPES` handling from [`recipes`].
 //!
 //! [`attach`] takes the inherited segment ([`ring_fd`] finds its number in
 //! `--ring-fd N` or `EVOD_RING_FD`); [`serve`] claims the server end,
