@@ -47,6 +47,31 @@ impl Handler for Sum {
     }
 }
 
+/// Ends the serve loop (a new epoch) if the test thread panics, so a
+/// failed assertion fails the test instead of leaving the loop waiting for
+/// a `SHUTDOWN` forever.
+struct EndOnPanic<'a>(&'a Segment);
+
+impl Drop for EndOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.bump_epoch();
+        }
+    }
+}
+
+/// `f()`'s first `Some`, polled until a 10 s deadline.
+fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not within 10 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn eval_body(candidates: &[Vec<f32>], seed: u64) -> impl FnOnce(&mut [u8]) + '_ {
     move |out: &mut [u8]| {
         let h = EvalHeader {
@@ -90,6 +115,7 @@ fn the_loop_answers_every_opcode_and_ends_on_shutdown() {
             let exit = evod_serve::serve(&seg, None, &mut h);
             (exit.map_err(|e| e.to_string()), h.loads)
         });
+        let _end = EndOnPanic(&seg);
         let mut control = seg.client(Channel::Control).unwrap();
         let mut eval = seg.client(Channel::Eval).unwrap();
 
@@ -210,7 +236,8 @@ fn the_loop_answers_every_opcode_and_ends_on_shutdown() {
             protocol::exchange(&mut control, op::FAULT_SEGV, 0, |_| {}, deadline()).unwrap();
         assert_eq!(st, status::FAULT_REFUSED);
         assert!(String::from_utf8_lossy(&msg).contains("refused"));
-        let stats = seg.stats();
+        // The loop counts a request after its reply is out: wait for it.
+        let stats = wait_for(|| Some(seg.stats()).filter(|s| s.errors >= 5));
         assert_eq!(stats.errors, 5, "{stats:?}");
 
         let (st, _) =
@@ -229,6 +256,7 @@ fn a_new_epoch_ends_the_loop() {
         let worker = s.spawn(|| {
             evod_serve::serve(&seg, None, &mut Sum { loads: 0 }).map_err(|e| e.to_string())
         });
+        let _end = EndOnPanic(&seg);
         // Once the worker serves (it answers a PING), the owner replaces it.
         let mut control = seg.client(Channel::Control).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -306,6 +334,7 @@ fn eval_recipes_scores_the_regenerated_candidates_as_eval_scores_the_vectors() {
             let mut h = Sum { loads: 0 };
             evod_serve::serve(&seg, Some(&path), &mut h).map_err(|e| e.to_string())
         });
+        let _end = EndOnPanic(&seg);
         let mut control = seg.client(Channel::Control).unwrap();
         let mut eval = seg.client(Channel::Eval).unwrap();
 
@@ -403,6 +432,7 @@ fn eval_recipes_without_a_model_is_no_model() {
         let worker = s.spawn(|| {
             evod_serve::serve(&seg, None, &mut Sum { loads: 0 }).map_err(|e| e.to_string())
         });
+        let _end = EndOnPanic(&seg);
         let mut eval = seg.client(Channel::Eval).unwrap();
         let r = [Recipe::center(1, TensorScale::Unit)];
         let (st, _) = send(
