@@ -201,6 +201,30 @@ def test_python_fitness_improves_the_model_and_same_seed_gives_same_tensors(tmp_
     assert finals[0][0] != initial
 
 
+def test_es_sends_recipes_the_python_worker_regenerates_and_it_improves(tmp_path, runs):
+    # ES candidates travel as recipes against a base file
+    # (`EVAL_RECIPES`); evod.serve regenerates them and calls the same
+    # Python function, one candidate at a time or as a 2-D batch.
+    finals = []
+    start = None
+    for i, mode in enumerate(["single", "batch"]):
+        r = Run(tmp_path / f"es{i}", "--strategy", "es", "--generations", "20", "--seed", "5", mode=mode, workers=2)
+        runs.append(r)
+        if start is None:
+            params = evod.Policy(r.dir / "vectorland.gguf").params.astype(np.float64)
+            start = -float(np.sum((params - 0.5) ** 2))
+        assert r.wait_exit() == 0, r.log()
+        assert "unknown opcode" not in r.log(), r.log()
+        # The evolver wrote the generation's base for the workers to read.
+        assert list((r.dir / "state" / "base").glob("*.gguf")), r.log()
+        model = evod.gguf.open(r.dir / "vectorland.gguf")
+        assert model.metadata["evod.generation"] > 0, r.log()
+        finals.append((tensors(r.dir / "vectorland.gguf"), model.metadata["evod.fitness"]))
+    assert finals[0][1] > start + 0.5, (finals[0][1], start)
+    # The same candidates were scored: the same published tensors.
+    assert finals[0][0] == finals[1][0]
+
+
 def test_an_exception_is_an_error_reply_and_the_worker_lives_on(tmp_path, runs):
     r = Run(tmp_path / "d")
     runs.append(r)

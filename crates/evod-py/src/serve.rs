@@ -1,7 +1,8 @@
 //! `evod.serve`: a Python fitness function as an evod runtime worker.
 //!
 //! The loop is `evod_serve::serve` (the worker side of the ring); this
-//! module is its [`Handler`]: `EVAL` calls the user's function once per
+//! module is its [`Handler`]: `EVAL` (and `EVAL_RECIPES`, whose candidates
+//! the loop regenerates first) calls the user's function once per
 //! candidate (`fitness(params, seed)`, or `fitness(params, seed, episodes)`)
 //! or once per request with `batch=True` (`fitness(2-D params, seed)` →
 //! one value per row). The loop waits with the GIL released and takes it

@@ -1,14 +1,15 @@
 //! The worker side of the evod ring, as a library: any program that links
-//! it (the `evod` Python package's `evod.serve`, and next the built-in
-//! `evod worker`) is a runtime worker the supervisor spawns, watches and
-//! restarts like any other, and the evolver cannot tell which one answers.
+//! it (the `evod` Python package's `evod.serve`) is a runtime worker the
+//! supervisor spawns, watches and restarts like any other, and the evolver
+//! cannot tell which one answers. The built-in `evod worker` keeps a loop
+//! of its own but takes its `EVAL_RECIPES` handling from [`recipes`].
 //!
 //! [`attach`] takes the inherited segment ([`ring_fd`] finds its number in
 //! `--ring-fd N` or `EVOD_RING_FD`); [`serve`] claims the server end,
 //! installs the model (`--model`/`EVOD_MODEL`, then every `LOAD`) and
 //! answers `PING`, `STATS`, `LOAD`, `EVAL`, `NEURAL_EXEC` and `SHUTDOWN`
-//! (the formats of [`evod_wire::protocol`]) until `SHUTDOWN` or until the
-//! supervisor starts a new epoch. What the program brings is a [`Handler`]:
+//! (the formats of [`evod_wire::protocol`]), and `EVAL_RECIPES`, until
+//! `SHUTDOWN` or until the supervisor starts a new epoch. What the program brings is a [`Handler`]:
 //! the fitness of a batch of candidates (`eval`), and optionally its own
 //! `load` hook and forward pass (`exec`; the default is evod's MLP).
 //!
@@ -22,10 +23,17 @@
 //! Fault opcodes are refused ([`status::FAULT_REFUSED`]): a user's program
 //! is never a fault-injection target.
 //!
-//! The `EVAL` body is decoded in one place, [`decode_eval`]; the recipe
-//! form of `EVAL` (candidates sent as recipes against a base file) will be
-//! added there.
+//! The `EVAL` body is decoded in one place, [`decode_eval`]. The recipe
+//! form, `EVAL_RECIPES` (ES candidates as recipes against a base file the
+//! evolver wrote), is handled by the [`recipes`] module for every worker,
+//! this loop and the built-in `evod worker` alike: the loop regenerates the
+//! candidates and hands them to [`Handler::eval`] exactly as an `EVAL` of
+//! the same vectors would, so a handler does not know which form was sent.
 #![deny(missing_docs)]
+
+pub mod recipes;
+
+pub use recipes::{BaseError, RecipeBases, RecipesBody, RecipesError, decode_recipes, regenerate};
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -33,6 +41,12 @@ use std::time::{Duration, Instant};
 use evod_ring::{Request, RingError, Role, Segment};
 use evod_runtime::{Architecture, Model, RuntimeError, Scratch, forward_batch};
 use evod_wire::protocol::{self, EvalHeader, ExecHeader, LoadRequest, WorkerInfo, op, status};
+
+/// Bytes of regenerated candidates an `EVAL_RECIPES` hands to the handler
+/// at once: a request of many candidates of a large model reaches
+/// [`Handler::eval`] as several calls of at most this much (and at least
+/// one candidate), so a worker's memory does not grow with the batch.
+pub const RECIPE_GROUP_BYTES: usize = 64 << 20;
 
 /// Environment variable holding the ring descriptor (as `--ring-fd`).
 pub const RING_FD_VAR: &str = "EVOD_RING_FD";
@@ -166,7 +180,9 @@ impl ServedModel {
 }
 
 /// One `EVAL` request, decoded: `candidates` parameter vectors of
-/// `n_params` values each, laid end to end in `params`.
+/// `n_params` values each, laid end to end in `params`. An `EVAL_RECIPES`
+/// request arrives as one or more of these, its candidates regenerated
+/// (in order, at most [`RECIPE_GROUP_BYTES`] of them at a time).
 pub struct EvalRequest<'a> {
     /// Candidate count.
     pub candidates: usize,
@@ -283,6 +299,8 @@ pub fn serve<H: Handler>(
         seg,
         model: None,
         started: Instant::now(),
+        bases: RecipeBases::new(),
+        regenerated: Vec::new(),
     };
     if let Some(path) = model {
         seg.set_in_service(Some(op::LOAD));
@@ -314,6 +332,10 @@ struct Worker<'s> {
     seg: &'s Segment,
     model: Option<ServedModel>,
     started: Instant,
+    /// The base of the last `EVAL_RECIPES`.
+    bases: RecipeBases,
+    /// Candidates regenerated from recipes, reused from request to request.
+    regenerated: Vec<f32>,
 }
 
 /// A reply: status and payload.
@@ -355,6 +377,7 @@ impl Worker<'_> {
             },
             op::NEURAL_EXEC => self.exec(request.payload, handler),
             op::EVAL => self.eval(request.payload, handler),
+            op::EVAL_RECIPES => self.eval_recipes(request.payload, handler),
             other => error(status::UNKNOWN_OPCODE, format!("unknown opcode {other}")),
         };
         let (st, body) = answer;
@@ -489,28 +512,83 @@ impl Worker<'_> {
             episodes: body.header.episodes,
             seg: self.seg,
         };
-        match handler.eval(m, &request) {
-            Ok(fitness) if fitness.len() == request.candidates => {
-                // NaN ranks last, as the built-in tasks report it.
-                let fitness: Vec<f64> = fitness
-                    .into_iter()
-                    .map(|f| if f.is_nan() { f64::NEG_INFINITY } else { f })
-                    .collect();
-                let mut out = vec![0u8; 8 * fitness.len()];
-                protocol::write_f64s(&fitness, &mut out);
-                (status::OK, out)
-            }
-            Ok(fitness) => error(
-                status::EVAL_FAILED,
-                format!(
-                    "the fitness gave {} values for {} candidates",
-                    fitness.len(),
-                    request.candidates
-                ),
-            ),
-            Err(e) => error(status::EVAL_FAILED, e),
+        match score(handler, m, &request) {
+            Ok(fitness) => fitness_reply(&fitness),
+            Err(answer) => answer,
         }
     }
+
+    /// `EVAL_RECIPES`: the base read and verified once per base, the
+    /// candidates regenerated into a reused buffer and scored by the
+    /// handler in groups of at most [`RECIPE_GROUP_BYTES`].
+    fn eval_recipes<H: Handler>(&mut self, payload: &[u8], handler: &mut H) -> Answer {
+        let Some(m) = &self.model else {
+            return error(status::NO_MODEL, "no model loaded");
+        };
+        let n = m.arch().n_params();
+        let body = match decode_recipes(payload, n) {
+            Ok(b) => b,
+            Err(e) => return error(e.status(), e),
+        };
+        let base = match self.bases.base(&body, m.arch()) {
+            Ok(b) => b,
+            Err(e) => return error(e.status(), e),
+        };
+        let seg = self.seg;
+        seg.beat(Role::Worker);
+        let group = (RECIPE_GROUP_BYTES / (4 * n.max(1))).clamp(1, body.recipes.len());
+        let mut fitness = Vec::with_capacity(body.recipes.len());
+        for chunk in body.recipes.chunks(group) {
+            if let Err(e) = regenerate(&base, chunk, &mut self.regenerated, || {
+                seg.beat(Role::Worker)
+            }) {
+                return error(e.status(), e);
+            }
+            let request = EvalRequest {
+                candidates: chunk.len(),
+                n_params: n,
+                params: &self.regenerated,
+                seed: body.header.seed,
+                episodes: body.header.episodes,
+                seg,
+            };
+            match score(handler, m, &request) {
+                Ok(f) => fitness.extend(f),
+                Err(answer) => return answer,
+            }
+        }
+        fitness_reply(&fitness)
+    }
+}
+
+/// The handler's fitness for `request`, checked (one value per candidate;
+/// NaN ranks last, as the built-in tasks report it), or the error answer.
+fn score<H: Handler>(
+    handler: &mut H,
+    model: &ServedModel,
+    request: &EvalRequest<'_>,
+) -> Result<Vec<f64>, Answer> {
+    match handler.eval(model, request) {
+        Ok(fitness) if fitness.len() == request.candidates => Ok(fitness
+            .into_iter()
+            .map(|f| if f.is_nan() { f64::NEG_INFINITY } else { f })
+            .collect()),
+        Ok(fitness) => Err(error(
+            status::EVAL_FAILED,
+            format!(
+                "the fitness gave {} values for {} candidates",
+                fitness.len(),
+                request.candidates
+            ),
+        )),
+        Err(e) => Err(error(status::EVAL_FAILED, e)),
+    }
+}
+
+fn fitness_reply(fitness: &[f64]) -> Answer {
+    let mut out = vec![0u8; 8 * fitness.len()];
+    protocol::write_f64s(fitness, &mut out);
+    (status::OK, out)
 }
 
 #[cfg(test)]

@@ -18,9 +18,7 @@ use anyhow::{Context, Result};
 use evod_ring::{Channel, Request, RingError, Role, Scribble, Segment};
 use evod_runtime::{Architecture, Model, Task};
 
-use evod_wire::protocol::{
-    self, EvalHeader, ExecHeader, LoadRequest, RecipesHeader, WorkerInfo, op, status,
-};
+use evod_wire::protocol::{self, EvalHeader, ExecHeader, LoadRequest, WorkerInfo, op, status};
 
 /// Arguments of `evod worker`.
 #[derive(Debug, clap::Args)]
@@ -113,8 +111,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         crash_on_exec: false,
         mute_control: false,
         eval_fails: false,
-        base: None,
+        bases: evod_serve::RecipeBases::new(),
         buffers: Vec::new(),
+        regenerated: Vec::new(),
     };
     let mut preloaded = None;
     if let Some(fd) = args.standby_fd {
@@ -242,20 +241,14 @@ struct Worker<'s> {
     /// injection only): every `EVAL` and `EVAL_RECIPES` is answered
     /// `EVAL_FAILED`.
     eval_fails: bool,
-    /// The base of the last `EVAL_RECIPES`, mapped once per base.
-    base: Option<MappedBase>,
-    /// Candidate buffers `EVAL_RECIPES` regenerates recipes into, reused
-    /// from request to request (one per lockstep candidate).
+    /// The base of the last `EVAL_RECIPES`, read once per base.
+    bases: evod_serve::RecipeBases,
+    /// Candidate buffers `EVAL` decodes candidates into, reused from
+    /// request to request (one per lockstep candidate).
     buffers: Vec<Vec<f32>>,
-}
-
-/// A base file an `EVAL_RECIPES` named, read and verified once.
-struct MappedBase {
-    path: PathBuf,
-    /// Its parameters hash to this (verified when it was read).
-    checksum: u64,
-    params: Vec<f32>,
-    layout: evod_evolve::ParamLayout,
+    /// The lockstep group `EVAL_RECIPES` regenerates candidates into
+    /// (candidate-major), reused from request to request.
+    regenerated: Vec<f32>,
 }
 
 /// A reply: status and payload bytes.
@@ -620,74 +613,40 @@ fn eval_group(n: usize) -> usize {
 }
 
 impl Worker<'_> {
-    /// `EVAL_RECIPES`: maps the base (once per base; verified against the
-    /// checksum the request names), regenerates each candidate into a
-    /// reused buffer with `Recipe::apply_to` and evaluates them in groups.
+    /// `EVAL_RECIPES`: decoding, the base (read and verified once per base)
+    /// and the regeneration of each candidate are `evod_serve`'s, shared
+    /// with every other worker; the candidates are scored in lockstep
+    /// groups as `EVAL`'s are.
     fn eval_recipes(&mut self, payload: &[u8]) -> Answer {
         let Some(m) = &self.model else {
             return error(status::NO_MODEL, "no model loaded");
         };
-        let (h, path, body) = match RecipesHeader::decode(payload) {
-            Ok(x) => x,
-            Err(e) => return error(status::BAD_REQUEST, format!("bad EVAL_RECIPES body: {e}")),
-        };
         let n = m.arch.n_params();
-        if h.params as usize != n {
-            return error(
-                status::EVAL_FAILED,
-                format!("the base has {} parameters, the model has {n}", h.params),
-            );
-        }
-        let recipes = match body
-            .chunks_exact(protocol::RECIPE_BYTES)
-            .map(evod_evolve::Recipe::from_bytes)
-            .collect::<Result<Vec<_>, _>>()
-        {
-            Ok(r) => r,
-            Err(e) => return error(status::BAD_REQUEST, format!("bad recipe: {e}")),
+        let body = match evod_serve::decode_recipes(payload, n) {
+            Ok(b) => b,
+            Err(e) => return error(e.status(), e),
         };
-        let task = match (&m.task, h.episodes) {
+        let task = match (&m.task, body.header.episodes) {
             (Task::CartPole { .. }, e) if e > 0 => Task::CartPole { episodes: e },
             (t, _) => t.clone(),
         };
-        let arch = m.arch.clone();
-        let path = Path::new(path);
-        let current = self
-            .base
-            .as_ref()
-            .is_some_and(|b| b.checksum == h.base && b.path == path);
-        if !current {
-            self.base = None;
-            match read_base(path, &arch, h.base) {
-                Ok(b) => self.base = Some(b),
-                Err(e) => return error(status::WRONG_BASE, format!("{e:#}")),
-            }
-        }
-        self.seg.beat(Role::Worker);
-        let mapped = self.base.as_ref().expect("read just above");
-        let base = match evod_evolve::Base::new(&mapped.params, &mapped.layout) {
+        let base = match self.bases.base(&body, &m.arch) {
             Ok(b) => b,
-            Err(e) => return error(status::WRONG_BASE, e),
+            Err(e) => return error(e.status(), e),
         };
-        self.seg.beat(Role::Worker);
-        let group = eval_group(n).min(recipes.len());
-        ensure_buffers(&mut self.buffers, group, n);
         let seg = self.seg;
-        let mut fitness = Vec::with_capacity(recipes.len());
-        for chunk in recipes.chunks(group) {
-            for (r, buf) in chunk.iter().zip(&mut self.buffers) {
-                if let Err(e) = r.apply_to(&base, buf) {
-                    // A recipe for another base: never evaluate it against
-                    // this one.
-                    return error(status::WRONG_BASE, e);
-                }
-                seg.beat(Role::Worker);
+        seg.beat(Role::Worker);
+        let group = eval_group(n).min(body.recipes.len());
+        let mut fitness = Vec::with_capacity(body.recipes.len());
+        for chunk in body.recipes.chunks(group) {
+            if let Err(e) = evod_serve::regenerate(&base, chunk, &mut self.regenerated, || {
+                seg.beat(Role::Worker)
+            }) {
+                return error(e.status(), e);
             }
-            let views: Vec<&[f32]> = self.buffers[..chunk.len()]
-                .iter()
-                .map(Vec::as_slice)
-                .collect();
-            match task.evaluate_many_with(&arch, &views, h.seed, &mut || seg.beat(Role::Worker)) {
+            let views: Vec<&[f32]> = self.regenerated.chunks_exact(n).collect();
+            let tick = &mut || seg.beat(Role::Worker);
+            match task.evaluate_many_with(&m.arch, &views, body.header.seed, tick) {
                 Ok(f) => fitness.extend(f),
                 Err(e) => return error(status::EVAL_FAILED, format!("{e}")),
             }
@@ -697,37 +656,6 @@ impl Worker<'_> {
         protocol::write_f64s(&fitness, &mut out);
         (status::OK, out)
     }
-}
-
-/// Reads the base file at `path` (a GGUF of `arch`, written by the evolver)
-/// and checks that its parameters hash to `checksum`.
-fn read_base(path: &Path, arch: &Architecture, checksum: u64) -> Result<MappedBase> {
-    let model = Model::open_for_serving(path)
-        .with_context(|| format!("cannot map the base {}", path.display()))?;
-    if model.spec.arch != *arch {
-        anyhow::bail!(
-            "the base {} is not of the served network ({} parameters, the model has {})",
-            path.display(),
-            model.spec.arch.n_params(),
-            arch.n_params()
-        );
-    }
-    let params = model.params()?.into_owned();
-    let actual = evod_evolve::checksum(&params);
-    if actual != checksum {
-        anyhow::bail!(
-            "the base {} has checksum {actual:016x}, the request names {checksum:016x}: refusing to evaluate against the wrong base",
-            path.display()
-        );
-    }
-    let layout = evod_evolve::ParamLayout::from_architecture(arch)
-        .with_context(|| format!("the layout of {}", path.display()))?;
-    Ok(MappedBase {
-        path: path.to_owned(),
-        checksum,
-        params,
-        layout,
-    })
 }
 
 /// FNV-1a (64-bit) of a candidate's little-endian bytes: the content rule

@@ -1,0 +1,417 @@
+//! `EVAL_RECIPES` on the worker side, for every worker: the built-in
+//! `evod worker` and any program that links this crate ([`crate::serve`]).
+//!
+//! An ES candidate arrives as a 22-byte [`Recipe`] against a base file the
+//! evolver wrote (`DIR/state/base/<checksum>.gguf`). Three steps, each its
+//! own function so a worker with its own loop uses exactly these:
+//!
+//! 1. [`decode_recipes`]: the untrusted payload is checked (counts, lengths,
+//!    the path, every recipe's encoding) before anything is sized from it;
+//! 2. [`RecipeBases::base`]: the base is read once per base (mapped, copied
+//!    out, the map dropped) and its parameters verified against the
+//!    checksum the request names; a missing, unreadable, other-network or
+//!    other-checksum file is [`status::WRONG_BASE`] and nothing is
+//!    evaluated;
+//! 3. [`regenerate`]: candidates are rebuilt with [`Recipe::apply_to`] into
+//!    a buffer the caller reuses from request to request, candidate-major,
+//!    so they can be scored as if an `EVAL` had sent them.
+//!
+//! Every failure is a [`RecipesError`] whose [`RecipesError::status`] is
+//! the reply's status.
+
+use std::path::{Path, PathBuf};
+
+use evod_evolve::{Base, ParamLayout, Recipe, RecipeError};
+use evod_runtime::{Architecture, Model, RuntimeError};
+use evod_wire::protocol::{DecodeError, RECIPE_BYTES, RecipesHeader, status};
+
+/// A decoded `EVAL_RECIPES` body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecipesBody {
+    /// The header.
+    pub header: RecipesHeader,
+    /// The base file the recipes are against.
+    pub path: PathBuf,
+    /// One recipe per candidate, in order.
+    pub recipes: Vec<Recipe>,
+}
+
+/// Why an `EVAL_RECIPES` request was not evaluated.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipesError {
+    /// The payload is not an `EVAL_RECIPES` body.
+    #[error("bad EVAL_RECIPES body: {0}")]
+    Decode(#[from] DecodeError),
+    /// A recipe's bytes do not decode.
+    #[error("bad recipe {index}: {source}")]
+    Recipe {
+        /// The candidate's index in the request.
+        index: usize,
+        /// The decoder's error.
+        #[source]
+        source: RecipeError,
+    },
+    /// The request's parameter count is not the served model's.
+    #[error("the base has {base} parameters, the model has {model}")]
+    Params {
+        /// What the request says.
+        base: u64,
+        /// What the model has.
+        model: usize,
+    },
+    /// The base file cannot be used.
+    #[error(transparent)]
+    Base(#[from] BaseError),
+    /// A recipe names another base than the one the request names.
+    #[error("recipe {index}: {source}")]
+    WrongBase {
+        /// The candidate's index in the request.
+        index: usize,
+        /// [`RecipeError::WrongBase`].
+        #[source]
+        source: RecipeError,
+    },
+}
+
+impl RecipesError {
+    /// The reply status for this error: `BAD_REQUEST` for a malformed body,
+    /// `EVAL_FAILED` for another model's request, `WRONG_BASE` when the base
+    /// cannot be used or a recipe is for another one.
+    pub fn status(&self) -> i32 {
+        match self {
+            Self::Decode(_) | Self::Recipe { .. } => status::BAD_REQUEST,
+            Self::Params { .. } => status::EVAL_FAILED,
+            Self::Base(_) | Self::WrongBase { .. } => status::WRONG_BASE,
+        }
+    }
+}
+
+/// Why a base file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BaseError {
+    /// Missing, unreadable or not a valid model file.
+    #[error("cannot read the base {}: {source}", path.display())]
+    Read {
+        /// The base file.
+        path: PathBuf,
+        /// The reader's error.
+        #[source]
+        source: RuntimeError,
+    },
+    /// A model of another network.
+    #[error(
+        "the base {} is not of the served network ({base} parameters, the model has {model})",
+        path.display()
+    )]
+    Network {
+        /// The base file.
+        path: PathBuf,
+        /// The base's parameter count.
+        base: usize,
+        /// The served model's.
+        model: usize,
+    },
+    /// Its parameters do not hash to the checksum the request names.
+    #[error(
+        "the base {} has checksum {actual:016x}, the request names {want:016x}: \
+         refusing to evaluate against the wrong base",
+        path.display()
+    )]
+    Checksum {
+        /// The base file.
+        path: PathBuf,
+        /// [`evod_evolve::checksum`] of its parameters.
+        actual: u64,
+        /// What the request names.
+        want: u64,
+    },
+    /// The network's layout cannot be built.
+    #[error("the layout of the base {}: {message}", path.display())]
+    Layout {
+        /// The base file.
+        path: PathBuf,
+        /// The layout's error.
+        message: String,
+    },
+}
+
+/// Decodes an untrusted `EVAL_RECIPES` payload for a model of `n_params`
+/// parameters. The one place an `EVAL_RECIPES` body is read: the header's
+/// counts and lengths are checked against the payload before the recipe
+/// list is allocated, and every recipe is decoded (σ finite and
+/// non-negative, known sign and scale rule).
+pub fn decode_recipes(payload: &[u8], n_params: usize) -> Result<RecipesBody, RecipesError> {
+    let (header, path, body) = RecipesHeader::decode(payload)?;
+    if header.params as usize != n_params {
+        return Err(RecipesError::Params {
+            base: header.params.into(),
+            model: n_params,
+        });
+    }
+    let recipes = body
+        .chunks_exact(RECIPE_BYTES)
+        .enumerate()
+        .map(|(index, b)| {
+            Recipe::from_bytes(b).map_err(|source| RecipesError::Recipe { index, source })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RecipesBody {
+        header,
+        path: PathBuf::from(path),
+        recipes,
+    })
+}
+
+/// The base a worker holds: the last one an `EVAL_RECIPES` named, read and
+/// verified once (the evolver names one base per generation, so every
+/// request of a generation after the first costs no I/O).
+#[derive(Debug, Default)]
+pub struct RecipeBases {
+    held: Option<HeldBase>,
+}
+
+#[derive(Debug)]
+struct HeldBase {
+    path: PathBuf,
+    /// The parameters hash to this (verified when they were read).
+    checksum: u64,
+    params: Vec<f32>,
+    layout: ParamLayout,
+}
+
+impl RecipeBases {
+    /// Holds no base yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The path and checksum of the base held, if any.
+    pub fn held(&self) -> Option<(&Path, u64)> {
+        self.held.as_ref().map(|b| (b.path.as_path(), b.checksum))
+    }
+
+    /// The base `body` names, for a model of network `arch`: the one held
+    /// if it is the same file and checksum, else read from the file (the
+    /// held one is dropped first, so a worker never holds two) and verified.
+    /// On an error nothing is held.
+    pub fn base(
+        &mut self,
+        body: &RecipesBody,
+        arch: &Architecture,
+    ) -> Result<Base<'_>, RecipesError> {
+        let want = body.header.base;
+        let current = self
+            .held
+            .as_ref()
+            .is_some_and(|b| b.checksum == want && b.path == body.path);
+        if !current {
+            self.held = None;
+            self.held = Some(read_base(&body.path, arch, want)?);
+        }
+        let held = self.held.as_ref().expect("held just above");
+        // Lengths were checked when it was read.
+        Base::new(&held.params, &held.layout).map_err(|e| {
+            RecipesError::Base(BaseError::Layout {
+                path: held.path.clone(),
+                message: e.to_string(),
+            })
+        })
+    }
+}
+
+/// Reads the base file at `path` (a GGUF of `arch`, written by the evolver)
+/// and checks that its parameters hash to `checksum`. The file is mapped
+/// only while its parameters are copied out: a worker may die of SIGBUS if
+/// somebody truncates it meanwhile, which its supervisor survives.
+fn read_base(path: &Path, arch: &Architecture, checksum: u64) -> Result<HeldBase, BaseError> {
+    let read = |source| BaseError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let model = Model::open_for_serving(path).map_err(read)?;
+    if model.spec.arch != *arch {
+        return Err(BaseError::Network {
+            path: path.to_owned(),
+            base: model.spec.arch.n_params(),
+            model: arch.n_params(),
+        });
+    }
+    let params = model.params().map_err(read)?.into_owned();
+    drop(model);
+    let actual = evod_evolve::checksum(&params);
+    if actual != checksum {
+        return Err(BaseError::Checksum {
+            path: path.to_owned(),
+            actual,
+            want: checksum,
+        });
+    }
+    let layout = ParamLayout::from_architecture(arch).map_err(|e| BaseError::Layout {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    Ok(HeldBase {
+        path: path.to_owned(),
+        checksum,
+        params,
+        layout,
+    })
+}
+
+/// Rebuilds the candidates of `recipes` against `base` into `out`,
+/// candidate-major (`recipes.len()` × the base's length; `out`'s capacity
+/// is kept from call to call), calling `beat` after each candidate. A
+/// recipe for another base is refused ([`RecipesError::WrongBase`]) and is
+/// never applied to this one.
+pub fn regenerate(
+    base: &Base<'_>,
+    recipes: &[Recipe],
+    out: &mut Vec<f32>,
+    mut beat: impl FnMut(),
+) -> Result<(), RecipesError> {
+    let n = base.params().len();
+    out.resize(recipes.len() * n, 0.0);
+    for (index, (recipe, buf)) in recipes
+        .iter()
+        .zip(out.chunks_exact_mut(n.max(1)))
+        .enumerate()
+    {
+        recipe
+            .apply_to(base, buf)
+            .map_err(|source| RecipesError::WrongBase { index, source })?;
+        beat();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evod_evolve::{Sign, TensorScale};
+    use evod_runtime::{Activation, ModelSpec, init_params, write_model};
+
+    fn body(h: RecipesHeader, path: &str, recipes: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; h.request_len()];
+        h.encode(path.as_bytes(), recipes, &mut out);
+        out
+    }
+
+    #[test]
+    fn bodies_decode_or_name_the_problem_with_its_status() {
+        let r = Recipe::new(0xfeed, 3, 0.5, Sign::Minus, TensorScale::Glorot);
+        let h = RecipesHeader {
+            candidates: 2,
+            params: 10,
+            seed: 4,
+            episodes: 0,
+            path_len: 7,
+            base: 0xfeed,
+        };
+        let bytes = [
+            r.to_bytes(),
+            Recipe::center(0xfeed, TensorScale::Unit).to_bytes(),
+        ]
+        .concat();
+        let b = decode_recipes(&body(h, "/b.gguf", &bytes), 10).unwrap();
+        assert_eq!(b.path, Path::new("/b.gguf"));
+        assert_eq!(b.recipes[0], r);
+        assert_eq!(b.header, h);
+
+        let e = decode_recipes(&body(h, "/b.gguf", &bytes), 11).unwrap_err();
+        assert_eq!(e.status(), status::EVAL_FAILED);
+        assert_eq!(
+            e.to_string(),
+            "the base has 10 parameters, the model has 11"
+        );
+
+        let mut bad = bytes.clone();
+        bad[RECIPE_BYTES + 20] = 9;
+        let e = decode_recipes(&body(h, "/b.gguf", &bad), 10).unwrap_err();
+        assert_eq!(e.status(), status::BAD_REQUEST);
+        assert_eq!(
+            e.to_string(),
+            "bad recipe 1: bad recipe encoding: unknown sign 9"
+        );
+
+        let full = body(h, "/b.gguf", &bytes);
+        let e = decode_recipes(&full[..full.len() - 1], 10).unwrap_err();
+        assert_eq!(e.status(), status::BAD_REQUEST);
+        assert!(e.to_string().starts_with("bad EVAL_RECIPES body: "), "{e}");
+    }
+
+    #[test]
+    fn a_base_is_read_once_verified_and_regenerates_the_evolvers_candidates() {
+        let dir = tempfile::tempdir().unwrap();
+        let arch = Architecture::new(vec![3, 4, 2], Activation::Tanh).unwrap();
+        let params = init_params(&arch, 5);
+        let path = dir.path().join("base.gguf");
+        let spec = ModelSpec::new(arch.clone(), "external".into(), 0);
+        write_model(&path, &spec, &params, None).unwrap();
+        let layout = ParamLayout::from_architecture(&arch).unwrap();
+        let truth = Base::new(&params, &layout).unwrap();
+        let recipes = [
+            Recipe::new(truth.checksum(), 7, 0.1, Sign::Plus, TensorScale::Glorot),
+            Recipe::new(truth.checksum(), 7, 0.1, Sign::Minus, TensorScale::Glorot),
+        ];
+        let req = |base: u64, path: &Path| RecipesBody {
+            header: RecipesHeader {
+                candidates: 2,
+                params: arch.n_params() as u32,
+                seed: 0,
+                episodes: 0,
+                path_len: 1,
+                base,
+            },
+            path: path.to_owned(),
+            recipes: recipes.to_vec(),
+        };
+
+        let mut bases = RecipeBases::new();
+        let mut out = Vec::new();
+        let base = bases.base(&req(truth.checksum(), &path), &arch).unwrap();
+        let mut beats = 0;
+        regenerate(&base, &recipes, &mut out, || beats += 1).unwrap();
+        assert_eq!(beats, 2);
+        let want = [
+            recipes[0].materialize(&truth).unwrap(),
+            recipes[1].materialize(&truth).unwrap(),
+        ]
+        .concat();
+        assert_eq!(out, want);
+        assert_eq!(bases.held(), Some((path.as_path(), truth.checksum())));
+
+        // Held: a request for the same base reads nothing (the file is gone).
+        std::fs::rename(&path, dir.path().join("moved.gguf")).unwrap();
+        assert!(bases.base(&req(truth.checksum(), &path), &arch).is_ok());
+
+        // Another checksum: the file is read again, and is missing.
+        let e = bases.base(&req(1, &path), &arch).unwrap_err();
+        assert_eq!(e.status(), status::WRONG_BASE);
+        assert!(e.to_string().contains("base.gguf"), "{e}");
+        assert_eq!(bases.held(), None);
+        // Present, but another checksum than the request names.
+        let moved = dir.path().join("moved.gguf");
+        let e = bases.base(&req(1, &moved), &arch).unwrap_err();
+        assert_eq!(e.status(), status::WRONG_BASE);
+        assert!(e.to_string().contains("wrong base"), "{e}");
+        // Another network.
+        let other = Architecture::new(vec![3, 5, 2], Activation::Tanh).unwrap();
+        let e = bases
+            .base(&req(truth.checksum(), &moved), &other)
+            .unwrap_err();
+        assert!(
+            matches!(e, RecipesError::Base(BaseError::Network { .. })),
+            "{e}"
+        );
+
+        // A recipe for another base than the one held is not applied.
+        let base = bases.base(&req(truth.checksum(), &moved), &arch).unwrap();
+        let stray = [Recipe::new(2, 7, 0.1, Sign::Plus, TensorScale::Glorot)];
+        let e = regenerate(&base, &stray, &mut out, || {}).unwrap_err();
+        assert_eq!(e.status(), status::WRONG_BASE);
+        assert!(
+            e.to_string().starts_with("recipe 0: recipe is for base"),
+            "{e}"
+        );
+    }
+}
