@@ -9,10 +9,8 @@
 
 mod common;
 
-use common::{children_with_role, evod, poll_until, text};
+use common::{Daemon, children_with_role, evod, poll_until, text};
 
-use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -22,55 +20,23 @@ use serde_json::Value;
 /// Guards against hangs only; not a timing assertion.
 const DEADLINE: Duration = Duration::from_secs(120);
 
-/// `evod run` (with the evolver) in a temporary folder, stderr to `run.log`.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Daemon {
+/// `evod run` (with the evolver) in a temporary folder ([`Daemon`]), and
+/// what these tests do with it.
+trait ServiceDaemon {
     /// Starts on the folder's model (`evod run` creates CartPole's if none).
-    fn start(dir: tempfile::TempDir, args: &[&str]) -> Daemon {
-        let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
-        let child = evod()
-            .arg("run")
-            .arg("--dir")
-            .arg(dir.path())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawning evod run");
-        Daemon { child, dir }
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir().join("run.log")).unwrap_or_default()
-    }
-
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        evod()
-            .args(args)
-            .arg("--dir")
-            .arg(self.dir())
-            .output()
-            .unwrap()
-    }
-
-    fn status(&self) -> Option<Value> {
-        let o = self.cli(&["status", "--json"]);
-        o.status
-            .success()
-            .then(|| serde_json::from_slice(&o.stdout).unwrap())
-    }
-
+    fn start(dir: tempfile::TempDir, args: &[&str]) -> Daemon;
     /// Waits until the evolver rests past evolver generation `after`;
     /// returns the status's `converged` object.
+    fn wait_converged(&self, after: Option<u64>) -> Value;
+    /// The supervisor and every process under it.
+    fn tree(&self) -> Vec<u32>;
+}
+
+impl ServiceDaemon for Daemon {
+    fn start(dir: tempfile::TempDir, args: &[&str]) -> Daemon {
+        Daemon::spawn(dir, args, DEADLINE)
+    }
+
     fn wait_converged(&self, after: Option<u64>) -> Value {
         poll_until(
             "the evolver to rest (status: converged)",
@@ -84,9 +50,8 @@ impl Daemon {
         )
     }
 
-    /// The supervisor and every process under it.
     fn tree(&self) -> Vec<u32> {
-        let mut out = vec![self.child.id()];
+        let mut out = vec![self.pid()];
         let mut i = 0;
         while i < out.len() {
             for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -100,13 +65,6 @@ impl Daemon {
             i += 1;
         }
         out
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -170,7 +128,7 @@ fn a_converged_run_rests_at_near_zero_cpu_and_wakes_on_each_trigger() {
     );
 
     // SIGHUP to the supervisor does the same.
-    kill(Pid::from_raw(d.child.id() as i32), Signal::SIGHUP).unwrap();
+    kill(Pid::from_raw(d.pid() as i32), Signal::SIGHUP).unwrap();
     let hup = d.wait_converged(again["generation"].as_u64());
 
     // A rollback restarts the evolver on an older model: it evolves again
@@ -245,7 +203,7 @@ fn a_sighup_as_the_evolver_starts_does_not_kill_it() {
     }
     std::fs::write(state.join("progress.csv"), csv).unwrap();
     let d = Daemon::start(dir, &["--patience", "0"]);
-    let supervisor = d.child.id();
+    let supervisor = d.pid();
     // The evolver names itself first thing in `evod evolver`, once its
     // handlers are in: a SIGHUP from then on is a wake, never a death.
     let pid = poll_until(
