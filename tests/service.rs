@@ -171,14 +171,7 @@ fn a_disk_refusing_the_checkpoint_and_the_log_rewrite_does_not_stop_the_run_from
             && log.contains("saving the checkpoint before resting failed"),
         "{log}"
     );
-    let status = d.status().unwrap();
-    let evolver = status["children"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["role"] == "evolver")
-        .cloned()
-        .unwrap();
+    let evolver = d.row(|c| c["role"] == "evolver").unwrap();
     assert_eq!(evolver["restarts"], 0, "{evolver}\n{log}");
     assert_eq!(evolver["state"], "running", "{evolver}");
 }
@@ -230,14 +223,7 @@ fn a_sighup_as_the_evolver_starts_does_not_kill_it() {
         },
         || d.log(),
     );
-    let status = d.status().unwrap();
-    let evolver = status["children"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["role"] == "evolver")
-        .cloned()
-        .unwrap();
+    let evolver = d.row(|c| c["role"] == "evolver").unwrap();
     assert_eq!(evolver["restarts"], 0, "{evolver}\n{}", d.log());
     assert_eq!(evolver["pid"], pid, "{evolver}");
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Daemon, evod, text};
+use common::{Daemon, assert_sigkilled, evod, text};
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -33,17 +33,6 @@ fn child_and_standby_pids(status: &Value) -> Vec<u32> {
         .flatten()
         .map(|p| p as u32)
         .collect()
-}
-
-/// The worker row's last exit was a SIGKILL (from the supervisor).
-fn assert_sigkilled(w: &Value) {
-    assert!(
-        w["last_exit"]
-            .as_str()
-            .unwrap()
-            .starts_with("killed by signal 9 (SIGKILL)"),
-        "{w}"
-    );
 }
 
 fn alive(pid: u32) -> bool {

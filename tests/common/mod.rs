@@ -138,6 +138,17 @@ pub fn wait_exit(
     }
 }
 
+/// A worker row's last exit was a SIGKILL (from the supervisor).
+pub fn assert_sigkilled(w: &serde_json::Value) {
+    assert!(
+        w["last_exit"]
+            .as_str()
+            .unwrap()
+            .starts_with("killed by signal 9 (SIGKILL)"),
+        "{w}"
+    );
+}
+
 /// `evod run --dir DIR ARGS...` in a temporary state folder, stderr logged
 /// to `run.log` there; killed (and reaped) on drop unless it already exited
 /// through [`Daemon::wait_exit`].
@@ -219,10 +230,15 @@ impl Daemon {
 
     /// Worker 0's row in the status report.
     pub fn worker(&self) -> Option<serde_json::Value> {
+        self.row(|c| c["role"] == "worker" && c["index"] == 0)
+    }
+
+    /// The first child row in the status report that `is` picks.
+    pub fn row(&self, is: impl Fn(&serde_json::Value) -> bool) -> Option<serde_json::Value> {
         self.status()?["children"]
             .as_array()?
             .iter()
-            .find(|c| c["role"] == "worker" && c["index"] == 0)
+            .find(|c| is(c))
             .cloned()
     }
 
