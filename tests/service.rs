@@ -68,6 +68,17 @@ impl ServiceDaemon for Daemon {
     }
 }
 
+/// `evod init -o DIR/vectorland.gguf`: CartPole's model in `dir`.
+fn init(dir: &std::path::Path) {
+    let o = evod()
+        .arg("init")
+        .arg("-o")
+        .arg(dir.join("vectorland.gguf"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "evod init: {}", text(&o.stderr));
+}
+
 /// The fields of `/proc/PID/stat` after the command name (state first).
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -155,13 +166,7 @@ fn a_disk_refusing_the_checkpoint_and_the_log_rewrite_does_not_stop_the_run_from
     // rested and the supervisor gave up after its restart intensity.
     std::fs::create_dir_all(state.join("checkpoint.bin").join("x")).unwrap();
     std::fs::create_dir_all(state.join("progress.csv.tmp")).unwrap();
-    let o = evod()
-        .arg("init")
-        .arg("-o")
-        .arg(dir.path().join("vectorland.gguf"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "evod init: {}", text(&o.stderr));
+    init(dir.path());
     let d = Daemon::start(dir, &["--solve-threshold", "1", "--patience", "40"]);
     let rest = d.wait_converged(None);
     assert_eq!(rest["fitness"], 500.0, "{rest}");
@@ -179,13 +184,7 @@ fn a_disk_refusing_the_checkpoint_and_the_log_rewrite_does_not_stop_the_run_from
 #[test]
 fn a_sighup_as_the_evolver_starts_does_not_kill_it() {
     let dir = tempfile::tempdir().unwrap();
-    let o = evod()
-        .arg("init")
-        .arg("-o")
-        .arg(dir.path().join("vectorland.gguf"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "evod init: {}", text(&o.stderr));
+    init(dir.path());
     // A long progress log to read and rewrite keeps the start (model,
     // checkpoint, log) long enough to be hit reliably.
     let state = dir.path().join("state");
