@@ -1,6 +1,7 @@
 //! Helpers shared by the process-level tests in this folder: the `evod`
-//! command with a clean environment, output as text, and the children of a
-//! process by role (read from `/proc`).
+//! command with a clean environment, output as text, the children of a
+//! process by role (read from `/proc`), waits with a deadline, and
+//! [`Daemon`], an `evod run` in a temporary state folder.
 
 #![allow(dead_code)] // Each test file uses a different subset.
 
