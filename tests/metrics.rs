@@ -8,11 +8,11 @@
 
 mod common;
 
-use common::{evod, poll_until};
+use common::{Daemon, evod, poll_until};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,112 +23,50 @@ use serde_json::Value;
 /// Guards against hangs only; not a timing assertion.
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// `evod run --metrics-addr 127.0.0.1:0` in a temporary state folder,
-/// stderr logged to a file there.
-struct Daemon {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    addr: SocketAddr,
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
-        let child = evod()
-            .arg("run")
-            .arg("--dir")
-            .arg(dir.path())
-            .args(["--workers", "1", "--metrics-addr", "127.0.0.1:0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawning evod run");
-        let log_path = dir.path().join("run.log");
-        // Port 0: the OS picks a free port; the supervisor logs it.
-        let addr = poll_until(
-            "the metrics address in the log",
-            DEADLINE,
-            || {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                let at = log.find("/readyz on http://")? + "/readyz on http://".len();
-                log[at..].split_whitespace().next()?.parse().ok()
-            },
-            || std::fs::read_to_string(&log_path).unwrap_or_default(),
-        );
-        Daemon {
-            child: Some(child),
-            dir,
-            addr,
-        }
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir().join("run.log")).unwrap_or_default()
-    }
-
-    fn status(&self) -> Option<Value> {
-        let o = evod()
-            .args(["status", "--json", "--dir"])
-            .arg(self.dir())
-            .output()
-            .unwrap();
-        o.status
-            .success()
-            .then(|| serde_json::from_slice(&o.stdout).unwrap())
-    }
-
-    /// Polls `cond` until `Some`; fails with the log past the deadline,
-    /// or if the daemon exited.
-    fn wait_for<T>(&mut self, what: &str, mut cond: impl FnMut(&Daemon) -> Option<T>) -> T {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "evod run exited ({status}) waiting for {what}:\n{}",
-                    self.log()
-                );
-            }
-            if let Some(v) = cond(self) {
-                return v;
-            }
-            assert!(
-                Instant::now() < end,
-                "timed out waiting for {what}\nmetrics:\n{}\nlog:\n{}",
-                get(self.addr, "/metrics").map_or_else(|e| e.to_string(), |r| r.1),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
+/// `evod run --workers 1 --metrics-addr 127.0.0.1:0` in a temporary state
+/// folder ([`Daemon`]), and its metrics endpoint.
+trait MetricsDaemon {
+    /// Starts with `args` and waits for the address it serves metrics on.
+    fn start(args: &[&str]) -> Daemon;
+    /// The metrics address the supervisor logged (port 0: the OS picked).
+    fn addr(&self) -> SocketAddr;
     /// The value of the sample `series` (name and labels, as printed) in
     /// `/metrics`, if present.
+    fn sample(&self, series: &str) -> Option<f64>;
+}
+
+impl MetricsDaemon for Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let base = ["--workers", "1", "--metrics-addr", "127.0.0.1:0"];
+        let args: Vec<&str> = base.iter().chain(args).copied().collect();
+        let mut d = Daemon::spawn(tempfile::tempdir().unwrap(), &args, DEADLINE).on_timeout(|d| {
+            let metrics = logged_addr(d).map(|a| get(a, "/metrics"));
+            match metrics {
+                Some(Ok((_, body))) => format!("metrics:\n{body}"),
+                Some(Err(e)) => format!("metrics: {e}"),
+                None => "metrics: no address logged".to_owned(),
+            }
+        });
+        d.wait_for("the metrics address in the log", logged_addr);
+        d
+    }
+
+    fn addr(&self) -> SocketAddr {
+        logged_addr(self).expect("no metrics address in the log")
+    }
+
     fn sample(&self, series: &str) -> Option<f64> {
-        let (code, body) = get(self.addr, "/metrics").ok()?;
+        let (code, body) = get(self.addr(), "/metrics").ok()?;
         assert_eq!(code, 200, "{body}");
         value_of(&body, series)
     }
-
-    fn signal(&self, signal: Signal) {
-        let pid = self.child.as_ref().unwrap().id();
-        kill(Pid::from_raw(pid as i32), signal).unwrap();
-    }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// The address after "/readyz on http://" in the daemon's log.
+fn logged_addr(d: &Daemon) -> Option<SocketAddr> {
+    let log = d.log();
+    let at = log.find("/readyz on http://")? + "/readyz on http://".len();
+    log[at..].split_whitespace().next()?.parse().ok()
 }
 
 /// The value of `series` in a Prometheus text exposition.
@@ -162,10 +100,10 @@ fn counters_move_and_a_worker_sigsegv_is_a_restart_with_its_labels() {
     // `--patience 0`: the evolver never rests (CartPole converges in a few
     // generations), so its counters keep moving.
     let mut d = Daemon::start(&["--patience", "0"]);
-    let (code, body) = get(d.addr, "/healthz").unwrap();
+    let (code, body) = get(d.addr(), "/healthz").unwrap();
     assert_eq!((code, body.as_str()), (200, "ok\n"));
     d.wait_for("/readyz 200", |d| {
-        get(d.addr, "/readyz").ok().filter(|(c, _)| *c == 200)
+        get(d.addr(), "/readyz").ok().filter(|(c, _)| *c == 200)
     });
     // The evolver's report reaches /metrics, and its counters grow.
     let first = d.wait_for("evod_generations_total", |d| {
@@ -211,9 +149,7 @@ fn counters_move_and_a_worker_sigsegv_is_a_restart_with_its_labels() {
             .is_some_and(|n| n > 0.0)
     );
     d.signal(Signal::SIGTERM);
-    let child = d.child.as_mut().unwrap();
-    let status = common::wait_exit(child, DEADLINE).expect("evod run did not stop");
-    d.child = None;
+    let status = d.wait_exit();
     assert!(status.success(), "{status}\n{}", d.log());
 }
 
@@ -238,7 +174,7 @@ fn converged_is_1_while_the_evolver_rests() {
     // last generation it published may still be in its canary when the
     // rest begins: ready within the deadline, and it stays resting.)
     d.wait_for("/readyz 200 while resting", |d| {
-        get(d.addr, "/readyz").ok().filter(|(c, _)| *c == 200)
+        get(d.addr(), "/readyz").ok().filter(|(c, _)| *c == 200)
     });
     assert_eq!(d.sample("evod_converged"), Some(1.0));
 }
@@ -247,7 +183,7 @@ fn converged_is_1_while_the_evolver_rests() {
 fn readyz_is_503_with_the_reason_when_the_model_is_corrupted_in_place() {
     let mut d = Daemon::start(&["--no-evolver"]);
     d.wait_for("/readyz 200", |d| {
-        get(d.addr, "/readyz").ok().filter(|(c, _)| *c == 200)
+        get(d.addr(), "/readyz").ok().filter(|(c, _)| *c == 200)
     });
     assert_eq!(d.sample("evod_ready"), Some(1.0));
     assert_eq!(d.sample("evod_workers_ready"), Some(1.0));
@@ -263,7 +199,7 @@ fn readyz_is_503_with_the_reason_when_the_model_is_corrupted_in_place() {
         .set_len(len / 2)
         .unwrap();
     let body = d.wait_for("/readyz 503 naming the model", |d| {
-        get(d.addr, "/readyz")
+        get(d.addr(), "/readyz")
             .ok()
             .filter(|(c, b)| *c == 503 && b.contains("cannot be served"))
             .map(|x| x.1)
@@ -271,20 +207,20 @@ fn readyz_is_503_with_the_reason_when_the_model_is_corrupted_in_place() {
     assert!(body.starts_with("not ready: "), "{body}");
     assert_eq!(d.sample("evod_ready"), Some(0.0));
     // The process is alive: /healthz stays 200; unknown paths are 404.
-    assert_eq!(get(d.addr, "/healthz").unwrap().0, 200);
-    assert_eq!(get(d.addr, "/nope").unwrap().0, 404);
+    assert_eq!(get(d.addr(), "/healthz").unwrap().0, 200);
+    assert_eq!(get(d.addr(), "/nope").unwrap().0, 404);
 }
 
 #[test]
 fn a_hostile_http_client_holds_up_neither_status_nor_sigterm() {
     let mut d = Daemon::start(&["--no-evolver", "--grace-period", "5s"]);
     d.wait_for("/readyz 200", |d| {
-        get(d.addr, "/readyz").ok().filter(|(c, _)| *c == 200)
+        get(d.addr(), "/readyz").ok().filter(|(c, _)| *c == 200)
     });
     // Many connections that trickle a request byte by byte, never ending
     // it, for as long as the test runs.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let addr = d.addr;
+    let addr = d.addr();
     let tricklers: Vec<_> = (0..32)
         .map(|_| {
             let stop = stop.clone();
@@ -307,7 +243,7 @@ fn a_hostile_http_client_holds_up_neither_status_nor_sigterm() {
         .collect();
     // Wait until the server is saturated: a scrape is refused.
     d.wait_for("the metrics server to be saturated", |d| {
-        match get(d.addr, "/healthz") {
+        match get(d.addr(), "/healthz") {
             Ok((503, _)) | Err(_) => Some(()),
             Ok(_) => None,
         }
@@ -323,9 +259,7 @@ fn a_hostile_http_client_holds_up_neither_status_nor_sigterm() {
     // one-second final reap; the watchdog deadline is twice that.
     let asked = Instant::now();
     d.signal(Signal::SIGTERM);
-    let child = d.child.as_mut().unwrap();
-    let status = common::wait_exit(child, Duration::from_secs(12));
-    d.child = None;
+    let status = d.wait_exit_within(Duration::from_secs(12));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in tricklers {
         t.join().unwrap();
@@ -430,7 +364,7 @@ impl Drop for Prometheus {
 #[test]
 fn a_real_prometheus_server_scrapes_growing_generations() {
     let d = Daemon::start(&["--patience", "0"]);
-    let p = Prometheus::start(d.addr);
+    let p = Prometheus::start(d.addr());
     // The scrape target is up (Prometheus parsed our exposition).
     let up = poll_until(
         "prometheus to scrape evod (up == 1)",

@@ -9,10 +9,8 @@
 
 mod common;
 
-use common::{children_with_role, evod, poll_until, text};
+use common::{Daemon, children_with_role, evod, poll_until, text};
 
-use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -22,55 +20,23 @@ use serde_json::Value;
 /// Guards against hangs only; not a timing assertion.
 const DEADLINE: Duration = Duration::from_secs(120);
 
-/// `evod run` (with the evolver) in a temporary folder, stderr to `run.log`.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Daemon {
+/// `evod run` (with the evolver) in a temporary folder ([`Daemon`]), and
+/// what these tests do with it.
+trait ServiceDaemon {
     /// Starts on the folder's model (`evod run` creates CartPole's if none).
-    fn start(dir: tempfile::TempDir, args: &[&str]) -> Daemon {
-        let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
-        let child = evod()
-            .arg("run")
-            .arg("--dir")
-            .arg(dir.path())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawning evod run");
-        Daemon { child, dir }
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir().join("run.log")).unwrap_or_default()
-    }
-
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        evod()
-            .args(args)
-            .arg("--dir")
-            .arg(self.dir())
-            .output()
-            .unwrap()
-    }
-
-    fn status(&self) -> Option<Value> {
-        let o = self.cli(&["status", "--json"]);
-        o.status
-            .success()
-            .then(|| serde_json::from_slice(&o.stdout).unwrap())
-    }
-
+    fn start(dir: tempfile::TempDir, args: &[&str]) -> Daemon;
     /// Waits until the evolver rests past evolver generation `after`;
     /// returns the status's `converged` object.
+    fn wait_converged(&self, after: Option<u64>) -> Value;
+    /// The supervisor and every process under it.
+    fn tree(&self) -> Vec<u32>;
+}
+
+impl ServiceDaemon for Daemon {
+    fn start(dir: tempfile::TempDir, args: &[&str]) -> Daemon {
+        Daemon::spawn(dir, args, DEADLINE)
+    }
+
     fn wait_converged(&self, after: Option<u64>) -> Value {
         poll_until(
             "the evolver to rest (status: converged)",
@@ -84,9 +50,8 @@ impl Daemon {
         )
     }
 
-    /// The supervisor and every process under it.
     fn tree(&self) -> Vec<u32> {
-        let mut out = vec![self.child.id()];
+        let mut out = vec![self.pid()];
         let mut i = 0;
         while i < out.len() {
             for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -103,11 +68,15 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `evod init -o DIR/vectorland.gguf`: CartPole's model in `dir`.
+fn init(dir: &std::path::Path) {
+    let o = evod()
+        .arg("init")
+        .arg("-o")
+        .arg(dir.join("vectorland.gguf"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "evod init: {}", text(&o.stderr));
 }
 
 /// The fields of `/proc/PID/stat` after the command name (state first).
@@ -170,7 +139,7 @@ fn a_converged_run_rests_at_near_zero_cpu_and_wakes_on_each_trigger() {
     );
 
     // SIGHUP to the supervisor does the same.
-    kill(Pid::from_raw(d.child.id() as i32), Signal::SIGHUP).unwrap();
+    kill(Pid::from_raw(d.pid() as i32), Signal::SIGHUP).unwrap();
     let hup = d.wait_converged(again["generation"].as_u64());
 
     // A rollback restarts the evolver on an older model: it evolves again
@@ -197,13 +166,7 @@ fn a_disk_refusing_the_checkpoint_and_the_log_rewrite_does_not_stop_the_run_from
     // rested and the supervisor gave up after its restart intensity.
     std::fs::create_dir_all(state.join("checkpoint.bin").join("x")).unwrap();
     std::fs::create_dir_all(state.join("progress.csv.tmp")).unwrap();
-    let o = evod()
-        .arg("init")
-        .arg("-o")
-        .arg(dir.path().join("vectorland.gguf"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "evod init: {}", text(&o.stderr));
+    init(dir.path());
     let d = Daemon::start(dir, &["--solve-threshold", "1", "--patience", "40"]);
     let rest = d.wait_converged(None);
     assert_eq!(rest["fitness"], 500.0, "{rest}");
@@ -213,14 +176,7 @@ fn a_disk_refusing_the_checkpoint_and_the_log_rewrite_does_not_stop_the_run_from
             && log.contains("saving the checkpoint before resting failed"),
         "{log}"
     );
-    let status = d.status().unwrap();
-    let evolver = status["children"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["role"] == "evolver")
-        .cloned()
-        .unwrap();
+    let evolver = d.row(|c| c["role"] == "evolver").unwrap();
     assert_eq!(evolver["restarts"], 0, "{evolver}\n{log}");
     assert_eq!(evolver["state"], "running", "{evolver}");
 }
@@ -228,13 +184,7 @@ fn a_disk_refusing_the_checkpoint_and_the_log_rewrite_does_not_stop_the_run_from
 #[test]
 fn a_sighup_as_the_evolver_starts_does_not_kill_it() {
     let dir = tempfile::tempdir().unwrap();
-    let o = evod()
-        .arg("init")
-        .arg("-o")
-        .arg(dir.path().join("vectorland.gguf"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "evod init: {}", text(&o.stderr));
+    init(dir.path());
     // A long progress log to read and rewrite keeps the start (model,
     // checkpoint, log) long enough to be hit reliably.
     let state = dir.path().join("state");
@@ -245,7 +195,7 @@ fn a_sighup_as_the_evolver_starts_does_not_kill_it() {
     }
     std::fs::write(state.join("progress.csv"), csv).unwrap();
     let d = Daemon::start(dir, &["--patience", "0"]);
-    let supervisor = d.child.id();
+    let supervisor = d.pid();
     // The evolver names itself first thing in `evod evolver`, once its
     // handlers are in: a SIGHUP from then on is a wake, never a death.
     let pid = poll_until(
@@ -272,14 +222,7 @@ fn a_sighup_as_the_evolver_starts_does_not_kill_it() {
         },
         || d.log(),
     );
-    let status = d.status().unwrap();
-    let evolver = status["children"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["role"] == "evolver")
-        .cloned()
-        .unwrap();
+    let evolver = d.row(|c| c["role"] == "evolver").unwrap();
     assert_eq!(evolver["restarts"], 0, "{evolver}\n{}", d.log());
     assert_eq!(evolver["pid"], pid, "{evolver}");
 }

@@ -5,10 +5,10 @@
 
 mod common;
 
-use common::{evod, text};
+use common::{Daemon, assert_sigkilled, evod, text};
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -35,29 +35,33 @@ fn child_and_standby_pids(status: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// The worker row's last exit was a SIGKILL (from the supervisor).
-fn assert_sigkilled(w: &Value) {
-    assert!(
-        w["last_exit"]
-            .as_str()
-            .unwrap()
-            .starts_with("killed by signal 9 (SIGKILL)"),
-        "{w}"
-    );
-}
-
 fn alive(pid: u32) -> bool {
     // A zombie still has a /proc entry: count it as alive (not reaped).
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// `evod run` in a temporary state folder, stderr logged to a file there.
-struct Daemon {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
+/// `evod run --no-evolver --allow-fault-injection` in a temporary state
+/// folder ([`Daemon`]), and what these tests do with it.
+trait SupervisorDaemon {
+    fn start(args: &[&str]) -> Daemon;
+    fn start_with(workers: u32, args: &[&str]) -> Daemon;
+    /// Starts on `dir`, which may hold an earlier daemon's state, and waits
+    /// until it is healthy.
+    fn start_in(dir: tempfile::TempDir, workers: u32, args: &[&str]) -> Daemon;
+    fn wait_healthy(&self) -> Value;
+    fn worker_pid(&self) -> u32;
+    /// Waits until worker 0 runs again as a different process whose last
+    /// exit mentions `words`; returns its status row.
+    fn wait_respawn(&self, old_pid: u32, words: &str) -> Value;
+    /// `evod exec` of one CartPole input row: the outputs, as printed.
+    fn exec(&self) -> String;
+    /// Waits until worker 0 has a standby that is ready; returns its pid.
+    fn wait_standby_ready(&self) -> u32;
+    fn fault(&self, kind: &str) -> Output;
+    fn runtime_dir(&self) -> PathBuf;
 }
 
-impl Daemon {
+impl SupervisorDaemon for Daemon {
     fn start(args: &[&str]) -> Daemon {
         Daemon::start_with(1, args)
     }
@@ -66,69 +70,20 @@ impl Daemon {
         Daemon::start_in(tempfile::tempdir().unwrap(), workers, args)
     }
 
-    /// Starts on `dir`, which may hold an earlier daemon's state.
     fn start_in(dir: tempfile::TempDir, workers: u32, args: &[&str]) -> Daemon {
-        let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
-        let child = evod()
-            .arg("run")
-            .arg("--dir")
-            .arg(dir.path())
-            .args(["--no-evolver", "--allow-fault-injection", "--workers"])
-            .arg(workers.to_string())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawning evod run");
-        let mut d = Daemon {
-            child: Some(child),
-            dir,
-        };
-        let log = d.dir().join("run.log");
-        let log = || std::fs::read_to_string(&log).unwrap_or_default();
-        wait_for(
-            "a healthy daemon",
-            || {
-                if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                    panic!("evod run exited early ({status}):\n{}", log());
-                }
-                d.status().filter(|s| s["healthy"] == true)
-            },
-            log,
-        );
+        let workers = workers.to_string();
+        let base = [
+            "--no-evolver",
+            "--allow-fault-injection",
+            "--workers",
+            &workers,
+        ];
+        let args: Vec<&str> = base.iter().chain(args).copied().collect();
+        let mut d = Daemon::spawn(dir, &args, DEADLINE);
+        d.wait_for("a healthy daemon", |d| {
+            d.status().filter(|s| s["healthy"] == true)
+        });
         d
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir().join("run.log")).unwrap_or_default()
-    }
-
-    fn status(&self) -> Option<Value> {
-        let o = evod()
-            .args(["status", "--json", "--dir"])
-            .arg(self.dir())
-            .output()
-            .unwrap();
-        o.status
-            .success()
-            .then(|| serde_json::from_slice(&o.stdout).unwrap())
-    }
-
-    fn worker(&self) -> Option<Value> {
-        self.status()?["children"]
-            .as_array()?
-            .iter()
-            .find(|c| c["role"] == "worker" && c["index"] == 0)
-            .cloned()
     }
 
     fn wait_healthy(&self) -> Value {
@@ -144,8 +99,6 @@ impl Daemon {
         w["pid"].as_u64().expect("running worker has a pid") as u32
     }
 
-    /// Waits until worker 0 runs again as a different process whose last
-    /// exit mentions `words`; returns its status row.
     fn wait_respawn(&self, old_pid: u32, words: &str) -> Value {
         wait_for(
             &format!("a new worker after '{words}'"),
@@ -159,7 +112,6 @@ impl Daemon {
         )
     }
 
-    /// `evod exec` of one CartPole input row: the outputs, as printed.
     fn exec(&self) -> String {
         let o = evod()
             .args(["exec", "--input", "0.1,0.2,0.3,0.4", "--dir"])
@@ -170,7 +122,6 @@ impl Daemon {
         text(&o.stdout).trim().to_owned()
     }
 
-    /// Waits until worker 0 has a standby that is ready; returns its pid.
     fn wait_standby_ready(&self) -> u32 {
         wait_for(
             "a ready standby",
@@ -180,18 +131,6 @@ impl Daemon {
             },
             || format!("status: {:?}\nlog:\n{}", self.status(), self.log()),
         )
-    }
-
-    fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.pid() as i32), signal).unwrap();
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        let child = self.child.as_mut().unwrap();
-        let status = common::wait_exit(child, DEADLINE)
-            .unwrap_or_else(|| panic!("evod run did not exit\n{}", self.log()));
-        self.child = None;
-        status
     }
 
     fn fault(&self, kind: &str) -> Output {
@@ -206,15 +145,6 @@ impl Daemon {
 
     fn runtime_dir(&self) -> PathBuf {
         self.dir().join(".evod")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -437,7 +367,7 @@ fn a_sigkilled_supervisor_takes_its_children_and_leaves_nothing_behind() {
     // names the model and its generation.
     let model = d.dir().join("vectorland.gguf");
     let generation = evod_store::generation_of(&evod_gguf::GgufFile::open(&model).unwrap());
-    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
+    let dir = d.take_dir();
     let again = Daemon::start_in(dir, 2, &[]);
     let s = again.wait_healthy();
     assert_eq!(s["pid"], again.pid());

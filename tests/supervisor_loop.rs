@@ -6,120 +6,46 @@
 
 mod common;
 
-use common::evod;
+use common::{Daemon, assert_sigkilled, evod};
 
-use std::path::Path;
-use std::process::{Child, ExitStatus, Stdio};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use serde_json::Value;
+use nix::sys::signal::Signal;
 
 /// Guards against hangs only; not a timing assertion.
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// `evod run --no-evolver --allow-fault-injection --workers 1` in a
-/// temporary state folder, stderr logged to a file there.
-struct Daemon {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
+/// temporary state folder ([`Daemon`]), and what these tests do with it.
+trait LoopDaemon {
+    /// Starts with `args` and waits until it is healthy.
+    fn start(args: &[&str]) -> Daemon;
+    fn model(&self) -> PathBuf;
+    /// The live generation, once a worker verified it.
+    fn verified_generation(&mut self) -> u64;
+    /// Publishes (atomically) a copy of the live model renumbered
+    /// `generation`, carrying `evod.fault = fault` if given.
+    fn publish(&self, source: &Path, generation: u64, fault: Option<&str>);
+    /// A private copy of the live model (to publish variants of it).
+    fn copy_model(&self) -> PathBuf;
 }
 
-impl Daemon {
+impl LoopDaemon for Daemon {
     fn start(args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
-        let child = evod()
-            .arg("run")
-            .arg("--dir")
-            .arg(dir.path())
-            .args(["--no-evolver", "--allow-fault-injection", "--workers", "1"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawning evod run");
-        let mut d = Daemon {
-            child: Some(child),
-            dir,
-        };
+        let base = ["--no-evolver", "--allow-fault-injection", "--workers", "1"];
+        let args: Vec<&str> = base.iter().chain(args).copied().collect();
+        let mut d = Daemon::spawn(tempfile::tempdir().unwrap(), &args, DEADLINE);
         d.wait_for("a healthy daemon", |d| {
             d.status().filter(|s| s["healthy"] == true)
         });
         d
     }
 
-    fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn model(&self) -> std::path::PathBuf {
+    fn model(&self) -> PathBuf {
         self.dir().join("vectorland.gguf")
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir().join("run.log")).unwrap_or_default()
-    }
-
-    fn status(&self) -> Option<Value> {
-        let o = evod()
-            .args(["status", "--json", "--dir"])
-            .arg(self.dir())
-            .output()
-            .unwrap();
-        o.status
-            .success()
-            .then(|| serde_json::from_slice(&o.stdout).unwrap())
-    }
-
-    fn worker(&self) -> Option<Value> {
-        self.status()?["children"]
-            .as_array()?
-            .iter()
-            .find(|c| c["role"] == "worker" && c["index"] == 0)
-            .cloned()
-    }
-
-    /// Polls `cond` until `Some`; fails with the status and log past the
-    /// deadline, or if the daemon exited.
-    fn wait_for<T>(&mut self, what: &str, mut cond: impl FnMut(&Daemon) -> Option<T>) -> T {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "evod run exited ({status}) waiting for {what}:\n{}",
-                    self.log()
-                );
-            }
-            if let Some(v) = cond(self) {
-                return v;
-            }
-            assert!(
-                Instant::now() < end,
-                "timed out waiting for {what}\nstatus {:?}\nlog:\n{}",
-                self.status(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, signal: Signal) {
-        let pid = self.child.as_ref().unwrap().id();
-        kill(Pid::from_raw(pid as i32), signal).unwrap();
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        let child = self.child.as_mut().unwrap();
-        let status = common::wait_exit(child, DEADLINE)
-            .unwrap_or_else(|| panic!("evod run did not exit\n{}", self.log()));
-        self.child = None;
-        status
-    }
-
-    /// The live generation, once a worker verified it.
     fn verified_generation(&mut self) -> u64 {
         self.wait_for("a verified generation", |d| {
             d.status()
@@ -128,8 +54,6 @@ impl Daemon {
         })
     }
 
-    /// Publishes (atomically) a copy of the live model renumbered
-    /// `generation`, carrying `evod.fault = fault` if given.
     fn publish(&self, source: &Path, generation: u64, fault: Option<&str>) {
         use evod_gguf::{PublishOptions, Value, rewrite};
         let good = evod_gguf::GgufFile::open(source).unwrap();
@@ -151,20 +75,10 @@ impl Daemon {
         .unwrap();
     }
 
-    /// A private copy of the live model (to publish variants of it).
-    fn copy_model(&self) -> std::path::PathBuf {
+    fn copy_model(&self) -> PathBuf {
         let copy = self.dir().join("good-copy.gguf");
         std::fs::copy(self.model(), &copy).unwrap();
         copy
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -319,13 +233,7 @@ fn a_worker_that_beats_but_never_answers_is_replaced() {
             .contains("unresponsive")
             .then_some(w)
     });
-    assert!(
-        w["last_exit"]
-            .as_str()
-            .unwrap()
-            .starts_with("killed by signal 9 (SIGKILL)"),
-        "{w}"
-    );
+    assert_sigkilled(&w);
     // Replaced for not answering, not blamed on the model: no rollback.
     let s = d.status().unwrap();
     assert_eq!(s["rollbacks"], 0, "{s}");

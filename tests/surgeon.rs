@@ -102,6 +102,47 @@ fn ok(args: &[&str]) -> Output {
     out
 }
 
+/// The arguments of `evod surgeon mutate FROM -o TO --sigma SIGMA --seed
+/// SEED MORE...`.
+fn mutate<'a>(
+    from: &'a Path,
+    to: &'a Path,
+    sigma: &'a str,
+    seed: &'a str,
+    more: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "mutate",
+        p(from),
+        "-o",
+        p(to),
+        "--sigma",
+        sigma,
+        "--seed",
+        seed,
+    ];
+    args.extend(more);
+    args
+}
+
+/// `evod surgeon ARGS`, which must exit with `code`; its output.
+fn exits(code: i32, args: &[&str]) -> Output {
+    let out = surgeon(args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "evod surgeon {args:?}: {}",
+        text(&out.stderr)
+    );
+    out
+}
+
+/// Asserts that `stream` (an output's stdout or stderr) contains `words`.
+fn says(stream: &[u8], words: &str) {
+    let t = text(stream);
+    assert!(t.contains(words), "{t}");
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -160,18 +201,7 @@ fn mutate_changes_only_the_selected_tensors_and_gguf_py_reads_the_result() {
     let a = fixture(dir.path(), "a");
     let out = dir.path().join("m.gguf");
     let sigma = 0.05f32;
-    ok(&[
-        "mutate",
-        p(&a),
-        "-o",
-        p(&out),
-        "--sigma",
-        "0.05",
-        "--seed",
-        "7",
-        "--tensors",
-        "blk.0.*",
-    ]);
+    ok(&mutate(&a, &out, "0.05", "7", &["--tensors", "blk.0.*"]));
 
     // evod's view: the same tensors in the same order; bytes equal exactly
     // for the unselected ones.
@@ -301,16 +331,7 @@ fn mutate_is_deterministic_and_each_tensor_depends_only_on_seed_and_name() {
     let a = fixture(dir.path(), "a");
     let run = |name: &str, seed: &str, globs: &[&str]| {
         let out = dir.path().join(name);
-        let mut args = vec![
-            "mutate",
-            p(&a),
-            "-o",
-            p(&out),
-            "--sigma",
-            "0.1",
-            "--seed",
-            seed,
-        ];
+        let mut args = mutate(&a, &out, "0.1", seed, &[]);
         for g in globs {
             args.extend(["--tensors", g]);
         }
@@ -343,33 +364,18 @@ fn sigma_zero_keeps_every_tensor_byte_and_relative_scales_by_rms() {
     let dir = tempfile::tempdir().unwrap();
     let a = fixture(dir.path(), "a");
     let zero = dir.path().join("zero.gguf");
-    ok(&[
-        "mutate",
-        p(&a),
-        "-o",
-        p(&zero),
-        "--sigma",
-        "0",
-        "--seed",
-        "1",
-    ]);
+    ok(&mutate(&a, &zero, "0", "1", &[]));
     assert_eq!(tensor_bytes(&a), tensor_bytes(&zero));
 
     // --relative: σ times the tensor's RMS (the F32 tensor, exactly).
     let rel = dir.path().join("rel.gguf");
-    ok(&[
-        "mutate",
-        p(&a),
-        "-o",
-        p(&rel),
-        "--sigma",
+    ok(&mutate(
+        &a,
+        &rel,
         "0.01",
-        "--seed",
         "1",
-        "--relative",
-        "--tensors",
-        "output_norm.weight",
-    ]);
+        &["--relative", "--tensors", "output_norm.weight"],
+    ));
     let name = "output_norm.weight";
     let x = values(&a, name);
     let rms = (x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / x.len() as f64).sqrt();
@@ -381,19 +387,13 @@ fn sigma_zero_keeps_every_tensor_byte_and_relative_scales_by_rms() {
     // In place: the output may be the input (published atomically).
     let copy = dir.path().join("copy.gguf");
     std::fs::copy(&a, &copy).unwrap();
-    ok(&[
-        "mutate",
-        p(&copy),
-        "-o",
-        p(&copy),
-        "--sigma",
+    ok(&mutate(
+        &copy,
+        &copy,
         "0.01",
-        "--seed",
         "1",
-        "--relative",
-        "--tensors",
-        "output_norm.weight",
-    ]);
+        &["--relative", "--tensors", "output_norm.weight"],
+    ));
     assert_eq!(tensor_bytes(&copy), tensor_bytes(&rel));
 }
 
@@ -402,17 +402,7 @@ fn a_tensor_without_codec_is_refused_by_name_or_copied_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let q2k = fixture(dir.path(), "q2k");
     let out = dir.path().join("out.gguf");
-    let refused = surgeon(&[
-        "mutate",
-        p(&q2k),
-        "-o",
-        p(&out),
-        "--sigma",
-        "0.1",
-        "--seed",
-        "1",
-    ]);
-    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused.stderr));
+    let refused = exits(3, &mutate(&q2k, &out, "0.1", "1", &[]));
     let err = text(&refused.stderr);
     assert!(
         err.contains("tensor blk.1.ffn_gate.weight: type Q2_K has no codec"),
@@ -420,17 +410,7 @@ fn a_tensor_without_codec_is_refused_by_name_or_copied_when_asked() {
     );
     assert!(!out.exists(), "a refused mutation wrote {}", out.display());
 
-    let skipped = ok(&[
-        "mutate",
-        p(&q2k),
-        "-o",
-        p(&out),
-        "--sigma",
-        "0.1",
-        "--seed",
-        "1",
-        "--skip-unsupported",
-    ]);
+    let skipped = ok(&mutate(&q2k, &out, "0.1", "1", &["--skip-unsupported"]));
     let err = text(&skipped.stderr);
     assert!(
         err.contains("blk.1.ffn_gate.weight: type Q2_K has no codec, copied unchanged"),
@@ -444,18 +424,7 @@ fn a_tensor_without_codec_is_refused_by_name_or_copied_when_asked() {
     let (pq, po) = (py_tensors(&py_read(&q2k)), py_tensors(&py_read(&out)));
     assert_eq!(pq["blk.1.ffn_gate.weight"], po["blk.1.ffn_gate.weight"]);
     // Selecting only codec types needs no flag.
-    ok(&[
-        "mutate",
-        p(&q2k),
-        "-o",
-        p(&out),
-        "--sigma",
-        "0.1",
-        "--seed",
-        "1",
-        "--tensors",
-        "blk.0.*",
-    ]);
+    ok(&mutate(&q2k, &out, "0.1", "1", &["--tensors", "blk.0.*"]));
 }
 
 #[test]
@@ -489,41 +458,18 @@ fn bad_patterns_and_arguments_exit_2_and_malformed_files_exit_3() {
     for (extra, code, message) in cases {
         let mut args = vec!["mutate", p(&a), "-o", p(&out)];
         args.extend(extra);
-        let r = surgeon(&args);
-        assert_eq!(
-            r.status.code(),
-            Some(code),
-            "{extra:?}: {}",
-            text(&r.stderr)
-        );
-        assert!(
-            text(&r.stderr).contains(message),
-            "{extra:?}: {}",
-            text(&r.stderr)
-        );
+        let r = exits(code, &args);
+        says(&r.stderr, message);
     }
     // --relative on a tensor holding NaN: refused by name; diff reports
     // the NaN as a non-finite distance (null in JSON).
     let nan = fixture(dir.path(), "nan");
-    let r = surgeon(&[
-        "mutate",
-        p(&nan),
-        "-o",
-        p(&out),
-        "--sigma",
-        "0.1",
-        "--seed",
-        "1",
-        "--relative",
-    ]);
-    assert_eq!(r.status.code(), Some(3), "{}", text(&r.stderr));
-    assert!(
-        text(&r.stderr).contains("tensor output_norm.weight: its root mean square is NaN"),
-        "{}",
-        text(&r.stderr)
+    let r = exits(3, &mutate(&nan, &out, "0.1", "1", &["--relative"]));
+    says(
+        &r.stderr,
+        "tensor output_norm.weight: its root mean square is NaN",
     );
-    let d = surgeon(&["diff", "--json", p(&a), p(&nan)]);
-    assert_eq!(d.status.code(), Some(1), "{}", text(&d.stderr));
+    let d = exits(1, &["diff", "--json", p(&a), p(&nan)]);
     let j: Json = serde_json::from_slice(&d.stdout).unwrap();
     let changed = j["tensors"]["changed"].as_array().unwrap();
     assert_eq!(changed.len(), 1, "{changed:?}");
@@ -536,54 +482,21 @@ fn bad_patterns_and_arguments_exit_2_and_malformed_files_exit_3() {
 
     // A metadata-only file: nothing to mutate (exit 3); diff still works.
     let vocab = fixture(dir.path(), "vocab");
-    let r = surgeon(&[
-        "mutate",
-        p(&vocab),
-        "-o",
-        p(&out),
-        "--sigma",
-        "0.1",
-        "--seed",
-        "1",
-    ]);
-    assert_eq!(r.status.code(), Some(3), "{}", text(&r.stderr));
-    assert!(
-        text(&r.stderr).contains("vocab.gguf: the file has no tensors"),
-        "{}",
-        text(&r.stderr)
-    );
-    let d = surgeon(&["diff", p(&vocab), p(&a)]);
-    assert_eq!(d.status.code(), Some(1), "{}", text(&d.stderr));
-    assert!(
-        text(&d.stdout).contains("+ tensor output.weight: Q4_K [256, 8]"),
-        "{}",
-        text(&d.stdout)
-    );
+    let r = exits(3, &mutate(&vocab, &out, "0.1", "1", &[]));
+    says(&r.stderr, "vocab.gguf: the file has no tensors");
+    let d = exits(1, &["diff", p(&vocab), p(&a)]);
+    says(&d.stdout, "+ tensor output.weight: Q4_K [256, 8]");
 
     let junk = dir.path().join("junk.gguf");
     std::fs::write(&junk, b"GGUF\x03\0\0\0 not really").unwrap();
     for args in [
-        vec![
-            "mutate",
-            p(&junk),
-            "-o",
-            p(&out),
-            "--sigma",
-            "0.1",
-            "--seed",
-            "1",
-        ],
+        mutate(&junk, &out, "0.1", "1", &[]),
         vec!["merge", p(&a), p(&junk), "-o", p(&out), "--t", "0.5"],
         vec!["diff", p(&a), p(&junk)],
         vec!["diff", p(&a), "/nonexistent/x.gguf"],
     ] {
-        let r = surgeon(&args);
-        assert_eq!(r.status.code(), Some(3), "{args:?}: {}", text(&r.stderr));
-        assert!(
-            text(&r.stderr).contains(".gguf"),
-            "{args:?}: {}",
-            text(&r.stderr)
-        );
+        let r = exits(3, &args);
+        says(&r.stderr, ".gguf");
     }
     assert!(!out.exists());
 }
@@ -706,8 +619,7 @@ fn merge_refuses_other_shapes_and_architectures_by_name() {
         ("q2k", "tensor blk.1.ffn_gate.weight: in B, not in A"),
     ] {
         let other = fixture(dir.path(), variant);
-        let r = surgeon(&["merge", p(&a), p(&other), "-o", p(&out), "--t", "0.5"]);
-        assert_eq!(r.status.code(), Some(3), "{variant}: {}", text(&r.stderr));
+        let r = exits(3, &["merge", p(&a), p(&other), "-o", p(&out), "--t", "0.5"]);
         let err = text(&r.stderr);
         assert!(
             err.contains("cannot merge") && err.contains(message),
@@ -715,47 +627,32 @@ fn merge_refuses_other_shapes_and_architectures_by_name() {
         );
         assert!(!out.exists());
     }
-    let r = surgeon(&[
-        "merge",
-        p(&a),
-        p(&a),
-        "-o",
-        p(&out),
-        "--method",
-        "slerp",
-        "--t",
-        "1.5",
-    ]);
-    assert_eq!(r.status.code(), Some(2), "{}", text(&r.stderr));
+    exits(
+        2,
+        &[
+            "merge",
+            p(&a),
+            p(&a),
+            "-o",
+            p(&out),
+            "--method",
+            "slerp",
+            "--t",
+            "1.5",
+        ],
+    );
 }
 
 #[test]
 fn diff_exits_0_for_identical_files_and_1_listing_exactly_the_mutated_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let a = fixture(dir.path(), "a");
-    let same = surgeon(&["diff", p(&a), p(&a)]);
-    assert_eq!(same.status.code(), Some(0), "{}", text(&same.stderr));
-    assert!(
-        text(&same.stdout).contains("identical: "),
-        "{}",
-        text(&same.stdout)
-    );
+    let same = exits(0, &["diff", p(&a), p(&a)]);
+    says(&same.stdout, "identical: ");
 
     let m = dir.path().join("m.gguf");
-    ok(&[
-        "mutate",
-        p(&a),
-        "-o",
-        p(&m),
-        "--sigma",
-        "0.02",
-        "--seed",
-        "5",
-        "--tensors",
-        "blk.0.*",
-    ]);
-    let d = surgeon(&["diff", "--json", p(&a), p(&m)]);
-    assert_eq!(d.status.code(), Some(1), "{}", text(&d.stderr));
+    ok(&mutate(&a, &m, "0.02", "5", &["--tensors", "blk.0.*"]));
+    let d = exits(1, &["diff", "--json", p(&a), p(&m)]);
     let j: Json = serde_json::from_slice(&d.stdout).unwrap();
     assert_eq!(j["identical"], false);
     let changed: Vec<&str> = j["tensors"]["changed"]
@@ -789,21 +686,12 @@ fn diff_exits_0_for_identical_files_and_1_listing_exactly_the_mutated_tensors() 
         assert!(t.contains(&format!("~ tensor {name}: ")), "{t}");
     }
     let shape = fixture(dir.path(), "shape");
-    let s = surgeon(&["diff", p(&a), p(&shape)]);
-    assert_eq!(s.status.code(), Some(1));
-    assert!(
-        text(&s.stdout).contains(
-            "~ tensor blk.0.attn_q.weight: Q8_0 [64, 64] -> Q8_0 [64, 32]: shapes differ"
-        ),
-        "{}",
-        text(&s.stdout)
+    let s = exits(1, &["diff", p(&a), p(&shape)]);
+    says(
+        &s.stdout,
+        "~ tensor blk.0.attn_q.weight: Q8_0 [64, 64] -> Q8_0 [64, 32]: shapes differ",
     );
     let q2k = fixture(dir.path(), "q2k");
-    let s = surgeon(&["diff", p(&a), p(&q2k)]);
-    assert_eq!(s.status.code(), Some(1));
-    assert!(
-        text(&s.stdout).contains("+ tensor blk.1.ffn_gate.weight: Q2_K [256, 4]"),
-        "{}",
-        text(&s.stdout)
-    );
+    let s = exits(1, &["diff", p(&a), p(&q2k)]);
+    says(&s.stdout, "+ tensor blk.1.ffn_gate.weight: Q2_K [256, 4]");
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the process-level tests in this folder: the `evod`
-//! command with a clean environment, output as text, and the children of a
-//! process by role (read from `/proc`).
+//! command with a clean environment, output as text, the children of a
+//! process by role (read from `/proc`), waits with a deadline, and
+//! [`Daemon`], an `evod run` in a temporary state folder.
 
 #![allow(dead_code)] // Each test file uses a different subset.
 
@@ -134,6 +135,165 @@ pub fn wait_exit(
         } else {
             // No pidfd (a kernel before 5.3): block until it exits.
             return Some(child.wait().unwrap());
+        }
+    }
+}
+
+/// A worker row's last exit was a SIGKILL (from the supervisor).
+pub fn assert_sigkilled(w: &serde_json::Value) {
+    assert!(
+        w["last_exit"]
+            .as_str()
+            .unwrap()
+            .starts_with("killed by signal 9 (SIGKILL)"),
+        "{w}"
+    );
+}
+
+/// `evod run --dir DIR ARGS...` in a temporary state folder, stderr logged
+/// to `run.log` there; killed (and reaped) on drop unless it already exited
+/// through [`Daemon::wait_exit`].
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+    deadline: std::time::Duration,
+    context: fn(&Daemon) -> String,
+}
+
+impl Daemon {
+    /// Spawns `evod run --dir DIR ARGS...` on `dir` (which may hold an
+    /// earlier daemon's state); waits for nothing. `deadline` bounds every
+    /// wait of [`Daemon::wait_for`] and [`Daemon::wait_exit`].
+    pub fn spawn(dir: tempfile::TempDir, args: &[&str], deadline: std::time::Duration) -> Daemon {
+        let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
+        let child = evod()
+            .arg("run")
+            .arg("--dir")
+            .arg(dir.path())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning evod run");
+        Daemon {
+            child: Some(child),
+            dir,
+            deadline,
+            context: |d| format!("status {:?}", d.status()),
+        }
+    }
+
+    /// What a timed-out [`Daemon::wait_for`] prints before the log
+    /// (by default the status report).
+    pub fn on_timeout(mut self, context: fn(&Daemon) -> String) -> Daemon {
+        self.context = context;
+        self
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Takes the state folder (for a next daemon to start on), leaving an
+    /// empty one in its place.
+    pub fn take_dir(&mut self) -> tempfile::TempDir {
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// The supervisor's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// The supervisor's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir().join("run.log")).unwrap_or_default()
+    }
+
+    /// `evod ARGS... --dir DIR`.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        evod()
+            .args(args)
+            .arg("--dir")
+            .arg(self.dir())
+            .output()
+            .unwrap()
+    }
+
+    /// `evod status --json`, if it answered.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let o = self.cli(&["status", "--json"]);
+        o.status
+            .success()
+            .then(|| serde_json::from_slice(&o.stdout).unwrap())
+    }
+
+    /// Worker 0's row in the status report.
+    pub fn worker(&self) -> Option<serde_json::Value> {
+        self.row(|c| c["role"] == "worker" && c["index"] == 0)
+    }
+
+    /// The first child row in the status report that `is` picks.
+    pub fn row(&self, is: impl Fn(&serde_json::Value) -> bool) -> Option<serde_json::Value> {
+        self.status()?["children"]
+            .as_array()?
+            .iter()
+            .find(|c| is(c))
+            .cloned()
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).unwrap();
+    }
+
+    /// Polls `cond` until `Some`; fails with the timeout context and the
+    /// log past the deadline, or if the daemon exited.
+    pub fn wait_for<T>(&mut self, what: &str, mut cond: impl FnMut(&Daemon) -> Option<T>) -> T {
+        let end = std::time::Instant::now() + self.deadline;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "evod run exited ({status}) waiting for {what}:\n{}",
+                    self.log()
+                );
+            }
+            if let Some(v) = cond(self) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "timed out waiting for {what}\n{}\nlog:\n{}",
+                (self.context)(self),
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (to the deadline) for the supervisor to exit; its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        self.wait_exit_within(self.deadline)
+            .unwrap_or_else(|| panic!("evod run did not exit\n{}", self.log()))
+    }
+
+    /// Waits up to `within` for the supervisor to exit: its status, or
+    /// `None` (still running; killed on drop).
+    pub fn wait_exit_within(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let status = wait_exit(self.child.as_mut().unwrap(), within)?;
+        self.child = None;
+        Some(status)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
