@@ -55,5 +55,7 @@ pub use ga::{GaState, Individual};
 pub use inprocess::{InProcessEvaluator, SolveReport, solve_in_process};
 pub use layout::{ParamLayout, TensorScale, TensorSpan};
 pub use progress::{DEFAULT_MAX_USELESS_GENERATIONS, NoProgress, ProgressGuard};
-pub use recipe::{Base, RECIPE_BYTES, Recipe, RecipeError, Sign, checksum};
+pub use recipe::{
+    Base, CHECKSUM_TICK, RECIPE_BYTES, Recipe, RecipeError, Sign, checksum, checksum_with,
+};
 pub use validate::{Rejection, RejectionKind, Validator};

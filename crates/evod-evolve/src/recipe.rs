@@ -211,16 +211,29 @@ impl Recipe {
 /// The checksum recipes name a base by: xxh3-64 of the parameters'
 /// little-endian `f32` bytes.
 pub fn checksum(params: &[f32]) -> u64 {
+    checksum_with(params, || {})
+}
+
+/// [`checksum`], calling `tick` after every [`CHECKSUM_TICK`] values (a
+/// worker beats its heartbeat from it while it verifies a big base). The
+/// same value.
+pub fn checksum_with(params: &[f32], mut tick: impl FnMut()) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = [0u8; 4096];
-    for chunk in params.chunks(buf.len() / 4) {
+    for (k, chunk) in params.chunks(buf.len() / 4).enumerate() {
         for (b, v) in buf.chunks_exact_mut(4).zip(chunk) {
             b.copy_from_slice(&v.to_le_bytes());
         }
         h.update(&buf[..chunk.len() * 4]);
+        if (k + 1) % (CHECKSUM_TICK / 1024) == 0 {
+            tick();
+        }
     }
     h.digest()
 }
+
+/// Values hashed between two ticks of [`checksum_with`].
+pub const CHECKSUM_TICK: usize = 4 << 20;
 
 /// A base vector recipes are applied to: its parameters, its layout and its
 /// checksum (computed once).

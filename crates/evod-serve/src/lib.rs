@@ -530,11 +530,14 @@ impl Worker<'_> {
             Ok(b) => b,
             Err(e) => return error(e.status(), e),
         };
-        let base = match self.bases.base(&body, m.arch()) {
+        let seg = self.seg;
+        let base = match self
+            .bases
+            .base_with(&body, m.arch(), || seg.beat(Role::Worker))
+        {
             Ok(b) => b,
             Err(e) => return error(e.status(), e),
         };
-        let seg = self.seg;
         seg.beat(Role::Worker);
         let group = (RECIPE_GROUP_BYTES / (4 * n.max(1))).clamp(1, body.recipes.len());
         let mut fitness = Vec::with_capacity(body.recipes.len());

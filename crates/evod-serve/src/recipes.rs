@@ -199,6 +199,18 @@ impl RecipeBases {
         body: &RecipesBody,
         arch: &Architecture,
     ) -> Result<Base<'_>, RecipesError> {
+        self.base_with(body, arch, || {})
+    }
+
+    /// [`RecipeBases::base`], calling `beat` while a new base is copied out
+    /// and verified (every few million values), so a worker reading a big
+    /// base from a cold disk keeps its heartbeat fresh.
+    pub fn base_with(
+        &mut self,
+        body: &RecipesBody,
+        arch: &Architecture,
+        mut beat: impl FnMut(),
+    ) -> Result<Base<'_>, RecipesError> {
         let want = body.header.base;
         let current = self
             .held
@@ -206,7 +218,7 @@ impl RecipeBases {
             .is_some_and(|b| b.checksum == want && b.path == body.path);
         if !current {
             self.held = None;
-            self.held = Some(read_base(&body.path, arch, want)?);
+            self.held = Some(read_base(&body.path, arch, want, &mut beat)?);
         }
         let held = self.held.as_ref().expect("held just above");
         // Lengths were checked when it was read.
@@ -223,7 +235,12 @@ impl RecipeBases {
 /// and checks that its parameters hash to `checksum`. The file is mapped
 /// only while its parameters are copied out: a worker may die of SIGBUS if
 /// somebody truncates it meanwhile, which its supervisor survives.
-fn read_base(path: &Path, arch: &Architecture, checksum: u64) -> Result<HeldBase, BaseError> {
+fn read_base(
+    path: &Path,
+    arch: &Architecture,
+    checksum: u64,
+    beat: &mut dyn FnMut(),
+) -> Result<HeldBase, BaseError> {
     let read = |source| BaseError::Read {
         path: path.to_owned(),
         source,
@@ -236,9 +253,18 @@ fn read_base(path: &Path, arch: &Architecture, checksum: u64) -> Result<HeldBase
             model: arch.n_params(),
         });
     }
-    let params = model.params().map_err(read)?.into_owned();
+    beat();
+    let params = {
+        let mapped = model.params().map_err(read)?;
+        let mut params = Vec::with_capacity(mapped.len());
+        for chunk in mapped.chunks(evod_evolve::CHECKSUM_TICK) {
+            params.extend_from_slice(chunk);
+            beat();
+        }
+        params
+    };
     drop(model);
-    let actual = evod_evolve::checksum(&params);
+    let actual = evod_evolve::checksum_with(&params, &mut *beat);
     if actual != checksum {
         return Err(BaseError::Checksum {
             path: path.to_owned(),
@@ -337,6 +363,45 @@ mod tests {
         let e = decode_recipes(&full[..full.len() - 1], 10).unwrap_err();
         assert_eq!(e.status(), status::BAD_REQUEST);
         assert!(e.to_string().starts_with("bad EVAL_RECIPES body: "), "{e}");
+    }
+
+    /// Reading a big base beats along the way (a worker on a cold disk must
+    /// not be taken for a hung one), and verifies it with the same checksum.
+    #[test]
+    fn reading_a_big_base_beats_along_the_way() {
+        let dir = tempfile::tempdir().unwrap();
+        // 4-2048-2048-2: about 4.2M parameters, more than one tick's worth.
+        let arch = Architecture::new(vec![4, 2048, 2048, 2], Activation::Tanh).unwrap();
+        let params = vec![0.5f32; arch.n_params()];
+        let path = dir.path().join("base.gguf");
+        write_model(
+            &path,
+            &ModelSpec::new(arch.clone(), "external".into(), 0),
+            &params,
+            None,
+        )
+        .unwrap();
+        let want = evod_evolve::checksum(&params);
+        let mut ticks = 0;
+        assert_eq!(evod_evolve::checksum_with(&params, || ticks += 1), want);
+        assert!(ticks >= 1, "{ticks} ticks hashing {} values", params.len());
+        let body = RecipesBody {
+            header: RecipesHeader {
+                candidates: 1,
+                params: arch.n_params() as u32,
+                seed: 0,
+                episodes: 0,
+                path_len: 1,
+                base: want,
+            },
+            path: path.clone(),
+            recipes: vec![Recipe::new(want, 1, 0.1, Sign::Plus, TensorScale::Glorot)],
+        };
+        let mut beats = 0;
+        let mut bases = RecipeBases::new();
+        let base = bases.base_with(&body, &arch, || beats += 1).unwrap();
+        assert_eq!(base.checksum(), want);
+        assert!(beats >= 3, "{beats} beats reading {} values", params.len());
     }
 
     #[test]

@@ -67,6 +67,13 @@ pub mod op {
     /// memory limit the allocation fails and the worker aborts.
     pub const FAULT_ALLOC: u32 = 106;
 
+    /// Whether `op` scores candidates (`EVAL` or `EVAL_RECIPES`): a worker
+    /// that dies in one is a candidate's doing, left to the evolver's
+    /// quarantine, not the live model's.
+    pub fn is_evaluation(op: u32) -> bool {
+        matches!(op, EVAL | EVAL_RECIPES)
+    }
+
     /// The opcode's name, for logs and stats.
     pub fn name(op: u32) -> &'static str {
         match op {
@@ -490,6 +497,18 @@ pub fn receive_id(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both evaluation opcodes acquit a dead worker (the supervisor's blame
+    /// rule); no other opcode does. Regression: `EVAL_RECIPES` (ES) was
+    /// counted against the live model.
+    #[test]
+    fn both_evaluation_opcodes_and_only_they_are_evaluations() {
+        assert!(op::is_evaluation(op::EVAL));
+        assert!(op::is_evaluation(op::EVAL_RECIPES));
+        for other in [op::PING, op::STATS, op::LOAD, op::NEURAL_EXEC, op::SHUTDOWN] {
+            assert!(!op::is_evaluation(other), "{}", op::name(other));
+        }
+    }
 
     #[test]
     fn eval_header_round_trips_and_rejects_bad_lengths() {

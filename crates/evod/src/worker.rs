@@ -630,11 +630,14 @@ impl Worker<'_> {
             (Task::CartPole { .. }, e) if e > 0 => Task::CartPole { episodes: e },
             (t, _) => t.clone(),
         };
-        let base = match self.bases.base(&body, &m.arch) {
+        let seg = self.seg;
+        let base = match self
+            .bases
+            .base_with(&body, &m.arch, || seg.beat(Role::Worker))
+        {
             Ok(b) => b,
             Err(e) => return error(e.status(), e),
         };
-        let seg = self.seg;
         seg.beat(Role::Worker);
         let group = eval_group(n).min(body.recipes.len());
         let mut fitness = Vec::with_capacity(body.recipes.len());

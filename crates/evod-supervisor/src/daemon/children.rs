@@ -110,7 +110,11 @@ impl Supervisor {
         // died in an EVAL (a candidate's doing, left to the evolver's
         // quarantine) is not counted against the model; a word saying
         // anything else convicts nothing.
-        let said_eval = slot.segment.as_ref().and_then(|s| s.stats().in_service) == Some(op::EVAL);
+        let said_eval = slot
+            .segment
+            .as_ref()
+            .and_then(|s| s.stats().in_service)
+            .is_some_and(op::is_evaluation);
         let facts = DeathFacts {
             serving,
             syncing: if sent_fault { None } else { syncing },

@@ -140,8 +140,11 @@ impl Supervisor {
                     // it was still busy with an EVAL (its own hint).
                     Err(e)
                         if link::is_timeout(&e)
-                            && slot.segment.as_ref().and_then(|s| s.stats().in_service)
-                                == Some(op::EVAL) =>
+                            && slot
+                                .segment
+                                .as_ref()
+                                .and_then(|s| s.stats().in_service)
+                                .is_some_and(op::is_evaluation) =>
                     {
                         Response::error(format!(
                             "{label} is busy evaluating (an EVAL may take up to {:?}); \
