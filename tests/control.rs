@@ -119,6 +119,22 @@ impl Drop for Daemon {
     }
 }
 
+/// `evod run --no-evolver --workers 1 --dir DIR --control-socket SOCKET`,
+/// which must be refused with exit 2 before it starts anything; its stderr.
+fn refused_start(dir: &Path, socket: &Path) -> String {
+    let o = evod()
+        .arg("run")
+        .arg("--dir")
+        .arg(dir)
+        .args(["--no-evolver", "--workers", "1", "--control-socket"])
+        .arg(socket)
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    err
+}
+
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
 }
@@ -139,16 +155,7 @@ fn a_file_at_the_socket_path_is_refused_and_left_alone() {
     let v = shared_folder(root.path());
     let state = root.path().join("K");
     let file = v.join("important.txt");
-    let o = evod()
-        .arg("run")
-        .arg("--dir")
-        .arg(&state)
-        .args(["--no-evolver", "--workers", "1", "--control-socket"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let err = refused_start(&state, &file);
     assert!(
         err.contains(&file.display().to_string()) && err.contains("a regular file"),
         "{err}"
@@ -157,16 +164,7 @@ fn a_file_at_the_socket_path_is_refused_and_left_alone() {
     assert_eq!(mode(&v), 0o1777);
     assert!(!state.exists(), "nothing is created before the refusal");
     // A folder at the path: refused the same way.
-    let o = evod()
-        .arg("run")
-        .arg("--dir")
-        .arg(&state)
-        .args(["--no-evolver", "--workers", "1", "--control-socket"])
-        .arg(&v)
-        .output()
-        .unwrap();
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let err = refused_start(&state, &v);
     assert!(err.contains("a folder"), "{err}");
     assert_eq!(mode(&v), 0o1777);
 }
@@ -180,16 +178,7 @@ fn a_socket_in_a_shared_folder_leaves_the_folder_as_it_was() {
     let mut d = Daemon::start(&state, &socket, &root.path().join("run.log"), &[]);
     assert_eq!(mode(&v), 0o1777, "the shared folder was chmodded");
     // A second daemon on the live socket is refused with exit 2.
-    let o = evod()
-        .arg("run")
-        .arg("--dir")
-        .arg(root.path().join("K2"))
-        .args(["--no-evolver", "--workers", "1", "--control-socket"])
-        .arg(&socket)
-        .output()
-        .unwrap();
-    let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let err = refused_start(&root.path().join("K2"), &socket);
     assert!(err.contains("already running"), "{err}");
     assert!(socket.exists(), "the live daemon's socket was removed");
     assert_eq!(d.stop(), Some(0), "{}", d.log());

@@ -189,7 +189,9 @@ fn child_evaluator(url: &str) {
     ev.heartbeat(2).unwrap();
     let got = read_all(&mut ev, 2);
     println!("READ {}", got.len());
-    std::thread::sleep(Duration::from_secs(60)); // until the parent's SIGKILL
+    // Holds its tasks unacknowledged until the parent's SIGKILL (or, if the
+    // parent is gone, until its end of our stdin closes).
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
 }
 
 #[test]
@@ -208,6 +210,7 @@ fn reclaims_the_tasks_of_a_killed_evaluator() {
             "--nocapture",
         ])
         .env(CHILD_ENV, &url)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
