@@ -1,7 +1,11 @@
 # evod container image, for users with a registry: `docker build -t evod .`
 #
-#   docker run -d --name evod --read-only -v evod-state:/var/lib/evod evod
+#   docker run -d --name evod --read-only -v evod-state:/var/lib/evod evod run
 #   docker exec evod evod status
+#
+# The entrypoint is `evod` and the default command `run`: the arguments after
+# the image are an evod command line, so the same image runs a single host
+# (`run`), a coordinator (`run --broker URL`) or an evaluator (`join URL`).
 #
 # Build stage: the toolchain image compiles a static binary (glibc, with
 # +crt-static). Runtime stage: `FROM scratch` with only that binary, a
@@ -35,4 +39,5 @@ VOLUME ["/var/lib/evod"]
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
   CMD ["/usr/local/bin/evod", "status", "--check"]
-ENTRYPOINT ["/usr/local/bin/evod", "run"]
+ENTRYPOINT ["/usr/local/bin/evod"]
+CMD ["run"]

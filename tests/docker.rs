@@ -140,13 +140,14 @@ impl Container {
         format!("{}:{STATE}", self.volume)
     }
 
-    /// `docker run --detach` with `args` after the image (flags of `evod run`).
+    /// `docker run --detach IMAGE run ARGS` (`args`: flags of `evod run`).
     fn start_detached(test: &str, args: &[&str]) -> Container {
         let c = Container::named(test);
         let volume = c.volume_arg();
         let mut all = c.run_args(&volume);
         all.push("--detach");
         all.push(IMAGE);
+        all.push("run");
         all.extend_from_slice(args);
         let o = docker(&all);
         assert!(o.status.success(), "docker run failed:\n{}", text(&o));
@@ -253,7 +254,8 @@ fn the_registry_dockerfile_and_the_local_one_share_the_runtime_stage() {
         "USER 65532:65532",
         "VOLUME [\"/var/lib/evod\"]",
         "CMD [\"/usr/local/bin/evod\", \"status\", \"--check\"]",
-        "ENTRYPOINT [\"/usr/local/bin/evod\", \"run\"]",
+        "ENTRYPOINT [\"/usr/local/bin/evod\"]",
+        "CMD [\"run\"]",
     ] {
         assert!(local.lines().any(|l| l.trim() == line), "no {line:?}");
     }
@@ -271,8 +273,10 @@ fn the_image_runs_as_a_non_root_user_with_a_state_volume_and_a_healthcheck() {
     assert!(config["Volumes"][STATE].is_object(), "{config}");
     assert_eq!(
         config["Entrypoint"],
-        serde_json::json!(["/usr/local/bin/evod", "run"])
+        serde_json::json!(["/usr/local/bin/evod"])
     );
+    // The default command; `docker run IMAGE join URL` runs an evaluator.
+    assert_eq!(config["Cmd"], serde_json::json!(["run"]));
     assert_eq!(
         config["Healthcheck"]["Test"],
         serde_json::json!(["CMD", "/usr/local/bin/evod", "status", "--check"])
@@ -288,7 +292,15 @@ fn docker_run_runs_the_main_job_and_exits_0() {
     let c = Container::named("main-job");
     let volume = c.volume_arg();
     let mut args = c.run_args(&volume);
-    args.extend_from_slice(&[IMAGE, "--until-solved", "--seed", "1", "--workers", "1"]);
+    args.extend_from_slice(&[
+        IMAGE,
+        "run",
+        "--until-solved",
+        "--seed",
+        "1",
+        "--workers",
+        "1",
+    ]);
     let mut run = Command::new("docker")
         .args(&args)
         .stdin(Stdio::null())
