@@ -3,7 +3,8 @@
 //! each writes `target/bench/<name>.json`. `python` is a Python script
 //! instead (`python/bench/bench_python.py`), run with the release build of
 //! the `evod` package (assembled in `target/bench/pypkg`, the shared venv
-//! is left alone).
+//! is left alone). `dist` runs containers: it builds the `evod:local` and
+//! `evod-redis:local` images first (skipped, loudly, without a Docker engine).
 
 use std::process::Command;
 
@@ -25,6 +26,8 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("soak", "evod", "bench_metrics"),
     ("scale", "evod", "bench_scale"),
     ("python", "evod-py", "python/bench/bench_python.py"),
+    // Containers: `evod:local` and `evod-redis:local`, built first.
+    ("dist", "evod", "bench_dist"),
 ];
 
 /// Runs the benchmarks named in `args` (all when empty). A name may have
@@ -56,6 +59,14 @@ pub fn run(args: &[String]) -> Result<()> {
         if examples.is_empty() {
             let known: Vec<&str> = BENCHES.iter().map(|b| b.0).collect();
             bail!("unknown benchmark {name:?}; known: {known:?}");
+        }
+        if name == "dist" {
+            if let Err(why) = crate::image::engine() {
+                eprintln!("SKIPPED: xtask bench dist: no Docker engine ({why})");
+                continue;
+            }
+            crate::image::build(crate::image::DEFAULT_TAG)?;
+            crate::image::build_redis(crate::image::REDIS_TAG)?;
         }
         for &&(_, package, example) in &examples {
             if package == "evod-py" {
