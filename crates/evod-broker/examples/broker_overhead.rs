@@ -72,6 +72,8 @@ fn main() {
                 run: "bench".into(),
                 generation: g,
                 base,
+                seed: 7,
+                episodes: 1,
                 first: t * per_task,
                 recipes: (0..per_task)
                     .map(|i| {

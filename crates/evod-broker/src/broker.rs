@@ -72,6 +72,10 @@ pub struct DeadLetter {
     pub deliveries: u64,
     /// Consumer that held it last.
     pub last_consumer: String,
+    /// Why it was refused, when it was not for too many deliveries (a
+    /// malformed task, or one an evaluator refused: a base it cannot
+    /// use).
+    pub why: Option<String>,
 }
 
 /// A registered evaluator host, for `evod status`.
@@ -105,6 +109,10 @@ pub trait Coordinator {
     /// Publishes a base's parameters under their checksum, chunked;
     /// idempotent. Returns the checksum.
     fn publish_base(&mut self, params: &[f32]) -> Result<u64, BrokerError>;
+    /// Stores the run's model file (GGUF bytes), which an evaluator host
+    /// that joins fetches once to start its workers (the network and task
+    /// every base applies to). Fenced by the lease.
+    fn publish_model(&mut self, lease: &Lease, model: &[u8]) -> Result<(), BrokerError>;
     /// Removes a base no task needs any more.
     fn drop_base(&mut self, hash: u64) -> Result<(), BrokerError>;
     /// Enqueues a generation's tasks, once: a generation enqueued before is
@@ -157,6 +165,14 @@ pub trait Coordinator {
 pub trait Evaluator {
     /// Registers or refreshes this host with its worker count.
     fn heartbeat(&mut self, workers: u32) -> Result<(), BrokerError>;
+    /// The run's model file as the coordinator published it (`None` until
+    /// it has).
+    fn fetch_model(&mut self) -> Result<Option<Vec<u8>>, BrokerError>;
+    /// Refuses a delivered task this host must not evaluate (its base
+    /// does not fit the run's network): moved to the dead-letter stream
+    /// with `why` and acknowledged, so the coordinator quarantines its
+    /// candidates instead of any host evaluating them.
+    fn refuse(&mut self, delivery: &Delivery, why: &str) -> Result<(), BrokerError>;
     /// Fetches a base by hash and verifies it hashes to that name.
     fn fetch_base(&mut self, hash: u64) -> Result<Vec<f32>, BrokerError>;
     /// Reads up to `max` new tasks, waiting up to `block` for the first.

@@ -29,5 +29,5 @@ pub use broker::{
     AckOutcome, Coordinator, DeadLetter, Delivery, Enqueued, Evaluator, HostInfo, Lease, Reclaimed,
 };
 pub use error::{BrokerError, WireError};
-pub use redis_broker::{RedisBroker, RedisConfig};
+pub use redis_broker::{RedisBroker, RedisConfig, redact_url};
 pub use wire::{Task, TaskResult};

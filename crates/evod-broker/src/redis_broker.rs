@@ -28,6 +28,27 @@ pub const GROUP: &str = "evaluators";
 /// Largest base chunk accepted from the broker.
 const MAX_CHUNK: usize = 64 << 20;
 
+/// `url` with the password of its `user:password@` part replaced by `***`,
+/// for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{path}")
+            } else {
+                format!("{scheme}://***@{host}{path}")
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// Settings of a [`RedisBroker`].
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -109,6 +130,9 @@ impl Keys {
     fn chunk(&self, hash: u64, i: usize) -> String {
         self.key(&format!("base:{hash:016x}:{i}"))
     }
+    fn model(&self) -> String {
+        self.key("model")
+    }
     fn hosts(&self, what: &str) -> String {
         self.key(&format!("hosts:{what}"))
     }
@@ -128,6 +152,7 @@ pub struct RedisBroker {
     release: Script,
     heartbeat: Script,
     now_ms: Script,
+    set_fenced: Script,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -165,7 +190,7 @@ impl RedisBroker {
             return bad("max_stream_len must be positive".into());
         }
         let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| BrokerError::Config(format!("url {:?}: {e}", config.url)))?;
+            .map_err(|e| BrokerError::Config(format!("url {:?}: {e}", redact_url(&config.url))))?;
         let keys = Keys {
             prefix: format!("evod:{{{}}}:", config.run),
         };
@@ -182,6 +207,7 @@ impl RedisBroker {
             release: Script::new(scripts::RELEASE),
             heartbeat: Script::new(scripts::HEARTBEAT),
             now_ms: Script::new(scripts::NOW_MS),
+            set_fenced: Script::new(scripts::SET_FENCED),
         })
     }
 
@@ -193,6 +219,12 @@ impl RedisBroker {
     /// The key prefix of this run (`evod:{<run>}:`).
     pub fn prefix(&self) -> &str {
         &self.keys.prefix
+    }
+
+    /// Largest model file [`Coordinator::publish_model`] stores and
+    /// [`Evaluator::fetch_model`] accepts: a base plus 64 MiB of header.
+    fn max_model_bytes(&self) -> usize {
+        self.config.max_base_bytes.saturating_add(64 << 20)
     }
 
     /// Checks the broker answers (`PING`).
@@ -249,7 +281,7 @@ impl RedisBroker {
             self.conn = None;
             BrokerError::Unavailable {
                 op,
-                reason: format!("{} ({e})", self.config.url),
+                reason: format!("{} ({e})", redact_url(&self.config.url)),
             }
         } else {
             BrokerError::Server {
@@ -308,9 +340,22 @@ impl RedisBroker {
             Ok(task) => format!("task of run {:?}", task.run),
             Err(e) => e.to_string(),
         };
+        self.dead_letter(&id, payload, deliveries, &refused)?;
+        Ok(None)
+    }
+
+    /// Moves a delivered task to the dead-letter stream with `why` and
+    /// acknowledges it, atomically.
+    fn dead_letter(
+        &mut self,
+        id: &str,
+        payload: &[u8],
+        deliveries: u64,
+        why: &str,
+    ) -> Result<(), BrokerError> {
         let (tasks, dead) = (self.keys.tasks(), self.keys.dead());
         let (maxlen, consumer) = (self.config.max_stream_len, self.config.consumer.clone());
-        self.call("dead-letter a malformed task", |c| {
+        self.call("dead-letter a task", |c| {
             redis::pipe()
                 .atomic()
                 .cmd("XADD")
@@ -322,22 +367,21 @@ impl RedisBroker {
                 .arg("t")
                 .arg(payload)
                 .arg("id")
-                .arg(&id)
+                .arg(id)
                 .arg("n")
                 .arg(deliveries)
                 .arg("c")
                 .arg(&consumer)
                 .arg("why")
-                .arg(&refused)
+                .arg(why)
                 .ignore()
                 .cmd("XACK")
                 .arg(&tasks)
                 .arg(GROUP)
-                .arg(&id)
+                .arg(id)
                 .ignore()
                 .query::<()>(c)
-        })?;
-        Ok(None)
+        })
     }
 
     /// The enqueue script: once per generation unless `force`.
@@ -522,6 +566,31 @@ impl Coordinator for RedisBroker {
         })
     }
 
+    fn publish_model(&mut self, lease: &Lease, model: &[u8]) -> Result<(), BrokerError> {
+        if model.len() > self.max_model_bytes() {
+            return Err(BrokerError::Config(format!(
+                "model file of {} bytes is larger than {} bytes",
+                model.len(),
+                self.max_model_bytes()
+            )));
+        }
+        let (s, keys) = (
+            self.set_fenced.clone(),
+            [self.keys.lease(), self.keys.model()],
+        );
+        let token = lease.token.clone();
+        let ok: i64 = self.call("publish model", move |c| {
+            s.key(&keys[..]).arg(&token).arg(model).invoke(c)
+        })?;
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(BrokerError::LeaseLost {
+                holder: lease.token.clone(),
+            })
+        }
+    }
+
     fn enqueue(
         &mut self,
         lease: &Lease,
@@ -658,11 +727,13 @@ impl Coordinator for RedisBroker {
                 .ok_or_else(|| missing("n"))?;
             let last_consumer =
                 String::from_utf8_lossy(get("c").ok_or_else(|| missing("c"))?).into_owned();
+            let why = get("why").map(|w| String::from_utf8_lossy(w).into_owned());
             out.push(DeadLetter {
                 id,
                 task,
                 deliveries,
                 last_consumer,
+                why,
             });
         }
         Ok(out)
@@ -765,6 +836,26 @@ impl Evaluator for RedisBroker {
             s.key(&keys[..]).arg(&host).arg(workers).invoke::<i64>(c)
         })
         .map(drop)
+    }
+
+    fn fetch_model(&mut self) -> Result<Option<Vec<u8>>, BrokerError> {
+        let key = self.keys.model();
+        let k = key.clone();
+        let len: usize = self.call("fetch model", move |c| {
+            redis::cmd("STRLEN").arg(&k).query(c)
+        })?;
+        if len > self.max_model_bytes() {
+            return Err(BrokerError::Config(format!(
+                "the run's model file on the broker is {len} bytes, more than {} (max_base_bytes + 64 MiB)",
+                self.max_model_bytes()
+            )));
+        }
+        self.call("fetch model", move |c| redis::cmd("GET").arg(&key).query(c))
+    }
+
+    fn refuse(&mut self, delivery: &Delivery, why: &str) -> Result<(), BrokerError> {
+        let payload = delivery.task.encode()?;
+        self.dead_letter(&delivery.id, &payload, delivery.deliveries, why)
     }
 
     fn fetch_base(&mut self, hash: u64) -> Result<Vec<f32>, BrokerError> {
@@ -1009,5 +1100,21 @@ impl Evaluator for RedisBroker {
             dead_lettered: dead,
             lost,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("redis://evod:s3cret@db:6379/2"),
+            "redis://evod:***@db:6379/2"
+        );
+        assert_eq!(redact_url("redis://:s3cret@db/"), "redis://:***@db/");
+        assert_eq!(redact_url("redis://tok@db"), "redis://***@db");
+        assert_eq!(redact_url("redis://db:6379/0"), "redis://db:6379/0");
     }
 }

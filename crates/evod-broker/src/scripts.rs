@@ -100,3 +100,11 @@ pub const NOW_MS: &str = r#"
 local t = redis.call('TIME')
 return t[1] * 1000 + math.floor(t[2] / 1000)
 "#;
+
+/// A plain `SET`, fenced by the coordinator lease (the run's model file).
+/// KEYS: lease, key. ARGV: token, value. Returns 1, or 0 (not the holder).
+pub const SET_FENCED: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+"#;

@@ -4,12 +4,16 @@
 //!
 //! ```text
 //! u8 version | u8 kind | u8 run length | run | u64 generation | u64 base hash
+//! | u64 episode seed | u32 episodes
 //! | u32 first candidate | u8 count | count × (u64 seed | u32 σ bits | u8 sign | u8 scale)
 //! ```
 //!
 //! Each recipe is [`Recipe::to_bytes`] without its base checksum (the
 //! task's base hash stands for it), so a candidate costs 14 bytes plus its
-//! share of a 24-byte-plus-run header. Candidates are `first..first+count`.
+//! share of a 36-byte-plus-run header. Candidates are `first..first+count`;
+//! each is evaluated over `episodes` episodes seeded from the episode seed
+//! (the evolver's training or gate seed), so its fitness is the same on
+//! every host.
 //!
 //! A result (version 1):
 //!
@@ -34,6 +38,8 @@ pub const KIND_RECIPES: u8 = 1;
 pub const MAX_TASK_CANDIDATES: usize = 255;
 /// Longest run or host name.
 pub const MAX_NAME: usize = 64;
+/// Most episodes per candidate a task may ask for.
+pub const MAX_EPISODES: u32 = 1_000_000;
 /// Bytes of one recipe in a task (a [`Recipe`] without its base).
 pub const TASK_RECIPE_BYTES: usize = RECIPE_BYTES - 8;
 
@@ -65,6 +71,11 @@ pub struct Task {
     pub generation: u64,
     /// [`evod_evolve::Base::checksum`] of the base every recipe applies to.
     pub base: u64,
+    /// Episode seed of the evaluation (the evolver's training or gate
+    /// seed of the generation).
+    pub seed: u64,
+    /// Episodes per candidate (1..=[`MAX_EPISODES`]).
+    pub episodes: u32,
     /// Candidate index of the first recipe; the others follow.
     pub first: u32,
     /// The candidates (each with `base` equal to the task's).
@@ -101,11 +112,22 @@ impl Task {
                 max: u64::from(u32::MAX) - n as u64,
             });
         }
-        let mut out = Vec::with_capacity(24 + self.run.len() + n * TASK_RECIPE_BYTES);
+        if self.episodes == 0 || self.episodes > MAX_EPISODES {
+            return Err(WireError::Bound {
+                what: "task",
+                field: "episodes",
+                got: self.episodes.into(),
+                min: 1,
+                max: MAX_EPISODES.into(),
+            });
+        }
+        let mut out = Vec::with_capacity(36 + self.run.len() + n * TASK_RECIPE_BYTES);
         out.extend_from_slice(&[WIRE_VERSION, KIND_RECIPES, self.run.len() as u8]);
         out.extend_from_slice(self.run.as_bytes());
         out.extend_from_slice(&self.generation.to_le_bytes());
         out.extend_from_slice(&self.base.to_le_bytes());
+        out.extend_from_slice(&self.seed.to_le_bytes());
+        out.extend_from_slice(&self.episodes.to_le_bytes());
         out.extend_from_slice(&self.first.to_le_bytes());
         out.push(n as u8);
         for (index, r) in self.recipes.iter().enumerate() {
@@ -134,6 +156,17 @@ impl Task {
         let run = r.name("run")?;
         let generation = r.u64("generation")?;
         let base = r.u64("base hash")?;
+        let seed = r.u64("episode seed")?;
+        let episodes = r.u32("episodes")?;
+        if episodes == 0 || episodes > MAX_EPISODES {
+            return Err(WireError::Bound {
+                what: "task",
+                field: "episodes",
+                got: episodes.into(),
+                min: 1,
+                max: MAX_EPISODES.into(),
+            });
+        }
         let first = r.u32("first candidate")?;
         let n = r.u8("candidate count")? as usize;
         if n == 0 || u64::from(first) + n as u64 > u64::from(u32::MAX) {
@@ -160,6 +193,8 @@ impl Task {
             run,
             generation,
             base,
+            seed,
+            episodes,
             first,
             recipes,
         })
@@ -312,6 +347,8 @@ mod tests {
             run: "run-1".into(),
             generation: 7,
             base: 0xdead_beef,
+            seed: 99,
+            episodes: 3,
             first: 32,
             recipes: (0..n)
                 .map(|i| {
@@ -326,7 +363,7 @@ mod tests {
     fn task_round_trips_and_is_compact() {
         let t = task(16);
         let bytes = t.encode().unwrap();
-        assert_eq!(bytes.len(), 24 + 5 + 16 * TASK_RECIPE_BYTES);
+        assert_eq!(bytes.len(), 36 + 5 + 16 * TASK_RECIPE_BYTES);
         assert_eq!(Task::decode(&bytes).unwrap(), t);
         assert_eq!(t.candidates(), 32..48);
     }
@@ -383,12 +420,25 @@ mod tests {
         assert!(matches!(Task::decode(&bytes), Err(WireError::Name { .. })));
         // σ NaN in the second recipe.
         let mut bytes = task(2).encode().unwrap();
-        let at = 24 + 5 + TASK_RECIPE_BYTES + 8;
+        let at = 36 + 5 + TASK_RECIPE_BYTES + 8;
         bytes[at..at + 4].copy_from_slice(&f32::NAN.to_bits().to_le_bytes());
         assert!(matches!(
             Task::decode(&bytes),
             Err(WireError::Recipe { index: 1, .. })
         ));
+        // Zero episodes (offset: 3 + run 5 + generation, base, seed).
+        let mut bytes = task(2).encode().unwrap();
+        bytes[32..36].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(
+            Task::decode(&bytes),
+            Err(WireError::Bound {
+                field: "episodes",
+                ..
+            })
+        ));
+        let mut t = task(2);
+        t.episodes = 0;
+        assert!(matches!(t.encode(), Err(WireError::Bound { .. })));
         // A recipe for another base cannot be encoded.
         let mut t = task(2);
         t.recipes[1].base = 1;

@@ -10,8 +10,7 @@
 //! fixed sleeps.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::path::Path;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,75 +25,10 @@ use nix::unistd::Pid;
 const RUN: &str = "run-1";
 const CHILD_ENV: &str = "EVOD_BROKER_TEST_CHILD";
 
-/// A `redis-server` child, killed and reaped on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-}
+#[path = "../../../tests/common/redis_server.rs"]
+mod redis_server;
 
-impl RedisServer {
-    fn start(dir: &Path, port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(dir)
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .args(["--daemonize", "no", "--logfile", "redis.log"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start redis-server ({e}): install the Debian package \
-                     `redis-server` (apt-get install -y redis-server; .ci/run does)"
-                )
-            });
-        let server = Self { child, port };
-        let mut probe = broker(&server.url(), "probe", Duration::from_secs(30));
-        poll_until(
-            "redis-server to answer PING",
-            Duration::from_secs(20),
-            || probe.ping().ok(),
-        );
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
-fn start() -> (tempfile::TempDir, RedisServer) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let server = RedisServer::start(dir.path(), free_port());
-    (dir, server)
-}
+use redis_server::{RedisServer, free_port, start};
 
 fn poll_until<T>(what: &str, within: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + within;
@@ -132,6 +66,8 @@ fn tasks(g: u64, n: u32, per: u32) -> Vec<Task> {
             run: RUN.into(),
             generation: g,
             base: BASE,
+            seed: 7,
+            episodes: 1,
             first: t * per,
             recipes: (0..per)
                 .map(|i| {
@@ -730,7 +666,7 @@ fn redis_gone_is_a_typed_error_within_a_bounded_time() {
     ));
     // Listening but never answering (a hung or partitioned server): the
     // I/O timeout bounds the wait.
-    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut c = RedisConfig::new(
         &format!("redis://127.0.0.1:{}/", silent.local_addr().unwrap().port()),
         RUN,

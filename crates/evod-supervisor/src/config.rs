@@ -79,6 +79,13 @@ pub struct Config {
     /// Whether the evolver stops by itself (a generation bound or
     /// `--until-solved`): its exit 0 then stops the daemon.
     pub evolver_bounded: bool,
+    /// The hidden role subcommand of the evolver's slot: `evolver`, or
+    /// `feeder` on an evaluator host of a distributed run (`evod join`),
+    /// which feeds the workers tasks from the broker instead of evolving.
+    pub evolver_role: &'static str,
+    /// Variables added to the evolver's (or feeder's) environment: the
+    /// settings kept off its command line (`EVOD_BROKER`).
+    pub evolver_env: Vec<(OsString, OsString)>,
     /// Payload bytes per channel and direction of each worker's ring,
     /// sized from the model by the caller (`evod run`).
     pub payload_bytes: usize,
@@ -140,6 +147,8 @@ mod tests {
             metrics_addr: None,
             evolver_args: Vec::new(),
             evolver_bounded: false,
+            evolver_role: "evolver",
+            evolver_env: Vec::new(),
             payload_bytes: 1 << 20,
         }
     }

@@ -64,6 +64,19 @@ pub fn spawn(spec: &ChildSpec) -> io::Result<Child> {
     spawn_program("/proc/self/exe".as_ref(), spec)
 }
 
+/// Starts a child as described by `spec`, with `env` added to the
+/// environment (a setting kept out of its command line, which any local
+/// user can read: the broker URL with its password).
+pub fn spawn_with_env(spec: &ChildSpec, env: &[(OsString, OsString)]) -> io::Result<Child> {
+    let mut command = Command::new("/proc/self/exe");
+    command
+        .arg0("evod")
+        .arg(spec.role)
+        .args(&spec.args)
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    launch(command, spec)
+}
+
 /// Starts `program` with `spec` (tests and benchmarks use other programs).
 pub fn spawn_program(program: &std::path::Path, spec: &ChildSpec) -> io::Result<Child> {
     let mut command = Command::new(program);

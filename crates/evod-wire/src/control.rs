@@ -280,6 +280,25 @@ pub struct StatusReport {
     /// `state/converged`, see [`crate::rest`]); `None` while it evolves.
     #[serde(default)]
     pub converged: Option<crate::rest::Converged>,
+    /// Evaluator hosts of a distributed run (`evod run --broker`), from
+    /// the coordinator's last report; empty otherwise.
+    #[serde(default)]
+    pub hosts: Vec<HostStatus>,
+}
+
+/// One evaluator host of a distributed run, as the broker knows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HostStatus {
+    /// Host id (its consumer name on the broker).
+    pub host: String,
+    /// Workers it runs.
+    pub workers: u32,
+    /// Candidate results it recorded (each counted once).
+    pub tasks_done: u64,
+    /// Seconds since its last heartbeat, by the broker's clock, when the
+    /// report was made.
+    pub last_seen_s: f64,
 }
 
 /// What the evolver reports of its run ([`Request::Report`]). Counters
@@ -308,6 +327,8 @@ pub struct EvolverReport {
     pub published_fitness: Option<f64>,
     /// Generation of the live model file.
     pub published_generation: u64,
+    /// Evaluator hosts of a distributed run (empty without a broker).
+    pub hosts: Vec<HostStatus>,
 }
 
 /// Errors of a client call.

@@ -22,8 +22,8 @@ pub mod rest;
 pub mod standby;
 
 pub use control::{
-    ChildStatus, ClientError, EvolverReport, InputError, Request, Response, StatusReport, call,
-    check_exec_inputs, parse_exec_inputs,
+    ChildStatus, ClientError, EvolverReport, HostStatus, InputError, Request, Response,
+    StatusReport, call, check_exec_inputs, parse_exec_inputs,
 };
 pub use protocol::{
     DecodeError, EvalHeader, ExecHeader, LoadRequest, MAX_BATCH, RECIPE_BYTES, RecipesHeader,

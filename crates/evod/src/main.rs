@@ -1,10 +1,11 @@
 //! `evod`: the evolution daemon's single binary.
 //!
-//! User-facing subcommands (`run`, `status`, `exec`, `inspect`, `init`, `eval`,
+//! User-facing subcommands (`run`, `join`, `status`, `exec`, `inspect`, `init`, `eval`,
 //! `rollback`, `stop`, `report`, `surgeon`) and the hidden role subcommands that the
-//! supervisor spawns from its own executable (`worker`, `evolver`). Each
+//! supervisor spawns from its own executable (`worker`, `evolver`, `feeder`). Each
 //! subcommand lives in its own module with its own clap `Args`.
 
+mod dist;
 mod eval;
 mod evolver;
 mod exit;
@@ -35,6 +36,8 @@ struct Cli {
 enum Command {
     /// Run the daemon in the foreground (supervisor; container entrypoint).
     Run(Box<run::Args>),
+    /// Evaluate for a distributed run: this host's workers take tasks from the broker.
+    Join(Box<dist::join::JoinArgs>),
     /// Show the running daemon's children, model and stats.
     Status(status::StatusArgs),
     /// Run the live model on one input through the daemon's runtime.
@@ -61,6 +64,9 @@ enum Command {
     /// Evolver role (spawned by `evod run`).
     #[command(hide = true)]
     Evolver(evolver::Args),
+    /// Evaluator host role (spawned by `evod join` in the evolver's place).
+    #[command(hide = true)]
+    Feeder(dist::feeder::FeederArgs),
     /// Inject a fault into a worker of a daemon run with --allow-fault-injection.
     #[command(hide = true)]
     Fault(fault::Args),
@@ -70,6 +76,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(*args),
+        Command::Join(args) => dist::join::run(*args),
+        Command::Feeder(args) => dist::feeder::run(args),
         Command::Status(args) => status::status(args),
         Command::Exec(args) => status::exec(args),
         Command::Stop(args) => status::stop(args),

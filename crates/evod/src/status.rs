@@ -181,6 +181,24 @@ fn print_report(out: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
             c.last_exit.as_deref().unwrap_or("-")
         )?;
     }
+    if !r.hosts.is_empty() {
+        writeln!(
+            out,
+            "evaluator hosts ({}):\n{:<24} {:>7} {:>10} {:>10}",
+            r.hosts.len(),
+            "host",
+            "workers",
+            "results",
+            "last seen"
+        )?;
+        for h in &r.hosts {
+            writeln!(
+                out,
+                "{:<24} {:>7} {:>10} {:>9.1}s",
+                h.host, h.workers, h.tasks_done, h.last_seen_s
+            )?;
+        }
+    }
     Ok(())
 }
 

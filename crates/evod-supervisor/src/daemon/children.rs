@@ -284,6 +284,9 @@ impl Supervisor {
             Some(argv) if slot.kind == Kind::Worker => {
                 spawn::spawn_command(argv, &user_env(&spec, &self.config.model), &spec)
             }
+            _ if slot.kind == Kind::Evolver && !self.config.evolver_env.is_empty() => {
+                spawn::spawn_with_env(&spec, &self.config.evolver_env)
+            }
             _ => spawn::spawn(&spec),
         };
         match spawned {
@@ -372,7 +375,7 @@ impl Supervisor {
                 }
                 args.extend(self.config.evolver_args.iter().cloned());
                 ChildSpec {
-                    role: "evolver",
+                    role: self.config.evolver_role,
                     args,
                     keep_fds: fds,
                     harden: true,

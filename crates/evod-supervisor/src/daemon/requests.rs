@@ -200,7 +200,10 @@ impl Supervisor {
         for slot in &mut self.slots {
             let running = slot.running();
             let mut row = ChildStatus {
-                role: slot.kind.name().into(),
+                role: match slot.kind {
+                    Kind::Evolver => self.config.evolver_role.into(),
+                    kind => kind.name().into(),
+                },
                 index: slot.index,
                 state: if running {
                     "running".into()
@@ -266,6 +269,7 @@ impl Supervisor {
                 .any(|s| s.kind == Kind::Evolver && s.running())
                 .then(|| evod_wire::rest::read(&self.config.dir))
                 .flatten(),
+            hosts: self.metrics.evolver_hosts(),
         }
     }
 }

@@ -218,6 +218,38 @@ impl Collector for EvolverMetrics {
             None,
             r.published_generation as f64,
         )?;
+        if !r.hosts.is_empty() {
+            let mut family = e.encode_descriptor(
+                "evod_host_results",
+                "Candidate results each evaluator host of the run recorded (distributed runs).",
+                None,
+                MetricType::Counter,
+            )?;
+            for h in &r.hosts {
+                let labels = [("host", h.host.as_str())];
+                ConstCounter::new(h.tasks_done).encode(family.encode_family(&labels)?)?;
+            }
+            let mut family = e.encode_descriptor(
+                "evod_host_last_seen",
+                "Time since each evaluator host's last heartbeat, as of the evolver's report.",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?;
+            for h in &r.hosts {
+                let labels = [("host", h.host.as_str())];
+                ConstGauge::new(h.last_seen_s).encode(family.encode_family(&labels)?)?;
+            }
+            let mut family = e.encode_descriptor(
+                "evod_host_workers",
+                "Workers of each evaluator host (distributed runs).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for h in &r.hosts {
+                let labels = [("host", h.host.as_str())];
+                ConstGauge::new(f64::from(h.workers)).encode(family.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
     }
 }
@@ -502,6 +534,18 @@ impl Metrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some((report, Instant::now()));
     }
+
+    /// The evaluator hosts of the evolver's last report (a coordinator's;
+    /// empty without a broker).
+    pub fn evolver_hosts(&self) -> Vec<evod_wire::HostStatus> {
+        self.evolver
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|(r, _)| r.hosts.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// The `cause` label of a child's end: what the supervisor killed it for
@@ -596,9 +640,21 @@ mod tests {
             generations: 5,
             rejections: vec![("norm".into(), 3)],
             best_fitness: Some(42.5),
+            hosts: vec![evod_wire::HostStatus {
+                host: "h1".into(),
+                workers: 2,
+                tasks_done: 64,
+                last_seen_s: 0.5,
+            }],
             ..EvolverReport::default()
         });
+        assert_eq!(m.evolver_hosts()[0].host, "h1");
         let text = m.encode();
+        assert!(
+            text.contains("evod_host_results_total{host=\"h1\"} 64"),
+            "{text}"
+        );
+        assert!(text.contains("evod_host_workers{host=\"h1\"} 2"), "{text}");
         assert!(text.contains("evod_generations_total 5"), "{text}");
         assert!(
             text.contains("evod_rejections_total{reason=\"norm\"} 3"),

@@ -79,6 +79,31 @@ pub struct Args {
     /// Evolution options.
     #[command(flatten)]
     pub evolve: EvolveArgs,
+    /// Distributed-run options (the URL comes in `EVOD_BROKER`): this
+    /// evolver is then the run's coordinator.
+    #[command(flatten)]
+    pub dist: crate::dist::DistArgs,
+}
+
+/// Takes over the workers' inherited segments named by `ring_fds` (each
+/// number once).
+pub fn attach_segments(ring_fds: &[i32]) -> Result<Vec<Segment>> {
+    if let Some(fd) = (1..ring_fds.len())
+        .find_map(|i| ring_fds[..i].contains(&ring_fds[i]).then_some(ring_fds[i]))
+    {
+        anyhow::bail!("--ring-fd {fd} is given twice: each segment descriptor is taken over once");
+    }
+    ring_fds
+        .iter()
+        .map(|&fd| {
+            // SAFETY: each `--ring-fd` names a descriptor the supervisor
+            // passed for one segment; nothing else here owns it, and each is
+            // taken over once (no number twice, checked above;
+            // `attach_inherited` checks it is a sealed memfd first).
+            unsafe { Segment::attach_inherited(fd) }
+                .with_context(|| format!("attaching the worker segment on descriptor {fd}"))
+        })
+        .collect()
 }
 
 /// Runs `evod evolver` until its bound is reached (exit 0) or forever.
@@ -94,25 +119,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Ok("json") => evod_supervisor::LogFormat::Json,
         _ => evod_supervisor::LogFormat::Human,
     });
-    if let Some(fd) = (1..args.ring_fds.len()).find_map(|i| {
-        args.ring_fds[..i]
-            .contains(&args.ring_fds[i])
-            .then_some(args.ring_fds[i])
-    }) {
-        anyhow::bail!("--ring-fd {fd} is given twice: each segment descriptor is taken over once");
-    }
-    let segments = args
-        .ring_fds
-        .iter()
-        .map(|&fd| {
-            // SAFETY: each `--ring-fd` names a descriptor the supervisor
-            // passed for one segment; nothing else here owns it, and each is
-            // taken over once (no number twice, checked above;
-            // `attach_inherited` checks it is a sealed memfd first).
-            unsafe { Segment::attach_inherited(fd) }
-                .with_context(|| format!("attaching the worker segment on descriptor {fd}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let dist = crate::dist::DistSettings::from_args(&args.dist)?;
+    let segments = attach_segments(&args.ring_fds)?;
     let clients = segments
         .iter()
         .map(|s| {
@@ -121,6 +129,34 @@ pub fn run(args: Args) -> Result<ExitCode> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut main = Loop::start(&args.dir, &args.evolve)?;
+    let mut coordination = match &dist {
+        Some(settings) => {
+            let task: Task = main
+                .spec()
+                .task
+                .parse()
+                .with_context(|| format!("{}: task {:?}", MODEL_FILE, main.spec().task))?;
+            if evolver_config(&args.evolve, &task).strategy != StrategyKind::Es {
+                return Err(crate::exit::with_code(
+                    crate::exit::USAGE,
+                    anyhow::anyhow!("--broker needs --strategy es (GA tasks: not yet)"),
+                ));
+            }
+            let layout = evod_evolve::ParamLayout::from_architecture(&main.spec().arch)?;
+            match crate::dist::Coordination::start(
+                settings,
+                &args.dir.join(MODEL_FILE),
+                layout,
+                segments.len() as u32,
+                std::sync::Arc::clone(&stop),
+            )? {
+                Some(c) => Some(c),
+                // Stopped while waiting for the lease.
+                None => return Ok(ExitCode::SUCCESS),
+            }
+        }
+        None => None,
+    };
     let mut ring = RingEvaluator::new(&segments, clients)
         .with_recipes(args.dir.join("state").join("base"), main.spec().clone());
     ring.stop = stop;
@@ -133,7 +169,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 .join(IO_FAULT_FILE),
         );
     }
-    main.run(&args.evolve, &mut ring, alarm)
+    main.run(&args.evolve, &mut ring, alarm, coordination.as_mut())
 }
 
 /// Smallest payload area of a worker's ring (the default: ES recipes and

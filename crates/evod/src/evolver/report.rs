@@ -105,5 +105,6 @@ pub(super) fn of(evolver: &Evolver, spec: &ModelSpec) -> EvolverReport {
         best_fitness: best.is_finite().then_some(best),
         published_fitness: spec.fitness,
         published_generation: spec.generation,
+        hosts: Vec::new(),
     }
 }

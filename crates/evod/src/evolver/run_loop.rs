@@ -182,6 +182,7 @@ impl Loop {
         evolve: &EvolveArgs,
         ring: &mut RingEvaluator<'_>,
         mut alarm: Alarm,
+        mut dist: Option<&mut crate::dist::Coordination>,
     ) -> Result<ExitCode> {
         let checkpoint_path = self.dir.join("state/checkpoint.bin");
         let checkpoint_every = evolve.checkpoint_every().max(1);
@@ -218,17 +219,26 @@ impl Loop {
         loop {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let why = match save_checkpoint(&checkpoint_path, &self.evolver.checkpoint()) {
-                    Ok(()) => "stopped by signal, checkpoint saved".to_owned(),
+                    Ok(()) => {
+                        if let Some(c) = dist.as_deref_mut() {
+                            c.checkpointed(self.evolver.generation());
+                        }
+                        "stopped by signal, checkpoint saved".to_owned()
+                    }
                     // Stopping anyway; the previous checkpoint stays.
                     Err(e) => format!("stopped by signal, saving the checkpoint failed: {e}"),
                 };
-                self.finish(&why, ring);
+                self.finish(&why, ring, dist.as_deref_mut());
                 return Ok(ExitCode::SUCCESS);
             }
             if let Some(limit) = evolve.generations
                 && self.evolver.generation() >= limit
             {
-                self.finish(&format!("reached {limit} generations"), ring);
+                self.finish(
+                    &format!("reached {limit} generations"),
+                    ring,
+                    dist.as_deref_mut(),
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             if alarm.take_hangup() {
@@ -256,7 +266,13 @@ impl Loop {
                 continue;
             }
             ring.poll_stats();
-            let step = self.evolver.step(ring);
+            let step = match dist.as_deref_mut() {
+                Some(c) => {
+                    c.begin(self.evolver.generation());
+                    self.evolver.step(&mut c.evaluator(ring))
+                }
+                None => self.evolver.step(ring),
+            };
             let checked = match &step {
                 Ok(_) => guard.observe(&self.evolver),
                 Err(e @ EvolveError::Eval { .. }) => guard.observe_error(e),
@@ -264,7 +280,11 @@ impl Loop {
             };
             if let Err(why) = checked {
                 let _ = save_checkpoint(&checkpoint_path, &self.evolver.checkpoint());
-                self.finish(&format!("no progress, giving up: {why}"), ring);
+                self.finish(
+                    &format!("no progress, giving up: {why}"),
+                    ring,
+                    dist.as_deref_mut(),
+                );
                 tracing::error!("{why}");
                 return Ok(ExitCode::from(evod_supervisor::exit_code::NO_PROGRESS));
             }
@@ -300,8 +320,13 @@ impl Loop {
             if published || g.is_multiple_of(checkpoint_every) {
                 // Atomic; on failure the previous checkpoint stays, and the
                 // run resumes from it (deterministically) if killed.
-                if let Err(e) = save_checkpoint(&checkpoint_path, &self.evolver.checkpoint()) {
-                    tracing::error!("saving the checkpoint failed, will retry: {e}");
+                match save_checkpoint(&checkpoint_path, &self.evolver.checkpoint()) {
+                    Ok(()) => {
+                        if let Some(c) = dist.as_deref_mut() {
+                            c.checkpointed(g);
+                        }
+                    }
+                    Err(e) => tracing::error!("saving the checkpoint failed, will retry: {e}"),
                 }
             }
             let now = Instant::now();
@@ -329,9 +354,13 @@ impl Loop {
                     rate,
                 );
             }
-            reporter.update(super::report::of(&self.evolver, &self.spec));
+            let mut counters = super::report::of(&self.evolver, &self.spec);
+            if let Some(c) = dist.as_deref_mut() {
+                counters.hosts = c.hosts();
+            }
+            reporter.update(counters);
             if evolve.until_solved && solved && published {
-                self.finish("solved", ring);
+                self.finish("solved", ring, dist.as_deref_mut());
                 return Ok(ExitCode::SUCCESS);
             }
         }
@@ -434,7 +463,12 @@ impl Loop {
         Ok(wake)
     }
 
-    fn finish(&self, why: &str, ring: &RingEvaluator<'_>) {
+    fn finish(
+        &self,
+        why: &str,
+        ring: &RingEvaluator<'_>,
+        dist: Option<&mut crate::dist::Coordination>,
+    ) {
         evod_supervisor::end_status_line();
         let stats = self.evolver.stats();
         let (_, best) = self.evolver.best();
@@ -456,6 +490,9 @@ impl Loop {
             ipc.base_bytes,
             ipc.bases,
         );
+        if let Some(c) = dist {
+            println!("evod: {}", c.summary());
+        }
     }
 
     /// Publishes `candidate` as generation `report.generation + 1`. `Ok(false)`:

@@ -123,6 +123,22 @@ pub struct FileConfig {
     /// The evolution options.
     #[serde(default)]
     pub evolve: EvolveArgs,
+    /// `--broker`.
+    pub broker: Option<String>,
+    /// `--run-id`.
+    pub run_id: Option<String>,
+    /// `--host-id`.
+    pub host_id: Option<String>,
+    /// `--task-lease`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub task_lease: Option<Duration>,
+    /// `--candidates-per-task`.
+    pub candidates_per_task: Option<u32>,
+    /// `--lease-ttl`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub lease_ttl: Option<Duration>,
+    /// `--min-hosts`.
+    pub min_hosts: Option<u32>,
 }
 
 impl FileConfig {
@@ -157,8 +173,9 @@ fn longest_eval(evolve: &EvolveArgs, workers: usize) -> Duration {
 }
 
 /// Merges flags/environment (`args`) over the TOML file over defaults;
-/// also returns the evolution options (the default model's seed is one).
-pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
+/// also returns the evolution options (the default model's seed is one)
+/// and the distributed-run options (checked by `dist::DistSettings`).
+pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs, crate::dist::DistArgs)> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
@@ -266,12 +283,23 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs)> {
             .map_err(|e| anyhow::anyhow!("bad --metrics-addr: {e}"))?,
         evolver_args: evolve.to_cli_args(),
         evolver_bounded: evolve.generations.is_some() || evolve.until_solved,
+        evolver_role: "evolver",
+        evolver_env: Vec::new(),
         // Sized from the model in `run` (`evolver::ring_payload_bytes`).
         payload_bytes: evod_ring::LayoutConfig::default().payload_bytes,
         dir,
     };
     check_merged(&config, &evolve).map_err(usage)?;
-    Ok((config, evolve))
+    let dist = args.dist.or(crate::dist::DistArgs {
+        broker: file.broker,
+        run_id: file.run_id,
+        host_id: file.host_id,
+        task_lease: file.task_lease,
+        candidates_per_task: file.candidates_per_task,
+        lease_ttl: file.lease_ttl,
+        min_hosts: file.min_hosts,
+    });
+    Ok((config, evolve, dist))
 }
 
 #[cfg(test)]
@@ -307,7 +335,7 @@ mod tests {
             "9",
         ])
         .unwrap();
-        let (c, evolve) = resolve(cli.args).unwrap();
+        let (c, evolve, _) = resolve(cli.args).unwrap();
         assert_eq!(c.workers, 2);
         assert_eq!(c.grace_period, Duration::from_millis(250));
         assert_eq!(c.policy.intensity, 7);
@@ -349,7 +377,7 @@ mod tests {
             argv.extend_from_slice(extra);
             resolve(Cli::try_parse_from(argv).unwrap().args)
         };
-        let (c, _) = from_file(&[]).unwrap();
+        let (c, _, _) = from_file(&[]).unwrap();
         let argv = c.worker_cmd.expect("the file's worker_cmd");
         assert!(argv[0].to_str().unwrap().ends_with("/sh"), "{argv:?}");
         assert_eq!(&argv[1..], ["-c", "exit 0", "fit"]);
@@ -370,7 +398,7 @@ mod tests {
         );
         // Without it: evod's own worker, with standbys.
         std::fs::write(&path, "workers = 1\n").unwrap();
-        let (c, _) = from_file(&[]).unwrap();
+        let (c, _, _) = from_file(&[]).unwrap();
         assert!(c.worker_cmd.is_none() && c.standby);
     }
 }

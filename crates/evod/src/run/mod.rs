@@ -17,7 +17,7 @@ use evod_supervisor::units::{parse_duration, parse_size};
 use crate::evolver::EvolveArgs;
 use crate::exit;
 
-mod config;
+pub(crate) mod config;
 mod settings;
 mod worker_cmd;
 
@@ -110,11 +110,26 @@ pub struct Args {
     /// Evolution options (passed to the evolver).
     #[command(flatten, next_help_heading = "Evolution")]
     pub evolve: EvolveArgs,
+    /// Distributed-run options (`--broker`: this host coordinates).
+    #[command(flatten, next_help_heading = "Distributed")]
+    pub dist: crate::dist::DistArgs,
 }
 
 /// Runs `evod run`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let (mut config, evolve) = config::resolve(args)?;
+    let (mut config, evolve, dist) = config::resolve(args)?;
+    let dist = crate::dist::DistSettings::from_args(&dist)?;
+    if let Some(d) = &dist {
+        let strategy = evolve.strategy.unwrap_or(crate::evolver::Strategy::Ga);
+        if strategy != crate::evolver::Strategy::Es {
+            return Err(exit::with_code(
+                exit::USAGE,
+                anyhow::anyhow!("--broker needs --strategy es (GA tasks: not yet)"),
+            ));
+        }
+        config.evolver_env = d.child_env();
+        config.evolver_args.extend(d.to_args().to_cli_args());
+    }
     // Refuse a socket path that is taken before creating anything.
     evod_supervisor::control::check_socket_path(&config.control_socket)
         .map_err(|e| exit::with_code(exit::USAGE, e))?;
@@ -135,12 +150,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ));
     }
     evod_supervisor::init_logging(config.log_format);
+    if let Some(d) = &dist {
+        d.check_reachable()?;
+    }
     if !config.model.exists() && crate::evolver::is_fresh_folder(&config.dir) {
         crate::evolver::create_default_model(&config.model, evolve.seed())?;
     }
     if config.model.exists() && !config.no_evolver {
         config.payload_bytes = crate::evolver::ring_payload_bytes(&config.model, &evolve)?;
     }
+    supervise(config)
+}
+
+/// Runs the supervisor with `config`, mapping its errors to exit codes.
+pub fn supervise(config: evod_supervisor::config::Config) -> anyhow::Result<ExitCode> {
     match evod_supervisor::run(config) {
         Ok(code) => Ok(exit::exit(code)),
         // The codes of `exit.rs`: a bad model is BAD_INPUT (the

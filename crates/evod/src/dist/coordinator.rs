@@ -1,0 +1,627 @@
+//! [`Coordination`]: the evolver as a distributed run's coordinator.
+//!
+//! It holds the coordinator lease (renewed by a thread of its own; a lease
+//! lost — another coordinator took over after we stalled — ends this
+//! process at once, so there are never two publishers), publishes the
+//! run's model file once, and evaluates each ES evaluation of the evolver
+//! through the broker ([`Coordination::evaluator`]): round `2g` is
+//! generation `g`'s training batch, round `2g + 1` its publish gate (the
+//! evolver asks at most these two per generation). A round is the
+//! generation's base published by hash (once), its recipes cut into tasks
+//! of `--candidates-per-task`, enqueued once (a restarted coordinator that
+//! redoes a round finds it enqueued and its results recorded: nothing is
+//! enqueued twice), and the results read back in candidate order —
+//! never arrival order — so the published tensors are the same as on one
+//! host. While waiting, the coordinator evaluates tasks on its own workers
+//! like any host ([`EvalHost`]).
+//!
+//! Candidates of a dead-lettered task are quarantined (`None`), as a
+//! candidate that crashes local workers is. A round that makes no progress
+//! for a few leases (tasks lost with a Redis that had no AOF, a stream
+//! trimmed too short) has what is missing re-enqueued. Rounds are retired
+//! (their results and enqueue marks removed from the broker) once a
+//! checkpoint covers them, so a restart from that checkpoint never needs
+//! them again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use evod_broker::{
+    BrokerError, Coordinator as _, Enqueued, HostInfo, Lease, RedisBroker, Task, TaskResult,
+};
+use evod_evolve::{Base, EvalError, Evaluator, ParamLayout, Recipe};
+
+use super::{DistSettings, EvalHost, retry_logged};
+use crate::evolver::RingEvaluator;
+
+/// Exit code of an evolver whose lease was taken: the supervisor restarts
+/// it, and it waits for the lease again.
+const LEASE_LOST_EXIT: i32 = 1;
+/// How often the dead-letter stream is read while a round is open.
+const DEAD_LETTERS_EVERY: Duration = Duration::from_millis(500);
+/// How often the hosts are listed for the status report.
+const HOSTS_EVERY: Duration = Duration::from_secs(1);
+
+/// The coordinator of a distributed run (see the module docs).
+pub struct Coordination {
+    broker: RedisBroker,
+    settings: DistSettings,
+    lease: Lease,
+    host: EvalHost,
+    stop: Arc<AtomicBool>,
+    /// Generation of the evolver's step under way, and its evaluations so
+    /// far (0: none, 1: training done, 2: gate done).
+    generation: u64,
+    calls: u64,
+    /// Bases published, newest last (the previous one is dropped when a
+    /// new one is published).
+    bases: Vec<u64>,
+    /// Rounds complete, to retire once a checkpoint covers them.
+    done: Vec<u64>,
+    /// Dead letters already applied (broker ids).
+    dead_seen: std::collections::HashSet<String>,
+    /// Hosts as last listed.
+    hosts: Vec<HostInfo>,
+    hosts_at: Option<Instant>,
+    /// Tasks enqueued by this process (new and re-enqueued).
+    pub enqueued: u64,
+}
+
+impl Coordination {
+    /// Connects, waits for the coordinator lease (logging who holds it;
+    /// `stop` ends the wait: then `None`), publishes the model file at
+    /// `model` for joining hosts, and starts the lease keeper.
+    pub fn start(
+        settings: &DistSettings,
+        model: &std::path::Path,
+        layout: ParamLayout,
+        workers: u32,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<Option<Coordination>> {
+        let url = settings.shown_url();
+        let mut broker = settings.broker("")?;
+        // The first try does not wait, so a held lease is reported at once.
+        let mut wait = Duration::ZERO;
+        let lease = loop {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let r = retry_logged("coordinator lease", &url, &stop, || {
+                broker.acquire_lease(&settings.host, settings.lease_ttl, wait)
+            });
+            wait = Duration::from_secs(5);
+            match r {
+                Ok(lease) => break lease,
+                Err(BrokerError::LeaseHeld { holder, remaining }) => tracing::info!(
+                    run = %settings.run,
+                    "waiting for the coordinator lease of run {}: held by {holder} ({:.1}s left)",
+                    settings.run,
+                    remaining.as_secs_f64()
+                ),
+                Err(e @ BrokerError::Unavailable { .. }) => {
+                    tracing::warn!("broker {url}: {e}");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        tracing::info!(
+            run = %settings.run,
+            host = %settings.host,
+            "coordinating run {} on {url} (lease {:?})",
+            settings.run,
+            settings.lease_ttl
+        );
+        let bytes = std::fs::read(model)
+            .map_err(|e| anyhow::anyhow!("reading {} to publish it: {e}", model.display()))?;
+        retry_logged("publish the model", &url, &stop, || {
+            broker.publish_model(&lease, &bytes)
+        })?;
+        let keeper_broker = settings.broker("")?;
+        let keeper_lease = lease.clone();
+        let keeper_url = url.clone();
+        std::thread::Builder::new()
+            .name("lease-keeper".into())
+            .spawn(move || keep_lease(keeper_broker, &keeper_lease, &keeper_url))?;
+        let host = EvalHost::start(settings, layout, workers, Arc::clone(&stop))?;
+        if !wait_for_hosts(&mut broker, settings, &stop)? {
+            return Ok(None);
+        }
+        Ok(Some(Coordination {
+            broker,
+            settings: settings.clone(),
+            lease,
+            host,
+            stop,
+            generation: 0,
+            calls: 0,
+            bases: Vec::new(),
+            done: Vec::new(),
+            dead_seen: Default::default(),
+            hosts: Vec::new(),
+            hosts_at: None,
+            enqueued: 0,
+        }))
+    }
+
+    /// Called before each of the evolver's steps, with its generation.
+    pub fn begin(&mut self, generation: u64) {
+        self.generation = generation;
+        self.calls = 0;
+    }
+
+    /// The evolver's evaluator for this step: ES recipes through the
+    /// broker, anything else on the local `ring`.
+    pub fn evaluator<'a, 's>(&'a mut self, ring: &'a mut RingEvaluator<'s>) -> Distributed<'a, 's> {
+        Distributed { coord: self, ring }
+    }
+
+    /// A checkpoint of generation `generation` (the next to run) was
+    /// saved: rounds before it are never redone, so they are retired.
+    pub fn checkpointed(&mut self, generation: u64) {
+        let first_kept = generation.saturating_mul(2);
+        let (old, keep): (Vec<u64>, Vec<u64>) = self.done.iter().partition(|&&r| r < first_kept);
+        self.done = keep;
+        for round in old {
+            if let Err(e) = self.broker.retire(round) {
+                // Left behind: a few keys, not an error of the run.
+                tracing::warn!(round, "retiring a round failed: {e}");
+            }
+        }
+    }
+
+    /// The evaluator hosts (listed at most once a second).
+    pub fn hosts(&mut self) -> Vec<evod_wire::HostStatus> {
+        if self.hosts_at.is_none_or(|t| t.elapsed() >= HOSTS_EVERY) {
+            match self.broker.hosts() {
+                Ok(h) => self.hosts = h,
+                Err(e) => tracing::debug!("listing the hosts failed: {e}"),
+            }
+            self.hosts_at = Some(Instant::now());
+        }
+        self.hosts
+            .iter()
+            .map(|h| evod_wire::HostStatus {
+                host: h.host.clone(),
+                workers: h.workers,
+                tasks_done: h.tasks_done,
+                last_seen_s: h.last_seen.as_secs_f64(),
+            })
+            .collect()
+    }
+
+    /// One line about the broker for the run's last words.
+    pub fn summary(&mut self) -> String {
+        self.hosts_at = None;
+        let hosts = self.hosts();
+        let list: Vec<String> = hosts
+            .iter()
+            .map(|h| format!("{} ({} results)", h.host, h.tasks_done))
+            .collect();
+        format!(
+            "broker run {}: {} tasks enqueued by this coordinator, {} results by its own workers; hosts: {}",
+            self.settings.run,
+            self.enqueued,
+            self.host.recorded,
+            if list.is_empty() {
+                "-".to_owned()
+            } else {
+                list.join(", ")
+            }
+        )
+    }
+
+    fn stopping(&self) -> Result<(), EvalError> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(EvalError::Unavailable("the evolver is stopping".into()));
+        }
+        Ok(())
+    }
+
+    /// `op` retried while the broker is unreachable (logged); a stop ends
+    /// the retries.
+    fn retry<T>(
+        &mut self,
+        what: &str,
+        mut op: impl FnMut(&mut RedisBroker, &Lease) -> Result<T, BrokerError>,
+    ) -> Result<T, EvalError> {
+        let url = self.settings.shown_url();
+        let (broker, lease) = (&mut self.broker, &self.lease);
+        retry_logged(what, &url, &self.stop, || op(broker, lease)).map_err(|e| match e {
+            BrokerError::Unavailable { .. } => EvalError::Unavailable(e.to_string()),
+            e => EvalError::Failed(format!("broker: {what}: {e}")),
+        })
+    }
+
+    /// Tasks of `round` for the candidates `which` (indices into
+    /// `recipes`, ascending), contiguous runs of at most `per_task`.
+    fn tasks(
+        &self,
+        round: u64,
+        hash: u64,
+        recipes: &[Recipe],
+        which: &[u32],
+        seed: u64,
+        episodes: u32,
+    ) -> Vec<Task> {
+        let mut out: Vec<Task> = Vec::new();
+        for &c in which {
+            let recipe = recipes[c as usize];
+            match out.last_mut() {
+                Some(t)
+                    if t.first + t.recipes.len() as u32 == c
+                        && t.recipes.len() < self.settings.per_task =>
+                {
+                    t.recipes.push(recipe)
+                }
+                _ => out.push(Task {
+                    run: self.settings.run.clone(),
+                    generation: round,
+                    base: hash,
+                    seed,
+                    episodes,
+                    first: c,
+                    recipes: vec![recipe],
+                }),
+            }
+        }
+        out
+    }
+
+    /// Evaluates `recipes` against `base` through the broker (see the
+    /// module docs).
+    fn round(
+        &mut self,
+        ring: &mut RingEvaluator<'_>,
+        base: &Base<'_>,
+        recipes: &[Recipe],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        if self.calls >= 2 {
+            return Err(EvalError::Failed(format!(
+                "generation {} asked for a third evaluation; a distributed round is a generation's training batch or its gate",
+                self.generation
+            )));
+        }
+        let round = self.generation * 2 + self.calls;
+        self.calls += 1;
+        let total = recipes.len();
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        let total_u32 = u32::try_from(total)
+            .map_err(|_| EvalError::Failed(format!("{total} candidates in one round")))?;
+        // The base, once per hash (idempotent on the broker).
+        let params = base.params();
+        let hash = self.retry("publish the base", |b, _| b.publish_base(params))?;
+        if hash != base.checksum() {
+            return Err(EvalError::Failed(format!(
+                "the broker named the base {hash:016x}, its checksum is {:016x}",
+                base.checksum()
+            )));
+        }
+        if self.bases.last() != Some(&hash) {
+            // Rounds before this one are complete: their base is not
+            // needed (a late copy of one of their tasks finds it gone and
+            // is acknowledged without results).
+            for old in std::mem::take(&mut self.bases) {
+                if let Err(e) = self.broker.drop_base(old) {
+                    tracing::warn!("dropping base {old:016x} failed: {e}");
+                }
+            }
+            self.bases.push(hash);
+        }
+        let all: Vec<u32> = (0..total_u32).collect();
+        let tasks = self.tasks(round, hash, recipes, &all, seed, episodes);
+        let n_tasks = tasks.len();
+        match self.retry("enqueue", |b, lease| b.enqueue(lease, round, &tasks))? {
+            Enqueued::New(n) => {
+                self.enqueued += n as u64;
+                tracing::debug!(round, tasks = n, candidates = total, "round enqueued");
+            }
+            Enqueued::Already => tracing::info!(
+                round,
+                tasks = n_tasks,
+                "round {round} was enqueued before (resumed): using what is recorded"
+            ),
+        }
+        self.collect(ring, round, base, recipes, seed, episodes)
+    }
+
+    /// Waits for every candidate of `round` to have a result or be
+    /// quarantined, evaluating tasks on the local workers meanwhile.
+    fn collect(
+        &mut self,
+        ring: &mut RingEvaluator<'_>,
+        round: u64,
+        base: &Base<'_>,
+        recipes: &[Recipe],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        let hash = base.checksum();
+        let total = recipes.len();
+        let mut quarantined = vec![false; total];
+        let mut last_count = 0usize;
+        let mut progress_at = Instant::now();
+        let mut dead_at: Option<Instant> = None;
+        // A round with no new result for this long has what is missing
+        // re-enqueued (its tasks were lost, not merely slow: a slow task
+        // is extended, a dead host's is taken over within a lease).
+        let stall = self
+            .settings
+            .task_lease
+            .saturating_mul(4)
+            .max(Duration::from_secs(2));
+        let url = self.settings.shown_url();
+        let mut unreachable_since: Option<Instant> = None;
+        loop {
+            self.stopping()?;
+            // Our own workers first: one task, without waiting long.
+            let worked = match self.host.serve(ring, Duration::from_millis(1)) {
+                Ok(n) => n,
+                Err(e @ BrokerError::Unavailable { .. }) => {
+                    if unreachable_since.is_none() {
+                        tracing::warn!("broker {url}: {e}; retrying");
+                        unreachable_since = Some(Instant::now());
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!("evaluating a task here failed: {e}");
+                    0
+                }
+            };
+            let wait = if worked > 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(20)
+            };
+            let results = match self.broker.wait_results(round, total, wait) {
+                Ok(r) => r,
+                Err(e @ BrokerError::Unavailable { .. }) => {
+                    if unreachable_since.is_none() {
+                        tracing::warn!("broker {url}: {e}; retrying");
+                        unreachable_since = Some(Instant::now());
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                Err(e) => return Err(EvalError::Failed(format!("broker: results: {e}"))),
+            };
+            if let Some(since) = unreachable_since.take() {
+                tracing::info!(
+                    "broker {url}: reachable again after {:.1}s",
+                    since.elapsed().as_secs_f64()
+                );
+            }
+            if dead_at.is_none_or(|t| t.elapsed() >= DEAD_LETTERS_EVERY) {
+                dead_at = Some(Instant::now());
+                self.apply_dead_letters(round, &results, &mut quarantined)?;
+            }
+            let have: std::collections::HashSet<u32> =
+                results.iter().map(|r| r.candidate).collect();
+            let settled = (0..total)
+                .filter(|&i| have.contains(&(i as u32)) || quarantined[i])
+                .count();
+            if settled == total {
+                return Ok(self.finish_round(round, total, &results, &quarantined));
+            }
+            if results.len() > last_count {
+                last_count = results.len();
+                progress_at = Instant::now();
+            } else if progress_at.elapsed() >= stall {
+                let missing: Vec<u32> = (0..total as u32)
+                    .filter(|c| !have.contains(c) && !quarantined[*c as usize])
+                    .collect();
+                tracing::warn!(
+                    round,
+                    missing = missing.len(),
+                    "no result for {stall:?}: re-enqueueing the candidates still missing"
+                );
+                // The base too: a broker that lost its data lost it.
+                let params = base.params();
+                self.retry("publish the base", |b, _| b.publish_base(params))?;
+                let tasks = self.tasks(round, hash, recipes, &missing, seed, episodes);
+                let n = self.retry("re-enqueue", |b, lease| b.requeue(lease, round, &tasks))?;
+                self.enqueued += n as u64;
+                progress_at = Instant::now();
+            }
+        }
+    }
+
+    /// Quarantines the candidates of `round`'s dead letters that have no
+    /// result.
+    fn apply_dead_letters(
+        &mut self,
+        round: u64,
+        results: &[TaskResult],
+        quarantined: &mut [bool],
+    ) -> Result<(), EvalError> {
+        let letters = match self.broker.dead_letters() {
+            Ok(l) => l,
+            Err(BrokerError::Unavailable { .. }) => return Ok(()),
+            Err(e) => return Err(EvalError::Failed(format!("broker: dead letters: {e}"))),
+        };
+        for letter in letters {
+            let Ok(task) = &letter.task else {
+                if self.dead_seen.insert(letter.id.clone()) {
+                    tracing::error!(
+                        id = %letter.id,
+                        "a malformed task was dead-lettered: {}",
+                        letter.why.as_deref().unwrap_or("-")
+                    );
+                }
+                continue;
+            };
+            if task.generation != round || task.run != self.settings.run {
+                continue;
+            }
+            let new = self.dead_seen.insert(letter.id.clone());
+            for c in task.candidates() {
+                let i = c as usize;
+                if i < quarantined.len()
+                    && !quarantined[i]
+                    && !results.iter().any(|r| r.candidate == c)
+                {
+                    quarantined[i] = true;
+                    if new {
+                        tracing::warn!(
+                            round,
+                            candidate = c,
+                            deliveries = letter.deliveries,
+                            last_host = %letter.last_consumer,
+                            "candidate quarantined: {}",
+                            letter
+                                .why
+                                .as_deref()
+                                .unwrap_or("delivered too often without a result")
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The round's fitnesses in candidate order, and the round noted as
+    /// done.
+    fn finish_round(
+        &mut self,
+        round: u64,
+        total: usize,
+        results: &[TaskResult],
+        quarantined: &[bool],
+    ) -> Vec<Option<f64>> {
+        let mut out = vec![None; total];
+        // `results` is sorted by candidate; placed by index all the same.
+        for r in results {
+            if let Some(slot) = out.get_mut(r.candidate as usize) {
+                *slot = Some(r.fitness);
+            }
+        }
+        // A quarantined candidate has no result (a result that came after
+        // all counts: it is in `results`).
+        debug_assert!(
+            out.iter()
+                .zip(quarantined)
+                .all(|(slot, &q)| slot.is_some() || q)
+        );
+        self.done.push(round);
+        out
+    }
+}
+
+impl Drop for Coordination {
+    /// Gives the lease up (a graceful stop): a waiting coordinator takes
+    /// over at once instead of after the lease's time to live.
+    fn drop(&mut self) {
+        match self.broker.release_lease(&self.lease) {
+            Ok(()) => tracing::info!(run = %self.settings.run, "coordinator lease released"),
+            Err(e) => {
+                tracing::warn!("releasing the coordinator lease failed (it lapses by itself): {e}")
+            }
+        }
+    }
+}
+
+/// The evolver's evaluator of one step (see [`Coordination::evaluator`]).
+pub struct Distributed<'a, 's> {
+    coord: &'a mut Coordination,
+    ring: &'a mut RingEvaluator<'s>,
+}
+
+impl Evaluator for Distributed<'_, '_> {
+    fn evaluate(
+        &mut self,
+        candidates: &[&[f32]],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        // Whole vectors (GA) are not distributed: `--broker` needs ES.
+        self.ring.evaluate(candidates, seed, episodes)
+    }
+
+    fn evaluate_recipes(
+        &mut self,
+        base: &Base<'_>,
+        recipes: &[Recipe],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        self.coord.round(self.ring, base, recipes, seed, episodes)
+    }
+}
+
+/// Waits until `--min-hosts` evaluator hosts other than this one have
+/// heartbeat within the last few seconds; `false` if stopped meanwhile.
+fn wait_for_hosts(
+    broker: &mut RedisBroker,
+    settings: &DistSettings,
+    stop: &AtomicBool,
+) -> anyhow::Result<bool> {
+    let want = settings.min_hosts as usize;
+    if want == 0 {
+        return Ok(true);
+    }
+    let url = settings.shown_url();
+    let mut said = None;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let hosts = retry_logged("list the hosts", &url, stop, || broker.hosts())?;
+        let live: Vec<&str> = hosts
+            .iter()
+            .filter(|h| h.host != settings.host && h.last_seen < Duration::from_secs(3))
+            .map(|h| h.host.as_str())
+            .collect();
+        if live.len() >= want {
+            tracing::info!(hosts = ?live, "{} evaluator hosts are here: evolving", live.len());
+            return Ok(true);
+        }
+        if said != Some(live.len()) {
+            tracing::info!(
+                "waiting for {want} evaluator hosts of run {} (--min-hosts); {} so far",
+                settings.run,
+                live.len()
+            );
+            said = Some(live.len());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The lease keeper: renews every third of the ttl; a lease found lost
+/// ends the process (another coordinator publishes now).
+fn keep_lease(mut broker: RedisBroker, lease: &Lease, url: &str) {
+    let every = lease.ttl / 3;
+    let mut failing: Option<Instant> = None;
+    loop {
+        std::thread::sleep(every);
+        match broker.renew_lease(lease) {
+            Ok(()) => {
+                if let Some(since) = failing.take() {
+                    tracing::info!(
+                        "broker {url}: lease renewed again after {:.1}s",
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            Err(e @ BrokerError::LeaseLost { .. }) => {
+                tracing::error!(
+                    "{e}: another coordinator took the run over; stopping this evolver (it waits for the lease when restarted)"
+                );
+                std::process::exit(LEASE_LOST_EXIT);
+            }
+            Err(e) => {
+                if failing.is_none() {
+                    failing = Some(Instant::now());
+                    tracing::warn!("broker {url}: renewing the coordinator lease: {e}; retrying");
+                }
+            }
+        }
+    }
+}

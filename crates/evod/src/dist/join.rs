@@ -1,0 +1,138 @@
+//! `evod join URL`: make this host an evaluator of a distributed run — a
+//! supervisor with its local isolated workers and, in the evolver's slot,
+//! the `evod feeder` role that feeds them tasks from the broker.
+//!
+//! Before the supervisor starts, the run's model file (which the
+//! coordinator publishes when it takes the lease) is fetched and written
+//! as `DIR/vectorland.gguf`: the workers need the run's network and task,
+//! and every base the host fetches later must fit it. A host may join
+//! before the coordinator starts (it waits, saying so) and leave at any
+//! time (its leased tasks are taken over by others after the lease).
+//! Every other setting is `evod run`'s (flags, `EVOD_*`, the TOML file);
+//! the evolution options are the coordinator's business and unused here.
+
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context;
+use evod_broker::{BrokerError, Evaluator as _};
+
+use super::{DistSettings, retry_logged};
+use crate::exit;
+use crate::run::config;
+
+/// Arguments of `evod join`.
+#[derive(Debug, clap::Args)]
+pub struct JoinArgs {
+    /// The run's broker, redis://[user:password@]host:port/db (or
+    /// `--broker`, EVOD_BROKER, `broker` in the TOML file).
+    #[arg(value_name = "URL")]
+    pub url: Option<String>,
+    /// Every `evod run` setting (the evolution options are unused).
+    #[command(flatten)]
+    pub run: crate::run::Args,
+}
+
+/// Runs `evod join`.
+pub fn run(mut args: JoinArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = args.url.take() {
+        args.run.dist.broker = Some(url);
+    }
+    let (mut config, _, dist) = config::resolve(args.run)?;
+    let settings = DistSettings::from_args(&dist)?.ok_or_else(|| {
+        exit::with_code(
+            exit::USAGE,
+            anyhow::anyhow!(
+                "evod join needs the run's broker: evod join redis://HOST:6379/0 (or --broker, EVOD_BROKER)"
+            ),
+        )
+    })?;
+    evod_supervisor::control::check_socket_path(&config.control_socket)
+        .map_err(|e| exit::with_code(exit::USAGE, e))?;
+    std::fs::create_dir_all(&config.dir)
+        .with_context(|| format!("creating the state folder {}", config.dir.display()))?;
+    evod_supervisor::init_logging(config.log_format);
+    fetch_model(&settings, &config.model)?;
+    config.no_evolver = false;
+    config.worker_cmd = None;
+    config.evolver_role = "feeder";
+    config.evolver_args = settings.to_args().to_cli_args();
+    config.evolver_env = settings.child_env();
+    config.evolver_bounded = false;
+    let es = crate::evolver::EvolveArgs {
+        strategy: Some(crate::evolver::Strategy::Es),
+        ..Default::default()
+    };
+    config.payload_bytes = crate::evolver::ring_payload_bytes(&config.model, &es)?;
+    tracing::info!(
+        run = %settings.run,
+        host = %settings.host,
+        "joining run {} on {} as host {} with {} workers",
+        settings.run,
+        settings.shown_url(),
+        settings.host,
+        config.workers
+    );
+    crate::run::supervise(config)
+}
+
+/// Waits for the run's model file on the broker and writes it at `path`
+/// (atomically; left alone when it is already that file). A broker that
+/// refuses us (authentication) is exit 2 naming `--broker`; one that is
+/// not reachable is waited for, saying so.
+fn fetch_model(settings: &DistSettings, path: &std::path::Path) -> anyhow::Result<()> {
+    let url = settings.shown_url();
+    let mut broker = settings.broker("")?;
+    let never = AtomicBool::new(false);
+    let mut said = false;
+    let bytes = loop {
+        match retry_logged("fetch the run's model", &url, &never, || {
+            broker.fetch_model()
+        }) {
+            Ok(Some(bytes)) => break bytes,
+            Ok(None) => {
+                if !said {
+                    tracing::info!(
+                        "waiting for the coordinator of run {} to publish its model on {url}",
+                        settings.run
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e @ BrokerError::Server { .. }) => {
+                return Err(exit::with_code(
+                    exit::USAGE,
+                    anyhow::anyhow!("--broker {url}: {e}"),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if std::fs::read(path).is_ok_and(|have| have == bytes) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("gguf.joining");
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    // Untrusted bytes: they must be a model this build can serve.
+    if let Err(e) = evod_runtime::Model::open(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(exit::with_code(
+            exit::BAD_INPUT,
+            anyhow::anyhow!(
+                "the model run {} published on {url} is not usable: {e}",
+                settings.run
+            ),
+        ));
+    }
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("moving the run's model to {}", path.display()))?;
+    tracing::info!(
+        bytes = bytes.len(),
+        "wrote run {}'s model to {}",
+        settings.run,
+        path.display()
+    );
+    Ok(())
+}

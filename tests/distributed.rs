@@ -1,0 +1,495 @@
+//! Distributed evaluation end to end (issue 15): a real `redis-server`
+//! (started per test on a free loopback port, AOF fsynced at every write),
+//! a coordinator (`evod run --broker`) and evaluator hosts (`evod join`),
+//! all real processes on this machine. Each host has its own state folder
+//! and host id, as separate machines would.
+//!
+//! Every run is the same small ES run on the default CartPole model; the
+//! single-host run with that seed (computed once) is the reference: every
+//! distributed run — evaluators joining, one SIGKILLed mid-run, the
+//! coordinator SIGKILLed and restarted, Redis SIGKILLed and restarted on
+//! its AOF — must publish exactly its tensors, and count each (round,
+//! candidate) once: the results the hosts recorded add up to the
+//! evaluations the evolver counted. Waits are on conditions with
+//! deadlines, never fixed sleeps.
+
+mod common;
+#[path = "common/redis_server.rs"]
+mod redis_server;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::{Daemon, evod, poll_until, text};
+use evod_broker::Task;
+use evod_gguf::GgufFile;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use redis_server::{RedisServer, free_port};
+
+/// A guard against a hang, not a timing test.
+const DEADLINE: Duration = Duration::from_secs(120);
+const RUN: &str = "t";
+
+/// The evolution of every run here (single-host and distributed alike).
+const EVOLVE: &[&str] = &[
+    "--strategy",
+    "es",
+    "--population",
+    "32",
+    "--episodes",
+    "2",
+    "--generations",
+    "12",
+    "--seed",
+    "5",
+    // Publish before CartPole is solved, so the runs publish something.
+    "--solve-threshold",
+    "25",
+    "--checkpoint-every",
+    "1",
+    "--workers",
+    "1",
+    "--no-standby",
+];
+
+/// The coordinator's broker options (besides `--broker`).
+const COORDINATE: &[&str] = &[
+    "--run-id",
+    RUN,
+    "--host-id",
+    "coord",
+    "--task-lease",
+    "1s",
+    "--lease-ttl",
+    "1s",
+    "--candidates-per-task",
+    "4",
+];
+
+/// Tensor data checksum and `evod.generation` of a model file.
+fn identity(path: &Path) -> (u64, u64) {
+    let f = GgufFile::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let generation = f.get("evod.generation").and_then(|v| v.as_u64()).unwrap();
+    (f.checksum(), generation)
+}
+
+/// The single-host run's published model (computed once per test binary).
+fn reference() -> (u64, u64) {
+    static REF: OnceLock<(u64, u64)> = OnceLock::new();
+    *REF.get_or_init(|| {
+        let mut d = Daemon::spawn(tempfile::tempdir().unwrap(), EVOLVE, DEADLINE);
+        let status = d.wait_exit();
+        assert!(status.success(), "reference run failed:\n{}", d.log());
+        let id = identity(&d.dir().join("vectorland.gguf"));
+        assert!(
+            id.1 > 0,
+            "the reference run published nothing:\n{}",
+            d.log()
+        );
+        id
+    })
+}
+
+/// `evod run --broker URL` (the coordinator) on `dir` with `extra` flags.
+fn coordinator(dir: tempfile::TempDir, url: &str, extra: &[&str]) -> Daemon {
+    let mut args: Vec<&str> = EVOLVE.to_vec();
+    args.extend_from_slice(COORDINATE);
+    args.extend_from_slice(&["--broker", url]);
+    args.extend_from_slice(extra);
+    Daemon::spawn(dir, &args, DEADLINE)
+}
+
+/// An `evod join` host: its own state folder, log in `join.log`; killed
+/// (with its children, by their parent-death signal) on drop.
+struct Host {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Host {
+    fn join(url: &str, id: &str) -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("join.log")).unwrap();
+        let child = evod()
+            .arg("join")
+            .arg(url)
+            .arg("--dir")
+            .arg(dir.path())
+            .args([
+                "--run-id",
+                RUN,
+                "--host-id",
+                id,
+                "--task-lease",
+                "1s",
+                "--workers",
+                "1",
+                "--no-standby",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning evod join");
+        Host {
+            child: Some(child),
+            dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("join.log")).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn raw(url: &str) -> redis::Connection {
+    redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .expect("a raw connection")
+}
+
+/// Results recorded per host id (the broker's count: each new
+/// (round, candidate) once).
+fn recorded(url: &str) -> Vec<(String, u64)> {
+    redis::cmd("HGETALL")
+        .arg(format!("evod:{{{RUN}}}:hosts:done"))
+        .query(&mut raw(url))
+        .unwrap_or_default()
+}
+
+/// Every task ever added to the run's stream, decoded.
+fn enqueued(url: &str) -> Vec<Task> {
+    type Entry = (String, Vec<(String, Vec<u8>)>);
+    let entries: Vec<Entry> = redis::cmd("XRANGE")
+        .arg(format!("evod:{{{RUN}}}:tasks"))
+        .arg("-")
+        .arg("+")
+        .query(&mut raw(url))
+        .unwrap();
+    entries
+        .into_iter()
+        .map(|(_, fields)| {
+            let (_, bytes) = fields.into_iter().find(|(k, _)| k == "t").unwrap();
+            Task::decode(&bytes).unwrap()
+        })
+        .collect()
+}
+
+/// The evaluations the coordinator's evolver counted, from its last words
+/// (`evod: reached N generations: …, E evaluations, …`).
+fn evaluations(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("generations, ") && l.contains(" evaluations"))
+        .unwrap_or_else(|| panic!("no summary line in:\n{log}"));
+    let before = line.split(" evaluations").next().unwrap();
+    before.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// The results the hosts recorded add up to the evolver's evaluations:
+/// each (round, candidate) counted once.
+fn assert_counted_once(url: &str, evaluations: u64) {
+    let per_host = recorded(url);
+    let total: u64 = per_host.iter().map(|(_, n)| n).sum();
+    assert_eq!(
+        total, evaluations,
+        "results recorded by the hosts {per_host:?} do not add up to the evolver's evaluations"
+    );
+}
+
+/// No task of the stream was enqueued twice (same round, same first
+/// candidate).
+fn assert_enqueued_once(url: &str) -> usize {
+    let tasks = enqueued(url);
+    let mut seen = HashSet::new();
+    for t in &tasks {
+        assert!(
+            seen.insert((t.generation, t.first)),
+            "round {} candidate {} enqueued twice",
+            t.generation,
+            t.first
+        );
+    }
+    tasks.len()
+}
+
+fn redis() -> (tempfile::TempDir, RedisServer) {
+    redis_server::start()
+}
+
+/// The coordinator's stdout goes nowhere in `Daemon`; its summary line is
+/// on stdout, so these runs write it to `out.log` through a shell-free
+/// redirect: run the coordinator with `evod()` here instead.
+fn spawn_coordinator(dir: &Path, url: &str, extra: &[&str]) -> Child {
+    let out = std::fs::File::create(dir.join("out.log")).unwrap();
+    let err = std::fs::File::create(dir.join("run.log")).unwrap();
+    let mut args: Vec<&str> = EVOLVE.to_vec();
+    args.extend_from_slice(COORDINATE);
+    args.extend_from_slice(&["--broker", url]);
+    args.extend_from_slice(extra);
+    evod()
+        .arg("run")
+        .arg("--dir")
+        .arg(dir)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawning evod run --broker")
+}
+
+fn read(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+}
+
+/// Waits for the coordinator to finish successfully; its stdout.
+fn finish(child: &mut Child, dir: &Path, hosts: &[&Host]) -> String {
+    let status = common::wait_exit(child, DEADLINE);
+    let logs = || {
+        let mut s = format!("coordinator:\n{}", read(dir, "run.log"));
+        for h in hosts {
+            s.push_str(&format!("\nhost:\n{}", h.log()));
+        }
+        s
+    };
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("the coordinator did not finish\n{}", logs());
+    };
+    assert!(
+        status.success(),
+        "coordinator failed ({status})\n{}",
+        logs()
+    );
+    read(dir, "out.log")
+}
+
+fn progress_rows(dir: &Path) -> usize {
+    read(dir, "state/progress.csv")
+        .lines()
+        .count()
+        .saturating_sub(1)
+}
+
+#[test]
+fn two_hosts_evaluate_and_the_run_publishes_what_one_host_does() {
+    let want = reference();
+    let (_r, server) = redis();
+    let url = server.url();
+    let a = Host::join(&url, "host-a");
+    let b = Host::join(&url, "host-b");
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_coordinator(dir.path(), &url, &["--min-hosts", "2"]);
+    // `evod status --json` on the coordinator lists the hosts with the
+    // results each recorded.
+    let hosts = poll_until(
+        "evod status to list host-a and host-b with results",
+        DEADLINE,
+        || {
+            let o = evod()
+                .args(["status", "--json", "--dir"])
+                .arg(dir.path())
+                .output()
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+            let hosts = v["hosts"].as_array()?.clone();
+            let done = |id: &str| {
+                hosts
+                    .iter()
+                    .any(|h| h["host"] == id && h["tasks_done"].as_u64() > Some(0))
+            };
+            (done("host-a") && done("host-b")).then_some(hosts)
+        },
+        || format!("{}\n{}\n{}", read(dir.path(), "run.log"), a.log(), b.log()),
+    );
+    assert!(
+        hosts
+            .iter()
+            .all(|h| h["workers"].as_u64() >= Some(1) && h["last_seen_s"].is_number()),
+        "{hosts:?}"
+    );
+    let out = finish(&mut child, dir.path(), &[&a, &b]);
+    assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
+    assert_counted_once(&url, evaluations(&out));
+    assert!(assert_enqueued_once(&url) > 0);
+    assert!(out.contains("host-a") && out.contains("host-b"), "{out}");
+}
+
+#[test]
+fn a_killed_evaluator_costs_a_retry_not_a_count() {
+    let want = reference();
+    let (_r, server) = redis();
+    let url = server.url();
+    let a = Host::join(&url, "host-a");
+    let mut b = Host::join(&url, "host-b");
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_coordinator(dir.path(), &url, &[]);
+    // host-b dies (SIGKILL of its supervisor: its feeder and workers go
+    // with it) once it is evaluating.
+    poll_until(
+        "host-b to record results",
+        DEADLINE,
+        || {
+            recorded(&url)
+                .iter()
+                .any(|(h, n)| h == "host-b" && *n > 0)
+                .then_some(())
+        },
+        || format!("{}\n{}", read(dir.path(), "run.log"), b.log()),
+    );
+    b.kill();
+    let out = finish(&mut child, dir.path(), &[&a]);
+    assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
+    assert_counted_once(&url, evaluations(&out));
+    assert_enqueued_once(&url);
+}
+
+#[test]
+fn a_restarted_coordinator_resumes_and_enqueues_nothing_twice() {
+    let want = reference();
+    let (_r, server) = redis();
+    let url = server.url();
+    let a = Host::join(&url, "host-a");
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = spawn_coordinator(dir.path(), &url, &[]);
+    poll_until(
+        "three generations",
+        DEADLINE,
+        || (progress_rows(dir.path()) >= 3).then_some(()),
+        || read(dir.path(), "run.log"),
+    );
+    // SIGKILL: the supervisor, and with it the evolver (parent-death
+    // signal) holding the lease.
+    kill(Pid::from_raw(first.id() as i32), Signal::SIGKILL).unwrap();
+    first.wait().unwrap();
+    let before = read(dir.path(), "run.log");
+    let mut second = spawn_coordinator(dir.path(), &url, &[]);
+    let out = finish(&mut second, dir.path(), &[&a]);
+    let log = read(dir.path(), "run.log");
+    assert!(log.contains("resuming from"), "{before}\n---\n{log}");
+    assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
+    assert_counted_once(&url, evaluations(&out));
+    assert_enqueued_once(&url);
+}
+
+#[test]
+fn a_second_coordinator_waits_on_the_lease_of_the_first() {
+    let (_r, server) = redis();
+    let url = server.url();
+    let _a = Host::join(&url, "host-a");
+    // The first coordinator runs unbounded (the wait is what is tested).
+    let first_dir = tempfile::tempdir().unwrap();
+    let mut first = coordinator(first_dir, &url, &["--generations", "100000"]);
+    first.wait_for("the first coordinator to evolve", |d| {
+        (progress_rows(d.dir()) >= 1).then_some(())
+    });
+    let mut second = coordinator(
+        tempfile::tempdir().unwrap(),
+        &url,
+        &["--host-id", "coord-2", "--generations", "100000"],
+    );
+    second.wait_for("the second coordinator to wait on the lease", |d| {
+        d.log()
+            .contains("waiting for the coordinator lease of run t: held by coord/")
+            .then_some(())
+    });
+    // While the first lives, the second publishes nothing and evolves
+    // nothing: the first keeps going.
+    let rows = progress_rows(first.dir());
+    first.wait_for("the first to go on", |d| {
+        (progress_rows(d.dir()) >= rows + 2).then_some(())
+    });
+    assert_eq!(progress_rows(second.dir()), 0, "{}", second.log());
+    assert!(
+        !second.log().contains("coordinating run"),
+        "{}",
+        second.log()
+    );
+    // The first dies: the second takes over once the lease lapses.
+    first.signal(Signal::SIGKILL);
+    first.wait_exit();
+    second.wait_for("the second to take over", |d| {
+        (progress_rows(d.dir()) >= 1 && d.log().contains("coordinating run t")).then_some(())
+    });
+}
+
+#[test]
+fn redis_killed_and_restarted_on_its_aof_mid_run() {
+    let want = reference();
+    let (_r, mut server) = redis();
+    let url = server.url();
+    let a = Host::join(&url, "host-a");
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_coordinator(dir.path(), &url, &[]);
+    poll_until(
+        "two generations",
+        DEADLINE,
+        || (progress_rows(dir.path()) >= 2).then_some(()),
+        || read(dir.path(), "run.log"),
+    );
+    server.kill();
+    poll_until(
+        "the coordinator to report the broker gone",
+        DEADLINE,
+        || {
+            let log = read(dir.path(), "run.log");
+            (log.contains("broker redis://127.0.0.1") && log.contains("retrying")).then_some(())
+        },
+        || read(dir.path(), "run.log"),
+    );
+    server.restart();
+    let out = finish(&mut child, dir.path(), &[&a]);
+    assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
+    assert_counted_once(&url, evaluations(&out));
+    let log = read(dir.path(), "run.log");
+    assert!(log.contains("reachable again"), "{log}");
+}
+
+#[test]
+fn a_bad_broker_is_refused_at_start_naming_the_flag() {
+    let refused = |args: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let o = evod()
+            .arg("run")
+            .arg("--dir")
+            .arg(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o.stderr));
+        text(&o.stderr)
+    };
+    let err = refused(&["--strategy", "es", "--broker", "not a url"]);
+    assert!(err.contains("--broker"), "{err}");
+    // A server that refuses our password.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = RedisServer::start_with(dir.path(), port, &["--requirepass", "right"]);
+    let bad = format!("redis://:wrong@127.0.0.1:{}/", server.port);
+    let err = refused(&["--strategy", "es", "--broker", &bad]);
+    assert!(err.contains("--broker"), "{err}");
+    assert!(!err.contains("wrong@"), "the password is shown: {err}");
+    // GA has no task kind yet: refused by name.
+    let good = format!("redis://:right@127.0.0.1:{}/", server.port);
+    let err = refused(&["--broker", &good]);
+    assert!(err.contains("--broker needs --strategy es"), "{err}");
+}
