@@ -1014,6 +1014,7 @@ impl Evaluator for RedisBroker {
             self.keys.results(),
             self.keys.results_of(task.generation),
             self.keys.hosts("done"),
+            self.keys.enqueued(task.generation),
         ];
         let (id, consumer) = (delivery.id.clone(), self.config.consumer.clone());
         let maxlen = self.config.max_stream_len;

@@ -17,11 +17,19 @@ end
 return #ARGV - 4
 "#;
 
-/// Record results once and acknowledge.
+/// Record results once and acknowledge. A task of a generation that is
+/// not enqueued (any more: retired once the coordinator's checkpoint
+/// covered it) is acknowledged without recording anything: a late result
+/// of a finished round must not re-create its results hash (a leak) nor
+/// count again.
 /// KEYS: tasks stream, results stream, generation's results hash, hosts'
-/// done counts. ARGV: group, id, consumer, maxlen, (candidate, payload)…
-/// Returns the number of new results.
+/// done counts, generation's enqueued mark. ARGV: group, id, consumer,
+/// maxlen, (candidate, payload)… Returns the number of new results.
 pub const ACK: &str = r#"
+if redis.call('EXISTS', KEYS[5]) == 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  return 0
+end
 local new = 0
 for i = 5, #ARGV, 2 do
   if redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) == 1 then

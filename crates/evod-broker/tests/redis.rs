@@ -344,6 +344,36 @@ fn a_late_duplicate_result_is_counted_once() {
             .iter()
             .all(|r| r.host == "host-b" && r.fitness < 100.0)
     );
+    // Once the coordinator retires the generation, a result that comes
+    // even later (a host cut off for longer) is acknowledged and dropped:
+    // nothing recorded, the results hash not re-created, no host count.
+    let done_before: u64 = redis::cmd("HGET")
+        .arg(format!("{}hosts:done", a.prefix()))
+        .arg("host-a")
+        .query::<Option<u64>>(&mut r)
+        .unwrap()
+        .unwrap_or(0);
+    coord.retire(2).unwrap();
+    assert_eq!(
+        a.ack(&slow, &evaluate(&slow, "host-a", 100.0)).unwrap(),
+        AckOutcome {
+            recorded: 0,
+            duplicates: 4
+        }
+    );
+    assert!(coord.results(2).unwrap().is_empty());
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(format!("{}results:2", a.prefix()))
+        .query(&mut r)
+        .unwrap();
+    assert!(!exists, "a late ack re-created the retired results hash");
+    let done_after: u64 = redis::cmd("HGET")
+        .arg(format!("{}hosts:done", a.prefix()))
+        .arg("host-a")
+        .query::<Option<u64>>(&mut r)
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(done_after, done_before);
     // Results are checked against the task before they are sent.
     let mut wrong = evaluate(&slow, "host-a", 0.0);
     wrong[0].candidate = 99;
