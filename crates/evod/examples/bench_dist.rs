@@ -1,0 +1,436 @@
+//! `cargo xtask bench dist`: a distributed run's broker traffic, broker
+//! work and throughput as evaluator hosts are added, with real hosts:
+//! Redis (`evod-redis:local`), a coordinator and evaluator containers
+//! (`evod:local`, `evod join`) on a private Docker network. `cargo xtask
+//! bench dist` builds both images first.
+//!
+//! - **Scaling.** For 1, 2, 4, 8 and 16 evaluator containers, each held to
+//!   a tenth of a CPU (`docker run --cpus 0.1`, so 16 fit on a 2-core
+//!   machine), the same ES run (same seed, so the same work: the same
+//!   episodes in every round) of a CartPole network heavy enough that
+//!   evaluation dominates. `throughput_N` is the evaluator hosts' recorded
+//!   results per second of training-round time: from a round's first task
+//!   entering the stream to its last result recorded, both read from the
+//!   stream entry ids (the server's clock), summed over the rounds after
+//!   the first (which pays the hosts' start). The coordinator's own
+//!   worker takes tasks too (it always does): its container is held to the
+//!   same share, so it is one more host of the same speed, and its results
+//!   are not counted. The evolver's update between rounds is the
+//!   coordinator's, not the hosts', and is left out; the solve threshold is
+//!   out of reach, so no publish gate (one candidate over 100 episodes,
+//!   which one host evaluates alone) runs. Every host is there before the
+//!   first round (`--min-hosts`).
+//!   `scaling_efficiency_16` = `throughput_16 / (16 × throughput_1)`.
+//! - **Traffic and broker work.** A run of the default CartPole network
+//!   (small: its per-generation base costs little) with 4 evaluators:
+//!   `bytes_per_candidate` is Redis's `total_net_input_bytes +
+//!   total_net_output_bytes` (INFO stats) over the run divided by the
+//!   candidates recorded — everything: tasks, results, bases, heartbeats,
+//!   blocking reads, lease renewals; `broker_overhead_per_candidate_us` is
+//!   the server's time in commands (INFO commandstats `usec`) per
+//!   candidate, and `broker_calls_per_candidate` the commands. Peer in the
+//!   same run: `wire_bytes_per_candidate`, the encoded task share plus
+//!   result of one candidate (what must travel at the least).
+//!
+//! Usage: `bench_dist OUT.json` (env `EVOD_IMAGE`, `EVOD_REDIS_IMAGE`).
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use evod_broker::{Task, TaskResult};
+
+/// Evaluator counts of the scaling runs.
+const HOSTS: &[usize] = &[1, 2, 4, 8, 16];
+/// CPU share of each evaluator container.
+const CPUS: &str = "0.1";
+/// Guards against hangs only.
+const DEADLINE: Duration = Duration::from_secs(1800);
+const RUN: &str = "bench";
+const STATE: &str = "/var/lib/evod";
+
+/// The scaling runs: a 4-256-256-2 CartPole policy (67 k parameters),
+/// 255 candidates and the ES mean (256 evaluations a round) of 10 episodes
+/// in tasks of 8: 32 tasks a round, two for each of 16 hosts.
+const HEAVY_LAYERS: &str = "4,256,256,2";
+const HEAVY_POPULATION: &str = "255";
+const HEAVY_EPISODES: &str = "10";
+const HEAVY_GENERATIONS: u64 = 4;
+const HEAVY_PER_TASK: &str = "8";
+
+/// The traffic run: the default 4-16-2 policy, tasks of 16.
+const LIGHT_HOSTS: usize = 4;
+const LIGHT_POPULATION: &str = "511";
+const LIGHT_GENERATIONS: u64 = 10;
+const LIGHT_PER_TASK: &str = "16";
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running docker")
+}
+
+fn docker_ok(args: &[&str]) -> String {
+    let o = docker(args);
+    assert!(
+        o.status.success(),
+        "docker {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// One run's containers, volume and network; removed on drop.
+struct Bench {
+    prefix: String,
+    image: String,
+    redis_image: String,
+    password: String,
+    containers: Vec<String>,
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let mut rm = vec!["rm", "--force", "--volumes"];
+        rm.extend(self.containers.iter().map(String::as_str));
+        docker(&rm);
+        docker(&["volume", "rm", "--force", &self.volume()]);
+        docker(&["network", "rm", &self.network()]);
+    }
+}
+
+impl Bench {
+    fn network(&self) -> String {
+        format!("{}-net", self.prefix)
+    }
+    fn volume(&self) -> String {
+        format!("{}-coordinator", self.prefix)
+    }
+    fn redis(&self) -> String {
+        format!("{}-redis", self.prefix)
+    }
+    fn coordinator(&self) -> String {
+        format!("{}-coordinator", self.prefix)
+    }
+    fn key(&self, name: &str) -> String {
+        format!("evod:{{{RUN}}}:{name}")
+    }
+
+    /// Redis, the coordinator (on a model made by `evod init --layers
+    /// LAYERS`) and `hosts` evaluators held to [`CPUS`], running until the
+    /// coordinator's bounded run ends.
+    fn run(
+        tag: &str,
+        hosts: usize,
+        layers: Option<&str>,
+        evolve: &[&str],
+        per_task: &str,
+        coordinator_cpus: Option<&str>,
+    ) -> Bench {
+        let prefix = format!("evod-bench-dist-{tag}-{}", std::process::id());
+        let mut b = Bench {
+            image: std::env::var("EVOD_IMAGE").unwrap_or_else(|_| "evod:local".into()),
+            redis_image: std::env::var("EVOD_REDIS_IMAGE")
+                .unwrap_or_else(|_| "evod-redis:local".into()),
+            password: format!("pw-{}", std::process::id()),
+            prefix,
+            containers: Vec::new(),
+        };
+        b.containers.push(b.redis());
+        b.containers.push(b.coordinator());
+        b.containers
+            .extend((1..=hosts).map(|i| format!("{}-evaluator-{i}", b.prefix)));
+        docker_ok(&["network", "create", "--internal", &b.network()]);
+        docker_ok(&[
+            "run",
+            "--detach",
+            "--name",
+            &b.redis(),
+            "--network",
+            &b.network(),
+            "--network-alias",
+            "redis",
+            &b.redis_image,
+            "--dir",
+            "/data",
+            "--bind",
+            "0.0.0.0",
+            "--requirepass",
+            &b.password,
+            "--appendonly",
+            "yes",
+        ]);
+        let ready = Instant::now();
+        while b.redis_cli(&["PING"]).trim() != "PONG" {
+            assert!(ready.elapsed() < DEADLINE, "Redis did not answer");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let state = format!("{}:{STATE}", b.volume());
+        if let Some(layers) = layers {
+            let model = format!("{STATE}/vectorland.gguf");
+            docker_ok(&[
+                "run", "--rm", "--volume", &state, &b.image, "init", "--layers", layers, "-o",
+                &model,
+            ]);
+        }
+        let env = format!("EVOD_BROKER=redis://:{}@redis:6379/0", b.password);
+        let dist = [
+            "--run-id",
+            RUN,
+            "--candidates-per-task",
+            per_task,
+            "--workers",
+            "1",
+        ];
+        // The evaluators first: all are there when the first round is out.
+        for i in 1..=hosts {
+            let name = format!("{}-evaluator-{i}", b.prefix);
+            let host = format!("evaluator-{i}");
+            let mut args = vec![
+                "run",
+                "--detach",
+                "--name",
+                &name,
+                "--network",
+                &b.network(),
+                "--cpus",
+                CPUS,
+                "--read-only",
+                "--tmpfs",
+                "/var/lib/evod:uid=65532,gid=65532,mode=0700",
+                "--env",
+                &env,
+                &b.image,
+                "join",
+                "--host-id",
+                &host,
+            ];
+            args.extend_from_slice(&dist);
+            docker_ok(&args);
+        }
+        b.redis_cli(&["CONFIG", "RESETSTAT"]);
+        let min_hosts = hosts.to_string();
+        let coordinator = b.coordinator();
+        let network = b.network();
+        let mut args = vec![
+            "run",
+            "--detach",
+            "--name",
+            &coordinator,
+            "--network",
+            &network,
+        ];
+        if let Some(cpus) = coordinator_cpus {
+            args.extend_from_slice(&["--cpus", cpus]);
+        }
+        args.extend_from_slice(&[
+            "--read-only",
+            "--volume",
+            &state,
+            "--env",
+            &env,
+            &b.image,
+            "run",
+            "--host-id",
+            "coordinator",
+            "--strategy",
+            "es",
+            "--seed",
+            "5",
+            // Out of reach: no publish gate inside the measurement.
+            "--solve-threshold",
+            "1000000",
+            // Evolve once every evaluator is there.
+            "--min-hosts",
+            &min_hosts,
+        ]);
+        args.extend_from_slice(&dist);
+        args.extend_from_slice(evolve);
+        docker_ok(&args);
+        let code = docker_ok(&["wait", &b.coordinator()]);
+        assert_eq!(
+            code.trim(),
+            "0",
+            "the coordinator failed:\n{}",
+            String::from_utf8_lossy(&docker(&["logs", "--tail", "30", &b.coordinator()]).stderr)
+        );
+        b
+    }
+
+    fn redis_cli(&self, args: &[&str]) -> String {
+        let auth = format!("REDISCLI_AUTH={}", self.password);
+        let redis = self.redis();
+        let mut all = vec!["exec", "--env", &auth, &redis, "redis-cli", "--raw"];
+        all.extend_from_slice(args);
+        String::from_utf8_lossy(&docker(&all).stdout).into_owned()
+    }
+
+    /// (entry id in ms, field value bytes) of every entry of a stream with
+    /// field `field`, read through a Lua script returning hex.
+    fn stream(&self, key: &str, field: &str) -> Vec<(u64, Vec<u8>)> {
+        const HEX: &str = "local out = {}
+            for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+              for i = 1, #e[2], 2 do
+                if e[2][i] == ARGV[1] then
+                  out[#out + 1] = e[1] .. ' ' .. (e[2][i + 1]:gsub('.', function(c)
+                    return string.format('%02x', string.byte(c)) end))
+                end
+              end
+            end
+            return out";
+        self.redis_cli(&["EVAL", HEX, "1", &self.key(key), field])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (id, hex) = l.split_once(' ').expect("id and payload");
+                let ms = id.split('-').next().unwrap().parse().expect("ms id");
+                let bytes = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+                    .collect();
+                (ms, bytes)
+            })
+            .collect()
+    }
+
+    fn info(&self, section: &str) -> BTreeMap<String, String> {
+        self.redis_cli(&["INFO", section])
+            .lines()
+            .filter_map(|l| l.trim().split_once(':'))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+}
+
+/// Evaluator results per second of training-round time (rounds after the
+/// first), and the rounds measured.
+fn throughput(b: &Bench) -> (f64, usize) {
+    let tasks = b.stream("tasks", "t");
+    let results = b.stream("results", "r");
+    let mut start: BTreeMap<u64, u64> = BTreeMap::new();
+    for (ms, bytes) in &tasks {
+        let t = Task::decode(bytes).expect("a task");
+        let s = start.entry(t.generation).or_insert(*ms);
+        *s = (*s).min(*ms);
+    }
+    let mut end: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut counted: BTreeMap<u64, u64> = BTreeMap::new();
+    for (ms, bytes) in &results {
+        let r = TaskResult::decode(bytes).expect("a result");
+        let e = end.entry(r.generation).or_insert(*ms);
+        *e = (*e).max(*ms);
+        if r.host != "coordinator" {
+            *counted.entry(r.generation).or_default() += 1;
+        }
+    }
+    let (mut n, mut ms, mut rounds) = (0u64, 0u64, 0usize);
+    // Training rounds are even (2g); the first pays the start.
+    for (&round, &s) in start.iter().filter(|(r, _)| *r % 2 == 0).skip(1) {
+        let e = end[&round];
+        n += counted.get(&round).copied().unwrap_or(0);
+        ms += e.saturating_sub(s).max(1);
+        rounds += 1;
+    }
+    assert!(rounds > 0, "no training round after the first");
+    (n as f64 / (ms as f64 / 1e3), rounds)
+}
+
+fn main() {
+    let out = std::env::args().nth(1).expect("usage: bench_dist OUT.json");
+    let mut json = serde_json::json!({});
+    let started = Instant::now();
+
+    // Traffic and broker work: the small default network.
+    {
+        let generations = LIGHT_GENERATIONS.to_string();
+        let b = Bench::run(
+            "traffic",
+            LIGHT_HOSTS,
+            None,
+            &[
+                "--population",
+                LIGHT_POPULATION,
+                "--generations",
+                &generations,
+            ],
+            LIGHT_PER_TASK,
+            None,
+        );
+        let stats = b.info("stats");
+        let bytes: f64 = ["total_net_input_bytes", "total_net_output_bytes"]
+            .iter()
+            .map(|k| stats[*k].parse::<f64>().expect("a byte count"))
+            .sum();
+        let (mut calls, mut usec) = (0f64, 0f64);
+        for (k, v) in b.info("commandstats") {
+            if !k.starts_with("cmdstat_") {
+                continue;
+            }
+            for part in v.split(',') {
+                match part.split_once('=') {
+                    Some(("calls", n)) => calls += n.parse::<f64>().unwrap(),
+                    Some(("usec", n)) => usec += n.parse::<f64>().unwrap(),
+                    _ => {}
+                }
+            }
+        }
+        let results = b.stream("results", "r");
+        let tasks = b.stream("tasks", "t");
+        let candidates = results.len() as f64;
+        let task_bytes: usize = tasks.iter().map(|t| t.1.len()).sum();
+        let task_candidates: usize = tasks
+            .iter()
+            .map(|t| Task::decode(&t.1).expect("a task").recipes.len())
+            .sum();
+        let result_bytes = results.iter().map(|r| r.1.len()).sum::<usize>() as f64 / candidates;
+        let wire = task_bytes as f64 / task_candidates as f64 + result_bytes;
+        eprintln!(
+            "bench_dist traffic: {candidates} candidates, {bytes} bytes, {calls} calls, {usec} us"
+        );
+        json["bytes_per_candidate"] = (bytes / candidates).into();
+        json["wire_bytes_per_candidate"] = wire.into();
+        json["broker_overhead_per_candidate_us"] = (usec / candidates).into();
+        json["broker_calls_per_candidate"] = (calls / candidates).into();
+        json["traffic_candidates"] = candidates.into();
+        json["traffic_evaluators"] = LIGHT_HOSTS.into();
+    }
+
+    // Scaling.
+    let generations = HEAVY_GENERATIONS.to_string();
+    let mut t = BTreeMap::new();
+    for &hosts in HOSTS {
+        let b = Bench::run(
+            &format!("scale{hosts}"),
+            hosts,
+            Some(HEAVY_LAYERS),
+            &[
+                "--population",
+                HEAVY_POPULATION,
+                "--episodes",
+                HEAVY_EPISODES,
+                "--generations",
+                &generations,
+            ],
+            HEAVY_PER_TASK,
+            // The coordinator's own worker takes tasks like a host: held
+            // to the same share, it is one more host, not a fast one that
+            // leaves the evaluators the tail of each round.
+            Some(CPUS),
+        );
+        let (rate, rounds) = throughput(&b);
+        eprintln!("bench_dist: {hosts} evaluators: {rate:.1} candidates/s over {rounds} rounds");
+        json[format!("throughput_{hosts}")] = rate.into();
+        t.insert(hosts, rate);
+    }
+    json["scaling_efficiency_16"] = (t[&16] / (16.0 * t[&1])).into();
+    json["evaluator_cpus"] = CPUS.parse::<f64>().unwrap().into();
+    json["scaling_layers"] = HEAVY_LAYERS.into();
+    json["scaling_population"] = HEAVY_POPULATION.parse::<u64>().unwrap().into();
+    json["scaling_episodes"] = HEAVY_EPISODES.parse::<u64>().unwrap().into();
+    json["bench_seconds"] = started.elapsed().as_secs().into();
+    std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).expect("writing the report");
+    println!("{}", serde_json::to_string_pretty(&json).unwrap());
+}
