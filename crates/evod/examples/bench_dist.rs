@@ -21,16 +21,27 @@
 //!   which one host evaluates alone) runs. Every host is there before the
 //!   first round (`--min-hosts`).
 //!   `scaling_efficiency_16` = `throughput_16 / (16 × throughput_1)`.
+//!   A 2-core machine shared with other work may not have the 1.6 CPUs 16
+//!   hosts are allowed: so each run also reads the evaluator containers'
+//!   CPU time and throttling from their cgroups (v1 `cpuacct`/`cpu`, or v2)
+//!   — `evaluator_cpu_ms_per_candidate_N` (CPU spent per result, broker
+//!   work included: flat if adding hosts adds no work per candidate),
+//!   `throttled_N` (share of CFS periods the quota stopped a container:
+//!   near 1 when the share is what limits it, low when the machine is) —
+//!   and the load average, `load_N`. `cpu_scaling_efficiency_16` =
+//!   `evaluator_cpu_ms_per_candidate_1 / evaluator_cpu_ms_per_candidate_16`.
 //! - **Traffic and broker work.** A run of the default CartPole network
 //!   (small: its per-generation base costs little) with 4 evaluators:
 //!   `bytes_per_candidate` is Redis's `total_net_input_bytes +
 //!   total_net_output_bytes` (INFO stats) over the run divided by the
 //!   candidates recorded — everything: tasks, results, bases, heartbeats,
 //!   blocking reads, lease renewals; `broker_overhead_per_candidate_us` is
-//!   the server's time in commands (INFO commandstats `usec`) per
-//!   candidate, and `broker_calls_per_candidate` the commands. Peer in the
-//!   same run: `wire_bytes_per_candidate`, the encoded task share plus
-//!   result of one candidate (what must travel at the least).
+//!   the Redis server's CPU time (INFO cpu, user + system, all threads:
+//!   commands, scripts, networking, the AOF) over the run per candidate,
+//!   and `broker_calls_per_candidate` its commands (INFO stats
+//!   `total_commands_processed`). Peer in the same run:
+//!   `wire_bytes_per_candidate`, the encoded task share plus result of one
+//!   candidate (what must travel at the least).
 //!
 //! Usage: `bench_dist OUT.json` (env `EVOD_IMAGE`, `EVOD_REDIS_IMAGE`).
 
@@ -55,14 +66,16 @@ const STATE: &str = "/var/lib/evod";
 const HEAVY_LAYERS: &str = "4,256,256,2";
 const HEAVY_POPULATION: &str = "255";
 const HEAVY_EPISODES: &str = "10";
-const HEAVY_GENERATIONS: u64 = 4;
+const HEAVY_GENERATIONS: u64 = 6;
 const HEAVY_PER_TASK: &str = "8";
 
-/// The traffic run: the default 4-16-2 policy, tasks of 16.
+/// The traffic runs: the default 4-16-2 policy, 511 candidates and the
+/// mean a round, in tasks of 16 (the default: the unsuffixed keys) and of
+/// 64 (keys ending `_k64`).
 const LIGHT_HOSTS: usize = 4;
 const LIGHT_POPULATION: &str = "511";
 const LIGHT_GENERATIONS: u64 = 10;
-const LIGHT_PER_TASK: &str = "16";
+const LIGHT_PER_TASK: &[&str] = &["16", "64"];
 
 fn docker(args: &[&str]) -> Output {
     Command::new("docker")
@@ -90,6 +103,8 @@ struct Bench {
     redis_image: String,
     password: String,
     containers: Vec<String>,
+    /// Redis's CPU seconds when the coordinator started.
+    cpu_at_start: f64,
 }
 
 impl Drop for Bench {
@@ -138,6 +153,7 @@ impl Bench {
             password: format!("pw-{}", std::process::id()),
             prefix,
             containers: Vec::new(),
+            cpu_at_start: 0.0,
         };
         b.containers.push(b.redis());
         b.containers.push(b.coordinator());
@@ -186,6 +202,7 @@ impl Bench {
             "1",
         ];
         // The evaluators first: all are there when the first round is out.
+        let network = b.network();
         for i in 1..=hosts {
             let name = format!("{}-evaluator-{i}", b.prefix);
             let host = format!("evaluator-{i}");
@@ -195,7 +212,7 @@ impl Bench {
                 "--name",
                 &name,
                 "--network",
-                &b.network(),
+                &network,
                 "--cpus",
                 CPUS,
                 "--read-only",
@@ -212,9 +229,9 @@ impl Bench {
             docker_ok(&args);
         }
         b.redis_cli(&["CONFIG", "RESETSTAT"]);
+        b.cpu_at_start = b.cpu_seconds();
         let min_hosts = hosts.to_string();
         let coordinator = b.coordinator();
-        let network = b.network();
         let mut args = vec![
             "run",
             "--detach",
@@ -296,6 +313,15 @@ impl Bench {
             .collect()
     }
 
+    /// Redis's CPU time so far (user + system, all threads).
+    fn cpu_seconds(&self) -> f64 {
+        let cpu = self.info("cpu");
+        ["used_cpu_user", "used_cpu_sys"]
+            .iter()
+            .map(|k| cpu[*k].parse::<f64>().expect("a CPU time"))
+            .sum()
+    }
+
     fn info(&self, section: &str) -> BTreeMap<String, String> {
         self.redis_cli(&["INFO", section])
             .lines()
@@ -303,6 +329,41 @@ impl Bench {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect()
     }
+}
+
+/// CPU seconds a container has used and the share of its CFS periods in
+/// which its quota throttled it, from its cgroup (v1 or v2); `None` if
+/// neither layout is there.
+fn container_cpu(name: &str) -> Option<(f64, f64)> {
+    let id = docker_ok(&["inspect", "--format", "{{.Id}}", name]);
+    let id = id.trim();
+    let read = |p: String| std::fs::read_to_string(p).ok();
+    let field = |text: &str, key: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+    };
+    if let Some(usage) = read(format!("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage")) {
+        let stat = read(format!("/sys/fs/cgroup/cpu/docker/{id}/cpu.stat"))?;
+        let periods = field(&stat, "nr_periods ")?.max(1.0);
+        let throttled = field(&stat, "nr_throttled ")?;
+        return Some((usage.trim().parse::<f64>().ok()? / 1e9, throttled / periods));
+    }
+    let stat = read(format!(
+        "/sys/fs/cgroup/system.slice/docker-{id}.scope/cpu.stat"
+    ))?;
+    let periods = field(&stat, "nr_periods ")?.max(1.0);
+    Some((
+        field(&stat, "usage_usec ")? / 1e6,
+        field(&stat, "nr_throttled ")? / periods,
+    ))
+}
+
+/// The 1-minute load average.
+fn load() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// Evaluator results per second of training-round time (rounds after the
@@ -344,10 +405,15 @@ fn main() {
     let started = Instant::now();
 
     // Traffic and broker work: the small default network.
-    {
+    for &per_task in LIGHT_PER_TASK {
+        let suffix = if per_task == "16" {
+            String::new()
+        } else {
+            format!("_k{per_task}")
+        };
         let generations = LIGHT_GENERATIONS.to_string();
         let b = Bench::run(
-            "traffic",
+            &format!("traffic{per_task}"),
             LIGHT_HOSTS,
             None,
             &[
@@ -356,7 +422,7 @@ fn main() {
                 "--generations",
                 &generations,
             ],
-            LIGHT_PER_TASK,
+            per_task,
             None,
         );
         let stats = b.info("stats");
@@ -364,19 +430,10 @@ fn main() {
             .iter()
             .map(|k| stats[*k].parse::<f64>().expect("a byte count"))
             .sum();
-        let (mut calls, mut usec) = (0f64, 0f64);
-        for (k, v) in b.info("commandstats") {
-            if !k.starts_with("cmdstat_") {
-                continue;
-            }
-            for part in v.split(',') {
-                match part.split_once('=') {
-                    Some(("calls", n)) => calls += n.parse::<f64>().unwrap(),
-                    Some(("usec", n)) => usec += n.parse::<f64>().unwrap(),
-                    _ => {}
-                }
-            }
-        }
+        let cpu = b.cpu_seconds() - b.cpu_at_start;
+        let calls: f64 = stats["total_commands_processed"]
+            .parse()
+            .expect("a command count");
         let results = b.stream("results", "r");
         let tasks = b.stream("tasks", "t");
         let candidates = results.len() as f64;
@@ -388,19 +445,21 @@ fn main() {
         let result_bytes = results.iter().map(|r| r.1.len()).sum::<usize>() as f64 / candidates;
         let wire = task_bytes as f64 / task_candidates as f64 + result_bytes;
         eprintln!(
-            "bench_dist traffic: {candidates} candidates, {bytes} bytes, {calls} calls, {usec} us"
+            "bench_dist traffic, tasks of {per_task}: {candidates} candidates, {bytes} bytes, \
+             {calls} commands, {cpu:.3} s of Redis CPU"
         );
-        json["bytes_per_candidate"] = (bytes / candidates).into();
-        json["wire_bytes_per_candidate"] = wire.into();
-        json["broker_overhead_per_candidate_us"] = (usec / candidates).into();
-        json["broker_calls_per_candidate"] = (calls / candidates).into();
-        json["traffic_candidates"] = candidates.into();
-        json["traffic_evaluators"] = LIGHT_HOSTS.into();
+        json[format!("bytes_per_candidate{suffix}")] = (bytes / candidates).into();
+        json[format!("wire_bytes_per_candidate{suffix}")] = wire.into();
+        json[format!("broker_overhead_per_candidate_us{suffix}")] = (cpu * 1e6 / candidates).into();
+        json[format!("broker_calls_per_candidate{suffix}")] = (calls / candidates).into();
+        json[format!("traffic_candidates{suffix}")] = candidates.into();
     }
+    json["traffic_evaluators"] = LIGHT_HOSTS.into();
 
     // Scaling.
     let generations = HEAVY_GENERATIONS.to_string();
     let mut t = BTreeMap::new();
+    let mut per_cpu = BTreeMap::new();
     for &hosts in HOSTS {
         let b = Bench::run(
             &format!("scale{hosts}"),
@@ -421,11 +480,40 @@ fn main() {
             Some(CPUS),
         );
         let (rate, rounds) = throughput(&b);
-        eprintln!("bench_dist: {hosts} evaluators: {rate:.1} candidates/s over {rounds} rounds");
         json[format!("throughput_{hosts}")] = rate.into();
         t.insert(hosts, rate);
+        let evaluator_results = b
+            .stream("results", "r")
+            .iter()
+            .filter(|r| TaskResult::decode(&r.1).expect("a result").host != "coordinator")
+            .count() as f64;
+        let cpu: Option<Vec<(f64, f64)>> = (1..=hosts)
+            .map(|i| container_cpu(&format!("{}-evaluator-{i}", b.prefix)))
+            .collect();
+        let now = load();
+        json[format!("load_{hosts}")] = now.into();
+        if let Some(cpu) = cpu {
+            let seconds: f64 = cpu.iter().map(|c| c.0).sum();
+            let throttled = cpu.iter().map(|c| c.1).sum::<f64>() / hosts as f64;
+            let per = seconds * 1e3 / evaluator_results;
+            json[format!("evaluator_cpu_ms_per_candidate_{hosts}")] = per.into();
+            json[format!("throttled_{hosts}")] = throttled.into();
+            per_cpu.insert(hosts, per);
+            eprintln!(
+                "bench_dist: {hosts} evaluators: {rate:.1} candidates/s over {rounds} rounds, \
+                 {per:.2} CPU ms per candidate, throttled {throttled:.2}, load {now:.1}"
+            );
+        } else {
+            eprintln!(
+                "bench_dist: {hosts} evaluators: {rate:.1} candidates/s over {rounds} rounds \
+                 (no cgroup CPU figures), load {now:.1}"
+            );
+        }
     }
     json["scaling_efficiency_16"] = (t[&16] / (16.0 * t[&1])).into();
+    if let (Some(one), Some(sixteen)) = (per_cpu.get(&1), per_cpu.get(&16)) {
+        json["cpu_scaling_efficiency_16"] = (one / sixteen).into();
+    }
     json["evaluator_cpus"] = CPUS.parse::<f64>().unwrap().into();
     json["scaling_layers"] = HEAVY_LAYERS.into();
     json["scaling_population"] = HEAVY_POPULATION.parse::<u64>().unwrap().into();
