@@ -94,12 +94,23 @@ fn reference() -> (u64, u64) {
     })
 }
 
-/// `evod run --broker URL` (the coordinator) on `dir` with `extra` flags.
-fn coordinator(dir: tempfile::TempDir, url: &str, extra: &[&str]) -> Daemon {
-    let mut args: Vec<&str> = EVOLVE.to_vec();
-    args.extend_from_slice(COORDINATE);
-    args.extend_from_slice(&["--broker", url]);
-    args.extend_from_slice(extra);
+/// `evod run --broker URL` (a coordinator) on `dir` as host `id`,
+/// unbounded (for the lease test).
+fn unbounded_coordinator(dir: tempfile::TempDir, url: &str, id: &str) -> Daemon {
+    // Every flag but `--generations` and `--host-id` (with their values).
+    let mut args: Vec<&str> = Vec::new();
+    let mut skip = false;
+    for &a in EVOLVE.iter().chain(COORDINATE) {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        if a == "--generations" || a == "--host-id" {
+            skip = true;
+            continue;
+        }
+        args.push(a);
+    }
+    args.extend_from_slice(&["--host-id", id, "--broker", url]);
     Daemon::spawn(dir, &args, DEADLINE)
 }
 
@@ -344,23 +355,58 @@ fn a_killed_evaluator_costs_a_retry_not_a_count() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = spawn_coordinator(dir.path(), &url, &[]);
     // host-b dies (SIGKILL of its supervisor: its feeder and workers go
-    // with it) once it is evaluating.
+    // with it by their parent-death signal) while it holds a task.
     poll_until(
-        "host-b to record results",
+        "host-b to record results and hold a task",
         DEADLINE,
         || {
-            recorded(&url)
-                .iter()
-                .any(|(h, n)| h == "host-b" && *n > 0)
-                .then_some(())
+            let done = recorded(&url).iter().any(|(h, n)| h == "host-b" && *n > 0);
+            (done && pending(&url, "host-b") > 0).then_some(())
         },
         || format!("{}\n{}", read(dir.path(), "run.log"), b.log()),
     );
     b.kill();
+    let held = pending(&url, "host-b");
+    eprintln!("host-b held {held} task(s) when it was killed");
     let out = finish(&mut child, dir.path(), &[&a]);
     assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
     assert_counted_once(&url, evaluations(&out));
     assert_enqueued_once(&url);
+    // What host-b held when it died was taken over by a live host.
+    assert_eq!(pending(&url, "host-b"), 0);
+    if held > 0 {
+        let logs = format!("{}\n{}", read(dir.path(), "run.log"), a.log());
+        assert!(
+            logs.contains("took over tasks whose consumer went silent"),
+            "host-b held {held} tasks when killed; nobody took them over:\n{logs}"
+        );
+    }
+}
+
+/// Tasks delivered to `host` and not acknowledged yet.
+fn pending(url: &str, host: &str) -> u64 {
+    let summary: redis::Value = redis::cmd("XPENDING")
+        .arg(format!("evod:{{{RUN}}}:tasks"))
+        .arg("evaluators")
+        .query(&mut raw(url))
+        .unwrap();
+    let redis::Value::Array(parts) = summary else {
+        return 0;
+    };
+    let Some(redis::Value::Array(consumers)) = parts.get(3) else {
+        return 0;
+    };
+    consumers
+        .iter()
+        .filter_map(|c| match c {
+            redis::Value::Array(pair) if pair.len() == 2 => {
+                let name: String = redis::from_redis_value(pair[0].clone()).ok()?;
+                let n: u64 = redis::from_redis_value(pair[1].clone()).ok()?;
+                (name == host).then_some(n)
+            }
+            _ => None,
+        })
+        .sum()
 }
 
 #[test]
@@ -398,15 +444,11 @@ fn a_second_coordinator_waits_on_the_lease_of_the_first() {
     let _a = Host::join(&url, "host-a");
     // The first coordinator runs unbounded (the wait is what is tested).
     let first_dir = tempfile::tempdir().unwrap();
-    let mut first = coordinator(first_dir, &url, &["--generations", "100000"]);
+    let mut first = unbounded_coordinator(first_dir, &url, "coord");
     first.wait_for("the first coordinator to evolve", |d| {
         (progress_rows(d.dir()) >= 1).then_some(())
     });
-    let mut second = coordinator(
-        tempfile::tempdir().unwrap(),
-        &url,
-        &["--host-id", "coord-2", "--generations", "100000"],
-    );
+    let mut second = unbounded_coordinator(tempfile::tempdir().unwrap(), &url, "coord-2");
     second.wait_for("the second coordinator to wait on the lease", |d| {
         d.log()
             .contains("waiting for the coordinator lease of run t: held by coord/")
