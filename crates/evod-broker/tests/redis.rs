@@ -11,7 +11,7 @@
 
 use std::io::{BufRead, BufReader};
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use evod_broker::{
