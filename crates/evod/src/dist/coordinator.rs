@@ -4,13 +4,17 @@
 //! lost — another coordinator took over after we stalled — ends this
 //! process at once, so there are never two publishers), publishes the
 //! run's model file once, and evaluates each ES evaluation of the evolver
-//! through the broker ([`Coordination::evaluator`]): round `2g` is
-//! generation `g`'s training batch, round `2g + 1` its publish gate (the
-//! evolver asks at most these two per generation). A round is the
-//! generation's base published by hash (once), its recipes cut into tasks
-//! of `--candidates-per-task`, enqueued once (a restarted coordinator that
+//! through the broker ([`Coordination::evaluator`]): one round per
+//! evaluation (a generation's training batch, then its publish gate),
+//! named by a hash of what it evaluates ([`round_id`]: the base, the
+//! recipes, the episode seed and count). A round is the generation's base
+//! published by hash (once), its recipes cut into tasks of
+//! `--candidates-per-task`, enqueued once (a restarted coordinator that
 //! redoes a round finds it enqueued and its results recorded: nothing is
-//! enqueued twice), and the results read back in candidate order —
+//! enqueued twice; another evaluation, e.g. of a coordinator that took
+//! over from its own checkpoint, has another name and can never be
+//! answered with these results), and the results read back in candidate
+//! order —
 //! never arrival order — so the published tensors are the same as on one
 //! host. While waiting, the coordinator evaluates tasks on its own workers
 //! like any host ([`EvalHost`]).
@@ -50,15 +54,14 @@ pub struct Coordination {
     lease: Lease,
     host: EvalHost,
     stop: Arc<AtomicBool>,
-    /// Generation of the evolver's step under way, and its evaluations so
-    /// far (0: none, 1: training done, 2: gate done).
+    /// Generation of the evolver's step under way.
     generation: u64,
-    calls: u64,
     /// Bases published, newest last (the previous one is dropped when a
     /// new one is published).
     bases: Vec<u64>,
-    /// Rounds complete, to retire once a checkpoint covers them.
-    done: Vec<u64>,
+    /// Rounds complete (generation, round id), to retire once a checkpoint
+    /// covers their generation.
+    done: Vec<(u64, u64)>,
     /// Dead letters already applied (broker ids).
     dead_seen: std::collections::HashSet<String>,
     /// Hosts as last listed.
@@ -134,7 +137,6 @@ impl Coordination {
             host,
             stop,
             generation: 0,
-            calls: 0,
             bases: Vec::new(),
             done: Vec::new(),
             dead_seen: Default::default(),
@@ -147,7 +149,6 @@ impl Coordination {
     /// Called before each of the evolver's steps, with its generation.
     pub fn begin(&mut self, generation: u64) {
         self.generation = generation;
-        self.calls = 0;
     }
 
     /// The evolver's evaluator for this step: ES recipes through the
@@ -157,15 +158,16 @@ impl Coordination {
     }
 
     /// A checkpoint of generation `generation` (the next to run) was
-    /// saved: rounds before it are never redone, so they are retired.
+    /// saved: rounds of earlier generations are never redone, so they are
+    /// retired.
     pub fn checkpointed(&mut self, generation: u64) {
-        let first_kept = generation.saturating_mul(2);
-        let (old, keep): (Vec<u64>, Vec<u64>) = self.done.iter().partition(|&&r| r < first_kept);
+        let (old, keep): (Vec<(u64, u64)>, Vec<(u64, u64)>) =
+            self.done.iter().partition(|(g, _)| *g < generation);
         self.done = keep;
-        for round in old {
+        for (_, round) in old {
             if let Err(e) = self.broker.retire(round) {
                 // Left behind: a few keys, not an error of the run.
-                tracing::warn!(round, "retiring a round failed: {e}");
+                tracing::warn!("retiring round {round:016x} failed: {e}");
             }
         }
     }
@@ -278,14 +280,7 @@ impl Coordination {
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
-        if self.calls >= 2 {
-            return Err(EvalError::Failed(format!(
-                "generation {} asked for a third evaluation; a distributed round is a generation's training batch or its gate",
-                self.generation
-            )));
-        }
-        let round = self.generation * 2 + self.calls;
-        self.calls += 1;
+        let round = round_id(base.checksum(), recipes, seed, episodes);
         let total = recipes.len();
         if total == 0 {
             return Ok(Vec::new());
@@ -318,12 +313,17 @@ impl Coordination {
         match self.retry("enqueue", |b, lease| b.enqueue(lease, round, &tasks))? {
             Enqueued::New(n) => {
                 self.enqueued += n as u64;
-                tracing::debug!(round, tasks = n, candidates = total, "round enqueued");
+                tracing::debug!(
+                    generation = self.generation,
+                    tasks = n,
+                    candidates = total,
+                    "round {round:016x} enqueued"
+                );
             }
             Enqueued::Already => tracing::info!(
-                round,
+                generation = self.generation,
                 tasks = n_tasks,
-                "round {round} was enqueued before (resumed): using what is recorded"
+                "round {round:016x} was enqueued before (resumed): using what is recorded"
             ),
         }
         self.collect(ring, round, base, recipes, seed, episodes)
@@ -417,9 +417,9 @@ impl Coordination {
                     .filter(|c| !have.contains(c) && !quarantined[*c as usize])
                     .collect();
                 tracing::warn!(
-                    round,
+                    generation = self.generation,
                     missing = missing.len(),
-                    "no result for {stall:?}: re-enqueueing the candidates still missing"
+                    "round {round:016x}: no result for {stall:?}: re-enqueueing the candidates still missing"
                 );
                 // The base too: a broker that lost its data lost it.
                 let params = base.params();
@@ -469,7 +469,7 @@ impl Coordination {
                     quarantined[i] = true;
                     if new {
                         tracing::warn!(
-                            round,
+                            generation = self.generation,
                             candidate = c,
                             deliveries = letter.deliveries,
                             last_host = %letter.last_consumer,
@@ -509,7 +509,7 @@ impl Coordination {
                 .zip(quarantined)
                 .all(|(slot, &q)| slot.is_some() || q)
         );
-        self.done.push(round);
+        self.done.push((self.generation, round));
         out
     }
 }
@@ -525,6 +525,22 @@ impl Drop for Coordination {
             }
         }
     }
+}
+
+/// The broker name of an evaluation: a hash (xxh3) of everything that
+/// decides its fitnesses — the base, the recipes, the episode seed and
+/// count. The same evaluation redone (a restart) has the same name; any
+/// other has another.
+pub fn round_id(base: u64, recipes: &[Recipe], seed: u64, episodes: u32) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&base.to_le_bytes());
+    h.update(&seed.to_le_bytes());
+    h.update(&episodes.to_le_bytes());
+    h.update(&(recipes.len() as u64).to_le_bytes());
+    for r in recipes {
+        h.update(&r.to_bytes());
+    }
+    h.digest()
 }
 
 /// The evolver's evaluator of one step (see [`Coordination::evaluator`]).

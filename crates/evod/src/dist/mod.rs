@@ -13,9 +13,9 @@
 //!   `evod feeder` role ([`feeder`]), an [`EvalHost`] feeding the workers
 //!   tasks from the broker.
 //!
-//! Broker "generations" are evaluation rounds: round `2g` is generation
-//! `g`'s training batch, round `2g + 1` its publish gate (see
-//! [`coordinator`]). The protocol itself is in `docs/distributed.md`.
+//! Broker "generations" are evaluation rounds, each named by a hash of
+//! what it evaluates (see [`coordinator`]). The protocol itself is in
+//! `docs/distributed.md`.
 
 use std::ffi::OsString;
 use std::time::Duration;
