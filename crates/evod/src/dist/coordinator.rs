@@ -47,6 +47,9 @@ const DEAD_LETTERS_EVERY: Duration = Duration::from_millis(500);
 /// How often the hosts are listed for the status report.
 const HOSTS_EVERY: Duration = Duration::from_secs(1);
 
+/// A complete round: (generation, round id).
+type Done = (u64, u64);
+
 /// The coordinator of a distributed run (see the module docs).
 pub struct Coordination {
     broker: RedisBroker,
@@ -59,9 +62,9 @@ pub struct Coordination {
     /// Bases published, newest last (the previous one is dropped when a
     /// new one is published).
     bases: Vec<u64>,
-    /// Rounds complete (generation, round id), to retire once a checkpoint
-    /// covers their generation.
-    done: Vec<(u64, u64)>,
+    /// Rounds complete, to retire once a checkpoint covers their
+    /// generation.
+    done: Vec<Done>,
     /// Dead letters already applied (broker ids).
     dead_seen: std::collections::HashSet<String>,
     /// Hosts as last listed.
@@ -161,7 +164,7 @@ impl Coordination {
     /// saved: rounds of earlier generations are never redone, so they are
     /// retired.
     pub fn checkpointed(&mut self, generation: u64) {
-        let (old, keep): (Vec<(u64, u64)>, Vec<(u64, u64)>) =
+        let (old, keep): (Vec<Done>, Vec<Done>) =
             self.done.iter().partition(|(g, _)| *g < generation);
         self.done = keep;
         for (_, round) in old {
