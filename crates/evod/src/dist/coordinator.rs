@@ -365,6 +365,8 @@ impl Coordination {
             let worked = match self.host.serve(ring, Duration::from_millis(1)) {
                 Ok(n) => n,
                 Err(e @ BrokerError::Unavailable { .. }) => {
+                    // A stop interrupts a blocking read: not a broker problem.
+                    self.stopping()?;
                     if unreachable_since.is_none() {
                         tracing::warn!("broker {url}: {e}; retrying");
                         unreachable_since = Some(Instant::now());
@@ -385,6 +387,8 @@ impl Coordination {
             let results = match self.broker.wait_results(round, total, wait) {
                 Ok(r) => r,
                 Err(e @ BrokerError::Unavailable { .. }) => {
+                    // A stop interrupts a blocking read: not a broker problem.
+                    self.stopping()?;
                     if unreachable_since.is_none() {
                         tracing::warn!("broker {url}: {e}; retrying");
                         unreachable_since = Some(Instant::now());
