@@ -522,6 +522,15 @@ fn a_bad_broker_is_refused_at_start_naming_the_flag() {
     };
     let err = refused(&["--strategy", "es", "--broker", "not a url"]);
     assert!(err.contains("--broker"), "{err}");
+    let err = refused(&[
+        "--strategy",
+        "es",
+        "--broker",
+        "redis://127.0.0.1:1/",
+        "--run-id",
+        "no spaces",
+    ]);
+    assert!(err.contains("--run-id"), "{err}");
     // A server that refuses our password.
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
