@@ -338,6 +338,35 @@ fn a_refused_task_is_dead_lettered_with_its_reason_and_the_model_is_fenced() {
 }
 
 #[test]
+fn activity_says_where_the_unfinished_tasks_are() {
+    let (_dir, server) = start();
+    let url = server.url();
+    let mut coord = broker(&url, "coord", Duration::from_secs(30));
+    let window = Duration::from_millis(300);
+    assert!(coord.activity(window).unwrap().is_idle(), "no stream yet");
+    let mut coord = enqueue(&url, 1, 3, 2);
+    let mut ev = broker(&url, "host-a", Duration::from_secs(30));
+    let a = coord.activity(window).unwrap();
+    assert_eq!((a.live, a.stale, a.waiting), (0, 0, 3));
+    let d = read_all(&mut ev, 1).pop().unwrap();
+    let a = coord.activity(window).unwrap();
+    assert_eq!((a.live, a.stale, a.waiting), (1, 0, 2));
+    // Not extended for longer than the window: stale (its host died).
+    let a = poll_until("the lease to go stale", Duration::from_secs(10), || {
+        let a = coord.activity(window).unwrap();
+        (a.stale == 1).then_some(a)
+    });
+    assert_eq!(a.live, 0);
+    ev.extend(&d).unwrap();
+    assert_eq!(coord.activity(window).unwrap().live, 1, "extended: live");
+    ev.ack(&d, &evaluate(&d, "host-a", 0.0)).unwrap();
+    for d in read_all(&mut ev, 2) {
+        ev.ack(&d, &evaluate(&d, "host-a", 0.0)).unwrap();
+    }
+    assert!(coord.activity(window).unwrap().is_idle());
+}
+
+#[test]
 fn a_late_duplicate_result_is_counted_once() {
     let (_dir, server) = start();
     let url = server.url();

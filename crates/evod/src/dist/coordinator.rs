@@ -21,8 +21,10 @@
 //!
 //! Candidates of a dead-lettered task are quarantined (`None`), as a
 //! candidate that crashes local workers is. A round that makes no progress
-//! for a few leases (tasks lost with a Redis that had no AOF, a stream
-//! trimmed too short) has what is missing re-enqueued. Rounds are retired
+//! for a few leases with no task left anywhere on the broker (lost with a
+//! Redis that had no AOF, a stream trimmed too short) has what is missing
+//! re-enqueued; one whose tasks are only slow or waiting for a host is
+//! logged, not re-enqueued. Rounds are retired
 //! (their results and enqueue marks removed from the broker) once a
 //! checkpoint covers them, so a restart from that checkpoint never needs
 //! them again.
@@ -349,9 +351,9 @@ impl Coordination {
         let mut last_count = 0usize;
         let mut progress_at = Instant::now();
         let mut dead_at: Option<Instant> = None;
-        // A round with no new result for this long has what is missing
-        // re-enqueued (its tasks were lost, not merely slow: a slow task
-        // is extended, a dead host's is taken over within a lease).
+        // A round with no new result for this long is looked at: what is
+        // missing is re-enqueued if no task is left on the broker (lost),
+        // else the wait is logged (slow, or waiting for a host).
         let stall = self
             .settings
             .task_lease
@@ -420,13 +422,36 @@ impl Coordination {
                 last_count = results.len();
                 progress_at = Instant::now();
             } else if progress_at.elapsed() >= stall {
+                progress_at = Instant::now();
+                // Slow is not lost: re-enqueue only when the missing
+                // candidates' tasks are nowhere (a Redis restarted without
+                // its AOF, a stream trimmed too short).
+                let activity = match self.broker.activity(self.settings.task_lease) {
+                    Ok(a) => a,
+                    Err(BrokerError::Unavailable { .. }) => continue,
+                    Err(e) => return Err(EvalError::Failed(format!("broker: activity: {e}"))),
+                };
                 let missing: Vec<u32> = (0..total as u32)
                     .filter(|c| !have.contains(c) && !quarantined[*c as usize])
                     .collect();
+                if !activity.is_idle() {
+                    tracing::info!(
+                        generation = self.generation,
+                        missing = missing.len(),
+                        live = activity.live,
+                        stale = activity.stale,
+                        waiting = activity.waiting,
+                        "round {round:016x}: no new result for {stall:?}; tasks are being evaluated ({}), to be taken over ({}) or waiting for a host ({})",
+                        activity.live,
+                        activity.stale,
+                        activity.waiting
+                    );
+                    continue;
+                }
                 tracing::warn!(
                     generation = self.generation,
                     missing = missing.len(),
-                    "round {round:016x}: no result for {stall:?}: re-enqueueing the candidates still missing"
+                    "round {round:016x}: no result for {stall:?} and no task left on the broker: re-enqueueing the candidates still missing"
                 );
                 // The base too: a broker that lost its data lost it.
                 let params = base.params();
@@ -434,7 +459,6 @@ impl Coordination {
                 let tasks = self.tasks(round, hash, recipes, &missing, seed, episodes);
                 let n = self.retry("re-enqueue", |b, lease| b.requeue(lease, round, &tasks))?;
                 self.enqueued += n as u64;
-                progress_at = Instant::now();
             }
         }
     }
