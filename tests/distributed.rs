@@ -23,7 +23,7 @@ use std::process::{Child, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{Daemon, evod, poll_until, text};
+use common::{Daemon, children_with_role, evod, poll_until, text};
 use evod_broker::Task;
 use evod_gguf::GgufFile;
 use nix::sys::signal::{Signal, kill};
@@ -122,12 +122,27 @@ struct Host {
 }
 
 impl Host {
+    /// `evod join URL`.
     fn join(url: &str, id: &str) -> Host {
+        Self::spawn(url, id, false)
+    }
+
+    /// `EVOD_BROKER=URL evod join`.
+    fn join_env(url: &str, id: &str) -> Host {
+        Self::spawn(url, id, true)
+    }
+
+    fn spawn(url: &str, id: &str, env: bool) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("join.log")).unwrap();
-        let child = evod()
-            .arg("join")
-            .arg(url)
+        let mut cmd = evod();
+        cmd.arg("join");
+        if env {
+            cmd.env("EVOD_BROKER", url);
+        } else {
+            cmd.arg(url);
+        }
+        let child = cmd
             .arg("--dir")
             .arg(dir.path())
             .args([
@@ -154,6 +169,10 @@ impl Host {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("join.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
     }
 
     fn kill(&mut self) {
@@ -307,7 +326,7 @@ fn two_hosts_evaluate_and_the_run_publishes_what_one_host_does() {
     let (_r, server) = redis();
     let url = server.url();
     let a = Host::join(&url, "host-a");
-    let b = Host::join(&url, "host-b");
+    let b = Host::join_env(&url, "host-b");
     let dir = tempfile::tempdir().unwrap();
     let mut child = spawn_coordinator(dir.path(), &url, &["--min-hosts", "2"]);
     // `evod status --json` on the coordinator lists the hosts with the
@@ -338,6 +357,25 @@ fn two_hosts_evaluate_and_the_run_publishes_what_one_host_does() {
             .all(|h| h["workers"].as_u64() >= Some(1) && h["last_seen_s"].is_number()),
         "{hosts:?}"
     );
+    // The URL (a password in real life) reaches the feeder, never a
+    // worker, nor any command line.
+    let has_broker = |pid: u32| {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        environ
+            .split(|&b| b == 0)
+            .any(|kv| kv.starts_with(b"EVOD_BROKER="))
+    };
+    let cmdline =
+        |pid: u32| text(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default());
+    let feeder = children_with_role(b.pid(), "feeder");
+    assert_eq!(feeder.len(), 1, "{}", b.log());
+    assert!(has_broker(feeder[0]));
+    assert!(!cmdline(feeder[0]).contains("redis://"));
+    let workers = children_with_role(b.pid(), "worker");
+    assert!(!workers.is_empty(), "{}", b.log());
+    for w in workers {
+        assert!(!has_broker(w), "worker {w} has EVOD_BROKER");
+    }
     let out = finish(&mut child, dir.path(), &[&a, &b]);
     assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
     assert_counted_once(&url, evaluations(&out));

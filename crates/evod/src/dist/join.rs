@@ -36,6 +36,7 @@ pub struct JoinArgs {
 
 /// Runs `evod join`.
 pub fn run(mut args: JoinArgs) -> anyhow::Result<ExitCode> {
+    super::scrub_broker_env();
     if let Some(url) = args.url.take() {
         args.run.dist.broker = Some(url);
     }

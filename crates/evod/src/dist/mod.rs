@@ -283,6 +283,20 @@ impl DistSettings {
     }
 }
 
+/// Removes `EVOD_BROKER` from this process's environment (clap has read
+/// it), so that no child inherits the URL and its password: the evolver
+/// or feeder gets it back through `Config::evolver_env`, the workers
+/// (untrusted, maybe a user's program) never see it. Call first thing in
+/// `evod run` and `evod join`, before any thread exists.
+pub fn scrub_broker_env() {
+    if std::env::var_os(BROKER_ENV).is_some() {
+        // SAFETY: called at the start of `evod run` / `evod join`, before
+        // logging is set up or any thread or child is started, so no other
+        // thread reads or writes the environment meanwhile.
+        unsafe { std::env::remove_var(BROKER_ENV) };
+    }
+}
+
 /// This machine's host name as a broker name: `[A-Za-z0-9._-]`, at most
 /// 64 characters (`host` if it has none).
 pub fn default_host_id() -> String {

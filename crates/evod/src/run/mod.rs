@@ -117,6 +117,7 @@ pub struct Args {
 
 /// Runs `evod run`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    crate::dist::scrub_broker_env();
     let (mut config, evolve, dist) = config::resolve(args)?;
     let dist = crate::dist::DistSettings::from_args(&dist)?;
     if let Some(d) = &dist {
