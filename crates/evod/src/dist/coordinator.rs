@@ -378,6 +378,8 @@ impl Coordination {
                 }
                 Err(e) => {
                     tracing::error!("evaluating a task here failed: {e}");
+                    // Not a tight loop of the same error.
+                    std::thread::sleep(Duration::from_millis(200));
                     0
                 }
             };
