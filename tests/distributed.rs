@@ -24,7 +24,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{Daemon, children_with_role, evod, poll_until, text};
-use evod_broker::Task;
+use evod_broker::{Coordinator as _, Task};
+use evod_evolve::{Recipe, Sign, TensorScale};
 use evod_gguf::GgufFile;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -581,4 +582,73 @@ fn a_bad_broker_is_refused_at_start_naming_the_flag() {
     let good = format!("redis://:right@127.0.0.1:{}/", server.port);
     let err = refused(&["--broker", &good]);
     assert!(err.contains("--broker needs --strategy es"), "{err}");
+}
+
+#[test]
+fn a_base_that_does_not_fit_is_refused_loudly_never_evaluated() {
+    let (_r, server) = redis();
+    let url = server.url();
+    // A coordinator made of the broker library: the run's model (CartPole
+    // 4-16-2: 114 parameters), then a task against a base of 3.
+    let model = tempfile::tempdir().unwrap();
+    let path = model.path().join("m.gguf");
+    let o = evod()
+        .args(["init", "--seed", "1", "-o"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let mut coord =
+        evod_broker::RedisBroker::new(evod_broker::RedisConfig::new(&url, RUN, "fake")).unwrap();
+    let lease = coord
+        .acquire_lease("fake", Duration::from_secs(60), Duration::ZERO)
+        .unwrap();
+    coord
+        .publish_model(&lease, &std::fs::read(&path).unwrap())
+        .unwrap();
+    let base = coord.publish_base(&[0.5, -1.0, 2.0]).unwrap();
+    let task = Task {
+        run: RUN.into(),
+        generation: 7,
+        base,
+        seed: 3,
+        episodes: 1,
+        first: 0,
+        recipes: vec![Recipe::new(base, 1, 0.1, Sign::Plus, TensorScale::Glorot)],
+    };
+    coord.enqueue(&lease, 7, &[task]).unwrap();
+    let host = Host::join(&url, "host-a");
+    let dead = poll_until(
+        "the task to be dead-lettered",
+        DEADLINE,
+        || {
+            let d = coord.dead_letters().unwrap();
+            (!d.is_empty()).then_some(d)
+        },
+        || host.log(),
+    );
+    assert_eq!(dead.len(), 1);
+    let why = dead[0].why.clone().unwrap_or_default();
+    assert!(
+        why.contains("host-a") && why.contains("does not fit"),
+        "{why}"
+    );
+    assert_eq!(dead[0].last_consumer, "host-a");
+    // Logged loudly, and no result: nothing was evaluated.
+    poll_until(
+        "the refusal in the host's log",
+        DEADLINE,
+        || {
+            host.log()
+                .contains("does not fit this run's network")
+                .then_some(())
+        },
+        || host.log(),
+    );
+    assert!(coord.results(7).unwrap().is_empty());
+    assert!(
+        recorded(&url).iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        recorded(&url)
+    );
 }
