@@ -133,6 +133,9 @@ impl Coordination {
             .spawn(move || keep_lease(keeper_broker, &keeper_lease, &keeper_url))?;
         let host = EvalHost::start(settings, layout, workers, Arc::clone(&stop))?;
         if !wait_for_hosts(&mut broker, settings, &stop)? {
+            // Stopped while waiting: the next coordinator need not wait
+            // for the lease to lapse.
+            let _ = broker.release_lease(&lease);
             return Ok(None);
         }
         Ok(Some(Coordination {
