@@ -392,7 +392,9 @@ fn a_killed_evaluator_costs_a_retry_not_a_count() {
     let a = Host::join(&url, "host-a");
     let mut b = Host::join(&url, "host-b");
     let dir = tempfile::tempdir().unwrap();
-    let mut child = spawn_coordinator(dir.path(), &url, &[]);
+    // Only the two hosts evaluate: host-a alone must take over what
+    // host-b held.
+    let mut child = spawn_coordinator(dir.path(), &url, &["--remote-only"]);
     // host-b dies (SIGKILL of its supervisor: its feeder and workers go
     // with it by their parent-death signal) while it holds a task.
     poll_until(
@@ -411,8 +413,14 @@ fn a_killed_evaluator_costs_a_retry_not_a_count() {
     assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
     assert_counted_once(&url, evaluations(&out));
     assert_enqueued_once(&url);
-    // What host-b held when it died was taken over by a live host.
+    // What host-b held when it died was taken over by a live host; the
+    // coordinator's own workers took nothing (`--remote-only`).
     assert_eq!(pending(&url, "host-b"), 0);
+    assert!(
+        recorded(&url).iter().all(|(h, n)| h != "coord" || *n == 0),
+        "{:?}",
+        recorded(&url)
+    );
     if held > 0 {
         let logs = format!("{}\n{}", read(dir.path(), "run.log"), a.log());
         assert!(

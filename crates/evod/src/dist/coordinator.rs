@@ -57,7 +57,8 @@ pub struct Coordination {
     broker: RedisBroker,
     settings: DistSettings,
     lease: Lease,
-    host: EvalHost,
+    /// Its own workers as an evaluator host (`None` with `--remote-only`).
+    host: Option<EvalHost>,
     stop: Arc<AtomicBool>,
     /// Generation of the evolver's step under way.
     generation: u64,
@@ -131,7 +132,16 @@ impl Coordination {
         std::thread::Builder::new()
             .name("lease-keeper".into())
             .spawn(move || keep_lease(keeper_broker, &keeper_lease, &keeper_url))?;
-        let host = EvalHost::start(settings, layout, workers, Arc::clone(&stop))?;
+        let host = if settings.remote_only {
+            None
+        } else {
+            Some(EvalHost::start(
+                settings,
+                layout,
+                workers,
+                Arc::clone(&stop),
+            )?)
+        };
         if !wait_for_hosts(&mut broker, settings, &stop)? {
             // Stopped while waiting: the next coordinator need not wait
             // for the lease to lapse.
@@ -212,7 +222,7 @@ impl Coordination {
             "broker run {}: {} tasks enqueued by this coordinator, {} results by its own workers; hosts: {}",
             self.settings.run,
             self.enqueued,
-            self.host.recorded,
+            self.host.as_ref().map_or(0, |h| h.recorded),
             if list.is_empty() {
                 "-".to_owned()
             } else {
@@ -367,7 +377,11 @@ impl Coordination {
         loop {
             self.stopping()?;
             // Our own workers first: one task, without waiting long.
-            let worked = match self.host.serve(ring, Duration::from_millis(1)) {
+            let served = match self.host.as_mut() {
+                Some(host) => host.serve(ring, Duration::from_millis(1)),
+                None => Ok(0),
+            };
+            let worked = match served {
                 Ok(n) => n,
                 Err(e @ BrokerError::Unavailable { .. }) => {
                     // A stop interrupts a blocking read: not a broker problem.

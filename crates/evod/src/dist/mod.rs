@@ -99,6 +99,11 @@ pub struct DistArgs {
     /// planned for [default: 0].
     #[arg(long, env = "EVOD_MIN_HOSTS", value_name = "N")]
     pub min_hosts: Option<u32>,
+    /// The coordinator's own workers take no tasks: every evaluation runs
+    /// on evaluator hosts (they only serve the live model).
+    #[arg(long, env = "EVOD_REMOTE_ONLY")]
+    #[serde(default)]
+    pub remote_only: bool,
 }
 
 impl DistArgs {
@@ -112,6 +117,7 @@ impl DistArgs {
             candidates_per_task: self.candidates_per_task.or(other.candidates_per_task),
             lease_ttl: self.lease_ttl.or(other.lease_ttl),
             min_hosts: self.min_hosts.or(other.min_hosts),
+            remote_only: self.remote_only || other.remote_only,
         }
     }
 
@@ -139,6 +145,9 @@ impl DistArgs {
             self.lease_ttl.map(|d| format!("{}us", d.as_micros())),
         );
         push("--min-hosts", self.min_hosts.map(|n| n.to_string()));
+        if self.remote_only {
+            out.push("--remote-only".into());
+        }
         out
     }
 }
@@ -160,6 +169,8 @@ pub struct DistSettings {
     pub lease_ttl: Duration,
     /// Evaluator hosts to wait for before the first generation.
     pub min_hosts: u32,
+    /// The coordinator's workers take no tasks.
+    pub remote_only: bool,
 }
 
 impl DistSettings {
@@ -212,6 +223,7 @@ impl DistSettings {
             per_task: per_task as usize,
             lease_ttl,
             min_hosts: args.min_hosts.unwrap_or(0),
+            remote_only: args.remote_only,
         };
         // A URL the client cannot parse is refused now, by name.
         settings.broker("")?;
@@ -229,6 +241,7 @@ impl DistSettings {
             candidates_per_task: Some(self.per_task as u32),
             lease_ttl: Some(self.lease_ttl),
             min_hosts: Some(self.min_hosts),
+            remote_only: self.remote_only,
         }
     }
 

@@ -139,6 +139,8 @@ pub struct FileConfig {
     pub lease_ttl: Option<Duration>,
     /// `--min-hosts`.
     pub min_hosts: Option<u32>,
+    /// `--remote-only`.
+    pub remote_only: Option<bool>,
 }
 
 impl FileConfig {
@@ -298,6 +300,7 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs, crate::dist::D
         candidates_per_task: file.candidates_per_task,
         lease_ttl: file.lease_ttl,
         min_hosts: file.min_hosts,
+        remote_only: file.remote_only.unwrap_or(false),
     });
     Ok((config, evolve, dist))
 }
