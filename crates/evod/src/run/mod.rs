@@ -19,7 +19,7 @@ use crate::exit;
 
 pub(crate) mod config;
 mod settings;
-mod worker_cmd;
+pub(crate) mod worker_cmd;
 
 /// Arguments of `evod run`. Every option also reads an `EVOD_*` environment
 /// variable and the `--config` TOML file (flag > variable > file > default).
