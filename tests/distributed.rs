@@ -660,3 +660,40 @@ fn a_base_that_does_not_fit_is_refused_loudly_never_evaluated() {
         recorded(&url)
     );
 }
+
+#[test]
+fn a_broker_that_is_not_there_yet_is_reported_and_waited_for() {
+    let want = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    // Both roles start before Redis: each says so, naming the URL, and
+    // retries; neither crashes.
+    let a = Host::join(&url, "host-a");
+    let coord_dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_coordinator(coord_dir.path(), &url, &["--min-hosts", "1"]);
+    poll_until(
+        "both roles to report the broker missing",
+        DEADLINE,
+        || {
+            let c = read(coord_dir.path(), "run.log");
+            let h = a.log();
+            let said = |log: &str| {
+                log.lines().any(|l| {
+                    l.contains(&url) && l.contains("Connection refused") && l.contains("retrying")
+                })
+            };
+            (said(&c) && said(&h)).then_some(())
+        },
+        || format!("{}\n{}", read(coord_dir.path(), "run.log"), a.log()),
+    );
+    let _server = RedisServer::start(dir.path(), port);
+    let out = finish(&mut child, coord_dir.path(), &[&a]);
+    assert_eq!(identity(&coord_dir.path().join("vectorland.gguf")), want);
+    assert_counted_once(&url, evaluations(&out));
+    assert!(
+        recorded(&url).iter().any(|(h, n)| h == "host-a" && *n > 0),
+        "{:?}",
+        recorded(&url)
+    );
+}

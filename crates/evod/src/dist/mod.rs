@@ -350,7 +350,8 @@ pub fn retry_logged<T>(
                 tries += 1;
                 // The first retries, then one line in ten: visible, not a flood.
                 if tries <= 3 || tries.is_multiple_of(10) {
-                    tracing::warn!("broker {url}: {what}: {e}; retrying in {delay:?}");
+                    // `e` names the URL (password hidden) and the error.
+                    tracing::warn!("{what}: {e}; retrying in {delay:?}");
                 }
             },
             &mut op,
