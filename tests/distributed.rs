@@ -23,8 +23,9 @@ use std::process::{Child, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{Daemon, evod, poll_until, text};
-use evod_broker::Task;
+use common::{Daemon, children_with_role, evod, poll_until, text};
+use evod_broker::{Coordinator as _, Task};
+use evod_evolve::{Recipe, Sign, TensorScale};
 use evod_gguf::GgufFile;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -94,12 +95,23 @@ fn reference() -> (u64, u64) {
     })
 }
 
-/// `evod run --broker URL` (the coordinator) on `dir` with `extra` flags.
-fn coordinator(dir: tempfile::TempDir, url: &str, extra: &[&str]) -> Daemon {
-    let mut args: Vec<&str> = EVOLVE.to_vec();
-    args.extend_from_slice(COORDINATE);
-    args.extend_from_slice(&["--broker", url]);
-    args.extend_from_slice(extra);
+/// `evod run --broker URL` (a coordinator) on `dir` as host `id`,
+/// unbounded (for the lease test).
+fn unbounded_coordinator(dir: tempfile::TempDir, url: &str, id: &str) -> Daemon {
+    // Every flag but `--generations` and `--host-id` (with their values).
+    let mut args: Vec<&str> = Vec::new();
+    let mut skip = false;
+    for &a in EVOLVE.iter().chain(COORDINATE) {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        if a == "--generations" || a == "--host-id" {
+            skip = true;
+            continue;
+        }
+        args.push(a);
+    }
+    args.extend_from_slice(&["--host-id", id, "--broker", url]);
     Daemon::spawn(dir, &args, DEADLINE)
 }
 
@@ -111,12 +123,27 @@ struct Host {
 }
 
 impl Host {
+    /// `evod join URL`.
     fn join(url: &str, id: &str) -> Host {
+        Self::spawn(url, id, false)
+    }
+
+    /// `EVOD_BROKER=URL evod join`.
+    fn join_env(url: &str, id: &str) -> Host {
+        Self::spawn(url, id, true)
+    }
+
+    fn spawn(url: &str, id: &str, env: bool) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("join.log")).unwrap();
-        let child = evod()
-            .arg("join")
-            .arg(url)
+        let mut cmd = evod();
+        cmd.arg("join");
+        if env {
+            cmd.env("EVOD_BROKER", url);
+        } else {
+            cmd.arg(url);
+        }
+        let child = cmd
             .arg("--dir")
             .arg(dir.path())
             .args([
@@ -143,6 +170,10 @@ impl Host {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("join.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
     }
 
     fn kill(&mut self) {
@@ -296,7 +327,7 @@ fn two_hosts_evaluate_and_the_run_publishes_what_one_host_does() {
     let (_r, server) = redis();
     let url = server.url();
     let a = Host::join(&url, "host-a");
-    let b = Host::join(&url, "host-b");
+    let b = Host::join_env(&url, "host-b");
     let dir = tempfile::tempdir().unwrap();
     let mut child = spawn_coordinator(dir.path(), &url, &["--min-hosts", "2"]);
     // `evod status --json` on the coordinator lists the hosts with the
@@ -327,6 +358,25 @@ fn two_hosts_evaluate_and_the_run_publishes_what_one_host_does() {
             .all(|h| h["workers"].as_u64() >= Some(1) && h["last_seen_s"].is_number()),
         "{hosts:?}"
     );
+    // The URL (a password in real life) reaches the feeder, never a
+    // worker, nor any command line.
+    let has_broker = |pid: u32| {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        environ
+            .split(|&b| b == 0)
+            .any(|kv| kv.starts_with(b"EVOD_BROKER="))
+    };
+    let cmdline =
+        |pid: u32| text(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default());
+    let feeder = children_with_role(b.pid(), "feeder");
+    assert_eq!(feeder.len(), 1, "{}", b.log());
+    assert!(has_broker(feeder[0]));
+    assert!(!cmdline(feeder[0]).contains("redis://"));
+    let workers = children_with_role(b.pid(), "worker");
+    assert!(!workers.is_empty(), "{}", b.log());
+    for w in workers {
+        assert!(!has_broker(w), "worker {w} has EVOD_BROKER");
+    }
     let out = finish(&mut child, dir.path(), &[&a, &b]);
     assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
     assert_counted_once(&url, evaluations(&out));
@@ -342,25 +392,68 @@ fn a_killed_evaluator_costs_a_retry_not_a_count() {
     let a = Host::join(&url, "host-a");
     let mut b = Host::join(&url, "host-b");
     let dir = tempfile::tempdir().unwrap();
-    let mut child = spawn_coordinator(dir.path(), &url, &[]);
+    // Only the two hosts evaluate: host-a alone must take over what
+    // host-b held.
+    let mut child = spawn_coordinator(dir.path(), &url, &["--remote-only"]);
     // host-b dies (SIGKILL of its supervisor: its feeder and workers go
-    // with it) once it is evaluating.
+    // with it by their parent-death signal) while it holds a task.
     poll_until(
-        "host-b to record results",
+        "host-b to record results and hold a task",
         DEADLINE,
         || {
-            recorded(&url)
-                .iter()
-                .any(|(h, n)| h == "host-b" && *n > 0)
-                .then_some(())
+            let done = recorded(&url).iter().any(|(h, n)| h == "host-b" && *n > 0);
+            (done && pending(&url, "host-b") > 0).then_some(())
         },
         || format!("{}\n{}", read(dir.path(), "run.log"), b.log()),
     );
     b.kill();
+    let held = pending(&url, "host-b");
+    eprintln!("host-b held {held} task(s) when it was killed");
     let out = finish(&mut child, dir.path(), &[&a]);
     assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
     assert_counted_once(&url, evaluations(&out));
     assert_enqueued_once(&url);
+    // What host-b held when it died was taken over by a live host; the
+    // coordinator's own workers took nothing (`--remote-only`).
+    assert_eq!(pending(&url, "host-b"), 0);
+    assert!(
+        recorded(&url).iter().all(|(h, n)| h != "coord" || *n == 0),
+        "{:?}",
+        recorded(&url)
+    );
+    if held > 0 {
+        let logs = format!("{}\n{}", read(dir.path(), "run.log"), a.log());
+        assert!(
+            logs.contains("took over tasks whose consumer went silent"),
+            "host-b held {held} tasks when killed; nobody took them over:\n{logs}"
+        );
+    }
+}
+
+/// Tasks delivered to `host` and not acknowledged yet.
+fn pending(url: &str, host: &str) -> u64 {
+    let summary: redis::Value = redis::cmd("XPENDING")
+        .arg(format!("evod:{{{RUN}}}:tasks"))
+        .arg("evaluators")
+        .query(&mut raw(url))
+        .unwrap();
+    let redis::Value::Array(parts) = summary else {
+        return 0;
+    };
+    let Some(redis::Value::Array(consumers)) = parts.get(3) else {
+        return 0;
+    };
+    consumers
+        .iter()
+        .filter_map(|c| match c {
+            redis::Value::Array(pair) if pair.len() == 2 => {
+                let name: String = redis::from_redis_value(pair[0].clone()).ok()?;
+                let n: u64 = redis::from_redis_value(pair[1].clone()).ok()?;
+                (name == host).then_some(n)
+            }
+            _ => None,
+        })
+        .sum()
 }
 
 #[test]
@@ -398,15 +491,11 @@ fn a_second_coordinator_waits_on_the_lease_of_the_first() {
     let _a = Host::join(&url, "host-a");
     // The first coordinator runs unbounded (the wait is what is tested).
     let first_dir = tempfile::tempdir().unwrap();
-    let mut first = coordinator(first_dir, &url, &["--generations", "100000"]);
+    let mut first = unbounded_coordinator(first_dir, &url, "coord");
     first.wait_for("the first coordinator to evolve", |d| {
         (progress_rows(d.dir()) >= 1).then_some(())
     });
-    let mut second = coordinator(
-        tempfile::tempdir().unwrap(),
-        &url,
-        &["--host-id", "coord-2", "--generations", "100000"],
-    );
+    let mut second = unbounded_coordinator(tempfile::tempdir().unwrap(), &url, "coord-2");
     second.wait_for("the second coordinator to wait on the lease", |d| {
         d.log()
             .contains("waiting for the coordinator lease of run t: held by coord/")
@@ -480,6 +569,15 @@ fn a_bad_broker_is_refused_at_start_naming_the_flag() {
     };
     let err = refused(&["--strategy", "es", "--broker", "not a url"]);
     assert!(err.contains("--broker"), "{err}");
+    let err = refused(&[
+        "--strategy",
+        "es",
+        "--broker",
+        "redis://127.0.0.1:1/",
+        "--run-id",
+        "no spaces",
+    ]);
+    assert!(err.contains("--run-id"), "{err}");
     // A server that refuses our password.
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -492,4 +590,110 @@ fn a_bad_broker_is_refused_at_start_naming_the_flag() {
     let good = format!("redis://:right@127.0.0.1:{}/", server.port);
     let err = refused(&["--broker", &good]);
     assert!(err.contains("--broker needs --strategy es"), "{err}");
+}
+
+#[test]
+fn a_base_that_does_not_fit_is_refused_loudly_never_evaluated() {
+    let (_r, server) = redis();
+    let url = server.url();
+    // A coordinator made of the broker library: the run's model (CartPole
+    // 4-16-2: 114 parameters), then a task against a base of 3.
+    let model = tempfile::tempdir().unwrap();
+    let path = model.path().join("m.gguf");
+    let o = evod()
+        .args(["init", "--seed", "1", "-o"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let mut coord =
+        evod_broker::RedisBroker::new(evod_broker::RedisConfig::new(&url, RUN, "fake")).unwrap();
+    let lease = coord
+        .acquire_lease("fake", Duration::from_secs(60), Duration::ZERO)
+        .unwrap();
+    coord
+        .publish_model(&lease, &std::fs::read(&path).unwrap())
+        .unwrap();
+    let base = coord.publish_base(&[0.5, -1.0, 2.0]).unwrap();
+    let task = Task {
+        run: RUN.into(),
+        generation: 7,
+        base,
+        seed: 3,
+        episodes: 1,
+        first: 0,
+        recipes: vec![Recipe::new(base, 1, 0.1, Sign::Plus, TensorScale::Glorot)],
+    };
+    coord.enqueue(&lease, 7, &[task]).unwrap();
+    let host = Host::join(&url, "host-a");
+    let dead = poll_until(
+        "the task to be dead-lettered",
+        DEADLINE,
+        || {
+            let d = coord.dead_letters().unwrap();
+            (!d.is_empty()).then_some(d)
+        },
+        || host.log(),
+    );
+    assert_eq!(dead.len(), 1);
+    let why = dead[0].why.clone().unwrap_or_default();
+    assert!(
+        why.contains("host-a") && why.contains("does not fit"),
+        "{why}"
+    );
+    assert_eq!(dead[0].last_consumer, "host-a");
+    // Logged loudly, and no result: nothing was evaluated.
+    poll_until(
+        "the refusal in the host's log",
+        DEADLINE,
+        || {
+            host.log()
+                .contains("does not fit this run's network")
+                .then_some(())
+        },
+        || host.log(),
+    );
+    assert!(coord.results(7).unwrap().is_empty());
+    assert!(
+        recorded(&url).iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        recorded(&url)
+    );
+}
+
+#[test]
+fn a_broker_that_is_not_there_yet_is_reported_and_waited_for() {
+    let want = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    // Both roles start before Redis: each says so, naming the URL, and
+    // retries; neither crashes.
+    let a = Host::join(&url, "host-a");
+    let coord_dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_coordinator(coord_dir.path(), &url, &["--min-hosts", "1"]);
+    poll_until(
+        "both roles to report the broker missing",
+        DEADLINE,
+        || {
+            let c = read(coord_dir.path(), "run.log");
+            let h = a.log();
+            let said = |log: &str| {
+                log.lines().any(|l| {
+                    l.contains(&url) && l.contains("Connection refused") && l.contains("retrying")
+                })
+            };
+            (said(&c) && said(&h)).then_some(())
+        },
+        || format!("{}\n{}", read(coord_dir.path(), "run.log"), a.log()),
+    );
+    let _server = RedisServer::start(dir.path(), port);
+    let out = finish(&mut child, coord_dir.path(), &[&a]);
+    assert_eq!(identity(&coord_dir.path().join("vectorland.gguf")), want);
+    assert_counted_once(&url, evaluations(&out));
+    assert!(
+        recorded(&url).iter().any(|(h, n)| h == "host-a" && *n > 0),
+        "{:?}",
+        recorded(&url)
+    );
 }

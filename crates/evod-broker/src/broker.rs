@@ -78,6 +78,29 @@ pub struct DeadLetter {
     pub why: Option<String>,
 }
 
+/// Where a run's unfinished tasks are ([`Coordinator::activity`]): a
+/// round whose missing results are in none of these places lost its tasks
+/// (a Redis restarted without its AOF, a stream trimmed too short) and is
+/// re-enqueued; otherwise it is only slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Activity {
+    /// Tasks leased to a host that took or extended the lease within the
+    /// window: being evaluated.
+    pub live: usize,
+    /// Tasks leased to a host that has been silent longer: to be taken
+    /// over by a live host.
+    pub stale: usize,
+    /// Tasks not yet delivered to any host.
+    pub waiting: u64,
+}
+
+impl Activity {
+    /// No task anywhere: whatever is missing was lost.
+    pub fn is_idle(&self) -> bool {
+        self.live == 0 && self.stale == 0 && self.waiting == 0
+    }
+}
+
 /// A registered evaluator host, for `evod status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostInfo {
@@ -152,6 +175,9 @@ pub trait Coordinator {
         want: usize,
         timeout: Duration,
     ) -> Result<Vec<TaskResult>, BrokerError>;
+    /// Where the run's unfinished tasks are: leases taken or extended
+    /// within `window` are live, older ones stale.
+    fn activity(&mut self, window: Duration) -> Result<Activity, BrokerError>;
     /// Dead letters of the run, oldest first.
     fn dead_letters(&mut self) -> Result<Vec<DeadLetter>, BrokerError>;
     /// Forgets a finished generation's results and enqueue mark.

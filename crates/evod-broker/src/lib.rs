@@ -26,7 +26,8 @@ pub mod wire;
 
 pub use backoff::{Backoff, retry_unavailable};
 pub use broker::{
-    AckOutcome, Coordinator, DeadLetter, Delivery, Enqueued, Evaluator, HostInfo, Lease, Reclaimed,
+    AckOutcome, Activity, Coordinator, DeadLetter, Delivery, Enqueued, Evaluator, HostInfo, Lease,
+    Reclaimed,
 };
 pub use error::{BrokerError, WireError};
 pub use redis_broker::{RedisBroker, RedisConfig, redact_url};

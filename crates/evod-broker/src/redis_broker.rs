@@ -14,7 +14,8 @@ use evod_evolve::checksum;
 use redis::{Connection, RedisError, Script, Value};
 
 use crate::broker::{
-    AckOutcome, Coordinator, DeadLetter, Delivery, Enqueued, Evaluator, HostInfo, Lease, Reclaimed,
+    AckOutcome, Activity, Coordinator, DeadLetter, Delivery, Enqueued, Evaluator, HostInfo, Lease,
+    Reclaimed,
 };
 use crate::error::{BrokerError, WireError};
 use crate::scripts;
@@ -704,6 +705,49 @@ impl Coordinator for RedisBroker {
         }
     }
 
+    fn activity(&mut self, window: Duration) -> Result<Activity, BrokerError> {
+        /// Pending entries looked at; past it, the rest count as live.
+        const MAX_LISTED: usize = 10_000;
+        let tasks = self.keys.tasks();
+        let t = tasks.clone();
+        let pending = self.call("task activity", move |c| {
+            redis::cmd("XPENDING")
+                .arg(&t)
+                .arg(GROUP)
+                .arg("-")
+                .arg("+")
+                .arg(MAX_LISTED)
+                .query::<Vec<(String, String, u64, u64)>>(c)
+        });
+        let pending = match pending {
+            Ok(p) => p,
+            // No stream or group yet (or any more): nothing anywhere.
+            Err(BrokerError::Server { reason, .. })
+                if reason.contains("NOGROUP") || reason.contains("no such key") =>
+            {
+                return Ok(Activity::default());
+            }
+            Err(e) => return Err(e),
+        };
+        let window_ms = window.as_millis() as u64;
+        let mut activity = Activity::default();
+        for (_, _, idle_ms, _) in &pending {
+            if *idle_ms < window_ms {
+                activity.live += 1;
+            } else {
+                activity.stale += 1;
+            }
+        }
+        if pending.len() >= MAX_LISTED {
+            activity.live += 1;
+        }
+        let groups: Value = self.call("task activity", move |c| {
+            redis::cmd("XINFO").arg("GROUPS").arg(&tasks).query(c)
+        })?;
+        activity.waiting = group_lag(groups);
+        Ok(activity)
+    }
+
     fn dead_letters(&mut self) -> Result<Vec<DeadLetter>, BrokerError> {
         let key = self.keys.dead();
         let raw: Vec<StreamEntry> = self.call("read dead letters", move |c| {
@@ -780,6 +824,38 @@ impl Coordinator for RedisBroker {
         out.sort_by(|a, b| a.host.cmp(&b.host));
         Ok(out)
     }
+}
+
+/// The `lag` (entries not yet delivered) of the evaluators' group in an
+/// `XINFO GROUPS` reply; 0 when the server does not know it (a trimmed
+/// stream) or the group is missing.
+fn group_lag(groups: Value) -> u64 {
+    let Value::Array(groups) = groups else {
+        return 0;
+    };
+    for g in groups {
+        let pairs: Vec<(Value, Value)> = match g {
+            Value::Array(flat) => {
+                let mut it = flat.into_iter();
+                std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect()
+            }
+            Value::Map(m) => m,
+            _ => continue,
+        };
+        let field = |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| text(k.clone()).as_deref() == Some(name))
+                .map(|(_, v)| v.clone())
+        };
+        if field("name").and_then(text).as_deref() == Some(GROUP) {
+            return match field("lag") {
+                Some(Value::Int(n)) => n.max(0) as u64,
+                _ => 0,
+            };
+        }
+    }
+    0
 }
 
 /// Parses `[[id, [field, value, …]], …]` entries of a stream reply.

@@ -11,7 +11,7 @@
 
 use std::io::{BufRead, BufReader};
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use evod_broker::{
@@ -280,6 +280,90 @@ fn dead_letters_a_task_delivered_too_often() {
         .query(&mut r)
         .unwrap();
     assert_eq!(pending.0, 0);
+}
+
+#[test]
+fn a_refused_task_is_dead_lettered_with_its_reason_and_the_model_is_fenced() {
+    let (_dir, server) = start();
+    let url = server.url();
+    let mut coord = broker(&url, "coord", Duration::from_secs(30));
+    let lease = coord
+        .acquire_lease("coord", Duration::from_secs(30), Duration::ZERO)
+        .unwrap();
+    // The run's model file: none until published; only the lease holder
+    // may publish it.
+    let mut ev = broker(&url, "host-a", Duration::from_secs(30));
+    assert_eq!(ev.fetch_model().unwrap(), None);
+    coord.publish_model(&lease, b"GGUF model bytes").unwrap();
+    assert_eq!(
+        ev.fetch_model().unwrap().as_deref(),
+        Some(&b"GGUF model bytes"[..])
+    );
+    let stale = evod_broker::Lease {
+        token: "someone-else".into(),
+        ttl: Duration::from_secs(30),
+    };
+    assert!(matches!(
+        coord.publish_model(&stale, b"other"),
+        Err(BrokerError::LeaseLost { .. })
+    ));
+    assert_eq!(
+        ev.fetch_model().unwrap().as_deref(),
+        Some(&b"GGUF model bytes"[..])
+    );
+
+    // A task the host must not evaluate goes to the dead letters with
+    // the host's reason, acknowledged: never delivered again.
+    assert_eq!(
+        coord.enqueue(&lease, 4, &tasks(4, 1, 3)).unwrap(),
+        Enqueued::New(1)
+    );
+    let d = read_all(&mut ev, 1).pop().unwrap();
+    ev.refuse(&d, "base does not fit this network").unwrap();
+    let dead = coord.dead_letters().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].why.as_deref(),
+        Some("base does not fit this network")
+    );
+    assert_eq!(dead[0].task.as_ref().unwrap().candidates(), 0..3);
+    assert_eq!(dead[0].last_consumer, "host-a");
+    let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+        .arg(format!("{}tasks", ev.prefix()))
+        .arg("evaluators")
+        .query(&mut raw(&url))
+        .unwrap();
+    assert_eq!(pending.0, 0);
+    assert!(ev.reclaim(10).unwrap().tasks.is_empty());
+}
+
+#[test]
+fn activity_says_where_the_unfinished_tasks_are() {
+    let (_dir, server) = start();
+    let url = server.url();
+    let mut coord = broker(&url, "coord", Duration::from_secs(30));
+    let window = Duration::from_millis(300);
+    assert!(coord.activity(window).unwrap().is_idle(), "no stream yet");
+    let mut coord = enqueue(&url, 1, 3, 2);
+    let mut ev = broker(&url, "host-a", Duration::from_secs(30));
+    let a = coord.activity(window).unwrap();
+    assert_eq!((a.live, a.stale, a.waiting), (0, 0, 3));
+    let d = read_all(&mut ev, 1).pop().unwrap();
+    let a = coord.activity(window).unwrap();
+    assert_eq!((a.live, a.stale, a.waiting), (1, 0, 2));
+    // Not extended for longer than the window: stale (its host died).
+    let a = poll_until("the lease to go stale", Duration::from_secs(10), || {
+        let a = coord.activity(window).unwrap();
+        (a.stale == 1).then_some(a)
+    });
+    assert_eq!(a.live, 0);
+    ev.extend(&d).unwrap();
+    assert_eq!(coord.activity(window).unwrap().live, 1, "extended: live");
+    ev.ack(&d, &evaluate(&d, "host-a", 0.0)).unwrap();
+    for d in read_all(&mut ev, 2) {
+        ev.ack(&d, &evaluate(&d, "host-a", 0.0)).unwrap();
+    }
+    assert!(coord.activity(window).unwrap().is_idle());
 }
 
 #[test]

@@ -4,21 +4,27 @@
 //! lost — another coordinator took over after we stalled — ends this
 //! process at once, so there are never two publishers), publishes the
 //! run's model file once, and evaluates each ES evaluation of the evolver
-//! through the broker ([`Coordination::evaluator`]): round `2g` is
-//! generation `g`'s training batch, round `2g + 1` its publish gate (the
-//! evolver asks at most these two per generation). A round is the
-//! generation's base published by hash (once), its recipes cut into tasks
-//! of `--candidates-per-task`, enqueued once (a restarted coordinator that
+//! through the broker ([`Coordination::evaluator`]): one round per
+//! evaluation (a generation's training batch, then its publish gate),
+//! named by a hash of what it evaluates ([`round_id`]: the base, the
+//! recipes, the episode seed and count). A round is the generation's base
+//! published by hash (once), its recipes cut into tasks of
+//! `--candidates-per-task`, enqueued once (a restarted coordinator that
 //! redoes a round finds it enqueued and its results recorded: nothing is
-//! enqueued twice), and the results read back in candidate order —
+//! enqueued twice; another evaluation, e.g. of a coordinator that took
+//! over from its own checkpoint, has another name and can never be
+//! answered with these results), and the results read back in candidate
+//! order —
 //! never arrival order — so the published tensors are the same as on one
 //! host. While waiting, the coordinator evaluates tasks on its own workers
 //! like any host ([`EvalHost`]).
 //!
 //! Candidates of a dead-lettered task are quarantined (`None`), as a
 //! candidate that crashes local workers is. A round that makes no progress
-//! for a few leases (tasks lost with a Redis that had no AOF, a stream
-//! trimmed too short) has what is missing re-enqueued. Rounds are retired
+//! for a few leases with no task left anywhere on the broker (lost with a
+//! Redis that had no AOF, a stream trimmed too short) has what is missing
+//! re-enqueued; one whose tasks are only slow or waiting for a host is
+//! logged, not re-enqueued. Rounds are retired
 //! (their results and enqueue marks removed from the broker) once a
 //! checkpoint covers them, so a restart from that checkpoint never needs
 //! them again.
@@ -43,22 +49,25 @@ const DEAD_LETTERS_EVERY: Duration = Duration::from_millis(500);
 /// How often the hosts are listed for the status report.
 const HOSTS_EVERY: Duration = Duration::from_secs(1);
 
+/// A complete round: (generation, round id).
+type Done = (u64, u64);
+
 /// The coordinator of a distributed run (see the module docs).
 pub struct Coordination {
     broker: RedisBroker,
     settings: DistSettings,
     lease: Lease,
-    host: EvalHost,
+    /// Its own workers as an evaluator host (`None` with `--remote-only`).
+    host: Option<EvalHost>,
     stop: Arc<AtomicBool>,
-    /// Generation of the evolver's step under way, and its evaluations so
-    /// far (0: none, 1: training done, 2: gate done).
+    /// Generation of the evolver's step under way.
     generation: u64,
-    calls: u64,
     /// Bases published, newest last (the previous one is dropped when a
     /// new one is published).
     bases: Vec<u64>,
-    /// Rounds complete, to retire once a checkpoint covers them.
-    done: Vec<u64>,
+    /// Rounds complete, to retire once a checkpoint covers their
+    /// generation.
+    done: Vec<Done>,
     /// Dead letters already applied (broker ids).
     dead_seen: std::collections::HashSet<String>,
     /// Hosts as last listed.
@@ -123,8 +132,20 @@ impl Coordination {
         std::thread::Builder::new()
             .name("lease-keeper".into())
             .spawn(move || keep_lease(keeper_broker, &keeper_lease, &keeper_url))?;
-        let host = EvalHost::start(settings, layout, workers, Arc::clone(&stop))?;
+        let host = if settings.remote_only {
+            None
+        } else {
+            Some(EvalHost::start(
+                settings,
+                layout,
+                workers,
+                Arc::clone(&stop),
+            )?)
+        };
         if !wait_for_hosts(&mut broker, settings, &stop)? {
+            // Stopped while waiting: the next coordinator need not wait
+            // for the lease to lapse.
+            let _ = broker.release_lease(&lease);
             return Ok(None);
         }
         Ok(Some(Coordination {
@@ -134,7 +155,6 @@ impl Coordination {
             host,
             stop,
             generation: 0,
-            calls: 0,
             bases: Vec::new(),
             done: Vec::new(),
             dead_seen: Default::default(),
@@ -147,7 +167,6 @@ impl Coordination {
     /// Called before each of the evolver's steps, with its generation.
     pub fn begin(&mut self, generation: u64) {
         self.generation = generation;
-        self.calls = 0;
     }
 
     /// The evolver's evaluator for this step: ES recipes through the
@@ -157,15 +176,16 @@ impl Coordination {
     }
 
     /// A checkpoint of generation `generation` (the next to run) was
-    /// saved: rounds before it are never redone, so they are retired.
+    /// saved: rounds of earlier generations are never redone, so they are
+    /// retired.
     pub fn checkpointed(&mut self, generation: u64) {
-        let first_kept = generation.saturating_mul(2);
-        let (old, keep): (Vec<u64>, Vec<u64>) = self.done.iter().partition(|&&r| r < first_kept);
+        let (old, keep): (Vec<Done>, Vec<Done>) =
+            self.done.iter().partition(|(g, _)| *g < generation);
         self.done = keep;
-        for round in old {
+        for (_, round) in old {
             if let Err(e) = self.broker.retire(round) {
                 // Left behind: a few keys, not an error of the run.
-                tracing::warn!(round, "retiring a round failed: {e}");
+                tracing::warn!("retiring round {round:016x} failed: {e}");
             }
         }
     }
@@ -202,7 +222,7 @@ impl Coordination {
             "broker run {}: {} tasks enqueued by this coordinator, {} results by its own workers; hosts: {}",
             self.settings.run,
             self.enqueued,
-            self.host.recorded,
+            self.host.as_ref().map_or(0, |h| h.recorded),
             if list.is_empty() {
                 "-".to_owned()
             } else {
@@ -278,14 +298,7 @@ impl Coordination {
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
-        if self.calls >= 2 {
-            return Err(EvalError::Failed(format!(
-                "generation {} asked for a third evaluation; a distributed round is a generation's training batch or its gate",
-                self.generation
-            )));
-        }
-        let round = self.generation * 2 + self.calls;
-        self.calls += 1;
+        let round = round_id(base.checksum(), recipes, seed, episodes);
         let total = recipes.len();
         if total == 0 {
             return Ok(Vec::new());
@@ -318,12 +331,17 @@ impl Coordination {
         match self.retry("enqueue", |b, lease| b.enqueue(lease, round, &tasks))? {
             Enqueued::New(n) => {
                 self.enqueued += n as u64;
-                tracing::debug!(round, tasks = n, candidates = total, "round enqueued");
+                tracing::debug!(
+                    generation = self.generation,
+                    tasks = n,
+                    candidates = total,
+                    "round {round:016x} enqueued"
+                );
             }
             Enqueued::Already => tracing::info!(
-                round,
+                generation = self.generation,
                 tasks = n_tasks,
-                "round {round} was enqueued before (resumed): using what is recorded"
+                "round {round:016x} was enqueued before (resumed): using what is recorded"
             ),
         }
         self.collect(ring, round, base, recipes, seed, episodes)
@@ -346,9 +364,9 @@ impl Coordination {
         let mut last_count = 0usize;
         let mut progress_at = Instant::now();
         let mut dead_at: Option<Instant> = None;
-        // A round with no new result for this long has what is missing
-        // re-enqueued (its tasks were lost, not merely slow: a slow task
-        // is extended, a dead host's is taken over within a lease).
+        // A round with no new result for this long is looked at: what is
+        // missing is re-enqueued if no task is left on the broker (lost),
+        // else the wait is logged (slow, or waiting for a host).
         let stall = self
             .settings
             .task_lease
@@ -359,9 +377,15 @@ impl Coordination {
         loop {
             self.stopping()?;
             // Our own workers first: one task, without waiting long.
-            let worked = match self.host.serve(ring, Duration::from_millis(1)) {
+            let served = match self.host.as_mut() {
+                Some(host) => host.serve(ring, Duration::from_millis(1)),
+                None => Ok(0),
+            };
+            let worked = match served {
                 Ok(n) => n,
                 Err(e @ BrokerError::Unavailable { .. }) => {
+                    // A stop interrupts a blocking read: not a broker problem.
+                    self.stopping()?;
                     if unreachable_since.is_none() {
                         tracing::warn!("broker {url}: {e}; retrying");
                         unreachable_since = Some(Instant::now());
@@ -371,6 +395,8 @@ impl Coordination {
                 }
                 Err(e) => {
                     tracing::error!("evaluating a task here failed: {e}");
+                    // Not a tight loop of the same error.
+                    std::thread::sleep(Duration::from_millis(200));
                     0
                 }
             };
@@ -382,6 +408,8 @@ impl Coordination {
             let results = match self.broker.wait_results(round, total, wait) {
                 Ok(r) => r,
                 Err(e @ BrokerError::Unavailable { .. }) => {
+                    // A stop interrupts a blocking read: not a broker problem.
+                    self.stopping()?;
                     if unreachable_since.is_none() {
                         tracing::warn!("broker {url}: {e}; retrying");
                         unreachable_since = Some(Instant::now());
@@ -413,13 +441,36 @@ impl Coordination {
                 last_count = results.len();
                 progress_at = Instant::now();
             } else if progress_at.elapsed() >= stall {
+                progress_at = Instant::now();
+                // Slow is not lost: re-enqueue only when the missing
+                // candidates' tasks are nowhere (a Redis restarted without
+                // its AOF, a stream trimmed too short).
+                let activity = match self.broker.activity(self.settings.task_lease) {
+                    Ok(a) => a,
+                    Err(BrokerError::Unavailable { .. }) => continue,
+                    Err(e) => return Err(EvalError::Failed(format!("broker: activity: {e}"))),
+                };
                 let missing: Vec<u32> = (0..total as u32)
                     .filter(|c| !have.contains(c) && !quarantined[*c as usize])
                     .collect();
+                if !activity.is_idle() {
+                    tracing::info!(
+                        generation = self.generation,
+                        missing = missing.len(),
+                        live = activity.live,
+                        stale = activity.stale,
+                        waiting = activity.waiting,
+                        "round {round:016x}: no new result for {stall:?}; tasks are being evaluated ({}), to be taken over ({}) or waiting for a host ({})",
+                        activity.live,
+                        activity.stale,
+                        activity.waiting
+                    );
+                    continue;
+                }
                 tracing::warn!(
-                    round,
+                    generation = self.generation,
                     missing = missing.len(),
-                    "no result for {stall:?}: re-enqueueing the candidates still missing"
+                    "round {round:016x}: no result for {stall:?} and no task left on the broker: re-enqueueing the candidates still missing"
                 );
                 // The base too: a broker that lost its data lost it.
                 let params = base.params();
@@ -427,7 +478,6 @@ impl Coordination {
                 let tasks = self.tasks(round, hash, recipes, &missing, seed, episodes);
                 let n = self.retry("re-enqueue", |b, lease| b.requeue(lease, round, &tasks))?;
                 self.enqueued += n as u64;
-                progress_at = Instant::now();
             }
         }
     }
@@ -469,7 +519,7 @@ impl Coordination {
                     quarantined[i] = true;
                     if new {
                         tracing::warn!(
-                            round,
+                            generation = self.generation,
                             candidate = c,
                             deliveries = letter.deliveries,
                             last_host = %letter.last_consumer,
@@ -509,7 +559,7 @@ impl Coordination {
                 .zip(quarantined)
                 .all(|(slot, &q)| slot.is_some() || q)
         );
-        self.done.push(round);
+        self.done.push((self.generation, round));
         out
     }
 }
@@ -525,6 +575,22 @@ impl Drop for Coordination {
             }
         }
     }
+}
+
+/// The broker name of an evaluation: a hash (xxh3) of everything that
+/// decides its fitnesses — the base, the recipes, the episode seed and
+/// count. The same evaluation redone (a restart) has the same name; any
+/// other has another.
+pub fn round_id(base: u64, recipes: &[Recipe], seed: u64, episodes: u32) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&base.to_le_bytes());
+    h.update(&seed.to_le_bytes());
+    h.update(&episodes.to_le_bytes());
+    h.update(&(recipes.len() as u64).to_le_bytes());
+    for r in recipes {
+        h.update(&r.to_bytes());
+    }
+    h.digest()
 }
 
 /// The evolver's evaluator of one step (see [`Coordination::evaluator`]).

@@ -94,6 +94,8 @@ pub fn run(args: FeederArgs) -> Result<ExitCode> {
                 }
                 backoff.reset();
             }
+            // A stop interrupts a blocking read: not a broker problem.
+            Err(_) if stop.load(Ordering::Relaxed) => break,
             Err(e) => {
                 failing += 1;
                 let delay = backoff.next_delay();

@@ -137,7 +137,7 @@ impl EvalHost {
                     // late copy of a task done elsewhere). Nothing to add.
                     tracing::info!(
                         id = %d.id,
-                        round = task.generation,
+                        round = %format_args!("{:016x}", task.generation),
                         "base {:016x} is gone (round complete): acknowledging the task without results",
                         task.base
                     );
@@ -202,7 +202,7 @@ impl EvalHost {
         self.recorded += outcome.recorded as u64;
         tracing::debug!(
             id = %d.id,
-            round = task.generation,
+            round = %format_args!("{:016x}", task.generation),
             candidates = task.recipes.len(),
             recorded = outcome.recorded,
             duplicates = outcome.duplicates,
@@ -268,7 +268,7 @@ impl EvalHost {
     }
 
     fn refuse(&mut self, d: &Delivery, why: &str) -> Result<(), BrokerError> {
-        tracing::error!(id = %d.id, round = d.task.generation, "{why}; dead-lettered");
+        tracing::error!(id = %d.id, round = %format_args!("{:016x}", d.task.generation), "{why}; dead-lettered");
         self.broker.refuse(d, why)
     }
 

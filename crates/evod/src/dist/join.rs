@@ -36,6 +36,7 @@ pub struct JoinArgs {
 
 /// Runs `evod join`.
 pub fn run(mut args: JoinArgs) -> anyhow::Result<ExitCode> {
+    super::scrub_broker_env();
     if let Some(url) = args.url.take() {
         args.run.dist.broker = Some(url);
     }
@@ -54,8 +55,18 @@ pub fn run(mut args: JoinArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("creating the state folder {}", config.dir.display()))?;
     evod_supervisor::init_logging(config.log_format);
     fetch_model(&settings, &config.model)?;
+    // The run's fitness may be the user's program: this host needs it too.
+    if config.worker_cmd.is_none() && crate::run::worker_cmd::is_external_model(&config.model) {
+        return Err(exit::with_code(
+            exit::USAGE,
+            anyhow::anyhow!(
+                "run {}'s task is external (a fitness evod does not know): \
+                 run this host's workers with --worker-cmd \"CMD ARGS\" too",
+                settings.run
+            ),
+        ));
+    }
     config.no_evolver = false;
-    config.worker_cmd = None;
     config.evolver_role = "feeder";
     config.evolver_args = settings.to_args().to_cli_args();
     config.evolver_env = settings.child_env();

@@ -13,9 +13,9 @@
 //!   `evod feeder` role ([`feeder`]), an [`EvalHost`] feeding the workers
 //!   tasks from the broker.
 //!
-//! Broker "generations" are evaluation rounds: round `2g` is generation
-//! `g`'s training batch, round `2g + 1` its publish gate (see
-//! [`coordinator`]). The protocol itself is in `docs/distributed.md`.
+//! Broker "generations" are evaluation rounds, each named by a hash of
+//! what it evaluates (see [`coordinator`]). The protocol itself is in
+//! `docs/distributed.md`.
 
 use std::ffi::OsString;
 use std::time::Duration;
@@ -99,6 +99,11 @@ pub struct DistArgs {
     /// planned for [default: 0].
     #[arg(long, env = "EVOD_MIN_HOSTS", value_name = "N")]
     pub min_hosts: Option<u32>,
+    /// The coordinator's own workers take no tasks: every evaluation runs
+    /// on evaluator hosts (they only serve the live model).
+    #[arg(long, env = "EVOD_REMOTE_ONLY")]
+    #[serde(default)]
+    pub remote_only: bool,
 }
 
 impl DistArgs {
@@ -112,6 +117,7 @@ impl DistArgs {
             candidates_per_task: self.candidates_per_task.or(other.candidates_per_task),
             lease_ttl: self.lease_ttl.or(other.lease_ttl),
             min_hosts: self.min_hosts.or(other.min_hosts),
+            remote_only: self.remote_only || other.remote_only,
         }
     }
 
@@ -139,6 +145,9 @@ impl DistArgs {
             self.lease_ttl.map(|d| format!("{}us", d.as_micros())),
         );
         push("--min-hosts", self.min_hosts.map(|n| n.to_string()));
+        if self.remote_only {
+            out.push("--remote-only".into());
+        }
         out
     }
 }
@@ -160,6 +169,8 @@ pub struct DistSettings {
     pub lease_ttl: Duration,
     /// Evaluator hosts to wait for before the first generation.
     pub min_hosts: u32,
+    /// The coordinator's workers take no tasks.
+    pub remote_only: bool,
 }
 
 impl DistSettings {
@@ -212,6 +223,7 @@ impl DistSettings {
             per_task: per_task as usize,
             lease_ttl,
             min_hosts: args.min_hosts.unwrap_or(0),
+            remote_only: args.remote_only,
         };
         // A URL the client cannot parse is refused now, by name.
         settings.broker("")?;
@@ -229,6 +241,7 @@ impl DistSettings {
             candidates_per_task: Some(self.per_task as u32),
             lease_ttl: Some(self.lease_ttl),
             min_hosts: Some(self.min_hosts),
+            remote_only: self.remote_only,
         }
     }
 
@@ -283,6 +296,20 @@ impl DistSettings {
     }
 }
 
+/// Removes `EVOD_BROKER` from this process's environment (clap has read
+/// it), so that no child inherits the URL and its password: the evolver
+/// or feeder gets it back through `Config::evolver_env`, the workers
+/// (untrusted, maybe a user's program) never see it. Call first thing in
+/// `evod run` and `evod join`, before any thread exists.
+pub fn scrub_broker_env() {
+    if std::env::var_os(BROKER_ENV).is_some() {
+        // SAFETY: called at the start of `evod run` / `evod join`, before
+        // logging is set up or any thread or child is started, so no other
+        // thread reads or writes the environment meanwhile.
+        unsafe { std::env::remove_var(BROKER_ENV) };
+    }
+}
+
 /// This machine's host name as a broker name: `[A-Za-z0-9._-]`, at most
 /// 64 characters (`host` if it has none).
 pub fn default_host_id() -> String {
@@ -323,7 +350,8 @@ pub fn retry_logged<T>(
                 tries += 1;
                 // The first retries, then one line in ten: visible, not a flood.
                 if tries <= 3 || tries.is_multiple_of(10) {
-                    tracing::warn!("broker {url}: {what}: {e}; retrying in {delay:?}");
+                    // `e` names the URL (password hidden) and the error.
+                    tracing::warn!("{what}: {e}; retrying in {delay:?}");
                 }
             },
             &mut op,

@@ -139,6 +139,8 @@ pub struct FileConfig {
     pub lease_ttl: Option<Duration>,
     /// `--min-hosts`.
     pub min_hosts: Option<u32>,
+    /// `--remote-only`.
+    pub remote_only: Option<bool>,
 }
 
 impl FileConfig {
@@ -298,6 +300,7 @@ pub fn resolve(args: Args) -> anyhow::Result<(Config, EvolveArgs, crate::dist::D
         candidates_per_task: file.candidates_per_task,
         lease_ttl: file.lease_ttl,
         min_hosts: file.min_hosts,
+        remote_only: file.remote_only.unwrap_or(false),
     });
     Ok((config, evolve, dist))
 }
@@ -347,6 +350,49 @@ mod tests {
             c.control_socket,
             dir.path().join(".evod").join("control.sock")
         );
+    }
+
+    #[test]
+    fn distributed_settings_layer_like_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evod.toml");
+        std::fs::write(
+            &path,
+            "broker = \"redis://:pw@db:6379/1\"\nrun_id = \"r1\"\ntask_lease = \"5s\"\n\
+             candidates_per_task = 8\nmin_hosts = 2\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "evod",
+            "--config",
+            path.to_str().unwrap(),
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--run-id",
+            "r2",
+        ])
+        .unwrap();
+        let (_, _, dist) = resolve(cli.args).unwrap();
+        assert_eq!(dist.broker.as_deref(), Some("redis://:pw@db:6379/1"));
+        assert_eq!(dist.run_id.as_deref(), Some("r2"), "the flag wins");
+        assert_eq!(dist.task_lease, Some(Duration::from_secs(5)));
+        assert_eq!(dist.candidates_per_task, Some(8));
+        assert_eq!(dist.min_hosts, Some(2));
+        let s = crate::dist::DistSettings::from_args(&dist)
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.shown_url(), "redis://:***@db:6379/1");
+        // The child gets everything but the URL as arguments, the URL in
+        // its environment.
+        let args: Vec<String> = s
+            .to_args()
+            .to_cli_args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert!(args.contains(&"--run-id=r2".to_owned()), "{args:?}");
+        assert!(!args.iter().any(|a| a.contains("pw")), "{args:?}");
+        assert_eq!(s.child_env()[0].0, "EVOD_BROKER");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::exit;
 
 pub(crate) mod config;
 mod settings;
-mod worker_cmd;
+pub(crate) mod worker_cmd;
 
 /// Arguments of `evod run`. Every option also reads an `EVOD_*` environment
 /// variable and the `--config` TOML file (flag > variable > file > default).
@@ -117,6 +117,7 @@ pub struct Args {
 
 /// Runs `evod run`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    crate::dist::scrub_broker_env();
     let (mut config, evolve, dist) = config::resolve(args)?;
     let dist = crate::dist::DistSettings::from_args(&dist)?;
     if let Some(d) = &dist {
