@@ -12,14 +12,13 @@
 //!   results per second of training-round time: from a round's first task
 //!   entering the stream to its last result recorded, both read from the
 //!   stream entry ids (the server's clock), summed over the rounds after
-//!   the first (which pays the hosts' start). The coordinator's own
-//!   worker takes tasks too (it always does): its container is held to the
-//!   same share, so it is one more host of the same speed, and its results
-//!   are not counted. The evolver's update between rounds is the
-//!   coordinator's, not the hosts', and is left out; the solve threshold is
-//!   out of reach, so no publish gate (one candidate over 100 episodes,
-//!   which one host evaluates alone) runs. Every host is there before the
-//!   first round (`--min-hosts`).
+//!   the first (which pays the hosts' start). The coordinator runs
+//!   `--remote-only` (its own worker takes no task: every candidate is
+//!   evaluated by the hosts) and is not held to a share. The evolver's
+//!   update between rounds is the coordinator's, not the hosts', and is
+//!   left out; the solve threshold is out of reach, so no publish gate (one
+//!   candidate over 100 episodes, which one host evaluates alone) runs.
+//!   Every host is there before the first round (`--min-hosts`).
 //!   `scaling_efficiency_16` = `throughput_16 / (16 × throughput_1)`.
 //!   A 2-core machine shared with other work may not have the 1.6 CPUs 16
 //!   hosts are allowed: so each run also reads the evaluator containers'
@@ -143,7 +142,6 @@ impl Bench {
         layers: Option<&str>,
         evolve: &[&str],
         per_task: &str,
-        coordinator_cpus: Option<&str>,
     ) -> Bench {
         let prefix = format!("evod-bench-dist-{tag}-{}", std::process::id());
         let mut b = Bench {
@@ -239,11 +237,6 @@ impl Bench {
             &coordinator,
             "--network",
             &network,
-        ];
-        if let Some(cpus) = coordinator_cpus {
-            args.extend_from_slice(&["--cpus", cpus]);
-        }
-        args.extend_from_slice(&[
             "--read-only",
             "--volume",
             &state,
@@ -260,10 +253,12 @@ impl Bench {
             // Out of reach: no publish gate inside the measurement.
             "--solve-threshold",
             "1000000",
-            // Evolve once every evaluator is there.
+            // Evolve once every evaluator is there, and evaluate nothing
+            // here: every candidate goes through the broker to a host.
             "--min-hosts",
             &min_hosts,
-        ]);
+            "--remote-only",
+        ];
         args.extend_from_slice(&dist);
         args.extend_from_slice(evolve);
         docker_ok(&args);
@@ -423,7 +418,6 @@ fn main() {
                 &generations,
             ],
             per_task,
-            None,
         );
         let stats = b.info("stats");
         let bytes: f64 = ["total_net_input_bytes", "total_net_output_bytes"]
@@ -474,10 +468,6 @@ fn main() {
                 &generations,
             ],
             HEAVY_PER_TASK,
-            // The coordinator's own worker takes tasks like a host: held
-            // to the same share, it is one more host, not a fast one that
-            // leaves the evaluators the tail of each round.
-            Some(CPUS),
         );
         let (rate, rounds) = throughput(&b);
         json[format!("throughput_{hosts}")] = rate.into();
