@@ -374,20 +374,29 @@ fn throughput(b: &Bench) -> (f64, usize) {
     }
     let mut end: BTreeMap<u64, u64> = BTreeMap::new();
     let mut counted: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut size: BTreeMap<u64, u64> = BTreeMap::new();
     for (ms, bytes) in &results {
         let r = TaskResult::decode(bytes).expect("a result");
         let e = end.entry(r.generation).or_insert(*ms);
         *e = (*e).max(*ms);
+        *size.entry(r.generation).or_default() += 1;
         if r.host != "coordinator" {
             *counted.entry(r.generation).or_default() += 1;
         }
     }
+    // A task's "generation" is its round's id (a hash); training rounds
+    // are those of more than one candidate (a gate has one), in the order
+    // they were enqueued; the first pays the start.
+    let mut training: Vec<(u64, u64)> = start
+        .iter()
+        .filter(|(r, _)| size.get(r).copied().unwrap_or(0) > 1)
+        .map(|(&r, &s)| (s, r))
+        .collect();
+    training.sort();
     let (mut n, mut ms, mut rounds) = (0u64, 0u64, 0usize);
-    // Training rounds are even (2g); the first pays the start.
-    for (&round, &s) in start.iter().filter(|(r, _)| *r % 2 == 0).skip(1) {
-        let e = end[&round];
+    for &(s, round) in training.iter().skip(1) {
         n += counted.get(&round).copied().unwrap_or(0);
-        ms += e.saturating_sub(s).max(1);
+        ms += end[&round].saturating_sub(s).max(1);
         rounds += 1;
     }
     assert!(rounds > 0, "no training round after the first");
