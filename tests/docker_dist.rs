@@ -507,7 +507,12 @@ impl Cluster {
     /// finished its task between the two reads is thawed and waited on
     /// again.
     fn freeze_holding(&self, container: &str, host: &str, after: u64) {
+        let end = Instant::now() + DEADLINE;
         loop {
+            assert!(
+                Instant::now() < end,
+                "{host} never held a task when frozen within {DEADLINE:?}"
+            );
             self.wait(
                 &format!("{host} holding a task past generation {after}"),
                 || {
