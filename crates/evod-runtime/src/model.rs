@@ -461,10 +461,37 @@ impl Model {
             }
         }
         let mut out = Vec::with_capacity(self.spec.arch.n_params());
+        advise_huge_pages(&out);
         for t in infos {
             out.extend_from_slice(&self.file.tensor_f32(t)?);
         }
         Ok(Cow::Owned(out))
+    }
+}
+
+/// Asks the kernel to back the (not yet touched) capacity of a big vector
+/// with transparent huge pages where it can (`MADV_HUGEPAGE`; a no-op
+/// below 4 MiB, or where THP is off). A gathered 1 GiB parameter copy is
+/// then 512 pages instead of 262,144: filled faster, and freed in about a
+/// millisecond instead of about half a second, which is what a worker's
+/// `LOAD` (dropping the model it replaces) and its death (before the
+/// supervisor's SIGCHLD) wait for.
+fn advise_huge_pages(v: &Vec<f32>) {
+    const HUGE: usize = 2 << 20;
+    let bytes = v.capacity() * std::mem::size_of::<f32>();
+    if bytes < 2 * HUGE {
+        return;
+    }
+    let start = v.as_ptr() as usize;
+    let (from, to) = (start.next_multiple_of(HUGE), (start + bytes) / HUGE * HUGE);
+    if to > from {
+        // SAFETY: [from, to) lies inside the vector's own allocation;
+        // MADV_HUGEPAGE only changes how the kernel backs those pages (their
+        // contents, none written yet, are unaffected), and its failure (no
+        // THP in this kernel) is harmless, so the result is ignored.
+        unsafe {
+            libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE);
+        }
     }
 }
 

@@ -253,6 +253,9 @@ pub struct Done {
     pub outcome: Outcome,
     /// How long the call took (from when the thread started it).
     pub took: Duration,
+    /// When the call ended (the reply was taken, or it failed): the
+    /// moment a worker's answer is known, before the hop to the loop.
+    pub finished: Instant,
 }
 
 /// The thread that makes every call on one worker's control channel.
@@ -321,8 +324,15 @@ impl LinkThread {
                         }
                     }
                 };
-                let took = started.elapsed();
-                if to_loop.send(wrap(Done { tag, outcome, took })).is_err() {
+                let finished = Instant::now();
+                let took = finished - started;
+                let done = Done {
+                    tag,
+                    outcome,
+                    took,
+                    finished,
+                };
+                if to_loop.send(wrap(done)).is_err() {
                     break;
                 }
             }
