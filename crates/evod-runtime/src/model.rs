@@ -386,38 +386,32 @@ impl Model {
     /// model opened with [`Model::open_for_serving`]; calls `tick` every few
     /// million values, so a worker checking a 1 GiB model keeps beating.
     pub fn check_values_with(&self, mut tick: impl FnMut()) -> Result<(), RuntimeError> {
-        let model = self;
         let bad = |problem: String| RuntimeError::Model {
-            path: model.file.path().to_owned(),
+            path: self.file.path().to_owned(),
             problem,
         };
-        let params = model.params()?;
         const CHUNK: usize = 4 << 20;
-        let mut first_bad = None;
-        for (k, chunk) in params.chunks(CHUNK).enumerate() {
-            if let Some(j) = chunk.iter().position(|v| !v.is_finite()) {
-                first_bad = Some(k * CHUNK + j);
-                break;
+        // Tensor by tensor, each read in place (F32) or converted on its
+        // own: never the whole parameter vector gathered at once (a copy of
+        // a 1 GiB model made without a tick left a worker silent for half
+        // a second, past the supervisor's peer timeout).
+        for (name, _) in self.spec.arch.tensor_specs() {
+            let info = self
+                .file
+                .tensor(&name)
+                .ok_or_else(|| bad(format!("missing tensor {name}")))?;
+            let values = self.file.tensor_f32(info)?;
+            for (k, chunk) in values.chunks(CHUNK).enumerate() {
+                if let Some(j) = chunk.iter().position(|v| !v.is_finite()) {
+                    return Err(bad(format!(
+                        "tensor {name} element {} is {}, not finite",
+                        k * CHUNK + j,
+                        chunk[j]
+                    )));
+                }
+                tick();
             }
-            tick();
         }
-        if let Some(i) = first_bad {
-            let (name, start) = model
-                .spec
-                .arch
-                .tensor_specs()
-                .into_iter()
-                .zip(model.spec.arch.tensor_ranges())
-                .find(|(_, (at, len))| i < at + len)
-                .map(|((n, _), (at, _))| (n, at))
-                .unwrap_or_default();
-            return Err(bad(format!(
-                "tensor {name} element {} is {}, not finite",
-                i - start,
-                params[i]
-            )));
-        }
-        drop(params);
         Ok(())
     }
 

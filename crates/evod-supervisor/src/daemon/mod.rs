@@ -471,6 +471,7 @@ impl Supervisor {
             let link = link::LinkThread::start(
                 format!("link-{index}"),
                 segment,
+                config.heartbeat_timeout,
                 tx.clone(),
                 move |done| Event::Link(index, done),
             )
