@@ -296,10 +296,7 @@ fn a_worker_killed_during_a_load_is_replaced_and_the_daemon_ends_healthy_on_the_
         .find(|c| c["role"] == "worker" && c["index"] == 0)
         .unwrap()
         .clone();
-    assert!(
-        w["last_exit"].as_str().unwrap().contains("SIGSEGV"),
-        "{w}"
-    );
+    assert!(w["last_exit"].as_str().unwrap().contains("SIGSEGV"), "{w}");
     // The standby was promoted, serves the new generation, and the
     // supervisor timed the recovery.
     assert_eq!(w["pid"], standby, "{w}");

@@ -311,17 +311,18 @@ mod tests {
     /// lengths are still checked.
     #[test]
     fn a_base_with_a_known_checksum_is_not_hashed_again() {
-        let arch = evod_runtime::Architecture::new(
-            vec![3, 4, 2],
-            evod_runtime::Activation::Tanh,
-        )
-        .unwrap();
+        let arch =
+            evod_runtime::Architecture::new(vec![3, 4, 2], evod_runtime::Activation::Tanh).unwrap();
         let layout = ParamLayout::from_architecture(&arch).unwrap();
         let params = vec![0.25f32; layout.n_params()];
         let hashed = Base::new(&params, &layout).unwrap();
         assert_eq!(hashed.checksum(), checksum(&params));
         let known = Base::with_checksum(&params, &layout, 0x1234).unwrap();
-        assert_eq!(known.checksum(), 0x1234, "with_checksum hashed the parameters");
+        assert_eq!(
+            known.checksum(),
+            0x1234,
+            "with_checksum hashed the parameters"
+        );
         let short = Base::with_checksum(&params[1..], &layout, 0x1234);
         assert!(matches!(short, Err(RecipeError::Length { .. })));
     }

@@ -404,7 +404,7 @@ mod tests {
             tx,
             |d| d,
         )
-            .expect("link thread");
+        .expect("link thread");
         let old = seg.trusted_epoch();
         // The worker it was queued for is replaced before the job comes up.
         let new = seg.bump_epoch();
@@ -443,7 +443,7 @@ mod tests {
             tx,
             |d| d,
         )
-            .expect("link thread");
+        .expect("link thread");
         let tag = Tag {
             id: 1,
             epoch: seg.trusted_epoch(),

@@ -141,9 +141,7 @@ fn workers(s: &StatusReport) -> impl Iterator<Item = &ChildStatus> {
 }
 
 fn worker(s: &StatusReport, index: usize) -> &ChildStatus {
-    workers(s)
-        .find(|c| c.index == index)
-        .expect("a worker row")
+    workers(s).find(|c| c.index == index).expect("a worker row")
 }
 
 /// What the worker's stats block says it serves now.
@@ -166,7 +164,12 @@ fn start(evod: &Path, dir: tempfile::TempDir) -> Daemon {
         .args(["--no-evolver", "--workers", &WORKERS.to_string()])
         // Every crash is the bench's: neither the restart intensity nor the
         // crash-loop fallback may act on them.
-        .args(["--restart-intensity", "100000", "--fallback-after", "100000"])
+        .args([
+            "--restart-intensity",
+            "100000",
+            "--fallback-after",
+            "100000",
+        ])
         // A worker's first `NEURAL_EXEC` on this model (the canary) gathers
         // 1 GiB and runs 268 M multiply-adds without beating: on a loaded
         // 2-core machine that can pass the default 5 s, and a worker killed
@@ -207,7 +210,14 @@ fn crash(d: &mut Daemon, victim: usize, before: &StatusReport) -> Crash {
     let stat = format!("/proc/{pid}/stat");
     loop {
         match std::fs::read_to_string(&stat) {
-            Ok(text) if !text.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z') => {
+            Ok(text)
+                if !text
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z') =>
+            {
                 assert!(Instant::now() < end, "worker {victim} never died");
                 std::hint::spin_loop();
             }
@@ -229,7 +239,10 @@ fn crash(d: &mut Daemon, victim: usize, before: &StatusReport) -> Crash {
                 other_in_load: in_service(worker(&s, 1 - victim)) == Some("LOAD"),
             };
         }
-        assert!(Instant::now() < end, "worker {victim} never recovered: {s:?}");
+        assert!(
+            Instant::now() < end,
+            "worker {victim} never recovered: {s:?}"
+        );
         std::thread::sleep(Duration::from_micros(200));
     }
 }
@@ -263,7 +276,14 @@ fn main() {
     let made = Instant::now();
     // 4 → 16370 → 16370 → 2: 268 M f32 parameters, 1.0 GiB.
     let o = Command::new(&evod)
-        .args(["init", "--task", "cartpole", "--layers", "4,16370,16370,2", "-o"])
+        .args([
+            "init",
+            "--task",
+            "cartpole",
+            "--layers",
+            "4,16370,16370,2",
+            "-o",
+        ])
         .arg(&live)
         .output()
         .expect("evod init");
@@ -321,8 +341,13 @@ fn main() {
         "histogram count, status recoveries, restarts\n{text}\nlog:\n{}",
         d.log()
     );
-    let canary_s = metric(&text, "evod_worker_request_duration_seconds_sum{opcode=\"NEURAL_EXEC\"}")
-        / metric(&text, "evod_worker_request_duration_seconds_count{opcode=\"NEURAL_EXEC\"}");
+    let canary_s = metric(
+        &text,
+        "evod_worker_request_duration_seconds_sum{opcode=\"NEURAL_EXEC\"}",
+    ) / metric(
+        &text,
+        "evod_worker_request_duration_seconds_count{opcode=\"NEURAL_EXEC\"}",
+    );
     let inside = |v: &[Crash]| v.iter().map(|c| c.inside_us).collect::<Vec<_>>();
     let outside = |v: &[Crash]| v.iter().map(|c| c.outside_us).collect::<Vec<_>>();
     let exit = |v: &[Crash]| v.iter().map(|c| c.exit_us).collect::<Vec<_>>();

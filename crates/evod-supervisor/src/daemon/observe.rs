@@ -124,7 +124,10 @@ mod tests {
         let expired = link::LinkError::Expired {
             waited: Duration::from_secs(11),
         };
-        record_link(&metrics, &done(link::Outcome::Exec(Err(expired), Duration::ZERO)));
+        record_link(
+            &metrics,
+            &done(link::Outcome::Exec(Err(expired), Duration::ZERO)),
+        );
         let text = metrics.encode();
         assert!(
             text.contains(
@@ -137,7 +140,10 @@ mod tests {
             "{text}"
         );
         let lost = link::LinkError::Ring(evod_ring::RingError::Timeout);
-        record_link(&metrics, &done(link::Outcome::Exec(Err(lost), Duration::ZERO)));
+        record_link(
+            &metrics,
+            &done(link::Outcome::Exec(Err(lost), Duration::ZERO)),
+        );
         let text = metrics.encode();
         assert!(
             text.contains("evod_worker_request_failures_total{opcode=\"NEURAL_EXEC\"} 1"),
