@@ -432,6 +432,51 @@ mod tests {
         assert!(got.is_none(), "a stale job reached the ring");
     }
 
+    /// A worker that takes its time over a call without beating (a big
+    /// model's gather and forward pass) is waited for up to the link's
+    /// peer timeout, not given up after half a second; its death (the
+    /// epoch bumped) ends the wait at once.
+    #[test]
+    fn a_call_outwaits_a_silent_worker_up_to_the_peer_timeout() {
+        let seg = Arc::new(Segment::create(&LayoutConfig::default()).expect("segment"));
+        let srv = Arc::clone(&seg);
+        let worker = std::thread::spawn(move || {
+            let mut server = srv.server().expect("server");
+            loop {
+                if let Some((_, request)) = server.recv(Duration::from_secs(10)).expect("recv") {
+                    // No beat meanwhile: twice the old 500 ms limit.
+                    std::thread::sleep(Duration::from_millis(1200));
+                    request.reply_bytes(0, &[]).expect("reply");
+                    return;
+                }
+            }
+        });
+        let took = ping(&seg, Duration::from_secs(5), Duration::from_secs(20))
+            .expect("answered after 1.2 s of silence");
+        assert!(took >= Duration::from_millis(1200), "{took:?}");
+        worker.join().unwrap();
+
+        // Nobody serves: the epoch bump of a replacement ends the call
+        // long before its peer timeout or deadline.
+        let bumper = Arc::clone(&seg);
+        let bump = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            bumper.bump_epoch();
+        });
+        let start = Instant::now();
+        let e = ping(&seg, Duration::from_secs(30), Duration::from_secs(30)).unwrap_err();
+        assert!(
+            matches!(e, LinkError::Ring(RingError::PeerLost { .. })),
+            "{e}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+        bump.join().unwrap();
+    }
+
     #[test]
     fn a_job_past_its_deadline_is_answered_expired_and_never_sent() {
         let seg = Arc::new(Segment::create(&LayoutConfig::default()).expect("segment"));
