@@ -264,3 +264,47 @@ fn a_worker_slower_than_the_exec_timeout_is_still_verified() {
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit().success(), "{}", d.log());
 }
+
+#[test]
+fn a_worker_killed_during_a_load_is_replaced_and_the_daemon_ends_healthy_on_the_new_model() {
+    let mut d = Daemon::start(&[]);
+    let good = d.verified_generation();
+    let copy = d.copy_model();
+    let w = d.wait_for("worker 0 with a ready standby", |d| {
+        d.worker().filter(|w| w["standby_ready"] == true)
+    });
+    let (pid, standby) = (w["pid"].as_u64().unwrap(), w["standby_pid"].clone());
+    // A generation whose LOAD takes two seconds (beating): the supervisor's
+    // LOAD is in flight when the worker is killed from outside.
+    d.publish(&copy, good + 1, Some("slow-load"));
+    d.wait_for("worker 0 in the LOAD of the new generation", |d| {
+        d.worker()
+            .filter(|w| w["pid"] == pid && w["stats"]["in_service"] == "LOAD")
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGSEGV).unwrap();
+    let s = d.wait_for("healthy on the new generation", |d| {
+        d.status()
+            .filter(|s| s["healthy"] == true && s["good_generation"] == good + 1)
+    });
+    assert_eq!(s["generation"], good + 1, "{s}");
+    // Not blamed on the generation beyond the fallback's threshold.
+    assert_eq!(s["rollbacks"], 0, "{s}");
+    let w = &s["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["role"] == "worker" && c["index"] == 0)
+        .unwrap()
+        .clone();
+    assert!(w["last_exit"].as_str().unwrap().contains("SIGSEGV"), "{w}");
+    // The standby was promoted, serves the new generation, and the
+    // supervisor timed the recovery.
+    assert_eq!(w["pid"], standby, "{w}");
+    assert_eq!(w["stats"]["model_generation"], good + 1, "{w}");
+    assert_eq!(w["recoveries"], 1, "{w}");
+    assert!(w["last_recovery_us"].as_f64().unwrap() > 0.0, "{w}");
+    let exec = d.cli(&["exec", "--input", "0,0,0,0", "--json"]);
+    assert!(exec.status.success(), "{}", common::text(&exec.stderr));
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit().success(), "{}", d.log());
+}

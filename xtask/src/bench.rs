@@ -19,6 +19,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("runtime", "evod", "bench_eval"),
     ("evolve", "evod", "bench_daemon_solve"),
     ("recovery", "evod-supervisor", "bench_recovery"),
+    ("recovery_load", "evod", "bench_recovery_load"),
     ("metrics", "evod", "bench_metrics"),
     ("soak", "evod", "bench_soak"),
     // The scrape time of the soak report (`metrics_scrape_ms`), measured by

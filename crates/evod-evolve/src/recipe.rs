@@ -262,6 +262,30 @@ impl<'a> Base<'a> {
         })
     }
 
+    /// A base of `params` laid out as `layout`, whose [`checksum`] the
+    /// caller already knows (it verified it when it read them): nothing is
+    /// hashed, so a base held across requests costs nothing per request.
+    /// A wrong `checksum` makes recipes for this base be applied to other
+    /// parameters. Fails when the lengths differ.
+    pub fn with_checksum(
+        params: &'a [f32],
+        layout: &'a ParamLayout,
+        checksum: u64,
+    ) -> Result<Self, RecipeError> {
+        if params.len() != layout.n_params() {
+            return Err(RecipeError::Length {
+                layout: layout.n_params(),
+                base: params.len(),
+                out: params.len(),
+            });
+        }
+        Ok(Self {
+            params,
+            layout,
+            checksum,
+        })
+    }
+
     /// The parameters.
     pub fn params(&self) -> &'a [f32] {
         self.params
@@ -275,5 +299,31 @@ impl<'a> Base<'a> {
     /// [`checksum`] of the parameters.
     pub fn checksum(&self) -> u64 {
         self.checksum
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A base whose checksum its holder verified is not hashed again: the
+    /// checksum given is the one it has (a wrong one would show), and the
+    /// lengths are still checked.
+    #[test]
+    fn a_base_with_a_known_checksum_is_not_hashed_again() {
+        let arch =
+            evod_runtime::Architecture::new(vec![3, 4, 2], evod_runtime::Activation::Tanh).unwrap();
+        let layout = ParamLayout::from_architecture(&arch).unwrap();
+        let params = vec![0.25f32; layout.n_params()];
+        let hashed = Base::new(&params, &layout).unwrap();
+        assert_eq!(hashed.checksum(), checksum(&params));
+        let known = Base::with_checksum(&params, &layout, 0x1234).unwrap();
+        assert_eq!(
+            known.checksum(),
+            0x1234,
+            "with_checksum hashed the parameters"
+        );
+        let short = Base::with_checksum(&params[1..], &layout, 0x1234);
+        assert!(matches!(short, Err(RecipeError::Length { .. })));
     }
 }

@@ -386,38 +386,32 @@ impl Model {
     /// model opened with [`Model::open_for_serving`]; calls `tick` every few
     /// million values, so a worker checking a 1 GiB model keeps beating.
     pub fn check_values_with(&self, mut tick: impl FnMut()) -> Result<(), RuntimeError> {
-        let model = self;
         let bad = |problem: String| RuntimeError::Model {
-            path: model.file.path().to_owned(),
+            path: self.file.path().to_owned(),
             problem,
         };
-        let params = model.params()?;
         const CHUNK: usize = 4 << 20;
-        let mut first_bad = None;
-        for (k, chunk) in params.chunks(CHUNK).enumerate() {
-            if let Some(j) = chunk.iter().position(|v| !v.is_finite()) {
-                first_bad = Some(k * CHUNK + j);
-                break;
+        // Tensor by tensor, each read in place (F32) or converted on its
+        // own: never the whole parameter vector gathered at once (a copy of
+        // a 1 GiB model made without a tick left a worker silent for half
+        // a second, past the supervisor's peer timeout).
+        for (name, _) in self.spec.arch.tensor_specs() {
+            let info = self
+                .file
+                .tensor(&name)
+                .ok_or_else(|| bad(format!("missing tensor {name}")))?;
+            let values = self.file.tensor_f32(info)?;
+            for (k, chunk) in values.chunks(CHUNK).enumerate() {
+                if let Some(j) = chunk.iter().position(|v| !v.is_finite()) {
+                    return Err(bad(format!(
+                        "tensor {name} element {} is {}, not finite",
+                        k * CHUNK + j,
+                        chunk[j]
+                    )));
+                }
+                tick();
             }
-            tick();
         }
-        if let Some(i) = first_bad {
-            let (name, start) = model
-                .spec
-                .arch
-                .tensor_specs()
-                .into_iter()
-                .zip(model.spec.arch.tensor_ranges())
-                .find(|(_, (at, len))| i < at + len)
-                .map(|((n, _), (at, _))| (n, at))
-                .unwrap_or_default();
-            return Err(bad(format!(
-                "tensor {name} element {} is {}, not finite",
-                i - start,
-                params[i]
-            )));
-        }
-        drop(params);
         Ok(())
     }
 
@@ -461,10 +455,37 @@ impl Model {
             }
         }
         let mut out = Vec::with_capacity(self.spec.arch.n_params());
+        advise_huge_pages(&out);
         for t in infos {
             out.extend_from_slice(&self.file.tensor_f32(t)?);
         }
         Ok(Cow::Owned(out))
+    }
+}
+
+/// Asks the kernel to back the (not yet touched) capacity of a big vector
+/// with transparent huge pages where it can (`MADV_HUGEPAGE`; a no-op
+/// below 4 MiB, or where THP is off). A gathered 1 GiB parameter copy is
+/// then 512 pages instead of 262,144: filled faster, and freed in about a
+/// millisecond instead of about half a second, which is what a worker's
+/// `LOAD` (dropping the model it replaces) and its death (before the
+/// supervisor's SIGCHLD) wait for.
+fn advise_huge_pages(v: &Vec<f32>) {
+    const HUGE: usize = 2 << 20;
+    let bytes = v.capacity() * std::mem::size_of::<f32>();
+    if bytes < 2 * HUGE {
+        return;
+    }
+    let start = v.as_ptr() as usize;
+    let (from, to) = (start.next_multiple_of(HUGE), (start + bytes) / HUGE * HUGE);
+    if to > from {
+        // SAFETY: [from, to) lies inside the vector's own allocation;
+        // MADV_HUGEPAGE only changes how the kernel backs those pages (their
+        // contents, none written yet, are unaffected), and its failure (no
+        // THP in this kernel) is harmless, so the result is ignored.
+        unsafe {
+            libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE);
+        }
     }
 }
 

@@ -7,11 +7,11 @@
 //!
 //! 1. [`decode_recipes`]: the untrusted payload is checked (counts, lengths,
 //!    the path, every recipe's encoding) before anything is sized from it;
-//! 2. [`RecipeBases::base`]: the base is read once per base (mapped, copied
-//!    out, the map dropped) and its parameters verified against the
-//!    checksum the request names; a missing, unreadable, other-network or
-//!    other-checksum file is [`status::WRONG_BASE`] and nothing is
-//!    evaluated;
+//! 2. [`RecipeBases::base`]: the base is read and hashed once per base
+//!    (mapped, verified against the checksum the request names, copied
+//!    out, the map dropped); a missing, unreadable, other-network or
+//!    other-checksum file is [`status::WRONG_BASE`], nothing is evaluated
+//!    and the base held before stays held;
 //! 3. [`regenerate`]: candidates are rebuilt with [`Recipe::apply_to`] into
 //!    a buffer the caller reuses from request to request, candidate-major,
 //!    so they can be scored as if an `EVAL` had sent them.
@@ -191,9 +191,12 @@ impl RecipeBases {
     }
 
     /// The base `body` names, for a model of network `arch`: the one held
-    /// if it is the same file and checksum, else read from the file (the
-    /// held one is dropped first, so a worker never holds two) and verified.
-    /// On an error nothing is held.
+    /// if it is the same file and checksum, else read from the file and
+    /// verified. A request that is refused (a missing, unreadable,
+    /// other-network or other-checksum file) leaves the held base as it
+    /// was: everything that can refuse it is checked before the held base
+    /// is let go, and the held one is dropped before the new one is copied
+    /// out, so a worker never holds two.
     pub fn base(
         &mut self,
         body: &RecipesBody,
@@ -202,8 +205,8 @@ impl RecipeBases {
         self.base_with(body, arch, || {})
     }
 
-    /// [`RecipeBases::base`], calling `beat` while a new base is copied out
-    /// and verified (every few million values), so a worker reading a big
+    /// [`RecipeBases::base`], calling `beat` while a new base is verified
+    /// and copied out (every few million values), so a worker reading a big
     /// base from a cold disk keeps its heartbeat fresh.
     pub fn base_with(
         &mut self,
@@ -217,12 +220,13 @@ impl RecipeBases {
             .as_ref()
             .is_some_and(|b| b.checksum == want && b.path == body.path);
         if !current {
+            let checked = check_base(&body.path, arch, want, &mut beat)?;
             self.held = None;
-            self.held = Some(read_base(&body.path, arch, want, &mut beat)?);
+            self.held = Some(copy_base(&body.path, checked, want, &mut beat)?);
         }
         let held = self.held.as_ref().expect("held just above");
-        // Lengths were checked when it was read.
-        Base::new(&held.params, &held.layout).map_err(|e| {
+        // Hashed once, when it was read (lengths checked then too).
+        Base::with_checksum(&held.params, &held.layout, held.checksum).map_err(|e| {
             RecipesError::Base(BaseError::Layout {
                 path: held.path.clone(),
                 message: e.to_string(),
@@ -231,16 +235,23 @@ impl RecipeBases {
     }
 }
 
-/// Reads the base file at `path` (a GGUF of `arch`, written by the evolver)
-/// and checks that its parameters hash to `checksum`. The file is mapped
-/// only while its parameters are copied out: a worker may die of SIGBUS if
-/// somebody truncates it meanwhile, which its supervisor survives.
-fn read_base(
+/// A base file that passed every check, not copied out yet.
+struct CheckedBase {
+    model: Model,
+    layout: ParamLayout,
+}
+
+/// Opens the base file at `path` (a GGUF of `arch`, written by the evolver)
+/// and checks, through its mapping, that its parameters hash to `checksum`.
+/// The file is mapped only until it is copied out ([`copy_base`]): a
+/// worker may die of SIGBUS if somebody truncates it meanwhile, which its
+/// supervisor survives.
+fn check_base(
     path: &Path,
     arch: &Architecture,
     checksum: u64,
     beat: &mut dyn FnMut(),
-) -> Result<HeldBase, BaseError> {
+) -> Result<CheckedBase, BaseError> {
     let read = |source| BaseError::Read {
         path: path.to_owned(),
         source,
@@ -253,9 +264,37 @@ fn read_base(
             model: arch.n_params(),
         });
     }
+    let layout = ParamLayout::from_architecture(arch).map_err(|e| BaseError::Layout {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
     beat();
+    let actual = evod_evolve::checksum_with(&model.params().map_err(read)?, &mut *beat);
+    if actual != checksum {
+        return Err(BaseError::Checksum {
+            path: path.to_owned(),
+            actual,
+            want: checksum,
+        });
+    }
+    Ok(CheckedBase { model, layout })
+}
+
+/// Copies a checked base's parameters out and drops its mapping. The copy
+/// is hashed again: a file rewritten in place since [`check_base`] (never
+/// an evolver's doing: it publishes by rename) is refused, not held.
+fn copy_base(
+    path: &Path,
+    checked: CheckedBase,
+    checksum: u64,
+    beat: &mut dyn FnMut(),
+) -> Result<HeldBase, BaseError> {
+    let CheckedBase { model, layout } = checked;
     let params = {
-        let mapped = model.params().map_err(read)?;
+        let mapped = model.params().map_err(|source| BaseError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let mut params = Vec::with_capacity(mapped.len());
         for chunk in mapped.chunks(evod_evolve::CHECKSUM_TICK) {
             params.extend_from_slice(chunk);
@@ -272,10 +311,6 @@ fn read_base(
             want: checksum,
         });
     }
-    let layout = ParamLayout::from_architecture(arch).map_err(|e| BaseError::Layout {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
     Ok(HeldBase {
         path: path.to_owned(),
         checksum,
@@ -437,7 +472,7 @@ mod tests {
         let mut beats = 0;
         regenerate(&base, &recipes, &mut out, || beats += 1).unwrap();
         assert_eq!(beats, 2);
-        let want = [
+        let want: Vec<f32> = [
             recipes[0].materialize(&truth).unwrap(),
             recipes[1].materialize(&truth).unwrap(),
         ]
@@ -453,7 +488,8 @@ mod tests {
         let e = bases.base(&req(1, &path), &arch).unwrap_err();
         assert_eq!(e.status(), status::WRONG_BASE);
         assert!(e.to_string().contains("base.gguf"), "{e}");
-        assert_eq!(bases.held(), None);
+        // Refused: the base held before is held still.
+        assert_eq!(bases.held(), Some((path.as_path(), truth.checksum())));
         // Present, but another checksum than the request names.
         let moved = dir.path().join("moved.gguf");
         let e = bases.base(&req(1, &moved), &arch).unwrap_err();
@@ -468,6 +504,13 @@ mod tests {
             matches!(e, RecipesError::Base(BaseError::Network { .. })),
             "{e}"
         );
+        // After three refusals, the held base still serves its requests
+        // without a read (its file is still gone from `path`).
+        assert_eq!(bases.held(), Some((path.as_path(), truth.checksum())));
+        let base = bases.base(&req(truth.checksum(), &path), &arch).unwrap();
+        assert_eq!(base.checksum(), truth.checksum());
+        regenerate(&base, &recipes, &mut out, || {}).unwrap();
+        assert_eq!(out, want);
 
         // A recipe for another base than the one held is not applied.
         let base = bases.base(&req(truth.checksum(), &moved), &arch).unwrap();

@@ -49,6 +49,7 @@ fn spec(seg: &Segment, model: &Path) -> ChildSpec {
         keep_fds: vec![fd],
         harden: true,
         memory_limit: None,
+        block_sighup: false,
     }
 }
 

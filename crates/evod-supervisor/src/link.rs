@@ -67,15 +67,22 @@ pub enum LinkError {
     },
 }
 
-/// A worker beats every 100 ms (`evod_ring::DEFAULT_BEAT_INTERVAL`); a
-/// heartbeat this old means it died. Shorter than the ring's default so that
-/// a call to a worker that has just crashed (not yet reaped) holds up the
-/// supervisor's event loop for at most this long.
-const PEER_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a send waits for room in the lane (a request sent earlier
+/// without waiting may still be in the worker's hands): a worker that does
+/// not take a request in that time is hung or dead.
+const SEND_PATIENCE: Duration = Duration::from_millis(500);
 
-fn client_config() -> ClientConfig {
+/// A client whose peer counts as lost once the worker's heartbeat is
+/// `peer_timeout` old. The link threads use the daemon's
+/// `--heartbeat-timeout`, the watchdog's own limit: a worker busy in a long
+/// call that beats less often than that (a big model's forward pass or
+/// parameter gather, under load) is not given up on while the watchdog
+/// still counts it alive. A dead worker is not waited for that long: its
+/// reaping bumps the segment's epoch, which wakes the call at once
+/// (`PeerLost`).
+fn client_config(peer_timeout: Duration) -> ClientConfig {
     ClientConfig {
-        peer_timeout: PEER_TIMEOUT,
+        peer_timeout,
         ..ClientConfig::default()
     }
 }
@@ -85,12 +92,13 @@ fn client_config() -> ClientConfig {
 ///
 /// A request sent earlier without waiting (`send_only`: a fault, SHUTDOWN)
 /// may still be in the worker's hands: then the lane has no room for a new
-/// client yet, and the send is retried for up to [`PEER_TIMEOUT`] (a worker
-/// that does not take a request in that time is hung or dead, and the
-/// event loop must not wait on it longer); that request's reply, if it
-/// comes, is dropped, never taken for this one.
+/// client yet, and the send is retried for up to [`SEND_PATIENCE`]; that
+/// request's reply, if it comes, is dropped, never taken for this one.
+/// The worker counts as lost once its heartbeat is `peer` old.
+#[allow(clippy::too_many_arguments)]
 fn call<T>(
     seg: &Segment,
+    peer: Duration,
     opcode: u32,
     len: usize,
     fill: impl Fn(&mut [u8]),
@@ -98,8 +106,8 @@ fn call<T>(
     decode: impl FnOnce(&[u8]) -> Result<T, String>,
 ) -> Result<T, LinkError> {
     let deadline = crate::policy::later(Instant::now(), timeout);
-    let room_deadline = deadline.min(Instant::now() + PEER_TIMEOUT);
-    let mut client = seg.client_with(Channel::Control, client_config())?;
+    let room_deadline = deadline.min(Instant::now() + SEND_PATIENCE);
+    let mut client = seg.client_with(Channel::Control, client_config(peer))?;
     let id = loop {
         match client.send(opcode, 0, len, &fill) {
             Ok(id) => break id,
@@ -124,22 +132,25 @@ fn call<T>(
     })
 }
 
-/// A PING round trip; returns its duration.
-pub fn ping(seg: &Segment, timeout: Duration) -> Result<Duration, LinkError> {
+/// A PING round trip; returns its duration. The worker counts as lost
+/// once its heartbeat is `peer` old (as in every call here).
+pub fn ping(seg: &Segment, peer: Duration, timeout: Duration) -> Result<Duration, LinkError> {
     let start = Instant::now();
-    call(seg, op::PING, 0, |_| {}, timeout, |_| Ok(()))?;
+    call(seg, peer, op::PING, 0, |_| {}, timeout, |_| Ok(()))?;
     Ok(start.elapsed())
 }
 
 /// Asks the worker to map and serve `request.path`.
 pub fn load(
     seg: &Segment,
+    peer: Duration,
     request: &LoadRequest,
     timeout: Duration,
 ) -> Result<WorkerInfo, LinkError> {
     let body = protocol::to_bincode(request);
     call(
         seg,
+        peer,
         op::LOAD,
         body.len(),
         |out| out.copy_from_slice(&body),
@@ -149,7 +160,12 @@ pub fn load(
 }
 
 /// Runs the live model on one input row.
-pub fn exec(seg: &Segment, inputs: &[f32], timeout: Duration) -> Result<Vec<f32>, LinkError> {
+pub fn exec(
+    seg: &Segment,
+    peer: Duration,
+    inputs: &[f32],
+    timeout: Duration,
+) -> Result<Vec<f32>, LinkError> {
     let header = ExecHeader {
         batch: 1,
         inputs: u32::try_from(inputs.len()).map_err(|_| LinkError::BadReply {
@@ -160,6 +176,7 @@ pub fn exec(seg: &Segment, inputs: &[f32], timeout: Duration) -> Result<Vec<f32>
     let len = ExecHeader::SIZE + 4 * inputs.len();
     call(
         seg,
+        peer,
         op::NEURAL_EXEC,
         len,
         |out| header.encode(inputs, out),
@@ -174,8 +191,13 @@ pub fn exec(seg: &Segment, inputs: &[f32], timeout: Duration) -> Result<Vec<f32>
 }
 
 /// Sends a request without waiting for its reply (SHUTDOWN, fault opcodes).
-pub fn send_only(seg: &Segment, opcode: u32, payload: &[u8]) -> Result<(), LinkError> {
-    let mut client = seg.client_with(Channel::Control, client_config())?;
+pub fn send_only(
+    seg: &Segment,
+    peer: Duration,
+    opcode: u32,
+    payload: &[u8],
+) -> Result<(), LinkError> {
+    let mut client = seg.client_with(Channel::Control, client_config(peer))?;
     client.send(opcode, 0, payload.len(), |out| out.copy_from_slice(payload))?;
     Ok(())
 }
@@ -253,6 +275,9 @@ pub struct Done {
     pub outcome: Outcome,
     /// How long the call took (from when the thread started it).
     pub took: Duration,
+    /// When the call ended (the reply was taken, or it failed): the
+    /// moment a worker's answer is known, before the hop to the loop.
+    pub finished: Instant,
 }
 
 /// The thread that makes every call on one worker's control channel.
@@ -274,10 +299,12 @@ struct Queued {
 
 impl LinkThread {
     /// Starts the thread `name` for `seg`; each finished job is handed to
-    /// `wrap` and sent on `to_loop`.
+    /// `wrap` and sent on `to_loop`. A call gives the worker up once its
+    /// heartbeat is `peer_timeout` old (see [`client_config`]).
     pub fn start<E: Send + 'static>(
         name: String,
         seg: Arc<Segment>,
+        peer_timeout: Duration,
         to_loop: mpsc::Sender<E>,
         wrap: impl Fn(Done) -> E + Send + 'static,
     ) -> std::io::Result<LinkThread> {
@@ -309,20 +336,29 @@ impl LinkThread {
                     })
                 } else {
                     match job {
-                        Job::Ping => Outcome::Ping(ping(&seg, timeout)),
-                        Job::Load(request) => Outcome::Load(load(&seg, &request, timeout)),
+                        Job::Ping => Outcome::Ping(ping(&seg, peer_timeout, timeout)),
+                        Job::Load(request) => {
+                            Outcome::Load(load(&seg, peer_timeout, &request, timeout))
+                        }
                         Job::Exec(inputs) => {
                             let start = Instant::now();
-                            let result = exec(&seg, &inputs, timeout);
+                            let result = exec(&seg, peer_timeout, &inputs, timeout);
                             Outcome::Exec(result, start.elapsed())
                         }
                         Job::Send { opcode, payload } => {
-                            Outcome::Sent(send_only(&seg, opcode, &payload))
+                            Outcome::Sent(send_only(&seg, peer_timeout, opcode, &payload))
                         }
                     }
                 };
-                let took = started.elapsed();
-                if to_loop.send(wrap(Done { tag, outcome, took })).is_err() {
+                let finished = Instant::now();
+                let took = finished - started;
+                let done = Done {
+                    tag,
+                    outcome,
+                    took,
+                    finished,
+                };
+                if to_loop.send(wrap(done)).is_err() {
                     break;
                 }
             }
@@ -361,8 +397,14 @@ mod tests {
     fn a_job_queued_for_a_replaced_worker_is_answered_stale_and_never_sent() {
         let seg = Arc::new(Segment::create(&LayoutConfig::default()).expect("segment"));
         let (tx, rx) = mpsc::channel();
-        let thread = LinkThread::start("link-test".into(), Arc::clone(&seg), tx, |d| d)
-            .expect("link thread");
+        let thread = LinkThread::start(
+            "link-test".into(),
+            Arc::clone(&seg),
+            Duration::from_secs(5),
+            tx,
+            |d| d,
+        )
+        .expect("link thread");
         let old = seg.trusted_epoch();
         // The worker it was queued for is replaced before the job comes up.
         let new = seg.bump_epoch();
@@ -390,12 +432,63 @@ mod tests {
         assert!(got.is_none(), "a stale job reached the ring");
     }
 
+    /// A worker that takes its time over a call without beating (a big
+    /// model's gather and forward pass) is waited for up to the link's
+    /// peer timeout, not given up after half a second; its death (the
+    /// epoch bumped) ends the wait at once.
+    #[test]
+    fn a_call_outwaits_a_silent_worker_up_to_the_peer_timeout() {
+        let seg = Arc::new(Segment::create(&LayoutConfig::default()).expect("segment"));
+        let srv = Arc::clone(&seg);
+        let worker = std::thread::spawn(move || {
+            let mut server = srv.server().expect("server");
+            loop {
+                if let Some((_, request)) = server.recv(Duration::from_secs(10)).expect("recv") {
+                    // No beat meanwhile: twice the old 500 ms limit.
+                    std::thread::sleep(Duration::from_millis(1200));
+                    request.reply_bytes(0, &[]).expect("reply");
+                    return;
+                }
+            }
+        });
+        let took = ping(&seg, Duration::from_secs(5), Duration::from_secs(20))
+            .expect("answered after 1.2 s of silence");
+        assert!(took >= Duration::from_millis(1200), "{took:?}");
+        worker.join().unwrap();
+
+        // Nobody serves: the epoch bump of a replacement ends the call
+        // long before its peer timeout or deadline.
+        let bumper = Arc::clone(&seg);
+        let bump = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            bumper.bump_epoch();
+        });
+        let start = Instant::now();
+        let e = ping(&seg, Duration::from_secs(30), Duration::from_secs(30)).unwrap_err();
+        assert!(
+            matches!(e, LinkError::Ring(RingError::PeerLost { .. })),
+            "{e}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+        bump.join().unwrap();
+    }
+
     #[test]
     fn a_job_past_its_deadline_is_answered_expired_and_never_sent() {
         let seg = Arc::new(Segment::create(&LayoutConfig::default()).expect("segment"));
         let (tx, rx) = mpsc::channel();
-        let thread = LinkThread::start("link-test".into(), Arc::clone(&seg), tx, |d| d)
-            .expect("link thread");
+        let thread = LinkThread::start(
+            "link-test".into(),
+            Arc::clone(&seg),
+            Duration::from_secs(5),
+            tx,
+            |d| d,
+        )
+        .expect("link thread");
         let tag = Tag {
             id: 1,
             epoch: seg.trusted_epoch(),

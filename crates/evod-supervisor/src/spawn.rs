@@ -49,6 +49,22 @@ pub struct ChildSpec {
     /// shared segment or the read-only model mapping): an allocation past
     /// it fails, which ends the child (Rust aborts on allocation failure).
     pub memory_limit: Option<u64>,
+    /// Start with SIGHUP blocked (the mask survives `exec`): a SIGHUP sent
+    /// before the child has installed its handler stays pending instead of
+    /// ending it by its default action. The child unblocks it once its
+    /// handler is in ([`unblock_sighup`]). The evolver's: `evod wake`
+    /// right after a restart must not kill it.
+    pub block_sighup: bool,
+}
+
+/// Unblocks SIGHUP in the calling thread (a child started with
+/// [`ChildSpec::block_sighup`], once its handler is installed; threads it
+/// starts afterwards inherit the unblocked mask). A SIGHUP that came
+/// meanwhile is delivered now, to the handler.
+pub fn unblock_sighup() -> io::Result<()> {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(Signal::SIGHUP);
+    set.thread_unblock().map_err(io::Error::from)
 }
 
 /// A running (or ended, not yet dropped) child process.
@@ -123,11 +139,23 @@ fn launch(mut command: Command, spec: &ChildSpec) -> io::Result<Child> {
     }
     let harden = spec.harden;
     let memory_limit = spec.memory_limit;
+    let block_sighup = spec.block_sighup;
     // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (prctl, getppid, setrlimit, close_range,
-    // fcntl); it allocates nothing (`keep` was built before the fork).
+    // async-signal-safe functions (sigemptyset, sigaddset, sigprocmask,
+    // prctl, getppid, setrlimit, close_range, fcntl); it allocates nothing
+    // (`keep` was built before the fork).
     unsafe {
         command.pre_exec(move || {
+            // Added to the mask the child inherits; the mask survives exec.
+            if block_sighup {
+                let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+                if libc::sigemptyset(set.as_mut_ptr()) != 0
+                    || libc::sigaddset(set.as_mut_ptr(), libc::SIGHUP) != 0
+                    || libc::sigprocmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut()) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -348,6 +376,7 @@ mod tests {
                 keep_fds,
                 harden: true,
                 memory_limit: None,
+                block_sighup: false,
             },
         )
         .expect("spawn sh")
@@ -401,6 +430,47 @@ mod tests {
         drop((kept, hidden));
     }
 
+    /// A child started with `block_sighup` holds a SIGHUP sent before it
+    /// could install a handler (pending, not delivered) instead of dying of
+    /// it; one started without it dies of it.
+    #[test]
+    fn a_sighup_before_the_handler_is_held_when_asked() {
+        let spec = |block_sighup| ChildSpec {
+            role: "-c",
+            args: vec!["exec sleep 30".into()],
+            keep_fds: vec![],
+            harden: true,
+            memory_limit: None,
+            block_sighup,
+        };
+        let mut held = spawn_program("/bin/sh".as_ref(), &spec(true)).expect("spawn sh");
+        held.signal(Signal::SIGHUP).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        // Bit 0 of the masks is SIGHUP.
+        let hup = |line: &str| {
+            u64::from_str_radix(line.split_whitespace().nth(1).unwrap_or("0"), 16).unwrap_or(0) & 1
+                == 1
+        };
+        loop {
+            let status = read_proc(held.pid(), "status");
+            let field = |name: &str| status.lines().find(|l| l.starts_with(name)).map(hup);
+            assert_eq!(field("SigBlk:"), Some(true), "{status}");
+            if field("ShdPnd:") == Some(true) || field("SigPnd:") == Some(true) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "SIGHUP never pending: {status}");
+            std::thread::yield_now();
+        }
+        assert!(held.exited().is_none(), "the held child ended");
+        let reason = held.kill_and_reap().unwrap();
+        assert_eq!(reason.to_string(), "killed by signal 9 (SIGKILL)");
+
+        let mut plain = spawn_program("/bin/sh".as_ref(), &spec(false)).expect("spawn sh");
+        plain.signal(Signal::SIGHUP).unwrap();
+        let reason = plain.wait().unwrap();
+        assert_eq!(reason.to_string(), "killed by signal 1 (SIGHUP)");
+    }
+
     #[test]
     fn fds_below_three_are_refused() {
         let err = spawn_program(
@@ -411,6 +481,7 @@ mod tests {
                 keep_fds: vec![1],
                 harden: false,
                 memory_limit: None,
+                block_sighup: false,
             },
         )
         .unwrap_err();

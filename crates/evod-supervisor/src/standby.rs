@@ -192,6 +192,7 @@ mod tests {
             keep_fds: vec![],
             harden: true,
             memory_limit: None,
+            block_sighup: false,
         }
     }
 
@@ -227,6 +228,7 @@ mod tests {
             keep_fds: vec![],
             harden: true,
             memory_limit: None,
+            block_sighup: false,
         };
         let mut standby = Standby::spawn(Some("/bin/sh".as_ref()), &spec).unwrap();
         let err = standby

@@ -249,6 +249,16 @@ pub struct ChildStatus {
     /// Whether that standby has mapped the model and waits, ready.
     #[serde(default)]
     pub standby_ready: Option<bool>,
+    /// Workers that died unasked in this slot and were replaced by one
+    /// that answered on the live model (see `last_recovery_us`).
+    #[serde(default)]
+    pub recoveries: u64,
+    /// The last of those recoveries, microseconds: from the supervisor
+    /// reaping the dead worker to its replacement (a promoted standby, or a
+    /// cold start) answering its first request, a `PING`, while the
+    /// supervisor knows it serves the live model file.
+    #[serde(default)]
+    pub last_recovery_us: Option<f64>,
 }
 
 /// The answer to [`Request::Status`].

@@ -14,22 +14,14 @@
 //! numpy peer (`bench_scale_peer.py`: the same network, population and
 //! episodes, gymnasium's CartPole) for about as long.
 //!
-//! Also `recovery_during_load_median_us`: a worker killed by SIGSEGV →
-//! its promoted standby answers PING, while another worker is busy in a
-//! `LOAD` of a 1 GiB model (see `recovery_during_load`).
+//! (Recovery during a 1 GiB `LOAD`, `recovery_during_load_median_us`, is
+//! `cargo xtask bench recovery_load`: `bench_recovery_load.rs`.)
 //!
 //! Usage: `EVOD_BIN=target/release/evod EVOD_PYTHON=.venv/bin/python
 //! bench_scale OUT.json [SIZES]` (SIZES: comma-separated hidden widths).
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-use evod_ring::{Channel, LayoutConfig, RingError, Role, Segment};
-use evod_supervisor::spawn::{ChildSpec, spawn_program};
-use evod_supervisor::standby::Standby;
-use evod_wire::op::{FAULT_SEGV, LOAD, PING};
 
 /// Candidates per generation, both sides.
 const POPULATION: u32 = 48;
@@ -157,131 +149,6 @@ fn numpy(python: &Path, hidden: u32, seconds: f64) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).expect("the peer's JSON")
 }
 
-fn worker_spec(seg: &Segment, model: &Path) -> ChildSpec {
-    let fd = seg.fd().as_raw_fd();
-    ChildSpec {
-        role: "worker",
-        args: vec![
-            "--ring-fd".into(),
-            fd.to_string().into(),
-            "--model".into(),
-            model.into(),
-            "--allow-fault-injection".into(),
-        ],
-        keep_fds: vec![fd],
-        harden: true,
-        memory_limit: None,
-    }
-}
-
-/// PINGs until a worker of the current epoch answers.
-fn ping_until_answered(seg: &Segment, deadline: Instant) {
-    loop {
-        while seg.last_beat(Role::Worker).is_none() {
-            assert!(Instant::now() < deadline, "the worker never beat");
-            std::thread::yield_now();
-        }
-        assert!(Instant::now() < deadline, "the worker never answered PING");
-        let mut client = seg.client(Channel::Control).expect("control client");
-        match client.call(PING, 0, 0, |_| {}, deadline) {
-            Ok(reply) if reply.header.status == 0 => return,
-            Ok(reply) => panic!("PING refused with status {}", reply.header.status),
-            Err(RingError::PeerLost { .. }) | Err(RingError::Timeout) | Err(RingError::Full) => {
-                std::thread::yield_now();
-            }
-            Err(e) => panic!("PING failed: {e}"),
-        }
-    }
-}
-
-fn ready_standby(evod: &Path, seg: &Segment, model: &Path) -> Standby {
-    let mut standby = Standby::spawn(Some(evod), &worker_spec(seg, model)).expect("standby");
-    standby
-        .wait_ready(Instant::now() + Duration::from_secs(120))
-        .expect("standby ready");
-    standby
-}
-
-/// SIGSEGV of worker B → its promoted standby answers PING, while worker A
-/// serves a `LOAD` (with checksum: the whole 1 GiB file read and checked)
-/// sent just before the crash. Driven with the supervisor's spawn and
-/// standby code from this one thread, as `bench_recovery` does: it leaves
-/// out the supervisor's event loop, whose rework (so that a slow `LOAD`
-/// reply cannot delay a restart) is another change.
-fn recovery_during_load(evod: &Path, small: &Path, big: &Path, rounds: usize) -> Vec<f64> {
-    let checksum = evod_gguf::GgufFile::open(big)
-        .expect("1 GiB model")
-        .checksum();
-    let seg_a = Segment::create(&LayoutConfig::default()).expect("segment");
-    let seg_b = Segment::create(&LayoutConfig::default()).expect("segment");
-    let mut a = spawn_program(evod, &worker_spec(&seg_a, small)).expect("worker A");
-    let mut b = spawn_program(evod, &worker_spec(&seg_b, small)).expect("worker B");
-    ping_until_answered(&seg_a, Instant::now() + Duration::from_secs(60));
-    ping_until_answered(&seg_b, Instant::now() + Duration::from_secs(60));
-    let mut spare = Some(ready_standby(evod, &seg_b, small));
-    let mut samples = Vec::new();
-    // A checked 1 GiB LOAD does not beat while it reads: wait for its reply
-    // past the default stale-heartbeat limit.
-    let mut client_a = seg_a
-        .client_with(
-            Channel::Control,
-            evod_ring::ClientConfig {
-                peer_timeout: Duration::from_secs(120),
-                ..Default::default()
-            },
-        )
-        .expect("client A");
-    for round in 0..rounds {
-        // The same 1 GiB file every round, checked again (checksum and
-        // every value) on each LOAD.
-        let body = evod_wire::protocol::to_bincode(&evod_wire::LoadRequest {
-            path: big.to_string_lossy().into_owned(),
-            generation: 0,
-            checksum,
-        });
-        let load_id = client_a
-            .send(LOAD, 0, body.len(), |out| out.copy_from_slice(&body))
-            .expect("send LOAD");
-        // Let A start reading before B crashes.
-        while seg_a.stats().in_service != Some(LOAD) {
-            std::thread::yield_now();
-        }
-        let start = Instant::now();
-        {
-            let mut client = seg_b.client(Channel::Control).expect("client B");
-            client
-                .send(FAULT_SEGV, 0, 4, |o| o.fill(0))
-                .expect("send fault");
-        }
-        let reason = b.wait().expect("worker B reaped");
-        assert_eq!(reason.to_string(), "killed by signal 11 (SIGSEGV)");
-        seg_b.bump_epoch();
-        b = spare.take().expect("a standby").promote().expect("promote");
-        ping_until_answered(&seg_b, Instant::now() + Duration::from_secs(60));
-        let took = start.elapsed().as_secs_f64() * 1e6;
-        let a_busy = seg_a.stats().in_service == Some(LOAD);
-        println!("round {round}: recovery {took:.0} us (A still in LOAD: {a_busy})");
-        samples.push(took);
-        let reply = evod_wire::receive_id(
-            &mut client_a,
-            load_id,
-            Instant::now() + Duration::from_secs(120),
-        )
-        .expect("LOAD reply");
-        assert_eq!(reply.0, 0, "LOAD: {}", String::from_utf8_lossy(&reply.1));
-        spare = Some(ready_standby(evod, &seg_b, small));
-    }
-    drop(client_a);
-    for (child, seg) in [(&mut a, &seg_a), (&mut b, &seg_b)] {
-        let mut c = seg.client(Channel::Control).expect("client");
-        let _ = c.send(evod_wire::op::SHUTDOWN, 0, 0, |_| {});
-        let _ = child.wait();
-    }
-    drop(spare);
-    samples.sort_by(f64::total_cmp);
-    samples
-}
-
 fn main() {
     let out = PathBuf::from(
         std::env::args()
@@ -298,6 +165,11 @@ fn main() {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_else(|| serde_json::json!({}));
+    // Measured by `bench_recovery_load` now (recovery_load.json).
+    if let Some(o) = json.as_object_mut() {
+        o.remove("recovery_during_load_median_us");
+        o.remove("recovery_during_load_samples_us");
+    }
     json["scale_population"] = POPULATION.into();
     json["scale_episodes"] = EPISODES.into();
     for &hidden in &sizes {
@@ -344,25 +216,4 @@ fn main() {
         json[format!("daemon_summary_{tag}")] = d.summary.into();
         std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).expect("report");
     }
-    // A 1 GiB model: 4-16370-16370-2 is 268 million parameters.
-    let dir = tempfile::tempdir().expect("temp dir");
-    let small = dir.path().join("small.gguf");
-    let big = dir.path().join("big.gguf");
-    for (path, layers) in [(&small, "4,16,2"), (&big, "4,16370,16370,2")] {
-        let o = Command::new(&evod)
-            .args(["init", "--task", "cartpole", "--layers", layers, "-o"])
-            .arg(path)
-            .output()
-            .expect("evod init");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
-    let samples = recovery_during_load(&evod, &small, &big, 9);
-    let median = samples[samples.len() / 2];
-    println!(
-        "recovery during a 1 GiB LOAD: median {median:.0} us over {}",
-        samples.len()
-    );
-    json["recovery_during_load_median_us"] = median.into();
-    json["recovery_during_load_samples_us"] = samples.into();
-    std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).expect("report");
 }

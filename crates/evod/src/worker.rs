@@ -431,6 +431,18 @@ impl Worker<'_> {
         if generation.is_some() || checksum != 0 {
             model.check_values_with(beat)?;
         }
+        // `evod.fault = "slow-load"` (fault injection only): a `LOAD` takes
+        // two seconds more, beating, as a big model's would (a start-up or
+        // promotion load is not slowed).
+        if self.allow_faults
+            && checksum != 0
+            && model.file.get("evod.fault").and_then(|v| v.as_str()) == Some("slow-load")
+        {
+            for _ in 0..40 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                beat();
+            }
+        }
         let file_checksum = if checksum != 0 {
             let actual = model.file.checksum_with(beat);
             if actual != checksum {
@@ -468,7 +480,7 @@ impl Worker<'_> {
                 "mute" => {}
                 // Loads fine; crashes when it serves (`NEURAL_EXEC`), or
                 // fails every evaluation.
-                "segv-on-exec" | "eval-fails" | "slow-exec" => {}
+                "segv-on-exec" | "eval-fails" | "slow-exec" | "slow-load" => {}
                 other => anyhow::bail!("{}: unknown evod.fault {other:?}", path.display()),
             }
         }
@@ -485,7 +497,7 @@ impl Worker<'_> {
             && model.file.get("evod.fault").and_then(|v| v.as_str()) == Some("mute");
         self.eval_fails = self.allow_faults
             && model.file.get("evod.fault").and_then(|v| v.as_str()) == Some("eval-fails");
-        self.model = Some(Loaded {
+        let replaced = self.model.replace(Loaded {
             arch: model.spec.arch.clone(),
             task,
             generation: model.spec.generation,
@@ -493,6 +505,7 @@ impl Worker<'_> {
             model,
             owned: std::cell::OnceCell::new(),
         });
+        drop_aside(replaced);
         Ok(())
     }
 
@@ -697,6 +710,22 @@ fn inject_fault(seg: &Segment, opcode: u32, code: u32) -> ! {
         }
         // `op::is_fault` admits only the opcodes above.
         _ => std::process::abort(),
+    }
+}
+
+/// Drops a replaced model on a thread of its own: unmapping a big file and
+/// freeing its gathered parameters (about half a second per GiB of 4 KiB
+/// pages here) must not hold up the `LOAD` reply or the heartbeat (the
+/// supervisor takes a worker silent for 500 ms for a dead one). Inline if
+/// no thread can be started.
+fn drop_aside(model: Option<Loaded>) {
+    let Some(model) = model else { return };
+    // On failure the closure, and the model with it, is dropped right here.
+    let spawned = std::thread::Builder::new()
+        .name("drop-model".into())
+        .spawn(move || drop(model));
+    if let Err(e) = spawned {
+        eprintln!("evod worker: no thread to drop the replaced model on ({e}): dropped inline");
     }
 }
 

@@ -130,6 +130,9 @@ impl Supervisor {
                     );
                 }
                 self.slots[i].restart_at = Some(later(now, delay));
+                if kind == Kind::Worker {
+                    self.slots[i].died_at = Some(now);
+                }
             }
             Decision::GiveUp { restarts, period } => {
                 let message = format!(
@@ -225,10 +228,60 @@ impl Supervisor {
     }
 
     /// Starts slot `i`'s child for the current epoch: a worker slot promotes
-    /// its standby if it has a live one, else starts cold. Then a worker
-    /// slot gets a new standby (off the recovery path).
+    /// its standby if it has a live one, else starts cold, and is sent a
+    /// `PING` at once (its first answer ends a recovery: see
+    /// [`Self::note_answer`]). Then a worker slot gets a new standby, off
+    /// the recovery path: after a death, only once the replacement has
+    /// answered (or [`STANDBY_AFTER_DEATH`] later).
     pub(super) fn start(&mut self, i: usize) {
         self.start_child(i);
+        if self.slots[i].kind == Kind::Worker && self.slots[i].running() {
+            self.slots[i].next_ping = Some(later(Instant::now(), PING_EVERY));
+            self.submit(i, Purpose::Ping, link::Job::Ping, self.config.eval_timeout);
+        }
+        if self.slots[i].died_at.is_none() {
+            self.ensure_standby(i);
+        }
+    }
+
+    /// At a tick: a worker slot whose replacement has not answered
+    /// [`STANDBY_AFTER_DEATH`] after the death gets its standby anyway.
+    pub(super) fn standbys_after_death(&mut self, now: Instant) {
+        for i in 0..self.slots.len() {
+            let waited = self.slots[i]
+                .died_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= STANDBY_AFTER_DEATH);
+            if waited {
+                self.ensure_standby(i);
+            }
+        }
+    }
+
+    /// Worker slot `i`'s current incarnation answered one of the
+    /// supervisor's requests; the reply was taken at `at`. If the slot is
+    /// recovering from a death and the worker serves the live model (as
+    /// far as the supervisor knows: the file it was started on or
+    /// accepted by `LOAD`), the recovery is over: its length (death reaped
+    /// → this answer) goes to `status` and `/metrics`, and the slot's next
+    /// standby is started.
+    pub(super) fn note_answer(&mut self, i: usize, at: Instant) {
+        let live = self.live_model().map(|m| m.id);
+        let slot = &mut self.slots[i];
+        let Some(died) = slot.died_at else { return };
+        if live.is_none() || slot.serving.map(|s| s.id) != live {
+            return;
+        }
+        slot.died_at = None;
+        let took = at.saturating_duration_since(died);
+        slot.last_recovery = Some(took);
+        slot.recoveries += 1;
+        tracing::info!(
+            pid = slot.child.as_ref().map(|c| c.pid().as_raw()),
+            "{} serving the live model again {:.0} µs after its worker died",
+            slot.label(),
+            took.as_secs_f64() * 1e6
+        );
+        self.metrics.recovered(took);
         self.ensure_standby(i);
     }
 
@@ -349,6 +402,7 @@ impl Supervisor {
                     keep_fds: vec![fd],
                     harden: true,
                     memory_limit: self.config.worker_memory_limit,
+                    block_sighup: false,
                 }
             }
             Kind::Evolver => {
@@ -380,6 +434,9 @@ impl Supervisor {
                     keep_fds: fds,
                     harden: true,
                     memory_limit: None,
+                    // `evod wake` right after a restart must not find it
+                    // without its handler (see `ChildSpec::block_sighup`).
+                    block_sighup: true,
                 }
             }
         }
@@ -527,6 +584,9 @@ impl Slot {
             sync_backoff: SYNC_BACKOFF,
             load_refused: None,
             blameless_kill: false,
+            died_at: None,
+            recoveries: 0,
+            last_recovery: None,
         }
     }
 }

@@ -75,6 +75,12 @@ const FINAL_REAP: Duration = Duration::from_secs(1);
 /// per such end, up to [`STANDBY_RETRY_MAX`], and resets once one is ready.
 const STANDBY_RETRY: Duration = Duration::from_millis(500);
 const STANDBY_RETRY_MAX: Duration = Duration::from_secs(30);
+/// After a worker's death, its slot's next standby is started once the
+/// replacement has answered on the live model (so that neither the
+/// fork+exec on the loop nor the new standby's start competes with the
+/// recovery), or at the first tick this long after the death if it has
+/// not answered by then.
+const STANDBY_AFTER_DEATH: Duration = TICK;
 
 /// What wakes the loop.
 #[derive(Debug)]
@@ -271,6 +277,14 @@ struct Slot {
     /// The supervisor killed the current incarnation for breaking the
     /// protocol (not counted against the model by the fallback).
     blameless_kill: bool,
+    /// When the reaper collected this slot's worker that died unasked: a
+    /// recovery is under way until its replacement answers a request
+    /// while serving the live model (workers only).
+    died_at: Option<Instant>,
+    /// Recoveries completed, and the last one's length (death reaped →
+    /// the replacement's first answer on the live model).
+    recoveries: u64,
+    last_recovery: Option<Duration>,
 }
 
 enum Phase {
@@ -457,6 +471,7 @@ impl Supervisor {
             let link = link::LinkThread::start(
                 format!("link-{index}"),
                 segment,
+                config.heartbeat_timeout,
                 tx.clone(),
                 move |done| Event::Link(index, done),
             )
@@ -544,6 +559,7 @@ impl Supervisor {
                 next_tick = later(now, TICK);
                 self.reap();
                 if matches!(self.phase, Phase::Running) {
+                    self.standbys_after_death(now);
                     self.watchdog();
                     self.watch_model();
                     self.sync_workers();

@@ -72,15 +72,11 @@ impl Supervisor {
 
     /// The round trip of one of the supervisor's own calls on a worker's
     /// control channel (a `SHUTDOWN` or fault is sent without an answer:
-    /// not a round trip).
+    /// not a round trip). A job that was never sent (its client's deadline
+    /// passed while it waited, or the worker it was meant for was
+    /// replaced) is no failed request: it is counted as not sent, with why.
     pub(super) fn observe_link(&self, done: &link::Done) {
-        let (opcode, ok) = match &done.outcome {
-            link::Outcome::Ping(r) => ("PING", r.is_ok()),
-            link::Outcome::Load(r) => ("LOAD", r.is_ok()),
-            link::Outcome::Exec(r, _) => ("NEURAL_EXEC", r.is_ok()),
-            link::Outcome::Sent(_) => return,
-        };
-        self.metrics.request(opcode, ok.then_some(done.took));
+        record_link(&self.metrics, done);
     }
 
     /// `Request::Report`: the evolver's counters, kept (and served) until
@@ -88,5 +84,70 @@ impl Supervisor {
     pub(super) fn on_evolver_report(&mut self, report: evod_wire::EvolverReport) -> Response {
         self.metrics.evolver_report(report);
         Response::ok("kept")
+    }
+}
+
+/// [`Supervisor::observe_link`]'s accounting.
+fn record_link(metrics: &crate::metrics::Metrics, done: &link::Done) {
+    let (opcode, ok) = match &done.outcome {
+        link::Outcome::Ping(r) => ("PING", r.is_ok()),
+        link::Outcome::Load(r) => ("LOAD", r.is_ok()),
+        link::Outcome::Exec(r, _) => ("NEURAL_EXEC", r.is_ok()),
+        link::Outcome::Sent(_) => return,
+    };
+    match done.outcome.error() {
+        Some(link::LinkError::Expired { .. }) => metrics.not_sent(opcode, "expired"),
+        Some(link::LinkError::Stale { .. }) => metrics.not_sent(opcode, "stale"),
+        _ => metrics.request(opcode, ok.then_some(done.took)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn done(outcome: link::Outcome) -> link::Done {
+        link::Done {
+            tag: link::Tag { id: 1, epoch: 1 },
+            outcome,
+            took: Duration::from_micros(80),
+            finished: Instant::now(),
+        }
+    }
+
+    /// An `exec` whose client gave up before it was sent is counted as
+    /// expired, not as a failed `NEURAL_EXEC`; a real failure still is one.
+    #[test]
+    fn an_expired_exec_is_counted_as_not_sent_not_as_a_failure() {
+        let metrics = crate::metrics::Metrics::new(None);
+        let expired = link::LinkError::Expired {
+            waited: Duration::from_secs(11),
+        };
+        record_link(
+            &metrics,
+            &done(link::Outcome::Exec(Err(expired), Duration::ZERO)),
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "evod_worker_requests_not_sent_total{opcode=\"NEURAL_EXEC\",reason=\"expired\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("evod_worker_request_failures_total{opcode=\"NEURAL_EXEC\"}"),
+            "{text}"
+        );
+        let lost = link::LinkError::Ring(evod_ring::RingError::Timeout);
+        record_link(
+            &metrics,
+            &done(link::Outcome::Exec(Err(lost), Duration::ZERO)),
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains("evod_worker_request_failures_total{opcode=\"NEURAL_EXEC\"} 1"),
+            "{text}"
+        );
     }
 }

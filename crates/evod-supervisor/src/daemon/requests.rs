@@ -233,6 +233,8 @@ impl Supervisor {
                 stats: None,
                 standby_pid: None,
                 standby_ready: None,
+                recoveries: slot.recoveries,
+                last_recovery_us: slot.last_recovery.map(|d| d.as_secs_f64() * 1e6),
             };
             if let Some(standby) = slot.standby.as_mut() {
                 row.standby_pid = Some(standby.child().pid().as_raw() as u32);
@@ -289,6 +291,8 @@ fn stats_json(s: &evod_ring::StatsSnapshot) -> serde_json::Value {
         "last_service_us": s.last_service.as_secs_f64() * 1e6,
         "max_service_us": s.max_service.as_secs_f64() * 1e6,
         "model_generation": s.model_generation,
+        // Worker-written: what it says it is serving now (shown only).
+        "in_service": s.in_service.map(op::name),
         "worker_uptime_s": s.uptime.map(|u| u.as_secs_f64()),
     })
 }

@@ -108,10 +108,13 @@ impl Supervisor {
                 .as_ref()
                 .is_some_and(|s| s.trusted_epoch() == done.tag.epoch);
         let pid = slot.child.as_ref().map(|c| c.pid().as_raw());
-        let link::Done { outcome, .. } = done;
+        let link::Done {
+            outcome, finished, ..
+        } = done;
         // What the worker's answer says about its liveness (a fault or a
         // SHUTDOWN is sent without waiting for an answer).
         let asked = !matches!(pending.purpose, Purpose::Fault(..) | Purpose::Shutdown);
+        let answered = current && asked && outcome.error().is_none();
         if current && asked {
             match outcome.error() {
                 None => {
@@ -222,6 +225,10 @@ impl Supervisor {
                 }
             }
             _ => {}
+        }
+        // After the answer was taken in (a `LOAD`'s sets what it serves).
+        if answered && matches!(self.phase, Phase::Running) {
+            self.note_answer(i, finished);
         }
     }
 

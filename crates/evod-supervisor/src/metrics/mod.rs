@@ -56,10 +56,23 @@ struct OpLabels {
     opcode: String,
 }
 
+/// Labels of `evod_worker_requests_not_sent_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NotSentLabels {
+    opcode: String,
+    reason: String,
+}
+
 /// Buckets of `evod_worker_request_duration_seconds`: 50 µs (a PING) to
 /// 13 s (a `LOAD` of a large model), ×4 each.
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(50e-6, 4.0, 10))
+}
+
+/// Buckets of `evod_worker_recovery_seconds`: 100 µs to 3.3 s, ×2 each
+/// (a warm recovery is well under a millisecond, a cold one a few).
+fn recovery_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(100e-6, 2.0, 16))
 }
 
 /// The probes' verdict: `Ok` when a verified model is served, else why not.
@@ -272,7 +285,9 @@ pub struct Metrics {
     request_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
     request_failures: Family<OpLabels, Counter>,
     round_trips: Family<OpLabels, Counter>,
+    not_sent: Family<NotSentLabels, Counter>,
     worker_errors: Counter,
+    recovery_seconds: Histogram,
     /// Per worker slot: the epoch and the stats-block counts (per opcode,
     /// other opcodes, errors) last added.
     seen: Vec<Seen>,
@@ -349,6 +364,12 @@ impl Metrics {
             "The supervisor's requests on the workers' control channels that failed or timed out, by opcode",
             request_failures.clone(),
         );
+        let not_sent = Family::<NotSentLabels, Counter>::default();
+        registry.register(
+            "evod_worker_requests_not_sent",
+            "The supervisor's requests dropped before they reached a worker, by opcode and reason (expired: the client's deadline passed while it waited behind earlier calls; stale: the worker it was meant for was replaced)",
+            not_sent.clone(),
+        );
         let round_trips = Family::<OpLabels, Counter>::default();
         registry.register(
             "evod_ring_round_trips",
@@ -360,6 +381,13 @@ impl Metrics {
             "evod_worker_errors",
             "Requests the workers answered with an error status, as their stats blocks count them",
             worker_errors.clone(),
+        );
+        let recovery_seconds = recovery_histogram();
+        registry.register_with_unit(
+            "evod_worker_recovery",
+            "Worker deaths until the replacement served again: from the supervisor reaping the dead worker to its replacement answering its first request while serving the live model",
+            Unit::Seconds,
+            recovery_seconds.clone(),
         );
         let evolver = Arc::new(EvolverMetrics {
             marker: rest_marker,
@@ -385,7 +413,9 @@ impl Metrics {
             request_seconds,
             request_failures,
             round_trips,
+            not_sent,
             worker_errors,
+            recovery_seconds,
             seen: Vec::new(),
         }
     }
@@ -459,6 +489,23 @@ impl Metrics {
                 self.request_failures.get_or_create(&labels).inc();
             }
         }
+    }
+
+    /// One of the supervisor's requests was dropped unsent, for `reason`
+    /// (`expired`, `stale`).
+    pub fn not_sent(&self, opcode: &str, reason: &str) {
+        self.not_sent
+            .get_or_create(&NotSentLabels {
+                opcode: opcode.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A worker slot recovered from a death in `took` (reaped → the
+    /// replacement's first answer on the live model).
+    pub fn recovered(&self, took: std::time::Duration) {
+        self.recovery_seconds.observe(took.as_secs_f64());
     }
 
     /// Adds what worker slot `slot`'s stats block (under `epoch`) counts
@@ -613,8 +660,21 @@ mod tests {
         m.request("PING", Some(std::time::Duration::from_micros(120)));
         m.request("LOAD", None);
         m.worker_served("EVAL", 7);
+        m.recovered(std::time::Duration::from_micros(450));
         m.set_readiness(Ok(()));
         let text = m.encode();
+        assert!(
+            text.contains("evod_worker_recovery_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("evod_worker_recovery_seconds_bucket{le=\"0.0004\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("evod_worker_recovery_seconds_bucket{le=\"0.0008\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("evod_restarts_total{role=\"worker\",cause=\"SIGSEGV\"} 1"),
             "{text}"

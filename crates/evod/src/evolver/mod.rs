@@ -110,10 +110,14 @@ pub fn attach_segments(ring_fds: &[i32]) -> Result<Vec<Segment>> {
 pub fn run(args: Args) -> Result<ExitCode> {
     // First thing: until the handlers are in, SIGHUP (`evod wake`, or a
     // SIGHUP to the supervisor right after this evolver's restart) would
-    // end the process by its default action and count as a crash. A
+    // end the process by its default action and count as a crash. The
+    // supervisor starts us with SIGHUP blocked (`ChildSpec::block_sighup`),
+    // so one sent before this point is pending: unblocked once the
+    // handler is in, before any thread starts, it is delivered to it. A
     // SIGTERM meanwhile is taken at the loop's first turn.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let alarm = Alarm::install(std::sync::Arc::clone(&stop))?;
+    evod_supervisor::spawn::unblock_sighup().context("unblocking SIGHUP")?;
     evod_supervisor::set_process_name(c"evod-evolver");
     evod_supervisor::init_logging(match std::env::var("EVOD_LOG_FORMAT").as_deref() {
         Ok("json") => evod_supervisor::LogFormat::Json,
