@@ -11,6 +11,7 @@ mod exit;
 mod fault;
 mod init;
 mod inspect;
+mod llm;
 mod report;
 mod run;
 mod status;

@@ -210,6 +210,9 @@ pub fn evolver_config(evolve: &EvolveArgs, task: &Task) -> EvolverConfig {
     let strategy = match evolve.strategy {
         Some(Strategy::Ga) => StrategyKind::Ga,
         Some(Strategy::Es) => StrategyKind::Es,
+        // A control vector's candidates travel as recipes (a few bytes
+        // each) and ES averages the noisy window-subset fitness.
+        None if *task == Task::Perplexity => StrategyKind::Es,
         None => defaults.strategy,
     };
     let mut config = EvolverConfig {

@@ -134,6 +134,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             ),
         ));
     }
+    // A perplexity model needs llama.cpp, its base model and its corpus:
+    // refuse a build without it or a changed file now, by name.
+    crate::llm::check_run(&config.model, config.worker_cmd.is_some())?;
     evod_supervisor::init_logging(config.log_format);
     if !config.model.exists() && crate::evolver::is_fresh_folder(&config.dir) {
         crate::evolver::create_default_model(&config.model, evolve.seed())?;
