@@ -168,6 +168,26 @@ fn ci() -> Result<()> {
                 .env("EVOD_PYTHON", &python)
                 .args(["test", "--workspace"]))
         })?;
+        // llama.cpp (vendored by llama-cpp-sys-2) builds only with the `llm`
+        // feature: lint and test that half here (a cold build of llama.cpp
+        // is ~10-20 min on 2 cores, then cached in target/).
+        step("llm (llama.cpp) clippy+test", &mut || {
+            run(Command::new(&cargo).current_dir(&root).args([
+                "clippy",
+                "-p",
+                "evod-llama",
+                "--features",
+                "llm",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            run(Command::new(&cargo)
+                .current_dir(&root)
+                .env("EVOD_PYTHON", &python)
+                .args(["test", "-p", "evod-llama", "--features", "llm"]))
+        })?;
         step("python package", &mut || python_package(&python))?;
         step("fault storm (50)", &mut || {
             // The dev-profile binary `cargo test` just built: no release
