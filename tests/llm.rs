@@ -1,6 +1,7 @@
 //! The perplexity task end to end on real llama.cpp (`--features llm`):
 //! `evod init --task perplexity` on a tiny llama GGUF made here with
-//! gguf-py (`tests/py/llm_fixture.py`), a bounded `evod run` (supervisor,
+//! gguf-py (`crates/evod-llama/tests/py/tiny_llama.py`, the runtime's own
+//! fixture), a bounded `evod run` (supervisor,
 //! llama.cpp workers, evolver) that lowers the training perplexity and
 //! publishes a control vector that gguf-py reads and llama.cpp loads (its
 //! held-out perplexity is the published fitness, bit for bit); the
@@ -38,14 +39,13 @@ fn python() -> PathBuf {
     venv
 }
 
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/py").join(name)
-}
-
-/// Writes the tiny llama base model at `out` (extra fixture flags in `args`).
+/// Writes the tiny llama base model at `out` (3 layers of width 32 unless
+/// `args` say otherwise: `--n-embd N`, `--layers N`).
 fn tiny_llama(out: &Path, args: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../evod-llama/tests/py/tiny_llama.py");
     let o = std::process::Command::new(python())
-        .arg(script("llm_fixture.py"))
+        .arg(script)
+        .arg("write")
         .arg(out)
         .args(args)
         .output()
@@ -281,10 +281,23 @@ fn init_refuses_a_base_llama_cpp_cannot_load_and_a_bad_corpus_by_name() {
     std::fs::write(&text_file, corpus(2000)).unwrap();
     let out = dir.path().join("v.gguf");
 
-    // A valid GGUF header whose model llama.cpp refuses (a tensor missing):
-    // the reason is llama.cpp's, routed from its log.
+    // A valid GGUF whose model llama.cpp refuses (it says 4 blocks, holds
+    // the tensors of 3): the reason is llama.cpp's, routed from its log.
     let broken = dir.path().join("broken.gguf");
-    tiny_llama(&broken, &["--omit", "blk.1.ffn_up.weight"]);
+    let f = GgufFile::open(&good).unwrap();
+    evod_gguf::rewrite(
+        &f,
+        &broken,
+        |m| {
+            for (k, v) in m.iter_mut() {
+                if k == "llama.block_count" {
+                    *v = Value::U32(4);
+                }
+            }
+        },
+        &evod_gguf::PublishOptions::default(),
+    )
+    .unwrap();
     let o = init(&broken, &text_file, &out, &[]);
     refused(&o, 3, &["broken.gguf", "llama.cpp could not load"]);
     // Not a GGUF at all.

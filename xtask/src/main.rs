@@ -188,6 +188,25 @@ fn ci() -> Result<()> {
                 .env("EVOD_PYTHON", &python)
                 .args(["test", "-p", "evod-llama", "--features", "llm"]))
         })?;
+        // The perplexity task end to end on llama.cpp (tests/llm.rs:
+        // required-features llm; reuses the llama.cpp build above).
+        step("llm perplexity task (evod --features llm)", &mut || {
+            run(Command::new(&cargo).current_dir(&root).args([
+                "clippy",
+                "-p",
+                "evod",
+                "--features",
+                "llm",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            run(Command::new(&cargo)
+                .current_dir(&root)
+                .env("EVOD_PYTHON", &python)
+                .args(["test", "-p", "evod", "--features", "llm", "--test", "llm"]))
+        })?;
         step("python package", &mut || python_package(&python))?;
         step("fault storm (50)", &mut || {
             // The dev-profile binary `cargo test` just built: no release
