@@ -411,7 +411,7 @@ pub fn check_run(model: &Path, worker_cmd: bool) -> anyhow::Result<()> {
 }
 
 #[cfg(feature = "llm")]
-pub use handler::{PerplexityHandler, serve_worker};
+pub use handler::serve_worker;
 
 #[cfg(feature = "llm")]
 mod handler {

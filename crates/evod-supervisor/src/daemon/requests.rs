@@ -286,5 +286,7 @@ fn stats_json(s: &evod_ring::StatsSnapshot) -> serde_json::Value {
         "max_service_us": s.max_service.as_secs_f64() * 1e6,
         "model_generation": s.model_generation,
         "worker_uptime_s": s.uptime.map(|u| u.as_secs_f64()),
+        // The request the worker is serving right now (its opcode's name).
+        "in_service": s.in_service.map(op::name),
     })
 }
