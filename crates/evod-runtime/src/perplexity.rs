@@ -299,10 +299,15 @@ mod tests {
 
     #[test]
     fn the_split_is_on_a_boundary_and_leaves_both_parts() {
-        let text = "one two three\nfour five six\nseven eight nine\nten\n";
-        let cut = split_point(text, 0.3).unwrap();
+        // A line break within a tenth of the text after the target wins…
+        let text = "one two three four five\n".repeat(10);
+        let cut = split_point(&text, 0.3).unwrap();
         assert!(text[..cut].ends_with('\n'), "{cut}");
         assert!(!text[cut..].trim().is_empty());
+        // … else the next whitespace.
+        let text = "one two three\nfour five six\nseven eight nine\nten\n";
+        let cut = split_point(text, 0.3).unwrap();
+        assert_eq!(&text[cut - 6..cut], "eight ", "{cut}");
         assert_eq!(split_point("x", 0.5), None);
         let utf8 = "ééééééééééé";
         let cut = split_point(utf8, 0.5).unwrap();
