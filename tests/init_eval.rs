@@ -267,7 +267,9 @@ fn fake_llama(path: &Path) {
 fn without_llama_cpp_init_writes_a_control_vector_and_run_refuses_it() {
     let dir = tempfile::tempdir().unwrap();
     fake_llama(&dir.path().join("base.gguf"));
-    let text: String = (0..400).map(|i| format!("line {i} of the text\n")).collect();
+    let text: String = (0..400)
+        .map(|i| format!("line {i} of the text\n"))
+        .collect();
     std::fs::write(dir.path().join("c.txt"), text).unwrap();
     std::fs::create_dir(dir.path().join("run")).unwrap();
     let o = evod(
@@ -287,7 +289,11 @@ fn without_llama_cpp_init_writes_a_control_vector_and_run_refuses_it() {
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("built without the llm feature"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("built without the llm feature"),
+        "{}",
+        stdout(&o)
+    );
     let m = evod_runtime::Model::open(&dir.path().join("run/vectorland.gguf")).unwrap();
     assert_eq!(m.spec.task, "perplexity");
     assert_eq!(m.spec.arch.control_vector_shape(), Some((8, 2)));
@@ -304,12 +310,23 @@ fn without_llama_cpp_init_writes_a_control_vector_and_run_refuses_it() {
         stderr(&o)
     );
     // A corpus too short for a window (bytes bound the tokens).
-    std::fs::write(dir.path().join("short.txt"), "a few words only.\nand more.\n").unwrap();
+    std::fs::write(
+        dir.path().join("short.txt"),
+        "a few words only.\nand more.\n",
+    )
+    .unwrap();
     let o = evod(
         dir.path(),
         &[
-            "init", "--task", "perplexity", "--base-model", "base.gguf", "--text", "short.txt",
-            "-o", "s.gguf",
+            "init",
+            "--task",
+            "perplexity",
+            "--base-model",
+            "base.gguf",
+            "--text",
+            "short.txt",
+            "-o",
+            "s.gguf",
         ],
     );
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));

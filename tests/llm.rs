@@ -66,7 +66,9 @@ fn corpus(bytes: usize) -> String {
     while s.len() < bytes {
         let n = 4 + (x % 5) as usize;
         for k in 0..n {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let w = WORDS[((x >> 33) % WORDS.len() as u64) as usize];
             if k > 0 {
                 s.push(' ');
@@ -253,8 +255,7 @@ fn a_bounded_run_lowers_training_perplexity_and_publishes_a_vector_llama_cpp_loa
         "held-out perplexity {heldout_base} -> {heldout_after}"
     );
     assert_eq!(
-        -heldout_after,
-        fitness,
+        -heldout_after, fitness,
         "the published fitness is the held-out perplexity llama.cpp gives the file's vector"
     );
     // `evod inspect` shows it.
@@ -266,7 +267,12 @@ fn a_bounded_run_lowers_training_perplexity_and_publishes_a_vector_llama_cpp_loa
 /// The exit code and stderr of a refused command, checked.
 fn refused(o: &Output, code: i32, needles: &[&str]) {
     let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(code), "stderr: {err}\nstdout: {}", text(&o.stdout));
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stderr: {err}\nstdout: {}",
+        text(&o.stdout)
+    );
     for n in needles {
         assert!(err.contains(n), "{n:?} not in: {err}");
     }
@@ -311,8 +317,16 @@ fn init_refuses_a_base_llama_cpp_cannot_load_and_a_bad_corpus_by_name() {
         refused(&init(&good, &p, &out, &[]), 3, &[name, needle]);
     };
     bad_text("empty.txt", b"", "empty");
-    bad_text("latin1.txt", b"caf\xe9 au lait and more text here", "not UTF-8");
-    bad_text("short.txt", b"the cat sat on the mat.\nthe dog ran.\n", "too short");
+    bad_text(
+        "latin1.txt",
+        b"caf\xe9 au lait and more text here",
+        "not UTF-8",
+    );
+    bad_text(
+        "short.txt",
+        b"the cat sat on the mat.\nthe dog ran.\n",
+        "too short",
+    );
     assert!(!out.exists(), "a refused init wrote {}", out.display());
 
     let o = evod()
@@ -359,7 +373,15 @@ fn run_refuses_a_vector_that_does_not_fit_the_base_and_a_corpus_changed_since_in
         .args(["--generations", "1"])
         .output()
         .unwrap();
-    refused(&o, 3, &["vectorland.gguf", "does not fit the base model", "base.gguf"]);
+    refused(
+        &o,
+        3,
+        &[
+            "vectorland.gguf",
+            "does not fit the base model",
+            "base.gguf",
+        ],
+    );
     let _ = base32;
 
     // A corpus edited after init.

@@ -17,7 +17,9 @@ use crate::config::{EvolverConfig, StrategyKind};
 use crate::error::EvalError;
 use crate::error::EvolveError;
 use crate::es::EsState;
-use crate::evaluator::{DOMAIN_GATE, DOMAIN_STRATEGY, DOMAIN_TRAIN, Evaluator, Purpose, derive_seed};
+use crate::evaluator::{
+    DOMAIN_GATE, DOMAIN_STRATEGY, DOMAIN_TRAIN, Evaluator, Purpose, derive_seed,
+};
 use crate::ga::GaState;
 use crate::layout::ParamLayout;
 use crate::progress::NoProgress;

@@ -418,7 +418,10 @@ mod tests {
         assert!(!a.owns_tensor_name("direction.x"));
         assert!(!a.owns_tensor_name("blk.0.weight"));
         for (w, d) in [(0, 3), (4, 0), (MAX_EMBD + 1, 1), (4, MAX_DIRECTIONS + 1)] {
-            assert!(Architecture::control_vector(w, d, "llama").is_err(), "{w} {d}");
+            assert!(
+                Architecture::control_vector(w, d, "llama").is_err(),
+                "{w} {d}"
+            );
         }
     }
 

@@ -300,7 +300,11 @@ fn mlp_arch(file: &GgufHeader, path: &Path) -> Result<Architecture, RuntimeError
     let activation: Activation = string(keys::ACTIVATION)?
         .parse()
         .map_err(|e: RuntimeError| bad(e.to_string()))?;
-    let arch = Architecture { layers, activation, family: crate::arch::Family::Mlp };
+    let arch = Architecture {
+        layers,
+        activation,
+        family: crate::arch::Family::Mlp,
+    };
     arch.validate().map_err(|e| bad(e.to_string()))?;
     Ok(arch)
 }
@@ -472,9 +476,11 @@ impl Model {
         if !model.spec.arch.is_mlp() {
             // llama.cpp's control-vector loader refuses a file with any
             // tensor but F32 `direction.N` (N ≥ 1).
-            if let Some(t) = model.file.tensors().iter().find(|t| {
-                t.ttype != TensorType::F32 || !specs.iter().any(|(n, _)| *n == t.name)
-            }) {
+            if let Some(t) =
+                model.file.tensors().iter().find(|t| {
+                    t.ttype != TensorType::F32 || !specs.iter().any(|(n, _)| *n == t.name)
+                })
+            {
                 return Err(bad(format!(
                     "tensor {} ({}): a control vector holds only the F32 tensors direction.1 to direction.{} (llama.cpp refuses any other)",
                     t.name,

@@ -91,7 +91,10 @@ impl PerplexitySpec {
                 keys::CORPUS.into(),
                 Value::String(self.corpus.to_string_lossy().into_owned()),
             ),
-            (keys::CORPUS_CHECKSUM.into(), Value::U64(self.corpus_checksum)),
+            (
+                keys::CORPUS_CHECKSUM.into(),
+                Value::U64(self.corpus_checksum),
+            ),
             (keys::CORPUS_BYTES.into(), Value::U64(self.corpus_bytes)),
             (keys::HELDOUT_START.into(), Value::U64(self.heldout_start)),
             (keys::WINDOW.into(), Value::U32(self.window)),

@@ -652,7 +652,10 @@ mod tests {
         };
         let mut buf = vec![0u8; r.request_len()];
         r.encode(b"/b", &[1u8; RECIPE_BYTES], &mut buf);
-        assert_eq!(RecipesHeader::decode(&buf).unwrap().0.flags, eval_flags::GATE);
+        assert_eq!(
+            RecipesHeader::decode(&buf).unwrap().0.flags,
+            eval_flags::GATE
+        );
         buf[32..36].fill(0);
         assert_eq!(RecipesHeader::decode(&buf).unwrap().0.flags, 0);
         buf[32..36].copy_from_slice(&0x8000_0000u32.to_le_bytes());

@@ -122,7 +122,12 @@ pub fn base_shape(path: &Path) -> anyhow::Result<BaseShape> {
 }
 
 /// Refuses a control vector whose shape does not fit `base` (naming both).
-pub fn check_fits(model: &Path, arch: &Architecture, base: &BaseShape, base_path: &Path) -> anyhow::Result<()> {
+pub fn check_fits(
+    model: &Path,
+    arch: &Architecture,
+    base: &BaseShape,
+    base_path: &Path,
+) -> anyhow::Result<()> {
     let Some((n_embd, directions)) = arch.control_vector_shape() else {
         return Err(exit::with_code(
             exit::BAD_INPUT,
@@ -204,9 +209,7 @@ pub fn init(args: &InitArgs) -> anyhow::Result<ExitCode> {
     if let Some((t, h)) = windows
         && (t == 0 || h == 0)
     {
-        return Err(too_short(format!(
-            "{t} training and {h} held-out windows"
-        )));
+        return Err(too_short(format!("{t} training and {h} held-out windows")));
     }
     let base_checksum = perplexity::file_checksum(&base_model).map_err(bad)?;
     let arch = Architecture::control_vector(shape.n_embd, shape.n_layer - 1, &shape.architecture)
@@ -234,7 +237,10 @@ pub fn init(args: &InitArgs) -> anyhow::Result<ExitCode> {
     let params = vec![0f32; spec.arch.n_params()];
     let report = write_perplexity_model(&args.output, &spec, &task, &params)?;
     let windows = match windows {
-        Some((t, h)) => format!("{t} training and {h} held-out windows of {} tokens", args.window),
+        Some((t, h)) => format!(
+            "{t} training and {h} held-out windows of {} tokens",
+            args.window
+        ),
         None => format!(
             "windows of {} tokens (counted by the worker: this evod was built without the llm feature)",
             args.window
@@ -459,7 +465,8 @@ mod handler {
                 self.state = None;
                 task.check_base().map_err(|e| e.to_string())?;
                 let corpus = task.read_corpus().map_err(|e| e.to_string())?;
-                let base = load_base(&task.base_model, task.window).map_err(|e| format!("{e:#}"))?;
+                let base =
+                    load_base(&task.base_model, task.window).map_err(|e| format!("{e:#}"))?;
                 let window = task.window as usize;
                 let tok = |t: &str| {
                     base.tokenize(t)

@@ -88,7 +88,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     // the llama handler (a build without it answers EVAL with the task's
     // error; `evod run` refuses such a model before starting).
     #[cfg(feature = "llm")]
-    if args.model.as_deref().is_some_and(crate::llm::is_perplexity_model) {
+    if args
+        .model
+        .as_deref()
+        .is_some_and(crate::llm::is_perplexity_model)
+    {
         return crate::llm::serve_worker(&args);
     }
     die_on_first_segv();

@@ -211,10 +211,7 @@ impl Loop {
             self.evolver.stats(),
         );
         let mut live = LiveLine::default();
-        if self.perplexity
-            && self.evolver.generation() == 0
-            && self.evolver.published().is_none()
-        {
+        if self.perplexity && self.evolver.generation() == 0 && self.evolver.published().is_none() {
             // The base model's own held-out fitness (the start vector is
             // zero): the first publish must beat it.
             let params = self.evolver.best().0.to_vec();
