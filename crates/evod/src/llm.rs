@@ -358,6 +358,7 @@ fn load_base(path: &Path, window: u32) -> anyhow::Result<evod_llama::BaseModel> 
 /// decodes, so a batch must decode well within the watchdog's 5 s default
 /// on a slow core (SmolLM2-135M decodes 128 tokens in well under a second
 /// on one core).
+#[cfg(feature = "llm")]
 pub const DECODE_BATCH: u32 = 128;
 
 /// The llama.cpp options of a worker scoring windows of `window` tokens:
