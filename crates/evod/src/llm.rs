@@ -355,11 +355,19 @@ fn load_base(path: &Path, window: u32) -> anyhow::Result<evod_llama::BaseModel> 
 }
 
 /// Tokens per `llama_decode`: the worker beats its heartbeat between
-/// decodes, so a batch must decode well within the watchdog's 5 s default
-/// on a slow core (SmolLM2-135M decodes 128 tokens in well under a second
-/// on one core).
+/// decodes only, and the supervisor's link calls a worker lost when its
+/// heartbeat is 500 ms old (workers are expected to beat every ~100 ms), so
+/// a batch must decode in well under that on a busy core. SmolLM2-135M Q4_1
+/// took over 2 s for 128 tokens on one core of a loaded 2-core machine; 8
+/// tokens keep a beat every ~0.1-0.2 s there. (A beat from inside the
+/// decode, through llama.cpp's abort callback, would lift this limit.)
 #[cfg(feature = "llm")]
-pub const DECODE_BATCH: u32 = 128;
+pub const DECODE_BATCH: u32 = 8;
+
+/// How stale a perplexity worker's heartbeat may get before the evolver
+/// calls it lost and re-sends its request (the ring's default is 2 s; this
+/// is the supervisor's default watchdog, which ends a worker past it).
+pub const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The llama.cpp options of a worker scoring windows of `window` tokens:
 /// one thread per worker (evod runs one worker per core; ggml's threads

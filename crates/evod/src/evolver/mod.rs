@@ -113,10 +113,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 .with_context(|| format!("attaching the worker segment on descriptor {fd}"))
         })
         .collect::<Result<Vec<_>>>()?;
+    // A llama.cpp worker beats between decode batches, which take longer
+    // than an MLP's ticks: wait for it as long as the supervisor's default
+    // watchdog does before calling it lost.
+    let client_config = if crate::llm::is_perplexity_model(&args.dir.join(MODEL_FILE)) {
+        evod_ring::ClientConfig {
+            peer_timeout: crate::llm::PEER_TIMEOUT,
+            ..evod_ring::ClientConfig::default()
+        }
+    } else {
+        evod_ring::ClientConfig::default()
+    };
     let clients = segments
         .iter()
         .map(|s| {
-            s.client(Channel::Eval)
+            s.client_with(Channel::Eval, client_config)
                 .context("claiming the evaluation channel")
         })
         .collect::<Result<Vec<_>>>()?;
