@@ -186,7 +186,20 @@ fn ci() -> Result<()> {
             run(Command::new(&cargo)
                 .current_dir(&root)
                 .env("EVOD_PYTHON", &python)
-                .args(["test", "-p", "evod-llama", "--features", "llm"]))
+                .args(["test", "-p", "evod-llama", "--features", "llm"]))?;
+            // `evod surgeon` outputs loaded in llama.cpp.
+            run(Command::new(&cargo)
+                .current_dir(&root)
+                .env("EVOD_PYTHON", &python)
+                .args([
+                    "test",
+                    "-p",
+                    "evod",
+                    "--features",
+                    "llm",
+                    "--test",
+                    "surgeon",
+                ]))
         })?;
         step("python package", &mut || python_package(&python))?;
         step("fault storm (50)", &mut || {
