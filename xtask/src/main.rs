@@ -186,7 +186,20 @@ fn ci() -> Result<()> {
             run(Command::new(&cargo)
                 .current_dir(&root)
                 .env("EVOD_PYTHON", &python)
-                .args(["test", "-p", "evod-llama", "--features", "llm"]))
+                .args(["test", "-p", "evod-llama", "--features", "llm"]))?;
+            // `evod surgeon` outputs loaded in llama.cpp.
+            run(Command::new(&cargo)
+                .current_dir(&root)
+                .env("EVOD_PYTHON", &python)
+                .args([
+                    "test",
+                    "-p",
+                    "evod",
+                    "--features",
+                    "llm",
+                    "--test",
+                    "surgeon",
+                ]))
         })?;
         // The perplexity task end to end on llama.cpp (tests/llm.rs:
         // required-features llm; reuses the llama.cpp build above).

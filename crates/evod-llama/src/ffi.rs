@@ -112,8 +112,8 @@ impl Inner {
         // SAFETY: returns a struct by value.
         let mut cp = unsafe { sys::llama_context_default_params() };
         cp.n_ctx = opts.n_ctx;
-        cp.n_batch = opts.n_batch;
-        cp.n_ubatch = opts.n_batch;
+        cp.n_batch = opts.n_batch.min(opts.n_ctx);
+        cp.n_ubatch = cp.n_batch;
         cp.n_seq_max = 1;
         cp.n_threads = opts.threads as i32;
         cp.n_threads_batch = opts.threads as i32;

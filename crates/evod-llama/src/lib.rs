@@ -43,8 +43,9 @@ pub struct LlamaOptions {
     pub threads: usize,
     /// Context size in tokens: the largest scoring window.
     pub n_ctx: u32,
-    /// Tokens per `llama_decode` (also the physical micro-batch). Logits of
-    /// a whole batch are kept: `n_batch * n_vocab * 4` bytes.
+    /// Tokens per `llama_decode` (also the physical micro-batch), at most
+    /// `n_ctx` (a larger value is reduced to it). Logits of a whole batch
+    /// are kept: `n_batch * n_vocab * 4` bytes.
     pub n_batch: u32,
     /// Keep the attention K/V cache in F32 instead of llama.cpp's default
     /// F16 (exact comparisons with a reference; twice the cache memory).
@@ -80,11 +81,8 @@ impl LlamaOptions {
                 self.n_ctx
             )));
         }
-        if self.n_batch == 0 || self.n_batch > self.n_ctx {
-            return Err(LlamaError::Options(format!(
-                "n_batch {} is outside 1..=n_ctx ({})",
-                self.n_batch, self.n_ctx
-            )));
+        if self.n_batch == 0 {
+            return Err(LlamaError::Options("n_batch is 0".into()));
         }
         Ok(())
     }

@@ -51,9 +51,7 @@ pub(crate) fn capture<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
         if let Some((level, text)) = l.partial.take() {
             let line = text.trim_end().to_owned();
             emit(Source::Llama, level, &line);
-            if level >= sys::GGML_LOG_LEVEL_WARN {
-                l.capture.get_or_insert_with(Vec::new).push(line);
-            }
+            keep(&mut l, level, line);
         }
         let lines = l.capture.take().unwrap_or_default();
         l.capture = outer;
@@ -115,12 +113,9 @@ fn on_log(source: Source, level: sys::ggml_log_level, text: *const c_char) {
             (sys::GGML_LOG_LEVEL_CONT, None) => (sys::GGML_LOG_LEVEL_INFO, text.into_owned()),
             (lvl, Some((plvl, prev))) => {
                 // A new line starts: the unfinished one is complete.
-                emit(source, plvl, prev.trim_end());
-                if plvl >= sys::GGML_LOG_LEVEL_WARN
-                    && let Some(c) = l.capture.as_mut()
-                {
-                    c.push(prev.trim_end().to_owned());
-                }
+                let prev = prev.trim_end().to_owned();
+                emit(source, plvl, &prev);
+                keep(&mut l, plvl, prev);
                 (lvl, text.into_owned())
             }
             (lvl, None) => (lvl, text.into_owned()),
@@ -131,15 +126,21 @@ fn on_log(source: Source, level: sys::ggml_log_level, text: *const c_char) {
         }
         line.truncate(line.trim_end().len());
         emit(source, level, &line);
-        if (sys::GGML_LOG_LEVEL_WARN..=sys::GGML_LOG_LEVEL_ERROR).contains(&level)
-            && let Some(c) = l.capture.as_mut()
-        {
-            if c.len() == CAPTURE_LINES {
-                c.remove(0);
-            }
-            c.push(line);
-        }
+        keep(&mut l, level, line);
     });
+}
+
+/// Keeps a warning or error line for the call being captured, if any.
+fn keep(l: &mut ThreadLog, level: sys::ggml_log_level, line: String) {
+    if !(sys::GGML_LOG_LEVEL_WARN..=sys::GGML_LOG_LEVEL_ERROR).contains(&level) || line.is_empty() {
+        return;
+    }
+    if let Some(c) = l.capture.as_mut() {
+        if c.len() == CAPTURE_LINES {
+            c.remove(0);
+        }
+        c.push(line);
+    }
 }
 
 unsafe extern "C" fn llama_cb(level: sys::ggml_log_level, text: *const c_char, _: *mut c_void) {

@@ -88,7 +88,13 @@ mod llm {
     }
 
     /// numpy's NLL of `tokens` (window `window`, optional control vector).
-    fn reference(model: &Path, tokens: &[i32], window: usize, cvec: Option<&[f32]>, kv_f16: bool) -> Nll {
+    fn reference(
+        model: &Path,
+        tokens: &[i32],
+        window: usize,
+        cvec: Option<&[f32]>,
+        kv_f16: bool,
+    ) -> Nll {
         let dir = tempfile::tempdir().unwrap();
         let toks = dir.path().join("tokens.json");
         let list: Vec<String> = tokens.iter().map(i32::to_string).collect();
@@ -144,7 +150,11 @@ mod llm {
         assert_eq!((m.n_embd(), m.n_layer()), (32, 3));
         assert_eq!(m.cvec_len(), 32 * 2);
         let toks = m.tokenize(TEXT).unwrap();
-        assert!(toks.len() > 60 && toks.len() < TEXT.len(), "{} tokens", toks.len());
+        assert!(
+            toks.len() > 60 && toks.len() < TEXT.len(),
+            "{} tokens",
+            toks.len()
+        );
         assert!(toks.iter().all(|&t| t >= 0 && (t as usize) < m.n_vocab()));
         // "▁the" is one piece of the vocabulary; digits and capitals fall
         // back to byte tokens <0x33> (id 3 + 0x33).
@@ -161,12 +171,20 @@ mod llm {
         let base = m.nll(&toks, window, &mut || beats += 1).unwrap();
         let windows = toks.len().div_ceil(window);
         assert_eq!(base.count as usize, toks.len() - windows);
-        assert!(beats >= windows * 2, "{beats} beats for {windows} windows of 2 batches");
+        assert!(
+            beats >= windows * 2,
+            "{beats} beats for {windows} windows of 2 batches"
+        );
         let want = reference(tiny(), &toks, window, None, false);
         assert_eq!(base.count, want.count);
         let r = rel(base.perplexity(), want.perplexity());
-        eprintln!("ppl llama.cpp {} numpy {} rel {r:e}", base.perplexity(), want.perplexity());
-        assert!(r < 1e-3, "llama.cpp {base:?} numpy {want:?}");
+        eprintln!(
+            "ppl llama.cpp {} numpy {} rel {r:e}",
+            base.perplexity(),
+            want.perplexity()
+        );
+        // The brief's bound is 1e-3; F32 throughout agrees to ~1e-10.
+        assert!(r < 1e-6, "llama.cpp {base:?} numpy {want:?}");
 
         let cvec = noise(m.cvec_len(), 42, 1.5);
         m.set_control_vector(Some(&cvec)).unwrap();
@@ -178,7 +196,7 @@ mod llm {
             steered.perplexity(),
             want_steered.perplexity()
         );
-        assert!(r < 1e-3, "llama.cpp {steered:?} numpy {want_steered:?}");
+        assert!(r < 1e-6, "llama.cpp {steered:?} numpy {want_steered:?}");
         // The vector matters far more than the tolerance.
         assert!(rel(want_steered.perplexity(), want.perplexity()) > 0.01);
     }
@@ -194,8 +212,14 @@ mod llm {
         let got = m.nll(&toks, 100, &mut no_beat()).unwrap();
         let want = reference(tiny(), &toks, 100, None, true);
         let r = rel(got.perplexity(), want.perplexity());
-        eprintln!("f16 kv: ppl llama.cpp {} numpy {} rel {r:e}", got.perplexity(), want.perplexity());
-        assert!(r < 1e-3, "llama.cpp {got:?} numpy {want:?}");
+        eprintln!(
+            "f16 kv: ppl llama.cpp {} numpy {} rel {r:e}",
+            got.perplexity(),
+            want.perplexity()
+        );
+        // ~5e-6 seen: numpy rounds q, k, v and the attention weights to f16
+        // like llama.cpp, but not every f16 product in the same order.
+        assert!(r < 1e-4, "llama.cpp {got:?} numpy {want:?}");
     }
 
     #[test]
@@ -203,7 +227,8 @@ mod llm {
         let mut m = BaseModel::load(tiny(), &exact()).unwrap();
         let toks = m.tokenize(TEXT).unwrap();
         let base = m.nll(&toks, 50, &mut no_beat()).unwrap();
-        m.set_control_vector(Some(&vec![0.0; m.cvec_len()])).unwrap();
+        m.set_control_vector(Some(&vec![0.0; m.cvec_len()]))
+            .unwrap();
         let zero = m.nll(&toks, 50, &mut no_beat()).unwrap();
         assert_eq!(zero.sum.to_bits(), base.sum.to_bits());
         let v = noise(m.cvec_len(), 7, 1.0);
@@ -225,7 +250,9 @@ mod llm {
         let base = m.nll(&toks, 64, &mut no_beat()).unwrap();
         let n = m.cvec_len();
         match m.set_control_vector(Some(&vec![0.5; n + 32])) {
-            Err(LlamaError::CvecWidth { expected, got }) => assert_eq!((expected, got), (n, n + 32)),
+            Err(LlamaError::CvecWidth { expected, got }) => {
+                assert_eq!((expected, got), (n, n + 32))
+            }
             other => panic!("{other:?}"),
         }
         let mut nan = vec![0.0; n];
@@ -240,12 +267,27 @@ mod llm {
             m.set_control_vector(Some(&inf)),
             Err(LlamaError::CvecNotFinite { .. })
         ));
-        assert!(matches!(m.nll(&toks[..1], 64, &mut no_beat()), Err(LlamaError::TooFewTokens { count: 1 })));
-        assert!(matches!(m.nll(&toks, 1, &mut no_beat()), Err(LlamaError::Window { window: 1, .. })));
-        assert!(matches!(m.nll(&toks, 257, &mut no_beat()), Err(LlamaError::Window { window: 257, n_ctx: 256 })));
+        assert!(matches!(
+            m.nll(&toks[..1], 64, &mut no_beat()),
+            Err(LlamaError::TooFewTokens { count: 1 })
+        ));
+        assert!(matches!(
+            m.nll(&toks, 1, &mut no_beat()),
+            Err(LlamaError::Window { window: 1, .. })
+        ));
+        assert!(matches!(
+            m.nll(&toks, 257, &mut no_beat()),
+            Err(LlamaError::Window {
+                window: 257,
+                n_ctx: 256
+            })
+        ));
         let mut bad = toks.clone();
         bad[3] = m.n_vocab() as i32;
-        assert!(matches!(m.nll(&bad, 64, &mut no_beat()), Err(LlamaError::Token { index: 3, .. })));
+        assert!(matches!(
+            m.nll(&bad, 64, &mut no_beat()),
+            Err(LlamaError::Token { index: 3, .. })
+        ));
         // Nothing of that changed the model.
         let after = m.nll(&toks, 64, &mut no_beat()).unwrap();
         assert_eq!(after.sum.to_bits(), base.sum.to_bits());
@@ -256,7 +298,8 @@ mod llm {
         let mut m = BaseModel::load(tiny(), &exact()).unwrap();
         let toks = m.tokenize(TEXT).unwrap();
         let base = m.nll(&toks, 64, &mut no_beat()).unwrap();
-        m.set_control_vector(Some(&vec![3.0e38; m.cvec_len()])).unwrap();
+        m.set_control_vector(Some(&vec![3.0e38; m.cvec_len()]))
+            .unwrap();
         match m.nll(&toks, 64, &mut no_beat()) {
             Err(LlamaError::NonFiniteLogits { .. }) => {}
             other => panic!("{other:?}"),
@@ -296,14 +339,25 @@ mod llm {
         let truncated = dir.path().join("truncated.gguf");
         std::fs::write(&truncated, &whole[..whole.len() / 2]).unwrap();
         let random = dir.path().join("random.gguf");
-        std::fs::write(&random, noise(4096, 3, 1.0).iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        std::fs::write(
+            &random,
+            noise(4096, 3, 1.0)
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
+        .unwrap();
         let missing = dir.path().join("missing.gguf");
         for path in [&truncated, &random] {
             match BaseModel::load(path, &exact()) {
                 Err(LlamaError::Load { path: p, reason }) => {
                     assert_eq!(&p, path);
                     assert!(!reason.contains("logged no warning"), "{reason}");
-                    let msg = LlamaError::Load { path: p, reason: reason.clone() }.to_string();
+                    let msg = LlamaError::Load {
+                        path: p,
+                        reason: reason.clone(),
+                    }
+                    .to_string();
                     assert!(msg.contains(path.to_str().unwrap()), "{msg}");
                     eprintln!("{msg}");
                     // The reason llama.cpp gave is in our log too.
@@ -315,11 +369,15 @@ mod llm {
             }
         }
         match BaseModel::load(&missing, &exact()) {
-            Err(LlamaError::Load { reason, .. }) => assert!(reason.contains("No such file"), "{reason}"),
+            Err(LlamaError::Load { reason, .. }) => {
+                assert!(reason.contains("No such file"), "{reason}")
+            }
             other => panic!("{other:?}"),
         }
         match BaseModel::load(dir.path(), &exact()) {
-            Err(LlamaError::Load { reason, .. }) => assert!(reason.contains("not a regular file"), "{reason}"),
+            Err(LlamaError::Load { reason, .. }) => {
+                assert!(reason.contains("not a regular file"), "{reason}")
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -334,7 +392,10 @@ mod llm {
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cv.gguf");
-        let extra = [("evod.note".to_owned(), evod_gguf::Value::String("test".into()))];
+        let extra = [(
+            "evod.note".to_owned(),
+            evod_gguf::Value::String("test".into()),
+        )];
         evod_llama::write_control_vector(&path, m.architecture(), m.n_embd(), &v, &extra).unwrap();
         let cv = evod_llama::read_control_vector(&path).unwrap();
         assert_eq!(cv.model_hint.as_deref(), Some("llama"));
@@ -353,6 +414,9 @@ mod llm {
             .unwrap()
             .for_model(&narrow, m.n_embd(), m.n_layer())
             .unwrap_err();
-        assert!(err.to_string().contains("narrow.gguf") && err.to_string().contains("n_embd is 32"), "{err}");
+        assert!(
+            err.to_string().contains("narrow.gguf") && err.to_string().contains("n_embd is 32"),
+            "{err}"
+        );
     }
 }

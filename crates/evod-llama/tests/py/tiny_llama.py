@@ -87,7 +87,7 @@ def write(path, n_embd, n_ff, n_layer, ttype):
             w.add_tensor(name, data)
 
     add("token_embd.weight", (n_vocab, n_embd), 1.0)
-    add("output_norm.weight", (n_embd,), 0.2)
+    add("output_norm.weight", (n_embd,), 1.0)
     add("output.weight", (n_vocab, n_embd), 1.0 / np.sqrt(n_embd) * 3)
     for b in range(n_layer):
         add(f"blk.{b}.attn_norm.weight", (n_embd,), 1.0)
