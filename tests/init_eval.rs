@@ -231,3 +231,104 @@ fn eval_scores_supervised_tasks() {
         .unwrap_or_else(|| panic!("unexpected output {text:?}"));
     assert!(fitness < 0.0, "{fitness}");
 }
+
+/// A GGUF header that looks like a llama.cpp language model (width 8, 3
+/// blocks) with one small tensor: enough for `init --task perplexity`
+/// without llama.cpp, which reads only the shape.
+#[cfg(not(feature = "llm"))]
+fn fake_llama(path: &Path) {
+    use evod_gguf::{PublishOptions, TensorSpec, TensorType, Value, publish};
+    let meta = [
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.embedding_length", Value::U32(8)),
+        ("llama.block_count", Value::U32(3)),
+    ]
+    .map(|(k, v)| (k.to_owned(), v));
+    let t = [TensorSpec {
+        name: "token_embd.weight".into(),
+        dims: vec![8, 4],
+        ttype: TensorType::F32,
+    }];
+    publish(
+        path,
+        &meta,
+        &t,
+        |_, w| w.write_all(&[0u8; 128]),
+        &PublishOptions::default(),
+    )
+    .unwrap();
+}
+
+/// Without the `llm` feature, `init --task perplexity` still writes the
+/// zero control vector (the shape comes from the base's header), and
+/// `evod run` refuses it up front with exit 2, naming the feature.
+#[cfg(not(feature = "llm"))]
+#[test]
+fn without_llama_cpp_init_writes_a_control_vector_and_run_refuses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    fake_llama(&dir.path().join("base.gguf"));
+    let text: String = (0..400)
+        .map(|i| format!("line {i} of the text\n"))
+        .collect();
+    std::fs::write(dir.path().join("c.txt"), text).unwrap();
+    std::fs::create_dir(dir.path().join("run")).unwrap();
+    let o = evod(
+        dir.path(),
+        &[
+            "init",
+            "--task",
+            "perplexity",
+            "--base-model",
+            "base.gguf",
+            "--text",
+            "c.txt",
+            "--window",
+            "32",
+            "-o",
+            "run/vectorland.gguf",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("built without the llm feature"),
+        "{}",
+        stdout(&o)
+    );
+    let m = evod_runtime::Model::open(&dir.path().join("run/vectorland.gguf")).unwrap();
+    assert_eq!(m.spec.task, "perplexity");
+    assert_eq!(m.spec.arch.control_vector_shape(), Some((8, 2)));
+    assert!(m.params().unwrap().iter().all(|&v| v == 0.0));
+    assert_eq!(
+        m.file.get("general.architecture").and_then(|v| v.as_str()),
+        Some("controlvector")
+    );
+    let o = evod(dir.path(), &["run", "--dir", "run", "--generations", "1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("this evod was built without the llm feature"),
+        "{}",
+        stderr(&o)
+    );
+    // A corpus too short for a window (bytes bound the tokens).
+    std::fs::write(
+        dir.path().join("short.txt"),
+        "a few words only.\nand more.\n",
+    )
+    .unwrap();
+    let o = evod(
+        dir.path(),
+        &[
+            "init",
+            "--task",
+            "perplexity",
+            "--base-model",
+            "base.gguf",
+            "--text",
+            "short.txt",
+            "-o",
+            "s.gguf",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("short.txt") && stderr(&o).contains("too short"));
+}

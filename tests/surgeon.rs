@@ -695,3 +695,119 @@ fn diff_exits_0_for_identical_files_and_1_listing_exactly_the_mutated_tensors() 
     let s = exits(1, &["diff", p(&a), p(&q2k)]);
     says(&s.stdout, "+ tensor blk.1.ffn_gate.weight: Q2_K [256, 4]");
 }
+
+/// The surgeon's outputs load and run in llama.cpp (the evod-llama
+/// runtime, `--features llm`): mutate and slerp-merge of a tiny llama that
+/// gguf-py writes (`crates/evod-llama/tests/py/tiny_llama.py`) in F32 and
+/// in Q8_0, and of a Q4_K copy that evod-gguf's codec quantizes.
+#[cfg(feature = "llm")]
+#[test]
+fn outputs_load_and_run_in_llama_cpp() {
+    use evod_gguf::{GgufFile, PublishOptions, TensorSpec, TensorType, publish, quantize};
+    use evod_llama::{BaseModel, LlamaOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = |name: &str, args: &[&str]| {
+        let path = dir.path().join(name);
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../evod-llama/tests/py/tiny_llama.py");
+        let out = Command::new(python())
+            .arg(script)
+            .arg("write")
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tiny_llama.py: {}", text(&out.stderr));
+        path
+    };
+    let f32_model = tiny("f32.gguf", &[]);
+    let q8_model = tiny("q8.gguf", &["--type", "Q8_0"]);
+    // Q4_K rows are 256 values: a wider model, its matrices requantized.
+    let wide = tiny(
+        "wide.gguf",
+        &["--n-embd", "256", "--n-ff", "256", "--layers", "2"],
+    );
+    let q4k_model = dir.path().join("q4k.gguf");
+    {
+        let src = GgufFile::open(&wide).unwrap();
+        let specs: Vec<TensorSpec> = src
+            .tensors()
+            .iter()
+            .map(|t| TensorSpec {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ttype: if t.dims.len() == 2 {
+                    TensorType::Q4_K
+                } else {
+                    t.ttype
+                },
+            })
+            .collect();
+        publish(
+            &q4k_model,
+            src.metadata(),
+            &specs,
+            |i, sink| {
+                let t = &src.tensors()[i];
+                let values = src.tensor_f32(t).unwrap();
+                let bytes = if specs[i].ttype == TensorType::Q4_K {
+                    quantize(TensorType::Q4_K, &values).unwrap()
+                } else {
+                    src.tensor_bytes(t).to_vec()
+                };
+                sink.write_all(&bytes)
+            },
+            &PublishOptions::default(),
+        )
+        .unwrap();
+    }
+
+    let text_in = "the theater at the inn, a thin hen ran in the rain, then the hen ate.";
+    let opts = LlamaOptions {
+        n_ctx: 128,
+        ..LlamaOptions::default()
+    };
+    let score = |path: &Path| {
+        let mut m = BaseModel::load(path, &opts)
+            .unwrap_or_else(|e| panic!("llama.cpp refused {}: {e}", path.display()));
+        let toks = m.tokenize(text_in).unwrap();
+        let nll = m.nll(&toks, 64, &mut || {}).unwrap();
+        assert!(
+            nll.sum.is_finite() && nll.count > 10,
+            "{}: {nll:?}",
+            path.display()
+        );
+        nll.sum
+    };
+    for base in [&f32_model, &q8_model, &q4k_model] {
+        let stem = base.file_stem().unwrap().to_str().unwrap();
+        let mutated = dir.path().join(format!("{stem}-mut.gguf"));
+        ok(&mutate(
+            base,
+            &mutated,
+            "0.05",
+            "3",
+            &["--tensors", "blk.*"],
+        ));
+        let merged = dir.path().join(format!("{stem}-merge.gguf"));
+        ok(&[
+            "merge",
+            p(base),
+            p(&mutated),
+            "-o",
+            p(&merged),
+            "--method",
+            "slerp",
+            "--t",
+            "0.5",
+        ]);
+        let (b, m, g) = (score(base), score(&mutated), score(&merged));
+        eprintln!("{stem}: nll base {b} mutated {m} merged {g}");
+        assert_ne!(
+            b, m,
+            "{stem}: the mutation changed nothing llama.cpp computes"
+        );
+        assert_ne!(m, g, "{stem}: the merge is the mutated model");
+    }
+}

@@ -349,6 +349,7 @@ fn recipes_body(
         episodes: 2,
         path_len: path.len() as u32,
         base,
+        flags: 0,
     };
     let bytes: Vec<u8> = recipes.iter().flat_map(|r| r.to_bytes()).collect();
     let mut body = vec![0u8; header.request_len()];

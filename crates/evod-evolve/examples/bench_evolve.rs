@@ -55,6 +55,7 @@ fn main() {
     let arch = Architecture {
         layers: vec![4, 16, 2],
         activation: Activation::Tanh,
+        family: evod_runtime::Family::Mlp,
     };
     let config = EvolverConfig::default();
     let (mut walls, mut episodes, mut params, mut generations) = (vec![], vec![], vec![], vec![]);

@@ -4,6 +4,29 @@
 use crate::error::EvalError;
 use crate::recipe::{Base, Recipe};
 
+/// What an evaluation is for. Most tasks score both the same way with a
+/// different seed (fresh CartPole episodes for the gate); a task with a
+/// held-out split (perplexity on a corpus) scores a [`Purpose::Gate`]
+/// request on data the evolver never trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Purpose {
+    /// A generation's candidates: the fitness the strategy learns from.
+    #[default]
+    Train,
+    /// The publish gate: one candidate, scored on held-out data.
+    Gate,
+}
+
+impl Purpose {
+    /// `train` or `gate`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Purpose::Train => "train",
+            Purpose::Gate => "gate",
+        }
+    }
+}
+
 /// Computes the fitness of a batch of candidates.
 ///
 /// Implemented in-process by [`crate::InProcessEvaluator`] and over the
@@ -51,6 +74,35 @@ pub trait Evaluator {
             .map_err(|e| EvalError::Failed(e.to_string()))?;
         let refs: Vec<&[f32]> = candidates.iter().map(Vec::as_slice).collect();
         self.evaluate(&refs, seed, episodes)
+    }
+
+    /// [`Evaluator::evaluate`] for `purpose`. The evolver calls this; the
+    /// default ignores the purpose (the seed already differs), an evaluator
+    /// that forwards it to where the task runs (the evolver process puts it
+    /// on the wire) overrides it.
+    fn evaluate_for(
+        &mut self,
+        purpose: Purpose,
+        candidates: &[&[f32]],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        let _ = purpose;
+        self.evaluate(candidates, seed, episodes)
+    }
+
+    /// [`Evaluator::evaluate_recipes`] for `purpose`, as
+    /// [`Evaluator::evaluate_for`].
+    fn evaluate_recipes_for(
+        &mut self,
+        purpose: Purpose,
+        base: &Base<'_>,
+        recipes: &[Recipe],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        let _ = purpose;
+        self.evaluate_recipes(base, recipes, seed, episodes)
     }
 }
 

@@ -17,7 +17,9 @@ use crate::config::{EvolverConfig, StrategyKind};
 use crate::error::EvalError;
 use crate::error::EvolveError;
 use crate::es::EsState;
-use crate::evaluator::{DOMAIN_GATE, DOMAIN_STRATEGY, DOMAIN_TRAIN, Evaluator, derive_seed};
+use crate::evaluator::{
+    DOMAIN_GATE, DOMAIN_STRATEGY, DOMAIN_TRAIN, Evaluator, Purpose, derive_seed,
+};
 use crate::ga::GaState;
 use crate::layout::ParamLayout;
 use crate::progress::NoProgress;
@@ -136,6 +138,9 @@ pub struct Evolver {
     stats: EvolveStats,
     /// Why the last step did nothing (not checkpointed).
     no_progress: Option<NoProgress>,
+    /// Gate every generation's best, whatever its training fitness (not
+    /// checkpointed: the caller sets it from the task at every start).
+    gate_every_generation: bool,
 }
 
 /// What one generation sends to the evaluator.
@@ -175,12 +180,13 @@ impl Batch<'_> {
     fn send(
         &self,
         ev: &mut dyn Evaluator,
+        purpose: Purpose,
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
         match self {
-            Self::Vectors(v) => ev.evaluate(v, seed, episodes),
-            Self::Recipes(base, r) => ev.evaluate_recipes(base, r, seed, episodes),
+            Self::Vectors(v) => ev.evaluate_for(purpose, v, seed, episodes),
+            Self::Recipes(base, r) => ev.evaluate_recipes_for(purpose, base, r, seed, episodes),
         }
     }
 }
@@ -255,6 +261,7 @@ impl Evolver {
             published,
             stats: EvolveStats::default(),
             no_progress: None,
+            gate_every_generation: false,
         })
     }
 
@@ -298,6 +305,41 @@ impl Evolver {
     /// (or before the first step). Feed it to a [`crate::ProgressGuard`].
     pub fn no_progress(&self) -> Option<&NoProgress> {
         self.no_progress.as_ref()
+    }
+
+    /// Gates every generation's best, whatever its training fitness, when
+    /// `on` (default off: only a best that beats the published fitness by
+    /// `publish_margin` is gated). For a task whose gate scores other data
+    /// than training (perplexity: a held-out part of the corpus), training
+    /// and gate fitness are not comparable, so the pre-gate filter would
+    /// compare apples with pears; the gate itself still has to beat the
+    /// published gate fitness. Not part of a checkpoint: set it at every
+    /// start.
+    pub fn set_gate_every_generation(&mut self, on: bool) {
+        self.gate_every_generation = on;
+    }
+
+    /// Adopts `fitness` as the published fitness of the initial parameters
+    /// of a run that has none yet (generation 0, nothing published): the
+    /// caller measured it with the gate (e.g. the base model's held-out
+    /// perplexity), so the first publish must beat it. Refused otherwise,
+    /// or for a non-finite value.
+    pub fn adopt_initial_fitness(&mut self, fitness: f64) -> Result<(), EvolveError> {
+        if self.generation != 0 || self.published.is_some() || !fitness.is_finite() {
+            return Err(EvolveError::InvalidState {
+                what: "initial fitness".into(),
+                reason: format!(
+                    "{fitness} cannot be adopted at generation {} (published: {})",
+                    self.generation,
+                    self.published.is_some()
+                ),
+            });
+        }
+        self.published = Some(Scored {
+            params: self.best.params.clone(),
+            fitness,
+        });
+        Ok(())
     }
 
     /// The episode seed every candidate of `generation` is evaluated with.
@@ -363,6 +405,7 @@ impl Evolver {
         } else {
             self.evaluate(
                 ev,
+                Purpose::Train,
                 &candidates,
                 self.training_seed(generation),
                 self.config.episodes,
@@ -401,12 +444,15 @@ impl Evolver {
                 .as_ref()
                 .map_or(f64::NEG_INFINITY, |p| p.fitness);
             let threshold = self.config.solve_threshold;
-            if f > floor + self.config.publish_margin && threshold.is_none_or(|t| f >= t) {
+            if (self.gate_every_generation || f > floor + self.config.publish_margin)
+                && threshold.is_none_or(|t| f >= t)
+            {
                 let params = candidates.params(i);
                 let params = params.as_slice();
                 let gate = self
                     .evaluate(
                         ev,
+                        Purpose::Gate,
                         &candidates.one(i),
                         self.gate_seed(generation),
                         self.config.gate_episodes,
@@ -531,13 +577,14 @@ impl Evolver {
     fn evaluate(
         &self,
         ev: &mut dyn Evaluator,
+        purpose: Purpose,
         candidates: &Batch<'_>,
         seed: u64,
         episodes: u32,
         stats: &mut EvolveStats,
     ) -> Result<Vec<Option<f64>>, EvolveError> {
         let out = candidates
-            .send(ev, seed, episodes)
+            .send(ev, purpose, seed, episodes)
             .map_err(|source| EvolveError::Eval {
                 generation: self.generation,
                 source,
@@ -681,6 +728,7 @@ impl Evolver {
             published: c.published,
             stats: c.stats,
             no_progress: None,
+            gate_every_generation: false,
         })
     }
 }

@@ -49,7 +49,7 @@ pub use config::{
 };
 pub use error::{EvalError, EvolveError};
 pub use es::EsState;
-pub use evaluator::{Evaluator, FnEvaluator};
+pub use evaluator::{Evaluator, FnEvaluator, Purpose};
 pub use evolver::{EvolveStats, Evolver, GenerationReport, PublishCandidate, Scored};
 pub use ga::{GaState, Individual};
 pub use inprocess::{InProcessEvaluator, SolveReport, solve_in_process};

@@ -10,6 +10,7 @@ fn arch() -> Architecture {
     Architecture {
         layers: vec![4, 16, 2],
         activation: Activation::Tanh,
+        family: evod_runtime::Family::Mlp,
     }
 }
 
@@ -95,6 +96,7 @@ fn cartpole_run_is_reproducible_and_resumable_bit_for_bit() {
         let other = Architecture {
             layers: vec![4, 8, 2],
             activation: Activation::Tanh,
+            family: evod_runtime::Family::Mlp,
         };
         let err = Evolver::from_checkpoint(load_checkpoint(&path).unwrap(), &other).unwrap_err();
         assert!(matches!(err, EvolveError::CheckpointMismatch(_)), "{err}");
@@ -122,6 +124,7 @@ fn in_process_evaluator_matches_the_runtime_and_splits_the_gate() {
     let xa = Architecture {
         layers: vec![2, 4, 1],
         activation: Activation::Tanh,
+        family: evod_runtime::Family::Mlp,
     };
     let xp = init_params(&xa, 1);
     let mut x = InProcessEvaluator::new(Task::Xor, xa.clone(), 2).unwrap();

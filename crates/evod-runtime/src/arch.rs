@@ -79,24 +79,138 @@ impl FromStr for Activation {
 /// Layer sizes (input first, output last) and the hidden activation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Architecture {
-    /// Widths of every layer, the input layer first; at least two entries.
+    /// Widths of every layer, the input layer first; at least two entries
+    /// (empty for a [`Family::ControlVector`]).
     pub layers: Vec<usize>,
     /// Activation after each hidden layer; the output layer is the identity.
     pub activation: Activation,
+    /// What the parameters are: evod's MLP, or a llama.cpp control vector.
+    pub family: Family,
+}
+
+/// Value of `general.architecture` for a llama.cpp control vector.
+pub const CONTROL_VECTOR_NAME: &str = "controlvector";
+
+/// Widest control vector accepted (`n_embd`).
+pub const MAX_EMBD: usize = 1 << 16;
+/// Most direction tensors accepted in a control vector.
+pub const MAX_DIRECTIONS: usize = 1024;
+
+/// The kind of parameter set an [`Architecture`] describes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Family {
+    /// evod's fully connected network (`layers`, `activation`), tensors
+    /// `blk.N.weight` / `blk.N.bias`.
+    #[default]
+    Mlp,
+    /// A llama.cpp control vector (the layout `cvector-generator` writes
+    /// and `llama_set_adapter_cvec` takes): F32 tensors `direction.1` …
+    /// `direction.{directions}`, `n_embd` values each, one per layer of
+    /// the base model after the first. It has no forward pass of its own:
+    /// it steers the base model named by `model_hint`.
+    ControlVector {
+        /// Width of each direction (the base model's `n_embd`).
+        n_embd: usize,
+        /// Direction tensors (the base model's `n_layer - 1`).
+        directions: usize,
+        /// The base model's `general.architecture` (`llama`, …).
+        model_hint: String,
+    },
 }
 
 impl Architecture {
     /// An architecture from its layer sizes and activation, validated.
     pub fn new(layers: Vec<usize>, activation: Activation) -> Result<Architecture, RuntimeError> {
-        let arch = Architecture { layers, activation };
+        let arch = Architecture {
+            layers,
+            activation,
+            family: Family::Mlp,
+        };
         arch.validate()?;
         Ok(arch)
+    }
+
+    /// A control vector of `directions` tensors of `n_embd` values for a
+    /// base model of architecture `model_hint`, validated.
+    pub fn control_vector(
+        n_embd: usize,
+        directions: usize,
+        model_hint: &str,
+    ) -> Result<Architecture, RuntimeError> {
+        let arch = Architecture {
+            layers: Vec::new(),
+            activation: Activation::Identity,
+            family: Family::ControlVector {
+                n_embd,
+                directions,
+                model_hint: model_hint.to_owned(),
+            },
+        };
+        arch.validate()?;
+        Ok(arch)
+    }
+
+    /// [`Architecture::validate`], and an MLP: the check of every forward
+    /// pass (a control vector has none).
+    pub fn validate_mlp(&self) -> Result<(), RuntimeError> {
+        self.validate()?;
+        if !self.is_mlp() {
+            return Err(RuntimeError::NoForwardPass {
+                what: self.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether this is evod's MLP (it has a forward pass).
+    pub fn is_mlp(&self) -> bool {
+        self.family == Family::Mlp
+    }
+
+    /// `(n_embd, directions)` of a control vector.
+    pub fn control_vector_shape(&self) -> Option<(usize, usize)> {
+        match &self.family {
+            Family::ControlVector {
+                n_embd, directions, ..
+            } => Some((*n_embd, *directions)),
+            Family::Mlp => None,
+        }
+    }
+
+    /// Whether a tensor named `name` is one this family's files own
+    /// (`blk.N.weight|bias`, or `direction.N`), whatever the sizes.
+    pub fn owns_tensor_name(&self, name: &str) -> bool {
+        match self.family {
+            Family::Mlp => crate::model::is_block_tensor(name),
+            Family::ControlVector { .. } => name
+                .strip_prefix("direction.")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+        }
     }
 
     /// Checks the sizes: 2 to [`MAX_LAYERS`] layers, each 1 to
     /// [`MAX_LAYER_WIDTH`] wide, at most [`MAX_PARAMS`] parameters.
     pub fn validate(&self) -> Result<(), RuntimeError> {
         let bad = |reason: String| Err(RuntimeError::InvalidArchitecture { reason });
+        if let Family::ControlVector {
+            n_embd, directions, ..
+        } = self.family
+        {
+            if n_embd == 0 || n_embd > MAX_EMBD {
+                return bad(format!(
+                    "control vector width {n_embd}, expected 1 to {MAX_EMBD}"
+                ));
+            }
+            if directions == 0 || directions > MAX_DIRECTIONS {
+                return bad(format!(
+                    "{directions} control vector directions, expected 1 to {MAX_DIRECTIONS}"
+                ));
+            }
+            if !self.layers.is_empty() {
+                return bad("a control vector has no layer widths".into());
+            }
+            return Ok(());
+        }
         if self.layers.len() < 2 {
             return bad(format!(
                 "needs at least an input and an output layer, got {} layer(s)",
@@ -141,11 +255,17 @@ impl Architecture {
 
     /// Number of weight layers (blocks `blk.0` … `blk.{n-1}`).
     pub fn n_blocks(&self) -> usize {
+        if let Some((_, d)) = self.control_vector_shape() {
+            return d;
+        }
         self.layers.len().saturating_sub(1)
     }
 
     /// Total number of parameters (weights and biases).
     pub fn n_params(&self) -> usize {
+        if let Some((w, d)) = self.control_vector_shape() {
+            return w.saturating_mul(d);
+        }
         self.layers
             .windows(2)
             .map(|w| w[0].saturating_mul(w[1]).saturating_add(w[1]))
@@ -155,6 +275,11 @@ impl Architecture {
     /// `(name, ggml dims)` of every tensor, in flat-vector order:
     /// `blk.N.weight` with dims `[in, out]` and `blk.N.bias` with dims `[out]`.
     pub fn tensor_specs(&self) -> Vec<(String, Vec<u64>)> {
+        if let Some((w, d)) = self.control_vector_shape() {
+            return (1..=d)
+                .map(|k| (format!("direction.{k}"), vec![w as u64]))
+                .collect();
+        }
         let mut specs = Vec::with_capacity(2 * self.n_blocks());
         for (n, w) in self.layers.windows(2).enumerate() {
             specs.push((format!("blk.{n}.weight"), vec![w[0] as u64, w[1] as u64]));
@@ -166,6 +291,9 @@ impl Architecture {
     /// `(offset, len)` of every tensor of [`Architecture::tensor_specs`] in the
     /// flat parameter vector.
     pub fn tensor_ranges(&self) -> Vec<(usize, usize)> {
+        if let Some((w, d)) = self.control_vector_shape() {
+            return (0..d).map(|k| (k * w, w)).collect();
+        }
         let mut out = Vec::with_capacity(2 * self.n_blocks());
         let mut at = 0;
         for w in self.layers.windows(2) {
@@ -179,6 +307,9 @@ impl Architecture {
 
     /// The layer sizes joined by commas, as `--layers` takes them (`4,16,2`).
     pub fn layers_string(&self) -> String {
+        if let Some((w, d)) = self.control_vector_shape() {
+            return format!("{d}x{w} (control vector)");
+        }
         self.layers
             .iter()
             .map(usize::to_string)
@@ -216,6 +347,17 @@ impl Architecture {
 
 impl fmt::Display for Architecture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Family::ControlVector {
+            n_embd,
+            directions,
+            model_hint,
+        } = &self.family
+        {
+            return write!(
+                f,
+                "control vector for {model_hint}: {directions} directions of {n_embd}"
+            );
+        }
         let sizes: Vec<String> = self.layers.iter().map(usize::to_string).collect();
         write!(f, "{} {}", sizes.join("-"), self.activation)
     }
@@ -255,6 +397,32 @@ mod tests {
         }
         let huge = vec![MAX_LAYER_WIDTH; 3];
         assert!(Architecture::new(huge, Activation::Tanh).is_err());
+    }
+
+    #[test]
+    fn a_control_vector_is_direction_1_to_n() {
+        let a = Architecture::control_vector(4, 3, "llama").unwrap();
+        assert_eq!(a.n_params(), 12);
+        assert_eq!(
+            a.tensor_specs(),
+            vec![
+                ("direction.1".to_owned(), vec![4]),
+                ("direction.2".to_owned(), vec![4]),
+                ("direction.3".to_owned(), vec![4]),
+            ]
+        );
+        assert_eq!(a.tensor_ranges(), vec![(0, 4), (4, 4), (8, 4)]);
+        assert!(!a.is_mlp());
+        assert_eq!((a.inputs(), a.outputs()), (0, 0));
+        assert!(a.owns_tensor_name("direction.12"));
+        assert!(!a.owns_tensor_name("direction.x"));
+        assert!(!a.owns_tensor_name("blk.0.weight"));
+        for (w, d) in [(0, 3), (4, 0), (MAX_EMBD + 1, 1), (4, MAX_DIRECTIONS + 1)] {
+            assert!(
+                Architecture::control_vector(w, d, "llama").is_err(),
+                "{w} {d}"
+            );
+        }
     }
 
     #[test]

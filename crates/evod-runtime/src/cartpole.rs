@@ -518,7 +518,7 @@ fn run_lockstep_body(
 
 /// Checks that `arch` fits CartPole: 4 inputs, 1 or 2 outputs.
 pub fn check_arch(arch: &Architecture) -> Result<(), RuntimeError> {
-    arch.validate()?;
+    arch.validate_mlp()?;
     if arch.inputs() != 4 || !(1..=2).contains(&arch.outputs()) {
         return Err(RuntimeError::TaskMismatch {
             task: "cartpole".into(),
@@ -571,6 +571,7 @@ pub fn balancing_policy() -> (Architecture, Vec<f32>) {
     let arch = Architecture {
         layers: vec![4, 16, 2],
         activation: crate::arch::Activation::Tanh,
+        family: crate::arch::Family::Mlp,
     };
     let mut params = vec![0.0f32; arch.n_params()];
     // blk.0.weight row 0 (hidden unit 0) over [x, x_dot, theta, theta_dot].
@@ -655,6 +656,7 @@ mod tests {
         let big = Architecture {
             layers: vec![4, 1024, 1024, 2],
             activation: crate::arch::Activation::Tanh,
+            family: crate::arch::Family::Mlp,
         };
         assert_eq!(
             tick_stride(&MlpLanes::new(&big, &vec![0.0; big.n_params()]).unwrap()),

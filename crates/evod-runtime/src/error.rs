@@ -50,6 +50,28 @@ pub enum RuntimeError {
     /// fitness is the user's program's (`evod run --worker-cmd`).
     #[error("external task: run the workers with --worker-cmd")]
     ExternalTask,
+    /// A model of the `perplexity` task evaluated by evod's own MLP
+    /// runtime: its fitness is llama.cpp's (a worker built with the `llm`
+    /// feature).
+    #[error(
+        "perplexity task: scored by llama.cpp in `evod worker` built with the llm feature, not by evod's MLP runtime"
+    )]
+    PerplexityTask,
+    /// The base model or corpus of a perplexity task: missing, changed
+    /// since `evod init`, empty, not UTF-8, too short.
+    #[error("{}: {problem}", path.display())]
+    PerplexityInput {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A forward pass asked of something that has none (a control vector).
+    #[error("{what} has no forward pass of its own (it steers a llama.cpp base model)")]
+    NoForwardPass {
+        /// What it is.
+        what: String,
+    },
     /// A network whose input or output size does not fit the task.
     #[error("task {task} needs {expected}, the network has layers {layers}")]
     TaskMismatch {

@@ -20,10 +20,11 @@ mod error;
 pub mod mlp;
 pub mod model;
 pub mod numpy_rng;
+pub mod perplexity;
 pub mod supervised;
 pub mod task;
 
-pub use arch::{Activation, Architecture};
+pub use arch::{Activation, Architecture, Family};
 pub use error::RuntimeError;
 pub use mlp::{Mlp, MlpLanes, Scratch, forward_batch};
 pub use model::{Model, ModelSpec, init_params, read_params, write_model, write_model_with};

@@ -116,7 +116,7 @@ pub fn forward_batch(
     out: &mut [f32],
     scratch: &mut Scratch,
 ) -> Result<(), RuntimeError> {
-    arch.validate()?;
+    arch.validate_mlp()?;
     arch.check_params(params)?;
     let (n_in, n_out) = (arch.inputs(), arch.outputs());
     let check = |what: &'static str, expected: Option<usize>, found: usize| match expected {
@@ -188,7 +188,7 @@ pub type Lanes = [f32; BATCH_LANES];
 impl Mlp {
     /// Prepares `params` for `arch`; checks the parameter count.
     pub fn new(arch: &Architecture, params: &[f32]) -> Result<Mlp, RuntimeError> {
-        arch.validate()?;
+        arch.validate_mlp()?;
         arch.check_params(params)?;
         let pad = |w: usize| w.div_ceil(LANES) * LANES;
         let mut blocks = Vec::with_capacity(arch.n_blocks());
@@ -324,7 +324,7 @@ pub struct MlpLanes {
 impl MlpLanes {
     /// Lanes for `arch`, every lane holding `params`.
     pub fn new(arch: &Architecture, params: &[f32]) -> Result<MlpLanes, RuntimeError> {
-        arch.validate()?;
+        arch.validate_mlp()?;
         arch.check_params(params)?;
         let mut offsets = Vec::with_capacity(arch.layers.len() + 1);
         let mut total = 0;

@@ -9,6 +9,14 @@
 //! - tensors `blk.N.weight` (ggml dims `[in, out]`) and `blk.N.bias`
 //!   (`[out]`), written as F32; F16 and BF16 are accepted on load.
 //!
+//! A model of the `perplexity` task is a llama.cpp control vector instead:
+//! `general.architecture = "controlvector"`, `controlvector.model_hint`
+//! (the base model's architecture), `controlvector.layer_count` (i32, the
+//! number of directions), F32 tensors `direction.1` … `direction.N` of
+//! `n_embd` values each and nothing else (llama.cpp's loader refuses any
+//! other tensor), with the same `evod.*` keys minus `evod.layers` and
+//! `evod.activation` (see [`crate::arch::Family::ControlVector`]).
+//!
 //! [`Model::open`] checks everything against the architecture the keys
 //! describe; [`write_model`] publishes atomically and keeps keys and tensors
 //! it does not own from the previous file.
@@ -24,7 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 
 use crate::RuntimeError;
-use crate::arch::{Activation, Architecture};
+use crate::arch::{Activation, Architecture, CONTROL_VECTOR_NAME, Family};
 
 /// Value of `general.architecture` for evod's networks.
 pub const ARCHITECTURE_NAME: &str = "evod-mlp";
@@ -53,9 +61,13 @@ pub mod keys {
     pub const STRATEGY: &str = "evod.strategy";
     /// Unix time of writing, seconds (u64).
     pub const CREATED_UNIX: &str = "evod.created_unix";
+    /// A control vector's base model architecture (string).
+    pub const CVEC_MODEL_HINT: &str = "controlvector.model_hint";
+    /// A control vector's direction count (i32).
+    pub const CVEC_LAYER_COUNT: &str = "controlvector.layer_count";
 
     /// Every key above, in the order written.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         ARCHITECTURE,
         NAME,
         LAYERS,
@@ -67,6 +79,8 @@ pub mod keys {
         SEED,
         STRATEGY,
         CREATED_UNIX,
+        CVEC_MODEL_HINT,
+        CVEC_LAYER_COUNT,
     ];
 }
 
@@ -113,6 +127,32 @@ impl ModelSpec {
 
     /// The spec's metadata keys, in [`keys::ALL`] order.
     pub fn metadata(&self) -> Vec<(String, Value)> {
+        if let Family::ControlVector {
+            directions,
+            model_hint,
+            ..
+        } = &self.arch.family
+        {
+            let mut m = vec![
+                (
+                    keys::ARCHITECTURE.into(),
+                    Value::String(CONTROL_VECTOR_NAME.into()),
+                ),
+                (keys::NAME.into(), Value::String(self.name.clone())),
+                (
+                    keys::CVEC_MODEL_HINT.into(),
+                    Value::String(model_hint.clone()),
+                ),
+                (
+                    keys::CVEC_LAYER_COUNT.into(),
+                    Value::I32(i32::try_from(*directions).unwrap_or(i32::MAX)),
+                ),
+                (keys::TASK.into(), Value::String(self.task.clone())),
+                (keys::GENERATION.into(), Value::U64(self.generation)),
+            ];
+            self.push_history(&mut m);
+            return m;
+        }
         let mut m = vec![
             (
                 keys::ARCHITECTURE.into(),
@@ -138,6 +178,12 @@ impl ModelSpec {
             (keys::TASK.into(), Value::String(self.task.clone())),
             (keys::GENERATION.into(), Value::U64(self.generation)),
         ];
+        self.push_history(&mut m);
+        m
+    }
+
+    /// The keys after `evod.generation`, in [`keys::ALL`] order.
+    fn push_history(&self, m: &mut Vec<(String, Value)>) {
         if let Some(c) = self.parent_checksum {
             m.push((keys::PARENT_CHECKSUM.into(), Value::U64(c)));
         }
@@ -147,7 +193,6 @@ impl ModelSpec {
         m.push((keys::SEED.into(), Value::U64(self.seed)));
         m.push((keys::STRATEGY.into(), Value::String(self.strategy.clone())));
         m.push((keys::CREATED_UNIX.into(), Value::U64(self.created_unix)));
-        m
     }
 
     /// Reads the spec from a file's metadata.
@@ -180,28 +225,15 @@ impl ModelSpec {
         let optional = |key: &str| file.get(key).is_some();
 
         let family = string(keys::ARCHITECTURE)?;
-        if family != ARCHITECTURE_NAME {
+        let arch = if family == CONTROL_VECTOR_NAME {
+            control_vector_arch(file, path)?
+        } else if family == ARCHITECTURE_NAME {
+            mlp_arch(file, path)?
+        } else {
             return Err(bad(format!(
-                "general.architecture is {family:?}, expected {ARCHITECTURE_NAME:?}"
+                "general.architecture is {family:?}, expected {ARCHITECTURE_NAME:?} or {CONTROL_VECTOR_NAME:?}"
             )));
-        }
-        let Some(layers) = get(keys::LAYERS)?.as_array() else {
-            return Err(bad(format!("key {} is not an array", keys::LAYERS)));
         };
-        let layers = layers
-            .values
-            .iter()
-            .map(|v| {
-                v.as_u64()
-                    .and_then(|w| usize::try_from(w).ok())
-                    .ok_or_else(|| bad(format!("{} holds {v:?}, not a layer width", keys::LAYERS)))
-            })
-            .collect::<Result<Vec<usize>, _>>()?;
-        let activation: Activation = string(keys::ACTIVATION)?
-            .parse()
-            .map_err(|e: RuntimeError| bad(e.to_string()))?;
-        let arch = Architecture { layers, activation };
-        arch.validate().map_err(|e| bad(e.to_string()))?;
         let fitness = if optional(keys::FITNESS) {
             Some(
                 get(keys::FITNESS)?
@@ -235,6 +267,85 @@ impl ModelSpec {
             },
         })
     }
+}
+
+/// The MLP an `evod-mlp` file's keys describe.
+fn mlp_arch(file: &GgufHeader, path: &Path) -> Result<Architecture, RuntimeError> {
+    let bad = |problem: String| RuntimeError::Model {
+        path: path.to_owned(),
+        problem,
+    };
+    let get = |key: &str| {
+        file.get(key)
+            .ok_or_else(|| bad(format!("missing key {key}")))
+    };
+    let string = |key: &str| -> Result<String, RuntimeError> {
+        get(key)?
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| bad(format!("key {key} is not a string")))
+    };
+    let Some(layers) = get(keys::LAYERS)?.as_array() else {
+        return Err(bad(format!("key {} is not an array", keys::LAYERS)));
+    };
+    let layers = layers
+        .values
+        .iter()
+        .map(|v| {
+            v.as_u64()
+                .and_then(|w| usize::try_from(w).ok())
+                .ok_or_else(|| bad(format!("{} holds {v:?}, not a layer width", keys::LAYERS)))
+        })
+        .collect::<Result<Vec<usize>, _>>()?;
+    let activation: Activation = string(keys::ACTIVATION)?
+        .parse()
+        .map_err(|e: RuntimeError| bad(e.to_string()))?;
+    let arch = Architecture {
+        layers,
+        activation,
+        family: crate::arch::Family::Mlp,
+    };
+    arch.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(arch)
+}
+
+/// The control vector a `controlvector` file describes: the direction
+/// count from `controlvector.layer_count`, the width from `direction.1`,
+/// the base model from `controlvector.model_hint`.
+fn control_vector_arch(file: &GgufHeader, path: &Path) -> Result<Architecture, RuntimeError> {
+    let bad = |problem: String| RuntimeError::Model {
+        path: path.to_owned(),
+        problem,
+    };
+    let hint = file
+        .get(keys::CVEC_MODEL_HINT)
+        .ok_or_else(|| bad(format!("missing key {}", keys::CVEC_MODEL_HINT)))?
+        .as_str()
+        .ok_or_else(|| bad(format!("key {} is not a string", keys::CVEC_MODEL_HINT)))?
+        .to_owned();
+    let directions = file
+        .get(keys::CVEC_LAYER_COUNT)
+        .ok_or_else(|| bad(format!("missing key {}", keys::CVEC_LAYER_COUNT)))?
+        .as_u64()
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| {
+            bad(format!(
+                "key {} is not a non-negative integer",
+                keys::CVEC_LAYER_COUNT
+            ))
+        })?;
+    let first = file
+        .tensor("direction.1")
+        .ok_or_else(|| bad("missing tensor direction.1".into()))?;
+    let n_embd = match first.dims.as_slice() {
+        [w] => usize::try_from(*w).map_err(|_| bad(format!("direction.1 width {w}")))?,
+        dims => {
+            return Err(bad(format!(
+                "tensor direction.1 has dims {dims:?}, a control vector direction is 1-D"
+            )));
+        }
+    };
+    Architecture::control_vector(n_embd, directions, &hint).map_err(|e| bad(e.to_string()))
 }
 
 fn now_unix() -> u64 {
@@ -359,6 +470,22 @@ impl Model {
                 return Err(bad(format!(
                     "tensor {name} has type {}, expected F32, F16 or BF16",
                     t.ttype
+                )));
+            }
+        }
+        if !model.spec.arch.is_mlp() {
+            // llama.cpp's control-vector loader refuses a file with any
+            // tensor but F32 `direction.N` (N ≥ 1).
+            if let Some(t) =
+                model.file.tensors().iter().find(|t| {
+                    t.ttype != TensorType::F32 || !specs.iter().any(|(n, _)| *n == t.name)
+                })
+            {
+                return Err(bad(format!(
+                    "tensor {} ({}): a control vector holds only the F32 tensors direction.1 to direction.{} (llama.cpp refuses any other)",
+                    t.name,
+                    t.ttype,
+                    specs.len()
                 )));
             }
         }
@@ -549,7 +676,14 @@ pub fn write_model_with(
                 .cloned(),
         );
         opts.alignment = old.alignment();
-        for t in old.tensors().iter().filter(|t| !is_block_tensor(&t.name)) {
+        // A control vector keeps no foreign tensor: llama.cpp's loader
+        // would refuse the file.
+        let keep_tensors = spec.arch.is_mlp();
+        for t in old
+            .tensors()
+            .iter()
+            .filter(|t| keep_tensors && !spec.arch.owns_tensor_name(&t.name))
+        {
             tensors.push(TensorSpec::from(t));
             kept.push(t);
         }

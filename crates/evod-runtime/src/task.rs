@@ -9,6 +9,7 @@
 //! | `sine` | 1 → 1 | −MSE over 64 points of one period (seed unused) |
 //! | `csv:<path>:<target>` | features → 1 or classes | see [`crate::csv`] (seed unused; the split seed is fixed at load) |
 //! | `external` | any → any | the user's program's (`evod run --worker-cmd`, `evod.serve`); evod's runtime refuses to score it ([`RuntimeError::ExternalTask`]) |
+//! | `perplexity` | a llama.cpp control vector | −perplexity of the base model steered by the vector on the corpus (`docs/llm.md`); llama.cpp scores it in a worker built with the `llm` feature, evod's MLP runtime refuses ([`RuntimeError::PerplexityTask`]) |
 //!
 //! A non-finite fitness (a network producing NaN) is reported as
 //! `f64::NEG_INFINITY` so that it always ranks last.
@@ -39,6 +40,8 @@ pub const CARTPOLE_EPISODES: u32 = 5;
 pub const CSV_SPLIT_SEED: u64 = 0;
 /// Task string of [`Task::External`].
 pub const EXTERNAL: &str = "external";
+/// Task string of [`Task::Perplexity`].
+pub const PERPLEXITY: &str = "perplexity";
 /// Hidden width of the default network ([`Task::default_arch`]).
 pub const DEFAULT_HIDDEN: usize = 16;
 
@@ -60,13 +63,18 @@ pub enum Task {
     /// it (`evod run --worker-cmd`). Any architecture fits; evod's runtime
     /// refuses to score it.
     External,
+    /// Steering a llama.cpp base model with a control vector (the model
+    /// file) towards a corpus: −perplexity, scored by llama.cpp in a worker
+    /// built with the `llm` feature; the base model and corpus are named in
+    /// the file's `evod.perplexity.*` keys. evod's MLP runtime refuses it.
+    Perplexity,
 }
 
 impl Task {
     /// Inputs the network must take (0 for [`Task::External`]: any).
     pub fn input_size(&self) -> usize {
         match self {
-            Task::External => 0,
+            Task::External | Task::Perplexity => 0,
             Task::CartPole { .. } => 4,
             Task::Xor => 2,
             Task::Sine => 1,
@@ -78,7 +86,7 @@ impl Task {
     /// [`Task::External`]: any).
     pub fn output_size(&self) -> usize {
         match self {
-            Task::External => 0,
+            Task::External | Task::Perplexity => 0,
             Task::CartPole { .. } => 2,
             Task::Xor | Task::Sine => 1,
             Task::Csv(t) => t.output_size(),
@@ -90,6 +98,7 @@ impl Task {
         Architecture {
             layers: vec![self.input_size(), DEFAULT_HIDDEN, self.output_size()],
             activation,
+            family: crate::arch::Family::Mlp,
         }
     }
 
@@ -100,13 +109,25 @@ impl Task {
             Task::Xor => "xor".into(),
             Task::Sine => "sine".into(),
             Task::External => EXTERNAL.into(),
+            Task::Perplexity => PERPLEXITY.into(),
             Task::Csv(t) => format!("csv:{}:{}:{}", t.path.display(), t.target, t.kind.name()),
         }
     }
 
     /// Checks that `arch` is valid and fits this task's sizes.
     pub fn check_arch(&self, arch: &Architecture) -> Result<(), RuntimeError> {
-        arch.validate()?;
+        if *self == Task::Perplexity {
+            arch.validate()?;
+            if arch.is_mlp() {
+                return Err(RuntimeError::TaskMismatch {
+                    task: self.name(),
+                    expected: "a llama.cpp control vector".into(),
+                    layers: arch.layers_string(),
+                });
+            }
+            return Ok(());
+        }
+        arch.validate_mlp()?;
         if *self == Task::External {
             return Ok(());
         }
@@ -142,6 +163,7 @@ impl Task {
             Task::Sine => supervised::sine().neg_mse(arch, params)?,
             Task::Csv(t) => t.fitness(arch, params)?,
             Task::External => return Err(RuntimeError::ExternalTask),
+            Task::Perplexity => return Err(RuntimeError::PerplexityTask),
         };
         Ok(if fitness.is_nan() {
             f64::NEG_INFINITY
@@ -181,6 +203,7 @@ impl Task {
                 cartpole::mean_returns_with(arch, candidates, seed, *episodes, tick)?
             }
             Task::External => return Err(RuntimeError::ExternalTask),
+            Task::Perplexity => return Err(RuntimeError::PerplexityTask),
             _ => {
                 return candidates
                     .iter()
@@ -191,7 +214,7 @@ impl Task {
                             Task::Xor => supervised::xor().neg_mse_with(arch, c, tick)?,
                             Task::Sine => supervised::sine().neg_mse_with(arch, c, tick)?,
                             Task::Csv(t) => t.fitness_with(arch, c, tick)?,
-                            Task::CartPole { .. } | Task::External => {
+                            Task::CartPole { .. } | Task::External | Task::Perplexity => {
                                 unreachable!("matched above")
                             }
                         };
@@ -234,6 +257,7 @@ impl FromStr for Task {
             "xor" => Ok(Task::Xor),
             "sine" => Ok(Task::Sine),
             EXTERNAL => Ok(Task::External),
+            PERPLEXITY => Ok(Task::Perplexity),
             _ => {
                 let Some(rest) = s.strip_prefix("csv:") else {
                     return Err(RuntimeError::UnknownTask(s.to_owned()));

@@ -33,6 +33,7 @@
 
 pub mod recipes;
 
+pub use evod_evolve::Purpose;
 pub use recipes::{BaseError, RecipeBases, RecipesBody, RecipesError, decode_recipes, regenerate};
 
 use std::path::{Path, PathBuf};
@@ -195,6 +196,10 @@ pub struct EvalRequest<'a> {
     /// Episodes per candidate the evolver asks for; 0 means the task's own
     /// default.
     pub episodes: u32,
+    /// What the evaluation is for: [`Purpose::Gate`] is the publish gate,
+    /// which a task with a held-out split scores on it (the wire's
+    /// [`evod_wire::eval_flags::GATE`]).
+    pub purpose: Purpose,
     seg: &'a Segment,
 }
 
@@ -510,6 +515,7 @@ impl Worker<'_> {
             params: &body.params,
             seed: body.header.seed,
             episodes: body.header.episodes,
+            purpose: purpose_of(body.header.flags),
             seg: self.seg,
         };
         match score(handler, m, &request) {
@@ -553,6 +559,7 @@ impl Worker<'_> {
                 params: &self.regenerated,
                 seed: body.header.seed,
                 episodes: body.header.episodes,
+                purpose: purpose_of(body.header.flags),
                 seg,
             };
             match score(handler, m, &request) {
@@ -585,6 +592,16 @@ fn score<H: Handler>(
             ),
         )),
         Err(e) => Err(error(status::EVAL_FAILED, e)),
+    }
+}
+
+/// The purpose a request's `flags` word names (decoding refused unknown
+/// bits).
+pub fn purpose_of(flags: u32) -> Purpose {
+    if flags & evod_wire::eval_flags::GATE != 0 {
+        Purpose::Gate
+    } else {
+        Purpose::Train
     }
 }
 

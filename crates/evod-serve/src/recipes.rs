@@ -367,6 +367,7 @@ mod tests {
             episodes: 0,
             path_len: 7,
             base: 0xfeed,
+            flags: 0,
         };
         let bytes = [
             r.to_bytes(),
@@ -428,6 +429,7 @@ mod tests {
                 episodes: 0,
                 path_len: 1,
                 base: want,
+                flags: 0,
             },
             path: path.clone(),
             recipes: vec![Recipe::new(want, 1, 0.1, Sign::Plus, TensorScale::Glorot)],
@@ -461,6 +463,7 @@ mod tests {
                 episodes: 0,
                 path_len: 1,
                 base,
+                flags: 0,
             },
             path: path.to_owned(),
             recipes: recipes.to_vec(),

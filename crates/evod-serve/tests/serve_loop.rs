@@ -284,6 +284,7 @@ fn recipes_body(
         episodes: 0,
         path_len: path.len() as u32,
         base,
+        flags: 0,
     };
     let bytes: Vec<u8> = recipes.iter().flat_map(|r| r.to_bytes()).collect();
     let mut out = vec![0u8; h.request_len()];

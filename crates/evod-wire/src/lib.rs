@@ -27,5 +27,5 @@ pub use control::{
 };
 pub use protocol::{
     DecodeError, EvalHeader, ExecHeader, LoadRequest, MAX_BATCH, RECIPE_BYTES, RecipesHeader,
-    WorkerInfo, exchange, op, receive_id, status,
+    WorkerInfo, eval_flags, exchange, op, receive_id, status,
 };

@@ -27,6 +27,14 @@
 //!   runs with `--allow-fault-injection`. `FAULT_EXIT` carries a u32 code.
 //!
 //! A reply with a non-zero status carries a UTF-8 error message as payload.
+//!
+//! Revision 2 (issue 14): `EvalHeader::flags` and the `flags` word of
+//! [`RecipesHeader`] (its bytes 32..36, zero in revision 1) say what the
+//! evaluation is for ([`eval_flags`]): bit 0 set is the publish gate, scored
+//! on held-out data where the task has any. A revision-1 sender writes zero
+//! there (training), which revision 2 reads the same way; a request with an
+//! unknown bit is refused (`BAD_REQUEST`), so a newer sender cannot be
+//! misread by an older reader of this revision.
 
 use serde::{Deserialize, Serialize};
 
@@ -178,6 +186,30 @@ pub enum DecodeError {
     Bincode(String),
 }
 
+/// Bits of the `flags` word of [`EvalHeader`] and [`RecipesHeader`].
+pub mod eval_flags {
+    /// The request is the publish gate: score on held-out data.
+    pub const GATE: u32 = 1;
+    /// Every bit this revision knows.
+    pub const KNOWN: u32 = GATE;
+
+    /// The flags of an evaluation that is (`true`) or is not the gate.
+    pub fn of_gate(gate: bool) -> u32 {
+        if gate { GATE } else { 0 }
+    }
+}
+
+/// Checks a request's `flags` word: unknown bits are refused.
+fn check_flags(flags: u32) -> Result<(), DecodeError> {
+    if flags & !eval_flags::KNOWN != 0 {
+        return Err(DecodeError::Field {
+            field: "flags (unknown bits)",
+            value: flags.into(),
+        });
+    }
+    Ok(())
+}
+
 /// Largest batch or candidate count accepted in one request.
 pub const MAX_BATCH: u32 = 1 << 16;
 
@@ -201,7 +233,7 @@ pub struct EvalHeader {
     pub seed: u64,
     /// Episodes (CartPole) per candidate; 0 means the task's default.
     pub episodes: u32,
-    /// Reserved, zero.
+    /// [`eval_flags`]: [`eval_flags::GATE`] for the publish gate.
     pub flags: u32,
     /// Reserved, zero.
     pub reserved: u64,
@@ -285,6 +317,7 @@ impl EvalHeader {
                 value: h.candidates.into(),
             });
         }
+        check_flags(h.flags)?;
         let want = h.request_len();
         if bytes.len() != want {
             return Err(DecodeError::Length {
@@ -305,7 +338,8 @@ pub const MAX_BASE_PATH: u32 = 4096;
 
 /// `EVAL_RECIPES` request header (48 bytes, little-endian): candidates
 /// (u32), params (u32), seed (u64), episodes (u32), path_len (u32), base
-/// (u64), 16 reserved zero bytes.
+/// (u64), flags (u32, [`eval_flags`]; zero in revision 1), 12 reserved
+/// zero bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecipesHeader {
     /// Number of recipes that follow the path.
@@ -320,6 +354,8 @@ pub struct RecipesHeader {
     pub path_len: u32,
     /// Checksum of the base parameters (`evod_evolve::recipe::checksum`).
     pub base: u64,
+    /// [`eval_flags`]: [`eval_flags::GATE`] for the publish gate.
+    pub flags: u32,
 }
 
 impl RecipesHeader {
@@ -340,7 +376,8 @@ impl RecipesHeader {
         out[16..20].copy_from_slice(&self.episodes.to_le_bytes());
         out[20..24].copy_from_slice(&self.path_len.to_le_bytes());
         out[24..32].copy_from_slice(&self.base.to_le_bytes());
-        out[32..48].fill(0);
+        out[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        out[36..48].fill(0);
         let at = Self::SIZE + path.len();
         out[Self::SIZE..at].copy_from_slice(path);
         out[at..at + recipes.len()].copy_from_slice(recipes);
@@ -361,7 +398,9 @@ impl RecipesHeader {
             episodes: u32_at(head, 16),
             path_len: u32_at(head, 20),
             base: u64_at(head, 24),
+            flags: u32_at(head, 32),
         };
+        check_flags(h.flags)?;
         if h.candidates == 0 || h.candidates > MAX_BATCH {
             return Err(DecodeError::Field {
                 field: "candidates",
@@ -546,6 +585,7 @@ mod tests {
             episodes: 3,
             path_len: 5,
             base: 0xfeed,
+            flags: 0,
         };
         let recipes = [7u8; 2 * RECIPE_BYTES];
         let mut buf = vec![0u8; h.request_len()];
@@ -578,6 +618,53 @@ mod tests {
         bad[RecipesHeader::SIZE] = 0xff;
         assert!(RecipesHeader::decode(&bad).is_err());
         assert!(RecipesHeader::decode(&buf[..10]).is_err());
+    }
+
+    /// Revision 2: the gate bit travels in both headers, a revision-1
+    /// request (zero there) reads as training, and an unknown bit is
+    /// refused by name.
+    #[test]
+    fn the_gate_flag_round_trips_and_unknown_flags_are_refused() {
+        let e = EvalHeader {
+            candidates: 1,
+            params: 2,
+            seed: 3,
+            episodes: 0,
+            flags: eval_flags::GATE,
+            reserved: 0,
+        };
+        let mut buf = vec![0u8; e.request_len()];
+        e.encode(&mut buf);
+        assert_eq!(EvalHeader::decode(&buf).unwrap().flags, eval_flags::GATE);
+        buf[20..24].copy_from_slice(&6u32.to_le_bytes());
+        assert!(matches!(
+            EvalHeader::decode(&buf),
+            Err(DecodeError::Field { field, value: 6 }) if field.starts_with("flags")
+        ));
+        let r = RecipesHeader {
+            candidates: 1,
+            params: 10,
+            seed: 1,
+            episodes: 0,
+            path_len: 2,
+            base: 1,
+            flags: eval_flags::GATE,
+        };
+        let mut buf = vec![0u8; r.request_len()];
+        r.encode(b"/b", &[1u8; RECIPE_BYTES], &mut buf);
+        assert_eq!(
+            RecipesHeader::decode(&buf).unwrap().0.flags,
+            eval_flags::GATE
+        );
+        buf[32..36].fill(0);
+        assert_eq!(RecipesHeader::decode(&buf).unwrap().0.flags, 0);
+        buf[32..36].copy_from_slice(&0x8000_0000u32.to_le_bytes());
+        assert!(matches!(
+            RecipesHeader::decode(&buf),
+            Err(DecodeError::Field { field, .. }) if field.starts_with("flags")
+        ));
+        assert_eq!(eval_flags::of_gate(true), eval_flags::GATE);
+        assert_eq!(eval_flags::of_gate(false), 0);
     }
 
     #[test]

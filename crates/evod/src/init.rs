@@ -14,9 +14,10 @@ use crate::exit;
 /// Arguments of `evod init`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Task: cartpole, xor, sine, csv (needs --data and --target) or
+    /// Task: cartpole, xor, sine, csv (needs --data and --target),
     /// external (a fitness evod does not know, computed by the program of
-    /// `evod run --worker-cmd`; needs --layers).
+    /// `evod run --worker-cmd`; needs --layers) or perplexity (a llama.cpp
+    /// control vector steering --base-model towards --text; docs/llm.md).
     #[arg(long, default_value = "cartpole")]
     task: String,
     /// CSV data file (with --task csv).
@@ -31,6 +32,24 @@ pub struct Args {
     /// Layer widths, input first (default: task inputs,16,task outputs).
     #[arg(long, value_name = "N,N,...")]
     layers: Option<String>,
+    /// The llama.cpp base model the control vector steers (with --task
+    /// perplexity).
+    #[arg(long, value_name = "FILE")]
+    base_model: Option<PathBuf>,
+    /// The corpus, UTF-8 text (with --task perplexity).
+    #[arg(long, value_name = "FILE")]
+    text: Option<PathBuf>,
+    /// Share of the corpus held out for the publish gate, never trained on
+    /// (with --task perplexity).
+    #[arg(long, value_name = "FRACTION", default_value_t = crate::llm::DEFAULT_HELDOUT)]
+    heldout: f64,
+    /// Tokens per scored window (with --task perplexity).
+    #[arg(long, value_name = "TOKENS", default_value_t = crate::llm::DEFAULT_WINDOW)]
+    window: u32,
+    /// Training windows scored per evaluation, chosen by each generation's
+    /// seed; 0 scores them all (with --task perplexity).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    train_windows: u32,
     /// Hidden activation: tanh, relu, sigmoid or identity.
     #[arg(long, default_value = "tanh")]
     activation: String,
@@ -51,6 +70,34 @@ fn usage(error: impl Into<anyhow::Error>) -> anyhow::Error {
 
 /// Runs `evod init`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let perplexity = args.task == evod_runtime::task::PERPLEXITY;
+    if !perplexity && (args.base_model.is_some() || args.text.is_some()) {
+        return Err(usage(anyhow::anyhow!(
+            "--base-model and --text only apply to --task perplexity"
+        )));
+    }
+    if perplexity {
+        let (Some(base_model), Some(text)) = (&args.base_model, &args.text) else {
+            return Err(usage(anyhow::anyhow!(
+                "--task perplexity needs --base-model BASE.gguf and --text CORPUS.txt"
+            )));
+        };
+        if args.layers.is_some() || args.data.is_some() || args.target.is_some() {
+            return Err(usage(anyhow::anyhow!(
+                "--layers, --data and --target do not apply to --task perplexity (the base model sets the vector's shape)"
+            )));
+        }
+        return crate::llm::init(&crate::llm::InitArgs {
+            base_model: base_model.clone(),
+            text: text.clone(),
+            heldout: args.heldout,
+            window: args.window,
+            train_windows: args.train_windows,
+            seed: args.seed,
+            output: args.output.clone(),
+            force: args.force,
+        });
+    }
     let task = match args.task.as_str() {
         "csv" => {
             let (Some(data), Some(target)) = (&args.data, &args.target) else {
@@ -96,7 +143,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         other => {
             return Err(usage(anyhow::anyhow!(
-                "unknown task {other:?} (expected cartpole, xor, sine, csv or external)"
+                "unknown task {other:?} (expected cartpole, xor, sine, csv, external or perplexity)"
             )));
         }
     };
@@ -105,6 +152,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(s) => Architecture {
             layers: Architecture::parse_layers(s).map_err(usage)?,
             activation,
+            family: evod_runtime::Family::Mlp,
         },
         None => task.default_arch(activation),
     };

@@ -12,6 +12,7 @@ mod exit;
 mod fault;
 mod init;
 mod inspect;
+mod llm;
 mod report;
 mod run;
 mod status;

@@ -84,6 +84,17 @@ impl Loaded {
 /// until it crashes. With `--standby-fd`, first waits to be promoted (see
 /// `evod-supervisor`'s `standby.rs`).
 pub fn run(args: Args) -> Result<ExitCode> {
+    // A perplexity model is llama.cpp's to score: evod-serve's loop with
+    // the llama handler (a build without it answers EVAL with the task's
+    // error; `evod run` refuses such a model before starting).
+    #[cfg(feature = "llm")]
+    if args
+        .model
+        .as_deref()
+        .is_some_and(crate::llm::is_perplexity_model)
+    {
+        return crate::llm::serve_worker(&args);
+    }
     die_on_first_segv();
     evod_supervisor::set_process_name(if args.standby_fd.is_some() {
         c"evod-standby"
@@ -165,7 +176,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
 /// A model mapped by a standby before its promotion, and the identity of
 /// the file it was mapped from.
-struct Preloaded {
+pub(crate) struct Preloaded {
     model: Model,
     /// (dev, ino) of the path, taken *before* opening it: published files
     /// are replaced by rename, never changed in place, so an unchanged
@@ -183,7 +194,7 @@ impl Preloaded {
 /// Standby mode: maps the model, says ready on the link (descriptor `fd`)
 /// and blocks until the supervisor promotes us (`Ok(Some(_))`, with the
 /// model if it could be mapped) or drops us (`Ok(None)`: end of file).
-fn stand_by(fd: i32, model: Option<&Path>) -> Result<Option<Option<Preloaded>>> {
+pub(crate) fn stand_by(fd: i32, model: Option<&Path>) -> Result<Option<Option<Preloaded>>> {
     use std::io::{Read, Write};
     use std::os::fd::FromRawFd;
     use std::os::unix::net::UnixStream;
@@ -765,7 +776,7 @@ fn segfault() -> ! {
 /// only the second one killed. A worker must die of the first, as the
 /// supervisor's crash accounting assumes; a real fault still kills too
 /// (a stack overflow now as SIGSEGV, without Rust's message and abort).
-fn die_on_first_segv() {
+pub(crate) fn die_on_first_segv() {
     for signal in [libc::SIGSEGV, libc::SIGBUS] {
         // SAFETY: signal(2) with SIG_DFL only sets the process's
         // disposition: no handler pointer is passed, so no code of ours can

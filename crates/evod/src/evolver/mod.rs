@@ -125,10 +125,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
     });
     let dist = crate::dist::DistSettings::from_args(&args.dist)?;
     let segments = attach_segments(&args.ring_fds)?;
+    // A llama.cpp worker beats between decode batches, which take longer
+    // than an MLP's ticks: wait for it as long as the supervisor's default
+    // watchdog does before calling it lost.
+    let client_config = if crate::llm::is_perplexity_model(&args.dir.join(MODEL_FILE)) {
+        evod_ring::ClientConfig {
+            peer_timeout: crate::llm::PEER_TIMEOUT,
+            ..evod_ring::ClientConfig::default()
+        }
+    } else {
+        evod_ring::ClientConfig::default()
+    };
     let clients = segments
         .iter()
         .map(|s| {
-            s.client(Channel::Eval)
+            s.client_with(Channel::Eval, client_config)
                 .context("claiming the evaluation channel")
         })
         .collect::<Result<Vec<_>>>()?;
@@ -250,6 +261,9 @@ pub fn evolver_config(evolve: &EvolveArgs, task: &Task) -> EvolverConfig {
     let strategy = match evolve.strategy {
         Some(Strategy::Ga) => StrategyKind::Ga,
         Some(Strategy::Es) => StrategyKind::Es,
+        // A control vector's candidates travel as recipes (a few bytes
+        // each) and ES averages the noisy window-subset fitness.
+        None if *task == Task::Perplexity => StrategyKind::Es,
         None => defaults.strategy,
     };
     let mut config = EvolverConfig {

@@ -43,6 +43,9 @@ pub struct RingEvaluator<'s> {
     episodes: u32,
     /// Ring traffic so far ([`IpcCounters`]).
     pub ipc: IpcCounters,
+    /// What the evaluation under way is for (put on the wire as
+    /// `eval_flags`; set by `evaluate_for` / `evaluate_recipes_for`).
+    purpose: evod_evolve::Purpose,
 }
 
 /// What evaluation cost in bytes: ring payload bytes (requests and
@@ -159,6 +162,7 @@ impl<'s> RingEvaluator<'s> {
             per_candidate_timeout: DEFAULT_PER_CANDIDATE_TIMEOUT,
             episodes: 1,
             ipc: IpcCounters::default(),
+            purpose: evod_evolve::Purpose::Train,
         }
     }
 
@@ -263,7 +267,9 @@ impl<'s> RingEvaluator<'s> {
                     params: n as u32,
                     seed,
                     episodes,
-                    flags: 0,
+                    flags: evod_wire::eval_flags::of_gate(
+                        self.purpose == evod_evolve::Purpose::Gate,
+                    ),
                     reserved: 0,
                 };
                 let len = header.request_len();
@@ -290,6 +296,9 @@ impl<'s> RingEvaluator<'s> {
                     episodes,
                     path_len: path.len() as u32,
                     base,
+                    flags: evod_wire::eval_flags::of_gate(
+                        self.purpose == evod_evolve::Purpose::Gate,
+                    ),
                 };
                 let bytes: Vec<u8> = group.iter().flat_map(|&i| recipes[i].to_bytes()).collect();
                 let len = header.request_len();
@@ -668,6 +677,33 @@ impl Evaluator for RingEvaluator<'_> {
             recipes,
         };
         self.schedule(work, evod_wire::MAX_BATCH as usize, seed, episodes)
+    }
+
+    fn evaluate_for(
+        &mut self,
+        purpose: evod_evolve::Purpose,
+        candidates: &[&[f32]],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        self.purpose = purpose;
+        let out = self.evaluate(candidates, seed, episodes);
+        self.purpose = evod_evolve::Purpose::Train;
+        out
+    }
+
+    fn evaluate_recipes_for(
+        &mut self,
+        purpose: evod_evolve::Purpose,
+        base: &evod_evolve::Base<'_>,
+        recipes: &[evod_evolve::Recipe],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        self.purpose = purpose;
+        let out = self.evaluate_recipes(base, recipes, seed, episodes);
+        self.purpose = evod_evolve::Purpose::Train;
+        out
     }
 }
 

@@ -37,6 +37,10 @@ pub(super) struct Loop {
     /// file is the one restored: a replay from an older checkpoint would
     /// publish it again, undoing the rollback.
     rolled_back_from: Option<u64>,
+    /// The perplexity task: the gate scores held-out windows, so every
+    /// generation's best is gated and the start vector's held-out fitness
+    /// is measured before the first generation when the file has none.
+    perplexity: bool,
 }
 
 /// A publish the checkpoint counts as done but the live file does not hold:
@@ -124,13 +128,15 @@ impl Loop {
             }
         }
         let resumed = evolver.is_some();
-        let evolver = match evolver {
+        let mut evolver = match evolver {
             Some(e) => e,
             None => {
                 let params = model.params()?.into_owned();
                 Evolver::new(config, &model.spec.arch, params, model.spec.fitness)?
             }
         };
+        let perplexity = task == Task::Perplexity;
+        evolver.set_gate_every_generation(perplexity);
         let quarantined = evod_store::read_quarantine(dir);
         let model_generation = model.spec.generation;
         let mark = evod_store::read_rollback_marker(dir);
@@ -169,6 +175,7 @@ impl Loop {
             rolled_back_from: mark
                 .filter(|m| m.to == model_generation)
                 .and_then(|m| m.from),
+            perplexity,
         })
     }
 
@@ -205,6 +212,28 @@ impl Loop {
             self.evolver.stats(),
         );
         let mut live = LiveLine::default();
+        if self.perplexity && self.evolver.generation() == 0 && self.evolver.published().is_none() {
+            // The base model's own held-out fitness (the start vector is
+            // zero): the first publish must beat it.
+            let params = self.evolver.best().0.to_vec();
+            let gate = ring
+                .evaluate_for(
+                    evod_evolve::Purpose::Gate,
+                    &[params.as_slice()],
+                    self.evolver.gate_seed(0),
+                    self.evolver.config().gate_episodes,
+                )
+                .context("scoring the start control vector on the held-out windows")?;
+            if let Some(Some(f)) = gate.first().copied()
+                && f.is_finite()
+            {
+                self.evolver.adopt_initial_fitness(f)?;
+                tracing::info!(
+                    fitness = f,
+                    "held-out fitness of the start control vector: the first publish must beat it"
+                );
+            }
+        }
         // A restarted evolver in the very state it rested in rests again.
         let mut resumed_rest = (evolve.patience() > 0)
             .then(|| {

@@ -150,6 +150,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             ),
         ));
     }
+    // A perplexity model needs llama.cpp, its base model and its corpus:
+    // refuse a build without it or a changed file now, by name.
+    crate::llm::check_run(&config.model, config.worker_cmd.is_some())?;
     evod_supervisor::init_logging(config.log_format);
     if let Some(d) = &dist {
         d.check_reachable()?;

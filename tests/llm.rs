@@ -1,0 +1,427 @@
+//! The perplexity task end to end on real llama.cpp (`--features llm`):
+//! `evod init --task perplexity` on a tiny llama GGUF made here with
+//! gguf-py (`crates/evod-llama/tests/py/tiny_llama.py`, the runtime's own
+//! fixture), a bounded `evod run` (supervisor,
+//! llama.cpp workers, evolver) that lowers the training perplexity and
+//! publishes a control vector that gguf-py reads and llama.cpp loads (its
+//! held-out perplexity is the published fitness, bit for bit); the
+//! refusals (a base llama.cpp cannot load, a bad corpus, a vector of the
+//! wrong width, a corpus changed under the run); a worker SIGSEGVed while
+//! it decodes is respawned and the run completes.
+//!
+//! The Python is `EVOD_PYTHON`, else `<workspace>/.venv/bin/python`.
+
+mod common;
+
+use common::{Daemon, children_with_role, evod, text};
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use evod_gguf::{GgufFile, Value};
+
+/// Generous: a guard against a hang, not a timing test.
+const DEADLINE: Duration = Duration::from_secs(300);
+/// Tokens per window in these tests.
+const WINDOW: u32 = 16;
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("EVOD_PYTHON") {
+        return p.into();
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    assert!(
+        venv.exists(),
+        "no python with gguf-py: set EVOD_PYTHON or run `cargo xtask venv` (looked for {})",
+        venv.display()
+    );
+    venv
+}
+
+/// Writes the tiny llama base model at `out` (3 layers of width 32 unless
+/// `args` say otherwise: `--n-embd N`, `--layers N`).
+fn tiny_llama(out: &Path, args: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../evod-llama/tests/py/tiny_llama.py");
+    let o = std::process::Command::new(python())
+        .arg(script)
+        .arg("write")
+        .arg(out)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "fixture: {}", text(&o.stderr));
+}
+
+/// A deterministic English-like corpus of about `bytes` bytes: sentences
+/// drawn from a small vocabulary, so the held-out part looks like the
+/// training part.
+fn corpus(bytes: usize) -> String {
+    const WORDS: [&str; 16] = [
+        "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "house", "big", "red",
+        "small", "saw", "it",
+    ];
+    let mut s = String::new();
+    let mut x: u64 = 12345;
+    while s.len() < bytes {
+        let n = 4 + (x % 5) as usize;
+        for k in 0..n {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let w = WORDS[((x >> 33) % WORDS.len() as u64) as usize];
+            if k > 0 {
+                s.push(' ');
+            }
+            s.push_str(w);
+        }
+        s.push_str(".\n");
+    }
+    s
+}
+
+/// `evod init --task perplexity` with these files; its output.
+fn init(base: &Path, text_file: &Path, out: &Path, extra: &[&str]) -> Output {
+    evod()
+        .args(["init", "--task", "perplexity", "--base-model"])
+        .arg(base)
+        .arg("--text")
+        .arg(text_file)
+        .args(["--window", &WINDOW.to_string(), "--heldout", "0.25"])
+        .arg("-o")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn init_ok(base: &Path, text_file: &Path, out: &Path) {
+    let o = init(base, text_file, out, &[]);
+    assert!(
+        o.status.success(),
+        "init: {}\n{}",
+        text(&o.stderr),
+        text(&o.stdout)
+    );
+}
+
+/// A state folder holding `vectorland.gguf` initialised on a tiny llama and
+/// a corpus of `bytes` bytes; returns (folder, base path, corpus path).
+fn setup(bytes: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.gguf");
+    tiny_llama(&base, &[]);
+    let corpus_file = dir.path().join("corpus.txt");
+    std::fs::write(&corpus_file, corpus(bytes)).unwrap();
+    init_ok(&base, &corpus_file, &dir.path().join("vectorland.gguf"));
+    (dir, base, corpus_file)
+}
+
+fn run_args(generations: u32) -> Vec<String> {
+    [
+        "--workers",
+        "1",
+        "--generations",
+        &generations.to_string(),
+        "--population",
+        "8",
+        "--seed",
+        "3",
+        "--log-format",
+        "json",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+fn u64_key(f: &GgufFile, key: &str) -> u64 {
+    f.get(key)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("{key}"))
+}
+
+fn str_key(f: &GgufFile, key: &str) -> String {
+    f.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("{key}"))
+        .to_owned()
+}
+
+/// The control vector's values (direction.1 … in order).
+fn vector(f: &GgufFile) -> Vec<f32> {
+    let n = u64_key(f, "controlvector.layer_count");
+    (1..=n)
+        .flat_map(|k| {
+            let t = f.tensor(&format!("direction.{k}")).unwrap();
+            f.tensor_f32(t).unwrap().into_owned()
+        })
+        .collect()
+}
+
+/// The base model as the worker loads it.
+fn load_base(path: &Path) -> evod_llama::BaseModel {
+    evod_llama::BaseModel::load(
+        path,
+        &evod_llama::LlamaOptions {
+            threads: 1,
+            n_ctx: WINDOW,
+            n_batch: WINDOW.min(8),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// The full windows of `s`'s tokens, end to end.
+fn windows(base: &evod_llama::BaseModel, s: &str) -> Vec<i32> {
+    let t = base.tokenize(s).unwrap();
+    let n = t.len() / WINDOW as usize * WINDOW as usize;
+    t[..n].to_vec()
+}
+
+fn perplexity(base: &mut evod_llama::BaseModel, cvec: &[f32], tokens: &[i32]) -> f64 {
+    base.set_control_vector(Some(cvec)).unwrap();
+    base.nll(tokens, WINDOW as usize, &mut || {})
+        .unwrap()
+        .perplexity()
+}
+
+#[test]
+fn a_bounded_run_lowers_training_perplexity_and_publishes_a_vector_llama_cpp_loads() {
+    let (dir, base_path, corpus_file) = setup(3000);
+    let args = run_args(12);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::spawn(dir, &args, DEADLINE);
+    let status = d.wait_exit();
+    assert!(status.success(), "evod run: {status}\n{}", d.log());
+    let model = d.dir().join("vectorland.gguf");
+    let f = GgufFile::open(&model).unwrap();
+    let generation = u64_key(&f, "evod.generation");
+    assert!(generation >= 1, "nothing published\n{}", d.log());
+    assert_eq!(str_key(&f, "general.architecture"), "controlvector");
+    assert_eq!(str_key(&f, "controlvector.model_hint"), "llama");
+    assert_eq!(str_key(&f, "evod.task"), "perplexity");
+    // The split and the files are carried over from `init`.
+    assert_eq!(
+        PathBuf::from(str_key(&f, "evod.perplexity.corpus")),
+        corpus_file.canonicalize().unwrap()
+    );
+    // Only direction tensors, all F32, as llama.cpp's loader requires.
+    assert!(f.tensors().iter().all(|t| t.name.starts_with("direction.")
+        && t.ttype == evod_gguf::TensorType::F32
+        && t.dims == [32]));
+    assert_eq!(f.tensors().len(), 2);
+    let published = vector(&f);
+    assert!(published.iter().any(|&v| v != 0.0));
+    let fitness = f.get("evod.fitness").and_then(Value::as_f64).unwrap();
+
+    // gguf-py reads it.
+    let o = std::process::Command::new(python())
+        .arg("-c")
+        .arg(
+            "import sys, gguf\n\
+             r = gguf.GGUFReader(sys.argv[1])\n\
+             a = bytes(r.fields['general.architecture'].parts[-1]).decode()\n\
+             print(a, ' '.join(f'{t.name}:{t.tensor_type.name}:{t.n_elements}' for t in r.tensors))",
+        )
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "gguf-py: {}", text(&o.stderr));
+    assert_eq!(
+        text(&o.stdout).trim(),
+        "controlvector direction.1:F32:32 direction.2:F32:32"
+    );
+
+    // llama.cpp with the vector set: lower training perplexity than the
+    // base alone, and the held-out perplexity the gate published.
+    let corpus_text = std::fs::read_to_string(&corpus_file).unwrap();
+    let cut = u64_key(&f, "evod.perplexity.heldout_start_byte") as usize;
+    let mut base = load_base(&base_path);
+    let train = windows(&base, &corpus_text[..cut]);
+    let heldout = windows(&base, &corpus_text[cut..]);
+    let zero = vec![0f32; published.len()];
+    let train_base = perplexity(&mut base, &zero, &train);
+    let train_after = perplexity(&mut base, &published, &train);
+    let heldout_base = perplexity(&mut base, &zero, &heldout);
+    let heldout_after = perplexity(&mut base, &published, &heldout);
+    assert!(
+        train_after < train_base,
+        "training perplexity {train_base} -> {train_after}\n{}",
+        d.log()
+    );
+    assert!(
+        heldout_after < heldout_base,
+        "held-out perplexity {heldout_base} -> {heldout_after}"
+    );
+    assert_eq!(
+        -heldout_after, fitness,
+        "the published fitness is the held-out perplexity llama.cpp gives the file's vector"
+    );
+    // `evod inspect` shows it.
+    let o = evod().arg("inspect").arg(&model).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("controlvector.layer_count"));
+}
+
+/// The exit code and stderr of a refused command, checked.
+fn refused(o: &Output, code: i32, needles: &[&str]) {
+    let err = text(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stderr: {err}\nstdout: {}",
+        text(&o.stdout)
+    );
+    for n in needles {
+        assert!(err.contains(n), "{n:?} not in: {err}");
+    }
+}
+
+#[test]
+fn init_refuses_a_base_llama_cpp_cannot_load_and_a_bad_corpus_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("base.gguf");
+    tiny_llama(&good, &[]);
+    let text_file = dir.path().join("corpus.txt");
+    std::fs::write(&text_file, corpus(2000)).unwrap();
+    let out = dir.path().join("v.gguf");
+
+    // A valid GGUF whose model llama.cpp refuses (it says 4 blocks, holds
+    // the tensors of 3): the reason is llama.cpp's, routed from its log.
+    let broken = dir.path().join("broken.gguf");
+    let f = GgufFile::open(&good).unwrap();
+    evod_gguf::rewrite(
+        &f,
+        &broken,
+        |m| {
+            for (k, v) in m.iter_mut() {
+                if k == "llama.block_count" {
+                    *v = Value::U32(4);
+                }
+            }
+        },
+        &evod_gguf::PublishOptions::default(),
+    )
+    .unwrap();
+    let o = init(&broken, &text_file, &out, &[]);
+    refused(&o, 3, &["broken.gguf", "llama.cpp could not load"]);
+    // Not a GGUF at all.
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"not a model at all, just bytes").unwrap();
+    refused(&init(&junk, &text_file, &out, &[]), 3, &["junk.gguf"]);
+
+    let bad_text = |name: &str, bytes: &[u8], needle: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        refused(&init(&good, &p, &out, &[]), 3, &[name, needle]);
+    };
+    bad_text("empty.txt", b"", "empty");
+    bad_text(
+        "latin1.txt",
+        b"caf\xe9 au lait and more text here",
+        "not UTF-8",
+    );
+    bad_text(
+        "short.txt",
+        b"the cat sat on the mat.\nthe dog ran.\n",
+        "too short",
+    );
+    assert!(!out.exists(), "a refused init wrote {}", out.display());
+
+    let o = evod()
+        .args(["init", "--task", "perplexity", "--text"])
+        .arg(&text_file)
+        .output()
+        .unwrap();
+    refused(&o, 2, &["--base-model"]);
+    init_ok(&good, &text_file, &out);
+}
+
+#[test]
+fn run_refuses_a_vector_that_does_not_fit_the_base_and_a_corpus_changed_since_init() {
+    // A vector made for a 16-wide base, pointed at a 32-wide one.
+    let (dir, base32, corpus_file) = setup(2000);
+    let base16 = dir.path().join("base16.gguf");
+    tiny_llama(&base16, &["--n-embd", "16"]);
+    let narrow = dir.path().join("narrow.gguf");
+    init_ok(&base16, &corpus_file, &narrow);
+    let model = dir.path().join("vectorland.gguf");
+    let wide = GgufFile::open(&model).unwrap();
+    let base32_key = str_key(&wide, "evod.perplexity.base_model");
+    let base32_sum = u64_key(&wide, "evod.perplexity.base_checksum");
+    drop(wide);
+    let narrow_file = GgufFile::open(&narrow).unwrap();
+    evod_gguf::rewrite(
+        &narrow_file,
+        &model,
+        |m| {
+            for (k, v) in m.iter_mut() {
+                match k.as_str() {
+                    "evod.perplexity.base_model" => *v = Value::String(base32_key.clone()),
+                    "evod.perplexity.base_checksum" => *v = Value::U64(base32_sum),
+                    _ => {}
+                }
+            }
+        },
+        &evod_gguf::PublishOptions::default(),
+    )
+    .unwrap();
+    let o = evod()
+        .args(["run", "--dir"])
+        .arg(dir.path())
+        .args(["--generations", "1"])
+        .output()
+        .unwrap();
+    refused(
+        &o,
+        3,
+        &[
+            "vectorland.gguf",
+            "does not fit the base model",
+            "base.gguf",
+        ],
+    );
+    let _ = base32;
+
+    // A corpus edited after init.
+    let (dir, _, corpus_file) = setup(2000);
+    std::fs::write(&corpus_file, corpus(2001)).unwrap();
+    let o = evod()
+        .args(["run", "--dir"])
+        .arg(dir.path())
+        .args(["--generations", "1"])
+        .output()
+        .unwrap();
+    refused(&o, 3, &["corpus.txt", "changed since evod init"]);
+}
+
+#[test]
+fn a_worker_killed_by_sigsegv_while_it_decodes_is_respawned_and_the_run_completes() {
+    // A long corpus: each EVAL_RECIPES keeps the worker in llama_decode for
+    // a while.
+    let (dir, _, _) = setup(40_000);
+    let args = run_args(3);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::spawn(dir, &args, DEADLINE);
+    let pid = d.wait_for("a worker evaluating", |d| {
+        let w = d.worker()?;
+        let busy = w["stats"]["in_service"] == "EVAL_RECIPES";
+        busy.then(|| w["pid"].as_u64()).flatten()
+    });
+    assert!(children_with_role(d.pid(), "worker").contains(&(pid as u32)));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSEGV,
+    )
+    .unwrap();
+    d.wait_for("the worker respawned after its SIGSEGV", |d| {
+        let w = d.worker()?;
+        let segv = w["last_exit"].as_str()?.contains("SIGSEGV");
+        (segv && w["restarts"].as_u64()? >= 1 && w["pid"].as_u64()? != pid).then_some(())
+    });
+    let status = d.wait_exit();
+    assert!(status.success(), "evod run: {status}\n{}", d.log());
+    let f = GgufFile::open(&d.dir().join("vectorland.gguf")).unwrap();
+    assert_eq!(str_key(&f, "general.architecture"), "controlvector");
+}
