@@ -294,7 +294,5 @@ fn stats_json(s: &evod_ring::StatsSnapshot) -> serde_json::Value {
         // Worker-written: what it says it is serving now (shown only).
         "in_service": s.in_service.map(op::name),
         "worker_uptime_s": s.uptime.map(|u| u.as_secs_f64()),
-        // The request the worker is serving right now (its opcode's name).
-        "in_service": s.in_service.map(op::name),
     })
 }
