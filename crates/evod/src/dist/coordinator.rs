@@ -6,8 +6,9 @@
 //! run's model file once, and evaluates each ES evaluation of the evolver
 //! through the broker ([`Coordination::evaluator`]): one round per
 //! evaluation (a generation's training batch, then its publish gate),
-//! named by a hash of what it evaluates ([`round_id`]: the base, the
-//! recipes, the episode seed and count). A round is the generation's base
+//! named by a hash of what it evaluates ([`round_id`]: the run's model
+//! and this build's protocol, the base, the recipes, the episode seed and
+//! count). A round is the generation's base
 //! published by hash (once), its recipes cut into tasks of
 //! `--candidates-per-task`, enqueued once (a restarted coordinator that
 //! redoes a round finds it enqueued and its results recorded: nothing is
@@ -57,6 +58,10 @@ pub struct Coordination {
     broker: RedisBroker,
     settings: DistSettings,
     lease: Lease,
+    /// The lease keeper thread (stopped, then the lease released, on drop).
+    _keeper: Keeper,
+    /// The run's [`fingerprint`], part of every round id.
+    fingerprint: u64,
     /// Its own workers as an evaluator host (`None` with `--remote-only`).
     host: Option<EvalHost>,
     stop: Arc<AtomicBool>,
@@ -86,6 +91,7 @@ impl Coordination {
         model: &std::path::Path,
         layout: ParamLayout,
         workers: u32,
+        eval_timeout_per_candidate: Duration,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<Option<Coordination>> {
         let url = settings.shown_url();
@@ -121,37 +127,47 @@ impl Coordination {
             settings.run,
             settings.lease_ttl
         );
+        // From here on, any way out (an error, a stop) stops the keeper
+        // and releases the lease: `keeper` does both when dropped.
+        let keeper = Keeper::start(settings.broker("")?, lease.clone(), url.clone())?;
         let bytes = std::fs::read(model)
             .map_err(|e| anyhow::anyhow!("reading {} to publish it: {e}", model.display()))?;
         retry_logged("publish the model", &url, &stop, || {
             broker.publish_model(&lease, &bytes)
         })?;
-        let keeper_broker = settings.broker("")?;
-        let keeper_lease = lease.clone();
-        let keeper_url = url.clone();
-        std::thread::Builder::new()
-            .name("lease-keeper".into())
-            .spawn(move || keep_lease(keeper_broker, &keeper_lease, &keeper_url))?;
+        let model_hash = xxhash_rust::xxh3::xxh3_64(&bytes);
+        let fingerprint = fingerprint(&bytes);
+        let shown = format!("{model_hash:016x} {}", build());
+        retry_logged("publish the run's fingerprint", &url, &stop, || {
+            broker.publish_run_setting(&lease, FINGERPRINT_SETTING, &shown)
+        })?;
+        // The hosts evaluate with the coordinator's timeouts.
+        let per_candidate_ms = eval_timeout_per_candidate.as_millis().to_string();
+        retry_logged("publish the evaluation timeout", &url, &stop, || {
+            broker.publish_run_setting(&lease, EVAL_TIMEOUT_SETTING, &per_candidate_ms)
+        })?;
         let host = if settings.remote_only {
             None
         } else {
             Some(EvalHost::start(
                 settings,
                 layout,
+                model_hash,
                 workers,
                 Arc::clone(&stop),
             )?)
         };
         if !wait_for_hosts(&mut broker, settings, &stop)? {
-            // Stopped while waiting: the next coordinator need not wait
-            // for the lease to lapse.
-            let _ = broker.release_lease(&lease);
+            // Stopped while waiting: the keeper, dropped, releases the
+            // lease, so the next coordinator need not wait for it to lapse.
             return Ok(None);
         }
         Ok(Some(Coordination {
             broker,
             settings: settings.clone(),
             lease,
+            _keeper: keeper,
+            fingerprint,
             host,
             stop,
             generation: 0,
@@ -162,6 +178,30 @@ impl Coordination {
             hosts_at: None,
             enqueued: 0,
         }))
+    }
+
+    /// Checks, right before a publish, that this process still holds the
+    /// lease, renewing it synchronously: a coordinator cut off from Redis
+    /// longer than the lease may have been replaced before its keeper
+    /// noticed. `Err` (Redis unreachable): do not publish now (retried next
+    /// cycle). A lease another coordinator holds ends this process, as the
+    /// keeper does: never two publishers.
+    pub fn may_publish(&mut self) -> Result<(), String> {
+        match self.broker.renew_lease(&self.lease) {
+            Ok(retaken) => {
+                if retaken {
+                    tracing::warn!(
+                        "the coordinator lease had lapsed (Redis away longer than it); taken again"
+                    );
+                }
+                Ok(())
+            }
+            Err(e @ BrokerError::LeaseLost { .. }) => lease_lost(&e),
+            Err(e) => Err(format!(
+                "cannot confirm the coordinator lease on {}: {e}; not publishing until it is confirmed",
+                self.settings.shown_url()
+            )),
+        }
     }
 
     /// Called before each of the evolver's steps, with its generation.
@@ -183,7 +223,7 @@ impl Coordination {
             self.done.iter().partition(|(g, _)| *g < generation);
         self.done = keep;
         for (_, round) in old {
-            if let Err(e) = self.broker.retire(round) {
+            if let Err(e) = self.broker.retire(&self.lease, round) {
                 // Left behind: a few keys, not an error of the run.
                 tracing::warn!("retiring round {round:016x} failed: {e}");
             }
@@ -298,7 +338,7 @@ impl Coordination {
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
-        let round = round_id(base.checksum(), recipes, seed, episodes);
+        let round = round_id(self.fingerprint, base.checksum(), recipes, seed, episodes);
         let total = recipes.len();
         if total == 0 {
             return Ok(Vec::new());
@@ -319,7 +359,7 @@ impl Coordination {
             // needed (a late copy of one of their tasks finds it gone and
             // is acknowledged without results).
             for old in std::mem::take(&mut self.bases) {
-                if let Err(e) = self.broker.drop_base(old) {
+                if let Err(e) = self.broker.drop_base(&self.lease, old) {
                     tracing::warn!("dropping base {old:016x} failed: {e}");
                 }
             }
@@ -419,6 +459,9 @@ impl Coordination {
                 }
                 Err(e) => return Err(EvalError::Failed(format!("broker: results: {e}"))),
             };
+            for bad in self.broker.take_malformed() {
+                tracing::error!(round = %format_args!("{round:016x}"), "{bad}");
+            }
             if let Some(since) = unreachable_since.take() {
                 tracing::info!(
                     "broker {url}: reachable again after {:.1}s",
@@ -564,25 +607,14 @@ impl Coordination {
     }
 }
 
-impl Drop for Coordination {
-    /// Gives the lease up (a graceful stop): a waiting coordinator takes
-    /// over at once instead of after the lease's time to live.
-    fn drop(&mut self) {
-        match self.broker.release_lease(&self.lease) {
-            Ok(()) => tracing::info!(run = %self.settings.run, "coordinator lease released"),
-            Err(e) => {
-                tracing::warn!("releasing the coordinator lease failed (it lapses by itself): {e}")
-            }
-        }
-    }
-}
-
 /// The broker name of an evaluation: a hash (xxh3) of everything that
-/// decides its fitnesses — the base, the recipes, the episode seed and
-/// count. The same evaluation redone (a restart) has the same name; any
-/// other has another.
-pub fn round_id(base: u64, recipes: &[Recipe], seed: u64, episodes: u32) -> u64 {
+/// decides its fitnesses — the run's model and build ([`fingerprint`]),
+/// the base, the recipes, the episode seed and count. The same evaluation
+/// redone (a restart) has the same name; any other (another model or
+/// task, another build) has another.
+pub fn round_id(fingerprint: u64, base: u64, recipes: &[Recipe], seed: u64, episodes: u32) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&fingerprint.to_le_bytes());
     h.update(&base.to_le_bytes());
     h.update(&seed.to_le_bytes());
     h.update(&episodes.to_le_bytes());
@@ -660,28 +692,114 @@ fn wait_for_hosts(
     }
 }
 
-/// The lease keeper: renews every third of the ttl; a lease found lost
-/// ends the process (another coordinator publishes now).
-fn keep_lease(mut broker: RedisBroker, lease: &Lease, url: &str) {
+/// This build's protocol: the hosts of a run must speak it (wire format
+/// and evaluation code).
+pub fn build() -> String {
+    format!(
+        "evod-{}/wire-{}",
+        env!("CARGO_PKG_VERSION"),
+        evod_broker::wire::WIRE_VERSION
+    )
+}
+
+/// The fingerprint of what a run's rounds are evaluated with: an xxh3 of
+/// the run's model file (its architecture, task and metadata) and
+/// [`build`].
+pub fn fingerprint(model: &[u8]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&xxhash_rust::xxh3::xxh3_64(model).to_le_bytes());
+    h.update(build().as_bytes());
+    h.digest()
+}
+
+/// The run setting under which the coordinator publishes the run's
+/// fingerprint, as `<model xxh3 hex> <build>`: a host with another model
+/// fetches the run's model again, one of another build refuses the run's
+/// tasks loudly.
+pub const FINGERPRINT_SETTING: &str = "fingerprint";
+
+/// The run setting under which the coordinator publishes its
+/// per-candidate evaluation timeout (milliseconds) for the hosts.
+pub const EVAL_TIMEOUT_SETTING: &str = "eval-timeout-per-candidate-ms";
+
+/// Logs a lost lease and ends the process (the supervisor restarts the
+/// evolver, which waits for the lease again).
+fn lease_lost(e: &BrokerError) -> ! {
+    tracing::error!(
+        "{e}: another coordinator took the run over; stopping this evolver (it waits for the lease when restarted)"
+    );
+    std::process::exit(LEASE_LOST_EXIT);
+}
+
+/// The lease keeper thread: renews every third of the ttl; a lease that
+/// another holder took ends the process (another coordinator publishes
+/// now); a lease that only lapsed while Redis was away is taken again.
+/// Dropped, it stops the thread, waits for it, and releases the lease.
+struct Keeper {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Keeper {
+    fn start(broker: RedisBroker, lease: Lease, url: String) -> std::io::Result<Keeper> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("lease-keeper".into())
+            .spawn(move || keep_lease(broker, &lease, &url, &flag))?;
+        Ok(Keeper {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Keeper {
+    /// Stops the keeper, then gives the lease up (a graceful stop): a
+    /// waiting coordinator takes over at once instead of after the ttl.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The keeper's loop (see [`Keeper`]); releases the lease when stopped.
+fn keep_lease(mut broker: RedisBroker, lease: &Lease, url: &str, stop: &AtomicBool) {
     let every = lease.ttl / 3;
     let mut failing: Option<Instant> = None;
+    let mut next = Instant::now() + every;
     loop {
-        std::thread::sleep(every);
+        // Short naps: a stop is taken within 50 ms.
+        while Instant::now() < next {
+            if stop.load(Ordering::Relaxed) {
+                match broker.release_lease(lease) {
+                    Ok(()) => tracing::info!("coordinator lease released"),
+                    Err(e) => tracing::warn!(
+                        "releasing the coordinator lease failed (it lapses by itself): {e}"
+                    ),
+                }
+                return;
+            }
+            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
+        }
+        next = Instant::now() + every;
         match broker.renew_lease(lease) {
-            Ok(()) => {
+            Ok(retaken) => {
                 if let Some(since) = failing.take() {
                     tracing::info!(
                         "broker {url}: lease renewed again after {:.1}s",
                         since.elapsed().as_secs_f64()
                     );
                 }
+                if retaken {
+                    tracing::warn!(
+                        "broker {url}: the coordinator lease had lapsed while Redis was away and nobody took it: taken again"
+                    );
+                }
             }
-            Err(e @ BrokerError::LeaseLost { .. }) => {
-                tracing::error!(
-                    "{e}: another coordinator took the run over; stopping this evolver (it waits for the lease when restarted)"
-                );
-                std::process::exit(LEASE_LOST_EXIT);
-            }
+            Err(e @ BrokerError::LeaseLost { .. }) => lease_lost(&e),
             Err(e) => {
                 if failing.is_none() {
                     failing = Some(Instant::now());
