@@ -136,8 +136,11 @@ impl Coordination {
             broker.publish_model(&lease, &bytes)
         })?;
         let model_hash = xxhash_rust::xxh3::xxh3_64(&bytes);
-        let fingerprint = fingerprint(&bytes);
-        let shown = format!("{model_hash:016x} {}", build());
+        let spec = evod_runtime::Model::open(model)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", model.display()))?
+            .spec;
+        let fingerprint = fingerprint(&spec);
+        let shown = format!("{:016x} {}", spec_hash(&spec), build());
         retry_logged("publish the run's fingerprint", &url, &stop, || {
             broker.publish_run_setting(&lease, FINGERPRINT_SETTING, &shown)
         })?;
@@ -153,6 +156,7 @@ impl Coordination {
                 settings,
                 layout,
                 model_hash,
+                spec_hash(&spec),
                 workers,
                 Arc::clone(&stop),
             )?)
@@ -702,20 +706,26 @@ pub fn build() -> String {
     )
 }
 
-/// The fingerprint of what a run's rounds are evaluated with: an xxh3 of
-/// the run's model file (its architecture, task and metadata) and
-/// [`build`].
-pub fn fingerprint(model: &[u8]) -> u64 {
+/// An xxh3 of what decides a candidate's fitness besides its parameters:
+/// the model's architecture and task (not its weights, generation or
+/// other metadata, which change with every publish).
+pub fn spec_hash(spec: &evod_runtime::ModelSpec) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(format!("{:?}|{}", spec.arch, spec.task).as_bytes())
+}
+
+/// The fingerprint of what a run's rounds are evaluated with: the model's
+/// [`spec_hash`] and [`build`].
+pub fn fingerprint(spec: &evod_runtime::ModelSpec) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(&xxhash_rust::xxh3::xxh3_64(model).to_le_bytes());
+    h.update(&spec_hash(spec).to_le_bytes());
     h.update(build().as_bytes());
     h.digest()
 }
 
 /// The run setting under which the coordinator publishes the run's
-/// fingerprint, as `<model xxh3 hex> <build>`: a host with another model
-/// fetches the run's model again, one of another build refuses the run's
-/// tasks loudly.
+/// fingerprint, as `<spec_hash hex> <build>`: a host with another network
+/// or task fetches the run's model again, one of another build refuses
+/// the run's tasks loudly.
 pub const FINGERPRINT_SETTING: &str = "fingerprint";
 
 /// The run setting under which the coordinator publishes its

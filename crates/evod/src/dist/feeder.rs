@@ -87,6 +87,7 @@ pub fn run(args: FeederArgs) -> Result<ExitCode> {
         &settings,
         layout,
         model_hash,
+        super::coordinator::spec_hash(&model.spec),
         segments.len() as u32,
         Arc::clone(&stop),
     )?;

@@ -59,6 +59,8 @@ pub struct EvalHost {
     pub model_stale: bool,
     /// xxh3 of the model file this host's workers run.
     model_hash: u64,
+    /// Its network and task ([`super::coordinator::spec_hash`]).
+    spec_hash: u64,
     /// Backoff after a failed task, and until when this host takes none.
     backoff: evod_broker::Backoff,
     paused_until: Option<Instant>,
@@ -69,12 +71,13 @@ struct Failed;
 
 impl EvalHost {
     /// A host of `workers` workers evaluating for the network of `layout`
-    /// (of the model file whose xxh3 is `model_hash`), with its keeper
-    /// thread started.
+    /// (of the model file whose xxh3 is `model_hash`, whose network and
+    /// task hash to `spec_hash`), with its keeper thread started.
     pub fn start(
         settings: &DistSettings,
         layout: ParamLayout,
         model_hash: u64,
+        spec_hash: u64,
         workers: u32,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<EvalHost> {
@@ -101,6 +104,7 @@ impl EvalHost {
             stop,
             model_stale: false,
             model_hash,
+            spec_hash,
             backoff: evod_broker::Backoff::new(FAILURE_BACKOFF.0, FAILURE_BACKOFF.1),
             paused_until: None,
         })
@@ -237,7 +241,7 @@ impl EvalHost {
                 .broker
                 .fetch_run_setting(super::coordinator::FINGERPRINT_SETTING)?
             {
-                let mine = format!("{:016x} {}", self.model_hash, super::coordinator::build());
+                let mine = format!("{:016x} {}", self.spec_hash, super::coordinator::build());
                 if fp != mine {
                     let (model, build) = fp.split_once(' ').unwrap_or((fp.as_str(), ""));
                     let why = if build != super::coordinator::build() {
@@ -249,8 +253,8 @@ impl EvalHost {
                     } else {
                         self.model_stale = true;
                         format!(
-                            "the run's model is {model}, this host's {:016x}: the host's model is stale, fetching the run's model again",
-                            self.model_hash
+                            "the run's network and task are {model}, this host's {:016x}: the host's model is stale, fetching the run's model again",
+                            self.spec_hash
                         )
                     };
                     self.base = None;
