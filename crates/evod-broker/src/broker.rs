@@ -177,6 +177,18 @@ pub trait Coordinator {
         want: usize,
         timeout: Duration,
     ) -> Result<Vec<TaskResult>, BrokerError>;
+    /// Waits up to `timeout` until `want` results of the generation are
+    /// recorded; returns how many are by then (a count: the results
+    /// themselves are read once, with [`Coordinator::results`]).
+    fn wait_count(
+        &mut self,
+        generation: u64,
+        want: usize,
+        timeout: Duration,
+    ) -> Result<usize, BrokerError>;
+    /// Dead letters of the run after the one with broker id `after`
+    /// (`"0-0"`: all), oldest first: a coordinator reads each once.
+    fn dead_letters_after(&mut self, after: &str) -> Result<Vec<DeadLetter>, BrokerError>;
     /// Where the run's unfinished tasks are: leases taken or extended
     /// within `window` are live, older ones stale.
     fn activity(&mut self, window: Duration) -> Result<Activity, BrokerError>;

@@ -29,6 +29,8 @@ pub const GROUP: &str = "evaluators";
 /// A host reclaims a task it held itself (released after a failure, or let
 /// lapse) only after this many leases idle: other hosts get it first.
 pub const OWN_RECLAIM_LEASES: u64 = 3;
+/// Time to live of a base chunk until its description is written.
+const UNDESCRIBED_CHUNK_TTL: Duration = Duration::from_secs(600);
 /// Largest base chunk accepted from the broker.
 const MAX_CHUNK: usize = 64 << 20;
 
@@ -341,6 +343,40 @@ impl RedisBroker {
             recorded,
             duplicates: results.len().saturating_sub(recorded),
         })
+    }
+
+    /// Forgets the hosts whose last heartbeat is older than `gone` (their
+    /// worker count, results count and last-seen time); returns them.
+    pub fn prune_hosts(&mut self, gone: Duration) -> Result<Vec<String>, BrokerError> {
+        let now = self.server_ms()?;
+        let seen_key = self.keys.hosts("seen");
+        let k = seen_key.clone();
+        let seen: Vec<(String, u64)> = self.call("list hosts", move |c| {
+            redis::cmd("HGETALL").arg(&k).query(c)
+        })?;
+        let old: Vec<String> = seen
+            .into_iter()
+            .filter(|(_, t)| now.saturating_sub(*t) > gone.as_millis() as u64)
+            .map(|(h, _)| h)
+            .collect();
+        if old.is_empty() {
+            return Ok(old);
+        }
+        let keys = [
+            self.keys.hosts("workers"),
+            self.keys.hosts("done"),
+            seen_key,
+        ];
+        let hosts = old.clone();
+        self.call("prune hosts", move |c| {
+            let mut p = redis::pipe();
+            p.atomic();
+            for k in &keys {
+                p.cmd("HDEL").arg(k).arg(&hosts).ignore();
+            }
+            p.query::<()>(c)
+        })?;
+        Ok(old)
     }
 
     /// Stores one of the coordinator's run settings (e.g. its evaluation
@@ -693,22 +729,40 @@ impl Coordinator for RedisBroker {
         }
         let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
         let chunk = self.config.chunk_bytes;
+        let mut keys = Vec::new();
         for (i, part) in bytes.chunks(chunk).enumerate() {
             let key = self.keys.chunk(hash, i);
+            keys.push(key.clone());
+            // With a time to live until the description exists: the
+            // chunks of a publish cut short (a coordinator killed) go by
+            // themselves.
             self.call("publish base chunk", move |c| {
-                redis::cmd("SET").arg(&key).arg(part).query::<()>(c)
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(part)
+                    .arg("PX")
+                    .arg(UNDESCRIBED_CHUNK_TTL.as_millis() as u64)
+                    .query::<()>(c)
             })?;
         }
-        // The description goes last: a base is visible only when whole.
+        // The description goes last, in one transaction with making the
+        // chunks permanent: a base is visible only when whole, and a whole
+        // base never loses a chunk.
         let len = bytes.len();
         self.call("publish base", move |c| {
-            redis::cmd("HSET")
+            let mut p = redis::pipe();
+            p.atomic();
+            for k in &keys {
+                p.cmd("PERSIST").arg(k).ignore();
+            }
+            p.cmd("HSET")
                 .arg(&meta)
                 .arg("bytes")
                 .arg(len)
                 .arg("chunk")
                 .arg(chunk)
-                .query::<()>(c)
+                .ignore();
+            p.query::<()>(c)
         })?;
         Ok(hash)
     }
@@ -840,11 +894,21 @@ impl Coordinator for RedisBroker {
         want: usize,
         timeout: Duration,
     ) -> Result<Vec<TaskResult>, BrokerError> {
+        self.wait_count(generation, want, timeout)?;
+        self.results(generation)
+    }
+
+    fn wait_count(
+        &mut self,
+        generation: u64,
+        want: usize,
+        timeout: Duration,
+    ) -> Result<usize, BrokerError> {
         let deadline = Instant::now() + timeout;
         let stream = self.keys.results();
         loop {
-            // The newest notification before reading the hash: anything
-            // recorded after the read shows up as a newer entry.
+            // The newest notification before counting: anything recorded
+            // after the count shows up as a newer entry.
             let s = stream.clone();
             let last: Vec<StreamEntry> = self.call("wait results", move |c| {
                 redis::cmd("XREVRANGE")
@@ -856,14 +920,13 @@ impl Coordinator for RedisBroker {
                     .query(c)
             })?;
             let last = last.into_iter().next().map_or("0-0".to_owned(), |e| e.0);
-            // Count first: the results themselves are read once, at the end.
             let key = self.keys.results_of(generation);
             let count: usize = self.call("wait results", move |c| {
                 redis::cmd("HLEN").arg(&key).query(c)
             })?;
             let now = Instant::now();
             if count >= want || now >= deadline {
-                return self.results(generation);
+                return Ok(count);
             }
             let block = (deadline - now).min(Duration::from_secs(1));
             let s = stream.clone();
@@ -925,9 +988,15 @@ impl Coordinator for RedisBroker {
     }
 
     fn dead_letters(&mut self) -> Result<Vec<DeadLetter>, BrokerError> {
+        self.dead_letters_after("0-0")
+    }
+
+    fn dead_letters_after(&mut self, after: &str) -> Result<Vec<DeadLetter>, BrokerError> {
         let key = self.keys.dead();
+        // Exclusive start: the letters after `after`.
+        let start = format!("({after}");
         let raw: Vec<StreamEntry> = self.call("read dead letters", move |c| {
-            redis::cmd("XRANGE").arg(&key).arg("-").arg("+").query(c)
+            redis::cmd("XRANGE").arg(&key).arg(&start).arg("+").query(c)
         })?;
         let mut out = Vec::with_capacity(raw.len());
         for (id, fields) in raw {

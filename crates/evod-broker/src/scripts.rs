@@ -17,13 +17,18 @@ end
 return #ARGV - 4
 "#;
 
-/// Record results once, then acknowledge the task or release it.
+/// Record results once, then acknowledge the task or release it; nothing
+/// for a task that is not pending any more.
 /// KEYS: tasks stream, results stream, generation's results hash, hosts'
 /// done counts. ARGV: group, id, consumer, maxlen, release idle ms (0:
 /// acknowledge; else the task stays pending, its idle time set to this so
 /// that another host takes it over at once), (candidate, payload)…
 /// Returns the number of new results.
 pub const ACK: &str = r#"
+-- A task no longer pending was acknowledged already (by this host, whose
+-- reply was lost, or by another that took it over): its results are
+-- duplicates, even if its round was retired meanwhile and its hash is gone.
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
 local new = 0
 for i = 6, #ARGV, 2 do
   if redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) == 1 then

@@ -430,6 +430,37 @@ fn a_late_duplicate_result_is_counted_once() {
             .iter()
             .all(|r| r.host == "host-b" && r.fitness < 100.0)
     );
+    // Once the round is retired (its results hash gone), a late or
+    // repeated ack (a reply lost to EINTR, retried) still records nothing:
+    // the task is no longer pending.
+    let done_before: u64 = redis::cmd("HGET")
+        .arg(format!("{}hosts:done", a.prefix()))
+        .arg("host-b")
+        .query(&mut r)
+        .unwrap();
+    // The live lease `enqueue` took, by its token.
+    let lease_c = evod_broker::Lease {
+        token: redis::cmd("GET")
+            .arg(format!("{}coordinator", a.prefix()))
+            .query(&mut r)
+            .unwrap(),
+        ttl: Duration::from_secs(30),
+    };
+    coord.retire(&lease_c, 2).unwrap();
+    assert_eq!(
+        b.ack(&taken, &evaluate(&taken, "host-b", 0.0)).unwrap(),
+        AckOutcome {
+            recorded: 0,
+            duplicates: 4
+        }
+    );
+    let done_after: u64 = redis::cmd("HGET")
+        .arg(format!("{}hosts:done", a.prefix()))
+        .arg("host-b")
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(done_after, done_before, "counted once");
+    assert!(coord.results(2).unwrap().is_empty(), "not recorded again");
     // Results are checked against the task before they are sent.
     let mut wrong = evaluate(&slow, "host-a", 0.0);
     wrong[0].candidate = 99;
@@ -994,4 +1025,41 @@ fn malformed_results_and_dead_letters_are_skipped_not_fatal() {
     let dead = coord.dead_letters().unwrap();
     assert_eq!(dead.len(), 1);
     assert!(dead[0].task.is_err());
+}
+
+#[test]
+fn chunks_are_permanent_once_described_and_silent_hosts_are_pruned() {
+    let (_dir, server) = start();
+    let url = server.url();
+    let mut coord = broker(&url, "coord", Duration::from_secs(30));
+    let hash = coord.publish_base(&[1.0, 2.0, 3.0]).unwrap();
+    let mut r = raw(&url);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{}base:{hash:016x}:0", coord.prefix()))
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(pttl, -1, "a described base's chunks do not expire");
+    // Two hosts; one silent for an hour (its last-seen time set back).
+    let mut live = broker(&url, "host-live", Duration::from_secs(30));
+    let mut gone = broker(&url, "host-gone", Duration::from_secs(30));
+    live.heartbeat(2).unwrap();
+    gone.heartbeat(2).unwrap();
+    let seen_key = format!("{}hosts:seen", coord.prefix());
+    let now: u64 = redis::cmd("HGET")
+        .arg(&seen_key)
+        .arg("host-gone")
+        .query(&mut r)
+        .unwrap();
+    redis::cmd("HSET")
+        .arg(&seen_key)
+        .arg("host-gone")
+        .arg(now - 3_600_000)
+        .query::<()>(&mut r)
+        .unwrap();
+    assert_eq!(
+        coord.prune_hosts(Duration::from_secs(600)).unwrap(),
+        ["host-gone"]
+    );
+    let hosts: Vec<String> = coord.hosts().unwrap().into_iter().map(|h| h.host).collect();
+    assert_eq!(hosts, ["host-live"]);
 }

@@ -47,6 +47,8 @@ use crate::evolver::RingEvaluator;
 const LEASE_LOST_EXIT: i32 = 1;
 /// How often the dead-letter stream is read while a round is open.
 const DEAD_LETTERS_EVERY: Duration = Duration::from_millis(500);
+/// A host silent this long is forgotten (`evod status` stops listing it).
+const HOST_GONE: Duration = Duration::from_secs(600);
 /// How often the hosts are listed for the status report.
 const HOSTS_EVERY: Duration = Duration::from_secs(1);
 
@@ -73,11 +75,15 @@ pub struct Coordination {
     /// Rounds complete, to retire once a checkpoint covers their
     /// generation.
     done: Vec<Done>,
-    /// Dead letters already applied (broker ids).
-    dead_seen: std::collections::HashSet<String>,
+    /// The last dead letter read (broker id): each is read once.
+    dead_after: String,
+    /// Dead-lettered candidates by round, with their letter (a round's
+    /// entry goes when it is done).
+    dead: std::collections::HashMap<u64, Vec<(u32, evod_broker::DeadLetter)>>,
     /// Hosts as last listed.
     hosts: Vec<HostInfo>,
     hosts_at: Option<Instant>,
+    pruned_at: Option<Instant>,
     /// Tasks enqueued by this process (new and re-enqueued).
     pub enqueued: u64,
 }
@@ -177,9 +183,11 @@ impl Coordination {
             generation: 0,
             bases: Vec::new(),
             done: Vec::new(),
-            dead_seen: Default::default(),
+            dead_after: "0-0".to_owned(),
+            dead: Default::default(),
             hosts: Vec::new(),
             hosts_at: None,
+            pruned_at: None,
             enqueued: 0,
         }))
     }
@@ -234,8 +242,20 @@ impl Coordination {
         }
     }
 
-    /// The evaluator hosts (listed at most once a second).
+    /// The evaluator hosts (listed at most once a second; hosts silent for
+    /// [`HOST_GONE`] are forgotten).
     pub fn hosts(&mut self) -> Vec<evod_wire::HostStatus> {
+        if self.pruned_at.is_none_or(|t| t.elapsed() >= HOST_GONE / 10) {
+            self.pruned_at = Some(Instant::now());
+            match self.broker.prune_hosts(HOST_GONE) {
+                Ok(gone) if !gone.is_empty() => tracing::info!(
+                    hosts = ?gone,
+                    "forgot hosts silent for {HOST_GONE:?}"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::debug!("pruning the hosts failed: {e}"),
+            }
+        }
         if self.hosts_at.is_none_or(|t| t.elapsed() >= HOSTS_EVERY) {
             match self.broker.hosts() {
                 Ok(h) => self.hosts = h,
@@ -449,8 +469,10 @@ impl Coordination {
             } else {
                 Duration::from_millis(20)
             };
-            let results = match self.broker.wait_results(round, total, wait) {
-                Ok(r) => r,
+            // A count (HLEN) while waiting; the results themselves are read
+            // only when they may settle the round, or to look at a stall.
+            let count = match self.broker.wait_count(round, total, wait) {
+                Ok(n) => n,
                 Err(e @ BrokerError::Unavailable { .. }) => {
                     // A stop interrupts a blocking read: not a broker problem.
                     self.stopping()?;
@@ -463,9 +485,6 @@ impl Coordination {
                 }
                 Err(e) => return Err(EvalError::Failed(format!("broker: results: {e}"))),
             };
-            for bad in self.broker.take_malformed() {
-                tracing::error!(round = %format_args!("{round:016x}"), "{bad}");
-            }
             if let Some(since) = unreachable_since.take() {
                 tracing::info!(
                     "broker {url}: reachable again after {:.1}s",
@@ -474,8 +493,30 @@ impl Coordination {
             }
             if dead_at.is_none_or(|t| t.elapsed() >= DEAD_LETTERS_EVERY) {
                 dead_at = Some(Instant::now());
-                self.apply_dead_letters(round, &results, &mut quarantined)?;
+                self.poll_dead_letters()?;
             }
+            let dead_here = self.dead.get(&round).map_or(0, |d| d.len());
+            let stalled = count <= last_count && progress_at.elapsed() >= stall;
+            if count > last_count {
+                last_count = count;
+                progress_at = Instant::now();
+            }
+            if count < total && (dead_here == 0 || count + dead_here < total) && !stalled {
+                continue;
+            }
+            let results = match self.broker.results(round) {
+                Ok(r) => r,
+                Err(BrokerError::Unavailable { .. }) => continue,
+                Err(e) => return Err(EvalError::Failed(format!("broker: results: {e}"))),
+            };
+            for bad in self.broker.take_malformed() {
+                tracing::error!(round = %format_args!("{round:016x}"), "{bad}");
+            }
+            if results.len() < last_count {
+                // Malformed entries removed: those candidates are missing.
+                last_count = results.len();
+            }
+            self.apply_dead_letters(round, &results, &mut quarantined);
             let have: std::collections::HashSet<u32> =
                 results.iter().map(|r| r.candidate).collect();
             let settled = (0..total)
@@ -484,10 +525,7 @@ impl Coordination {
             if settled == total {
                 return Ok(self.finish_round(round, total, &results, &quarantined));
             }
-            if results.len() > last_count {
-                last_count = results.len();
-                progress_at = Instant::now();
-            } else if progress_at.elapsed() >= stall {
+            if stalled {
                 progress_at = Instant::now();
                 // Slow is not lost: re-enqueue only when the missing
                 // candidates' tasks are nowhere (a Redis restarted without
@@ -529,58 +567,65 @@ impl Coordination {
         }
     }
 
-    /// Quarantines the candidates of `round`'s dead letters that have no
-    /// result.
-    fn apply_dead_letters(
-        &mut self,
-        round: u64,
-        results: &[TaskResult],
-        quarantined: &mut [bool],
-    ) -> Result<(), EvalError> {
-        let letters = match self.broker.dead_letters() {
+    /// Reads the dead letters added since the last read (each once) and
+    /// keeps those of this run by round; a malformed one is logged.
+    fn poll_dead_letters(&mut self) -> Result<(), EvalError> {
+        let letters = match self.broker.dead_letters_after(&self.dead_after) {
             Ok(l) => l,
             Err(BrokerError::Unavailable { .. }) => return Ok(()),
             Err(e) => return Err(EvalError::Failed(format!("broker: dead letters: {e}"))),
         };
         for letter in letters {
-            let Ok(task) = &letter.task else {
-                if self.dead_seen.insert(letter.id.clone()) {
+            self.dead_after = letter.id.clone();
+            let task = match &letter.task {
+                Ok(t) if t.run == self.settings.run => t,
+                Ok(_) => continue,
+                Err(e) => {
                     tracing::error!(
                         id = %letter.id,
-                        "a malformed task was dead-lettered: {}",
+                        "a malformed task was dead-lettered ({e}): {}",
                         letter.why.as_deref().unwrap_or("-")
                     );
+                    continue;
                 }
-                continue;
             };
-            if task.generation != round || task.run != self.settings.run {
-                continue;
-            }
-            let new = self.dead_seen.insert(letter.id.clone());
+            let round = task.generation;
+            let entry = self.dead.entry(round).or_default();
             for c in task.candidates() {
-                let i = c as usize;
-                if i < quarantined.len()
-                    && !quarantined[i]
-                    && !results.iter().any(|r| r.candidate == c)
-                {
-                    quarantined[i] = true;
-                    if new {
-                        tracing::warn!(
-                            generation = self.generation,
-                            candidate = c,
-                            deliveries = letter.deliveries,
-                            last_host = %letter.last_consumer,
-                            "candidate quarantined: {}",
-                            letter
-                                .why
-                                .as_deref()
-                                .unwrap_or("delivered too often without a result")
-                        );
-                    }
+                if !entry.iter().any(|(x, _)| *x == c) {
+                    entry.push((c, letter.clone()));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Quarantines the candidates of `round`'s dead letters that have no
+    /// result.
+    fn apply_dead_letters(&mut self, round: u64, results: &[TaskResult], quarantined: &mut [bool]) {
+        let Some(letters) = self.dead.get(&round) else {
+            return;
+        };
+        for (c, letter) in letters {
+            let i = *c as usize;
+            if i < quarantined.len()
+                && !quarantined[i]
+                && !results.iter().any(|r| r.candidate == *c)
+            {
+                quarantined[i] = true;
+                tracing::warn!(
+                    generation = self.generation,
+                    candidate = c,
+                    deliveries = letter.deliveries,
+                    last_host = %letter.last_consumer,
+                    "candidate quarantined: {}",
+                    letter
+                        .why
+                        .as_deref()
+                        .unwrap_or("delivered too often without a result")
+                );
+            }
+        }
     }
 
     /// The round's fitnesses in candidate order, and the round noted as
@@ -607,6 +652,7 @@ impl Coordination {
                 .all(|(slot, &q)| slot.is_some() || q)
         );
         self.done.push((self.generation, round));
+        self.dead.remove(&round);
         out
     }
 }
