@@ -810,3 +810,38 @@ fn a_broker_that_is_not_there_yet_is_reported_and_waited_for() {
         recorded(&url)
     );
 }
+
+#[test]
+fn a_host_waiting_for_the_model_stops_on_sigterm() {
+    // PID 1 in a container has no default action for SIGTERM: `evod join`
+    // handles it itself while it waits for the run's model, so `docker
+    // stop` ends it at once, cleanly (exit 0, said), not by a kill.
+    let (_r, server) = redis();
+    let url = server.url();
+    let mut host = Host::join(&url, "host-a");
+    poll_until(
+        "the host to wait for the run's model",
+        DEADLINE,
+        || {
+            host.log()
+                .contains("waiting for the coordinator of run t to publish its model")
+                .then_some(())
+        },
+        || host.log(),
+    );
+    let mut child = host.child.take().unwrap();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = common::wait_exit(&mut child, DEADLINE);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{status:?}\n{}",
+        host.log()
+    );
+    assert!(
+        host.log()
+            .contains("stopped while waiting for the run's model"),
+        "{}",
+        host.log()
+    );
+}
