@@ -383,6 +383,16 @@ fn two_hosts_evaluate_and_the_run_publishes_what_one_host_does() {
     assert_counted_once(&url, evaluations(&out));
     assert!(assert_enqueued_once(&url) > 0);
     assert!(out.contains("host-a") && out.contains("host-b"), "{out}");
+    // A finished coordinator stops its lease keeper, then releases the
+    // lease: never a keeper renewing a released lease ("took the run over").
+    let log = read(dir.path(), "run.log");
+    assert!(log.contains("coordinator lease released"), "{log}");
+    assert!(!log.contains("took the run over"), "{log}");
+    let lease: Option<String> = redis::cmd("GET")
+        .arg(format!("evod:{{{RUN}}}:coordinator"))
+        .query(&mut raw(&url))
+        .unwrap();
+    assert_eq!(lease, None);
 }
 
 #[test]
