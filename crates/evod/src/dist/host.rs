@@ -211,8 +211,10 @@ impl EvalHost {
     ) -> Result<Result<(), Failed>, BrokerError> {
         let task = &d.task;
         if self.base.as_ref().is_none_or(|(h, _)| *h != task.base) {
-            match self.broker.fetch_base(task.base) {
-                Ok(params) => self.base = Some((task.base, params)),
+            // Kept once the checks below pass (a check cut short by the
+            // broker is made again with the next delivery).
+            let fetched = match self.broker.fetch_base(task.base) {
+                Ok(params) => params,
                 Err(BrokerError::BaseMissing { .. }) => {
                     // Dropped by the coordinator: its round is complete (a
                     // late copy of a task done elsewhere). Nothing to add.
@@ -233,7 +235,7 @@ impl EvalHost {
                     return self.release(&d, &[], &why);
                 }
                 Err(e) => return Err(e),
-            }
+            };
             // The run's fingerprint, read with each new base: another
             // model means this host's is stale (fetched again by a feeder
             // restart), another build is refused loudly, never evaluated.
@@ -257,7 +259,6 @@ impl EvalHost {
                             self.spec_hash
                         )
                     };
-                    self.base = None;
                     return self.release(&d, &[], &why);
                 }
             }
@@ -277,6 +278,7 @@ impl EvalHost {
                 Ok(None) => {}
                 Err(e) => return Err(e),
             }
+            self.base = Some((task.base, fetched));
         }
         let (_, params) = self.base.as_ref().expect("fetched above");
         let base = match Base::new(params, &self.layout) {
