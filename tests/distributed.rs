@@ -855,3 +855,49 @@ fn a_host_waiting_for_the_model_stops_on_sigterm() {
         host.log()
     );
 }
+
+#[test]
+fn a_host_with_a_stale_model_fetches_the_run_model_again() {
+    let want = reference();
+    let (_r, server) = redis();
+    let url = server.url();
+    // An earlier coordinator of run t published another network (4-8-2):
+    // host-a joins with that model.
+    let old = tempfile::tempdir().unwrap();
+    let path = old.path().join("m.gguf");
+    let o = evod()
+        .args(["init", "--layers", "4,8,2", "--seed", "1", "-o"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let mut fake =
+        evod_broker::RedisBroker::new(evod_broker::RedisConfig::new(&url, RUN, "old")).unwrap();
+    let lease = fake
+        .acquire_lease("old", Duration::from_secs(60), Duration::ZERO)
+        .unwrap();
+    fake.publish_model(&lease, &std::fs::read(&path).unwrap())
+        .unwrap();
+    let a = Host::join(&url, "host-a");
+    poll_until(
+        "host-a to run the old model",
+        DEADLINE,
+        || a.log().contains("evaluating tasks of run t").then_some(()),
+        || a.log(),
+    );
+    fake.release_lease(&lease).unwrap();
+    // The run's coordinator now has the default network (4-16-2): host-a
+    // finds its model stale by the run's fingerprint, never evaluates with
+    // it, fetches the run's model and evaluates the whole run.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_coordinator(dir.path(), &url, &["--remote-only", "--min-hosts", "1"]);
+    let out = finish(&mut child, dir.path(), &[&a]);
+    assert!(a.log().contains("the host's model is stale"), "{}", a.log());
+    assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
+    assert_counted_once(&url, evaluations(&out));
+    assert!(
+        !read(dir.path(), "run.log").contains("quarantined"),
+        "{}",
+        read(dir.path(), "run.log")
+    );
+}
