@@ -125,15 +125,15 @@ struct Host {
 impl Host {
     /// `evod join URL`.
     fn join(url: &str, id: &str) -> Host {
-        Self::spawn(url, id, false)
+        Self::spawn(url, id, false, &[])
     }
 
     /// `EVOD_BROKER=URL evod join`.
     fn join_env(url: &str, id: &str) -> Host {
-        Self::spawn(url, id, true)
+        Self::spawn(url, id, true, &[])
     }
 
-    fn spawn(url: &str, id: &str, env: bool) -> Host {
+    fn spawn(url: &str, id: &str, env: bool, extra: &[&str]) -> Host {
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("join.log")).unwrap();
         let mut cmd = evod();
@@ -157,6 +157,7 @@ impl Host {
                 "1",
                 "--no-standby",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -382,6 +383,16 @@ fn two_hosts_evaluate_and_the_run_publishes_what_one_host_does() {
     assert_counted_once(&url, evaluations(&out));
     assert!(assert_enqueued_once(&url) > 0);
     assert!(out.contains("host-a") && out.contains("host-b"), "{out}");
+    // A finished coordinator stops its lease keeper, then releases the
+    // lease: never a keeper renewing a released lease ("took the run over").
+    let log = read(dir.path(), "run.log");
+    assert!(log.contains("coordinator lease released"), "{log}");
+    assert!(!log.contains("took the run over"), "{log}");
+    let lease: Option<String> = redis::cmd("GET")
+        .arg(format!("evod:{{{RUN}}}:coordinator"))
+        .query(&mut raw(&url))
+        .unwrap();
+    assert_eq!(lease, None);
 }
 
 #[test]
@@ -396,19 +407,37 @@ fn a_killed_evaluator_costs_a_retry_not_a_count() {
     // host-b held.
     let mut child = spawn_coordinator(dir.path(), &url, &["--remote-only"]);
     // host-b dies (SIGKILL of its supervisor: its feeder and workers go
-    // with it by their parent-death signal) while it holds a task.
+    // with it by their parent-death signal) while it holds a task: its
+    // feeder is frozen (SIGSTOP) at a moment it holds one, so it can
+    // neither finish nor hand it back before the SIGKILL.
+    let feeder = poll_until(
+        "host-b's feeder",
+        DEADLINE,
+        || children_with_role(b.pid(), "feeder").first().copied(),
+        || b.log(),
+    );
+    let freeze = Pid::from_raw(feeder as i32);
     poll_until(
-        "host-b to record results and hold a task",
+        "host-b's feeder frozen while it holds a task",
         DEADLINE,
         || {
             let done = recorded(&url).iter().any(|(h, n)| h == "host-b" && *n > 0);
-            (done && pending(&url, "host-b") > 0).then_some(())
+            if !done || pending(&url, "host-b") == 0 {
+                return None;
+            }
+            kill(freeze, Signal::SIGSTOP).unwrap();
+            if pending(&url, "host-b") > 0 {
+                return Some(());
+            }
+            // Acknowledged in between: try again.
+            kill(freeze, Signal::SIGCONT).unwrap();
+            None
         },
         || format!("{}\n{}", read(dir.path(), "run.log"), b.log()),
     );
-    b.kill();
     let held = pending(&url, "host-b");
-    eprintln!("host-b held {held} task(s) when it was killed");
+    b.kill();
+    assert!(held > 0, "host-b was frozen holding a task");
     let out = finish(&mut child, dir.path(), &[&a]);
     assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
     assert_counted_once(&url, evaluations(&out));
@@ -421,13 +450,54 @@ fn a_killed_evaluator_costs_a_retry_not_a_count() {
         "{:?}",
         recorded(&url)
     );
-    if held > 0 {
-        let logs = format!("{}\n{}", read(dir.path(), "run.log"), a.log());
-        assert!(
-            logs.contains("took over tasks whose consumer went silent"),
-            "host-b held {held} tasks when killed; nobody took them over:\n{logs}"
-        );
-    }
+    let logs = format!("{}\n{}", read(dir.path(), "run.log"), a.log());
+    assert!(
+        logs.contains("took over tasks whose consumer went silent"),
+        "host-b held {held} tasks when killed; nobody took them over:\n{logs}"
+    );
+}
+
+#[test]
+fn a_failing_host_hands_its_tasks_to_a_good_one_and_nothing_is_quarantined() {
+    let want = reference();
+    let (_r, server) = redis();
+    let url = server.url();
+    // host-bad's workers crash (a real SIGSEGV) on every candidate.
+    let bad = Host::spawn(
+        &url,
+        "host-bad",
+        false,
+        &["--allow-fault-injection", "--poison-one-in", "1"],
+    );
+    let good = Host::join(&url, "host-good");
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_coordinator(dir.path(), &url, &["--remote-only", "--min-hosts", "2"]);
+    let out = finish(&mut child, dir.path(), &[&bad, &good]);
+    let run_log = read(dir.path(), "run.log");
+    // host-bad's failures cost retries on host-good, not candidates:
+    // nothing dead-lettered or quarantined, and the run publishes what one
+    // host does.
+    assert!(!run_log.contains("quarantined"), "{run_log}");
+    let dead: u64 = redis::cmd("XLEN")
+        .arg(format!("evod:{{{RUN}}}:dead"))
+        .query(&mut raw(&url))
+        .unwrap();
+    assert_eq!(dead, 0, "nothing dead-lettered");
+    // host-bad did take tasks and fail them: released for another host.
+    assert!(
+        bad.log().contains("task released for another host"),
+        "host-bad never failed a task:\n{}",
+        bad.log()
+    );
+    assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
+    assert_counted_once(&url, evaluations(&out));
+    assert!(
+        recorded(&url)
+            .iter()
+            .all(|(h, n)| h != "host-bad" || *n == 0),
+        "{:?}",
+        recorded(&url)
+    );
 }
 
 /// Tasks delivered to `host` and not acknowledged yet.
@@ -522,6 +592,49 @@ fn a_second_coordinator_waits_on_the_lease_of_the_first() {
 }
 
 #[test]
+fn a_coordinator_that_lost_its_lease_publishes_nothing_more() {
+    let (_r, server) = redis();
+    let url = server.url();
+    let _a = Host::join(&url, "host-a");
+    let first_dir = tempfile::tempdir().unwrap();
+    let mut first = unbounded_coordinator(first_dir, &url, "coord");
+    first.wait_for("the first coordinator to evolve", |d| {
+        (progress_rows(d.dir()) >= 1).then_some(())
+    });
+    // The first's evolver is cut off (frozen) longer than its lease: a
+    // second coordinator takes the run over meanwhile.
+    let evolver = first.wait_for("the first's evolver", |d| {
+        children_with_role(d.pid(), "evolver").first().copied()
+    });
+    kill(Pid::from_raw(evolver as i32), Signal::SIGSTOP).unwrap();
+    let frozen_at = identity(&first.dir().join("vectorland.gguf"));
+    let mut second = unbounded_coordinator(tempfile::tempdir().unwrap(), &url, "coord-2");
+    second.wait_for("the second to take over", |d| {
+        d.log().contains("coordinating run t").then_some(())
+    });
+    // Thawed, the first finds its lease gone and stops before any publish.
+    kill(Pid::from_raw(evolver as i32), Signal::SIGCONT).unwrap();
+    first.wait_for("the first to find its lease taken", |d| {
+        d.log().contains("took the run over").then_some(())
+    });
+    poll_until(
+        "the first's old evolver to be gone",
+        DEADLINE,
+        || (!children_with_role(first.pid(), "evolver").contains(&evolver)).then_some(()),
+        || first.log(),
+    );
+    assert_eq!(
+        identity(&first.dir().join("vectorland.gguf")),
+        frozen_at,
+        "the first published after losing its lease:\n{}",
+        first.log()
+    );
+    second.wait_for("the second to evolve", |d| {
+        (progress_rows(d.dir()) >= 1).then_some(())
+    });
+}
+
+#[test]
 fn redis_killed_and_restarted_on_its_aof_mid_run() {
     let want = reference();
     let (_r, mut server) = redis();
@@ -536,12 +649,18 @@ fn redis_killed_and_restarted_on_its_aof_mid_run() {
         || read(dir.path(), "run.log"),
     );
     server.kill();
+    let down = std::time::Instant::now();
+    // Down longer than the coordinator lease (1 s): its key has expired
+    // when Redis comes back, and nobody else took it.
     poll_until(
-        "the coordinator to report the broker gone",
+        "the coordinator to report the broker gone, for over two lease ttls",
         DEADLINE,
         || {
             let log = read(dir.path(), "run.log");
-            (log.contains("broker redis://127.0.0.1") && log.contains("retrying")).then_some(())
+            (log.contains("broker redis://127.0.0.1")
+                && log.contains("renewing the coordinator lease")
+                && down.elapsed() > Duration::from_secs(2))
+            .then_some(())
         },
         || read(dir.path(), "run.log"),
     );
@@ -551,6 +670,10 @@ fn redis_killed_and_restarted_on_its_aof_mid_run() {
     assert_counted_once(&url, evaluations(&out));
     let log = read(dir.path(), "run.log");
     assert!(log.contains("reachable again"), "{log}");
+    // The lapsed lease was taken again: an outage is not a takeover (the
+    // evolver was not restarted).
+    assert!(log.contains("taken again"), "{log}");
+    assert!(!log.contains("took the run over"), "{log}");
 }
 
 #[test]
@@ -695,5 +818,86 @@ fn a_broker_that_is_not_there_yet_is_reported_and_waited_for() {
         recorded(&url).iter().any(|(h, n)| h == "host-a" && *n > 0),
         "{:?}",
         recorded(&url)
+    );
+}
+
+#[test]
+fn a_host_waiting_for_the_model_stops_on_sigterm() {
+    // PID 1 in a container has no default action for SIGTERM: `evod join`
+    // handles it itself while it waits for the run's model, so `docker
+    // stop` ends it at once, cleanly (exit 0, said), not by a kill.
+    let (_r, server) = redis();
+    let url = server.url();
+    let mut host = Host::join(&url, "host-a");
+    poll_until(
+        "the host to wait for the run's model",
+        DEADLINE,
+        || {
+            host.log()
+                .contains("waiting for the coordinator of run t to publish its model")
+                .then_some(())
+        },
+        || host.log(),
+    );
+    let mut child = host.child.take().unwrap();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = common::wait_exit(&mut child, DEADLINE);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{status:?}\n{}",
+        host.log()
+    );
+    assert!(
+        host.log()
+            .contains("stopped while waiting for the run's model"),
+        "{}",
+        host.log()
+    );
+}
+
+#[test]
+fn a_host_with_a_stale_model_fetches_the_run_model_again() {
+    let want = reference();
+    let (_r, server) = redis();
+    let url = server.url();
+    // An earlier coordinator of run t published another network (4-8-2):
+    // host-a joins with that model.
+    let old = tempfile::tempdir().unwrap();
+    let path = old.path().join("m.gguf");
+    let o = evod()
+        .args(["init", "--layers", "4,8,2", "--seed", "1", "-o"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let mut fake =
+        evod_broker::RedisBroker::new(evod_broker::RedisConfig::new(&url, RUN, "old")).unwrap();
+    let lease = fake
+        .acquire_lease("old", Duration::from_secs(60), Duration::ZERO)
+        .unwrap();
+    fake.publish_model(&lease, &std::fs::read(&path).unwrap())
+        .unwrap();
+    let a = Host::join(&url, "host-a");
+    poll_until(
+        "host-a to run the old model",
+        DEADLINE,
+        || a.log().contains("evaluating tasks of run t").then_some(()),
+        || a.log(),
+    );
+    fake.release_lease(&lease).unwrap();
+    // The run's coordinator now has the default network (4-16-2): host-a
+    // finds its model stale by the run's fingerprint, never evaluates with
+    // it, fetches the run's model and evaluates the whole run.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_coordinator(dir.path(), &url, &["--remote-only", "--min-hosts", "1"]);
+    let out = finish(&mut child, dir.path(), &[&a]);
+    assert!(a.log().contains("the host's model is stale"), "{}", a.log());
+    assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
+    assert_counted_once(&url, evaluations(&out));
+    assert!(
+        !read(dir.path(), "run.log").contains("quarantined"),
+        "{}",
+        read(dir.path(), "run.log")
     );
 }

@@ -136,7 +136,7 @@ fn main() {
             .wait_results(g, candidates as usize, Duration::from_secs(10))
             .unwrap();
         assert_eq!(got.len(), candidates as usize);
-        coord.retire(g).unwrap();
+        coord.retire(&lease, g).unwrap();
     }
     let elapsed = start.elapsed();
     // Two INFO round trips (this one's request and the first one's reply)

@@ -124,9 +124,11 @@ pub trait Coordinator {
         ttl: Duration,
         wait: Duration,
     ) -> Result<Lease, BrokerError>;
-    /// Extends our lease by its ttl; [`BrokerError::LeaseLost`] if it lapsed
-    /// or another took it (then stop publishing).
-    fn renew_lease(&mut self, lease: &Lease) -> Result<(), BrokerError>;
+    /// Extends our lease by its ttl; [`BrokerError::LeaseLost`] if another
+    /// holder took it (then stop publishing). A lease that merely lapsed
+    /// (the broker was away longer than the ttl) and that nobody took is
+    /// taken again with the same token: `Ok(true)`.
+    fn renew_lease(&mut self, lease: &Lease) -> Result<bool, BrokerError>;
     /// Gives the lease up (only if still ours).
     fn release_lease(&mut self, lease: &Lease) -> Result<(), BrokerError>;
     /// Publishes a base's parameters under their checksum, chunked;
@@ -136,8 +138,8 @@ pub trait Coordinator {
     /// that joins fetches once to start its workers (the network and task
     /// every base applies to). Fenced by the lease.
     fn publish_model(&mut self, lease: &Lease, model: &[u8]) -> Result<(), BrokerError>;
-    /// Removes a base no task needs any more.
-    fn drop_base(&mut self, hash: u64) -> Result<(), BrokerError>;
+    /// Removes a base no task needs any more. Fenced by the lease.
+    fn drop_base(&mut self, lease: &Lease, hash: u64) -> Result<(), BrokerError>;
     /// Enqueues a generation's tasks, once: a generation enqueued before is
     /// [`Enqueued::Already`]. Refused with [`BrokerError::LeaseLost`] unless
     /// `lease` is the live lease (never two publishers).
@@ -175,13 +177,26 @@ pub trait Coordinator {
         want: usize,
         timeout: Duration,
     ) -> Result<Vec<TaskResult>, BrokerError>;
+    /// Waits up to `timeout` until `want` results of the generation are
+    /// recorded; returns how many are by then (a count: the results
+    /// themselves are read once, with [`Coordinator::results`]).
+    fn wait_count(
+        &mut self,
+        generation: u64,
+        want: usize,
+        timeout: Duration,
+    ) -> Result<usize, BrokerError>;
+    /// Dead letters of the run after the one with broker id `after`
+    /// (`"0-0"`: all), oldest first: a coordinator reads each once.
+    fn dead_letters_after(&mut self, after: &str) -> Result<Vec<DeadLetter>, BrokerError>;
     /// Where the run's unfinished tasks are: leases taken or extended
     /// within `window` are live, older ones stale.
     fn activity(&mut self, window: Duration) -> Result<Activity, BrokerError>;
     /// Dead letters of the run, oldest first.
     fn dead_letters(&mut self) -> Result<Vec<DeadLetter>, BrokerError>;
-    /// Forgets a finished generation's results and enqueue mark.
-    fn retire(&mut self, generation: u64) -> Result<(), BrokerError>;
+    /// Forgets a finished generation's results and enqueue mark. Fenced by
+    /// the lease.
+    fn retire(&mut self, lease: &Lease, generation: u64) -> Result<(), BrokerError>;
     /// Registered evaluator hosts.
     fn hosts(&mut self) -> Result<Vec<HostInfo>, BrokerError>;
 }
@@ -213,8 +228,19 @@ pub trait Evaluator {
         delivery: &Delivery,
         results: &[TaskResult],
     ) -> Result<AckOutcome, BrokerError>;
-    /// Takes over up to `max` tasks idle longer than the lease (their
-    /// consumer is dead or stuck); those delivered too often go to the
-    /// dead-letter stream instead.
+    /// Records what results there are of a task this host could not finish
+    /// (an evaluation error, candidates without a fitness here) and hands
+    /// the task back, atomically: it stays pending, idle as long as a
+    /// lease, so that another host takes it over at once; it is
+    /// dead-lettered only after `max_deliveries` deliveries.
+    fn release(
+        &mut self,
+        delivery: &Delivery,
+        results: &[TaskResult],
+    ) -> Result<AckOutcome, BrokerError>;
+    /// Takes over up to `max` tasks of other consumers idle longer than the
+    /// lease (their consumer is dead, stuck or released them; its own only
+    /// after a few leases); those already delivered `max_deliveries` times
+    /// go to the dead-letter stream instead.
     fn reclaim(&mut self, max: usize) -> Result<Reclaimed, BrokerError>;
 }

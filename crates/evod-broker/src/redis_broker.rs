@@ -26,6 +26,11 @@ type StreamEntry = (String, Vec<(String, Vec<u8>)>);
 
 /// The consumer group of a run's evaluators.
 pub const GROUP: &str = "evaluators";
+/// A host reclaims a task it held itself (released after a failure, or let
+/// lapse) only after this many leases idle: other hosts get it first.
+pub const OWN_RECLAIM_LEASES: u64 = 3;
+/// Time to live of a base chunk until its description is written.
+const UNDESCRIBED_CHUNK_TTL: Duration = Duration::from_secs(600);
 /// Largest base chunk accepted from the broker.
 const MAX_CHUNK: usize = 64 << 20;
 
@@ -35,6 +40,22 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
+    // `redis+unix:///sock?pass=…` (and `password=`): the query's secret.
+    if let Some((head, query)) = rest.split_once('?') {
+        let query: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _))
+                    if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") =>
+                {
+                    format!("{k}=***")
+                }
+                _ => kv.to_owned(),
+            })
+            .collect();
+        let head = redact_url(&format!("{scheme}://{head}"));
+        return format!("{head}?{}", query.join("&"));
+    }
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let (authority, path) = rest.split_at(authority_end);
     match authority.rsplit_once('@') {
@@ -50,8 +71,8 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Settings of a [`RedisBroker`].
-#[derive(Debug, Clone)]
+/// Settings of a [`RedisBroker`] (its `Debug` hides the URL's password).
+#[derive(Clone)]
 pub struct RedisConfig {
     /// `redis://host:port[/db]`.
     pub url: String,
@@ -76,6 +97,22 @@ pub struct RedisConfig {
     /// Connect, read and write timeout of one command (blocking reads add
     /// their block time).
     pub io_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("run", &self.run)
+            .field("consumer", &self.consumer)
+            .field("task_lease", &self.task_lease)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("max_stream_len", &self.max_stream_len)
+            .field("chunk_bytes", &self.chunk_bytes)
+            .field("max_base_bytes", &self.max_base_bytes)
+            .field("io_timeout", &self.io_timeout)
+            .finish()
+    }
 }
 
 impl RedisConfig {
@@ -134,6 +171,9 @@ impl Keys {
     fn model(&self) -> String {
         self.key("model")
     }
+    fn setting(&self, name: &str) -> String {
+        self.key(&format!("setting:{name}"))
+    }
     fn hosts(&self, what: &str) -> String {
         self.key(&format!("hosts:{what}"))
     }
@@ -154,6 +194,10 @@ pub struct RedisBroker {
     heartbeat: Script,
     now_ms: Script,
     set_fenced: Script,
+    del_fenced: Script,
+    /// Malformed result entries found (and removed) since the last
+    /// [`RedisBroker::take_malformed`].
+    malformed: Vec<String>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -209,6 +253,163 @@ impl RedisBroker {
             heartbeat: Script::new(scripts::HEARTBEAT),
             now_ms: Script::new(scripts::NOW_MS),
             set_fenced: Script::new(scripts::SET_FENCED),
+            del_fenced: Script::new(scripts::DEL_FENCED),
+            malformed: Vec::new(),
+        })
+    }
+
+    /// Malformed result entries [`Coordinator::results`] skipped (and
+    /// removed, so that their candidates can be recorded again) since the
+    /// last call: one line each, naming the entry and the problem.
+    pub fn take_malformed(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.malformed)
+    }
+
+    /// Deletes `keys` if `lease` is the live lease; [`BrokerError::LeaseLost`]
+    /// otherwise.
+    fn del_fenced(
+        &mut self,
+        op: &'static str,
+        lease: &Lease,
+        keys: Vec<String>,
+    ) -> Result<(), BrokerError> {
+        let s = self.del_fenced.clone();
+        let mut all = vec![self.keys.lease()];
+        all.extend(keys);
+        let token = lease.token.clone();
+        let n: i64 = self.call(op, move |c| s.key(&all[..]).arg(&token).invoke(c))?;
+        if n < 0 {
+            return Err(BrokerError::LeaseLost {
+                holder: lease.token.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Records `results` and acknowledges the task (`release_ms` 0) or
+    /// leaves it pending with that idle time (a release), atomically.
+    fn record(
+        &mut self,
+        delivery: &Delivery,
+        results: &[TaskResult],
+        release_ms: u64,
+    ) -> Result<AckOutcome, BrokerError> {
+        let task = &delivery.task;
+        let mismatch = |reason: String| BrokerError::ResultMismatch {
+            id: delivery.id.clone(),
+            reason,
+        };
+        let mut payloads = Vec::with_capacity(results.len());
+        for r in results {
+            if r.run != task.run || r.generation != task.generation {
+                return Err(mismatch(format!(
+                    "result of run {:?} generation {}, task of run {:?} generation {}",
+                    r.run, r.generation, task.run, task.generation
+                )));
+            }
+            if !task.candidates().contains(&r.candidate) {
+                return Err(mismatch(format!(
+                    "candidate {} not in {:?}",
+                    r.candidate,
+                    task.candidates()
+                )));
+            }
+            payloads.push((r.candidate, r.encode()?));
+        }
+        let s = self.ack.clone();
+        let keys = [
+            self.keys.tasks(),
+            self.keys.results(),
+            self.keys.results_of(task.generation),
+            self.keys.hosts("done"),
+            self.keys.enqueued(task.generation),
+        ];
+        let (id, consumer) = (delivery.id.clone(), self.config.consumer.clone());
+        let maxlen = self.config.max_stream_len;
+        let recorded: i64 = self.call("ack", move |c| {
+            let mut inv = s.prepare_invoke();
+            inv.key(&keys[..])
+                .arg(GROUP)
+                .arg(&id)
+                .arg(&consumer)
+                .arg(maxlen)
+                .arg(release_ms);
+            for (cand, p) in &payloads {
+                inv.arg(*cand).arg(p.as_slice());
+            }
+            inv.invoke(c)
+        })?;
+        let recorded = recorded.max(0) as usize;
+        Ok(AckOutcome {
+            recorded,
+            duplicates: results.len().saturating_sub(recorded),
+        })
+    }
+
+    /// Forgets the hosts whose last heartbeat is older than `gone` (their
+    /// worker count, results count and last-seen time); returns them.
+    pub fn prune_hosts(&mut self, gone: Duration) -> Result<Vec<String>, BrokerError> {
+        let now = self.server_ms()?;
+        let seen_key = self.keys.hosts("seen");
+        let k = seen_key.clone();
+        let seen: Vec<(String, u64)> = self.call("list hosts", move |c| {
+            redis::cmd("HGETALL").arg(&k).query(c)
+        })?;
+        let old: Vec<String> = seen
+            .into_iter()
+            .filter(|(_, t)| now.saturating_sub(*t) > gone.as_millis() as u64)
+            .map(|(h, _)| h)
+            .collect();
+        if old.is_empty() {
+            return Ok(old);
+        }
+        let keys = [
+            self.keys.hosts("workers"),
+            self.keys.hosts("done"),
+            seen_key,
+        ];
+        let hosts = old.clone();
+        self.call("prune hosts", move |c| {
+            let mut p = redis::pipe();
+            p.atomic();
+            for k in &keys {
+                p.cmd("HDEL").arg(k).arg(&hosts).ignore();
+            }
+            p.query::<()>(c)
+        })?;
+        Ok(old)
+    }
+
+    /// Stores one of the coordinator's run settings (e.g. its evaluation
+    /// timeout, which the hosts use), fenced by the lease.
+    pub fn publish_run_setting(
+        &mut self,
+        lease: &Lease,
+        name: &str,
+        value: &str,
+    ) -> Result<(), BrokerError> {
+        let (s, keys) = (
+            self.set_fenced.clone(),
+            [self.keys.lease(), self.keys.setting(name)],
+        );
+        let token = lease.token.clone();
+        let ok: i64 = self.call("publish a run setting", move |c| {
+            s.key(&keys[..]).arg(&token).arg(value).invoke(c)
+        })?;
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(BrokerError::LeaseLost {
+                holder: lease.token.clone(),
+            })
+        }
+    }
+
+    /// A run setting the coordinator published (`None`: not yet).
+    pub fn fetch_run_setting(&mut self, name: &str) -> Result<Option<String>, BrokerError> {
+        let key = self.keys.setting(name);
+        self.call("fetch a run setting", move |c| {
+            redis::cmd("GET").arg(&key).query(c)
         })
     }
 
@@ -493,15 +694,15 @@ impl Coordinator for RedisBroker {
         }
     }
 
-    fn renew_lease(&mut self, lease: &Lease) -> Result<(), BrokerError> {
+    fn renew_lease(&mut self, lease: &Lease) -> Result<bool, BrokerError> {
         let (s, k) = (self.renew.clone(), self.keys.lease());
         let ttl_ms = lease.ttl.as_millis().max(1) as u64;
         let token = lease.token.clone();
         let ok: i64 = self.call("renew lease", move |c| {
             s.key(&k).arg(&token).arg(ttl_ms).invoke(c)
         })?;
-        if ok == 1 {
-            Ok(())
+        if ok == 1 || ok == 2 {
+            Ok(ok == 2)
         } else {
             Err(BrokerError::LeaseLost {
                 holder: lease.token.clone(),
@@ -529,27 +730,45 @@ impl Coordinator for RedisBroker {
         }
         let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
         let chunk = self.config.chunk_bytes;
+        let mut keys = Vec::new();
         for (i, part) in bytes.chunks(chunk).enumerate() {
             let key = self.keys.chunk(hash, i);
+            keys.push(key.clone());
+            // With a time to live until the description exists: the
+            // chunks of a publish cut short (a coordinator killed) go by
+            // themselves.
             self.call("publish base chunk", move |c| {
-                redis::cmd("SET").arg(&key).arg(part).query::<()>(c)
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(part)
+                    .arg("PX")
+                    .arg(UNDESCRIBED_CHUNK_TTL.as_millis() as u64)
+                    .query::<()>(c)
             })?;
         }
-        // The description goes last: a base is visible only when whole.
+        // The description goes last, in one transaction with making the
+        // chunks permanent: a base is visible only when whole, and a whole
+        // base never loses a chunk.
         let len = bytes.len();
         self.call("publish base", move |c| {
-            redis::cmd("HSET")
+            let mut p = redis::pipe();
+            p.atomic();
+            for k in &keys {
+                p.cmd("PERSIST").arg(k).ignore();
+            }
+            p.cmd("HSET")
                 .arg(&meta)
                 .arg("bytes")
                 .arg(len)
                 .arg("chunk")
                 .arg(chunk)
-                .query::<()>(c)
+                .ignore();
+            p.query::<()>(c)
         })?;
         Ok(hash)
     }
 
-    fn drop_base(&mut self, hash: u64) -> Result<(), BrokerError> {
+    fn drop_base(&mut self, lease: &Lease, hash: u64) -> Result<(), BrokerError> {
         let meta = self.keys.base(hash);
         let m = meta.clone();
         let desc: Vec<(String, u64)> =
@@ -562,9 +781,7 @@ impl Coordinator for RedisBroker {
         {
             keys.extend((0..bytes.div_ceil(chunk) as usize).map(|i| self.keys.chunk(hash, i)));
         }
-        self.call("drop base", move |c| {
-            redis::cmd("DEL").arg(&keys).query::<()>(c)
-        })
+        self.del_fenced("drop base", lease, keys)
     }
 
     fn publish_model(&mut self, lease: &Lease, model: &[u8]) -> Result<(), BrokerError> {
@@ -633,26 +850,40 @@ impl Coordinator for RedisBroker {
             redis::cmd("HGETALL").arg(&key).query(c)
         })?;
         let mut out = Vec::with_capacity(raw.len());
+        let mut bad = Vec::new();
         for (field, payload) in raw {
-            let r = TaskResult::decode(&payload)?;
-            self.check_run(&r.run)?;
-            let field_ok = std::str::from_utf8(&field)
-                .ok()
-                .and_then(|f| f.parse::<u32>().ok())
-                == Some(r.candidate);
-            if !field_ok || r.generation != generation {
-                return Err(WireError::Entry {
-                    what: "result",
-                    reason: format!(
-                        "entry {:?} of generation {generation} holds candidate {} of generation {}",
-                        String::from_utf8_lossy(&field),
-                        r.candidate,
-                        r.generation
-                    ),
+            let name = String::from_utf8_lossy(&field).into_owned();
+            let checked = TaskResult::decode(&payload)
+                .map_err(|e| e.to_string())
+                .and_then(|r| {
+                    if r.run != self.config.run {
+                        return Err(format!("a result of run {:?}", r.run));
+                    }
+                    let field_ok = name.parse::<u32>().ok() == Some(r.candidate);
+                    if !field_ok || r.generation != generation {
+                        return Err(format!(
+                            "holds candidate {} of generation {}",
+                            r.candidate, r.generation
+                        ));
+                    }
+                    Ok(r)
+                });
+            match checked {
+                Ok(r) => out.push(r),
+                Err(why) => {
+                    self.malformed.push(format!(
+                        "result entry {name:?} of generation {generation:016x}: {why}; removed, its candidate counts as missing"
+                    ));
+                    bad.push(field);
                 }
-                .into());
             }
-            out.push(r);
+        }
+        if !bad.is_empty() {
+            // Removed so that another delivery can record the candidate.
+            let key = self.keys.results_of(generation);
+            self.call("remove malformed results", move |c| {
+                redis::cmd("HDEL").arg(&key).arg(&bad).query::<()>(c)
+            })?;
         }
         out.sort_by_key(|r| r.candidate);
         Ok(out)
@@ -664,11 +895,21 @@ impl Coordinator for RedisBroker {
         want: usize,
         timeout: Duration,
     ) -> Result<Vec<TaskResult>, BrokerError> {
+        self.wait_count(generation, want, timeout)?;
+        self.results(generation)
+    }
+
+    fn wait_count(
+        &mut self,
+        generation: u64,
+        want: usize,
+        timeout: Duration,
+    ) -> Result<usize, BrokerError> {
         let deadline = Instant::now() + timeout;
         let stream = self.keys.results();
         loop {
-            // The newest notification before reading the hash: anything
-            // recorded after the read shows up as a newer entry.
+            // The newest notification before counting: anything recorded
+            // after the count shows up as a newer entry.
             let s = stream.clone();
             let last: Vec<StreamEntry> = self.call("wait results", move |c| {
                 redis::cmd("XREVRANGE")
@@ -680,14 +921,13 @@ impl Coordinator for RedisBroker {
                     .query(c)
             })?;
             let last = last.into_iter().next().map_or("0-0".to_owned(), |e| e.0);
-            // Count first: the results themselves are read once, at the end.
             let key = self.keys.results_of(generation);
             let count: usize = self.call("wait results", move |c| {
                 redis::cmd("HLEN").arg(&key).query(c)
             })?;
             let now = Instant::now();
             if count >= want || now >= deadline {
-                return self.results(generation);
+                return Ok(count);
             }
             let block = (deadline - now).min(Duration::from_secs(1));
             let s = stream.clone();
@@ -749,9 +989,15 @@ impl Coordinator for RedisBroker {
     }
 
     fn dead_letters(&mut self) -> Result<Vec<DeadLetter>, BrokerError> {
+        self.dead_letters_after("0-0")
+    }
+
+    fn dead_letters_after(&mut self, after: &str) -> Result<Vec<DeadLetter>, BrokerError> {
         let key = self.keys.dead();
+        // Exclusive start: the letters after `after`.
+        let start = format!("({after}");
         let raw: Vec<StreamEntry> = self.call("read dead letters", move |c| {
-            redis::cmd("XRANGE").arg(&key).arg("-").arg("+").query(c)
+            redis::cmd("XRANGE").arg(&key).arg(&start).arg("+").query(c)
         })?;
         let mut out = Vec::with_capacity(raw.len());
         for (id, fields) in raw {
@@ -761,16 +1007,22 @@ impl Coordinator for RedisBroker {
                     .find(|(k, _)| k == f)
                     .map(|(_, v)| v.as_slice())
             };
-            let missing = |f: &str| WireError::Entry {
-                what: "dead letter",
-                reason: format!("{id} has no field {f:?}"),
+            // A malformed letter is reported as such (its task an error),
+            // never a failure of the whole read.
+            let task = match get("t") {
+                Some(t) => Task::decode(t),
+                None => Err(WireError::Entry {
+                    what: "dead letter",
+                    reason: format!("{id} has no field \"t\""),
+                }),
             };
-            let task = Task::decode(get("t").ok_or_else(|| missing("t"))?);
             let deliveries = get("n")
                 .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
-                .ok_or_else(|| missing("n"))?;
-            let last_consumer =
-                String::from_utf8_lossy(get("c").ok_or_else(|| missing("c"))?).into_owned();
+                .unwrap_or(0);
+            let last_consumer = get("c").map_or_else(
+                || "?".to_owned(),
+                |c| String::from_utf8_lossy(c).into_owned(),
+            );
             let why = get("why").map(|w| String::from_utf8_lossy(w).into_owned());
             out.push(DeadLetter {
                 id,
@@ -783,14 +1035,12 @@ impl Coordinator for RedisBroker {
         Ok(out)
     }
 
-    fn retire(&mut self, generation: u64) -> Result<(), BrokerError> {
-        let keys = [
+    fn retire(&mut self, lease: &Lease, generation: u64) -> Result<(), BrokerError> {
+        let keys = vec![
             self.keys.results_of(generation),
             self.keys.enqueued(generation),
         ];
-        self.call("retire generation", move |c| {
-            redis::cmd("DEL").arg(&keys[..]).query::<()>(c)
-        })
+        self.del_fenced("retire generation", lease, keys)
     }
 
     fn hosts(&mut self) -> Result<Vec<HostInfo>, BrokerError> {
@@ -1062,55 +1312,16 @@ impl Evaluator for RedisBroker {
         delivery: &Delivery,
         results: &[TaskResult],
     ) -> Result<AckOutcome, BrokerError> {
-        let task = &delivery.task;
-        let mismatch = |reason: String| BrokerError::ResultMismatch {
-            id: delivery.id.clone(),
-            reason,
-        };
-        let mut payloads = Vec::with_capacity(results.len());
-        for r in results {
-            if r.run != task.run || r.generation != task.generation {
-                return Err(mismatch(format!(
-                    "result of run {:?} generation {}, task of run {:?} generation {}",
-                    r.run, r.generation, task.run, task.generation
-                )));
-            }
-            if !task.candidates().contains(&r.candidate) {
-                return Err(mismatch(format!(
-                    "candidate {} not in {:?}",
-                    r.candidate,
-                    task.candidates()
-                )));
-            }
-            payloads.push((r.candidate, r.encode()?));
-        }
-        let s = self.ack.clone();
-        let keys = [
-            self.keys.tasks(),
-            self.keys.results(),
-            self.keys.results_of(task.generation),
-            self.keys.hosts("done"),
-            self.keys.enqueued(task.generation),
-        ];
-        let (id, consumer) = (delivery.id.clone(), self.config.consumer.clone());
-        let maxlen = self.config.max_stream_len;
-        let recorded: i64 = self.call("ack", move |c| {
-            let mut inv = s.prepare_invoke();
-            inv.key(&keys[..])
-                .arg(GROUP)
-                .arg(&id)
-                .arg(&consumer)
-                .arg(maxlen);
-            for (cand, p) in &payloads {
-                inv.arg(*cand).arg(p.as_slice());
-            }
-            inv.invoke(c)
-        })?;
-        let recorded = recorded.max(0) as usize;
-        Ok(AckOutcome {
-            recorded,
-            duplicates: results.len().saturating_sub(recorded),
-        })
+        self.record(delivery, results, 0)
+    }
+
+    fn release(
+        &mut self,
+        delivery: &Delivery,
+        results: &[TaskResult],
+    ) -> Result<AckOutcome, BrokerError> {
+        let idle = self.config.task_lease.as_millis().max(1) as u64;
+        self.record(delivery, results, idle)
     }
 
     fn reclaim(&mut self, max: usize) -> Result<Reclaimed, BrokerError> {
@@ -1118,6 +1329,10 @@ impl Evaluator for RedisBroker {
         let keys = [self.keys.tasks(), self.keys.dead()];
         let consumer = self.config.consumer.clone();
         let idle = self.config.task_lease.as_millis().max(1) as u64;
+        // Our own tasks come back to us only after three leases: another
+        // host gets the first chance at a task this one failed.
+        let own_idle = idle.saturating_mul(OWN_RECLAIM_LEASES);
+        let scan = max.max(1) * 8 + 64;
         let (maxd, maxlen) = (self.config.max_deliveries, self.config.max_stream_len);
         let r = self.call("reclaim", move |c| {
             s.key(&keys[..])
@@ -1127,6 +1342,8 @@ impl Evaluator for RedisBroker {
                 .arg(max.max(1))
                 .arg(maxd)
                 .arg(maxlen)
+                .arg(own_idle)
+                .arg(scan)
                 .invoke::<Value>(c)
         });
         let reply = match r {
@@ -1193,5 +1410,21 @@ mod tests {
         assert_eq!(redact_url("redis://:s3cret@db/"), "redis://:***@db/");
         assert_eq!(redact_url("redis://tok@db"), "redis://***@db");
         assert_eq!(redact_url("redis://db:6379/0"), "redis://db:6379/0");
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=1&pass=s3cret"),
+            "redis+unix:///run/redis.sock?db=1&pass=***"
+        );
+        assert_eq!(
+            redact_url("redis://u:pw@db/0?password=s3cret"),
+            "redis://u:***@db/0?password=***"
+        );
+    }
+
+    #[test]
+    fn the_config_debug_hides_the_password() {
+        let c = super::RedisConfig::new("redis://u:s3cret@db/0?pass=s3cret", "r", "c");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("redis://u:***@db/0?pass=***"), "{shown}");
     }
 }

@@ -243,8 +243,10 @@ fn dead_letters_a_task_delivered_too_often() {
     );
     let dead = coord.dead_letters().unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].deliveries, 3);
-    assert_eq!(dead[0].last_consumer, "host-a");
+    // Delivered twice (to a, then b): dead-lettered by a's next reclaim,
+    // naming b, which held it last.
+    assert_eq!(dead[0].deliveries, 2);
+    assert_eq!(dead[0].last_consumer, "host-b");
     assert_eq!(dead[0].task.as_ref().unwrap().candidates(), 0..2);
 
     // Malformed bytes in the stream never reach an evaluator: dead-lettered
@@ -428,36 +430,37 @@ fn a_late_duplicate_result_is_counted_once() {
             .iter()
             .all(|r| r.host == "host-b" && r.fitness < 100.0)
     );
-    // Once the coordinator retires the generation, a result that comes
-    // even later (a host cut off for longer) is acknowledged and dropped:
-    // nothing recorded, the results hash not re-created, no host count.
+    // Once the round is retired (its results hash gone), a late or
+    // repeated ack (a reply lost to EINTR, retried) still records nothing:
+    // the task is no longer pending.
     let done_before: u64 = redis::cmd("HGET")
         .arg(format!("{}hosts:done", a.prefix()))
-        .arg("host-a")
-        .query::<Option<u64>>(&mut r)
-        .unwrap()
-        .unwrap_or(0);
-    coord.retire(2).unwrap();
+        .arg("host-b")
+        .query(&mut r)
+        .unwrap();
+    // The live lease `enqueue` took, by its token.
+    let lease_c = evod_broker::Lease {
+        token: redis::cmd("GET")
+            .arg(format!("{}coordinator", a.prefix()))
+            .query(&mut r)
+            .unwrap(),
+        ttl: Duration::from_secs(30),
+    };
+    coord.retire(&lease_c, 2).unwrap();
     assert_eq!(
-        a.ack(&slow, &evaluate(&slow, "host-a", 100.0)).unwrap(),
+        b.ack(&taken, &evaluate(&taken, "host-b", 0.0)).unwrap(),
         AckOutcome {
             recorded: 0,
             duplicates: 4
         }
     );
-    assert!(coord.results(2).unwrap().is_empty());
-    let exists: bool = redis::cmd("EXISTS")
-        .arg(format!("{}results:2", a.prefix()))
-        .query(&mut r)
-        .unwrap();
-    assert!(!exists, "a late ack re-created the retired results hash");
     let done_after: u64 = redis::cmd("HGET")
         .arg(format!("{}hosts:done", a.prefix()))
-        .arg("host-a")
-        .query::<Option<u64>>(&mut r)
-        .unwrap()
-        .unwrap_or(0);
-    assert_eq!(done_after, done_before);
+        .arg("host-b")
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(done_after, done_before, "counted once");
+    assert!(coord.results(2).unwrap().is_empty(), "not recorded again");
     // Results are checked against the task before they are sent.
     let mut wrong = evaluate(&slow, "host-a", 0.0);
     wrong[0].candidate = 99;
@@ -465,6 +468,54 @@ fn a_late_duplicate_result_is_counted_once() {
         a.ack(&slow, &wrong),
         Err(BrokerError::ResultMismatch { .. })
     ));
+}
+
+#[test]
+fn a_result_for_a_retired_round_records_nothing_even_while_its_task_is_pending() {
+    // A host cut off for longer than its round lasted (the round re-enqueued
+    // and finished elsewhere, then retired) still holds the old task: its
+    // ack must not re-create the round's results hash nor count.
+    let (_dir, server) = start();
+    let url = server.url();
+    let coord = &mut enqueue(&url, 3, 1, 4);
+    let mut a = broker(&url, "host-a", Duration::from_secs(30));
+    let held = read_all(&mut a, 1).pop().unwrap();
+    let mut r = raw(&url);
+    let lease_c = evod_broker::Lease {
+        token: redis::cmd("GET")
+            .arg(format!("{}coordinator", a.prefix()))
+            .query(&mut r)
+            .unwrap(),
+        ttl: Duration::from_secs(30),
+    };
+    coord.retire(&lease_c, 3).unwrap();
+    assert_eq!(
+        a.ack(&held, &evaluate(&held, "host-a", 1.0)).unwrap(),
+        AckOutcome {
+            recorded: 0,
+            duplicates: 4
+        }
+    );
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(format!("{}results:3", a.prefix()))
+        .query(&mut r)
+        .unwrap();
+    assert!(!exists, "a late ack re-created the retired results hash");
+    let done: Option<u64> = redis::cmd("HGET")
+        .arg(format!("{}hosts:done", a.prefix()))
+        .arg("host-a")
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(done.unwrap_or(0), 0, "a retired round's result was counted");
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(format!("{}tasks", a.prefix()))
+        .arg("evaluators")
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query(&mut r)
+        .unwrap();
+    assert!(pending.is_empty(), "the task was acknowledged: {pending:?}");
 }
 
 #[test]
@@ -516,7 +567,13 @@ fn coordinator_restart_enqueues_only_what_is_missing() {
             .len(),
         16
     );
-    second.retire(5).unwrap();
+    // Retiring is fenced too: the old lease removes nothing.
+    assert!(matches!(
+        second.retire(&lease1, 5),
+        Err(BrokerError::LeaseLost { .. })
+    ));
+    assert_eq!(second.results(5).unwrap().len(), 16);
+    second.retire(&lease2, 5).unwrap();
     assert!(second.results(5).unwrap().is_empty());
 }
 
@@ -853,7 +910,18 @@ fn bases_are_chunked_idempotent_and_verified() {
         ev.fetch_base(hash),
         Err(BrokerError::BadBase { .. })
     ));
-    coord.drop_base(hash).unwrap();
+    let lease = coord
+        .acquire_lease("coord", Duration::from_secs(30), Duration::ZERO)
+        .unwrap();
+    let stale = evod_broker::Lease {
+        token: "coord/1/1".into(),
+        ttl: Duration::from_secs(30),
+    };
+    assert!(matches!(
+        coord.drop_base(&stale, hash),
+        Err(BrokerError::LeaseLost { .. })
+    ));
+    coord.drop_base(&lease, hash).unwrap();
     assert!(matches!(
         ev.fetch_base(hash),
         Err(BrokerError::BaseMissing { .. })
@@ -863,4 +931,183 @@ fn bases_are_chunked_idempotent_and_verified() {
         .query(&mut r)
         .unwrap();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_lease_lapsed_while_redis_was_away_is_taken_again_never_lost() {
+    let (_dir, server) = start();
+    let url = server.url();
+    let ttl = Duration::from_millis(300);
+    let mut a = broker(&url, "coord-a", Duration::from_secs(30));
+    let lease = a.acquire_lease("coord-a", ttl, Duration::ZERO).unwrap();
+    assert!(!a.renew_lease(&lease).unwrap(), "a live lease is renewed");
+    // The key expires (as after an outage longer than the ttl).
+    let mut r = raw(&url);
+    let key = format!("{}coordinator", a.prefix());
+    poll_until("the lease key to expire", Duration::from_secs(10), || {
+        let exists: bool = redis::cmd("EXISTS").arg(&key).query(&mut r).unwrap();
+        (!exists).then_some(())
+    });
+    assert!(
+        a.renew_lease(&lease).unwrap(),
+        "taken again with the same token"
+    );
+    let holder: String = redis::cmd("GET").arg(&key).query(&mut r).unwrap();
+    assert_eq!(holder, lease.token);
+    assert_eq!(
+        a.enqueue(&lease, 1, &tasks(1, 1, 1)).unwrap(),
+        Enqueued::New(1)
+    );
+    // Another holder in between is a loss.
+    redis::cmd("SET")
+        .arg(&key)
+        .arg("coord-b/9/9")
+        .query::<()>(&mut r)
+        .unwrap();
+    assert!(matches!(
+        a.renew_lease(&lease),
+        Err(BrokerError::LeaseLost { .. })
+    ));
+}
+
+#[test]
+fn a_released_task_goes_to_another_host_at_once_and_never_back_to_its_own() {
+    let (_dir, server) = start();
+    let url = server.url();
+    let lease = Duration::from_secs(30);
+    let mut coord = enqueue(&url, 3, 4, 4);
+    let mut bad = broker(&url, "host-bad", lease);
+    let mut good = broker(&url, "host-good", lease);
+    let d = read_all(&mut bad, 1).pop().unwrap();
+    // host-bad evaluates half of it, then hands it back.
+    let half: Vec<TaskResult> = evaluate(&d, "host-bad", 0.0).into_iter().take(2).collect();
+    assert_eq!(bad.release(&d, &half).unwrap().recorded, 2);
+    // Not handed back to host-bad (its own, released), long before the
+    // 30 s lease: another host takes it over at once.
+    assert!(bad.reclaim(10).unwrap().tasks.is_empty());
+    let taken = good.reclaim(10).unwrap();
+    assert_eq!(taken.dead_lettered, 0);
+    assert_eq!(taken.tasks.len(), 1);
+    let t = &taken.tasks[0];
+    assert_eq!((t.id.as_str(), t.deliveries), (d.id.as_str(), 2));
+    let outcome = good.ack(t, &evaluate(t, "host-good", 0.0)).unwrap();
+    assert_eq!((outcome.recorded, outcome.duplicates), (2, 2));
+    let results = coord.results(3).unwrap();
+    assert_eq!(results.len(), 4);
+    assert!(results[..2].iter().all(|r| r.host == "host-bad"));
+    assert!(results[2..].iter().all(|r| r.host == "host-good"));
+    assert!(coord.dead_letters().unwrap().is_empty());
+}
+
+#[test]
+fn a_task_failing_everywhere_is_dead_lettered_after_max_deliveries_over_hosts() {
+    let (_dir, server) = start();
+    let url = server.url();
+    let lease = Duration::from_secs(30);
+    let mut coord = enqueue(&url, 4, 1, 1);
+    let mut hosts = [
+        broker(&url, "host-a", lease),
+        broker(&url, "host-b", lease),
+        broker(&url, "host-c", lease),
+    ];
+    let mut d = read_all(&mut hosts[0], 1).pop().unwrap();
+    let mut seen = vec![d.deliveries];
+    for i in 1..3 {
+        hosts[i - 1].release(&d, &[]).unwrap();
+        let r = hosts[i].reclaim(10).unwrap();
+        assert_eq!(r.tasks.len(), 1, "delivery {}", i + 1);
+        d = r.tasks.into_iter().next().unwrap();
+        seen.push(d.deliveries);
+    }
+    assert_eq!(seen, [1, 2, 3]);
+    assert!(
+        coord.dead_letters().unwrap().is_empty(),
+        "not before 3 deliveries"
+    );
+    hosts[2].release(&d, &[]).unwrap();
+    let r = hosts[0].reclaim(10).unwrap();
+    assert!(r.tasks.is_empty());
+    assert_eq!(r.dead_lettered, 1);
+    let dead = coord.dead_letters().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].deliveries, dead[0].last_consumer.as_str()),
+        (3, "host-c")
+    );
+}
+
+#[test]
+fn malformed_results_and_dead_letters_are_skipped_not_fatal() {
+    let (_dir, server) = start();
+    let url = server.url();
+    let mut coord = enqueue(&url, 6, 4, 4);
+    let mut ev = broker(&url, "host-a", Duration::from_secs(30));
+    let d = read_all(&mut ev, 1).pop().unwrap();
+    let results = evaluate(&d, "host-a", 0.0);
+    ev.ack(&d, &results[1..]).unwrap();
+    // Candidate 0's slot holds garbage; a dead letter lacks its fields.
+    let mut r = raw(&url);
+    redis::cmd("HSET")
+        .arg(format!("{}results:6", coord.prefix()))
+        .arg("0")
+        .arg(&b"not a result"[..])
+        .query::<()>(&mut r)
+        .unwrap();
+    redis::cmd("XADD")
+        .arg(format!("{}dead", coord.prefix()))
+        .arg("*")
+        .arg("x")
+        .arg("y")
+        .query::<()>(&mut r)
+        .unwrap();
+    let got = coord.results(6).unwrap();
+    assert_eq!(
+        got.iter().map(|r| r.candidate).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    let bad = coord.take_malformed();
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert!(bad[0].contains("\"0\""), "{bad:?}");
+    // Removed: candidate 0 can be recorded by another delivery.
+    assert_eq!(coord.missing(6, 0..4).unwrap(), [0]);
+    let dead = coord.dead_letters().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].task.is_err());
+}
+
+#[test]
+fn chunks_are_permanent_once_described_and_silent_hosts_are_pruned() {
+    let (_dir, server) = start();
+    let url = server.url();
+    let mut coord = broker(&url, "coord", Duration::from_secs(30));
+    let hash = coord.publish_base(&[1.0, 2.0, 3.0]).unwrap();
+    let mut r = raw(&url);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{}base:{hash:016x}:0", coord.prefix()))
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(pttl, -1, "a described base's chunks do not expire");
+    // Two hosts; one silent for an hour (its last-seen time set back).
+    let mut live = broker(&url, "host-live", Duration::from_secs(30));
+    let mut gone = broker(&url, "host-gone", Duration::from_secs(30));
+    live.heartbeat(2).unwrap();
+    gone.heartbeat(2).unwrap();
+    let seen_key = format!("{}hosts:seen", coord.prefix());
+    let now: u64 = redis::cmd("HGET")
+        .arg(&seen_key)
+        .arg("host-gone")
+        .query(&mut r)
+        .unwrap();
+    redis::cmd("HSET")
+        .arg(&seen_key)
+        .arg("host-gone")
+        .arg(now - 3_600_000)
+        .query::<()>(&mut r)
+        .unwrap();
+    assert_eq!(
+        coord.prune_hosts(Duration::from_secs(600)).unwrap(),
+        ["host-gone"]
+    );
+    let hosts: Vec<String> = coord.hosts().unwrap().into_iter().map(|h| h.host).collect();
+    assert_eq!(hosts, ["host-live"]);
 }

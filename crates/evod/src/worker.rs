@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long)]
     pub allow_fault_injection: bool,
     /// Fault injection (needs --allow-fault-injection): a real SIGSEGV on
-    /// every `EVAL` candidate whose bytes hash ([`poison_hash`]) to a
+    /// every `EVAL` (or `EVAL_RECIPES`) candidate whose bytes hash ([`poison_hash`]) to a
     /// multiple of N, a "poison candidate" that crashes the runtime every time.
     #[arg(long, hide = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub poison_one_in: Option<u64>,
@@ -672,6 +672,14 @@ impl Worker<'_> {
                 return error(e.status(), e);
             }
             let views: Vec<&[f32]> = self.regenerated.chunks_exact(n).collect();
+            if let Some(every) = self.poison_one_in {
+                for v in &views {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    if poison_hash(&bytes).is_multiple_of(every) {
+                        segfault();
+                    }
+                }
+            }
             let tick = &mut || seg.beat(Role::Worker);
             match task.evaluate_many_with(&m.arch, &views, body.header.seed, tick) {
                 Ok(f) => fitness.extend(f),

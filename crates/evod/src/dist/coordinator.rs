@@ -6,8 +6,9 @@
 //! run's model file once, and evaluates each ES evaluation of the evolver
 //! through the broker ([`Coordination::evaluator`]): one round per
 //! evaluation (a generation's training batch, then its publish gate),
-//! named by a hash of what it evaluates ([`round_id`]: the base, the
-//! recipes, the episode seed and count). A round is the generation's base
+//! named by a hash of what it evaluates ([`round_id`]: the run's model
+//! and this build's protocol, the base, the recipes, the episode seed and
+//! count). A round is the generation's base
 //! published by hash (once), its recipes cut into tasks of
 //! `--candidates-per-task`, enqueued once (a restarted coordinator that
 //! redoes a round finds it enqueued and its results recorded: nothing is
@@ -46,6 +47,8 @@ use crate::evolver::RingEvaluator;
 const LEASE_LOST_EXIT: i32 = 1;
 /// How often the dead-letter stream is read while a round is open.
 const DEAD_LETTERS_EVERY: Duration = Duration::from_millis(500);
+/// A host silent this long is forgotten (`evod status` stops listing it).
+const HOST_GONE: Duration = Duration::from_secs(600);
 /// How often the hosts are listed for the status report.
 const HOSTS_EVERY: Duration = Duration::from_secs(1);
 
@@ -57,6 +60,10 @@ pub struct Coordination {
     broker: RedisBroker,
     settings: DistSettings,
     lease: Lease,
+    /// The lease keeper thread (stopped, then the lease released, on drop).
+    _keeper: Keeper,
+    /// The run's [`fingerprint`], part of every round id.
+    fingerprint: u64,
     /// Its own workers as an evaluator host (`None` with `--remote-only`).
     host: Option<EvalHost>,
     stop: Arc<AtomicBool>,
@@ -68,11 +75,15 @@ pub struct Coordination {
     /// Rounds complete, to retire once a checkpoint covers their
     /// generation.
     done: Vec<Done>,
-    /// Dead letters already applied (broker ids).
-    dead_seen: std::collections::HashSet<String>,
+    /// The last dead letter read (broker id): each is read once.
+    dead_after: String,
+    /// Dead-lettered candidates by round, with their letter (a round's
+    /// entry goes when it is done).
+    dead: std::collections::HashMap<u64, Vec<(u32, evod_broker::DeadLetter)>>,
     /// Hosts as last listed.
     hosts: Vec<HostInfo>,
     hosts_at: Option<Instant>,
+    pruned_at: Option<Instant>,
     /// Tasks enqueued by this process (new and re-enqueued).
     pub enqueued: u64,
 }
@@ -86,6 +97,7 @@ impl Coordination {
         model: &std::path::Path,
         layout: ParamLayout,
         workers: u32,
+        eval_timeout_per_candidate: Duration,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<Option<Coordination>> {
         let url = settings.shown_url();
@@ -121,47 +133,87 @@ impl Coordination {
             settings.run,
             settings.lease_ttl
         );
+        // From here on, any way out (an error, a stop) stops the keeper
+        // and releases the lease: `keeper` does both when dropped.
+        let keeper = Keeper::start(settings.broker("")?, lease.clone(), url.clone())?;
         let bytes = std::fs::read(model)
             .map_err(|e| anyhow::anyhow!("reading {} to publish it: {e}", model.display()))?;
         retry_logged("publish the model", &url, &stop, || {
             broker.publish_model(&lease, &bytes)
         })?;
-        let keeper_broker = settings.broker("")?;
-        let keeper_lease = lease.clone();
-        let keeper_url = url.clone();
-        std::thread::Builder::new()
-            .name("lease-keeper".into())
-            .spawn(move || keep_lease(keeper_broker, &keeper_lease, &keeper_url))?;
+        let model_hash = xxhash_rust::xxh3::xxh3_64(&bytes);
+        let spec = evod_runtime::Model::open(model)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", model.display()))?
+            .spec;
+        let fingerprint = fingerprint(&spec);
+        let shown = format!("{:016x} {}", spec_hash(&spec), build());
+        retry_logged("publish the run's fingerprint", &url, &stop, || {
+            broker.publish_run_setting(&lease, FINGERPRINT_SETTING, &shown)
+        })?;
+        // The hosts evaluate with the coordinator's timeouts.
+        let per_candidate_ms = eval_timeout_per_candidate.as_millis().to_string();
+        retry_logged("publish the evaluation timeout", &url, &stop, || {
+            broker.publish_run_setting(&lease, EVAL_TIMEOUT_SETTING, &per_candidate_ms)
+        })?;
         let host = if settings.remote_only {
             None
         } else {
             Some(EvalHost::start(
                 settings,
                 layout,
+                model_hash,
+                spec_hash(&spec),
                 workers,
                 Arc::clone(&stop),
             )?)
         };
         if !wait_for_hosts(&mut broker, settings, &stop)? {
-            // Stopped while waiting: the next coordinator need not wait
-            // for the lease to lapse.
-            let _ = broker.release_lease(&lease);
+            // Stopped while waiting: the keeper, dropped, releases the
+            // lease, so the next coordinator need not wait for it to lapse.
             return Ok(None);
         }
         Ok(Some(Coordination {
             broker,
             settings: settings.clone(),
             lease,
+            _keeper: keeper,
+            fingerprint,
             host,
             stop,
             generation: 0,
             bases: Vec::new(),
             done: Vec::new(),
-            dead_seen: Default::default(),
+            dead_after: "0-0".to_owned(),
+            dead: Default::default(),
             hosts: Vec::new(),
             hosts_at: None,
+            pruned_at: None,
             enqueued: 0,
         }))
+    }
+
+    /// Checks, right before a publish, that this process still holds the
+    /// lease, renewing it synchronously: a coordinator cut off from Redis
+    /// longer than the lease may have been replaced before its keeper
+    /// noticed. `Err` (Redis unreachable): do not publish now (retried next
+    /// cycle). A lease another coordinator holds ends this process, as the
+    /// keeper does: never two publishers.
+    pub fn may_publish(&mut self) -> Result<(), String> {
+        match self.broker.renew_lease(&self.lease) {
+            Ok(retaken) => {
+                if retaken {
+                    tracing::warn!(
+                        "the coordinator lease had lapsed (Redis away longer than it); taken again"
+                    );
+                }
+                Ok(())
+            }
+            Err(e @ BrokerError::LeaseLost { .. }) => lease_lost(&e),
+            Err(e) => Err(format!(
+                "cannot confirm the coordinator lease on {}: {e}; not publishing until it is confirmed",
+                self.settings.shown_url()
+            )),
+        }
     }
 
     /// Called before each of the evolver's steps, with its generation.
@@ -183,15 +235,27 @@ impl Coordination {
             self.done.iter().partition(|(g, _)| *g < generation);
         self.done = keep;
         for (_, round) in old {
-            if let Err(e) = self.broker.retire(round) {
+            if let Err(e) = self.broker.retire(&self.lease, round) {
                 // Left behind: a few keys, not an error of the run.
                 tracing::warn!("retiring round {round:016x} failed: {e}");
             }
         }
     }
 
-    /// The evaluator hosts (listed at most once a second).
+    /// The evaluator hosts (listed at most once a second; hosts silent for
+    /// [`HOST_GONE`] are forgotten).
     pub fn hosts(&mut self) -> Vec<evod_wire::HostStatus> {
+        if self.pruned_at.is_none_or(|t| t.elapsed() >= HOST_GONE / 10) {
+            self.pruned_at = Some(Instant::now());
+            match self.broker.prune_hosts(HOST_GONE) {
+                Ok(gone) if !gone.is_empty() => tracing::info!(
+                    hosts = ?gone,
+                    "forgot hosts silent for {HOST_GONE:?}"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::debug!("pruning the hosts failed: {e}"),
+            }
+        }
         if self.hosts_at.is_none_or(|t| t.elapsed() >= HOSTS_EVERY) {
             match self.broker.hosts() {
                 Ok(h) => self.hosts = h,
@@ -298,7 +362,7 @@ impl Coordination {
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
-        let round = round_id(base.checksum(), recipes, seed, episodes);
+        let round = round_id(self.fingerprint, base.checksum(), recipes, seed, episodes);
         let total = recipes.len();
         if total == 0 {
             return Ok(Vec::new());
@@ -319,7 +383,7 @@ impl Coordination {
             // needed (a late copy of one of their tasks finds it gone and
             // is acknowledged without results).
             for old in std::mem::take(&mut self.bases) {
-                if let Err(e) = self.broker.drop_base(old) {
+                if let Err(e) = self.broker.drop_base(&self.lease, old) {
                     tracing::warn!("dropping base {old:016x} failed: {e}");
                 }
             }
@@ -405,8 +469,10 @@ impl Coordination {
             } else {
                 Duration::from_millis(20)
             };
-            let results = match self.broker.wait_results(round, total, wait) {
-                Ok(r) => r,
+            // A count (HLEN) while waiting; the results themselves are read
+            // only when they may settle the round, or to look at a stall.
+            let count = match self.broker.wait_count(round, total, wait) {
+                Ok(n) => n,
                 Err(e @ BrokerError::Unavailable { .. }) => {
                     // A stop interrupts a blocking read: not a broker problem.
                     self.stopping()?;
@@ -427,8 +493,30 @@ impl Coordination {
             }
             if dead_at.is_none_or(|t| t.elapsed() >= DEAD_LETTERS_EVERY) {
                 dead_at = Some(Instant::now());
-                self.apply_dead_letters(round, &results, &mut quarantined)?;
+                self.poll_dead_letters()?;
             }
+            let dead_here = self.dead.get(&round).map_or(0, |d| d.len());
+            let stalled = count <= last_count && progress_at.elapsed() >= stall;
+            if count > last_count {
+                last_count = count;
+                progress_at = Instant::now();
+            }
+            if count < total && (dead_here == 0 || count + dead_here < total) && !stalled {
+                continue;
+            }
+            let results = match self.broker.results(round) {
+                Ok(r) => r,
+                Err(BrokerError::Unavailable { .. }) => continue,
+                Err(e) => return Err(EvalError::Failed(format!("broker: results: {e}"))),
+            };
+            for bad in self.broker.take_malformed() {
+                tracing::error!(round = %format_args!("{round:016x}"), "{bad}");
+            }
+            if results.len() < last_count {
+                // Malformed entries removed: those candidates are missing.
+                last_count = results.len();
+            }
+            self.apply_dead_letters(round, &results, &mut quarantined);
             let have: std::collections::HashSet<u32> =
                 results.iter().map(|r| r.candidate).collect();
             let settled = (0..total)
@@ -437,10 +525,7 @@ impl Coordination {
             if settled == total {
                 return Ok(self.finish_round(round, total, &results, &quarantined));
             }
-            if results.len() > last_count {
-                last_count = results.len();
-                progress_at = Instant::now();
-            } else if progress_at.elapsed() >= stall {
+            if stalled {
                 progress_at = Instant::now();
                 // Slow is not lost: re-enqueue only when the missing
                 // candidates' tasks are nowhere (a Redis restarted without
@@ -482,58 +567,65 @@ impl Coordination {
         }
     }
 
-    /// Quarantines the candidates of `round`'s dead letters that have no
-    /// result.
-    fn apply_dead_letters(
-        &mut self,
-        round: u64,
-        results: &[TaskResult],
-        quarantined: &mut [bool],
-    ) -> Result<(), EvalError> {
-        let letters = match self.broker.dead_letters() {
+    /// Reads the dead letters added since the last read (each once) and
+    /// keeps those of this run by round; a malformed one is logged.
+    fn poll_dead_letters(&mut self) -> Result<(), EvalError> {
+        let letters = match self.broker.dead_letters_after(&self.dead_after) {
             Ok(l) => l,
             Err(BrokerError::Unavailable { .. }) => return Ok(()),
             Err(e) => return Err(EvalError::Failed(format!("broker: dead letters: {e}"))),
         };
         for letter in letters {
-            let Ok(task) = &letter.task else {
-                if self.dead_seen.insert(letter.id.clone()) {
+            self.dead_after = letter.id.clone();
+            let task = match &letter.task {
+                Ok(t) if t.run == self.settings.run => t,
+                Ok(_) => continue,
+                Err(e) => {
                     tracing::error!(
                         id = %letter.id,
-                        "a malformed task was dead-lettered: {}",
+                        "a malformed task was dead-lettered ({e}): {}",
                         letter.why.as_deref().unwrap_or("-")
                     );
+                    continue;
                 }
-                continue;
             };
-            if task.generation != round || task.run != self.settings.run {
-                continue;
-            }
-            let new = self.dead_seen.insert(letter.id.clone());
+            let round = task.generation;
+            let entry = self.dead.entry(round).or_default();
             for c in task.candidates() {
-                let i = c as usize;
-                if i < quarantined.len()
-                    && !quarantined[i]
-                    && !results.iter().any(|r| r.candidate == c)
-                {
-                    quarantined[i] = true;
-                    if new {
-                        tracing::warn!(
-                            generation = self.generation,
-                            candidate = c,
-                            deliveries = letter.deliveries,
-                            last_host = %letter.last_consumer,
-                            "candidate quarantined: {}",
-                            letter
-                                .why
-                                .as_deref()
-                                .unwrap_or("delivered too often without a result")
-                        );
-                    }
+                if !entry.iter().any(|(x, _)| *x == c) {
+                    entry.push((c, letter.clone()));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Quarantines the candidates of `round`'s dead letters that have no
+    /// result.
+    fn apply_dead_letters(&mut self, round: u64, results: &[TaskResult], quarantined: &mut [bool]) {
+        let Some(letters) = self.dead.get(&round) else {
+            return;
+        };
+        for (c, letter) in letters {
+            let i = *c as usize;
+            if i < quarantined.len()
+                && !quarantined[i]
+                && !results.iter().any(|r| r.candidate == *c)
+            {
+                quarantined[i] = true;
+                tracing::warn!(
+                    generation = self.generation,
+                    candidate = c,
+                    deliveries = letter.deliveries,
+                    last_host = %letter.last_consumer,
+                    "candidate quarantined: {}",
+                    letter
+                        .why
+                        .as_deref()
+                        .unwrap_or("delivered too often without a result")
+                );
+            }
+        }
     }
 
     /// The round's fitnesses in candidate order, and the round noted as
@@ -560,29 +652,19 @@ impl Coordination {
                 .all(|(slot, &q)| slot.is_some() || q)
         );
         self.done.push((self.generation, round));
+        self.dead.remove(&round);
         out
     }
 }
 
-impl Drop for Coordination {
-    /// Gives the lease up (a graceful stop): a waiting coordinator takes
-    /// over at once instead of after the lease's time to live.
-    fn drop(&mut self) {
-        match self.broker.release_lease(&self.lease) {
-            Ok(()) => tracing::info!(run = %self.settings.run, "coordinator lease released"),
-            Err(e) => {
-                tracing::warn!("releasing the coordinator lease failed (it lapses by itself): {e}")
-            }
-        }
-    }
-}
-
 /// The broker name of an evaluation: a hash (xxh3) of everything that
-/// decides its fitnesses — the base, the recipes, the episode seed and
-/// count. The same evaluation redone (a restart) has the same name; any
-/// other has another.
-pub fn round_id(base: u64, recipes: &[Recipe], seed: u64, episodes: u32) -> u64 {
+/// decides its fitnesses — the run's model and build ([`fingerprint`]),
+/// the base, the recipes, the episode seed and count. The same evaluation
+/// redone (a restart) has the same name; any other (another model or
+/// task, another build) has another.
+pub fn round_id(fingerprint: u64, base: u64, recipes: &[Recipe], seed: u64, episodes: u32) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&fingerprint.to_le_bytes());
     h.update(&base.to_le_bytes());
     h.update(&seed.to_le_bytes());
     h.update(&episodes.to_le_bytes());
@@ -660,28 +742,120 @@ fn wait_for_hosts(
     }
 }
 
-/// The lease keeper: renews every third of the ttl; a lease found lost
-/// ends the process (another coordinator publishes now).
-fn keep_lease(mut broker: RedisBroker, lease: &Lease, url: &str) {
+/// This build's protocol: the hosts of a run must speak it (wire format
+/// and evaluation code).
+pub fn build() -> String {
+    format!(
+        "evod-{}/wire-{}",
+        env!("CARGO_PKG_VERSION"),
+        evod_broker::wire::WIRE_VERSION
+    )
+}
+
+/// An xxh3 of what decides a candidate's fitness besides its parameters:
+/// the model's architecture and task (not its weights, generation or
+/// other metadata, which change with every publish).
+pub fn spec_hash(spec: &evod_runtime::ModelSpec) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(format!("{:?}|{}", spec.arch, spec.task).as_bytes())
+}
+
+/// The fingerprint of what a run's rounds are evaluated with: the model's
+/// [`spec_hash`] and [`build`].
+pub fn fingerprint(spec: &evod_runtime::ModelSpec) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&spec_hash(spec).to_le_bytes());
+    h.update(build().as_bytes());
+    h.digest()
+}
+
+/// The run setting under which the coordinator publishes the run's
+/// fingerprint, as `<spec_hash hex> <build>`: a host with another network
+/// or task fetches the run's model again, one of another build refuses
+/// the run's tasks loudly.
+pub const FINGERPRINT_SETTING: &str = "fingerprint";
+
+/// The run setting under which the coordinator publishes its
+/// per-candidate evaluation timeout (milliseconds) for the hosts.
+pub const EVAL_TIMEOUT_SETTING: &str = "eval-timeout-per-candidate-ms";
+
+/// Logs a lost lease and ends the process (the supervisor restarts the
+/// evolver, which waits for the lease again).
+fn lease_lost(e: &BrokerError) -> ! {
+    tracing::error!(
+        "{e}: another coordinator took the run over; stopping this evolver (it waits for the lease when restarted)"
+    );
+    std::process::exit(LEASE_LOST_EXIT);
+}
+
+/// The lease keeper thread: renews every third of the ttl; a lease that
+/// another holder took ends the process (another coordinator publishes
+/// now); a lease that only lapsed while Redis was away is taken again.
+/// Dropped, it stops the thread, waits for it, and releases the lease.
+struct Keeper {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Keeper {
+    fn start(broker: RedisBroker, lease: Lease, url: String) -> std::io::Result<Keeper> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("lease-keeper".into())
+            .spawn(move || keep_lease(broker, &lease, &url, &flag))?;
+        Ok(Keeper {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Keeper {
+    /// Stops the keeper, then gives the lease up (a graceful stop): a
+    /// waiting coordinator takes over at once instead of after the ttl.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The keeper's loop (see [`Keeper`]); releases the lease when stopped.
+fn keep_lease(mut broker: RedisBroker, lease: &Lease, url: &str, stop: &AtomicBool) {
     let every = lease.ttl / 3;
     let mut failing: Option<Instant> = None;
+    let mut next = Instant::now() + every;
     loop {
-        std::thread::sleep(every);
+        // Short naps: a stop is taken within 50 ms.
+        while Instant::now() < next {
+            if stop.load(Ordering::Relaxed) {
+                match broker.release_lease(lease) {
+                    Ok(()) => tracing::info!("coordinator lease released"),
+                    Err(e) => tracing::warn!(
+                        "releasing the coordinator lease failed (it lapses by itself): {e}"
+                    ),
+                }
+                return;
+            }
+            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
+        }
+        next = Instant::now() + every;
         match broker.renew_lease(lease) {
-            Ok(()) => {
+            Ok(retaken) => {
                 if let Some(since) = failing.take() {
                     tracing::info!(
                         "broker {url}: lease renewed again after {:.1}s",
                         since.elapsed().as_secs_f64()
                     );
                 }
+                if retaken {
+                    tracing::warn!(
+                        "broker {url}: the coordinator lease had lapsed while Redis was away and nobody took it: taken again"
+                    );
+                }
             }
-            Err(e @ BrokerError::LeaseLost { .. }) => {
-                tracing::error!(
-                    "{e}: another coordinator took the run over; stopping this evolver (it waits for the lease when restarted)"
-                );
-                std::process::exit(LEASE_LOST_EXIT);
-            }
+            Err(e @ BrokerError::LeaseLost { .. }) => lease_lost(&e),
             Err(e) => {
                 if failing.is_none() {
                     failing = Some(Instant::now());

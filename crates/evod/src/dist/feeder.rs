@@ -18,6 +18,9 @@ use evod_runtime::Model;
 use super::{DistArgs, DistSettings, EvalHost};
 use crate::evolver::{MODEL_FILE, RingEvaluator};
 
+/// Exit code of a feeder whose model is stale (the supervisor restarts it).
+const MODEL_STALE_EXIT: u8 = 3;
+
 /// Arguments of `evod feeder`.
 #[derive(Debug, clap::Args)]
 pub struct FeederArgs {
@@ -67,6 +70,9 @@ pub fn run(args: FeederArgs) -> Result<ExitCode> {
         })
         .collect::<Result<Vec<_>>>()?;
     let model_path = args.dir.join(MODEL_FILE);
+    // The run's model as the coordinator has it now (a feeder restarted
+    // after a base that did not fit its model file gets the new one).
+    super::join::fetch_model(&settings, &model_path, &stop)?;
     let model = Model::open(&model_path)?;
     let layout = ParamLayout::from_architecture(&model.spec.arch)
         .with_context(|| format!("the network of {}", model_path.display()))?;
@@ -74,7 +80,17 @@ pub fn run(args: FeederArgs) -> Result<ExitCode> {
         .with_recipes(args.dir.join("state").join("base"), model.spec.clone());
     ring.stop = Arc::clone(&stop);
     ring.control_socket = args.control_socket.clone();
-    let mut host = EvalHost::start(&settings, layout, segments.len() as u32, Arc::clone(&stop))?;
+    let model_hash = xxhash_rust::xxh3::xxh3_64(
+        &std::fs::read(&model_path).with_context(|| format!("reading {}", model_path.display()))?,
+    );
+    let mut host = EvalHost::start(
+        &settings,
+        layout,
+        model_hash,
+        super::coordinator::spec_hash(&model.spec),
+        segments.len() as u32,
+        Arc::clone(&stop),
+    )?;
     let url = settings.shown_url();
     tracing::info!(
         run = %settings.run,
@@ -86,6 +102,13 @@ pub fn run(args: FeederArgs) -> Result<ExitCode> {
     let mut backoff = evod_broker::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut failing = 0u64;
     while !stop.load(Ordering::Relaxed) {
+        if host.model_stale {
+            // Restarted by the supervisor: it fetches the run's model again.
+            tracing::error!(
+                "this host's model does not fit the run's bases: restarting the feeder to fetch the run's model again"
+            );
+            return Ok(ExitCode::from(MODEL_STALE_EXIT));
+        }
         match host.serve(&mut ring, Duration::from_secs(1)) {
             Ok(_) => {
                 if failing > 0 {

@@ -6,17 +6,25 @@
 //!
 //! A keeper thread with its own connection heartbeats (with the worker
 //! count) and extends the leases of the tasks under evaluation, so a long
-//! evaluation is not taken for a dead one. A task whose base cannot be
-//! used here (missing parameters, another network) is refused loudly: it
-//! goes to the dead-letter stream with the reason, and its candidates are
-//! quarantined by the coordinator; a candidate the workers could not
-//! evaluate (it crashed a worker twice) is dead-lettered likewise.
+//! evaluation is not taken for a dead one.
+//!
+//! A host's own failure never condemns a task: a task it could not finish
+//! (an evaluation error, candidates without a fitness here, a base it
+//! cannot fetch or that does not fit its model) is *released* — what
+//! results there are recorded, the task left pending with its idle time
+//! at a lease, so another host takes it over at once (a host is not handed
+//! back its own tasks before three leases) — and the host backs off before
+//! its next task. Only a task delivered `max_deliveries` times (over the
+//! hosts) is dead-lettered and its missing candidates quarantined by the
+//! coordinator. A base that does not fit this host's model means the
+//! model is stale: the host says so and [`EvalHost::model_stale`] tells
+//! the feeder to exit, to be restarted with the run's model fetched again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use evod_broker::{BrokerError, Delivery, Evaluator as _, RedisBroker, Task, TaskResult};
+use evod_broker::{BrokerError, Delivery, Evaluator as _, RedisBroker, TaskResult};
 use evod_evolve::{Base, Evaluator as _, ParamLayout};
 
 use super::DistSettings;
@@ -26,6 +34,9 @@ use crate::evolver::RingEvaluator;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// Most tasks taken over at once.
 const RECLAIM_MAX: usize = 4;
+/// First and longest pause after a task failed here (doubling while
+/// tasks keep failing; reset by a task done).
+const FAILURE_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
 
 /// Tasks under evaluation, for the keeper thread.
 type InFlight = Arc<Mutex<Vec<Delivery>>>;
@@ -43,14 +54,30 @@ pub struct EvalHost {
     pub recorded: u64,
     /// Set by SIGTERM: stop between tasks.
     stop: Arc<AtomicBool>,
+    /// Set when a base did not fit this host's model and the run's model
+    /// is another (a stale model file): the feeder exits to fetch it again.
+    pub model_stale: bool,
+    /// xxh3 of the model file this host's workers run.
+    model_hash: u64,
+    /// Its network and task ([`super::coordinator::spec_hash`]).
+    spec_hash: u64,
+    /// Backoff after a failed task, and until when this host takes none.
+    backoff: evod_broker::Backoff,
+    paused_until: Option<Instant>,
 }
 
+/// A task this host could not finish (released for another host).
+struct Failed;
+
 impl EvalHost {
-    /// A host of `workers` workers evaluating for the network of `layout`,
-    /// with its keeper thread started.
+    /// A host of `workers` workers evaluating for the network of `layout`
+    /// (of the model file whose xxh3 is `model_hash`, whose network and
+    /// task hash to `spec_hash`), with its keeper thread started.
     pub fn start(
         settings: &DistSettings,
         layout: ParamLayout,
+        model_hash: u64,
+        spec_hash: u64,
         workers: u32,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<EvalHost> {
@@ -75,6 +102,11 @@ impl EvalHost {
             last_reclaim: Instant::now(),
             recorded: 0,
             stop,
+            model_stale: false,
+            model_hash,
+            spec_hash,
+            backoff: evod_broker::Backoff::new(FAILURE_BACKOFF.0, FAILURE_BACKOFF.1),
+            paused_until: None,
         })
     }
 
@@ -88,6 +120,18 @@ impl EvalHost {
         ring: &mut RingEvaluator<'_>,
         block: Duration,
     ) -> Result<usize, BrokerError> {
+        if let Some(until) = self.paused_until {
+            let now = Instant::now();
+            if now < until && !self.model_stale {
+                // Backing off after a failure: no task meanwhile.
+                std::thread::sleep(block.min(until - now));
+                return Ok(0);
+            }
+            self.paused_until = None;
+        }
+        if self.model_stale {
+            return Ok(0);
+        }
         let mut deliveries = Vec::new();
         if self.last_reclaim.elapsed() >= self.settings.task_lease / 2 {
             let r = self.broker.reclaim(RECLAIM_MAX)?;
@@ -116,22 +160,61 @@ impl EvalHost {
             deliveries = self.broker.read_tasks(1, block)?;
         }
         let n = deliveries.len();
+        let mut failed = false;
         for d in deliveries {
-            if self.stop.load(Ordering::Relaxed) {
-                // Left leased: taken over by another host after the lease.
-                break;
+            if self.stop.load(Ordering::Relaxed) || failed || self.model_stale {
+                // Handed back at once for another host (or taken over by
+                // one after the lease if the broker is away).
+                let _ = self.broker.release(&d, &[]);
+                continue;
             }
-            self.handle(ring, d)?;
+            match self.handle(ring, d)? {
+                Ok(()) => self.backoff.reset(),
+                Err(Failed) => failed = true,
+            }
+        }
+        if failed {
+            let delay = self.backoff.next_delay();
+            tracing::warn!(
+                "a task failed on this host: taking no task for {delay:?} (other hosts take it over)"
+            );
+            self.paused_until = Some(Instant::now() + delay);
         }
         Ok(n)
     }
 
-    /// Evaluates one delivered task and acknowledges its results.
-    fn handle(&mut self, ring: &mut RingEvaluator<'_>, d: Delivery) -> Result<(), BrokerError> {
+    /// Hands a task back for another host (see the module docs), with the
+    /// results there are; a [`Failed`] task.
+    fn release(
+        &mut self,
+        d: &Delivery,
+        results: &[TaskResult],
+        why: &str,
+    ) -> Result<Result<(), Failed>, BrokerError> {
+        tracing::error!(
+            id = %d.id,
+            round = %format_args!("{:016x}", d.task.generation),
+            delivery = d.deliveries,
+            "{why}; task released for another host"
+        );
+        let outcome = self.broker.release(d, results)?;
+        self.recorded += outcome.recorded as u64;
+        Ok(Err(Failed))
+    }
+
+    /// Evaluates one delivered task and acknowledges its results; a task
+    /// it could not finish is released ([`Failed`]).
+    fn handle(
+        &mut self,
+        ring: &mut RingEvaluator<'_>,
+        d: Delivery,
+    ) -> Result<Result<(), Failed>, BrokerError> {
         let task = &d.task;
         if self.base.as_ref().is_none_or(|(h, _)| *h != task.base) {
-            match self.broker.fetch_base(task.base) {
-                Ok(params) => self.base = Some((task.base, params)),
+            // Kept once the checks below pass (a check cut short by the
+            // broker is made again with the next delivery).
+            let fetched = match self.broker.fetch_base(task.base) {
+                Ok(params) => params,
                 Err(BrokerError::BaseMissing { .. }) => {
                     // Dropped by the coordinator: its round is complete (a
                     // late copy of a task done elsewhere). Nothing to add.
@@ -142,24 +225,86 @@ impl EvalHost {
                         task.base
                     );
                     self.broker.ack(&d, &[])?;
-                    return Ok(());
+                    return Ok(Ok(()));
                 }
                 Err(e @ (BrokerError::BaseMismatch { .. } | BrokerError::BadBase { .. })) => {
-                    return self
-                        .refuse(&d, &format!("refused by host {}: {e}", self.settings.host));
+                    let why = format!(
+                        "host {} cannot use the task's base: {e}",
+                        self.settings.host
+                    );
+                    return self.release(&d, &[], &why);
                 }
                 Err(e) => return Err(e),
+            };
+            // The run's fingerprint, read with each new base: another
+            // model means this host's is stale (fetched again by a feeder
+            // restart), another build is refused loudly, never evaluated.
+            if let Some(fp) = self
+                .broker
+                .fetch_run_setting(super::coordinator::FINGERPRINT_SETTING)?
+            {
+                let mine = format!("{:016x} {}", self.spec_hash, super::coordinator::build());
+                if fp != mine {
+                    let (model, build) = fp.split_once(' ').unwrap_or((fp.as_str(), ""));
+                    let why = if build != super::coordinator::build() {
+                        format!(
+                            "refused by host {}: the run's coordinator is build {build:?}, this host is {:?}: not evaluated",
+                            self.settings.host,
+                            super::coordinator::build()
+                        )
+                    } else {
+                        self.model_stale = true;
+                        format!(
+                            "the run's network and task are {model}, this host's {:016x}: the host's model is stale, fetching the run's model again",
+                            self.spec_hash
+                        )
+                    };
+                    return self.release(&d, &[], &why);
+                }
             }
+            // The coordinator's evaluation timeout, read with each new
+            // base (a restarted coordinator may have another).
+            match self
+                .broker
+                .fetch_run_setting(super::coordinator::EVAL_TIMEOUT_SETTING)
+            {
+                Ok(Some(ms)) => match ms.parse::<u64>() {
+                    Ok(ms) => ring.per_candidate_timeout = Duration::from_millis(ms),
+                    Err(_) => tracing::warn!(
+                        "the run's evaluation timeout on the broker is not a number of ms: {ms:?}; keeping {:?}",
+                        ring.per_candidate_timeout
+                    ),
+                },
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+            self.base = Some((task.base, fetched));
         }
         let (_, params) = self.base.as_ref().expect("fetched above");
         let base = match Base::new(params, &self.layout) {
             Ok(b) => b,
             Err(e) => {
+                // Never evaluated. Either this host's model file is stale
+                // (the run was restarted with another model: the feeder
+                // fetches it again, the task goes to another host), or the
+                // base does not fit the run's own model either (then every
+                // host would refuse it: dead-lettered with the reason).
+                let run_model = self.broker.fetch_model()?;
+                if run_model.is_some_and(|m| xxhash_rust::xxh3::xxh3_64(&m) != self.model_hash) {
+                    self.model_stale = true;
+                    let why = format!(
+                        "base {:016x} does not fit this host's model ({e}) and the run's model changed: the host's model is stale, fetching the run's model again",
+                        task.base
+                    );
+                    return self.release(&d, &[], &why);
+                }
                 let why = format!(
                     "refused by host {}: base {:016x} does not fit this run's network: {e}",
                     self.settings.host, task.base
                 );
-                return self.refuse(&d, &why);
+                tracing::error!(id = %d.id, round = %format_args!("{:016x}", task.generation), "{why}; dead-lettered");
+                self.broker.refuse(&d, &why)?;
+                return Ok(Err(Failed));
             }
         };
         self.lock().push(d.clone());
@@ -169,19 +314,16 @@ impl EvalHost {
         let fitness = match outcome {
             Ok(f) if f.len() == task.recipes.len() => f,
             Ok(f) => {
-                tracing::error!(
-                    id = %d.id,
-                    "the workers answered {} fitnesses for {} candidates; leaving the task to be retried",
+                let why = format!(
+                    "the workers answered {} fitnesses for {} candidates",
                     f.len(),
                     task.recipes.len()
                 );
-                return Ok(());
+                return self.release(&d, &[], &why);
             }
             Err(e) => {
-                // Not acknowledged: retried here or elsewhere after the
-                // lease, dead-lettered after too many deliveries.
-                tracing::warn!(id = %d.id, "evaluating a task failed, left to be retried: {e}");
-                return Ok(());
+                let why = format!("evaluating the task failed: {e}");
+                return self.release(&d, &[], &why);
             }
         };
         let mut results = Vec::with_capacity(fitness.len());
@@ -197,6 +339,17 @@ impl EvalHost {
                 }),
                 _ => failed.push(c),
             }
+        }
+        if !failed.is_empty() {
+            // Candidates without a fitness here (a worker crashed on them
+            // twice, no finite fitness): the others are recorded, and the
+            // task goes to another host; after `max_deliveries` it is
+            // dead-lettered and what is still missing quarantined.
+            let why = format!(
+                "candidates {failed:?} could not be evaluated on host {} (a worker crashed on them twice, or no finite fitness)",
+                self.settings.host
+            );
+            return self.release(&d, &results, &why);
         }
         let outcome = self.ack(&d, &results)?;
         self.recorded += outcome.recorded as u64;
@@ -216,31 +369,7 @@ impl EvalHost {
                 "results already recorded by another delivery: discarded"
             );
         }
-        if !failed.is_empty() {
-            // The candidates the workers could not evaluate, as a task of
-            // their own in the dead-letter stream: quarantined by the
-            // coordinator as it would locally.
-            for c in &failed {
-                let i = (c - task.first) as usize;
-                let sub = Delivery {
-                    id: d.id.clone(),
-                    task: Task {
-                        first: *c,
-                        recipes: vec![task.recipes[i]],
-                        ..task.clone()
-                    },
-                    deliveries: d.deliveries,
-                };
-                self.broker.refuse(
-                    &sub,
-                    &format!(
-                        "candidate {c} could not be evaluated on host {} (it crashed a worker twice or has no finite fitness)",
-                        self.settings.host
-                    ),
-                )?;
-            }
-        }
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Acknowledges with retries while the broker is unreachable (the ack
@@ -265,11 +394,6 @@ impl EvalHost {
             },
             || self.broker.ack(d, results),
         )
-    }
-
-    fn refuse(&mut self, d: &Delivery, why: &str) -> Result<(), BrokerError> {
-        tracing::error!(id = %d.id, round = %format_args!("{:016x}", d.task.generation), "{why}; dead-lettered");
-        self.broker.refuse(d, why)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Delivery>> {

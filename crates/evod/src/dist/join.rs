@@ -54,7 +54,24 @@ pub fn run(mut args: JoinArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&config.dir)
         .with_context(|| format!("creating the state folder {}", config.dir.display()))?;
     evod_supervisor::init_logging(config.log_format);
-    fetch_model(&settings, &config.model)?;
+    let mut ids = Vec::new();
+    // `docker stop` (SIGTERM to PID 1) ends the wait for the model
+    // promptly; the supervisor installs its own handlers afterwards.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        let id = signal_hook::flag::register(signal, std::sync::Arc::clone(&stop))
+            .context("installing the stop handler")?;
+        ids.push(id);
+    }
+    let fetched = fetch_model(&settings, &config.model, &stop);
+    for id in ids {
+        signal_hook::low_level::unregister(id);
+    }
+    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!("stopped while waiting for the run's model");
+        return Ok(ExitCode::SUCCESS);
+    }
+    fetched?;
     // The run's fitness may be the user's program: this host needs it too.
     if config.worker_cmd.is_none() && crate::run::worker_cmd::is_external_model(&config.model) {
         return Err(exit::with_code(
@@ -92,15 +109,20 @@ pub fn run(mut args: JoinArgs) -> anyhow::Result<ExitCode> {
 /// (atomically; left alone when it is already that file). A broker that
 /// refuses us (authentication) is exit 2 naming `--broker`; one that is
 /// not reachable is waited for, saying so.
-fn fetch_model(settings: &DistSettings, path: &std::path::Path) -> anyhow::Result<()> {
+/// `stop` ends the wait (an error).
+pub(super) fn fetch_model(
+    settings: &DistSettings,
+    path: &std::path::Path,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
     let url = settings.shown_url();
     let mut broker = settings.broker("")?;
-    let never = AtomicBool::new(false);
     let mut said = false;
     let bytes = loop {
-        match retry_logged("fetch the run's model", &url, &never, || {
-            broker.fetch_model()
-        }) {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            anyhow::bail!("stopped while waiting for run {}'s model", settings.run);
+        }
+        match retry_logged("fetch the run's model", &url, stop, || broker.fetch_model()) {
             Ok(Some(bytes)) => break bytes,
             Ok(None) => {
                 if !said {

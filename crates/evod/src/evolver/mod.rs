@@ -143,26 +143,29 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 .context("claiming the evaluation channel")
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut main = Loop::start(&args.dir, &args.evolve)?;
+    // A coordinator takes the run's lease *before* it loads its checkpoint:
+    // a standby that waited for the lease resumes from the checkpoint as it
+    // is when it takes over, not as it was when it started waiting.
     let mut coordination = match &dist {
         Some(settings) => {
-            let task: Task = main
-                .spec()
+            let spec = evod_runtime::Model::open(&args.dir.join(MODEL_FILE))?.spec;
+            let task: Task = spec
                 .task
                 .parse()
-                .with_context(|| format!("{}: task {:?}", MODEL_FILE, main.spec().task))?;
+                .with_context(|| format!("{}: task {:?}", MODEL_FILE, spec.task))?;
             if evolver_config(&args.evolve, &task).strategy != StrategyKind::Es {
                 return Err(crate::exit::with_code(
                     crate::exit::USAGE,
                     anyhow::anyhow!("--broker needs --strategy es (GA tasks: not yet)"),
                 ));
             }
-            let layout = evod_evolve::ParamLayout::from_architecture(&main.spec().arch)?;
+            let layout = evod_evolve::ParamLayout::from_architecture(&spec.arch)?;
             match crate::dist::Coordination::start(
                 settings,
                 &args.dir.join(MODEL_FILE),
                 layout,
                 segments.len() as u32,
+                args.evolve.eval_timeout_per_candidate(),
                 std::sync::Arc::clone(&stop),
             )? {
                 Some(c) => Some(c),
@@ -172,6 +175,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         None => None,
     };
+    let mut main = Loop::start(&args.dir, &args.evolve)?;
     let mut ring = RingEvaluator::new(&segments, clients)
         .with_recipes(args.dir.join("state").join("base"), main.spec().clone());
     ring.stop = stop;

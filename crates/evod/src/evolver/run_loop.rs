@@ -330,7 +330,7 @@ impl Loop {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let (published, solved) = self.publish_pending(&report, evolve);
+            let (published, solved) = self.publish_pending(&report, evolve, dist.as_deref_mut());
             patience.generation(published);
             let row = Row {
                 generation: report.generation,
@@ -397,7 +397,13 @@ impl Loop {
 
     /// Publishes this generation's candidate, or retries one whose publish
     /// failed: (published, solved).
-    fn publish_pending(&mut self, report: &GenerationReport, evolve: &EvolveArgs) -> (bool, bool) {
+    /// A coordinator (`dist`) publishes only after confirming its lease.
+    fn publish_pending(
+        &mut self,
+        report: &GenerationReport,
+        evolve: &EvolveArgs,
+        dist: Option<&mut crate::dist::Coordination>,
+    ) -> (bool, bool) {
         // A new candidate supersedes one whose publish failed; without
         // one, the failed publish is retried.
         if let Some(candidate) = &report.publish {
@@ -406,6 +412,17 @@ impl Loop {
         let Some((pending_report, candidate)) = self.pending.take() else {
             return (false, false);
         };
+        if let Some(c) = dist
+            && let Err(why) = c.may_publish()
+        {
+            // Kept pending: retried next cycle, once the lease is confirmed.
+            tracing::error!(
+                "publishing generation {} postponed: {why}",
+                pending_report.generation + 1
+            );
+            self.pending = Some((pending_report, candidate));
+            return (false, false);
+        }
         match self.publish(&pending_report, &candidate, evolve) {
             // Refused (quarantined parameters): nothing to retry.
             Ok(false) => (false, false),
