@@ -32,6 +32,14 @@ pub enum Sign {
 }
 
 impl Sign {
+    /// The opposite sign (the other half of an antithetic pair).
+    pub fn other(self) -> Self {
+        match self {
+            Self::Plus => Self::Minus,
+            Self::Minus => Self::Plus,
+        }
+    }
+
     /// `1.0` or `-1.0`.
     pub fn factor(self) -> f32 {
         match self {
@@ -180,12 +188,22 @@ impl Recipe {
             out.copy_from_slice(base);
             return Ok(());
         }
-        for (t, scale) in layout.tensors().iter().zip(layout.scales(self.scale)) {
-            let s = self.sign.factor() * sigma * scale;
+        for (t, s) in layout.tensors().iter().zip(self.factors(layout)) {
             let r = t.range();
             noise::add_scaled(self.seed, t.offset as u64, s, &base[r.clone()], &mut out[r]);
         }
         Ok(())
+    }
+
+    /// The factor of each tensor of `layout`: `sign · σ · s_t` in `f32`,
+    /// in that order (what [`Recipe::apply`] multiplies the noise by).
+    pub(crate) fn factors(&self, layout: &ParamLayout) -> Vec<f32> {
+        let sigma = self.sigma();
+        layout
+            .scales(self.scale)
+            .into_iter()
+            .map(|scale| self.sign.factor() * sigma * scale)
+            .collect()
     }
 
     /// [`Recipe::apply`] against `base`, after checking that it is the base
