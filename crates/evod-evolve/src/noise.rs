@@ -99,6 +99,29 @@ multiversioned! {
 }
 
 multiversioned! {
+    /// [`add_scaled`] with `scale` into `plus` and with `−scale` into
+    /// `minus`, one noise value for both: `p = scale · ε`, `plus = base + p`,
+    /// `minus = base − p`, bit for bit what two calls give (`−scale · ε` is
+    /// exactly `−(scale · ε)`, and `b + (−p)` is `b − p`).
+    pub fn add_scaled_pair(
+        seed: u64,
+        offset: u64,
+        scale: f32,
+        base: &[f32],
+        plus: &mut [f32],
+        minus: &mut [f32]
+    ) {
+        assert!(base.len() == plus.len() && base.len() == minus.len(), "base and out lengths differ");
+        let k = key(seed);
+        for (i, ((p, m), &b)) in plus.iter_mut().zip(minus.iter_mut()).zip(base).enumerate() {
+            let d = scale * value(k, offset.wrapping_add(i as u64));
+            *p = b + d;
+            *m = b - d;
+        }
+    }
+}
+
+multiversioned! {
     /// `x[j] += scale · noise(seed, offset + j)`, rounded as in [`add_scaled`].
     pub fn add_scaled_assign(seed: u64, offset: u64, scale: f32, x: &mut [f32]) {
         let k = key(seed);
