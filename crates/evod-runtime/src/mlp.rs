@@ -245,20 +245,18 @@ impl Mlp {
         for (w, (_, lp, wt, bias)) in self.arch.layers.windows(2).zip(&mut self.blocks) {
             let (li, lo, lp) = (w[0], w[1], *lp);
             let weights = &params[at..at + li * lo];
-            // Transposed in tiles of TILE outputs (a divisor of BLOCK: one
-            // panel) by TILE inputs, so that both sides stay in the cache
-            // (a row-by-row transpose of a 10^7-weight layer misses on
-            // every write).
-            const TILE: usize = 32;
-            for j0 in (0..lo).step_by(TILE) {
+            // Transposed one panel at a time, input by input: input `i` of
+            // the panel's rows (one value from each of `width` rows, whose
+            // cache lines serve the next inputs too) becomes one panel row,
+            // written in order (a row-by-row transpose of a 10^7-weight
+            // layer misses on every write).
+            for j0 in (0..lo).step_by(BLOCK) {
                 let (start, width) = panel(li, lp, j0);
-                let col = j0 % BLOCK;
-                for i0 in (0..li).step_by(TILE) {
-                    for j in j0..(j0 + TILE).min(lo) {
-                        let row = &weights[j * li..(j + 1) * li];
-                        for i in i0..(i0 + TILE).min(li) {
-                            wt[start + i * width + col + (j - j0)] = row[i];
-                        }
+                let rows = (lo - j0).min(width);
+                let p = &mut wt[start..start + li * width];
+                for (i, dst) in p.chunks_exact_mut(width).enumerate() {
+                    for (jj, d) in dst[..rows].iter_mut().enumerate() {
+                        *d = weights[(j0 + jj) * li + i];
                     }
                 }
             }
