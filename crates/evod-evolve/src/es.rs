@@ -190,7 +190,16 @@ impl EsState {
         const BLOCK: usize = 1 << 14;
         let blocks = n.div_ceil(BLOCK);
         let threads = crate::par::threads_for(blocks, n.saturating_mul(weights.len().max(1)));
-        let updated = crate::par::map(blocks, threads, |b| {
+        let mut m = vec![0.0f64; n];
+        let mut v = vec![0.0f64; n];
+        let mut mean = vec![0.0f32; n];
+        let parts: Vec<(&mut [f64], &mut [f64], &mut [f32])> = m
+            .chunks_mut(BLOCK)
+            .zip(v.chunks_mut(BLOCK))
+            .zip(mean.chunks_mut(BLOCK))
+            .map(|((m, v), x)| (m, v, x))
+            .collect();
+        crate::par::for_each(parts, threads, |b, (m_out, v_out, mean_out)| {
             let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
             // Gradient in scaled coordinates z (θ = θ₀ + s·z): the noise
             // index of a value is its flat index (tensors are contiguous
@@ -199,36 +208,30 @@ impl EsState {
             for &(seed, w) in &weights {
                 noise::accumulate(seed, lo as u64, w, &mut grad);
             }
-            let mut out = Vec::with_capacity(hi - lo);
             for &(start, end, s) in &spans {
                 let (a, b) = (start.max(lo), end.min(hi));
                 if a < b {
+                    let step = AdamStep {
+                        es,
+                        gscale,
+                        bc1,
+                        bc2,
+                        s,
+                    };
+                    let r = a - lo..b - lo;
                     adam(
-                        &AdamStep {
-                            es,
-                            gscale,
-                            bc1,
-                            bc2,
-                            s,
-                        },
-                        &grad[a - lo..b - lo],
-                        &self.mean[a..b],
-                        &self.m[a..b],
-                        &self.v[a..b],
-                        &mut out,
+                        &step,
+                        &grad[r.clone()],
+                        (&self.mean[a..b], &self.m[a..b], &self.v[a..b]),
+                        (
+                            &mut mean_out[r.clone()],
+                            &mut m_out[r.clone()],
+                            &mut v_out[r],
+                        ),
                     );
                 }
             }
-            out
         });
-        let mut m = Vec::with_capacity(n);
-        let mut v = Vec::with_capacity(n);
-        let mut mean = Vec::with_capacity(n);
-        for (mi, vi, xi) in updated.into_iter().flatten() {
-            m.push(mi);
-            v.push(vi);
-            mean.push(xi);
-        }
         validator.check_candidate(&mean, &[&self.mean])?;
         self.mean = mean;
         self.m = m;
@@ -252,26 +255,29 @@ struct AdamStep<'a> {
 }
 
 multiversioned! {
-    /// The Adam step of values with gradient sums `grad`, means `mean` and
-    /// moments `m`, `v`: pushes `(m', v', mean')` of each onto `out`.
+    /// The Adam step of values with gradient sums `grad` and state `(mean,
+    /// m, v)`: the new state into `out`.
     fn adam(
         c: &AdamStep<'_>,
         grad: &[f64],
-        mean: &[f32],
-        m: &[f64],
-        v: &[f64],
-        out: &mut Vec<(f64, f64, f32)>
+        state: (&[f32], &[f64], &[f64]),
+        out: (&mut [f32], &mut [f64], &mut [f64])
     ) {
         let es = c.es;
-        for (((&g, &x), &m), &v) in grad.iter().zip(mean).zip(m).zip(v) {
+        let (mean, m, v) = state;
+        let (mean_out, m_out, v_out) = out;
+        for (i, &g) in grad.iter().enumerate() {
+            let x = f64::from(mean[i]);
             // Ascent direction: fitness gradient minus the gradient of the
             // L2 penalty ½·wd·θ², both with respect to z (∂θ/∂z = s), so
             // their ratio is the one in θ, whatever the scale.
-            let g = g * c.gscale - es.weight_decay * f64::from(x) * c.s;
-            let m = es.beta1 * m + (1.0 - es.beta1) * g;
-            let v = es.beta2 * v + (1.0 - es.beta2) * g * g;
-            let step = es.learning_rate * (m / c.bc1) / ((v / c.bc2).sqrt() + es.adam_eps);
-            out.push((m, v, (f64::from(x) + c.s * step) as f32));
+            let g = g * c.gscale - es.weight_decay * x * c.s;
+            let mi = es.beta1 * m[i] + (1.0 - es.beta1) * g;
+            let vi = es.beta2 * v[i] + (1.0 - es.beta2) * g * g;
+            let step = es.learning_rate * (mi / c.bc1) / ((vi / c.bc2).sqrt() + es.adam_eps);
+            m_out[i] = mi;
+            v_out[i] = vi;
+            mean_out[i] = (x + c.s * step) as f32;
         }
     }
 }

@@ -56,6 +56,42 @@ pub(crate) fn map<T: Send>(count: usize, threads: usize, f: impl Fn(usize) -> T 
     all.into_iter().map(|(_, t)| t).collect()
 }
 
+/// `f(i, item)` for every item (owned, e.g. disjoint `&mut` slices of one
+/// buffer), on up to `threads` threads, each taking a contiguous run of
+/// items.
+pub(crate) fn for_each<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(usize, T) + Sync) {
+    if threads <= 1 || items.len() <= 1 {
+        for (i, t) in items.into_iter().enumerate() {
+            f(i, t);
+        }
+        return;
+    }
+    let per = items.len().div_ceil(threads);
+    let mut runs: Vec<Vec<(usize, T)>> = Vec::new();
+    for (i, t) in items.into_iter().enumerate() {
+        if i % per == 0 {
+            runs.push(Vec::with_capacity(per));
+        }
+        runs.last_mut().expect("pushed above").push((i, t));
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = runs
+            .into_iter()
+            .map(|run| {
+                s.spawn(move || {
+                    for (i, t) in run {
+                        f(i, t);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +103,20 @@ mod tests {
             assert_eq!(map(100, threads, |i| (i as u64) * (i as u64)), want);
         }
         assert!(map(0, 4, |i| i).is_empty());
+    }
+
+    #[test]
+    fn for_each_visits_every_item_once_with_its_index() {
+        for threads in [1, 2, 3, 8] {
+            let mut out = vec![0usize; 37];
+            let items: Vec<&mut [usize]> = out.chunks_mut(4).collect();
+            for_each(items, threads, |i, chunk| {
+                for (k, x) in chunk.iter_mut().enumerate() {
+                    *x += 1000 * i + k + 1;
+                }
+            });
+            let want: Vec<usize> = (0..37).map(|j| 1000 * (j / 4) + j % 4 + 1).collect();
+            assert_eq!(out, want, "{threads} threads");
+        }
     }
 }
