@@ -85,7 +85,6 @@ impl EsState {
     pub(crate) fn ask(
         &self,
         config: &EvolverConfig,
-        layout: &ParamLayout,
         validator: &Validator,
         rng: &mut ChaCha8Rng,
         rejected: &mut Vec<Rejection>,
@@ -93,30 +92,40 @@ impl EsState {
         let pairs = config.population / 2;
         let base = checksum(&self.mean);
         let mut recipes = Vec::with_capacity(config.population + 1);
-        let mut seeds = Vec::with_capacity(pairs);
+        let mut seeds_kept = Vec::with_capacity(pairs);
         let with_center = config.es.eval_center && validator.check_static(&self.mean).is_ok();
         if with_center {
             recipes.push(Recipe::center(base, config.scale));
         }
         let norms = validator.tensor_norms(&self.mean);
-        let parent: [(&[f32], &[f64]); 1] = [(&self.mean, &norms)];
-        let mut buf = vec![0.0f32; self.mean.len()];
-        for _ in 0..pairs {
-            let seed = rng.next_u64();
-            let plus = Recipe::new(base, seed, self.sigma, Sign::Plus, config.scale);
-            let minus = Recipe::new(base, seed, self.sigma, Sign::Minus, config.scale);
-            let mut check = |r: &Recipe| {
-                r.apply(&self.mean, layout, &mut buf)
-                    .expect("the mean has the layout's length");
-                validator.check_candidate_with(&buf, &parent)
-            };
-            let a = check(&plus);
-            let b = check(&minus);
+        // Seeds drawn in pair order, then each pair validated in one pass
+        // over its noise (`Validator::check_antithetic`: exactly what
+        // applying and checking each half gives), pairs spread over the
+        // cores and put back in order.
+        let seeds: Vec<u64> = (0..pairs).map(|_| rng.next_u64()).collect();
+        let threads = crate::par::threads_for(pairs, pairs.saturating_mul(self.mean.len()));
+        let checked = crate::par::map(pairs, threads, |p| {
+            let plus = Recipe::new(base, seeds[p], self.sigma, Sign::Plus, config.scale);
+            validator.check_antithetic(&self.mean, &norms, &plus)
+        });
+        for (seed, [a, b]) in seeds.into_iter().zip(checked) {
             match (a, b) {
                 (Ok(()), Ok(())) => {
-                    recipes.push(plus);
-                    recipes.push(minus);
-                    seeds.push(seed);
+                    recipes.push(Recipe::new(
+                        base,
+                        seed,
+                        self.sigma,
+                        Sign::Plus,
+                        config.scale,
+                    ));
+                    recipes.push(Recipe::new(
+                        base,
+                        seed,
+                        self.sigma,
+                        Sign::Minus,
+                        config.scale,
+                    ));
+                    seeds_kept.push(seed);
                 }
                 (a, b) => rejected.extend(a.err().into_iter().chain(b.err())),
             }
@@ -124,7 +133,7 @@ impl EsState {
         EsAsk {
             base,
             recipes,
-            seeds,
+            seeds: seeds_kept,
             with_center,
         }
     }
@@ -156,33 +165,73 @@ impl EsState {
         let values: Vec<f64> = kept.iter().flat_map(|&(_, a, b)| [a, b]).collect();
         let ranks = centered_ranks(&values);
         let n = self.mean.len();
-        // Gradient in scaled coordinates z (θ = θ₀ + s·z): the noise index
-        // of a value is its flat index (tensors are contiguous from 0).
-        let mut grad = vec![0.0f64; n];
-        for (k, &(seed, _, _)) in kept.iter().enumerate() {
-            let w = ranks[2 * k] - ranks[2 * k + 1];
-            noise::accumulate(seed, 0, w, &mut grad);
-        }
+        let weights: Vec<(u64, f64)> = kept
+            .iter()
+            .enumerate()
+            .map(|(k, &(seed, _, _))| (seed, ranks[2 * k] - ranks[2 * k + 1]))
+            .collect();
         let gscale = 1.0 / (2.0 * kept.len() as f64 * f64::from(self.sigma));
         let t = self.t + 1;
-        let mut m = self.m.clone();
-        let mut v = self.v.clone();
-        let mut mean = self.mean.clone();
         let bc1 = 1.0 - es.beta1.powf(t as f64);
         let bc2 = 1.0 - es.beta2.powf(t as f64);
-        for (span, s) in layout.tensors().iter().zip(layout.scales(config.scale)) {
-            let s = f64::from(s);
-            for i in span.range() {
-                // Ascent direction: fitness gradient minus the gradient of
-                // the L2 penalty ½·wd·θ², both with respect to z (∂θ/∂z = s),
-                // so their ratio is the one in θ, whatever the scale.
-                let g = grad[i] * gscale - es.weight_decay * f64::from(mean[i]) * s;
-                m[i] = es.beta1 * m[i] + (1.0 - es.beta1) * g;
-                v[i] = es.beta2 * v[i] + (1.0 - es.beta2) * g * g;
-                let step = es.learning_rate * (m[i] / bc1) / ((v[i] / bc2).sqrt() + es.adam_eps);
-                mean[i] = (f64::from(mean[i]) + s * step) as f32;
+        // The scale of every value's tensor, per span of the layout.
+        let spans: Vec<(usize, usize, f64)> = layout
+            .tensors()
+            .iter()
+            .zip(layout.scales(config.scale))
+            .map(|(span, s)| (span.offset, span.offset + span.len, f64::from(s)))
+            .collect();
+        // Values in blocks: each block's gradient is summed over the pairs
+        // in pair order (the order of one pass per pair over the whole
+        // vector), in a buffer that stays in the cache, and the Adam step
+        // follows at once. Blocks are independent, so they are spread over
+        // the cores; every value is computed by the same code whatever
+        // thread runs it.
+        const BLOCK: usize = 1 << 14;
+        let blocks = n.div_ceil(BLOCK);
+        let threads = crate::par::threads_for(blocks, n.saturating_mul(weights.len().max(1)));
+        let mut m = vec![0.0f64; n];
+        let mut v = vec![0.0f64; n];
+        let mut mean = vec![0.0f32; n];
+        let parts: Vec<(&mut [f64], &mut [f64], &mut [f32])> = m
+            .chunks_mut(BLOCK)
+            .zip(v.chunks_mut(BLOCK))
+            .zip(mean.chunks_mut(BLOCK))
+            .map(|((m, v), x)| (m, v, x))
+            .collect();
+        crate::par::for_each(parts, threads, |b, (m_out, v_out, mean_out)| {
+            let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
+            // Gradient in scaled coordinates z (θ = θ₀ + s·z): the noise
+            // index of a value is its flat index (tensors are contiguous
+            // from 0).
+            let mut grad = vec![0.0f64; hi - lo];
+            for &(seed, w) in &weights {
+                noise::accumulate(seed, lo as u64, w, &mut grad);
             }
-        }
+            for &(start, end, s) in &spans {
+                let (a, b) = (start.max(lo), end.min(hi));
+                if a < b {
+                    let step = AdamStep {
+                        es,
+                        gscale,
+                        bc1,
+                        bc2,
+                        s,
+                    };
+                    let r = a - lo..b - lo;
+                    adam(
+                        &step,
+                        &grad[r.clone()],
+                        (&self.mean[a..b], &self.m[a..b], &self.v[a..b]),
+                        (
+                            &mut mean_out[r.clone()],
+                            &mut m_out[r.clone()],
+                            &mut v_out[r],
+                        ),
+                    );
+                }
+            }
+        });
         validator.check_candidate(&mean, &[&self.mean])?;
         self.mean = mean;
         self.m = m;
@@ -190,6 +239,46 @@ impl EsState {
         self.t = t;
         self.sigma = (self.sigma * es.sigma_decay).max(es.sigma_min);
         Ok(())
+    }
+}
+
+/// The constants of one Adam step over one tensor's values.
+struct AdamStep<'a> {
+    es: &'a EsConfig,
+    /// `1 / (2 · pairs · σ)`.
+    gscale: f64,
+    /// Bias corrections `1 − β₁ᵗ`, `1 − β₂ᵗ`.
+    bc1: f64,
+    bc2: f64,
+    /// The tensor's scale.
+    s: f64,
+}
+
+multiversioned! {
+    /// The Adam step of values with gradient sums `grad` and state `(mean,
+    /// m, v)`: the new state into `out`.
+    fn adam(
+        c: &AdamStep<'_>,
+        grad: &[f64],
+        state: (&[f32], &[f64], &[f64]),
+        out: (&mut [f32], &mut [f64], &mut [f64])
+    ) {
+        let es = c.es;
+        let (mean, m, v) = state;
+        let (mean_out, m_out, v_out) = out;
+        for (i, &g) in grad.iter().enumerate() {
+            let x = f64::from(mean[i]);
+            // Ascent direction: fitness gradient minus the gradient of the
+            // L2 penalty ½·wd·θ², both with respect to z (∂θ/∂z = s), so
+            // their ratio is the one in θ, whatever the scale.
+            let g = g * c.gscale - es.weight_decay * x * c.s;
+            let mi = es.beta1 * m[i] + (1.0 - es.beta1) * g;
+            let vi = es.beta2 * v[i] + (1.0 - es.beta2) * g * g;
+            let step = es.learning_rate * (mi / c.bc1) / ((vi / c.bc2).sqrt() + es.adam_eps);
+            m_out[i] = mi;
+            v_out[i] = vi;
+            mean_out[i] = (x + c.s * step) as f32;
+        }
     }
 }
 

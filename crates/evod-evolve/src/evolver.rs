@@ -371,13 +371,9 @@ impl Evolver {
                 &mut rng,
                 &mut rejections,
             )),
-            Strategy::Es(s) => Ask::Es(s.ask(
-                &self.config,
-                &self.layout,
-                &self.validator,
-                &mut rng,
-                &mut rejections,
-            )),
+            Strategy::Es(s) => {
+                Ask::Es(s.ask(&self.config, &self.validator, &mut rng, &mut rejections))
+            }
         };
         let (candidates, first_offspring) = match (&ask, &self.strategy) {
             (Ask::Ga(a), _) => (

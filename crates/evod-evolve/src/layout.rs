@@ -182,23 +182,75 @@ impl ParamLayout {
     }
 }
 
-/// L2 norm of a slice, accumulated in f64 in index order (deterministic).
-pub(crate) fn l2(xs: &[f32]) -> f64 {
-    xs.iter()
-        .map(|&x| f64::from(x) * f64::from(x))
-        .sum::<f64>()
-        .sqrt()
+/// Partial sums of [`SumSq`]: value `i` of a tensor goes to partial
+/// `i % SUM_LANES`.
+pub(crate) const SUM_LANES: usize = 4;
+
+/// Sums of squares in `f64` in a fixed order, whatever the CPU or thread
+/// count: value `i` of a tensor is added to partial sum `i % 4` in index
+/// order, and the total is `(s0 + s1) + (s2 + s3)`. Four independent
+/// partial sums let the additions overlap (one chain of 10^6 dependent
+/// additions waits on each one's latency); the order is part of the
+/// validation's definition, the same in every check.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SumSq([f64; SUM_LANES]);
+
+impl SumSq {
+    /// Adds `x²` for each value of `xs`, the first going to partial `0`
+    /// (callers feed a tensor in chunks whose lengths are multiples of
+    /// [`SUM_LANES`], but for the last).
+    #[inline(always)]
+    pub(crate) fn add(&mut self, xs: &[f32]) {
+        let mut chunks = xs.chunks_exact(SUM_LANES);
+        for c in chunks.by_ref() {
+            for (s, &x) in self.0.iter_mut().zip(c) {
+                let x = f64::from(x);
+                *s += x * x;
+            }
+        }
+        for (l, &x) in chunks.remainder().iter().enumerate() {
+            let x = f64::from(x);
+            self.0[l] += x * x;
+        }
+    }
+
+    /// Adds `(a − b)²` (each side widened to `f64` first) for each pair of
+    /// values, in the lanes [`SumSq::add`] uses.
+    #[inline(always)]
+    pub(crate) fn add_diff(&mut self, a: &[f32], b: &[f32]) {
+        let mut ca = a.chunks_exact(SUM_LANES);
+        let mut cb = b.chunks_exact(SUM_LANES);
+        for (x, y) in ca.by_ref().zip(cb.by_ref()) {
+            for ((s, &x), &y) in self.0.iter_mut().zip(x).zip(y) {
+                let d = f64::from(x) - f64::from(y);
+                *s += d * d;
+            }
+        }
+        for (l, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+            let d = f64::from(x) - f64::from(y);
+            self.0[l] += d * d;
+        }
+    }
+
+    /// The total, `(s0 + s1) + (s2 + s3)`.
+    #[inline(always)]
+    pub(crate) fn total(&self) -> f64 {
+        (self.0[0] + self.0[1]) + (self.0[2] + self.0[3])
+    }
 }
 
-/// `(‖a‖, ‖a − b‖)` in one pass, each accumulated in f64 in index order
-/// (the same values as two separate passes).
+/// L2 norm of a slice: the square root of its [`SumSq`] (deterministic).
+pub(crate) fn l2(xs: &[f32]) -> f64 {
+    let mut s = SumSq::default();
+    s.add(xs);
+    s.total().sqrt()
+}
+
+/// `(‖a‖, ‖a − b‖)` in one pass, each a [`SumSq`] (the same values as two
+/// separate passes).
 pub(crate) fn l2_and_diff(a: &[f32], b: &[f32]) -> (f64, f64) {
-    let (mut sa, mut sd) = (0.0f64, 0.0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        let x = f64::from(x);
-        let d = x - f64::from(y);
-        sa += x * x;
-        sd += d * d;
-    }
-    (sa.sqrt(), sd.sqrt())
+    let (mut sa, mut sd) = (SumSq::default(), SumSq::default());
+    sa.add(a);
+    sd.add_diff(a, b);
+    (sa.total().sqrt(), sd.total().sqrt())
 }

@@ -26,6 +26,36 @@
 
 use evod_runtime as rt;
 
+/// Defines `fn $name` as `$body`, also compiled for AVX2 (and BMI2's
+/// `mulx`) and picked at run time where the CPU has them. The integer
+/// arithmetic is exact and every floating-point operation is one correctly
+/// rounded IEEE operation (Rust never fuses or reorders them), so both
+/// versions give the same bits; the wide one only runs faster.
+macro_rules! multiversioned {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,bmi2")]
+                fn wide($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("bmi2")
+                {
+                    // SAFETY: `wide` is `body` compiled for AVX2 and BMI2,
+                    // which the CPU was just checked to support.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 mod checkpoint;
 mod config;
 mod error;
@@ -36,6 +66,7 @@ mod ga;
 mod inprocess;
 mod layout;
 pub mod noise;
+mod par;
 mod progress;
 mod recipe;
 mod validate;

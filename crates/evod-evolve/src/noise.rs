@@ -75,38 +75,69 @@ pub fn at(seed: u64, index: u64) -> f32 {
     value(key(seed), index)
 }
 
-/// Fills `out` with values `offset .. offset + out.len()` of stream `seed`.
-pub fn fill(seed: u64, offset: u64, out: &mut [f32]) {
-    let k = key(seed);
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = value(k, offset.wrapping_add(i as u64));
+multiversioned! {
+    /// Fills `out` with values `offset .. offset + out.len()` of stream `seed`.
+    pub fn fill(seed: u64, offset: u64, out: &mut [f32]) {
+        let k = key(seed);
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = value(k, offset.wrapping_add(i as u64));
+        }
     }
 }
 
-/// `out[j] = base[j] + scale · noise(seed, offset + j)` for every `j`: one
-/// rounded multiplication and one rounded addition per value (never fused),
-/// the operation [`crate::Recipe::apply`] performs per tensor.
-pub fn add_scaled(seed: u64, offset: u64, scale: f32, base: &[f32], out: &mut [f32]) {
-    assert_eq!(base.len(), out.len(), "base and out lengths differ");
-    let k = key(seed);
-    for (i, (o, &b)) in out.iter_mut().zip(base).enumerate() {
-        *o = b + scale * value(k, offset.wrapping_add(i as u64));
+multiversioned! {
+    /// `out[j] = base[j] + scale · noise(seed, offset + j)` for every `j`: one
+    /// rounded multiplication and one rounded addition per value (never fused),
+    /// the operation [`crate::Recipe::apply`] performs per tensor.
+    pub fn add_scaled(seed: u64, offset: u64, scale: f32, base: &[f32], out: &mut [f32]) {
+        assert_eq!(base.len(), out.len(), "base and out lengths differ");
+        let k = key(seed);
+        for (i, (o, &b)) in out.iter_mut().zip(base).enumerate() {
+            *o = b + scale * value(k, offset.wrapping_add(i as u64));
+        }
     }
 }
 
-/// `x[j] += scale · noise(seed, offset + j)`, rounded as in [`add_scaled`].
-pub fn add_scaled_assign(seed: u64, offset: u64, scale: f32, x: &mut [f32]) {
-    let k = key(seed);
-    for (i, o) in x.iter_mut().enumerate() {
-        *o += scale * value(k, offset.wrapping_add(i as u64));
+multiversioned! {
+    /// [`add_scaled`] with `scale` into `plus` and with `−scale` into
+    /// `minus`, one noise value for both: `p = scale · ε`, `plus = base + p`,
+    /// `minus = base − p`, bit for bit what two calls give (`−scale · ε` is
+    /// exactly `−(scale · ε)`, and `b + (−p)` is `b − p`).
+    pub fn add_scaled_pair(
+        seed: u64,
+        offset: u64,
+        scale: f32,
+        base: &[f32],
+        plus: &mut [f32],
+        minus: &mut [f32]
+    ) {
+        assert!(base.len() == plus.len() && base.len() == minus.len(), "base and out lengths differ");
+        let k = key(seed);
+        for (i, ((p, m), &b)) in plus.iter_mut().zip(minus.iter_mut()).zip(base).enumerate() {
+            let d = scale * value(k, offset.wrapping_add(i as u64));
+            *p = b + d;
+            *m = b - d;
+        }
     }
 }
 
-/// `acc[j] += w · noise(seed, offset + j)` in `f64`, for gradient estimates.
-pub fn accumulate(seed: u64, offset: u64, w: f64, acc: &mut [f64]) {
-    let k = key(seed);
-    for (i, a) in acc.iter_mut().enumerate() {
-        *a += w * f64::from(value(k, offset.wrapping_add(i as u64)));
+multiversioned! {
+    /// `x[j] += scale · noise(seed, offset + j)`, rounded as in [`add_scaled`].
+    pub fn add_scaled_assign(seed: u64, offset: u64, scale: f32, x: &mut [f32]) {
+        let k = key(seed);
+        for (i, o) in x.iter_mut().enumerate() {
+            *o += scale * value(k, offset.wrapping_add(i as u64));
+        }
+    }
+}
+
+multiversioned! {
+    /// `acc[j] += w · noise(seed, offset + j)` in `f64`, for gradient estimates.
+    pub fn accumulate(seed: u64, offset: u64, w: f64, acc: &mut [f64]) {
+        let k = key(seed);
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a += w * f64::from(value(k, offset.wrapping_add(i as u64)));
+        }
     }
 }
 

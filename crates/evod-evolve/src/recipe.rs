@@ -32,6 +32,14 @@ pub enum Sign {
 }
 
 impl Sign {
+    /// The opposite sign (the other half of an antithetic pair).
+    pub fn other(self) -> Self {
+        match self {
+            Self::Plus => Self::Minus,
+            Self::Minus => Self::Plus,
+        }
+    }
+
     /// `1.0` or `-1.0`.
     pub fn factor(self) -> f32 {
         match self {
@@ -180,10 +188,76 @@ impl Recipe {
             out.copy_from_slice(base);
             return Ok(());
         }
-        for (t, scale) in layout.tensors().iter().zip(layout.scales(self.scale)) {
-            let s = self.sign.factor() * sigma * scale;
+        for (t, s) in layout.tensors().iter().zip(self.factors(layout)) {
             let r = t.range();
             noise::add_scaled(self.seed, t.offset as u64, s, &base[r.clone()], &mut out[r]);
+        }
+        Ok(())
+    }
+
+    /// The factor of each tensor of `layout`: `sign · σ · s_t` in `f32`,
+    /// in that order (what [`Recipe::apply`] multiplies the noise by).
+    pub(crate) fn factors(&self, layout: &ParamLayout) -> Vec<f32> {
+        let sigma = self.sigma();
+        layout
+            .scales(self.scale)
+            .into_iter()
+            .map(|scale| self.sign.factor() * sigma * scale)
+            .collect()
+    }
+
+    /// The other half of this recipe's antithetic pair (the opposite
+    /// sign, all else equal).
+    pub fn mirror(&self) -> Recipe {
+        Recipe {
+            sign: self.sign.other(),
+            ..*self
+        }
+    }
+
+    /// [`Recipe::apply_to`] of this recipe into `out` and of its
+    /// [`Recipe::mirror`] into `mirror_out`, in one pass over the noise:
+    /// the same bits as two calls, for about the cost of one.
+    pub fn apply_pair_to(
+        &self,
+        base: &Base<'_>,
+        out: &mut [f32],
+        mirror_out: &mut [f32],
+    ) -> Result<(), RecipeError> {
+        if self.base != base.checksum() {
+            return Err(RecipeError::WrongBase {
+                want: self.base,
+                have: base.checksum(),
+            });
+        }
+        let (params, layout) = (base.params(), base.layout());
+        let n = layout.n_params();
+        if params.len() != n || out.len() != n || mirror_out.len() != n {
+            return Err(RecipeError::Length {
+                layout: n,
+                base: params.len(),
+                out: if out.len() != n {
+                    out.len()
+                } else {
+                    mirror_out.len()
+                },
+            });
+        }
+        if self.sigma() == 0.0 {
+            out.copy_from_slice(params);
+            mirror_out.copy_from_slice(params);
+            return Ok(());
+        }
+        for (t, s) in layout.tensors().iter().zip(self.factors(layout)) {
+            let r = t.range();
+            noise::add_scaled_pair(
+                self.seed,
+                t.offset as u64,
+                s,
+                &params[r.clone()],
+                &mut out[r.clone()],
+                &mut mirror_out[r],
+            );
         }
         Ok(())
     }
@@ -325,5 +399,35 @@ mod tests {
         );
         let short = Base::with_checksum(&params[1..], &layout, 0x1234);
         assert!(matches!(short, Err(RecipeError::Length { .. })));
+    }
+
+    #[test]
+    fn a_pair_applied_together_equals_each_applied_alone() {
+        let layout = ParamLayout::new(vec![
+            ("blk.0.weight".into(), vec![13, 700]),
+            ("blk.0.bias".into(), vec![700]),
+            ("blk.1.weight".into(), vec![700, 2]),
+        ])
+        .unwrap();
+        let n = layout.n_params();
+        let params: Vec<f32> = (0..n)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 300.0)
+            .collect();
+        let base = Base::new(&params, &layout).unwrap();
+        for (sigma, sign) in [(0.7, Sign::Plus), (0.7, Sign::Minus), (0.0, Sign::Plus)] {
+            let r = Recipe::new(base.checksum(), 99, sigma, sign, TensorScale::Glorot);
+            assert_eq!(r.mirror().sign, sign.other());
+            let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
+            r.apply_pair_to(&base, &mut a, &mut b).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&r.materialize(&base).unwrap()));
+            assert_eq!(bits(&b), bits(&r.mirror().materialize(&base).unwrap()));
+        }
+        let wrong = Recipe::new(1, 99, 0.7, Sign::Plus, TensorScale::Glorot);
+        let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
+        assert!(matches!(
+            wrong.apply_pair_to(&base, &mut a, &mut b),
+            Err(RecipeError::WrongBase { .. })
+        ));
     }
 }

@@ -163,14 +163,19 @@ pub fn forward_batch(
 const LANES: usize = 8;
 
 /// A network prepared for many single-input forward passes (a policy):
-/// weights transposed once to `[in][out]` and each layer padded with zero
-/// weights to a multiple of 8 outputs, so that each layer's update runs over
-/// fixed-size chunks and vectorises. Same arithmetic, bit for bit, as
-/// [`forward_batch`] (padding lanes are never read).
+/// each layer's weights transposed once into panels of [`BLOCK`] outputs
+/// (`[in][BLOCK]` each, stored one after another, so a sweep over the
+/// inputs reads memory in order) and padded with zero weights to a multiple
+/// of 8 outputs. Same arithmetic, bit for bit, as [`forward_batch`]
+/// (padding lanes are never read): every output keeps its own accumulator,
+/// bias first, then `+ w[j][i] * x[i]` for `i = 0, 1, …`; a panel only lets
+/// [`BLOCK`] independent accumulators share one sweep over the inputs, so
+/// that the additions of different outputs overlap instead of each waiting
+/// on the one before.
 #[derive(Debug, Clone)]
 pub struct Mlp {
     arch: Architecture,
-    /// Per block: (in, padded out, transposed weights `[in][padded out]`,
+    /// Per block: (in, padded out, weights in panels (see [`panel`]),
     /// padded bias).
     blocks: Vec<(usize, usize, Vec<f32>, Vec<f32>)>,
     /// Activations of every layer (padded), concatenated, input layer first.
@@ -185,6 +190,19 @@ pub const BATCH_LANES: usize = 8;
 /// [`MlpLanes`] (`x[i][lane]` is input `i` of sample `lane`).
 pub type Lanes = [f32; BATCH_LANES];
 
+/// Outputs per panel of [`Mlp`]'s weights: eight vectors of [`LANES`]
+/// accumulators, which the vector registers hold through a sweep.
+const BLOCK: usize = 8 * LANES;
+
+/// The panel holding output `j` of a layer of `li` inputs and `lp` padded
+/// outputs: `(start, width)`, the panel being `wt[start .. start + li ·
+/// width]` with weight `(i, j)` at `start + i · width + j % BLOCK`.
+#[inline(always)]
+fn panel(li: usize, lp: usize, j: usize) -> (usize, usize) {
+    let c0 = j - j % BLOCK;
+    (li * c0, BLOCK.min(lp - c0))
+}
+
 impl Mlp {
     /// Prepares `params` for `arch`; checks the parameter count.
     pub fn new(arch: &Architecture, params: &[f32]) -> Result<Mlp, RuntimeError> {
@@ -192,21 +210,10 @@ impl Mlp {
         arch.check_params(params)?;
         let pad = |w: usize| w.div_ceil(LANES) * LANES;
         let mut blocks = Vec::with_capacity(arch.n_blocks());
-        let mut at = 0;
         for w in arch.layers.windows(2) {
             let (li, lo) = (w[0], w[1]);
             let lp = pad(lo);
-            let weights = &params[at..at + li * lo];
-            let mut wt = vec![0.0f32; li * lp];
-            for j in 0..lo {
-                for i in 0..li {
-                    wt[i * lp + j] = weights[j * li + i];
-                }
-            }
-            let mut bias = vec![0.0f32; lp];
-            bias[..lo].copy_from_slice(&params[at + li * lo..at + li * lo + lo]);
-            at += li * lo + lo;
-            blocks.push((li, lp, wt, bias));
+            blocks.push((li, lp, vec![0.0f32; li * lp], vec![0.0f32; lp]));
         }
         let mut offsets = Vec::with_capacity(arch.layers.len() + 1);
         let mut total = 0;
@@ -215,12 +222,14 @@ impl Mlp {
             total += pad(w);
         }
         offsets.push(total);
-        Ok(Mlp {
+        let mut mlp = Mlp {
             arch: arch.clone(),
             blocks,
             acts: vec![0.0; total],
             offsets,
-        })
+        };
+        mlp.reload(params)?;
+        Ok(mlp)
     }
 
     /// The architecture this network was built for.
@@ -234,18 +243,20 @@ impl Mlp {
         self.arch.check_params(params)?;
         let mut at = 0;
         for (w, (_, lp, wt, bias)) in self.arch.layers.windows(2).zip(&mut self.blocks) {
-            let (li, lo) = (w[0], w[1]);
+            let (li, lo, lp) = (w[0], w[1], *lp);
             let weights = &params[at..at + li * lo];
-            // Transposed in tiles so that both sides stay in the cache (a
-            // row-by-row transpose of a 10^7-weight layer misses on every
-            // write).
-            const TILE: usize = 32;
-            for j0 in (0..lo).step_by(TILE) {
-                for i0 in (0..li).step_by(TILE) {
-                    for j in j0..(j0 + TILE).min(lo) {
-                        for i in i0..(i0 + TILE).min(li) {
-                            wt[i * *lp + j] = weights[j * li + i];
-                        }
+            // Transposed one panel at a time, input by input: input `i` of
+            // the panel's rows (one value from each of `width` rows, whose
+            // cache lines serve the next inputs too) becomes one panel row,
+            // written in order (a row-by-row transpose of a 10^7-weight
+            // layer misses on every write).
+            for j0 in (0..lo).step_by(BLOCK) {
+                let (start, width) = panel(li, lp, j0);
+                let rows = (lo - j0).min(width);
+                let p = &mut wt[start..start + li * width];
+                for (i, dst) in p.chunks_exact_mut(width).enumerate() {
+                    for (jj, d) in dst[..rows].iter_mut().enumerate() {
+                        *d = weights[(j0 + jj) * li + i];
                     }
                 }
             }
@@ -271,34 +282,67 @@ impl Mlp {
         let last = self.blocks.len() - 1;
         let activation = self.arch.activation;
         for (n, (li, lp, wt, bias)) in self.blocks.iter().enumerate() {
+            let (li, lp) = (*li, *lp);
             let (head, tail) = self.acts.split_at_mut(self.offsets[n + 1]);
             let src = &head[self.offsets[n]..self.offsets[n] + li];
-            let dst = &mut tail[..*lp];
-            for (c, (d, b)) in dst
-                .chunks_exact_mut(LANES)
-                .zip(bias.chunks_exact(LANES))
-                .enumerate()
-            {
-                let mut acc = [0.0f32; LANES];
-                acc.copy_from_slice(b);
-                for (&xv, row) in src.iter().zip(wt.chunks_exact(*lp)) {
-                    let col: &[f32; LANES] = row[c * LANES..][..LANES]
-                        .try_into()
-                        .unwrap_or(&[0.0; LANES]);
-                    for k in 0..LANES {
-                        acc[k] += col[k] * xv;
-                    }
+            let dst = &mut tail[..lp];
+            let hidden = (n != last).then_some(activation);
+            let mut c = 0;
+            while c + BLOCK <= lp {
+                let (start, width) = panel(li, lp, c);
+                let p = &wt[start..start + li * width];
+                panel_outputs::<BLOCK>(src, p, width, 0, &bias[c..], &mut dst[c..], hidden);
+                c += BLOCK;
+            }
+            // The last, narrower panel, one vector of outputs at a time.
+            if c < lp {
+                let (start, width) = panel(li, lp, c);
+                let p = &wt[start..start + li * width];
+                for k in (0..width).step_by(LANES) {
+                    panel_outputs::<LANES>(
+                        src,
+                        p,
+                        width,
+                        k,
+                        &bias[c + k..],
+                        &mut dst[c + k..],
+                        hidden,
+                    );
                 }
-                if n != last {
-                    activate_all(activation, &mut acc);
-                }
-                d.copy_from_slice(&acc);
             }
         }
         let out = self.arch.outputs();
         let start = self.offsets[self.offsets.len() - 2];
         &self.acts[start..start + out]
     }
+}
+
+/// `N` outputs of one layer of [`Mlp`] from the panel `p` (rows of `width`
+/// weights, one per input) starting at column `col`: `dst[k] = bias[k] +
+/// p[0][col + k]·src[0] + p[1][col + k]·src[1] + …`, each product and sum
+/// rounded to `f32` in that order, then `hidden`'s activation if any.
+#[inline(always)]
+fn panel_outputs<const N: usize>(
+    src: &[f32],
+    p: &[f32],
+    width: usize,
+    col: usize,
+    bias: &[f32],
+    dst: &mut [f32],
+    hidden: Option<Activation>,
+) {
+    let mut acc = [0.0f32; N];
+    acc.copy_from_slice(&bias[..N]);
+    for (&xv, row) in src.iter().zip(p.chunks_exact(width)) {
+        let w: &[f32; N] = row[col..col + N].try_into().unwrap_or(&[0.0; N]);
+        for k in 0..N {
+            acc[k] += w[k] * xv;
+        }
+    }
+    if let Some(a) = hidden {
+        activate_all(a, &mut acc);
+    }
+    dst[..N].copy_from_slice(&acc);
 }
 
 /// [`BATCH_LANES`] networks of one architecture run side by side, each
@@ -478,6 +522,41 @@ mod tests {
                 let got = mlp.forward(x);
                 assert_eq!(got[0].to_bits(), y[0].to_bits());
                 assert_eq!(got[1].to_bits(), y[1].to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn mlp_panels_equal_forward_batch_bit_for_bit() {
+        // Widths around the panel size: whole panels, a narrower last
+        // panel, padding, one output; and a reload with other parameters.
+        for layers in [
+            vec![4, 150, 70, 2],
+            vec![5, 64, 128, 1],
+            vec![3, 200, 9],
+            vec![65, 63, 8],
+        ] {
+            let arch = Architecture::new(layers, Activation::Tanh).unwrap();
+            let make = |k: usize| -> Vec<f32> {
+                (0..arch.n_params())
+                    .map(|i| (((i + k) * 7919 % 113) as f32 - 56.0) / 170.0)
+                    .collect()
+            };
+            let n_in = arch.inputs();
+            let inputs: Vec<f32> = (0..5 * n_in).map(|i| (i as f32 - 15.0) / 3.3).collect();
+            let mut mlp = Mlp::new(&arch, &make(0)).unwrap();
+            for k in [0, 1] {
+                let params = make(k);
+                if k > 0 {
+                    mlp.reload(&params).unwrap();
+                }
+                let mut out = vec![0.0; 5 * arch.outputs()];
+                forward_batch(&arch, &params, &inputs, 5, &mut out, &mut Scratch::new()).unwrap();
+                for (x, y) in inputs.chunks(n_in).zip(out.chunks(arch.outputs())) {
+                    let got: Vec<u32> = mlp.forward(x).iter().map(|v| v.to_bits()).collect();
+                    let want: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "{:?}", arch.layers);
+                }
             }
         }
     }

@@ -321,9 +321,11 @@ fn copy_base(
 
 /// Rebuilds the candidates of `recipes` against `base` into `out`,
 /// candidate-major (`recipes.len()` × the base's length; `out`'s capacity
-/// is kept from call to call), calling `beat` after each candidate. A
-/// recipe for another base is refused ([`RecipesError::WrongBase`]) and is
-/// never applied to this one.
+/// is kept from call to call), calling `beat` after each candidate. The two
+/// halves of an antithetic pair next to each other are rebuilt in one pass
+/// over their noise ([`Recipe::apply_pair_to`], the same bits). A recipe
+/// for another base is refused ([`RecipesError::WrongBase`]) and is never
+/// applied to this one.
 pub fn regenerate(
     base: &Base<'_>,
     recipes: &[Recipe],
@@ -332,14 +334,27 @@ pub fn regenerate(
 ) -> Result<(), RecipesError> {
     let n = base.params().len();
     out.resize(recipes.len() * n, 0.0);
-    for (index, (recipe, buf)) in recipes
-        .iter()
-        .zip(out.chunks_exact_mut(n.max(1)))
-        .enumerate()
-    {
-        recipe
-            .apply_to(base, buf)
-            .map_err(|source| RecipesError::WrongBase { index, source })?;
+    let mut bufs = out.chunks_exact_mut(n.max(1));
+    let mut index = 0;
+    while index < recipes.len() {
+        let recipe = &recipes[index];
+        let buf = bufs.next().expect("one buffer per recipe");
+        // The two halves of an antithetic pair side by side (as ES sends
+        // them) share one pass over the noise.
+        if recipes.get(index + 1) == Some(&recipe.mirror()) {
+            let mirror = bufs.next().expect("one buffer per recipe");
+            recipe
+                .apply_pair_to(base, buf, mirror)
+                .map_err(|source| RecipesError::WrongBase { index, source })?;
+            // One beat per candidate, as for a lone one.
+            beat();
+            index += 2;
+        } else {
+            recipe
+                .apply_to(base, buf)
+                .map_err(|source| RecipesError::WrongBase { index, source })?;
+            index += 1;
+        }
         beat();
     }
     Ok(())

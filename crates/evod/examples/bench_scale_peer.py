@@ -15,9 +15,11 @@ Prints one JSON object: {"n_params", "generations", "evals", "steps",
 the sum of the returns: CartPole pays 1 per step).
 
 The noise of each antithetic pair comes from its own seeded generator and is
-regenerated for the update instead of kept (the memory of the population
-would not fit at 10^7 parameters otherwise; it is how evod's recipes work
-too). numpy's own BLAS threads are left as the user would have them.
+kept in one (pairs × n) float32 matrix for the update, which is then one
+BLAS matrix-vector product (what a numpy user writes; 0.96 GB at 10^7
+parameters, which fits). An earlier version regenerated each pair's noise
+for the update, a handicap evod's recipes do not have in the same form.
+numpy's own BLAS threads are left as the user would have them.
 """
 
 import json
@@ -79,13 +81,15 @@ def main():
     evals = 0
     steps = 0.0
     g = 0
+    noise = np.empty((pairs, n), np.float32)
     t0 = time.perf_counter()
     while g == 0 or time.perf_counter() - t0 < min_seconds:
         train_seed = 10_000 * seed + g
         fs = np.empty(2 * pairs)
         for p in range(pairs):
             a = time.perf_counter()
-            eps = np.random.default_rng((seed, g, p)).standard_normal(n, dtype=np.float32)
+            eps = noise[p]
+            np.random.default_rng((seed, g, p)).standard_normal(dtype=np.float32, out=eps)
             plus = theta + sigma * eps
             minus = theta - sigma * eps
             b = time.perf_counter()
@@ -100,11 +104,8 @@ def main():
         ranks = np.empty(len(fs))
         ranks[np.argsort(fs, kind="stable")] = np.arange(len(fs))
         ranks = ranks / max(1, len(fs) - 1) - 0.5
-        grad = np.zeros(n, np.float32)
-        for p in range(pairs):
-            eps = np.random.default_rng((seed, g, p)).standard_normal(n, dtype=np.float32)
-            grad += np.float32(ranks[2 * p] - ranks[2 * p + 1]) * eps
-        grad = grad / np.float32(2 * pairs * sigma) - np.float32(wd) * theta
+        w = (ranks[0::2] - ranks[1::2]).astype(np.float32)
+        grad = (w @ noise) / np.float32(2 * pairs * sigma) - np.float32(wd) * theta
         t = g + 1
         m = 0.9 * m + 0.1 * grad
         v = 0.999 * v + 0.001 * grad * grad

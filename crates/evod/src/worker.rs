@@ -626,11 +626,12 @@ fn ensure_buffers(buffers: &mut Vec<Vec<f32>>, group: usize, n: usize) {
 }
 
 /// Candidates evaluated together for a network of `n` parameters: the
-/// lockstep group, or one at a time for networks the runtime evaluates one
-/// at a time anyway (so a worker holds one candidate buffer, not sixteen).
+/// lockstep group, or two for networks the runtime evaluates one at a time
+/// anyway (so a worker holds two candidate buffers, not sixteen: the two
+/// halves of an ES pair, regenerated in one pass over their noise).
 fn eval_group(n: usize) -> usize {
     if n >= evod_runtime::cartpole::ONE_AT_A_TIME_PARAMS {
-        1
+        2
     } else {
         EVAL_GROUP
     }
@@ -665,7 +666,17 @@ impl Worker<'_> {
         seg.beat(Role::Worker);
         let group = eval_group(n).min(body.recipes.len());
         let mut fitness = Vec::with_capacity(body.recipes.len());
-        for chunk in body.recipes.chunks(group) {
+        let mut at = 0;
+        while at < body.recipes.len() {
+            let recipes = &body.recipes[at..];
+            let mut take = group.min(recipes.len());
+            if group == 2 && recipes.get(1) != Some(&recipes[0].mirror()) {
+                // Groups of two are ES pairs: a lone candidate (the mean,
+                // half of a pair split between workers) goes alone.
+                take = 1;
+            }
+            let chunk = &recipes[..take];
+            at += take;
             if let Err(e) = evod_serve::regenerate(&base, chunk, &mut self.regenerated, || {
                 seg.beat(Role::Worker)
             }) {
