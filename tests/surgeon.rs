@@ -703,8 +703,6 @@ fn diff_exits_0_for_identical_files_and_1_listing_exactly_the_mutated_tensors() 
 #[cfg(feature = "llm")]
 #[test]
 fn outputs_load_and_run_in_llama_cpp() {
-    use std::io::Write;
-
     use evod_gguf::{GgufFile, PublishOptions, TensorSpec, TensorType, publish, quantize};
     use evod_llama::{BaseModel, LlamaOptions};
 
