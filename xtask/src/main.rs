@@ -169,56 +169,29 @@ fn ci() -> Result<()> {
                 .args(["test", "--workspace"]))
         })?;
         // llama.cpp (vendored by llama-cpp-sys-2) builds only with the `llm`
-        // feature: lint and test that half here (a cold build of llama.cpp
-        // is ~10-20 min on 2 cores, then cached in target/).
-        step("llm (llama.cpp) clippy+test", &mut || {
-            run(Command::new(&cargo).current_dir(&root).args([
-                "clippy",
-                "-p",
-                "evod-llama",
-                "--features",
-                "llm",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]))?;
+        // feature. llama-cpp-sys-2 builds it inside its build script's
+        // folder, whose hash follows the host dependencies' unified features,
+        // so every command here selects the same packages and features:
+        // one cold llama.cpp build (10-30 min on 2 cores), then cached.
+        // Tests: the runtime against numpy, the K-quants against the
+        // compiled ggml, `evod surgeon` outputs loaded in llama.cpp, and the
+        // perplexity task end to end (tests/llm.rs, required-features llm).
+        step("llm (llama.cpp)", &mut || {
+            let shape = ["-p", "evod", "-p", "evod-llama", "--features", "evod/llm"];
+            run(Command::new(&cargo)
+                .current_dir(&root)
+                .arg("clippy")
+                .args(shape)
+                .args(["--all-targets", "--", "-D", "warnings"]))?;
             run(Command::new(&cargo)
                 .current_dir(&root)
                 .env("EVOD_PYTHON", &python)
-                .args(["test", "-p", "evod-llama", "--features", "llm"]))?;
-            // `evod surgeon` outputs loaded in llama.cpp.
-            run(Command::new(&cargo)
-                .current_dir(&root)
-                .env("EVOD_PYTHON", &python)
+                .arg("test")
+                .args(shape)
                 .args([
-                    "test",
-                    "-p",
-                    "evod",
-                    "--features",
-                    "llm",
-                    "--test",
-                    "surgeon",
+                    "--lib", "--test", "runtime", "--test", "kquants", "--test", "surgeon",
+                    "--test", "llm",
                 ]))
-        })?;
-        // The perplexity task end to end on llama.cpp (tests/llm.rs:
-        // required-features llm; reuses the llama.cpp build above).
-        step("llm perplexity task (evod --features llm)", &mut || {
-            run(Command::new(&cargo).current_dir(&root).args([
-                "clippy",
-                "-p",
-                "evod",
-                "--features",
-                "llm",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]))?;
-            run(Command::new(&cargo)
-                .current_dir(&root)
-                .env("EVOD_PYTHON", &python)
-                .args(["test", "-p", "evod", "--features", "llm", "--test", "llm"]))
         })?;
         step("python package", &mut || python_package(&python))?;
         step("fault storm (50)", &mut || {
