@@ -13,6 +13,9 @@ use evod_gguf::{GgufFile, PublishOptions, PublishReport, TensorSpec, TensorType,
 
 use crate::LlamaError;
 
+/// The most values a control vector read from a file may hold (1 GiB of f32).
+const MAX_VALUES: usize = 1 << 28;
+
 /// `n_embd * (n_layer - 1)`: layers 1..n_layer-1 (llama.cpp never steers layer 0).
 pub(crate) fn cvec_len(n_embd: usize, n_layer: usize) -> usize {
     n_embd * n_layer.saturating_sub(1)
@@ -145,6 +148,15 @@ pub fn read_control_vector(path: &Path) -> Result<ControlVector, LlamaError> {
             if layer > 1 << 16 {
                 return Err(bad(format!(
                     "tensor {}: layer number {layer} is absurd",
+                    t.name
+                )));
+            }
+            // A small file may name a high layer of a wide tensor: bound
+            // what it makes us allocate (2^28 values = 1 GiB, far beyond any
+            // model's n_embd × layers) instead of aborting on allocation.
+            if need > MAX_VALUES {
+                return Err(bad(format!(
+                    "tensor {}: direction.{layer} of width {width} needs {need} values, more than {MAX_VALUES}",
                     t.name
                 )));
             }

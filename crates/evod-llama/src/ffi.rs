@@ -268,6 +268,13 @@ impl Inner {
                     }
                 }
                 // SAFETY: `ctx` is live and the batch is filled above.
+                // Known limit: llama.cpp's `llama_decode` has no try/catch;
+                // after a control-vector change it re-reserves its compute
+                // buffers and throws `std::runtime_error` if that allocation
+                // fails. An exception unwinding through this `extern "C"`
+                // call aborts the process (Rust does not catch foreign
+                // unwinds): in a worker, that is a crash the supervisor
+                // respawns, never the daemon (docs/llm.md, "Workers").
                 let (status, lines) =
                     capture(|| unsafe { sys::llama_decode(self.ctx.as_ptr(), self.batch) });
                 if status != 0 {

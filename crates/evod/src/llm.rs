@@ -508,7 +508,10 @@ mod handler {
                     picked: Vec::new(),
                 });
             }
-            let state = self.state.as_ref().expect("set above");
+            // Not part of the key (no reload needed): refreshed on every load.
+            let state = self.state.as_mut().expect("set above");
+            state.train_windows = task.train_windows;
+            let state = &*state;
             let want = state.base.cvec_len();
             if model.arch().n_params() != want
                 || model.arch().control_vector_shape().map(|(w, _)| w) != Some(state.base.n_embd())
@@ -552,15 +555,28 @@ mod handler {
             };
             let mut out = Vec::with_capacity(request.candidates);
             for i in 0..request.candidates {
-                state
-                    .base
-                    .set_control_vector(Some(request.candidate(i)))
-                    .map_err(|e| e.to_string())?;
-                let nll = state
-                    .base
-                    .nll(tokens, state.window, &mut || request.beat())
-                    .map_err(|e| e.to_string())?;
-                out.push(-nll.perplexity());
+                // A candidate whose values or logits are not finite is a bad
+                // candidate, not a failed evaluation: its fitness is NaN,
+                // which the evolver quarantines, and the batch goes on (an
+                // error here would fail the whole EVAL, and the retried
+                // generation would hit the same candidate again).
+                match state.base.set_control_vector(Some(request.candidate(i))) {
+                    Ok(()) => {}
+                    Err(evod_llama::LlamaError::CvecNotFinite { index, value }) => {
+                        tracing::warn!(candidate = i, index, value, "candidate not finite");
+                        out.push(f64::NAN);
+                        continue;
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+                match state.base.nll(tokens, state.window, &mut || request.beat()) {
+                    Ok(nll) => out.push(-nll.perplexity()),
+                    Err(e @ evod_llama::LlamaError::NonFiniteLogits { .. }) => {
+                        tracing::warn!(candidate = i, "{e}");
+                        out.push(f64::NAN);
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
                 request.beat();
             }
             Ok(out)

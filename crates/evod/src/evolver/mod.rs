@@ -153,6 +153,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 .task
                 .parse()
                 .with_context(|| format!("{}: task {:?}", MODEL_FILE, spec.task))?;
+            if task == Task::Perplexity {
+                // Broker tasks carry no purpose: a gate would be scored on
+                // training windows, not on the held-out text.
+                return Err(crate::exit::with_code(
+                    crate::exit::USAGE,
+                    anyhow::anyhow!(
+                        "--broker: the perplexity task is not distributed yet (its held-out gate is not carried by broker tasks); run it on one host"
+                    ),
+                ));
+            }
             if evolver_config(&args.evolve, &task).strategy != StrategyKind::Es {
                 return Err(crate::exit::with_code(
                     crate::exit::USAGE,
