@@ -557,7 +557,8 @@ mod handler {
             for i in 0..request.candidates {
                 // A candidate whose values or logits are not finite is a bad
                 // candidate, not a failed evaluation: its fitness is NaN,
-                // which the evolver quarantines, and the batch goes on (an
+                // which ranks last (evod-serve sends it as -inf), and the
+                // batch goes on (an
                 // error here would fail the whole EVAL, and the retried
                 // generation would hit the same candidate again).
                 match state.base.set_control_vector(Some(request.candidate(i))) {
