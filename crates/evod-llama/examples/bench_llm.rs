@@ -19,7 +19,8 @@
 //!
 //! `cargo run --release -p evod-llama --features llm --example bench_llm --
 //!  OUT.json MODEL.gguf TEXT.txt [--threads 1,2] [--window 512] [--windows 2]
-//!  [--repeats 3] [--competitors 0,1] [--reload 0]`
+//!  [--repeats 3] [--competitors 0,1] [--reload 0] [--n-batch WINDOW]`
+//! (`--n-batch` sets the tokens per `llama_decode` of the throughput runs).
 //! (`--features llm-openmp` for ggml's OpenMP build).
 
 use std::path::PathBuf;
@@ -62,6 +63,7 @@ fn main() {
     let mut repeats = 3;
     let mut competitors = vec![0, 1];
     let mut reload = 0usize;
+    let mut n_batch = None;
     let mut heldout_from = None;
     let mut cvec = None;
     let mut i = 3;
@@ -74,6 +76,7 @@ fn main() {
             "--repeats" => repeats = v.parse().unwrap(),
             "--competitors" => competitors = list(v),
             "--reload" => reload = v.parse().unwrap(),
+            "--n-batch" => n_batch = Some(v.parse::<u32>().unwrap()),
             "--heldout-from" => heldout_from = Some(v.parse::<usize>().unwrap()),
             "--cvec" => cvec = Some(PathBuf::from(v)),
             other => panic!("unknown flag {other}"),
@@ -120,7 +123,7 @@ fn main() {
         let opts = LlamaOptions {
             threads: t,
             n_ctx: window as u32,
-            n_batch: window as u32,
+            n_batch: n_batch.unwrap_or(window as u32),
             ..LlamaOptions::default()
         };
         let start = Instant::now();
