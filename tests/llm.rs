@@ -165,7 +165,7 @@ fn load_base(path: &Path) -> evod_llama::BaseModel {
         &evod_llama::LlamaOptions {
             threads: 1,
             n_ctx: WINDOW,
-            n_batch: WINDOW.min(8),
+            n_batch: WINDOW,
             ..Default::default()
         },
     )

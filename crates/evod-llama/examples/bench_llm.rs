@@ -6,11 +6,21 @@
 //! and each run) and writes OUT.json: `tokens_per_s_bare` (the default
 //! options: 1 thread, no neighbour), `tokens_per_s_t{T}_c{C}` for each
 //! configuration, `wait` (`ggml-threadpool` or `openmp`), `load_s`,
-//! `ppl_bare`. `cargo xtask bench llm` runs it on SmolLM2-135M Q4_1.
+//! `ppl_bare`. With `--reload N` it also times the naive way to score a
+//! candidate without evod, N times: write a full copy of the GGUF whose
+//! one F32 tensor (`blk.1.attn_norm.weight`) carries the candidate
+//! (evod-gguf), load it with llama.cpp, score one window; the median is
+//! `reload_per_candidate_s` (and `reload_write_s`, its write part).
+//! With `--cvec FILE [--heldout-from BYTE]` (default: FILE's
+//! `evod.perplexity.heldout_start_byte`) it only scores TEXT[BYTE..] in
+//! windows, without and with the control vector FILE (an evod perplexity
+//! model), and prints `heldout_ppl_base` / `heldout_ppl_after`.
+//! `cargo xtask bench llm` runs it on SmolLM2-135M Q4_1.
 //!
 //! `cargo run --release -p evod-llama --features llm --example bench_llm --
 //!  OUT.json MODEL.gguf TEXT.txt [--threads 1,2] [--window 512] [--windows 2]
-//!  [--repeats 3] [--competitors 0,1]`
+//!  [--repeats 3] [--competitors 0,1] [--reload 0] [--n-batch WINDOW]`
+//! (`--n-batch` sets the tokens per `llama_decode` of the throughput runs).
 //! (`--features llm-openmp` for ggml's OpenMP build).
 
 use std::path::PathBuf;
@@ -52,6 +62,10 @@ fn main() {
     let mut windows = 2;
     let mut repeats = 3;
     let mut competitors = vec![0, 1];
+    let mut reload = 0usize;
+    let mut n_batch = None;
+    let mut heldout_from = None;
+    let mut cvec = None;
     let mut i = 3;
     while i + 1 < args.len() {
         let v = &args[i + 1];
@@ -61,9 +75,43 @@ fn main() {
             "--windows" => windows = v.parse().unwrap(),
             "--repeats" => repeats = v.parse().unwrap(),
             "--competitors" => competitors = list(v),
+            "--reload" => reload = v.parse().unwrap(),
+            "--n-batch" => n_batch = Some(v.parse::<u32>().unwrap()),
+            "--heldout-from" => heldout_from = Some(v.parse::<usize>().unwrap()),
+            "--cvec" => cvec = Some(PathBuf::from(v)),
             other => panic!("unknown flag {other}"),
         }
         i += 2;
+    }
+    if let Some(cvec) = cvec {
+        // The held-out start: given, or the model's own key.
+        let from = heldout_from.unwrap_or_else(|| {
+            let f = evod_gguf::GgufFile::open(&cvec).expect("open the control vector");
+            f.get("evod.perplexity.heldout_start_byte")
+                .and_then(|v| v.as_u64())
+                .expect("the model has no evod.perplexity.heldout_start_byte: pass --heldout-from")
+                as usize
+        });
+        let opts = LlamaOptions {
+            threads: threads[0],
+            n_ctx: window as u32,
+            n_batch: window as u32,
+            ..LlamaOptions::default()
+        };
+        let mut m = BaseModel::load(&model, &opts).expect("load");
+        let tokens = m
+            .tokenize(text.get(from..).expect("--heldout-from is inside TEXT"))
+            .expect("tokenize");
+        let v = evod_llama::read_control_vector(&cvec).expect("read the control vector");
+        let mut directions = v.directions;
+        directions.resize(m.cvec_len(), 0.0);
+        let base = m.nll(&tokens, window, &mut || {}).unwrap().perplexity();
+        m.set_control_vector(Some(&directions)).unwrap();
+        let after = m.nll(&tokens, window, &mut || {}).unwrap().perplexity();
+        let json = format!("{{\"heldout_ppl_base\":{base},\"heldout_ppl_after\":{after}}}");
+        println!("{json}");
+        std::fs::write(&out, json + "\n").expect("write OUT.json");
+        return;
     }
     let wait = if cfg!(feature = "llm-openmp") {
         "openmp"
@@ -75,7 +123,7 @@ fn main() {
         let opts = LlamaOptions {
             threads: t,
             n_ctx: window as u32,
-            n_batch: window as u32,
+            n_batch: n_batch.unwrap_or(window as u32),
             ..LlamaOptions::default()
         };
         let start = Instant::now();
@@ -115,7 +163,101 @@ fn main() {
             }
         }
     }
+    if reload > 0 {
+        let (per_candidate, write) = reload_way(&model, &text, window, threads[0], reload);
+        println!(
+            "{{\"reload\":{reload},\"threads\":{},\"reload_per_candidate_s\":{per_candidate:.4},\"reload_write_s\":{write:.4}}}",
+            threads[0]
+        );
+        summary.push(format!("\"reload_per_candidate_s\":{per_candidate:.4}"));
+        summary.push(format!("\"reload_write_s\":{write:.4}"));
+    }
     let json = format!("{{{}}}", summary.join(","));
     println!("{json}");
     std::fs::write(&out, json + "\n").expect("write OUT.json");
+}
+
+/// The naive way, `n` candidates: per candidate a full GGUF copy of `model`
+/// whose `blk.1.attn_norm.weight` is perturbed, loaded by llama.cpp, one
+/// window scored. Returns the medians (seconds per candidate, of which
+/// writing the copy).
+fn reload_way(
+    model: &std::path::Path,
+    text: &str,
+    window: usize,
+    threads: usize,
+    n: usize,
+) -> (f64, f64) {
+    use std::io::Write;
+    const TENSOR: &str = "blk.1.attn_norm.weight";
+    let base = evod_gguf::GgufFile::open(model).expect("open the base GGUF");
+    let target = base
+        .tensor(TENSOR)
+        .unwrap_or_else(|| panic!("{} has no {TENSOR}", model.display()))
+        .clone();
+    assert_eq!(
+        target.ttype,
+        evod_gguf::TensorType::F32,
+        "{TENSOR} is not F32"
+    );
+    let values: Vec<f32> = base
+        .tensor_bytes(&target)
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let specs: Vec<evod_gguf::TensorSpec> = base
+        .tensors()
+        .iter()
+        .map(evod_gguf::TensorSpec::from)
+        .collect();
+    let opts = evod_gguf::PublishOptions {
+        alignment: base.alignment(),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("candidate.gguf");
+    let llama = LlamaOptions {
+        threads,
+        n_ctx: window as u32,
+        n_batch: window as u32,
+        ..LlamaOptions::default()
+    };
+    let mut totals = Vec::new();
+    let mut writes = Vec::new();
+    for c in 0..n {
+        let start = Instant::now();
+        // The candidate: the base tensor times (1 + small deterministic noise).
+        let bytes: Vec<u8> = values
+            .iter()
+            .enumerate()
+            .flat_map(|(i, v)| {
+                let wiggle = (((i * 7919 + c * 104_729) % 1000) as f32 / 1000.0 - 0.5) * 0.02;
+                (v * (1.0 + wiggle)).to_le_bytes()
+            })
+            .collect();
+        evod_gguf::publish(
+            &path,
+            base.metadata(),
+            &specs,
+            |i, w: &mut dyn Write| {
+                if base.tensors()[i].name == TENSOR {
+                    w.write_all(&bytes)
+                } else {
+                    w.write_all(base.tensor_bytes(&base.tensors()[i]))
+                }
+            },
+            &opts,
+        )
+        .expect("write the candidate GGUF");
+        writes.push(start.elapsed().as_secs_f64());
+        let mut m = BaseModel::load(&path, &llama).expect("load the candidate GGUF");
+        let tokens = m.tokenize(text).expect("tokenize");
+        let nll = m
+            .nll(&tokens[..window.min(tokens.len())], window, &mut || {})
+            .expect("score");
+        assert!(nll.perplexity().is_finite());
+        drop(m);
+        totals.push(start.elapsed().as_secs_f64());
+    }
+    (median(totals), median(writes))
 }

@@ -4,8 +4,10 @@
 //! pointer, and ties the context to the model by a lifetime, where a worker
 //! keeps both in one value for its whole life.
 
-use std::ffi::{CString, c_char};
+use std::any::Any;
+use std::ffi::{CString, c_char, c_void};
 use std::os::unix::ffi::OsStrExt;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Once;
@@ -239,6 +241,33 @@ impl Inner {
         window: usize,
         beat: &mut dyn FnMut(),
     ) -> Result<Nll, LlamaError> {
+        // `beat` runs between decodes and, through the abort callback, from
+        // inside them (between graph nodes), so a decode of a whole window
+        // keeps the caller's heartbeat fresh. The hook lives on this stack
+        // frame; `BeatGuard` unregisters it before the frame ends, on every
+        // path (error returns and panics included).
+        // One raw pointer, made once, is the only way to the hook until the
+        // guard is dropped: llama.cpp's calls and ours all go through it.
+        let mut hook = BeatHook { beat, panic: None };
+        let hook_ptr: *mut BeatHook<'_> = &mut hook;
+        let guard = BeatGuard::register(self.ctx, hook_ptr);
+        let result = self.decode_windows(tokens, window, hook_ptr);
+        drop(guard);
+        if let Some(payload) = hook.panic.take() {
+            resume_unwind(payload);
+        }
+        result
+    }
+
+    fn decode_windows(
+        &mut self,
+        tokens: &[i32],
+        window: usize,
+        hook: *mut BeatHook<'_>,
+    ) -> Result<Nll, LlamaError> {
+        // SAFETY (every `*hook` below): `hook` points to `nll`'s live
+        // `BeatHook`; llama.cpp uses it only inside `llama_decode`, never
+        // while we do.
         let mut total = Nll::default();
         let n_vocab = self.n_vocab;
         // SAFETY: `ctx` is live; the memory handle lives as long as it.
@@ -277,6 +306,10 @@ impl Inner {
                 // respawns, never the daemon (docs/llm.md, "Workers").
                 let (status, lines) =
                     capture(|| unsafe { sys::llama_decode(self.ctx.as_ptr(), self.batch) });
+                if unsafe { (*hook).panic.is_some() } {
+                    // The beat panicked inside the decode; `nll` resumes it.
+                    return Ok(total);
+                }
                 if status != 0 {
                     return Err(LlamaError::Decode {
                         status,
@@ -310,11 +343,87 @@ impl Inner {
                     })?;
                     total.count += 1;
                 }
-                beat();
+                // SAFETY: see the top of the function.
+                if unsafe { (*hook).call_and_check() } {
+                    return Ok(total);
+                }
                 p += n;
             }
         }
         Ok(total)
+    }
+}
+
+/// The caller's heartbeat for the duration of one [`Inner::nll`]; a panic in
+/// it is kept (it must not unwind through llama.cpp's C frames) and resumed
+/// once the decode has returned.
+struct BeatHook<'a> {
+    beat: &'a mut dyn FnMut(),
+    panic: Option<Box<dyn Any + Send>>,
+}
+
+impl BeatHook<'_> {
+    fn call(&mut self) {
+        if self.panic.is_some() {
+            return;
+        }
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (self.beat)())) {
+            self.panic = Some(payload);
+        }
+    }
+
+    /// [`BeatHook::call`], then whether the beat has panicked.
+    fn call_and_check(&mut self) -> bool {
+        self.call();
+        self.panic.is_some()
+    }
+}
+
+/// llama.cpp's abort callback, registered by [`BeatGuard`]: ggml's CPU
+/// backend calls it on the thread that called `llama_decode` (ggml's thread
+/// 0, the caller itself, with the ggml threadpool and with OpenMP alike)
+/// after each graph node. It beats and returns `false`: never abort.
+///
+/// # Safety
+/// `data` must be the `*mut BeatHook` that [`BeatGuard::register`] stored,
+/// still alive and not otherwise borrowed during the call: the guard
+/// unregisters it before the hook's frame ends, and `nll` does not touch
+/// the hook while `llama_decode` runs (the callback runs on the thread
+/// that called it, so calls never overlap).
+unsafe extern "C" fn beat_trampoline(data: *mut c_void) -> bool {
+    // SAFETY: see the function's contract.
+    let hook = unsafe { &mut *data.cast::<BeatHook<'_>>() };
+    hook.call();
+    false
+}
+
+/// Registers a [`BeatHook`] as the context's abort callback and
+/// unregisters it (null callback and data) on drop.
+struct BeatGuard {
+    ctx: NonNull<sys::llama_context>,
+}
+
+impl BeatGuard {
+    fn register(ctx: NonNull<sys::llama_context>, hook: *mut BeatHook<'_>) -> BeatGuard {
+        // SAFETY: `ctx` is live; the hook outlives the guard (both are
+        // locals of `nll`, the guard dropped first), so the pointer is
+        // valid for every call llama.cpp makes until `drop` clears it.
+        unsafe {
+            sys::llama_set_abort_callback(
+                ctx.as_ptr(),
+                Some(beat_trampoline),
+                hook.cast::<c_void>(),
+            )
+        };
+        BeatGuard { ctx }
+    }
+}
+
+impl Drop for BeatGuard {
+    fn drop(&mut self) {
+        // SAFETY: `ctx` is live (the guard lives inside `nll`, which holds
+        // `&mut Inner`); a null callback means ggml calls nothing.
+        unsafe { sys::llama_set_abort_callback(self.ctx.as_ptr(), None, std::ptr::null_mut()) };
     }
 }
 

@@ -202,6 +202,45 @@ mod llm {
     }
 
     #[test]
+    fn beats_from_inside_a_decode_and_a_panicking_beat_unwinds_after_it() {
+        // One window, one decode (n_batch = n_ctx): every beat but the last
+        // comes from llama.cpp's abort callback, between graph nodes.
+        let opts = LlamaOptions {
+            n_ctx: 128,
+            n_batch: 128,
+            ..LlamaOptions::default()
+        };
+        let mut m = BaseModel::load(tiny(), &opts).unwrap();
+        let toks = m.tokenize(TEXT).unwrap();
+        let toks = &toks[..toks.len().min(128)];
+        let mut beats = 0;
+        let base = m.nll(toks, 128, &mut || beats += 1).unwrap();
+        assert!(
+            beats > 3 * 3,
+            "{beats} beats for one decode of a 3-layer model: the decode did not beat"
+        );
+        // A beat that panics inside the decode: the panic reaches the
+        // caller after llama_decode has returned (not through its C
+        // frames), and the callback is unregistered.
+        let mut calls = 0;
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            m.nll(toks, 128, &mut || {
+                calls += 1;
+                if calls == 2 {
+                    panic!("beat failed");
+                }
+            })
+        }));
+        let payload = caught.expect_err("the beat's panic was swallowed");
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&"beat failed"));
+        assert_eq!(calls, 2, "the beat ran again after it panicked");
+        let mut again = 0;
+        let after = m.nll(toks, 128, &mut || again += 1).unwrap();
+        assert_eq!(after, base);
+        assert_eq!(again, beats);
+    }
+
+    #[test]
     fn default_f16_cache_matches_numpy_rounding_like_it() {
         let opts = LlamaOptions {
             n_ctx: 256,

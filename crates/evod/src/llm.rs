@@ -354,16 +354,6 @@ fn load_base(path: &Path, window: u32) -> anyhow::Result<evod_llama::BaseModel> 
     evod_llama::BaseModel::load(path, &opts).map_err(|e| exit::with_code(exit::BAD_INPUT, e))
 }
 
-/// Tokens per `llama_decode`: the worker beats its heartbeat between
-/// decodes only, and the supervisor's link calls a worker lost when its
-/// heartbeat is 500 ms old (workers are expected to beat every ~100 ms), so
-/// a batch must decode in well under that on a busy core. SmolLM2-135M Q4_1
-/// took over 2 s for 128 tokens on one core of a loaded 2-core machine; 8
-/// tokens keep a beat every ~0.1-0.2 s there. (A beat from inside the
-/// decode, through llama.cpp's abort callback, would lift this limit.)
-#[cfg(feature = "llm")]
-pub const DECODE_BATCH: u32 = 8;
-
 /// How stale a perplexity worker's heartbeat may get before the evolver
 /// calls it lost and re-sends its request (the ring's default is 2 s; this
 /// is the supervisor's default watchdog, which ends a worker past it).
@@ -373,7 +363,10 @@ pub const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// one thread per worker (evod runs one worker per core; ggml's threads
 /// spin at barriers and stall when cores are shared: `docs/llm.md`;
 /// `EVOD_LLAMA_THREADS` overrides it), a context of one window, decoded
-/// [`DECODE_BATCH`] tokens at a time.
+/// a whole window per `llama_decode`: the worker's heartbeat is beaten from
+/// inside the decode (evod-llama's `nll` runs its `beat` from llama.cpp's
+/// abort callback, between graph nodes), so a long decode on a busy core
+/// does not make the supervisor call the worker lost.
 #[cfg(feature = "llm")]
 pub fn llama_options(window: u32) -> evod_llama::LlamaOptions {
     let threads = std::env::var("EVOD_LLAMA_THREADS")
@@ -383,7 +376,7 @@ pub fn llama_options(window: u32) -> evod_llama::LlamaOptions {
     evod_llama::LlamaOptions {
         threads,
         n_ctx: window,
-        n_batch: window.min(DECODE_BATCH),
+        n_batch: window,
         ..evod_llama::LlamaOptions::default()
     }
 }
