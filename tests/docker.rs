@@ -13,7 +13,7 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -31,21 +31,7 @@ const IMAGE: &str = "evod:test";
 /// The state folder, the image's `VOLUME`.
 const STATE: &str = "/var/lib/evod";
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running docker")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", common::text(&o.stdout), common::text(&o.stderr))
-}
+use common::docker::{docker, root, text};
 
 /// Why there is no usable engine, if there is none.
 fn no_engine() -> Option<String> {

@@ -30,8 +30,8 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -107,21 +107,7 @@ const DIST_ARGS: &[&str] = &[
     "1",
 ];
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running docker")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", common::text(&o.stdout), common::text(&o.stderr))
-}
+use common::docker::{docker, root, text};
 
 /// `docker ARGS`, which must succeed; its stdout.
 fn docker_ok(args: &[&str]) -> String {

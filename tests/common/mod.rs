@@ -297,3 +297,29 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// The `docker` CLI helpers shared by `tests/docker.rs` and
+/// `tests/docker_dist.rs`.
+pub mod docker {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Output, Stdio};
+
+    /// The workspace root.
+    pub fn root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    /// Runs `docker ARGS` with no stdin; its output.
+    pub fn docker(args: &[&str]) -> Output {
+        Command::new("docker")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running docker")
+    }
+
+    /// Stdout then stderr, lossily as text.
+    pub fn text(o: &Output) -> String {
+        format!("{}{}", super::text(&o.stdout), super::text(&o.stderr))
+    }
+}
