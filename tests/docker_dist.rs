@@ -372,6 +372,10 @@ impl Cluster {
             "run",
             "--host-id",
             "coordinator",
+            // Its own worker takes no task: every candidate is evaluated by
+            // the evaluator hosts, so a test that freezes some of them
+            // decides who can make the run go on.
+            "--remote-only",
         ];
         args.extend_from_slice(DIST_ARGS);
         let evolve = evolve_args();
@@ -720,16 +724,23 @@ fn an_evaluator_cut_off_and_reconnected_loses_nothing_and_counts_each_candidate_
         &c.network,
         &victim,
     ]);
-    // Back, it records new results again (a reconnect, not a restart:
-    // the same container process).
+    // Back, it must record new results again (a reconnect, not a restart:
+    // the same container process). The other two are frozen meanwhile, so
+    // the run cannot end without it (the coordinator takes no task): it
+    // waits on evaluator-2 alone, and their leased tasks come to it after
+    // the lease.
+    let others = [c.evaluator(1), c.evaluator(3)];
+    for other in &others {
+        docker_ok(&["pause", other]);
+    }
     c.wait("evaluator-2 recording results again", || {
         (c.done_per_host().get("evaluator-2").copied().unwrap_or(0) > done_before).then_some(())
     });
     assert_eq!(c.inspect(&victim, "{{.RestartCount}}"), "0");
     assert_eq!(c.inspect(&victim, "{{.State.Running}}"), "true");
-    // `evod status` on the coordinator lists it, seen again — unless the
-    // bounded run ended first (a loaded machine): then the coordinator's
-    // last words list its results, more than before it was cut off.
+    // `evod status` on the coordinator lists it, seen again — unless it
+    // finished the run alone first (a loaded machine): then the
+    // coordinator's last words list its results, more than before the cut.
     c.wait(
         "evod status to list evaluator-2 as live, or the run's summary",
         || {
@@ -746,8 +757,8 @@ fn an_evaluator_cut_off_and_reconnected_loses_nothing_and_counts_each_candidate_
             if c.inspect(&c.coordinator(), "{{.State.Running}}") == "true" {
                 return None;
             }
-            let logs = c.logs(&c.coordinator());
-            let results = logs
+            let results = c
+                .logs(&c.coordinator())
                 .split("evaluator-2 (")
                 .nth(1)?
                 .split(' ')
@@ -761,6 +772,9 @@ fn an_evaluator_cut_off_and_reconnected_loses_nothing_and_counts_each_candidate_
             Some(())
         },
     );
+    for other in &others {
+        docker_ok(&["unpause", other]);
+    }
     c.assert_exactly_once_and_same_tensors();
 }
 
