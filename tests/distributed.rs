@@ -639,12 +639,24 @@ fn pending(url: &str, host: &str) -> u64 {
 
 #[test]
 fn a_restarted_coordinator_resumes_and_enqueues_nothing_twice() {
-    let want = reference();
+    restarted_coordinator(EVOLVE, reference());
+}
+
+#[test]
+fn ga_a_restarted_coordinator_resumes_and_enqueues_nothing_twice() {
+    restarted_coordinator(GA_EVOLVE, ga_reference());
+}
+
+/// A coordinator of a run with `evolve`, SIGKILLed after three
+/// generations and started again on its folder, publishes `want`,
+/// counts each candidate once and enqueues no round twice (a resumed GA
+/// generation names the same parents and children as before the kill).
+fn restarted_coordinator(evolve: &[&str], want: (u64, u64)) {
     let (_r, server) = redis();
     let url = server.url();
     let a = Host::join(&url, "host-a");
     let dir = tempfile::tempdir().unwrap();
-    let mut first = spawn_coordinator(dir.path(), &url, &[]);
+    let mut first = spawn_coordinator_with(dir.path(), &url, evolve, &[]);
     poll_until(
         "three generations",
         DEADLINE,
@@ -656,7 +668,7 @@ fn a_restarted_coordinator_resumes_and_enqueues_nothing_twice() {
     kill(Pid::from_raw(first.id() as i32), Signal::SIGKILL).unwrap();
     first.wait().unwrap();
     let before = read(dir.path(), "run.log");
-    let mut second = spawn_coordinator(dir.path(), &url, &[]);
+    let mut second = spawn_coordinator_with(dir.path(), &url, evolve, &[]);
     let out = finish(&mut second, dir.path(), &[&a]);
     let log = read(dir.path(), "run.log");
     assert!(log.contains("resuming from"), "{before}\n---\n{log}");
