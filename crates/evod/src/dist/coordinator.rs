@@ -9,13 +9,14 @@
 //! It holds the coordinator lease (renewed by a thread of its own; a lease
 //! lost — another coordinator took over after we stalled — ends this
 //! process at once, so there are never two publishers), publishes the
-//! run's model file once, and evaluates each ES evaluation of the evolver
+//! run's model file once, and evaluates each evaluation of the evolver
 //! through the broker ([`Coordination::evaluator`]): one round per
 //! evaluation (a generation's training batch, then its publish gate),
-//! named by a hash of what it evaluates ([`round_id`]: the run's model
-//! and this build's protocol, the base, the recipes, the episode seed and
-//! count). A round is the generation's base
-//! published by hash (once), its recipes cut into tasks of
+//! named by a hash of what it evaluates ([`round_id`], [`ga_round_id`]:
+//! the run's model and this build's protocol, the base, the recipes —
+//! which name the GA parents —, the episode seed and count). A round is
+//! its bases published by hash (once; the ES mean, or every GA parent a
+//! recipe names), its recipes cut into tasks of
 //! `--candidates-per-task`, enqueued once (a restarted coordinator that
 //! redoes a round finds it enqueued and its results recorded: nothing is
 //! enqueued twice; another evaluation, e.g. of a coordinator that took
