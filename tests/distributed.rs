@@ -570,7 +570,18 @@ fn killed_evaluator(evolve: &[&str], want: (u64, u64)) {
 
 #[test]
 fn a_failing_host_hands_its_tasks_to_a_good_one_and_nothing_is_quarantined() {
-    let want = reference();
+    failing_host(EVOLVE, reference());
+}
+
+#[test]
+fn ga_a_failing_host_hands_its_tasks_to_a_good_one_and_nothing_is_quarantined() {
+    failing_host(GA_EVOLVE, ga_reference());
+}
+
+/// A run with `evolve` on a host whose workers crash on every candidate
+/// and a good one: the bad host's failures cost retries on the good one,
+/// never a candidate, and the run publishes `want`.
+fn failing_host(evolve: &[&str], want: (u64, u64)) {
     let (_r, server) = redis();
     let url = server.url();
     // host-bad's workers crash (a real SIGSEGV) on every candidate.
@@ -582,7 +593,12 @@ fn a_failing_host_hands_its_tasks_to_a_good_one_and_nothing_is_quarantined() {
     );
     let good = Host::join(&url, "host-good");
     let dir = tempfile::tempdir().unwrap();
-    let mut child = spawn_coordinator(dir.path(), &url, &["--remote-only", "--min-hosts", "2"]);
+    let mut child = spawn_coordinator_with(
+        dir.path(),
+        &url,
+        evolve,
+        &["--remote-only", "--min-hosts", "2"],
+    );
     let out = finish(&mut child, dir.path(), &[&bad, &good]);
     let run_log = read(dir.path(), "run.log");
     // host-bad's failures cost retries on host-good, not candidates:
