@@ -281,6 +281,24 @@ fn assert_counted_once(url: &str, evaluations: u64) {
     );
 }
 
+/// Everything Redis carried so far (commands and replies of every role:
+/// tasks, results, heartbeats, waits, the model, the bases), in bytes.
+fn network_bytes(url: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query(&mut raw(url))
+        .unwrap();
+    ["total_net_input_bytes", "total_net_output_bytes"]
+        .iter()
+        .map(|k| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}:")))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 /// No task of the stream was enqueued twice (same round, same first
 /// candidate).
 fn assert_enqueued_once(url: &str) -> usize {
@@ -420,7 +438,14 @@ fn two_hosts_evaluate_and_the_run_publishes_what_one_host_does() {
     let out = finish(&mut child, dir.path(), &[&a, &b]);
     assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
     assert_counted_once(&url, evaluations(&out));
-    assert!(assert_enqueued_once(&url) > 0);
+    let n_tasks = assert_enqueued_once(&url);
+    assert!(n_tasks > 0);
+    let candidates: usize = enqueued(&url).iter().map(|t| t.work.len()).sum();
+    eprintln!(
+        "ES: Redis network bytes in + out: {} ({:.0} per candidate, {candidates} candidates in {n_tasks} tasks)",
+        network_bytes(&url),
+        network_bytes(&url) as f64 / candidates as f64
+    );
     assert!(out.contains("host-a") && out.contains("host-b"), "{out}");
     // A finished coordinator stops its lease keeper, then releases the
     // lease: never a keeper renewing a released lease ("took the run over").
@@ -473,10 +498,12 @@ fn ga_on_two_hosts_publishes_what_one_host_does() {
     assert!(recipes.iter().any(|r| r.cross.is_some()));
     let bytes: usize = tasks.iter().map(|t| t.encode().unwrap().len()).sum();
     let per_candidate = bytes as f64 / recipes.len() as f64;
+    let net = network_bytes(&url);
     eprintln!(
-        "{per_candidate:.1} task bytes per GA candidate ({} candidates in {} tasks)",
+        "{per_candidate:.1} task bytes per GA candidate ({} candidates in {} tasks); Redis network bytes in + out: {net} ({:.0} per candidate)",
         recipes.len(),
-        tasks.len()
+        tasks.len(),
+        net as f64 / recipes.len() as f64
     );
     assert!(
         per_candidate < 100.0,
@@ -775,12 +802,23 @@ fn a_coordinator_that_lost_its_lease_publishes_nothing_more() {
 
 #[test]
 fn redis_killed_and_restarted_on_its_aof_mid_run() {
-    let want = reference();
+    redis_restarted(EVOLVE, reference());
+}
+
+#[test]
+fn ga_redis_killed_and_restarted_on_its_aof_mid_run() {
+    redis_restarted(GA_EVOLVE, ga_reference());
+}
+
+/// A run with `evolve` whose Redis is SIGKILLed mid-run, away longer than
+/// two coordinator leases, and restarted on its AOF: nothing lost, each
+/// candidate counted once, the lapsed lease taken again, `want` published.
+fn redis_restarted(evolve: &[&str], want: (u64, u64)) {
     let (_r, mut server) = redis();
     let url = server.url();
     let a = Host::join(&url, "host-a");
     let dir = tempfile::tempdir().unwrap();
-    let mut child = spawn_coordinator(dir.path(), &url, &[]);
+    let mut child = spawn_coordinator_with(dir.path(), &url, evolve, &[]);
     poll_until(
         "two generations",
         DEADLINE,
