@@ -4,7 +4,8 @@
 //! all real processes on this machine. Each host has its own state folder
 //! and host id, as separate machines would.
 //!
-//! Every run is the same small ES run on the default CartPole model; the
+//! Every run is the same small ES run — or, where the test's name starts
+//! with `ga_`, the same small GA run — on the default CartPole model; the
 //! single-host run with that seed (computed once) is the reference: every
 //! distributed run — evaluators joining, one SIGKILLed mid-run, the
 //! coordinator SIGKILLed and restarted, Redis SIGKILLed and restarted on
@@ -24,8 +25,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{Daemon, children_with_role, evod, poll_until, text};
-use evod_broker::{Coordinator as _, Task};
-use evod_evolve::{Recipe, Sign, TensorScale};
+use evod_broker::{Coordinator as _, Task, Work};
+use evod_evolve::{GaRecipe, Mutation, Recipe, Sign, TensorScale};
 use evod_gguf::GgufFile;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -57,6 +58,28 @@ const EVOLVE: &[&str] = &[
     "--no-standby",
 ];
 
+/// The GA run (single-host and distributed alike): the default strategy,
+/// with crossover, elites and σ self-adaptation.
+const GA_EVOLVE: &[&str] = &[
+    "--strategy",
+    "ga",
+    "--population",
+    "16",
+    "--episodes",
+    "2",
+    "--generations",
+    "10",
+    "--seed",
+    "5",
+    "--solve-threshold",
+    "25",
+    "--checkpoint-every",
+    "1",
+    "--workers",
+    "1",
+    "--no-standby",
+];
+
 /// The coordinator's broker options (besides `--broker`).
 const COORDINATE: &[&str] = &[
     "--run-id",
@@ -78,21 +101,32 @@ fn identity(path: &Path) -> (u64, u64) {
     (f.checksum(), generation)
 }
 
-/// The single-host run's published model (computed once per test binary).
+/// The single-host ES run's published model (computed once per test
+/// binary).
 fn reference() -> (u64, u64) {
     static REF: OnceLock<(u64, u64)> = OnceLock::new();
-    *REF.get_or_init(|| {
-        let mut d = Daemon::spawn(tempfile::tempdir().unwrap(), EVOLVE, DEADLINE);
-        let status = d.wait_exit();
-        assert!(status.success(), "reference run failed:\n{}", d.log());
-        let id = identity(&d.dir().join("vectorland.gguf"));
-        assert!(
-            id.1 > 0,
-            "the reference run published nothing:\n{}",
-            d.log()
-        );
-        id
-    })
+    *REF.get_or_init(|| single_host(EVOLVE))
+}
+
+/// The single-host GA run's published model (computed once per test
+/// binary).
+fn ga_reference() -> (u64, u64) {
+    static REF: OnceLock<(u64, u64)> = OnceLock::new();
+    *REF.get_or_init(|| single_host(GA_EVOLVE))
+}
+
+/// The published model of a single-host `evod run` with `evolve`.
+fn single_host(evolve: &[&str]) -> (u64, u64) {
+    let mut d = Daemon::spawn(tempfile::tempdir().unwrap(), evolve, DEADLINE);
+    let status = d.wait_exit();
+    assert!(status.success(), "reference run failed:\n{}", d.log());
+    let id = identity(&d.dir().join("vectorland.gguf"));
+    assert!(
+        id.1 > 0,
+        "the reference run published nothing:\n{}",
+        d.log()
+    );
+    id
 }
 
 /// `evod run --broker URL` (a coordinator) on `dir` as host `id`,
@@ -247,6 +281,24 @@ fn assert_counted_once(url: &str, evaluations: u64) {
     );
 }
 
+/// Everything Redis carried so far (commands and replies of every role:
+/// tasks, results, heartbeats, waits, the model, the bases), in bytes.
+fn network_bytes(url: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query(&mut raw(url))
+        .unwrap();
+    ["total_net_input_bytes", "total_net_output_bytes"]
+        .iter()
+        .map(|k| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}:")))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 /// No task of the stream was enqueued twice (same round, same first
 /// candidate).
 fn assert_enqueued_once(url: &str) -> usize {
@@ -271,9 +323,14 @@ fn redis() -> (tempfile::TempDir, RedisServer) {
 /// on stdout, so these runs write it to `out.log` through a shell-free
 /// redirect: run the coordinator with `evod()` here instead.
 fn spawn_coordinator(dir: &Path, url: &str, extra: &[&str]) -> Child {
+    spawn_coordinator_with(dir, url, EVOLVE, extra)
+}
+
+/// [`spawn_coordinator`] with the evolution options `evolve`.
+fn spawn_coordinator_with(dir: &Path, url: &str, evolve: &[&str], extra: &[&str]) -> Child {
     let out = std::fs::File::create(dir.join("out.log")).unwrap();
     let err = std::fs::File::create(dir.join("run.log")).unwrap();
-    let mut args: Vec<&str> = EVOLVE.to_vec();
+    let mut args: Vec<&str> = evolve.to_vec();
     args.extend_from_slice(COORDINATE);
     args.extend_from_slice(&["--broker", url]);
     args.extend_from_slice(extra);
@@ -381,7 +438,14 @@ fn two_hosts_evaluate_and_the_run_publishes_what_one_host_does() {
     let out = finish(&mut child, dir.path(), &[&a, &b]);
     assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
     assert_counted_once(&url, evaluations(&out));
-    assert!(assert_enqueued_once(&url) > 0);
+    let n_tasks = assert_enqueued_once(&url);
+    assert!(n_tasks > 0);
+    let candidates: usize = enqueued(&url).iter().map(|t| t.work.len()).sum();
+    eprintln!(
+        "ES: Redis network bytes in + out: {} ({:.0} per candidate, {candidates} candidates in {n_tasks} tasks)",
+        network_bytes(&url),
+        network_bytes(&url) as f64 / candidates as f64
+    );
     assert!(out.contains("host-a") && out.contains("host-b"), "{out}");
     // A finished coordinator stops its lease keeper, then releases the
     // lease: never a keeper renewing a released lease ("took the run over").
@@ -396,8 +460,82 @@ fn two_hosts_evaluate_and_the_run_publishes_what_one_host_does() {
 }
 
 #[test]
+fn ga_on_two_hosts_publishes_what_one_host_does() {
+    let want = ga_reference();
+    let (_r, server) = redis();
+    let url = server.url();
+    let a = Host::join(&url, "host-a");
+    let b = Host::join(&url, "host-b");
+    let dir = tempfile::tempdir().unwrap();
+    // Every candidate is rebuilt and evaluated on a host from its recipe
+    // and its parents fetched by checksum.
+    let mut child = spawn_coordinator_with(
+        dir.path(),
+        &url,
+        GA_EVOLVE,
+        &["--remote-only", "--min-hosts", "2"],
+    );
+    let out = finish(&mut child, dir.path(), &[&a, &b]);
+    assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
+    assert_counted_once(&url, evaluations(&out));
+    assert!(assert_enqueued_once(&url) > 0);
+    // GA tasks (kind 2) only: children by their parents' checksums, a
+    // crossover and a mutation seed, never weights; elite copies among
+    // them, crossovers too.
+    let tasks = enqueued(&url);
+    let recipes: Vec<GaRecipe> = tasks
+        .iter()
+        .flat_map(|t| match &t.work {
+            Work::Ga(r) => r.clone(),
+            other => panic!("a GA run enqueued {other:?}"),
+        })
+        .collect();
+    assert!(
+        recipes
+            .iter()
+            .any(|r| r.cross.is_none() && r.mutation.is_none())
+    );
+    assert!(recipes.iter().any(|r| r.cross.is_some()));
+    let bytes: usize = tasks.iter().map(|t| t.encode().unwrap().len()).sum();
+    let per_candidate = bytes as f64 / recipes.len() as f64;
+    let net = network_bytes(&url);
+    eprintln!(
+        "{per_candidate:.1} task bytes per GA candidate ({} candidates in {} tasks); Redis network bytes in + out: {net} ({:.0} per candidate)",
+        recipes.len(),
+        tasks.len(),
+        net as f64 / recipes.len() as f64
+    );
+    assert!(
+        per_candidate < 100.0,
+        "{per_candidate} task bytes per GA candidate (a 114-parameter child is 456)"
+    );
+    let per_host = recorded(&url);
+    for host in ["host-a", "host-b"] {
+        assert!(
+            per_host.iter().any(|(h, n)| h == host && *n > 0),
+            "{host} evaluated nothing: {per_host:?}"
+        );
+    }
+    assert!(
+        !read(dir.path(), "run.log").contains("quarantined"),
+        "{}",
+        read(dir.path(), "run.log")
+    );
+}
+
+#[test]
 fn a_killed_evaluator_costs_a_retry_not_a_count() {
-    let want = reference();
+    killed_evaluator(EVOLVE, reference());
+}
+
+#[test]
+fn ga_a_killed_evaluator_costs_a_retry_not_a_count() {
+    killed_evaluator(GA_EVOLVE, ga_reference());
+}
+
+/// A run with `evolve` on two hosts, one SIGKILLed while it holds a
+/// task, publishes `want` and counts each candidate once.
+fn killed_evaluator(evolve: &[&str], want: (u64, u64)) {
     let (_r, server) = redis();
     let url = server.url();
     let a = Host::join(&url, "host-a");
@@ -405,7 +543,7 @@ fn a_killed_evaluator_costs_a_retry_not_a_count() {
     let dir = tempfile::tempdir().unwrap();
     // Only the two hosts evaluate: host-a alone must take over what
     // host-b held.
-    let mut child = spawn_coordinator(dir.path(), &url, &["--remote-only"]);
+    let mut child = spawn_coordinator_with(dir.path(), &url, evolve, &["--remote-only"]);
     // host-b dies (SIGKILL of its supervisor: its feeder and workers go
     // with it by their parent-death signal) while it holds a task: its
     // feeder is frozen (SIGSTOP) at a moment it holds one, so it can
@@ -459,7 +597,18 @@ fn a_killed_evaluator_costs_a_retry_not_a_count() {
 
 #[test]
 fn a_failing_host_hands_its_tasks_to_a_good_one_and_nothing_is_quarantined() {
-    let want = reference();
+    failing_host(EVOLVE, reference());
+}
+
+#[test]
+fn ga_a_failing_host_hands_its_tasks_to_a_good_one_and_nothing_is_quarantined() {
+    failing_host(GA_EVOLVE, ga_reference());
+}
+
+/// A run with `evolve` on a host whose workers crash on every candidate
+/// and a good one: the bad host's failures cost retries on the good one,
+/// never a candidate, and the run publishes `want`.
+fn failing_host(evolve: &[&str], want: (u64, u64)) {
     let (_r, server) = redis();
     let url = server.url();
     // host-bad's workers crash (a real SIGSEGV) on every candidate.
@@ -471,7 +620,12 @@ fn a_failing_host_hands_its_tasks_to_a_good_one_and_nothing_is_quarantined() {
     );
     let good = Host::join(&url, "host-good");
     let dir = tempfile::tempdir().unwrap();
-    let mut child = spawn_coordinator(dir.path(), &url, &["--remote-only", "--min-hosts", "2"]);
+    let mut child = spawn_coordinator_with(
+        dir.path(),
+        &url,
+        evolve,
+        &["--remote-only", "--min-hosts", "2"],
+    );
     let out = finish(&mut child, dir.path(), &[&bad, &good]);
     let run_log = read(dir.path(), "run.log");
     // host-bad's failures cost retries on host-good, not candidates:
@@ -528,12 +682,24 @@ fn pending(url: &str, host: &str) -> u64 {
 
 #[test]
 fn a_restarted_coordinator_resumes_and_enqueues_nothing_twice() {
-    let want = reference();
+    restarted_coordinator(EVOLVE, reference());
+}
+
+#[test]
+fn ga_a_restarted_coordinator_resumes_and_enqueues_nothing_twice() {
+    restarted_coordinator(GA_EVOLVE, ga_reference());
+}
+
+/// A coordinator of a run with `evolve`, SIGKILLed after three
+/// generations and started again on its folder, publishes `want`,
+/// counts each candidate once and enqueues no round twice (a resumed GA
+/// generation names the same parents and children as before the kill).
+fn restarted_coordinator(evolve: &[&str], want: (u64, u64)) {
     let (_r, server) = redis();
     let url = server.url();
     let a = Host::join(&url, "host-a");
     let dir = tempfile::tempdir().unwrap();
-    let mut first = spawn_coordinator(dir.path(), &url, &[]);
+    let mut first = spawn_coordinator_with(dir.path(), &url, evolve, &[]);
     poll_until(
         "three generations",
         DEADLINE,
@@ -545,7 +711,7 @@ fn a_restarted_coordinator_resumes_and_enqueues_nothing_twice() {
     kill(Pid::from_raw(first.id() as i32), Signal::SIGKILL).unwrap();
     first.wait().unwrap();
     let before = read(dir.path(), "run.log");
-    let mut second = spawn_coordinator(dir.path(), &url, &[]);
+    let mut second = spawn_coordinator_with(dir.path(), &url, evolve, &[]);
     let out = finish(&mut second, dir.path(), &[&a]);
     let log = read(dir.path(), "run.log");
     assert!(log.contains("resuming from"), "{before}\n---\n{log}");
@@ -636,12 +802,23 @@ fn a_coordinator_that_lost_its_lease_publishes_nothing_more() {
 
 #[test]
 fn redis_killed_and_restarted_on_its_aof_mid_run() {
-    let want = reference();
+    redis_restarted(EVOLVE, reference());
+}
+
+#[test]
+fn ga_redis_killed_and_restarted_on_its_aof_mid_run() {
+    redis_restarted(GA_EVOLVE, ga_reference());
+}
+
+/// A run with `evolve` whose Redis is SIGKILLed mid-run, away longer than
+/// two coordinator leases, and restarted on its AOF: nothing lost, each
+/// candidate counted once, the lapsed lease taken again, `want` published.
+fn redis_restarted(evolve: &[&str], want: (u64, u64)) {
     let (_r, mut server) = redis();
     let url = server.url();
     let a = Host::join(&url, "host-a");
     let dir = tempfile::tempdir().unwrap();
-    let mut child = spawn_coordinator(dir.path(), &url, &[]);
+    let mut child = spawn_coordinator_with(dir.path(), &url, evolve, &[]);
     poll_until(
         "two generations",
         DEADLINE,
@@ -709,10 +886,6 @@ fn a_bad_broker_is_refused_at_start_naming_the_flag() {
     let err = refused(&["--strategy", "es", "--broker", &bad]);
     assert!(err.contains("--broker"), "{err}");
     assert!(!err.contains("wrong@"), "the password is shown: {err}");
-    // GA has no task kind yet: refused by name.
-    let good = format!("redis://:right@127.0.0.1:{}/", server.port);
-    let err = refused(&["--broker", &good]);
-    assert!(err.contains("--broker needs --strategy es"), "{err}");
 }
 
 #[test]
@@ -741,11 +914,13 @@ fn a_base_that_does_not_fit_is_refused_loudly_never_evaluated() {
     let task = Task {
         run: RUN.into(),
         generation: 7,
-        base,
         seed: 3,
         episodes: 1,
         first: 0,
-        recipes: vec![Recipe::new(base, 1, 0.1, Sign::Plus, TensorScale::Glorot)],
+        work: Work::Recipes {
+            base,
+            recipes: vec![Recipe::new(base, 1, 0.1, Sign::Plus, TensorScale::Glorot)],
+        },
     };
     coord.enqueue(&lease, 7, &[task]).unwrap();
     let host = Host::join(&url, "host-a");
@@ -900,4 +1075,112 @@ fn a_host_with_a_stale_model_fetches_the_run_model_again() {
         "{}",
         read(dir.path(), "run.log")
     );
+}
+
+#[test]
+fn forged_ga_tasks_are_refused_by_name_never_evaluated() {
+    let (_r, server) = redis();
+    let url = server.url();
+    // A coordinator made of the broker library: the run's model (CartPole
+    // 4-16-2: 114 parameters in 4 tensors) and one real parent.
+    let model = tempfile::tempdir().unwrap();
+    let path = model.path().join("m.gguf");
+    let o = evod()
+        .args(["init", "--seed", "1", "-o"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let mut coord =
+        evod_broker::RedisBroker::new(evod_broker::RedisConfig::new(&url, RUN, "fake")).unwrap();
+    let lease = coord
+        .acquire_lease("fake", Duration::from_secs(60), Duration::ZERO)
+        .unwrap();
+    coord
+        .publish_model(&lease, &std::fs::read(&path).unwrap())
+        .unwrap();
+    let parent = coord.publish_base(&[0.1; 114]).unwrap();
+    let mutated = |sigma: f32, tensors: usize| GaRecipe {
+        parent,
+        cross: None,
+        mutation: Some(Mutation {
+            seed: 1,
+            // Unit scale: σ is the step itself (3e38 overflows a value
+            // whose noise exceeds 1.2 in size: about a quarter of them).
+            scale: TensorScale::Unit,
+            sigma_bits: vec![sigma.to_bits(); tensors],
+        }),
+    };
+    let ga = |first: u32, recipe: GaRecipe| Task {
+        run: RUN.into(),
+        generation: 7,
+        seed: 3,
+        episodes: 1,
+        first,
+        work: Work::Ga(vec![recipe]),
+    };
+    let tasks = [
+        // A parent nobody published.
+        ga(0, GaRecipe::copy_of(0xdead)),
+        // σ for 3 tensors: another network.
+        ga(1, mutated(0.5, 3)),
+        // A σ that makes the child overflow to infinity.
+        ga(2, mutated(3.0e38, 4)),
+    ];
+    coord.enqueue(&lease, 7, &tasks).unwrap();
+    // And bytes no build writes: σ NaN (form, parent, scale, seed, count,
+    // then the σ), added to the stream as they are.
+    let mut nan = ga(3, mutated(0.5, 4)).encode().unwrap();
+    let at = nan.len() - 16;
+    nan[at..at + 4].copy_from_slice(&f32::NAN.to_bits().to_le_bytes());
+    let _: String = redis::cmd("XADD")
+        .arg(format!("evod:{{{RUN}}}:tasks"))
+        .arg("*")
+        .arg("t")
+        .arg(nan)
+        .query(&mut raw(&url))
+        .unwrap();
+    let host = Host::join(&url, "host-a");
+    let dead = poll_until(
+        "the four tasks to be dead-lettered",
+        DEADLINE,
+        || {
+            let d = coord.dead_letters().unwrap();
+            (d.len() >= 4).then_some(d)
+        },
+        || host.log(),
+    );
+    assert_eq!(dead.len(), 4, "{dead:?}");
+    let why = |first: u32| {
+        dead.iter()
+            .find(|l| l.task.as_ref().is_ok_and(|t| t.first == first))
+            .and_then(|l| l.why.clone())
+            .unwrap_or_else(|| panic!("no dead letter for candidate {first}: {dead:?}"))
+    };
+    let w = why(0);
+    assert!(
+        w.contains("host-a") && w.contains("000000000000dead") && w.contains("not on the broker"),
+        "{w}"
+    );
+    let w = why(1);
+    assert!(
+        w.contains("σ for 3 tensors, the network has 4") && w.contains("does not fit"),
+        "{w}"
+    );
+    let w = why(2);
+    assert!(w.contains("candidate 2") && w.contains("non-finite"), "{w}");
+    let malformed = dead
+        .iter()
+        .find(|l| l.task.is_err())
+        .unwrap_or_else(|| panic!("the NaN task was not refused as malformed: {dead:?}"));
+    let w = malformed.why.clone().unwrap_or_default();
+    assert!(w.contains("σ NaN of tensor 0"), "{w}");
+    // Nothing was evaluated: no result, no count.
+    assert!(coord.results(7).unwrap().is_empty());
+    assert!(
+        recorded(&url).iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        recorded(&url)
+    );
+    assert!(host.log().contains("dead-lettered"), "{}", host.log());
 }

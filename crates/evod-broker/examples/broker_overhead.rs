@@ -14,7 +14,7 @@ use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use evod_broker::{Coordinator, Evaluator, RedisBroker, RedisConfig, Task, TaskResult};
+use evod_broker::{Coordinator, Evaluator, RedisBroker, RedisConfig, Task, TaskResult, Work};
 use evod_evolve::{Recipe, Sign, TensorScale};
 
 fn main() {
@@ -71,17 +71,19 @@ fn main() {
             .map(|t| Task {
                 run: "bench".into(),
                 generation: g,
-                base,
                 seed: 7,
                 episodes: 1,
                 first: t * per_task,
-                recipes: (0..per_task)
-                    .map(|i| {
-                        let c = u64::from(t * per_task + i);
-                        let sign = if c % 2 == 0 { Sign::Plus } else { Sign::Minus };
-                        Recipe::new(base, (g << 32) | (c / 2), 0.02, sign, TensorScale::Glorot)
-                    })
-                    .collect(),
+                work: Work::Recipes {
+                    base,
+                    recipes: (0..per_task)
+                        .map(|i| {
+                            let c = u64::from(t * per_task + i);
+                            let sign = if c % 2 == 0 { Sign::Plus } else { Sign::Minus };
+                            Recipe::new(base, (g << 32) | (c / 2), 0.02, sign, TensorScale::Glorot)
+                        })
+                        .collect(),
+                },
             })
             .collect()
     };

@@ -214,6 +214,17 @@ pub trait Evaluator {
     /// with `why` and acknowledged, so the coordinator quarantines its
     /// candidates instead of any host evaluating them.
     fn refuse(&mut self, delivery: &Delivery, why: &str) -> Result<(), BrokerError>;
+    /// Which of `candidates` of round `generation` have no result yet, or
+    /// `None` when the round is not enqueued (retired, or never enqueued
+    /// by the run's coordinator). An evaluator asks when a task names a
+    /// base that is not on the broker: a late copy of a finished round is
+    /// acknowledged, a task of an open round whose candidates are missing
+    /// names a base nobody published, and is refused.
+    fn outstanding(
+        &mut self,
+        generation: u64,
+        candidates: std::ops::Range<u32>,
+    ) -> Result<Option<Vec<u32>>, BrokerError>;
     /// Fetches a base by hash and verifies it hashes to that name.
     fn fetch_base(&mut self, hash: u64) -> Result<Vec<f32>, BrokerError>;
     /// Reads up to `max` new tasks, waiting up to `block` for the first.

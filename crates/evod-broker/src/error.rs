@@ -42,7 +42,7 @@ pub enum WireError {
         want: u8,
     },
     /// A task kind this build does not know.
-    #[error("task: unknown candidate kind {0}")]
+    #[error("task: unknown candidate kind {0} (this build knows 1, ES recipes, and 2, GA recipes)")]
     Kind(u8),
     /// A count or length outside its bounds.
     #[error("{what}: {field} is {got}, allowed {min}..={max}")]

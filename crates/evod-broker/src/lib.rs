@@ -31,4 +31,4 @@ pub use broker::{
 };
 pub use error::{BrokerError, WireError};
 pub use redis_broker::{RedisBroker, RedisConfig, redact_url};
-pub use wire::{Task, TaskResult};
+pub use wire::{Task, TaskResult, Work};

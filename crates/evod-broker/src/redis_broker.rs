@@ -1184,6 +1184,31 @@ impl Evaluator for RedisBroker {
         self.dead_letter(&delivery.id, &payload, delivery.deliveries, why)
     }
 
+    fn outstanding(
+        &mut self,
+        generation: u64,
+        candidates: std::ops::Range<u32>,
+    ) -> Result<Option<Vec<u32>>, BrokerError> {
+        let keys = [
+            self.keys.enqueued(generation),
+            self.keys.results_of(generation),
+        ];
+        let (open, have): (bool, Vec<String>) = self.call("read a round", move |c| {
+            redis::pipe()
+                .cmd("EXISTS")
+                .arg(&keys[0])
+                .cmd("HKEYS")
+                .arg(&keys[1])
+                .query(c)
+        })?;
+        if !open {
+            return Ok(None);
+        }
+        let have: std::collections::HashSet<u32> =
+            have.iter().filter_map(|f| f.parse().ok()).collect();
+        Ok(Some(candidates.filter(|c| !have.contains(c)).collect()))
+    }
+
     fn fetch_base(&mut self, hash: u64) -> Result<Vec<f32>, BrokerError> {
         let meta = self.keys.base(hash);
         let desc: Vec<(String, String)> = self.call("fetch base", move |c| {

@@ -1,19 +1,34 @@
 //! Wire types: what travels through the broker, and its compact encoding.
 //!
-//! A task (version 1, kind 1 = ES recipes), little-endian:
+//! A task (version 1), little-endian. Kind 1, ES recipes against one base:
 //!
 //! ```text
-//! u8 version | u8 kind | u8 run length | run | u64 generation | u64 base hash
+//! u8 version | u8 kind = 1 | u8 run length | run | u64 generation | u64 base hash
 //! | u64 episode seed | u32 episodes
 //! | u32 first candidate | u8 count | count × (u64 seed | u32 σ bits | u8 sign | u8 scale)
 //! ```
 //!
 //! Each recipe is [`Recipe::to_bytes`] without its base checksum (the
 //! task's base hash stands for it), so a candidate costs 14 bytes plus its
-//! share of a 36-byte-plus-run header. Candidates are `first..first+count`;
-//! each is evaluated over `episodes` episodes seeded from the episode seed
-//! (the evolver's training or gate seed), so its fitness is the same on
-//! every host.
+//! share of a 36-byte-plus-run header. Kind 2, GA children as recipes
+//! against their parents:
+//!
+//! ```text
+//! u8 version | u8 kind = 2 | u8 run length | run | u64 generation
+//! | u64 episode seed | u32 episodes | u32 first candidate | u8 count
+//! | count × GA recipe
+//! ```
+//!
+//! each GA recipe as [`GaRecipe::encode_into`] writes it (form, parent
+//! checksum, the second parent and the crossover's seed or α, the
+//! mutation's scale rule, seed and σ per tensor): 9 bytes for an elite
+//! copy, 20 + 4 per tensor for a mutated child, 16 (uniform) or 12
+//! (arithmetic) more for a crossed one. Parents are
+//! bases published by checksum, fetched once per host. Candidates are
+//! `first..first+count`; each is evaluated over `episodes` episodes
+//! seeded from the episode seed (the evolver's training or gate seed), so
+//! its fitness is the same on every host. A build that knows only kind 1
+//! refuses a kind-2 task by name (`WireError::Kind`), never misreads it.
 //!
 //! A result (version 1):
 //!
@@ -24,9 +39,10 @@
 //!
 //! Decoding treats the bytes as untrusted: every length is checked before
 //! it is used, names are `[A-Za-z0-9._-]{1,64}`, recipes go through
-//! [`Recipe::from_bytes`], a NaN fitness and trailing bytes are refused.
+//! [`Recipe::from_bytes`] and [`GaRecipe::decode`], a NaN fitness and
+//! trailing bytes are refused.
 
-use evod_evolve::{RECIPE_BYTES, Recipe};
+use evod_evolve::{GaRecipe, RECIPE_BYTES, Recipe};
 
 use crate::error::WireError;
 
@@ -34,6 +50,8 @@ use crate::error::WireError;
 pub const WIRE_VERSION: u8 = 1;
 /// Task kind: ES candidates as recipes against one base.
 pub const KIND_RECIPES: u8 = 1;
+/// Task kind: GA children as recipes against their parents.
+pub const KIND_GA: u8 = 2;
 /// Most candidates in one task.
 pub const MAX_TASK_CANDIDATES: usize = 255;
 /// Longest run or host name.
@@ -61,39 +79,92 @@ pub fn check_name(what: &'static str, field: &'static str, name: &str) -> Result
     }
 }
 
-/// A unit of work: some ES candidates of one generation, as recipes
-/// against one base.
+/// The candidates of a task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Work {
+    /// ES candidates (kind 1): recipes against one base.
+    Recipes {
+        /// [`evod_evolve::Base::checksum`] of the base every recipe
+        /// applies to.
+        base: u64,
+        /// The candidates (each with `base` equal to the task's).
+        recipes: Vec<Recipe>,
+    },
+    /// GA candidates (kind 2): recipes against their parents, each
+    /// parent a base published under its checksum.
+    Ga(Vec<GaRecipe>),
+}
+
+impl Work {
+    /// Candidates.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Recipes { recipes, .. } => recipes.len(),
+            Self::Ga(r) => r.len(),
+        }
+    }
+
+    /// No candidates.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The checksums of the bases the candidates need (ES: the base; GA:
+    /// every parent named), each once, in first-named order.
+    pub fn bases(&self) -> Vec<u64> {
+        match self {
+            Self::Recipes { base, .. } => vec![*base],
+            Self::Ga(r) => {
+                let mut out = Vec::new();
+                for h in r.iter().flat_map(GaRecipe::parents) {
+                    if !out.contains(&h) {
+                        out.push(h);
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// `kind` byte of the encoding.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Self::Recipes { .. } => KIND_RECIPES,
+            Self::Ga(_) => KIND_GA,
+        }
+    }
+}
+
+/// A unit of work: some candidates of one evaluation round.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Task {
     /// Run the task belongs to.
     pub run: String,
-    /// Generation.
+    /// Generation (the coordinator's evaluation round).
     pub generation: u64,
-    /// [`evod_evolve::Base::checksum`] of the base every recipe applies to.
-    pub base: u64,
     /// Episode seed of the evaluation (the evolver's training or gate
     /// seed of the generation).
     pub seed: u64,
     /// Episodes per candidate (1..=[`MAX_EPISODES`]).
     pub episodes: u32,
-    /// Candidate index of the first recipe; the others follow.
+    /// Candidate index of the first candidate; the others follow.
     pub first: u32,
-    /// The candidates (each with `base` equal to the task's).
-    pub recipes: Vec<Recipe>,
+    /// The candidates.
+    pub work: Work,
 }
 
 impl Task {
     /// Candidate indices this task covers.
     pub fn candidates(&self) -> std::ops::Range<u32> {
-        self.first..self.first + self.recipes.len() as u32
+        self.first..self.first + self.work.len() as u32
     }
 
     /// The encoding described in the module docs. Refuses a task this
-    /// build could not read back (bad name, no or too many recipes, a
+    /// build could not read back (bad name, no or too many candidates, a
     /// recipe for another base, candidate indices past `u32`).
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
         check_name("task", "run", &self.run)?;
-        let n = self.recipes.len();
+        let n = self.work.len();
         if n == 0 || n > MAX_TASK_CANDIDATES {
             return Err(WireError::Bound {
                 what: "task",
@@ -122,25 +193,37 @@ impl Task {
             });
         }
         let mut out = Vec::with_capacity(36 + self.run.len() + n * TASK_RECIPE_BYTES);
-        out.extend_from_slice(&[WIRE_VERSION, KIND_RECIPES, self.run.len() as u8]);
+        out.extend_from_slice(&[WIRE_VERSION, self.work.kind(), self.run.len() as u8]);
         out.extend_from_slice(self.run.as_bytes());
         out.extend_from_slice(&self.generation.to_le_bytes());
-        out.extend_from_slice(&self.base.to_le_bytes());
+        if let Work::Recipes { base, .. } = &self.work {
+            out.extend_from_slice(&base.to_le_bytes());
+        }
         out.extend_from_slice(&self.seed.to_le_bytes());
         out.extend_from_slice(&self.episodes.to_le_bytes());
         out.extend_from_slice(&self.first.to_le_bytes());
         out.push(n as u8);
-        for (index, r) in self.recipes.iter().enumerate() {
-            if r.base != self.base {
-                return Err(WireError::Recipe {
-                    index,
-                    source: evod_evolve::RecipeError::WrongBase {
-                        want: self.base,
-                        have: r.base,
-                    },
-                });
+        match &self.work {
+            Work::Recipes { base, recipes } => {
+                for (index, r) in recipes.iter().enumerate() {
+                    if r.base != *base {
+                        return Err(WireError::Recipe {
+                            index,
+                            source: evod_evolve::RecipeError::WrongBase {
+                                want: *base,
+                                have: r.base,
+                            },
+                        });
+                    }
+                    out.extend_from_slice(&r.to_bytes()[8..]);
+                }
             }
-            out.extend_from_slice(&r.to_bytes()[8..]);
+            Work::Ga(recipes) => {
+                for (index, r) in recipes.iter().enumerate() {
+                    r.encode_into(&mut out)
+                        .map_err(|source| WireError::Recipe { index, source })?;
+                }
+            }
         }
         Ok(out)
     }
@@ -150,12 +233,16 @@ impl Task {
         let mut r = Reader::new("task", bytes);
         r.version()?;
         let kind = r.u8("kind")?;
-        if kind != KIND_RECIPES {
+        if kind != KIND_RECIPES && kind != KIND_GA {
             return Err(WireError::Kind(kind));
         }
         let run = r.name("run")?;
         let generation = r.u64("generation")?;
-        let base = r.u64("base hash")?;
+        let base = if kind == KIND_RECIPES {
+            Some(r.u64("base hash")?)
+        } else {
+            None
+        };
         let seed = r.u64("episode seed")?;
         let episodes = r.u32("episodes")?;
         if episodes == 0 || episodes > MAX_EPISODES {
@@ -178,25 +265,40 @@ impl Task {
                 max: (u64::from(u32::MAX) - u64::from(first)).min(MAX_TASK_CANDIDATES as u64),
             });
         }
-        let body = r.take("recipes", n * TASK_RECIPE_BYTES)?;
-        r.end()?;
-        let mut recipes = Vec::with_capacity(n);
-        let mut full = [0u8; RECIPE_BYTES];
-        full[..8].copy_from_slice(&base.to_le_bytes());
-        for (index, chunk) in body.chunks_exact(TASK_RECIPE_BYTES).enumerate() {
-            full[8..].copy_from_slice(chunk);
-            let recipe =
-                Recipe::from_bytes(&full).map_err(|source| WireError::Recipe { index, source })?;
-            recipes.push(recipe);
-        }
+        let work = match base {
+            Some(base) => {
+                let body = r.take("recipes", n * TASK_RECIPE_BYTES)?;
+                r.end()?;
+                let mut recipes = Vec::with_capacity(n);
+                let mut full = [0u8; RECIPE_BYTES];
+                full[..8].copy_from_slice(&base.to_le_bytes());
+                for (index, chunk) in body.chunks_exact(TASK_RECIPE_BYTES).enumerate() {
+                    full[8..].copy_from_slice(chunk);
+                    let recipe = Recipe::from_bytes(&full)
+                        .map_err(|source| WireError::Recipe { index, source })?;
+                    recipes.push(recipe);
+                }
+                Work::Recipes { base, recipes }
+            }
+            None => {
+                let mut recipes = Vec::with_capacity(n);
+                for index in 0..n {
+                    let (recipe, used) = GaRecipe::decode(r.bytes)
+                        .map_err(|source| WireError::Recipe { index, source })?;
+                    r.take("GA recipe", used)?;
+                    recipes.push(recipe);
+                }
+                r.end()?;
+                Work::Ga(recipes)
+            }
+        };
         Ok(Self {
             run,
             generation,
-            base,
             seed,
             episodes,
             first,
-            recipes,
+            work,
         })
     }
 }
@@ -338,7 +440,7 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
-    use evod_evolve::{Sign, TensorScale};
+    use evod_evolve::{Blend, Cross, Mutation, Sign, TensorScale};
 
     use super::*;
 
@@ -346,16 +448,110 @@ mod tests {
         Task {
             run: "run-1".into(),
             generation: 7,
-            base: 0xdead_beef,
             seed: 99,
             episodes: 3,
             first: 32,
-            recipes: (0..n)
-                .map(|i| {
-                    let sign = if i % 2 == 0 { Sign::Plus } else { Sign::Minus };
-                    Recipe::new(0xdead_beef, i as u64 / 2, 0.05, sign, TensorScale::Glorot)
-                })
-                .collect(),
+            work: Work::Recipes {
+                base: 0xdead_beef,
+                recipes: (0..n)
+                    .map(|i| {
+                        let sign = if i % 2 == 0 { Sign::Plus } else { Sign::Minus };
+                        Recipe::new(0xdead_beef, i as u64 / 2, 0.05, sign, TensorScale::Glorot)
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    /// A GA task: an elite copy, a mutated child, a uniform and an
+    /// arithmetic crossover (4 tensors).
+    fn ga_task() -> Task {
+        let m = |seed| {
+            Some(Mutation {
+                seed,
+                scale: TensorScale::Glorot,
+                sigma_bits: vec![0.5f32.to_bits(); 4],
+            })
+        };
+        Task {
+            run: "run-1".into(),
+            generation: 8,
+            seed: 5,
+            episodes: 2,
+            first: 0,
+            work: Work::Ga(vec![
+                GaRecipe::copy_of(1),
+                GaRecipe {
+                    parent: 2,
+                    cross: None,
+                    mutation: m(10),
+                },
+                GaRecipe {
+                    parent: 1,
+                    cross: Some(Cross {
+                        parent: 2,
+                        blend: Blend::Uniform { seed: 3 },
+                    }),
+                    mutation: m(11),
+                },
+                GaRecipe {
+                    parent: 3,
+                    cross: Some(Cross {
+                        parent: 1,
+                        blend: Blend::Arithmetic {
+                            alpha_bits: 0.5f32.to_bits(),
+                        },
+                    }),
+                    mutation: m(12),
+                },
+            ]),
+        }
+    }
+
+    #[test]
+    fn ga_tasks_round_trip_name_their_parents_and_refuse_bad_bytes() {
+        let t = ga_task();
+        let bytes = t.encode().unwrap();
+        // Header 28 + run 5; elite 9, mutated 9 + 1 + 8 + 2 + 16,
+        // uniform and arithmetic crossovers 16 + 8 / 16 + 4 more.
+        assert_eq!(bytes.len(), 33 + 9 + 36 + 52 + 48);
+        assert_eq!(bytes[1], KIND_GA);
+        assert_eq!(Task::decode(&bytes).unwrap(), t);
+        assert_eq!(t.work.bases(), vec![1, 2, 3]);
+        assert_eq!(t.candidates(), 0..4);
+        for len in 0..bytes.len() {
+            assert!(
+                Task::decode(&bytes[..len]).is_err(),
+                "prefix of {len} bytes"
+            );
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(matches!(
+            Task::decode(&long),
+            Err(WireError::Trailing { extra: 1, .. })
+        ));
+        // σ NaN in the second candidate: refused naming it.
+        let mut nan = bytes.clone();
+        let at = 33 + 9 + 1 + 8 + 1 + 8 + 2;
+        nan[at..at + 4].copy_from_slice(&f32::NAN.to_bits().to_le_bytes());
+        let e = Task::decode(&nan).unwrap_err();
+        assert!(matches!(e, WireError::Recipe { index: 1, .. }), "{e}");
+        assert!(
+            e.to_string().contains("candidate 1") && e.to_string().contains("σ NaN"),
+            "{e}"
+        );
+        // Kind 3 is nobody's: refused by name.
+        let mut other = bytes.clone();
+        other[1] = 3;
+        assert_eq!(Task::decode(&other), Err(WireError::Kind(3)));
+        // Every single-byte change decodes or is refused, never panics.
+        for i in 0..bytes.len() {
+            for v in [0u8, 1, 2, 4, 0x7f, 0xff] {
+                let mut b = bytes.clone();
+                b[i] = v;
+                let _ = Task::decode(&b);
+            }
         }
     }
 
@@ -441,7 +637,9 @@ mod tests {
         assert!(matches!(t.encode(), Err(WireError::Bound { .. })));
         // A recipe for another base cannot be encoded.
         let mut t = task(2);
-        t.recipes[1].base = 1;
+        if let Work::Recipes { recipes, .. } = &mut t.work {
+            recipes[1].base = 1;
+        }
         assert!(matches!(
             t.encode(),
             Err(WireError::Recipe { index: 1, .. })

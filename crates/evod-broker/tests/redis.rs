@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use evod_broker::{
     AckOutcome, Backoff, BrokerError, Coordinator, Delivery, Enqueued, Evaluator, RedisBroker,
-    RedisConfig, Task, TaskResult, retry_unavailable,
+    RedisConfig, Task, TaskResult, Work, retry_unavailable,
 };
 use evod_evolve::{Recipe, Sign, TensorScale};
 use nix::sys::signal::{Signal, kill};
@@ -65,26 +65,31 @@ fn tasks(g: u64, n: u32, per: u32) -> Vec<Task> {
         .map(|t| Task {
             run: RUN.into(),
             generation: g,
-            base: BASE,
             seed: 7,
             episodes: 1,
             first: t * per,
-            recipes: (0..per)
-                .map(|i| {
-                    let c = u64::from(t * per + i);
-                    let sign = if c % 2 == 0 { Sign::Plus } else { Sign::Minus };
-                    Recipe::new(BASE, c / 2, 0.02, sign, TensorScale::Glorot)
-                })
-                .collect(),
+            work: Work::Recipes {
+                base: BASE,
+                recipes: (0..per)
+                    .map(|i| {
+                        let c = u64::from(t * per + i);
+                        let sign = if c % 2 == 0 { Sign::Plus } else { Sign::Minus };
+                        Recipe::new(BASE, c / 2, 0.02, sign, TensorScale::Glorot)
+                    })
+                    .collect(),
+            },
         })
         .collect()
 }
 
 /// Fake evaluation: the fitness is the candidate's noise seed plus `plus`.
 fn evaluate(d: &Delivery, host: &str, plus: f64) -> Vec<TaskResult> {
+    let Work::Recipes { recipes, .. } = &d.task.work else {
+        panic!("an ES task")
+    };
     d.task
         .candidates()
-        .zip(&d.task.recipes)
+        .zip(recipes)
         .map(|(candidate, r)| TaskResult {
             run: d.task.run.clone(),
             generation: d.task.generation,

@@ -2,6 +2,7 @@
 //! where candidates run (threads in this process, or workers over the ring).
 
 use crate::error::EvalError;
+use crate::ga_recipe::GaBatch;
 use crate::recipe::{Base, Recipe};
 
 /// What an evaluation is for. Most tasks score both the same way with a
@@ -89,6 +90,25 @@ pub trait Evaluator {
     ) -> Result<Vec<Option<f64>>, EvalError> {
         let _ = purpose;
         self.evaluate(candidates, seed, episodes)
+    }
+
+    /// Fitness of a GA generation's candidates (or of its gate), given
+    /// both as vectors and as recipes against their parents
+    /// ([`GaBatch`]), with the contract of [`Evaluator::evaluate`].
+    ///
+    /// The default sends the vectors ([`Evaluator::evaluate_for`]); an
+    /// evaluator that ships work to other hosts (the coordinator of a
+    /// distributed run) overrides it to send the recipes and the parents
+    /// they name, where `GaRecipe::apply_to` rebuilds exactly
+    /// `batch.children`.
+    fn evaluate_ga_for(
+        &mut self,
+        purpose: Purpose,
+        batch: &GaBatch<'_>,
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        self.evaluate_for(purpose, &batch.children, seed, episodes)
     }
 
     /// [`Evaluator::evaluate_recipes`] for `purpose`, as

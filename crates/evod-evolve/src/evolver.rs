@@ -21,6 +21,7 @@ use crate::evaluator::{
     DOMAIN_GATE, DOMAIN_STRATEGY, DOMAIN_TRAIN, Evaluator, Purpose, derive_seed,
 };
 use crate::ga::GaState;
+use crate::ga_recipe::{GaBatch, GaParents, GaRecipe};
 use crate::layout::ParamLayout;
 use crate::progress::NoProgress;
 use crate::recipe::{Base, Recipe};
@@ -145,16 +146,16 @@ pub struct Evolver {
 
 /// What one generation sends to the evaluator.
 enum Batch<'a> {
-    /// Full vectors (GA).
-    Vectors(Vec<&'a [f32]>),
+    /// GA children: vectors and their recipes against their parents.
+    Ga(GaBatch<'a>),
     /// Recipes against a base (ES).
     Recipes(Base<'a>, &'a [Recipe]),
 }
 
-impl Batch<'_> {
+impl<'a> Batch<'a> {
     fn len(&self) -> usize {
         match self {
-            Self::Vectors(v) => v.len(),
+            Self::Ga(b) => b.children.len(),
             Self::Recipes(_, r) => r.len(),
         }
     }
@@ -162,7 +163,7 @@ impl Batch<'_> {
     /// Candidate `i` as a vector.
     fn params(&self, i: usize) -> Vec<f32> {
         match self {
-            Self::Vectors(v) => v[i].to_vec(),
+            Self::Ga(b) => b.children[i].to_vec(),
             Self::Recipes(base, r) => r[i]
                 .materialize(base)
                 .expect("recipes are made against this base"),
@@ -170,10 +171,20 @@ impl Batch<'_> {
     }
 
     /// Candidate `i` alone.
-    fn one(&self, i: usize) -> Batch<'_> {
+    fn one(&self, i: usize) -> Batch<'a> {
         match self {
-            Self::Vectors(v) => Batch::Vectors(vec![v[i]]),
-            Self::Recipes(base, r) => Batch::Recipes(*base, std::slice::from_ref(&r[i])),
+            Self::Ga(b) => {
+                let recipes: &'a [GaRecipe] = b.recipes;
+                Batch::Ga(GaBatch {
+                    parents: b.parents.clone(),
+                    recipes: std::slice::from_ref(&recipes[i]),
+                    children: vec![b.children[i]],
+                })
+            }
+            Self::Recipes(base, r) => {
+                let r: &'a [Recipe] = r;
+                Batch::Recipes(*base, std::slice::from_ref(&r[i]))
+            }
         }
     }
 
@@ -185,7 +196,7 @@ impl Batch<'_> {
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
         match self {
-            Self::Vectors(v) => ev.evaluate_for(purpose, v, seed, episodes),
+            Self::Ga(b) => ev.evaluate_ga_for(purpose, b, seed, episodes),
             Self::Recipes(base, r) => ev.evaluate_recipes_for(purpose, base, r, seed, episodes),
         }
     }
@@ -376,10 +387,18 @@ impl Evolver {
             }
         };
         let (candidates, first_offspring) = match (&ask, &self.strategy) {
-            (Ask::Ga(a), _) => (
-                Batch::Vectors(a.children.iter().map(|c| c.params.as_slice()).collect()),
-                a.elites,
-            ),
+            (Ask::Ga(a), Strategy::Ga(s)) => {
+                let mut parents = GaParents::new(&self.layout);
+                for &(i, hash) in &a.parents {
+                    parents.insert(hash, &s.population[i].params);
+                }
+                let batch = GaBatch {
+                    parents,
+                    recipes: &a.recipes,
+                    children: a.children.iter().map(|c| c.params.as_slice()).collect(),
+                };
+                (Batch::Ga(batch), a.elites)
+            }
             (Ask::Es(a), Strategy::Es(s)) => {
                 let base = Base::new(&s.mean, &self.layout).expect("the mean has the layout");
                 debug_assert_eq!(base.checksum(), a.base);

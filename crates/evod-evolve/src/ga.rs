@@ -7,6 +7,11 @@
 //! sorts it by fitness, copies the elite unchanged (they are re-evaluated
 //! with the new generation's episode seeds, so a lucky evaluation does not
 //! survive forever), and breeds the rest.
+//!
+//! Every candidate, elite copies included, is made from a [`GaRecipe`]
+//! (parents by checksum, crossover, mutation seed and σ per tensor) by
+//! [`GaRecipe::apply`]: the one function another host runs to rebuild it,
+//! so a distributed run evaluates the very bits this process validated.
 
 use rand::{Rng, RngExt};
 use rand_chacha::ChaCha8Rng;
@@ -14,8 +19,9 @@ use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Crossover, EvolverConfig, GaConfig, Selection};
-use crate::layout::ParamLayout;
-use crate::noise;
+use crate::ga_recipe::{Blend, Cross, GaRecipe, Mutation};
+use crate::layout::{ParamLayout, TensorScale};
+use crate::recipe::checksum;
 use crate::validate::{Rejection, Validator};
 
 /// One member of the GA population.
@@ -41,8 +47,12 @@ pub struct GaState {
 pub(crate) struct GaAsk {
     /// The elite copies first, then the new children.
     pub children: Vec<Individual>,
+    /// The recipe of each of `children` (same order).
+    pub recipes: Vec<GaRecipe>,
     /// How many of `children` are elite copies.
     pub elites: usize,
+    /// (population index, checksum) of every member a recipe names.
+    pub parents: Vec<(usize, u64)>,
 }
 
 impl GaState {
@@ -103,16 +113,23 @@ impl GaState {
     ) -> GaAsk {
         let ga = &config.ga;
         let ranked = self.ranked();
-        let scales = layout.scales(config.scale);
         let mut children = Vec::with_capacity(config.population);
+        let mut recipes = Vec::with_capacity(config.population);
+        // Each member's checksum, once, only for members a recipe names.
+        let mut hashes: Vec<Option<u64>> = vec![None; self.population.len()];
+        let mut hash =
+            |i: usize| *hashes[i].get_or_insert_with(|| checksum(&self.population[i].params));
         for &i in ranked.iter().take(ga.elite) {
             let p = &self.population[i];
             match validator.check_static(&p.params) {
-                Ok(()) => children.push(Individual {
-                    params: p.params.clone(),
-                    sigmas: p.sigmas.clone(),
-                    fitness: None,
-                }),
+                Ok(()) => {
+                    children.push(Individual {
+                        params: p.params.clone(),
+                        sigmas: p.sigmas.clone(),
+                        fitness: None,
+                    });
+                    recipes.push(GaRecipe::copy_of(hash(i)));
+                }
                 Err(r) => rejected.push(r),
             }
         }
@@ -132,23 +149,35 @@ impl GaState {
                 } else {
                     None
                 };
-                let a = &self.population[ia];
-                let b = ib.map(|i| &self.population[i]);
-                let child = breed(a, b, ga, layout, &scales, rng);
-                let mut parents: Vec<(&[f32], &[f64])> = vec![(&a.params, &norms[ia])];
+                let a = (&self.population[ia], hash(ia));
+                let b = ib.map(|i| (&self.population[i], hash(i)));
+                let (child, recipe) = breed(a, b, ga, layout, config.scale, rng);
+                let mut parents: Vec<(&[f32], &[f64])> = vec![(&a.0.params, &norms[ia])];
                 if let Some(i) = ib {
                     parents.push((&self.population[i].params, &norms[i]));
                 }
                 match validator.check_candidate_with(&child.params, &parents) {
                     Ok(()) => {
                         children.push(child);
+                        recipes.push(recipe);
                         break;
                     }
                     Err(r) => rejected.push(r),
                 }
             }
         }
-        GaAsk { children, elites }
+        let named: Vec<u64> = recipes.iter().flat_map(GaRecipe::parents).collect();
+        let parents = hashes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.filter(|h| named.contains(h)).map(|h| (i, h)))
+            .collect();
+        GaAsk {
+            children,
+            recipes,
+            elites,
+            parents,
+        }
     }
 
     /// Takes the evaluated children as the new population. Children without
@@ -170,55 +199,83 @@ impl GaState {
     }
 }
 
-/// Crossover (when `b` is given), then σ self-adaptation and mutation.
+/// Crossover (when `b` is given), then σ self-adaptation and mutation: the
+/// draws from `rng` make the child's [`GaRecipe`], which [`GaRecipe::apply`]
+/// turns into its parameters. `a` and `b` come with their checksums.
 fn breed(
-    a: &Individual,
-    b: Option<&Individual>,
+    a: (&Individual, u64),
+    b: Option<(&Individual, u64)>,
     ga: &GaConfig,
     layout: &ParamLayout,
-    scales: &[f32],
+    scale: TensorScale,
     rng: &mut ChaCha8Rng,
-) -> Individual {
-    let mut params = a.params.clone();
-    let mut sigmas = a.sigmas.clone();
-    if let Some(b) = b {
+) -> (Individual, GaRecipe) {
+    let mut sigmas = a.0.sigmas.clone();
+    let mut cross = None;
+    if let Some((b, hb)) = b {
         match ga.crossover {
             Crossover::None => {}
             Crossover::Uniform => {
-                for (x, &y) in params.iter_mut().zip(&b.params) {
-                    if rng.random_bool(0.5) {
-                        *x = y;
-                    }
-                }
+                // The values' coins come from one seed (a counter-based
+                // stream another host regenerates); the σ's from `rng`.
+                let seed = rng.next_u64();
                 for (s, &t) in sigmas.iter_mut().zip(&b.sigmas) {
                     if rng.random_bool(0.5) {
                         *s = t;
                     }
                 }
+                cross = Some(Cross {
+                    parent: hb,
+                    blend: Blend::Uniform { seed },
+                });
             }
             Crossover::Arithmetic => {
                 let alpha: f32 = rng.random();
-                for (x, &y) in params.iter_mut().zip(&b.params) {
-                    *x = alpha * *x + (1.0 - alpha) * y;
-                }
                 for (s, &t) in sigmas.iter_mut().zip(&b.sigmas) {
                     *s = alpha * *s + (1.0 - alpha) * t;
                 }
+                cross = Some(Cross {
+                    parent: hb,
+                    blend: Blend::Arithmetic {
+                        alpha_bits: alpha.to_bits(),
+                    },
+                });
             }
         }
     }
     let seed = rng.next_u64();
-    for ((t, s), &scale) in layout.tensors().iter().zip(sigmas.iter_mut()).zip(scales) {
+    for s in sigmas.iter_mut() {
         if ga.sigma_tau > 0.0 {
             let n: f32 = rng.sample(StandardNormal);
             *s *= (ga.sigma_tau * n).exp();
         }
         *s = s.clamp(ga.sigma_min, ga.sigma_max);
-        noise::add_scaled_assign(seed, t.offset as u64, *s * scale, &mut params[t.range()]);
     }
-    Individual {
-        params,
-        sigmas,
-        fitness: None,
-    }
+    let recipe = GaRecipe {
+        parent: a.1,
+        cross,
+        mutation: Some(Mutation {
+            seed,
+            scale,
+            sigma_bits: sigmas.iter().map(|s| s.to_bits()).collect(),
+        }),
+    };
+    let mut params = vec![0.0; layout.n_params()];
+    recipe
+        .apply(
+            &a.0.params,
+            b.filter(|_| cross.is_some())
+                .map(|(b, _)| b.params.as_slice()),
+            layout,
+            &mut params,
+        )
+        .expect("population members and σ have the layout's shape");
+    (
+        Individual {
+            params,
+            sigmas,
+            fitness: None,
+        },
+        recipe,
+    )
 }

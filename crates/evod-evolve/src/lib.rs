@@ -13,6 +13,10 @@
 //! - [`Recipe`], [`Base`] and [`noise`]: an ES candidate travels as
 //!   `(base checksum, seed, σ, sign)` and is regenerated bit-identically by
 //!   whoever evaluates it ([`Evaluator::evaluate_recipes`]).
+//! - [`GaRecipe`], [`GaParents`]: a GA child travels as its parents'
+//!   checksums, its crossover and its mutation (seed, σ per tensor), and is
+//!   rebuilt bit-identically by whoever holds the parents
+//!   ([`Evaluator::evaluate_ga_for`]).
 //! - [`NoProgress`] and [`ProgressGuard`]: a generation in which every
 //!   candidate was rejected or every evaluation failed, and a bounded
 //!   number of them in a row turned into a typed error.
@@ -63,6 +67,7 @@ mod es;
 mod evaluator;
 mod evolver;
 mod ga;
+mod ga_recipe;
 mod inprocess;
 mod layout;
 pub mod noise;
@@ -83,6 +88,7 @@ pub use es::EsState;
 pub use evaluator::{Evaluator, FnEvaluator, Purpose};
 pub use evolver::{EvolveStats, Evolver, GenerationReport, PublishCandidate, Scored};
 pub use ga::{GaState, Individual};
+pub use ga_recipe::{Blend, Cross, GaBatch, GaParents, GaRecipe, MAX_GA_TENSORS, Mutation};
 pub use inprocess::{InProcessEvaluator, SolveReport, solve_in_process};
 pub use layout::{ParamLayout, TensorScale, TensorSpan};
 pub use progress::{DEFAULT_MAX_USELESS_GENERATIONS, NoProgress, ProgressGuard};

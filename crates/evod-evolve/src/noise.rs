@@ -131,6 +131,37 @@ multiversioned! {
     }
 }
 
+/// The coin of value `index` of stream `seed`: the top bit of the wyrand
+/// output the value is made from (`h >> 63` in the module docs), a fair
+/// coin independent of the value's other bits in practice. The GA's
+/// uniform crossover takes value `i` of its second parent where the coin
+/// of `(crossover seed, i)` is set ([`take_where_coin`]).
+pub fn coin(seed: u64, index: u64) -> bool {
+    coin_at(key(seed), index)
+}
+
+#[inline(always)]
+fn coin_at(key: u64, index: u64) -> bool {
+    let x = key.wrapping_add(index.wrapping_mul(WY0));
+    let m = u128::from(x) * u128::from(x ^ WY1);
+    let h = (m as u64) ^ ((m >> 64) as u64);
+    h >> 63 == 1
+}
+
+multiversioned! {
+    /// `out[j] = other[j]` where [`coin`]`(seed, offset + j)` is set, for
+    /// every `j` (the other values stay): a copy, no arithmetic.
+    pub fn take_where_coin(seed: u64, offset: u64, other: &[f32], out: &mut [f32]) {
+        assert_eq!(other.len(), out.len(), "other and out lengths differ");
+        let k = key(seed);
+        for (i, (o, &b)) in out.iter_mut().zip(other).enumerate() {
+            if coin_at(k, offset.wrapping_add(i as u64)) {
+                *o = b;
+            }
+        }
+    }
+}
+
 multiversioned! {
     /// `acc[j] += w · noise(seed, offset + j)` in `f64`, for gradient estimates.
     pub fn accumulate(seed: u64, offset: u64, w: f64, acc: &mut [f64]) {
@@ -214,6 +245,29 @@ mod tests {
         assert_eq!(got, again);
         assert_eq!(got, PINNED.to_vec(), "{got:#x?}");
     }
+
+    #[test]
+    fn the_coin_is_fair_offset_consistent_and_pinned() {
+        let n = 1 << 16;
+        let heads = (0..n).filter(|&i| coin(9, i)).count();
+        assert!(
+            (heads as f64 / n as f64 - 0.5).abs() < 0.01,
+            "{heads} of {n}"
+        );
+        let a: Vec<f32> = (0..100).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..100).map(|i| -(i as f32) - 1.0).collect();
+        let mut out = a.clone();
+        take_where_coin(9, 40, &b, &mut out);
+        for i in 0..100 {
+            let want = if coin(9, 40 + i as u64) { b[i] } else { a[i] };
+            assert_eq!(out[i], want);
+        }
+        // A wire format too (GA recipes are rebuilt on other hosts).
+        let bits: Vec<bool> = (0..8).map(|i| coin(0, i)).collect();
+        assert_eq!(bits, PINNED_COINS.to_vec());
+    }
+
+    const PINNED_COINS: [bool; 8] = [true, false, true, true, false, false, true, true];
 
     const PINNED: [u32; 4] = [0x3f54_be9b, 0x3f80_93e5, 0xbf3e_dee2, 0x3ee9_e876];
 }

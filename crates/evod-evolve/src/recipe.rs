@@ -79,6 +79,20 @@ pub enum RecipeError {
     /// Bytes that are not an encoded recipe.
     #[error("bad recipe encoding: {0}")]
     Encoding(String),
+    /// A GA recipe names a parent the evaluator does not hold.
+    #[error("recipe names parent {hash:016x}, which is not held")]
+    UnknownParent {
+        /// The parent's checksum.
+        hash: u64,
+    },
+    /// A GA recipe's σ are for another number of tensors than the layout's.
+    #[error("recipe has σ for {recipe} tensors, the network has {layout}")]
+    TensorCount {
+        /// σ in the recipe.
+        recipe: usize,
+        /// Tensors of the layout.
+        layout: usize,
+    },
     /// Base, layout and output lengths differ.
     #[error("lengths differ: layout {layout}, base {base}, output {out}")]
     Length {

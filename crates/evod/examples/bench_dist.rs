@@ -443,7 +443,7 @@ fn main() {
         let task_bytes: usize = tasks.iter().map(|t| t.1.len()).sum();
         let task_candidates: usize = tasks
             .iter()
-            .map(|t| Task::decode(&t.1).expect("a task").recipes.len())
+            .map(|t| Task::decode(&t.1).expect("a task").work.len())
             .sum();
         let result_bytes = results.iter().map(|r| r.1.len()).sum::<usize>() as f64 / candidates;
         let wire = task_bytes as f64 / task_candidates as f64 + result_bytes;

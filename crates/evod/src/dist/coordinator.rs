@@ -1,15 +1,22 @@
 //! [`Coordination`]: the evolver as a distributed run's coordinator.
 //!
+//! Both strategies are distributed: ES candidates travel as recipes
+//! against the generation's base, GA children as recipes against their
+//! parents (`evod_evolve::GaRecipe`), every parent a base published by
+//! checksum; a host rebuilds each candidate with the code the evolver
+//! built it with.
+//!
 //! It holds the coordinator lease (renewed by a thread of its own; a lease
 //! lost — another coordinator took over after we stalled — ends this
 //! process at once, so there are never two publishers), publishes the
-//! run's model file once, and evaluates each ES evaluation of the evolver
+//! run's model file once, and evaluates each evaluation of the evolver
 //! through the broker ([`Coordination::evaluator`]): one round per
 //! evaluation (a generation's training batch, then its publish gate),
-//! named by a hash of what it evaluates ([`round_id`]: the run's model
-//! and this build's protocol, the base, the recipes, the episode seed and
-//! count). A round is the generation's base
-//! published by hash (once), its recipes cut into tasks of
+//! named by a hash of what it evaluates ([`round_id`], [`ga_round_id`]:
+//! the run's model and this build's protocol, the base, the recipes —
+//! which name the GA parents —, the episode seed and count). A round is
+//! its bases published by hash (once; the ES mean, or every GA parent a
+//! recipe names), its recipes cut into tasks of
 //! `--candidates-per-task`, enqueued once (a restarted coordinator that
 //! redoes a round finds it enqueued and its results recorded: nothing is
 //! enqueued twice; another evaluation, e.g. of a coordinator that took
@@ -35,9 +42,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use evod_broker::{
-    BrokerError, Coordinator as _, Enqueued, HostInfo, Lease, RedisBroker, Task, TaskResult,
+    BrokerError, Coordinator as _, Enqueued, HostInfo, Lease, RedisBroker, Task, TaskResult, Work,
 };
-use evod_evolve::{Base, EvalError, Evaluator, ParamLayout, Recipe};
+use evod_evolve::{Base, EvalError, Evaluator, GaBatch, GaRecipe, ParamLayout, Purpose, Recipe};
 
 use super::{DistSettings, EvalHost, retry_logged};
 use crate::evolver::RingEvaluator;
@@ -69,8 +76,8 @@ pub struct Coordination {
     stop: Arc<AtomicBool>,
     /// Generation of the evolver's step under way.
     generation: u64,
-    /// Bases published, newest last (the previous one is dropped when a
-    /// new one is published).
+    /// Bases of the current round (a round that names others drops those
+    /// it does not name).
     bases: Vec<u64>,
     /// Rounds complete, to retire once a checkpoint covers their
     /// generation.
@@ -221,8 +228,8 @@ impl Coordination {
         self.generation = generation;
     }
 
-    /// The evolver's evaluator for this step: ES recipes through the
-    /// broker, anything else on the local `ring`.
+    /// The evolver's evaluator for this step: ES and GA recipes through
+    /// the broker.
     pub fn evaluator<'a, 's>(&'a mut self, ring: &'a mut RingEvaluator<'s>) -> Distributed<'a, 's> {
         Distributed { coord: self, ring }
     }
@@ -317,80 +324,124 @@ impl Coordination {
         })
     }
 
-    /// Tasks of `round` for the candidates `which` (indices into
-    /// `recipes`, ascending), contiguous runs of at most `per_task`.
+    /// Tasks of `round` for the candidates `which` (indices into the
+    /// round's candidates, ascending), contiguous runs of at most
+    /// `per_task`.
     fn tasks(
         &self,
         round: u64,
-        hash: u64,
-        recipes: &[Recipe],
+        work: &RoundWork<'_>,
         which: &[u32],
         seed: u64,
         episodes: u32,
     ) -> Vec<Task> {
         let mut out: Vec<Task> = Vec::new();
         for &c in which {
-            let recipe = recipes[c as usize];
             match out.last_mut() {
                 Some(t)
-                    if t.first + t.recipes.len() as u32 == c
-                        && t.recipes.len() < self.settings.per_task =>
+                    if t.first + t.work.len() as u32 == c
+                        && t.work.len() < self.settings.per_task =>
                 {
-                    t.recipes.push(recipe)
+                    match (&mut t.work, work) {
+                        (Work::Recipes { recipes, .. }, RoundWork::Es { recipes: all, .. }) => {
+                            recipes.push(all[c as usize])
+                        }
+                        (Work::Ga(recipes), RoundWork::Ga(batch)) => {
+                            recipes.push(batch.recipes[c as usize].clone())
+                        }
+                        _ => unreachable!("tasks of one round are of one kind"),
+                    }
                 }
                 _ => out.push(Task {
                     run: self.settings.run.clone(),
                     generation: round,
-                    base: hash,
                     seed,
                     episodes,
                     first: c,
-                    recipes: vec![recipe],
+                    work: match work {
+                        RoundWork::Es { base, recipes } => Work::Recipes {
+                            base: base.checksum(),
+                            recipes: vec![recipes[c as usize]],
+                        },
+                        RoundWork::Ga(batch) => Work::Ga(vec![batch.recipes[c as usize].clone()]),
+                    },
                 }),
             }
         }
         out
     }
 
-    /// Evaluates `recipes` against `base` through the broker (see the
-    /// module docs).
+    /// Publishes the bases `work` needs (ES: the base; GA: every parent a
+    /// recipe names), each under its checksum (idempotent on the broker),
+    /// and checks the broker named each as we do. Returns their hashes.
+    fn publish_bases(&mut self, work: &RoundWork<'_>) -> Result<Vec<u64>, EvalError> {
+        let bases: Vec<(u64, &[f32])> = match work {
+            RoundWork::Es { base, .. } => vec![(base.checksum(), base.params())],
+            RoundWork::Ga(batch) => {
+                let mut named: Vec<u64> = Vec::new();
+                for h in batch.recipes.iter().flat_map(GaRecipe::parents) {
+                    if !named.contains(&h) {
+                        named.push(h);
+                    }
+                }
+                named
+                    .into_iter()
+                    .map(|h| {
+                        batch.parents.get(h).map(|p| (h, p)).ok_or_else(|| {
+                            EvalError::Failed(format!(
+                                "a GA recipe names parent {h:016x}, which the batch does not hold"
+                            ))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        let mut out = Vec::with_capacity(bases.len());
+        for (want, params) in bases {
+            let hash = self.retry("publish a base", |b, _| b.publish_base(params))?;
+            if hash != want {
+                return Err(EvalError::Failed(format!(
+                    "the broker named the base {hash:016x}, its checksum is {want:016x}"
+                )));
+            }
+            out.push(hash);
+        }
+        Ok(out)
+    }
+
+    /// Evaluates `work` through the broker (see the module docs).
     fn round(
         &mut self,
         ring: &mut RingEvaluator<'_>,
-        base: &Base<'_>,
-        recipes: &[Recipe],
+        work: &RoundWork<'_>,
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
-        let round = round_id(self.fingerprint, base.checksum(), recipes, seed, episodes);
-        let total = recipes.len();
+        let round = work.round_id(self.fingerprint, seed, episodes);
+        let total = work.len();
         if total == 0 {
             return Ok(Vec::new());
         }
         let total_u32 = u32::try_from(total)
             .map_err(|_| EvalError::Failed(format!("{total} candidates in one round")))?;
-        // The base, once per hash (idempotent on the broker).
-        let params = base.params();
-        let hash = self.retry("publish the base", |b, _| b.publish_base(params))?;
-        if hash != base.checksum() {
-            return Err(EvalError::Failed(format!(
-                "the broker named the base {hash:016x}, its checksum is {:016x}",
-                base.checksum()
-            )));
-        }
-        if self.bases.last() != Some(&hash) {
-            // Rounds before this one are complete: their base is not
-            // needed (a late copy of one of their tasks finds it gone and
-            // is acknowledged without results).
+        // The bases, once per hash (idempotent on the broker).
+        let hashes = self.publish_bases(work)?;
+        if self.bases != hashes {
+            // Rounds before this one are complete: bases this one does not
+            // name are not needed (a late copy of one of their tasks finds
+            // its base gone and is acknowledged without results).
             for old in std::mem::take(&mut self.bases) {
+                if hashes.contains(&old) {
+                    continue;
+                }
                 if let Err(e) = self.broker.drop_base(&self.lease, old) {
                     tracing::warn!("dropping base {old:016x} failed: {e}");
                 }
             }
-            self.bases.push(hash);
+            self.bases = hashes;
         }
         let all: Vec<u32> = (0..total_u32).collect();
-        let tasks = self.tasks(round, hash, recipes, &all, seed, episodes);
+        let tasks = self.tasks(round, work, &all, seed, episodes);
         let n_tasks = tasks.len();
         match self.retry("enqueue", |b, lease| b.enqueue(lease, round, &tasks))? {
             Enqueued::New(n) => {
@@ -408,7 +459,7 @@ impl Coordination {
                 "round {round:016x} was enqueued before (resumed): using what is recorded"
             ),
         }
-        self.collect(ring, round, base, recipes, seed, episodes)
+        self.collect(ring, round, work, seed, episodes)
     }
 
     /// Waits for every candidate of `round` to have a result or be
@@ -417,13 +468,11 @@ impl Coordination {
         &mut self,
         ring: &mut RingEvaluator<'_>,
         round: u64,
-        base: &Base<'_>,
-        recipes: &[Recipe],
+        work: &RoundWork<'_>,
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
-        let hash = base.checksum();
-        let total = recipes.len();
+        let total = work.len();
         let mut quarantined = vec![false; total];
         let mut last_count = 0usize;
         let mut progress_at = Instant::now();
@@ -557,10 +606,9 @@ impl Coordination {
                     missing = missing.len(),
                     "round {round:016x}: no result for {stall:?} and no task left on the broker: re-enqueueing the candidates still missing"
                 );
-                // The base too: a broker that lost its data lost it.
-                let params = base.params();
-                self.retry("publish the base", |b, _| b.publish_base(params))?;
-                let tasks = self.tasks(round, hash, recipes, &missing, seed, episodes);
+                // The bases too: a broker that lost its data lost them.
+                self.publish_bases(work)?;
+                let tasks = self.tasks(round, work, &missing, seed, episodes);
                 let n = self.retry("re-enqueue", |b, lease| b.requeue(lease, round, &tasks))?;
                 self.enqueued += n as u64;
             }
@@ -657,6 +705,56 @@ impl Coordination {
     }
 }
 
+/// What one round evaluates: ES recipes against a base, or GA children
+/// as recipes against their parents.
+enum RoundWork<'b> {
+    Es {
+        base: &'b Base<'b>,
+        recipes: &'b [Recipe],
+    },
+    Ga(&'b GaBatch<'b>),
+}
+
+impl RoundWork<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Es { recipes, .. } => recipes.len(),
+            Self::Ga(batch) => batch.recipes.len(),
+        }
+    }
+
+    /// The round's broker name ([`round_id`], [`ga_round_id`]).
+    fn round_id(&self, fingerprint: u64, seed: u64, episodes: u32) -> u64 {
+        match self {
+            Self::Es { base, recipes } => {
+                round_id(fingerprint, base.checksum(), recipes, seed, episodes)
+            }
+            Self::Ga(batch) => ga_round_id(fingerprint, batch.recipes, seed, episodes),
+        }
+    }
+}
+
+/// [`round_id`] of a GA evaluation: the fingerprint, the episode seed and
+/// count, and every recipe's encoding (which names its parents by
+/// checksum), after a tag no ES round hashes.
+pub fn ga_round_id(fingerprint: u64, recipes: &[GaRecipe], seed: u64, episodes: u32) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(b"ga-round");
+    h.update(&fingerprint.to_le_bytes());
+    h.update(&seed.to_le_bytes());
+    h.update(&episodes.to_le_bytes());
+    h.update(&(recipes.len() as u64).to_le_bytes());
+    let mut buf = Vec::new();
+    for r in recipes {
+        buf.clear();
+        // A recipe that cannot be encoded cannot be enqueued either (the
+        // enqueue reports it); its bytes so far still name it here.
+        let _ = r.encode_into(&mut buf);
+        h.update(&buf);
+    }
+    h.digest()
+}
+
 /// The broker name of an evaluation: a hash (xxh3) of everything that
 /// decides its fitnesses — the run's model and build ([`fingerprint`]),
 /// the base, the recipes, the episode seed and count. The same evaluation
@@ -688,7 +786,8 @@ impl Evaluator for Distributed<'_, '_> {
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
-        // Whole vectors (GA) are not distributed: `--broker` needs ES.
+        // Bare vectors (no recipe to ship): the evolver sends none in a
+        // distributed run; evaluated here if it ever does.
         self.ring.evaluate(candidates, seed, episodes)
     }
 
@@ -699,7 +798,21 @@ impl Evaluator for Distributed<'_, '_> {
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
-        self.coord.round(self.ring, base, recipes, seed, episodes)
+        self.coord
+            .round(self.ring, &RoundWork::Es { base, recipes }, seed, episodes)
+    }
+
+    fn evaluate_ga_for(
+        &mut self,
+        _purpose: Purpose,
+        batch: &GaBatch<'_>,
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        // Tasks carry no purpose: a run whose gate differs from training
+        // (perplexity) is refused at start, as for ES.
+        self.coord
+            .round(self.ring, &RoundWork::Ga(batch), seed, episodes)
     }
 }
 

@@ -1,8 +1,17 @@
 //! [`EvalHost`]: one evaluator host's side of the broker — read tasks (or
-//! take over those of dead consumers), fetch each base once by hash,
-//! evaluate the recipes on the local workers through the evolver's own
-//! [`RingEvaluator`] (the base written as `state/base/<checksum>.gguf`, the
-//! `EVAL_RECIPES` path), and acknowledge the results under this host's id.
+//! take over those of dead consumers), fetch each base once by hash (kept
+//! in a bounded cache), evaluate on the local workers through the
+//! evolver's own [`RingEvaluator`] — ES recipes against their base (written
+//! as `state/base/<checksum>.gguf`, the `EVAL_RECIPES` path), GA children
+//! rebuilt here from their recipes and parents (`GaRecipe::apply_to`, the
+//! code the evolver made them with) and sent as vectors — and acknowledge
+//! the results under this host's id.
+//!
+//! Nothing in a task is trusted: a base that does not hash to its name,
+//! a base or recipe that does not fit the network, a parent that is not on
+//! the broker while its round is open, a child that rebuilds to a
+//! non-finite value — each is refused loudly (released, or dead-lettered
+//! with the reason when no host could evaluate it), never evaluated.
 //!
 //! A keeper thread with its own connection heartbeats (with the worker
 //! count) and extends the leases of the tasks under evaluation, so a long
@@ -24,8 +33,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use evod_broker::{BrokerError, Delivery, Evaluator as _, RedisBroker, TaskResult};
-use evod_evolve::{Base, Evaluator as _, ParamLayout};
+use evod_broker::{BrokerError, Delivery, Evaluator as _, RedisBroker, TaskResult, Work};
+use evod_evolve::{Base, Evaluator as _, GaParents, ParamLayout};
 
 use super::DistSettings;
 use crate::evolver::RingEvaluator;
@@ -38,6 +47,64 @@ const RECLAIM_MAX: usize = 4;
 /// tasks keep failing; reset by a task done).
 const FAILURE_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
 
+/// Bytes of bases a host keeps (at least those of the task at hand).
+const BASE_CACHE_BYTES: usize = 256 << 20;
+
+/// Bases a host fetched, by checksum, least recently used evicted first
+/// beyond [`BASE_CACHE_BYTES`]: an ES base serves a round's tasks, a GA
+/// parent every child of it, so each is fetched once per host. The bases
+/// of the task at hand (used since [`BaseCache::begin`]) are never evicted.
+#[derive(Default)]
+struct BaseCache {
+    /// (checksum, parameters, last use), in no order.
+    entries: Vec<(u64, Vec<f32>, u64)>,
+    clock: u64,
+    /// The clock when the task at hand began.
+    task_start: u64,
+}
+
+impl BaseCache {
+    /// A new task begins: what it uses from now on is kept.
+    fn begin(&mut self) {
+        self.clock += 1;
+        self.task_start = self.clock;
+    }
+
+    /// Whether the base is held (and marks it used).
+    fn contains(&mut self, hash: u64) -> bool {
+        self.clock += 1;
+        let now = self.clock;
+        match self.entries.iter_mut().find(|(h, _, _)| *h == hash) {
+            Some(e) => {
+                e.2 = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn get(&self, hash: u64) -> Option<&[f32]> {
+        self.entries
+            .iter()
+            .find(|(h, _, _)| *h == hash)
+            .map(|(_, p, _)| p.as_slice())
+    }
+
+    /// Adds a base (used now), then evicts the least recently used bases
+    /// of earlier tasks while the cache holds more than the budget.
+    fn insert(&mut self, hash: u64, params: Vec<f32>) {
+        self.clock += 1;
+        self.entries.push((hash, params, self.clock));
+        self.entries.sort_by_key(|e| std::cmp::Reverse(e.2));
+        let mut bytes: usize = self.entries.iter().map(|e| 4 * e.1.len()).sum();
+        while bytes > BASE_CACHE_BYTES && self.entries.last().is_some_and(|e| e.2 < self.task_start)
+        {
+            let old = self.entries.pop().expect("checked");
+            bytes -= 4 * old.1.len();
+        }
+    }
+}
+
 /// Tasks under evaluation, for the keeper thread.
 type InFlight = Arc<Mutex<Vec<Delivery>>>;
 
@@ -46,8 +113,8 @@ pub struct EvalHost {
     broker: RedisBroker,
     settings: DistSettings,
     layout: ParamLayout,
-    /// The last base fetched: (hash, parameters).
-    base: Option<(u64, Vec<f32>)>,
+    /// Bases fetched (ES bases, GA parents), by checksum.
+    bases: BaseCache,
     in_flight: InFlight,
     last_reclaim: Instant,
     /// Candidate results recorded by this host (duplicates not counted).
@@ -97,7 +164,7 @@ impl EvalHost {
             broker,
             settings: settings.clone(),
             layout,
-            base: None,
+            bases: BaseCache::default(),
             in_flight,
             last_reclaim: Instant::now(),
             recorded: 0,
@@ -202,6 +269,163 @@ impl EvalHost {
         Ok(Err(Failed))
     }
 
+    /// Makes sure every base `d`'s task names is in the cache, fetching
+    /// the missing ones (and, when any was fetched, checking the run's
+    /// fingerprint and taking its evaluation timeout). `Some(outcome)`:
+    /// the task was settled here (a late copy acknowledged, or refused or
+    /// released) and must not be evaluated.
+    fn fetch_bases(
+        &mut self,
+        ring: &mut RingEvaluator<'_>,
+        d: &Delivery,
+    ) -> Result<Option<Result<(), Failed>>, BrokerError> {
+        let task = &d.task;
+        let mut fetched = Vec::new();
+        self.bases.begin();
+        for hash in task.work.bases() {
+            if self.bases.contains(hash) {
+                continue;
+            }
+            match self.broker.fetch_base(hash) {
+                Ok(params) => fetched.push((hash, params)),
+                Err(BrokerError::BaseMissing { .. }) => {
+                    return self.base_missing(d, hash).map(Some);
+                }
+                Err(e @ (BrokerError::BaseMismatch { .. } | BrokerError::BadBase { .. })) => {
+                    let why = format!(
+                        "host {} cannot use the task's base: {e}",
+                        self.settings.host
+                    );
+                    return self.release(d, &[], &why).map(Some);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if fetched.is_empty() {
+            return Ok(None);
+        }
+        // The run's fingerprint, read with each new base: another model
+        // means this host's is stale (fetched again by a feeder restart),
+        // another build is refused loudly, never evaluated.
+        if let Some(fp) = self
+            .broker
+            .fetch_run_setting(super::coordinator::FINGERPRINT_SETTING)?
+        {
+            let mine = format!("{:016x} {}", self.spec_hash, super::coordinator::build());
+            if fp != mine {
+                let (model, build) = fp.split_once(' ').unwrap_or((fp.as_str(), ""));
+                let why = if build != super::coordinator::build() {
+                    format!(
+                        "refused by host {}: the run's coordinator is build {build:?}, this host is {:?}: not evaluated",
+                        self.settings.host,
+                        super::coordinator::build()
+                    )
+                } else {
+                    self.model_stale = true;
+                    format!(
+                        "the run's network and task are {model}, this host's {:016x}: the host's model is stale, fetching the run's model again",
+                        self.spec_hash
+                    )
+                };
+                return self.release(d, &[], &why).map(Some);
+            }
+        }
+        // The coordinator's evaluation timeout, read with each new base (a
+        // restarted coordinator may have another).
+        if let Some(ms) = self
+            .broker
+            .fetch_run_setting(super::coordinator::EVAL_TIMEOUT_SETTING)?
+        {
+            match ms.parse::<u64>() {
+                Ok(ms) => ring.per_candidate_timeout = Duration::from_millis(ms),
+                Err(_) => tracing::warn!(
+                    "the run's evaluation timeout on the broker is not a number of ms: {ms:?}; keeping {:?}",
+                    ring.per_candidate_timeout
+                ),
+            }
+        }
+        for (hash, params) in fetched {
+            self.bases.insert(hash, params);
+        }
+        Ok(None)
+    }
+
+    /// A task names base `hash`, which is not on the broker. A late copy
+    /// of a finished round (its base dropped by the coordinator once the
+    /// round was complete, or the round retired) is acknowledged without
+    /// results; a task of an open round whose candidates are still
+    /// missing names a base nobody published (a forged or broken task):
+    /// refused into the dead letters with the reason, never evaluated.
+    fn base_missing(&mut self, d: &Delivery, hash: u64) -> Result<Result<(), Failed>, BrokerError> {
+        let task = &d.task;
+        let round = format!("{:016x}", task.generation);
+        match self
+            .broker
+            .outstanding(task.generation, task.candidates())?
+        {
+            Some(missing) if !missing.is_empty() => {
+                let why = format!(
+                    "refused by host {}: the task names base {hash:016x}, which is not on the broker, while its round {round} still misses candidates {missing:?}: not evaluated",
+                    self.settings.host
+                );
+                tracing::error!(id = %d.id, round = %round, "{why}; dead-lettered");
+                self.broker.refuse(d, &why)?;
+                Ok(Err(Failed))
+            }
+            open => {
+                tracing::info!(
+                    id = %d.id,
+                    round = %round,
+                    "base {hash:016x} is gone and the round is {}: acknowledging the task without results",
+                    if open.is_some() { "complete" } else { "retired" }
+                );
+                self.broker.ack(d, &[])?;
+                Ok(Ok(()))
+            }
+        }
+    }
+
+    /// A task whose base or recipes do not fit this host's network. Never
+    /// evaluated. Either this host's model file is stale (the run was
+    /// restarted with another model: the feeder fetches it again, the
+    /// task goes to another host), or the task does not fit the run's own
+    /// model either (then every host would refuse it: dead-lettered with
+    /// the reason).
+    fn does_not_fit(
+        &mut self,
+        d: &Delivery,
+        what: String,
+    ) -> Result<Result<(), Failed>, BrokerError> {
+        let run_model = self.broker.fetch_model()?;
+        if run_model.is_some_and(|m| xxhash_rust::xxh3::xxh3_64(&m) != self.model_hash) {
+            self.model_stale = true;
+            let why = format!(
+                "{what} does not fit this host's model and the run's model changed: the host's model is stale, fetching the run's model again"
+            );
+            return self.release(d, &[], &why);
+        }
+        let why = format!(
+            "refused by host {}: {what} does not fit this run's network",
+            self.settings.host
+        );
+        tracing::error!(id = %d.id, round = %format_args!("{:016x}", d.task.generation), "{why}; dead-lettered");
+        self.broker.refuse(d, &why)?;
+        Ok(Err(Failed))
+    }
+
+    /// A task whose candidates cannot be rebuilt as they were made
+    /// (a forged or broken recipe): dead-lettered with the reason, never
+    /// evaluated.
+    fn refuse(&mut self, d: &Delivery, what: String) -> Result<Result<(), Failed>, BrokerError> {
+        let why = format!(
+            "refused by host {}: {what}: not evaluated",
+            self.settings.host
+        );
+        tracing::error!(id = %d.id, round = %format_args!("{:016x}", d.task.generation), "{why}; dead-lettered");
+        self.broker.refuse(d, &why)?;
+        Ok(Err(Failed))
+    }
+
     /// Evaluates one delivered task and acknowledges its results; a task
     /// it could not finish is released ([`Failed`]).
     fn handle(
@@ -209,115 +433,83 @@ impl EvalHost {
         ring: &mut RingEvaluator<'_>,
         d: Delivery,
     ) -> Result<Result<(), Failed>, BrokerError> {
-        let task = &d.task;
-        if self.base.as_ref().is_none_or(|(h, _)| *h != task.base) {
-            // Kept once the checks below pass (a check cut short by the
-            // broker is made again with the next delivery).
-            let fetched = match self.broker.fetch_base(task.base) {
-                Ok(params) => params,
-                Err(BrokerError::BaseMissing { .. }) => {
-                    // Dropped by the coordinator: its round is complete (a
-                    // late copy of a task done elsewhere). Nothing to add.
-                    tracing::info!(
-                        id = %d.id,
-                        round = %format_args!("{:016x}", task.generation),
-                        "base {:016x} is gone (round complete): acknowledging the task without results",
-                        task.base
-                    );
-                    self.broker.ack(&d, &[])?;
-                    return Ok(Ok(()));
-                }
-                Err(e @ (BrokerError::BaseMismatch { .. } | BrokerError::BadBase { .. })) => {
-                    let why = format!(
-                        "host {} cannot use the task's base: {e}",
-                        self.settings.host
-                    );
-                    return self.release(&d, &[], &why);
-                }
-                Err(e) => return Err(e),
-            };
-            // The run's fingerprint, read with each new base: another
-            // model means this host's is stale (fetched again by a feeder
-            // restart), another build is refused loudly, never evaluated.
-            if let Some(fp) = self
-                .broker
-                .fetch_run_setting(super::coordinator::FINGERPRINT_SETTING)?
-            {
-                let mine = format!("{:016x} {}", self.spec_hash, super::coordinator::build());
-                if fp != mine {
-                    let (model, build) = fp.split_once(' ').unwrap_or((fp.as_str(), ""));
-                    let why = if build != super::coordinator::build() {
-                        format!(
-                            "refused by host {}: the run's coordinator is build {build:?}, this host is {:?}: not evaluated",
-                            self.settings.host,
-                            super::coordinator::build()
-                        )
-                    } else {
-                        self.model_stale = true;
-                        format!(
-                            "the run's network and task are {model}, this host's {:016x}: the host's model is stale, fetching the run's model again",
-                            self.spec_hash
-                        )
-                    };
-                    return self.release(&d, &[], &why);
-                }
-            }
-            // The coordinator's evaluation timeout, read with each new
-            // base (a restarted coordinator may have another).
-            match self
-                .broker
-                .fetch_run_setting(super::coordinator::EVAL_TIMEOUT_SETTING)
-            {
-                Ok(Some(ms)) => match ms.parse::<u64>() {
-                    Ok(ms) => ring.per_candidate_timeout = Duration::from_millis(ms),
-                    Err(_) => tracing::warn!(
-                        "the run's evaluation timeout on the broker is not a number of ms: {ms:?}; keeping {:?}",
-                        ring.per_candidate_timeout
-                    ),
-                },
-                Ok(None) => {}
-                Err(e) => return Err(e),
-            }
-            self.base = Some((task.base, fetched));
+        if let Some(settled) = self.fetch_bases(ring, &d)? {
+            return Ok(settled);
         }
-        let (_, params) = self.base.as_ref().expect("fetched above");
-        let base = match Base::new(params, &self.layout) {
-            Ok(b) => b,
-            Err(e) => {
-                // Never evaluated. Either this host's model file is stale
-                // (the run was restarted with another model: the feeder
-                // fetches it again, the task goes to another host), or the
-                // base does not fit the run's own model either (then every
-                // host would refuse it: dead-lettered with the reason).
-                let run_model = self.broker.fetch_model()?;
-                if run_model.is_some_and(|m| xxhash_rust::xxh3::xxh3_64(&m) != self.model_hash) {
-                    self.model_stale = true;
-                    let why = format!(
-                        "base {:016x} does not fit this host's model ({e}) and the run's model changed: the host's model is stale, fetching the run's model again",
-                        task.base
-                    );
-                    return self.release(&d, &[], &why);
-                }
-                let why = format!(
-                    "refused by host {}: base {:016x} does not fit this run's network: {e}",
-                    self.settings.host, task.base
+        let task = &d.task;
+        // Every base must be a vector of this host's network.
+        for hash in task.work.bases() {
+            let len = self.bases.get(hash).map_or(0, <[f32]>::len);
+            if len != self.layout.n_params() {
+                let what = format!(
+                    "base {hash:016x} ({len} parameters; the network has {})",
+                    self.layout.n_params()
                 );
-                tracing::error!(id = %d.id, round = %format_args!("{:016x}", task.generation), "{why}; dead-lettered");
-                self.broker.refuse(&d, &why)?;
-                return Ok(Err(Failed));
+                return self.does_not_fit(&d, what);
             }
-        };
+        }
         self.lock().push(d.clone());
         let started = Instant::now();
-        let outcome = ring.evaluate_recipes(&base, &task.recipes, task.seed, task.episodes);
+        let outcome = match &task.work {
+            Work::Recipes { base, recipes } => {
+                let params = self.bases.get(*base).expect("fetched above");
+                let base = Base::with_checksum(params, &self.layout, *base)
+                    .expect("the length was checked above");
+                ring.evaluate_recipes(&base, recipes, task.seed, task.episodes)
+            }
+            Work::Ga(recipes) => {
+                let mut parents = GaParents::new(&self.layout);
+                for hash in task.work.bases() {
+                    parents.insert(hash, self.bases.get(hash).expect("fetched above"));
+                }
+                let mut children = Vec::with_capacity(recipes.len());
+                let mut bad = None;
+                for (i, r) in recipes.iter().enumerate() {
+                    let c = task.first as usize + i;
+                    match r.materialize(&parents) {
+                        Ok(child) => match child.iter().position(|x| !x.is_finite()) {
+                            None => children.push(child),
+                            Some(at) => {
+                                bad = Some(Err(format!(
+                                    "candidate {c} rebuilt from its recipe has the non-finite value {} at index {at}",
+                                    child[at]
+                                )));
+                                break;
+                            }
+                        },
+                        Err(e @ evod_evolve::RecipeError::TensorCount { .. }) => {
+                            bad = Some(Ok(format!("the recipe of candidate {c} ({e})")));
+                            break;
+                        }
+                        Err(e) => {
+                            bad = Some(Err(format!("candidate {c} cannot be rebuilt: {e}")));
+                            break;
+                        }
+                    }
+                }
+                match bad {
+                    Some(fit) => {
+                        self.lock().retain(|x| x.id != d.id);
+                        return match fit {
+                            Ok(what) => self.does_not_fit(&d, what),
+                            Err(what) => self.refuse(&d, what),
+                        };
+                    }
+                    None => {
+                        let refs: Vec<&[f32]> = children.iter().map(Vec::as_slice).collect();
+                        ring.evaluate(&refs, task.seed, task.episodes)
+                    }
+                }
+            }
+        };
         self.lock().retain(|x| x.id != d.id);
         let fitness = match outcome {
-            Ok(f) if f.len() == task.recipes.len() => f,
+            Ok(f) if f.len() == task.work.len() => f,
             Ok(f) => {
                 let why = format!(
                     "the workers answered {} fitnesses for {} candidates",
                     f.len(),
-                    task.recipes.len()
+                    task.work.len()
                 );
                 return self.release(&d, &[], &why);
             }
@@ -356,7 +548,7 @@ impl EvalHost {
         tracing::debug!(
             id = %d.id,
             round = %format_args!("{:016x}", task.generation),
-            candidates = task.recipes.len(),
+            candidates = task.work.len(),
             recorded = outcome.recorded,
             duplicates = outcome.duplicates,
             took_ms = started.elapsed().as_millis() as u64,

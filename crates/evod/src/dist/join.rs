@@ -88,11 +88,7 @@ pub fn run(mut args: JoinArgs) -> anyhow::Result<ExitCode> {
     config.evolver_args = settings.to_args().to_cli_args();
     config.evolver_env = settings.child_env();
     config.evolver_bounded = false;
-    let es = crate::evolver::EvolveArgs {
-        strategy: Some(crate::evolver::Strategy::Es),
-        ..Default::default()
-    };
-    config.payload_bytes = crate::evolver::ring_payload_bytes(&config.model, &es)?;
+    config.payload_bytes = crate::evolver::host_payload_bytes(&config.model)?;
     tracing::info!(
         run = %settings.run,
         host = %settings.host,

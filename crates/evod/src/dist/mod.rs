@@ -3,9 +3,10 @@
 //!
 //! - `evod run --broker URL` makes the evolver the run's **coordinator**
 //!   ([`Coordination`]): it holds the coordinator lease, publishes the
-//!   run's model file once and each generation's base by hash, turns every
-//!   ES evaluation (a generation's recipes, then its publish gate) into
-//!   tasks, and collects the results in candidate order. Its own workers
+//!   run's model file once and each generation's bases by hash (the ES
+//!   mean, or the GA parents), turns every evaluation (a generation's
+//!   recipes, then its publish gate) into tasks, and collects the results
+//!   in candidate order. Its own workers
 //!   take part: while it waits it consumes tasks like any evaluator host
 //!   ([`EvalHost`] over its ring), under its host id.
 //! - `evod join URL` ([`join`]) makes a host an **evaluator**: a
@@ -68,7 +69,7 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::E
 #[serde(deny_unknown_fields)]
 pub struct DistArgs {
     /// Coordinate a distributed run through this Redis broker:
-    /// redis://[user:password@]host:port/db (needs --strategy es). Prefer
+    /// redis://[user:password@]host:port/db (either strategy). Prefer
     /// EVOD_BROKER or the TOML file for a URL with a password.
     #[arg(long, env = BROKER_ENV, hide_env_values = true, value_name = "URL")]
     pub broker: Option<String>,

@@ -163,12 +163,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     ),
                 ));
             }
-            if evolver_config(&args.evolve, &task).strategy != StrategyKind::Es {
-                return Err(crate::exit::with_code(
-                    crate::exit::USAGE,
-                    anyhow::anyhow!("--broker needs --strategy es (GA tasks: not yet)"),
-                ));
-            }
             let layout = evod_evolve::ParamLayout::from_architecture(&spec.arch)?;
             match crate::dist::Coordination::start(
                 settings,
@@ -240,6 +234,28 @@ pub fn ring_payload_bytes(model: &Path, evolve: &EvolveArgs) -> Result<usize> {
         StrategyKind::Es => 0,
     };
     Ok(want.clamp(MIN_PAYLOAD, MAX_PAYLOAD).next_multiple_of(64))
+}
+
+/// The payload area of an evaluator host's rings (`evod join`): the host
+/// evaluates whatever the run's coordinator sends — ES recipes, or GA
+/// children rebuilt here and sent as vectors — so its rings are sized for
+/// GA batches of the model, or for ES alone when one GA candidate of it
+/// cannot fit a ring (its coordinator refuses `--strategy ga` then).
+pub fn host_payload_bytes(model: &Path) -> Result<usize> {
+    let ga = EvolveArgs {
+        strategy: Some(Strategy::Ga),
+        ..Default::default()
+    };
+    match ring_payload_bytes(model, &ga) {
+        Ok(bytes) => Ok(bytes),
+        Err(_) => {
+            let es = EvolveArgs {
+                strategy: Some(Strategy::Es),
+                ..Default::default()
+            };
+            ring_payload_bytes(model, &es)
+        }
+    }
 }
 
 /// Whether `dir` holds nothing of a run yet (no history, no state): then

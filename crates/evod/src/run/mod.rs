@@ -121,13 +121,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (mut config, evolve, dist) = config::resolve(args)?;
     let dist = crate::dist::DistSettings::from_args(&dist)?;
     if let Some(d) = &dist {
-        let strategy = evolve.strategy.unwrap_or(crate::evolver::Strategy::Ga);
-        if strategy != crate::evolver::Strategy::Es {
-            return Err(exit::with_code(
-                exit::USAGE,
-                anyhow::anyhow!("--broker needs --strategy es (GA tasks: not yet)"),
-            ));
-        }
         config.evolver_env = d.child_env();
         config.evolver_args.extend(d.to_args().to_cli_args());
     }
