@@ -236,13 +236,21 @@ impl EvalHost {
                 }
                 Err(e) => return Err(e),
             };
-            // The run's fingerprint, read with each new base: another
-            // model means this host's is stale (fetched again by a feeder
-            // restart), another build is refused loudly, never evaluated.
-            if let Some(fp) = self
+            // The run's fingerprint and the coordinator's evaluation
+            // timeout, read with each new base (a restarted coordinator
+            // may have others), in one round trip.
+            let mut settings = self
                 .broker
-                .fetch_run_setting(super::coordinator::FINGERPRINT_SETTING)?
-            {
+                .fetch_run_settings(&[
+                    super::coordinator::FINGERPRINT_SETTING,
+                    super::coordinator::EVAL_TIMEOUT_SETTING,
+                ])?
+                .into_iter();
+            let (fingerprint, timeout) = (settings.next().flatten(), settings.next().flatten());
+            // Another model means this host's is stale (fetched again by a
+            // feeder restart), another build is refused loudly, never
+            // evaluated.
+            if let Some(fp) = fingerprint {
                 let mine = format!("{:016x} {}", self.spec_hash, super::coordinator::build());
                 if fp != mine {
                     let (model, build) = fp.split_once(' ').unwrap_or((fp.as_str(), ""));
@@ -262,21 +270,14 @@ impl EvalHost {
                     return self.release(&d, &[], &why);
                 }
             }
-            // The coordinator's evaluation timeout, read with each new
-            // base (a restarted coordinator may have another).
-            match self
-                .broker
-                .fetch_run_setting(super::coordinator::EVAL_TIMEOUT_SETTING)
-            {
-                Ok(Some(ms)) => match ms.parse::<u64>() {
+            if let Some(ms) = timeout {
+                match ms.parse::<u64>() {
                     Ok(ms) => ring.per_candidate_timeout = Duration::from_millis(ms),
                     Err(_) => tracing::warn!(
                         "the run's evaluation timeout on the broker is not a number of ms: {ms:?}; keeping {:?}",
                         ring.per_candidate_timeout
                     ),
-                },
-                Ok(None) => {}
-                Err(e) => return Err(e),
+                }
             }
             self.base = Some((task.base, fetched));
         }
