@@ -721,7 +721,7 @@ fn a_second_coordinator_waits_on_the_lease_and_takes_over() {
 }
 
 #[test]
-fn traffic_per_candidate_is_within_200_bytes() {
+fn traffic_per_candidate_is_within_160_bytes() {
     // The target for ES candidates in tasks of 16: all of Redis's
     // network bytes (commands and replies, both sides) of enqueue, read,
     // ack and collect, per candidate.
@@ -766,9 +766,12 @@ fn traffic_per_candidate_is_within_200_bytes() {
         );
     }
     let per_candidate = (net() - before) as f64 / (generations * 256) as f64;
+    // 148 here since the coordinator is woken once per round and reads
+    // back only each result's fitness and host (about 165 before): the
+    // bound keeps that, with room for a longer Redis reply or two.
     assert!(
-        per_candidate <= 200.0,
-        "{per_candidate:.1} bytes per candidate"
+        per_candidate <= 160.0,
+        "{per_candidate:.1} bytes per candidate (the issue's target: 200)"
     );
 }
 
