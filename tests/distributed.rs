@@ -720,6 +720,192 @@ fn restarted_coordinator(evolve: &[&str], want: (u64, u64)) {
     assert_enqueued_once(&url);
 }
 
+/// One atomic look at the run's keys: their names (the prefix cut off),
+/// the members of the rounds and bases indexes, and the memory (`MEMORY
+/// USAGE`) of every key but the two history streams (`tasks`, the
+/// `results` log: bounded by `MAXLEN ~`).
+struct KeySnapshot {
+    keys: Vec<String>,
+    rounds: Vec<String>,
+    bases: Vec<String>,
+    memory: u64,
+}
+
+fn key_snapshot(url: &str) -> KeySnapshot {
+    const LOOK: &str = "local keys = redis.call('KEYS', ARGV[1] .. '*')
+        local mem = 0
+        for _, k in ipairs(keys) do
+          if k ~= ARGV[1] .. 'tasks' and k ~= ARGV[1] .. 'results' then
+            mem = mem + (redis.call('MEMORY', 'USAGE', k) or 0)
+          end
+        end
+        return {keys, redis.call('ZRANGE', ARGV[1] .. 'rounds', 0, -1),
+          redis.call('ZRANGE', ARGV[1] .. 'bases', 0, -1), mem}";
+    let prefix = format!("evod:{{{RUN}}}:");
+    let (keys, rounds, bases, memory): (Vec<String>, Vec<String>, Vec<String>, u64) =
+        redis::cmd("EVAL")
+            .arg(LOOK)
+            .arg(0)
+            .arg(&prefix)
+            .query(&mut raw(url))
+            .unwrap();
+    let mut keys: Vec<String> = keys
+        .into_iter()
+        .map(|k| k[prefix.len()..].to_owned())
+        .collect();
+    keys.sort();
+    KeySnapshot {
+        keys,
+        rounds,
+        bases,
+        memory,
+    }
+}
+
+/// Every round and base key of a snapshot is in the run's indexes (so
+/// cleanup finds it), and there are at most `rounds` live rounds.
+fn assert_indexed(s: &KeySnapshot, rounds: usize) {
+    for k in &s.keys {
+        if let Some(r) = k
+            .strip_prefix("enqueued:")
+            .or_else(|| k.strip_prefix("results:"))
+        {
+            assert!(
+                s.rounds.contains(&r.to_owned()),
+                "{k} is not indexed: {:?}",
+                s.rounds
+            );
+        }
+        if let Some(b) = k.strip_prefix("base:") {
+            let b = b.split(':').next().unwrap();
+            assert!(
+                s.bases.contains(&b.to_owned()),
+                "{k} is not indexed: {:?}",
+                s.bases
+            );
+        }
+    }
+    let marks = s.keys.iter().filter(|k| k.starts_with("enqueued:")).count();
+    assert_eq!(marks, s.rounds.len(), "{:?}", s.keys);
+    assert!(marks <= rounds, "{marks} live rounds: {:?}", s.keys);
+}
+
+#[test]
+fn a_run_keeps_a_bounded_set_of_keys_and_a_restart_after_cleanup_resumes() {
+    let want = reference();
+    let (_r, server) = redis();
+    let url = server.url();
+    let a = Host::join(&url, "host-a");
+    let dir = tempfile::tempdir().unwrap();
+    // A checkpoint every third generation: rounds since the last one stay
+    // live (a restart redoes them), older ones are retired.
+    let mut args: Vec<&str> = Vec::new();
+    let mut skip = false;
+    for &x in EVOLVE {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        if x == "--checkpoint-every" {
+            skip = true;
+            continue;
+        }
+        args.push(x);
+    }
+    args.extend_from_slice(&["--checkpoint-every", "3"]);
+    args.extend_from_slice(COORDINATE);
+    args.extend_from_slice(&["--broker", &url]);
+    let spawn = |dir: &Path| {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("out.log"))
+            .unwrap();
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("run.log"))
+            .unwrap();
+        evod()
+            .arg("run")
+            .arg("--dir")
+            .arg(dir)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn(dir.path());
+    // Up to the checkpoint's step and the two after it live: training and
+    // gate rounds of three steps.
+    const LIVE: usize = 6;
+    let mid = poll_until(
+        "five generations",
+        DEADLINE,
+        || {
+            let s = key_snapshot(&url);
+            assert_indexed(&s, LIVE);
+            (progress_rows(dir.path()) >= 5).then_some(s)
+        },
+        || read(dir.path(), "run.log"),
+    );
+    // Retired rounds are gone: five generations enqueued at least five
+    // rounds, and fewer are left.
+    assert!(mid.rounds.len() < 5, "{:?}", mid.keys);
+    // Killed after cleanups, with rounds past its last checkpoint live.
+    kill(Pid::from_raw(first.id() as i32), Signal::SIGKILL).unwrap();
+    first.wait().unwrap();
+    // Every round still indexed is of a step the checkpoint does not
+    // cover: the restart redoes it from what the broker kept.
+    let at_kill = key_snapshot(&url);
+    let mut second = spawn(dir.path());
+    let out = finish(&mut second, dir.path(), &[&a]);
+    let log = read(dir.path(), "run.log");
+    assert!(log.contains("resuming from"), "{log}");
+    if !at_kill.rounds.is_empty() {
+        assert!(
+            log.contains("was enqueued before (resumed)"),
+            "live rounds {:?} at the kill, none redone from the broker:\n{log}",
+            at_kill.rounds
+        );
+    }
+    // Nothing a resume needs was deleted: the single-host tensors, each
+    // (round, candidate) counted once.
+    assert_eq!(identity(&dir.path().join("vectorland.gguf")), want);
+    assert_counted_once(&url, evaluations(&out));
+    // At the end (the last checkpoint covers every round): only the keys
+    // that live as long as the run, smaller than mid-run.
+    let end = key_snapshot(&url);
+    assert_indexed(&end, 0);
+    let run_long = [
+        "dead",
+        "hosts:done",
+        "hosts:seen",
+        "hosts:workers",
+        "model",
+        "results",
+        "setting:eval-timeout-per-candidate-ms",
+        "setting:fingerprint",
+        "tasks",
+        "wake",
+    ];
+    for k in &end.keys {
+        assert!(
+            run_long.contains(&k.as_str()),
+            "{k} left at the end: {:?}",
+            end.keys
+        );
+    }
+    assert!(
+        end.memory <= mid.memory,
+        "the run's keys grew from {} to {} bytes: {:?}",
+        mid.memory,
+        end.memory,
+        end.keys
+    );
+}
+
 #[test]
 fn a_second_coordinator_waits_on_the_lease_of_the_first() {
     let (_r, server) = redis();
@@ -910,7 +1096,7 @@ fn a_base_that_does_not_fit_is_refused_loudly_never_evaluated() {
     coord
         .publish_model(&lease, &std::fs::read(&path).unwrap())
         .unwrap();
-    let base = coord.publish_base(&[0.5, -1.0, 2.0]).unwrap();
+    let base = coord.publish_base(7, &[0.5, -1.0, 2.0]).unwrap();
     let task = Task {
         run: RUN.into(),
         generation: 7,
@@ -922,7 +1108,9 @@ fn a_base_that_does_not_fit_is_refused_loudly_never_evaluated() {
             recipes: vec![Recipe::new(base, 1, 0.1, Sign::Plus, TensorScale::Glorot)],
         },
     };
-    coord.enqueue(&lease, 7, &[task]).unwrap();
+    coord
+        .enqueue(&lease, evod_broker::Round { id: 7, step: 7 }, &[task])
+        .unwrap();
     let host = Host::join(&url, "host-a");
     let dead = poll_until(
         "the task to be dead-lettered",
@@ -1099,7 +1287,7 @@ fn forged_ga_tasks_are_refused_by_name_never_evaluated() {
     coord
         .publish_model(&lease, &std::fs::read(&path).unwrap())
         .unwrap();
-    let parent = coord.publish_base(&[0.1; 114]).unwrap();
+    let parent = coord.publish_base(7, &[0.1; 114]).unwrap();
     let mutated = |sigma: f32, tensors: usize| GaRecipe {
         parent,
         cross: None,
@@ -1127,7 +1315,9 @@ fn forged_ga_tasks_are_refused_by_name_never_evaluated() {
         // A σ that makes the child overflow to infinity.
         ga(2, mutated(3.0e38, 4)),
     ];
-    coord.enqueue(&lease, 7, &tasks).unwrap();
+    coord
+        .enqueue(&lease, evod_broker::Round { id: 7, step: 7 }, &tasks)
+        .unwrap();
     // And bytes no build writes: σ NaN (form, parent, scale, seed, count,
     // then the σ), added to the stream as they are.
     let mut nan = ga(3, mutated(0.5, 4)).encode().unwrap();

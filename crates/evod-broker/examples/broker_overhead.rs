@@ -116,7 +116,9 @@ fn main() {
     let net_before = net();
     let start = Instant::now();
     for g in 0..generations {
-        coord.enqueue(&lease, g, &tasks_of(g)).unwrap();
+        coord
+            .enqueue(&lease, evod_broker::Round { id: g, step: g }, &tasks_of(g))
+            .unwrap();
         let mut done = 0;
         while done < candidates as usize {
             for d in ev.read_tasks(64, Duration::from_secs(1)).unwrap() {
@@ -138,7 +140,7 @@ fn main() {
             .wait_results(g, candidates as usize, Duration::from_secs(10))
             .unwrap();
         assert_eq!(got.len(), candidates as usize);
-        coord.retire(&lease, g).unwrap();
+        coord.retire(&lease, g + 1, "0-0").unwrap();
     }
     let elapsed = start.elapsed();
     // Two INFO round trips (this one's request and the first one's reply)

@@ -16,6 +16,34 @@ pub struct Lease {
     pub ttl: Duration,
 }
 
+/// A round as the coordinator enqueues it: its broker id (the task's
+/// `generation`) and the evolver step it belongs to (what a checkpoint
+/// counts: [`Coordinator::retire`] removes the rounds of the steps a
+/// checkpoint covers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    /// The round's id (the tasks' and results' `generation`).
+    pub id: u64,
+    /// The evolver's generation (step) that evaluates it.
+    pub step: u64,
+}
+
+/// What [`Coordinator::retire`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retired {
+    /// Rounds retired (results and enqueue mark deleted).
+    pub rounds: usize,
+    /// Bases dropped.
+    pub bases: usize,
+    /// Keys deleted.
+    pub keys: usize,
+    /// Tasks of retired rounds still pending for some host, acknowledged
+    /// (its late result records nothing).
+    pub pending: usize,
+    /// Dead letters trimmed (of retired rounds, and read).
+    pub dead: usize,
+}
+
 /// What [`Coordinator::enqueue`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
@@ -132,21 +160,27 @@ pub trait Coordinator {
     /// Gives the lease up (only if still ours).
     fn release_lease(&mut self, lease: &Lease) -> Result<(), BrokerError>;
     /// Publishes a base's parameters under their checksum, chunked;
-    /// idempotent. Returns the checksum.
-    fn publish_base(&mut self, params: &[f32]) -> Result<u64, BrokerError>;
+    /// idempotent. The base is indexed under `step` (the latest step that
+    /// uses it), so that [`Coordinator::retire`] drops it once a
+    /// checkpoint covers that step. Returns the checksum.
+    fn publish_base(&mut self, step: u64, params: &[f32]) -> Result<u64, BrokerError>;
+    /// The bases published and not dropped: (checksum, latest step).
+    fn bases(&mut self) -> Result<Vec<(u64, u64)>, BrokerError>;
     /// Stores the run's model file (GGUF bytes), which an evaluator host
     /// that joins fetches once to start its workers (the network and task
     /// every base applies to). Fenced by the lease.
     fn publish_model(&mut self, lease: &Lease, model: &[u8]) -> Result<(), BrokerError>;
-    /// Removes a base no task needs any more. Fenced by the lease.
+    /// Removes a base no task needs any more (and its index entry). Fenced
+    /// by the lease.
     fn drop_base(&mut self, lease: &Lease, hash: u64) -> Result<(), BrokerError>;
-    /// Enqueues a generation's tasks, once: a generation enqueued before is
-    /// [`Enqueued::Already`]. Refused with [`BrokerError::LeaseLost`] unless
-    /// `lease` is the live lease (never two publishers).
+    /// Enqueues a round's tasks (all its candidates), once: a round
+    /// enqueued before is [`Enqueued::Already`]. The round is indexed under
+    /// its step. Refused with [`BrokerError::LeaseLost`] unless `lease` is
+    /// the live lease (never two publishers).
     fn enqueue(
         &mut self,
         lease: &Lease,
-        generation: u64,
+        round: Round,
         tasks: &[Task],
     ) -> Result<Enqueued, BrokerError>;
     /// Enqueues tasks again, even if the generation was enqueued before:
@@ -157,7 +191,7 @@ pub trait Coordinator {
     fn requeue(
         &mut self,
         lease: &Lease,
-        generation: u64,
+        round: Round,
         tasks: &[Task],
     ) -> Result<usize, BrokerError>;
     /// Candidates of `candidates` without a recorded result, in order.
@@ -179,7 +213,9 @@ pub trait Coordinator {
     ) -> Result<Vec<TaskResult>, BrokerError>;
     /// Waits up to `timeout` until `want` results of the generation are
     /// recorded; returns how many are by then (a count: the results
-    /// themselves are read once, with [`Coordinator::results`]).
+    /// themselves are read once, with [`Coordinator::results`]). The wait
+    /// is woken when a round gets all its results or a task is
+    /// dead-lettered, not per result.
     fn wait_count(
         &mut self,
         generation: u64,
@@ -194,9 +230,19 @@ pub trait Coordinator {
     fn activity(&mut self, window: Duration) -> Result<Activity, BrokerError>;
     /// Dead letters of the run, oldest first.
     fn dead_letters(&mut self) -> Result<Vec<DeadLetter>, BrokerError>;
-    /// Forgets a finished generation's results and enqueue mark. Fenced by
-    /// the lease.
-    fn retire(&mut self, lease: &Lease, generation: u64) -> Result<(), BrokerError>;
+    /// A checkpoint covers every step before `before`: forgets the rounds
+    /// indexed under those steps (results, enqueue marks), drops the bases
+    /// indexed under them, acknowledges the tasks still pending that are
+    /// older than the oldest round still indexed (no host takes them
+    /// over), and trims the dead letters as old that the coordinator has
+    /// read (up to id `dead_read`). Rounds of later steps (a restart redoes
+    /// them) keep everything. Fenced by the lease.
+    fn retire(
+        &mut self,
+        lease: &Lease,
+        before: u64,
+        dead_read: &str,
+    ) -> Result<Retired, BrokerError>;
     /// Registered evaluator hosts.
     fn hosts(&mut self) -> Result<Vec<HostInfo>, BrokerError>;
 }

@@ -27,7 +27,7 @@ pub mod wire;
 pub use backoff::{Backoff, retry_unavailable};
 pub use broker::{
     AckOutcome, Activity, Coordinator, DeadLetter, Delivery, Enqueued, Evaluator, HostInfo, Lease,
-    Reclaimed,
+    Reclaimed, Retired, Round,
 };
 pub use error::{BrokerError, WireError};
 pub use redis_broker::{RedisBroker, RedisConfig, redact_url};

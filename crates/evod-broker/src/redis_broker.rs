@@ -15,7 +15,7 @@ use redis::{Connection, RedisError, Script, Value};
 
 use crate::broker::{
     AckOutcome, Activity, Coordinator, DeadLetter, Delivery, Enqueued, Evaluator, HostInfo, Lease,
-    Reclaimed,
+    Reclaimed, Retired, Round,
 };
 use crate::error::{BrokerError, WireError};
 use crate::scripts;
@@ -177,6 +177,25 @@ impl Keys {
     fn hosts(&self, what: &str) -> String {
         self.key(&format!("hosts:{what}"))
     }
+    /// The list that wakes the coordinator (a round complete, a dead
+    /// letter): at most one element.
+    fn wake(&self) -> String {
+        self.key("wake")
+    }
+    /// The index of enqueued rounds: round id → step.
+    fn rounds(&self) -> String {
+        self.key("rounds")
+    }
+    /// The index of published bases: hash (hex) → latest step.
+    fn bases(&self) -> String {
+        self.key("bases")
+    }
+}
+
+/// The `ms-seq` parts of a stream entry id.
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// A broker on Redis Streams (see the module docs).
@@ -195,6 +214,7 @@ pub struct RedisBroker {
     now_ms: Script,
     set_fenced: Script,
     del_fenced: Script,
+    retire: Script,
     /// Malformed result entries found (and removed) since the last
     /// [`RedisBroker::take_malformed`].
     malformed: Vec<String>,
@@ -254,6 +274,7 @@ impl RedisBroker {
             now_ms: Script::new(scripts::NOW_MS),
             set_fenced: Script::new(scripts::SET_FENCED),
             del_fenced: Script::new(scripts::DEL_FENCED),
+            retire: Script::new(scripts::RETIRE),
             malformed: Vec::new(),
         })
     }
@@ -265,19 +286,23 @@ impl RedisBroker {
         std::mem::take(&mut self.malformed)
     }
 
-    /// Deletes `keys` if `lease` is the live lease; [`BrokerError::LeaseLost`]
-    /// otherwise.
+    /// Deletes `keys` and `member` of the index `index` if `lease` is the
+    /// live lease; [`BrokerError::LeaseLost`] otherwise.
     fn del_fenced(
         &mut self,
         op: &'static str,
         lease: &Lease,
+        index: String,
+        member: String,
         keys: Vec<String>,
     ) -> Result<(), BrokerError> {
         let s = self.del_fenced.clone();
-        let mut all = vec![self.keys.lease()];
+        let mut all = vec![self.keys.lease(), index];
         all.extend(keys);
         let token = lease.token.clone();
-        let n: i64 = self.call(op, move |c| s.key(&all[..]).arg(&token).invoke(c))?;
+        let n: i64 = self.call(op, move |c| {
+            s.key(&all[..]).arg(&token).arg(&member).invoke(c)
+        })?;
         if n < 0 {
             return Err(BrokerError::LeaseLost {
                 holder: lease.token.clone(),
@@ -323,6 +348,7 @@ impl RedisBroker {
             self.keys.results_of(task.generation),
             self.keys.hosts("done"),
             self.keys.enqueued(task.generation),
+            self.keys.wake(),
         ];
         let (id, consumer) = (delivery.id.clone(), self.config.consumer.clone());
         let maxlen = self.config.max_stream_len;
@@ -410,6 +436,20 @@ impl RedisBroker {
         let key = self.keys.setting(name);
         self.call("fetch a run setting", move |c| {
             redis::cmd("GET").arg(&key).query(c)
+        })
+    }
+
+    /// Several run settings in one round trip (`MGET`), in order.
+    pub fn fetch_run_settings(
+        &mut self,
+        names: &[&str],
+    ) -> Result<Vec<Option<String>>, BrokerError> {
+        let keys: Vec<String> = names.iter().map(|n| self.keys.setting(n)).collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.call("fetch run settings", move |c| {
+            redis::cmd("MGET").arg(&keys).query(c)
         })
     }
 
@@ -555,7 +595,7 @@ impl RedisBroker {
         deliveries: u64,
         why: &str,
     ) -> Result<(), BrokerError> {
-        let (tasks, dead) = (self.keys.tasks(), self.keys.dead());
+        let (tasks, dead, wake) = (self.keys.tasks(), self.keys.dead(), self.keys.wake());
         let (maxlen, consumer) = (self.config.max_stream_len, self.config.consumer.clone());
         self.call("dead-letter a task", |c| {
             redis::pipe()
@@ -582,34 +622,46 @@ impl RedisBroker {
                 .arg(GROUP)
                 .arg(id)
                 .ignore()
+                .cmd("RPUSH")
+                .arg(&wake)
+                .arg("1")
+                .ignore()
+                .cmd("LTRIM")
+                .arg(&wake)
+                .arg(-1)
+                .arg(-1)
+                .ignore()
                 .query::<()>(c)
         })
     }
 
-    /// The enqueue script: once per generation unless `force`.
+    /// The enqueue script: once per round unless `force`.
     fn add_tasks(
         &mut self,
         lease: &Lease,
-        generation: u64,
+        round: Round,
         tasks: &[Task],
         force: bool,
     ) -> Result<usize, BrokerError> {
         let mut payloads = Vec::with_capacity(tasks.len());
+        let mut candidates = 0u64;
         for t in tasks {
             self.check_run(&t.run)?;
-            if t.generation != generation {
+            if t.generation != round.id {
                 return Err(BrokerError::Config(format!(
-                    "task of generation {} enqueued as generation {generation}",
-                    t.generation
+                    "task of generation {} enqueued as generation {}",
+                    t.generation, round.id
                 )));
             }
+            candidates += t.work.len() as u64;
             payloads.push(t.encode()?);
         }
         let s = self.enqueue.clone();
         let keys = [
             self.keys.lease(),
             self.keys.tasks(),
-            self.keys.enqueued(generation),
+            self.keys.enqueued(round.id),
+            self.keys.rounds(),
         ];
         let (token, maxlen) = (lease.token.clone(), self.config.max_stream_len);
         let n: i64 = self.call("enqueue", move |c| {
@@ -618,7 +670,10 @@ impl RedisBroker {
                 .arg(&token)
                 .arg(GROUP)
                 .arg(maxlen)
-                .arg(u8::from(force));
+                .arg(u8::from(force))
+                .arg(round.id)
+                .arg(round.step)
+                .arg(candidates);
             for p in &payloads {
                 inv.arg(p.as_slice());
             }
@@ -630,6 +685,29 @@ impl RedisBroker {
             });
         }
         Ok(n as usize)
+    }
+
+    /// A base's keys: its description and, as it says, its chunks (a
+    /// description that is missing or out of bounds: itself only; its
+    /// undescribed chunks expire by themselves).
+    fn base_keys(&mut self, hash: u64) -> Result<Vec<String>, BrokerError> {
+        let meta = self.keys.base(hash);
+        let m = meta.clone();
+        let desc: Vec<(String, String)> =
+            self.call("drop base", move |c| redis::cmd("HGETALL").arg(&m).query(c))?;
+        let get = |f: &str| {
+            desc.iter()
+                .find(|(k, _)| k == f)
+                .and_then(|(_, v)| v.parse::<u64>().ok())
+        };
+        let mut keys = vec![meta];
+        if let (Some(bytes), Some(chunk)) = (get("bytes"), get("chunk"))
+            && chunk > 0
+            && bytes <= self.config.max_base_bytes as u64
+        {
+            keys.extend((0..bytes.div_ceil(chunk) as usize).map(|i| self.keys.chunk(hash, i)));
+        }
+        Ok(keys)
     }
 
     fn server_ms(&mut self) -> Result<u64, BrokerError> {
@@ -718,12 +796,25 @@ impl Coordinator for RedisBroker {
         .map(drop)
     }
 
-    fn publish_base(&mut self, params: &[f32]) -> Result<u64, BrokerError> {
+    fn publish_base(&mut self, step: u64, params: &[f32]) -> Result<u64, BrokerError> {
         let hash = checksum(params);
         let meta = self.keys.base(hash);
-        let m = meta.clone();
-        let exists: bool = self.call("publish base", move |c| {
-            redis::cmd("EXISTS").arg(&m).query(c)
+        let index = self.keys.bases();
+        let member = format!("{hash:016x}");
+        let (m, i, mb) = (meta.clone(), index.clone(), member.clone());
+        // Indexed (under the latest step that uses it) in the same step as
+        // the existence check: an existing base is indexed too.
+        let (exists,): (bool,) = self.call("publish base", move |c| {
+            redis::pipe()
+                .cmd("EXISTS")
+                .arg(&m)
+                .cmd("ZADD")
+                .arg(&i)
+                .arg("GT")
+                .arg(step)
+                .arg(&mb)
+                .ignore()
+                .query(c)
         })?;
         if exists {
             return Ok(hash);
@@ -769,19 +860,26 @@ impl Coordinator for RedisBroker {
     }
 
     fn drop_base(&mut self, lease: &Lease, hash: u64) -> Result<(), BrokerError> {
-        let meta = self.keys.base(hash);
-        let m = meta.clone();
-        let desc: Vec<(String, u64)> =
-            self.call("drop base", move |c| redis::cmd("HGETALL").arg(&m).query(c))?;
-        let get = |f: &str| desc.iter().find(|(k, _)| k == f).map(|(_, v)| *v);
-        let mut keys = vec![meta];
-        if let (Some(bytes), Some(chunk)) = (get("bytes"), get("chunk"))
-            && chunk > 0
-            && bytes <= self.config.max_base_bytes as u64
-        {
-            keys.extend((0..bytes.div_ceil(chunk) as usize).map(|i| self.keys.chunk(hash, i)));
-        }
-        self.del_fenced("drop base", lease, keys)
+        let keys = self.base_keys(hash)?;
+        let (index, member) = (self.keys.bases(), format!("{hash:016x}"));
+        self.del_fenced("drop base", lease, index, member, keys)
+    }
+
+    fn bases(&mut self) -> Result<Vec<(u64, u64)>, BrokerError> {
+        let index = self.keys.bases();
+        let raw: Vec<(String, f64)> = self.call("list bases", move |c| {
+            redis::cmd("ZRANGE")
+                .arg(&index)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query(c)
+        })?;
+        // A member that is not a hash is not ours: skipped.
+        Ok(raw
+            .into_iter()
+            .filter_map(|(h, step)| Some((u64::from_str_radix(&h, 16).ok()?, step as u64)))
+            .collect())
     }
 
     fn publish_model(&mut self, lease: &Lease, model: &[u8]) -> Result<(), BrokerError> {
@@ -812,10 +910,10 @@ impl Coordinator for RedisBroker {
     fn enqueue(
         &mut self,
         lease: &Lease,
-        generation: u64,
+        round: Round,
         tasks: &[Task],
     ) -> Result<Enqueued, BrokerError> {
-        match self.add_tasks(lease, generation, tasks, false)? {
+        match self.add_tasks(lease, round, tasks, false)? {
             0 if !tasks.is_empty() => Ok(Enqueued::Already),
             n => Ok(Enqueued::New(n)),
         }
@@ -824,10 +922,10 @@ impl Coordinator for RedisBroker {
     fn requeue(
         &mut self,
         lease: &Lease,
-        generation: u64,
+        round: Round,
         tasks: &[Task],
     ) -> Result<usize, BrokerError> {
-        self.add_tasks(lease, generation, tasks, true)
+        self.add_tasks(lease, round, tasks, true)
     }
 
     fn missing(
@@ -851,22 +949,15 @@ impl Coordinator for RedisBroker {
         })?;
         let mut out = Vec::with_capacity(raw.len());
         let mut bad = Vec::new();
-        for (field, payload) in raw {
+        for (field, value) in raw {
             let name = String::from_utf8_lossy(&field).into_owned();
-            let checked = TaskResult::decode(&payload)
-                .map_err(|e| e.to_string())
-                .and_then(|r| {
-                    if r.run != self.config.run {
-                        return Err(format!("a result of run {:?}", r.run));
-                    }
-                    let field_ok = name.parse::<u32>().ok() == Some(r.candidate);
-                    if !field_ok || r.generation != generation {
-                        return Err(format!(
-                            "holds candidate {} of generation {}",
-                            r.candidate, r.generation
-                        ));
-                    }
-                    Ok(r)
+            let checked =
+                stored_result(&name, &value).map(|(candidate, fitness, host)| TaskResult {
+                    run: self.config.run.clone(),
+                    generation,
+                    candidate,
+                    fitness,
+                    host,
                 });
             match checked {
                 Ok(r) => out.push(r),
@@ -906,40 +997,25 @@ impl Coordinator for RedisBroker {
         timeout: Duration,
     ) -> Result<usize, BrokerError> {
         let deadline = Instant::now() + timeout;
-        let stream = self.keys.results();
+        let key = self.keys.results_of(generation);
+        let wake = self.keys.wake();
         loop {
-            // The newest notification before counting: anything recorded
-            // after the count shows up as a newer entry.
-            let s = stream.clone();
-            let last: Vec<StreamEntry> = self.call("wait results", move |c| {
-                redis::cmd("XREVRANGE")
-                    .arg(&s)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1)
-                    .query(c)
-            })?;
-            let last = last.into_iter().next().map_or("0-0".to_owned(), |e| e.0);
-            let key = self.keys.results_of(generation);
-            let count: usize = self.call("wait results", move |c| {
-                redis::cmd("HLEN").arg(&key).query(c)
-            })?;
+            // Count, then wait for a wake: a round completed (or a letter
+            // dead) after the count pushes one, so none is missed; one
+            // pushed before it (already counted) costs a spurious wake.
+            let k = key.clone();
+            let count: usize =
+                self.call("wait results", move |c| redis::cmd("HLEN").arg(&k).query(c))?;
             let now = Instant::now();
             if count >= want || now >= deadline {
                 return Ok(count);
             }
-            let block = (deadline - now).min(Duration::from_secs(1));
-            let s = stream.clone();
+            let block = (deadline - now).min(Duration::from_secs(5));
+            let w = wake.clone();
             self.call_with("wait results", block, move |c| {
-                redis::cmd("XREAD")
-                    .arg("COUNT")
-                    .arg(1)
-                    .arg("BLOCK")
-                    .arg(block.as_millis().max(1) as u64)
-                    .arg("STREAMS")
-                    .arg(&s)
-                    .arg(&last)
+                redis::cmd("BLPOP")
+                    .arg(&w)
+                    .arg(format!("{:.3}", block.as_secs_f64().max(0.001)))
                     .query::<Value>(c)
             })?;
         }
@@ -1035,12 +1111,113 @@ impl Coordinator for RedisBroker {
         Ok(out)
     }
 
-    fn retire(&mut self, lease: &Lease, generation: u64) -> Result<(), BrokerError> {
-        let keys = vec![
-            self.keys.results_of(generation),
-            self.keys.enqueued(generation),
+    fn retire(
+        &mut self,
+        lease: &Lease,
+        before: u64,
+        dead_read: &str,
+    ) -> Result<Retired, BrokerError> {
+        if parse_id(dead_read).is_none() {
+            return Err(BrokerError::Config(format!(
+                "dead letter id {dead_read:?} is not a stream id"
+            )));
+        }
+        let index = self.keys.rounds();
+        let rounds: Vec<(String, f64)> = self.call("retire rounds", move |c| {
+            redis::cmd("ZRANGE")
+                .arg(&index)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query(c)
+        })?;
+        let (old, live): (Vec<_>, Vec<_>) = rounds
+            .into_iter()
+            .partition(|(_, step)| (*step as u64) < before);
+        let old: Vec<String> = old.into_iter().map(|(r, _)| r).collect();
+        // Where the tasks of the oldest live round start: everything
+        // before is of retired rounds. A live round whose mark is gone or
+        // unreadable keeps everything.
+        let mut minid = String::new();
+        if !live.is_empty() {
+            let marks: Vec<String> = live
+                .iter()
+                .map(|(r, _)| self.keys.key(&format!("enqueued:{r}")))
+                .collect();
+            let values: Vec<Option<String>> = self.call("retire rounds", move |c| {
+                redis::cmd("MGET").arg(&marks).query(c)
+            })?;
+            let firsts: Option<Vec<(u64, u64)>> = values
+                .iter()
+                .map(|v| parse_id(v.as_deref()?.split(' ').next()?))
+                .collect();
+            let (ms, seq) = firsts.and_then(|f| f.into_iter().min()).unwrap_or((0, 0));
+            minid = format!("{ms}-{seq}");
+        }
+        let bases: Vec<u64> = self
+            .bases()?
+            .into_iter()
+            .filter(|(_, step)| *step < before)
+            .map(|(h, _)| h)
+            .collect();
+        let mut keys = vec![
+            self.keys.lease(),
+            self.keys.rounds(),
+            self.keys.bases(),
+            self.keys.tasks(),
+            self.keys.dead(),
         ];
-        self.del_fenced("retire generation", lease, keys)
+        for r in &old {
+            keys.push(self.keys.key(&format!("results:{r}")));
+            keys.push(self.keys.key(&format!("enqueued:{r}")));
+        }
+        for &h in &bases {
+            keys.extend(self.base_keys(h)?);
+        }
+        let mut args: Vec<Vec<u8>> = vec![
+            lease.token.clone().into_bytes(),
+            GROUP.as_bytes().to_vec(),
+            minid.into_bytes(),
+            dead_read.as_bytes().to_vec(),
+            old.len().to_string().into_bytes(),
+            bases.len().to_string().into_bytes(),
+        ];
+        args.extend(old.iter().map(|r| r.clone().into_bytes()));
+        args.extend(bases.iter().map(|h| format!("{h:016x}").into_bytes()));
+        // The live rounds as a task carries them (its `generation`), to
+        // tell which dead letters are still needed.
+        args.extend(
+            live.iter()
+                .filter_map(|(r, _)| r.parse::<u64>().ok())
+                .map(|r| r.to_le_bytes().to_vec()),
+        );
+        let s = self.retire.clone();
+        let reply: Value = self.call("retire rounds", move |c| {
+            s.key(&keys[..]).arg(&args[..]).invoke(c)
+        })?;
+        let counts: Vec<i64> = match reply {
+            Value::Int(-1) => {
+                return Err(BrokerError::LeaseLost {
+                    holder: lease.token.clone(),
+                });
+            }
+            Value::Array(v) => v
+                .into_iter()
+                .map(|x| match x {
+                    Value::Int(n) => n,
+                    _ => 0,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let at = |i: usize| counts.get(i).copied().unwrap_or(0).max(0) as usize;
+        Ok(Retired {
+            rounds: old.len(),
+            bases: bases.len(),
+            keys: at(0),
+            pending: at(1),
+            dead: at(2),
+        })
     }
 
     fn hosts(&mut self) -> Result<Vec<HostInfo>, BrokerError> {
@@ -1106,6 +1283,35 @@ fn group_lag(groups: Value) -> u64 {
         }
     }
     0
+}
+
+/// A results hash entry as the ack script stores it: field = the
+/// candidate, value = `u8 version | f64 fitness | host` (the run and round
+/// are the key's). Checked like bytes from a worker: the version, a
+/// fitness that is a number, a host name `[A-Za-z0-9._-]{1,64}`.
+fn stored_result(field: &str, value: &[u8]) -> Result<(u32, f64, String), String> {
+    let candidate: u32 = field
+        .parse()
+        .map_err(|_| "its field is not a candidate index".to_owned())?;
+    let (&version, rest) = value
+        .split_first()
+        .ok_or_else(|| "it is empty".to_owned())?;
+    if version != crate::wire::WIRE_VERSION {
+        return Err(format!(
+            "version {version}, this build reads {}",
+            crate::wire::WIRE_VERSION
+        ));
+    }
+    if rest.len() < 9 {
+        return Err(format!("{} bytes: no fitness and host", value.len()));
+    }
+    let fitness = f64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+    if fitness.is_nan() {
+        return Err("its fitness is NaN".into());
+    }
+    let host = std::str::from_utf8(&rest[8..]).map_err(|_| "its host is not utf-8".to_owned())?;
+    check_name("result", "host", host).map_err(|e| e.to_string())?;
+    Ok((candidate, fitness, host.to_owned()))
 }
 
 /// Parses `[[id, [field, value, …]], …]` entries of a stream reply.
@@ -1351,7 +1557,7 @@ impl Evaluator for RedisBroker {
 
     fn reclaim(&mut self, max: usize) -> Result<Reclaimed, BrokerError> {
         let s = self.reclaim.clone();
-        let keys = [self.keys.tasks(), self.keys.dead()];
+        let keys = [self.keys.tasks(), self.keys.dead(), self.keys.wake()];
         let consumer = self.config.consumer.clone();
         let idle = self.config.task_lease.as_millis().max(1) as u64;
         // Our own tasks come back to us only after three leases: another

@@ -2,19 +2,28 @@
 //! server (so a restarted or concurrent client never sees half of one).
 //! Each returns plain values; the Rust side turns them into typed results.
 
-/// Enqueue, fenced by the coordinator lease; once per generation unless
-/// forced (a re-enqueue of what is missing).
-/// KEYS: lease, tasks stream, enqueued mark. ARGV: token, group, maxlen,
-/// force (0/1), payloads… Returns -1 (not the lease holder), 0 (already),
-/// or the count.
+/// Enqueue, fenced by the coordinator lease; once per round unless
+/// forced (a re-enqueue of what is missing). The round is indexed under
+/// its step (`ZADD GT`: the latest step that used it) so that a checkpoint
+/// retires it, and its enqueue mark holds `<first task id> <candidates>`
+/// (where its tasks start in the stream, and how many results complete
+/// it).
+/// KEYS: lease, tasks stream, enqueued mark, rounds index. ARGV: token,
+/// group, maxlen, force (0/1), round, step, candidates, payloads…
+/// Returns -1 (not the lease holder), 0 (already), or the count.
 pub const ENQUEUE: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
-if not redis.call('SET', KEYS[3], '1', 'NX') and ARGV[4] == '0' then return 0 end
-for i = 5, #ARGV do
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 't', ARGV[i])
+redis.call('ZADD', KEYS[4], 'GT', ARGV[6], ARGV[5])
+local fresh = redis.call('EXISTS', KEYS[3]) == 0
+if not fresh and ARGV[4] == '0' then return 0 end
+local first
+for i = 8, #ARGV do
+  local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 't', ARGV[i])
+  if not first then first = id end
 end
-return #ARGV - 4
+if fresh then redis.call('SET', KEYS[3], (first or '0-0') .. ' ' .. ARGV[7]) end
+return #ARGV - 7
 "#;
 
 /// Record results once, then acknowledge the task or release it; nothing
@@ -25,9 +34,12 @@ return #ARGV - 4
 /// a host cut off for longer than the round lasted): a late result of a
 /// finished round must not re-create its results hash (a leak) nor count
 /// again.
+/// The results stream is a log (one entry per new result); the
+/// coordinator is woken (`wake`, a list of at most one element) only when
+/// the round has all its results, never per result.
 /// KEYS: tasks stream, results stream, generation's results hash, hosts'
-/// done counts, generation's enqueued mark. ARGV: group, id, consumer,
-/// maxlen, release idle ms (0:
+/// done counts, generation's enqueued mark, wake list. ARGV: group, id,
+/// consumer, maxlen, release idle ms (0:
 /// acknowledge; else the task stays pending, its idle time set to this so
 /// that another host takes it over at once), (candidate, payload)…
 /// Returns the number of new results.
@@ -40,9 +52,19 @@ if redis.call('EXISTS', KEYS[5]) == 0 then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
   return 0
 end
+-- The hash keeps what the coordinator reads back: the result's version
+-- byte, fitness and host (`u8 version | f64 fitness | host`); its run,
+-- round and candidate are the key's and the field's. The whole result goes
+-- to the log. A result too short to cut is kept whole (the reader refuses
+-- it as malformed).
+local function kept(p)
+  local n = string.byte(p, 2)
+  if not n or #p < 24 + n then return p end
+  return string.sub(p, 1, 1) .. string.sub(p, 15 + n, 22 + n) .. string.sub(p, 24 + n)
+end
 local new = 0
 for i = 6, #ARGV, 2 do
-  if redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) == 1 then
+  if redis.call('HSETNX', KEYS[3], ARGV[i], kept(ARGV[i + 1])) == 1 then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[i + 1])
     new = new + 1
   end
@@ -56,6 +78,14 @@ else
   end
 end
 redis.call('HINCRBY', KEYS[4], ARGV[3], new)
+if new > 0 then
+  local mark = redis.call('GET', KEYS[5])
+  local total = mark and string.match(mark, ' (%d+)$')
+  if total and redis.call('HLEN', KEYS[3]) >= tonumber(total) then
+    redis.call('RPUSH', KEYS[6], '1')
+    redis.call('LTRIM', KEYS[6], -1, -1)
+  end
+end
 return new
 "#;
 
@@ -63,8 +93,10 @@ return new
 /// the tasks it released or let lapse itself, unless they stayed idle for
 /// `own min idle`: a run with one host still retries); dead-letter those
 /// already delivered `max deliveries` times.
-/// KEYS: tasks stream, dead-letter stream. ARGV: group, consumer, min idle
-/// ms, count, max deliveries, dead maxlen, own min idle ms, entries to scan.
+/// A dead letter wakes the coordinator (`wake`), which quarantines.
+/// KEYS: tasks stream, dead-letter stream, wake list. ARGV: group,
+/// consumer, min idle ms, count, max deliveries, dead maxlen, own min idle
+/// ms, entries to scan.
 /// Returns {dead count, {id, payload, deliveries, …}, {lost id, …}} (lost:
 /// pending entries trimmed from the stream, acknowledged here).
 pub const RECLAIM: &str = r#"
@@ -99,6 +131,10 @@ for _, e in ipairs(p) do
     end
   end
 end
+if dead > 0 then
+  redis.call('RPUSH', KEYS[3], '1')
+  redis.call('LTRIM', KEYS[3], -1, -1)
+end
 return {dead, out, lost}
 "#;
 
@@ -128,13 +164,82 @@ end
 return 0
 "#;
 
-/// Compare-and-delete keys, fenced by the coordinator lease (retire a
-/// round, drop a base). KEYS: lease, keys to delete…. ARGV: token.
-/// Returns the number deleted, or -1 (not the holder).
+/// Compare-and-delete keys and their index entry, fenced by the
+/// coordinator lease (drop a base). KEYS: lease, index, keys to delete….
+/// ARGV: token, member of the index. Returns the number deleted, or -1
+/// (not the holder).
 pub const DEL_FENCED: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-if #KEYS < 2 then return 0 end
-return redis.call('DEL', unpack(KEYS, 2))
+redis.call('ZREM', KEYS[2], ARGV[2])
+if #KEYS < 3 then return 0 end
+return redis.call('DEL', unpack(KEYS, 3))
+"#;
+
+/// Retire what a checkpoint covers, fenced by the coordinator lease:
+/// delete the retired rounds' keys (results hash, enqueue mark) and the
+/// retired bases' keys and remove both from their indexes; acknowledge the
+/// tasks still pending before `minid` (the first task of the oldest round
+/// still indexed: everything before it is of retired rounds; `''`: no
+/// round is left, all of them), so that no host takes them over; and
+/// delete the dead letters the coordinator has read (up to `dead read`)
+/// whose round is not one still indexed (or that are malformed). The task
+/// entries themselves stay, as the stream's history, until `MAXLEN ~`
+/// trims them.
+/// KEYS: lease, rounds index, bases index, tasks stream, dead-letter
+/// stream, keys to delete…. ARGV: token, group, minid, dead read, number
+/// of retired rounds, number of retired bases, retired round ids…, base
+/// members…, live round ids as 8 little-endian bytes….
+/// Returns -1 (not the holder) or {keys deleted, tasks acknowledged, dead
+/// letters deleted}.
+pub const RETIRE: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local nr, nb = tonumber(ARGV[5]), tonumber(ARGV[6])
+for i = 7, 6 + nr do redis.call('ZREM', KEYS[2], ARGV[i]) end
+for i = 7 + nr, 6 + nr + nb do redis.call('ZREM', KEYS[3], ARGV[i]) end
+local live = {}
+for i = 7 + nr + nb, #ARGV do live[ARGV[i]] = true end
+local deleted = 0
+if #KEYS > 5 then deleted = redis.call('DEL', unpack(KEYS, 6)) end
+local minid = ARGV[3]
+if minid == '' then
+  local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
+  if #last == 0 then
+    minid = '0-0'
+  else
+    local ms, seq = string.match(last[1][1], '^(%d+)-(%d+)$')
+    minid = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
+  end
+end
+local acked = 0
+if minid ~= '0-0' then
+  while true do
+    local ok, p = pcall(redis.call, 'XPENDING', KEYS[4], ARGV[2], '-', '(' .. minid, 1000)
+    if not ok or #p == 0 then break end
+    local ids = {}
+    for _, e in ipairs(p) do ids[#ids + 1] = e[1] end
+    local k = redis.call('XACK', KEYS[4], ARGV[2], unpack(ids))
+    acked = acked + k
+    if k == 0 then break end
+  end
+end
+local gone = {}
+for _, e in ipairs(redis.call('XRANGE', KEYS[5], '-', ARGV[4], 'COUNT', 10000)) do
+  local t
+  for i = 1, #e[2], 2 do
+    if e[2][i] == 't' then t = e[2][i + 1] end
+  end
+  local keep = false
+  if t and #t >= 3 then
+    local n = string.byte(t, 3)
+    keep = live[string.sub(t, 4 + n, 11 + n)] == true
+  end
+  if not keep then gone[#gone + 1] = e[1] end
+end
+local dead = 0
+for i = 1, #gone, 1000 do
+  dead = dead + redis.call('XDEL', KEYS[5], unpack(gone, i, math.min(i + 999, #gone)))
+end
+return {deleted, acked, dead}
 "#;
 
 /// Compare-and-delete the lease. KEYS: lease. ARGV: token.

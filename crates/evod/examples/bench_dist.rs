@@ -5,10 +5,14 @@
 //! bench dist` builds both images first.
 //!
 //! - **Scaling.** For 1, 2, 4, 8 and 16 evaluator containers, each held to
-//!   a tenth of a CPU (`docker run --cpus 0.1`, so 16 fit on a 2-core
-//!   machine), the same ES run (same seed, so the same work: the same
-//!   episodes in every round) of a CartPole network heavy enough that
-//!   evaluation dominates. `throughput_N` is the evaluator hosts' recorded
+//!   a twentieth of a CPU (`docker run --cpus 0.05`: 16 of them take 0.8 of
+//!   a 2-core machine, leaving the rest for the coordinator, Redis and the
+//!   machine itself, so that the quota — not the machine — is what limits
+//!   every host up to 16), the same ES run (same seed, so the same work:
+//!   the same episodes in every round) of a CartPole network heavy enough
+//!   that evaluation dominates, with rounds large enough that each of 16
+//!   hosts gets 8 tasks a round (the measurement is of distribution, not
+//!   of a round's first and last task). `throughput_N` is the evaluator hosts' recorded
 //!   results per second of training-round time: from a round's first task
 //!   entering the stream to its last result recorded, both read from the
 //!   stream entry ids (the server's clock), summed over the rounds after
@@ -23,8 +27,11 @@
 //!   A 2-core machine shared with other work may not have the 1.6 CPUs 16
 //!   hosts are allowed: so each run also reads the evaluator containers'
 //!   CPU time and throttling from their cgroups (v1 `cpuacct`/`cpu`, or v2)
-//!   — `evaluator_cpu_ms_per_candidate_N` (CPU spent per result, broker
-//!   work included: flat if adding hosts adds no work per candidate),
+//!   — `evaluator_cpu_ms_per_candidate_N` (CPU spent per result from the
+//!   end of the first round to the end of the run, broker work included:
+//!   flat if adding hosts adds no work per candidate; the hosts' start —
+//!   process, workers, the model fetched — is before it, as for the
+//!   throughput),
 //!   `throttled_N` (share of CFS periods the quota stopped a container:
 //!   near 1 when the share is what limits it, low when the machine is) —
 //!   and the load average, `load_N`. `cpu_scaling_efficiency_16` =
@@ -42,7 +49,9 @@
 //!   `wire_bytes_per_candidate`, the encoded task share plus result of one
 //!   candidate (what must travel at the least).
 //!
-//! Usage: `bench_dist OUT.json` (env `EVOD_IMAGE`, `EVOD_REDIS_IMAGE`).
+//! Usage: `bench_dist OUT.json` (env `EVOD_IMAGE`, `EVOD_REDIS_IMAGE`;
+//! `EVOD_BENCH_DIST_PARTS=traffic` or `=scaling` runs one part only, e.g.
+//! the traffic on a machine that cannot give 16 hosts their share).
 
 use std::collections::BTreeMap;
 use std::process::{Command, Output, Stdio};
@@ -52,21 +61,32 @@ use evod_broker::{Task, TaskResult};
 
 /// Evaluator counts of the scaling runs.
 const HOSTS: &[usize] = &[1, 2, 4, 8, 16];
-/// CPU share of each evaluator container.
-const CPUS: &str = "0.1";
+/// CPU share of each evaluator container of the scaling runs: 16 × 0.05 =
+/// 0.8 of the 2 cores, with headroom for the coordinator (its ES update
+/// between rounds), Redis and the machine.
+const CPUS: &str = "0.05";
+/// CPU share of each evaluator of the traffic runs (4 hosts; as in the
+/// figures before the scaling runs moved to 0.05, so bytes per candidate
+/// compare).
+const LIGHT_CPUS: &str = "0.1";
 /// Guards against hangs only.
 const DEADLINE: Duration = Duration::from_secs(1800);
 const RUN: &str = "bench";
 const STATE: &str = "/var/lib/evod";
 
 /// The scaling runs: a 4-256-256-2 CartPole policy (67 k parameters),
-/// 255 candidates and the ES mean (256 evaluations a round) of 10 episodes
-/// in tasks of 8: 32 tasks a round, two for each of 16 hosts.
+/// 1023 candidates and the ES mean (1024 evaluations a round) of 10
+/// episodes in tasks of 8: 128 tasks a round, eight for each of 16 hosts
+/// (the last task of a round, which some hosts wait for while one
+/// finishes it, is an eighth of a host's round, not a half), about 40 s of
+/// one host's round at its 0.05 CPU and 2.6 s of 16 hosts'.
 const HEAVY_LAYERS: &str = "4,256,256,2";
-const HEAVY_POPULATION: &str = "255";
+const HEAVY_POPULATION: &str = "1023";
 const HEAVY_EPISODES: &str = "10";
-const HEAVY_GENERATIONS: u64 = 6;
+const HEAVY_GENERATIONS: u64 = 5;
 const HEAVY_PER_TASK: &str = "8";
+/// Evaluations of a scaling round (population and mean).
+const HEAVY_ROUND: u64 = 1024;
 
 /// The traffic runs: the default 4-16-2 policy, 511 candidates and the
 /// mean a round, in tasks of 16 (the default: the unsuffixed keys) and of
@@ -104,6 +124,9 @@ struct Bench {
     containers: Vec<String>,
     /// Redis's CPU seconds when the coordinator started.
     cpu_at_start: f64,
+    /// Each evaluator's CPU seconds and the results recorded when the
+    /// first round had all its results (`None`: not sampled).
+    after_first_round: Option<(Vec<f64>, u64)>,
 }
 
 impl Drop for Bench {
@@ -134,14 +157,17 @@ impl Bench {
     }
 
     /// Redis, the coordinator (on a model made by `evod init --layers
-    /// LAYERS`) and `hosts` evaluators held to [`CPUS`], running until the
-    /// coordinator's bounded run ends.
+    /// LAYERS`) and `hosts` evaluators held to `cpus`, running until the
+    /// coordinator's bounded run ends. With `first_round` (its results),
+    /// the evaluators' CPU is sampled once the first round is recorded.
     fn run(
         tag: &str,
         hosts: usize,
         layers: Option<&str>,
         evolve: &[&str],
         per_task: &str,
+        cpus: &str,
+        first_round: Option<u64>,
     ) -> Bench {
         let prefix = format!("evod-bench-dist-{tag}-{}", std::process::id());
         let mut b = Bench {
@@ -152,6 +178,7 @@ impl Bench {
             prefix,
             containers: Vec::new(),
             cpu_at_start: 0.0,
+            after_first_round: None,
         };
         b.containers.push(b.redis());
         b.containers.push(b.coordinator());
@@ -212,7 +239,7 @@ impl Bench {
                 "--network",
                 &network,
                 "--cpus",
-                CPUS,
+                cpus,
                 "--read-only",
                 "--tmpfs",
                 "/var/lib/evod:uid=65532,gid=65532,mode=0700",
@@ -262,6 +289,36 @@ impl Bench {
         args.extend_from_slice(&dist);
         args.extend_from_slice(evolve);
         docker_ok(&args);
+        if let Some(first) = first_round {
+            let evaluators: Vec<String> = (1..=hosts)
+                .map(|i| format!("{}-evaluator-{i}", b.prefix))
+                .collect();
+            let ids: Vec<String> = evaluators
+                .iter()
+                .map(|e| {
+                    docker_ok(&["inspect", "--format", "{{.Id}}", e])
+                        .trim()
+                        .to_owned()
+                })
+                .collect();
+            let results = b.key("results");
+            let since = Instant::now();
+            loop {
+                let n: u64 = b.redis_cli(&["XLEN", &results]).trim().parse().unwrap_or(0);
+                if n >= first {
+                    // The cgroup files first (microseconds), then the
+                    // count again: the results recorded meanwhile are few.
+                    let cpu: Option<Vec<f64>> =
+                        ids.iter().map(|id| cgroup_cpu(id).map(|c| c.0)).collect();
+                    let n: u64 = b.redis_cli(&["XLEN", &results]).trim().parse().unwrap_or(n);
+                    b.after_first_round = cpu.map(|c| (c, n));
+                    break;
+                }
+                assert!(since.elapsed() < DEADLINE, "the first round did not end");
+                // A poll inside a deadline: nothing to wait on in Redis's CLI.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let code = docker_ok(&["wait", &b.coordinator()]);
         assert_eq!(
             code.trim(),
@@ -331,7 +388,11 @@ impl Bench {
 /// neither layout is there.
 fn container_cpu(name: &str) -> Option<(f64, f64)> {
     let id = docker_ok(&["inspect", "--format", "{{.Id}}", name]);
-    let id = id.trim();
+    cgroup_cpu(id.trim())
+}
+
+/// [`container_cpu`] of the container with this full id.
+fn cgroup_cpu(id: &str) -> Option<(f64, f64)> {
     let read = |p: String| std::fs::read_to_string(p).ok();
     let field = |text: &str, key: &str| -> Option<f64> {
         text.lines()
@@ -408,8 +469,11 @@ fn main() {
     let mut json = serde_json::json!({});
     let started = Instant::now();
 
+    let parts = std::env::var("EVOD_BENCH_DIST_PARTS").unwrap_or_else(|_| "traffic,scaling".into());
+    let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
+
     // Traffic and broker work: the small default network.
-    for &per_task in LIGHT_PER_TASK {
+    for &per_task in LIGHT_PER_TASK.iter().filter(|_| part("traffic")) {
         let suffix = if per_task == "16" {
             String::new()
         } else {
@@ -427,8 +491,14 @@ fn main() {
                 &generations,
             ],
             per_task,
+            LIGHT_CPUS,
+            None,
         );
         let stats = b.info("stats");
+        if std::env::var_os("EVOD_BENCH_DIST_COMMANDS").is_some() {
+            // Where the commands go (calls, µs), for a look at the traffic.
+            eprintln!("{}", b.redis_cli(&["INFO", "commandstats"]));
+        }
         let bytes: f64 = ["total_net_input_bytes", "total_net_output_bytes"]
             .iter()
             .map(|k| stats[*k].parse::<f64>().expect("a byte count"))
@@ -457,13 +527,36 @@ fn main() {
         json[format!("broker_calls_per_candidate{suffix}")] = (calls / candidates).into();
         json[format!("traffic_candidates{suffix}")] = candidates.into();
     }
-    json["traffic_evaluators"] = LIGHT_HOSTS.into();
+    if part("traffic") {
+        json["traffic_evaluators"] = LIGHT_HOSTS.into();
+        json["load_traffic"] = load().into();
+    }
+    if !part("scaling") {
+        json["bench_seconds"] = started.elapsed().as_secs().into();
+        std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap())
+            .expect("writing the report");
+        println!("{}", serde_json::to_string_pretty(&json).unwrap());
+        return;
+    }
 
     // Scaling.
     let generations = HEAVY_GENERATIONS.to_string();
     let mut t = BTreeMap::new();
     let mut per_cpu = BTreeMap::new();
-    for &hosts in HOSTS {
+    // `EVOD_BENCH_DIST_HOSTS=2,4` measures those host counts only (a
+    // check of the bench itself; the efficiency needs 1 and 16).
+    let host_counts: Vec<usize> = match std::env::var("EVOD_BENCH_DIST_HOSTS") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .expect("EVOD_BENCH_DIST_HOSTS: host counts")
+            })
+            .collect(),
+        Err(_) => HOSTS.to_vec(),
+    };
+    for &hosts in &host_counts {
         let b = Bench::run(
             &format!("scale{hosts}"),
             hosts,
@@ -477,6 +570,8 @@ fn main() {
                 &generations,
             ],
             HEAVY_PER_TASK,
+            CPUS,
+            Some(HEAVY_ROUND),
         );
         let (rate, rounds) = throughput(&b);
         json[format!("throughput_{hosts}")] = rate.into();
@@ -491,10 +586,11 @@ fn main() {
             .collect();
         let now = load();
         json[format!("load_{hosts}")] = now.into();
-        if let Some(cpu) = cpu {
-            let seconds: f64 = cpu.iter().map(|c| c.0).sum();
+        if let (Some(cpu), Some((at_first, results_at_first))) = (cpu, &b.after_first_round) {
+            // From the end of the first round: the hosts' start is not in it.
+            let seconds: f64 = cpu.iter().map(|c| c.0).sum::<f64>() - at_first.iter().sum::<f64>();
             let throttled = cpu.iter().map(|c| c.1).sum::<f64>() / hosts as f64;
-            let per = seconds * 1e3 / evaluator_results;
+            let per = seconds * 1e3 / (evaluator_results - *results_at_first as f64).max(1.0);
             json[format!("evaluator_cpu_ms_per_candidate_{hosts}")] = per.into();
             json[format!("throttled_{hosts}")] = throttled.into();
             per_cpu.insert(hosts, per);
@@ -509,7 +605,9 @@ fn main() {
             );
         }
     }
-    json["scaling_efficiency_16"] = (t[&16] / (16.0 * t[&1])).into();
+    if let (Some(one), Some(sixteen)) = (t.get(&1), t.get(&16)) {
+        json["scaling_efficiency_16"] = (sixteen / (16.0 * one)).into();
+    }
     if let (Some(one), Some(sixteen)) = (per_cpu.get(&1), per_cpu.get(&16)) {
         json["cpu_scaling_efficiency_16"] = (one / sixteen).into();
     }

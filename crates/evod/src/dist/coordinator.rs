@@ -42,7 +42,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use evod_broker::{
-    BrokerError, Coordinator as _, Enqueued, HostInfo, Lease, RedisBroker, Task, TaskResult, Work,
+    BrokerError, Coordinator as _, Enqueued, HostInfo, Lease, RedisBroker, Round, Task, TaskResult,
+    Work,
 };
 use evod_evolve::{Base, EvalError, Evaluator, GaBatch, GaRecipe, ParamLayout, Purpose, Recipe};
 
@@ -52,15 +53,17 @@ use crate::evolver::RingEvaluator;
 /// Exit code of an evolver whose lease was taken: the supervisor restarts
 /// it, and it waits for the lease again.
 const LEASE_LOST_EXIT: i32 = 1;
-/// How often the dead-letter stream is read while a round is open.
+/// How often the dead-letter stream is read while a round is open (a
+/// dead letter also wakes the wait at once).
 const DEAD_LETTERS_EVERY: Duration = Duration::from_millis(500);
+/// Longest wait for a round's results between two looks at it (its
+/// count, dead letters, a stall, a stop): the wait is woken when the
+/// round has all its results or a task is dead-lettered, never per result.
+const WAIT_SLICE: Duration = Duration::from_millis(500);
 /// A host silent this long is forgotten (`evod status` stops listing it).
 const HOST_GONE: Duration = Duration::from_secs(600);
 /// How often the hosts are listed for the status report.
 const HOSTS_EVERY: Duration = Duration::from_secs(1);
-
-/// A complete round: (generation, round id).
-type Done = (u64, u64);
 
 /// The coordinator of a distributed run (see the module docs).
 pub struct Coordination {
@@ -77,11 +80,8 @@ pub struct Coordination {
     /// Generation of the evolver's step under way.
     generation: u64,
     /// Bases of the current round (a round that names others drops those
-    /// it does not name).
+    /// of this step and before it does not name).
     bases: Vec<u64>,
-    /// Rounds complete, to retire once a checkpoint covers their
-    /// generation.
-    done: Vec<Done>,
     /// The last dead letter read (broker id): each is read once.
     dead_after: String,
     /// Dead-lettered candidates by round, with their letter (a round's
@@ -189,7 +189,6 @@ impl Coordination {
             stop,
             generation: 0,
             bases: Vec::new(),
-            done: Vec::new(),
             dead_after: "0-0".to_owned(),
             dead: Default::default(),
             hosts: Vec::new(),
@@ -235,17 +234,25 @@ impl Coordination {
     }
 
     /// A checkpoint of generation `generation` (the next to run) was
-    /// saved: rounds of earlier generations are never redone, so they are
-    /// retired.
+    /// saved: rounds of earlier steps are never redone, so they are
+    /// retired — every round and base the run's indexes list under those
+    /// steps (a previous coordinator's too), the pending tasks before the
+    /// oldest round still indexed, and the dead letters read of that time.
     pub fn checkpointed(&mut self, generation: u64) {
-        let (old, keep): (Vec<Done>, Vec<Done>) =
-            self.done.iter().partition(|(g, _)| *g < generation);
-        self.done = keep;
-        for (_, round) in old {
-            if let Err(e) = self.broker.retire(&self.lease, round) {
-                // Left behind: a few keys, not an error of the run.
-                tracing::warn!("retiring round {round:016x} failed: {e}");
-            }
+        match self
+            .broker
+            .retire(&self.lease, generation, &self.dead_after)
+        {
+            Ok(r) => tracing::debug!(
+                rounds = r.rounds,
+                bases = r.bases,
+                keys = r.keys,
+                pending = r.pending,
+                dead = r.dead,
+                "retired what the checkpoint of generation {generation} covers"
+            ),
+            // Left for the next checkpoint (the index keeps them listed).
+            Err(e) => tracing::warn!("retiring rounds before generation {generation} failed: {e}"),
         }
     }
 
@@ -398,7 +405,8 @@ impl Coordination {
         };
         let mut out = Vec::with_capacity(bases.len());
         for (want, params) in bases {
-            let hash = self.retry("publish a base", |b, _| b.publish_base(params))?;
+            let step = self.generation;
+            let hash = self.retry("publish a base", |b, _| b.publish_base(step, params))?;
             if hash != want {
                 return Err(EvalError::Failed(format!(
                     "the broker named the base {hash:016x}, its checksum is {want:016x}"
@@ -424,26 +432,36 @@ impl Coordination {
         }
         let total_u32 = u32::try_from(total)
             .map_err(|_| EvalError::Failed(format!("{total} candidates in one round")))?;
-        // The bases, once per hash (idempotent on the broker).
+        // The bases, once per hash (idempotent on the broker), indexed
+        // under this step.
+        let step = self.generation;
         let hashes = self.publish_bases(work)?;
         if self.bases != hashes {
-            // Rounds before this one are complete: bases this one does not
-            // name are not needed (a late copy of one of their tasks finds
-            // its base gone and is acknowledged without results).
-            for old in std::mem::take(&mut self.bases) {
-                if hashes.contains(&old) {
-                    continue;
+            // Rounds of this step and before are complete: bases this one
+            // does not name are not needed (a late copy of one of their
+            // tasks finds its base gone and is acknowledged without
+            // results). Bases of later steps (a previous coordinator's,
+            // which a restart redoes) stay.
+            match self.broker.bases() {
+                Ok(listed) => {
+                    for (old, _) in listed
+                        .into_iter()
+                        .filter(|&(h, s)| !hashes.contains(&h) && s <= step)
+                    {
+                        if let Err(e) = self.broker.drop_base(&self.lease, old) {
+                            tracing::warn!("dropping base {old:016x} failed: {e}");
+                        }
+                    }
                 }
-                if let Err(e) = self.broker.drop_base(&self.lease, old) {
-                    tracing::warn!("dropping base {old:016x} failed: {e}");
-                }
+                Err(e) => tracing::warn!("listing the bases failed: {e}"),
             }
             self.bases = hashes;
         }
         let all: Vec<u32> = (0..total_u32).collect();
         let tasks = self.tasks(round, work, &all, seed, episodes);
         let n_tasks = tasks.len();
-        match self.retry("enqueue", |b, lease| b.enqueue(lease, round, &tasks))? {
+        let id = Round { id: round, step };
+        match self.retry("enqueue", |b, lease| b.enqueue(lease, id, &tasks))? {
             Enqueued::New(n) => {
                 self.enqueued += n as u64;
                 tracing::debug!(
@@ -513,13 +531,16 @@ impl Coordination {
                     0
                 }
             };
+            // After a task done here, only a look at the count (more tasks
+            // may wait in the stream); else a wait of up to a slice, woken
+            // when the round has all its results or a task is
+            // dead-lettered (no undelivered task is left for the local
+            // workers: only this coordinator adds tasks).
             let wait = if worked > 0 {
                 Duration::ZERO
             } else {
-                Duration::from_millis(20)
+                WAIT_SLICE
             };
-            // A count (HLEN) while waiting; the results themselves are read
-            // only when they may settle the round, or to look at a stall.
             let count = match self.broker.wait_count(round, total, wait) {
                 Ok(n) => n,
                 Err(e @ BrokerError::Unavailable { .. }) => {
@@ -540,7 +561,11 @@ impl Coordination {
                     since.elapsed().as_secs_f64()
                 );
             }
-            if dead_at.is_none_or(|t| t.elapsed() >= DEAD_LETTERS_EVERY) {
+            // A count (HLEN) while waiting; the results themselves are read
+            // only when they may settle the round, or to look at a stall.
+            // Dead letters after every wait (it may have been a letter that
+            // woke it), else every `DEAD_LETTERS_EVERY`.
+            if worked == 0 || dead_at.is_none_or(|t| t.elapsed() >= DEAD_LETTERS_EVERY) {
                 dead_at = Some(Instant::now());
                 self.poll_dead_letters()?;
             }
@@ -609,7 +634,11 @@ impl Coordination {
                 // The bases too: a broker that lost its data lost them.
                 self.publish_bases(work)?;
                 let tasks = self.tasks(round, work, &missing, seed, episodes);
-                let n = self.retry("re-enqueue", |b, lease| b.requeue(lease, round, &tasks))?;
+                let id = Round {
+                    id: round,
+                    step: self.generation,
+                };
+                let n = self.retry("re-enqueue", |b, lease| b.requeue(lease, id, &tasks))?;
                 self.enqueued += n as u64;
             }
         }
@@ -699,7 +728,6 @@ impl Coordination {
                 .zip(quarantined)
                 .all(|(slot, &q)| slot.is_some() || q)
         );
-        self.done.push((self.generation, round));
         self.dead.remove(&round);
         out
     }

@@ -304,13 +304,20 @@ impl EvalHost {
         if fetched.is_empty() {
             return Ok(None);
         }
-        // The run's fingerprint, read with each new base: another model
-        // means this host's is stale (fetched again by a feeder restart),
-        // another build is refused loudly, never evaluated.
-        if let Some(fp) = self
+        // The run's fingerprint and the coordinator's evaluation timeout,
+        // read with each new base (a restarted coordinator may have
+        // others), in one round trip. Another model means this host's is
+        // stale (fetched again by a feeder restart), another build is
+        // refused loudly, never evaluated.
+        let mut settings = self
             .broker
-            .fetch_run_setting(super::coordinator::FINGERPRINT_SETTING)?
-        {
+            .fetch_run_settings(&[
+                super::coordinator::FINGERPRINT_SETTING,
+                super::coordinator::EVAL_TIMEOUT_SETTING,
+            ])?
+            .into_iter();
+        let (fingerprint, timeout) = (settings.next().flatten(), settings.next().flatten());
+        if let Some(fp) = fingerprint {
             let mine = format!("{:016x} {}", self.spec_hash, super::coordinator::build());
             if fp != mine {
                 let (model, build) = fp.split_once(' ').unwrap_or((fp.as_str(), ""));
@@ -330,12 +337,7 @@ impl EvalHost {
                 return self.release(d, &[], &why).map(Some);
             }
         }
-        // The coordinator's evaluation timeout, read with each new base (a
-        // restarted coordinator may have another).
-        if let Some(ms) = self
-            .broker
-            .fetch_run_setting(super::coordinator::EVAL_TIMEOUT_SETTING)?
-        {
+        if let Some(ms) = timeout {
             match ms.parse::<u64>() {
                 Ok(ms) => ring.per_candidate_timeout = Duration::from_millis(ms),
                 Err(_) => tracing::warn!(
