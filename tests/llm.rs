@@ -1,7 +1,7 @@
 //! The perplexity task end to end on real llama.cpp (`--features llm`):
 //! `evod init --task perplexity` on a tiny llama GGUF made here with
-//! gguf-py (`crates/evod-llama/tests/py/tiny_llama.py`, the runtime's own
-//! fixture), a bounded `evod run` (supervisor,
+//! gguf-py (`tests/common/tiny_llama.rs`, the runtime's own fixture), a
+//! bounded `evod run` (supervisor,
 //! llama.cpp workers, evolver) that lowers the training perplexity and
 //! publishes a control vector that gguf-py reads and llama.cpp loads (its
 //! held-out perplexity is the published fitness, bit for bit); the
@@ -9,11 +9,15 @@
 //! wrong width, a corpus changed under the run); a worker SIGSEGVed while
 //! it decodes is respawned and the run completes.
 //!
-//! The Python is `EVOD_PYTHON`, else `<workspace>/.venv/bin/python`.
+//! The Python is `EVOD_PYTHON`, else `<workspace>/.venv/bin/python`
+//! (`tests/common/tiny_llama.rs`).
 
 mod common;
+#[path = "common/tiny_llama.rs"]
+mod tiny_llama;
 
 use common::{Daemon, children_with_role, evod, text};
+use tiny_llama::{corpus, python};
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -25,60 +29,6 @@ use evod_gguf::{GgufFile, Value};
 const DEADLINE: Duration = Duration::from_secs(300);
 /// Tokens per window in these tests.
 const WINDOW: u32 = 16;
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("EVOD_PYTHON") {
-        return p.into();
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no python with gguf-py: set EVOD_PYTHON or run `cargo xtask venv` (looked for {})",
-        venv.display()
-    );
-    venv
-}
-
-/// Writes the tiny llama base model at `out` (3 layers of width 32 unless
-/// `args` say otherwise: `--n-embd N`, `--layers N`).
-fn tiny_llama(out: &Path, args: &[&str]) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../evod-llama/tests/py/tiny_llama.py");
-    let o = std::process::Command::new(python())
-        .arg(script)
-        .arg("write")
-        .arg(out)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "fixture: {}", text(&o.stderr));
-}
-
-/// A deterministic English-like corpus of about `bytes` bytes: sentences
-/// drawn from a small vocabulary, so the held-out part looks like the
-/// training part.
-fn corpus(bytes: usize) -> String {
-    const WORDS: [&str; 16] = [
-        "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "house", "big", "red",
-        "small", "saw", "it",
-    ];
-    let mut s = String::new();
-    let mut x: u64 = 12345;
-    while s.len() < bytes {
-        let n = 4 + (x % 5) as usize;
-        for k in 0..n {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let w = WORDS[((x >> 33) % WORDS.len() as u64) as usize];
-            if k > 0 {
-                s.push(' ');
-            }
-            s.push_str(w);
-        }
-        s.push_str(".\n");
-    }
-    s
-}
 
 /// `evod init --task perplexity` with these files; its output.
 fn init(base: &Path, text_file: &Path, out: &Path, extra: &[&str]) -> Output {
@@ -110,7 +60,7 @@ fn init_ok(base: &Path, text_file: &Path, out: &Path) {
 fn setup(bytes: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.gguf");
-    tiny_llama(&base, &[]);
+    tiny_llama::write(&base, &[]);
     let corpus_file = dir.path().join("corpus.txt");
     std::fs::write(&corpus_file, corpus(bytes)).unwrap();
     init_ok(&base, &corpus_file, &dir.path().join("vectorland.gguf"));
@@ -282,7 +232,7 @@ fn refused(o: &Output, code: i32, needles: &[&str]) {
 fn init_refuses_a_base_llama_cpp_cannot_load_and_a_bad_corpus_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("base.gguf");
-    tiny_llama(&good, &[]);
+    tiny_llama::write(&good, &[]);
     let text_file = dir.path().join("corpus.txt");
     std::fs::write(&text_file, corpus(2000)).unwrap();
     let out = dir.path().join("v.gguf");
@@ -343,7 +293,7 @@ fn run_refuses_a_vector_that_does_not_fit_the_base_and_a_corpus_changed_since_in
     // A vector made for a 16-wide base, pointed at a 32-wide one.
     let (dir, base32, corpus_file) = setup(2000);
     let base16 = dir.path().join("base16.gguf");
-    tiny_llama(&base16, &["--n-embd", "16"]);
+    tiny_llama::write(&base16, &["--n-embd", "16"]);
     let narrow = dir.path().join("narrow.gguf");
     init_ok(&base16, &corpus_file, &narrow);
     let model = dir.path().join("vectorland.gguf");
