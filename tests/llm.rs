@@ -7,7 +7,8 @@
 //! held-out perplexity is the published fitness, bit for bit); the
 //! refusals (a base llama.cpp cannot load, a bad corpus, a vector of the
 //! wrong width, a corpus changed under the run); a worker SIGSEGVed while
-//! it decodes is respawned and the run completes.
+//! it decodes is replaced by its warm standby, which loaded the base model
+//! before its promotion and never again, and the run completes.
 //!
 //! The Python is `EVOD_PYTHON`, else `<workspace>/.venv/bin/python`
 //! (`tests/common/tiny_llama.rs`).
@@ -346,14 +347,32 @@ fn run_refuses_a_vector_that_does_not_fit_the_base_and_a_corpus_changed_since_in
     refused(&o, 3, &["corpus.txt", "changed since evod init"]);
 }
 
+/// The supervisor's and workers' JSON log lines whose message is
+/// `message`.
+fn log_events(d: &Daemon, message: &str) -> Vec<serde_json::Value> {
+    d.log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == message)
+        .collect()
+}
+
 #[test]
-fn a_worker_killed_by_sigsegv_while_it_decodes_is_respawned_and_the_run_completes() {
+fn a_worker_killed_by_sigsegv_while_it_decodes_is_replaced_by_its_preloaded_standby() {
     // A long corpus: each EVAL_RECIPES keeps the worker in llama_decode for
     // a while.
     let (dir, _, _) = setup(40_000);
     let args = run_args(3);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut d = Daemon::spawn(dir, &args, DEADLINE);
+    // The warm standby says ready once it has loaded the base model, its
+    // context and the corpus.
+    let standby = d.wait_for("worker 0's standby ready", |d| {
+        let w = d.worker()?;
+        (w["standby_ready"] == true)
+            .then(|| w["standby_pid"].as_u64())
+            .flatten()
+    });
     let pid = d.wait_for("a worker evaluating", |d| {
         let w = d.worker()?;
         let busy = w["stats"]["in_service"] == "EVAL_RECIPES";
@@ -365,13 +384,35 @@ fn a_worker_killed_by_sigsegv_while_it_decodes_is_respawned_and_the_run_complete
         nix::sys::signal::Signal::SIGSEGV,
     )
     .unwrap();
-    d.wait_for("the worker respawned after its SIGSEGV", |d| {
+    let promoted = d.wait_for("the worker respawned after its SIGSEGV", |d| {
         let w = d.worker()?;
         let segv = w["last_exit"].as_str()?.contains("SIGSEGV");
-        (segv && w["restarts"].as_u64()? >= 1 && w["pid"].as_u64()? != pid).then_some(())
+        let new = w["pid"].as_u64()?;
+        (segv && w["restarts"].as_u64()? >= 1 && new != pid).then_some(new)
     });
+    assert_eq!(promoted, standby, "the standby was promoted\n{}", d.log());
     let status = d.wait_exit();
     assert!(status.success(), "evod run: {status}\n{}", d.log());
     let f = GgufFile::open(&d.dir().join("vectorland.gguf")).unwrap();
     assert_eq!(str_key(&f, "general.architecture"), "controlvector");
+    // Every worker process loaded the base model once: the first worker
+    // cold, the promoted one while it stood by (and never again, though it
+    // served the rest of the run and every published generation's LOAD).
+    let ready = log_events(&d, "perplexity worker ready");
+    let of = |p: u64| -> Vec<&serde_json::Value> {
+        ready.iter().filter(|e| e["fields"]["pid"] == p).collect()
+    };
+    let first = of(pid);
+    assert_eq!(first.len(), 1, "{ready:#?}");
+    assert_eq!(first[0]["fields"]["standby"], false, "{ready:#?}");
+    let second = of(promoted);
+    assert_eq!(second.len(), 1, "{ready:#?}");
+    assert_eq!(second[0]["fields"]["standby"], true, "{ready:#?}");
+    assert!(
+        !log_events(&d, "evod supervisor starting").is_empty()
+            && !d.log().contains("cannot preload"),
+        "{}",
+        d.log()
+    );
 }
+
