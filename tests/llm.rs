@@ -9,6 +9,8 @@
 //! wrong width, a corpus changed under the run); a worker SIGSEGVed while
 //! it decodes is replaced by its warm standby, which loaded the base model
 //! before its promotion and never again, and the run completes.
+//! A real perplexity worker's `EVAL` with a candidate whose perplexity is
+//! NaN answers it −∞ and scores the rest of the batch unchanged.
 //!
 //! The Python is `EVOD_PYTHON`, else `<workspace>/.venv/bin/python`
 //! (`tests/common/tiny_llama.rs`).
@@ -416,3 +418,81 @@ fn a_worker_killed_by_sigsegv_while_it_decodes_is_replaced_by_its_preloaded_stan
     );
 }
 
+#[test]
+fn a_candidate_whose_perplexity_is_nan_scores_minus_infinity_and_the_batch_goes_on() {
+    use evod_ring::{Channel, LayoutConfig, Segment};
+    let (dir, _, _) = setup(2000);
+    let model = dir.path().join("vectorland.gguf");
+    let n = vector(&GgufFile::open(&model).unwrap()).len();
+    // A perplexity worker on the real ring, as the supervisor spawns it.
+    let seg = Segment::create(&LayoutConfig::default()).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_evod"));
+    let fd = seg.pass_to(&mut cmd);
+    let mut child = cmd
+        .args(["worker", "--ring-fd", &fd.to_string(), "--model"])
+        .arg(&model)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut client = seg.client(Channel::Eval).unwrap();
+    // The zero vector (the base model), one so large the logits overflow
+    // (a NaN perplexity: llama.cpp decodes it, the scoring finds the
+    // logits not finite), the zero vector again, one holding a NaN (refused
+    // before llama.cpp sees it), and a small one.
+    let zero = vec![0f32; n];
+    let huge = vec![3.0e38f32; n];
+    let mut nan = vec![0.01f32; n];
+    nan[5] = f32::NAN;
+    let small: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 0.05).collect();
+    let candidates: [&[f32]; 5] = [&zero, &huge, &zero, &nan, &small];
+    let mut body = vec![0u8; 32 + 4 * n * candidates.len()];
+    body[0..4].copy_from_slice(&(candidates.len() as u32).to_le_bytes());
+    body[4..8].copy_from_slice(&(n as u32).to_le_bytes());
+    body[8..16].copy_from_slice(&7u64.to_le_bytes());
+    for (k, v) in candidates.iter().flat_map(|c| c.iter()).enumerate() {
+        body[32 + 4 * k..36 + 4 * k].copy_from_slice(&v.to_le_bytes());
+    }
+    let reply = client
+        .call(
+            evod_wire::op::EVAL,
+            0,
+            body.len(),
+            |out| out.copy_from_slice(&body),
+            std::time::Instant::now() + DEADLINE,
+        )
+        .unwrap();
+    let payload = String::from_utf8_lossy(reply.payload).into_owned();
+    assert_eq!(reply.status(), evod_wire::status::OK, "{payload}");
+    let fitness: Vec<f64> = reply
+        .payload
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    drop(reply);
+    assert_eq!(fitness.len(), 5, "{fitness:?}");
+    // NaN ranks last: the worker sends it as −∞, below every perplexity
+    // (the evolver then quarantines it: evod-evolve's `evaluate`, and its
+    // GA ranks it after every scored candidate).
+    assert_eq!(fitness[1], f64::NEG_INFINITY, "{fitness:?}");
+    assert_eq!(fitness[3], f64::NEG_INFINITY, "{fitness:?}");
+    for i in [0, 2, 4] {
+        assert!(fitness[i].is_finite() && fitness[i] < -1.0, "{fitness:?}");
+    }
+    // The bad candidates left nothing behind: the base model scores the
+    // same, bit for bit, after one of them.
+    assert_eq!(fitness[0].to_bits(), fitness[2].to_bits(), "{fitness:?}");
+    assert_ne!(fitness[4], fitness[0], "{fitness:?}");
+    let bye = client
+        .call(
+            evod_wire::op::SHUTDOWN,
+            0,
+            0,
+            |_| {},
+            std::time::Instant::now() + DEADLINE,
+        )
+        .unwrap();
+    assert_eq!(bye.status(), evod_wire::status::OK);
+    drop(bye);
+    let status = common::wait_exit(&mut child, DEADLINE).expect("the worker exits after SHUTDOWN");
+    assert!(status.success(), "{status}");
+}
