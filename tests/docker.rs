@@ -1,8 +1,9 @@
 //! Process tests of the container image: real `docker run`, `stop`, `kill`,
 //! `start`, real signals. The image is built once per test run by
-//! `cargo xtask image --tag evod:test` (a static build cached in `target/`,
-//! then `docker build` of `docker/Dockerfile`, a no-op when nothing
-//! changed), so these tests work from `cargo test` alone.
+//! `cargo xtask image --tag evod:test` (a static build, llama.cpp included,
+//! cached in `target/`, then `docker build` of `docker/Dockerfile`, a no-op
+//! when nothing changed), so these tests work from `cargo test` alone. The
+//! perplexity task in the image is `tests/docker_llm.rs`'s.
 //!
 //! Without a Docker engine (`docker info` fails) every test prints one loud
 //! `SKIPPED: tests/docker.rs: …` line and passes. Each test has its own

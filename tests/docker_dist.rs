@@ -17,8 +17,9 @@
 //! seed run here by the test.
 //!
 //! The images are `evod:test` (built by `cargo xtask image --tag evod:test`,
-//! as tests/docker.rs does: one static build shared by both, a no-op for
-//! cargo and Docker's layer cache the second time) and `evod-redis:test`
+//! as tests/docker.rs does, and tests/docker_llm.rs under its own tag: one
+//! static build shared by the three, a no-op for cargo and Docker's layer
+//! cache after the first) and `evod-redis:test`
 //! (`cargo xtask image --redis`, Debian's redis-server FROM scratch).
 //! Without a Docker engine every test prints one
 //! `SKIPPED: docker_dist: …` line and passes. Every container, volume and

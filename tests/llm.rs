@@ -1,19 +1,26 @@
 //! The perplexity task end to end on real llama.cpp (`--features llm`):
 //! `evod init --task perplexity` on a tiny llama GGUF made here with
-//! gguf-py (`crates/evod-llama/tests/py/tiny_llama.py`, the runtime's own
-//! fixture), a bounded `evod run` (supervisor,
+//! gguf-py (`tests/common/tiny_llama.rs`, the runtime's own fixture), a
+//! bounded `evod run` (supervisor,
 //! llama.cpp workers, evolver) that lowers the training perplexity and
 //! publishes a control vector that gguf-py reads and llama.cpp loads (its
 //! held-out perplexity is the published fitness, bit for bit); the
 //! refusals (a base llama.cpp cannot load, a bad corpus, a vector of the
 //! wrong width, a corpus changed under the run); a worker SIGSEGVed while
-//! it decodes is respawned and the run completes.
+//! it decodes is replaced by its warm standby, which loaded the base model
+//! before its promotion and never again, and the run completes.
+//! A real perplexity worker's `EVAL` with a candidate whose perplexity is
+//! NaN answers it −∞ and scores the rest of the batch unchanged.
 //!
-//! The Python is `EVOD_PYTHON`, else `<workspace>/.venv/bin/python`.
+//! The Python is `EVOD_PYTHON`, else `<workspace>/.venv/bin/python`
+//! (`tests/common/tiny_llama.rs`).
 
 mod common;
+#[path = "common/tiny_llama.rs"]
+mod tiny_llama;
 
 use common::{Daemon, children_with_role, evod, text};
+use tiny_llama::{corpus, python};
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -25,60 +32,6 @@ use evod_gguf::{GgufFile, Value};
 const DEADLINE: Duration = Duration::from_secs(300);
 /// Tokens per window in these tests.
 const WINDOW: u32 = 16;
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("EVOD_PYTHON") {
-        return p.into();
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no python with gguf-py: set EVOD_PYTHON or run `cargo xtask venv` (looked for {})",
-        venv.display()
-    );
-    venv
-}
-
-/// Writes the tiny llama base model at `out` (3 layers of width 32 unless
-/// `args` say otherwise: `--n-embd N`, `--layers N`).
-fn tiny_llama(out: &Path, args: &[&str]) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../evod-llama/tests/py/tiny_llama.py");
-    let o = std::process::Command::new(python())
-        .arg(script)
-        .arg("write")
-        .arg(out)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "fixture: {}", text(&o.stderr));
-}
-
-/// A deterministic English-like corpus of about `bytes` bytes: sentences
-/// drawn from a small vocabulary, so the held-out part looks like the
-/// training part.
-fn corpus(bytes: usize) -> String {
-    const WORDS: [&str; 16] = [
-        "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "house", "big", "red",
-        "small", "saw", "it",
-    ];
-    let mut s = String::new();
-    let mut x: u64 = 12345;
-    while s.len() < bytes {
-        let n = 4 + (x % 5) as usize;
-        for k in 0..n {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let w = WORDS[((x >> 33) % WORDS.len() as u64) as usize];
-            if k > 0 {
-                s.push(' ');
-            }
-            s.push_str(w);
-        }
-        s.push_str(".\n");
-    }
-    s
-}
 
 /// `evod init --task perplexity` with these files; its output.
 fn init(base: &Path, text_file: &Path, out: &Path, extra: &[&str]) -> Output {
@@ -110,7 +63,7 @@ fn init_ok(base: &Path, text_file: &Path, out: &Path) {
 fn setup(bytes: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.gguf");
-    tiny_llama(&base, &[]);
+    tiny_llama::write(&base, &[]);
     let corpus_file = dir.path().join("corpus.txt");
     std::fs::write(&corpus_file, corpus(bytes)).unwrap();
     init_ok(&base, &corpus_file, &dir.path().join("vectorland.gguf"));
@@ -282,7 +235,7 @@ fn refused(o: &Output, code: i32, needles: &[&str]) {
 fn init_refuses_a_base_llama_cpp_cannot_load_and_a_bad_corpus_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("base.gguf");
-    tiny_llama(&good, &[]);
+    tiny_llama::write(&good, &[]);
     let text_file = dir.path().join("corpus.txt");
     std::fs::write(&text_file, corpus(2000)).unwrap();
     let out = dir.path().join("v.gguf");
@@ -343,7 +296,7 @@ fn run_refuses_a_vector_that_does_not_fit_the_base_and_a_corpus_changed_since_in
     // A vector made for a 16-wide base, pointed at a 32-wide one.
     let (dir, base32, corpus_file) = setup(2000);
     let base16 = dir.path().join("base16.gguf");
-    tiny_llama(&base16, &["--n-embd", "16"]);
+    tiny_llama::write(&base16, &["--n-embd", "16"]);
     let narrow = dir.path().join("narrow.gguf");
     init_ok(&base16, &corpus_file, &narrow);
     let model = dir.path().join("vectorland.gguf");
@@ -396,14 +349,32 @@ fn run_refuses_a_vector_that_does_not_fit_the_base_and_a_corpus_changed_since_in
     refused(&o, 3, &["corpus.txt", "changed since evod init"]);
 }
 
+/// The supervisor's and workers' JSON log lines whose message is
+/// `message`.
+fn log_events(d: &Daemon, message: &str) -> Vec<serde_json::Value> {
+    d.log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == message)
+        .collect()
+}
+
 #[test]
-fn a_worker_killed_by_sigsegv_while_it_decodes_is_respawned_and_the_run_completes() {
+fn a_worker_killed_by_sigsegv_while_it_decodes_is_replaced_by_its_preloaded_standby() {
     // A long corpus: each EVAL_RECIPES keeps the worker in llama_decode for
     // a while.
     let (dir, _, _) = setup(40_000);
     let args = run_args(3);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut d = Daemon::spawn(dir, &args, DEADLINE);
+    // The warm standby says ready once it has loaded the base model, its
+    // context and the corpus.
+    let standby = d.wait_for("worker 0's standby ready", |d| {
+        let w = d.worker()?;
+        (w["standby_ready"] == true)
+            .then(|| w["standby_pid"].as_u64())
+            .flatten()
+    });
     let pid = d.wait_for("a worker evaluating", |d| {
         let w = d.worker()?;
         let busy = w["stats"]["in_service"] == "EVAL_RECIPES";
@@ -415,13 +386,113 @@ fn a_worker_killed_by_sigsegv_while_it_decodes_is_respawned_and_the_run_complete
         nix::sys::signal::Signal::SIGSEGV,
     )
     .unwrap();
-    d.wait_for("the worker respawned after its SIGSEGV", |d| {
+    let promoted = d.wait_for("the worker respawned after its SIGSEGV", |d| {
         let w = d.worker()?;
         let segv = w["last_exit"].as_str()?.contains("SIGSEGV");
-        (segv && w["restarts"].as_u64()? >= 1 && w["pid"].as_u64()? != pid).then_some(())
+        let new = w["pid"].as_u64()?;
+        (segv && w["restarts"].as_u64()? >= 1 && new != pid).then_some(new)
     });
+    assert_eq!(promoted, standby, "the standby was promoted\n{}", d.log());
     let status = d.wait_exit();
     assert!(status.success(), "evod run: {status}\n{}", d.log());
     let f = GgufFile::open(&d.dir().join("vectorland.gguf")).unwrap();
     assert_eq!(str_key(&f, "general.architecture"), "controlvector");
+    // Every worker process loaded the base model once: the first worker
+    // cold, the promoted one while it stood by (and never again, though it
+    // served the rest of the run and every published generation's LOAD).
+    let ready = log_events(&d, "perplexity worker ready");
+    let of = |p: u64| -> Vec<&serde_json::Value> {
+        ready.iter().filter(|e| e["fields"]["pid"] == p).collect()
+    };
+    let first = of(pid);
+    assert_eq!(first.len(), 1, "{ready:#?}");
+    assert_eq!(first[0]["fields"]["standby"], false, "{ready:#?}");
+    let second = of(promoted);
+    assert_eq!(second.len(), 1, "{ready:#?}");
+    assert_eq!(second[0]["fields"]["standby"], true, "{ready:#?}");
+    assert!(
+        !log_events(&d, "evod supervisor starting").is_empty()
+            && !d.log().contains("cannot preload"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_candidate_whose_perplexity_is_nan_scores_minus_infinity_and_the_batch_goes_on() {
+    use evod_ring::{Channel, LayoutConfig, Segment};
+    let (dir, _, _) = setup(2000);
+    let model = dir.path().join("vectorland.gguf");
+    let n = vector(&GgufFile::open(&model).unwrap()).len();
+    // A perplexity worker on the real ring, as the supervisor spawns it.
+    let seg = Segment::create(&LayoutConfig::default()).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_evod"));
+    let fd = seg.pass_to(&mut cmd);
+    let mut child = cmd
+        .args(["worker", "--ring-fd", &fd.to_string(), "--model"])
+        .arg(&model)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut client = seg.client(Channel::Eval).unwrap();
+    // The zero vector (the base model), one so large the logits overflow
+    // (a NaN perplexity: llama.cpp decodes it, the scoring finds the
+    // logits not finite), the zero vector again, one holding a NaN (refused
+    // before llama.cpp sees it), and a small one.
+    let zero = vec![0f32; n];
+    let huge = vec![3.0e38f32; n];
+    let mut nan = vec![0.01f32; n];
+    nan[5] = f32::NAN;
+    let small: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 0.05).collect();
+    let candidates: [&[f32]; 5] = [&zero, &huge, &zero, &nan, &small];
+    let mut body = vec![0u8; 32 + 4 * n * candidates.len()];
+    body[0..4].copy_from_slice(&(candidates.len() as u32).to_le_bytes());
+    body[4..8].copy_from_slice(&(n as u32).to_le_bytes());
+    body[8..16].copy_from_slice(&7u64.to_le_bytes());
+    for (k, v) in candidates.iter().flat_map(|c| c.iter()).enumerate() {
+        body[32 + 4 * k..36 + 4 * k].copy_from_slice(&v.to_le_bytes());
+    }
+    let reply = client
+        .call(
+            evod_wire::op::EVAL,
+            0,
+            body.len(),
+            |out| out.copy_from_slice(&body),
+            std::time::Instant::now() + DEADLINE,
+        )
+        .unwrap();
+    let payload = String::from_utf8_lossy(reply.payload).into_owned();
+    assert_eq!(reply.status(), evod_wire::status::OK, "{payload}");
+    let fitness: Vec<f64> = reply
+        .payload
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    drop(reply);
+    assert_eq!(fitness.len(), 5, "{fitness:?}");
+    // NaN ranks last: the worker sends it as −∞, below every perplexity
+    // (the evolver then quarantines it: evod-evolve's `evaluate`, and its
+    // GA ranks it after every scored candidate).
+    assert_eq!(fitness[1], f64::NEG_INFINITY, "{fitness:?}");
+    assert_eq!(fitness[3], f64::NEG_INFINITY, "{fitness:?}");
+    for i in [0, 2, 4] {
+        assert!(fitness[i].is_finite() && fitness[i] < -1.0, "{fitness:?}");
+    }
+    // The bad candidates left nothing behind: the base model scores the
+    // same, bit for bit, after one of them.
+    assert_eq!(fitness[0].to_bits(), fitness[2].to_bits(), "{fitness:?}");
+    assert_ne!(fitness[4], fitness[0], "{fitness:?}");
+    let bye = client
+        .call(
+            evod_wire::op::SHUTDOWN,
+            0,
+            0,
+            |_| {},
+            std::time::Instant::now() + DEADLINE,
+        )
+        .unwrap();
+    assert_eq!(bye.status(), evod_wire::status::OK);
+    drop(bye);
+    let status = common::wait_exit(&mut child, DEADLINE).expect("the worker exits after SHUTDOWN");
+    assert!(status.success(), "{status}");
 }

@@ -9,7 +9,8 @@
 //!   `target/bench/<name>.json`.
 //! - `fault`: the fault-injection storm against a real daemon.
 //! - `image [--tag TAG]`: the container image, built without a registry
-//!   from the project's own static binary (`evod:local` by default).
+//!   from the project's own static binary, llama.cpp included
+//!   (`evod:local` by default).
 
 mod bench;
 mod fault;
@@ -153,9 +154,12 @@ fn ci() -> Result<()> {
                 "warnings",
             ]))
         })?;
-        // Its own step for the timing; tests/docker.rs builds the same
-        // image again, a no-op for Docker's layer cache.
-        step("image (static build)", &mut || match image::engine() {
+        // Its own step for the timing; tests/docker.rs, docker_dist.rs and
+        // docker_llm.rs build the same image again, a no-op for cargo and
+        // Docker's layer cache. The image's binary has llama.cpp in it (the
+        // llm shape, release profile, static target): its own llama.cpp
+        // build, cold once per target folder, like the dev one below.
+        step("image (static, llm)", &mut || match image::engine() {
             Ok(()) => image::build(image::DEFAULT_TAG),
             Err(why) => {
                 eprintln!("SKIPPED: xtask ci image: no Docker engine ({why})");
@@ -177,7 +181,7 @@ fn ci() -> Result<()> {
         // compiled ggml, `evod surgeon` outputs loaded in llama.cpp, and the
         // perplexity task end to end (tests/llm.rs, required-features llm).
         step("llm (llama.cpp)", &mut || {
-            let shape = ["-p", "evod", "-p", "evod-llama", "--features", "evod/llm"];
+            let shape = image::LLM_SHAPE;
             run(Command::new(&cargo)
                 .current_dir(&root)
                 .arg("clippy")

@@ -279,3 +279,30 @@ fn breed(
         recipe,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{GaState, Individual};
+
+    #[test]
+    fn a_quarantined_candidate_ranks_after_every_scored_one() {
+        // A non-finite fitness (a NaN perplexity, which a worker sends as
+        // −∞) reaches the GA as `None`: `Evolver::evaluate` quarantines it.
+        let ind = |fitness| Individual {
+            params: Vec::new(),
+            sigmas: Vec::new(),
+            fitness,
+        };
+        let s = GaState {
+            population: vec![
+                ind(Some(-3.0)),
+                ind(None),
+                ind(Some(-1.0)),
+                ind(Some(f64::MIN)),
+                ind(None),
+            ],
+        };
+        // Best first; the quarantined last, in their original order.
+        assert_eq!(s.ranked(), vec![2, 0, 3, 1, 4]);
+    }
+}

@@ -4,7 +4,9 @@
 //! vector; control-vector swaps, refusals, and files llama.cpp cannot load.
 //!
 //! The Python is `EVOD_PYTHON`, else `<workspace>/.venv/bin/python`
-//! (`cargo xtask venv`). Without the `llm` feature only `not_built` runs.
+//! (`cargo xtask venv`; the script is run by `tests/common/tiny_llama.rs`,
+//! which `tests/llm.rs` shares). Without the `llm` feature only
+//! `not_built` runs.
 
 #[cfg(not(feature = "llm"))]
 #[test]
@@ -22,10 +24,14 @@ fn not_built() {
 }
 
 #[cfg(feature = "llm")]
+#[path = "../../../tests/common/tiny_llama.rs"]
+mod tiny_llama;
+
+#[cfg(feature = "llm")]
 mod llm {
+    use super::tiny_llama;
     use std::io::Write;
-    use std::path::{Path, PathBuf};
-    use std::process::Command;
+    use std::path::Path;
     use std::sync::{Arc, Mutex, OnceLock};
 
     use evod_llama::{BaseModel, LlamaError, LlamaOptions, Nll};
@@ -34,35 +40,9 @@ mod llm {
         The 3 Cats sat at the gate; then the hen ate an egg. \
         a tether at the three trees, the heather in the north. ";
 
-    fn python() -> PathBuf {
-        if let Some(p) = std::env::var_os("EVOD_PYTHON") {
-            return PathBuf::from(p);
-        }
-        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-        assert!(
-            venv.exists(),
-            "no python with gguf-py and numpy: set EVOD_PYTHON or run `cargo xtask venv` (looked for {})",
-            venv.display()
-        );
-        venv
-    }
-
-    fn script() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/tiny_llama.py")
-    }
-
+    /// `tiny_llama.py ARGS...`; its stdout.
     fn py(args: &[&str]) -> String {
-        let out = Command::new(python())
-            .arg(script())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "tiny_llama.py {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        tiny_llama::run_script(args)
     }
 
     /// The tiny F32 model, written once per test binary.

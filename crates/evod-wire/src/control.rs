@@ -246,7 +246,9 @@ pub struct ChildStatus {
     /// Pid of the warm standby that replaces this worker if it dies.
     #[serde(default)]
     pub standby_pid: Option<u32>,
-    /// Whether that standby has mapped the model and waits, ready.
+    /// Whether that standby has mapped the model (a perplexity standby:
+    /// loaded the base model, its context and the corpus too) and waits,
+    /// ready.
     #[serde(default)]
     pub standby_ready: Option<bool>,
     /// Workers that died unasked in this slot and were replaced by one

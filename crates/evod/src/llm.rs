@@ -12,7 +12,10 @@
 //!   [`PerplexityHandler`] on `evod-serve`'s loop (feature `llm`): one base
 //!   model and one context per process, the corpus tokenized once; per
 //!   candidate: set the vector, clear the memory, decode the windows,
-//!   score −perplexity. Training requests score a seed-chosen subset of the
+//!   score −perplexity. A warm standby loads all of that before it says
+//!   ready, so a promoted standby serves without loading anything. The
+//!   worker logs in the daemon's format (`EVOD_LOG_FORMAT`), llama.cpp's
+//!   warnings and errors included. Training requests score a seed-chosen subset of the
 //!   training windows (all when `evod.perplexity.train_windows` is 0); the
 //!   publish gate ([`evod_serve::Purpose::Gate`]) scores every held-out
 //!   window, which training never sees.
@@ -447,6 +450,38 @@ mod handler {
     #[derive(Default)]
     pub struct PerplexityHandler {
         state: Option<State>,
+        /// Loading as a standby, before promotion ([`Self::preload`]).
+        standing_by: bool,
+    }
+
+    impl PerplexityHandler {
+        /// A standby's preload: the base model, its context and the
+        /// corpus's windows for the model at `path`, before the standby
+        /// says ready, so that a promoted standby serves at once (the
+        /// `load` of the model at promotion finds them in place: the same
+        /// base, corpus, split and window). A failure is logged and
+        /// nothing kept: the load is tried again at promotion, where its
+        /// error is reported as a cold start's is.
+        pub fn preload(&mut self, path: &Path) {
+            let model = match evod_runtime::Model::open_for_serving(path) {
+                Ok(model) => model,
+                Err(e) => {
+                    tracing::warn!("standby: cannot preload {}: {e}", path.display());
+                    return;
+                }
+            };
+            let served = ServedModel {
+                path: path.to_owned(),
+                model,
+                checksum: 0,
+            };
+            self.standing_by = true;
+            let loaded = self.load(&served);
+            self.standing_by = false;
+            if let Err(e) = loaded {
+                tracing::warn!("standby: cannot preload {}: {e}", path.display());
+            }
+        }
     }
 
     fn windows_of(tokens: &[i32], window: usize) -> Vec<Vec<i32>> {
@@ -484,7 +519,11 @@ mod handler {
                         heldout.len() / window
                     ));
                 }
+                // Once per process and base: a promoted standby, which
+                // loaded before its promotion, does not say it again.
                 tracing::info!(
+                    pid = std::process::id(),
+                    standby = self.standing_by,
                     base = %task.base_model.display(),
                     train_windows = train.len(),
                     heldout_windows = heldout.len() / window,
@@ -590,12 +629,25 @@ mod handler {
     }
 
     /// `evod worker` on a perplexity model: `evod-serve`'s loop with
-    /// [`PerplexityHandler`]. A standby first waits for its promotion.
+    /// [`PerplexityHandler`]. A standby first loads the base model, its
+    /// context and the corpus ([`PerplexityHandler::preload`]), then says
+    /// ready and waits for its promotion: the model load is off the
+    /// recovery path.
     pub fn serve_worker(args: &crate::worker::Args) -> anyhow::Result<ExitCode> {
         crate::worker::die_on_first_segv();
+        // The daemon's log, in its format: llama.cpp's warnings and errors
+        // (routed into `tracing`) and the handler's own lines reach it.
+        evod_supervisor::init_logging(match std::env::var("EVOD_LOG_FORMAT").as_deref() {
+            Ok("json") => evod_supervisor::LogFormat::Json,
+            _ => evod_supervisor::LogFormat::Human,
+        });
         evod_llama::route_logs_to_tracing();
+        let mut handler = PerplexityHandler::default();
         if let Some(fd) = args.standby_fd {
             evod_supervisor::set_process_name(c"evod-standby");
+            if let Some(path) = args.model.as_deref() {
+                handler.preload(path);
+            }
             if crate::worker::stand_by(fd, args.model.as_deref())?.is_none() {
                 return Ok(ExitCode::SUCCESS);
             }
@@ -605,7 +657,6 @@ mod handler {
         // for the segment; nothing else in this process owns it, and it is
         // taken over once, here.
         let seg = unsafe { evod_serve::attach(args.ring_fd) }?;
-        let mut handler = PerplexityHandler::default();
         evod_serve::serve(&seg, args.model.as_deref(), &mut handler)?;
         Ok(ExitCode::SUCCESS)
     }
