@@ -1,6 +1,8 @@
 //! Process tests of the container image: real `docker run`, `stop`, `kill`,
 //! `start`, real signals. The image is built once per test run by
-//! `cargo xtask image --tag evod:test` (a static build, llama.cpp included,
+//! `cargo xtask image --tag evod:test-<hash>` (`common::docker::test_tag`:
+//! one tag per checkout, so two checkouts' tests on one engine never
+//! re-tag each other's image; a static build, llama.cpp included,
 //! cached in `target/`, then `docker build` of `docker/Dockerfile`, a no-op
 //! when nothing changed), so these tests work from `cargo test` alone. The
 //! perplexity task in the image is `tests/docker_llm.rs`'s.
@@ -27,7 +29,8 @@ use serde_json::Value;
 const DEADLINE: Duration = Duration::from_secs(90);
 
 /// The tag these tests build and run (not `evod:local`, the user's).
-const IMAGE: &str = "evod:test";
+static IMAGE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| common::docker::test_tag("evod"));
 
 /// The state folder, the image's `VOLUME`.
 const STATE: &str = "/var/lib/evod";
@@ -62,7 +65,14 @@ fn image() -> bool {
         let o = Command::new(cargo)
             .current_dir(root())
             .args([
-                "run", "--quiet", "-p", "xtask", "--", "image", "--tag", IMAGE,
+                "run",
+                "--quiet",
+                "-p",
+                "xtask",
+                "--",
+                "image",
+                "--tag",
+                IMAGE.as_str(),
             ])
             .stdin(Stdio::null())
             .output()
@@ -133,7 +143,7 @@ impl Container {
         let volume = c.volume_arg();
         let mut all = c.run_args(&volume);
         all.push("--detach");
-        all.push(IMAGE);
+        all.push(IMAGE.as_str());
         all.push("run");
         all.extend_from_slice(args);
         let o = docker(&all);
@@ -253,7 +263,13 @@ fn the_image_runs_as_a_non_root_user_with_a_state_volume_and_a_healthcheck() {
     if !image() {
         return;
     }
-    let o = docker(&["image", "inspect", "--format", "{{json .Config}}", IMAGE]);
+    let o = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config}}",
+        IMAGE.as_str(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let config: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(config["User"], "65532:65532", "{config}");
@@ -280,7 +296,7 @@ fn docker_run_runs_the_main_job_and_exits_0() {
     let volume = c.volume_arg();
     let mut args = c.run_args(&volume);
     args.extend_from_slice(&[
-        IMAGE,
+        IMAGE.as_str(),
         "run",
         "--until-solved",
         "--seed",

@@ -16,11 +16,13 @@
 //! the same tensors, byte for byte, as a single-host `evod run` of the same
 //! seed run here by the test.
 //!
-//! The images are `evod:test` (built by `cargo xtask image --tag evod:test`,
-//! as tests/docker.rs does, and tests/docker_llm.rs under its own tag: one
-//! static build shared by the three, a no-op for cargo and Docker's layer
-//! cache after the first) and `evod-redis:test`
-//! (`cargo xtask image --redis`, Debian's redis-server FROM scratch).
+//! The images are `evod:test-<hash>` (built by `cargo xtask image --tag …`,
+//! as tests/docker.rs and tests/docker_llm.rs do: one static build shared
+//! by the three, a no-op for cargo and Docker's layer cache after the
+//! first) and `evod-redis:test-<hash>` (`cargo xtask image --redis`,
+//! Debian's redis-server FROM scratch), tagged per checkout
+//! (`common::docker::test_tag`): another checkout's tests on the same
+//! engine cannot re-tag them mid-run.
 //! Without a Docker engine every test prints one
 //! `SKIPPED: docker_dist: …` line and passes. Every container, volume and
 //! network has a name unique to the test and the process and is removed by
@@ -43,8 +45,10 @@ const DEADLINE: Duration = Duration::from_secs(240);
 /// How often a condition read through `docker exec` is polled.
 const POLL: Duration = Duration::from_millis(200);
 
-const IMAGE: &str = "evod:test";
-const REDIS_IMAGE: &str = "evod-redis:test";
+static IMAGE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| common::docker::test_tag("evod"));
+static REDIS_IMAGE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| common::docker::test_tag("evod-redis"));
 /// The state folder in the evod image.
 const STATE: &str = "/var/lib/evod";
 /// The run id on the broker.
@@ -139,8 +143,8 @@ fn images() -> bool {
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").into());
         for args in [
-            &["image", "--tag", IMAGE][..],
-            &["image", "--redis", "--tag", REDIS_IMAGE][..],
+            &["image", "--tag", IMAGE.as_str()][..],
+            &["image", "--redis", "--tag", REDIS_IMAGE.as_str()][..],
         ] {
             let o = Command::new(&cargo)
                 .current_dir(root())
@@ -294,7 +298,7 @@ impl Cluster {
             "--read-only",
             "--volume",
             &redis_volume,
-            REDIS_IMAGE,
+            REDIS_IMAGE.as_str(),
             "--dir",
             "/data",
             "--bind",
@@ -312,7 +316,7 @@ impl Cluster {
         // container of its own, as the image's user).
         let state = format!("{}:{STATE}", c.volume("coordinator"));
         let model = format!("{STATE}/vectorland.gguf");
-        let mut init = vec!["run", "--rm", "--volume", &state, IMAGE];
+        let mut init = vec!["run", "--rm", "--volume", &state, IMAGE.as_str()];
         let init_args = init_args(&model);
         init.extend(init_args.iter().map(String::as_str));
         docker_ok(&init);
@@ -369,7 +373,7 @@ impl Cluster {
             &state,
             "--env",
             &env,
-            IMAGE,
+            IMAGE.as_str(),
             "run",
             "--host-id",
             "coordinator",
@@ -403,7 +407,7 @@ impl Cluster {
             "/var/lib/evod:uid=65532,gid=65532,mode=0700",
             "--env",
             &env,
-            IMAGE,
+            IMAGE.as_str(),
             "join",
             "--host-id",
             &host,

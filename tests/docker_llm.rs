@@ -8,10 +8,10 @@
 //!
 //! The base model is the tiny llama GGUF the other llama.cpp tests use
 //! (`tests/common/tiny_llama.rs`, written by gguf-py on the host). The
-//! image is `evod:test-llm`, built by `cargo xtask image --tag
-//! evod:test-llm`: the same build as tests/docker.rs's `evod:test` (one
-//! cargo build shared by the three Docker test files, the second
-//! `docker build` a no-op for the layer cache), under its own tag.
+//! image is tests/docker.rs's (`common::docker::test_tag("evod")`, built by
+//! `cargo xtask image --tag evod:test-<hash>`: one cargo build shared by the
+//! three Docker test files, the second `docker build` a no-op for the
+//! layer cache).
 //! Without a Docker engine the test prints one loud
 //! `SKIPPED: tests/docker_llm.rs: …` line and passes. Its containers and
 //! volumes have names unique to the process and are removed by a guard
@@ -40,9 +40,10 @@ const DEADLINE: Duration = Duration::from_secs(300);
 /// How often a condition read through `docker exec` is polled.
 const POLL: Duration = Duration::from_millis(100);
 
-/// Its own tag: a Docker engine shared with other checkouts may hold an
-/// `evod:test` built from one whose image has no llama.cpp.
-const IMAGE: &str = "evod:test-llm";
+/// This checkout's image (a Docker engine shared with other checkouts
+/// holds theirs under other tags).
+static IMAGE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| common::docker::test_tag("evod"));
 /// The state folder, the image's `VOLUME`.
 const STATE: &str = "/var/lib/evod";
 /// Where the base model and the corpus are mounted (read-only).
@@ -74,7 +75,14 @@ fn image() -> bool {
         let o = Command::new(cargo)
             .current_dir(root())
             .args([
-                "run", "--quiet", "-p", "xtask", "--", "image", "--tag", IMAGE,
+                "run",
+                "--quiet",
+                "-p",
+                "xtask",
+                "--",
+                "image",
+                "--tag",
+                IMAGE.as_str(),
             ])
             .stdin(Stdio::null())
             .output()
@@ -223,7 +231,7 @@ fn pid_in_container(pid: u32) -> Option<u64> {
 fn run_to_end(n: &Names, args: &[&str]) -> Output {
     let mut all: Vec<String> = vec!["run".into(), "--rm".into()];
     all.extend(n.mounts());
-    all.push(IMAGE.into());
+    all.push(IMAGE.as_str().into());
     all.extend(args.iter().map(|s| s.to_string()));
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
     docker(&all)
@@ -252,7 +260,7 @@ fn the_perplexity_task_runs_in_the_image_and_a_worker_segv_in_llama_cpp_is_survi
         &n.loader,
         "--volume",
         &format!("{}:{MODELS}", n.models),
-        IMAGE,
+        IMAGE.as_str(),
     ]);
     for file in [&base, &corpus] {
         let name = file.file_name().unwrap().to_str().unwrap();
@@ -296,7 +304,7 @@ fn the_perplexity_task_runs_in_the_image_and_a_worker_segv_in_llama_cpp_is_survi
     let mut args: Vec<String> = vec!["run".into(), "--detach".into(), "--name".into()];
     args.push(n.daemon.clone());
     args.extend(n.mounts());
-    args.push(IMAGE.into());
+    args.push(IMAGE.as_str().into());
     args.extend(
         [
             "run",

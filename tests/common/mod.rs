@@ -309,6 +309,18 @@ pub mod docker {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
     }
 
+    /// The tag `<repository>:test-<hash of this checkout's path>` the tests
+    /// of this checkout build and run: another checkout's tests on the same
+    /// Docker engine (another worktree, a CI clone) build their own tag and
+    /// cannot re-tag this one's image in the middle of its run.
+    pub fn test_tag(repository: &str) -> String {
+        use std::hash::{Hash, Hasher};
+        let root = root().canonicalize().unwrap_or_else(|_| root());
+        let mut h = std::hash::DefaultHasher::new();
+        root.hash(&mut h);
+        format!("{repository}:test-{:016x}", h.finish())
+    }
+
     /// Runs `docker ARGS` with no stdin; its output.
     pub fn docker(args: &[&str]) -> Output {
         Command::new("docker")
