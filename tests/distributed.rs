@@ -917,6 +917,7 @@ fn a_base_that_does_not_fit_is_refused_loudly_never_evaluated() {
         seed: 3,
         episodes: 1,
         first: 0,
+        gate: false,
         work: Work::Recipes {
             base,
             recipes: vec![Recipe::new(base, 1, 0.1, Sign::Plus, TensorScale::Glorot)],
@@ -1117,6 +1118,7 @@ fn forged_ga_tasks_are_refused_by_name_never_evaluated() {
         seed: 3,
         episodes: 1,
         first,
+        gate: false,
         work: Work::Ga(vec![recipe]),
     };
     let tasks = [

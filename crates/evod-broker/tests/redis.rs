@@ -68,6 +68,7 @@ fn tasks(g: u64, n: u32, per: u32) -> Vec<Task> {
             seed: 7,
             episodes: 1,
             first: t * per,
+            gate: false,
             work: Work::Recipes {
                 base: BASE,
                 recipes: (0..per)
@@ -262,7 +263,7 @@ fn dead_letters_a_task_delivered_too_often() {
         .arg(&key)
         .arg("*")
         .arg("t")
-        .arg(&b"\x02garbage"[..])
+        .arg(&b"\x09garbage"[..])
         .query::<String>(&mut r)
         .unwrap();
     assert!(
@@ -275,7 +276,7 @@ fn dead_letters_a_task_delivered_too_often() {
     assert!(
         matches!(
             &dead[1].task,
-            Err(evod_broker::WireError::Version { got: 2, .. })
+            Err(evod_broker::WireError::Version { got: 9, .. })
         ),
         "{:?}",
         dead[1].task
