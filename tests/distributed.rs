@@ -1103,6 +1103,7 @@ fn a_base_that_does_not_fit_is_refused_loudly_never_evaluated() {
         seed: 3,
         episodes: 1,
         first: 0,
+        gate: false,
         work: Work::Recipes {
             base,
             recipes: vec![Recipe::new(base, 1, 0.1, Sign::Plus, TensorScale::Glorot)],
@@ -1305,6 +1306,7 @@ fn forged_ga_tasks_are_refused_by_name_never_evaluated() {
         seed: 3,
         episodes: 1,
         first,
+        gate: false,
         work: Work::Ga(vec![recipe]),
     };
     let tasks = [
@@ -1373,4 +1375,81 @@ fn forged_ga_tasks_are_refused_by_name_never_evaluated() {
         recorded(&url)
     );
     assert!(host.log().contains("dead-lettered"), "{}", host.log());
+}
+
+/// A build without llama.cpp (the default features) refuses a perplexity
+/// run at `evod join`, before taking any task, saying why. (The `llm`
+/// build runs such runs: `tests/llm.rs`.)
+#[cfg(not(feature = "llm"))]
+#[test]
+fn a_host_built_without_llama_cpp_refuses_a_perplexity_run_clearly() {
+    let (_r, server) = redis();
+    let url = server.url();
+    let model = tempfile::tempdir().unwrap();
+    // The header of a 3-layer llama base (all `evod init` reads without
+    // llama.cpp) and a corpus: a perplexity vector for it.
+    let base = model.path().join("base.gguf");
+    let metadata = vec![
+        (
+            "general.architecture".to_owned(),
+            evod_gguf::Value::String("llama".into()),
+        ),
+        (
+            "llama.embedding_length".to_owned(),
+            evod_gguf::Value::U32(8),
+        ),
+        ("llama.block_count".to_owned(), evod_gguf::Value::U32(3)),
+    ];
+    let tensors = [evod_gguf::TensorSpec {
+        name: "token_embd.weight".into(),
+        dims: vec![8, 4],
+        ttype: evod_gguf::TensorType::F32,
+    }];
+    evod_gguf::publish(
+        &base,
+        &metadata,
+        &tensors,
+        |_, w| w.write_all(&[0u8; 4 * 32]),
+        &evod_gguf::PublishOptions::default(),
+    )
+    .unwrap();
+    let corpus = model.path().join("corpus.txt");
+    std::fs::write(&corpus, "the cat sat on the mat.\n".repeat(40)).unwrap();
+    let path = model.path().join("v.gguf");
+    let o = evod()
+        .args([
+            "init",
+            "--task",
+            "perplexity",
+            "--window",
+            "16",
+            "--base-model",
+        ])
+        .arg(&base)
+        .arg("--text")
+        .arg(&corpus)
+        .arg("-o")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // A coordinator made of the broker library publishes it.
+    let mut coord =
+        evod_broker::RedisBroker::new(evod_broker::RedisConfig::new(&url, RUN, "fake")).unwrap();
+    let lease = coord
+        .acquire_lease("fake", Duration::from_secs(60), Duration::ZERO)
+        .unwrap();
+    coord
+        .publish_model(&lease, &std::fs::read(&path).unwrap())
+        .unwrap();
+    let mut h = Host::join(&url, "host-a");
+    let mut child = h.child.take().unwrap();
+    let status = common::wait_exit(&mut child, DEADLINE).expect("evod join did not stop");
+    let log = h.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("task is perplexity") && log.contains("built without the llm feature"),
+        "{log}"
+    );
+    assert!(!log.contains("joining run"), "{log}");
 }

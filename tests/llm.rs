@@ -12,10 +12,19 @@
 //! A real perplexity worker's `EVAL` with a candidate whose perplexity is
 //! NaN answers it −∞ and scores the rest of the batch unchanged.
 //!
+//! Distributed (issue 15) with a real `redis-server`: a bounded run whose
+//! coordinator (`--remote-only`) evaluates nothing itself, one `evod join`
+//! host with its own copies of the base and corpus (`--base-model`,
+//! `--text`) doing every training and gate task, publishes exactly the
+//! single-host run's vector and fitness; a host whose base model or corpus
+//! is not the run's is refused at start, by name, with both checksums.
+//!
 //! The Python is `EVOD_PYTHON`, else `<workspace>/.venv/bin/python`
 //! (`tests/common/tiny_llama.rs`).
 
 mod common;
+#[path = "common/redis_server.rs"]
+mod redis_server;
 #[path = "common/tiny_llama.rs"]
 mod tiny_llama;
 
@@ -495,4 +504,255 @@ fn a_candidate_whose_perplexity_is_nan_scores_minus_infinity_and_the_batch_goes_
     drop(bye);
     let status = common::wait_exit(&mut child, DEADLINE).expect("the worker exits after SHUTDOWN");
     assert!(status.success(), "{status}");
+}
+
+/// Tensor checksum, `evod.generation` and `evod.fitness` (bits) of a
+/// published vector.
+fn identity(path: &Path) -> (u64, u64, u64) {
+    let f = GgufFile::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let fitness = f.get("evod.fitness").and_then(Value::as_f64).unwrap();
+    (
+        f.checksum(),
+        u64_key(&f, "evod.generation"),
+        fitness.to_bits(),
+    )
+}
+
+/// The broker options of the distributed tests' coordinator (besides
+/// `--broker`).
+const COORDINATE: &[&str] = &[
+    "--run-id",
+    "ppl",
+    "--host-id",
+    "coord",
+    "--task-lease",
+    "5s",
+    "--lease-ttl",
+    "2s",
+    "--candidates-per-task",
+    "4",
+    "--remote-only",
+    "--min-hosts",
+    "1",
+];
+
+/// `evod run --broker URL` on `dir` with `evolve`; stdout and stderr in
+/// `dir/out.log` and `dir/run.log`.
+fn spawn_coordinator(dir: &Path, url: &str, evolve: &[String]) -> std::process::Child {
+    let out = std::fs::File::create(dir.join("out.log")).unwrap();
+    let err = std::fs::File::create(dir.join("run.log")).unwrap();
+    evod()
+        .arg("run")
+        .arg("--dir")
+        .arg(dir)
+        .args(evolve)
+        .args(COORDINATE)
+        .args(["--broker", url])
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawning evod run --broker")
+}
+
+/// `evod join URL` on `dir` as `host` with `extra` arguments; its stderr
+/// in `dir/join.log`.
+fn spawn_host(
+    dir: &Path,
+    url: &str,
+    host: &str,
+    extra: &[&std::ffi::OsStr],
+) -> std::process::Child {
+    let err = std::fs::File::create(dir.join("join.log")).unwrap();
+    evod()
+        .args(["join", url, "--dir"])
+        .arg(dir)
+        .args(["--run-id", "ppl", "--host-id", host, "--task-lease", "5s"])
+        .args(["--workers", "1", "--no-standby", "--log-format", "json"])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .expect("spawning evod join")
+}
+
+/// A child SIGTERMed (SIGKILLed if it lingers) and reaped on drop.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        if common::wait_exit(&mut self.0, Duration::from_secs(20)).is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn read(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+}
+
+#[test]
+fn a_distributed_run_publishes_the_vector_and_gate_fitness_of_the_single_host_run() {
+    let (dir, base_path, corpus_file) = setup(3000);
+    let generations = 4;
+    // The coordinator's state folder starts from the same vector; the
+    // host has its own copies of the base and corpus, elsewhere.
+    let coord = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.path().join("vectorland.gguf"),
+        coord.path().join("vectorland.gguf"),
+    )
+    .unwrap();
+    let host = tempfile::tempdir().unwrap();
+    let host_base = host.path().join("my-base.gguf");
+    let host_text = host.path().join("my-corpus.txt");
+    std::fs::copy(&base_path, &host_base).unwrap();
+    std::fs::copy(&corpus_file, &host_text).unwrap();
+
+    // The single-host run with this seed: the reference.
+    let args = run_args(generations);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::spawn(dir, &argv, DEADLINE);
+    let status = d.wait_exit();
+    assert!(status.success(), "evod run: {status}\n{}", d.log());
+    let want = identity(&d.dir().join("vectorland.gguf"));
+    assert!(
+        want.1 >= 1,
+        "the reference run published nothing\n{}",
+        d.log()
+    );
+
+    let (_r, server) = redis_server::start();
+    let url = server.url();
+    let mut child = spawn_coordinator(coord.path(), &url, &args);
+    let h = Reaped(spawn_host(
+        host.path(),
+        &url,
+        "host-a",
+        &[
+            "--base-model".as_ref(),
+            host_base.as_os_str(),
+            "--text".as_ref(),
+            host_text.as_os_str(),
+        ],
+    ));
+    let status = common::wait_exit(&mut child, DEADLINE);
+    let logs = || {
+        format!(
+            "coordinator:\n{}\nhost:\n{}",
+            read(coord.path(), "run.log"),
+            read(host.path(), "join.log")
+        )
+    };
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("the coordinator did not finish\n{}", logs());
+    };
+    assert!(status.success(), "coordinator: {status}\n{}", logs());
+    assert_eq!(
+        identity(&coord.path().join("vectorland.gguf")),
+        want,
+        "the distributed run published another vector or gate fitness\n{}",
+        logs()
+    );
+    // Every evaluation ran on the host (the coordinator is --remote-only),
+    // on this host's files, and its workers scored gate tasks.
+    let host_log = read(host.path(), "join.log");
+    assert!(
+        host_log.contains("this host's base model and corpus are run ppl's"),
+        "{host_log}"
+    );
+    assert!(host_log.contains("my-base.gguf"), "{host_log}");
+    let out = read(coord.path(), "out.log");
+    assert!(out.contains("0 results by its own workers"), "{out}");
+    assert!(out.contains("host-a ("), "{out}");
+    drop(h);
+}
+
+#[test]
+fn a_host_whose_base_model_or_corpus_is_not_the_runs_is_refused_by_name() {
+    let (dir, base_path, corpus_file) = setup(2000);
+    let f = GgufFile::open(&dir.path().join("vectorland.gguf")).unwrap();
+    let base_sum = format!("{:016x}", u64_key(&f, "evod.perplexity.base_checksum"));
+    let corpus_sum = format!("{:016x}", u64_key(&f, "evod.perplexity.corpus_checksum"));
+    drop(f);
+    let (_r, server) = redis_server::start();
+    let url = server.url();
+    // A coordinator publishes the run's model, then waits for a host.
+    let coord = Reaped(spawn_coordinator(dir.path(), &url, &run_args(50)));
+    let _ = &coord;
+
+    let host = tempfile::tempdir().unwrap();
+    let join = |extra: &[&std::ffi::OsStr]| -> Output {
+        let mut c = spawn_host(host.path(), &url, "host-bad", extra);
+        let status = common::wait_exit(&mut c, DEADLINE).unwrap_or_else(|| {
+            let _ = c.kill();
+            panic!("evod join did not stop\n{}", read(host.path(), "join.log"))
+        });
+        let log = read(host.path(), "join.log");
+        // Refused before its supervisor started (the line it logs first),
+        // so no worker or feeder ever ran and no task was taken.
+        assert!(!log.contains("joining run"), "{log}");
+        Output {
+            status,
+            stdout: Vec::new(),
+            stderr: log.into_bytes(),
+        }
+    };
+    // Another base model (a narrower tiny llama).
+    let other = host.path().join("other-base.gguf");
+    tiny_llama::write(&other, &["--n-embd", "16"]);
+    let other_sum = format!(
+        "{:016x}",
+        evod_runtime::perplexity::file_checksum(&other).unwrap()
+    );
+    let o = join(&["--base-model".as_ref(), other.as_os_str()]);
+    refused(
+        &o,
+        3,
+        &[
+            "other-base.gguf",
+            &other_sum,
+            &base_sum,
+            "--base-model",
+            "before taking any task",
+        ],
+    );
+    // A base model that is not on this host.
+    let missing = host.path().join("nowhere.gguf");
+    let o = join(&["--base-model".as_ref(), missing.as_os_str()]);
+    refused(&o, 3, &["nowhere.gguf", "cannot read", &base_sum]);
+    // The right base, another corpus.
+    let edited = host.path().join("edited.txt");
+    std::fs::write(&edited, corpus(2001)).unwrap();
+    let edited_sum = format!(
+        "{:016x}",
+        xxhash_rust::xxh3::xxh3_64(&std::fs::read(&edited).unwrap())
+    );
+    let o = join(&[
+        "--base-model".as_ref(),
+        base_path.as_os_str(),
+        "--text".as_ref(),
+        edited.as_os_str(),
+    ]);
+    refused(&o, 3, &["edited.txt", &edited_sum, &corpus_sum, "--text"]);
+    // The same through the environment and the config file.
+    let toml = host.path().join("host.toml");
+    std::fs::write(&toml, format!("text = {:?}\n", edited.to_str().unwrap())).unwrap();
+    let o = join(&["--config".as_ref(), toml.as_os_str()]);
+    refused(&o, 3, &["edited.txt", &corpus_sum]);
+    // `evod run` refuses the host-only keys in its config file.
+    let o = evod()
+        .args(["run", "--generations", "1", "--dir"])
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&toml)
+        .output()
+        .unwrap();
+    refused(&o, 2, &["host.toml", "evod join"]);
+    let _ = corpus_file;
 }

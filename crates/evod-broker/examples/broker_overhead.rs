@@ -74,6 +74,7 @@ fn main() {
                 seed: 7,
                 episodes: 1,
                 first: t * per_task,
+                gate: false,
                 work: Work::Recipes {
                     base,
                     recipes: (0..per_task)

@@ -44,6 +44,9 @@ pub enum WireError {
     /// A task kind this build does not know.
     #[error("task: unknown candidate kind {0} (this build knows 1, ES recipes, and 2, GA recipes)")]
     Kind(u8),
+    /// Task flags this build does not know (it knows bit 0, the gate).
+    #[error("task: unknown flags {0:#04x} (this build knows 0x01, the publish gate)")]
+    Flags(u8),
     /// A count or length outside its bounds.
     #[error("{what}: {field} is {got}, allowed {min}..={max}")]
     Bound {

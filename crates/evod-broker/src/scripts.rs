@@ -229,9 +229,11 @@ for _, e in ipairs(redis.call('XRANGE', KEYS[5], '-', ARGV[4], 'COUNT', 10000)) 
     if e[2][i] == 't' then t = e[2][i + 1] end
   end
   local keep = false
-  if t and #t >= 3 then
-    local n = string.byte(t, 3)
-    keep = live[string.sub(t, 4 + n, 11 + n)] == true
+  -- A task: version, kind, flags, run length n, the run, then the
+  -- round id (8 bytes).
+  if t and #t >= 4 then
+    local n = string.byte(t, 4)
+    keep = live[string.sub(t, 5 + n, 12 + n)] == true
   end
   if not keep then gone[#gone + 1] = e[1] end
 end

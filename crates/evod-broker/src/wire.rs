@@ -1,20 +1,20 @@
 //! Wire types: what travels through the broker, and its compact encoding.
 //!
-//! A task (version 1), little-endian. Kind 1, ES recipes against one base:
+//! A task (version 2), little-endian. Kind 1, ES recipes against one base:
 //!
 //! ```text
-//! u8 version | u8 kind = 1 | u8 run length | run | u64 generation | u64 base hash
+//! u8 version | u8 kind = 1 | u8 flags | u8 run length | run | u64 generation | u64 base hash
 //! | u64 episode seed | u32 episodes
 //! | u32 first candidate | u8 count | count × (u64 seed | u32 σ bits | u8 sign | u8 scale)
 //! ```
 //!
 //! Each recipe is [`Recipe::to_bytes`] without its base checksum (the
 //! task's base hash stands for it), so a candidate costs 14 bytes plus its
-//! share of a 36-byte-plus-run header. Kind 2, GA children as recipes
+//! share of a 37-byte-plus-run header. Kind 2, GA children as recipes
 //! against their parents:
 //!
 //! ```text
-//! u8 version | u8 kind = 2 | u8 run length | run | u64 generation
+//! u8 version | u8 kind = 2 | u8 flags | u8 run length | run | u64 generation
 //! | u64 episode seed | u32 episodes | u32 first candidate | u8 count
 //! | count × GA recipe
 //! ```
@@ -30,7 +30,15 @@
 //! its fitness is the same on every host. A build that knows only kind 1
 //! refuses a kind-2 task by name (`WireError::Kind`), never misreads it.
 //!
-//! A result (version 1):
+//! `flags` says what the evaluation is for: bit 0 ([`FLAG_GATE`]) marks
+//! the publish gate's task, whose candidate a task with a held-out split
+//! (perplexity) scores on the held-out data the evolver never trains on;
+//! clear, a training task. Other bits are refused (`WireError::Flags`), so
+//! a later flag is never ignored. Version 1 (no flags byte: every task a
+//! training task) is refused by this build, and a version-1 build refuses
+//! these tasks (`WireError::Version`): a gate is never misread as training.
+//!
+//! A result (version 2, the same layout as version 1):
 //!
 //! ```text
 //! u8 version | u8 run length | run | u64 generation | u32 candidate | f64 fitness
@@ -46,8 +54,11 @@ use evod_evolve::{GaRecipe, RECIPE_BYTES, Recipe};
 
 use crate::error::WireError;
 
-/// The wire version this build writes and reads.
-pub const WIRE_VERSION: u8 = 1;
+/// The wire version this build writes and reads (2: tasks carry a flags
+/// byte, [`FLAG_GATE`]).
+pub const WIRE_VERSION: u8 = 2;
+/// Task flag: the publish gate's evaluation (held-out data), not training.
+pub const FLAG_GATE: u8 = 1;
 /// Task kind: ES candidates as recipes against one base.
 pub const KIND_RECIPES: u8 = 1;
 /// Task kind: GA children as recipes against their parents.
@@ -149,6 +160,9 @@ pub struct Task {
     pub episodes: u32,
     /// Candidate index of the first candidate; the others follow.
     pub first: u32,
+    /// The publish gate's evaluation ([`FLAG_GATE`]): scored on held-out
+    /// data where the task has any; `false`, a training evaluation.
+    pub gate: bool,
     /// The candidates.
     pub work: Work,
 }
@@ -192,8 +206,9 @@ impl Task {
                 max: MAX_EPISODES.into(),
             });
         }
-        let mut out = Vec::with_capacity(36 + self.run.len() + n * TASK_RECIPE_BYTES);
-        out.extend_from_slice(&[WIRE_VERSION, self.work.kind(), self.run.len() as u8]);
+        let mut out = Vec::with_capacity(37 + self.run.len() + n * TASK_RECIPE_BYTES);
+        let flags = if self.gate { FLAG_GATE } else { 0 };
+        out.extend_from_slice(&[WIRE_VERSION, self.work.kind(), flags, self.run.len() as u8]);
         out.extend_from_slice(self.run.as_bytes());
         out.extend_from_slice(&self.generation.to_le_bytes());
         if let Work::Recipes { base, .. } = &self.work {
@@ -235,6 +250,10 @@ impl Task {
         let kind = r.u8("kind")?;
         if kind != KIND_RECIPES && kind != KIND_GA {
             return Err(WireError::Kind(kind));
+        }
+        let flags = r.u8("flags")?;
+        if flags & !FLAG_GATE != 0 {
+            return Err(WireError::Flags(flags));
         }
         let run = r.name("run")?;
         let generation = r.u64("generation")?;
@@ -298,6 +317,7 @@ impl Task {
             seed,
             episodes,
             first,
+            gate: flags & FLAG_GATE != 0,
             work,
         })
     }
@@ -451,6 +471,7 @@ mod tests {
             seed: 99,
             episodes: 3,
             first: 32,
+            gate: false,
             work: Work::Recipes {
                 base: 0xdead_beef,
                 recipes: (0..n)
@@ -479,6 +500,7 @@ mod tests {
             seed: 5,
             episodes: 2,
             first: 0,
+            gate: false,
             work: Work::Ga(vec![
                 GaRecipe::copy_of(1),
                 GaRecipe {
@@ -512,9 +534,9 @@ mod tests {
     fn ga_tasks_round_trip_name_their_parents_and_refuse_bad_bytes() {
         let t = ga_task();
         let bytes = t.encode().unwrap();
-        // Header 28 + run 5; elite 9, mutated 9 + 1 + 8 + 2 + 16,
+        // Header 29 + run 5; elite 9, mutated 9 + 1 + 8 + 2 + 16,
         // uniform and arithmetic crossovers 16 + 8 / 16 + 4 more.
-        assert_eq!(bytes.len(), 33 + 9 + 36 + 52 + 48);
+        assert_eq!(bytes.len(), 34 + 9 + 36 + 52 + 48);
         assert_eq!(bytes[1], KIND_GA);
         assert_eq!(Task::decode(&bytes).unwrap(), t);
         assert_eq!(t.work.bases(), vec![1, 2, 3]);
@@ -533,7 +555,7 @@ mod tests {
         ));
         // σ NaN in the second candidate: refused naming it.
         let mut nan = bytes.clone();
-        let at = 33 + 9 + 1 + 8 + 1 + 8 + 2;
+        let at = 34 + 9 + 1 + 8 + 1 + 8 + 2;
         nan[at..at + 4].copy_from_slice(&f32::NAN.to_bits().to_le_bytes());
         let e = Task::decode(&nan).unwrap_err();
         assert!(matches!(e, WireError::Recipe { index: 1, .. }), "{e}");
@@ -559,9 +581,38 @@ mod tests {
     fn task_round_trips_and_is_compact() {
         let t = task(16);
         let bytes = t.encode().unwrap();
-        assert_eq!(bytes.len(), 36 + 5 + 16 * TASK_RECIPE_BYTES);
+        assert_eq!(bytes.len(), 37 + 5 + 16 * TASK_RECIPE_BYTES);
         assert_eq!(Task::decode(&bytes).unwrap(), t);
         assert_eq!(t.candidates(), 32..48);
+    }
+
+    #[test]
+    fn the_gate_flag_round_trips_and_unknown_flags_are_refused() {
+        for (mut t, at) in [(task(2), 2), (ga_task(), 2)] {
+            assert_eq!(t.encode().unwrap()[at], 0);
+            t.gate = true;
+            let bytes = t.encode().unwrap();
+            assert_eq!(bytes[at], FLAG_GATE);
+            let back = Task::decode(&bytes).unwrap();
+            assert!(back.gate);
+            assert_eq!(back, t);
+            let mut other = bytes.clone();
+            other[at] = FLAG_GATE | 2;
+            assert_eq!(Task::decode(&other), Err(WireError::Flags(3)));
+        }
+        // A version-1 task (no flags byte) is refused, never read as one
+        // of this version; a version-1 build refuses ours the same way.
+        let mut old = task(2).encode().unwrap();
+        old.remove(2);
+        old[0] = 1;
+        assert!(matches!(
+            Task::decode(&old),
+            Err(WireError::Version {
+                got: 1,
+                want: 2,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -599,12 +650,12 @@ mod tests {
     #[test]
     fn refuses_by_name() {
         let mut bytes = task(2).encode().unwrap();
-        bytes[0] = 2;
+        bytes[0] = 3;
         assert!(matches!(
             Task::decode(&bytes),
             Err(WireError::Version {
-                got: 2,
-                want: 1,
+                got: 3,
+                want: 2,
                 ..
             })
         ));
@@ -612,19 +663,19 @@ mod tests {
         bytes[1] = 9;
         assert_eq!(Task::decode(&bytes), Err(WireError::Kind(9)));
         let mut bytes = task(2).encode().unwrap();
-        bytes[3] = b'/';
+        bytes[4] = b'/';
         assert!(matches!(Task::decode(&bytes), Err(WireError::Name { .. })));
         // σ NaN in the second recipe.
         let mut bytes = task(2).encode().unwrap();
-        let at = 36 + 5 + TASK_RECIPE_BYTES + 8;
+        let at = 37 + 5 + TASK_RECIPE_BYTES + 8;
         bytes[at..at + 4].copy_from_slice(&f32::NAN.to_bits().to_le_bytes());
         assert!(matches!(
             Task::decode(&bytes),
             Err(WireError::Recipe { index: 1, .. })
         ));
-        // Zero episodes (offset: 3 + run 5 + generation, base, seed).
+        // Zero episodes (offset: 4 + run 5 + generation, base, seed).
         let mut bytes = task(2).encode().unwrap();
-        bytes[32..36].copy_from_slice(&0u32.to_le_bytes());
+        bytes[33..37].copy_from_slice(&0u32.to_le_bytes());
         assert!(matches!(
             Task::decode(&bytes),
             Err(WireError::Bound {

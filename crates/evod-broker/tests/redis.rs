@@ -78,6 +78,7 @@ fn tasks(g: u64, n: u32, per: u32) -> Vec<Task> {
             seed: 7,
             episodes: 1,
             first: t * per,
+            gate: false,
             work: Work::Recipes {
                 base: BASE,
                 recipes: (0..per)
@@ -272,7 +273,7 @@ fn dead_letters_a_task_delivered_too_often() {
         .arg(&key)
         .arg("*")
         .arg("t")
-        .arg(&b"\x02garbage"[..])
+        .arg(&b"\x09garbage"[..])
         .query::<String>(&mut r)
         .unwrap();
     assert!(
@@ -285,7 +286,7 @@ fn dead_letters_a_task_delivered_too_often() {
     assert!(
         matches!(
             &dead[1].task,
-            Err(evod_broker::WireError::Version { got: 2, .. })
+            Err(evod_broker::WireError::Version { got: 9, .. })
         ),
         "{:?}",
         dead[1].task
@@ -1315,4 +1316,51 @@ fn retire_removes_what_a_checkpoint_covers_and_keeps_later_steps() {
             "wake"
         ]
     );
+}
+
+#[test]
+fn retire_deletes_the_dead_letters_of_retired_rounds_and_keeps_those_of_live_ones() {
+    let (_dir, server) = start();
+    let url = server.url();
+    let mut coord = broker(&url, "coord", Duration::from_secs(30));
+    let lease = coord
+        .acquire_lease("coord", Duration::from_secs(30), Duration::ZERO)
+        .unwrap();
+    let mut r = raw(&url);
+    let prefix = coord.prefix().to_owned();
+    let mut ev = broker(&url, "host-a", Duration::from_secs(30));
+    // Steps 1 and 2: a round each, one of its tasks dead-lettered (a gate
+    // task in step 2: the flags byte must not shift where the round id is
+    // read), the other acknowledged.
+    for step in 1..=2u64 {
+        coord.publish_base(step, &[step as f32, 1.0, 2.0]).unwrap();
+        let id = step * 10;
+        let mut ts = tasks(id, 2, 2);
+        for t in &mut ts {
+            t.gate = step == 2;
+        }
+        coord.enqueue(&lease, round_at(id, step), &ts).unwrap();
+        let got = read_all(&mut ev, 2);
+        ev.ack(&got[0], &evaluate(&got[0], "host-a", 0.0)).unwrap();
+        ev.refuse(&got[1], "does not fit").unwrap();
+    }
+    let letters = coord.dead_letters().unwrap();
+    assert_eq!(letters.len(), 2);
+    let last = letters.iter().map(|l| l.id.clone()).max_by_key(|id| {
+        let (ms, seq) = id.split_once('-').unwrap();
+        (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+    });
+    // A checkpoint of generation 2 retires step 1's round only.
+    let retired = coord.retire(&lease, 2, &last.unwrap()).unwrap();
+    assert_eq!(retired.rounds, 1, "{retired:?}");
+    assert_eq!(retired.dead, 1, "{retired:?}");
+    let left: usize = redis::cmd("XLEN")
+        .arg(format!("{prefix}dead"))
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(left, 1, "the live round's dead letter was deleted");
+    let kept = coord.dead_letters_after("0-0").unwrap();
+    assert_eq!(kept.len(), 1);
+    let task = kept[0].task.as_ref().expect("a task");
+    assert_eq!((task.generation, task.gate), (20, true));
 }

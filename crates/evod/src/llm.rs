@@ -19,6 +19,12 @@
 //!   training windows (all when `evod.perplexity.train_windows` is 0); the
 //!   publish gate ([`evod_serve::Purpose::Gate`]) scores every held-out
 //!   window, which training never sees.
+//! - `evod join` on a perplexity run ([`check_host`]): the base model and
+//!   corpus are this host's own copies ([`HostFiles`]: `--base-model`,
+//!   `--text`, else the paths the vector records), verified against the
+//!   checksums the vector records before the host takes any task, and
+//!   handed to the workers in [`HOST_BASE_MODEL_ENV`] / [`HOST_TEXT_ENV`]
+//!   ([`relocate`]).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -29,6 +35,217 @@ use evod_runtime::perplexity::{self, PerplexitySpec};
 use evod_runtime::{Architecture, ModelSpec, Task};
 
 use crate::exit;
+
+/// Where `evod join` tells its workers this host's copy of the base model
+/// (internal: set by `evod join` only, removed by `evod run`).
+pub const HOST_BASE_MODEL_ENV: &str = "EVOD_HOST_BASE_MODEL";
+/// Where `evod join` tells its workers this host's copy of the corpus.
+pub const HOST_TEXT_ENV: &str = "EVOD_HOST_TEXT";
+
+/// An evaluator host's own copies of a perplexity run's base model and
+/// corpus (`evod join --base-model PATH --text PATH`, or `base_model` and
+/// `text` in the TOML file). Each defaults to the path the run's vector
+/// records; either way the file must have the checksum the vector records.
+#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
+pub struct HostFiles {
+    /// A perplexity run: this host's copy of the base model (the llama.cpp
+    /// GGUF), checked against the checksum the run's vector records
+    /// [default: the path the vector records].
+    #[arg(long, env = "EVOD_BASE_MODEL", value_name = "PATH")]
+    pub base_model: Option<PathBuf>,
+    /// A perplexity run: this host's copy of the corpus, checked against
+    /// the checksum the run's vector records [default: the path the vector
+    /// records].
+    #[arg(long, env = "EVOD_TEXT", value_name = "PATH")]
+    pub text: Option<PathBuf>,
+}
+
+impl HostFiles {
+    /// `self` over `other` (flags and variables over the TOML file), each
+    /// path made absolute (the workers run in another folder).
+    pub fn or(self, other: HostFiles) -> anyhow::Result<HostFiles> {
+        let abs = |p: Option<PathBuf>, flag: &str| {
+            p.map(|p| {
+                std::path::absolute(&p).map_err(|e| {
+                    exit::with_code(
+                        exit::USAGE,
+                        anyhow::anyhow!("bad --{flag} {}: {e}", p.display()),
+                    )
+                })
+            })
+            .transpose()
+        };
+        Ok(HostFiles {
+            base_model: abs(self.base_model.or(other.base_model), "base-model")?,
+            text: abs(self.text.or(other.text), "text")?,
+        })
+    }
+
+    /// Puts these paths in this process's environment for the workers it
+    /// starts ([`HOST_BASE_MODEL_ENV`], [`HOST_TEXT_ENV`]; a path not given
+    /// is removed).
+    ///
+    /// # Safety
+    /// Call before any other thread exists (the start of `evod join`).
+    pub unsafe fn export(&self) {
+        for (key, value) in [
+            (HOST_BASE_MODEL_ENV, &self.base_model),
+            (HOST_TEXT_ENV, &self.text),
+        ] {
+            // SAFETY: the caller promises no other thread exists, so none
+            // reads or writes the environment meanwhile.
+            unsafe {
+                match value {
+                    Some(p) => std::env::set_var(key, p),
+                    None => std::env::remove_var(key),
+                }
+            }
+        }
+    }
+}
+
+/// Removes [`HOST_BASE_MODEL_ENV`] and [`HOST_TEXT_ENV`] from this
+/// process's environment: the workers of `evod run` use the files the
+/// model records (which `check_run` verified), never a stray variable.
+/// Call first thing in `evod run`, before any thread exists.
+pub fn scrub_host_files_env() {
+    for key in [HOST_BASE_MODEL_ENV, HOST_TEXT_ENV] {
+        if std::env::var_os(key).is_some() {
+            // SAFETY: called at the start of `evod run`, before logging is
+            // set up or any thread or child is started.
+            unsafe { std::env::remove_var(key) };
+        }
+    }
+}
+
+/// Points `task` at this host's copies of its files: `files`' paths where
+/// given. The checksums stay those the vector records.
+pub fn relocate(task: &mut PerplexitySpec, files: &HostFiles) {
+    if let Some(p) = &files.base_model {
+        task.base_model = p.clone();
+    }
+    if let Some(p) = &files.text {
+        task.corpus = p.clone();
+    }
+}
+
+/// The [`HostFiles`] `evod join` exported for its workers (none in any
+/// other daemon).
+#[cfg(feature = "llm")]
+fn host_files_from_env() -> HostFiles {
+    HostFiles {
+        base_model: std::env::var_os(HOST_BASE_MODEL_ENV).map(PathBuf::from),
+        text: std::env::var_os(HOST_TEXT_ENV).map(PathBuf::from),
+    }
+}
+
+/// `evod join` with the run's model at `model`, before the host takes any
+/// task: a perplexity run needs a build with llama.cpp (exit 2 otherwise)
+/// and this host's base model and corpus (`files`, else the paths the
+/// vector records), each with the checksum the vector records — a file
+/// missing or another is refused (exit 3) naming it and both checksums;
+/// the vector must fit the base. `run` names the run in the messages.
+pub fn check_host(model: &Path, files: &HostFiles, run: &str) -> anyhow::Result<()> {
+    if !is_perplexity_model(model) {
+        if files.base_model.is_some() || files.text.is_some() {
+            tracing::warn!(
+                "--base-model and --text are for a perplexity run; run {run}'s task is another: ignored"
+            );
+        }
+        return Ok(());
+    }
+    if !evod_llama::BUILT {
+        return Err(exit::with_code(
+            exit::USAGE,
+            anyhow::anyhow!(
+                "run {run}'s task is perplexity (a llama.cpp control vector), but this evod was built without the llm feature: this host cannot evaluate it; rebuild with `cargo build --release -p evod --features llm`"
+            ),
+        ));
+    }
+    let bad = |e: evod_runtime::RuntimeError| exit::with_code(exit::BAD_INPUT, e);
+    let reader = GgufReader::open(model).map_err(|e| exit::with_code(exit::BAD_INPUT, e))?;
+    let spec = ModelSpec::from_header(reader.header(), model).map_err(bad)?;
+    let recorded = PerplexitySpec::from_header(reader.header(), model).map_err(bad)?;
+    let mut task = recorded.clone();
+    relocate(&mut task, files);
+    let refuse = |what: &str,
+                  flag: &str,
+                  path: &Path,
+                  recorded_path: &Path,
+                  want: u64,
+                  problem: String| {
+        exit::with_code(
+            exit::BAD_INPUT,
+            anyhow::anyhow!(
+                "{what} {}: {problem}; run {run}'s vector records the {what} {} with checksum {want:016x}: give this host's copy with --{flag} PATH (`{}` in the config file). Refused before taking any task",
+                path.display(),
+                recorded_path.display(),
+                flag.replace('-', "_")
+            ),
+        )
+    };
+    let base_sum = perplexity::file_checksum(&task.base_model).map_err(|e| {
+        let problem = match &e {
+            evod_runtime::RuntimeError::PerplexityInput { problem, .. } => problem.clone(),
+            e => e.to_string(),
+        };
+        refuse(
+            "base model",
+            "base-model",
+            &task.base_model,
+            &recorded.base_model,
+            recorded.base_checksum,
+            problem,
+        )
+    })?;
+    if base_sum != recorded.base_checksum {
+        return Err(refuse(
+            "base model",
+            "base-model",
+            &task.base_model,
+            &recorded.base_model,
+            recorded.base_checksum,
+            format!("checksum {base_sum:016x}, not the run's base model"),
+        ));
+    }
+    let corpus = std::fs::read(&task.corpus).map_err(|e| {
+        refuse(
+            "corpus",
+            "text",
+            &task.corpus,
+            &recorded.corpus,
+            recorded.corpus_checksum,
+            format!("cannot read: {e}"),
+        )
+    })?;
+    let corpus_sum = xxhash_rust::xxh3::xxh3_64(&corpus);
+    if corpus_sum != recorded.corpus_checksum || corpus.len() as u64 != recorded.corpus_bytes {
+        return Err(refuse(
+            "corpus",
+            "text",
+            &task.corpus,
+            &recorded.corpus,
+            recorded.corpus_checksum,
+            format!(
+                "checksum {corpus_sum:016x} ({} bytes; the run's is {} bytes), not the run's corpus",
+                corpus.len(),
+                recorded.corpus_bytes
+            ),
+        ));
+    }
+    drop(corpus);
+    task.read_corpus().map_err(bad)?;
+    let shape = base_shape(&task.base_model)?;
+    check_fits(model, &spec.arch, &shape, &task.base_model)?;
+    tracing::info!(
+        base = %task.base_model.display(),
+        corpus = %task.corpus.display(),
+        "this host's base model and corpus are run {run}'s (checksums {:016x}, {:016x})",
+        recorded.base_checksum,
+        recorded.corpus_checksum
+    );
+    Ok(())
+}
 
 /// Default share of the corpus held out for the publish gate.
 pub const DEFAULT_HELDOUT: f64 = 0.2;
@@ -490,8 +707,11 @@ mod handler {
 
     impl Handler for PerplexityHandler {
         fn load(&mut self, model: &ServedModel) -> Result<(), String> {
-            let task = PerplexitySpec::from_header(&model.model.file, &model.path)
+            let mut task = PerplexitySpec::from_header(&model.model.file, &model.path)
                 .map_err(|e| e.to_string())?;
+            // An evaluator host's own copies (`evod join --base-model
+            // --text`), checked against the recorded checksums below.
+            relocate(&mut task, &host_files_from_env());
             let key = (
                 task.base_checksum,
                 task.corpus_checksum,

@@ -37,7 +37,9 @@ struct Cli {
 enum Command {
     /// Run the daemon in the foreground (supervisor; container entrypoint).
     Run(Box<run::Args>),
-    /// Evaluate for a distributed run: this host's workers take tasks from the broker.
+    /// Evaluate for a distributed run: this host's workers take tasks from the broker
+    /// (a perplexity run: with this host's copies of its base model and corpus,
+    /// --base-model and --text).
     Join(Box<dist::join::JoinArgs>),
     /// Show the running daemon's children, model and stats.
     Status(status::StatusArgs),

@@ -14,7 +14,10 @@
 //! evaluation (a generation's training batch, then its publish gate),
 //! named by a hash of what it evaluates ([`round_id`], [`ga_round_id`]:
 //! the run's model and this build's protocol, the base, the recipes —
-//! which name the GA parents —, the episode seed and count). A round is
+//! which name the GA parents —, the episode seed and count, and its
+//! purpose). Every task of a gate round carries the gate flag
+//! (`Task::gate`), so a host scores it as the single-host gate is (on the
+//! held-out windows of a perplexity run). A round is
 //! its bases published by hash (once; the ES mean, or every GA parent a
 //! recipe names), its recipes cut into tasks of
 //! `--candidates-per-task`, enqueued once (a restarted coordinator that
@@ -333,7 +336,7 @@ impl Coordination {
 
     /// Tasks of `round` for the candidates `which` (indices into the
     /// round's candidates, ascending), contiguous runs of at most
-    /// `per_task`.
+    /// `per_task`, each flagged with the round's `purpose`.
     fn tasks(
         &self,
         round: u64,
@@ -342,6 +345,7 @@ impl Coordination {
         seed: u64,
         episodes: u32,
     ) -> Vec<Task> {
+        let gate = work.purpose() == Purpose::Gate;
         let mut out: Vec<Task> = Vec::new();
         for &c in which {
             match out.last_mut() {
@@ -353,7 +357,7 @@ impl Coordination {
                         (Work::Recipes { recipes, .. }, RoundWork::Es { recipes: all, .. }) => {
                             recipes.push(all[c as usize])
                         }
-                        (Work::Ga(recipes), RoundWork::Ga(batch)) => {
+                        (Work::Ga(recipes), RoundWork::Ga(batch, _)) => {
                             recipes.push(batch.recipes[c as usize].clone())
                         }
                         _ => unreachable!("tasks of one round are of one kind"),
@@ -365,12 +369,15 @@ impl Coordination {
                     seed,
                     episodes,
                     first: c,
+                    gate,
                     work: match work {
-                        RoundWork::Es { base, recipes } => Work::Recipes {
+                        RoundWork::Es { base, recipes, .. } => Work::Recipes {
                             base: base.checksum(),
                             recipes: vec![recipes[c as usize]],
                         },
-                        RoundWork::Ga(batch) => Work::Ga(vec![batch.recipes[c as usize].clone()]),
+                        RoundWork::Ga(batch, _) => {
+                            Work::Ga(vec![batch.recipes[c as usize].clone()])
+                        }
                     },
                 }),
             }
@@ -384,7 +391,7 @@ impl Coordination {
     fn publish_bases(&mut self, work: &RoundWork<'_>) -> Result<Vec<u64>, EvalError> {
         let bases: Vec<(u64, &[f32])> = match work {
             RoundWork::Es { base, .. } => vec![(base.checksum(), base.params())],
-            RoundWork::Ga(batch) => {
+            RoundWork::Ga(batch, _) => {
                 let mut named: Vec<u64> = Vec::new();
                 for h in batch.recipes.iter().flat_map(GaRecipe::parents) {
                     if !named.contains(&h) {
@@ -734,30 +741,49 @@ impl Coordination {
 }
 
 /// What one round evaluates: ES recipes against a base, or GA children
-/// as recipes against their parents.
+/// as recipes against their parents; and what for (training or the
+/// publish gate).
 enum RoundWork<'b> {
     Es {
         base: &'b Base<'b>,
         recipes: &'b [Recipe],
+        purpose: Purpose,
     },
-    Ga(&'b GaBatch<'b>),
+    Ga(&'b GaBatch<'b>, Purpose),
 }
 
 impl RoundWork<'_> {
     fn len(&self) -> usize {
         match self {
             Self::Es { recipes, .. } => recipes.len(),
-            Self::Ga(batch) => batch.recipes.len(),
+            Self::Ga(batch, _) => batch.recipes.len(),
         }
     }
 
-    /// The round's broker name ([`round_id`], [`ga_round_id`]).
-    fn round_id(&self, fingerprint: u64, seed: u64, episodes: u32) -> u64 {
+    fn purpose(&self) -> Purpose {
         match self {
-            Self::Es { base, recipes } => {
+            Self::Es { purpose, .. } | Self::Ga(_, purpose) => *purpose,
+        }
+    }
+
+    /// The round's broker name ([`round_id`], [`ga_round_id`]), its
+    /// purpose mixed in: a gate and a training round of the same
+    /// candidates and seed are two rounds.
+    fn round_id(&self, fingerprint: u64, seed: u64, episodes: u32) -> u64 {
+        let id = match self {
+            Self::Es { base, recipes, .. } => {
                 round_id(fingerprint, base.checksum(), recipes, seed, episodes)
             }
-            Self::Ga(batch) => ga_round_id(fingerprint, batch.recipes, seed, episodes),
+            Self::Ga(batch, _) => ga_round_id(fingerprint, batch.recipes, seed, episodes),
+        };
+        match self.purpose() {
+            Purpose::Train => id,
+            Purpose::Gate => {
+                let mut h = xxhash_rust::xxh3::Xxh3::new();
+                h.update(b"gate");
+                h.update(&id.to_le_bytes());
+                h.digest()
+            }
         }
     }
 }
@@ -819,6 +845,16 @@ impl Evaluator for Distributed<'_, '_> {
         self.ring.evaluate(candidates, seed, episodes)
     }
 
+    fn evaluate_for(
+        &mut self,
+        purpose: Purpose,
+        candidates: &[&[f32]],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        self.ring.evaluate_for(purpose, candidates, seed, episodes)
+    }
+
     fn evaluate_recipes(
         &mut self,
         base: &Base<'_>,
@@ -826,21 +862,34 @@ impl Evaluator for Distributed<'_, '_> {
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
-        self.coord
-            .round(self.ring, &RoundWork::Es { base, recipes }, seed, episodes)
+        self.evaluate_recipes_for(Purpose::Train, base, recipes, seed, episodes)
+    }
+
+    fn evaluate_recipes_for(
+        &mut self,
+        purpose: Purpose,
+        base: &Base<'_>,
+        recipes: &[Recipe],
+        seed: u64,
+        episodes: u32,
+    ) -> Result<Vec<Option<f64>>, EvalError> {
+        let work = RoundWork::Es {
+            base,
+            recipes,
+            purpose,
+        };
+        self.coord.round(self.ring, &work, seed, episodes)
     }
 
     fn evaluate_ga_for(
         &mut self,
-        _purpose: Purpose,
+        purpose: Purpose,
         batch: &GaBatch<'_>,
         seed: u64,
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
-        // Tasks carry no purpose: a run whose gate differs from training
-        // (perplexity) is refused at start, as for ES.
         self.coord
-            .round(self.ring, &RoundWork::Ga(batch), seed, episodes)
+            .round(self.ring, &RoundWork::Ga(batch, purpose), seed, episodes)
     }
 }
 

@@ -62,17 +62,27 @@ pub fn run(args: FeederArgs) -> Result<ExitCode> {
     let settings = DistSettings::from_args(&args.dist)?
         .context("evod feeder needs the broker URL in EVOD_BROKER")?;
     let segments = crate::evolver::attach_segments(&args.ring_fds)?;
-    let clients = segments
-        .iter()
-        .map(|s| {
-            s.client(evod_ring::Channel::Eval)
-                .context("claiming the evaluation channel")
-        })
-        .collect::<Result<Vec<_>>>()?;
     let model_path = args.dir.join(MODEL_FILE);
     // The run's model as the coordinator has it now (a feeder restarted
     // after a base that did not fit its model file gets the new one).
     super::join::fetch_model(&settings, &model_path, &stop)?;
+    // A llama.cpp worker beats between decode batches: waited for as the
+    // coordinator's evolver waits for its own (`llm::PEER_TIMEOUT`).
+    let client_config = if crate::llm::is_perplexity_model(&model_path) {
+        evod_ring::ClientConfig {
+            peer_timeout: crate::llm::PEER_TIMEOUT,
+            ..evod_ring::ClientConfig::default()
+        }
+    } else {
+        evod_ring::ClientConfig::default()
+    };
+    let clients = segments
+        .iter()
+        .map(|s| {
+            s.client_with(evod_ring::Channel::Eval, client_config)
+                .context("claiming the evaluation channel")
+        })
+        .collect::<Result<Vec<_>>>()?;
     let model = Model::open(&model_path)?;
     let layout = ParamLayout::from_architecture(&model.spec.arch)
         .with_context(|| format!("the network of {}", model_path.display()))?;

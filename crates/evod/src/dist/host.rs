@@ -5,7 +5,10 @@
 //! as `state/base/<checksum>.gguf`, the `EVAL_RECIPES` path), GA children
 //! rebuilt here from their recipes and parents (`GaRecipe::apply_to`, the
 //! code the evolver made them with) and sent as vectors — and acknowledge
-//! the results under this host's id.
+//! the results under this host's id. A task flagged as the publish gate's
+//! (`Task::gate`) goes to the workers as the single-host gate does
+//! (`Purpose::Gate`: a perplexity worker scores the held-out windows);
+//! training tasks keep their seeded window subsets.
 //!
 //! Nothing in a task is trusted: a base that does not hash to its name,
 //! a base or recipe that does not fit the network, a parent that is not on
@@ -34,7 +37,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use evod_broker::{BrokerError, Delivery, Evaluator as _, RedisBroker, TaskResult, Work};
-use evod_evolve::{Base, Evaluator as _, GaParents, ParamLayout};
+use evod_evolve::{Base, Evaluator as _, GaParents, ParamLayout, Purpose};
 
 use super::DistSettings;
 use crate::evolver::RingEvaluator;
@@ -452,12 +455,17 @@ impl EvalHost {
         }
         self.lock().push(d.clone());
         let started = Instant::now();
+        let purpose = if task.gate {
+            Purpose::Gate
+        } else {
+            Purpose::Train
+        };
         let outcome = match &task.work {
             Work::Recipes { base, recipes } => {
                 let params = self.bases.get(*base).expect("fetched above");
                 let base = Base::with_checksum(params, &self.layout, *base)
                     .expect("the length was checked above");
-                ring.evaluate_recipes(&base, recipes, task.seed, task.episodes)
+                ring.evaluate_recipes_for(purpose, &base, recipes, task.seed, task.episodes)
             }
             Work::Ga(recipes) => {
                 let mut parents = GaParents::new(&self.layout);
@@ -499,7 +507,7 @@ impl EvalHost {
                     }
                     None => {
                         let refs: Vec<&[f32]> = children.iter().map(Vec::as_slice).collect();
-                        ring.evaluate(&refs, task.seed, task.episodes)
+                        ring.evaluate_for(purpose, &refs, task.seed, task.episodes)
                     }
                 }
             }

@@ -10,6 +10,13 @@
 //! time (its leased tasks are taken over by others after the lease).
 //! Every other setting is `evod run`'s (flags, `EVOD_*`, the TOML file);
 //! the evolution options are the coordinator's business and unused here.
+//!
+//! A perplexity run's base model and corpus are big and host-local: they
+//! never travel through the broker. This host's copies (`--base-model`,
+//! `--text`, or the paths the run's vector records) are verified against
+//! the checksums the vector records right after the model is fetched
+//! (`llm::check_host`), before the supervisor starts and so before any
+//! task is taken, and handed to the workers in their environment.
 
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -29,6 +36,9 @@ pub struct JoinArgs {
     /// `--broker`, EVOD_BROKER, `broker` in the TOML file).
     #[arg(value_name = "URL")]
     pub url: Option<String>,
+    /// This host's copies of a perplexity run's base model and corpus.
+    #[command(flatten, next_help_heading = "Perplexity runs")]
+    pub files: crate::llm::HostFiles,
     /// Every `evod run` setting (the evolution options are unused).
     #[command(flatten)]
     pub run: crate::run::Args,
@@ -40,6 +50,16 @@ pub fn run(mut args: JoinArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = args.url.take() {
         args.run.dist.broker = Some(url);
     }
+    let file = match &args.run.config {
+        Some(path) => config::FileConfig::load(path)?,
+        None => config::FileConfig::default(),
+    };
+    let files = std::mem::take(&mut args.files).or(crate::llm::HostFiles {
+        base_model: file.base_model,
+        text: file.text,
+    })?;
+    // SAFETY: no other thread exists yet (nothing started one above).
+    unsafe { files.export() };
     let (mut config, _, dist) = config::resolve(args.run)?;
     let settings = DistSettings::from_args(&dist)?.ok_or_else(|| {
         exit::with_code(
@@ -72,6 +92,9 @@ pub fn run(mut args: JoinArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     fetched?;
+    // A perplexity run: this host's base model and corpus are the run's,
+    // or it takes no task.
+    crate::llm::check_host(&config.model, &files, &settings.run)?;
     // The run's fitness may be the user's program: this host needs it too.
     if config.worker_cmd.is_none() && crate::run::worker_cmd::is_external_model(&config.model) {
         return Err(exit::with_code(

@@ -148,21 +148,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     // is when it takes over, not as it was when it started waiting.
     let mut coordination = match &dist {
         Some(settings) => {
+            // Every task evod knows is distributed: a perplexity run's gate
+            // tasks carry the gate flag, scored on the held-out windows.
             let spec = evod_runtime::Model::open(&args.dir.join(MODEL_FILE))?.spec;
-            let task: Task = spec
-                .task
-                .parse()
-                .with_context(|| format!("{}: task {:?}", MODEL_FILE, spec.task))?;
-            if task == Task::Perplexity {
-                // Broker tasks carry no purpose: a gate would be scored on
-                // training windows, not on the held-out text.
-                return Err(crate::exit::with_code(
-                    crate::exit::USAGE,
-                    anyhow::anyhow!(
-                        "--broker: the perplexity task is not distributed yet (its held-out gate is not carried by broker tasks); run it on one host"
-                    ),
-                ));
-            }
             let layout = evod_evolve::ParamLayout::from_architecture(&spec.arch)?;
             match crate::dist::Coordination::start(
                 settings,

@@ -141,6 +141,11 @@ pub struct FileConfig {
     pub min_hosts: Option<u32>,
     /// `--remote-only`.
     pub remote_only: Option<bool>,
+    /// `evod join --base-model` (an evaluator host's copy of a perplexity
+    /// run's base model; refused by `evod run`).
+    pub base_model: Option<PathBuf>,
+    /// `evod join --text` (its copy of the corpus; refused by `evod run`).
+    pub text: Option<PathBuf>,
 }
 
 impl FileConfig {

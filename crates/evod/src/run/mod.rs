@@ -118,6 +118,19 @@ pub struct Args {
 /// Runs `evod run`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     crate::dist::scrub_broker_env();
+    crate::llm::scrub_host_files_env();
+    if let Some(path) = &args.config {
+        let file = config::FileConfig::load(path)?;
+        if file.base_model.is_some() || file.text.is_some() {
+            return Err(exit::with_code(
+                exit::USAGE,
+                anyhow::anyhow!(
+                    "config file {}: base_model and text are evod join's (an evaluator host's copies of a perplexity run's files); evod run uses the files its model records",
+                    path.display()
+                ),
+            ));
+        }
+    }
     let (mut config, evolve, dist) = config::resolve(args)?;
     let dist = crate::dist::DistSettings::from_args(&dist)?;
     if let Some(d) = &dist {
