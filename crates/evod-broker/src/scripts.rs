@@ -171,8 +171,12 @@ return 0
 pub const DEL_FENCED: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 redis.call('ZREM', KEYS[2], ARGV[2])
-if #KEYS < 3 then return 0 end
-return redis.call('DEL', unpack(KEYS, 3))
+local deleted = 0
+-- In slices: Lua's unpack refuses about 8000 values at once.
+for i = 3, #KEYS, 1000 do
+  deleted = deleted + redis.call('DEL', unpack(KEYS, i, math.min(i + 999, #KEYS)))
+end
+return deleted
 "#;
 
 /// Retire what a checkpoint covers, fenced by the coordinator lease:
@@ -199,7 +203,10 @@ for i = 7 + nr, 6 + nr + nb do redis.call('ZREM', KEYS[3], ARGV[i]) end
 local live = {}
 for i = 7 + nr + nb, #ARGV do live[ARGV[i]] = true end
 local deleted = 0
-if #KEYS > 5 then deleted = redis.call('DEL', unpack(KEYS, 6)) end
+-- In slices: Lua's unpack refuses about 8000 values at once.
+for i = 6, #KEYS, 1000 do
+  deleted = deleted + redis.call('DEL', unpack(KEYS, i, math.min(i + 999, #KEYS)))
+end
 local minid = ARGV[3]
 if minid == '' then
   local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)

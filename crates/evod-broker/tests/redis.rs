@@ -1364,3 +1364,39 @@ fn retire_deletes_the_dead_letters_of_retired_rounds_and_keeps_those_of_live_one
     let task = kept[0].task.as_ref().expect("a task");
     assert_eq!((task.generation, task.gate), (20, true));
 }
+
+#[test]
+fn a_base_of_more_chunks_than_lua_can_unpack_is_dropped_and_retired_whole() {
+    // 9000 chunks of 4 bytes: the scripts delete keys in slices (Lua's
+    // unpack refuses about 8000 values in one call).
+    let (_dir, server) = start();
+    let url = server.url();
+    let mut c = RedisConfig::new(&url, RUN, "coord");
+    c.chunk_bytes = 4;
+    let mut coord = RedisBroker::new(c).expect("valid config");
+    let lease = coord
+        .acquire_lease("coord", Duration::from_secs(30), Duration::ZERO)
+        .unwrap();
+    let mut r = raw(&url);
+    let prefix = coord.prefix().to_owned();
+    let values: Vec<f32> = (0..9000).map(|i| i as f32).collect();
+    let chunks = |r: &mut redis::Connection, hash: u64| -> usize {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}base:{hash:016x}:*"))
+            .query(r)
+            .unwrap();
+        keys.len()
+    };
+    let dropped = coord.publish_base(1, &values).unwrap();
+    assert_eq!(chunks(&mut r, dropped), 9000);
+    coord.drop_base(&lease, dropped).unwrap();
+    assert_eq!(chunks(&mut r, dropped), 0);
+    let mut other = values.clone();
+    other[0] = -1.0;
+    let retired = coord.publish_base(1, &other).unwrap();
+    assert_eq!(chunks(&mut r, retired), 9000);
+    let got = coord.retire(&lease, 2, "0-0").unwrap();
+    assert_eq!(got.bases, 1, "{got:?}");
+    assert_eq!(chunks(&mut r, retired), 0);
+    assert!(coord.bases().unwrap().is_empty());
+}
