@@ -48,6 +48,10 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 const RECLAIM_MAX: usize = 4;
 /// First and longest pause after a task failed here (doubling while
 /// tasks keep failing; reset by a task done).
+/// The most memory a GA task's rebuilt children take at once (they are
+/// rebuilt and evaluated in slices of this size, at least one child).
+const GA_REBUILD_BUDGET: usize = 256 << 20;
+
 const FAILURE_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
 
 /// Bytes of bases a host keeps (at least those of the task at hand).
@@ -472,44 +476,59 @@ impl EvalHost {
                 for hash in task.work.bases() {
                     parents.insert(hash, self.bases.get(hash).expect("fetched above"));
                 }
-                let mut children = Vec::with_capacity(recipes.len());
-                let mut bad = None;
-                for (i, r) in recipes.iter().enumerate() {
-                    let c = task.first as usize + i;
-                    match r.materialize(&parents) {
-                        Ok(child) => match child.iter().position(|x| !x.is_finite()) {
-                            None => children.push(child),
-                            Some(at) => {
-                                bad = Some(Err(format!(
-                                    "candidate {c} rebuilt from its recipe has the non-finite value {} at index {at}",
-                                    child[at]
-                                )));
+                // Rebuilt and evaluated a slice at a time, so that a task of
+                // many children of a big network (up to 255 in a task) never
+                // holds more than GA_REBUILD_BUDGET of them at once. A
+                // candidate's fitness does not depend on its neighbours (a
+                // task is itself a slice of its round), so slices change
+                // nothing. A child that cannot be rebuilt refuses the whole
+                // task, whatever its slices scored.
+                let per_slice = (GA_REBUILD_BUDGET / (4 * self.layout.n_params().max(1))).max(1);
+                let mut scored = Vec::with_capacity(recipes.len());
+                let mut outcome = Ok(Vec::new());
+                for (k, slice) in recipes.chunks(per_slice).enumerate() {
+                    let mut children = Vec::with_capacity(slice.len());
+                    let mut bad = None;
+                    for (i, r) in slice.iter().enumerate() {
+                        let c = task.first as usize + k * per_slice + i;
+                        match r.materialize(&parents) {
+                            Ok(child) => match child.iter().position(|x| !x.is_finite()) {
+                                None => children.push(child),
+                                Some(at) => {
+                                    bad = Some(Err(format!(
+                                        "candidate {c} rebuilt from its recipe has the non-finite value {} at index {at}",
+                                        child[at]
+                                    )));
+                                    break;
+                                }
+                            },
+                            Err(e @ evod_evolve::RecipeError::TensorCount { .. }) => {
+                                bad = Some(Ok(format!("the recipe of candidate {c} ({e})")));
                                 break;
                             }
-                        },
-                        Err(e @ evod_evolve::RecipeError::TensorCount { .. }) => {
-                            bad = Some(Ok(format!("the recipe of candidate {c} ({e})")));
-                            break;
-                        }
-                        Err(e) => {
-                            bad = Some(Err(format!("candidate {c} cannot be rebuilt: {e}")));
-                            break;
+                            Err(e) => {
+                                bad = Some(Err(format!("candidate {c} cannot be rebuilt: {e}")));
+                                break;
+                            }
                         }
                     }
-                }
-                match bad {
-                    Some(fit) => {
+                    if let Some(fit) = bad {
                         self.lock().retain(|x| x.id != d.id);
                         return match fit {
                             Ok(what) => self.does_not_fit(&d, what),
                             Err(what) => self.refuse(&d, what),
                         };
                     }
-                    None => {
-                        let refs: Vec<&[f32]> = children.iter().map(Vec::as_slice).collect();
-                        ring.evaluate_for(purpose, &refs, task.seed, task.episodes)
+                    let refs: Vec<&[f32]> = children.iter().map(Vec::as_slice).collect();
+                    match ring.evaluate_for(purpose, &refs, task.seed, task.episodes) {
+                        Ok(f) => scored.extend(f),
+                        Err(e) => {
+                            outcome = Err(e);
+                            break;
+                        }
                     }
                 }
+                outcome.map(|_: Vec<Option<f64>>| scored)
             }
         };
         self.lock().retain(|x| x.id != d.id);
