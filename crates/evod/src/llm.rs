@@ -592,7 +592,6 @@ mod handler {
     /// `evod worker` on a perplexity model: `evod-serve`'s loop with
     /// [`PerplexityHandler`]. A standby first waits for its promotion.
     pub fn serve_worker(args: &crate::worker::Args) -> anyhow::Result<ExitCode> {
-        crate::worker::die_on_first_segv();
         evod_llama::route_logs_to_tracing();
         if let Some(fd) = args.standby_fd {
             evod_supervisor::set_process_name(c"evod-standby");
