@@ -9,7 +9,10 @@
 //!
 //! 1. one `send(2)` of [`evod_wire::notice::crash`]`(signal)` on the
 //!    notice link (a `write` that never blocks and raises no SIGPIPE:
-//!    `MSG_DONTWAIT | MSG_NOSIGNAL`; nothing when the worker has none);
+//!    `MSG_DONTWAIT | MSG_NOSIGNAL`; nothing when the worker has none),
+//!    then `setpriority(19)` for the crashing thread, so that the kernel's
+//!    teardown of the process, which runs on it, yields the CPU to the
+//!    supervisor the notice woke and to the replacement;
 //! 2. then the process dies *of that signal*, so its exit status, the
 //!    supervisor's crash accounting and the meaning of the fault opcodes
 //!    are what they were:
@@ -129,6 +132,14 @@ extern "C" fn on_fatal(signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut 
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
         };
+        // The lowest priority for the rest of this thread's life: the
+        // notice has just woken the supervisor, often on this CPU, and this
+        // thread's next work is the kernel's teardown of the process
+        // (milliseconds for a big model), which must not hold up the
+        // supervisor and the replacement it is about to promote.
+        // SAFETY: setpriority is a plain system call (no user-space state);
+        // on Linux, PRIO_PROCESS with 0 names the calling thread.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
     }
     // SAFETY: for an SA_SIGINFO handler the kernel passes a valid siginfo.
     let code = unsafe { (*info).si_code };
