@@ -9,16 +9,17 @@
 //! promotion), or, for a worker started cold, `--notice-fd N` (built-in
 //! worker) / [`NOTICE_FD_VAR`] (any worker program). On a fatal signal
 //! (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGTRAP) the worker's handler
-//! writes [`crash`]`(signal)` there with one `write(2)` and dies of that
-//! signal. The kernel sends SIGCHLD only once the process's memory is torn
+//! writes [`crash`]`(signal)` there with one non-blocking `send(2)` and
+//! dies of that signal. The kernel sends SIGCHLD only once the process's memory is torn
 //! down (tens of milliseconds for a worker that mapped 1 GiB); the notice
-//! comes before, so the supervisor SIGKILLs the worker and promotes its
-//! standby without waiting for the reap.
+//! comes before, so the supervisor counts the death and promotes the
+//! standby without waiting for the reap (and SIGKILLs the worker 100 ms
+//! later if it is not dying by then).
 //!
 //! The byte is a claim by an untrusted process: the supervisor acts on it
 //! only for the slot's current worker, and the only thing it can obtain is
-//! that worker's own replacement (it is killed). Its exit status, read when
-//! it is reaped, is what the logs and metrics record.
+//! that worker's own replacement (and its death). Its exit status, read
+//! when it is reaped, is what the logs and metrics record.
 
 /// Environment variable naming a cold-started worker's notice descriptor
 /// (also `--notice-fd N` on the built-in worker's command line; a user's
