@@ -383,8 +383,15 @@ fn an_external_sigsegv_of_a_worker_in_the_container_is_survived() {
             workers[0]
         )
     });
-    let after = c.wait("the worker replaced, healthy again", || {
-        c.healthy_worker().filter(|w| w["restarts"] == 1)
+    // Replaced at its crash notice; its exit status is recorded when it
+    // is reaped.
+    let after = c.wait("the worker replaced, healthy again, its end reaped", || {
+        c.healthy_worker().filter(|w| {
+            w["restarts"] == 1
+                && w["last_exit"]
+                    .as_str()
+                    .is_some_and(|l| !l.starts_with("crash notice"))
+        })
     });
     assert_ne!(after["pid"], before["pid"], "{after}");
     assert!(

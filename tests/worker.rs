@@ -1,10 +1,14 @@
 //! The worker role as a real process over the real ring: every opcode,
 //! `LOAD` of missing and malformed files, fault opcodes refused without
-//! `--allow-fault-injection` and a real SIGSEGV with it.
+//! `--allow-fault-injection` and a real SIGSEGV with it, and the crash
+//! notice a worker writes on its link before it dies of a fatal signal.
 
 mod common;
 
-use std::os::unix::process::ExitStatusExt;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,7 +16,10 @@ use std::time::{Duration, Instant};
 use evod_ring::{Channel, Client, LayoutConfig, Segment};
 use evod_runtime::{Architecture, ModelSpec, Task, init_params, write_model};
 
-use evod_wire::op::{EVAL, FAULT_EXIT, FAULT_SEGV, LOAD, NEURAL_EXEC, PING, SHUTDOWN, STATS};
+use evod_wire::op::{
+    EVAL, FAULT_ABORT, FAULT_EXIT, FAULT_NOTICE, FAULT_SEGV, LOAD, NEURAL_EXEC, PING, SHUTDOWN,
+    STATS,
+};
 use evod_wire::status::{BAD_REQUEST, EVAL_FAILED, FAULT_REFUSED, LOAD_FAILED, OK, UNKNOWN_OPCODE};
 
 fn deadline() -> Instant {
@@ -207,7 +214,7 @@ fn every_opcode_over_the_real_ring() {
     // Every fault opcode, on both channels, with and without a payload.
     let mut control = seg.client(Channel::Control).unwrap();
     let faults: Vec<u32> = (0..1024).filter(|&o| evod_wire::op::is_fault(o)).collect();
-    assert_eq!(faults.len(), 7, "{faults:?}");
+    assert_eq!(faults.len(), 8, "{faults:?}");
     for &opcode in &faults {
         assert_ne!(evod_wire::op::name(opcode), "UNKNOWN", "{opcode}");
         for channel in [&mut client, &mut control] {
@@ -422,4 +429,112 @@ fn eval_recipes_regenerates_candidates_and_refuses_the_wrong_base() {
     let mut ctl = seg.client(Channel::Control).unwrap();
     let _ = call(&mut ctl, SHUTDOWN, &[]);
     assert!(wait_exit(&mut child).success());
+}
+
+/// A worker with fault injection and a crash-notice link
+/// (`--notice-fd`), and the test's end of that link.
+fn spawn_noticing_worker(seg: &Segment, model: &Path) -> (Child, UnixStream) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_evod"));
+    let ring = seg.pass_to(&mut cmd);
+    let fd = theirs.as_raw_fd();
+    // SAFETY: between fork and exec, one async-signal-safe fcntl on a
+    // descriptor the child inherited; nothing is allocated.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.args(["worker", "--ring-fd", &ring.to_string(), "--model"])
+        .arg(model)
+        .args(["--allow-fault-injection", "--notice-fd", &fd.to_string()])
+        .stdin(Stdio::null());
+    let child = cmd.spawn().expect("spawning evod worker");
+    drop(theirs);
+    ours.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    (child, ours)
+}
+
+/// Everything the worker wrote on its link until it closed (it ended).
+fn link_bytes(mut link: UnixStream) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    link.read_to_end(&mut bytes)
+        .expect("the link closes when the worker ends");
+    bytes
+}
+
+#[test]
+fn a_dying_worker_writes_one_crash_notice_then_dies_of_its_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = cartpole_model(dir.path(), "m.gguf", 1, 0);
+    enum How {
+        Kill(i32),
+        Opcode(u32),
+    }
+    // Signals sent from outside (`kill`), a real invalid write (a fault
+    // the kernel raises: the handler lets it fault again under Rust's
+    // handler, which passes it on) and `abort()`.
+    for (how, signal) in [
+        (How::Kill(libc::SIGSEGV), libc::SIGSEGV),
+        (How::Kill(libc::SIGBUS), libc::SIGBUS),
+        (How::Kill(libc::SIGILL), libc::SIGILL),
+        (How::Kill(libc::SIGFPE), libc::SIGFPE),
+        (How::Kill(libc::SIGABRT), libc::SIGABRT),
+        (How::Kill(libc::SIGTRAP), libc::SIGTRAP),
+        (How::Opcode(FAULT_SEGV), libc::SIGSEGV),
+        (How::Opcode(FAULT_ABORT), libc::SIGABRT),
+    ] {
+        let seg = Segment::create(&LayoutConfig::default()).unwrap();
+        let (mut child, link) = spawn_noticing_worker(&seg, &model);
+        let mut client = seg.client(Channel::Control).unwrap();
+        // Answering means the handlers are in (installed before the ring
+        // is served).
+        assert_eq!(call(&mut client, PING, &[]).0, OK);
+        match how {
+            How::Kill(s) => {
+                // SAFETY: kill(2) with the pid of our own live child.
+                assert_eq!(unsafe { libc::kill(child.id() as i32, s) }, 0);
+            }
+            How::Opcode(op) => {
+                client.send(op, 0, 0, |_| {}).unwrap();
+            }
+        }
+        let bytes = link_bytes(link);
+        let status = wait_exit(&mut child);
+        assert_eq!(
+            bytes,
+            vec![evod_wire::notice::crash(signal)],
+            "signal {signal}: the notice bytes"
+        );
+        assert_eq!(
+            status.signal(),
+            Some(signal),
+            "the worker did not die of signal {signal}: {status:?}"
+        );
+    }
+}
+
+#[test]
+fn a_notice_fault_writes_a_notice_and_the_worker_does_not_die() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = cartpole_model(dir.path(), "m.gguf", 1, 0);
+    let seg = Segment::create(&LayoutConfig::default()).unwrap();
+    let (mut child, mut link) = spawn_noticing_worker(&seg, &model);
+    let mut client = seg.client(Channel::Control).unwrap();
+    assert_eq!(call(&mut client, FAULT_NOTICE, &[]).0, OK);
+    let mut byte = [0u8; 1];
+    link.read_exact(&mut byte).unwrap();
+    assert_eq!(byte[0], evod_wire::notice::crash(libc::SIGSEGV));
+    // A notice is only a claim: the worker is still there, even after its
+    // epoch changed (it ignores it), until it is killed.
+    seg.bump_epoch();
+    assert!(child.try_wait().unwrap().is_none(), "the worker ended");
+    child.kill().unwrap();
+    let status = wait_exit(&mut child);
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    assert!(link_bytes(link).is_empty(), "a second notice");
 }

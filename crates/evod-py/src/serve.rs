@@ -123,6 +123,11 @@ pub fn serve(
     // `attach` takes it over at most once per process.
     let seg =
         unsafe { evod_serve::attach(args.ring_fd) }.map_err(|e| Error::new_err(e.to_string()))?;
+    // SAFETY: the notice descriptor (`EVOD_NOTICE_FD`) is the link the
+    // supervisor passed for crash notices; nothing in this process opened
+    // it or closes it.
+    unsafe { evod_serve::notice::install(args.notice_fd) }
+        .map_err(|e| Error::new_err(format!("installing the crash-notice handlers: {e}")))?;
     let mut handler = PyHandler {
         fitness,
         batch,

@@ -29,8 +29,14 @@
 //! this loop and the built-in `evod worker` alike: the loop regenerates the
 //! candidates and hands them to [`Handler::eval`] exactly as an `EVAL` of
 //! the same vectors would, so a handler does not know which form was sent.
+//!
+//! Crash notice: [`notice::install`] (given [`WorkerArgs::notice_fd`])
+//! makes a fatal signal write one byte to the supervisor before the
+//! process dies of it, so a worker's replacement takes over before the
+//! kernel has torn the dead one's memory down ([`evod_wire::notice`]).
 #![deny(missing_docs)]
 
+pub mod notice;
 pub mod recipes;
 
 pub use evod_evolve::Purpose;
@@ -86,15 +92,20 @@ pub enum ServeError {
     AlreadyAttached(i32),
 }
 
-/// Where the worker's inputs come from: the command line's `--ring-fd N`
-/// and `--model PATH` (also `--ring-fd=N`), else `EVOD_RING_FD` and
-/// `EVOD_MODEL`. Other arguments are the program's own and are ignored.
+/// Where the worker's inputs come from: the command line's `--ring-fd N`,
+/// `--model PATH` and `--notice-fd N` (also `--ring-fd=N`), else
+/// `EVOD_RING_FD`, `EVOD_MODEL` and `EVOD_NOTICE_FD`. Other arguments are
+/// the program's own and are ignored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerArgs {
     /// The inherited segment's descriptor.
     pub ring_fd: i32,
     /// The model to load at start.
     pub model: Option<PathBuf>,
+    /// The link to write a crash notice on ([`notice::install`]); `None`
+    /// when the supervisor gave none (or gave something that is not a
+    /// descriptor number).
+    pub notice_fd: Option<i32>,
 }
 
 /// Reads [`WorkerArgs`] from `args` (without the program name) and the
@@ -130,7 +141,15 @@ pub fn worker_args(args: &[String]) -> Result<WorkerArgs, ServeError> {
         .or_else(|| std::env::var(MODEL_VAR).ok())
         .filter(|m| !m.is_empty())
         .map(PathBuf::from);
-    Ok(WorkerArgs { ring_fd, model })
+    let notice_fd = flag("--notice-fd")
+        .or_else(|| std::env::var(evod_wire::notice::NOTICE_FD_VAR).ok())
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .filter(|&fd| fd > 2);
+    Ok(WorkerArgs {
+        ring_fd,
+        model,
+        notice_fd,
+    })
 }
 
 /// Attaches the inherited segment on `fd` (checked to be a sealed memfd
@@ -628,13 +647,16 @@ mod tests {
             "--model",
             "/m.gguf",
             "x",
+            "--notice-fd",
+            "8",
         ]))
         .unwrap();
         assert_eq!(
             a,
             WorkerArgs {
                 ring_fd: 7,
-                model: Some(PathBuf::from("/m.gguf"))
+                model: Some(PathBuf::from("/m.gguf")),
+                notice_fd: Some(8),
             }
         );
         let a = worker_args(&args(&["--ring-fd=9", "--model=/n.gguf"])).unwrap();

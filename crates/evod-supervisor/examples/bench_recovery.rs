@@ -110,7 +110,7 @@ fn recovery(evod: &Path, model: &Path, crashes: usize, warm: bool) -> (Vec<f64>,
         assert_eq!(reason.to_string(), "killed by signal 11 (SIGSEGV)");
         seg.bump_epoch();
         child = match spare.take() {
-            Some(standby) => standby.promote().expect("promote standby"),
+            Some(standby) => standby.promote().expect("promote standby").0,
             None => spawn_program(evod, &spec(&seg, model)).expect("respawn worker"),
         };
         ping_until_answered(&seg, Instant::now() + Duration::from_secs(60));

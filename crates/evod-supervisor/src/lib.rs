@@ -14,6 +14,7 @@
 //! - `config`: the resolved configuration.
 //! - `janitor`: removes the control socket if the supervisor is SIGKILLed.
 //! - `standby`: warm standby workers, promoted when a worker dies.
+//! - `notice`: the thread that reads the workers' crash notices.
 //! - `process`: logging (one writer per terminal, the live status line)
 //!   and the process name, for every role.
 //! - `units`: durations and sizes as operators write them.
@@ -26,6 +27,7 @@ pub mod daemon;
 pub mod janitor;
 pub mod link;
 pub mod metrics;
+pub mod notice;
 pub mod policy;
 pub mod process;
 pub mod reap;

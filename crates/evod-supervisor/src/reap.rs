@@ -114,6 +114,28 @@ pub fn is_zombie(pid: nix::unistd::Pid) -> bool {
     })
 }
 
+/// Whether `pid` (a child not reaped yet, so the number is still its own)
+/// has begun to end: a zombie, or its main thread in `do_exit`
+/// (`PF_EXITING` in the flags of `/proc/PID/stat`). Its exit status is
+/// decided by then, so a SIGKILL sent now would not change it. False if
+/// the file cannot be read.
+pub fn is_exiting(pid: nix::unistd::Pid) -> bool {
+    /// `include/linux/sched.h`: getting shut down.
+    const PF_EXITING: u64 = 0x4;
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let Some((_, after)) = stat.rsplit_once(") ") else {
+            return false;
+        };
+        // state ppid pgrp session tty_nr tpgid flags …
+        let mut fields = after.split(' ');
+        let state = fields.next().unwrap_or("");
+        let flags = fields.nth(5).and_then(|f| f.parse::<u64>().ok());
+        state.starts_with('Z')
+            || state.starts_with('X')
+            || flags.is_some_and(|f| f & PF_EXITING != 0)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +165,29 @@ mod tests {
         assert_eq!(signal_name(999), "unknown signal");
         assert!(ExitReason::Exited { code: 0 }.success());
         assert!(!ExitReason::Exited { code: 1 }.success());
+    }
+
+    #[test]
+    #[allow(clippy::zombie_processes)] // Reaped below with waitpid, which is the point.
+    fn a_running_child_is_not_exiting_and_a_killed_one_is() {
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = Pid::from_raw(child.id() as i32);
+        assert!(!is_exiting(pid), "a sleeping child");
+        nix::sys::signal::kill(pid, Signal::SIGKILL).unwrap();
+        // Ends within the deadline (then a zombie until reaped below).
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !is_exiting(pid) {
+            assert!(std::time::Instant::now() < end, "never seen exiting");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let status = waitpid(pid, None).unwrap();
+        assert!(matches!(
+            status,
+            WaitStatus::Signaled(_, Signal::SIGKILL, _)
+        ));
     }
 
     #[test]

@@ -23,7 +23,9 @@
 //! holds only its own slot's segment, like the worker it will become.
 //!
 //! The link protocol is two bytes in all: standby → supervisor `R` (ready),
-//! supervisor → standby `G` (go).
+//! supervisor → standby `G` (go). After the promotion the link stays open
+//! as the worker's crash-notice channel (`evod_wire::notice`): the
+//! supervisor hands its end to `crate::notice`.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -132,17 +134,19 @@ impl Standby {
 
     /// Promotes the standby: it becomes the slot's worker for the current
     /// epoch (bump the epoch first). Its clock restarts, so uptime-based
-    /// policy counts from now. On error (the standby died, or closed its
-    /// link) it is killed and reaped, and the error returned; start a worker
-    /// cold instead.
-    pub fn promote(mut self) -> io::Result<Child> {
+    /// policy counts from now. Returns the worker and the supervisor's end
+    /// of its link, which stays its crash-notice channel
+    /// (`crate::notice`). On error (the standby died, or closed its link)
+    /// it is killed and reaped, and the error returned; start a worker cold
+    /// instead.
+    pub fn promote(mut self) -> io::Result<(Child, UnixStream)> {
         if let Some(reason) = self.child.exited() {
             return Err(io::Error::other(format!("the standby had ended: {reason}")));
         }
         match self.link.write(&[GO]) {
             Ok(1) => {
                 self.child.restart_clock();
-                Ok(self.child)
+                Ok((self.child, self.link))
             }
             Ok(_) => Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -207,7 +211,7 @@ mod tests {
         assert!(standby.poll_ready());
         assert!(!out.exists(), "the standby ran before it was promoted");
         let before = standby.child().started();
-        let mut child = standby.promote().unwrap();
+        let (mut child, _link) = standby.promote().unwrap();
         assert!(child.started() > before, "promotion restarts the clock");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::fs::read_to_string(&out).unwrap_or_default() != "ok\n" {

@@ -11,7 +11,7 @@ pub struct BadFaultKind(String);
 
 /// The fault opcode and its u32 argument for a fault `kind`
 /// (`segv`, `abort`, `hang`, `scribble`, `lie`, `lie-control`, `alloc`,
-/// `alloc:MiB`, `exit`, `exit:N`).
+/// `alloc:MiB`, `exit`, `exit:N`, `notice`).
 pub fn parse_kind(kind: &str) -> Result<(u32, u32), BadFaultKind> {
     Ok(match kind {
         "segv" => (op::FAULT_SEGV, 0),
@@ -22,6 +22,7 @@ pub fn parse_kind(kind: &str) -> Result<(u32, u32), BadFaultKind> {
         "lie-control" => (op::FAULT_LIE, 1),
         "alloc" => (op::FAULT_ALLOC, 1024),
         "exit" => (op::FAULT_EXIT, 1),
+        "notice" => (op::FAULT_NOTICE, 0),
         other if other.starts_with("alloc:") => match other["alloc:".len()..].parse::<u32>() {
             Ok(mib) if mib > 0 => (op::FAULT_ALLOC, mib),
             _ => {
@@ -39,7 +40,7 @@ pub fn parse_kind(kind: &str) -> Result<(u32, u32), BadFaultKind> {
             }
             None => {
                 return Err(BadFaultKind(format!(
-                    "unknown fault kind {other:?}: use segv, abort, hang, scribble, lie, lie-control, alloc[:MiB], exit or exit:N"
+                    "unknown fault kind {other:?}: use segv, abort, hang, scribble, lie, lie-control, alloc[:MiB], exit, exit:N or notice"
                 )));
             }
         },

@@ -7,6 +7,7 @@
 //! - [`control`]: the control socket's JSON lines ([`Request`],
 //!   [`Response`], [`StatusReport`]) and the client [`call`].
 //! - [`standby`]: the two bytes of a warm standby's link.
+//! - [`notice`]: the crash notice a dying worker writes on its link.
 //! - [`fault`]: fault kinds (`segv`, `exit:N`, …) as fault opcodes.
 //! - [`rest`]: the resting evolver's marker `state/converged`, which the
 //!   supervisor reads for `evod status`.
@@ -17,6 +18,7 @@
 
 pub mod control;
 pub mod fault;
+pub mod notice;
 pub mod protocol;
 pub mod rest;
 pub mod standby;

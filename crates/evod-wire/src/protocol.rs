@@ -74,6 +74,11 @@ pub mod op {
     /// as a runtime with a runaway allocation would; past the worker's
     /// memory limit the allocation fails and the worker aborts.
     pub const FAULT_ALLOC: u32 = 106;
+    /// Fault injection: write a crash notice ([`crate::notice`], SIGSEGV)
+    /// on the worker's link, answer, then neither die nor leave when
+    /// replaced (stop serving, ignore the epoch), as a hostile worker
+    /// would: the supervisor must replace it and kill it, once.
+    pub const FAULT_NOTICE: u32 = 107;
 
     /// Whether `op` scores candidates (`EVAL` or `EVAL_RECIPES`): a worker
     /// that dies in one is a candidate's doing, left to the evolver's
@@ -99,13 +104,14 @@ pub mod op {
             FAULT_EXIT => "FAULT_EXIT",
             FAULT_LIE => "FAULT_LIE",
             FAULT_ALLOC => "FAULT_ALLOC",
+            FAULT_NOTICE => "FAULT_NOTICE",
             _ => "UNKNOWN",
         }
     }
 
     /// Whether `op` is a fault-injection opcode.
     pub fn is_fault(op: u32) -> bool {
-        (FAULT_SEGV..=FAULT_ALLOC).contains(&op)
+        (FAULT_SEGV..=FAULT_NOTICE).contains(&op)
     }
 }
 

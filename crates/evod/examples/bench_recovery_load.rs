@@ -11,27 +11,44 @@
 //! report shows the victim worker in that `LOAD` (its stats block's
 //! `in_service`), the bench sends it SIGSEGV with `kill(2)` from outside
 //! and polls the control socket until the slot shows a new pid that has
-//! recovered. Two figures per crash:
+//! recovered. Figures per crash:
 //!
+//! - **outside**, the headline: `kill()` → the status report shows the new
+//!   pid recovered (serving the live model). It includes the worker's
+//!   crash notice (its signal handler's one byte on its link), the
+//!   supervisor's reaction (SIGKILL, epoch bump, promotion), the
+//!   replacement's first answer and the status poll (one control-socket
+//!   round trip every ~200 µs);
 //! - the supervisor's own (`last_recovery_us` in the status row, and the
-//!   `evod_worker_recovery_seconds` histogram of `/metrics`): from reaping
-//!   the dead worker to its replacement (the promoted standby) answering
-//!   its first request, a `PING`, while serving the live model file;
-//! - from outside: `kill()` → the status report shows the new pid
-//!   recovered. It adds the kernel's end of the process (a worker that has
-//!   read 1 GiB through its mapping tears down its page tables), the SIGCHLD
-//!   hop and the status poll (one control-socket round trip every ~200 µs).
+//!   `evod_worker_recovery_seconds` histogram of `/metrics`): from the
+//!   death's notice (or its reap, without one) to its replacement (the
+//!   promoted standby) answering its first request, a `PING`, while
+//!   serving the live model file;
+//! - `kill()` → the kernel has ended the process (its pidfd is readable:
+//!   after the teardown of its memory, when SIGCHLD is sent), waited for
+//!   on a thread blocked in `poll`, so it costs no CPU while the recovery
+//!   is measured. Before the crash notice this was on the recovery path;
+//! - `kill()` → the first status report that shows the death (the slot's
+//!   pid or restart count changed: the crash notice was acted on), and the
+//!   status calls' own round trip (`*_status_poll_median_us`), which split
+//!   the outside figure into the way in and the poll.
 //!
 //! Peer, same run, same daemon: the same crash with the daemon idle (no
 //! `LOAD` in flight). Rounds: `ROUNDS` idle, then `ROUNDS` during a LOAD.
+//! After each crash the bench waits for the reap to record the real exit
+//! status (`killed by signal 11 (SIGSEGV)`) and checks every death was
+//! counted once.
 //!
 //! Usage: `EVOD_BIN=target/release/evod bench_recovery_load OUT.json
-//! [ROUNDS]` (writes `recovery_during_load_median_us`,
-//! `recovery_during_load_outside_median_us`, the idle peer's
-//! `recovery_idle_*`, samples, and how many crashes found the other worker
-//! still in its `LOAD`).
+//! [ROUNDS]` (writes `recovery_during_load_median_us` (outside),
+//! `recovery_during_load_supervisor_median_us`,
+//! `recovery_during_load_exit_median_us`, the idle peer's
+//! `recovery_idle_*`, samples, how many deaths the supervisor learnt from
+//! a crash notice, and how many crashes found the other worker still in
+//! its `LOAD`).
 
 use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -193,57 +210,98 @@ fn start(evod: &Path, dir: tempfile::TempDir) -> Daemon {
 struct Crash {
     inside_us: f64,
     outside_us: f64,
-    /// `kill()` → the process is a zombie (the kernel has ended it).
+    /// `kill()` → the first status report that shows the death (its
+    /// crash notice, or the reap).
+    seen_us: f64,
+    /// The status calls' round trips during the wait (the poll's own cost).
+    polls_us: Vec<f64>,
+    /// `kill()` → the kernel has ended the process (pidfd readable).
     exit_us: f64,
     other_in_load: bool,
 }
 
+/// A pidfd of `pid` (not our child: `pidfd_open`).
+fn pidfd(pid: u32) -> OwnedFd {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new
+    // descriptor or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    assert!(
+        fd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor, owned by nothing else.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
 /// SIGSEGV to worker `victim` → the status shows its replacement recovered.
 fn crash(d: &mut Daemon, victim: usize, before: &StatusReport) -> Crash {
+    use std::os::fd::AsFd;
     let row = worker(before, victim);
     let pid = row.pid.expect("the victim runs");
     let recoveries = row.recoveries;
+    let fd = pidfd(pid);
     let start = Instant::now();
     kill(Pid::from_raw(pid as i32), Signal::SIGSEGV).expect("kill the worker");
-    let end = start + PATIENCE;
-    // The kernel's part: until the process is a zombie (or reaped).
-    let stat = format!("/proc/{pid}/stat");
-    loop {
-        match std::fs::read_to_string(&stat) {
-            Ok(text)
-                if !text
-                    .rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z') =>
-            {
-                assert!(Instant::now() < end, "worker {victim} never died");
-                std::hint::spin_loop();
+    // The kernel's part, on a thread blocked in poll (no CPU taken from
+    // the recovery being measured): readable once the process has ended.
+    let ended = std::thread::spawn(move || {
+        let mut fds = [nix::poll::PollFd::new(
+            fd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        loop {
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(60_000u16)) {
+                Ok(n) if n > 0 => return start.elapsed().as_secs_f64() * 1e6,
+                Ok(_) if start.elapsed() < PATIENCE => {}
+                Err(nix::errno::Errno::EINTR) => {}
+                other => panic!("worker {pid} never ended: {other:?}"),
             }
-            _ => break,
         }
-    }
-    let exit_us = start.elapsed().as_secs_f64() * 1e6;
-    loop {
+    });
+    let end = start + PATIENCE;
+    let mut seen_us = None;
+    let mut polls_us = Vec::new();
+    let (inside_us, outside_us, other_in_load) = loop {
+        let asked = Instant::now();
         let s = d.status();
+        polls_us.push(asked.elapsed().as_secs_f64() * 1e6);
         let c = worker(&s, victim);
+        if seen_us.is_none() && (c.pid != Some(pid) || c.restarts > row.restarts) {
+            seen_us = Some(start.elapsed().as_secs_f64() * 1e6);
+        }
         if c.recoveries > recoveries && c.pid.is_some_and(|p| p != pid) {
             let outside_us = start.elapsed().as_secs_f64() * 1e6;
             let last = c.last_exit.clone().unwrap_or_default();
             assert!(last.contains("SIGSEGV"), "worker {victim} ended: {last}");
-            return Crash {
-                inside_us: c.last_recovery_us.expect("a recovery time"),
+            break (
+                c.last_recovery_us.expect("a recovery time"),
                 outside_us,
-                exit_us,
-                other_in_load: in_service(worker(&s, 1 - victim)) == Some("LOAD"),
-            };
+                in_service(worker(&s, 1 - victim)) == Some("LOAD"),
+            );
         }
         assert!(
             Instant::now() < end,
             "worker {victim} never recovered: {s:?}"
         );
         std::thread::sleep(Duration::from_micros(200));
+    };
+    let exit_us = ended.join().expect("the pidfd waiter");
+    // Its reap records the real exit status (the death was counted once,
+    // at its notice).
+    d.wait_for("the victim's exit status recorded", |s| {
+        worker(s, victim)
+            .last_exit
+            .as_deref()
+            .is_some_and(|l| l.starts_with("killed by signal 11 (SIGSEGV)"))
+    });
+    Crash {
+        inside_us,
+        outside_us,
+        seen_us: seen_us.unwrap_or(outside_us),
+        polls_us,
+        exit_us,
+        other_in_load,
     }
 }
 
@@ -304,8 +362,8 @@ fn main() {
         let s = d.status();
         let c = crash(&mut d, round % WORKERS, &s);
         println!(
-            "idle round {round}: supervisor {:.0} us, outside {:.0} us (kill → zombie {:.0} us)",
-            c.inside_us, c.outside_us, c.exit_us
+            "idle round {round}: outside {:.0} us, supervisor {:.0} us (kill → death seen in status {:.0} us; kill → process ended {:.0} us)",
+            c.outside_us, c.inside_us, c.seen_us, c.exit_us
         );
         idle.push(c);
     }
@@ -322,8 +380,8 @@ fn main() {
         });
         let c = crash(&mut d, victim, &s);
         println!(
-            "LOAD round {round}: supervisor {:.0} us, outside {:.0} us (kill → zombie {:.0} us; other worker still in LOAD: {})",
-            c.inside_us, c.outside_us, c.exit_us, c.other_in_load
+            "LOAD round {round}: outside {:.0} us, supervisor {:.0} us (kill → death seen in status {:.0} us; kill → process ended {:.0} us; other worker still in LOAD: {})",
+            c.outside_us, c.inside_us, c.seen_us, c.exit_us, c.other_in_load
         );
         during.push(c);
     }
@@ -351,23 +409,42 @@ fn main() {
     let inside = |v: &[Crash]| v.iter().map(|c| c.inside_us).collect::<Vec<_>>();
     let outside = |v: &[Crash]| v.iter().map(|c| c.outside_us).collect::<Vec<_>>();
     let exit = |v: &[Crash]| v.iter().map(|c| c.exit_us).collect::<Vec<_>>();
-    let load_median = median(&inside(&during));
-    let idle_median = median(&inside(&idle));
+    let seen = |v: &[Crash]| v.iter().map(|c| c.seen_us).collect::<Vec<_>>();
+    let polls = |v: &[Crash]| {
+        v.iter()
+            .flat_map(|c| c.polls_us.iter().copied())
+            .collect::<Vec<_>>()
+    };
+    let load_median = median(&outside(&during));
+    let idle_median = median(&outside(&idle));
+    // How many deaths the supervisor learnt from a crash notice (the rest
+    // from SIGCHLD).
+    let noticed = d
+        .log()
+        .matches("sent a crash notice (SIGSEGV): replaced")
+        .count();
     let result = serde_json::json!({
         "recovery_during_load_median_us": load_median,
-        "recovery_during_load_samples_us": inside(&during),
-        "recovery_during_load_outside_median_us": median(&outside(&during)),
-        "recovery_during_load_outside_samples_us": outside(&during),
+        "recovery_during_load_samples_us": outside(&during),
+        "recovery_during_load_supervisor_median_us": median(&inside(&during)),
+        "recovery_during_load_supervisor_samples_us": inside(&during),
+        "recovery_during_load_seen_median_us": median(&seen(&during)),
+        "recovery_during_load_seen_samples_us": seen(&during),
+        "recovery_during_load_status_poll_median_us": median(&polls(&during)),
         "recovery_during_load_exit_median_us": median(&exit(&during)),
         "recovery_during_load_exit_samples_us": exit(&during),
         "recovery_during_load_other_worker_in_load": during.iter().filter(|c| c.other_in_load).count(),
         "recovery_during_load_crashes": during.len(),
         "recovery_idle_median_us": idle_median,
-        "recovery_idle_samples_us": inside(&idle),
-        "recovery_idle_outside_median_us": median(&outside(&idle)),
-        "recovery_idle_outside_samples_us": outside(&idle),
+        "recovery_idle_samples_us": outside(&idle),
+        "recovery_idle_supervisor_median_us": median(&inside(&idle)),
+        "recovery_idle_supervisor_samples_us": inside(&idle),
         "recovery_idle_exit_median_us": median(&exit(&idle)),
+        "recovery_idle_seen_median_us": median(&seen(&idle)),
+        "recovery_idle_status_poll_median_us": median(&polls(&idle)),
         "recovery_during_load_over_idle": load_median / idle_median,
+        "recovery_noticed": noticed,
+        "recovery_crashes": during.len() + idle.len(),
         "recovery_metrics_count": count,
         "recovery_metrics_mean_us": sum / count * 1e6,
         "model_bytes": bytes,

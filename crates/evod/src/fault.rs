@@ -3,7 +3,8 @@
 //!
 //! The supervisor sends the matching fault opcode on that worker's control
 //! channel (a real invalid-memory write, `abort()`, a hang, a scribble over
-//! the shared segment, a lying reply while it keeps running, `exit(n)`). The daemon refuses unless it was started
+//! the shared segment, a lying reply while it keeps running, `exit(n)`, a
+//! crash notice without a crash). The daemon refuses unless it was started
 //! with `--allow-fault-injection`, and the worker refuses fault opcodes
 //! unless it was too. Both checks are kept: either side alone is enough to
 //! stop a stray request.
@@ -25,7 +26,7 @@ pub struct Args {
     #[arg(long, value_name = "I")]
     worker: usize,
     /// `segv`, `abort`, `hang`, `scribble`, `lie`, `lie-control`, `alloc[:MiB]`,
-    /// `exit` or `exit:N`.
+    /// `exit`, `exit:N` or `notice`.
     #[arg(long, value_name = "KIND")]
     kind: String,
 }

@@ -854,7 +854,6 @@ mod handler {
     /// ready and waits for its promotion: the model load is off the
     /// recovery path.
     pub fn serve_worker(args: &crate::worker::Args) -> anyhow::Result<ExitCode> {
-        crate::worker::die_on_first_segv();
         // The daemon's log, in its format: llama.cpp's warnings and errors
         // (routed into `tracing`) and the handler's own lines reach it.
         evod_supervisor::init_logging(match std::env::var("EVOD_LOG_FORMAT").as_deref() {

@@ -38,9 +38,15 @@ pub struct Args {
     #[arg(long, hide = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub poison_one_in: Option<u64>,
     /// Start as a standby: map the model, say ready on this inherited
-    /// socket and wait to be promoted (the supervisor's warm spare).
+    /// socket and wait to be promoted (the supervisor's warm spare). It is
+    /// also the crash-notice link, before and after the promotion.
     #[arg(long, value_name = "FD")]
     pub standby_fd: Option<i32>,
+    /// The inherited socket to write a crash notice on
+    /// (`evod_wire::notice`) when a fatal signal kills this worker (a
+    /// worker started cold; a standby uses its --standby-fd).
+    #[arg(long, value_name = "FD", conflicts_with = "standby_fd")]
+    pub notice_fd: Option<i32>,
     /// This worker's index (for logs).
     #[arg(long, default_value_t = 0)]
     pub index: u32,
@@ -84,6 +90,9 @@ impl Loaded {
 /// until it crashes. With `--standby-fd`, first waits to be promoted (see
 /// `evod-supervisor`'s `standby.rs`).
 pub fn run(args: Args) -> Result<ExitCode> {
+    // First of all: a fatal signal from here on tells the supervisor at
+    // once, and an external `kill -SEGV` kills at the first try.
+    install_crash_notice(&args)?;
     // A perplexity model is llama.cpp's to score: evod-serve's loop with
     // the llama handler (a build without it answers EVAL with the task's
     // error; `evod run` refuses such a model before starting).
@@ -95,7 +104,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
     {
         return crate::llm::serve_worker(&args);
     }
-    die_on_first_segv();
     evod_supervisor::set_process_name(if args.standby_fd.is_some() {
         c"evod-standby"
     } else {
@@ -202,7 +210,9 @@ pub(crate) fn stand_by(fd: i32, model: Option<&Path>) -> Result<Option<Option<Pr
         .with_context(|| format!("standby link on descriptor {fd}"))?;
     // SAFETY: the descriptor is open (checked just above) and was inherited
     // for exactly this purpose: nothing else in this process owns it.
-    let mut link = unsafe { UnixStream::from_raw_fd(fd) };
+    // Never closed: after the promotion it is the crash-notice link the
+    // signal handlers write to (`install_crash_notice`).
+    let mut link = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd) });
     // A model that cannot be mapped now is tried again (and its error
     // reported) at promotion, as a cold start would.
     let preloaded = model.and_then(|path| {
@@ -327,6 +337,24 @@ impl Worker<'_> {
                 // seen even if an honest reply overwrote the scribbled slot.
                 self.lying = true;
                 return Ok(Flow::Continue);
+            }
+            if opcode == op::FAULT_NOTICE {
+                // A crash notice without a crash (a hostile worker's):
+                // answered, then the worker neither dies nor leaves when
+                // it is replaced (it ignores its epoch): the supervisor
+                // must kill it.
+                let answer = match evod_serve::notice::send(libc::SIGSEGV) {
+                    Ok(()) => (status::OK, Vec::new()),
+                    Err(e) => error(status::BAD_REQUEST, format!("no crash notice sent: {e}")),
+                };
+                let sent = answer.0 == status::OK;
+                self.finish(request, opcode, begun, answer)?;
+                if !sent {
+                    return Ok(Flow::Continue);
+                }
+                loop {
+                    std::thread::park();
+                }
             }
             if opcode == op::FAULT_ALLOC {
                 // A real allocation, every page touched, then kept: within
@@ -788,18 +816,19 @@ fn segfault() -> ! {
     std::process::abort()
 }
 
-/// Restores the default action of SIGSEGV and SIGBUS. Rust's runtime
-/// installs a handler for them (to report stack overflows) that returns
-/// when the signal is not a fault on a guard page, so an external
-/// `kill -SEGV` (chaos tools, `docker kill -s SEGV`) was survived once and
-/// only the second one killed. A worker must die of the first, as the
-/// supervisor's crash accounting assumes; a real fault still kills too
-/// (a stack overflow now as SIGSEGV, without Rust's message and abort).
-pub(crate) fn die_on_first_segv() {
-    for signal in [libc::SIGSEGV, libc::SIGBUS] {
-        // SAFETY: signal(2) with SIG_DFL only sets the process's
-        // disposition: no handler pointer is passed, so no code of ours can
-        // run from a signal context through it.
-        unsafe { libc::signal(signal, libc::SIG_DFL) };
-    }
+/// Installs the crash-notice handlers (`evod_serve::notice`) on the
+/// worker's link: `--notice-fd` for a worker started cold, `--standby-fd`
+/// for a standby (the same socket carries the notice after the promotion),
+/// none when run by hand. They also make a worker die of the first
+/// SIGSEGV or SIGBUS sent from outside (chaos tools, `docker kill -s
+/// SEGV`): Rust's own stack-overflow handler returns from a signal that is
+/// not a fault, so without them the first one was survived. A stack
+/// overflow still gets Rust's message (then SIGABRT).
+pub(crate) fn install_crash_notice(args: &Args) -> Result<()> {
+    let fd = args.notice_fd.or(args.standby_fd);
+    // SAFETY: the descriptor (`install` checks it is a socket) was passed
+    // for this link alone and is never closed in this process
+    // (`stand_by` keeps the standby's open); nothing else installs handlers
+    // for the fatal signals.
+    unsafe { evod_serve::notice::install(fd) }.context("installing the crash-notice handlers")
 }

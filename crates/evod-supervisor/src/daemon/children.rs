@@ -1,6 +1,31 @@
 //! The children's lifecycle: the slots' workers and evolver (start, reap,
-//! restart with the policy's backoff, the heartbeat watchdog) and each
-//! worker's warm standby (start, retry, promotion).
+//! restart with the policy's backoff, the heartbeat watchdog), each
+//! worker's warm standby (start, retry, promotion) and the crash notices
+//! (a worker that says it is dying is killed and replaced at once; its
+//! reap only records how it ended).
+//!
+//! Each death is counted once, whichever way it is learnt:
+//!
+//! - reaped without a notice (SIGKILL, OOM, `exit`, a notice that came
+//!   late or never): `on_exit` does everything, from the exit status;
+//! - noticed: `on_notice` moves the worker to `retired` and does the
+//!   death's accounting at once (the restart policy and its backoff, the
+//!   fallback's blame from the supervisor's own facts, the recovery
+//!   clock, the replacement: `count_death`, shared with `on_exit`), so
+//!   its standby is promoted before the kernel has torn it down;
+//!   [`NOTICE_GRACE`] later, unless it is reaped or dying by then
+//!   (`reap::is_exiting`), it is SIGKILLed (`kill_retired_due`: ours and
+//!   not reaped, so its pid cannot have been reused): a worker that sent
+//!   the notice without dying. Its reap, whatever the status (the
+//!   notified signal, another one, or that SIGKILL), goes to
+//!   `on_retired_exit`, which logs it, counts it in `evod_restarts_total`
+//!   by its real cause and puts it in the slot's `last_exit` — and
+//!   restarts nothing;
+//! - a notice for a worker already reaped, or from a process that is not
+//!   its slot's current worker (a standby, a replaced worker), matches no
+//!   slot's token and is ignored.
+
+use std::os::unix::net::UnixStream;
 
 use super::*;
 
@@ -19,7 +44,10 @@ impl Supervisor {
                         .is_some_and(|sb| sb.child().pid() == pid && sb.child().exited().is_none())
                 }) {
                     Some(i) => self.on_standby_exit(i, reason),
-                    None => tracing::debug!(pid = pid.as_raw(), "reaped an orphan: {reason}"),
+                    None => match self.retired.iter().position(|r| r.child.pid() == pid) {
+                        Some(k) => self.on_retired_exit(k, reason),
+                        None => tracing::debug!(pid = pid.as_raw(), "reaped an orphan: {reason}"),
+                    },
                 },
             }
         }
@@ -36,6 +64,8 @@ impl Supervisor {
         child.set_exited(reason);
         let pid = child.pid().as_raw();
         let uptime = now.duration_since(child.started());
+        slot.last_death = Some(child.pid());
+        slot.notice = None;
         let mut words = reason.to_string();
         let cause = crate::metrics::cause(&reason, slot.kill_cause.as_deref());
         if let Some(cause) = slot.kill_cause.take() {
@@ -87,6 +117,22 @@ impl Supervisor {
             slot.label()
         );
         self.metrics.restarted(slot.kind.name(), cause);
+        self.count_death(i, now, uptime, &words, blameless);
+    }
+
+    /// The accounting of slot `i`'s child's death, reaped or noticed, once
+    /// each: the restart policy (backoff, intensity), the recovery clock,
+    /// the replacement's start time and the fallback's blame from the
+    /// supervisor's own facts (read before the epoch is bumped).
+    fn count_death(
+        &mut self,
+        i: usize,
+        now: Instant,
+        uptime: Duration,
+        words: &str,
+        blameless: bool,
+    ) {
+        let slot = &mut self.slots[i];
         let decision = slot.tracker.on_exit(&self.config.policy, uptime, now);
         let label = slot.label();
         let kind = slot.kind;
@@ -147,6 +193,120 @@ impl Supervisor {
         }
         if kind == Kind::Worker && !blameless {
             self.maybe_fall_back(facts);
+        }
+    }
+
+    /// A worker's link carried a crash notice. From the slot's current,
+    /// unreaped worker: retire it (SIGKILLed [`NOTICE_GRACE`] later if it
+    /// is not dying by then), count its death now and let its replacement
+    /// start (the standby is promoted at once when the policy allows an
+    /// immediate restart), without waiting for the kernel to tear the
+    /// process down and send SIGCHLD. From anything else: ignored.
+    pub(super) fn on_notice(&mut self, notice: notice::Notice) {
+        let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| s.notice == Some(notice.token))
+        else {
+            tracing::debug!(
+                token = notice.token,
+                "a crash notice from a process that is not a slot's current worker: ignored"
+            );
+            return;
+        };
+        let stopping = !matches!(self.phase, Phase::Running);
+        let slot = &mut self.slots[i];
+        slot.notice = None;
+        if stopping || !slot.running() {
+            // Stopping (the SIGCHLD path records the end), or reaped already.
+            return;
+        }
+        let name = match notice.signal {
+            0 => "no known signal",
+            s => reap::signal_name(s),
+        };
+        let now = Instant::now();
+        let child = slot.child.take().expect("a running slot has a child");
+        let pid = child.pid();
+        let uptime = now.duration_since(child.started());
+        let words = format!("crash notice: {name} (exit status not reaped yet)");
+        slot.last_exit = Some(words.clone());
+        slot.last_death = Some(pid);
+        slot.ping = None;
+        let kill_cause = slot.kill_cause.take();
+        let blameless = std::mem::take(&mut slot.blameless_kill);
+        tracing::warn!(
+            pid = pid.as_raw(),
+            uptime_s = uptime.as_secs_f64(),
+            "{} sent a crash notice ({name}): replaced without waiting for its reap",
+            slot.label()
+        );
+        // Already being killed for something else: nothing to add.
+        let kill_at = kill_cause.is_none().then(|| later(now, NOTICE_GRACE));
+        self.retired.push(Retired {
+            slot: i,
+            child,
+            noticed: notice.signal,
+            kill_cause,
+            kill_at,
+        });
+        self.count_death(i, now, uptime, &words, blameless);
+    }
+
+    /// A worker killed after its crash notice was reaped: its death was
+    /// counted then; now its exit status is logged, counted in
+    /// `evod_restarts_total` by its real cause and, if it is still the
+    /// slot's last death, shown as its `last_exit`. Nothing is restarted.
+    fn on_retired_exit(&mut self, k: usize, reason: ExitReason) {
+        let mut retired = self.retired.swap_remove(k);
+        retired.child.set_exited(reason);
+        let pid = retired.child.pid();
+        let name = match retired.noticed {
+            0 => "no known signal",
+            s => reap::signal_name(s),
+        };
+        let kill_cause = retired.kill_cause;
+        let words = match &kill_cause {
+            Some(cause) => format!("{reason} ({cause})"),
+            None => format!("{reason} (after its crash notice, {name})"),
+        };
+        let slot = &mut self.slots[retired.slot];
+        tracing::info!(pid = pid.as_raw(), "{} {words}", slot.label());
+        self.metrics.restarted(
+            slot.kind.name(),
+            crate::metrics::cause(&reason, kill_cause.as_deref()),
+        );
+        if slot.last_death == Some(pid) {
+            slot.last_exit = Some(words);
+        }
+    }
+
+    /// SIGKILLs each retired worker whose [`NOTICE_GRACE`] is over, unless
+    /// it is dying already (a worker that sent its crash notice and did not
+    /// die: hostile or wrong).
+    pub(super) fn kill_retired_due(&mut self, now: Instant) {
+        for retired in &mut self.retired {
+            if retired.kill_at.is_none_or(|at| at > now) {
+                continue;
+            }
+            retired.kill_at = None;
+            // Not reaped (it is still in `retired`): the pid is this
+            // process's, a zombie or not.
+            let pid = retired.child.pid();
+            if reap::is_exiting(pid) {
+                continue;
+            }
+            let name = match retired.noticed {
+                0 => "no known signal",
+                s => reap::signal_name(s),
+            };
+            tracing::error!(
+                pid = pid.as_raw(),
+                "{} sent a crash notice ({name}) {NOTICE_GRACE:?} ago and is still running: killing it",
+                self.slots[retired.slot].label()
+            );
+            retired.kill_cause = Some(format!("crash notice ({name}) without dying of it"));
+            retired.child.kill();
         }
     }
 
@@ -313,10 +473,11 @@ impl Supervisor {
                 std::mem::forget(old);
             }
         }
+        slot.notice = None;
         if let Some(standby) = slot.standby.take() {
             let pid = standby.child().pid().as_raw();
             match standby.promote() {
-                Ok(child) => {
+                Ok((child, link)) => {
                     tracing::info!(
                         pid,
                         epoch = slot.segment.as_ref().map(|s| s.epoch()),
@@ -324,6 +485,8 @@ impl Supervisor {
                         slot.label()
                     );
                     slot.child = Some(child);
+                    // Its link stays open: the crash-notice channel.
+                    slot.notice = watch_link(&self.notices, &mut self.next_notice, link);
                     return;
                 }
                 Err(e) => tracing::warn!(
@@ -333,9 +496,41 @@ impl Supervisor {
                 ),
             }
         }
+        // A worker started cold gets a link of its own for its crash
+        // notice (`--notice-fd N`; a user's program only `EVOD_NOTICE_FD`,
+        // so its arguments stay what they were).
+        let mut spec = spec;
+        let mut env_notice = Vec::new();
+        let link = match slot.kind {
+            Kind::Worker => match UnixStream::pair() {
+                Ok((ours, theirs)) => {
+                    let fd = theirs.as_raw_fd();
+                    spec.keep_fds.push(fd);
+                    if self.config.worker_cmd.is_none() {
+                        spec.args.push("--notice-fd".into());
+                        spec.args.push(fd.to_string().into());
+                    }
+                    env_notice.push((
+                        evod_wire::notice::NOTICE_FD_VAR.into(),
+                        fd.to_string().into(),
+                    ));
+                    Some((ours, theirs))
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "no crash-notice link for {} ({e}): its death is learnt from SIGCHLD",
+                        slot.label()
+                    );
+                    None
+                }
+            },
+            Kind::Evolver => None,
+        };
         let spawned = match &self.config.worker_cmd {
             Some(argv) if slot.kind == Kind::Worker => {
-                spawn::spawn_command(argv, &user_env(&spec, &self.config.model), &spec)
+                let mut env = user_env(&spec, &self.config.model);
+                env.extend(env_notice);
+                spawn::spawn_command(argv, &env, &spec)
             }
             _ if slot.kind == Kind::Evolver && !self.config.evolver_env.is_empty() => {
                 spawn::spawn_with_env(&spec, &self.config.evolver_env)
@@ -351,6 +546,12 @@ impl Supervisor {
                     slot.label()
                 );
                 slot.child = Some(child);
+                if let Some((ours, theirs)) = link {
+                    // The child has its own copy; ours must go, so that its
+                    // end is the only one left.
+                    drop(theirs);
+                    slot.notice = watch_link(&self.notices, &mut self.next_notice, ours);
+                }
             }
             Err(e) => {
                 tracing::error!("cannot start {}: {e}", slot.label());
@@ -498,6 +699,22 @@ impl Supervisor {
     }
 }
 
+/// Hands the supervisor's end of a worker's link to the notice thread under
+/// a new token; the token, or `None` (logged) if it could not be watched.
+fn watch_link(notices: &NoticeThread, next: &mut u64, link: UnixStream) -> Option<u64> {
+    let token = *next;
+    *next += 1;
+    match notices.watch(token, link) {
+        Ok(()) => Some(token),
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch a worker's crash-notice link ({e}): its death is learnt from SIGCHLD"
+            );
+            None
+        }
+    }
+}
+
 /// The environment of a user's worker program: the ring descriptor and the
 /// model, as `--ring-fd` and `--model` also say.
 fn user_env(spec: &ChildSpec, model: &std::path::Path) -> Vec<(OsString, OsString)> {
@@ -587,6 +804,8 @@ impl Slot {
             died_at: None,
             recoveries: 0,
             last_recovery: None,
+            notice: None,
+            last_death: None,
         }
     }
 }

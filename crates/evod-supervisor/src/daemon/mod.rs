@@ -5,7 +5,9 @@
 //! [`Event`]s: the signal thread (signal-hook: SIGCHLD, SIGTERM, SIGINT,
 //! SIGQUIT, SIGHUP), the control-socket thread, one link thread per worker
 //! slot (`link::LinkThread`: every call on the worker's control channel),
-//! and short-lived threads that identify a new model file (header and full
+//! the crash-notice thread (`notice::NoticeThread`: a worker dying of a
+//! fatal signal says so before the kernel has torn it down), and
+//! short-lived threads that identify a new model file (header and full
 //! checksum through `GgufReader`) and restore a generation for a rollback.
 //! The loop wakes on an event or on its next timer (a pending restart, the
 //! watchdog tick, the grace deadline), so an idle daemon sleeps.
@@ -44,6 +46,7 @@ use crate::control::{ControlServer, Incoming};
 use crate::exit_code as exit;
 use crate::janitor::Janitor;
 use crate::link;
+use crate::notice::{self, NoticeThread};
 use crate::policy::{Decision, RestartTracker, doubled, later};
 use crate::reap::{self, ExitReason};
 use crate::spawn::{self, Child, ChildSpec};
@@ -81,6 +84,13 @@ const STANDBY_RETRY_MAX: Duration = Duration::from_secs(30);
 /// recovery), or at the first tick this long after the death if it has
 /// not answered by then.
 const STANDBY_AFTER_DEATH: Duration = TICK;
+/// A worker that sent a crash notice is replaced at once but SIGKILLed
+/// only this long after, and only if it is not dying of its own signal by
+/// then: killed at once, it would often die of the supervisor's SIGKILL
+/// instead (sending the notice wakes the supervisor, which may run before
+/// the worker's handler has returned), and its real exit status would be
+/// lost. A worker that sent the notice without dying is killed then.
+const NOTICE_GRACE: Duration = Duration::from_millis(100);
 
 /// What wakes the loop.
 #[derive(Debug)]
@@ -95,6 +105,8 @@ pub enum Event {
     Identified(ModelReport),
     /// A rollback's restore finished (off the loop).
     Restored(RestoreReport),
+    /// A worker's crash notice (`notice.rs`).
+    Notice(notice::Notice),
 }
 
 /// What an identification thread found at the model path.
@@ -281,10 +293,30 @@ struct Slot {
     /// recovery is under way until its replacement answers a request
     /// while serving the live model (workers only).
     died_at: Option<Instant>,
-    /// Recoveries completed, and the last one's length (death reaped →
-    /// the replacement's first answer on the live model).
+    /// Recoveries completed, and the last one's length (death reaped or
+    /// noticed → the replacement's first answer on the live model).
     recoveries: u64,
     last_recovery: Option<Duration>,
+    /// The token the current worker's link is watched under for its
+    /// crash notice (`notice.rs`), if it has one.
+    notice: Option<u64>,
+    /// The worker whose end `last_exit` describes (a noticed death is
+    /// described again once it is reaped).
+    last_death: Option<nix::unistd::Pid>,
+}
+
+/// A worker killed after its crash notice and not reaped yet: it is no
+/// longer its slot's child (its replacement may already serve), and its
+/// reap only records how it ended.
+struct Retired {
+    slot: usize,
+    child: Child,
+    /// The signal its notice named.
+    noticed: i32,
+    /// Why the supervisor killed it, if it did.
+    kill_cause: Option<String>,
+    /// When to SIGKILL it unless it is dying by then ([`NOTICE_GRACE`]).
+    kill_at: Option<Instant>,
 }
 
 enum Phase {
@@ -324,6 +356,12 @@ struct Supervisor {
     metrics: crate::metrics::Metrics,
     next_exec: usize,
     give_up: Option<String>,
+    /// Reads the workers' crash notices.
+    notices: NoticeThread,
+    /// Token of the next link handed to `notices` (never reused).
+    next_notice: u64,
+    /// Workers killed after their crash notice, not reaped yet.
+    retired: Vec<Retired>,
 }
 
 /// Runs the supervisor until it stops; returns the process exit code.
@@ -485,6 +523,12 @@ impl Supervisor {
         if !config.no_evolver {
             slots.push(Slot::new(Kind::Evolver, 0, None));
         }
+        let notices = NoticeThread::start(tx.clone(), Event::Notice).map_err(|source| {
+            SupervisorError::Setup {
+                what: "cannot start the crash-notice thread",
+                source,
+            }
+        })?;
         let mut sup = Supervisor {
             config,
             slots,
@@ -504,6 +548,9 @@ impl Supervisor {
             metrics,
             next_exec: 0,
             give_up: None,
+            notices,
+            next_notice: 0,
+            retired: Vec::new(),
         };
         // Before the loop runs: identified here, on this thread.
         sup.model_key = stat_key(&sup.config.model);
@@ -527,6 +574,9 @@ impl Supervisor {
                     wake = wake.min(at);
                 }
             }
+            for at in self.retired.iter().filter_map(|r| r.kill_at) {
+                wake = wake.min(at);
+            }
             if let Phase::Stopping { deadline, .. } = self.phase {
                 wake = wake.min(deadline);
             }
@@ -548,12 +598,14 @@ impl Supervisor {
                 }
                 Ok(Event::Identified(report)) => self.on_identified(report),
                 Ok(Event::Restored(report)) => self.on_restored(report),
+                Ok(Event::Notice(notice)) => self.on_notice(notice),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(SupervisorError::ThreadsGone);
                 }
             }
             let now = Instant::now();
+            self.kill_retired_due(now);
             self.advance_rollback();
             if now >= next_tick {
                 next_tick = later(now, TICK);
@@ -583,7 +635,10 @@ impl Supervisor {
                     }
                     // A restore under way is waited for (within the grace
                     // period): cut short, the rollback could be undone.
-                    if self.slots.iter().all(|s| !s.running()) && !self.restoring() {
+                    if self.slots.iter().all(|s| !s.running())
+                        && self.retired.is_empty()
+                        && !self.restoring()
+                    {
                         tracing::info!("all children stopped");
                         return self.finish(code);
                     }
@@ -735,6 +790,9 @@ impl Supervisor {
                 child.kill();
             }
         }
+        for retired in &self.retired {
+            retired.child.kill();
+        }
         let deadline = Instant::now() + FINAL_REAP;
         loop {
             self.reap();
@@ -743,6 +801,13 @@ impl Supervisor {
                 .iter()
                 .filter(|s| s.running())
                 .map(|s| s.label())
+                .chain(self.retired.iter().map(|r| {
+                    format!(
+                        "{} (pid {}, replaced after its crash notice)",
+                        self.slots[r.slot].label(),
+                        r.child.pid()
+                    )
+                }))
                 .collect();
             if left.is_empty() {
                 break;
@@ -762,6 +827,7 @@ impl Supervisor {
 impl Drop for Supervisor {
     fn drop(&mut self) {
         // Children first (their Drop kills and reaps), then segments.
+        self.retired.clear();
         for slot in &mut self.slots {
             slot.standby = None;
             slot.child = None;

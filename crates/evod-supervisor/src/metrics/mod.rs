@@ -597,7 +597,8 @@ impl Metrics {
 
 /// The `cause` label of a child's end: what the supervisor killed it for
 /// (the start of its kill-cause words: `heartbeat`, `unresponsive`,
-/// `recycled`, `corrupt`), else the signal's name or `exit:N`.
+/// `recycled`, `corrupt`, `notice`: a crash notice without a death by its
+/// own signal), else the signal's name or `exit:N`.
 pub fn cause(reason: &crate::reap::ExitReason, kill_cause: Option<&str>) -> String {
     if let Some(words) = kill_cause {
         for (prefix, label) in [
@@ -605,6 +606,7 @@ pub fn cause(reason: &crate::reap::ExitReason, kill_cause: Option<&str>) -> Stri
             ("unresponsive", "unresponsive"),
             ("recycled", "recycled"),
             ("its control channel is corrupt", "corrupt"),
+            ("crash notice", "notice"),
         ] {
             if words.starts_with(prefix) {
                 return label.into();
