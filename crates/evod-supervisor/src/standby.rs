@@ -139,9 +139,26 @@ impl Standby {
     /// (`crate::notice`). On error (the standby died, or closed its link)
     /// it is killed and reaped, and the error returned; start a worker cold
     /// instead.
+    ///
+    /// A standby that has not said ready yet (still mapping or loading its
+    /// model: a llama.cpp base model takes seconds) is not promoted: it
+    /// would claim the ring and beat only once its loading is done, and
+    /// the watchdog would take that silence for a hang. It is killed
+    /// without waiting (the SIGCHLD path reaps it) and the error says so;
+    /// a cold worker claims the ring first and loads while it beats.
     pub fn promote(mut self) -> io::Result<(Child, UnixStream)> {
         if let Some(reason) = self.child.exited() {
             return Err(io::Error::other(format!("the standby had ended: {reason}")));
+        }
+        if !self.poll_ready() {
+            self.child.kill();
+            let Standby { child, link, .. } = self;
+            drop(link);
+            // Not waited for on the event loop: reaped by the SIGCHLD path.
+            std::mem::forget(child);
+            return Err(io::Error::other(
+                "the standby has not said ready yet (still loading its model)",
+            ));
         }
         match self.link.write(&[GO]) {
             Ok(1) => {
@@ -221,6 +238,30 @@ mod tests {
         assert_eq!(
             child.kill_and_reap().unwrap().to_string(),
             "killed by signal 9 (SIGKILL)"
+        );
+    }
+
+    #[test]
+    fn a_standby_not_ready_yet_is_not_promoted_but_killed() {
+        // A standby still loading: it never says `R` within the test.
+        let spec = ChildSpec {
+            role: "-c",
+            args: vec!["exec sleep 30".into()],
+            keep_fds: vec![],
+            harden: true,
+            memory_limit: None,
+            block_sighup: false,
+        };
+        let mut standby = Standby::spawn(Some("/bin/sh".as_ref()), &spec).unwrap();
+        assert!(!standby.poll_ready());
+        let pid = standby.child().pid();
+        let err = standby.promote().unwrap_err();
+        assert!(err.to_string().contains("not said ready"), "{err}");
+        // Killed, not reaped: whoever reaps (here the test) finds SIGKILL.
+        let status = nix::sys::wait::waitpid(pid, None).unwrap();
+        assert_eq!(
+            crate::reap::ExitReason::from_wait(status).map(|(_, r)| r.to_string()),
+            Some("killed by signal 9 (SIGKILL)".to_owned())
         );
     }
 
