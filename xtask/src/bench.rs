@@ -37,7 +37,8 @@ const BENCHES: &[(&str, &str, &str)] = &[
 /// Runs the benchmarks named in `args` (all when empty). A name may have
 /// several examples (run in order, each adding its keys to the same JSON
 /// file). Every example gets the Python venv (`EVOD_PYTHON`) and the release
-/// `evod` binary (`EVOD_BIN`), built first.
+/// `evod` binary (`EVOD_BIN`), built first (not for `llm` alone, which
+/// builds its own: [`LLM_SHAPE`]).
 pub fn run(args: &[String]) -> Result<()> {
     let root = crate::root();
     let python = crate::venv()?;
@@ -50,12 +51,15 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     wanted.dedup();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::run(Command::new(&cargo).current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "evod",
-    ]))?;
+    // The llm bench builds its own (dev profile, CI's llm shape).
+    if wanted.iter().any(|&n| n != "llm") {
+        crate::run(Command::new(&cargo).current_dir(&root).args([
+            "build",
+            "--release",
+            "--package",
+            "evod",
+        ]))?;
+    }
     let target = crate::target_dir();
     let evod = target.join("release/evod");
     for name in wanted {
@@ -187,21 +191,48 @@ pub fn smollm2(python: &std::path::Path) -> Result<std::path::PathBuf> {
     Ok(model)
 }
 
+/// Every cargo command of the llm bench selects exactly the packages and
+/// features of CI's `llm (llama.cpp)` step (`xtask/src/main.rs`), so that
+/// it reuses CI's llama.cpp build instead of starting a cold one (the build
+/// script's folder follows the unified host-dependency features: docs/llm.md).
+pub const LLM_SHAPE: [&str; 6] = ["-p", "evod", "-p", "evod-llama", "--features", "evod/llm"];
+
+/// The perplexity run of the llm bench (`evod init --task perplexity` and
+/// `evod run`): the task's defaults for what `evod run` chooses
+/// (population, σ, learning rate: docs/llm.md), these for `init`.
+const LLM_WINDOW: u64 = 512;
+/// Training windows per candidate (`evod init --train-windows`).
+const LLM_TRAIN_WINDOWS: u64 = 1;
+/// Workers of the daemon: one per core of the 2-core machine.
+const LLM_WORKERS: u64 = 2;
+/// The window of the second, short daemon run: small enough that the
+/// reload way's load and write weigh against one window's scoring.
+const LLM_SMALL_WINDOW: u64 = 64;
+
 /// The llm benchmark, bare and through the daemon, all in the dev profile
 /// (llama.cpp is built optimised by its CMake build and evod-llama's
 /// scoring loop at opt-level 2 there; a release llama.cpp is a second
-/// 15-30 min build):
+/// 15-30 min build), all in one run so that every ratio compares figures
+/// taken under the same load:
 ///
-/// 1. `bench_llm` (evod-llama, `--features llm`) on SmolLM2-135M Q4_1 and
+/// 1. `bench_llm` (evod-llama) on SmolLM2-135M Q4_1 and
 ///    `examples/llm/declaration.txt`: 1 and 2 threads, alone and beside one
-///    busy process (`tokens_per_s_bare` and the thread figures), then the
-///    naive reload way (`reload_per_candidate_s`) on the bench corpus.
-/// 2. A real `evod run` (2 workers, ES, 1 thread each, 512-token windows)
-///    for `EVOD_BENCH_LLM_BUDGET_S` seconds (default 600) on the bench
-///    corpus, its progress read from `/metrics`: `candidates_per_s`,
-///    `tokens_per_s_evod`, `overhead_ratio`, `evolve_wall_s`.
-/// 3. `bench_llm --cvec` on the published vector: `heldout_ppl_base`,
-///    `heldout_ppl_after`.
+///    busy process (`tokens_per_s_bare` and the thread figures).
+/// 2. The peer of the daemon's throughput on the bench corpus: bare
+///    llama.cpp as evod's workers use the cores, 1 and 2 concurrent
+///    1-thread processes decoding windows of [`LLM_WINDOW`] and of
+///    [`LLM_SMALL_WINDOW`] tokens (`tokens_per_s_w{W}_p{N}`).
+/// 3. The naive reload way at both windows (`reload_per_candidate_s`,
+///    `reload_write_s`, `reload_load_s`, `..._w64`).
+/// 4. A short `evod run` at [`LLM_SMALL_WINDOW`] tokens
+///    (`EVOD_BENCH_LLM_SHORT_S`, default 120 s): evod's throughput there.
+/// 5. The real `evod run` (2 workers, ES, the task's defaults, 1 thread
+///    each) for `EVOD_BENCH_LLM_BUDGET_S` seconds (default 1800) on the
+///    bench corpus, its progress read from `/metrics`: the tokens the
+///    workers decoded (`evod_worker_tokens_total`, training and gate),
+///    `candidates_per_s`, `tokens_per_s_evod`, `overhead_ratio`.
+/// 6. `bench_llm --cvec` on the published vector: `heldout_ppl_base`,
+///    `heldout_ppl_after` (at the run's window, and at 512 tokens).
 fn llm_bench(
     cargo: &str,
     python: &std::path::Path,
@@ -222,105 +253,284 @@ fn llm_bench(
             corpus.display()
         );
     }
-    let budget_s: u64 = match std::env::var("EVOD_BENCH_LLM_BUDGET_S") {
-        Ok(v) => v
-            .parse()
-            .with_context(|| format!("EVOD_BENCH_LLM_BUDGET_S={v:?} is not a number of seconds"))?,
-        Err(_) => 600,
+    let seconds = |var: &str, default: u64| -> Result<u64> {
+        match std::env::var(var) {
+            Ok(v) => v
+                .parse()
+                .with_context(|| format!("{var}={v:?} is not a number of seconds")),
+            Err(_) => Ok(default),
+        }
     };
-    const WINDOW: u64 = 512;
-    const WORKERS: u64 = 2;
-    const POPULATION: u64 = 8;
-    const TRAIN_WINDOWS: u64 = 1;
+    let budget_s = seconds("EVOD_BENCH_LLM_BUDGET_S", 1800)?;
+    let short_s = seconds("EVOD_BENCH_LLM_SHORT_S", 120)?;
     let work = crate::target_dir().join("bench/llm-run");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let example_cmd = |args: &[&std::ffi::OsStr]| {
-        let mut c = Command::new(cargo);
-        c.current_dir(&root).args([
-            "run",
-            "--package",
-            "evod-llama",
-            "--features",
-            "llm",
-            "--example",
-            example,
-            "--",
-        ]);
-        c.args(args);
+
+    // One build, CI's shape: the example and the evod binary.
+    crate::run(
+        Command::new(cargo)
+            .current_dir(&root)
+            .arg("build")
+            .args(LLM_SHAPE)
+            .args(["--bin", "evod", "--example", example]),
+    )?;
+    let evod = crate::target_dir().join("debug/evod");
+    let bench = crate::target_dir().join("debug/examples").join(example);
+    let bench_cmd = |out: &std::path::Path, text: &std::path::Path, args: &[&str]| {
+        let mut c = Command::new(&bench);
+        c.arg(out).arg(&model).arg(text).args(args);
         c
     };
+    let read = |p: &std::path::Path| -> Result<serde_json::Map<String, serde_json::Value>> {
+        let text = std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
+        match serde_json::from_str(&text)? {
+            serde_json::Value::Object(m) => Ok(m),
+            _ => bail!("{} is not a JSON object", p.display()),
+        }
+    };
+    let f = |m: &serde_json::Map<String, serde_json::Value>, k: &str| {
+        m.get(k)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(f64::NAN)
+    };
+    let w = LLM_WINDOW.to_string();
+    let ws = LLM_SMALL_WINDOW.to_string();
 
-    // 1. Bare llama.cpp, then the reload way.
+    // 1. Threads and wait policy.
     let bare_json = work.join("bare.json");
-    crate::run(&mut example_cmd(&[
-        bare_json.as_os_str(),
-        model.as_os_str(),
-        root.join("examples/llm/declaration.txt").as_os_str(),
-    ]))?;
-    let reload_json = work.join("reload.json");
-    crate::run(&mut example_cmd(&[
-        reload_json.as_os_str(),
-        model.as_os_str(),
-        corpus.as_os_str(),
-        "--threads".as_ref(),
-        "1".as_ref(),
-        "--competitors".as_ref(),
-        "0".as_ref(),
-        "--reload".as_ref(),
-        "5".as_ref(),
-    ]))?;
+    crate::run(&mut bench_cmd(
+        &bare_json,
+        &root.join("examples/llm/declaration.txt"),
+        &[],
+    ))?;
+    let mut json = read(&bare_json)?;
+    json.insert("loadavg_start".into(), loadavg().into());
 
-    // 2. The daemon.
-    crate::run(Command::new(cargo).current_dir(&root).args([
-        "build",
-        "--package",
-        "evod",
-        "--features",
-        "llm",
-    ]))?;
-    let evod = crate::target_dir().join("debug/evod");
-    let state = work.join("state");
-    std::fs::create_dir_all(&state)?;
+    // 2. The daemon's peer: N concurrent 1-thread processes.
+    let procs_json = work.join("procs.json");
+    let procs_small_json = work.join("procs_small.json");
+    for (window, path) in [(&w, &procs_json), (&ws, &procs_small_json)] {
+        crate::run(&mut bench_cmd(
+            path,
+            &corpus,
+            &["--procs", "1,2", "--seconds", "30", "--window", window],
+        ))?;
+        json.extend(read(path)?);
+    }
+
+    // 3. The reload way, at both windows.
+    let mut reload = Vec::new();
+    for (window, name) in [(&w, "reload.json"), (&ws, "reload_small.json")] {
+        let path = work.join(name);
+        crate::run(&mut bench_cmd(
+            &path,
+            &corpus,
+            &[
+                "--threads",
+                "1",
+                "--competitors",
+                "0",
+                "--repeats",
+                "1",
+                "--reload",
+                "5",
+                "--window",
+                window,
+            ],
+        ))?;
+        reload.push(read(&path)?);
+    }
+
+    // 4. and 5. The daemon: the short run at the small window, the real one.
+    let small = daemon_run(
+        &evod,
+        &work.join("small"),
+        &model,
+        &corpus,
+        LLM_SMALL_WINDOW,
+        LLM_TRAIN_WINDOWS,
+        short_s,
+    )?;
+    let run = daemon_run(
+        &evod,
+        &work.join("state"),
+        &model,
+        &corpus,
+        LLM_WINDOW,
+        LLM_TRAIN_WINDOWS,
+        budget_s,
+    )?;
+
+    // 6. Held-out perplexity of the base and the published vector, at the
+    // run's window and at 512 tokens.
+    let heldout_json = work.join("heldout.json");
+    let published = work.join("state/vectorland.gguf");
+    let published = published.to_str().context("a UTF-8 work path")?;
+    crate::run(&mut bench_cmd(
+        &heldout_json,
+        &corpus,
+        &["--threads", "1", "--cvec", published],
+    ))?;
+    let heldout = read(&heldout_json)?;
+
+    let mut keys: Vec<(String, serde_json::Value)> = Vec::new();
+    let mut put = |k: &str, v: serde_json::Value| keys.push((k.to_owned(), v));
+    // Throughput: all the tokens evod's workers decoded (training and
+    // gate) against the same work by bare llama.cpp on the same 2 cores.
+    let per_window =
+        |tokens_per_s: f64, window: u64| LLM_WORKERS as f64 * window as f64 / tokens_per_s;
+    for (d, window, suffix) in [(&run, LLM_WINDOW, ""), (&small, LLM_SMALL_WINDOW, "_w64")] {
+        let bare1 = f(&json, &format!("tokens_per_s_w{window}_p1"));
+        let bare2 = f(&json, &format!("tokens_per_s_w{window}_p2"));
+        let r = &reload[usize::from(window == LLM_SMALL_WINDOW)];
+        let reload_s = f(r, "reload_per_candidate_s");
+        let evod = d.tokens_per_s();
+        // The reload way scores one window per candidate on one core:
+        // against evod's core-seconds per window (2 workers).
+        let evod_core_s = per_window(evod, window);
+        let mut put_s = |k: &str, v: serde_json::Value| put(&format!("{k}{suffix}"), v);
+        put_s("tokens_per_s_evod", evod.into());
+        put_s("tokens_per_s_evod_train", d.rate(d.tokens.0).into());
+        put_s("tokens_per_s_evod_gate", d.rate(d.tokens.1).into());
+        put_s("candidates_per_s", d.rate(d.evaluations).into());
+        put_s("tokens_per_s_bare_2p", bare2.into());
+        put_s("tokens_per_s_bare_1p", bare1.into());
+        put_s("overhead_ratio", (bare2 / evod).into());
+        put_s("evod_vs_bare_2p", (evod / bare2).into());
+        put_s("reload_per_candidate_s", reload_s.into());
+        put_s("reload_write_s", f(r, "reload_write_s").into());
+        put_s("reload_load_s", f(r, "reload_load_s").into());
+        put_s("reload_score_s", f(r, "reload_score_s").into());
+        put_s("evod_core_s_per_window", evod_core_s.into());
+        put_s("reload_speedup", (reload_s / evod_core_s).into());
+        put_s("steady_s", d.steady_s.into());
+        put_s("generations", d.generations.into());
+        put_s("loadavg_end", d.loadavg_end.clone().into());
+    }
+    put("window", LLM_WINDOW.into());
+    put("window_small", LLM_SMALL_WINDOW.into());
+    put("train_windows", LLM_TRAIN_WINDOWS.into());
+    put("workers", LLM_WORKERS.into());
+    put("budget_s", budget_s.into());
+    put("evolve_wall_s", run.wall_s.into());
+    put("evaluations", run.evaluations.into());
+    put("heldout_ppl_base", f(&heldout, "heldout_ppl_base").into());
+    put("heldout_ppl_after", f(&heldout, "heldout_ppl_after").into());
+    put(
+        "heldout_change",
+        (f(&heldout, "heldout_ppl_after") / f(&heldout, "heldout_ppl_base") - 1.0).into(),
+    );
+    put("heldout_window", f(&heldout, "heldout_window").into());
+    put("gate_ppl_trace", run.trace_json());
+    put("corpus", corpus.display().to_string().into());
+    put("evod_exit", run.exit.clone().into());
+    json.extend(keys);
+    let text = serde_json::to_string(&serde_json::Value::Object(json))?;
+    println!("{text}");
+    std::fs::write(out, text + "\n")?;
+    Ok(())
+}
+
+/// `/proc/loadavg`, trimmed.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// What one `evod run` of the llm bench did, from its `/metrics`.
+struct DaemonRun {
+    /// Generations completed.
+    generations: u64,
+    /// From the first scrape after generation 1 (workers started, the
+    /// start vector's gate done) to the last: the steady state.
+    steady_s: f64,
+    /// Candidate evaluations (training and gate) in the steady state.
+    evaluations: u64,
+    /// Tokens the workers decoded in the steady state: (training, gate).
+    tokens: (u64, u64),
+    /// Wall time from the spawn to the last scrape.
+    wall_s: f64,
+    /// (seconds since the spawn, generation, held-out perplexity) at each
+    /// new published fitness (the gate's, full windows).
+    trace: Vec<(f64, u64, f64)>,
+    /// The daemon's exit status after SIGTERM.
+    exit: String,
+    /// `/proc/loadavg` at the end.
+    loadavg_end: String,
+}
+
+impl DaemonRun {
+    fn rate(&self, n: u64) -> f64 {
+        n as f64 / self.steady_s
+    }
+    fn tokens_per_s(&self) -> f64 {
+        self.rate(self.tokens.0 + self.tokens.1)
+    }
+    fn trace_json(&self) -> serde_json::Value {
+        self.trace
+            .iter()
+            .map(|&(t, g, p)| serde_json::json!([t, g, p]))
+            .collect()
+    }
+}
+
+/// `evod init --task perplexity` in `dir`, then `evod run` there (2
+/// workers, ES with the task's defaults, 1 llama.cpp thread each) for
+/// `budget_s`, scraping `/metrics` every 2 s; then SIGTERM.
+fn daemon_run(
+    evod: &std::path::Path,
+    dir: &std::path::Path,
+    model: &std::path::Path,
+    corpus: &std::path::Path,
+    window: u64,
+    train_windows: u64,
+    budget_s: u64,
+) -> Result<DaemonRun> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir)?;
     crate::run(
-        Command::new(&evod)
+        Command::new(evod)
             .args(["init", "--task", "perplexity", "--base-model"])
-            .arg(&model)
+            .arg(model)
             .arg("--text")
-            .arg(&corpus)
+            .arg(corpus)
             .args([
                 "--window",
-                &WINDOW.to_string(),
+                &window.to_string(),
                 "--heldout",
                 "0.15",
                 "--train-windows",
-                &TRAIN_WINDOWS.to_string(),
+                &train_windows.to_string(),
                 "--seed",
                 "1",
                 "-o",
             ])
-            .arg(state.join("vectorland.gguf")),
+            .arg(dir.join("vectorland.gguf")),
     )?;
     let port = free_port()?;
-    let log = std::fs::File::create(work.join("run.log"))?;
+    let log_path = dir.join("run.log");
+    let log = std::fs::File::create(&log_path)?;
     let started = std::time::Instant::now();
-    let mut daemon = Command::new(&evod)
+    let mut daemon = Command::new(evod)
         .arg("run")
         .arg("--dir")
-        .arg(&state)
+        .arg(dir)
         .args([
             "--workers",
-            &WORKERS.to_string(),
-            "--population",
-            &POPULATION.to_string(),
+            &LLM_WORKERS.to_string(),
             "--seed",
             "1",
-            "--strategy",
-            "es",
             "--metrics-addr",
             &format!("127.0.0.1:{port}"),
             "--log-format",
             "json",
+            // A window takes seconds on a loaded shared core: no EVAL is
+            // cut short (and its worker recycled) for being slow.
+            "--eval-timeout-per-candidate",
+            "120",
         ])
         .env("EVOD_LLAMA_THREADS", "1")
         .stdout(log.try_clone()?)
@@ -328,24 +538,44 @@ fn llm_bench(
         .spawn()
         .context("spawn evod run")?;
     let deadline = started + std::time::Duration::from_secs(budget_s);
-    let mut last = (0u64, 0u64, started.elapsed());
-    let mut first_gen: Option<(u64, std::time::Duration)> = None;
+    // (generations, evaluations, train tokens, gate tokens, seconds).
+    let mut first: Option<(u64, u64, u64, u64, f64)> = None;
+    let mut last = (0, 0, 0, 0, 0.0);
+    let mut trace = Vec::new();
     while std::time::Instant::now() < deadline {
         if let Some(status) = daemon.try_wait()? {
             bail!(
                 "evod run exited early ({status}); its log: {}",
-                work.join("run.log").display()
+                log_path.display()
             );
         }
         std::thread::sleep(std::time::Duration::from_secs(2));
-        if let Ok(text) = scrape(port) {
-            let generations = metric(&text, "evod_generations").unwrap_or(0);
-            let evaluations = metric(&text, "evod_evaluations").unwrap_or(0);
-            if generations > 0 && first_gen.is_none() {
-                first_gen = Some((generations, started.elapsed()));
-            }
-            last = (generations, evaluations, started.elapsed());
+        let Ok(text) = scrape(port) else { continue };
+        let now = started.elapsed().as_secs_f64();
+        let n = |name: &str| metric(&text, name).unwrap_or(0.0) as u64;
+        let tokens = |p: &str| {
+            metric(
+                &text,
+                &format!("evod_worker_tokens_total{{purpose=\"{p}\"}}"),
+            )
+            .unwrap_or(0.0) as u64
+        };
+        let sample = (
+            n("evod_generations"),
+            n("evod_evaluations"),
+            tokens("train"),
+            tokens("gate"),
+            now,
+        );
+        if sample.0 >= 1 && first.is_none() {
+            first = Some(sample);
         }
+        if let Some(fit) = metric(&text, "evod_published_fitness")
+            && trace.last().is_none_or(|&(_, _, p)| p != -fit)
+        {
+            trace.push((now, sample.0, -fit));
+        }
+        last = sample;
     }
     // SAFETY: `kill` on our own child's pid; SIGTERM asks for a graceful stop.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
@@ -360,88 +590,29 @@ fn llm_bench(
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    let (generations, evaluations, wall) = last;
-    if generations < 2 {
+    let Some(first) = first.filter(|f| last.0 >= f.0 + 2) else {
         bail!(
-            "evod run completed {generations} generations in {budget_s} s: raise EVOD_BENCH_LLM_BUDGET_S (log: {})",
-            work.join("run.log").display()
+            "evod run completed {} generations in {budget_s} s: raise the budget (log: {})",
+            last.0,
+            log_path.display()
+        );
+    };
+    if last.2 + last.3 == 0 {
+        bail!(
+            "evod_worker_tokens_total stayed 0 on /metrics: the workers counted no token (log: {})",
+            log_path.display()
         );
     }
-    // Training candidates only (generations x population), over the wall
-    // time from the end of the first generation (worker start and model
-    // load excluded) to the last scrape: the gate's held-out evaluations
-    // take time but are not counted, so this is a lower bound.
-    let (g0, t0) = first_gen.unwrap_or((0, std::time::Duration::ZERO));
-    let steady_s = (wall - t0).as_secs_f64();
-    let candidates = (generations - g0) * POPULATION;
-    let candidates_per_s = candidates as f64 / steady_s;
-    let tokens_per_s_evod = candidates_per_s * (TRAIN_WINDOWS * WINDOW) as f64;
-
-    // 3. Held-out perplexity of the base and the published vector.
-    let heldout_json = work.join("heldout.json");
-    crate::run(&mut example_cmd(&[
-        heldout_json.as_os_str(),
-        model.as_os_str(),
-        corpus.as_os_str(),
-        "--threads".as_ref(),
-        "1".as_ref(),
-        "--cvec".as_ref(),
-        state.join("vectorland.gguf").as_os_str(),
-    ]))?;
-
-    let read = |p: &std::path::Path| -> Result<serde_json::Map<String, serde_json::Value>> {
-        let text = std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
-        match serde_json::from_str(&text)? {
-            serde_json::Value::Object(m) => Ok(m),
-            _ => bail!("{} is not a JSON object", p.display()),
-        }
-    };
-    let mut json = read(&bare_json)?;
-    let reload = read(&reload_json)?;
-    let heldout = read(&heldout_json)?;
-    let f = |m: &serde_json::Map<String, serde_json::Value>, k: &str| {
-        m.get(k)
-            .and_then(serde_json::Value::as_f64)
-            .unwrap_or(f64::NAN)
-    };
-    let bare = f(&json, "tokens_per_s_bare");
-    let per_worker = tokens_per_s_evod / WORKERS as f64;
-    let reload_s = f(&reload, "reload_per_candidate_s");
-    // The reload way scores one window per candidate, like a training
-    // candidate here: seconds per candidate against evod's.
-    let evod_s_per_candidate = 1.0 / candidates_per_s;
-    let mut put = |k: &str, v: serde_json::Value| {
-        json.insert(k.to_owned(), v);
-    };
-    put(
-        "tokens_per_s_bare_corpus",
-        reload.get("tokens_per_s_bare").cloned().unwrap_or_default(),
-    );
-    put("reload_per_candidate_s", reload_s.into());
-    put("reload_write_s", f(&reload, "reload_write_s").into());
-    put("candidates_per_s", candidates_per_s.into());
-    put("tokens_per_s_evod", tokens_per_s_evod.into());
-    put("tokens_per_s_evod_per_worker", per_worker.into());
-    put("overhead_ratio", (bare / per_worker).into());
-    put("reload_speedup", (reload_s / evod_s_per_candidate).into());
-    put("heldout_ppl_base", f(&heldout, "heldout_ppl_base").into());
-    put("heldout_ppl_after", f(&heldout, "heldout_ppl_after").into());
-    put("evolve_wall_s", wall.as_secs_f64().into());
-    put("budget_s", budget_s.into());
-    put("generations", generations.into());
-    put("evaluations", evaluations.into());
-    put("workers", WORKERS.into());
-    put("population", POPULATION.into());
-    put("window", WINDOW.into());
-    put("train_windows", TRAIN_WINDOWS.into());
-    put("corpus", corpus.display().to_string().into());
-    put("evod_exit", status.to_string().into());
-    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    put("loadavg_end", loadavg.trim().into());
-    let text = serde_json::to_string(&serde_json::Value::Object(json))?;
-    println!("{text}");
-    std::fs::write(out, text + "\n")?;
-    Ok(())
+    Ok(DaemonRun {
+        generations: last.0,
+        steady_s: last.4 - first.4,
+        evaluations: last.1 - first.1,
+        tokens: (last.2 - first.2, last.3 - first.3),
+        wall_s: last.4,
+        trace,
+        exit: status.to_string(),
+        loadavg_end: loadavg(),
+    })
 }
 
 /// A TCP port free right now on 127.0.0.1.
@@ -462,12 +633,13 @@ fn scrape(port: u16) -> std::io::Result<String> {
     Ok(text)
 }
 
-/// The value of the unlabelled sample `name` (or `name_total`).
-fn metric(text: &str, name: &str) -> Option<u64> {
+/// The value of the sample `name` (with its labels, if any, as the text
+/// writes them; `name_total` too).
+fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| {
-        let (k, v) = l.split_once(' ')?;
+        let (k, v) = l.rsplit_once(' ')?;
         (k == name || k.strip_suffix("_total") == Some(name))
-            .then(|| v.trim().parse::<f64>().ok().map(|x| x as u64))
+            .then(|| v.trim().parse::<f64>().ok())
             .flatten()
     })
 }

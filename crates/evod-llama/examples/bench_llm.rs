@@ -15,11 +15,17 @@
 //! `evod.perplexity.heldout_start_byte`) it only scores TEXT[BYTE..] in
 //! windows, without and with the control vector FILE (an evod perplexity
 //! model), and prints `heldout_ppl_base` / `heldout_ppl_after`.
+//! With `--procs N[,M…] --seconds S` it measures instead bare llama.cpp
+//! the way evod's workers use the cores: N processes of one thread each,
+//! started together, each decoding the text's `--window`-token windows
+//! round robin for S seconds; `tokens_per_s_w{W}_p{N}` is the sum of their
+//! tokens/s (every token decoded counts, as evod's `evod_worker_tokens`).
 //! `cargo xtask bench llm` runs it on SmolLM2-135M Q4_1.
 //!
 //! `cargo run --release -p evod-llama --features llm --example bench_llm --
 //!  OUT.json MODEL.gguf TEXT.txt [--threads 1,2] [--window 512] [--windows 2]
-//!  [--repeats 3] [--competitors 0,1] [--reload 0] [--n-batch WINDOW]`
+//!  [--repeats 3] [--competitors 0,1] [--reload 0] [--n-batch WINDOW]
+//!  [--procs 1,2 --seconds 20] [--cvec FILE [--heldout-from BYTE]]`
 //! (`--n-batch` sets the tokens per `llama_decode` of the throughput runs).
 //! (`--features llm-openmp` for ggml's OpenMP build).
 
@@ -66,12 +72,22 @@ fn main() {
     let mut n_batch = None;
     let mut heldout_from = None;
     let mut cvec = None;
+    let mut procs: Vec<usize> = Vec::new();
+    let mut seconds = 20.0f64;
+    let mut child = false;
+    let mut window_given = false;
     let mut i = 3;
     while i + 1 < args.len() {
         let v = &args[i + 1];
         match args[i].as_str() {
             "--threads" => threads = list(v),
-            "--window" => window = v.parse().unwrap(),
+            "--window" => {
+                window = v.parse().unwrap();
+                window_given = true;
+            }
+            "--procs" => procs = list(v),
+            "--seconds" => seconds = v.parse().unwrap(),
+            "--child" => child = v == "1",
             "--windows" => windows = v.parse().unwrap(),
             "--repeats" => repeats = v.parse().unwrap(),
             "--competitors" => competitors = list(v),
@@ -83,15 +99,36 @@ fn main() {
         }
         i += 2;
     }
+    if child {
+        bare_child(&model, &text, window, seconds);
+        return;
+    }
+    if !procs.is_empty() {
+        let mut summary = Vec::new();
+        for &n in &procs {
+            let (total, each) = bare_procs(&args[1..3], n, window, seconds);
+            println!(
+                "{{\"procs\":{n},\"window\":{window},\"seconds\":{seconds},\"tokens_per_s\":{total:.2},\"each\":{each:?}}}"
+            );
+            summary.push(format!("\"tokens_per_s_w{window}_p{n}\":{total:.2}"));
+        }
+        let json = format!("{{{}}}", summary.join(","));
+        println!("{json}");
+        std::fs::write(&out, json + "\n").expect("write OUT.json");
+        return;
+    }
     if let Some(cvec) = cvec {
-        // The held-out start: given, or the model's own key.
+        // The held-out start and the window: given, or the model's own keys.
+        let f = evod_gguf::GgufFile::open(&cvec).expect("open the control vector");
+        let key = |k: &str| f.get(k).and_then(|v| v.as_u64());
         let from = heldout_from.unwrap_or_else(|| {
-            let f = evod_gguf::GgufFile::open(&cvec).expect("open the control vector");
-            f.get("evod.perplexity.heldout_start_byte")
-                .and_then(|v| v.as_u64())
+            key("evod.perplexity.heldout_start_byte")
                 .expect("the model has no evod.perplexity.heldout_start_byte: pass --heldout-from")
                 as usize
         });
+        if !window_given && let Some(w) = key("evod.perplexity.window") {
+            window = w as usize;
+        }
         let opts = LlamaOptions {
             threads: threads[0],
             n_ctx: window as u32,
@@ -108,7 +145,10 @@ fn main() {
         let base = m.nll(&tokens, window, &mut || {}).unwrap().perplexity();
         m.set_control_vector(Some(&directions)).unwrap();
         let after = m.nll(&tokens, window, &mut || {}).unwrap().perplexity();
-        let json = format!("{{\"heldout_ppl_base\":{base},\"heldout_ppl_after\":{after}}}");
+        let json = format!(
+            "{{\"heldout_ppl_base\":{base},\"heldout_ppl_after\":{after},\"heldout_window\":{window},\"heldout_tokens\":{}}}",
+            tokens.len()
+        );
         println!("{json}");
         std::fs::write(&out, json + "\n").expect("write OUT.json");
         return;
@@ -164,13 +204,15 @@ fn main() {
         }
     }
     if reload > 0 {
-        let (per_candidate, write) = reload_way(&model, &text, window, threads[0], reload);
+        let r = reload_way(&model, &text, window, threads[0], reload);
         println!(
-            "{{\"reload\":{reload},\"threads\":{},\"reload_per_candidate_s\":{per_candidate:.4},\"reload_write_s\":{write:.4}}}",
-            threads[0]
+            "{{\"reload\":{reload},\"threads\":{},\"window\":{window},\"reload_per_candidate_s\":{:.4},\"reload_write_s\":{:.4},\"reload_load_s\":{:.4},\"reload_score_s\":{:.4}}}",
+            threads[0], r.total, r.write, r.load, r.score
         );
-        summary.push(format!("\"reload_per_candidate_s\":{per_candidate:.4}"));
-        summary.push(format!("\"reload_write_s\":{write:.4}"));
+        summary.push(format!("\"reload_per_candidate_s\":{:.4}", r.total));
+        summary.push(format!("\"reload_write_s\":{:.4}", r.write));
+        summary.push(format!("\"reload_load_s\":{:.4}", r.load));
+        summary.push(format!("\"reload_score_s\":{:.4}", r.score));
     }
     let json = format!("{{{}}}", summary.join(","));
     println!("{json}");
@@ -179,15 +221,14 @@ fn main() {
 
 /// The naive way, `n` candidates: per candidate a full GGUF copy of `model`
 /// whose `blk.1.attn_norm.weight` is perturbed, loaded by llama.cpp, one
-/// window scored. Returns the medians (seconds per candidate, of which
-/// writing the copy).
+/// window scored. Returns the medians of each part.
 fn reload_way(
     model: &std::path::Path,
     text: &str,
     window: usize,
     threads: usize,
     n: usize,
-) -> (f64, f64) {
+) -> Reload {
     use std::io::Write;
     const TENSOR: &str = "blk.1.attn_norm.weight";
     let base = evod_gguf::GgufFile::open(model).expect("open the base GGUF");
@@ -222,8 +263,7 @@ fn reload_way(
         n_batch: window as u32,
         ..LlamaOptions::default()
     };
-    let mut totals = Vec::new();
-    let mut writes = Vec::new();
+    let (mut totals, mut writes, mut loads, mut scores) = (vec![], vec![], vec![], vec![]);
     for c in 0..n {
         let start = Instant::now();
         // The candidate: the base tensor times (1 + small deterministic noise).
@@ -249,15 +289,117 @@ fn reload_way(
             &opts,
         )
         .expect("write the candidate GGUF");
-        writes.push(start.elapsed().as_secs_f64());
+        let written = start.elapsed().as_secs_f64();
         let mut m = BaseModel::load(&path, &llama).expect("load the candidate GGUF");
         let tokens = m.tokenize(text).expect("tokenize");
+        let loaded = start.elapsed().as_secs_f64();
         let nll = m
             .nll(&tokens[..window.min(tokens.len())], window, &mut || {})
             .expect("score");
         assert!(nll.perplexity().is_finite());
         drop(m);
-        totals.push(start.elapsed().as_secs_f64());
+        let total = start.elapsed().as_secs_f64();
+        writes.push(written);
+        loads.push(loaded - written);
+        scores.push(total - loaded);
+        totals.push(total);
     }
-    (median(totals), median(writes))
+    Reload {
+        total: median(totals),
+        write: median(writes),
+        load: median(loads),
+        score: median(scores),
+    }
+}
+
+/// The reload way's medians, seconds per candidate: all of it, writing the
+/// copy, loading it (and tokenizing the text), scoring one window.
+struct Reload {
+    total: f64,
+    write: f64,
+    load: f64,
+    score: f64,
+}
+
+/// `--procs N`: N copies of this program (`--child 1`), one llama.cpp
+/// thread each, loaded and warmed up, then started together (a line on
+/// each one's stdin) for `seconds`. Returns the sum of their tokens/s and
+/// each one's.
+fn bare_procs(model_and_text: &[String], n: usize, window: usize, seconds: f64) -> (f64, Vec<f64>) {
+    use std::io::{BufRead, BufReader, Write};
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut children: Vec<(Child, BufReader<std::process::ChildStdout>)> = (0..n)
+        .map(|_| {
+            let mut c = Command::new(&exe)
+                .arg("-")
+                .args(model_and_text)
+                .args(["--window", &window.to_string()])
+                .args(["--seconds", &seconds.to_string()])
+                .args(["--child", "1"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn a bare child");
+            let out = BufReader::new(c.stdout.take().expect("piped stdout"));
+            (c, out)
+        })
+        .collect();
+    let mut line = String::new();
+    for (_, out) in &mut children {
+        line.clear();
+        out.read_line(&mut line).expect("read ready");
+        assert_eq!(line.trim(), "ready", "a bare child did not get ready");
+    }
+    for (c, _) in &mut children {
+        writeln!(c.stdin.as_mut().expect("piped stdin"), "go").expect("start a bare child");
+    }
+    let mut each = Vec::new();
+    for (mut c, mut out) in children {
+        line.clear();
+        out.read_line(&mut line).expect("read the result");
+        let rate: f64 = line.trim().parse().expect("a bare child's tokens/s");
+        assert!(c.wait().expect("wait").success(), "a bare child failed");
+        each.push(rate);
+    }
+    (each.iter().sum(), each)
+}
+
+/// One `--procs` child: loads the model (1 thread, a context of one
+/// window), warms up on one window, says `ready`, waits for a line on
+/// stdin, then decodes and scores the text's full windows round robin
+/// (memory cleared per window, as a worker does) until `seconds` have
+/// passed; prints its tokens/s.
+fn bare_child(model: &std::path::Path, text: &str, window: usize, seconds: f64) {
+    use std::io::BufRead;
+    let opts = LlamaOptions {
+        threads: 1,
+        n_ctx: window as u32,
+        n_batch: window as u32,
+        ..LlamaOptions::default()
+    };
+    let mut m = BaseModel::load(model, &opts).expect("load");
+    let tokens = m.tokenize(text).expect("tokenize");
+    let windows: Vec<&[i32]> = tokens.chunks_exact(window).collect();
+    assert!(
+        !windows.is_empty(),
+        "the text has no window of {window} tokens"
+    );
+    m.nll(windows[0], window, &mut || {}).expect("warm up");
+    println!("ready");
+    let mut go = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut go)
+        .expect("wait for go");
+    let start = Instant::now();
+    let mut decoded = 0usize;
+    let mut i = 0;
+    while start.elapsed().as_secs_f64() < seconds {
+        let w = windows[i % windows.len()];
+        let nll = m.nll(w, window, &mut || {}).expect("score");
+        assert!(nll.perplexity().is_finite());
+        decoded += w.len();
+        i += 1;
+    }
+    println!("{}", decoded as f64 / start.elapsed().as_secs_f64());
 }

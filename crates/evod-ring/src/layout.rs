@@ -40,8 +40,9 @@ pub unsafe trait ZeroCopy: Sized + 'static {}
 pub const MAGIC: [u8; 8] = *b"EVODRING";
 /// Bumped whenever anything in this file changes shape or meaning.
 /// Version 2: the slot's `seq` is the publication stamp (version 1 published
-/// through the `tail` index).
-pub const LAYOUT_VERSION: u32 = 3;
+/// through the `tail` index). Version 4: the stats block counts the tokens
+/// a language-model worker decoded, by purpose (`StatsCtl::tokens`).
+pub const LAYOUT_VERSION: u32 = 4;
 /// Allocation granule of payloads: tensors start 64-byte aligned.
 pub const PAYLOAD_ALIGN: usize = 64;
 /// Largest accepted queue depth.
@@ -59,6 +60,9 @@ pub(crate) const ROLES: usize = 3;
 pub(crate) const CHANNELS: usize = 2;
 /// Opcodes `0..STATS_OPCODES` are counted one by one; others in one bucket.
 pub const STATS_OPCODES: usize = 32;
+/// Purposes the stats block counts tokens for: 0 training, 1 the publish
+/// gate ([`crate::TokenPurpose`]).
+pub const TOKEN_PURPOSES: usize = 2;
 
 /// The fixed header of every request and response. Lives in a queue slot;
 /// its payload lives in the lane's payload area at `payload_off`.
@@ -199,6 +203,9 @@ pub(crate) struct StatsCtl {
     pub started_at_ns: AtomicU64,
     /// The opcode the worker is serving right now, plus one (0 = idle).
     pub in_service: AtomicU64,
+    /// Tokens a language-model worker decoded to score candidates, by
+    /// purpose (index [`crate::TokenPurpose`]); other workers leave them 0.
+    pub tokens: [AtomicU64; TOKEN_PURPOSES],
 }
 // SAFETY: repr(C), atomics of integers only.
 unsafe impl ZeroCopy for StatsCtl {}

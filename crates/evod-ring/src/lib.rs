@@ -41,11 +41,34 @@ use std::time::Duration;
 pub use client::{Client, ClientConfig, Reply};
 pub use layout::{
     LAYOUT_VERSION, MAGIC, MAX_PAYLOAD_BYTES, MAX_QUEUE_DEPTH, MsgHeader, PAYLOAD_ALIGN,
-    STATS_OPCODES, ZeroCopy,
+    STATS_OPCODES, TOKEN_PURPOSES, ZeroCopy,
 };
 pub use segment::{Beat, LayoutConfig, Scribble, Segment, StatsSnapshot};
 pub use server::{Request, Server, ServerConfig};
 pub use wait::WaitPolicy;
+
+/// What the tokens a worker decodes are for, as the stats block counts
+/// them ([`Segment::add_tokens`], [`StatsSnapshot::tokens`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokenPurpose {
+    /// Scoring training candidates.
+    Train = 0,
+    /// Scoring the publish gate's candidate on held-out data.
+    Gate = 1,
+}
+
+impl TokenPurpose {
+    /// Every purpose, in index order.
+    pub const ALL: [TokenPurpose; TOKEN_PURPOSES] = [TokenPurpose::Train, TokenPurpose::Gate];
+
+    /// The metric label: `train` or `gate`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenPurpose::Train => "train",
+            TokenPurpose::Gate => "gate",
+        }
+    }
+}
 
 /// A process role with a heartbeat in the segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -66,6 +66,9 @@ pub struct StatsSnapshot {
     /// The opcode the worker said it was serving when the snapshot was
     /// taken (`None`: idle, or a value that is not an opcode).
     pub in_service: Option<u32>,
+    /// Tokens a language-model worker decoded to score candidates, indexed
+    /// by [`crate::TokenPurpose`] (0 for other workers).
+    pub tokens: [u64; crate::TOKEN_PURPOSES],
 }
 
 /// Deliberate corruption of the segment, for fault injection (the worker's
@@ -375,7 +378,7 @@ impl Segment {
         beat.count.store(0, Ordering::Relaxed);
         beat.at_ns.store(sys::coarse_now_ns(), Ordering::Relaxed);
         let s = self.stats_ctl();
-        for c in &s.per_opcode {
+        for c in s.per_opcode.iter().chain(&s.tokens) {
             c.store(0, Ordering::Relaxed);
         }
         for c in [
@@ -464,6 +467,14 @@ impl Segment {
         s.max_service_ns.fetch_max(ns, Ordering::Relaxed);
     }
 
+    /// Worker side: counts `n` tokens decoded to score candidates for
+    /// `purpose` (a language-model worker's throughput; shown, never used
+    /// for a decision).
+    pub fn add_tokens(&self, purpose: crate::TokenPurpose, n: u64) {
+        // Relaxed: an independent counter (see `record_request`).
+        self.stats_ctl().tokens[purpose as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Worker side: records the generation of the model it loaded.
     pub fn set_model_generation(&self, generation: u64) {
         // Relaxed: standalone value.
@@ -503,6 +514,7 @@ impl Segment {
                 .load(Ordering::Relaxed)
                 .checked_sub(1)
                 .and_then(|op| u32::try_from(op).ok()),
+            tokens: std::array::from_fn(|i| s.tokens[i].load(Ordering::Relaxed)),
         }
     }
 

@@ -76,9 +76,13 @@ fn peer_server(seg: &Segment) -> Result<(), RingError> {
                     out[..8].copy_from_slice(&checksum(inp).to_le_bytes());
                     out[8..].copy_from_slice(inp);
                 })?;
+                // As a language-model worker counts its tokens: the
+                // payload's length for training, one for the gate below.
+                seg.add_tokens(evod_ring::TokenPurpose::Train, len as u64);
                 seg.record_request(h.opcode, begun.elapsed(), true);
             }
             OP_FAIL => {
+                seg.add_tokens(evod_ring::TokenPurpose::Gate, 1);
                 req.reply(7, 0, |_, _| {})?;
                 seg.record_request(h.opcode, FAIL_SERVICE, false);
             }
@@ -659,7 +663,8 @@ fn nothing_left_in_dev_shm() -> Result<(), String> {
 
 /// Heartbeats and stats are visible across processes: the counts per
 /// opcode, the other-opcode bucket, errors, service times, the model
-/// generation, the uptime, and what the worker was serving when it died.
+/// generation, the uptime, the tokens counted by purpose, and what the
+/// worker was serving when it died.
 fn heartbeat_and_stats_cross_processes() -> Result<(), String> {
     let seg = Segment::create(&small()).map_err(|e| e.to_string())?;
     if seg.last_beat(Role::Worker).is_some() {
@@ -670,6 +675,7 @@ fn heartbeat_and_stats_cross_processes() -> Result<(), String> {
         || s.errors != 0
         || s.uptime.is_some()
         || s.model_generation != 0
+        || s.tokens != [0, 0]
     {
         return Err(format!("stats before any worker: {s:?}"));
     }
@@ -721,6 +727,7 @@ fn heartbeat_and_stats_cross_processes() -> Result<(), String> {
         || s.model_generation != PEER_GENERATION
         || s.uptime.is_none_or(|u| u > Duration::from_secs(60))
         || s.in_service.is_some()
+        || s.tokens != [5 * 32, 2]
     {
         return Err(format!("stats after 5 ECHO, 2 FAIL, 1 OTHER: {s:?}"));
     }
@@ -738,7 +745,11 @@ fn heartbeat_and_stats_cross_processes() -> Result<(), String> {
     // A new incarnation starts from zero.
     seg.bump_epoch();
     let s = seg.stats();
-    if s.requests_per_opcode.iter().any(|&c| c != 0) || s.errors != 0 || s.in_service.is_some() {
+    if s.requests_per_opcode.iter().any(|&c| c != 0)
+        || s.errors != 0
+        || s.in_service.is_some()
+        || s.tokens != [0, 0]
+    {
         return Err(format!("stats after the epoch bump: {s:?}"));
     }
     Ok(())

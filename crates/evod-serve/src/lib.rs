@@ -232,6 +232,16 @@ impl EvalRequest<'_> {
     pub fn beat(&self) {
         self.seg.beat(Role::Worker);
     }
+    /// Counts `n` tokens decoded for this request in the worker's stats
+    /// block, under its purpose (a language-model task's throughput: the
+    /// supervisor sums them into `evod_worker_tokens_total{purpose}`).
+    pub fn count_tokens(&self, n: u64) {
+        let purpose = match self.purpose {
+            Purpose::Train => evod_ring::TokenPurpose::Train,
+            Purpose::Gate => evod_ring::TokenPurpose::Gate,
+        };
+        self.seg.add_tokens(purpose, n);
+    }
 }
 
 /// What a worker program brings to the loop. Errors are messages: the

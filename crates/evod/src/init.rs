@@ -48,7 +48,7 @@ pub struct Args {
     window: u32,
     /// Training windows scored per evaluation, chosen by each generation's
     /// seed; 0 scores them all (with --task perplexity).
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = crate::llm::DEFAULT_TRAIN_WINDOWS)]
     train_windows: u32,
     /// Hidden activation: tanh, relu, sigmoid or identity.
     #[arg(long, default_value = "tanh")]

@@ -251,6 +251,14 @@ pub fn check_host(model: &Path, files: &HostFiles, run: &str) -> anyhow::Result<
 pub const DEFAULT_HELDOUT: f64 = 0.2;
 /// Default window in tokens.
 pub const DEFAULT_WINDOW: u32 = 512;
+/// Default training windows per evaluation (0 = all).
+pub const DEFAULT_TRAIN_WINDOWS: u32 = 0;
+/// The task's default candidates per generation (`--population`).
+pub const DEFAULT_POPULATION: usize = 8;
+/// The task's default ES σ (`--sigma`), in units of a direction's scale.
+pub const DEFAULT_SIGMA: f32 = 0.6;
+/// The task's default Adam step (`--learning-rate`), in the same units.
+pub const DEFAULT_LEARNING_RATE: f64 = 0.1;
 
 /// What `init` needs beyond the common options.
 #[derive(Debug, Clone)]
@@ -823,7 +831,14 @@ mod handler {
                     Err(e) => return Err(e.to_string()),
                 }
                 match state.base.nll(tokens, state.window, &mut || request.beat()) {
-                    Ok(nll) => out.push(-nll.perplexity()),
+                    Ok(nll) => {
+                        // Every token of the windows went through
+                        // `llama_decode` (the first of each is decoded, not
+                        // scored): the daemon's throughput, as the bench
+                        // compares it with bare llama.cpp.
+                        request.count_tokens(tokens.len() as u64);
+                        out.push(-nll.perplexity());
+                    }
                     Err(e @ evod_llama::LlamaError::NonFiniteLogits { .. }) => {
                         tracing::warn!(candidate = i, "{e}");
                         out.push(f64::NAN);

@@ -56,6 +56,12 @@ struct OpLabels {
     opcode: String,
 }
 
+/// A purpose label (`evod_worker_tokens_total`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PurposeLabels {
+    purpose: String,
+}
+
 /// Labels of `evod_worker_requests_not_sent_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NotSentLabels {
@@ -287,6 +293,7 @@ pub struct Metrics {
     round_trips: Family<OpLabels, Counter>,
     not_sent: Family<NotSentLabels, Counter>,
     worker_errors: Counter,
+    worker_tokens: Family<PurposeLabels, Counter>,
     recovery_seconds: Histogram,
     /// Per worker slot: the epoch and the stats-block counts (per opcode,
     /// other opcodes, errors) last added.
@@ -299,6 +306,7 @@ struct Seen {
     requests: Vec<u64>,
     other: u64,
     errors: u64,
+    tokens: [u64; evod_ring::TOKEN_PURPOSES],
 }
 
 impl Metrics {
@@ -382,6 +390,12 @@ impl Metrics {
             "Requests the workers answered with an error status, as their stats blocks count them",
             worker_errors.clone(),
         );
+        let worker_tokens = Family::<PurposeLabels, Counter>::default();
+        registry.register(
+            "evod_worker_tokens",
+            "Tokens the workers decoded to score candidates (language-model tasks: perplexity), by purpose (train, gate), as their stats blocks count them",
+            worker_tokens.clone(),
+        );
         let recovery_seconds = recovery_histogram();
         registry.register_with_unit(
             "evod_worker_recovery",
@@ -415,6 +429,7 @@ impl Metrics {
             round_trips,
             not_sent,
             worker_errors,
+            worker_tokens,
             recovery_seconds,
             seen: Vec::new(),
         }
@@ -546,6 +561,20 @@ impl Metrics {
         seen.other = stats.requests_other_opcodes;
         self.worker_errors(stats.errors.saturating_sub(seen.errors));
         seen.errors = stats.errors;
+        for (p, (&now, was)) in evod_ring::TokenPurpose::ALL
+            .iter()
+            .zip(stats.tokens.iter().zip(seen.tokens.iter_mut()))
+        {
+            let n = now.saturating_sub(*was);
+            if n > 0 {
+                self.worker_tokens
+                    .get_or_create(&PurposeLabels {
+                        purpose: p.name().to_owned(),
+                    })
+                    .inc_by(n);
+            }
+            *was = now;
+        }
         self.seen[slot] = seen;
     }
 
@@ -649,6 +678,32 @@ mod tests {
             "corrupt"
         );
         assert_eq!(cause(&killed, Some("something new")), "killed");
+    }
+
+    /// Tokens counted by a worker's stats block add up per purpose across
+    /// snapshots and incarnations of a slot (a new epoch starts from 0).
+    #[test]
+    fn worker_tokens_sum_over_snapshots_and_epochs() {
+        let mut m = Metrics::new(None);
+        let snap = |train, gate| evod_ring::StatsSnapshot {
+            tokens: [train, gate],
+            ..Default::default()
+        };
+        let name = |_| "EVAL";
+        m.worker_stats(0, 1, &snap(512, 0), name);
+        m.worker_stats(0, 1, &snap(1024, 1024), name);
+        m.worker_stats(1, 1, &snap(512, 0), name);
+        // Slot 0 respawned: its block starts again from zero.
+        m.worker_stats(0, 2, &snap(256, 0), name);
+        let text = m.encode();
+        assert!(
+            text.contains("evod_worker_tokens_total{purpose=\"train\"} 1792"),
+            "{text}"
+        );
+        assert!(
+            text.contains("evod_worker_tokens_total{purpose=\"gate\"} 1024"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -284,15 +284,35 @@ pub fn evolver_config(evolve: &EvolveArgs, task: &Task) -> EvolverConfig {
         None if *task == Task::Perplexity => StrategyKind::Es,
         None => defaults.strategy,
     };
+    // The perplexity task's own defaults (docs/llm.md, "Choosing the ES
+    // settings"): every evaluation decodes whole windows, so a generation
+    // is expensive and its size and step are tuned for it.
+    let (population, sigma, learning_rate) = if *task == Task::Perplexity {
+        (
+            crate::llm::DEFAULT_POPULATION,
+            crate::llm::DEFAULT_SIGMA,
+            crate::llm::DEFAULT_LEARNING_RATE,
+        )
+    } else {
+        let sigma = match strategy {
+            StrategyKind::Ga => defaults.ga.sigma,
+            StrategyKind::Es => defaults.es.sigma,
+        };
+        (defaults.population, sigma, defaults.es.learning_rate)
+    };
     let mut config = EvolverConfig {
         strategy,
-        population: evolve
-            .population
-            .map_or(defaults.population, |p| p as usize),
+        population: evolve.population.map_or(population, |p| p as usize),
         seed: evolve.seed(),
         episodes: evolve.episodes.unwrap_or(defaults.episodes),
         ..defaults
     };
+    let sigma = evolve.sigma.map_or(sigma, |s| s as f32);
+    match strategy {
+        StrategyKind::Ga => config.ga.sigma = sigma,
+        StrategyKind::Es => config.es.sigma = sigma,
+    }
+    config.es.learning_rate = evolve.learning_rate.unwrap_or(learning_rate);
     if let Some(x) = evolve.max_relative_change {
         config.validation.max_relative_change = x;
     }
@@ -305,4 +325,44 @@ pub fn evolver_config(evolve: &EvolveArgs, task: &Task) -> EvolverConfig {
         _ => task.solve_threshold().map(|_| evolve.solve_threshold()),
     };
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The perplexity task has its own ES defaults; `--sigma` and
+    /// `--learning-rate` override them; other tasks keep the library's.
+    #[test]
+    fn the_perplexity_task_has_its_own_es_defaults_and_flags_override_them() {
+        let none = EvolveArgs::default();
+        let c = evolver_config(&none, &Task::Perplexity);
+        assert_eq!(c.strategy, StrategyKind::Es);
+        assert_eq!(c.population, crate::llm::DEFAULT_POPULATION);
+        assert_eq!(c.es.sigma, crate::llm::DEFAULT_SIGMA);
+        assert_eq!(c.es.learning_rate, crate::llm::DEFAULT_LEARNING_RATE);
+        let given = EvolveArgs {
+            population: Some(16),
+            sigma: Some(0.3),
+            learning_rate: Some(0.05),
+            ..EvolveArgs::default()
+        };
+        let c = evolver_config(&given, &Task::Perplexity);
+        assert_eq!(
+            (c.population, c.es.sigma, c.es.learning_rate),
+            (16, 0.3, 0.05)
+        );
+        let library = EvolverConfig::default();
+        let c = evolver_config(&none, &Task::CartPole { episodes: 1 });
+        assert_eq!(c.population, library.population);
+        assert_eq!(c.ga.sigma, library.ga.sigma);
+        assert_eq!(c.es.learning_rate, library.es.learning_rate);
+        let ga = EvolveArgs {
+            strategy: Some(Strategy::Ga),
+            sigma: Some(0.2),
+            ..EvolveArgs::default()
+        };
+        let c = evolver_config(&ga, &Task::CartPole { episodes: 1 });
+        assert_eq!((c.ga.sigma, c.es.sigma), (0.2, library.es.sigma));
+    }
 }

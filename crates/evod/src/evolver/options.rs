@@ -112,6 +112,15 @@ pub struct EvolveArgs {
     /// [default: 10].
     #[arg(long, env = "EVOD_MAX_USELESS_GENERATIONS", value_name = "N")]
     pub max_useless_generations: Option<u32>,
+    /// Noise σ of the candidates, in units of each tensor's scale: ES's
+    /// perturbation σ, GA's initial mutation σ [default: 0.6 for ES, 0.8
+    /// for GA; the perplexity task's own: docs/llm.md].
+    #[arg(long, env = "EVOD_SIGMA", value_name = "X", value_parser = positive_f64)]
+    pub sigma: Option<f64>,
+    /// ES's Adam step size, in units of each tensor's scale (GA has none)
+    /// [default: 0.3; the perplexity task's own: docs/llm.md].
+    #[arg(long, env = "EVOD_LEARNING_RATE", value_name = "X", value_parser = positive_f64)]
+    pub learning_rate: Option<f64>,
     /// Largest relative change of any tensor in one generation that
     /// validation lets through (a positive number) [default: 4].
     #[arg(long, env = "EVOD_MAX_RELATIVE_CHANGE", value_name = "X", value_parser = positive_f64)]
@@ -200,6 +209,8 @@ impl EvolveArgs {
             max_useless_generations: self
                 .max_useless_generations
                 .or(other.max_useless_generations),
+            sigma: self.sigma.or(other.sigma),
+            learning_rate: self.learning_rate.or(other.learning_rate),
             max_relative_change: self.max_relative_change.or(other.max_relative_change),
         }
     }
@@ -243,6 +254,8 @@ impl EvolveArgs {
             "--max-useless-generations",
             self.max_useless_generations.map(|v| v.to_string()),
         );
+        push("--sigma", self.sigma.map(|v| v.to_string()));
+        push("--learning-rate", self.learning_rate.map(|v| v.to_string()));
         push(
             "--max-relative-change",
             self.max_relative_change.map(|v| v.to_string()),
@@ -267,9 +280,10 @@ mod tests {
 
     #[test]
     fn service_options_pass_through_and_default() {
-        let file: EvolveArgs =
-            toml::from_str("pulse_interval = \"2.5s\"\npatience = 7\nprogress_keep = 50\n")
-                .unwrap();
+        let file: EvolveArgs = toml::from_str(
+            "pulse_interval = \"2.5s\"\npatience = 7\nprogress_keep = 50\nsigma = 2.5\nlearning_rate = 0.15\n",
+        )
+        .unwrap();
         assert_eq!(file.pulse_interval(), Duration::from_millis(2500));
         let args = file.to_cli_args();
         let again = Cli::try_parse_from(std::iter::once("x".into()).chain(args))
@@ -278,6 +292,9 @@ mod tests {
         assert_eq!(again, file);
         assert_eq!(again.patience(), 7);
         assert_eq!(again.progress_keep(), 50);
+        assert_eq!((again.sigma, again.learning_rate), (Some(2.5), Some(0.15)));
+        assert!(Cli::try_parse_from(["x", "--sigma", "0"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--learning-rate", "nan"]).is_err());
         let none = EvolveArgs::default();
         assert_eq!(none.patience(), DEFAULT_PATIENCE);
         assert_eq!(none.pulse_interval(), DEFAULT_PULSE_INTERVAL);

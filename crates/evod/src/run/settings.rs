@@ -346,6 +346,17 @@ pub fn check_layer(layer: &Layer<'_>) -> Result<(), SettingError> {
         || "a finite number greater than 0".into(),
         |v| num(v),
     )?;
+    for (flag, value) in [("sigma", e.sigma), ("learning-rate", e.learning_rate)] {
+        check(
+            o,
+            flag,
+            ev,
+            value,
+            |x| x.is_finite() && *x > 0.0,
+            || "a finite number greater than 0".into(),
+            |v| num(v),
+        )?;
+    }
     check(
         o,
         "eval-timeout-per-candidate",
