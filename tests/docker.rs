@@ -15,10 +15,8 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -37,53 +35,10 @@ const STATE: &str = "/var/lib/evod";
 
 use common::docker::{docker, root, text};
 
-/// Why there is no usable engine, if there is none.
-fn no_engine() -> Option<String> {
-    match Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-    {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(common::text(&o.stderr).trim().to_owned()),
-        Err(e) => Some(e.to_string()),
-    }
-}
-
-/// Builds the image once per run; `false` (after one loud line on the real
-/// stderr, past the test harness's capture) without an engine.
+/// Builds the image once per run; `false` (after one loud SKIPPED line)
+/// without an engine.
 fn image() -> bool {
-    static READY: OnceLock<bool> = OnceLock::new();
-    *READY.get_or_init(|| {
-        if let Some(why) = no_engine() {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: tests/docker.rs: no Docker engine (docker info failed: {why})"
-            );
-            return false;
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").into());
-        let o = Command::new(cargo)
-            .current_dir(root())
-            .args([
-                "run",
-                "--quiet",
-                "-p",
-                "xtask",
-                "--",
-                "image",
-                "--tag",
-                IMAGE.as_str(),
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("running cargo xtask image");
-        assert!(
-            o.status.success(),
-            "cargo xtask image failed:\n{}",
-            text(&o)
-        );
-        true
-    })
+    common::docker::images_or_skip("tests/docker.rs", &[&["image", "--tag", IMAGE.as_str()]])
 }
 
 /// One container and its named volume, removed on drop (even after a

@@ -121,46 +121,16 @@ fn docker_ok(args: &[&str]) -> String {
     common::text(&o.stdout)
 }
 
-/// Builds both images once per run; `false` (after one loud line on the
-/// real stderr, past the harness's capture) without an engine.
+/// Builds both images once per run; `false` (after one loud SKIPPED line)
+/// without an engine.
 fn images() -> bool {
-    static READY: OnceLock<bool> = OnceLock::new();
-    *READY.get_or_init(|| {
-        let why = match Command::new("docker")
-            .args(["info", "--format", "{{.ServerVersion}}"])
-            .output()
-        {
-            Ok(o) if o.status.success() => None,
-            Ok(o) => Some(common::text(&o.stderr).trim().to_owned()),
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(why) = why {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: docker_dist: no Docker engine (docker info failed: {why})"
-            );
-            return false;
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").into());
-        for args in [
-            &["image", "--tag", IMAGE.as_str()][..],
-            &["image", "--redis", "--tag", REDIS_IMAGE.as_str()][..],
-        ] {
-            let o = Command::new(&cargo)
-                .current_dir(root())
-                .args(["run", "--quiet", "-p", "xtask", "--"])
-                .args(args)
-                .stdin(Stdio::null())
-                .output()
-                .expect("running cargo xtask image");
-            assert!(
-                o.status.success(),
-                "cargo xtask {args:?} failed:\n{}",
-                text(&o)
-            );
-        }
-        true
-    })
+    common::docker::images_or_skip(
+        "docker_dist",
+        &[
+            &["image", "--tag", IMAGE.as_str()],
+            &["image", "--redis", "--tag", REDIS_IMAGE.as_str()],
+        ],
+    )
 }
 
 /// The model file both runs start from, made by `evod init` (the same

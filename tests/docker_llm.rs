@@ -22,10 +22,8 @@ mod common;
 #[path = "common/tiny_llama.rs"]
 mod tiny_llama;
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use evod_gguf::{GgufFile, Value};
@@ -33,7 +31,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value as Json;
 
-use common::docker::{docker, root, text};
+use common::docker::{docker, text};
 
 /// Guards against hangs only; not a timing assertion.
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -51,49 +49,13 @@ const MODELS: &str = "/models";
 /// Tokens per window.
 const WINDOW: &str = "16";
 
-/// Builds the image once per run; `false` (after one loud line on the real
-/// stderr, past the test harness's capture) without an engine.
+/// Builds the image once per run; `false` (after one loud SKIPPED line)
+/// without an engine.
 fn image() -> bool {
-    static READY: OnceLock<bool> = OnceLock::new();
-    *READY.get_or_init(|| {
-        let why = match Command::new("docker")
-            .args(["info", "--format", "{{.ServerVersion}}"])
-            .output()
-        {
-            Ok(o) if o.status.success() => None,
-            Ok(o) => Some(common::text(&o.stderr).trim().to_owned()),
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(why) = why {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: tests/docker_llm.rs: no Docker engine (docker info failed: {why})"
-            );
-            return false;
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").into());
-        let o = Command::new(cargo)
-            .current_dir(root())
-            .args([
-                "run",
-                "--quiet",
-                "-p",
-                "xtask",
-                "--",
-                "image",
-                "--tag",
-                IMAGE.as_str(),
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("running cargo xtask image");
-        assert!(
-            o.status.success(),
-            "cargo xtask image failed:\n{}",
-            text(&o)
-        );
-        true
-    })
+    common::docker::images_or_skip(
+        "tests/docker_llm.rs",
+        &[&["image", "--tag", IMAGE.as_str()]],
+    )
 }
 
 /// `docker ARGS`, which must succeed; its stdout.

@@ -298,8 +298,8 @@ impl Drop for Daemon {
     }
 }
 
-/// The `docker` CLI helpers shared by `tests/docker.rs` and
-/// `tests/docker_dist.rs`.
+/// The `docker` CLI helpers shared by `tests/docker.rs`,
+/// `tests/docker_dist.rs` and `tests/docker_llm.rs`.
 pub mod docker {
     use std::path::{Path, PathBuf};
     use std::process::{Command, Output, Stdio};
@@ -333,5 +333,49 @@ pub mod docker {
     /// Stdout then stderr, lossily as text.
     pub fn text(o: &Output) -> String {
         format!("{}{}", super::text(&o.stdout), super::text(&o.stderr))
+    }
+
+    /// Once per test binary: builds the images, each with `cargo xtask
+    /// ARGS` (`image --tag …`, `image --redis --tag …`; a no-op for cargo
+    /// and Docker's layer cache when nothing changed), and returns `true`;
+    /// without a usable engine (`docker info` fails) prints one loud
+    /// `SKIPPED: <who>: …` line on the real stderr (past the harness's
+    /// capture) and returns `false`. A failed build fails the test.
+    pub fn images_or_skip(who: &str, builds: &[&[&str]]) -> bool {
+        use std::io::Write;
+        static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *READY.get_or_init(|| {
+            let why = match Command::new("docker")
+                .args(["info", "--format", "{{.ServerVersion}}"])
+                .output()
+            {
+                Ok(o) if o.status.success() => None,
+                Ok(o) => Some(super::text(&o.stderr).trim().to_owned()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(why) = why {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED: {who}: no Docker engine (docker info failed: {why})"
+                );
+                return false;
+            }
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").into());
+            for args in builds {
+                let o = Command::new(&cargo)
+                    .current_dir(root())
+                    .args(["run", "--quiet", "-p", "xtask", "--"])
+                    .args(*args)
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("running cargo xtask image");
+                assert!(
+                    o.status.success(),
+                    "cargo xtask {args:?} failed:\n{}",
+                    text(&o)
+                );
+            }
+            true
+        })
     }
 }
