@@ -5,8 +5,8 @@
 //! `evod inspect --json`.
 //!
 //! The Python is `EVOD_PYTHON`, else `<workspace>/.venv/bin/python`.
-//! Loading the outputs in llama.cpp comes with the llama runtime (not built
-//! yet; see `docs/surgeon.md`).
+//! With `--features llm` (CI's llm step), `outputs_load_and_run_in_llama_cpp`
+//! loads mutated and merged outputs in llama.cpp itself.
 
 mod common;
 
