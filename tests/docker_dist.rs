@@ -518,20 +518,7 @@ impl Cluster {
     /// The bytes of `path` in the coordinator's container (running or not)
     /// through `docker cp` (the image has no shell).
     fn read_coordinator_file(&self, path: &str) -> Vec<u8> {
-        let o = docker(&["cp", &format!("{}:{path}", self.coordinator()), "-"]);
-        assert!(o.status.success(), "docker cp {path}: {}", text(&o));
-        // A tar stream of one regular file: a 512-byte ustar header (size
-        // in octal at offset 124), then the bytes.
-        let tar = o.stdout;
-        assert!(
-            tar.len() >= 512 && matches!(tar[156], b'0' | 0),
-            "docker cp {path}: not one regular file in ustar form"
-        );
-        let size = std::str::from_utf8(&tar[124..136])
-            .ok()
-            .and_then(|s| u64::from_str_radix(s.trim_matches(|c| c == '\0' || c == ' '), 8).ok())
-            .expect("ustar size field") as usize;
-        tar[512..512 + size].to_vec()
+        common::docker::read_file(&self.coordinator(), path)
     }
 
     /// Every result the broker recorded, in recording order, from the

@@ -335,6 +335,25 @@ pub mod docker {
         format!("{}{}", super::text(&o.stdout), super::text(&o.stderr))
     }
 
+    /// The bytes of the regular file `path` in `container` (running or
+    /// not), through `docker cp` (the image has no shell to `cat` with):
+    /// a tar stream of one 512-byte ustar header (size in octal at offset
+    /// 124), then the bytes.
+    pub fn read_file(container: &str, path: &str) -> Vec<u8> {
+        let o = docker(&["cp", &format!("{container}:{path}"), "-"]);
+        assert!(o.status.success(), "docker cp {path}: {}", text(&o));
+        let tar = o.stdout;
+        assert!(
+            tar.len() >= 512 && matches!(tar[156], b'0' | 0),
+            "docker cp {path}: not one regular file in ustar form"
+        );
+        let size = std::str::from_utf8(&tar[124..136])
+            .ok()
+            .and_then(|s| u64::from_str_radix(s.trim_matches(|c| c == '\0' || c == ' '), 8).ok())
+            .expect("ustar size field") as usize;
+        tar[512..512 + size].to_vec()
+    }
+
     /// Once per test binary: builds the images, each with `cargo xtask
     /// ARGS` (`image --tag …`, `image --redis --tag …`; a no-op for cargo
     /// and Docker's layer cache when nothing changed), and returns `true`;
