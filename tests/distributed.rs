@@ -1074,12 +1074,10 @@ fn a_bad_broker_is_refused_at_start_naming_the_flag() {
     assert!(!err.contains("wrong@"), "the password is shown: {err}");
 }
 
-#[test]
-fn a_base_that_does_not_fit_is_refused_loudly_never_evaluated() {
-    let (_r, server) = redis();
-    let url = server.url();
-    // A coordinator made of the broker library: the run's model (CartPole
-    // 4-16-2: 114 parameters), then a task against a base of 3.
+/// A coordinator made of the broker library, holding the lease, that has
+/// published the run's model (`evod init --seed 1`: CartPole 4-16-2, 114
+/// parameters in 4 tensors).
+fn fake_coordinator(url: &str) -> (evod_broker::RedisBroker, evod_broker::Lease) {
     let model = tempfile::tempdir().unwrap();
     let path = model.path().join("m.gguf");
     let o = evod()
@@ -1089,13 +1087,23 @@ fn a_base_that_does_not_fit_is_refused_loudly_never_evaluated() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o.stderr));
     let mut coord =
-        evod_broker::RedisBroker::new(evod_broker::RedisConfig::new(&url, RUN, "fake")).unwrap();
+        evod_broker::RedisBroker::new(evod_broker::RedisConfig::new(url, RUN, "fake")).unwrap();
     let lease = coord
         .acquire_lease("fake", Duration::from_secs(60), Duration::ZERO)
         .unwrap();
     coord
         .publish_model(&lease, &std::fs::read(&path).unwrap())
         .unwrap();
+    (coord, lease)
+}
+
+#[test]
+fn a_base_that_does_not_fit_is_refused_loudly_never_evaluated() {
+    let (_r, server) = redis();
+    let url = server.url();
+    // A coordinator made of the broker library: the run's model (CartPole
+    // 4-16-2: 114 parameters), then a task against a base of 3.
+    let (mut coord, lease) = fake_coordinator(&url);
     let base = coord.publish_base(7, &[0.5, -1.0, 2.0]).unwrap();
     let task = Task {
         run: RUN.into(),
@@ -1272,22 +1280,7 @@ fn forged_ga_tasks_are_refused_by_name_never_evaluated() {
     let url = server.url();
     // A coordinator made of the broker library: the run's model (CartPole
     // 4-16-2: 114 parameters in 4 tensors) and one real parent.
-    let model = tempfile::tempdir().unwrap();
-    let path = model.path().join("m.gguf");
-    let o = evod()
-        .args(["init", "--seed", "1", "-o"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let mut coord =
-        evod_broker::RedisBroker::new(evod_broker::RedisConfig::new(&url, RUN, "fake")).unwrap();
-    let lease = coord
-        .acquire_lease("fake", Duration::from_secs(60), Duration::ZERO)
-        .unwrap();
-    coord
-        .publish_model(&lease, &std::fs::read(&path).unwrap())
-        .unwrap();
+    let (mut coord, lease) = fake_coordinator(&url);
     let parent = coord.publish_base(7, &[0.1; 114]).unwrap();
     let mutated = |sigma: f32, tensors: usize| GaRecipe {
         parent,
