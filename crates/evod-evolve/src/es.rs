@@ -82,9 +82,12 @@ impl EsState {
     /// Samples `population / 2` antithetic pairs as recipes against the
     /// mean; pairs with a rejected half are dropped (their rejections
     /// appended to `rejected`).
+    /// The mean itself is evaluated first when `eval_center` is set (and
+    /// it is valid).
     pub(crate) fn ask(
         &self,
         config: &EvolverConfig,
+        eval_center: bool,
         validator: &Validator,
         rng: &mut ChaCha8Rng,
         rejected: &mut Vec<Rejection>,
@@ -93,7 +96,7 @@ impl EsState {
         let base = checksum(&self.mean);
         let mut recipes = Vec::with_capacity(config.population + 1);
         let mut seeds_kept = Vec::with_capacity(pairs);
-        let with_center = config.es.eval_center && validator.check_static(&self.mean).is_ok();
+        let with_center = eval_center && validator.check_static(&self.mean).is_ok();
         if with_center {
             recipes.push(Recipe::center(base, config.scale));
         }

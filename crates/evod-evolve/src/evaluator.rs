@@ -124,6 +124,46 @@ pub trait Evaluator {
         let _ = purpose;
         self.evaluate_recipes(base, recipes, seed, episodes)
     }
+
+    /// Several evaluations of recipes at once, each part against its own
+    /// base: one result vector per part, in order, each with the contract
+    /// of [`Evaluator::evaluate`] (an `Err` fails them all). An ES
+    /// generation that gates every generation sends the gate of the
+    /// previous generation's best and its own training candidates this way
+    /// (see `Evolver::step`), the gate first.
+    ///
+    /// The default evaluates the parts one after the other
+    /// ([`Evaluator::evaluate_recipes_for`]). An evaluator that can run
+    /// them side by side overrides it (the evolver process: each worker
+    /// takes the next candidates, of any part, as soon as it is free, so a
+    /// gate that costs more than a training candidate does not leave the
+    /// other workers idle); it should start the parts in the order given,
+    /// which puts the costliest first.
+    fn evaluate_recipes_together(
+        &mut self,
+        parts: &[RecipePart<'_>],
+    ) -> Result<Vec<Vec<Option<f64>>>, EvalError> {
+        parts
+            .iter()
+            .map(|p| self.evaluate_recipes_for(p.purpose, &p.base, p.recipes, p.seed, p.episodes))
+            .collect()
+    }
+}
+
+/// One part of [`Evaluator::evaluate_recipes_together`]: recipes scored for
+/// one purpose, with one seed and number of episodes.
+#[derive(Debug, Clone, Copy)]
+pub struct RecipePart<'a> {
+    /// What the part is for.
+    pub purpose: Purpose,
+    /// The vector its recipes apply to.
+    pub base: Base<'a>,
+    /// Its candidates, against `base`.
+    pub recipes: &'a [Recipe],
+    /// Episode seed.
+    pub seed: u64,
+    /// Episodes per candidate.
+    pub episodes: u32,
 }
 
 /// An [`Evaluator`] made of a closure `(params, seed, episodes) -> fitness`,

@@ -18,7 +18,7 @@ use crate::error::EvalError;
 use crate::error::EvolveError;
 use crate::es::EsState;
 use crate::evaluator::{
-    DOMAIN_GATE, DOMAIN_STRATEGY, DOMAIN_TRAIN, Evaluator, Purpose, derive_seed,
+    DOMAIN_GATE, DOMAIN_STRATEGY, DOMAIN_TRAIN, Evaluator, Purpose, RecipePart, derive_seed,
 };
 use crate::ga::GaState;
 use crate::ga_recipe::{GaBatch, GaParents, GaRecipe};
@@ -318,6 +318,12 @@ impl Evolver {
         self.no_progress.as_ref()
     }
 
+    /// ES gating every generation: the gate runs beside the training batch
+    /// (see [`Self::step`]).
+    fn gate_beside_training(&self) -> bool {
+        self.gate_every_generation && matches!(self.strategy, Strategy::Es(_))
+    }
+
     /// Gates every generation's best, whatever its training fitness, when
     /// `on` (default off: only a best that beats the published fitness by
     /// `publish_margin` is gated). For a task whose gate scores other data
@@ -382,9 +388,13 @@ impl Evolver {
                 &mut rng,
                 &mut rejections,
             )),
-            Strategy::Es(s) => {
-                Ask::Es(s.ask(&self.config, &self.validator, &mut rng, &mut rejections))
-            }
+            Strategy::Es(s) => Ask::Es(s.ask(
+                &self.config,
+                self.config.es.eval_center && !self.gate_beside_training(),
+                &self.validator,
+                &mut rng,
+                &mut rejections,
+            )),
         };
         let (candidates, first_offspring) = match (&ask, &self.strategy) {
             (Ask::Ga(a), Strategy::Ga(s)) => {
@@ -415,23 +425,81 @@ impl Evolver {
         for r in &rejections {
             stats.count(r);
         }
-        let fitness = if candidates.len() == 0 {
-            Vec::new()
-        } else {
-            self.evaluate(
-                ev,
-                Purpose::Train,
-                &candidates,
-                self.training_seed(generation),
-                self.config.episodes,
-                &mut stats,
-            )
-            .map_err(|e| match e {
-                EvolveError::Eval { source, .. } => EvolveError::Eval { generation, source },
-                e => e,
-            })?
+        let at_generation = |e| match e {
+            EvolveError::Eval { source, .. } => EvolveError::Eval { generation, source },
+            e => e,
         };
-        let quarantined = fitness.iter().filter(|f| f.is_none()).count() as u64;
+        // ES on a task that gates every generation (a held-out split)
+        // gates the previous generation's best beside this generation's
+        // training batch, instead of this generation's best after it: the
+        // gate's candidate is then known before anything is scored, so both
+        // go to the evaluator at once, and a gate that costs more than a
+        // training candidate does not leave workers idle. The candidate
+        // travels as the centre recipe of its own base; it is `self.best`,
+        // which checkpoints keep, so a resumed run gates what the
+        // uninterrupted one would have. The mean is not scored on training
+        // in this mode (`ask` above), and a best already published is not
+        // gated again.
+        let beside = self.gate_beside_training() && matches!(&candidates, Batch::Recipes(..));
+        let threshold = self.config.solve_threshold;
+        let pending = beside
+            && self.best.fitness.is_finite()
+            && threshold.is_none_or(|t| self.best.fitness >= t)
+            && self
+                .published
+                .as_ref()
+                .is_none_or(|p| p.params != self.best.params);
+        let (fitness, pending_gate) = if candidates.len() == 0 && !pending {
+            (Vec::new(), None)
+        } else if let (true, Batch::Recipes(base, recipes)) = (beside, &candidates) {
+            let gate_base = Base::new(&self.best.params, &self.layout)
+                .map_err(|e| EvolveError::InvalidState {
+                    what: "the best vector".into(),
+                    reason: e.to_string(),
+                })?;
+            let gate_recipe = [Recipe::center(gate_base.checksum(), self.config.scale)];
+            let mut parts = Vec::with_capacity(2);
+            if pending {
+                parts.push(RecipePart {
+                    purpose: Purpose::Gate,
+                    base: gate_base,
+                    recipes: &gate_recipe,
+                    seed: self.gate_seed(generation),
+                    episodes: self.config.gate_episodes,
+                });
+            }
+            parts.push(RecipePart {
+                purpose: Purpose::Train,
+                base: *base,
+                recipes,
+                seed: self.training_seed(generation),
+                episodes: self.config.episodes,
+            });
+            let mut out = self
+                .evaluate_together(ev, &parts, &mut stats)
+                .map_err(at_generation)?;
+            let train = out.pop().expect("one result per part");
+            let gate = out.pop().map(|g| g[0]);
+            if gate.is_some() {
+                stats.gate_evaluations += 1;
+            }
+            (train, gate)
+        } else {
+            let fitness = self
+                .evaluate(
+                    ev,
+                    Purpose::Train,
+                    &candidates,
+                    self.training_seed(generation),
+                    self.config.episodes,
+                    &mut stats,
+                )
+                .map_err(at_generation)?;
+            (fitness, None)
+        };
+        // A gate that could not be scored is a quarantine too.
+        let quarantined = (fitness.iter().filter(|f| f.is_none()).count()
+            + usize::from(pending_gate == Some(None))) as u64;
 
         let mut best: Option<(usize, f64)> = None;
         let (mut sum, mut n) = (0.0, 0usize);
@@ -449,21 +517,20 @@ impl Evolver {
             None => (f64::NAN, f64::NAN),
         };
 
-        // Publish gate.
-        let mut publish = None;
-        let mut solved = false;
-        let mut new_published = None;
-        if let Some((i, f)) = best {
+        // Publish gate: the previous best gated above, or this
+        // generation's best, gated now if it may be published. `gated`:
+        // the candidate's index in this generation (`None`: the previous
+        // best), its training fitness and its gate fitness.
+        let gated: Option<(Option<usize>, f64, Option<f64>)> = if beside {
+            pending_gate.map(|g| (None, self.best.fitness, g))
+        } else if let Some((i, f)) = best {
             let floor = self
                 .published
                 .as_ref()
                 .map_or(f64::NEG_INFINITY, |p| p.fitness);
-            let threshold = self.config.solve_threshold;
             if (self.gate_every_generation || f > floor + self.config.publish_margin)
                 && threshold.is_none_or(|t| f >= t)
             {
-                let params = candidates.params(i);
-                let params = params.as_slice();
                 let gate = self
                     .evaluate(
                         ev,
@@ -473,61 +540,69 @@ impl Evolver {
                         self.config.gate_episodes,
                         &mut stats,
                     )
-                    .map_err(|e| match e {
-                        EvolveError::Eval { source, .. } => {
-                            EvolveError::Eval { generation, source }
-                        }
-                        e => e,
-                    })?;
+                    .map_err(at_generation)?;
                 stats.gate_evaluations += 1;
-                if let Some(Some(g)) = gate.first().copied() {
-                    let passes = threshold.is_none_or(|t| g >= t);
-                    if passes {
-                        solved = threshold.is_some();
-                        match self.validator.check_publish(
-                            params,
-                            g,
-                            self.published.as_ref().map(|p| p.fitness),
-                        ) {
-                            Ok(()) => {
-                                stats.publishes += 1;
-                                publish = Some(PublishCandidate {
-                                    params: params.to_vec(),
-                                    fitness: f,
-                                    gate_fitness: Some(g),
-                                });
-                                new_published = Some(Scored {
-                                    params: params.to_vec(),
-                                    fitness: g,
-                                });
-                                tracing::info!(
-                                    generation,
-                                    fitness = f,
-                                    gate = g,
-                                    "candidate passed the gate"
-                                );
-                            }
-                            Err(r) => {
-                                tracing::debug!(generation, rejection = %r, "publish rejected");
-                                stats.count(&r);
-                                rejections.push(r);
-                            }
-                        }
-                    } else {
-                        stats.gate_failures += 1;
-                        tracing::debug!(
+                Some((Some(i), f, gate.first().copied().flatten()))
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let mut publish = None;
+        let mut published_index = None;
+        let mut solved = false;
+        let mut new_published = None;
+        if let Some((i, f, Some(g))) = gated {
+            if threshold.is_none_or(|t| g >= t) {
+                solved = threshold.is_some();
+                let params = match i {
+                    Some(i) => candidates.params(i),
+                    None => self.best.params.clone(),
+                };
+                match self.validator.check_publish(
+                    &params,
+                    g,
+                    self.published.as_ref().map(|p| p.fitness),
+                ) {
+                    Ok(()) => {
+                        stats.publishes += 1;
+                        tracing::info!(
                             generation,
                             fitness = f,
                             gate = g,
-                            "candidate failed the gate"
+                            "candidate passed the gate"
                         );
+                        new_published = Some(Scored {
+                            params: params.clone(),
+                            fitness: g,
+                        });
+                        publish = Some(PublishCandidate {
+                            params,
+                            fitness: f,
+                            gate_fitness: Some(g),
+                        });
+                        published_index = i;
+                    }
+                    Err(r) => {
+                        tracing::debug!(generation, rejection = %r, "publish rejected");
+                        stats.count(&r);
+                        rejections.push(r);
                     }
                 }
+            } else {
+                stats.gate_failures += 1;
+                tracing::debug!(
+                    generation,
+                    fitness = f,
+                    gate = g,
+                    "candidate failed the gate"
+                );
             }
         }
         let new_best = best.map(|(i, f)| Scored {
             params: match &publish {
-                Some(p) if p.fitness == f => p.params.clone(),
+                Some(p) if published_index == Some(i) => p.params.clone(),
                 _ => candidates.params(i),
             },
             fitness: f,
@@ -612,18 +687,45 @@ impl Evolver {
         }
         stats.evaluations += candidates.len() as u64;
         stats.episodes += candidates.len() as u64 * u64::from(episodes);
-        Ok(out
-            .into_iter()
-            .map(|f| match f {
-                Some(f) if !f.is_finite() => {
-                    tracing::warn!(
-                        fitness = f,
-                        "evaluator returned a non-finite fitness, treated as quarantined"
-                    );
-                    stats.invalid_fitness += 1;
-                    None
-                }
-                f => f,
+        Ok(finite_or_quarantined(out, stats))
+    }
+
+    /// [`Self::evaluate`] of several parts at once
+    /// ([`Evaluator::evaluate_recipes_together`]).
+    fn evaluate_together(
+        &self,
+        ev: &mut dyn Evaluator,
+        parts: &[RecipePart<'_>],
+        stats: &mut EvolveStats,
+    ) -> Result<Vec<Vec<Option<f64>>>, EvolveError> {
+        let out = ev
+            .evaluate_recipes_together(parts)
+            .map_err(|source| EvolveError::Eval {
+                generation: self.generation,
+                source,
+            })?;
+        if out.len() != parts.len() {
+            return Err(EvolveError::EvaluatorContract {
+                expected: parts.len(),
+                got: out.len(),
+            });
+        }
+        for (part, values) in parts.iter().zip(&out) {
+            if values.len() != part.recipes.len() {
+                return Err(EvolveError::EvaluatorContract {
+                    expected: part.recipes.len(),
+                    got: values.len(),
+                });
+            }
+        }
+        Ok(parts
+            .iter()
+            .zip(out)
+            .map(|(part, values)| {
+                let n = part.recipes.len() as u64;
+                stats.evaluations += n;
+                stats.episodes += n * u64::from(part.episodes);
+                finite_or_quarantined(values, stats)
             })
             .collect())
     }
@@ -769,4 +871,21 @@ fn dominant(rejections: &[Rejection]) -> Option<NoProgress> {
         dominant,
         example: example.to_string(),
     })
+}
+
+/// Non-finite fitness values as `None` (quarantined), counted.
+fn finite_or_quarantined(out: Vec<Option<f64>>, stats: &mut EvolveStats) -> Vec<Option<f64>> {
+    out.into_iter()
+        .map(|f| match f {
+            Some(f) if !f.is_finite() => {
+                tracing::warn!(
+                    fitness = f,
+                    "evaluator returned a non-finite fitness, treated as quarantined"
+                );
+                stats.invalid_fitness += 1;
+                None
+            }
+            f => f,
+        })
+        .collect()
 }

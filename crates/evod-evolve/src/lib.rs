@@ -85,7 +85,7 @@ pub use config::{
 };
 pub use error::{EvalError, EvolveError};
 pub use es::EsState;
-pub use evaluator::{Evaluator, FnEvaluator, Purpose};
+pub use evaluator::{Evaluator, FnEvaluator, Purpose, RecipePart};
 pub use evolver::{EvolveStats, Evolver, GenerationReport, PublishCandidate, Scored};
 pub use ga::{GaState, Individual};
 pub use ga_recipe::{Blend, Cross, GaBatch, GaParents, GaRecipe, MAX_GA_TENSORS, Mutation};

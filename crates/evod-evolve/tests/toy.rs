@@ -473,3 +473,140 @@ fn checkpoint_with_tampered_state_is_refused() {
     c.config.strategy = StrategyKind::Ga;
     assert!(Evolver::from_checkpoint_with_layout(c).is_err());
 }
+
+/// What one `evaluate_recipes_together` call was given: each part's
+/// purpose and candidates (materialised).
+type Call = Vec<(evod_evolve::Purpose, Vec<Vec<f32>>)>;
+
+/// A task with a held-out split: training scores the sphere, the gate a
+/// shifted sphere (other data). Records every call.
+#[derive(Default)]
+struct HeldOut {
+    together: Vec<Call>,
+    /// Calls outside `evaluate_recipes_together`.
+    other: usize,
+}
+
+impl HeldOut {
+    fn score(purpose: evod_evolve::Purpose, x: &[f32]) -> f64 {
+        match purpose {
+            evod_evolve::Purpose::Train => sphere(x),
+            evod_evolve::Purpose::Gate => sphere(x) - 0.25,
+        }
+    }
+}
+
+impl Evaluator for HeldOut {
+    fn evaluate(&mut self, c: &[&[f32]], _: u64, _: u32) -> Result<Vec<Option<f64>>, EvalError> {
+        self.other += 1;
+        Ok(c.iter().map(|x| Some(sphere(x))).collect())
+    }
+
+    fn evaluate_recipes_together(
+        &mut self,
+        parts: &[evod_evolve::RecipePart<'_>],
+    ) -> Result<Vec<Vec<Option<f64>>>, EvalError> {
+        let call: Call = parts
+            .iter()
+            .map(|p| {
+                let xs = p.recipes.iter().map(|r| r.materialize(&p.base).unwrap()).collect();
+                (p.purpose, xs)
+            })
+            .collect();
+        let out = call
+            .iter()
+            .map(|(purpose, xs)| xs.iter().map(|x| Some(Self::score(*purpose, x))).collect())
+            .collect();
+        self.together.push(call);
+        Ok(out)
+    }
+}
+
+fn es_mean(ev: &Evolver) -> Vec<f32> {
+    match ev.checkpoint().strategy {
+        evod_evolve::StrategyState::Es(s) => s.mean,
+        evod_evolve::StrategyState::Ga(_) => unreachable!("an ES run"),
+    }
+}
+
+/// ES with a held-out gate (the perplexity task) gates the previous
+/// generation's best in the same evaluator call as its training batch, and
+/// first, instead of gating its own best afterwards; the mean is not
+/// scored on training, and a best already published is not gated again. A
+/// run checkpointed and resumed gates and publishes exactly what the
+/// uninterrupted run does.
+#[test]
+fn es_with_a_held_out_gate_gates_the_previous_best_beside_the_training_batch() {
+    use evod_evolve::Purpose::{Gate, Train};
+    let cfg = config(StrategyKind::Es, 3);
+    let start = |cfg: &EvolverConfig| {
+        let mut ev = Evolver::with_layout(cfg.clone(), layout(), vec![0.0; 16], None).unwrap();
+        ev.set_gate_every_generation(true);
+        // As the daemon does: the start vector's held-out fitness first.
+        ev.adopt_initial_fitness(HeldOut::score(Gate, &[0.0; 16]))
+            .unwrap();
+        ev
+    };
+    let mut ev = start(&cfg);
+    let mut e = HeldOut::default();
+    let mut published = ev.published().unwrap().1;
+    let mut publishes = Vec::new();
+    for g in 0..30u64 {
+        let mean = es_mean(&ev);
+        let (prev_best, prev_fitness) = (ev.best().0.to_vec(), ev.best().1);
+        let gated = g > 0 && ev.published().unwrap().0 != prev_best.as_slice();
+        let report = ev.step(&mut e).unwrap();
+        let call = e.together.last().unwrap();
+        let train = &call.last().unwrap();
+        assert_eq!(train.0, Train);
+        assert_eq!(train.1.len(), cfg.population, "generation {g}: the mean is not trained on");
+        assert!(!train.1.contains(&mean));
+        if gated {
+            assert_eq!(call.len(), 2, "generation {g}");
+            assert_eq!(call[0], (Gate, vec![prev_best.clone()]), "generation {g}: the previous best");
+        } else {
+            assert_eq!(call.len(), 1, "generation {g}: nothing new to gate");
+            assert!(report.publish.is_none());
+        }
+        if let Some(p) = &report.publish {
+            assert_eq!(p.params, prev_best, "generation {g}: a publish is the gated best");
+            let gate = HeldOut::score(Gate, &prev_best);
+            assert_eq!((p.fitness, p.gate_fitness), (prev_fitness, Some(gate)));
+            assert!(gate >= published, "generation {g}: a publish never regresses");
+            published = gate;
+            assert_eq!(ev.published().unwrap(), (prev_best.as_slice(), gate));
+            publishes.push((g, p.params.clone()));
+        }
+    }
+    assert_eq!(e.other, 0, "no separate gate or training call");
+    assert!(publishes.len() >= 3, "the sphere improves: {publishes:?}");
+    let gated = e.together.iter().filter(|c| c.len() == 2).count() as u64;
+    let s = ev.stats().clone();
+    assert_eq!(s.gate_evaluations, gated);
+    assert_eq!(s.quarantined, 0);
+    assert_eq!(s.publishes, publishes.len() as u64);
+    assert_eq!(
+        s.evaluations,
+        30 * cfg.population as u64 + gated,
+        "every training candidate and every gate counted once"
+    );
+
+    // Checkpointed at generation 11, dropped, resumed: the same publishes.
+    let mut again = start(&cfg);
+    let mut e2 = HeldOut::default();
+    let mut resumed = Vec::new();
+    for g in 0..30u64 {
+        if g == 11 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("ckpt.bin");
+            save_checkpoint(&path, &again.checkpoint()).unwrap();
+            again = Evolver::from_checkpoint_with_layout(load_checkpoint(&path).unwrap()).unwrap();
+            again.set_gate_every_generation(true);
+        }
+        if let Some(p) = again.step(&mut e2).unwrap().publish {
+            resumed.push((g, p.params));
+        }
+    }
+    assert_eq!(resumed, publishes);
+    assert_eq!(again.stats(), &s);
+}

@@ -6,6 +6,7 @@
 //! generation under `DIR/state/base/`.
 
 use super::*;
+use std::collections::VecDeque;
 
 /// Evaluates candidates on the workers through their `Eval` channels: one
 /// batched `EVAL` per worker in flight at once, re-sent after a worker is
@@ -190,9 +191,14 @@ impl<'s> RingEvaluator<'s> {
     /// evaluation under way: the base timeout plus the per-candidate one
     /// for each candidate and episode.
     fn request_deadline(&self, candidates: usize) -> Duration {
+        self.request_deadline_for(candidates, self.episodes)
+    }
+
+    /// [`Self::request_deadline`] for a request of `episodes` each.
+    fn request_deadline_for(&self, candidates: usize, episodes: u32) -> Duration {
         let units = u32::try_from(candidates)
             .unwrap_or(u32::MAX)
-            .saturating_mul(self.episodes.max(1));
+            .saturating_mul(episodes.max(1));
         self.request_timeout
             .saturating_add(self.per_candidate_timeout.saturating_mul(units))
     }
@@ -250,7 +256,7 @@ impl<'s> RingEvaluator<'s> {
     }
 
     /// Sends `EVAL` (or `EVAL_RECIPES`) for `group` (indices into `work`)
-    /// to worker `w`.
+    /// to worker `w`, for `purpose`.
     fn send(
         &mut self,
         w: usize,
@@ -258,7 +264,9 @@ impl<'s> RingEvaluator<'s> {
         group: &[usize],
         seed: u64,
         episodes: u32,
+        purpose: evod_evolve::Purpose,
     ) -> Result<u64, RingError> {
+        let gate = evod_wire::eval_flags::of_gate(purpose == evod_evolve::Purpose::Gate);
         let (id, len) = match work {
             Work::Vectors(candidates) => {
                 let n = candidates[0].len();
@@ -267,9 +275,7 @@ impl<'s> RingEvaluator<'s> {
                     params: n as u32,
                     seed,
                     episodes,
-                    flags: evod_wire::eval_flags::of_gate(
-                        self.purpose == evod_evolve::Purpose::Gate,
-                    ),
+                    flags: gate,
                     reserved: 0,
                 };
                 let len = header.request_len();
@@ -296,9 +302,7 @@ impl<'s> RingEvaluator<'s> {
                     episodes,
                     path_len: path.len() as u32,
                     base,
-                    flags: evod_wire::eval_flags::of_gate(
-                        self.purpose == evod_evolve::Purpose::Gate,
-                    ),
+                    flags: gate,
                 };
                 let bytes: Vec<u8> = group.iter().flat_map(|&i| recipes[i].to_bytes()).collect();
                 let len = header.request_len();
@@ -325,15 +329,36 @@ impl<'s> RingEvaluator<'s> {
     ) -> Result<Outcome, EvalError> {
         let allowed = self.request_deadline(expect);
         let deadline = later(sent, allowed);
-        let (st, payload) = match receive_id(&mut self.clients[w], id, deadline) {
+        loop {
+            if let Some(outcome) = self.poll_reply(w, id, expect, deadline, allowed, None)? {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// [`Self::receive`] by `until` at the latest (`None`: the request's
+    /// `deadline`, `allowed` after it was sent): `None` if the request is
+    /// still in flight then, before its deadline.
+    fn poll_reply(
+        &mut self,
+        w: usize,
+        id: u64,
+        expect: usize,
+        deadline: Instant,
+        allowed: Duration,
+        until: Option<Instant>,
+    ) -> Result<Option<Outcome>, EvalError> {
+        let wait = until.map_or(deadline, |u| u.min(deadline));
+        let (st, payload) = match receive_id(&mut self.clients[w], id, wait) {
             Ok(r) => r,
+            Err(RingError::Timeout) if Instant::now() < deadline => return Ok(None),
             Err(RingError::PeerLost { reason, .. }) => {
                 tracing::warn!(worker = w, "worker lost mid-request ({reason}); re-sending");
-                return Ok(Outcome::Lost);
+                return Ok(Some(Outcome::Lost));
             }
             Err(RingError::PeerCorrupt { what }) => {
                 self.faulty(w, &format!("it wrote garbage into its segment: {what}"));
-                return Ok(Outcome::Lost);
+                return Ok(Some(Outcome::Lost));
             }
             Err(RingError::Timeout) => {
                 // Alive (it beats, or the ring would have said `PeerLost`)
@@ -342,7 +367,7 @@ impl<'s> RingEvaluator<'s> {
                     w,
                     &format!("it did not answer an EVAL of {expect} candidates within {allowed:?}"),
                 );
-                return Ok(Outcome::Lost);
+                return Ok(Some(Outcome::Lost));
             }
             Err(e) => return Err(EvalError::Other(Box::new(e))),
         };
@@ -354,10 +379,10 @@ impl<'s> RingEvaluator<'s> {
             )));
         }
         match protocol::read_f64s(&payload, expect) {
-            Ok(values) => Ok(Outcome::Done(values)),
+            Ok(values) => Ok(Some(Outcome::Done(values))),
             Err(e) => {
                 self.faulty(w, &format!("it sent a malformed EVAL reply: {e}"));
-                Ok(Outcome::Lost)
+                Ok(Some(Outcome::Lost))
             }
         }
     }
@@ -522,6 +547,64 @@ fn later(at: Instant, after: Duration) -> Instant {
 /// Default of [`RingEvaluator::per_candidate_timeout`].
 pub const DEFAULT_PER_CANDIDATE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long [`RingEvaluator::dispatch`] waits on the busy workers, in
+/// turn, before it looks again for a free one: what a free worker may
+/// wait for its next request, against evaluations of seconds.
+const DISPATCH_POLL: Duration = Duration::from_millis(2);
+
+/// One part of a [`RingEvaluator::dispatch`].
+struct Job<'a> {
+    work: Work<'a>,
+    purpose: evod_evolve::Purpose,
+    seed: u64,
+    episodes: u32,
+    /// Most candidates of one request.
+    max_group: usize,
+}
+
+/// A request of [`RingEvaluator::dispatch`] in flight on one worker.
+struct InFlight {
+    job: usize,
+    group: Vec<usize>,
+    /// Its candidates were in a lost request: sent one per request.
+    alone: bool,
+    id: u64,
+    deadline: Instant,
+    allowed: Duration,
+}
+
+/// The next request of a [`RingEvaluator::dispatch`]: a candidate of a lost
+/// request on its own (so the one that kills a worker is found), else the
+/// candidates at the front of `queue`, all of one job, as many as a share
+/// of what is left (guided self-scheduling: `⌈left / 2·workers⌉`, at most
+/// the job's `max_group`), so that requests shrink towards the end and the
+/// workers finish together. Returns the job, the candidates and whether
+/// they go alone.
+fn next_group(
+    alone: &mut VecDeque<(usize, usize)>,
+    queue: &mut VecDeque<(usize, usize)>,
+    max_group: impl Fn(usize) -> usize,
+    workers: usize,
+) -> Option<(usize, Vec<usize>, bool)> {
+    if let Some((j, i)) = alone.pop_front() {
+        return Some((j, vec![i], true));
+    }
+    let &(j, _) = queue.front()?;
+    let share = queue
+        .len()
+        .div_ceil(2 * workers.max(1))
+        .clamp(1, max_group(j).max(1));
+    let mut group = Vec::with_capacity(share);
+    while group.len() < share
+        && let Some(&(k, i)) = queue.front()
+        && k == j
+    {
+        queue.pop_front();
+        group.push(i);
+    }
+    Some((j, group, false))
+}
+
 impl RingEvaluator<'_> {
     /// Evaluates `work` on the workers: groups of at most `max_group`
     /// candidates, one in flight per worker, lost groups split and re-sent.
@@ -574,7 +657,7 @@ impl RingEvaluator<'_> {
                     continue;
                 }
                 let Some(group) = pending.pop() else { break };
-                match self.send(w, work, &group, seed, episodes) {
+                match self.send(w, work, &group, seed, episodes, self.purpose) {
                     Ok(id) => flight.push((w, id, group, Instant::now())),
                     Err(RingError::PeerLost { .. } | RingError::Full) => {
                         pending.push(group);
@@ -624,6 +707,149 @@ impl RingEvaluator<'_> {
             }
         }
         Ok(results)
+    }
+}
+
+impl RingEvaluator<'_> {
+    /// Evaluates `jobs` side by side: every worker is given a request as
+    /// soon as it is free (the candidates of [`next_group`], jobs in the
+    /// order given), so a job whose candidates cost more than another's (a
+    /// gate scoring every held-out window beside training candidates
+    /// scoring one) does not leave the other workers waiting for it. One
+    /// request in flight per worker; the busy workers are polled in turn
+    /// ([`DISPATCH_POLL`]). Lost requests and misbehaving workers are
+    /// handled as in [`Self::schedule`]: a lost request's candidates go
+    /// again one per request, and one that kills a worker twice is
+    /// quarantined (`None`).
+    fn dispatch(&mut self, jobs: &[Job<'_>]) -> Result<Vec<Vec<Option<f64>>>, EvalError> {
+        let mut results: Vec<Vec<Option<f64>>> =
+            jobs.iter().map(|j| vec![None; j.work.len()]).collect();
+        let workers = self.clients.len();
+        let mut queue: VecDeque<(usize, usize)> = jobs
+            .iter()
+            .enumerate()
+            .flat_map(|(j, job)| (0..job.work.len()).map(move |i| (j, i)))
+            .collect();
+        let mut alone: VecDeque<(usize, usize)> = VecDeque::new();
+        let mut crashes: Vec<Vec<u32>> = jobs.iter().map(|j| vec![0; j.work.len()]).collect();
+        let mut flight: Vec<Option<InFlight>> = (0..workers).map(|_| None).collect();
+        // Every candidate may be tried on a few workers before giving up
+        // (as `schedule`, summed over the jobs).
+        let give_up =
+            later(
+                Instant::now(),
+                jobs.iter().fold(Duration::ZERO, |sum, job| {
+                    let n = job.work.len();
+                    let per = n.div_ceil(workers.max(1)).clamp(1, job.max_group.max(1));
+                    sum.saturating_add(
+                        self.request_deadline_for(per, job.episodes)
+                            .saturating_mul(4),
+                    )
+                    .saturating_add(self.per_candidate_timeout.saturating_mul(
+                        u32::try_from(n.div_ceil(workers.max(1))).unwrap_or(u32::MAX),
+                    ))
+                }),
+            );
+        loop {
+            if queue.is_empty() && alone.is_empty() && flight.iter().all(Option::is_none) {
+                return Ok(results);
+            }
+            if Instant::now() > give_up {
+                return Err(EvalError::Unavailable("workers keep failing".into()));
+            }
+            self.stopping()?;
+            self.note_epochs();
+            let mut suspects = Vec::new();
+            for (w, slot) in flight.iter_mut().enumerate() {
+                if slot.is_some() {
+                    continue;
+                }
+                // No work for a worker that lied until it is replaced.
+                if self.is_suspect(w) {
+                    suspects.push(w);
+                    continue;
+                }
+                let Some((j, group, lone)) =
+                    next_group(&mut alone, &mut queue, |j| jobs[j].max_group, workers)
+                else {
+                    break;
+                };
+                let job = &jobs[j];
+                let put_back = |alone: &mut VecDeque<_>, queue: &mut VecDeque<_>| {
+                    if lone {
+                        alone.push_front((j, group[0]));
+                    } else {
+                        for &i in group.iter().rev() {
+                            queue.push_front((j, i));
+                        }
+                    }
+                };
+                match self.send(w, job.work, &group, job.seed, job.episodes, job.purpose) {
+                    Ok(id) => {
+                        let allowed = self.request_deadline_for(group.len(), job.episodes);
+                        *slot = Some(InFlight {
+                            job: j,
+                            group,
+                            alone: lone,
+                            id,
+                            deadline: later(Instant::now(), allowed),
+                            allowed,
+                        });
+                    }
+                    Err(RingError::PeerLost { .. } | RingError::Full) => {
+                        put_back(&mut alone, &mut queue);
+                        self.settle(w, give_up)?;
+                    }
+                    Err(RingError::PeerCorrupt { what }) => {
+                        put_back(&mut alone, &mut queue);
+                        self.faulty(w, &format!("it wrote garbage into its segment: {what}"));
+                    }
+                    Err(e) => return Err(EvalError::Other(Box::new(e))),
+                }
+            }
+            let busy: Vec<usize> = (0..workers).filter(|&w| flight[w].is_some()).collect();
+            if busy.is_empty() {
+                if let Some(&w) = suspects.first() {
+                    // Every worker that could take work is waiting to be
+                    // replaced: wait for the first replacement.
+                    self.settle(w, give_up)?;
+                }
+                continue;
+            }
+            let slice = DISPATCH_POLL / busy.len() as u32;
+            for w in busy {
+                let f = flight[w].as_ref().expect("busy");
+                let until = Some(Instant::now() + slice);
+                let polled =
+                    self.poll_reply(w, f.id, f.group.len(), f.deadline, f.allowed, until)?;
+                let Some(outcome) = polled else { continue };
+                let f = flight[w].take().expect("busy");
+                match outcome {
+                    Outcome::Done(values) => {
+                        self.ipc.candidates += f.group.len() as u64;
+                        for (&i, v) in f.group.iter().zip(values) {
+                            results[f.job][i] = Some(v);
+                        }
+                    }
+                    Outcome::Lost => {
+                        for &i in &f.group {
+                            crashes[f.job][i] += 1;
+                            if f.alone && crashes[f.job][i] >= 2 {
+                                tracing::warn!(
+                                    "candidate {i} ({}) crashed a worker twice: quarantined",
+                                    jobs[f.job].purpose.name()
+                                );
+                            } else {
+                                alone.push_back((f.job, i));
+                            }
+                        }
+                        if !self.is_suspect(w) {
+                            self.settle(w, give_up)?;
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -692,6 +918,41 @@ impl Evaluator for RingEvaluator<'_> {
         out
     }
 
+    fn evaluate_recipes_together(
+        &mut self,
+        parts: &[evod_evolve::RecipePart<'_>],
+    ) -> Result<Vec<Vec<Option<f64>>>, EvalError> {
+        if self.base_dir.is_none() || parts.len() < 2 {
+            return parts
+                .iter()
+                .map(|p| self.evaluate_recipes_for(p.purpose, &p.base, p.recipes, p.seed, p.episodes))
+                .collect();
+        }
+        // Every part's base on file (the last `BASES_KEPT` are kept: a
+        // call's two parts have their two bases).
+        let mut paths = Vec::with_capacity(parts.len());
+        for p in parts {
+            paths.push(self.write_base(&p.base)?.to_string_lossy().into_owned());
+        }
+        let jobs: Vec<Job<'_>> = parts
+            .iter()
+            .zip(&paths)
+            .map(|(p, path)| Job {
+                work: Work::Recipes {
+                    base: p.base.checksum(),
+                    params: p.base.params().len() as u32,
+                    path: path.as_bytes(),
+                    recipes: p.recipes,
+                },
+                purpose: p.purpose,
+                seed: p.seed,
+                episodes: p.episodes,
+                max_group: evod_wire::MAX_BATCH as usize,
+            })
+            .collect();
+        self.dispatch(&jobs)
+    }
+
     fn evaluate_recipes_for(
         &mut self,
         purpose: evod_evolve::Purpose,
@@ -710,6 +971,43 @@ impl Evaluator for RingEvaluator<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The perplexity task's generation: the gate of the mean (one
+    /// candidate, scoring 2 held-out windows) first, then 8 training
+    /// candidates, over 2 workers: the gate goes alone, requests shrink
+    /// towards the end, and a lost request's candidates go first, alone.
+    #[test]
+    fn dispatch_takes_one_job_per_request_shares_that_shrink_and_lost_ones_alone() {
+        let mut queue: VecDeque<(usize, usize)> = std::iter::once((0, 0))
+            .chain((0..8).map(|i| (1, i)))
+            .collect();
+        let mut alone = VecDeque::new();
+        let mut take = |alone: &mut VecDeque<_>| next_group(alone, &mut queue, |_| 64, 2);
+        assert_eq!(
+            take(&mut alone),
+            Some((0, vec![0], false)),
+            "the gate alone"
+        );
+        assert_eq!(take(&mut alone), Some((1, vec![0, 1], false)), "⌈8 / 4⌉");
+        assert_eq!(take(&mut alone), Some((1, vec![2, 3], false)), "⌈6 / 4⌉");
+        alone.push_back((1, 2));
+        alone.push_back((1, 3));
+        assert_eq!(
+            take(&mut alone),
+            Some((1, vec![2], true)),
+            "lost ones first"
+        );
+        assert_eq!(take(&mut alone), Some((1, vec![3], true)));
+        assert_eq!(take(&mut alone), Some((1, vec![4], false)), "⌈4 / 4⌉");
+        for i in 5..8 {
+            assert_eq!(take(&mut alone), Some((1, vec![i], false)));
+        }
+        assert_eq!(take(&mut alone), None);
+        // A job's cap on one request holds.
+        let mut queue: VecDeque<(usize, usize)> = (0..100).map(|i| (0, i)).collect();
+        let (_, group, _) = next_group(&mut VecDeque::new(), &mut queue, |_| 3, 2).unwrap();
+        assert_eq!(group, vec![0, 1, 2]);
+    }
 
     #[test]
     fn a_deadline_too_far_to_represent_is_far_future_not_a_panic() {
