@@ -452,11 +452,12 @@ impl Evolver {
         let (fitness, pending_gate) = if candidates.len() == 0 && !pending {
             (Vec::new(), None)
         } else if let (true, Batch::Recipes(base, recipes)) = (beside, &candidates) {
-            let gate_base = Base::new(&self.best.params, &self.layout)
-                .map_err(|e| EvolveError::InvalidState {
+            let gate_base = Base::new(&self.best.params, &self.layout).map_err(|e| {
+                EvolveError::InvalidState {
                     what: "the best vector".into(),
                     reason: e.to_string(),
-                })?;
+                }
+            })?;
             let gate_recipe = [Recipe::center(gate_base.checksum(), self.config.scale)];
             let mut parts = Vec::with_capacity(2);
             if pending {

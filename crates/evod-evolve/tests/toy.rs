@@ -509,7 +509,11 @@ impl Evaluator for HeldOut {
         let call: Call = parts
             .iter()
             .map(|p| {
-                let xs = p.recipes.iter().map(|r| r.materialize(&p.base).unwrap()).collect();
+                let xs = p
+                    .recipes
+                    .iter()
+                    .map(|r| r.materialize(&p.base).unwrap())
+                    .collect();
                 (p.purpose, xs)
             })
             .collect();
@@ -559,20 +563,34 @@ fn es_with_a_held_out_gate_gates_the_previous_best_beside_the_training_batch() {
         let call = e.together.last().unwrap();
         let train = &call.last().unwrap();
         assert_eq!(train.0, Train);
-        assert_eq!(train.1.len(), cfg.population, "generation {g}: the mean is not trained on");
+        assert_eq!(
+            train.1.len(),
+            cfg.population,
+            "generation {g}: the mean is not trained on"
+        );
         assert!(!train.1.contains(&mean));
         if gated {
             assert_eq!(call.len(), 2, "generation {g}");
-            assert_eq!(call[0], (Gate, vec![prev_best.clone()]), "generation {g}: the previous best");
+            assert_eq!(
+                call[0],
+                (Gate, vec![prev_best.clone()]),
+                "generation {g}: the previous best"
+            );
         } else {
             assert_eq!(call.len(), 1, "generation {g}: nothing new to gate");
             assert!(report.publish.is_none());
         }
         if let Some(p) = &report.publish {
-            assert_eq!(p.params, prev_best, "generation {g}: a publish is the gated best");
+            assert_eq!(
+                p.params, prev_best,
+                "generation {g}: a publish is the gated best"
+            );
             let gate = HeldOut::score(Gate, &prev_best);
             assert_eq!((p.fitness, p.gate_fitness), (prev_fitness, Some(gate)));
-            assert!(gate >= published, "generation {g}: a publish never regresses");
+            assert!(
+                gate >= published,
+                "generation {g}: a publish never regresses"
+            );
             published = gate;
             assert_eq!(ev.published().unwrap(), (prev_best.as_slice(), gate));
             publishes.push((g, p.params.clone()));

@@ -142,11 +142,15 @@ fn main() {
         let v = evod_llama::read_control_vector(&cvec).expect("read the control vector");
         let mut directions = v.directions;
         directions.resize(m.cvec_len(), 0.0);
+        let start = Instant::now();
         let base = m.nll(&tokens, window, &mut || {}).unwrap().perplexity();
+        let base_s = start.elapsed().as_secs_f64();
         m.set_control_vector(Some(&directions)).unwrap();
+        let start = Instant::now();
         let after = m.nll(&tokens, window, &mut || {}).unwrap().perplexity();
+        let after_s = start.elapsed().as_secs_f64();
         let json = format!(
-            "{{\"heldout_ppl_base\":{base},\"heldout_ppl_after\":{after},\"heldout_window\":{window},\"heldout_tokens\":{}}}",
+            "{{\"heldout_ppl_base\":{base},\"heldout_ppl_after\":{after},\"heldout_window\":{window},\"heldout_tokens\":{},\"heldout_s_base\":{base_s:.4},\"heldout_s_after\":{after_s:.4}}}",
             tokens.len()
         );
         println!("{json}");

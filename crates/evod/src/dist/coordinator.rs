@@ -574,7 +574,7 @@ impl Coordination {
             // woke it), else every `DEAD_LETTERS_EVERY`.
             if worked == 0 || dead_at.is_none_or(|t| t.elapsed() >= DEAD_LETTERS_EVERY) {
                 dead_at = Some(Instant::now());
-                self.poll_dead_letters()?;
+                self.poll_dead_letters(round)?;
             }
             let dead_here = self.dead.get(&round).map_or(0, |d| d.len());
             let stalled = count <= last_count && progress_at.elapsed() >= stall;
@@ -652,8 +652,9 @@ impl Coordination {
     }
 
     /// Reads the dead letters added since the last read (each once) and
-    /// keeps those of this run by round; a malformed one is logged.
-    fn poll_dead_letters(&mut self) -> Result<(), EvalError> {
+    /// keeps those of this run's `round` (the one under way); a malformed
+    /// one is logged.
+    fn poll_dead_letters(&mut self, round: u64) -> Result<(), EvalError> {
         let letters = match self.broker.dead_letters_after(&self.dead_after) {
             Ok(l) => l,
             Err(BrokerError::Unavailable { .. }) => return Ok(()),
@@ -673,7 +674,17 @@ impl Coordination {
                     continue;
                 }
             };
-            let round = task.generation;
+            // Only the round under way is waited for: a letter of a round
+            // that has finished (a late copy of one of its tasks, dead-
+            // lettered since) would be kept for ever.
+            if task.generation != round {
+                tracing::debug!(
+                    id = %letter.id,
+                    round = %format_args!("{:016x}", task.generation),
+                    "dead letter of a finished round: dropped"
+                );
+                continue;
+            }
             let entry = self.dead.entry(round).or_default();
             for c in task.candidates() {
                 if !entry.iter().any(|(x, _)| *x == c) {
