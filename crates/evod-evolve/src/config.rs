@@ -135,6 +135,8 @@ pub struct EsConfig {
     pub weight_decay: f64,
     /// Also evaluate the unperturbed mean each generation (one more
     /// candidate), so that the mean can become the best and be published.
+    /// Ignored (not evaluated) when the evolver gates every generation: the
+    /// gate then runs beside training (`Evolver::step`).
     pub eval_center: bool,
 }
 

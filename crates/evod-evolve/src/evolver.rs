@@ -83,7 +83,9 @@ impl EvolveStats {
 pub struct PublishCandidate {
     /// Flat parameters.
     pub params: Vec<f32>,
-    /// Its training fitness this generation.
+    /// Its training fitness, in the generation that scored it: this one,
+    /// or the previous one when the gate runs beside training (ES gating
+    /// every generation: see [`Evolver::step`]).
     pub fitness: f64,
     /// Its mean over `gate_episodes` fresh episodes.
     pub gate_fitness: Option<f64>,
@@ -330,8 +332,10 @@ impl Evolver {
     /// than training (perplexity: a held-out part of the corpus), training
     /// and gate fitness are not comparable, so the pre-gate filter would
     /// compare apples with pears; the gate itself still has to beat the
-    /// published gate fitness. Not part of a checkpoint: set it at every
-    /// start.
+    /// published gate fitness. Under ES the gate of a generation's best
+    /// runs beside the next generation's training batch, and the mean is
+    /// not scored on training (see [`Self::step`]). Not part of a
+    /// checkpoint: set it at every start.
     pub fn set_gate_every_generation(&mut self, on: bool) {
         self.gate_every_generation = on;
     }
@@ -372,6 +376,14 @@ impl Evolver {
 
     /// Runs one generation against `ev`. On an evaluator error nothing is
     /// committed.
+    ///
+    /// ES gating every generation ([`Self::set_gate_every_generation`])
+    /// sends the gate of the previous generation's best ([`Self::best`])
+    /// and this generation's training candidates in one
+    /// [`Evaluator::evaluate_recipes_together`] call, the gate first, and
+    /// publishes that best (its training fitness from its own generation)
+    /// if it passes; otherwise the generation's best is gated after its
+    /// batch.
     pub fn step(&mut self, ev: &mut dyn Evaluator) -> Result<GenerationReport, EvolveError> {
         let generation = self.generation;
         let mut rng = self.rng.clone();
@@ -498,9 +510,9 @@ impl Evolver {
                 .map_err(at_generation)?;
             (fitness, None)
         };
-        // A gate that could not be scored is a quarantine too.
-        let quarantined = (fitness.iter().filter(|f| f.is_none()).count()
-            + usize::from(pending_gate == Some(None))) as u64;
+        // Training candidates, as when the gate runs after the batch (a
+        // gate that could not be scored is not published, not counted).
+        let quarantined = fitness.iter().filter(|f| f.is_none()).count() as u64;
 
         let mut best: Option<(usize, f64)> = None;
         let (mut sum, mut n) = (0.0, 0usize);
@@ -643,8 +655,14 @@ impl Evolver {
         let evaluations = stats.evaluations - self.stats.evaluations;
         self.stats = stats;
         self.rng = rng;
-        if let Some(b) = new_best {
-            self.best = b;
+        match new_best {
+            Some(b) => self.best = b,
+            // Nothing scored this generation (every pair rejected or
+            // quarantined): the best stays, but once gated it is not gated
+            // again (the gate is deterministic for a held-out task, and a
+            // quarantined one would crash workers again).
+            None if pending_gate.is_some() => self.best.fitness = f64::NEG_INFINITY,
+            None => {}
         }
         if let Some(p) = new_published {
             self.published = Some(p);

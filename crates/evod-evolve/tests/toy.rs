@@ -485,6 +485,8 @@ struct HeldOut {
     together: Vec<Call>,
     /// Calls outside `evaluate_recipes_together`.
     other: usize,
+    /// Calls (by index) whose training candidates are all quarantined.
+    quarantine_training: Vec<usize>,
 }
 
 impl HeldOut {
@@ -517,14 +519,21 @@ impl Evaluator for HeldOut {
                 (p.purpose, xs)
             })
             .collect();
+        let lost = self.quarantine_training.contains(&self.together.len());
         let out = call
             .iter()
-            .map(|(purpose, xs)| xs.iter().map(|x| Some(Self::score(*purpose, x))).collect())
+            .map(|(purpose, xs)| {
+                xs.iter()
+                    .map(|x| (*purpose == Gate || !lost).then(|| Self::score(*purpose, x)))
+                    .collect()
+            })
             .collect();
         self.together.push(call);
         Ok(out)
     }
 }
+
+use evod_evolve::Purpose::Gate;
 
 fn es_mean(ev: &Evolver) -> Vec<f32> {
     match ev.checkpoint().strategy {
@@ -541,7 +550,7 @@ fn es_mean(ev: &Evolver) -> Vec<f32> {
 /// uninterrupted run does.
 #[test]
 fn es_with_a_held_out_gate_gates_the_previous_best_beside_the_training_batch() {
-    use evod_evolve::Purpose::{Gate, Train};
+    use evod_evolve::Purpose::Train;
     let cfg = config(StrategyKind::Es, 3);
     let start = |cfg: &EvolverConfig| {
         let mut ev = Evolver::with_layout(cfg.clone(), layout(), vec![0.0; 16], None).unwrap();
@@ -627,4 +636,29 @@ fn es_with_a_held_out_gate_gates_the_previous_best_beside_the_training_batch() {
     }
     assert_eq!(resumed, publishes);
     assert_eq!(again.stats(), &s);
+}
+
+/// A gated best that nothing newer replaces (the next generation scored
+/// nothing: every training candidate quarantined) is not gated again.
+#[test]
+fn a_gated_best_with_nothing_newer_is_not_gated_again() {
+    let mut ev =
+        Evolver::with_layout(config(StrategyKind::Es, 5), layout(), vec![0.0; 16], None).unwrap();
+    ev.set_gate_every_generation(true);
+    ev.adopt_initial_fitness(0.0).unwrap(); // unbeatable: no publish
+    let mut e = HeldOut {
+        quarantine_training: vec![1, 2],
+        ..HeldOut::default()
+    };
+    let parts = |e: &HeldOut| e.together.iter().map(Vec::len).collect::<Vec<_>>();
+    ev.step(&mut e).unwrap(); // scores a best
+    ev.step(&mut e).unwrap(); // gates it; training all quarantined
+    assert_eq!(ev.stats().gate_evaluations, 1);
+    assert_eq!(ev.stats().quarantined, 16);
+    ev.step(&mut e).unwrap(); // nothing new to gate; quarantined again
+    ev.step(&mut e).unwrap(); // nothing new to gate; a new best
+    ev.step(&mut e).unwrap(); // gates the new best
+    assert_eq!(parts(&e), vec![1, 2, 1, 1, 2]);
+    assert_eq!(ev.stats().gate_evaluations, 2);
+    assert_eq!(ev.stats().publishes, 0);
 }

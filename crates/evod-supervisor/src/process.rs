@@ -122,3 +122,93 @@ pub fn init_logging(format: LogFormat) {
 pub fn set_process_name(name: &std::ffi::CStr) {
     let _ = nix::sys::prctl::set_name(name);
 }
+
+/// The scheduling slice [`prefer_short_slices`] asks for: the shortest the
+/// kernel takes (it clamps a request to 0.1–100 ms).
+pub const SHORT_SLICE: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// Asks the kernel for short scheduling slices for the calling thread:
+/// `sched_setattr` with `sched_runtime` = [`SHORT_SLICE`], its policy
+/// (`SCHED_FLAG_KEEP_POLICY`) and nice value kept. From Linux 6.12 the fair
+/// scheduler (EEVDF) lets a waking thread with a shorter slice than the
+/// running one preempt it at once; with the default slice it may wait until
+/// the running thread reaches parity, a few milliseconds later. The threads
+/// that sleep on events and then work briefly — the supervisor's event
+/// loop, its crash-notice, link and control threads, a standby waiting for
+/// its promotion — call this, so that they run when their event comes even
+/// while every core computes a worker's evaluation or `LOAD` (recovery
+/// during a `LOAD`: `docs/benchmarks.md`). Older kernels take the call and
+/// ignore the field. It needs no privilege (policy and nice unchanged).
+/// The error is the caller's to log: the only cost of a failure is latency.
+pub fn prefer_short_slices() -> std::io::Result<()> {
+    set_slice(SHORT_SLICE)
+}
+
+/// Back to the kernel's default slice (`sched_runtime` 0): a standby
+/// promoted to a worker that computes.
+pub fn default_slices() -> std::io::Result<()> {
+    set_slice(std::time::Duration::ZERO)
+}
+
+/// `sched_setattr(0, {SCHED_OTHER, KEEP_POLICY, nice, runtime = slice}, 0)`
+/// for the calling thread.
+fn set_slice(slice: std::time::Duration) -> std::io::Result<()> {
+    /// `struct sched_attr` up to `sched_period` (`SCHED_ATTR_SIZE_VER0`,
+    /// 48 bytes; linux/sched/types.h).
+    #[repr(C)]
+    struct SchedAttr {
+        size: u32,
+        sched_policy: u32,
+        sched_flags: u64,
+        sched_nice: i32,
+        sched_priority: u32,
+        sched_runtime: u64,
+        sched_deadline: u64,
+        sched_period: u64,
+    }
+    const SCHED_FLAG_KEEP_POLICY: u64 = 0x08;
+    // The calling thread's nice value (on Linux `PRIO_PROCESS` 0 is the
+    // calling thread), kept: -1 is also the error value, told apart by
+    // errno.
+    nix::errno::Errno::clear();
+    // SAFETY: getpriority reads the calling thread's nice value; no memory
+    // is passed.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if nice == -1 && nix::errno::Errno::last_raw() != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: SCHED_FLAG_KEEP_POLICY,
+        sched_nice: nice,
+        sched_priority: 0,
+        sched_runtime: u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX),
+        sched_deadline: 0,
+        sched_period: 0,
+    };
+    // SAFETY: sched_setattr reads `attr.size` bytes from the pointer, which
+    // points at a live, initialised `SchedAttr` of exactly that size, laid
+    // out as the kernel's `struct sched_attr` (repr(C), VER0 fields); pid 0
+    // is the calling thread; flags 0.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setattr,
+            0 as libc::pid_t,
+            &attr as *const SchedAttr,
+            0 as libc::c_uint,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// [`prefer_short_slices`], a failure logged once at debug level under
+/// `what` (the thread's role).
+pub fn prefer_short_slices_for(what: &str) {
+    if let Err(e) = prefer_short_slices() {
+        tracing::debug!("{what}: cannot ask for short scheduling slices: {e}");
+    }
+}

@@ -11,7 +11,8 @@
 //! process at once, so there are never two publishers), publishes the
 //! run's model file once, and evaluates each evaluation of the evolver
 //! through the broker ([`Coordination::evaluator`]): one round per
-//! evaluation (a generation's training batch, then its publish gate),
+//! evaluation (a generation's training batch and its publish gate, in
+//! the evolver's order),
 //! named by a hash of what it evaluates ([`round_id`], [`ga_round_id`]:
 //! the run's model and this build's protocol, the base, the recipes —
 //! which name the GA parents —, the episode seed and count, and its
@@ -67,6 +68,9 @@ const WAIT_SLICE: Duration = Duration::from_millis(500);
 const HOST_GONE: Duration = Duration::from_secs(600);
 /// How often the hosts are listed for the status report.
 const HOSTS_EVERY: Duration = Duration::from_secs(1);
+/// How many finished rounds a coordinator remembers to drop their late
+/// dead letters (a late copy comes within a few leases of its round).
+const FINISHED_KEPT: usize = 1024;
 
 /// The coordinator of a distributed run (see the module docs).
 pub struct Coordination {
@@ -90,6 +94,10 @@ pub struct Coordination {
     /// Dead-lettered candidates by round, with their letter (a round's
     /// entry goes when it is done).
     dead: std::collections::HashMap<u64, Vec<(u32, evod_broker::DeadLetter)>>,
+    /// The last [`FINISHED_KEPT`] rounds finished: a dead letter of one of
+    /// them (a late copy of its task, dead-lettered after the round was
+    /// settled) is dropped instead of kept for ever in `dead`.
+    finished: std::collections::VecDeque<u64>,
     /// Hosts as last listed.
     hosts: Vec<HostInfo>,
     hosts_at: Option<Instant>,
@@ -194,6 +202,7 @@ impl Coordination {
             bases: Vec::new(),
             dead_after: "0-0".to_owned(),
             dead: Default::default(),
+            finished: Default::default(),
             hosts: Vec::new(),
             hosts_at: None,
             pruned_at: None,
@@ -433,6 +442,8 @@ impl Coordination {
         episodes: u32,
     ) -> Result<Vec<Option<f64>>, EvalError> {
         let round = work.round_id(self.fingerprint, seed, episodes);
+        // A round run again (a retried step) takes its dead letters again.
+        self.finished.retain(|&r| r != round);
         let total = work.len();
         if total == 0 {
             return Ok(Vec::new());
@@ -574,7 +585,7 @@ impl Coordination {
             // woke it), else every `DEAD_LETTERS_EVERY`.
             if worked == 0 || dead_at.is_none_or(|t| t.elapsed() >= DEAD_LETTERS_EVERY) {
                 dead_at = Some(Instant::now());
-                self.poll_dead_letters(round)?;
+                self.poll_dead_letters()?;
             }
             let dead_here = self.dead.get(&round).map_or(0, |d| d.len());
             let stalled = count <= last_count && progress_at.elapsed() >= stall;
@@ -652,9 +663,9 @@ impl Coordination {
     }
 
     /// Reads the dead letters added since the last read (each once) and
-    /// keeps those of this run's `round` (the one under way); a malformed
-    /// one is logged.
-    fn poll_dead_letters(&mut self, round: u64) -> Result<(), EvalError> {
+    /// keeps those of this run by round, but for rounds just finished; a
+    /// malformed one is logged.
+    fn poll_dead_letters(&mut self) -> Result<(), EvalError> {
         let letters = match self.broker.dead_letters_after(&self.dead_after) {
             Ok(l) => l,
             Err(BrokerError::Unavailable { .. }) => return Ok(()),
@@ -674,10 +685,12 @@ impl Coordination {
                     continue;
                 }
             };
-            // Only the round under way is waited for: a letter of a round
-            // that has finished (a late copy of one of its tasks, dead-
-            // lettered since) would be kept for ever.
-            if task.generation != round {
+            // A letter of a round that has finished (a late copy of one of
+            // its tasks, dead-lettered since) would be kept for ever. Others
+            // are kept, the round under way's and those of rounds not
+            // collected yet (a restarted coordinator replaying, a retried
+            // step).
+            if self.finished.contains(&task.generation) {
                 tracing::debug!(
                     id = %letter.id,
                     round = %format_args!("{:016x}", task.generation),
@@ -685,7 +698,7 @@ impl Coordination {
                 );
                 continue;
             }
-            let entry = self.dead.entry(round).or_default();
+            let entry = self.dead.entry(task.generation).or_default();
             for c in task.candidates() {
                 if !entry.iter().any(|(x, _)| *x == c) {
                     entry.push((c, letter.clone()));
@@ -747,6 +760,10 @@ impl Coordination {
                 .all(|(slot, &q)| slot.is_some() || q)
         );
         self.dead.remove(&round);
+        self.finished.push_back(round);
+        if self.finished.len() > FINISHED_KEPT {
+            self.finished.pop_front();
+        }
         out
     }
 }

@@ -4,8 +4,9 @@
 //! - `evod run --broker URL` makes the evolver the run's **coordinator**
 //!   ([`Coordination`]): it holds the coordinator lease, publishes the
 //!   run's model file once and each generation's bases by hash (the ES
-//!   mean, or the GA parents), turns every evaluation (a generation's
-//!   recipes, then its publish gate) into tasks, and collects the results
+//!   mean and a gated best, or the GA parents), turns every evaluation (a
+//!   generation's recipes and its publish gate, one after the other in
+//!   the evolver's order) into tasks, and collects the results
 //!   in candidate order. Its own workers
 //!   take part: while it waits it consumes tasks like any evaluator host
 //!   ([`EvalHost`] over its ring), under its host id.

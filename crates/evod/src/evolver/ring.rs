@@ -827,10 +827,13 @@ impl RingEvaluator<'_> {
             }
             let busy: Vec<usize> = (0..workers).filter(|&w| flight[w].is_some()).collect();
             if busy.is_empty() {
-                if let Some(&w) = suspects.first() {
+                match suspects.first() {
                     // Every worker that could take work is waiting to be
                     // replaced: wait for the first replacement.
-                    self.settle(w, give_up)?;
+                    Some(&w) => self.settle(w, give_up)?,
+                    // Nothing could be sent (a full queue, settled at
+                    // once): not a busy loop until `give_up`.
+                    None => std::thread::sleep(DISPATCH_POLL.0),
                 }
                 continue;
             }
@@ -954,7 +957,9 @@ impl Evaluator for RingEvaluator<'_> {
         &mut self,
         parts: &[evod_evolve::RecipePart<'_>],
     ) -> Result<Vec<Vec<Option<f64>>>, EvalError> {
-        if self.base_dir.is_none() || parts.len() < 2 {
+        // More parts than base files kept would delete a part's base
+        // while its requests need it.
+        if self.base_dir.is_none() || parts.len() < 2 || parts.len() > BASES_KEPT {
             return parts
                 .iter()
                 .map(|p| {
@@ -963,10 +968,15 @@ impl Evaluator for RingEvaluator<'_> {
                 .collect();
         }
         // Every part's base on file (the last `BASES_KEPT` are kept: a
-        // call's two parts have their two bases).
+        // call's two parts have their two bases); none for a part with
+        // nothing to evaluate.
         let mut paths = Vec::with_capacity(parts.len());
         for p in parts {
-            paths.push(self.write_base(&p.base)?.to_string_lossy().into_owned());
+            paths.push(if p.recipes.is_empty() {
+                String::new()
+            } else {
+                self.write_base(&p.base)?.to_string_lossy().into_owned()
+            });
         }
         let jobs: Vec<Job<'_>> = parts
             .iter()
@@ -1006,7 +1016,7 @@ impl Evaluator for RingEvaluator<'_> {
 mod tests {
     use super::*;
 
-    /// The perplexity task's generation: the gate of the mean (one
+    /// The perplexity task's generation: the gate of the previous best (one
     /// candidate, scoring 2 held-out windows) first, then 8 training
     /// candidates, over 2 workers: the gate goes alone, requests shrink
     /// towards the end, and a lost request's candidates go first, alone.
