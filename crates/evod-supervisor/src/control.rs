@@ -430,7 +430,6 @@ impl ControlServer {
         let spawned = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
-                crate::process::prefer_short_slices_for("control socket");
                 let shared = Shared {
                     my_uid,
                     open,
@@ -555,7 +554,6 @@ fn accept<E: Send + 'static>(stream: Stream, shared: &Shared<E>) {
         .name("control-conn".into())
         .spawn(move || {
             let _guard = guard;
-            crate::process::prefer_short_slices_for("control connection");
             serve(&stream, accepted, &shared);
         });
     if let Err(e) = spawned {

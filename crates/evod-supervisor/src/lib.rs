@@ -39,10 +39,7 @@ use std::path::PathBuf;
 
 pub use config::Config;
 pub use daemon::run;
-pub use process::{
-    LogFormat, default_slices, end_status_line, init_logging, prefer_short_slices,
-    prefer_short_slices_for, set_process_name, status_line,
-};
+pub use process::{LogFormat, end_status_line, init_logging, set_process_name, status_line};
 
 /// The exit codes the supervisor itself decides (the binary's `exit.rs`
 /// defines the rest and reuses these).

@@ -310,7 +310,6 @@ impl LinkThread {
     ) -> std::io::Result<LinkThread> {
         let (jobs, rx) = mpsc::channel::<Queued>();
         std::thread::Builder::new().name(name).spawn(move || {
-            crate::process::prefer_short_slices_for("link thread");
             for queued in rx {
                 let Queued {
                     tag,

@@ -71,10 +71,7 @@ impl NoticeThread {
         let theirs = shared.clone();
         let thread = std::thread::Builder::new()
             .name("notices".into())
-            .spawn(move || {
-                crate::process::prefer_short_slices_for("crash-notice thread");
-                watch_links(&theirs, woken, &tx, &wrap)
-            })?;
+            .spawn(move || watch_links(&theirs, woken, &tx, &wrap))?;
         Ok(NoticeThread {
             shared,
             wake,

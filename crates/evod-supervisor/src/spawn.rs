@@ -159,11 +159,6 @@ fn launch(mut command: Command, spec: &ChildSpec) -> io::Result<Child> {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            // The short slices of the supervisor's event loop, which forks
-            // children, are not theirs: a worker computes (back to the
-            // kernel's default; async-signal-safe: two system calls, no
-            // allocation on success, and a failure only costs latency).
-            let _ = crate::process::default_slices();
             // The supervisor may have died between fork and prctl: then no
             // death signal will ever come, so leave now.
             if libc::getppid() != parent.as_raw() {

@@ -329,14 +329,6 @@ fn main() {
         .nth(2)
         .map_or(11, |n| n.parse().expect("ROUNDS: a number"));
     let evod = PathBuf::from(std::env::var_os("EVOD_BIN").expect("EVOD_BIN: a release evod"));
-    // The poller is the instrument: with the kernel's default slice its own
-    // wake-ups (after each status reply, after each 200 µs sleep) wait
-    // behind the two workers' `LOAD`s, up to a slice each, and that would be
-    // measured as recovery time. It asks for the short slices the daemon's
-    // event threads have (`EVOD_BENCH_DEFAULT_SLICES=1`: not, to compare).
-    if std::env::var_os("EVOD_BENCH_DEFAULT_SLICES").is_none() {
-        evod_supervisor::prefer_short_slices().expect("short scheduling slices for the poller");
-    }
     let dir = tempfile::tempdir().expect("temp dir");
     let live = dir.path().join("vectorland.gguf");
     let made = Instant::now();
@@ -432,7 +424,6 @@ fn main() {
         .matches("sent a crash notice (SIGSEGV): replaced")
         .count();
     let result = serde_json::json!({
-        "poller_short_slices": std::env::var_os("EVOD_BENCH_DEFAULT_SLICES").is_none(),
         "recovery_during_load_median_us": load_median,
         "recovery_during_load_samples_us": outside(&during),
         "recovery_during_load_supervisor_median_us": median(&inside(&during)),

@@ -885,9 +885,6 @@ mod handler {
             if crate::worker::stand_by(fd, args.model.as_deref())?.is_none() {
                 return Ok(ExitCode::SUCCESS);
             }
-            // Promoted: it computes from now on (the standby's short
-            // slices were for the promotion's wake-up).
-            let _ = evod_supervisor::default_slices();
         }
         evod_supervisor::set_process_name(c"evod-worker");
         // SAFETY: `--ring-fd` names the descriptor the supervisor passed

@@ -133,7 +133,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bases: evod_serve::RecipeBases::new(),
         buffers: Vec::new(),
         regenerated: Vec::new(),
-        default_slices: false,
     };
     let mut preloaded = None;
     if let Some(fd) = args.standby_fd {
@@ -221,11 +220,6 @@ pub(crate) fn stand_by(fd: i32, model: Option<&Path>) -> Result<Option<Option<Pr
         let model = Model::open_for_serving(path).ok()?;
         Some(Preloaded { model, identity })
     });
-    // Waits for its promotion, which comes when a worker died: run at
-    // once then, even with every core busy (a `LOAD`, an evaluation). The
-    // worker it becomes goes back to the default slice before its first
-    // computing request (`Worker::serve`).
-    evod_supervisor::prefer_short_slices_for("standby");
     link.write_all(&[evod_wire::standby::READY])
         .context("standby link: cannot say ready")?;
     let mut byte = [0u8; 1];
@@ -276,9 +270,6 @@ struct Worker<'s> {
     /// The lockstep group `EVAL_RECIPES` regenerates candidates into
     /// (candidate-major), reused from request to request.
     regenerated: Vec<f32>,
-    /// A promoted standby's short scheduling slices
-    /// (`evod_supervisor::prefer_short_slices`) were given back.
-    default_slices: bool,
 }
 
 /// A reply: status and payload bytes.
@@ -292,12 +283,6 @@ impl Worker<'_> {
     fn serve(&mut self, request: Request<'_>) -> Result<Flow> {
         let begun = Instant::now();
         let opcode = request.header.opcode;
-        if !self.default_slices && opcode != op::PING {
-            // A worker computes: the kernel's default slice (a promoted
-            // standby had short ones to answer its first `PING` at once).
-            self.default_slices = true;
-            let _ = evod_supervisor::default_slices();
-        }
         self.seg.set_in_service(Some(opcode));
         if self.mute_control && request.channel() == Channel::Control {
             drop(request);

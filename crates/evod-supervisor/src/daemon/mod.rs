@@ -562,10 +562,6 @@ impl Supervisor {
     }
 
     fn event_loop(&mut self, rx: &mpsc::Receiver<Event>) -> Result<u8, SupervisorError> {
-        // Runs when its event comes, even with every core busy (the
-        // children it forks from here go back to the default slice before
-        // their exec: `spawn`).
-        crate::process::prefer_short_slices_for("event loop");
         let mut next_tick = later(Instant::now(), TICK);
         loop {
             let now = Instant::now();
