@@ -694,16 +694,8 @@ impl Evolver {
     ) -> Result<Vec<Option<f64>>, EvolveError> {
         let out = candidates
             .send(ev, purpose, seed, episodes)
-            .map_err(|source| EvolveError::Eval {
-                generation: self.generation,
-                source,
-            })?;
-        if out.len() != candidates.len() {
-            return Err(EvolveError::EvaluatorContract {
-                expected: candidates.len(),
-                got: out.len(),
-            });
-        }
+            .map_err(|source| self.eval_error(source))?;
+        contract(candidates.len(), out.len())?;
         stats.evaluations += candidates.len() as u64;
         stats.episodes += candidates.len() as u64 * u64::from(episodes);
         Ok(finite_or_quarantined(out, stats))
@@ -719,23 +711,10 @@ impl Evolver {
     ) -> Result<Vec<Vec<Option<f64>>>, EvolveError> {
         let out = ev
             .evaluate_recipes_together(parts)
-            .map_err(|source| EvolveError::Eval {
-                generation: self.generation,
-                source,
-            })?;
-        if out.len() != parts.len() {
-            return Err(EvolveError::EvaluatorContract {
-                expected: parts.len(),
-                got: out.len(),
-            });
-        }
+            .map_err(|source| self.eval_error(source))?;
+        contract(parts.len(), out.len())?;
         for (part, values) in parts.iter().zip(&out) {
-            if values.len() != part.recipes.len() {
-                return Err(EvolveError::EvaluatorContract {
-                    expected: part.recipes.len(),
-                    got: values.len(),
-                });
-            }
+            contract(part.recipes.len(), values.len())?;
         }
         Ok(parts
             .iter()
@@ -890,6 +869,24 @@ fn dominant(rejections: &[Rejection]) -> Option<NoProgress> {
         dominant,
         example: example.to_string(),
     })
+}
+
+impl Evolver {
+    /// An evaluator's error, at this generation.
+    fn eval_error(&self, source: EvalError) -> EvolveError {
+        EvolveError::Eval {
+            generation: self.generation,
+            source,
+        }
+    }
+}
+
+/// The evaluator's answer has one value per candidate sent.
+fn contract(expected: usize, got: usize) -> Result<(), EvolveError> {
+    if expected == got {
+        return Ok(());
+    }
+    Err(EvolveError::EvaluatorContract { expected, got })
 }
 
 /// Non-finite fitness values as `None` (quarantined), counted.
