@@ -107,13 +107,11 @@ impl Container {
     }
 
     fn inspect(&self, format: &str) -> String {
-        common::text(&docker(&["inspect", "--format", format, &self.name]).stdout)
-            .trim()
-            .to_owned()
+        common::docker::inspect(&self.name, format)
     }
 
     fn logs(&self) -> String {
-        text(&docker(&["logs", &self.name]))
+        common::docker::logs(&self.name)
     }
 
     /// `evod ARGS` run inside the container.

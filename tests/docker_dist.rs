@@ -400,16 +400,12 @@ impl Cluster {
     }
 
     fn logs(&self, container: &str) -> String {
-        text(&docker(&["logs", container]))
+        common::docker::logs(container)
     }
 
     /// JSON log lines of `container` whose message is `message`.
     fn log_events(&self, container: &str, message: &str) -> Vec<Value> {
-        self.logs(container)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["fields"]["message"] == message)
-            .collect()
+        common::docker::log_events(container, message)
     }
 
     /// The coordinator's newest generation in its pulse lines.
@@ -445,9 +441,7 @@ impl Cluster {
     }
 
     fn inspect(&self, container: &str, format: &str) -> String {
-        common::text(&docker(&["inspect", "--format", format, container]).stdout)
-            .trim()
-            .to_owned()
+        common::docker::inspect(container, format)
     }
 
     /// Polls `cond` every [`POLL`] until it returns `Some`; past

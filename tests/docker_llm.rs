@@ -35,8 +35,6 @@ use common::docker::{docker, text};
 
 /// Guards against hangs only; not a timing assertion.
 const DEADLINE: Duration = Duration::from_secs(300);
-/// How often a condition read through `docker exec` is polled.
-const POLL: Duration = Duration::from_millis(100);
 
 /// This checkout's image (a Docker engine shared with other checkouts
 /// holds theirs under other tags).
@@ -110,22 +108,16 @@ impl Names {
     }
 
     fn inspect(&self, format: &str) -> String {
-        common::text(&docker(&["inspect", "--format", format, &self.daemon]).stdout)
-            .trim()
-            .to_owned()
+        common::docker::inspect(&self.daemon, format)
     }
 
     fn logs(&self) -> String {
-        text(&docker(&["logs", &self.daemon]))
+        common::docker::logs(&self.daemon)
     }
 
     /// JSON log lines whose message is `message`, in order.
     fn log_events(&self, message: &str) -> Vec<Json> {
-        self.logs()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Json>(l).ok())
-            .filter(|v| v["fields"]["message"] == message)
-            .collect()
+        common::docker::log_events(&self.daemon, message)
     }
 
     /// Worker 0's row of `evod status --json`, run in the container.
@@ -142,20 +134,17 @@ impl Names {
             .cloned()
     }
 
-    fn wait<T>(&self, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
-        let end = std::time::Instant::now() + DEADLINE;
-        loop {
-            if let Some(v) = cond() {
-                return v;
-            }
-            assert!(
-                std::time::Instant::now() < end,
-                "timed out after {DEADLINE:?} waiting for {what}\nstate: {}\nlogs:\n{}",
+    /// `cond` polled until it holds (another container's status has no
+    /// event to block on), past [`DEADLINE`] a panic with the container's
+    /// state and log.
+    fn wait<T>(&self, what: &str, cond: impl FnMut() -> Option<T>) -> T {
+        common::poll_until(what, DEADLINE, cond, || {
+            format!(
+                "state: {}\nlogs:\n{}",
                 self.inspect("{{json .State}}"),
                 self.logs()
-            );
-            std::thread::sleep(POLL);
-        }
+            )
+        })
     }
 
     /// The bytes of the file `path` in the daemon's container (running or

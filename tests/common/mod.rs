@@ -335,6 +335,27 @@ pub mod docker {
         format!("{}{}", super::text(&o.stdout), super::text(&o.stderr))
     }
 
+    /// `docker inspect --format FORMAT CONTAINER`, trimmed.
+    pub fn inspect(container: &str, format: &str) -> String {
+        super::text(&docker(&["inspect", "--format", format, container]).stdout)
+            .trim()
+            .to_owned()
+    }
+
+    /// The container's log (stdout and stderr).
+    pub fn logs(container: &str) -> String {
+        text(&docker(&["logs", container]))
+    }
+
+    /// The container's JSON log lines whose message is `message`, in order.
+    pub fn log_events(container: &str, message: &str) -> Vec<serde_json::Value> {
+        logs(container)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == message)
+            .collect()
+    }
+
     /// The bytes of the regular file `path` in `container` (running or
     /// not), through `docker cp` (the image has no shell to `cat` with):
     /// a tar stream of one 512-byte ustar header (size in octal at offset
