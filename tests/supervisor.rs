@@ -593,6 +593,67 @@ fn a_crashed_worker_is_replaced_by_its_warm_standby() {
     assert!(next != standby && next != worker, "{next}");
 }
 
+/// Whether `pid` has a mapping of the file with inode `ino`.
+fn maps_inode(pid: u32, ino: u64) -> bool {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(ino.to_string().as_str()))
+}
+
+#[test]
+fn a_standby_maps_a_newly_published_model_before_it_is_promoted() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start(&[]);
+    let standby = d.wait_standby_ready();
+    let worker = d.worker_pid();
+    let live = d.dir().join("vectorland.gguf");
+    let old = std::fs::metadata(&live).unwrap().ino();
+    assert!(maps_inode(standby, old), "the standby maps the live file");
+    // A new generation, published atomically: a new inode at the path.
+    let good = evod_gguf::GgufFile::open(&live).unwrap();
+    let generation = good
+        .get("evod.generation")
+        .and_then(|v| v.as_u64())
+        .unwrap()
+        + 1;
+    evod_gguf::rewrite(
+        &good,
+        &live,
+        |meta| {
+            for (k, v) in meta.iter_mut() {
+                if k == "evod.generation" {
+                    *v = evod_gguf::Value::U64(generation);
+                }
+            }
+        },
+        &evod_gguf::PublishOptions::default(),
+    )
+    .unwrap();
+    drop(good);
+    let new = std::fs::metadata(&live).unwrap().ino();
+    assert_ne!(new, old);
+    // Told by the supervisor, the standby (not promoted, same process)
+    // maps the new file and lets the old one go.
+    wait_for(
+        "the standby to map the new file instead of the old one",
+        || (maps_inode(standby, new) && !maps_inode(standby, old)).then_some(()),
+        || {
+            let maps = std::fs::read_to_string(format!("/proc/{standby}/maps"));
+            format!("maps: {maps:?}\nlog:\n{}", d.log())
+        },
+    );
+    assert_eq!(d.worker().unwrap()["standby_pid"], standby);
+    // Promoted at the next crash, it serves the new generation.
+    d.fault("segv");
+    let w = d.wait_respawn(worker, "SIGSEGV");
+    assert_eq!(w["pid"], standby, "{w}");
+    wait_for(
+        "the promoted standby on the new generation",
+        || d.worker().filter(|w| w["generation"] == generation),
+        || format!("status: {:?}\nlog:\n{}", d.status(), d.log()),
+    );
+}
+
 #[test]
 fn a_killed_standby_is_replaced_and_the_worker_is_untouched() {
     let d = Daemon::start(&[]);

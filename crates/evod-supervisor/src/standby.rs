@@ -16,26 +16,31 @@
 //!    may have been published since it mapped it), claims the server end
 //!    for the new epoch and serves.
 //!
-//! Then the supervisor starts the next standby, off the critical path. The
+//! Then the supervisor starts the next standby, off the critical path (once
+//! the recovery has settled) and off its event loop ([`Spawner`] forks it
+//! on a thread of its own). The
 //! standby says `R` on the link once it has mapped the model (status shows
 //! it ready); it leaves quietly when the link closes (the supervisor dropped
 //! it), and its parent-death signal covers a supervisor that died. A standby
 //! holds only its own slot's segment, like the worker it will become.
 //!
-//! The link protocol is two bytes in all: standby → supervisor `R` (ready),
-//! supervisor → standby `G` (go). After the promotion the link stays open
+//! The link protocol is single bytes: standby → supervisor `R` (ready),
+//! supervisor → standby `L` (a new model file is live: map it now, see
+//! [`Standby::refresh`]) and `G` (go). After the promotion the link stays open
 //! as the worker's crash-notice channel (`evod_wire::notice`): the
 //! supervisor hands its end to `crate::notice`.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::spawn::{self, Child, ChildSpec};
 
-use evod_wire::standby::{GO, READY};
+use evod_wire::standby::{GO, READY, REFRESH};
 
 /// A started standby worker and the supervisor's end of its link.
 #[derive(Debug)]
@@ -132,6 +137,14 @@ impl Standby {
         }
     }
 
+    /// Tells the standby that a new model file is live, so that it maps it
+    /// now rather than at its promotion (the promoted standby checks the
+    /// file's identity either way). Never blocks: a byte that cannot be
+    /// written now is left out, and the promotion maps the file then.
+    pub fn refresh(&mut self) {
+        let _ = self.link.write(&[REFRESH]);
+    }
+
     /// Promotes the standby: it becomes the slot's worker for the current
     /// epoch (bump the epoch first). Its clock restarts, so uptime-based
     /// policy counts from now. Returns the worker and the supervisor's end
@@ -171,6 +184,117 @@ impl Standby {
             )),
             // `self` drops here: the child is killed and reaped.
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// A standby [`Spawner`] started: the slot and token it was asked for,
+/// and the standby or why it could not start.
+#[derive(Debug)]
+pub struct Spawned {
+    /// The slot the standby is for.
+    pub slot: usize,
+    /// The token of the request ([`Spawner::request`]).
+    pub token: u64,
+    /// The standby, or the error of its fork or `exec`.
+    pub result: io::Result<Standby>,
+}
+
+/// One request to the spawner thread.
+struct Job {
+    slot: usize,
+    token: u64,
+    program: Option<PathBuf>,
+    spec: ChildSpec,
+    /// Keeps the descriptors `spec` names open until the child has them
+    /// (the slot's segment).
+    hold: Box<dyn Send>,
+}
+
+/// The thread that starts standbys, so that neither the fork nor the wait
+/// for the child's `exec` (`Command::spawn` reads a close-on-exec pipe
+/// until the child has exec'd: 1–5 ms here while both cores are busy)
+/// holds up the supervisor's event loop, which has a status request, a
+/// crash notice or a recovery to serve meanwhile.
+///
+/// **It lives as long as the supervisor's children.** A child's
+/// parent-death signal (`PR_SET_PDEATHSIG`, set by [`spawn`]) fires when
+/// the *thread* that forked it ends, not the process, and a standby
+/// becomes its slot's worker when promoted: a thread started per request
+/// would take its standby down with it. The thread ends when the spawner
+/// is dropped, so the supervisor drops it after every child is gone.
+pub struct Spawner {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Spawner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spawner").finish_non_exhaustive()
+    }
+}
+
+impl Spawner {
+    /// Starts the thread; each [`Spawned`] goes to `tx` wrapped by `wrap`.
+    /// A standby whose report cannot be delivered (the receiver is gone) is
+    /// dropped there: killed and reaped.
+    pub fn start<E: Send + 'static>(
+        tx: mpsc::Sender<E>,
+        wrap: impl Fn(Spawned) -> E + Send + 'static,
+    ) -> io::Result<Spawner> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("standbys".into())
+            .spawn(move || {
+                for job in rx {
+                    let result = Standby::spawn(job.program.as_deref(), &job.spec);
+                    drop(job.hold);
+                    let _ = tx.send(wrap(Spawned {
+                        slot: job.slot,
+                        token: job.token,
+                        result,
+                    }));
+                }
+            })?;
+        Ok(Spawner {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for a standby of the worker `spec` describes (`program`: as in
+    /// [`Standby::spawn`]); `hold` is kept until the fork is done (what
+    /// owns the descriptors in `spec.keep_fds`). The answer comes as a
+    /// [`Spawned`] with this `slot` and `token`. Fails only if the thread
+    /// is gone, handing the request back so the caller can spawn itself.
+    pub fn request(
+        &self,
+        slot: usize,
+        token: u64,
+        program: Option<PathBuf>,
+        spec: ChildSpec,
+        hold: Box<dyn Send>,
+    ) -> Result<(), ChildSpec> {
+        let job = Job {
+            slot,
+            token,
+            program,
+            spec,
+            hold,
+        };
+        match &self.jobs {
+            Some(jobs) => jobs.send(job).map_err(|e| e.0.spec),
+            None => Err(job.spec),
+        }
+    }
+}
+
+impl Drop for Spawner {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread after its current fork.
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
@@ -283,5 +407,67 @@ mod tests {
         let reason = standby.child_mut().wait().unwrap();
         assert_eq!(reason.to_string(), "exited with code 3");
         assert!(standby.promote().is_err());
+    }
+
+    #[test]
+    fn the_spawner_forks_on_its_own_thread_and_its_standbys_outlive_the_asker() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("promoted");
+        let (tx, rx) = mpsc::channel();
+        let spawner = Spawner::start(tx, |s| s).unwrap();
+        // Asked from a thread that ends at once: the standby's parent-death
+        // signal is tied to the spawner's thread, not to the asker's.
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                spawner
+                    .request(
+                        3,
+                        41,
+                        Some("/bin/bash".into()),
+                        fake_worker(&out),
+                        Box::new(()),
+                    )
+                    .unwrap();
+            });
+        });
+        let spawned = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!((spawned.slot, spawned.token), (3, 41));
+        let mut standby = spawned.result.unwrap();
+        standby
+            .wait_ready(Instant::now() + Duration::from_secs(10))
+            .unwrap();
+        let (mut child, _link) = standby.promote().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&out).unwrap_or_default() != "ok\n" {
+            assert!(Instant::now() < deadline, "the promoted standby never ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(child.exited().is_none());
+        assert_eq!(
+            child.kill_and_reap().unwrap().to_string(),
+            "killed by signal 9 (SIGKILL)"
+        );
+    }
+
+    #[test]
+    fn a_spawn_that_fails_is_reported_with_its_slot_and_token() {
+        let (tx, rx) = mpsc::channel();
+        let spawner = Spawner::start(tx, |s| s).unwrap();
+        let spec = ChildSpec {
+            role: "-c",
+            args: vec![],
+            keep_fds: vec![],
+            harden: false,
+            memory_limit: None,
+            block_sighup: false,
+        };
+        spawner
+            .request(0, 7, Some("/nonexistent/evod".into()), spec, Box::new(()))
+            .unwrap();
+        let spawned = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!((spawned.slot, spawned.token), (0, 7));
+        let err = spawned.result.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+        drop(spawner);
     }
 }

@@ -60,5 +60,6 @@ mod tests {
         assert_eq!(signal_of(crash(300)), Some(0));
         assert_eq!(signal_of(crate::standby::READY), None);
         assert_eq!(signal_of(crate::standby::GO), None);
+        assert_eq!(signal_of(crate::standby::REFRESH), None);
     }
 }

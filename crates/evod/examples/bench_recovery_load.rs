@@ -72,6 +72,11 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let _ = self.child.wait();
+        // `EVOD_BENCH_LOG=PATH`: keep the daemon's log (its `EVOD_LOG`
+        // level is taken from the bench's environment, `info` if unset).
+        if let Some(keep) = std::env::var_os("EVOD_BENCH_LOG") {
+            let _ = std::fs::copy(self.dir.path().join("run.log"), keep);
+        }
     }
 }
 
@@ -193,7 +198,10 @@ fn start(evod: &Path, dir: tempfile::TempDir) -> Daemon {
         // for it would be a death the bench did not cause.
         .args(["--heartbeat-timeout", "60s"])
         .args(["--metrics-addr", &metrics.to_string()])
-        .env("EVOD_LOG", "info")
+        .env(
+            "EVOD_LOG",
+            std::env::var("EVOD_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -267,6 +275,17 @@ fn crash(d: &mut Daemon, victim: usize, before: &StatusReport) -> Crash {
         let s = d.status();
         polls_us.push(asked.elapsed().as_secs_f64() * 1e6);
         let c = worker(&s, victim);
+        if std::env::var_os("EVOD_BENCH_TRACE").is_some() {
+            eprintln!(
+                "  poll at {:.0} us took {:.0} us: pid {:?} restarts {} recoveries {} state {}",
+                asked.duration_since(start).as_secs_f64() * 1e6,
+                asked.elapsed().as_secs_f64() * 1e6,
+                c.pid,
+                c.restarts,
+                c.recoveries,
+                c.state
+            );
+        }
         if seen_us.is_none() && (c.pid != Some(pid) || c.restarts > row.restarts) {
             seen_us = Some(start.elapsed().as_secs_f64() * 1e6);
         }

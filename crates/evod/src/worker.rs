@@ -202,6 +202,8 @@ impl Preloaded {
 /// Standby mode: maps the model, says ready on the link (descriptor `fd`)
 /// and blocks until the supervisor promotes us (`Ok(Some(_))`, with the
 /// model if it could be mapped) or drops us (`Ok(None)`: end of file).
+/// Told that a new file is live (`REFRESH`), it maps the file at the
+/// model path again if it is not the one mapped, and goes on waiting.
 pub(crate) fn stand_by(fd: i32, model: Option<&Path>) -> Result<Option<Option<Preloaded>>> {
     use std::io::{Read, Write};
     use std::os::fd::FromRawFd;
@@ -215,24 +217,34 @@ pub(crate) fn stand_by(fd: i32, model: Option<&Path>) -> Result<Option<Option<Pr
     let mut link = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd) });
     // A model that cannot be mapped now is tried again (and its error
     // reported) at promotion, as a cold start would.
-    let preloaded = model.and_then(|path| {
+    let preload = |path: &Path| {
         let identity = evod_store::file_identity(path)?;
         let model = Model::open_for_serving(path).ok()?;
         Some(Preloaded { model, identity })
-    });
+    };
+    let mut preloaded = model.and_then(preload);
     link.write_all(&[evod_wire::standby::READY])
         .context("standby link: cannot say ready")?;
     let mut byte = [0u8; 1];
     loop {
-        return match link.read(&mut byte) {
-            Ok(0) => Ok(None),
-            Ok(_) if byte[0] == evod_wire::standby::GO => Ok(Some(preloaded)),
+        match link.read(&mut byte) {
+            Ok(0) => return Ok(None),
+            Ok(_) if byte[0] == evod_wire::standby::GO => return Ok(Some(preloaded)),
+            Ok(_) if byte[0] == evod_wire::standby::REFRESH => {
+                if let Some(path) = model
+                    && !preloaded.as_ref().is_some_and(|p| p.is_current(path))
+                {
+                    // The old mapping goes first: one model mapped at a time.
+                    drop(preloaded.take());
+                    preloaded = preload(path);
+                }
+            }
             Ok(_) => anyhow::bail!("standby link: unexpected byte {:#04x}", byte[0]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             // The supervisor is gone or closed its end abruptly.
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
-            Err(e) => Err(e).context("standby link"),
-        };
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
+            Err(e) => return Err(e).context("standby link"),
+        }
     }
 }
 

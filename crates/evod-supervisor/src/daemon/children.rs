@@ -327,7 +327,7 @@ impl Supervisor {
             .restarted("standby", crate::metrics::cause(&reason, None));
         let delay = slot.standby_backoff;
         slot.standby_backoff = doubled(delay, STANDBY_RETRY_MAX);
-        slot.standby_retry = Some(later(Instant::now(), delay));
+        slot.standby_at = Some(later(Instant::now(), delay));
         tracing::warn!(
             pid,
             "standby of {} {reason}; starting another in {delay:?}",
@@ -335,31 +335,96 @@ impl Supervisor {
         );
     }
 
-    /// Starts a standby for worker slot `i` if it should have one and has none.
+    /// Asks the spawner for a standby for worker slot `i` if it should have
+    /// one and has none (nor one on the way). The fork and `exec` happen
+    /// on the spawner's thread; the standby arrives as
+    /// [`Event::Standby`] ([`Self::on_standby_spawned`]).
     pub(super) fn ensure_standby(&mut self, i: usize) {
         if !self.config.standby
             || self.slots[i].kind != Kind::Worker
             || !matches!(self.phase, Phase::Running)
             || self.slots[i].standby.is_some()
-            || self.slots[i].standby_retry.is_some()
+            || self.slots[i].standby_spawning.is_some()
+            || self.slots[i].standby_at.is_some()
         {
             return;
         }
         let spec = self.spec(i);
+        let token = self.next_standby;
+        self.next_standby += 1;
+        let hold = Box::new(self.slots[i].segment.clone());
+        match self.spawner.request(i, token, None, spec, hold) {
+            Ok(()) => self.slots[i].standby_spawning = Some((token, Instant::now())),
+            // Its thread is gone (it cannot end while the supervisor runs):
+            // started here instead.
+            Err(spec) => {
+                tracing::warn!("the standby spawner is gone: starting the standby on the loop");
+                let result = Standby::spawn(None, &spec);
+                self.adopt_standby(i, result);
+            }
+        }
+    }
+
+    /// A standby the spawner started for slot `i` (or failed to start).
+    pub(super) fn on_standby_spawned(&mut self, spawned: standby::Spawned) {
+        let i = spawned.slot;
+        let Some((token, asked)) = self.slots[i].standby_spawning else {
+            return;
+        };
+        if token != spawned.token {
+            return;
+        }
+        self.slots[i].standby_spawning = None;
+        let mut result = spawned.result;
+        if let Ok(standby) = &mut result {
+            // Dead and reaped before this report came: the reap took it
+            // for an orphan (it was not the slot's yet). Only what was
+            // reaped after the request can be this child.
+            let pid = standby.child().pid();
+            if let Some(k) = self
+                .orphans
+                .iter()
+                .position(|&(p, _, at)| p == pid && at >= asked)
+            {
+                standby
+                    .child_mut()
+                    .set_exited(self.orphans.swap_remove(k).1);
+            }
+        }
+        if self.slots.iter().all(|s| s.standby_spawning.is_none()) {
+            self.orphans.clear();
+        }
+        self.adopt_standby(i, result);
+    }
+
+    /// Makes `result` slot `i`'s standby; on an error, or a standby that
+    /// has already ended, tries again later with the standby backoff.
+    fn adopt_standby(&mut self, i: usize, result: std::io::Result<Standby>) {
+        let running = matches!(self.phase, Phase::Running);
         let slot = &mut self.slots[i];
-        match Standby::spawn(None, &spec) {
+        match result {
+            Ok(standby) if !running || slot.standby.is_some() => {
+                // Stopping: not wanted. Killed without waiting; the SIGCHLD
+                // path reaps it, and the slot's `Child` drop at the end
+                // collects whatever is left.
+                standby.child().kill();
+                if slot.standby.is_none() {
+                    slot.standby = Some(standby);
+                }
+            }
             Ok(standby) => {
-                tracing::debug!(
-                    pid = standby.child().pid().as_raw(),
-                    "standby of {} started",
-                    slot.label()
-                );
+                let pid = standby.child().pid().as_raw();
+                let ended = standby.child().exited();
+                tracing::debug!(pid, "standby of {} started", slot.label());
                 slot.standby = Some(standby);
+                if let Some(reason) = ended {
+                    self.on_standby_exit(i, reason);
+                }
             }
             Err(e) => {
                 let delay = slot.standby_backoff;
                 slot.standby_backoff = doubled(delay, STANDBY_RETRY_MAX);
-                slot.standby_retry = Some(later(Instant::now(), delay));
+                slot.standby_at = Some(later(Instant::now(), delay));
                 tracing::warn!(
                     "cannot start a standby for {}: {e}; trying again in {delay:?}",
                     slot.label()
@@ -370,8 +435,8 @@ impl Supervisor {
 
     pub(super) fn start_due(&mut self, now: Instant) {
         for i in 0..self.slots.len() {
-            if self.slots[i].standby_retry.is_some_and(|at| at <= now) {
-                self.slots[i].standby_retry = None;
+            if self.slots[i].standby_at.is_some_and(|at| at <= now) {
+                self.slots[i].standby_at = None;
                 self.ensure_standby(i);
             }
             // The evolver waits for a rollback under way to finish.
@@ -391,8 +456,9 @@ impl Supervisor {
     /// its standby if it has a live one, else starts cold, and is sent a
     /// `PING` at once (its first answer ends a recovery: see
     /// [`Self::note_answer`]). Then a worker slot gets a new standby, off
-    /// the recovery path: after a death, only once the replacement has
-    /// answered (or [`STANDBY_AFTER_DEATH`] later).
+    /// the recovery path: after a death, only [`STANDBY_AFTER_RECOVERY`]
+    /// after the replacement has answered (or [`STANDBY_AFTER_DEATH`]
+    /// after the death if it has not answered by then).
     pub(super) fn start(&mut self, i: usize) {
         self.start_child(i);
         if self.slots[i].kind == Kind::Worker && self.slots[i].running() {
@@ -423,7 +489,7 @@ impl Supervisor {
     /// far as the supervisor knows: the file it was started on or
     /// accepted by `LOAD`), the recovery is over: its length (death reaped
     /// → this answer) goes to `status` and `/metrics`, and the slot's next
-    /// standby is started.
+    /// standby is started [`STANDBY_AFTER_RECOVERY`] later.
     pub(super) fn note_answer(&mut self, i: usize, at: Instant) {
         let live = self.live_model().map(|m| m.id);
         let slot = &mut self.slots[i];
@@ -442,7 +508,8 @@ impl Supervisor {
             took.as_secs_f64() * 1e6
         );
         self.metrics.recovered(took);
-        self.ensure_standby(i);
+        let due = later(at, STANDBY_AFTER_RECOVERY);
+        slot.standby_at = Some(slot.standby_at.map_or(due, |t| t.max(due)));
     }
 
     pub(super) fn start_child(&mut self, i: usize) {
@@ -794,7 +861,8 @@ impl Slot {
             sigterm_at: None,
             planned_stop: false,
             standby: None,
-            standby_retry: None,
+            standby_spawning: None,
+            standby_at: None,
             standby_backoff: STANDBY_RETRY,
             serving: None,
             sync_after: None,

@@ -6,8 +6,10 @@
 //! SIGQUIT, SIGHUP), the control-socket thread, one link thread per worker
 //! slot (`link::LinkThread`: every call on the worker's control channel),
 //! the crash-notice thread (`notice::NoticeThread`: a worker dying of a
-//! fatal signal says so before the kernel has torn it down), and
-//! short-lived threads that identify a new model file (header and full
+//! fatal signal says so before the kernel has torn it down), the standby
+//! spawner (`standby::Spawner`: forks each warm standby and waits for its
+//! `exec`, 1–5 ms on a busy machine that a status request or a recovery
+//! would otherwise wait behind), and short-lived threads that identify a new model file (header and full
 //! checksum through `GgufReader`) and restore a generation for a rollback.
 //! The loop wakes on an event or on its next timer (a pending restart, the
 //! watchdog tick, the grace deadline), so an idle daemon sleeps.
@@ -18,9 +20,12 @@
 //! reap them. The only bounded waits are at the very end (the grace period
 //! over: one second for the SIGKILLed children to be reaped).
 //!
-//! Children are spawned only from this thread: `PR_SET_PDEATHSIG` fires when
-//! the thread that forked a child ends, and this thread lives as long as the
-//! process.
+//! Children are spawned only from this thread and the spawner's:
+//! `PR_SET_PDEATHSIG` fires when the thread that forked a child ends, and
+//! both live as long as the children (the spawner is dropped last). Cold
+//! starts of a worker or the evolver stay on the loop (a control request
+//! arriving meanwhile waits for the `exec`, a few ms): with warm standbys
+//! (the default) a recovery has none.
 //!
 //! This file holds the state (`Supervisor`, `Slot`, `LiveModel`, the
 //! timing constants), start-up, the loop and stopping (signals, grace
@@ -50,7 +55,7 @@ use crate::notice::{self, NoticeThread};
 use crate::policy::{Decision, RestartTracker, doubled, later};
 use crate::reap::{self, ExitReason};
 use crate::spawn::{self, Child, ChildSpec};
-use crate::standby::Standby;
+use crate::standby::{self, Spawner, Standby};
 use evod_wire::control::{ChildStatus, Request, Response, StatusReport};
 use evod_wire::protocol::{LoadRequest, op};
 
@@ -79,11 +84,20 @@ const FINAL_REAP: Duration = Duration::from_secs(1);
 const STANDBY_RETRY: Duration = Duration::from_millis(500);
 const STANDBY_RETRY_MAX: Duration = Duration::from_secs(30);
 /// After a worker's death, its slot's next standby is started once the
-/// replacement has answered on the live model (so that neither the
-/// fork+exec on the loop nor the new standby's start competes with the
-/// recovery), or at the first tick this long after the death if it has
-/// not answered by then.
+/// replacement has answered on the live model (plus
+/// [`STANDBY_AFTER_RECOVERY`]), or at the first tick this long after the
+/// death if it has not answered by then.
 const STANDBY_AFTER_DEATH: Duration = TICK;
+/// How long after a recovery the slot's next standby is started. A
+/// standby's start (fork, `exec` of the binary, mapping and checking the
+/// model) takes a core for a few ms; started at the replacement's first
+/// answer it competed with everything right after a crash (the
+/// replacement's first requests, control requests, the dying worker's
+/// teardown): with 2 cores, status calls in that window took 2–5 ms
+/// instead of 0.2 ms (`cargo xtask bench recovery_load`, docs/benchmarks.md).
+/// A second crash within this window finds no standby and starts cold
+/// (2–3 ms), as one does while a new standby is still mapping its model.
+const STANDBY_AFTER_RECOVERY: Duration = Duration::from_millis(50);
 /// A worker that sent a crash notice is replaced at once but SIGKILLed
 /// only this long after, and only if it is not dying of its own signal by
 /// then: killed at once, it would often die of the supervisor's SIGKILL
@@ -107,6 +121,8 @@ pub enum Event {
     Restored(RestoreReport),
     /// A worker's crash notice (`notice.rs`).
     Notice(notice::Notice),
+    /// A standby started (or failed to) on the spawner's thread.
+    Standby(standby::Spawned),
 }
 
 /// What an identification thread found at the model path.
@@ -274,8 +290,13 @@ struct Slot {
     planned_stop: bool,
     /// The warm spare promoted when this worker dies (workers only).
     standby: Option<Standby>,
-    /// When to start a standby again after one ended on its own.
-    standby_retry: Option<Instant>,
+    /// A standby asked of the spawner and not delivered yet: its token,
+    /// and when it was asked.
+    standby_spawning: Option<(u64, Instant)>,
+    /// When to start the slot's next standby: [`STANDBY_AFTER_RECOVERY`]
+    /// after a recovery, or after the backoff when one ended on its own or
+    /// could not start. None is started before then.
+    standby_at: Option<Instant>,
     standby_backoff: Duration,
     /// The model this worker serves, as far as the supervisor knows.
     serving: Option<Serving>,
@@ -362,6 +383,15 @@ struct Supervisor {
     next_notice: u64,
     /// Workers killed after their crash notice, not reaped yet.
     retired: Vec<Retired>,
+    /// Token of the next standby asked of `spawner` (never reused).
+    next_standby: u64,
+    /// Children reaped that matched nothing, while a standby was being
+    /// started: one of them may be that standby, dead before its report
+    /// arrived. Its pid, how it ended, when it was reaped.
+    orphans: Vec<(nix::unistd::Pid, ExitReason, Instant)>,
+    /// Starts standbys off the loop. Declared last so that it is dropped
+    /// last: its thread is every standby's parent (see [`Spawner`]).
+    spawner: Spawner,
 }
 
 /// Runs the supervisor until it stops; returns the process exit code.
@@ -529,6 +559,12 @@ impl Supervisor {
                 source,
             }
         })?;
+        let spawner = Spawner::start(tx.clone(), Event::Standby).map_err(|source| {
+            SupervisorError::Setup {
+                what: "cannot start the standby spawner thread",
+                source,
+            }
+        })?;
         let mut sup = Supervisor {
             config,
             slots,
@@ -551,6 +587,9 @@ impl Supervisor {
             notices,
             next_notice: 0,
             retired: Vec::new(),
+            next_standby: 0,
+            orphans: Vec::new(),
+            spawner,
         };
         // Before the loop runs: identified here, on this thread.
         sup.model_key = stat_key(&sup.config.model);
@@ -567,7 +606,7 @@ impl Supervisor {
             let now = Instant::now();
             let mut wake = next_tick;
             for slot in &self.slots {
-                for at in [slot.restart_at, slot.standby_retry, slot.sigterm_at]
+                for at in [slot.restart_at, slot.standby_at, slot.sigterm_at]
                     .into_iter()
                     .flatten()
                 {
@@ -599,6 +638,7 @@ impl Supervisor {
                 Ok(Event::Identified(report)) => self.on_identified(report),
                 Ok(Event::Restored(report)) => self.on_restored(report),
                 Ok(Event::Notice(notice)) => self.on_notice(notice),
+                Ok(Event::Standby(spawned)) => self.on_standby_spawned(spawned),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(SupervisorError::ThreadsGone);
@@ -750,7 +790,7 @@ impl Supervisor {
             if let Some(standby) = &slot.standby {
                 standby.child().kill();
             }
-            slot.standby_retry = None;
+            slot.standby_at = None;
             if !slot.running() {
                 continue;
             }
@@ -782,7 +822,7 @@ impl Supervisor {
     fn kill_all(&mut self) {
         for slot in &mut self.slots {
             slot.restart_at = None;
-            slot.standby_retry = None;
+            slot.standby_at = None;
             if let Some(standby) = &slot.standby {
                 standby.child().kill();
             }

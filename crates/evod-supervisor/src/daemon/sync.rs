@@ -281,6 +281,14 @@ impl Supervisor {
                     generation = ?model.generation,
                     "a new model was published: loading it in the workers"
                 );
+                // A standby maps it now, not when it is promoted (a crash
+                // during the workers' `LOAD` would otherwise make the
+                // replacement map and check it on the recovery path).
+                for slot in &mut self.slots {
+                    if let Some(standby) = slot.standby.as_mut() {
+                        standby.refresh();
+                    }
+                }
             }
             Ok(_) => self.start_identify(),
             Err(e) => {
