@@ -201,7 +201,8 @@ fn a_bounded_run_lowers_training_perplexity_and_publishes_a_vector_llama_cpp_loa
     let cut = u64_key(&f, "evod.perplexity.heldout_start_byte") as usize;
     let mut base = load_base(&base_path);
     let train = windows(&base, &corpus_text[..cut]);
-    let heldout = windows(&base, &corpus_text[cut..]);
+    // The gate scores every held-out token (a last partial window too).
+    let heldout = base.tokenize(&corpus_text[cut..]).unwrap();
     let zero = vec![0f32; published.len()];
     let train_base = perplexity(&mut base, &zero, &train);
     let train_after = perplexity(&mut base, &published, &train);

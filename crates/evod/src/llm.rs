@@ -258,7 +258,7 @@ pub const DEFAULT_POPULATION: usize = 8;
 /// The task's default ES σ (`--sigma`), in units of a direction's scale.
 pub const DEFAULT_SIGMA: f32 = 0.6;
 /// The task's default Adam step (`--learning-rate`), in the same units.
-pub const DEFAULT_LEARNING_RATE: f64 = 0.1;
+pub const DEFAULT_LEARNING_RATE: f64 = 0.05;
 
 /// What `init` needs beyond the common options.
 #[derive(Debug, Clone)]
@@ -738,8 +738,11 @@ mod handler {
                         .map_err(|e| format!("tokenizing {}: {e}", task.corpus.display()))
                 };
                 let train = windows_of(&tok(&corpus.train)?, window);
-                let heldout: Vec<i32> = windows_of(&tok(&corpus.heldout)?, window).concat();
-                if train.is_empty() || heldout.is_empty() {
+                // Every held-out token, the last partial window too: the
+                // gate judges the whole held-out part (training drops a
+                // partial window: it is one of many).
+                let heldout: Vec<i32> = tok(&corpus.heldout)?;
+                if train.is_empty() || heldout.len() < window {
                     return Err(format!(
                         "{}: too short for one training and one held-out window of {window} tokens ({} and {})",
                         task.corpus.display(),
@@ -754,7 +757,7 @@ mod handler {
                     standby = self.standing_by,
                     base = %task.base_model.display(),
                     train_windows = train.len(),
-                    heldout_windows = heldout.len() / window,
+                    heldout_tokens = heldout.len(),
                     window,
                     "perplexity worker ready"
                 );
