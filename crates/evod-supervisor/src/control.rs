@@ -19,7 +19,9 @@
 //!   still the same file (device and inode) and, for a folder, empty.
 //!
 //! Concurrency: a thread per connection, at most [`MAX_CONNECTIONS`] at
-//! once (past it a client gets an immediate error answer). Threads keep the
+//! once (past it a client gets an immediate error answer); a thread that
+//! has served one waits for the next ([`IDLE_THREAD`], the last one for
+//! good), so a connection usually starts no thread. Threads keep the
 //! code a plain sequence of blocking steps, and their number is bounded, so
 //! a flood of idle clients costs at most that many small stacks; a poll
 //! loop would also have to multiplex the supervisor's asynchronous replies.
@@ -46,6 +48,10 @@ use interprocess::os::unix::local_socket::ListenerOptionsExt;
 
 /// Most control connections served at once.
 pub const MAX_CONNECTIONS: usize = 32;
+
+/// How long a connection thread waits for another connection before it
+/// ends (the last idle one stays).
+const IDLE_THREAD: Duration = Duration::from_secs(60);
 
 /// How long dropping the server waits for answers still being written
 /// (the answer to `stop` is sent just before the daemon exits).
@@ -369,12 +375,15 @@ pub struct ControlServer {
     path: PathBuf,
     created: Created,
     pending: Arc<Pending>,
+    /// The connection threads (counted by tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pool: Arc<Pool>,
 }
 
 impl ControlServer {
     /// Binds `path` and serves it: an accepting thread, and a thread per
-    /// connection that forwards its request to `events` (wrapped by `wrap`)
-    /// and writes back the reply.
+    /// connection (reused: see [`Pool`]) that forwards its request to
+    /// `events` (wrapped by `wrap`) and writes back the reply.
     pub fn start<E: Send + 'static>(
         path: &Path,
         events: mpsc::Sender<E>,
@@ -427,6 +436,14 @@ impl ControlServer {
         let open = Arc::new(AtomicUsize::new(0));
         let pending = Arc::new(Pending::default());
         let counted = Arc::clone(&pending);
+        let (tx, rx) = mpsc::channel();
+        let pool = Arc::new(Pool {
+            tx,
+            rx: Mutex::new(rx),
+            idle: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
+        });
+        let threads = Arc::clone(&pool);
         let spawned = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -436,6 +453,7 @@ impl ControlServer {
                     pending: counted,
                     events,
                     wrap,
+                    pool: threads,
                 };
                 let mut backoff = AcceptBackoff::default();
                 for conn in listener.incoming() {
@@ -468,6 +486,7 @@ impl ControlServer {
             path: path.to_owned(),
             created,
             pending,
+            pool,
         })
     }
 
@@ -498,6 +517,7 @@ struct Shared<E> {
     pending: Arc<Pending>,
     events: mpsc::Sender<E>,
     wrap: fn(Incoming) -> E,
+    pool: Arc<Pool>,
 }
 
 impl<E> Clone for Shared<E> {
@@ -508,6 +528,7 @@ impl<E> Clone for Shared<E> {
             pending: Arc::clone(&self.pending),
             events: self.events.clone(),
             wrap: self.wrap,
+            pool: Arc::clone(&self.pool),
         }
     }
 }
@@ -536,7 +557,8 @@ fn answer(stream: &Stream, response: &Response, deadline: Instant) {
     let _ = (&*stream).write_all(text.as_bytes());
 }
 
-/// Hands a new connection to its own thread, unless too many are open.
+/// Hands a new connection to a connection thread, unless too many are
+/// open: an idle one if there is one, else a new one.
 fn accept<E: Send + 'static>(stream: Stream, shared: &Shared<E>) {
     let accepted = Instant::now();
     if shared.open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
@@ -548,17 +570,101 @@ fn accept<E: Send + 'static>(stream: Stream, shared: &Shared<E>) {
         answer(&stream, &busy, accepted + Duration::from_millis(100));
         return;
     }
-    let guard = OpenGuard(Arc::clone(&shared.open));
+    let conn = Conn {
+        stream,
+        accepted,
+        _open: OpenGuard(Arc::clone(&shared.open)),
+    };
+    let pool = &shared.pool;
+    // Claim an idle thread: it takes the connection off the channel.
+    if pool
+        .idle
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        // The receiver lives in `pool` as long as the sender does.
+        let _ = pool.tx.send(conn);
+        return;
+    }
     let shared = shared.clone();
+    pool.started.fetch_add(1, Ordering::SeqCst);
     let spawned = std::thread::Builder::new()
         .name("control-conn".into())
         .spawn(move || {
-            let _guard = guard;
-            serve(&stream, accepted, &shared);
+            serve(&conn.stream, conn.accepted, &shared);
+            connection_thread(&shared, conn);
         });
     if let Err(e) = spawned {
         tracing::warn!("control socket: cannot start a connection thread: {e}");
     }
+}
+
+/// A connection thread after serving `done`: it waits for the next
+/// connection; idle for [`IDLE_THREAD`], it ends, unless it is the last
+/// idle one.
+fn connection_thread<E>(shared: &Shared<E>, done: Conn) {
+    let pool = &shared.pool;
+    // Counted idle before its connection is closed, so that a client that
+    // connects again at once finds it.
+    pool.idle.fetch_add(1, Ordering::SeqCst);
+    drop(done);
+    let mut idle_since = Instant::now();
+    loop {
+        // Threads queue on the lock; each one's wait counts from when it
+        // became idle, so a burst's threads end about [`IDLE_THREAD`]
+        // after it.
+        let next = {
+            let rx = pool.rx.lock().unwrap_or_else(|e| e.into_inner());
+            rx.recv_timeout(IDLE_THREAD.saturating_sub(idle_since.elapsed()))
+        };
+        match next {
+            Ok(conn) => {
+                serve(&conn.stream, conn.accepted, shared);
+                pool.idle.fetch_add(1, Ordering::SeqCst);
+                drop(conn);
+                idle_since = Instant::now();
+            }
+            // Leaves only if that leaves an idle thread unclaimed: a count
+            // of 1 or less means every waiting thread (this one included)
+            // may have a connection on its way, or it is the last one.
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if pool
+                    .idle
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                        (n > 1).then(|| n - 1)
+                    })
+                    .is_ok()
+                {
+                    return;
+                }
+                idle_since = Instant::now();
+            }
+            // Cannot happen (the sender lives in the same `Pool`).
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// An accepted connection on its way to a connection thread.
+struct Conn {
+    stream: Stream,
+    accepted: Instant,
+    _open: OpenGuard,
+}
+
+/// The connection threads: a thread that has served a connection waits
+/// for the next one instead of ending, so a connection is served without a
+/// thread start (about 0.1 ms here, and several under load: a quarter to
+/// half of a `status` call) unless more are open at once than threads wait.
+struct Pool {
+    tx: mpsc::Sender<Conn>,
+    rx: Mutex<mpsc::Receiver<Conn>>,
+    /// Threads waiting for a connection, less the connections handed to
+    /// them and not taken yet: never more than the waiting threads, so a
+    /// connection sent is always taken.
+    idle: AtomicUsize,
+    /// Connection threads started so far.
+    started: AtomicUsize,
 }
 
 /// Counts an open connection until dropped.
@@ -699,6 +805,55 @@ mod tests {
                 let _ = incoming.reply.send(Response::ok(name));
             }
         });
+    }
+
+    /// Waits up to 10 s for `cond` (another thread's doing).
+    fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn connection_threads_are_reused_and_concurrent_clients_get_their_own() {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evod.sock");
+        let (tx, rx) = mpsc::channel::<Incoming>();
+        echo_loop(rx);
+        let server = ControlServer::start(&path, tx, |i| i).unwrap();
+        let pool = Arc::clone(&server.pool);
+        let idle = || pool.idle.load(Ordering::SeqCst);
+        let started = || pool.started.load(Ordering::SeqCst);
+        // One client after another: one thread serves them all.
+        for _ in 0..5 {
+            let v = call(&path, &Request::Status, Duration::from_secs(10)).unwrap();
+            assert_eq!(v, serde_json::json!("status"));
+            eventually("the thread to wait for the next connection", || idle() == 1);
+        }
+        assert_eq!(started(), 1);
+        // Three clients at once (connected, request not sent yet): the idle
+        // thread takes one, two more start.
+        let clients: Vec<_> = (0..3)
+            .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+            .collect();
+        eventually("a thread per client", || started() == 3 && idle() == 0);
+        let line = serde_json::to_string(&Request::Status).unwrap() + "\n";
+        for mut c in &clients {
+            c.write_all(line.as_bytes()).unwrap();
+        }
+        for c in &clients {
+            let mut answer = String::new();
+            std::io::BufReader::new(c).read_line(&mut answer).unwrap();
+            assert!(answer.contains("status"), "{answer}");
+        }
+        eventually("all three waiting again", || idle() == 3);
+        assert_eq!(started(), 3);
+        // And the next client is served by one of them.
+        call(&path, &Request::Status, Duration::from_secs(10)).unwrap();
+        assert_eq!(started(), 3);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!   request and waits for the reply carrying its id.
 //! - [`control`]: the control socket's JSON lines ([`Request`],
 //!   [`Response`], [`StatusReport`]) and the client [`call`].
-//! - [`standby`]: the two bytes of a warm standby's link.
+//! - [`standby`]: the bytes of a warm standby's link.
 //! - [`notice`]: the crash notice a dying worker writes on its link.
 //! - [`fault`]: fault kinds (`segv`, `exit:N`, …) as fault opcodes.
 //! - [`rest`]: the resting evolver's marker `state/converged`, which the

@@ -5,7 +5,7 @@
 //!
 //! Every worker process has a *link*, one end of a Unix socket pair whose
 //! other end the supervisor holds: a warm standby's `--standby-fd` (which
-//! also carries [`crate::standby`]'s two bytes and stays open after the
+//! also carries [`crate::standby`]'s bytes and stays open after the
 //! promotion), or, for a worker started cold, `--notice-fd N` (built-in
 //! worker) / [`NOTICE_FD_VAR`] (any worker program). On a fatal signal
 //! (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGTRAP) the worker's handler

@@ -665,7 +665,8 @@ mod handler {
         train_windows: u32,
         /// Training windows, each `window` tokens.
         train: Vec<Vec<i32>>,
-        /// Held-out windows, each `window` tokens, end to end.
+        /// Every held-out token (scored in windows of `window`, the last
+        /// one partial).
         heldout: Vec<i32>,
         /// Reused buffer of the windows one training request scores.
         picked: Vec<i32>,

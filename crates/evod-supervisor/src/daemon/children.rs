@@ -46,7 +46,14 @@ impl Supervisor {
                     Some(i) => self.on_standby_exit(i, reason),
                     None => match self.retired.iter().position(|r| r.child.pid() == pid) {
                         Some(k) => self.on_retired_exit(k, reason),
-                        None => tracing::debug!(pid = pid.as_raw(), "reaped an orphan: {reason}"),
+                        None => {
+                            tracing::debug!(pid = pid.as_raw(), "reaped an orphan: {reason}");
+                            // Perhaps a standby that died before the
+                            // spawner's report came (`on_standby_spawned`).
+                            if self.slots.iter().any(|s| s.standby_spawning.is_some()) {
+                                self.orphans.push((pid, reason, Instant::now()));
+                            }
+                        }
                     },
                 },
             }
@@ -378,17 +385,9 @@ impl Supervisor {
         let mut result = spawned.result;
         if let Ok(standby) = &mut result {
             // Dead and reaped before this report came: the reap took it
-            // for an orphan (it was not the slot's yet). Only what was
-            // reaped after the request can be this child.
-            let pid = standby.child().pid();
-            if let Some(k) = self
-                .orphans
-                .iter()
-                .position(|&(p, _, at)| p == pid && at >= asked)
-            {
-                standby
-                    .child_mut()
-                    .set_exited(self.orphans.swap_remove(k).1);
+            // for an orphan (it was not the slot's yet).
+            if let Some(reason) = take_orphan(&mut self.orphans, standby.child().pid(), asked) {
+                standby.child_mut().set_exited(reason);
             }
         }
         if self.slots.iter().all(|s| s.standby_spawning.is_none()) {
@@ -404,23 +403,30 @@ impl Supervisor {
         let slot = &mut self.slots[i];
         match result {
             Ok(standby) if !running || slot.standby.is_some() => {
-                // Stopping: not wanted. Killed without waiting; the SIGCHLD
-                // path reaps it, and the slot's `Child` drop at the end
-                // collects whatever is left.
+                // Stopping: not wanted. Killed without waiting: kept as the
+                // slot's standby, the SIGCHLD path reaps it (or the slot's
+                // `Child` drop at the end); if the slot has one already,
+                // forgotten, and reaped as an orphan.
                 standby.child().kill();
                 if slot.standby.is_none() {
                     slot.standby = Some(standby);
+                } else {
+                    std::mem::forget(standby);
                 }
             }
-            Ok(standby) => {
+            Ok(mut standby) => {
                 let pid = standby.child().pid().as_raw();
                 let ended = standby.child().exited();
                 tracing::debug!(pid, "standby of {} started", slot.label());
+                // Started before a newer file was published, it may have
+                // mapped the older one: it checks (one `stat` if not).
+                standby.refresh();
                 slot.standby = Some(standby);
                 if let Some(reason) = ended {
                     self.on_standby_exit(i, reason);
                 }
             }
+            Err(_) if !running => {}
             Err(e) => {
                 let delay = slot.standby_backoff;
                 slot.standby_backoff = doubled(delay, STANDBY_RETRY_MAX);
@@ -766,6 +772,21 @@ impl Supervisor {
     }
 }
 
+/// Takes from `orphans` (children reaped that matched no slot: pid, how
+/// it ended, when) the end of the standby `pid` asked of the spawner at
+/// `asked`. Only what was reaped after the request can be that child (a
+/// pid reaped earlier was someone else's, whatever its number).
+fn take_orphan(
+    orphans: &mut Vec<(nix::unistd::Pid, ExitReason, Instant)>,
+    pid: nix::unistd::Pid,
+    asked: Instant,
+) -> Option<ExitReason> {
+    let k = orphans
+        .iter()
+        .position(|&(p, _, at)| p == pid && at >= asked)?;
+    Some(orphans.swap_remove(k).1)
+}
+
 /// Hands the supervisor's end of a worker's link to the notice thread under
 /// a new token; the token, or `None` (logged) if it could not be watched.
 fn watch_link(notices: &NoticeThread, next: &mut u64, link: UnixStream) -> Option<u64> {
@@ -875,5 +896,35 @@ impl Slot {
             notice: None,
             last_death: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standby_reaped_as_an_orphan_is_matched_by_pid_and_only_after_its_request() {
+        let pid = nix::unistd::Pid::from_raw;
+        let t0 = Instant::now();
+        let asked = t0 + Duration::from_millis(5);
+        let killed = ExitReason::Signaled {
+            signal: 9,
+            core_dumped: false,
+        };
+        let exited = ExitReason::Exited { code: 3 };
+        let mut orphans = vec![
+            // The same number, reaped before the request: another process.
+            (pid(40), killed, t0),
+            (pid(41), exited, asked + Duration::from_millis(1)),
+            (pid(40), exited, asked + Duration::from_millis(2)),
+        ];
+        assert_eq!(take_orphan(&mut orphans, pid(40), asked), Some(exited));
+        assert_eq!(orphans.len(), 2);
+        // Taken once.
+        assert_eq!(take_orphan(&mut orphans, pid(40), asked), None);
+        assert_eq!(take_orphan(&mut orphans, pid(42), asked), None);
+        assert_eq!(take_orphan(&mut orphans, pid(41), asked), Some(exited));
+        assert_eq!(orphans, vec![(pid(40), killed, t0)]);
     }
 }
