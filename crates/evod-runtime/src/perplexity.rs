@@ -9,10 +9,10 @@
 //! The split is by bytes: the corpus's first `heldout_start` bytes train,
 //! the rest is held out (the publish gate's). The cut is on a line or word
 //! boundary ([`split_point`]). Each part is tokenized on its own and cut
-//! into windows of `window` tokens; a training evaluation scores
-//! `train_windows` of them chosen by the generation's seed
-//! ([`train_subset`]; 0 = all; a last partial window is dropped), the gate
-//! scores every held-out token (its last partial window too).
+//! into windows of `window` tokens (a last partial window is dropped); a
+//! training evaluation scores `train_windows` of them chosen by the
+//! generation's seed ([`train_subset`]; 0 = all), the gate scores every
+//! held-out window.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -18,7 +18,7 @@
 //! which name the GA parents —, the episode seed and count, and its
 //! purpose). Every task of a gate round carries the gate flag
 //! (`Task::gate`), so a host scores it as the single-host gate is (on the
-//! held-out part of a perplexity run). A round is
+//! held-out windows of a perplexity run). A round is
 //! its bases published by hash (once; the ES mean, or every GA parent a
 //! recipe names), its recipes cut into tasks of
 //! `--candidates-per-task`, enqueued once (a restarted coordinator that

@@ -7,7 +7,7 @@
 //! code the evolver made them with) and sent as vectors — and acknowledge
 //! the results under this host's id. A task flagged as the publish gate's
 //! (`Task::gate`) goes to the workers as the single-host gate does
-//! (`Purpose::Gate`: a perplexity worker scores every held-out token);
+//! (`Purpose::Gate`: a perplexity worker scores the held-out windows);
 //! training tasks keep their seeded window subsets.
 //!
 //! Nothing in a task is trusted: a base that does not hash to its name,

@@ -149,7 +149,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut coordination = match &dist {
         Some(settings) => {
             // Every task evod knows is distributed: a perplexity run's gate
-            // tasks carry the gate flag, scored on every held-out token.
+            // tasks carry the gate flag, scored on the held-out windows.
             let spec = evod_runtime::Model::open(&args.dir.join(MODEL_FILE))?.spec;
             let layout = evod_evolve::ParamLayout::from_architecture(&spec.arch)?;
             match crate::dist::Coordination::start(

@@ -725,7 +725,7 @@ impl RingEvaluator<'_> {
     /// Evaluates `jobs` side by side: every worker is given a request as
     /// soon as it is free (the candidates of [`next_group`], jobs in the
     /// order given), so a job whose candidates cost more than another's (a
-    /// gate scoring every held-out token beside training candidates
+    /// gate scoring every held-out window beside training candidates
     /// scoring one) does not leave the other workers waiting for it. One
     /// request in flight per worker; the busy workers are polled in turn
     /// ([`dispatch_poll`]). Lost requests and misbehaving workers are

@@ -37,7 +37,7 @@ pub(super) struct Loop {
     /// file is the one restored: a replay from an older checkpoint would
     /// publish it again, undoing the rollback.
     rolled_back_from: Option<u64>,
-    /// The perplexity task: the gate scores the held-out part, so every
+    /// The perplexity task: the gate scores held-out windows, so every
     /// generation's best is gated and the start vector's held-out fitness
     /// is measured before the first generation when the file has none.
     perplexity: bool,
@@ -223,7 +223,7 @@ impl Loop {
                     self.evolver.gate_seed(0),
                     self.evolver.config().gate_episodes,
                 )
-                .context("scoring the start control vector on the held-out part")?;
+                .context("scoring the start control vector on the held-out windows")?;
             if let Some(Some(f)) = gate.first().copied()
                 && f.is_finite()
             {
