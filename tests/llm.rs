@@ -205,7 +205,10 @@ fn a_bounded_run_lowers_training_perplexity_and_publishes_a_vector_llama_cpp_loa
     // partial one of at least 2 tokens (1 scored), so the equality below
     // tells that gate from one scoring every token.
     let all = base.tokenize(&corpus_text[cut..]).unwrap().len();
-    assert!(all % WINDOW as usize >= 2, "{all} held-out tokens: no partial window");
+    assert!(
+        all % WINDOW as usize >= 2,
+        "{all} held-out tokens: no partial window"
+    );
     let heldout = windows(&base, &corpus_text[cut..]);
     let zero = vec![0f32; published.len()];
     let train_base = perplexity(&mut base, &zero, &train);
