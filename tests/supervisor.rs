@@ -458,6 +458,12 @@ fn verified_good_generation(d: &Daemon) -> (evod_gguf::GgufFile, u64, PathBuf) {
 /// Publishes (atomically) `good` renumbered `generation` and carrying
 /// `evod.fault = fault` (honoured only with --allow-fault-injection).
 fn publish_faulty(d: &Daemon, good: &evod_gguf::GgufFile, generation: u64, fault: &str) {
+    publish(d, good, generation, Some(fault));
+}
+
+/// Publishes (atomically: a new inode at the live path) `good` renumbered
+/// `generation`, with `evod.fault = fault` if given.
+fn publish(d: &Daemon, good: &evod_gguf::GgufFile, generation: u64, fault: Option<&str>) {
     use evod_gguf::{PublishOptions, Value, rewrite};
     rewrite(
         good,
@@ -468,7 +474,9 @@ fn publish_faulty(d: &Daemon, good: &evod_gguf::GgufFile, generation: u64, fault
                     *v = Value::U64(generation);
                 }
             }
-            meta.push(("evod.fault".into(), Value::String(fault.into())));
+            if let Some(fault) = fault {
+                meta.push(("evod.fault".into(), Value::String(fault.into())));
+            }
         },
         &PublishOptions::default(),
     )
@@ -616,19 +624,7 @@ fn a_standby_maps_a_newly_published_model_before_it_is_promoted() {
         .and_then(|v| v.as_u64())
         .unwrap()
         + 1;
-    evod_gguf::rewrite(
-        &good,
-        &live,
-        |meta| {
-            for (k, v) in meta.iter_mut() {
-                if k == "evod.generation" {
-                    *v = evod_gguf::Value::U64(generation);
-                }
-            }
-        },
-        &evod_gguf::PublishOptions::default(),
-    )
-    .unwrap();
+    publish(&d, &good, generation, None);
     drop(good);
     let new = std::fs::metadata(&live).unwrap().ino();
     assert_ne!(new, old);
