@@ -45,7 +45,10 @@
 //! `recovery_during_load_exit_median_us`, the idle peer's
 //! `recovery_idle_*`, samples, how many deaths the supervisor learnt from
 //! a crash notice, and how many crashes found the other worker still in
-//! its `LOAD`).
+//! its `LOAD`). To look into a figure: `EVOD_LOG` sets the daemon's log
+//! level (`info` if unset), `EVOD_BENCH_LOG=PATH` keeps its log there, and
+//! `EVOD_BENCH_TRACE=1` prints every status poll of a crash (when it began
+//! after the `kill()`, how long it took, what it showed).
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
