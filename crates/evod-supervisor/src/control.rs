@@ -797,14 +797,17 @@ mod tests {
     use evod_wire::control::{ClientError, call};
     use std::os::unix::fs::PermissionsExt;
 
-    /// Answers every request with `ok(op name)` on a thread.
-    fn echo_loop(rx: mpsc::Receiver<Incoming>) {
+    /// A server on `path` whose "event loop" answers every request with
+    /// `ok(op name)`, on a thread.
+    fn echo_server(path: &Path) -> ControlServer {
+        let (tx, rx) = mpsc::channel::<Incoming>();
         std::thread::spawn(move || {
             for incoming in rx {
                 let name = serde_json::to_value(&incoming.request).unwrap()["op"].clone();
                 let _ = incoming.reply.send(Response::ok(name));
             }
         });
+        ControlServer::start(path, tx, |i| i).unwrap()
     }
 
     /// Waits up to 10 s for `cond` (another thread's doing).
@@ -821,9 +824,7 @@ mod tests {
         use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("evod.sock");
-        let (tx, rx) = mpsc::channel::<Incoming>();
-        echo_loop(rx);
-        let server = ControlServer::start(&path, tx, |i| i).unwrap();
+        let server = echo_server(&path);
         let pool = Arc::clone(&server.pool);
         let idle = || pool.idle.load(Ordering::SeqCst);
         let started = || pool.started.load(Ordering::SeqCst);
@@ -906,18 +907,14 @@ mod tests {
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
         // In an existing folder: used as it is, kept at stop.
         let path = shared.join("evod.sock");
-        let (tx, rx) = mpsc::channel::<Incoming>();
-        echo_loop(rx);
-        let server = ControlServer::start(&path, tx, |i| i).unwrap();
+        let server = echo_server(&path);
         assert!(server.created().dirs.is_empty());
         assert_eq!(std::fs::metadata(&shared).unwrap().mode() & 0o7777, 0o1777);
         drop(server);
         assert!(!path.exists() && shared.is_dir());
         // Two missing levels: both created 0700, both removed.
         let path = shared.join("a").join("b").join("evod.sock");
-        let (tx, rx) = mpsc::channel::<Incoming>();
-        echo_loop(rx);
-        let server = ControlServer::start(&path, tx, |i| i).unwrap();
+        let server = echo_server(&path);
         let created: Vec<_> = server.created().dirs.iter().map(|d| d.0.clone()).collect();
         assert_eq!(created, vec![shared.join("a/b"), shared.join("a")]);
         assert_eq!(
@@ -942,9 +939,7 @@ mod tests {
         let path = dir.path().join("control.sock");
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(matches!(check_socket_path(&path), Ok(SocketPath::Stale(_))));
-        let (tx, rx) = mpsc::channel::<Incoming>();
-        echo_loop(rx);
-        let _server = ControlServer::start(&path, tx, |i| i).unwrap();
+        let _server = echo_server(&path);
         assert_eq!(
             call(&path, &Request::Status, Duration::from_secs(5)).unwrap(),
             serde_json::json!("status")
@@ -955,9 +950,7 @@ mod tests {
     fn a_slow_client_holds_only_its_own_connection() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");
-        let (tx, rx) = mpsc::channel::<Incoming>();
-        echo_loop(rx);
-        let _server = ControlServer::start(&path, tx, |i| i).unwrap();
+        let _server = echo_server(&path);
         // A client that trickles one byte every 200 ms and never ends its line.
         let slow_path = path.clone();
         let (done_tx, done_rx) = mpsc::channel::<()>();
@@ -994,9 +987,7 @@ mod tests {
     fn exec_inputs_are_checked_by_the_server() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");
-        let (tx, rx) = mpsc::channel::<Incoming>();
-        echo_loop(rx);
-        let _server = ControlServer::start(&path, tx, |i| i).unwrap();
+        let _server = echo_server(&path);
         let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
         s.write_all(b"{\"op\":\"exec\",\"inputs\":[1e39]}\n")
             .unwrap();

@@ -271,18 +271,19 @@ fn crash(d: &mut Daemon, victim: usize, before: &StatusReport) -> Crash {
         }
     });
     let end = start + PATIENCE;
+    let trace = std::env::var_os("EVOD_BENCH_TRACE").is_some();
     let mut seen_us = None;
     let mut polls_us = Vec::new();
     let (inside_us, outside_us, other_in_load) = loop {
         let asked = Instant::now();
         let s = d.status();
-        polls_us.push(asked.elapsed().as_secs_f64() * 1e6);
+        let took_us = asked.elapsed().as_secs_f64() * 1e6;
+        polls_us.push(took_us);
         let c = worker(&s, victim);
-        if std::env::var_os("EVOD_BENCH_TRACE").is_some() {
+        if trace {
             eprintln!(
-                "  poll at {:.0} us took {:.0} us: pid {:?} restarts {} recoveries {} state {}",
+                "  poll at {:.0} us took {took_us:.0} us: pid {:?} restarts {} recoveries {} state {}",
                 asked.duration_since(start).as_secs_f64() * 1e6,
-                asked.elapsed().as_secs_f64() * 1e6,
                 c.pid,
                 c.restarts,
                 c.recoveries,
