@@ -11,6 +11,8 @@
 //! before its promotion and never again, and the run completes.
 //! A real perplexity worker's `EVAL` with a candidate whose perplexity is
 //! NaN answers it −∞ and scores the rest of the batch unchanged.
+//! `--gate-candidate mean` reaches the evolver: every publish is the mean
+//! of its generation.
 //!
 //! Distributed (issue 15) with a real `redis-server`: a bounded run whose
 //! coordinator (`--remote-only`) evaluates nothing itself, one `evod join`
@@ -374,6 +376,61 @@ fn log_events(d: &Daemon, message: &str) -> Vec<serde_json::Value> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["fields"]["message"] == message)
         .collect()
+}
+
+/// `--gate-candidate mean` reaches the evolver through the supervisor:
+/// every publish is a generation's mean, gated beside that generation's
+/// own training batch, so its training fitness is that generation's mean
+/// training fitness in `state/progress.csv` (with the default, `best`, it
+/// is the previous generation's best).
+#[test]
+fn gate_candidate_mean_publishes_the_mean_its_generation_was_drawn_around() {
+    let (dir, _, _) = setup(3000);
+    let mut args = run_args(8);
+    args.extend(["--gate-candidate".to_owned(), "mean".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::spawn(dir, &args, DEADLINE);
+    let status = d.wait_exit();
+    assert!(status.success(), "evod run: {status}\n{}", d.log());
+    let progress = std::fs::read_to_string(d.dir().join("state/progress.csv")).unwrap();
+    // generation -> (best, mean) training fitness.
+    let rows: std::collections::HashMap<u64, (f64, f64)> = progress
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (
+                c[0].parse().unwrap(),
+                (c[1].parse().unwrap(), c[2].parse().unwrap()),
+            )
+        })
+        .collect();
+    let passed = log_events(&d, "candidate passed the gate");
+    assert!(!passed.is_empty(), "nothing published\n{}", d.log());
+    for e in &passed {
+        let g = e["fields"]["generation"].as_u64().unwrap();
+        let fitness = e["fields"]["fitness"].as_f64().unwrap();
+        assert!(g >= 1, "the start vector is the published one: {e}");
+        // serde_json parses floats to within an ULP or so (no
+        // `float_roundtrip`), hence a relative 1e-13.
+        let same = |a: f64, b: f64| (a - b).abs() <= 1e-13 * b.abs();
+        assert!(
+            same(fitness, rows[&g].1),
+            "generation {g}'s mean fitness: {e}\n{progress}"
+        );
+        assert!(
+            !same(fitness, rows[&(g - 1)].0),
+            "not the previous best: {e}"
+        );
+    }
+    let f = GgufFile::open(&d.dir().join("vectorland.gguf")).unwrap();
+    let last = passed.last().unwrap();
+    let live = f.get("evod.fitness").and_then(Value::as_f64).unwrap();
+    let gate = last["fields"]["gate"].as_f64().unwrap();
+    assert!(
+        (live - gate).abs() <= 1e-13 * gate.abs(),
+        "the live file is the last gated mean: {live} against {gate}"
+    );
 }
 
 #[test]

@@ -86,7 +86,9 @@ pub use config::{
 pub use error::{EvalError, EvolveError};
 pub use es::EsState;
 pub use evaluator::{Evaluator, FnEvaluator, Purpose, RecipePart};
-pub use evolver::{EvolveStats, Evolver, GenerationReport, PublishCandidate, Scored};
+pub use evolver::{
+    EvolveStats, Evolver, GateCandidate, GenerationReport, PublishCandidate, Scored,
+};
 pub use ga::{GaState, Individual};
 pub use ga_recipe::{Blend, Cross, GaBatch, GaParents, GaRecipe, MAX_GA_TENSORS, Mutation};
 pub use inprocess::{InProcessEvaluator, SolveReport, solve_in_process};

@@ -662,3 +662,145 @@ fn a_gated_best_with_nothing_newer_is_not_gated_again() {
     assert_eq!(ev.stats().gate_evaluations, 2);
     assert_eq!(ev.stats().publishes, 0);
 }
+
+/// Gating the mean (`GateCandidate::Mean`, `evod run --gate-candidate mean`):
+/// every generation gates the mean its own training candidates are drawn
+/// around, in the same evaluator call and first; a publish is that mean,
+/// with the generation's mean training fitness and the mean's gate
+/// fitness; the published mean is not gated again. A run checkpointed and
+/// resumed publishes exactly what the uninterrupted run does.
+#[test]
+fn es_gating_the_mean_gates_each_new_mean_beside_its_own_training_batch() {
+    use evod_evolve::GateCandidate;
+    use evod_evolve::Purpose::Train;
+    let cfg = config(StrategyKind::Es, 3);
+    let start = |cfg: &EvolverConfig| {
+        let mut ev = Evolver::with_layout(cfg.clone(), layout(), vec![0.0; 16], None).unwrap();
+        ev.set_gate_every_generation(true);
+        ev.set_gate_candidate(GateCandidate::Mean);
+        ev.adopt_initial_fitness(HeldOut::score(Gate, &[0.0; 16]))
+            .unwrap();
+        ev
+    };
+    let mut ev = start(&cfg);
+    assert_eq!(ev.gate_candidate(), GateCandidate::Mean);
+    let mut e = HeldOut::default();
+    let mut publishes = Vec::new();
+    let mut published = ev.published().unwrap().1;
+    for g in 0..30u64 {
+        let mean = es_mean(&ev);
+        let gated = ev.published().unwrap().0 != mean.as_slice();
+        let report = ev.step(&mut e).unwrap();
+        let call = e.together.last().unwrap();
+        let train = call.last().unwrap();
+        assert_eq!(train.0, Train);
+        assert_eq!(train.1.len(), cfg.population, "generation {g}");
+        assert!(
+            !train.1.contains(&mean),
+            "generation {g}: the mean is not trained on"
+        );
+        if gated {
+            assert_eq!(call.len(), 2, "generation {g}");
+            assert_eq!(
+                call[0],
+                (Gate, vec![mean.clone()]),
+                "generation {g}: the mean"
+            );
+        } else {
+            assert_eq!(
+                call.len(),
+                1,
+                "generation {g}: the mean is the published vector"
+            );
+            assert!(report.publish.is_none());
+        }
+        if let Some(p) = &report.publish {
+            assert_eq!(
+                p.params, mean,
+                "generation {g}: a publish is the gated mean"
+            );
+            let gate = HeldOut::score(Gate, &mean);
+            assert_eq!(
+                (p.fitness, p.gate_fitness),
+                (report.mean_fitness, Some(gate))
+            );
+            assert!(
+                gate >= published,
+                "generation {g}: a publish never regresses"
+            );
+            published = gate;
+            assert_eq!(ev.published().unwrap(), (mean.as_slice(), gate));
+            publishes.push((g, p.params.clone()));
+        }
+    }
+    assert!(
+        publishes.len() >= 5,
+        "the sphere's mean improves: {publishes:?}"
+    );
+    let gated = e.together.iter().filter(|c| c.len() == 2).count() as u64;
+    assert_eq!(
+        gated, 29,
+        "every generation after the first gates a new mean"
+    );
+    assert_eq!(ev.stats().gate_evaluations, gated);
+    assert_eq!(ev.stats().publishes, publishes.len() as u64);
+    // The sphere is the training and the gate's landscape: the gated mean
+    // ends better than the best-gating run's published vector.
+    let mut by_best = start(&cfg);
+    by_best.set_gate_candidate(GateCandidate::Best);
+    let mut e3 = HeldOut::default();
+    for _ in 0..30 {
+        by_best.step(&mut e3).unwrap();
+    }
+    assert!(
+        ev.published().unwrap().1 > by_best.published().unwrap().1,
+        "mean {} against best {}",
+        ev.published().unwrap().1,
+        by_best.published().unwrap().1
+    );
+
+    let mut again = start(&cfg);
+    let mut e2 = HeldOut::default();
+    let mut resumed = Vec::new();
+    for g in 0..30u64 {
+        if g == 11 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("ckpt.bin");
+            save_checkpoint(&path, &again.checkpoint()).unwrap();
+            again = Evolver::from_checkpoint_with_layout(load_checkpoint(&path).unwrap()).unwrap();
+            again.set_gate_every_generation(true);
+            again.set_gate_candidate(GateCandidate::Mean);
+        }
+        if let Some(p) = again.step(&mut e2).unwrap().publish {
+            resumed.push((g, p.params));
+        }
+    }
+    assert_eq!(resumed, publishes);
+    assert_eq!(again.stats(), ev.stats());
+}
+
+/// A gated mean that did not move (its generation scored nothing: every
+/// training candidate quarantined, so no update) is not gated again.
+#[test]
+fn a_gated_mean_that_did_not_move_is_not_gated_again() {
+    let mut ev =
+        Evolver::with_layout(config(StrategyKind::Es, 5), layout(), vec![0.0; 16], None).unwrap();
+    ev.set_gate_every_generation(true);
+    ev.set_gate_candidate(evod_evolve::GateCandidate::Mean);
+    ev.adopt_initial_fitness(0.0).unwrap(); // unbeatable: no publish
+    let mut e = HeldOut {
+        quarantine_training: vec![1, 2],
+        ..HeldOut::default()
+    };
+    let parts = |e: &HeldOut| e.together.iter().map(Vec::len).collect::<Vec<_>>();
+    ev.step(&mut e).unwrap(); // the mean is the published start: not gated
+    let moved = es_mean(&ev);
+    ev.step(&mut e).unwrap(); // gates the new mean; training all quarantined
+    assert_eq!(es_mean(&ev), moved, "nothing scored: the mean stays");
+    ev.step(&mut e).unwrap(); // the same mean: not gated; quarantined again
+    ev.step(&mut e).unwrap(); // not gated; scored, the mean moves
+    ev.step(&mut e).unwrap(); // gates the new mean
+    assert_eq!(parts(&e), vec![1, 2, 1, 1, 2]);
+    assert_eq!(ev.stats().gate_evaluations, 2);
+    assert_eq!(ev.stats().publishes, 0);
+}

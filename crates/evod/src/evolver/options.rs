@@ -48,6 +48,35 @@ impl Strategy {
     }
 }
 
+/// What ES sends to the publish gate of a held-out task (the perplexity
+/// task, whose gate runs beside every generation's training batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GateCandidate {
+    /// The previous generation's best-scoring candidate (the default).
+    Best,
+    /// The mean the generation's candidates are drawn around.
+    Mean,
+}
+
+impl GateCandidate {
+    /// The flag value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GateCandidate::Mean => "mean",
+            GateCandidate::Best => "best",
+        }
+    }
+
+    /// The library's value.
+    pub fn to_library(self) -> evod_evolve::GateCandidate {
+        match self {
+            GateCandidate::Mean => evod_evolve::GateCandidate::Mean,
+            GateCandidate::Best => evod_evolve::GateCandidate::Best,
+        }
+    }
+}
+
 /// Evolution options: given to `evod run`, passed through unchanged to the
 /// `evod evolver` role (which flattens this same struct). Every field is
 /// optional so that flags, `EVOD_*` variables and the TOML `[evolve]` table
@@ -125,6 +154,11 @@ pub struct EvolveArgs {
     /// validation lets through (a positive number) [default: 4].
     #[arg(long, env = "EVOD_MAX_RELATIVE_CHANGE", value_name = "X", value_parser = positive_f64)]
     pub max_relative_change: Option<f64>,
+    /// What ES gates on a held-out task (perplexity): the previous
+    /// generation's best candidate, or the mean its candidates are drawn
+    /// around [default: best; docs/llm.md]. Other tasks gate their best.
+    #[arg(long, env = "EVOD_GATE_CANDIDATE", value_enum)]
+    pub gate_candidate: Option<GateCandidate>,
 }
 
 /// A finite number > 0.
@@ -180,6 +214,10 @@ impl EvolveArgs {
             .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
             .unwrap_or(std::time::Duration::from_secs(10))
     }
+    /// What ES gates on a held-out task, default the best candidate.
+    pub fn gate_candidate(&self) -> GateCandidate {
+        self.gate_candidate.unwrap_or(GateCandidate::Best)
+    }
     /// Useless generations tolerated, default
     /// [`evod_evolve::DEFAULT_MAX_USELESS_GENERATIONS`].
     pub fn max_useless_generations(&self) -> u32 {
@@ -212,6 +250,7 @@ impl EvolveArgs {
             sigma: self.sigma.or(other.sigma),
             learning_rate: self.learning_rate.or(other.learning_rate),
             max_relative_change: self.max_relative_change.or(other.max_relative_change),
+            gate_candidate: self.gate_candidate.or(other.gate_candidate),
         }
     }
 
@@ -260,6 +299,10 @@ impl EvolveArgs {
             "--max-relative-change",
             self.max_relative_change.map(|v| v.to_string()),
         );
+        push(
+            "--gate-candidate",
+            self.gate_candidate.map(|g| g.as_str().to_owned()),
+        );
         if self.until_solved {
             out.push("--until-solved".into());
         }
@@ -281,7 +324,7 @@ mod tests {
     #[test]
     fn service_options_pass_through_and_default() {
         let file: EvolveArgs = toml::from_str(
-            "pulse_interval = \"2.5s\"\npatience = 7\nprogress_keep = 50\nsigma = 2.5\nlearning_rate = 0.15\n",
+            "pulse_interval = \"2.5s\"\npatience = 7\nprogress_keep = 50\nsigma = 2.5\nlearning_rate = 0.15\ngate_candidate = \"mean\"\n",
         )
         .unwrap();
         assert_eq!(file.pulse_interval(), Duration::from_millis(2500));
@@ -293,6 +336,9 @@ mod tests {
         assert_eq!(again.patience(), 7);
         assert_eq!(again.progress_keep(), 50);
         assert_eq!((again.sigma, again.learning_rate), (Some(2.5), Some(0.15)));
+        assert_eq!(again.gate_candidate(), GateCandidate::Mean);
+        assert_eq!(EvolveArgs::default().gate_candidate(), GateCandidate::Best);
+        assert!(Cli::try_parse_from(["x", "--gate-candidate", "median"]).is_err());
         assert!(Cli::try_parse_from(["x", "--sigma", "0"]).is_err());
         assert!(Cli::try_parse_from(["x", "--learning-rate", "nan"]).is_err());
         let none = EvolveArgs::default();

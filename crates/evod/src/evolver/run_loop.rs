@@ -137,6 +137,7 @@ impl Loop {
         };
         let perplexity = task == Task::Perplexity;
         evolver.set_gate_every_generation(perplexity);
+        evolver.set_gate_candidate(evolve.gate_candidate().to_library());
         let quarantined = evod_store::read_quarantine(dir);
         let model_generation = model.spec.generation;
         let mark = evod_store::read_rollback_marker(dir);
