@@ -7,6 +7,9 @@
 //! when nothing changed), so these tests work from `cargo test` alone. The
 //! perplexity task in the image is `tests/docker_llm.rs`'s.
 //!
+//! The image is labelled with its checkout; test images of checkouts that
+//! are gone (a removed CI clone) are removed before a run builds its own.
+//!
 //! Without a Docker engine (`docker info` fails) every test prints one loud
 //! `SKIPPED: tests/docker.rs: …` line and passes. Each test has its own
 //! container and volume, removed by a guard even when the test fails. Every
@@ -225,6 +228,59 @@ fn the_image_runs_as_a_non_root_user_with_a_state_volume_and_a_healthcheck() {
         serde_json::json!(["CMD", "/usr/local/bin/evod", "status", "--check"])
     );
     assert_eq!(config["StopSignal"], "SIGTERM", "{config}");
+}
+
+/// The test image carries its checkout's label; a test image whose
+/// checkout is gone is removed before the next run builds its own, one
+/// whose checkout exists is kept.
+#[test]
+fn test_images_of_checkouts_that_are_gone_are_pruned() {
+    use common::docker::{CHECKOUT_LABEL, checkout, prune_stale_test_images};
+    if !image() {
+        return;
+    }
+    let label = format!("{{{{index .Config.Labels \"{CHECKOUT_LABEL}\"}}}}");
+    let o = docker(&["image", "inspect", "--format", &label, IMAGE.as_str()]);
+    assert_eq!(text(&o).trim(), checkout(), "{}", text(&o));
+    // Two tiny labelled images: one of a checkout that is gone, one of a
+    // folder that holds a Cargo.toml (an existing checkout).
+    let live = tempfile::tempdir().unwrap();
+    std::fs::write(live.path().join("Cargo.toml"), "").unwrap();
+    let gone = live.path().join("gone");
+    let pid = std::process::id();
+    let build = |tag: &str, owner: &Path| {
+        let mut child = Command::new("docker")
+            .args(["build", "--quiet", "--tag", tag, "--label"])
+            .arg(format!("{CHECKOUT_LABEL}={}", owner.display()))
+            .args(["--label", &format!("evod.test.tag={tag}"), "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"FROM scratch\nLABEL evod.test=prune\n")
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "docker build {tag}: {}", text(&o));
+    };
+    let stale = format!("evod:test-stale-{pid}");
+    let kept = format!("evod:test-kept-{pid}");
+    build(&stale, &gone);
+    build(&kept, live.path());
+    let exists = |tag: &str| docker(&["image", "inspect", tag]).status.success();
+    let removed = prune_stale_test_images();
+    let (stale_left, kept_left, ours_left) = (exists(&stale), exists(&kept), exists(&IMAGE));
+    docker(&["rmi", "--force", &stale]);
+    docker(&["rmi", "--force", &kept]);
+    assert!(removed.contains(&stale), "{removed:?}");
+    assert!(!stale_left, "{stale} is still there");
+    assert!(kept_left, "{kept}: its checkout exists");
+    assert!(ours_left, "{}: this checkout's image", IMAGE.as_str());
 }
 
 #[test]

@@ -321,6 +321,59 @@ pub mod docker {
         format!("{repository}:test-{:016x}", h.finish())
     }
 
+    /// The label every test image carries: the checkout whose tests built
+    /// it (`test_tag`'s path), so that a later run can tell an image whose
+    /// checkout is gone ([`prune_stale_test_images`]).
+    pub const CHECKOUT_LABEL: &str = "org.evod.test.checkout";
+
+    /// This checkout's path, as [`CHECKOUT_LABEL`] records it.
+    pub fn checkout() -> String {
+        root()
+            .canonicalize()
+            .unwrap_or_else(|_| root())
+            .display()
+            .to_string()
+    }
+
+    /// Removes the test images of checkouts that are gone: every tag
+    /// labelled [`CHECKOUT_LABEL`] whose folder no longer holds a
+    /// `Cargo.toml` (a deleted CI clone or worktree), and the untagged
+    /// images with that label (an earlier build of a tag since rebuilt).
+    /// Images of checkouts that exist, another's running tests included,
+    /// and every image without the label (`evod:local`, the user's) are
+    /// left alone; an image a container still uses is left too (`docker
+    /// rmi` refuses it). The tags removed.
+    pub fn prune_stale_test_images() -> Vec<String> {
+        let filter = format!("label={CHECKOUT_LABEL}");
+        let listed = docker(&[
+            "image",
+            "ls",
+            "--filter",
+            &filter,
+            "--format",
+            "{{.Repository}}:{{.Tag}}",
+        ]);
+        let mut removed = Vec::new();
+        for tag in super::text(&listed.stdout).lines().map(str::trim) {
+            if tag.is_empty() || tag.contains("<none>") {
+                continue;
+            }
+            let format = format!("{{{{index .Config.Labels \"{CHECKOUT_LABEL}\"}}}}");
+            let o = docker(&["image", "inspect", "--format", &format, tag]);
+            let owner = super::text(&o.stdout).trim().to_owned();
+            if !o.status.success() || owner.is_empty() {
+                continue;
+            }
+            if !Path::new(&owner).join("Cargo.toml").exists()
+                && docker(&["rmi", tag]).status.success()
+            {
+                removed.push(tag.to_owned());
+            }
+        }
+        docker(&["image", "prune", "--force", "--filter", &filter]);
+        removed
+    }
+
     /// Runs `docker ARGS` with no stdin; its output.
     pub fn docker(args: &[&str]) -> Output {
         Command::new("docker")
@@ -380,7 +433,10 @@ pub mod docker {
     /// and Docker's layer cache when nothing changed), and returns `true`;
     /// without a usable engine (`docker info` fails) prints one loud
     /// `SKIPPED: <who>: …` line on the real stderr (past the harness's
-    /// capture) and returns `false`. A failed build fails the test.
+    /// capture) and returns `false`. A failed build fails the test. Each
+    /// image is labelled with this checkout ([`CHECKOUT_LABEL`]), and the
+    /// test images of checkouts that are gone are removed first
+    /// ([`prune_stale_test_images`]).
     pub fn images_or_skip(who: &str, builds: &[&[&str]]) -> bool {
         use std::io::Write;
         static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -400,12 +456,24 @@ pub mod docker {
                 );
                 return false;
             }
+            // A shared engine keeps every checkout's test tags: drop
+            // those of checkouts that are gone before adding ours.
+            let pruned = prune_stale_test_images();
+            if !pruned.is_empty() {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{who}: removed the test images of checkouts that are gone: {}",
+                    pruned.join(", ")
+                );
+            }
+            let label = format!("{CHECKOUT_LABEL}={}", checkout());
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").into());
             for args in builds {
                 let o = Command::new(&cargo)
                     .current_dir(root())
                     .args(["run", "--quiet", "-p", "xtask", "--"])
                     .args(*args)
+                    .args(["--label", &label])
                     .stdin(Stdio::null())
                     .output()
                     .expect("running cargo xtask image");

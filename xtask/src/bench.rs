@@ -73,8 +73,8 @@ pub fn run(args: &[String]) -> Result<()> {
                 eprintln!("SKIPPED: xtask bench dist: no Docker engine ({why})");
                 continue;
             }
-            crate::image::build(crate::image::DEFAULT_TAG)?;
-            crate::image::build_redis(crate::image::REDIS_TAG)?;
+            crate::image::build(crate::image::DEFAULT_TAG, &[])?;
+            crate::image::build_redis(crate::image::REDIS_TAG, &[])?;
         }
         for &&(_, package, example) in &examples {
             if package == "evod-llama" {

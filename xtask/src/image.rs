@@ -20,11 +20,18 @@
 //!    in the target folder keeps them, same build id), `docker/rootfs`
 //!    (passwd/group naming uid 65532) and an empty state folder template.
 //! 4. `docker build -f docker/Dockerfile`: two `FROM scratch` stages whose
-//!    runtime stage is the registry `Dockerfile`'s, line for line.
+//!    runtime stage is the registry `Dockerfile`'s, line for line. The
+//!    build stage is labelled `org.evod.stage=build`; the untagged copies
+//!    of it that the legacy builder keeps are removed once over an hour
+//!    old.
 //!
 //! `tests/docker.rs` runs this task too (once per test run), so the tests
 //! work from `cargo test` alone; Docker's layer cache makes a rebuild of an
 //! unchanged binary a no-op.
+//!
+//! `--label KEY=VALUE` (repeatable) adds labels to the image (the tests
+//! label theirs with their checkout: `tests/common/mod.rs`,
+//! `docker::prune_stale_test_images`).
 //!
 //! `cargo xtask image --redis [--tag TAG]` builds the broker's image
 //! (`evod-redis:local` by default) the same way, for `deploy/compose.yaml`,
@@ -42,6 +49,9 @@ use crate::{root, run};
 
 /// The image tag built when none is given.
 pub const DEFAULT_TAG: &str = "evod:local";
+
+/// The label of docker/Dockerfile's build stage.
+const BUILD_STAGE_LABEL: &str = "org.evod.stage=build";
 
 /// The Redis image's tag when none is given (`--redis`).
 pub const REDIS_TAG: &str = "evod-redis:local";
@@ -67,6 +77,7 @@ pub const LLM_SHAPE: [&str; 6] = ["-p", "evod", "-p", "evod-llama", "--features"
 pub fn run_task(args: &[String]) -> Result<()> {
     let mut tag = None;
     let mut redis = false;
+    let mut labels = Vec::new();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -78,15 +89,26 @@ pub fn run_task(args: &[String]) -> Result<()> {
                 );
             }
             "--redis" => redis = true,
+            "--label" => {
+                let label = it
+                    .next()
+                    .context("--label needs a value, e.g. --label org.example.key=value")?;
+                if label.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
+                    bail!("cargo xtask image: --label {label:?} is not KEY=VALUE");
+                }
+                labels.push(label.clone());
+            }
             other => {
-                bail!("cargo xtask image: unknown argument {other:?} (expected --tag TAG, --redis)")
+                bail!(
+                    "cargo xtask image: unknown argument {other:?} (expected --tag TAG, --redis, --label KEY=VALUE)"
+                )
             }
         }
     }
     if redis {
-        build_redis(tag.as_deref().unwrap_or(REDIS_TAG))
+        build_redis(tag.as_deref().unwrap_or(REDIS_TAG), &labels)
     } else {
-        build(tag.as_deref().unwrap_or(DEFAULT_TAG))
+        build(tag.as_deref().unwrap_or(DEFAULT_TAG), &labels)
     }
 }
 
@@ -105,8 +127,17 @@ pub fn engine() -> std::result::Result<(), String> {
     }
 }
 
-/// Builds the static binary and the image `tag`.
-pub fn build(tag: &str) -> Result<()> {
+/// `--label LABEL` for each of `labels`.
+fn label_args(labels: &[String]) -> Vec<&str> {
+    labels
+        .iter()
+        .flat_map(|l| ["--label", l.as_str()])
+        .collect()
+}
+
+/// Builds the static binary and the image `tag`, with `labels`
+/// (`KEY=VALUE`).
+pub fn build(tag: &str, labels: &[String]) -> Result<()> {
     let root = root();
     let target_dir = crate::target_dir();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -126,9 +157,19 @@ pub fn build(tag: &str) -> Result<()> {
     stage(&root, &binary, &context)?;
     let started = std::time::Instant::now();
     run(Command::new("docker")
-        .args(["build", "--quiet", "--tag", tag, "--file"])
+        .args(["build", "--quiet", "--tag", tag])
+        .args(label_args(labels))
+        .arg("--file")
         .arg(root.join("docker/Dockerfile"))
         .arg(&context))?;
+    // Docker's legacy builder keeps the build stage as an untagged image
+    // per binary; those an earlier build left (over an hour old, so never
+    // a concurrent build's) go.
+    let _ = Command::new("docker")
+        .args(["image", "prune", "--force", "--filter"])
+        .arg(format!("label={BUILD_STAGE_LABEL}"))
+        .args(["--filter", "until=1h"])
+        .output();
     let size = std::fs::metadata(&binary)?.len();
     eprintln!(
         "xtask image: built {tag} from {} ({:.1} MB, static, with llama.cpp): cargo {:.1}s, docker build {:.1}s",
@@ -249,7 +290,7 @@ fn stage(root: &Path, binary: &Path, context: &Path) -> Result<()> {
 /// Builds the Redis image `tag` from this machine's `redis-server` (see the
 /// module docs). Nothing is pulled; a missing binary or library is an error
 /// naming it.
-pub fn build_redis(tag: &str) -> Result<()> {
+pub fn build_redis(tag: &str, labels: &[String]) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let root = root();
     let context = crate::target_dir().join("image/redis-context");
@@ -300,6 +341,7 @@ pub fn build_redis(tag: &str) -> Result<()> {
     run(Command::new("docker")
         .args(["build", "--quiet", "--tag", tag, "--label"])
         .arg(format!("org.opencontainers.image.version={version}"))
+        .args(label_args(labels))
         .arg("--file")
         .arg(root.join("docker/redis.Dockerfile"))
         .arg(&context))?;

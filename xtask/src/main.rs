@@ -160,7 +160,7 @@ fn ci() -> Result<()> {
         // llm shape, release profile, static target): its own llama.cpp
         // build, cold once per target folder, like the dev one below.
         step("image (static, llm)", &mut || match image::engine() {
-            Ok(()) => image::build(image::DEFAULT_TAG),
+            Ok(()) => image::build(image::DEFAULT_TAG, &[]),
             Err(why) => {
                 eprintln!("SKIPPED: xtask ci image: no Docker engine ({why})");
                 Ok(())
