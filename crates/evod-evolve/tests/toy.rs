@@ -619,23 +619,36 @@ fn es_with_a_held_out_gate_gates_the_previous_best_beside_the_training_batch() {
     );
 
     // Checkpointed at generation 11, dropped, resumed: the same publishes.
-    let mut again = start(&cfg);
-    let mut e2 = HeldOut::default();
-    let mut resumed = Vec::new();
-    for g in 0..30u64 {
-        if g == 11 {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("ckpt.bin");
-            save_checkpoint(&path, &again.checkpoint()).unwrap();
-            again = Evolver::from_checkpoint_with_layout(load_checkpoint(&path).unwrap()).unwrap();
-            again.set_gate_every_generation(true);
-        }
-        if let Some(p) = again.step(&mut e2).unwrap().publish {
-            resumed.push((g, p.params));
-        }
-    }
+    let (resumed, again) =
+        publishes_resumed_at(start(&cfg), 11, 30, |e| e.set_gate_every_generation(true));
     assert_eq!(resumed, publishes);
     assert_eq!(again.stats(), &s);
+}
+
+/// Runs `ev` on a fresh [`HeldOut`] for `generations`, checkpointed to a
+/// file, dropped and resumed (then `setup`, the settings a checkpoint does
+/// not keep) at generation `at`: the publishes and the resumed evolver.
+fn publishes_resumed_at(
+    mut ev: Evolver,
+    at: u64,
+    generations: u64,
+    setup: impl Fn(&mut Evolver),
+) -> (Vec<(u64, Vec<f32>)>, Evolver) {
+    let mut e = HeldOut::default();
+    let mut publishes = Vec::new();
+    for g in 0..generations {
+        if g == at {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("ckpt.bin");
+            save_checkpoint(&path, &ev.checkpoint()).unwrap();
+            ev = Evolver::from_checkpoint_with_layout(load_checkpoint(&path).unwrap()).unwrap();
+            setup(&mut ev);
+        }
+        if let Some(p) = ev.step(&mut e).unwrap().publish {
+            publishes.push((g, p.params));
+        }
+    }
+    (publishes, ev)
 }
 
 /// A gated best that nothing newer replaces (the next generation scored
@@ -759,22 +772,10 @@ fn es_gating_the_mean_gates_each_new_mean_beside_its_own_training_batch() {
         by_best.published().unwrap().1
     );
 
-    let mut again = start(&cfg);
-    let mut e2 = HeldOut::default();
-    let mut resumed = Vec::new();
-    for g in 0..30u64 {
-        if g == 11 {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("ckpt.bin");
-            save_checkpoint(&path, &again.checkpoint()).unwrap();
-            again = Evolver::from_checkpoint_with_layout(load_checkpoint(&path).unwrap()).unwrap();
-            again.set_gate_every_generation(true);
-            again.set_gate_candidate(GateCandidate::Mean);
-        }
-        if let Some(p) = again.step(&mut e2).unwrap().publish {
-            resumed.push((g, p.params));
-        }
-    }
+    let (resumed, again) = publishes_resumed_at(start(&cfg), 11, 30, |e| {
+        e.set_gate_every_generation(true);
+        e.set_gate_candidate(GateCandidate::Mean);
+    });
     assert_eq!(resumed, publishes);
     assert_eq!(again.stats(), ev.stats());
 }
