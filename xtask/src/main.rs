@@ -38,7 +38,15 @@ fn main() -> Result<()> {
 
 /// The workspace root (the folder holding `xtask/`).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // `cargo run` (the `cargo xtask` alias) sets CARGO_MANIFEST_DIR for the
+    // program too: the checkout it was run in. The compile-time value is
+    // the checkout that built this binary, which differs when two
+    // checkouts share a target folder and cargo found the binary fresh
+    // (and may be gone).
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest
         .parent()
         .expect("xtask lives one level below the workspace root")
         .to_path_buf()
