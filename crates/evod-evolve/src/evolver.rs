@@ -24,7 +24,7 @@ use crate::ga::GaState;
 use crate::ga_recipe::{GaBatch, GaParents, GaRecipe};
 use crate::layout::ParamLayout;
 use crate::progress::NoProgress;
-use crate::recipe::{Base, Recipe, checksum};
+use crate::recipe::{Base, Recipe};
 use crate::rt;
 use crate::validate::{Rejection, RejectionKind, Validator};
 
@@ -507,7 +507,11 @@ impl Evolver {
             _ => Some(&self.best.params),
         };
         let gate_mean = beside && self.gate_candidate == GateCandidate::Mean;
-        let target_sum = gate_target.filter(|_| gate_mean).map(checksum);
+        // The mean is the training batch's base: its checksum is known.
+        let target_sum = match (&candidates, gate_mean) {
+            (Batch::Recipes(base, _), true) => Some(base.checksum()),
+            _ => None,
+        };
         let pending = match gate_target {
             None => false,
             Some(target) => {
@@ -525,15 +529,15 @@ impl Evolver {
         } else if let (true, Batch::Recipes(base, recipes), Some(target)) =
             (beside, &candidates, gate_target)
         {
-            let gate_base =
+            // The mean gates against the training batch's own base.
+            let gate_base = if gate_mean {
+                *base
+            } else {
                 Base::new(target, &self.layout).map_err(|e| EvolveError::InvalidState {
-                    what: if gate_mean {
-                        "the ES mean".into()
-                    } else {
-                        "the best vector".into()
-                    },
+                    what: "the best vector".into(),
                     reason: e.to_string(),
-                })?;
+                })?
+            };
             let gate_recipe = [Recipe::center(gate_base.checksum(), self.config.scale)];
             let mut parts = Vec::with_capacity(2);
             if pending {
