@@ -345,53 +345,89 @@ impl Storm {
             }
             worker => {
                 let w = rng.below(2);
-                let mut before = None;
-                // Paced: the worker is up and serving (a crash within 1 s
-                // of start is a quick crash, which backs off).
-                if !self.wait(RECOVERY, |s| {
-                    before = s.worker(w).filter(|x| x.2 > 0.05);
-                    before.is_some()
-                })? {
-                    bail!("worker {w} is not running");
-                }
-                let (pid, restarts, _) = before.unwrap_or_default();
-                let kind = match worker {
-                    Fault::WorkerSegv => Some("segv".to_owned()),
-                    Fault::WorkerHang => Some("hang".to_owned()),
-                    Fault::WorkerScribble => Some("scribble".to_owned()),
-                    Fault::WorkerLie => Some("lie".to_owned()),
-                    Fault::WorkerLieControl => Some("lie-control".to_owned()),
-                    Fault::WorkerExit => Some(format!("exit:{}", 1 + rng.below(120))),
-                    Fault::WorkerKill => {
-                        signal(pid, libc::SIGKILL);
-                        None
-                    }
-                    _ => {
-                        signal(pid, libc::SIGABRT);
-                        None
-                    }
-                };
-                if let Some(kind) = kind {
-                    let o = self
-                        .cmd()
-                        .args(["fault", "--dir"])
-                        .arg(&self.dir)
-                        .args(["--worker", &w.to_string(), "--kind", &kind])
-                        .output()?;
-                    if !o.status.success() {
-                        eprintln!(
-                            "storm: evod fault {kind}: {}",
-                            String::from_utf8_lossy(&o.stderr).trim()
-                        );
-                        return Ok(Some(false));
+                // The worker can go between the status that shows it up
+                // and `evod fault`: garbage an earlier scribble or lie left
+                // in its segment can get it recycled a moment later (seen:
+                // "Eval reply to request id … that is not in flight", then
+                // "worker 0 is not running"). Nothing was injected then, so
+                // wait for the worker again and retry, a few times.
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match self.inject_worker(worker, w, rng)? {
+                        Injected::Done(recovered) => return Ok(Some(recovered)),
+                        Injected::NotRunning(why) if tries < 5 => {
+                            eprintln!(
+                                "storm: worker {w} went before the fault reached it ({why}): again"
+                            );
+                        }
+                        Injected::NotRunning(why) => {
+                            eprintln!("storm: evod fault: {why}");
+                            return Ok(Some(false));
+                        }
                     }
                 }
-                Ok(Some(self.wait(RECOVERY, |s| {
-                    s.worker(w).is_some_and(|x| x.1 > restarts)
-                })?))
             }
         }
     }
+
+    /// Injects worker fault `worker` into worker `w` once it is up and
+    /// serving, and waits for its recovery.
+    fn inject_worker(&mut self, worker: Fault, w: u64, rng: &mut Rng) -> Result<Injected> {
+        let mut before = None;
+        // Paced: the worker is up and serving (a crash within 1 s
+        // of start is a quick crash, which backs off).
+        if !self.wait(RECOVERY, |s| {
+            before = s.worker(w).filter(|x| x.2 > 0.05);
+            before.is_some()
+        })? {
+            bail!("worker {w} is not running");
+        }
+        let (pid, restarts, _) = before.unwrap_or_default();
+        let kind = match worker {
+            Fault::WorkerSegv => Some("segv".to_owned()),
+            Fault::WorkerHang => Some("hang".to_owned()),
+            Fault::WorkerScribble => Some("scribble".to_owned()),
+            Fault::WorkerLie => Some("lie".to_owned()),
+            Fault::WorkerLieControl => Some("lie-control".to_owned()),
+            Fault::WorkerExit => Some(format!("exit:{}", 1 + rng.below(120))),
+            Fault::WorkerKill => {
+                signal(pid, libc::SIGKILL);
+                None
+            }
+            _ => {
+                signal(pid, libc::SIGABRT);
+                None
+            }
+        };
+        if let Some(kind) = kind {
+            let o = self
+                .cmd()
+                .args(["fault", "--dir"])
+                .arg(&self.dir)
+                .args(["--worker", &w.to_string(), "--kind", &kind])
+                .output()?;
+            if !o.status.success() {
+                let why = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+                if why.contains("is not running") {
+                    return Ok(Injected::NotRunning(why));
+                }
+                eprintln!("storm: evod fault {kind}: {why}");
+                return Ok(Injected::Done(false));
+            }
+        }
+        Ok(Injected::Done(self.wait(RECOVERY, |s| {
+            s.worker(w).is_some_and(|x| x.1 > restarts)
+        })?))
+    }
+}
+
+/// What one try of a worker fault did.
+enum Injected {
+    /// Injected; whether the worker recovered.
+    Done(bool),
+    /// `evod fault` found the worker gone (its answer): nothing injected.
+    NotRunning(String),
 }
 
 fn signal(pid: i32, sig: i32) {
