@@ -205,11 +205,13 @@ impl EsState {
         crate::par::for_each(parts, threads, |b, (m_out, v_out, mean_out)| {
             let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
             // Gradient in scaled coordinates z (θ = θ₀ + s·z): the noise
-            // index of a value is its flat index (tensors are contiguous
-            // from 0).
+            // index of a value is its flat index, but in a tensor that
+            // takes another's noise (`TensorSpan::noise_offset`).
             let mut grad = vec![0.0f64; hi - lo];
             for &(seed, w) in &weights {
-                noise::accumulate(seed, lo as u64, w, &mut grad);
+                for (at, r) in layout.noise_runs(lo..hi) {
+                    noise::accumulate(seed, at as u64, w, &mut grad[r.start - lo..r.end - lo]);
+                }
             }
             for &(start, end, s) in &spans {
                 let (a, b) = (start.max(lo), end.min(hi));

@@ -251,6 +251,13 @@ fn breed(
         }
         *s = s.clamp(ga.sigma_min, ga.sigma_max);
     }
+    // A tensor tied to another (a tied control vector) mutates with that
+    // tensor's σ, so that the same noise moves both alike.
+    for k in 0..sigmas.len() {
+        if let Some(j) = layout.tied_to(k) {
+            sigmas[k] = sigmas[j];
+        }
+    }
     let recipe = GaRecipe {
         parent: a.1,
         cross,

@@ -10,10 +10,13 @@
 //!
 //! ```text
 //! x[i] = a[i]                                    // the first parent
-//! x[i] = b[i]           if uniform and coin(cross seed, i)   (noise::coin)
+//! x[i] = b[i]           if uniform and coin(cross seed, n(i))   (noise::coin)
 //! x[i] = α·a[i] + (1 − α)·b[i]   if arithmetic   (f32, two rounded products, two sums)
-//! out[i] = x[i] + f32(σ_t · s_t) · noise(seed, i)            if mutated
+//! out[i] = x[i] + f32(σ_t · s_t) · noise(seed, n(i))            if mutated
 //! ```
+//!
+//! `n(i)` is the value's noise index, `i` but in a tied tensor
+//! ([`crate::TensorSpan::noise_offset`]), as for ES recipes.
 //!
 //! An elite copy is a recipe with neither crossover nor mutation: the
 //! parent itself.
@@ -276,7 +279,18 @@ impl GaRecipe {
             (None, _) => {}
             (Some(c), None) => return Err(RecipeError::UnknownParent { hash: c.parent }),
             (Some(c), Some(b)) => match c.blend {
-                Blend::Uniform { seed } => noise::take_where_coin(seed, 0, b, out),
+                Blend::Uniform { seed } => {
+                    // Per tensor, at its noise index: tied tensors cross alike.
+                    for t in layout.tensors() {
+                        let r = t.range();
+                        noise::take_where_coin(
+                            seed,
+                            t.noise_offset as u64,
+                            &b[r.clone()],
+                            &mut out[r],
+                        );
+                    }
+                }
                 Blend::Arithmetic { alpha_bits } => {
                     let alpha = f32::from_bits(alpha_bits);
                     for (x, &y) in out.iter_mut().zip(b) {
@@ -289,7 +303,12 @@ impl GaRecipe {
             let scales = layout.scales(m.scale);
             for ((t, &bits), scale) in layout.tensors().iter().zip(&m.sigma_bits).zip(scales) {
                 let factor = f32::from_bits(bits) * scale;
-                noise::add_scaled_assign(m.seed, t.offset as u64, factor, &mut out[t.range()]);
+                noise::add_scaled_assign(
+                    m.seed,
+                    t.noise_offset as u64,
+                    factor,
+                    &mut out[t.range()],
+                );
             }
         }
         Ok(())
@@ -435,6 +454,16 @@ mod tests {
     /// `noise::coin(seed, i)` is set; arithmetic: `α·x + (1 − α)·y`), then
     /// `σ_t · scale_t · noise::at(seed, i)` added to each value of tensor
     /// `t`, one rounded multiplication and one rounded addition each.
+    /// The noise index of flat value `i`, from the layout's spans.
+    fn noise_index(layout: &ParamLayout, i: usize) -> u64 {
+        let t = layout
+            .tensors()
+            .iter()
+            .find(|t| t.range().contains(&i))
+            .expect("i is inside the layout");
+        (t.noise_offset + (i - t.offset)) as u64
+    }
+
     fn reference(r: &GaRecipe, a: &[f32], b: &[f32], ha: u64, layout: &ParamLayout) -> Vec<f32> {
         let pick = |h: u64| if h == ha { a } else { b };
         let x = pick(r.parent);
@@ -445,7 +474,7 @@ mod tests {
                 (0..x.len())
                     .map(|i| match c.blend {
                         Blend::Uniform { seed } => {
-                            if noise::coin(seed, i as u64) {
+                            if noise::coin(seed, noise_index(layout, i)) {
                                 y[i]
                             } else {
                                 x[i]
@@ -464,7 +493,7 @@ mod tests {
             for (t, span) in layout.tensors().iter().enumerate() {
                 let factor = f32::from_bits(m.sigma_bits[t]) * scales[t];
                 for i in span.range() {
-                    let step = factor * noise::at(m.seed, i as u64);
+                    let step = factor * noise::at(m.seed, noise_index(layout, i));
                     out[i] += step;
                 }
             }

@@ -22,6 +22,12 @@ pub struct TensorSpan {
     pub offset: usize,
     /// Number of elements.
     pub len: usize,
+    /// Index of the noise its first element takes: value `j` of the tensor
+    /// gets noise `noise_offset + j` of a mutation's stream. It is `offset`
+    /// (every value its own noise) but in tensors tied to an earlier one of
+    /// the same shape, which take that tensor's noise and so move alike
+    /// ([`ParamLayout::from_architecture`]: a tied control vector).
+    pub noise_offset: usize,
 }
 
 impl TensorSpan {
@@ -73,6 +79,7 @@ impl ParamLayout {
                 shape,
                 offset,
                 len,
+                noise_offset: offset,
             });
             offset = offset
                 .checked_add(len)
@@ -84,9 +91,11 @@ impl ParamLayout {
         })
     }
 
-    /// A layout of the runtime architecture's tensors.
+    /// A layout of the runtime architecture's tensors. The directions of a
+    /// tied control vector ([`rt::Architecture::tied_directions`]) all take
+    /// the first one's noise (`noise_offset` 0).
     pub fn from_architecture(arch: &rt::Architecture) -> Result<Self, EvolveError> {
-        let layout = Self::new(arch.tensor_specs())?;
+        let mut layout = Self::new(arch.tensor_specs())?;
         if layout.total != arch.n_params() {
             return Err(EvolveError::Layout(format!(
                 "architecture tensor specs hold {} values but n_params() is {}",
@@ -94,7 +103,47 @@ impl ParamLayout {
                 arch.n_params()
             )));
         }
+        if arch.tied_directions() {
+            for t in &mut layout.tensors {
+                t.noise_offset = 0;
+            }
+        }
         Ok(layout)
+    }
+
+    /// The tensor whose noise tensor `k` takes, when it is tied to
+    /// another (its `noise_offset` is that tensor's `offset`).
+    pub fn tied_to(&self, k: usize) -> Option<usize> {
+        let t = self.tensors.get(k)?;
+        if t.noise_offset == t.offset {
+            return None;
+        }
+        self.tensors.iter().position(|u| u.offset == t.noise_offset)
+    }
+
+    /// Whether some tensor takes another's noise (a tied control vector).
+    pub fn has_tied_noise(&self) -> bool {
+        self.tensors.iter().any(|t| t.noise_offset != t.offset)
+    }
+
+    /// The noise index of every value of `range` (a range of the flat
+    /// vector), as `(noise start, sub-range of `range`)` runs, in order:
+    /// one run per tensor the range crosses.
+    pub(crate) fn noise_runs(
+        &self,
+        range: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> + '_ {
+        // The first tensor ending after range.start.
+        let first = self
+            .tensors
+            .partition_point(|t| t.offset + t.len <= range.start);
+        self.tensors[first..]
+            .iter()
+            .take_while(move |t| t.offset < range.end)
+            .map(move |t| {
+                let (a, b) = (t.offset.max(range.start), (t.offset + t.len).min(range.end));
+                (t.noise_offset + (a - t.offset), a..b)
+            })
     }
 
     /// The tensors, in flat order.

@@ -9,8 +9,12 @@
 //! ([`ParamLayout::scales`]) and every flat index `i` of `t`:
 //!
 //! ```text
-//! out[i] = base[i] + f32(sign · σ · s_t) · noise(seed, i)
+//! out[i] = base[i] + f32(sign · σ · s_t) · noise(seed, n(i))
 //! ```
+//!
+//! where `n(i)` is the value's noise index: `i` itself, but in a tensor
+//! tied to another (a tied control vector, [`crate::TensorSpan::noise_offset`]),
+//! which takes that tensor's noise.
 //!
 //! `sign · σ · s_t` is computed in `f32` in that order (two rounded
 //! multiplications); then one rounded multiplication and one rounded
@@ -204,7 +208,13 @@ impl Recipe {
         }
         for (t, s) in layout.tensors().iter().zip(self.factors(layout)) {
             let r = t.range();
-            noise::add_scaled(self.seed, t.offset as u64, s, &base[r.clone()], &mut out[r]);
+            noise::add_scaled(
+                self.seed,
+                t.noise_offset as u64,
+                s,
+                &base[r.clone()],
+                &mut out[r],
+            );
         }
         Ok(())
     }
@@ -266,7 +276,7 @@ impl Recipe {
             let r = t.range();
             noise::add_scaled_pair(
                 self.seed,
-                t.offset as u64,
+                t.noise_offset as u64,
                 s,
                 &params[r.clone()],
                 &mut out[r.clone()],

@@ -294,7 +294,11 @@ impl Validator {
             while at < t.offset + t.len {
                 let len = CHUNK.min(t.offset + t.len - at);
                 let base = &parent[at..at + len];
-                noise::fill(plus.seed, at as u64, &mut eps[..len]);
+                noise::fill(
+                    plus.seed,
+                    (t.noise_offset + (at - t.offset)) as u64,
+                    &mut eps[..len],
+                );
                 pair_chunk(k, base, &eps[..len], &mut kids, &mut acc);
                 at += len;
             }

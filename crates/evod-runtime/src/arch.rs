@@ -115,6 +115,13 @@ pub enum Family {
         directions: usize,
         /// The base model's `general.architecture` (`llama`, …).
         model_hint: String,
+        /// The directions evolve as one (`evod.controlvector.tied`): every
+        /// mutation adds the same noise to each of them, so a vector whose
+        /// directions start equal keeps them equal — one steering direction
+        /// of `n_embd` values, applied at every layer, searched in `n_embd`
+        /// dimensions instead of `n_embd × directions`. The file is still
+        /// an ordinary control vector (every direction written out).
+        tied: bool,
     },
 }
 
@@ -144,10 +151,26 @@ impl Architecture {
                 n_embd,
                 directions,
                 model_hint: model_hint.to_owned(),
+                tied: false,
             },
         };
         arch.validate()?;
         Ok(arch)
+    }
+
+    /// This control vector with its directions tied (`true`: they evolve
+    /// as one, see [`Family::ControlVector`]) or not; an MLP is returned
+    /// unchanged.
+    pub fn with_tied_directions(mut self, tie: bool) -> Architecture {
+        if let Family::ControlVector { tied, .. } = &mut self.family {
+            *tied = tie;
+        }
+        self
+    }
+
+    /// Whether this is a control vector whose directions evolve as one.
+    pub fn tied_directions(&self) -> bool {
+        matches!(self.family, Family::ControlVector { tied: true, .. })
     }
 
     /// [`Architecture::validate`], and an MLP: the check of every forward
@@ -351,11 +374,13 @@ impl fmt::Display for Architecture {
             n_embd,
             directions,
             model_hint,
+            tied,
         } = &self.family
         {
+            let tied = if *tied { ", tied" } else { "" };
             return write!(
                 f,
-                "control vector for {model_hint}: {directions} directions of {n_embd}"
+                "control vector for {model_hint}: {directions} directions of {n_embd}{tied}"
             );
         }
         let sizes: Vec<String> = self.layers.iter().map(usize::to_string).collect();

@@ -65,9 +65,12 @@ pub mod keys {
     pub const CVEC_MODEL_HINT: &str = "controlvector.model_hint";
     /// A control vector's direction count (i32).
     pub const CVEC_LAYER_COUNT: &str = "controlvector.layer_count";
+    /// A control vector whose directions evolve as one (bool, written only
+    /// when true: see [`crate::arch::Family::ControlVector`]).
+    pub const CVEC_TIED: &str = "evod.controlvector.tied";
 
     /// Every key above, in the order written.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         ARCHITECTURE,
         NAME,
         LAYERS,
@@ -81,6 +84,7 @@ pub mod keys {
         CREATED_UNIX,
         CVEC_MODEL_HINT,
         CVEC_LAYER_COUNT,
+        CVEC_TIED,
     ];
 }
 
@@ -130,6 +134,7 @@ impl ModelSpec {
         if let Family::ControlVector {
             directions,
             model_hint,
+            tied,
             ..
         } = &self.arch.family
         {
@@ -151,6 +156,9 @@ impl ModelSpec {
                 (keys::GENERATION.into(), Value::U64(self.generation)),
             ];
             self.push_history(&mut m);
+            if *tied {
+                m.push((keys::CVEC_TIED.into(), Value::Bool(true)));
+            }
             return m;
         }
         let mut m = vec![
@@ -345,7 +353,15 @@ fn control_vector_arch(file: &GgufHeader, path: &Path) -> Result<Architecture, R
             )));
         }
     };
-    Architecture::control_vector(n_embd, directions, &hint).map_err(|e| bad(e.to_string()))
+    let tied = match file.get(keys::CVEC_TIED) {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| bad(format!("key {} is not a bool", keys::CVEC_TIED)))?,
+    };
+    Architecture::control_vector(n_embd, directions, &hint)
+        .map(|a| a.with_tied_directions(tied))
+        .map_err(|e| bad(e.to_string()))
 }
 
 fn now_unix() -> u64 {

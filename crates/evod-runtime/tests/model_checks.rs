@@ -137,3 +137,64 @@ fn checking_and_hashing_a_big_model_ticks_along_the_way() {
     );
     assert_eq!(streamed, one_shot);
 }
+
+/// A tied control vector records `evod.controlvector.tied = true` and
+/// opens tied; a per-layer one has no such key; the key with another type
+/// is refused by name.
+#[test]
+fn a_tied_control_vector_round_trips_and_a_mistyped_tie_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let per_layer = Architecture::control_vector(8, 3, "llama").unwrap();
+    for tied in [false, true] {
+        let arch = per_layer.clone().with_tied_directions(tied);
+        let path = dir.path().join(format!("cvec-{tied}.gguf"));
+        let spec = ModelSpec::new(arch.clone(), "perplexity".into(), 1);
+        write_model(&path, &spec, &vec![0.0; arch.n_params()], None).unwrap();
+        let model = Model::open(&path).unwrap();
+        assert_eq!(model.spec.arch.tied_directions(), tied);
+        assert_eq!(model.spec.arch, arch);
+        let key = model
+            .file
+            .get(evod_runtime::model::keys::CVEC_TIED)
+            .cloned();
+        assert_eq!(key, tied.then_some(evod_gguf::Value::Bool(true)));
+        assert!(
+            model
+                .spec
+                .arch
+                .to_string()
+                .ends_with(if tied { ", tied" } else { "of 8" })
+        );
+    }
+    // The key as a string.
+    let src = GgufFile::open(&dir.path().join("cvec-true.gguf")).unwrap();
+    let mut meta: Vec<(String, evod_gguf::Value)> = src
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in &mut meta {
+        if k == evod_runtime::model::keys::CVEC_TIED {
+            *v = evod_gguf::Value::String("yes".into());
+        }
+    }
+    let tensors: Vec<evod_gguf::TensorSpec> = src
+        .tensors()
+        .iter()
+        .map(evod_gguf::TensorSpec::from)
+        .collect();
+    let bad = dir.path().join("bad.gguf");
+    evod_gguf::publish(
+        &bad,
+        &meta,
+        &tensors,
+        |i, w| w.write_all(src.tensor_bytes(&src.tensors()[i])),
+        &evod_gguf::PublishOptions::default(),
+    )
+    .unwrap();
+    let err = Model::open(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("evod.controlvector.tied") && err.contains("not a bool"),
+        "{err}"
+    );
+}
