@@ -377,6 +377,22 @@ impl Evolver {
         self.gate_candidate = candidate;
     }
 
+    /// Numbers a new run's generations from `generation` instead of 0: a
+    /// run started afresh from a model file that is already at
+    /// `generation` (its options changed, so its checkpoint does not
+    /// apply) continues the file's numbering, and its first publish is
+    /// `generation + 1`. Refused once a generation has run.
+    pub fn start_at_generation(&mut self, generation: u64) -> Result<(), EvolveError> {
+        if self.stats.generations != 0 {
+            return Err(EvolveError::InvalidState {
+                what: "start generation".into(),
+                reason: format!("{} generations have already run", self.stats.generations),
+            });
+        }
+        self.generation = generation;
+        Ok(())
+    }
+
     /// What ES gates beside training.
     pub fn gate_candidate(&self) -> GateCandidate {
         self.gate_candidate
@@ -388,7 +404,7 @@ impl Evolver {
     /// perplexity), so the first publish must beat it. Refused otherwise,
     /// or for a non-finite value.
     pub fn adopt_initial_fitness(&mut self, fitness: f64) -> Result<(), EvolveError> {
-        if self.generation != 0 || self.published.is_some() || !fitness.is_finite() {
+        if self.stats.generations != 0 || self.published.is_some() || !fitness.is_finite() {
             return Err(EvolveError::InvalidState {
                 what: "initial fitness".into(),
                 reason: format!(
@@ -834,14 +850,21 @@ impl Evolver {
                 layout.specs()
             )));
         }
-        Self::from_checkpoint_with_layout(c)
+        Self::resume(c, layout)
     }
 
-    /// Resumes from a checkpoint with the layout it records. Every vector in
-    /// it is validated: a checkpoint is a file, and files are untrusted.
+    /// Resumes from a checkpoint with the layout it records (its tensors,
+    /// each with its own noise: a checkpoint does not say which tensors an
+    /// architecture ties, [`Evolver::from_checkpoint`] does). Every vector
+    /// in it is validated: a checkpoint is a file, and files are untrusted.
     pub fn from_checkpoint_with_layout(c: Checkpoint) -> Result<Self, EvolveError> {
-        c.config.check()?;
         let layout = ParamLayout::new(c.tensors.clone())?;
+        Self::resume(c, layout)
+    }
+
+    /// Resumes from `c` with `layout` (whose specs are `c.tensors`).
+    fn resume(c: Checkpoint, layout: ParamLayout) -> Result<Self, EvolveError> {
+        c.config.check()?;
         let validator = Validator::new(c.config.validation.clone(), layout.clone(), c.config.scale);
         let bad = |what: &str, reason: String| EvolveError::InvalidState {
             what: format!("checkpoint {what}"),

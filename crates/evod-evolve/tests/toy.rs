@@ -805,3 +805,31 @@ fn a_gated_mean_that_did_not_move_is_not_gated_again() {
     assert_eq!(ev.stats().gate_evaluations, 2);
     assert_eq!(ev.stats().publishes, 0);
 }
+
+/// A run started afresh from a file at generation N numbers on from N;
+/// once a generation has run its numbering is fixed.
+#[test]
+fn a_run_started_at_a_generation_numbers_on_from_it() {
+    let mut ev = Evolver::with_layout(
+        config(StrategyKind::Es, 3),
+        layout(),
+        vec![0.0; 16],
+        Some(-4.0),
+    )
+    .unwrap();
+    ev.start_at_generation(7).unwrap();
+    assert_eq!(ev.generation(), 7);
+    let mut e = FnEvaluator::new(|x: &[f32], _, _| Some(sphere(x)));
+    let report = ev.step(&mut e).unwrap();
+    assert_eq!((report.generation, ev.generation()), (7, 8));
+    assert_eq!(ev.stats().generations, 1);
+    assert!(ev.start_at_generation(20).is_err());
+    assert_eq!(ev.generation(), 8);
+    // Without a published fitness, the start's own is adopted before the
+    // first generation only.
+    let mut fresh =
+        Evolver::with_layout(config(StrategyKind::Es, 3), layout(), vec![0.0; 16], None).unwrap();
+    fresh.start_at_generation(5).unwrap();
+    fresh.adopt_initial_fitness(-4.0).unwrap();
+    assert!(fresh.adopt_initial_fitness(-3.0).is_err());
+}

@@ -101,7 +101,7 @@ impl Loop {
             .task
             .parse()
             .with_context(|| format!("{}: task {:?}", model_path.display(), model.spec.task))?;
-        let config = evolver_config(evolve, &task);
+        let config = evolver_config(evolve, &task, &model.spec.arch);
         let state = dir.join("state");
         std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
         remove_leftovers(dir, &state);
@@ -132,7 +132,13 @@ impl Loop {
             Some(e) => e,
             None => {
                 let params = model.params()?.into_owned();
-                Evolver::new(config, &model.spec.arch, params, model.spec.fitness)?
+                let mut e = Evolver::new(config, &model.spec.arch, params, model.spec.fitness)?;
+                // A file that has been evolved before (its checkpoint made
+                // with other options, or gone): its numbering goes on, so
+                // this run's publishes are not taken for replays of ones
+                // the file already holds.
+                e.start_at_generation(model.spec.generation)?;
+                e
             }
         };
         let perplexity = task == Task::Perplexity;
@@ -213,7 +219,10 @@ impl Loop {
             self.evolver.stats(),
         );
         let mut live = LiveLine::default();
-        if self.perplexity && self.evolver.generation() == 0 && self.evolver.published().is_none() {
+        if self.perplexity
+            && self.evolver.stats().generations == 0
+            && self.evolver.published().is_none()
+        {
             // The base model's own held-out fitness (the start vector is
             // zero): the first publish must beat it.
             let params = self.evolver.best().0.to_vec();
@@ -221,7 +230,7 @@ impl Loop {
                 .evaluate_for(
                     evod_evolve::Purpose::Gate,
                     &[params.as_slice()],
-                    self.evolver.gate_seed(0),
+                    self.evolver.gate_seed(self.evolver.generation()),
                     self.evolver.config().gate_episodes,
                 )
                 .context("scoring the start control vector on the held-out windows")?;
