@@ -236,6 +236,181 @@ fn a_bounded_run_lowers_training_perplexity_and_publishes_a_vector_llama_cpp_loa
     assert!(text(&o.stdout).contains("controlvector.layer_count"));
 }
 
+/// `evod init --directions tied`: the file records the tie, every
+/// candidate and so the published vector have equal directions (one
+/// steering direction at every layer), it lowers the training perplexity,
+/// and llama.cpp and gguf-py load it as the ordinary control vector it is.
+#[test]
+fn a_tied_vector_evolves_one_direction_for_every_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = dir.path().join("base.gguf");
+    tiny_llama::write(&base_path, &[]);
+    let corpus_file = dir.path().join("corpus.txt");
+    std::fs::write(&corpus_file, corpus(3000)).unwrap();
+    let model = dir.path().join("vectorland.gguf");
+    let o = init(&base_path, &corpus_file, &model, &["--directions", "tied"]);
+    assert!(o.status.success(), "init: {}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("2 directions of 32, tied"),
+        "{}",
+        text(&o.stdout)
+    );
+    let args = run_args(12);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::spawn(dir, &args, DEADLINE);
+    let status = d.wait_exit();
+    assert!(status.success(), "evod run: {status}\n{}", d.log());
+    let model = d.dir().join("vectorland.gguf");
+    let f = GgufFile::open(&model).unwrap();
+    assert!(
+        u64_key(&f, "evod.generation") >= 1,
+        "nothing published\n{}",
+        d.log()
+    );
+    assert_eq!(f.get("evod.controlvector.tied"), Some(&Value::Bool(true)));
+    let published = vector(&f);
+    let (d1, d2) = published.split_at(32);
+    assert!(d1.iter().any(|&v| v != 0.0), "{published:?}");
+    assert_eq!(
+        d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        d2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        "the directions differ"
+    );
+    let fitness = f.get("evod.fitness").and_then(Value::as_f64).unwrap();
+
+    let o = std::process::Command::new(python())
+        .arg("-c")
+        .arg(
+            "import sys, gguf\n\
+             r = gguf.GGUFReader(sys.argv[1])\n\
+             t = bool(r.fields['evod.controlvector.tied'].parts[-1][0])\n\
+             print(t, ' '.join(f'{t.name}:{t.n_elements}' for t in r.tensors))",
+        )
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "gguf-py: {}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim(), "True direction.1:32 direction.2:32");
+
+    let corpus_text = std::fs::read_to_string(&corpus_file).unwrap();
+    let cut = u64_key(&f, "evod.perplexity.heldout_start_byte") as usize;
+    let mut base = load_base(&base_path);
+    let train = windows(&base, &corpus_text[..cut]);
+    let heldout = windows(&base, &corpus_text[cut..]);
+    let zero = vec![0f32; published.len()];
+    let train_base = perplexity(&mut base, &zero, &train);
+    let train_after = perplexity(&mut base, &published, &train);
+    assert!(
+        train_after < train_base,
+        "training perplexity {train_base} -> {train_after}\n{}",
+        d.log()
+    );
+    assert_eq!(-perplexity(&mut base, &published, &heldout), fitness);
+
+    // --directions is the perplexity task's.
+    let o = evod()
+        .args(["init", "--task", "xor", "--directions", "tied", "-o"])
+        .arg(d.dir().join("xor.gguf"))
+        .output()
+        .unwrap();
+    refused(&o, 2, &["--directions only applies to --task perplexity"]);
+}
+
+/// The warm start docs/llm.md recommends: a tied vector evolved for a few
+/// generations, then `evod run --directions per-layer`, which rewrites the
+/// file untied (the same vector and fitness, the next generation, kept in
+/// the history) before the workers start; the evolver starts afresh from
+/// it and numbers on, so none of its publishes is taken for a replay.
+#[test]
+fn run_directions_per_layer_unties_a_tied_vector_and_the_run_goes_on_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = dir.path().join("base.gguf");
+    tiny_llama::write(&base_path, &[]);
+    let corpus_file = dir.path().join("corpus.txt");
+    std::fs::write(&corpus_file, corpus(3000)).unwrap();
+    let model = dir.path().join("vectorland.gguf");
+    let o = init(&base_path, &corpus_file, &model, &["--directions", "tied"]);
+    assert!(o.status.success(), "init: {}", text(&o.stderr));
+    let args = run_args(4);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::spawn(dir, &args, DEADLINE);
+    let status = d.wait_exit();
+    assert!(status.success(), "tied run: {status}\n{}", d.log());
+    let tied = GgufFile::open(&d.dir().join("vectorland.gguf")).unwrap();
+    assert_eq!(
+        tied.get("evod.controlvector.tied"),
+        Some(&Value::Bool(true))
+    );
+    let n = u64_key(&tied, "evod.generation");
+    assert!(n >= 1, "the tied run published nothing\n{}", d.log());
+    let tied_vector = vector(&tied);
+    let tied_fitness = tied.get("evod.fitness").and_then(Value::as_f64).unwrap();
+    drop(tied);
+
+    let mut args = run_args(n as u32 + 16);
+    args.extend(["--directions".to_owned(), "per-layer".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::spawn(d.take_dir(), &args, DEADLINE);
+    let status = d.wait_exit();
+    assert!(status.success(), "per-layer run: {status}\n{}", d.log());
+    let log = d.log();
+    // The untied file, as generation n + 1, in the history.
+    let untied = GgufFile::open(
+        &d.dir()
+            .join(format!("history/{}", evod_store::history_name(n + 1))),
+    )
+    .unwrap_or_else(|e| panic!("history of generation {}: {e}\n{log}", n + 1));
+    assert_eq!(untied.get("evod.controlvector.tied"), None);
+    assert_eq!(str_key(&untied, "evod.strategy"), "untie");
+    assert_eq!(vector(&untied), tied_vector);
+    assert_eq!(
+        untied.get("evod.fitness").and_then(Value::as_f64),
+        Some(tied_fitness)
+    );
+    // The live file: per-layer, its directions free to differ, and every
+    // publish of the second run numbered after the untie.
+    let live = GgufFile::open(&d.dir().join("vectorland.gguf")).unwrap();
+    assert_eq!(live.get("evod.controlvector.tied"), None);
+    assert!(
+        !log.contains("already published"),
+        "a publish was taken for a replay\n{log}"
+    );
+    let published: Vec<u64> = log_events(&d, "candidate passed the gate")
+        .iter()
+        .map(|e| e["fields"]["generation"].as_u64().unwrap())
+        .collect();
+    assert!(published.iter().all(|&g| g > n), "{published:?} after {n}");
+    let g = u64_key(&live, "evod.generation");
+    if g > n + 1 {
+        let v = vector(&live);
+        assert_ne!(
+            v[..32],
+            v[32..],
+            "a per-layer publish kept the directions tied"
+        );
+        assert!(live.get("evod.fitness").and_then(Value::as_f64).unwrap() >= tied_fitness);
+    }
+    // --directions is for a control vector.
+    let xor = d.dir().join("xor");
+    std::fs::create_dir_all(&xor).unwrap();
+    let o = evod()
+        .args(["init", "--task", "xor", "-o"])
+        .arg(xor.join("vectorland.gguf"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = evod()
+        .args(["run", "--directions", "tied", "--generations", "1", "--dir"])
+        .arg(&xor)
+        .output()
+        .unwrap();
+    refused(
+        &o,
+        2,
+        &["--directions applies to a perplexity model's control vector"],
+    );
+}
+
 /// The exit code and stderr of a refused command, checked.
 fn refused(o: &Output, code: i32, needles: &[&str]) {
     let err = text(&o.stderr);

@@ -50,6 +50,12 @@ pub struct Args {
     /// seed; 0 scores them all (with --task perplexity).
     #[arg(long, value_name = "N", default_value_t = crate::llm::DEFAULT_TRAIN_WINDOWS)]
     train_windows: u32,
+    /// How the control vector's directions evolve (with --task perplexity,
+    /// default per-layer): per-layer, each layer's direction on its own
+    /// (n_embd × (n_layer − 1) dimensions), or tied, one direction for every
+    /// layer (n_embd dimensions: a search that many times smaller; docs/llm.md).
+    #[arg(long, value_enum, value_name = "HOW")]
+    directions: Option<crate::llm::Directions>,
     /// Hidden activation: tanh, relu, sigmoid or identity.
     #[arg(long, default_value = "tanh")]
     activation: String,
@@ -93,10 +99,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             heldout: args.heldout,
             window: args.window,
             train_windows: args.train_windows,
+            directions: args.directions.unwrap_or_default(),
             seed: args.seed,
             output: args.output.clone(),
             force: args.force,
         });
+    }
+    if args.directions.is_some() {
+        return Err(usage(anyhow::anyhow!(
+            "--directions only applies to --task perplexity (a control vector's directions)"
+        )));
     }
     let task = match args.task.as_str() {
         "csv" => {

@@ -259,6 +259,98 @@ pub const DEFAULT_POPULATION: usize = 8;
 pub const DEFAULT_SIGMA: f32 = 0.6;
 /// The task's default Adam step (`--learning-rate`), in the same units.
 pub const DEFAULT_LEARNING_RATE: f64 = 0.05;
+/// σ of a tied control vector (`evod init --directions tied`): the same
+/// noise at every layer adds up along the residual stream, so a smaller σ
+/// moves the model as much (docs/llm.md, "Tied directions").
+pub const DEFAULT_SIGMA_TIED: f32 = 0.2;
+/// The Adam step of a tied control vector, in the same units.
+pub const DEFAULT_LEARNING_RATE_TIED: f64 = 0.02;
+
+/// How a control vector's directions evolve (`evod init --directions`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Directions {
+    /// Each layer's direction on its own: `n_embd × (n_layer − 1)`
+    /// dimensions.
+    #[default]
+    PerLayer,
+    /// One direction for every layer (`evod.controlvector.tied`): every
+    /// mutation adds the same noise to each, so the search has `n_embd`
+    /// dimensions.
+    Tied,
+}
+
+impl Directions {
+    /// The flag value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Directions::PerLayer => "per-layer",
+            Directions::Tied => "tied",
+        }
+    }
+}
+
+/// `evod run --directions`: rewrites the perplexity model at `model` with
+/// its directions `want` (per-layer or tied) when the file says otherwise,
+/// before anything loads it. The vector, its fitness and every key stay;
+/// it is published atomically as the next generation (strategy `tie` or
+/// `untie`) and kept in the history like any generation. Its ES state
+/// does not carry over: the evolver starts afresh from the vector (the
+/// checkpoint's options differ) and numbers on from the file. Returns
+/// whether the file was rewritten.
+pub fn apply_directions(
+    dir: &Path,
+    model: &Path,
+    want: Directions,
+    history: usize,
+) -> anyhow::Result<bool> {
+    let file =
+        evod_gguf::GgufFile::open(model).with_context(|| format!("opening {}", model.display()))?;
+    let spec = evod_runtime::ModelSpec::from_file(&file)
+        .with_context(|| format!("reading {}", model.display()))?;
+    if spec.arch.control_vector_shape().is_none() {
+        return Err(exit::with_code(
+            exit::USAGE,
+            anyhow::anyhow!(
+                "--directions applies to a perplexity model's control vector; {} is {}",
+                model.display(),
+                spec.arch
+            ),
+        ));
+    }
+    let tied = want == Directions::Tied;
+    if spec.arch.tied_directions() == tied {
+        return Ok(false);
+    }
+    let (_, params) = evod_runtime::model::read_params(model)?;
+    let mut next = spec.clone();
+    next.arch = spec.arch.clone().with_tied_directions(tied);
+    next.generation = spec.generation + 1;
+    next.parent_checksum = Some(file.checksum());
+    next.strategy = if tied { "tie" } else { "untie" }.into();
+    next.created_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let written =
+        evod_runtime::write_model(model, &next, &params, Some(&file)).with_context(|| {
+            format!(
+                "rewriting {} with {} directions",
+                model.display(),
+                want.as_str()
+            )
+        })?;
+    drop(file);
+    evod_store::keep_history(dir, model, next.generation, history)?;
+    tracing::info!(
+        generation = next.generation,
+        checksum = format!("{:016x}", written.checksum),
+        "{}: directions are {} from generation {} on (the same vector)",
+        model.display(),
+        want.as_str(),
+        next.generation
+    );
+    Ok(true)
+}
 
 /// What `init` needs beyond the common options.
 #[derive(Debug, Clone)]
@@ -273,6 +365,8 @@ pub struct InitArgs {
     pub window: u32,
     /// Training windows per evaluation (0 = all).
     pub train_windows: u32,
+    /// Per-layer or tied directions.
+    pub directions: Directions,
     /// Seed recorded in the file.
     pub seed: u64,
     /// Output file.
@@ -441,7 +535,8 @@ pub fn init(args: &InitArgs) -> anyhow::Result<ExitCode> {
     }
     let base_checksum = perplexity::file_checksum(&base_model).map_err(bad)?;
     let arch = Architecture::control_vector(shape.n_embd, shape.n_layer - 1, &shape.architecture)
-        .map_err(bad)?;
+        .map_err(bad)?
+        .with_tied_directions(args.directions == Directions::Tied);
     let spec = ModelSpec::new(arch, Task::Perplexity.name(), args.seed);
     let task = PerplexitySpec {
         base_model: base_model.clone(),

@@ -36,7 +36,7 @@ use evod_evolve::{
     load_checkpoint, save_checkpoint,
 };
 use evod_ring::{Channel, Client, RingError, Segment};
-use evod_runtime::{Model, ModelSpec, Task, write_model, write_model_with};
+use evod_runtime::{Architecture, Model, ModelSpec, Task, write_model, write_model_with};
 
 use crate::report::{PROGRESS_FILE, Row};
 
@@ -208,7 +208,7 @@ pub fn ring_payload_bytes(model: &Path, evolve: &EvolveArgs) -> Result<usize> {
         .parse()
         .with_context(|| format!("{}: task {:?}", model.display(), spec.task))?;
     let one = EvalHeader::SIZE.saturating_add(n.saturating_mul(4));
-    let strategy = evolver_config(evolve, &task).strategy;
+    let strategy = evolver_config(evolve, &task, &spec.arch).strategy;
     if strategy == StrategyKind::Ga && one > MAX_PAYLOAD {
         return Err(crate::exit::with_code(
             crate::exit::USAGE,
@@ -273,7 +273,8 @@ pub fn create_default_model(path: &Path, seed: u64) -> Result<()> {
 }
 
 /// The evolver configuration for `evolve` on `task`.
-pub fn evolver_config(evolve: &EvolveArgs, task: &Task) -> EvolverConfig {
+/// `arch` is the model's: a tied control vector has its own σ and step.
+pub fn evolver_config(evolve: &EvolveArgs, task: &Task, arch: &Architecture) -> EvolverConfig {
     // Unset options take the library's tuned defaults.
     let defaults = EvolverConfig::default();
     let strategy = match evolve.strategy {
@@ -288,11 +289,19 @@ pub fn evolver_config(evolve: &EvolveArgs, task: &Task) -> EvolverConfig {
     // settings"): every evaluation decodes whole windows, so a generation
     // is expensive and its size and step are tuned for it.
     let (population, sigma, learning_rate) = if *task == Task::Perplexity {
-        (
-            crate::llm::DEFAULT_POPULATION,
-            crate::llm::DEFAULT_SIGMA,
-            crate::llm::DEFAULT_LEARNING_RATE,
-        )
+        if arch.tied_directions() {
+            (
+                crate::llm::DEFAULT_POPULATION,
+                crate::llm::DEFAULT_SIGMA_TIED,
+                crate::llm::DEFAULT_LEARNING_RATE_TIED,
+            )
+        } else {
+            (
+                crate::llm::DEFAULT_POPULATION,
+                crate::llm::DEFAULT_SIGMA,
+                crate::llm::DEFAULT_LEARNING_RATE,
+            )
+        }
     } else {
         let sigma = match strategy {
             StrategyKind::Ga => defaults.ga.sigma,
@@ -331,29 +340,42 @@ pub fn evolver_config(evolve: &EvolveArgs, task: &Task) -> EvolverConfig {
 mod tests {
     use super::*;
 
-    /// The perplexity task has its own ES defaults; `--sigma` and
-    /// `--learning-rate` override them; other tasks keep the library's.
+    /// The perplexity task has its own ES defaults (a tied vector its
+    /// own σ and step); `--sigma` and `--learning-rate` override them;
+    /// other tasks keep the library's.
     #[test]
     fn the_perplexity_task_has_its_own_es_defaults_and_flags_override_them() {
         let none = EvolveArgs::default();
-        let c = evolver_config(&none, &Task::Perplexity);
+        let cvec = Architecture::control_vector(576, 29, "llama").unwrap();
+        let mlp = Task::CartPole { episodes: 1 }.default_arch(evod_runtime::Activation::Tanh);
+        let c = evolver_config(&none, &Task::Perplexity, &cvec);
         assert_eq!(c.strategy, StrategyKind::Es);
         assert_eq!(c.population, crate::llm::DEFAULT_POPULATION);
         assert_eq!(c.es.sigma, crate::llm::DEFAULT_SIGMA);
         assert_eq!(c.es.learning_rate, crate::llm::DEFAULT_LEARNING_RATE);
+        let tied = cvec.clone().with_tied_directions(true);
+        let c = evolver_config(&none, &Task::Perplexity, &tied);
+        assert_eq!(
+            (c.population, c.es.sigma, c.es.learning_rate),
+            (
+                crate::llm::DEFAULT_POPULATION,
+                crate::llm::DEFAULT_SIGMA_TIED,
+                crate::llm::DEFAULT_LEARNING_RATE_TIED
+            )
+        );
         let given = EvolveArgs {
             population: Some(16),
             sigma: Some(0.3),
             learning_rate: Some(0.05),
             ..EvolveArgs::default()
         };
-        let c = evolver_config(&given, &Task::Perplexity);
+        let c = evolver_config(&given, &Task::Perplexity, &tied);
         assert_eq!(
             (c.population, c.es.sigma, c.es.learning_rate),
             (16, 0.3, 0.05)
         );
         let library = EvolverConfig::default();
-        let c = evolver_config(&none, &Task::CartPole { episodes: 1 });
+        let c = evolver_config(&none, &Task::CartPole { episodes: 1 }, &mlp);
         assert_eq!(c.population, library.population);
         assert_eq!(c.ga.sigma, library.ga.sigma);
         assert_eq!(c.es.learning_rate, library.es.learning_rate);
@@ -362,7 +384,7 @@ mod tests {
             sigma: Some(0.2),
             ..EvolveArgs::default()
         };
-        let c = evolver_config(&ga, &Task::CartPole { episodes: 1 });
+        let c = evolver_config(&ga, &Task::CartPole { episodes: 1 }, &mlp);
         assert_eq!((c.ga.sigma, c.es.sigma), (0.2, library.es.sigma));
     }
 }

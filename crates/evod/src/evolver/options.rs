@@ -159,6 +159,13 @@ pub struct EvolveArgs {
     /// around [default: best; docs/llm.md]. Other tasks gate their best.
     #[arg(long, env = "EVOD_GATE_CANDIDATE", value_enum)]
     pub gate_candidate: Option<GateCandidate>,
+    /// How a perplexity model's directions evolve from now on: per-layer
+    /// or tied (`evod init --directions`). A file that says otherwise is
+    /// rewritten before the workers start, as a new generation with the
+    /// same vector [default: as the file says; docs/llm.md, "Tied
+    /// directions"].
+    #[arg(long, env = "EVOD_DIRECTIONS", value_enum)]
+    pub directions: Option<crate::llm::Directions>,
 }
 
 /// A finite number > 0.
@@ -251,6 +258,7 @@ impl EvolveArgs {
             learning_rate: self.learning_rate.or(other.learning_rate),
             max_relative_change: self.max_relative_change.or(other.max_relative_change),
             gate_candidate: self.gate_candidate.or(other.gate_candidate),
+            directions: self.directions.or(other.directions),
         }
     }
 
@@ -303,6 +311,10 @@ impl EvolveArgs {
             "--gate-candidate",
             self.gate_candidate.map(|g| g.as_str().to_owned()),
         );
+        push(
+            "--directions",
+            self.directions.map(|d| d.as_str().to_owned()),
+        );
         if self.until_solved {
             out.push("--until-solved".into());
         }
@@ -324,7 +336,7 @@ mod tests {
     #[test]
     fn service_options_pass_through_and_default() {
         let file: EvolveArgs = toml::from_str(
-            "pulse_interval = \"2.5s\"\npatience = 7\nprogress_keep = 50\nsigma = 2.5\nlearning_rate = 0.15\ngate_candidate = \"mean\"\n",
+            "pulse_interval = \"2.5s\"\npatience = 7\nprogress_keep = 50\nsigma = 2.5\nlearning_rate = 0.15\ngate_candidate = \"mean\"\ndirections = \"tied\"\n",
         )
         .unwrap();
         assert_eq!(file.pulse_interval(), Duration::from_millis(2500));
@@ -337,6 +349,7 @@ mod tests {
         assert_eq!(again.progress_keep(), 50);
         assert_eq!((again.sigma, again.learning_rate), (Some(2.5), Some(0.15)));
         assert_eq!(again.gate_candidate(), GateCandidate::Mean);
+        assert_eq!(again.directions, Some(crate::llm::Directions::Tied));
         assert_eq!(EvolveArgs::default().gate_candidate(), GateCandidate::Best);
         assert!(Cli::try_parse_from(["x", "--gate-candidate", "median"]).is_err());
         assert!(Cli::try_parse_from(["x", "--sigma", "0"]).is_err());

@@ -166,6 +166,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !config.model.exists() && crate::evolver::is_fresh_folder(&config.dir) {
         crate::evolver::create_default_model(&config.model, evolve.seed())?;
     }
+    if let Some(want) = evolve.directions
+        && !config.no_evolver
+    {
+        // Before the supervisor starts: every worker loads the rewritten
+        // file, so every worker applies recipes with its noise layout.
+        crate::llm::apply_directions(&config.dir, &config.model, want, evolve.history() as usize)?;
+    }
     if config.model.exists() && !config.no_evolver {
         config.payload_bytes = crate::evolver::ring_payload_bytes(&config.model, &evolve)?;
     }
