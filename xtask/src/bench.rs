@@ -203,6 +203,36 @@ pub const LLM_SHAPE: [&str; 6] = ["-p", "evod", "-p", "evod-llama", "--features"
 const LLM_WINDOW: u64 = 512;
 /// Training windows per candidate (`evod init --train-windows`).
 const LLM_TRAIN_WINDOWS: u64 = 1;
+/// How the daemon runs evolve the vector's directions
+/// (`EVOD_BENCH_LLM_DIRECTIONS`).
+const LLM_DIRECTIONS: &str = "tied-then-per-layer";
+/// Generations of the tied warm-up of `tied-then-per-layer`
+/// (`EVOD_BENCH_LLM_TIED_GENERATIONS`).
+const LLM_TIED_GENERATIONS: u64 = 4;
+
+/// How a daemon run of the llm bench evolves the vector's directions.
+struct Directions {
+    /// `per-layer`, `tied` or `tied-then-per-layer`.
+    how: String,
+    /// Generations of the tied warm-up (for `tied-then-per-layer`).
+    tied_generations: u64,
+}
+
+impl Directions {
+    /// `evod init --directions`.
+    fn init(&self) -> &str {
+        if self.how == "per-layer" {
+            "per-layer"
+        } else {
+            "tied"
+        }
+    }
+    /// A tied warm-up run before the measured one.
+    fn warm_up(&self) -> Option<u64> {
+        (self.how == "tied-then-per-layer").then_some(self.tied_generations)
+    }
+}
+
 /// Workers of the daemon: one per core of the 2-core machine.
 const LLM_WORKERS: u64 = 2;
 /// The window of the second, short daemon run: small enough that the
@@ -263,6 +293,30 @@ fn llm_bench(
     };
     let budget_s = seconds("EVOD_BENCH_LLM_BUDGET_S", 1800)?;
     let short_s = seconds("EVOD_BENCH_LLM_SHORT_S", 120)?;
+    // How both runs evolve the vector's directions: per-layer, tied, or
+    // tied for `EVOD_BENCH_LLM_TIED_GENERATIONS` generations and per-layer
+    // from there on (docs/llm.md, "Tied directions").
+    let directions =
+        std::env::var("EVOD_BENCH_LLM_DIRECTIONS").unwrap_or_else(|_| LLM_DIRECTIONS.into());
+    if !matches!(
+        directions.as_str(),
+        "per-layer" | "tied" | "tied-then-per-layer"
+    ) {
+        bail!(
+            "EVOD_BENCH_LLM_DIRECTIONS={directions:?}: expected per-layer, tied or tied-then-per-layer"
+        );
+    }
+    let tied_generations =
+        match std::env::var("EVOD_BENCH_LLM_TIED_GENERATIONS") {
+            Ok(v) => v.parse::<u64>().ok().filter(|&n| n >= 1).with_context(|| {
+                format!("EVOD_BENCH_LLM_TIED_GENERATIONS={v:?} is not a count ≥ 1")
+            })?,
+            Err(_) => LLM_TIED_GENERATIONS,
+        };
+    let directions = Directions {
+        how: directions,
+        tied_generations,
+    };
     let work = crate::target_dir().join("bench/llm-run");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -348,8 +402,12 @@ fn llm_bench(
         &work.join("small"),
         &model,
         &corpus,
-        LLM_SMALL_WINDOW,
-        LLM_TRAIN_WINDOWS,
+        (LLM_SMALL_WINDOW, LLM_TRAIN_WINDOWS),
+        // A throughput figure: no warm-up to eat the short budget.
+        &Directions {
+            how: "per-layer".into(),
+            tied_generations: 0,
+        },
         short_s,
     )?;
     let run = daemon_run(
@@ -357,8 +415,8 @@ fn llm_bench(
         &work.join("state"),
         &model,
         &corpus,
-        LLM_WINDOW,
-        LLM_TRAIN_WINDOWS,
+        (LLM_WINDOW, LLM_TRAIN_WINDOWS),
+        &directions,
         budget_s,
     )?;
 
@@ -411,9 +469,14 @@ fn llm_bench(
     put("window", LLM_WINDOW.into());
     put("window_small", LLM_SMALL_WINDOW.into());
     put("train_windows", LLM_TRAIN_WINDOWS.into());
+    put("directions", directions.how.clone().into());
+    if let Some(g) = directions.warm_up() {
+        put("tied_generations", g.into());
+    }
     put("workers", LLM_WORKERS.into());
     put("budget_s", budget_s.into());
     put("evolve_wall_s", run.wall_s.into());
+    put("warm_up_s", run.warm_up_s.into());
     put("evaluations", run.evaluations.into());
     put("heldout_ppl_base", f(&heldout, "heldout_ppl_base").into());
     put("heldout_ppl_after", f(&heldout, "heldout_ppl_after").into());
@@ -451,8 +514,10 @@ struct DaemonRun {
     evaluations: u64,
     /// Tokens the workers decoded in the steady state: (training, gate).
     tokens: (u64, u64),
-    /// Wall time from the spawn to the last scrape.
+    /// Wall time from the spawn (of the warm-up, if any) to the last scrape.
     wall_s: f64,
+    /// Wall time of the tied warm-up (0 without one).
+    warm_up_s: f64,
     /// (seconds since the spawn, generation, held-out perplexity) at each
     /// new published fitness (the gate's, full windows).
     trace: Vec<(f64, u64, f64)>,
@@ -485,8 +550,8 @@ fn daemon_run(
     dir: &std::path::Path,
     model: &std::path::Path,
     corpus: &std::path::Path,
-    window: u64,
-    train_windows: u64,
+    (window, train_windows): (u64, u64),
+    directions: &Directions,
     budget_s: u64,
 ) -> Result<DaemonRun> {
     use anyhow::Context;
@@ -506,14 +571,81 @@ fn daemon_run(
                 &train_windows.to_string(),
                 "--seed",
                 "1",
+                "--directions",
+                directions.init(),
                 "-o",
             ])
             .arg(dir.join("vectorland.gguf")),
     )?;
+    let started = std::time::Instant::now();
+    let mut trace = Vec::new();
+    let mut untie: Vec<&str> = Vec::new();
+    if let Some(generations) = directions.warm_up() {
+        // The tied warm-up, inside the budget: its own run to its last
+        // generation; the run below unties the vector and goes on.
+        let log_path = dir.join("warm-up.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut warm = Command::new(evod)
+            .arg("run")
+            .arg("--dir")
+            .arg(dir)
+            .args(["--workers", &LLM_WORKERS.to_string(), "--seed", "1"])
+            .args(["--generations", &generations.to_string()])
+            .args([
+                "--log-format",
+                "json",
+                "--eval-timeout-per-candidate",
+                "120",
+            ])
+            .env("EVOD_LLAMA_THREADS", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn the tied warm-up evod run")?;
+        let deadline = started + std::time::Duration::from_secs(budget_s);
+        let mut seen = 0;
+        loop {
+            let done = warm.try_wait()?;
+            // Its publishes, stamped when seen (polled every second).
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let gates: Vec<(u64, f64)> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|j| j["fields"]["message"] == "candidate passed the gate")
+                .filter_map(|j| {
+                    Some((
+                        j["fields"]["generation"].as_u64()?,
+                        j["fields"]["gate"].as_f64()?,
+                    ))
+                })
+                .collect();
+            for &(g, fit) in &gates[seen..] {
+                trace.push((started.elapsed().as_secs_f64(), g + 1, -fit));
+            }
+            seen = gates.len();
+            if let Some(status) = done {
+                if !status.success() {
+                    bail!(
+                        "the tied warm-up exited with {status} (log: {})",
+                        log_path.display()
+                    );
+                }
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = warm.kill();
+                bail!(
+                    "the tied warm-up outlasted the budget (log: {})",
+                    log_path.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        untie = vec!["--directions", "per-layer"];
+    }
     let port = free_port()?;
     let log_path = dir.join("run.log");
     let log = std::fs::File::create(&log_path)?;
-    let started = std::time::Instant::now();
     let mut daemon = Command::new(evod)
         .arg("run")
         .arg("--dir")
@@ -532,6 +664,7 @@ fn daemon_run(
             "--eval-timeout-per-candidate",
             "120",
         ])
+        .args(&untie)
         .env("EVOD_LLAMA_THREADS", "1")
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -541,7 +674,8 @@ fn daemon_run(
     // (generations, evaluations, train tokens, gate tokens, seconds).
     let mut first: Option<(u64, u64, u64, u64, f64)> = None;
     let mut last = (0, 0, 0, 0, 0.0);
-    let mut trace = Vec::new();
+    let warm_up_s = started.elapsed().as_secs_f64();
+    let mut start_generation: Option<u64> = None;
     while std::time::Instant::now() < deadline {
         if let Some(status) = daemon.try_wait()? {
             bail!(
@@ -567,7 +701,11 @@ fn daemon_run(
             tokens("gate"),
             now,
         );
-        if sample.0 >= 1 && first.is_none() {
+        // The steady state starts one generation after the first scrape's
+        // (0 for a fresh run: the start vector's gate done; after a
+        // warm-up the run numbers on from the file).
+        let g0 = *start_generation.get_or_insert(sample.0);
+        if sample.0 > g0 && first.is_none() {
             first = Some(sample);
         }
         if let Some(fit) = metric(&text, "evod_published_fitness")
@@ -609,6 +747,7 @@ fn daemon_run(
         evaluations: last.1 - first.1,
         tokens: (last.2 - first.2, last.3 - first.3),
         wall_s: last.4,
+        warm_up_s,
         trace,
         exit: status.to_string(),
         loadavg_end: loadavg(),
