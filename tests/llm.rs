@@ -72,13 +72,30 @@ fn init_ok(base: &Path, text_file: &Path, out: &Path) {
 /// A state folder holding `vectorland.gguf` initialised on a tiny llama and
 /// a corpus of `bytes` bytes; returns (folder, base path, corpus path).
 fn setup(bytes: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let (dir, base, corpus_file, _) = setup_with(bytes, &[]);
+    (dir, base, corpus_file)
+}
+
+/// [`setup`] with more `evod init` arguments; also returns init's stdout.
+fn setup_with(bytes: usize, extra: &[&str]) -> (tempfile::TempDir, PathBuf, PathBuf, String) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.gguf");
     tiny_llama::write(&base, &[]);
     let corpus_file = dir.path().join("corpus.txt");
     std::fs::write(&corpus_file, corpus(bytes)).unwrap();
-    init_ok(&base, &corpus_file, &dir.path().join("vectorland.gguf"));
-    (dir, base, corpus_file)
+    let o = init(
+        &base,
+        &corpus_file,
+        &dir.path().join("vectorland.gguf"),
+        extra,
+    );
+    assert!(
+        o.status.success(),
+        "init: {}\n{}",
+        text(&o.stderr),
+        text(&o.stdout)
+    );
+    (dir, base, corpus_file, text(&o.stdout))
 }
 
 fn run_args(generations: u32) -> Vec<String> {
@@ -242,19 +259,8 @@ fn a_bounded_run_lowers_training_perplexity_and_publishes_a_vector_llama_cpp_loa
 /// and llama.cpp and gguf-py load it as the ordinary control vector it is.
 #[test]
 fn a_tied_vector_evolves_one_direction_for_every_layer() {
-    let dir = tempfile::tempdir().unwrap();
-    let base_path = dir.path().join("base.gguf");
-    tiny_llama::write(&base_path, &[]);
-    let corpus_file = dir.path().join("corpus.txt");
-    std::fs::write(&corpus_file, corpus(3000)).unwrap();
-    let model = dir.path().join("vectorland.gguf");
-    let o = init(&base_path, &corpus_file, &model, &["--directions", "tied"]);
-    assert!(o.status.success(), "init: {}", text(&o.stderr));
-    assert!(
-        text(&o.stdout).contains("2 directions of 32, tied"),
-        "{}",
-        text(&o.stdout)
-    );
+    let (dir, base_path, corpus_file, said) = setup_with(3000, &["--directions", "tied"]);
+    assert!(said.contains("2 directions of 32, tied"), "{said}");
     let args = run_args(12);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut d = Daemon::spawn(dir, &args, DEADLINE);
@@ -323,14 +329,7 @@ fn a_tied_vector_evolves_one_direction_for_every_layer() {
 /// it and numbers on, so none of its publishes is taken for a replay.
 #[test]
 fn run_directions_per_layer_unties_a_tied_vector_and_the_run_goes_on_from_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let base_path = dir.path().join("base.gguf");
-    tiny_llama::write(&base_path, &[]);
-    let corpus_file = dir.path().join("corpus.txt");
-    std::fs::write(&corpus_file, corpus(3000)).unwrap();
-    let model = dir.path().join("vectorland.gguf");
-    let o = init(&base_path, &corpus_file, &model, &["--directions", "tied"]);
-    assert!(o.status.success(), "init: {}", text(&o.stderr));
+    let (dir, _, _, _) = setup_with(3000, &["--directions", "tied"]);
     let args = run_args(4);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut d = Daemon::spawn(dir, &args, DEADLINE);

@@ -448,12 +448,6 @@ mod tests {
         ]
     }
 
-    /// What a recipe makes, written out value by value from the
-    /// documented operations (not through `apply`): the first parent,
-    /// crossed (uniform: the second parent's value where
-    /// `noise::coin(seed, i)` is set; arithmetic: `α·x + (1 − α)·y`), then
-    /// `σ_t · scale_t · noise::at(seed, i)` added to each value of tensor
-    /// `t`, one rounded multiplication and one rounded addition each.
     /// The noise index of flat value `i`, from the layout's spans.
     fn noise_index(layout: &ParamLayout, i: usize) -> u64 {
         let t = layout
@@ -464,6 +458,12 @@ mod tests {
         (t.noise_offset + (i - t.offset)) as u64
     }
 
+    /// What a recipe makes, written out value by value from the
+    /// documented operations (not through `apply`): the first parent,
+    /// crossed (uniform: the second parent's value where
+    /// `noise::coin(seed, i)` is set; arithmetic: `α·x + (1 − α)·y`), then
+    /// `σ_t · scale_t · noise::at(seed, i)` added to each value of tensor
+    /// `t`, one rounded multiplication and one rounded addition each.
     fn reference(r: &GaRecipe, a: &[f32], b: &[f32], ha: u64, layout: &ParamLayout) -> Vec<f32> {
         let pick = |h: u64| if h == ha { a } else { b };
         let x = pick(r.parent);
@@ -503,12 +503,25 @@ mod tests {
 
     #[test]
     fn recipes_round_trip_and_rebuild_the_same_bits() {
-        let layout = layout();
+        // An MLP, and a tied control vector (every direction at direction
+        // 1's noise indices).
+        let tied = ParamLayout::from_architecture(
+            &crate::rt::Architecture::control_vector(12, 3, "llama")
+                .unwrap()
+                .with_tied_directions(true),
+        )
+        .unwrap();
+        for layout in [layout(), tied] {
+            round_trip(&layout);
+        }
+    }
+
+    fn round_trip(layout: &ParamLayout) {
         let n = layout.n_params();
         let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
         let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
         let (ha, hb) = (checksum(&a), checksum(&b));
-        let mut parents = GaParents::new(&layout);
+        let mut parents = GaParents::new(layout);
         parents.insert(ha, &a);
         parents.insert(hb, &b);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -522,7 +535,7 @@ mod tests {
             let child = back.materialize(&parents).unwrap();
             // Parent order: the recipe's first parent is `parent`.
             let first = if r.parent == ha { &a } else { &b };
-            assert_eq!(bits(&child), bits(&reference(&r, &a, &b, ha, &layout)));
+            assert_eq!(bits(&child), bits(&reference(&r, &a, &b, ha, layout)));
             if r.cross.is_none() && r.mutation.is_none() {
                 assert_eq!(bits(&child), bits(first));
             } else {
