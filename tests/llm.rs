@@ -115,6 +115,30 @@ fn run_args(generations: u32) -> Vec<String> {
     .to_vec()
 }
 
+/// What the Python `SCRIPT` prints (trimmed) with `r`, gguf-py's
+/// `GGUFReader` of `path`, in scope; it must succeed.
+fn gguf_py(script: &str, path: &Path) -> String {
+    let o = std::process::Command::new(python())
+        .arg("-c")
+        .arg(format!(
+            "import sys, gguf\nr = gguf.GGUFReader(sys.argv[1])\n{script}"
+        ))
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "gguf-py: {}", text(&o.stderr));
+    text(&o.stdout).trim().to_owned()
+}
+
+/// `evod run ARGS` on `dir` to its own end, which must be a success.
+fn run_to_end(dir: tempfile::TempDir, args: &[String]) -> Daemon {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::spawn(dir, &args, DEADLINE);
+    let status = d.wait_exit();
+    assert!(status.success(), "evod run: {status}\n{}", d.log());
+    d
+}
+
 fn u64_key(f: &GgufFile, key: &str) -> u64 {
     f.get(key)
         .and_then(Value::as_u64)
@@ -170,11 +194,7 @@ fn perplexity(base: &mut evod_llama::BaseModel, cvec: &[f32], tokens: &[i32]) ->
 #[test]
 fn a_bounded_run_lowers_training_perplexity_and_publishes_a_vector_llama_cpp_loads() {
     let (dir, base_path, corpus_file) = setup(3000);
-    let args = run_args(12);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut d = Daemon::spawn(dir, &args, DEADLINE);
-    let status = d.wait_exit();
-    assert!(status.success(), "evod run: {status}\n{}", d.log());
+    let d = run_to_end(dir, &run_args(12));
     let model = d.dir().join("vectorland.gguf");
     let f = GgufFile::open(&model).unwrap();
     let generation = u64_key(&f, "evod.generation");
@@ -197,22 +217,12 @@ fn a_bounded_run_lowers_training_perplexity_and_publishes_a_vector_llama_cpp_loa
     let fitness = f.get("evod.fitness").and_then(Value::as_f64).unwrap();
 
     // gguf-py reads it.
-    let o = std::process::Command::new(python())
-        .arg("-c")
-        .arg(
-            "import sys, gguf\n\
-             r = gguf.GGUFReader(sys.argv[1])\n\
-             a = bytes(r.fields['general.architecture'].parts[-1]).decode()\n\
-             print(a, ' '.join(f'{t.name}:{t.tensor_type.name}:{t.n_elements}' for t in r.tensors))",
-        )
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "gguf-py: {}", text(&o.stderr));
-    assert_eq!(
-        text(&o.stdout).trim(),
-        "controlvector direction.1:F32:32 direction.2:F32:32"
+    let said = gguf_py(
+        "a = bytes(r.fields['general.architecture'].parts[-1]).decode()\n\
+         print(a, ' '.join(f'{t.name}:{t.tensor_type.name}:{t.n_elements}' for t in r.tensors))",
+        &model,
     );
+    assert_eq!(said, "controlvector direction.1:F32:32 direction.2:F32:32");
 
     // llama.cpp with the vector set: lower training perplexity than the
     // base alone, and the held-out perplexity the gate published.
@@ -261,11 +271,7 @@ fn a_bounded_run_lowers_training_perplexity_and_publishes_a_vector_llama_cpp_loa
 fn a_tied_vector_evolves_one_direction_for_every_layer() {
     let (dir, base_path, corpus_file, said) = setup_with(3000, &["--directions", "tied"]);
     assert!(said.contains("2 directions of 32, tied"), "{said}");
-    let args = run_args(12);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut d = Daemon::spawn(dir, &args, DEADLINE);
-    let status = d.wait_exit();
-    assert!(status.success(), "evod run: {status}\n{}", d.log());
+    let d = run_to_end(dir, &run_args(12));
     let model = d.dir().join("vectorland.gguf");
     let f = GgufFile::open(&model).unwrap();
     assert!(
@@ -284,19 +290,12 @@ fn a_tied_vector_evolves_one_direction_for_every_layer() {
     );
     let fitness = f.get("evod.fitness").and_then(Value::as_f64).unwrap();
 
-    let o = std::process::Command::new(python())
-        .arg("-c")
-        .arg(
-            "import sys, gguf\n\
-             r = gguf.GGUFReader(sys.argv[1])\n\
-             t = bool(r.fields['evod.controlvector.tied'].parts[-1][0])\n\
-             print(t, ' '.join(f'{t.name}:{t.n_elements}' for t in r.tensors))",
-        )
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "gguf-py: {}", text(&o.stderr));
-    assert_eq!(text(&o.stdout).trim(), "True direction.1:32 direction.2:32");
+    let said = gguf_py(
+        "t = bool(r.fields['evod.controlvector.tied'].parts[-1][0])\n\
+         print(t, ' '.join(f'{t.name}:{t.n_elements}' for t in r.tensors))",
+        &model,
+    );
+    assert_eq!(said, "True direction.1:32 direction.2:32");
 
     let corpus_text = std::fs::read_to_string(&corpus_file).unwrap();
     let cut = u64_key(&f, "evod.perplexity.heldout_start_byte") as usize;
@@ -330,11 +329,7 @@ fn a_tied_vector_evolves_one_direction_for_every_layer() {
 #[test]
 fn run_directions_per_layer_unties_a_tied_vector_and_the_run_goes_on_from_it() {
     let (dir, _, _, _) = setup_with(3000, &["--directions", "tied"]);
-    let args = run_args(4);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut d = Daemon::spawn(dir, &args, DEADLINE);
-    let status = d.wait_exit();
-    assert!(status.success(), "tied run: {status}\n{}", d.log());
+    let mut d = run_to_end(dir, &run_args(4));
     let tied = GgufFile::open(&d.dir().join("vectorland.gguf")).unwrap();
     assert_eq!(
         tied.get("evod.controlvector.tied"),
@@ -348,10 +343,7 @@ fn run_directions_per_layer_unties_a_tied_vector_and_the_run_goes_on_from_it() {
 
     let mut args = run_args(n as u32 + 16);
     args.extend(["--directions".to_owned(), "per-layer".to_owned()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut d = Daemon::spawn(d.take_dir(), &args, DEADLINE);
-    let status = d.wait_exit();
-    assert!(status.success(), "per-layer run: {status}\n{}", d.log());
+    let d = run_to_end(d.take_dir(), &args);
     let log = d.log();
     // The untied file, as generation n + 1, in the history.
     let untied = GgufFile::open(
