@@ -304,10 +304,9 @@ pub fn apply_directions(
     want: Directions,
     history: usize,
 ) -> anyhow::Result<bool> {
-    let file =
-        evod_gguf::GgufFile::open(model).with_context(|| format!("opening {}", model.display()))?;
-    let spec = evod_runtime::ModelSpec::from_file(&file)
-        .with_context(|| format!("reading {}", model.display()))?;
+    let opened =
+        evod_runtime::Model::open(model).with_context(|| format!("reading {}", model.display()))?;
+    let spec = &opened.spec;
     if spec.arch.control_vector_shape().is_none() {
         return Err(exit::with_code(
             exit::USAGE,
@@ -322,24 +321,24 @@ pub fn apply_directions(
     if spec.arch.tied_directions() == tied {
         return Ok(false);
     }
-    let (_, params) = evod_runtime::model::read_params(model)?;
     let mut next = spec.clone();
     next.arch = spec.arch.clone().with_tied_directions(tied);
     next.generation = spec.generation + 1;
-    next.parent_checksum = Some(file.checksum());
+    next.parent_checksum = Some(opened.file.checksum());
     next.strategy = if tied { "tie" } else { "untie" }.into();
     next.created_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let written =
-        evod_runtime::write_model(model, &next, &params, Some(&file)).with_context(|| {
+    let params = opened.params()?.into_owned();
+    let written = evod_runtime::write_model(model, &next, &params, Some(&opened.file))
+        .with_context(|| {
             format!(
                 "rewriting {} with {} directions",
                 model.display(),
                 want.as_str()
             )
         })?;
-    drop(file);
+    drop(opened);
     evod_store::keep_history(dir, model, next.generation, history)?;
     tracing::info!(
         generation = next.generation,
