@@ -20,12 +20,16 @@
 //! started together, each decoding the text's `--window`-token windows
 //! round robin for S seconds; `tokens_per_s_w{W}_p{N}` is the sum of their
 //! tokens/s (every token decoded counts, as evod's `evod_worker_tokens`).
+//! `--swap 1` makes each of them set a new control vector before every
+//! window, as a worker does per candidate (`tokens_per_s_w{W}_p{N}_swap`):
+//! what llama.cpp's `llama_set_adapter_cvec` costs (it makes the next
+//! decode rebuild the context's scheduler).
 //! `cargo xtask bench llm` runs it on SmolLM2-135M Q4_1.
 //!
 //! `cargo run --release -p evod-llama --features llm --example bench_llm --
 //!  OUT.json MODEL.gguf TEXT.txt [--threads 1,2] [--window 512] [--windows 2]
 //!  [--repeats 3] [--competitors 0,1] [--reload 0] [--n-batch WINDOW]
-//!  [--procs 1,2 --seconds 20] [--cvec FILE [--heldout-from BYTE]]`
+//!  [--procs 1,2 --seconds 20 [--swap 1]] [--cvec FILE [--heldout-from BYTE]]`
 //! (`--n-batch` sets the tokens per `llama_decode` of the throughput runs).
 //! (`--features llm-openmp` for ggml's OpenMP build).
 
@@ -75,6 +79,9 @@ fn main() {
     let mut procs: Vec<usize> = Vec::new();
     let mut seconds = 20.0f64;
     let mut child = false;
+    // `--swap 1`: the bare children set a new control vector before every
+    // window, as a worker does for every candidate.
+    let mut swap = false;
     let mut window_given = false;
     let mut i = 3;
     while i + 1 < args.len() {
@@ -88,6 +95,7 @@ fn main() {
             "--procs" => procs = list(v),
             "--seconds" => seconds = v.parse().unwrap(),
             "--child" => child = v == "1",
+            "--swap" => swap = v == "1",
             "--windows" => windows = v.parse().unwrap(),
             "--repeats" => repeats = v.parse().unwrap(),
             "--competitors" => competitors = list(v),
@@ -100,17 +108,20 @@ fn main() {
         i += 2;
     }
     if child {
-        bare_child(&model, &text, window, seconds);
+        bare_child(&model, &text, window, seconds, swap);
         return;
     }
     if !procs.is_empty() {
         let mut summary = Vec::new();
         for &n in &procs {
-            let (total, each) = bare_procs(&args[1..3], n, window, seconds);
+            let (total, each) = bare_procs(&args[1..3], n, window, seconds, swap);
             println!(
-                "{{\"procs\":{n},\"window\":{window},\"seconds\":{seconds},\"tokens_per_s\":{total:.2},\"each\":{each:?}}}"
+                "{{\"procs\":{n},\"window\":{window},\"seconds\":{seconds},\"swap\":{swap},\"tokens_per_s\":{total:.2},\"each\":{each:?}}}"
             );
-            summary.push(format!("\"tokens_per_s_w{window}_p{n}\":{total:.2}"));
+            let suffix = if swap { "_swap" } else { "" };
+            summary.push(format!(
+                "\"tokens_per_s_w{window}_p{n}{suffix}\":{total:.2}"
+            ));
         }
         let json = format!("{{{}}}", summary.join(","));
         println!("{json}");
@@ -329,7 +340,13 @@ struct Reload {
 /// thread each, loaded and warmed up, then started together (a line on
 /// each one's stdin) for `seconds`. Returns the sum of their tokens/s and
 /// each one's.
-fn bare_procs(model_and_text: &[String], n: usize, window: usize, seconds: f64) -> (f64, Vec<f64>) {
+fn bare_procs(
+    model_and_text: &[String],
+    n: usize,
+    window: usize,
+    seconds: f64,
+    swap: bool,
+) -> (f64, Vec<f64>) {
     use std::io::{BufRead, BufReader, Write};
     let exe = std::env::current_exe().expect("current_exe");
     let mut children: Vec<(Child, BufReader<std::process::ChildStdout>)> = (0..n)
@@ -340,6 +357,7 @@ fn bare_procs(model_and_text: &[String], n: usize, window: usize, seconds: f64) 
                 .args(["--window", &window.to_string()])
                 .args(["--seconds", &seconds.to_string()])
                 .args(["--child", "1"])
+                .args(["--swap", if swap { "1" } else { "0" }])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()
@@ -372,8 +390,11 @@ fn bare_procs(model_and_text: &[String], n: usize, window: usize, seconds: f64) 
 /// window), warms up on one window, says `ready`, waits for a line on
 /// stdin, then decodes and scores the text's full windows round robin
 /// (memory cleared per window, as a worker does) until `seconds` have
-/// passed; prints its tokens/s.
-fn bare_child(model: &std::path::Path, text: &str, window: usize, seconds: f64) {
+/// passed; prints its tokens/s. With `swap`, a new control vector before
+/// every window (small values, different each time), as a worker sets
+/// each candidate's (`llama_set_adapter_cvec`, which makes llama.cpp
+/// rebuild its scheduler at the next decode).
+fn bare_child(model: &std::path::Path, text: &str, window: usize, seconds: f64, swap: bool) {
     use std::io::BufRead;
     let opts = LlamaOptions {
         threads: 1,
@@ -388,6 +409,17 @@ fn bare_child(model: &std::path::Path, text: &str, window: usize, seconds: f64) 
         !windows.is_empty(),
         "the text has no window of {window} tokens"
     );
+    let mut vector = vec![0f32; m.cvec_len()];
+    let mut set_vector = |m: &mut BaseModel, i: usize| {
+        for (k, x) in vector.iter_mut().enumerate() {
+            // A small value that differs per window and per entry.
+            *x = 0.01 * (((k * 7919 + i * 104_729) % 201) as f32 / 100.0 - 1.0);
+        }
+        m.set_control_vector(Some(&vector)).expect("set the vector");
+    };
+    if swap {
+        set_vector(&mut m, 0);
+    }
     m.nll(windows[0], window, &mut || {}).expect("warm up");
     println!("ready");
     let mut go = String::new();
@@ -400,6 +432,9 @@ fn bare_child(model: &std::path::Path, text: &str, window: usize, seconds: f64) 
     let mut i = 0;
     while start.elapsed().as_secs_f64() < seconds {
         let w = windows[i % windows.len()];
+        if swap {
+            set_vector(&mut m, i + 1);
+        }
         let nll = m.nll(w, window, &mut || {}).expect("score");
         assert!(nll.perplexity().is_finite());
         decoded += w.len();
