@@ -121,6 +121,28 @@ fn docker_ok(args: &[&str]) -> String {
     common::text(&o.stdout)
 }
 
+/// `docker pause CONTAINER`. With cgroup v1 (this machine's engine), runc
+/// freezes by writing the freezer cgroup and gives up with "unable to
+/// freeze" when a task does not reach the frozen state in its time (one
+/// busy in the kernel, on a loaded machine); the container runs on,
+/// untouched. That is tried again, as an operator would, until the
+/// deadline; any other failure fails the test.
+fn pause(container: &str) {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let o = docker(&["pause", container]);
+        if o.status.success() {
+            return;
+        }
+        let why = text(&o);
+        assert!(
+            why.contains("unable to freeze") && Instant::now() < end,
+            "docker pause {container} failed:\n{why}"
+        );
+        eprintln!("docker pause {container}: runc could not freeze it this time; again");
+    }
+}
+
 /// Builds both images once per run; `false` (after one loud SKIPPED line)
 /// without an engine.
 fn images() -> bool {
@@ -479,7 +501,7 @@ impl Cluster {
                         .then_some(())
                 },
             );
-            docker_ok(&["pause", container]);
+            pause(container);
             if self.pending_of(host) > 0 {
                 return;
             }
@@ -687,7 +709,7 @@ fn an_evaluator_cut_off_and_reconnected_loses_nothing_and_counts_each_candidate_
     // the lease.
     let others = [c.evaluator(1), c.evaluator(3)];
     for other in &others {
-        docker_ok(&["pause", other]);
+        pause(other);
     }
     c.wait("evaluator-2 recording results again", || {
         (c.done_per_host().get("evaluator-2").copied().unwrap_or(0) > done_before).then_some(())
