@@ -567,6 +567,30 @@ impl DaemonRun {
     }
 }
 
+/// `evod run` in `dir` as every daemon run of the llm bench starts it: 2
+/// workers of one llama.cpp thread, seed 1, JSON log lines into
+/// `log_path` (stdout and stderr).
+fn llm_run_command(
+    evod: &std::path::Path,
+    dir: &std::path::Path,
+    log_path: &std::path::Path,
+) -> Result<Command> {
+    let log = std::fs::File::create(log_path)?;
+    let mut cmd = Command::new(evod);
+    cmd.arg("run")
+        .arg("--dir")
+        .arg(dir)
+        .args(["--workers", &LLM_WORKERS.to_string(), "--seed", "1"])
+        .args(["--log-format", "json"])
+        // A window takes seconds on a loaded shared core: no EVAL is cut
+        // short (and its worker recycled) for being slow.
+        .args(["--eval-timeout-per-candidate", "120"])
+        .env("EVOD_LLAMA_THREADS", "1")
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    Ok(cmd)
+}
+
 /// `evod init --task perplexity` in `dir`, then `evod run` there (2
 /// workers, ES with the task's defaults, 1 llama.cpp thread each) for
 /// `budget_s`, scraping `/metrics` every 2 s; then SIGTERM.
@@ -609,22 +633,8 @@ fn daemon_run(
         // The tied warm-up, inside the budget: its own run to its last
         // generation; the run below unties the vector and goes on.
         let log_path = dir.join("warm-up.log");
-        let log = std::fs::File::create(&log_path)?;
-        let mut warm = Command::new(evod)
-            .arg("run")
-            .arg("--dir")
-            .arg(dir)
-            .args(["--workers", &LLM_WORKERS.to_string(), "--seed", "1"])
+        let mut warm = llm_run_command(evod, dir, &log_path)?
             .args(["--generations", &generations.to_string()])
-            .args([
-                "--log-format",
-                "json",
-                "--eval-timeout-per-candidate",
-                "120",
-            ])
-            .env("EVOD_LLAMA_THREADS", "1")
-            .stdout(log.try_clone()?)
-            .stderr(log)
             .spawn()
             .context("spawn the tied warm-up evod run")?;
         let deadline = started + std::time::Duration::from_secs(budget_s);
@@ -670,29 +680,9 @@ fn daemon_run(
     }
     let port = free_port()?;
     let log_path = dir.join("run.log");
-    let log = std::fs::File::create(&log_path)?;
-    let mut daemon = Command::new(evod)
-        .arg("run")
-        .arg("--dir")
-        .arg(dir)
-        .args([
-            "--workers",
-            &LLM_WORKERS.to_string(),
-            "--seed",
-            "1",
-            "--metrics-addr",
-            &format!("127.0.0.1:{port}"),
-            "--log-format",
-            "json",
-            // A window takes seconds on a loaded shared core: no EVAL is
-            // cut short (and its worker recycled) for being slow.
-            "--eval-timeout-per-candidate",
-            "120",
-        ])
+    let mut daemon = llm_run_command(evod, dir, &log_path)?
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
         .args(&untie)
-        .env("EVOD_LLAMA_THREADS", "1")
-        .stdout(log.try_clone()?)
-        .stderr(log)
         .spawn()
         .context("spawn evod run")?;
     let deadline = started + std::time::Duration::from_secs(budget_s);
