@@ -20,6 +20,26 @@ fn stdout(o: &Output) -> String {
 }
 
 #[test]
+fn init_creates_the_output_folder_and_names_one_it_cannot_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = evod(dir.path(), &["init", "-o", "runs/first/vectorland.gguf"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let model = dir.path().join("runs/first/vectorland.gguf");
+    assert_eq!(
+        evod_runtime::Model::open(&model).unwrap().spec.task,
+        "cartpole"
+    );
+
+    // A plain file where the folder should be: refused, naming the folder.
+    std::fs::write(dir.path().join("plain"), b"x").unwrap();
+    let o = evod(dir.path(), &["init", "-o", "plain/sub/vectorland.gguf"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(6), "exit::IO; {err}");
+    assert!(err.contains("cannot create the folder plain/sub"), "{err}");
+    assert_eq!(std::fs::read(dir.path().join("plain")).unwrap(), b"x");
+}
+
+#[test]
 fn init_writes_a_model_that_eval_runs() {
     let dir = tempfile::tempdir().unwrap();
     let o = evod(dir.path(), &["init", "--seed", "7"]);

@@ -177,6 +177,8 @@ impl fmt::Display for FileKind {
 /// A publish step, named in I/O errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoStep {
+    /// Opening the target's folder (it does not exist, say).
+    Folder,
     /// Removing leftover temporary files.
     Cleanup,
     /// Creating the temporary file.
@@ -194,6 +196,7 @@ pub enum IoStep {
 impl fmt::Display for IoStep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            IoStep::Folder => "opening its folder",
             IoStep::Cleanup => "removing leftover temporary files",
             IoStep::Create => "creating the temporary file",
             IoStep::Write => "write",

@@ -131,7 +131,10 @@ pub fn publish(
             source,
         }
     };
-    remove_leftovers(&dir, file_name).map_err(io_err(IoStep::Cleanup))?;
+    // A folder that is missing or is not a folder is named as such, not as
+    // a failure to clean up in it.
+    let folder = fs::read_dir(&dir).map_err(io_err(IoStep::Folder))?;
+    remove_leftovers(folder, file_name).map_err(io_err(IoStep::Cleanup))?;
 
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let temp = dir.join(format!(
@@ -236,10 +239,11 @@ pub fn rewrite(
     )
 }
 
-/// Removes `.<file_name>.tmp.*` in `dir` (left by killed writers).
-fn remove_leftovers(dir: &Path, file_name: &str) -> io::Result<()> {
+/// Removes `.<file_name>.tmp.*` among the entries of `folder` (left by
+/// killed writers).
+fn remove_leftovers(folder: fs::ReadDir, file_name: &str) -> io::Result<()> {
     let prefix = temp_prefix(file_name);
-    for entry in fs::read_dir(dir)? {
+    for entry in folder {
         let entry = entry?;
         if entry
             .file_name()

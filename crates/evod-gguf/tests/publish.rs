@@ -430,6 +430,40 @@ fn injected_faults_leave_old_file_and_no_temp() {
 }
 
 #[test]
+fn a_missing_or_non_folder_parent_is_named_as_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_folder = dir.path().join("plain");
+    std::fs::write(&not_a_folder, b"x").unwrap();
+    for (target, errno) in [
+        (dir.path().join("missing/m.gguf"), libc::ENOENT),
+        (not_a_folder.join("m.gguf"), libc::ENOTDIR),
+    ] {
+        let e = write_sample_result(&target).unwrap_err();
+        match &e {
+            GgufError::Io { step, source, path } => {
+                assert_eq!(*step, IoStep::Folder, "{e}");
+                assert_eq!(source.raw_os_error(), Some(errno), "{e}");
+                assert_eq!(path, &target);
+            }
+            other => panic!("{other}"),
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains("m.gguf") && msg.contains("opening its folder"),
+            "{msg}"
+        );
+        assert!(!target.exists());
+    }
+    // Nothing was created on the way.
+    assert!(!dir.path().join("missing").exists());
+    assert_eq!(std::fs::read(&not_a_folder).unwrap(), b"x");
+}
+
+fn write_sample_result(path: &Path) -> Result<evod_gguf::PublishReport, GgufError> {
+    publish(path, &[], &[], |_, _| Ok(()), &PublishOptions::default())
+}
+
+#[test]
 fn failing_producer_leaves_old_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");

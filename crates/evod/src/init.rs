@@ -181,6 +181,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let params = init_params(&arch, args.seed);
     let spec = ModelSpec::new(arch, task.name(), args.seed);
+    create_parent(&args.output)?;
     let report = write_model(&args.output, &spec, &params, None)
         .map_err(|e| exit::with_code(exit::IO, e))
         .with_context(|| format!("cannot write {}", args.output.display()))?;
@@ -194,4 +195,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         report.checksum
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Creates the folder `output` goes in, as `mkdir -p` would (`evod init -o
+/// steer/vectorland.gguf` starts a new run's folder).
+pub(crate) fn create_parent(output: &std::path::Path) -> anyhow::Result<()> {
+    match output.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the folder {}", dir.display()))
+            .map_err(|e| exit::with_code(exit::IO, e)),
+        _ => Ok(()),
+    }
 }

@@ -557,6 +557,7 @@ pub fn init(args: &InitArgs) -> anyhow::Result<ExitCode> {
         ));
     }
     let params = vec![0f32; spec.arch.n_params()];
+    crate::init::create_parent(&args.output)?;
     let report = write_perplexity_model(&args.output, &spec, &task, &params)?;
     let windows = match windows {
         Some((t, h)) => format!(
