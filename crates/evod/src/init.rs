@@ -62,7 +62,7 @@ pub struct Args {
     /// Seed of the initial weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output model file.
+    /// Output model file (its folder is created if missing).
     #[arg(short = 'o', long = "output", default_value = "vectorland.gguf")]
     output: PathBuf,
     /// Overwrite an existing output file.
